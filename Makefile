@@ -1,0 +1,33 @@
+# Two commands on a fresh machine with Python 3.11: `make run` and `make test`.
+# CPU machines get the pinned CPU build of torch; GPU users see README.md ("GPU machines").
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install run test test-all lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+run: install
+	$(BIN)/lmforge run
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-all: install
+	LMFORGE_SLOW=1 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf .lmforge

@@ -1,0 +1,1 @@
+"""Training engine: tokenizer-aware data, the explicit loop, and its launchers (inline or Ray)."""

@@ -1,0 +1,153 @@
+"""The workspace: every file a run writes lives under one home directory.
+
+``LMFORGE_HOME`` (default ``./.lmforge``) is resolved once; two homes never share a path, so two
+runs with two homes never interfere. All writers go through :func:`atomic_write` or
+:func:`atomic_dir` so that a crash leaves either the old output or the new one, never half of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+DEFAULT_HOME = ".lmforge"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Named locations inside one home directory. Creating it touches nothing on disk."""
+
+    home: Path
+
+    @classmethod
+    def from_env(cls, home: str | os.PathLike[str] | None = None) -> "Workspace":
+        chosen = home or os.environ.get("LMFORGE_HOME") or DEFAULT_HOME
+        return cls(Path(chosen).expanduser().resolve())
+
+    # Data, in the order the pipeline produces it.
+    @property
+    def raw_dir(self) -> Path:
+        return self.home / "data" / "raw"
+
+    @property
+    def curated_dir(self) -> Path:
+        return self.home / "data" / "curated"
+
+    @property
+    def sft_dir(self) -> Path:
+        return self.home / "data" / "sft"
+
+    @property
+    def validation_dir(self) -> Path:
+        return self.home / "data" / "validation"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.home / "tokenizer"
+
+    @property
+    def runs_dir(self) -> Path:
+        """Training runs: checkpoints and final model directories, one folder per run."""
+        return self.home / "runs"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.home / "eval"
+
+    @property
+    def state_dir(self) -> Path:
+        """Hand-offs between stages run separately (latest train/eval/register results)."""
+        return self.home / "state"
+
+    # Services' own state.
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.home / "mlflow"
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        return f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifacts_uri(self) -> str:
+        return (self.mlflow_dir / "artifacts").as_uri()
+
+    @property
+    def ray_dir(self) -> Path:
+        return self.home / "ray"
+
+    @property
+    def prefect_dir(self) -> Path:
+        return self.home / "prefect"
+
+    @property
+    def serving_dir(self) -> Path:
+        return self.home / "serving"
+
+    def ensure(self) -> "Workspace":
+        self.home.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # Stage hand-offs as small JSON documents.
+    def write_state(self, name: str, payload: dict[str, Any]) -> Path:
+        path = self.state_dir / f"{name}.json"
+        atomic_write_json(path, payload)
+        return path
+
+    def read_state(self, name: str) -> dict[str, Any] | None:
+        path = self.state_dir / f"{name}.json"
+        if not path.exists():
+            return None
+        return json.loads(path.read_text())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``final`` in one rename.
+
+    On any exception the temporary directory is removed and ``final`` is left untouched.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
