@@ -47,6 +47,11 @@ class InstructionConfig(StageConfig):
 
     max_records: int = Field(2000, gt=0, description="Most instruction/response pairs to derive.")
     test_fraction: float = Field(0.1, gt=0, lt=1, description="Share held out for evaluation (by hash).")
+    source: Literal["stdlib", "none"] = Field(
+        "stdlib",
+        description="Where the pairs come from: `stdlib` derives them from the installed standard "
+        "library's docstrings whatever the document sources are; `none` writes no SFT set.",
+    )
 
 
 class DataConfig(StageConfig):
@@ -86,6 +91,10 @@ class ValidationConfig(StageConfig):
     min_chars: int = Field(1, ge=0, description="Every document must be at least this long.")
     max_chars: int = Field(50_000, gt=0, description="Every document must be at most this long.")
     max_duplicate_fraction: float = Field(0.0, ge=0, le=1, description="Allowed share of duplicate texts.")
+    allowed_sources: list[str] = Field(
+        default_factory=list,
+        description="Source types a document may come from (e.g. [stdlib, local]); empty skips the check.",
+    )
 
 
 # ---------------------------------------------------------------- model
@@ -168,6 +177,10 @@ class EvaluationConfig(StageConfig):
     max_batches: int = Field(20, gt=0, description="Held-out batches for perplexity.")
     max_examples: int = Field(40, gt=0, description="Held-out instructions for exact match and ROUGE-L.")
     max_new_tokens: int = Field(32, gt=0)
+    batch_size: int = Field(8, gt=0, description="Sequences per forward pass (perplexity blocks and prompts).")
+    block_size: int = Field(
+        128, ge=8, description="Tokens per held-out perplexity block; capped at the model's context window."
+    )
 
 
 class RegistryConfig(StageConfig):

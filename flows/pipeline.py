@@ -1,0 +1,50 @@
+"""The lmforge pipeline flow: collect → curate → validate → tokenize → train → evaluate →
+register → promote → deploy.
+
+Run it with ``lmforge run [CONFIG]``; ``lmforge ui`` serves it as a Prefect deployment with a
+retraining schedule so it can be started, with edited parameters, from the Prefect UI. The
+flow's only parameter is the whole :class:`PipelineConfig`, which the UI renders as a form.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from lmforge.config import PipelineConfig
+from tasks.data import collect_task, curate_task, validate_task
+from tasks.evaluation import evaluate_task
+from tasks.registry import deploy_task, promote_task, register_task
+from tasks.training import tokenize_task, train_task
+
+
+@flow(name="lmforge-pipeline", log_prints=True, description=__doc__)
+def pipeline(config: PipelineConfig = PipelineConfig(), deploy: bool = True) -> dict[str, Any]:
+    """The whole lifecycle on one config. Each stage stops the flow on failure, so a failed run
+    registers no model version and moves no alias."""
+    run_id = flow_run.get_id()
+    collected = collect_task(config.data)
+    curated = curate_task(config.curation)
+    validated = validate_task(config.validation)
+    tokenize_task(config.model)
+    trained = train_task(config.training, config.model)
+    evaluated = evaluate_task(config.evaluation, trained["model_dir"])
+    registered = register_task(config, trained, evaluated, run_id)
+    decision = promote_task(config.registry, config.platform, registered["version"])
+    deployed = None
+    if deploy:
+        uri = f"models:/{config.registry.model_name}@{config.registry.alias}"
+        deployed = deploy_task(config.serving, uri, config.registry.model_name)
+    return {
+        "flow_run_id": str(run_id) if run_id else None,
+        "collect": collected,
+        "curate": curated,
+        "validate": validated,
+        "train": {k: v for k, v in trained.items() if k != "history"},
+        "evaluate": evaluated["metrics"],
+        "register": registered,
+        "promote": decision,
+        "deploy": deployed,
+    }

@@ -1,0 +1,256 @@
+"""The ``lmforge`` command line: one entry point for every stage and service.
+
+``lmforge run [CONFIG]`` runs the whole pipeline as a Prefect flow; ``lmforge STAGE CONFIG`` runs
+one stage alone from what earlier stages left in the workspace; ``lmforge serve MODEL`` starts the
+inference server; ``lmforge ui`` starts the Prefect and MLflow UIs with the pipeline deployed.
+Expected errors print as ``error:`` / ``fix:`` lines without a traceback (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from lmforge.config import PipelineConfig, load_config
+from lmforge.errors import LmforgeError
+from lmforge.report import console, emit, run_summary
+from lmforge.runtime import prepare_environment
+from lmforge.workspace import Workspace
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 1
+    try:
+        args.handler(args)
+    except LmforgeError as exc:
+        print(f"error: {exc.cause}\n  fix: {exc.fix}", file=sys.stderr)
+        report = getattr(exc, "report", "")
+        if report:
+            print(report, file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _setup(args: argparse.Namespace) -> tuple[PipelineConfig, Workspace]:
+    config = load_config(getattr(args, "config", None))
+    ws = Workspace.from_env(getattr(args, "home", None))
+    prepare_environment(ws)
+    return config, ws
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    config, ws = _setup(args)
+    from flows.pipeline import pipeline
+    from lmforge.registry import mlflow_uris
+
+    out = console(args.json)
+    out.print(f"[bold]lmforge run[/bold]: workspace {ws.home}")
+    try:
+        result = pipeline(config=config, deploy=not args.no_deploy)
+    except Exception as exc:  # Prefect re-raises the stage's own exception
+        raise _unwrap(exc) from None
+    emit("lmforge run", run_summary(result, mlflow_uris(ws, config.platform)[0]), args.json)
+
+
+def cmd_collect(args: argparse.Namespace) -> None:
+    config, ws = _setup(args)
+    from lmforge.collect import collect
+
+    emit("collect", collect(config.data, ws).as_dict(), args.json)
+
+
+def cmd_curate(args: argparse.Namespace) -> None:
+    config, ws = _setup(args)
+    from lmforge.curate import curate
+
+    emit("curate", curate(config.curation, ws).as_dict(), args.json)
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    config, ws = _setup(args)
+    from lmforge.validate import validate
+
+    emit("validate", validate(config.validation, ws).as_dict(), args.json)
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    config, ws = _setup(args)
+    from lmforge.tokenizer import train_tokenizer
+
+    emit("tokenize", {"tokenizer_dir": str(train_tokenizer(config.model, ws))}, args.json)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    config, ws = _setup(args)
+    from lmforge.tokenizer import train_tokenizer
+    from lmforge.train.launch import train
+
+    if not (ws.tokenizer_dir / "tokenizer.json").exists():
+        train_tokenizer(config.model, ws)
+    result = train(config.training, config.model, ws).as_dict()
+    emit("train", {k: v for k, v in result.items() if k != "history"}, args.json)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    config, ws = _setup(args)
+    from lmforge.evaluate import evaluate
+    from lmforge.lifecycle import latest_model_dir
+
+    model_dir = Path(args.model) if args.model else latest_model_dir(ws)
+    emit("evaluate", evaluate(config.evaluation, model_dir, ws).as_dict()["metrics"], args.json)
+
+
+def cmd_promote(args: argparse.Namespace) -> None:
+    """Register the latest trained and evaluated model (once), then apply the promotion rule."""
+    config, ws = _setup(args)
+    from lmforge.lifecycle import register_trained, require_state
+    from lmforge.registry import promote
+
+    trained = require_state(ws, "train", "lmforge train CONFIG")
+    evaluated = require_state(ws, "evaluate", "lmforge evaluate CONFIG")
+    registered = ws.read_state("register")
+    if not registered or registered.get("train_run_id") != trained["run_id"]:
+        registered = register_trained(config, ws, trained, evaluated, None)
+        registered["train_run_id"] = trained["run_id"]
+        ws.write_state("register", registered)
+    decision = promote(config.registry, config.platform, ws, str(registered["version"])).as_dict()
+    emit("promote", {"version": registered["version"], **decision}, args.json)
+
+
+def cmd_deploy(args: argparse.Namespace) -> None:
+    config, ws = _setup(args)
+    from lmforge.deploy import deploy, stop
+
+    if args.stop:
+        emit("deploy", {"stopped": stop(ws)}, args.json)
+        return
+    uri = args.model or f"models:/{config.registry.model_name}@{config.registry.alias}"
+    emit("deploy", deploy(config.serving, uri, ws, config.registry.model_name).as_dict(), args.json)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    config, ws = _setup(args)
+    from lmforge.serving.__main__ import serve_model
+
+    serve_model(args.model, config.serving, ws, host=args.host, port=args.port, api_key=args.api_key)
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    config, ws = _setup(args)
+    from lmforge.registry import list_models
+
+    models = list_models(ws, config.platform)
+    emit("models", {m["name"]: m for m in models} or {"models": "none registered"}, args.json)
+
+
+def cmd_ui(args: argparse.Namespace) -> None:
+    config, ws = _setup(args)
+    from lmforge.ui import run_ui
+
+    run_ui(config, ws, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port,
+           config_path=args.config)
+
+
+def cmd_config_show(args: argparse.Namespace) -> None:
+    config = load_config(args.config)
+    if args.json:
+        print(json.dumps(config.model_dump(mode="json"), sort_keys=True))
+    else:
+        import yaml
+
+        print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+
+
+def cmd_config_schema(args: argparse.Namespace) -> None:
+    print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """Find our own error inside wrappers (Ray, Prefect) so the user sees cause and fix."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, LmforgeError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc
+
+
+_STAGES: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
+    "collect": (cmd_collect, "collect documents from the configured sources"),
+    "curate": (cmd_curate, "normalize, deduplicate and filter the collected documents"),
+    "validate": (cmd_validate, "run the Great Expectations data gate on the curated corpus"),
+    "tokenize": (cmd_tokenize, "train the byte-level BPE tokenizer on the curated corpus"),
+    "train": (cmd_train, "pretrain and fine-tune the model (Ray Train)"),
+    "evaluate": (cmd_evaluate, "held-out perplexity, exact match and ROUGE-L"),
+    "promote": (cmd_promote, "register the latest model in MLflow and move the alias by rule"),
+    "deploy": (cmd_deploy, "serve the champion from the registry and send one request"),
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--home", help="workspace directory (default: $LMFORGE_HOME or ./.lmforge)")
+    sub = parser.add_subparsers(dest="command")
+
+    def command(name: str, handler: Callable, help_text: str, config_required: bool = False):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("config", nargs=None if config_required else "?", help="pipeline config YAML")
+        p.add_argument("--json", action="store_true", help="end with one JSON line on stdout")
+        p.set_defaults(handler=handler)
+        return p
+
+    run = command("run", cmd_run, "run the whole pipeline as a Prefect flow")
+    run.add_argument("--no-deploy", action="store_true", help="stop after promotion")
+    for name, (handler, help_text) in _STAGES.items():
+        p = command(name, handler, help_text)
+        if name == "evaluate":
+            p.add_argument("--model", help="model directory (default: the latest trained model)")
+        if name == "deploy":
+            p.add_argument("--model", help="registry URI or model directory (default: NAME@champion)")
+            p.add_argument("--stop", action="store_true", help="stop the deployed server")
+
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible inference server")
+    serve.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a model directory")
+    serve.add_argument("--config", help="pipeline config YAML (its serving section)")
+    serve.add_argument("--host", help="bind address (default from config: 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default from config; 0 picks a free one)")
+    serve.add_argument("--api-key", help="require this Bearer token (or set LMFORGE_API_KEY)")
+    serve.set_defaults(handler=cmd_serve)
+
+    models = command("models", cmd_models, "list registered models, versions and aliases")
+    models.set_defaults(handler=cmd_models)
+
+    ui = command("ui", cmd_ui, "start the Prefect and MLflow UIs with the pipeline deployed")
+    ui.add_argument("--prefect-port", type=int, default=4200)
+    ui.add_argument("--mlflow-port", type=int, default=5000)
+
+    cfg = sub.add_parser("config", help="show the resolved config or its JSON schema")
+    cfg_sub = cfg.add_subparsers(dest="config_command")
+    show = cfg_sub.add_parser("show", help="print the resolved config of FILE (defaults filled in)")
+    show.add_argument("config", help="pipeline config YAML")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=cmd_config_show)
+    schema = cfg_sub.add_parser("schema", help="print the JSON schema of the pipeline config")
+    schema.set_defaults(handler=cmd_config_schema)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

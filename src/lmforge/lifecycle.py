@@ -1,0 +1,87 @@
+"""Glue between stages that run apart: what the latest run left in the workspace, and lineage.
+
+The pipeline flow passes results from stage to stage in memory; a stage run alone
+(``lmforge evaluate CONFIG``) finds the same facts here, in the JSON hand-offs each stage writes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmforge.config import PipelineConfig, config_hash
+from lmforge.errors import DataError
+from lmforge.runtime import code_version
+from lmforge.workspace import Workspace
+
+
+def require_state(ws: Workspace, stage: str, command: str) -> dict[str, Any]:
+    """The hand-off of ``stage``, or a DataError telling which command produces it."""
+    state = ws.read_state(stage)
+    if state is None:
+        raise DataError(f"no {stage} result in workspace {ws.home}",
+                        f"run `{command}` first (or `lmforge run` for the whole pipeline)")
+    return state
+
+
+def latest_model_dir(ws: Workspace) -> Path:
+    state = require_state(ws, "train", "lmforge train CONFIG")
+    model_dir = Path(state["model_dir"])
+    if not model_dir.is_dir():
+        raise DataError(f"the trained model directory {model_dir} is gone",
+                        "run `lmforge train CONFIG` again")
+    return model_dir
+
+
+def dataset_inputs(ws: Workspace) -> list[dict[str, Any]]:
+    """The datasets a model saw, each with its content digest, for MLflow lineage."""
+    inputs = []
+    manifest = ws.raw_dir / "manifest.json"
+    if manifest.exists():
+        m = json.loads(manifest.read_text())
+        inputs.append({"name": "raw-documents", "digest": m.get("digest", ""), "path": str(ws.raw_dir),
+                       "rows": m.get("documents_total", 0)})
+    report = ws.curated_dir / "report.json"
+    if report.exists():
+        r = json.loads(report.read_text())
+        inputs.append({"name": "curated-corpus", "digest": r.get("dataset_digest", ""),
+                       "path": str(ws.curated_dir), "rows": r.get("documents_out", 0)})
+    sft_train = ws.sft_dir / "train.jsonl"
+    if sft_train.exists():
+        from hashlib import sha256
+
+        data = sft_train.read_bytes()
+        inputs.append({"name": "instructions", "digest": sha256(data).hexdigest()[:16],
+                       "path": str(sft_train), "rows": data.count(b"\n")})
+    return inputs
+
+
+def lineage_tags(config: PipelineConfig, ws: Workspace, flow_run_id: str | None) -> dict[str, str]:
+    tags = {
+        "lmforge.config_hash": config_hash(config),
+        "lmforge.code_version": code_version(),
+        "lmforge.workspace": str(ws.home),
+        "lmforge.flow_run_id": flow_run_id or "none",
+    }
+    for item in dataset_inputs(ws):
+        tags[f"lmforge.data.{item['name']}.digest"] = str(item["digest"])
+    return tags
+
+
+def register_trained(config: PipelineConfig, ws: Workspace, trained: dict[str, Any],
+                     evaluated: dict[str, Any], flow_run_id: str | None) -> dict[str, Any]:
+    """Register one trained-and-evaluated model in MLflow with its full lineage."""
+    from lmforge.registry import register
+
+    metrics = {**trained.get("metrics", {}), **evaluated.get("metrics", {})}
+    params = {**trained.get("params", {}), "config_hash": config_hash(config)}
+    tags = lineage_tags(config, ws, flow_run_id) | {"lmforge.train_run_id": str(trained.get("run_id", ""))}
+    version = register(
+        config.registry, config.platform, ws,
+        model_dir=Path(trained["model_dir"]), params=params, metrics=metrics,
+        history=trained.get("history", []), dataset_inputs=dataset_inputs(ws), tags=tags,
+    )
+    result = version.as_dict()
+    ws.write_state("register", result)
+    return result

@@ -1,0 +1,70 @@
+"""Human summaries and the one-line JSON result that every command prints.
+
+With ``--json`` the last stdout line is one JSON object with the same facts as the human summary,
+so scripts never parse prose.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+# Human output goes to stderr when --json is given, so stdout stays machine-readable.
+_console = Console(stderr=False, highlight=False, soft_wrap=True)
+_err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def console(as_json: bool = False) -> Console:
+    return _err_console if as_json else _console
+
+
+def emit(title: str, facts: dict[str, Any], as_json: bool) -> None:
+    """Print a table of ``facts`` (to stderr with --json) and, with --json, the JSON line last."""
+    out = console(as_json)
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in facts.items():
+        table.add_row(key, _fmt(value))
+    out.print(table)
+    if as_json:
+        sys.stdout.write(json.dumps(facts, default=str, sort_keys=True) + "\n")
+        sys.stdout.flush()
+
+
+def run_summary(result: dict[str, Any], tracking_uri: str) -> dict[str, Any]:
+    """The facts `lmforge run` promises: model, version, aliases, promotion and why, endpoint."""
+    registered, decision = result["register"], result["promote"]
+    deployed = result.get("deploy") or {}
+    version = str(registered["version"])
+    aliases = [decision["alias"]] if str(decision.get("champion_version")) == version else []
+    return {
+        "model_name": registered["name"],
+        "version": version,
+        "aliases": aliases,
+        "promoted": {"promoted": decision["promoted"], "reason": decision["reason"]},
+        "champion_version": decision.get("champion_version"),
+        "metrics": {k: round(v, 6) if isinstance(v, float) else v
+                    for k, v in registered.get("metrics", {}).items()},
+        "endpoint": deployed.get("endpoint"),
+        "probe": {"prompt": deployed.get("probe_prompt"), "response": deployed.get("probe_response")}
+        if deployed else None,
+        "mlflow_tracking_uri": tracking_uri,
+        "mlflow_run_id": registered.get("run_id"),
+        "flow_run_id": result.get("flow_run_id"),
+        "documents": result["curate"].get("documents_out"),
+    }
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(_fmt(v) for v in value) or "-"
+    return "-" if value is None else str(value)

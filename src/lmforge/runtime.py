@@ -1,0 +1,43 @@
+"""Process environment for one workspace: where Prefect, Ray and MLflow keep their state.
+
+Called once at the start of every CLI command, before Prefect is imported, so that a run's
+orchestration state lands in its own ``LMFORGE_HOME`` and two homes never interfere. Variables
+the user already set (a real Prefect server, an MLflow server, a Ray cluster) are left alone:
+switching to a cluster is configuration, not code.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from lmforge import __version__
+from lmforge.workspace import Workspace
+
+
+def prepare_environment(ws: Workspace) -> None:
+    ws.ensure()
+    defaults = {
+        "PREFECT_HOME": str(ws.prefect_dir),
+        # The temporary server's telemetry writer races the first flow run on SQLite.
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_DEDUP_LOGS": "1",
+        "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    os.environ["LMFORGE_HOME"] = str(ws.home)
+
+
+def code_version() -> str:
+    """The git commit of the checkout when there is one, else the package version."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5, check=True)
+        return out.stdout.strip() or __version__
+    except (OSError, subprocess.SubprocessError):
+        return __version__

@@ -1,0 +1,128 @@
+"""``lmforge ui``: the Prefect UI with the pipeline deployed on a schedule, and the MLflow UI.
+
+Starts a local Prefect server (SQLite in the workspace) and an MLflow server on loopback as child
+processes, then serves the pipeline flow as the deployment ``lmforge-pipeline/lmforge`` with the
+retraining cron from ``platform.schedule_cron``. From the Prefect UI a user starts a run with
+edited parameters (the pipeline config is the form); the run's MLflow experiment shows up in the
+MLflow UI. Ctrl-C stops all three. With ``PREFECT_API_URL`` already set, the existing Prefect
+server is used instead of starting one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from lmforge.config import PipelineConfig
+from lmforge.errors import ServingError
+from lmforge.workspace import Workspace, atomic_write_json
+
+DEPLOYMENT_NAME = "lmforge"
+
+
+def run_ui(config: PipelineConfig, ws: Workspace, prefect_port: int = 4200, mlflow_port: int = 5000,
+           config_path: str | None = None) -> None:
+    children: list[subprocess.Popen] = []
+    try:
+        prefect_api = os.environ.get("PREFECT_API_URL")
+        if not prefect_api:
+            prefect_api = f"http://127.0.0.1:{prefect_port}/api"
+            children.append(_start_prefect(ws, prefect_port))
+        mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+        children.append(_start_mlflow(ws, config, mlflow_port))
+        _wait_http(f"{prefect_api}/health", children, "Prefect server", ws)
+        _wait_http(f"{mlflow_url}/health", children, "MLflow server", ws)
+        os.environ["PREFECT_API_URL"] = prefect_api
+        os.environ.setdefault("MLFLOW_TRACKING_URI", _tracking_uri(ws, config))
+        atomic_write_json(ws.home / "ui.json", {"prefect_url": prefect_api.removesuffix("/api"),
+                                                 "mlflow_url": mlflow_url, "pid": os.getpid()})
+        print(f"Prefect UI: {prefect_api.removesuffix('/api')}", flush=True)
+        print(f"MLflow UI:  {mlflow_url}", flush=True)
+        print(f"Deployment: lmforge-pipeline/{DEPLOYMENT_NAME} (cron '{config.platform.schedule_cron}')"
+              f" from {config_path or 'the built-in defaults'}; Ctrl-C stops", flush=True)
+
+        # Imported only now so Prefect reads the API URL we just set.
+        from flows.pipeline import pipeline
+
+        pipeline.serve(name=DEPLOYMENT_NAME, cron=config.platform.schedule_cron,
+                       parameters={"config": config.model_dump(mode="json")},
+                       tags=["lmforge"], print_starting_message=False)
+    finally:
+        for child in children:
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+def _start_prefect(ws: Workspace, port: int) -> subprocess.Popen:
+    _require_free(port, "--prefect-port")
+    env = dict(os.environ, PREFECT_HOME=str(ws.prefect_dir), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api")
+    env.pop("PREFECT_API_URL", None)
+    log = _log_file(ws, "prefect-server.log")
+    cmd = [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _start_mlflow(ws: Workspace, config: PipelineConfig, port: int) -> subprocess.Popen:
+    _require_free(port, "--mlflow-port")
+    ws.mlflow_dir.mkdir(parents=True, exist_ok=True)
+    log = _log_file(ws, "mlflow-server.log")
+    cmd = [_bin("mlflow"), "server", "--backend-store-uri", _tracking_uri(ws, config),
+           "--default-artifact-root", ws.mlflow_artifacts_uri, "--no-serve-artifacts",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _tracking_uri(ws: Workspace, config: PipelineConfig) -> str:
+    from lmforge.registry import mlflow_uris
+
+    return mlflow_uris(ws, config.platform)[0]
+
+
+def _bin(name: str) -> str:
+    """The console script installed beside this interpreter (the project's venv)."""
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.exists() else name
+
+
+def _log_file(ws: Workspace, name: str):
+    path = ws.home / "logs" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "ab")
+
+
+def _require_free(port: int, flag: str) -> None:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise ServingError(f"port {port} on 127.0.0.1 is already in use",
+                               f"stop whatever listens there or pass another {flag}") from None
+
+
+def _wait_http(url: str, children: list[subprocess.Popen], what: str, ws: Workspace,
+               timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in children:
+            if child.poll() is not None:
+                raise ServingError(f"{what} exited with code {child.returncode} while starting",
+                                   f"read the logs in {ws.home / 'logs'}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise ServingError(f"{what} did not answer at {url} within {timeout:.0f}s",
+                       f"read the logs in {ws.home / 'logs'}")

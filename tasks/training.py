@@ -1,0 +1,32 @@
+"""Prefect tasks for tokenizer training and model training (Ray Train inside the engine)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from lmforge.config import ModelConfig, TrainingConfig
+from lmforge.workspace import Workspace
+from tasks._publish import publish
+
+
+@task(name="tokenize", retries=1, cache_policy=NO_CACHE)
+def tokenize_task(cfg: ModelConfig) -> str:
+    from lmforge.tokenizer import train_tokenizer
+
+    path = train_tokenizer(cfg, Workspace.from_env())
+    publish("tokenize", {"tokenizer_dir": str(path), "vocab_size": cfg.vocab_size})
+    return str(path)
+
+
+# No retries: a diverged run is not fixed by running it again with the same settings.
+@task(name="train", cache_policy=NO_CACHE, timeout_seconds=6 * 3600)
+def train_task(training: TrainingConfig, model: ModelConfig) -> dict[str, Any]:
+    from lmforge.train.launch import train
+
+    result = train(training, model, Workspace.from_env()).as_dict()
+    summary = {k: v for k, v in result.items() if k != "history"}
+    publish("train", summary, f"model at {result['model_dir']}")
+    return result

@@ -1,0 +1,94 @@
+"""Test-wide settings: offline hubs, a throwaway workspace, and one real Prefect server.
+
+Nothing here is mocked: the Prefect server fixture starts `prefect server start` on a free
+loopback port (SQLite in a temp dir), which the pipeline tests and CLI subprocesses report to.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="lmforge-tests-"))
+os.environ.update({
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PREFECT_HOME": str(_SESSION_TMP / "prefect"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "LMFORGE_HOME": str(_SESSION_TMP / "home"),
+    "RAY_DEDUP_LOGS": "1",
+})
+for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+    os.environ.pop(var, None)
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("LMFORGE_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow; run with LMFORGE_SLOW=1 (make test-all)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 120, proc: subprocess.Popen | None = None) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real Prefect server on loopback for the whole session; yields its API URL."""
+    port = free_port()
+    home = _SESSION_TMP / "prefect-server"
+    env = dict(os.environ, PREFECT_HOME=str(home))
+    log = open(_SESSION_TMP / "prefect-server.log", "wb")
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(f"{api}/health", timeout=180, proc=proc)
+        yield api
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run_cli(args: list[str], home: Path, env: dict[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the installed `lmforge` console script the way a user would."""
+    full_env = dict(os.environ, LMFORGE_HOME=str(home), **(env or {}))
+    return subprocess.run([str(BIN / "lmforge"), *args], env=full_env, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,48 @@
+"""Workspace: one home per run, atomic writes that never leave half a file."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmforge.workspace import Workspace, atomic_dir, atomic_write_json
+
+
+def test_home_from_env_and_argument(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "a"))
+    assert Workspace.from_env().home == (tmp_path / "a").resolve()
+    assert Workspace.from_env(tmp_path / "b").home == (tmp_path / "b").resolve()
+
+
+def test_two_homes_share_no_path(tmp_path):
+    a, b = Workspace(tmp_path / "a"), Workspace(tmp_path / "b")
+    for name in ("raw_dir", "curated_dir", "tokenizer_dir", "runs_dir", "mlflow_dir", "ray_dir",
+                 "prefect_dir", "serving_dir"):
+        assert not str(getattr(a, name)).startswith(str(b.home))
+    assert a.mlflow_tracking_uri != b.mlflow_tracking_uri
+
+
+def test_state_roundtrip(tmp_path):
+    ws = Workspace(tmp_path)
+    assert ws.read_state("train") is None
+    ws.write_state("train", {"model_dir": "x", "n": 1})
+    assert ws.read_state("train") == {"model_dir": "x", "n": 1}
+
+
+def test_atomic_dir_keeps_old_output_on_failure(tmp_path):
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("v1")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "weights").write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert (target / "weights").read_text() == "v1"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temp leftovers
+
+
+def test_atomic_write_json_replaces_whole_file(tmp_path):
+    path = tmp_path / "x.json"
+    atomic_write_json(path, {"a": 1})
+    atomic_write_json(path, {"b": 2})
+    assert path.read_text().strip().startswith("{") and '"b": 2' in path.read_text()
+    assert len(list(tmp_path.iterdir())) == 1
