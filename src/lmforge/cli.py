@@ -124,8 +124,6 @@ def cmd_promote(args: argparse.Namespace) -> None:
     registered = ws.read_state("register")
     if not registered or registered.get("train_run_id") != trained["run_id"]:
         registered = register_trained(config, ws, trained, evaluated, None)
-        registered["train_run_id"] = trained["run_id"]
-        ws.write_state("register", registered)
     decision = promote(config.registry, config.platform, ws, str(registered["version"])).as_dict()
     emit("promote", {"version": registered["version"], **decision}, args.json)
 
@@ -152,7 +150,7 @@ def cmd_models(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
     from lmforge.registry import list_models
 
-    models = list_models(ws, config.platform)
+    models = list_models(ws, config.platform, metric=config.registry.metric)
     emit("models", {m["name"]: m for m in models} or {"models": "none registered"}, args.json)
 
 

@@ -82,6 +82,6 @@ def register_trained(config: PipelineConfig, ws: Workspace, trained: dict[str, A
         model_dir=Path(trained["model_dir"]), params=params, metrics=metrics,
         history=trained.get("history", []), dataset_inputs=dataset_inputs(ws), tags=tags,
     )
-    result = version.as_dict()
+    result = version.as_dict() | {"train_run_id": str(trained.get("run_id", ""))}
     ws.write_state("register", result)
     return result

@@ -26,6 +26,7 @@ def prepare_environment(ws: Workspace) -> None:
         "TOKENIZERS_PARALLELISM": "false",
         "RAY_DEDUP_LOGS": "1",
         "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

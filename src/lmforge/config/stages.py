@@ -168,6 +168,10 @@ class TrainingConfig(StageConfig):
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
     log_every: int = Field(10, gt=0, description="Steps between logged metrics.")
+    val_batches: int = Field(8, gt=0, description="Held-out batches per worker for each phase's validation loss.")
+    cpu_threads: int = Field(
+        0, ge=0, description="torch threads per worker when training on CPU; 0 shares the node's cores among its workers."
+    )
 
 
 # ---------------------------------------------------------------- evaluation, registry, serving

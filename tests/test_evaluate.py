@@ -1,0 +1,104 @@
+"""The evaluate stage on a tiny random Llama and tiny held-out data in a real workspace."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from tiny_assets import build_model_dir, write_workspace_data
+
+from lmforge.config.stages import EvaluationConfig
+from lmforge.errors import DataError
+from lmforge.evaluate import evaluate
+from lmforge.workspace import Workspace
+
+CFG = EvaluationConfig(max_batches=2, batch_size=4, block_size=32, max_examples=3, max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_model_dir(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture()
+def ws(tmp_path):
+    ws = Workspace(tmp_path / "home").ensure()
+    write_workspace_data(ws)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def evaluated(model_dir, tmp_path_factory):
+    ws = Workspace(tmp_path_factory.mktemp("eval") / "home").ensure()
+    write_workspace_data(ws)
+    return ws, evaluate(CFG, model_dir, ws)
+
+
+def test_evaluate_scores_and_writes_report(evaluated):
+    ws, result = evaluated
+
+    m = result.metrics
+    assert math.isfinite(m["eval_loss"]) and m["eval_loss"] > 0
+    assert m["eval_perplexity"] == pytest.approx(math.exp(m["eval_loss"]))
+    # A random model over a 320-token vocabulary is close to uniform: perplexity near the vocab size.
+    assert 50 < m["eval_perplexity"] < 2000
+    assert 0.0 <= m["eval_exact_match"] <= 1.0
+    assert 0.0 <= m["eval_rouge_l"] <= 1.0
+    # 2 batches of 4 blocks of 31 predicted tokens each.
+    assert m["eval_heldout_tokens"] == 2 * 4 * 31
+    assert len(result.examples) == 3
+    first = result.examples[0]
+    assert set(first) == {"instruction", "reference", "prediction", "exact_match", "rouge_l"}
+    assert first["instruction"] == "What does `abs` do?"
+    assert isinstance(first["prediction"], str)
+
+    report = json.loads(open(result.report_path).read())
+    assert report["metrics"] == pytest.approx(m)
+    assert report["examples"][0]["reference"] == first["reference"]
+    state = ws.read_state("evaluate")
+    assert state["report_path"] == result.report_path and state["metrics"]["eval_loss"] == m["eval_loss"]
+
+
+def test_evaluate_is_deterministic(model_dir, evaluated):
+    ws, first = evaluated
+    second = evaluate(CFG, model_dir, ws)
+    assert first.metrics == second.metrics
+    assert [e["prediction"] for e in first.examples] == [e["prediction"] for e in second.examples]
+
+
+@pytest.mark.parametrize(
+    ("remove", "names"),
+    [
+        ("data/curated/validation.parquet", ["validation.parquet", "lmforge curate"]),
+        ("data/sft/test.jsonl", ["test.jsonl", "lmforge collect"]),
+    ],
+)
+def test_missing_inputs_name_file_and_command(model_dir, ws, remove, names):
+    (ws.home / remove).unlink()
+    with pytest.raises(DataError) as err:
+        evaluate(CFG, model_dir, ws)
+    text = str(err.value)
+    for name in names:
+        assert name in text
+
+
+def test_missing_model_names_train_command(ws, tmp_path):
+    with pytest.raises(DataError, match="config.json") as err:
+        evaluate(CFG, tmp_path / "no-model", ws)
+    assert "lmforge train" in err.value.fix
+
+
+def test_malformed_sft_line_is_reported_with_line_number(model_dir, ws):
+    path = ws.sft_dir / "test.jsonl"
+    path.write_text('{"instruction": "x", "response": "y"}\n{"instruction": "no response"}\n')
+    with pytest.raises(DataError, match="test.jsonl:2"):
+        evaluate(CFG.model_copy(update={"max_examples": 5}), model_dir, ws)
+
+
+def test_empty_heldout_set_is_a_data_error(model_dir, ws):
+    import pandas as pd
+
+    pd.DataFrame({"text": []}, dtype=str).to_parquet(ws.curated_dir / "validation.parquet")
+    with pytest.raises(DataError, match="no documents"):
+        evaluate(CFG, model_dir, ws)
