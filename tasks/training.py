@@ -7,7 +7,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from lmforge.config import ModelConfig, TrainingConfig
+from lmforge.config import ModelConfig, PlatformConfig, TrainingConfig
 from lmforge.workspace import Workspace
 from tasks._publish import publish
 
@@ -23,10 +23,10 @@ def tokenize_task(cfg: ModelConfig) -> str:
 
 # No retries: a diverged run is not fixed by running it again with the same settings.
 @task(name="train", cache_policy=NO_CACHE, timeout_seconds=6 * 3600)
-def train_task(training: TrainingConfig, model: ModelConfig) -> dict[str, Any]:
+def train_task(training: TrainingConfig, model: ModelConfig, platform: PlatformConfig) -> dict[str, Any]:
     from lmforge.train.launch import train
 
-    result = train(training, model, Workspace.from_env()).as_dict()
+    result = train(training, model, Workspace.from_env(), ray_address=platform.ray_address).as_dict()
     summary = {k: v for k, v in result.items() if k != "history"}
     publish("train", summary, f"model at {result['model_dir']}")
     return result

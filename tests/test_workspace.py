@@ -46,3 +46,22 @@ def test_atomic_write_json_replaces_whole_file(tmp_path):
     atomic_write_json(path, {"b": 2})
     assert path.read_text().strip().startswith("{") and '"b": 2' in path.read_text()
     assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_outputs_are_readable_by_other_users(tmp_path):
+    atomic_write_json(tmp_path / "x.json", {})
+    with atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "f").write_text("x")
+    assert (tmp_path / "x.json").stat().st_mode & 0o044 == 0o044
+    assert (tmp_path / "d").stat().st_mode & 0o055 == 0o055
+
+
+def test_errors_survive_pickling():
+    import pickle
+
+    from lmforge.errors import TrainingDiverged, ValidationFailed
+
+    err = pickle.loads(pickle.dumps(TrainingDiverged("loss is NaN at step 3", "lower the learning rate")))
+    assert err.cause == "loss is NaN at step 3" and err.fix == "lower the learning rate"
+    val = pickle.loads(pickle.dumps(ValidationFailed("bad", "fix it", "report", {"a": 1})))
+    assert val.report == "report" and val.details == {"a": 1}

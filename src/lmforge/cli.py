@@ -100,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     if not (ws.tokenizer_dir / "tokenizer.json").exists():
         train_tokenizer(config.model, ws)
-    result = train(config.training, config.model, ws).as_dict()
+    result = train(config.training, config.model, ws, ray_address=config.platform.ray_address).as_dict()
     emit("train", {k: v for k, v in result.items() if k != "history"}, args.json)
 
 

@@ -20,6 +20,10 @@ class LmforgeError(Exception):
     def __str__(self) -> str:
         return f"{self.cause}\n  fix: {self.fix}"
 
+    def __reduce__(self):
+        # Ray pickles errors from workers to the driver; keep cause and fix across the trip.
+        return (type(self), (self.cause, self.fix))
+
 
 class ConfigError(LmforgeError):
     """A config file is missing, malformed, or holds an unknown key or invalid value."""
@@ -36,6 +40,9 @@ class ValidationFailed(LmforgeError):
         super().__init__(cause, fix)
         self.report = report
         self.details = details or {}
+
+    def __reduce__(self):
+        return (type(self), (self.cause, self.fix, self.report, self.details))
 
 
 class TrainingDiverged(LmforgeError):

@@ -1,0 +1,57 @@
+"""Train standalone, without Prefect, MLflow or Ray: ``python -m lmforge.train [CONFIG] [--ray]``.
+
+Trains the tokenizer when the workspace (``LMFORGE_HOME``) has none, then runs both training
+phases in this process (``--ray`` launches Ray Train workers as the config says instead). Prints a
+summary and, as the last line, one JSON object with the run's facts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lmforge.config.loader import load_config
+from lmforge.errors import LmforgeError
+from lmforge.workspace import Workspace
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lmforge.train", description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", help="pipeline YAML file (default: built-in defaults)")
+    parser.add_argument("--ray", action="store_true", help="launch through Ray Train (training.use_ray)")
+    parser.add_argument("--run-name", default=None, help="prefix of the run id")
+    parser.add_argument("--home", default=None, help="workspace directory (default: $LMFORGE_HOME)")
+    args = parser.parse_args(argv)
+    try:
+        result = _run(args)
+    except LmforgeError as exc:
+        print(f"error: {exc.cause}\nfix: {exc.fix}", file=sys.stderr)
+        return exc.exit_code
+    print(f"run {result.run_id}: model at {result.model_dir} ({result.duration_s:.1f} s)")
+    for name, value in sorted(result.metrics.items()):
+        print(f"  {name:<20} {value:.4f}")
+    print(json.dumps({k: v for k, v in result.as_dict().items() if k != "history"}, default=str))
+    return 0
+
+
+def _run(args: argparse.Namespace):
+    from lmforge.tokenizer import train_tokenizer
+    from lmforge.train.launch import train
+
+    config = load_config(args.config)
+    ws = Workspace.from_env(args.home).ensure()
+    training = config.training.model_copy(update={"use_ray": args.ray})
+    if not (ws.tokenizer_dir / "tokenizer_config.json").exists():
+        print(f"training tokenizer into {train_tokenizer(config.model, ws)}")
+
+    def progress(row: dict) -> None:
+        print(f"  {row['phase']:<9} step {row['step']:>5}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+              f"{row['tokens_per_s']:.0f} tok/s", flush=True)
+
+    return train(training, config.model, ws, run_name=args.run_name, progress=progress,
+                 ray_address=config.platform.ray_address)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Training tensors from workspace data, and the deterministic rank-sharded batch stream.
+
+Pretraining text is packed into fixed-length blocks (documents joined by EOS, no padding wasted);
+SFT pairs are rendered with :func:`lmforge.prompt.format_example` and masked so the loss covers the
+response only. Each DDP rank reads a disjoint shard of every epoch's seeded permutation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from lmforge.errors import DataError
+from lmforge.prompt import EOS_TOKEN, format_example
+
+IGNORE_INDEX = -100  # label value torch's cross-entropy skips
+Tensors = dict[str, torch.Tensor]
+
+
+def read_texts(path: Path) -> list[str]:
+    """The ``text`` column of a curated Parquet file."""
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        raise DataError(f"no curated text at {path}", "run the curate stage first (`lmforge curate`)")
+    return [t for t in pq.read_table(path, columns=["text"]).column("text").to_pylist() if t]
+
+
+def read_sft(path: Path) -> list[dict]:
+    """Instruction/response records of an SFT JSONL file."""
+    if not path.exists():
+        raise DataError(f"no SFT examples at {path}",
+                        "run the collect stage first, or set training.finetune_method: none")
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for i, record in enumerate(records):
+        if not isinstance(record.get("instruction"), str) or not isinstance(record.get("response"), str):
+            raise DataError(f"{path} line {i + 1} lacks a string 'instruction' or 'response'",
+                            "regenerate the SFT set with the collect stage")
+    return records
+
+
+def split_heldout(records: list[dict], fraction: float = 0.05) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) chosen by a hash of each record, so the split never depends on order."""
+    def bucket(record: dict) -> float:
+        key = str(record.get("id") or record["instruction"] + record["response"])
+        return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+    train = [r for r in records if bucket(r) >= fraction]
+    heldout = [r for r in records if bucket(r) < fraction]
+    if not heldout and len(records) > 1:  # tiny sets: still measure something
+        train, heldout = records[:-1], records[-1:]
+    return train, heldout
+
+
+def pack_texts(texts: list[str], tokenizer, seq_len: int, allow_short: bool = False) -> Tensors:
+    """Token blocks of exactly ``seq_len`` (the tail is dropped), each document ended by EOS.
+
+    ``allow_short`` returns one shorter block when the text cannot fill a whole one (used for
+    small held-out sets, where some measurement beats none).
+    """
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(encoded)
+        ids.append(eos)
+    n_blocks = len(ids) // seq_len
+    if n_blocks == 0:
+        if not allow_short or len(ids) < 2:
+            raise DataError(f"the text holds {len(ids)} tokens, fewer than one block of seq_len={seq_len}",
+                            "collect more text, or lower the phase's seq_len")
+        block = torch.tensor([ids], dtype=torch.long)
+    else:
+        block = torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
+    return {"input_ids": block, "labels": block.clone(), "attention_mask": torch.ones_like(block)}
+
+
+def encode_sft(records: list[dict], tokenizer, seq_len: int) -> Tensors:
+    """Right-padded prompt+response rows; labels are IGNORE_INDEX on the prompt and padding.
+
+    Prompt and response are tokenized separately, exactly as serving tokenizes a prompt and then
+    generates, so training and inference see the same token boundary.
+    """
+    rows, dropped = [], 0
+    for record in records:
+        prompt, completion = format_example(record["instruction"], record["response"])
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(completion.removesuffix(EOS_TOKEN), add_special_tokens=False)["input_ids"]
+        # EOS by id: a pretrained base may not know our EOS string as a special token.
+        answer_ids = answer_ids + [tokenizer.eos_token_id]
+        if len(prompt_ids) >= seq_len:  # nothing of the answer would fit: no loss to learn from
+            dropped += 1
+            continue
+        ids = (prompt_ids + answer_ids)[:seq_len]
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:seq_len]
+        rows.append((ids, labels))
+    if not rows:
+        raise DataError(f"all {dropped} SFT examples have prompts longer than seq_len={seq_len}",
+                        "raise training.finetune.seq_len (and model.max_seq_len)")
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(rows), seq_len), pad, dtype=torch.long)
+    labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
+    for i, (ids, labs) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(labs)] = torch.tensor(labs)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def batch_stream(data: Tensors, batch_size: int, *, seed: int, rank: int = 0,
+                 world_size: int = 1) -> Iterator[Tensors]:
+    """Endless batches for one rank: each epoch a seeded permutation, this rank's share of it.
+
+    Shares are disjoint within an epoch and equally long on every rank (the few leftover rows
+    of an epoch are skipped), so DDP ranks always take the same number of steps.
+    """
+    n = len(data["input_ids"])
+    per_rank = n // world_size
+    if per_rank == 0:
+        raise DataError(f"{n} training rows cannot be shared by {world_size} workers",
+                        "add data, lower seq_len, or use fewer training.num_workers")
+    buffer: list[int] = []
+    epoch = 0
+    while True:
+        while len(buffer) < batch_size:
+            generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            order = torch.randperm(n, generator=generator)
+            buffer.extend(order[rank * per_rank:(rank + 1) * per_rank].tolist())
+            epoch += 1
+        index = torch.tensor(buffer[:batch_size])
+        del buffer[:batch_size]
+        yield {key: value[index] for key, value in data.items()}
+
+
+def fixed_batches(data: Tensors, batch_size: int, max_batches: int, *, rank: int = 0,
+                  world_size: int = 1) -> list[Tensors]:
+    """This rank's share of the first ``max_batches * batch_size * world_size`` held-out rows."""
+    rows = torch.arange(min(len(data["input_ids"]), max_batches * batch_size * world_size))
+    mine = rows[rank::world_size]
+    return [{key: value[chunk] for key, value in data.items()} for chunk in mine.split(batch_size)]

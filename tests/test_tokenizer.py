@@ -1,0 +1,97 @@
+"""The tokenizer stage trains a real byte-level BPE on a small workspace corpus and saves it."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lmforge.config.stages import ModelConfig
+from lmforge.errors import DataError
+from lmforge.prompt import EOS_TOKEN, PAD_TOKEN, format_prompt
+from lmforge.tokenizer import load_tokenizer, train_tokenizer
+from lmforge.workspace import Workspace
+
+MODULES = ["json", "textwrap", "string", "functools", "itertools", "shutil", "collections", "os.path", "re"]
+
+
+def write_corpus(ws: Workspace) -> tuple[int, int]:
+    """Curated train/validation Parquet and SFT JSONL from stdlib docstrings (pipeline formats)."""
+    docs, sft = [], []
+    for module_name in MODULES:
+        module = importlib.import_module(module_name)
+        for name, obj in sorted(vars(module).items()):
+            doc = inspect.getdoc(obj) if callable(obj) and not name.startswith("_") else None
+            if not doc or len(doc) < 40 or doc[:600] in docs:
+                continue
+            docs.append(doc[:600])
+            summary = doc.split("\n\n")[0].replace("\n", " ")[:200]
+            sft.append({"id": f"{module_name}.{name}", "instruction": f"What does `{module_name}.{name}` do?",
+                        "response": summary})
+    rows = [{"id": hashlib.sha256(t.encode()).hexdigest(), "text": t, "source": "stdlib"} for t in docs]
+    ws.curated_dir.mkdir(parents=True, exist_ok=True)
+    ws.sft_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows[10:]).to_parquet(ws.curated_dir / "train.parquet", index=False)
+    pd.DataFrame(rows[:10]).to_parquet(ws.curated_dir / "validation.parquet", index=False)
+    (ws.sft_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
+    return len(docs), len(sft)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    ws = Workspace(tmp_path_factory.mktemp("tok") / "home")
+    write_corpus(ws)
+    path = train_tokenizer(ModelConfig(vocab_size=384), ws)
+    return ws, path, load_tokenizer(path)
+
+
+def test_tokenizer_is_saved_with_specials(trained):
+    ws, path, tok = trained
+    assert path == ws.tokenizer_dir and (path / "tokenizer.json").exists()
+    assert 258 < len(tok) <= 384  # 256 bytes + 2 specials + merges, capped by vocab_size
+    assert tok.eos_token == EOS_TOKEN and tok.pad_token == PAD_TOKEN and tok.bos_token == EOS_TOKEN
+    assert tok.eos_token_id != tok.pad_token_id
+    # Specials are single tokens, never split into bytes.
+    assert tok(EOS_TOKEN + PAD_TOKEN, add_special_tokens=False)["input_ids"] == [tok.eos_token_id, tok.pad_token_id]
+    assert not list(path.parent.glob(".tokenizer.*"))  # the atomic write left no staging dir
+
+
+@pytest.mark.parametrize("text", [
+    "Serialize ``obj`` to a JSON formatted ``str``.",
+    "  leading spaces,\ttabs\nand newlines\n\n",
+    "naïve café – 日本語 ✓ emoji 🙂",
+])
+def test_tokenizer_round_trips_text(trained, text):
+    _, _, tok = trained
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+
+
+def test_tokenizer_compresses_corpus_text(trained):
+    _, _, tok = trained
+    text = "Return a new dictionary with the keys and values of the object."
+    assert len(tok(text)["input_ids"]) < len(text.encode()) / 2  # merges were learned
+
+
+def test_chat_template_matches_training_prompt(trained):
+    _, _, tok = trained
+    rendered = tok.apply_chat_template([{"role": "user", "content": "What does `len` do?"}],
+                                       tokenize=False, add_generation_prompt=True)
+    assert rendered == format_prompt("What does `len` do?")
+    reloaded = load_tokenizer(trained[1])
+    assert reloaded.chat_template == tok.chat_template
+
+
+def test_missing_corpus_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="curate"):
+        train_tokenizer(ModelConfig(), Workspace(tmp_path / "empty"))
+
+
+def test_missing_tokenizer_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="python -m lmforge.train"):
+        load_tokenizer(Path(tmp_path))

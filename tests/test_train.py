@@ -1,0 +1,234 @@
+"""The training engine end to end on tiny models: data, the loop, LoRA, saving, and Ray Train.
+
+Every run here is real (CPU, a 2-layer model of width 32, a few dozen steps); the one Ray run
+starts a local Ray with 2 workers of half a CPU each, as the pipeline does on a small machine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from lmforge.config.stages import ModelConfig, PhaseConfig, TrainingConfig
+from lmforge.errors import ConfigError, TrainingDiverged
+from lmforge.model import build_model, count_parameters
+from lmforge.prompt import EOS_TOKEN, format_prompt
+from lmforge.tokenizer import load_tokenizer, train_tokenizer
+from lmforge.train.data import IGNORE_INDEX, batch_stream, encode_sft, pack_texts
+from lmforge.train.launch import greedy_ids, load_probe, train
+from lmforge.train.loop import lr_factor
+from lmforge.workspace import Workspace
+from test_tokenizer import write_corpus
+
+MODEL = ModelConfig(vocab_size=384, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    intermediate_size=64, max_seq_len=64)
+TRAINING = TrainingConfig(
+    pretrain=PhaseConfig(steps=30, learning_rate=1e-2, batch_size=8, seq_len=32, warmup_steps=3),
+    finetune=PhaseConfig(steps=15, learning_rate=1e-2, batch_size=8, seq_len=64, warmup_steps=2),
+    finetune_method="lora", use_ray=False, log_every=5, cpu_threads=1, val_batches=2,
+)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    ws = Workspace(tmp_path_factory.mktemp("train") / "home")
+    write_corpus(ws)
+    train_tokenizer(MODEL, ws)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def tokenizer(ws):
+    return load_tokenizer(ws.tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def lora_run(ws):
+    rows = []
+    return train(TRAINING, MODEL, ws, run_name="lora", progress=rows.append), rows
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """Ray is started by the first Ray run in this module (by ``train``) and stopped at the end."""
+    ray = pytest.importorskip("ray")
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+# ---------------------------------------------------------------- model and data
+
+
+@pytest.mark.parametrize("architecture,kv_heads", [("llama", 2), ("gpt2", 4)])
+def test_build_model_from_config(architecture, kv_heads):
+    cfg = MODEL.model_copy(update={"architecture": architecture, "num_kv_heads": kv_heads})
+    model = build_model(cfg, vocab_size=300)
+    logits = model(torch.randint(0, 300, (2, 16))).logits
+    assert logits.shape == (2, 16, 300)
+    assert model.config.model_type == architecture
+    # Tied embeddings are counted once.
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    if architecture == "llama":
+        assert model.config.num_key_value_heads == 2 and model.config.hidden_act == "silu"
+
+
+def test_gpt2_rejects_grouped_query_attention():
+    with pytest.raises(ConfigError, match="num_kv_heads"):
+        build_model(MODEL.model_copy(update={"architecture": "gpt2"}), vocab_size=300)
+
+
+def test_sft_labels_cover_the_response_only(tokenizer):
+    record = {"instruction": "What does `len` do?", "response": "Return the number of items."}
+    rows = encode_sft([record], tokenizer, seq_len=48)
+    ids, labels, mask = rows["input_ids"][0], rows["labels"][0], rows["attention_mask"][0]
+    n_prompt = len(tokenizer(format_prompt(record["instruction"]), add_special_tokens=False)["input_ids"])
+    assert (labels[:n_prompt] == IGNORE_INDEX).all()
+    learned = labels[labels != IGNORE_INDEX]
+    assert tokenizer.decode(learned) == record["response"] + EOS_TOKEN
+    assert torch.equal(ids[n_prompt:n_prompt + len(learned)], learned)
+    assert (labels[mask == 0] == IGNORE_INDEX).all() and (ids[mask == 0] == tokenizer.pad_token_id).all()
+
+
+def test_packing_fills_blocks_with_eos_between_documents(tokenizer):
+    texts = ["first document here", "second one", "third and last document"]
+    blocks = pack_texts(texts * 4, tokenizer, seq_len=16)["input_ids"]
+    assert blocks.shape[1] == 16
+    assert (blocks == tokenizer.eos_token_id).sum() >= blocks.numel() // 16  # separators survive
+    assert (blocks != tokenizer.pad_token_id).all()  # no padding wasted
+
+
+def test_batch_stream_shards_disjointly_and_deterministically():
+    data = {"input_ids": torch.arange(20).unsqueeze(1)}
+    take = lambda rank, seed=1: [b["input_ids"].flatten().tolist() for b, _ in  # noqa: E731
+                                 zip(batch_stream(data, 5, seed=seed, rank=rank, world_size=2), range(4))]
+    rank0, rank1 = take(0), take(1)
+    assert take(0) == rank0 and take(0, seed=2) != rank0
+    first_epoch0, first_epoch1 = set(sum(rank0[:2], [])), set(sum(rank1[:2], []))
+    assert not first_epoch0 & first_epoch1 and len(first_epoch0 | first_epoch1) == 20
+    assert len(rank0) == 4  # keeps going past the end of an epoch
+
+
+def test_schedule_warms_up_then_decays():
+    phase = PhaseConfig(steps=100, learning_rate=1.0, warmup_steps=10, schedule="cosine")
+    assert lr_factor(0, phase) == pytest.approx(0.1) and lr_factor(9, phase) == pytest.approx(1.0)
+    assert lr_factor(55, phase) < lr_factor(20, phase) and lr_factor(99, phase) >= 0.1
+    assert lr_factor(50, phase.model_copy(update={"schedule": "constant"})) == 1.0
+
+
+# ---------------------------------------------------------------- in-line runs
+
+
+def test_inline_run_learns_and_saves_a_reloadable_model(ws, lora_run):
+    result, progress_rows = lora_run
+    pretrain = [r for r in result.history if r["phase"] == "pretrain"]
+    assert pretrain[-1]["loss"] < pretrain[0]["loss"] - 0.5
+    assert progress_rows == result.history and {"step", "phase", "loss", "lr", "tokens_per_s"} <= set(pretrain[0])
+    assert {"pretrain_loss", "pretrain_val_loss", "finetune_loss", "finetune_val_loss"} <= set(result.metrics)
+    assert result.params["params_trainable_finetune"] < result.params["params_trainable_pretrain"]
+    assert result.params["training.pretrain.steps"] == 30
+    assert (result.model_dir / "model.safetensors").exists()
+    assert not list(result.model_dir.rglob("*.bin")) and not list(result.model_dir.rglob("*.pt"))
+    assert ws.read_state("train")["run_id"] == result.run_id
+    assert json.loads((result.model_dir.parent / "train_result.json").read_text())["metrics"] == result.metrics
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    tok = load_tokenizer(result.model_dir)
+    probe = load_probe(result.model_dir)  # greedy tokens recorded before saving
+    assert 0 < len(probe["completion_ids"]) <= probe["max_new_tokens"]
+    assert greedy_ids(model, tok, probe["prompt"], probe["max_new_tokens"]) == probe["completion_ids"]
+    assert tok.chat_template and model.generation_config.eos_token_id == tok.eos_token_id
+
+
+def test_lora_merged_model_matches_the_adapter(lora_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result, _ = lora_run
+    assert (result.adapter_dir / "adapter_config.json").exists()
+    base = AutoModelForCausalLM.from_pretrained(result.adapter_dir.parent / "base")
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, result.adapter_dir).eval()
+        adapted_logits = adapted(ids).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(result.model_dir)(ids).logits
+    assert (adapted_logits - base_logits).abs().max() > 1e-3  # the adapter learned something
+    torch.testing.assert_close(merged_logits, adapted_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_full_finetune_of_a_saved_base_gpt2(ws, tokenizer, tmp_path):
+    gpt2 = MODEL.model_copy(update={"architecture": "gpt2", "num_kv_heads": 4})
+    small = TRAINING.model_copy(update={"pretrain": TRAINING.pretrain.model_copy(update={"steps": 4}),
+                                        "finetune": TRAINING.finetune.model_copy(update={"steps": 4}),
+                                        "finetune_method": "full"})
+    first = train(small, gpt2, ws, run_name="gpt2")
+    assert first.adapter_dir is None and "finetune_val_loss" in first.metrics
+
+    # That model is a pretrained base now: fine-tune it without pretraining.
+    based = gpt2.model_copy(update={"base_model": str(first.model_dir)})
+    assert len(load_tokenizer(train_tokenizer(based, Workspace(tmp_path)))) == len(tokenizer)
+    again = train(small.model_copy(update={"pretrain": small.pretrain.model_copy(update={"steps": 0})}),
+                  based, ws, run_name="from-base")
+    assert [r["phase"] for r in again.history] == ["finetune"] * len(again.history)
+    with pytest.raises(ConfigError, match=rf"{len(tokenizer) + 50}.*{len(tokenizer)}"):
+        build_model(based, vocab_size=len(tokenizer) + 50)
+
+
+def test_divergence_raises_our_error_and_leaves_no_run(ws):
+    absurd = TRAINING.model_copy(update={"pretrain": TRAINING.pretrain.model_copy(
+        update={"learning_rate": 1e6, "warmup_steps": 0}), "finetune_method": "none"})
+    before = set(ws.runs_dir.iterdir())
+    with pytest.raises(TrainingDiverged, match=r"pretrain step \d+") as info:
+        train(absurd, MODEL, ws, run_name="nan")
+    assert "learning_rate" in info.value.fix
+    assert set(ws.runs_dir.iterdir()) == before  # the atomic run dir was discarded
+
+
+def test_cli_trains_tokenizer_and_model(tmp_path, capsys):
+    from lmforge.train.__main__ import main
+
+    home = Workspace(tmp_path / "home")
+    write_corpus(home)
+    config = tmp_path / "tiny.yaml"
+    small = TRAINING.model_copy(update={"pretrain": TRAINING.pretrain.model_copy(update={"steps": 3}),
+                                        "finetune_method": "none"})
+    config.write_text(json.dumps({"model": MODEL.model_dump(mode="json"),
+                                  "training": small.model_dump(mode="json")}))  # JSON is YAML
+    assert main([str(config), "--home", str(home.home)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (home.tokenizer_dir / "tokenizer.json").exists()
+    assert summary["run_id"] and (home.runs_dir / summary["run_id"] / "model" / "config.json").exists()
+
+
+# ---------------------------------------------------------------- Ray Train
+
+
+def test_ray_torchtrainer_two_workers(ws, ray_session):
+    config = TRAINING.model_copy(update={
+        "use_ray": True, "num_workers": 2, "cpus_per_worker": 0.5,
+        "pretrain": TRAINING.pretrain.model_copy(update={"steps": 20}),
+        "finetune": TRAINING.finetune.model_copy(update={"steps": 6})})
+    started = time.perf_counter()
+    result = train(config, MODEL, ws, run_name="ray")
+    print(f"\nRay TorchTrainer run (2 CPU workers) took {time.perf_counter() - started:.1f} s wall")
+    assert result.params["world_size"] == 2
+    pretrain = [r for r in result.history if r["phase"] == "pretrain"]
+    assert pretrain[-1]["loss"] < pretrain[0]["loss"]
+    assert (result.model_dir / "model.safetensors").exists() and (result.adapter_dir / "adapter_config.json").exists()
+    assert (ws.ray_dir / "train" / result.run_id).is_dir()
+
+
+@pytest.mark.slow
+def test_ray_divergence_reaches_the_driver_as_our_error(ws, ray_session):
+    absurd = TRAINING.model_copy(update={"use_ray": True, "num_workers": 2, "cpus_per_worker": 0.5,
+                                         "finetune_method": "none", "pretrain": TRAINING.pretrain.model_copy(
+                                             update={"learning_rate": 1e6, "warmup_steps": 0})})
+    with pytest.raises(TrainingDiverged, match="learning_rate"):
+        train(absurd, MODEL, ws, run_name="ray-nan")
