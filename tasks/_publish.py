@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
+
+STAGES = ["collect", "curate", "validate", "tokenize", "train", "evaluate", "register", "promote", "deploy"]
+
+
+def announce(stage: str, what: str) -> None:
+    """One progress line per stage, `[k/9] stage: what`, in the terminal and the Prefect UI."""
+    get_run_logger().info(f"[{STAGES.index(stage) + 1}/{len(STAGES)}] {stage}: {what}")
 
 
 def publish(stage: str, result: dict[str, Any], headline: str = "") -> None:

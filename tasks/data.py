@@ -10,11 +10,12 @@ from prefect.events import emit_event
 
 from lmforge.config import CurationConfig, DataConfig, ValidationConfig
 from lmforge.workspace import Workspace
-from tasks._publish import publish
+from tasks._publish import announce, publish
 
 
 @task(name="collect", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def collect_task(cfg: DataConfig) -> dict[str, Any]:
+    announce("collect", "reading sources")
     from lmforge.collect import collect
 
     ws = Workspace.from_env()
@@ -32,6 +33,7 @@ def collect_task(cfg: DataConfig) -> dict[str, Any]:
 
 @task(name="curate", retries=1, cache_policy=NO_CACHE)
 def curate_task(cfg: CurationConfig) -> dict[str, Any]:
+    announce("curate", "normalize, dedup, filter")
     from lmforge.curate import curate
 
     result = curate(cfg, Workspace.from_env()).as_dict()
@@ -41,6 +43,7 @@ def curate_task(cfg: CurationConfig) -> dict[str, Any]:
 
 @task(name="validate", cache_policy=NO_CACHE)
 def validate_task(cfg: ValidationConfig) -> dict[str, Any]:
+    announce("validate", "Great Expectations data gate")
     from lmforge.errors import ValidationFailed
     from lmforge.validate import validate
 

@@ -9,11 +9,12 @@ from prefect.cache_policies import NO_CACHE
 
 from lmforge.config import PipelineConfig, PlatformConfig, RegistryConfig, ServingConfig
 from lmforge.workspace import Workspace
-from tasks._publish import publish
+from tasks._publish import announce, publish
 
 
 @task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def register_task(config: PipelineConfig, trained: dict[str, Any], evaluated: dict[str, Any],
+    announce("register", "logging to MLflow, registering a version")
                   flow_run_id: str | None) -> dict[str, Any]:
     from lmforge.lifecycle import register_trained
 
@@ -25,6 +26,7 @@ def register_task(config: PipelineConfig, trained: dict[str, Any], evaluated: di
 
 @task(name="promote", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def promote_task(cfg: RegistryConfig, platform: PlatformConfig, version: str) -> dict[str, Any]:
+    announce("promote", "applying the promotion rule")
     from lmforge.registry import promote
 
     result = promote(cfg, platform, Workspace.from_env(), version).as_dict()
@@ -34,6 +36,7 @@ def promote_task(cfg: RegistryConfig, platform: PlatformConfig, version: str) ->
 
 @task(name="deploy", retries=1, cache_policy=NO_CACHE)
 def deploy_task(cfg: ServingConfig, model_uri: str, model_name: str) -> dict[str, Any]:
+    announce("deploy", "serving the champion")
     from lmforge.deploy import deploy
 
     result = deploy(cfg, model_uri, Workspace.from_env(), model_name).as_dict()

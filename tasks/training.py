@@ -9,11 +9,12 @@ from prefect.cache_policies import NO_CACHE
 
 from lmforge.config import ModelConfig, PlatformConfig, TrainingConfig
 from lmforge.workspace import Workspace
-from tasks._publish import publish
+from tasks._publish import announce, publish
 
 
 @task(name="tokenize", retries=1, cache_policy=NO_CACHE)
 def tokenize_task(cfg: ModelConfig) -> str:
+    announce("tokenize", "training the byte-level BPE tokenizer")
     from lmforge.tokenizer import train_tokenizer
 
     path = train_tokenizer(cfg, Workspace.from_env())
@@ -24,6 +25,7 @@ def tokenize_task(cfg: ModelConfig) -> str:
 # No retries: a diverged run is not fixed by running it again with the same settings.
 @task(name="train", cache_policy=NO_CACHE, timeout_seconds=6 * 3600)
 def train_task(training: TrainingConfig, model: ModelConfig, platform: PlatformConfig) -> dict[str, Any]:
+    announce("train", "pretraining, then fine-tuning")
     from lmforge.train.launch import train
 
     result = train(training, model, Workspace.from_env(), ray_address=platform.ray_address).as_dict()

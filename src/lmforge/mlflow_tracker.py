@@ -113,6 +113,9 @@ def _chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+MAX_DATASET_DIGEST = 36
+
+
 class MlflowTracker:
     """A :class:`~lmforge.tracking.Tracker` writing into one MLflow run through batched calls."""
 
@@ -178,11 +181,14 @@ class MlflowTracker:
 
         inputs = []
         for item in datasets:
+            digest = str(item["digest"])
             entity = Dataset(
                 name=str(item["name"]),
-                digest=str(item["digest"]),
+                # MLflow caps dataset digests at 36 characters; the full digest stays in `source`
+                # and in the lmforge.data.* tags.
+                digest=digest[:MAX_DATASET_DIGEST],
                 source_type="local",
-                source=json.dumps({"uri": str(item.get("path", ""))}),
+                source=json.dumps({"uri": str(item.get("path", "")), "digest": digest}),
                 profile=json.dumps({"num_rows": item.get("rows")}),
             )
             tag = InputTag(MLFLOW_DATASET_CONTEXT, str(item.get("context", context)))

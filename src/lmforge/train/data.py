@@ -141,4 +141,6 @@ def fixed_batches(data: Tensors, batch_size: int, max_batches: int, *, rank: int
     """This rank's share of the first ``max_batches * batch_size * world_size`` held-out rows."""
     rows = torch.arange(min(len(data["input_ids"]), max_batches * batch_size * world_size))
     mine = rows[rank::world_size]
-    return [{key: value[chunk] for key, value in data.items()} for chunk in mine.split(batch_size)]
+    # A rank with no rows gets no batches (split() of an empty tensor yields one empty chunk);
+    # evaluate_loss still joins the all-reduce, so ranks stay in step.
+    return [{key: value[chunk] for key, value in data.items()} for chunk in mine.split(batch_size) if len(chunk)]

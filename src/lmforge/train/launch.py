@@ -34,6 +34,7 @@ from lmforge.prompt import format_prompt
 from lmforge.tokenizer import load_tokenizer
 from lmforge.train.data import batch_stream, encode_sft, fixed_batches, pack_texts, read_sft, read_texts, split_heldout
 from lmforge.train.loop import train_phase
+from lmforge.progress import step_printer
 from lmforge.workspace import Workspace, atomic_dir, atomic_write_json
 
 PROBE_FILE = "lmforge_probe.json"
@@ -72,12 +73,13 @@ def train(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, run_n
     job = {"training": training.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json"),
            "home": str(ws.home), "run_id": run_id}
     if training.use_ray:
+        # Rank 0 prints its own progress lines; Ray forwards them to this process.
         outcome = _fit_with_ray(job, training, ws, ray_address)
         if progress is not None:
             for record in outcome["history"]:
                 progress(record)
     else:
-        outcome = run_worker(job, on_log=progress)
+        outcome = run_worker(job, on_log=progress or progress_printer(training))
     run_dir = ws.runs_dir / run_id
     lora = training.finetune_method == "lora" and training.finetune.steps > 0
     params = {**_flatten({"training": job["training"], "model": job["model"]}), **outcome["params"]}
@@ -253,9 +255,16 @@ class _CarriedError(Exception):
         super().__init__(name, cause, fix)
 
 
+def progress_printer(training: TrainingConfig) -> Callable[[dict], None]:
+    """Bar lines per logged step; fine-tuning steps continue the pretraining count in history."""
+    pretrain_steps = training.pretrain.steps
+    return step_printer("train", {"pretrain": pretrain_steps, "finetune": training.finetune.steps},
+                        {"finetune": pretrain_steps})
+
+
 def _ray_worker(job: dict) -> dict:
     try:
-        return run_worker(job)
+        return run_worker(job, on_log=progress_printer(TrainingConfig.model_validate(job["training"])))
     except LmforgeError as exc:
         raise _CarriedError(type(exc).__name__, exc.cause, exc.fix) from exc
 

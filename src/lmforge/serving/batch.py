@@ -1,0 +1,127 @@
+"""The engine's running batch: rows decoded together over one dense, left-padded KV cache.
+
+Continuous batching needs four operations on the KV cache, and this class is exactly those:
+``prefill`` new prompts into a fresh batch, ``merge`` that batch into the running one at a step
+boundary, ``decode`` one token for every row, and ``keep`` only the unfinished rows. This version
+stores keys and values in the model's own ``DynamicCache`` ([rows, kv_heads, columns, head_dim]
+per layer), so rows of different lengths share columns through left padding and a 2-D attention
+mask, and position ids are tracked per row. A paged KV cache (fixed-size blocks, no padding) is a
+drop-in replacement for this class with the same four methods; CUDA graphs then capture
+``decode`` at fixed batch sizes.
+
+Invariant: every layer's cache holds exactly ``mask.shape[1]`` columns.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from lmforge.errors import ServingError
+
+
+def check_cache_support(model: torch.nn.Module) -> None:
+    """Refuse models whose cache layers this batch cannot pad and merge (e.g. sliding windows)."""
+    kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
+    if kinds - {DynamicLayer.__name__}:
+        raise ServingError(
+            f"this engine merges only full-attention KV caches; the model uses {sorted(kinds)}",
+            "serve a model without sliding-window or hybrid attention layers (e.g. Llama, GPT-2)",
+        )
+
+
+@functools.cache
+def _cache_kwarg(model_class: type) -> str:
+    # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns until 5.40);
+    # the project accepts any transformers 5, so pick whichever name this version takes.
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def _forward(model, ids, mask, positions, cache) -> torch.Tensor:
+    """Logits of the last input column only ([rows, vocab]); the cache grows in place."""
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **{_cache_kwarg(type(model)): cache},
+    )
+    return out.logits[:, -1, :]
+
+
+class DecodeBatch:
+    """Rows that share one KV cache. Row order is the caller's; ``keep`` and ``merge`` preserve it."""
+
+    def __init__(self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        self.cache = cache
+        self.mask = mask  # [rows, columns] long; 1 where the column holds one of the row's tokens
+        self.positions = positions  # [rows] position id of each row's next token
+
+    @property
+    def size(self) -> int:
+        return int(self.mask.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.mask.shape[1])
+
+    @classmethod
+    def prefill(cls, model, prompts: list[list[int]], pad_id: int) -> tuple["DecodeBatch", torch.Tensor]:
+        """Run the prompts (left-padded to one length) and return the batch and last-token logits."""
+        device = model.device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long, device=device)
+            mask[row, width - len(prompt) :] = 1
+        # Padding must not shift positions: each row's first real token is position 0.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        logits = _forward(model, ids, mask, positions, cache)
+        return cls(cache, mask, mask.sum(-1)), logits
+
+    def decode(self, model, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row ([rows]) and return the logits for the next one ([rows, vocab])."""
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        logits = _forward(model, tokens[:, None], self.mask, self.positions[:, None], self.cache)
+        self.positions = self.positions + 1
+        return logits
+
+    def merge(self, other: "DecodeBatch") -> None:
+        """Append ``other``'s rows after ours, left-padding whichever side is narrower."""
+        width = max(self.width, other.width)
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
+            mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
+        self.positions = torch.cat([self.positions, other.positions])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (in that order) and drop columns no remaining row uses."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        self.mask = self.mask[index]
+        self.positions = self.positions[index]
+        used = self.mask.any(dim=0).nonzero()
+        # Without trimming, a server that is never idle would grow the padded width forever.
+        first = int(used[0].item()) if used.numel() else self.width
+        self.mask = self.mask[:, first:]
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                layer.keys = layer.keys[index, :, first:]
+                layer.values = layer.values[index, :, first:]
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Zero-pad dimension ``dim`` of ``t`` (either 1 of a mask or 2 of a cache tensor) on the left."""
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    pad = [0, 0] * (t.dim() - dim - 1) + [missing, 0]
+    return F.pad(t, pad)
