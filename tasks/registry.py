@@ -14,8 +14,8 @@ from tasks._publish import announce, publish
 
 @task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def register_task(config: PipelineConfig, trained: dict[str, Any], evaluated: dict[str, Any],
-    announce("register", "logging to MLflow, registering a version")
                   flow_run_id: str | None) -> dict[str, Any]:
+    announce("register", "logging to MLflow, registering a version")
     from lmforge.lifecycle import register_trained
 
     ws = Workspace.from_env()

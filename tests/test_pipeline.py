@@ -53,7 +53,7 @@ def test_mlflow_holds_lineage(first_run, home):
 
     client = MlflowClient(tracking_uri=first_run["mlflow_tracking_uri"])
     version = client.get_model_version_by_alias("lmforge-demo", "champion")
-    assert version.version == "1"
+    assert str(version.version) == "1"
     assert version.tags["lmforge.flow_run_id"] == first_run["flow_run_id"]
     assert "lmforge.data.curated-corpus.digest" in version.tags
     run = client.get_run(version.run_id)

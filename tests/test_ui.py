@@ -91,4 +91,4 @@ def test_run_started_from_the_deployment_with_edited_parameters(ui):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{ui['home'] / 'mlflow' / 'mlflow.db'}")
-    assert client.get_model_version_by_alias("edited-in-ui", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("edited-in-ui", "champion").version) == "1"
