@@ -6,8 +6,8 @@ retraining schedule so it can be started, with edited parameters, from the Prefe
 flow's only parameter is the whole :class:`PipelineConfig`, which the UI renders as a form.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Prefect builds its parameter model from the
+# signature at run time and must see real classes, not strings.
 from typing import Any
 
 from prefect import flow

@@ -71,7 +71,6 @@ def test_deployment_has_schedule_and_config_form(ui):
     assert dep["parameters"]["config"]["model"]["hidden_size"] == 64  # from configs/tiny.yaml
 
 
-@pytest.mark.slow
 def test_run_started_from_the_deployment_with_edited_parameters(ui):
     """What a user does in the UI: Custom run with an edited parameter; the served deployment runs it."""
     dep = ui["deployment"]
