@@ -20,7 +20,8 @@ def step_printer(label: str, totals: dict[str, int], offsets: dict[str, int]) ->
         done = int(record["step"]) - offsets.get(phase, 0)
         rate = record.get("tokens_per_s")
         extra = f" {rate:,.0f} tok/s" if rate else ""
-        print(f"{label} {phase:<9}{bar(done, totals.get(phase, done))} loss {record['loss']:.4f}{extra}",
-              file=sys.stderr, flush=True)
+        # sys.stderr.write, not print: Ray Train patches print() in workers and would emit it twice.
+        sys.stderr.write(f"{label} {phase:<9}{bar(done, totals.get(phase, done))} loss {record['loss']:.4f}{extra}\n")
+        sys.stderr.flush()
 
     return show

@@ -141,8 +141,8 @@ class PhaseConfig(StageConfig):
 
 
 class LoraConfig(StageConfig):
-    r: int = Field(8, gt=0, description="LoRA rank.")
-    alpha: int = Field(16, gt=0)
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -151,10 +151,15 @@ class LoraConfig(StageConfig):
 
 class TrainingConfig(StageConfig):
     pretrain: PhaseConfig = Field(
-        default_factory=lambda: PhaseConfig(steps=120, learning_rate=3e-3, batch_size=8, seq_len=128)
+        # About four passes over the ~300k-token default corpus with two workers: a couple of
+        # minutes on two CPU cores, enough for the demo model to learn real structure.
+        default_factory=lambda: PhaseConfig(steps=500, learning_rate=3e-3, batch_size=8, seq_len=128,
+                                            warmup_steps=20)
     )
     finetune: PhaseConfig = Field(
-        default_factory=lambda: PhaseConfig(steps=60, learning_rate=2e-3, batch_size=8, seq_len=128, warmup_steps=5)
+        # Instruction records are short; 64 tokens hold prompt and answer without padding waste.
+        default_factory=lambda: PhaseConfig(steps=200, learning_rate=3e-3, batch_size=8, seq_len=64,
+                                            warmup_steps=10)
     )
     finetune_method: Literal["lora", "full", "none"] = Field(
         "lora", description="How the instruction phase trains the model; `none` skips it."
