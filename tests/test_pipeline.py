@@ -61,16 +61,10 @@ def test_mlflow_holds_lineage(first_run, home):
     assert run.inputs.dataset_inputs, "dataset inputs with digests are logged"
 
 
-def test_stage_commands_run_alone_from_the_workspace(first_run, home):
-    evaluated = run_cli(["evaluate", TINY, "--json"], home)
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert _last_json(evaluated.stdout)["eval_perplexity"] > 1
-    models = run_cli(["models", "--json"], home)
-    assert models.returncode == 0 and "lmforge-demo" in _last_json(models.stdout)
-
-
 def test_second_run_registers_v2_and_promotes_only_by_margin(first_run, home, prefect_server):
-    result = run_cli(["run", TINY, "--json", "--no-deploy"], home, env={"PREFECT_API_URL": prefect_server})
+    inline = home / "inline.yaml"
+    inline.write_text(open(TINY).read().replace("  log_every: 5", "  log_every: 5\n  use_ray: false"))
+    result = run_cli(["run", str(inline), "--json", "--no-deploy"], home, env={"PREFECT_API_URL": prefect_server})
     assert result.returncode == 0, result.stderr[-4000:]
     s = _last_json(result.stdout)
     assert s["version"] == "2"
@@ -93,3 +87,51 @@ def test_failed_validation_stops_before_training_and_registers_nothing(first_run
     client = MlflowClient(tracking_uri=first_run["mlflow_tracking_uri"])
     versions = client.search_model_versions("name='lmforge-demo'")
     assert max(int(v.version) for v in versions) <= 2  # nothing registered by the failed run
+
+
+def test_lmforge_serve_from_registry_with_openai_client(first_run, home):
+    """The README's serving commands: `lmforge serve models:/NAME@champion` and the openai client."""
+    import os
+    import signal
+    import subprocess
+
+    from openai import OpenAI
+
+    from conftest import BIN, free_port, wait_http
+
+    port = free_port()
+    env = dict(os.environ, LMFORGE_HOME=str(home))
+    proc = subprocess.Popen([str(BIN / "lmforge"), "serve", "models:/lmforge-demo@champion",
+                             "--port", str(port)], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=proc)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        completion = client.completions.create(model="lmforge-demo", prompt="The json module", max_tokens=4)
+        assert completion.choices[0].finish_reason in ("stop", "length")
+        chat = client.chat.completions.create(model="lmforge-demo", max_tokens=4,
+                                              messages=[{"role": "user", "content": "What does `os.getcwd` do?"}])
+        assert chat.choices[0].message.role == "assistant"
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+
+
+def test_stage_commands_run_alone_from_the_workspace(first_run, home):
+    """Each stage command reads what earlier stages left in the workspace (training is covered
+    by the runs above and by test_train.py)."""
+    collected = run_cli(["collect", TINY, "--json"], home)
+    assert collected.returncode == 0, collected.stderr[-3000:]
+    assert _last_json(collected.stdout)["documents_new"] == 0  # incremental: nothing new
+    for stage in ("curate", "validate", "tokenize"):
+        result = run_cli([stage, TINY, "--json"], home)
+        assert result.returncode == 0, (stage, result.stderr[-3000:])
+    evaluated = run_cli(["evaluate", TINY, "--json"], home)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert _last_json(evaluated.stdout)["eval_perplexity"] > 1
+    promoted = run_cli(["promote", TINY, "--json"], home)
+    assert promoted.returncode == 0, promoted.stderr[-3000:]
+    decision = _last_json(promoted.stdout)
+    assert decision["version"] == "2" and decision["promoted"] is False  # same model: no new version
+    models = run_cli(["models", "--json"], home)
+    assert models.returncode == 0 and "lmforge-demo" in _last_json(models.stdout)
