@@ -1,50 +1,46 @@
-"""Collect stage: gather raw documents from the configured sources into the workspace.
+"""Collect stage: gather raw documents from every configured source into the workspace, incrementally.
 
-Run it with ``lmforge collect CONFIG`` (or ``python -m lmforge.collect [CONFIG]``). Each source sits
-behind the small :class:`Source` protocol and is chosen by its config's ``type``. A source either
-contributes all of its documents or, when it fails, none, with its error recorded in the result and
-the manifest while the other sources finish. Collection is incremental: documents already in the
-shard are kept (ids are content hashes), so a re-run adds nothing new.
+Run it with ``lmforge collect CONFIG [--json]`` (or ``python -m lmforge.collect [CONFIG]``). Each
+entry of ``data.sources`` (``stdlib``, ``local``, ``web``, ``feed``, ``s3``, ``hf``; see
+:mod:`lmforge.config.sources`) is one :class:`~lmforge.collection.types.Source`; sources run
+concurrently and one that fails is reported while the others finish. A re-run reads only new or
+changed units (by URI with content hash, ETag or Last-Modified) and never stores a text twice; a
+run killed at any moment resumes from its last commit (:mod:`lmforge.collection.shards`).
 
 Outputs (the contract with later stages):
-  ws.raw_dir/docs-00000.parquet   id, text, source, uri, title, fetched_at, content_type, meta (JSON)
-  ws.raw_dir/manifest.json        counts, digest, per-source counts, errors
-  ws.sft_dir/{train,test}.jsonl   instruction pairs from stdlib docstrings (see InstructionConfig)
+  ws.raw_dir/docs-NNNNN.parquet  id, text, source, uri, title, fetched_at, content_type, meta (JSON)
+  ws.raw_dir/units-NNNNN.parquet incremental state per unit (URI, fingerprint, document ids, links)
+  ws.raw_dir/manifest.json       shards, counts, bytes, digest, per-source statistics, errors
+  ws.sft_dir/{train,test}.jsonl  instruction pairs from stdlib docstrings (see InstructionConfig)
+Read the documents with :func:`read_raw_documents` (only the live ones of committed shards).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import io
 import json
 import sys
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmforge.config.stages import DataConfig, InstructionConfig, LocalSource, StdlibSource
-from lmforge.data.stdlib_docs import build_instruction_pairs, iter_stdlib_docs
-from lmforge.errors import DataError, LmforgeError
-from lmforge.workspace import Workspace, atomic_write_bytes, atomic_write_json, atomic_write_text
+from lmforge.collection import make_source
+from lmforge.collection.runner import SourceReport, new_reports, run_sources
+from lmforge.collection.shards import FORMAT, RawStore, exclusive, iter_live_documents, load_manifest
+from lmforge.collection.types import DOCUMENT_COLUMNS, DOCUMENT_SCHEMA, Source, now_iso, text_id
+from lmforge.config.sources import DataConfig, InstructionConfig, source_labels
+from lmforge.data.stdlib_docs import build_instruction_pairs
+from lmforge.errors import DataError
+from lmforge.workspace import Workspace, atomic_write_bytes, atomic_write_text
 
-SHARD_NAME = "docs-00000.parquet"
-DOCUMENT_SCHEMA = pa.schema([
-    ("id", pa.string()), ("text", pa.string()), ("source", pa.string()), ("uri", pa.string()),
-    ("title", pa.string()), ("fetched_at", pa.string()), ("content_type", pa.string()),
-    ("meta", pa.string()),
-])
-DOCUMENT_COLUMNS = tuple(DOCUMENT_SCHEMA.names)
+__all__ = ["DOCUMENT_COLUMNS", "DOCUMENT_SCHEMA", "CollectResult", "Source", "collect", "hash_split",
+           "raw_shard_paths", "read_documents", "read_raw_documents", "split_bucket", "text_id", "write_documents"]
 
 Progress = Callable[[str, int, int], None]
-
-
-def text_id(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def split_bucket(key: str) -> float:
@@ -75,100 +71,30 @@ def write_documents(path: Path, rows: list[dict]) -> None:
 
 
 def read_documents(path: Path) -> list[dict]:
+    """Every row of one Parquet file with the document columns."""
     return pq.read_table(path, schema=DOCUMENT_SCHEMA).to_pylist()
 
 
-# ---------------------------------------------------------------- sources
+def raw_shard_paths(ws: Workspace) -> list[Path]:
+    """The committed raw shards, in order. After a finished collect every row of them is live.
+
+    Raises when the last collect was interrupted: its committed shards may hold documents of units
+    it did not finish; running collect again completes them.
+    """
+    manifest = load_manifest(ws.raw_dir)
+    if manifest.get("format") == FORMAT and not manifest.get("complete", False):
+        raise DataError(f"the last collect into {ws.raw_dir} did not finish",
+                        "run `lmforge collect CONFIG` again; it resumes where the interrupted run stopped")
+    return [ws.raw_dir / shard["path"] for shard in manifest.get("shards", [])]
 
 
-class Source(Protocol):
-    """Anything that yields document dicts (id, text, source, uri, title, content_type, meta)."""
-
-    name: str
-
-    def documents(self) -> Iterator[dict]: ...
+def iter_raw_documents(ws: Workspace) -> Iterator[dict]:
+    """The collected corpus, document by document: live rows of the shards the manifest commits."""
+    return iter_live_documents(ws.raw_dir)
 
 
-@dataclass(frozen=True)
-class StdlibDocs:
-    cfg: StdlibSource
-    name: str = "stdlib"
-
-    def documents(self) -> Iterator[dict]:
-        return iter_stdlib_docs(list(self.cfg.modules), self.cfg.max_bytes)
-
-
-@dataclass(frozen=True)
-class LocalFiles:
-    cfg: LocalSource
-    name: str = "local"
-
-    def documents(self) -> Iterator[dict]:
-        for path in self._files():
-            if path.suffix == ".jsonl":
-                yield from _jsonl_documents(path, self.cfg.text_field)
-            else:
-                text = path.read_text(encoding="utf-8", errors="replace")
-                if text.strip():
-                    yield _document(text, "local", path.resolve().as_uri(), _title_of(path, text),
-                                    "text/markdown" if path.suffix == ".md" else "text/plain", {})
-
-    def _files(self) -> list[Path]:
-        files: list[Path] = []
-        for raw in self.cfg.paths:
-            path = Path(raw).expanduser()
-            if path.is_file():
-                files.append(path)
-            elif path.is_dir():
-                files.extend(p for p in sorted(path.rglob("*")) if p.is_file() and self._included(p))
-            else:
-                raise DataError(f"local source path {raw} does not exist",
-                                "fix or remove it in data.sources[].paths (paths are relative to the "
-                                "directory you run lmforge from)")
-        return files
-
-    def _included(self, path: Path) -> bool:
-        return any(fnmatch.fnmatch(path.name, pattern) for pattern in self.cfg.include)
-
-
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[dict]:
-    with path.open(encoding="utf-8", errors="replace") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number} is not valid JSON ({exc.msg})",
-                                "make every line of the .jsonl file one JSON object") from None
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{number} has no string field '{text_field}'",
-                                "set data.sources[].text_field to the field that holds the text")
-            if text.strip():
-                meta = {k: v for k, v in record.items() if k != text_field}
-                yield _document(text, "local", f"{path.resolve().as_uri()}#L{number}",
-                                str(record.get("title") or f"{path.stem}:{number}"), "text/plain", meta)
-
-
-def _title_of(path: Path, text: str) -> str:
-    first = text.lstrip().split("\n", 1)[0].strip()
-    return first.lstrip("#").strip() if first.startswith("#") else path.stem
-
-
-def _document(text: str, source: str, uri: str, title: str, content_type: str, meta: dict) -> dict:
-    return {"id": text_id(text), "text": text, "source": source, "uri": uri, "title": title,
-            "content_type": content_type, "meta": meta}
-
-
-_SOURCE_TYPES: dict[str, Callable[[Any], Source]] = {"stdlib": StdlibDocs, "local": LocalFiles}
-
-
-def make_source(cfg: StdlibSource | LocalSource) -> Source:
-    return _SOURCE_TYPES[cfg.type](cfg)
-
-
-# ---------------------------------------------------------------- the stage
+def read_raw_documents(ws: Workspace) -> list[dict]:
+    return list(iter_raw_documents(ws))
 
 
 @dataclass(frozen=True)
@@ -176,12 +102,13 @@ class CollectResult:
     documents_total: int
     documents_new: int
     bytes: int
-    per_source: dict[str, dict[str, int]]
+    per_source: dict[str, dict]
     errors: list[dict[str, str]]
     digest: str
     sft_train: int = 0
     sft_test: int = 0
-    shard: str = ""
+    shards: int = 0
+    raw_dir: str = ""
     manifest: dict = field(default_factory=dict, repr=False)
 
     def as_dict(self) -> dict:
@@ -191,64 +118,60 @@ class CollectResult:
 
 
 def collect(cfg: DataConfig, ws: Workspace, progress: Progress | None = None) -> CollectResult:
-    """Read every source, merge new documents into the raw shard, and write the SFT set.
+    """Collect every source into the raw corpus, commit it, and write the SFT set.
 
-    ``progress(source_label, sources_done, sources_total)`` is called after each source, with
-    labels such as ``stdlib[0]`` (type and position in ``cfg.sources``), the keys of ``per_source``.
-    The SFT set is written whenever ``cfg.instructions.source`` is ``stdlib``, even for a corpus of
-    local files only: fine-tuning needs it and it needs no network.
+    ``progress(label, sources_done, sources_total)`` is called as each source finishes, in config
+    order, with labels such as ``stdlib[0]`` (a source's ``name``, else type and position), the keys
+    of ``per_source``. The SFT set is written whenever ``cfg.instructions.source`` is ``stdlib``.
     """
-    shard = ws.raw_dir / SHARD_NAME
-    rows = read_documents(shard) if shard.exists() else []
-    known = {row["id"] for row in rows}
-    fetched_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    per_source: dict[str, dict[str, int]] = {}
-    errors: list[dict[str, str]] = []
-    new = 0
-    for index, source_cfg in enumerate(cfg.sources):
-        label = f"{source_cfg.type}[{index}]"
-        try:
-            docs = list(make_source(source_cfg).documents())
-        except LmforgeError as exc:
-            errors.append({"source": label, "error": exc.cause, "fix": exc.fix})
-            docs = []
-        except OSError as exc:  # unreadable file or directory: the source fails, the others go on
-            errors.append({"source": label, "error": f"{type(exc).__name__}: {exc}",
-                           "fix": "check the path exists and is readable"})
-            docs = []
-        added = 0
-        for doc in docs:
-            if doc["id"] in known:
-                continue
-            known.add(doc["id"])
-            rows.append({**doc, "fetched_at": fetched_at, "meta": json.dumps(doc["meta"], sort_keys=True)})
-            added += 1
-        per_source[label] = {"documents": len(docs), "new": added}
-        new += added
-        if progress is not None:
-            progress(label, index + 1, len(cfg.sources))
+    labels = source_labels(cfg.sources)
+    sources: list[tuple[str, str, Source]] = [(label, s.type, make_source(s)) for label, s in zip(labels, cfg.sources)]
+    started = now_iso()
+    reports: dict[str, SourceReport] = new_reports(sources)
+    finished: list[str] = []
+    sft: dict = {}
 
-    if not rows:
-        failures = "; ".join(f"{e['source']}: {e['error']}" for e in errors) or "every source was empty"
-        raise DataError(f"no documents were collected ({failures})",
-                        "fix the failing source(s) or add a source with text, e.g. `- type: stdlib` "
-                        "under data.sources")
-    digest = hashlib.sha256("\n".join(sorted(known)).encode()).hexdigest()
-    total_bytes = sum(len(row["text"].encode("utf-8")) for row in rows)
-    if new:
-        write_documents(shard, rows)
-    sft_train, sft_test = write_instruction_set(cfg.instructions, ws)
-    manifest = {
-        "shards": [{"path": SHARD_NAME, "documents": len(rows)}],
-        "documents": len(rows), "bytes": total_bytes, "digest": digest, "updated_at": fetched_at,
-        "last_run": {"documents_new": new, "per_source": per_source, "errors": errors},
-        "sources": [s.model_dump(mode="json") for s in cfg.sources],
-        "sft": {"train": sft_train, "test": sft_test, "source": cfg.instructions.source},
-        "python": sys.version.split()[0],
-    }
-    atomic_write_json(ws.raw_dir / "manifest.json", manifest)
-    return CollectResult(len(rows), new, total_bytes, per_source, errors, digest,
-                         sft_train, sft_test, str(shard), manifest)
+    def run_info() -> dict:
+        return {"last_run": _last_run(started, reports, labels), "sources": [s.model_dump(mode="json") for s in cfg.sources],
+                "python": sys.version.split()[0], "sft": sft}
+
+    def on_done(label: str) -> None:
+        finished.append(label)
+        if progress is not None:
+            progress(label, len(finished), len(labels))
+
+    with exclusive(ws.raw_dir):
+        store = RawStore(ws.raw_dir, cfg.shard_max_documents, cfg.shard_max_bytes, run_info)
+        scratch = ws.home / "cache" / "collect"
+        try:
+            run_sources(sources, store, reports, scratch, cfg.parallel, cfg.source_concurrency,
+                        cfg.progress_interval_s, on_done)
+        except KeyboardInterrupt:
+            store.commit()  # keep every unit that finished; the next run resumes after them
+            raise
+        errors = [r.error for r in reports.values() if r.error]
+        if not len(store.live):
+            failures = "; ".join(f"{e['source']}: {e['error']}" for e in errors) or _empty_reason(reports)
+            fixes = "; ".join(f"{e['source']}: {e['fix']}" for e in errors)
+            raise DataError(f"no documents were collected ({failures})",
+                            fixes or "add a source with text, e.g. `- type: stdlib` under data.sources")
+        sft_train, sft_test = write_instruction_set(cfg.instructions, ws)
+        sft.update({"train": sft_train, "test": sft_test, "source": cfg.instructions.source})
+        manifest = store.commit(final=True) or {}
+    per_source = {label: reports[label].summary() for label in labels}
+    return CollectResult(len(store.live), store.new_documents(), store.live.total_bytes(), per_source, errors,
+                         store.live.digest(), sft_train, sft_test, len(store.shards), str(ws.raw_dir), manifest)
+
+
+def _last_run(started: str, reports: dict[str, SourceReport], labels: list[str]) -> dict:
+    return {"started_at": started, "per_source": {l: reports[l].summary() for l in labels if l in reports},
+            "errors": [r.error for r in reports.values() if r.error]}
+
+
+def _empty_reason(reports: dict[str, SourceReport]) -> str:
+    skipped = [f"{r.label}: skipped {dict(r.tally.skipped)} e.g. {r.tally.examples[0]['where']} "
+               f"({r.tally.examples[0]['detail']})" for r in reports.values() if r.tally.examples]
+    return "; ".join(skipped) or "every source was empty"
 
 
 def write_instruction_set(cfg: InstructionConfig, ws: Workspace) -> tuple[int, int]:

@@ -13,6 +13,9 @@ from pydantic import ValidationError
 from lmforge.config.stages import PipelineConfig
 from lmforge.errors import ConfigError
 
+# Discriminated-union tags pydantic puts into error locations; they are noise for a user.
+SOURCE_TAGS = ("stdlib", "local", "web", "feed", "s3", "hf")
+
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Load ``path`` (or the embedded defaults when None). Missing sections take their defaults."""
@@ -62,8 +65,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _describe(exc: ValidationError, where: str) -> str:
     lines = []
     for err in exc.errors():
-        # Discriminated unions put the tag name in the location; it is noise for a user.
-        key = ".".join(str(p) for p in err["loc"] if p not in ("stdlib", "local"))
+        key = ".".join(str(p) for p in err["loc"] if p not in SOURCE_TAGS)
         if err["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}'")
         elif err["type"] == "missing":

@@ -1,0 +1,154 @@
+"""The ``local`` source: files and directories on disk, in every format :mod:`formats` reads.
+
+A file whose size and modification time match the last run is not opened at all; a file whose
+stat changed is hashed, and only a changed hash re-reads it. Many files are split into work shards
+read in parallel (:mod:`lmforge.collection.parallel`); a file larger than a shard streams in the
+source's own thread, so memory stays bounded by the shard size.
+
+    >>> from lmforge.config.sources import LocalSource
+    >>> source = LocalFiles(LocalSource(paths=["corpus/"], include=["*.md", "*.pdf"]))
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from lmforge.collection.formats import FormatOptions, documents_from_bytes, documents_from_path, is_supported
+from lmforge.collection.parallel import choose_backend, chunked, run_chunks
+from lmforge.collection.types import Fingerprint, SourceContext, Tally, Unit
+from lmforge.config.sources import LocalSource
+from lmforge.errors import DataError
+
+
+@dataclass(frozen=True)
+class FileTask:
+    path: str
+    uri: str
+    size: int
+    mtime_ns: int
+    prior_hash: str
+
+
+def file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_small_files(job: tuple[FormatOptions, list[FileTask]]) -> tuple[list[Unit], Tally]:
+    """Read one work shard of files (runs in a pool worker or on Ray): units with their documents."""
+    opts, tasks = job
+    tally = Tally()
+    units = []
+    for task in tasks:
+        path = Path(task.path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:  # vanished or unreadable since listing
+            tally.skip("unreadable", task.uri, f"{type(exc).__name__}: {exc}")
+            continue
+        fingerprint = Fingerprint(hashlib.sha256(data).hexdigest(), size=task.size, mtime_ns=task.mtime_ns)
+        if fingerprint.hash == task.prior_hash:
+            units.append(Unit(task.uri, fingerprint, None))
+        else:
+            units.append(Unit(task.uri, fingerprint, list(documents_from_bytes(path.name, data, task.uri, opts, tally))))
+    return units, tally
+
+
+class LocalFiles:
+    def __init__(self, cfg: LocalSource) -> None:
+        self.cfg = cfg
+        self.opts = FormatOptions.of(cfg)
+
+    def units(self, ctx: SourceContext) -> Iterator[Unit]:
+        tasks = self._tasks(ctx)
+        ctx.expect(len(tasks))
+        changed = []
+        for task in tasks:
+            prior = ctx.known(task.uri)
+            same_stat = prior is not None and (prior.fingerprint.size, prior.fingerprint.mtime_ns) == (task.size, task.mtime_ns)
+            if same_stat:
+                yield Unit(task.uri, prior.fingerprint, None)  # type: ignore[union-attr]
+            else:
+                changed.append(FileTask(task.path, task.uri, task.size, task.mtime_ns,
+                                        prior.fingerprint.hash if prior else ""))
+        limit = ctx.parallel.chunk_bytes
+        small = [t for t in changed if t.size <= limit]
+        chunks = chunked(small, [t.size for t in small], ctx.parallel.chunk_files, limit)
+        backend = choose_backend(ctx.parallel, len(small))
+        for units, tally in run_chunks(read_small_files, [(self.opts, c) for c in chunks], backend,
+                                       ctx.parallel.workers, ctx.parallel.ray_address):
+            ctx.tally.merge(tally)
+            yield from units
+        for task in changed:
+            if task.size > limit:
+                yield from self._large_file(task, ctx)
+
+    def _large_file(self, task: FileTask, ctx: SourceContext) -> Iterator[Unit]:
+        """A file bigger than a work shard: hash it in one pass, then stream its documents."""
+        path = Path(task.path)
+        try:
+            fingerprint = Fingerprint(file_hash(path), size=task.size, mtime_ns=task.mtime_ns)
+        except OSError as exc:
+            ctx.tally.skip("unreadable", task.uri, f"{type(exc).__name__}: {exc}")
+            return
+        if fingerprint.hash == task.prior_hash:
+            yield Unit(task.uri, fingerprint, None)
+        else:
+            yield Unit(task.uri, fingerprint, documents_from_path(path, task.uri, self.opts, ctx.tally))
+
+    def _tasks(self, ctx: SourceContext) -> list[FileTask]:
+        tasks = []
+        for path in self._files(ctx):
+            try:
+                info = path.stat()
+            except OSError as exc:
+                ctx.tally.skip("unreadable", str(path), f"{type(exc).__name__}: {exc}")
+                continue
+            tasks.append(FileTask(str(path), path.as_uri(), info.st_size, info.st_mtime_ns, ""))
+        return tasks
+
+    def _files(self, ctx: SourceContext) -> list[Path]:
+        files: list[Path] = []
+        for raw in self.cfg.paths:
+            root = Path(raw).expanduser().resolve()
+            if root.is_file():
+                candidates = [(root, root.name)]
+            elif root.is_dir():
+                candidates = list(self._walk(root))
+            else:
+                raise DataError(f"local source path {raw} does not exist",
+                                "fix or remove it in data.sources[].paths (relative paths are resolved from "
+                                "the directory you run lmforge in)")
+            for path, relative in candidates:
+                if not is_supported(path.name):
+                    ctx.tally.skip("unsupported_format", path.as_uri(), "no reader for this file type")
+                else:
+                    files.append(path)
+        return sorted(set(files))
+
+    def _walk(self, root: Path) -> Iterator[tuple[Path, str]]:
+        for folder, dirs, names in os.walk(root):
+            if not self.cfg.hidden:
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+            dirs.sort()
+            for name in sorted(names):
+                if name.startswith(".") and not self.cfg.hidden:
+                    continue
+                path = Path(folder) / name
+                relative = path.relative_to(root).as_posix()
+                if self._included(name, relative) and path.is_file():
+                    yield path, relative
+
+    def _included(self, name: str, relative: str) -> bool:
+        def matches(patterns: list[str]) -> bool:
+            return any(fnmatch.fnmatch(relative if "/" in p else name, p) for p in patterns)
+
+        return matches(self.cfg.include) and not matches(self.cfg.exclude)
