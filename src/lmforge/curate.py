@@ -1,91 +1,40 @@
-"""Curate stage: clean, deduplicate and filter the raw documents, then split off a held-out set.
+"""Curate stage: raw documents in, a clean, deduplicated, PII-scrubbed, decontaminated corpus out.
 
-Run it with ``lmforge curate CONFIG`` (or ``python -m lmforge.curate [CONFIG]``) after collect.
-Curation is a list of small steps (:data:`STEPS`), each a function from documents to documents that
-reports what it removed; the report of every step lands in ``report.json``. Cleaning changes text,
-so ids are recomputed (id = sha256 of the curated text) and the raw id is kept in ``meta.raw_id``
-for lineage. The split is by hash of the id, so the same input always gives the same split and the
-same ``dataset_digest``.
+Run it with ``lmforge curate CONFIG [--json]`` (or ``python -m lmforge.curate [CONFIG]``) after
+collect. The steps are listed in ``curation.steps`` (cleaning, boilerplate, length, language,
+quality, PII, decontamination, exact and near dedup, and the optional classic NLP steps); each one
+lives in :mod:`lmforge.curation` and is reported one by one. The passes over the shards are in
+:mod:`lmforge.curation.pipeline`. Cleaning changes text, so ids are recomputed (id = sha256 of the
+curated text) and the raw id is kept in ``meta.raw_id`` for lineage. The held-out split is by hash
+of the id, so the same input always gives the same split and the same ``dataset_digest``.
 
-Outputs: ws.curated_dir/train.parquet, validation.parquet (document columns) and report.json.
+Outputs: ws.curated_dir/train.parquet, validation.parquet (document columns) and report.json
+(counts by reason, per-step rows, PII replaced, a sample of removed documents per reason).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
+import shutil
 import sys
-import unicodedata
-from dataclasses import asdict, dataclass
-from typing import Callable
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
-from lmforge.collect import hash_split, read_documents, text_id, write_documents
-from lmforge.config.stages import CurationConfig
+import numpy as np
+import pyarrow.parquet as pq
+
+from lmforge.config.curation import CurationConfig
+from lmforge.curation.base import Context
+from lmforge.curation.clean import boilerplate_lines
+from lmforge.curation.decontaminate import EvalIndex, eval_texts
+from lmforge.curation.dedup import KEEP, VersionStore, find_duplicates
+from lmforge.curation.pipeline import (Unit, clean_unit, filter_unit, finish_units, heldout_ids, read_keys, run_map,
+                                       stack_signatures, write_splits)
+from lmforge.curation.report import Tally
 from lmforge.errors import DataError
 from lmforge.workspace import Workspace, atomic_dir, atomic_write_json
-
-# Control characters other than newline and tab are noise from PDFs, terminals and bad encodings.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\ufeff]")
-_INNER_SPACES = re.compile(r"(?<=\S)[ \t]+")
-_BLANK_LINES = re.compile(r"\n{3,}")
-
-# step(docs, cfg) -> (docs kept, {reason: count removed})
-Step = Callable[[list[dict], CurationConfig], tuple[list[dict], dict[str, int]]]
-
-
-def normalize_unicode(docs: list[dict], cfg: CurationConfig) -> tuple[list[dict], dict[str, int]]:
-    if cfg.normalize == "none":
-        return docs, {}
-    return [{**d, "text": unicodedata.normalize(cfg.normalize, d["text"])} for d in docs], {}
-
-
-def clean_whitespace(docs: list[dict], cfg: CurationConfig) -> tuple[list[dict], dict[str, int]]:
-    """Drop control characters, unify newlines, squeeze spaces inside lines (indentation stays)."""
-    kept = []
-    for doc in docs:
-        text = _CONTROL.sub("", doc["text"].replace("\r\n", "\n").replace("\r", "\n"))
-        lines = [_INNER_SPACES.sub(" ", line).rstrip() for line in text.split("\n")]
-        text = _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip("\n")
-        if text.strip():
-            kept.append({**doc, "text": text})
-    return kept, {"empty": len(docs) - len(kept)}
-
-
-def exact_dedup(docs: list[dict], cfg: CurationConfig) -> tuple[list[dict], dict[str, int]]:
-    """Keep the first document of each curated text (ids are recomputed here from that text)."""
-    kept, seen = [], set()
-    for doc in docs:
-        new_id = text_id(doc["text"])
-        if cfg.exact_dedup and new_id in seen:
-            continue
-        seen.add(new_id)
-        meta = json.loads(doc["meta"] or "{}")
-        meta.setdefault("raw_id", doc["id"])
-        kept.append({**doc, "id": new_id, "meta": json.dumps(meta, sort_keys=True)})
-    return kept, {"exact_duplicate": len(docs) - len(kept)}
-
-
-def length_filter(docs: list[dict], cfg: CurationConfig) -> tuple[list[dict], dict[str, int]]:
-    kept = [d for d in docs if cfg.min_chars <= len(d["text"]) <= cfg.max_chars]
-    too_short = sum(1 for d in docs if len(d["text"]) < cfg.min_chars)
-    return kept, {"too_short": too_short, "too_long": len(docs) - len(kept) - too_short}
-
-
-STEPS: list[tuple[str, Step]] = [
-    ("normalize_unicode", normalize_unicode),
-    ("clean_whitespace", clean_whitespace),
-    ("exact_dedup", exact_dedup),
-    ("length_filter", length_filter),
-]
-
-# What to change when a reason removed everything.
-_FIXES = {
-    "empty": "the sources hold only whitespace or control characters; add sources with real text",
-    "exact_duplicate": "the sources repeat the same text; add sources with different documents",
-    "too_short": "lower curation.min_chars (now {min_chars}) or add longer documents",
-    "too_long": "raise curation.max_chars (now {max_chars}) or split the documents into smaller files",
-}
 
 
 @dataclass(frozen=True)
@@ -96,60 +45,145 @@ class CurateResult:
     dataset_digest: str
     train_documents: int = 0
     validation_documents: int = 0
+    pii_replaced: dict[str, int] = field(default_factory=dict)
+    changed: dict[str, int] = field(default_factory=dict)
     steps: tuple[dict, ...] = ()
+    previous_versions: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
         data = asdict(self)
         data["steps"] = list(self.steps)
+        data["previous_versions"] = list(self.previous_versions)
         return data
+
+
+def versions_dir(ws: Workspace) -> Path:
+    """Where each curated version leaves its dedup keys and signatures for later versions."""
+    return ws.home / "data" / "curated-versions"
+
+
+def raw_units(ws: Workspace) -> list[Unit]:
+    from lmforge.collect import raw_shard_paths  # the shards collect's manifest commits, live rows only
+
+    shards = raw_shard_paths(ws)
+    if not shards and not (ws.raw_dir / "manifest.json").exists():
+        # No manifest: shards written by hand (or by an older collect) count in name order.
+        shards = sorted(ws.raw_dir.glob("docs-*.parquet"))
+    if not shards:
+        raise DataError(f"no raw documents in {ws.raw_dir}", "run `lmforge collect CONFIG` first")
+    return [Unit(i, str(path)) for i, path in enumerate(shards)]
 
 
 def curate(cfg: CurationConfig, ws: Workspace) -> CurateResult:
     """Run every step over the raw shards and write the train/validation split with its report."""
-    shards = sorted(ws.raw_dir.glob("docs-*.parquet"))
-    if not shards:
-        raise DataError(f"no raw documents in {ws.raw_dir}", "run `lmforge collect CONFIG` first")
-    docs: list[dict] = []
-    for shard in shards:
-        docs.extend(read_documents(shard))
-    documents_in = len(docs)
+    units = raw_units(ws)
+    total = sum(pq.ParquetFile(u.path).metadata.num_rows for u in units)
+    use_ray = bool(cfg.ray_min_documents) and total >= cfg.ray_min_documents and len(units) > 1
+    (ws.home / "data").mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=ws.home / "data", prefix=".curate-work-"))
+    try:
+        return _curate(cfg, ws, units, work, use_ray)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
-    removed: dict[str, int] = {}
-    reports: list[dict] = []
-    for name, step in STEPS:
-        before = len(docs)
-        docs, counts = step(docs, cfg)
-        for reason, count in counts.items():
-            removed[reason] = removed.get(reason, 0) + count
-        reports.append({"step": name, "documents_in": before, "documents_out": len(docs), "removed": counts})
-    if not docs:
+
+def _curate(cfg: CurationConfig, ws: Workspace, units: list[Unit], work: Path, use_ray: bool) -> CurateResult:
+    tally = Tally(cfg.samples_per_reason)
+    ctx = Context(eval_index=EvalIndex(eval_texts(ws.sft_dir / "test.jsonl", cfg.decontaminate.fields),
+                                       cfg.decontaminate) if "decontaminate" in cfg.steps else None)
+    cleaned = "boilerplate" in cfg.steps
+    documents_in = 0
+    if cleaned:
+        lines: dict = {}
+        for part in run_map(clean_unit, units, (cfg, work), use_ray):
+            tally.merge(part["tally"])
+            documents_in += part["documents_in"]
+            for source, counter in part["lines"].items():
+                lines.setdefault(source, counter.__class__()).update(counter)
+        ctx = replace(ctx, boilerplate=boilerplate_lines(lines, cfg.boilerplate))
+    for part in run_map(filter_unit, units, (cfg, work, ctx, cleaned), use_ray):
+        tally.merge(part["tally"])
+        documents_in += 0 if cleaned else part["documents_in"]
+
+    keys, signatures, previous, used = _dedup_inputs(cfg, ws, units, work)
+    codes = find_duplicates(keys, signatures, previous, cfg.near_dedup if signatures is not None else None,
+                            exact="exact_dedup" in cfg.steps)
+    ids = finish_units(units, cfg, work, codes, tally)
+    removed = {r: n for r, n in sorted(tally.removed.items()) if n}
+    if not ids:
         raise _empty_error(documents_in, removed, cfg)
 
-    train, validation = hash_split(docs, cfg.heldout_fraction)
-    digest = dataset_digest(train, validation)
-    report = {
-        "documents_in": documents_in, "documents_out": len(docs), "removed": removed,
-        "dataset_digest": digest, "train_documents": len(train), "validation_documents": len(validation),
-        "steps": reports, "config": cfg.model_dump(mode="json"), "raw_shards": [s.name for s in shards],
-    }
+    heldout = heldout_ids(ids, cfg.heldout_fraction)
+    digest = digest_of_ids(ids, heldout)
+    pii = {k.split(".", 1)[1]: n for k, n in sorted(tally.changed.items()) if k.startswith("pii.")}
+    result = CurateResult(documents_in, len(ids), removed, digest, len(ids) - len(heldout), len(heldout), pii,
+                          dict(sorted(tally.changed.items())), tuple(tally.steps(list(cfg.steps))), tuple(used))
+    report = {**result.as_dict(), "samples": tally.samples, "config": cfg.model_dump(mode="json"),
+              "raw_shards": [Path(u.path).name for u in units], "ray": use_ray}
     with atomic_dir(ws.curated_dir) as out:
-        write_documents(out / "train.parquet", train)
-        write_documents(out / "validation.parquet", validation)
+        write_splits(units, work, out, heldout)
         atomic_write_json(out / "report.json", report)
-    return CurateResult(documents_in, len(docs), removed, digest, len(train), len(validation), tuple(reports))
+    if signatures is not None:
+        kept = np.flatnonzero(codes == KEEP)
+        VersionStore(versions_dir(ws)).save(digest, keys[previous:][kept], np.asarray(signatures[previous:][kept]),
+                                            cfg.near_dedup)
+    return result
 
 
-def dataset_digest(train: list[dict], validation: list[dict]) -> str:
+def _dedup_inputs(cfg: CurationConfig, ws: Workspace, units: list[Unit], work: Path):
+    """(keys, signatures or None, rows from earlier versions, their digests) for find_duplicates."""
+    keys = read_keys(work, units)
+    if "near_dedup" not in cfg.steps:
+        return keys, None, 0, []
+    near = cfg.near_dedup
+    prev_keys, prev_sigs, used = VersionStore(versions_dir(ws)).previous(near) if near.previous_versions else (
+        np.empty(0, dtype=np.uint64), np.empty((0, near.num_perm), dtype=np.uint32), [])
+    signatures = stack_signatures(work, units, prev_sigs, near.num_perm)
+    return np.concatenate([prev_keys, keys]), signatures, len(prev_keys), used
+
+
+def digest_of_ids(ids: list[str], heldout: set[str]) -> str:
     """sha256 over the split's ids; ids hash the text, so this pins the exact curated content."""
-    lines = [f"train {d['id']}" for d in sorted(train, key=lambda d: d["id"])]
-    lines += [f"validation {d['id']}" for d in sorted(validation, key=lambda d: d["id"])]
+    lines = [f"train {i}" for i in sorted(ids) if i not in heldout]
+    lines += [f"validation {i}" for i in sorted(heldout)]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
+def dataset_digest(train: list[dict], validation: list[dict]) -> str:
+    ids = [d["id"] for d in train + validation]
+    return digest_of_ids(ids, {d["id"] for d in validation})
+
+
+# What to change when a reason removed everything.
+_FIXES = {
+    "empty": "the sources hold only whitespace, markup or control characters; add sources with real text",
+    "boilerplate_only": "raise curation.boilerplate.min_documents / min_fraction, or remove `boilerplate` "
+                        "from curation.steps",
+    "exact_duplicate": "the sources repeat the same text; add sources with different documents",
+    "near_duplicate": "the sources repeat nearly the same text; add different documents or raise "
+                      "curation.near_dedup.threshold",
+    "near_duplicate_previous_version": "the new documents repeat an earlier dataset version; set "
+                                       "curation.near_dedup.previous_versions: 0 to keep them",
+    "too_short": "lower curation.min_chars (now {min_chars}) or add longer documents",
+    "too_long": "raise curation.max_chars (now {max_chars}) or split the documents into smaller files",
+    "language": "add the corpus's language to curation.language.keep (now {keep}; detected: {detected})",
+    "language_uncertain": "lower curation.language.min_score (now {min_score})",
+    "contaminated": "the documents hold the evaluation set; set curation.decontaminate.mode: span",
+}
+
+
 def _empty_error(documents_in: int, removed: dict[str, int], cfg: CurationConfig) -> DataError:
+    if not removed:
+        return DataError("the raw shards hold no documents", "run `lmforge collect CONFIG` with a source that has text")
     reason = max(sorted(removed), key=lambda r: removed[r])
-    counts = ", ".join(f"{r}: {n}" for r, n in sorted(removed.items()) if n)
-    fix = _FIXES[reason].format(min_chars=cfg.min_chars, max_chars=cfg.max_chars)
+    counts = ", ".join(f"{r}: {n}" for r, n in sorted(removed.items()))
+    if reason.startswith("quality."):
+        fix = (f"relax the thresholds of curation.quality behind `{reason}` (see `lmforge config schema`) "
+               "or remove `quality` from curation.steps")
+    else:
+        fix = _FIXES.get(reason, f"relax or remove the curation step that reports `{reason}`").format(
+            min_chars=cfg.min_chars, max_chars=cfg.max_chars, keep=list(cfg.language.keep),
+            min_score=cfg.language.min_score, detected="see report samples")
     return DataError(f"curation removed all {documents_in} documents; the `{reason}` filter removed "
                      f"the most ({counts})", fix)
 

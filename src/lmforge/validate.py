@@ -1,32 +1,27 @@
-"""Validate stage: the Great Expectations gate between curated data and training.
+"""Validate stage: the Great Expectations gates between data and training.
 
 Run it with ``lmforge validate CONFIG`` (or ``python -m lmforge.validate [CONFIG]``) after curate.
-It checks the curated train and validation documents together against one expectation suite
-(row count, no null text, text lengths, unique ids, share of duplicate texts, and optionally the
-allowed sources), writes every outcome to ``ws.validation_dir/result.json``, and raises
-:class:`ValidationFailed` when any expectation fails, so a flow stops before spending compute.
-
-Great Expectations is imported inside :func:`validate`: importing it takes seconds, and the rest of
-the engine must not pay for it. The context is ephemeral, so nothing is written outside the
-workspace.
+:func:`validate` checks the curated corpus (row count, no null text, text lengths, unique ids,
+duplicate share, no PII left, no overlap with evaluation sets, language share, allowed sources,
+and the user's own expectations from ``validation.expectations``); :func:`validate_tokenized`,
+run by the tokenize stage, checks the tokenized datasets (sequence lengths, unknown tokens, label
+masking, disjoint splits). Each writes ``ws.validation_dir/<suite>.json`` (the corpus suite also
+``result.json``), updates the Data Docs in ``ws.validation_dir/gx``, logs to a tracker when one is
+given, and raises :class:`ValidationFailed` naming every failed expectation, its observed value
+and sample rows, so a flow stops before spending compute.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
-from lmforge.collect import read_documents
-from lmforge.config.stages import ValidationConfig
-from lmforge.errors import DataError, ValidationFailed
+from lmforge.config.curation import ValidationConfig
+from lmforge.errors import ValidationFailed
+from lmforge.tracking import Tracker
 from lmforge.workspace import Workspace, atomic_write_json
-
-_SAMPLES = 5
-_SAMPLE_CHARS = 80
 
 
 @dataclass(frozen=True)
@@ -36,6 +31,8 @@ class ValidationReport:
     skipped: bool = False
     documents: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    suite: str = "curated_documents"
+    data_docs: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -44,136 +41,79 @@ class ValidationReport:
         """A readable multi-line report: one line per expectation, samples under failures."""
         if self.skipped:
             return "validation skipped (validation.enabled is false)"
-        lines = [f"validation {'passed' if self.success else 'FAILED'} on {self.documents} documents"]
+        lines = [f"{self.suite}: validation {'passed' if self.success else 'FAILED'} on {self.documents} rows"]
         for r in self.results:
             mark = "ok  " if r["success"] else "FAIL"
             lines.append(f"  {mark} {r['name']:<22} {r['expectation']}: observed {r['observed']}")
             for sample in r["samples"] if not r["success"] else []:
                 lines.append(f"         e.g. {json.dumps(sample, ensure_ascii=False)}")
+        if self.data_docs:
+            lines.append(f"  Data Docs: {self.data_docs}")
         return "\n".join(lines)
 
 
-def validate(cfg: ValidationConfig, ws: Workspace) -> ValidationReport:
-    """Run the expectation suite on the curated data; raise ValidationFailed on any failure."""
+def validate(cfg: ValidationConfig, ws: Workspace, tracker: Tracker | None = None) -> ValidationReport:
+    """Run the curated-corpus suite; raise ValidationFailed on any failure."""
     if not cfg.enabled:
         report = ValidationReport(success=True, skipped=True)
         atomic_write_json(ws.validation_dir / "result.json", report.as_dict())
         return report
-    frame = _load_curated(ws)
+    from lmforge.validation import corpus
+
+    frame = corpus.load_frame(ws)
+    return _gate(cfg, ws, "curated_documents", frame, lambda: corpus.expectations(cfg, len(frame)), "id",
+                 tracker, fix="fix the sources or curation settings (or relax the validation section) and "
+                 "rerun collect/curate")
+
+
+def validate_tokenized(cfg: ValidationConfig, ws: Workspace, tracker: Tracker | None = None) -> ValidationReport:
+    """Run the tokenized-dataset suite on the latest tokenized datasets."""
+    if not cfg.enabled:
+        return ValidationReport(success=True, skipped=True, suite="tokenized_datasets")
+    from lmforge.validation import tokenized
+
+    frame, manifest = tokenized.load_frame(ws)
+    return _gate(cfg, ws, "tokenized_datasets", frame, lambda: tokenized.expectations(cfg, manifest), "row",
+                 tracker, fix="check the tokenizer and seq_len settings (model, training.*.seq_len), then "
+                 "rerun `lmforge tokenize CONFIG`")
+
+
+def _gate(cfg: ValidationConfig, ws: Workspace, suite: str, frame, build, index_column: str,
+          tracker: Tracker | None, fix: str) -> ValidationReport:
+    from lmforge.validation.gx_suite import data_docs_index, run_suite
 
     started = time.perf_counter()
-    import great_expectations as gx  # slow import, paid only by this stage
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
+    named = build()  # imports GX
     imported = time.perf_counter()
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch = (context.data_sources.add_pandas("lmforge")
-             .add_dataframe_asset("curated")
-             .add_batch_definition_whole_dataframe("all"))
-    suite = context.suites.add(gx.ExpectationSuite(name="curated_documents"))
-    named = _expectations(cfg)
-    for _, expectation in named:
-        suite.add_expectation(expectation)
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name="curated_documents", data=batch, suite=suite))
-    outcome = definition.run(batch_parameters={"dataframe": frame}, result_format={
-        "result_format": "SUMMARY", "partial_unexpected_count": _SAMPLES,
-        "unexpected_index_column_names": ["id"]})
+    results = run_suite(ws.validation_dir, suite, frame, named, index_column, cfg.data_docs)
     finished = time.perf_counter()
-
-    by_type = {r.expectation_config.type: r for r in outcome.results}
-    results = [_describe(name, by_type[exp.expectation_type]) for name, exp in named]
+    docs = data_docs_index(ws.validation_dir) if cfg.data_docs else None
     report = ValidationReport(
         success=all(r["success"] for r in results), results=results, documents=len(frame),
-        timings={"gx_import_s": round(imported - started, 3), "gx_run_s": round(finished - imported, 3)})
-    atomic_write_json(ws.validation_dir / "result.json", report.as_dict())
+        timings={"gx_import_s": round(imported - started, 3), "gx_run_s": round(finished - imported, 3)},
+        suite=suite, data_docs=str(docs) if docs else None)
+    atomic_write_json(ws.validation_dir / f"{suite}.json", report.as_dict())
+    if suite == "curated_documents":
+        atomic_write_json(ws.validation_dir / "result.json", report.as_dict())
+    if tracker is not None:
+        _log(tracker, report, ws)
     if not report.success:
         failed = [r for r in results if not r["success"]]
-        cause = "data validation failed: " + "; ".join(
+        cause = f"{suite} validation failed: " + "; ".join(
             f"{r['name']} ({r['expectation']}) observed {r['observed']}" for r in failed)
-        raise ValidationFailed(cause, f"inspect {ws.validation_dir / 'result.json'}, then fix the sources or "
-                               "curation settings (or relax the validation section) and rerun collect/curate",
+        raise ValidationFailed(cause, f"inspect {ws.validation_dir / (suite + '.json')}, then {fix}",
                                report=report.render(), details=report.as_dict())
     return report
 
 
-def _load_curated(ws: Workspace) -> Any:
-    import pandas as pd
-
-    frames = []
-    for split in ("train", "validation"):
-        path = ws.curated_dir / f"{split}.parquet"
-        if not path.exists():
-            raise DataError(f"curated data {path} does not exist", "run `lmforge curate CONFIG` first")
-        frame = pd.DataFrame(read_documents(path))
-        frame["split"] = split
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
-
-
-def _expectations(cfg: ValidationConfig) -> list[tuple[str, Any]]:
-    """(our name, GX expectation) pairs; each GX expectation type appears once in the suite."""
-    import great_expectations.expectations as gxe
-
-    # A proportion of unique values of 1 - f allows a share f of duplicate texts.
-    named: list[tuple[str, Any]] = [
-        ("row_count", gxe.ExpectTableRowCountToBeBetween(min_value=cfg.min_documents)),
-        ("text_not_null", gxe.ExpectColumnValuesToNotBeNull(column="text")),
-        ("text_length", gxe.ExpectColumnValueLengthsToBeBetween(
-            column="text", min_value=cfg.min_chars, max_value=cfg.max_chars)),
-        ("id_unique", gxe.ExpectColumnValuesToBeUnique(column="id")),
-        ("text_duplicate_share", gxe.ExpectColumnProportionOfUniqueValuesToBeBetween(
-            column="text", min_value=1.0 - cfg.max_duplicate_fraction, max_value=1.0)),
-    ]
-    if cfg.allowed_sources:
-        named.append(("source_allowed", gxe.ExpectColumnValuesToBeInSet(
-            column="source", value_set=list(cfg.allowed_sources))))
-    return named
-
-
-def _describe(name: str, result: Any) -> dict:
-    """One expectation's outcome as plain JSON: name, success, observed value, offending samples."""
-    body = result.result or {}
-    if "observed_value" in body:
-        observed: Any = _plain(body["observed_value"])
-    else:
-        observed = f"{body.get('unexpected_count', 0)} of {body.get('element_count', 0)} rows unexpected"
-        if body.get("missing_count"):
-            observed += f", {body['missing_count']} null"
-    samples = [{k: _short(v) for k, v in row.items()} for row in body.get("partial_unexpected_index_list") or []]
-    error = (result.exception_info or {}).get("exception_message") if not result.success else None
-    return {
-        "name": name,
-        "expectation": result.expectation_config.type,
-        "kwargs": _plain(dict(result.expectation_config.kwargs)),
-        "success": bool(result.success),
-        "observed": observed,
-        "samples": samples[:_SAMPLES],
-        **({"error": error} if error else {}),
-    }
-
-
-def _short(value: Any) -> Any:
-    value = _plain(value)
-    if isinstance(value, str) and len(value) > _SAMPLE_CHARS:
-        return value[:_SAMPLE_CHARS] + "…"
-    return value
-
-
-def _plain(value: Any) -> Any:
-    """JSON-safe copy: NaN becomes None, numpy scalars become Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, float):
-        return round(value, 6)
-    return value
+def _log(tracker: Tracker, report: ValidationReport, ws: Workspace) -> None:
+    metrics = {f"validation.{report.suite}.success": float(report.success)}
+    for r in report.results:
+        metrics[f"validation.{report.suite}.{r['name']}"] = float(r["success"])
+        if isinstance(r["observed"], (int, float)) and not isinstance(r["observed"], bool):
+            metrics[f"validation.{report.suite}.{r['name']}.observed"] = float(r["observed"])
+    tracker.log_metrics(metrics)
+    tracker.log_artifacts(ws.validation_dir, "validation")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,269 @@
+"""Configs of the data-preparation stages: curation, validation and tokenization.
+
+Curation is a list of named steps (``curation.steps``), each configured by its own small model;
+thresholds that cannot make sense (a minimum above its maximum, a fraction outside [0, 1]) are
+rejected when the config loads, so a bad setting never reaches a long run. Re-exported by
+:mod:`lmforge.config.stages`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Section(BaseModel):
+    # Same contract as stages.StageConfig (not imported: stages imports this module).
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Every step and the phase it runs in. Per-document steps run in list order inside a phase;
+# phases run in this order because boilerplate needs every document's lines first, dedup needs
+# every document's signature, and the classic steps rewrite text after dedup has judged it.
+STEP_PHASES: dict[str, int] = {
+    "normalize": 0, "fix_mojibake": 0, "strip_html": 0, "clean_whitespace": 0,
+    "boilerplate": 1,
+    "length": 2, "language": 2, "quality": 2, "pii": 2, "decontaminate": 2,
+    "exact_dedup": 3, "near_dedup": 3,
+    "segment_words": 4, "remove_stopwords": 4, "stem": 4,
+}
+_PHASE_NAMES = ["cleaning", "boilerplate", "per-document filters", "deduplication", "classic NLP"]
+DEFAULT_STEPS = ["normalize", "fix_mojibake", "strip_html", "clean_whitespace", "boilerplate", "length",
+                 "language", "quality", "pii", "decontaminate", "exact_dedup", "near_dedup"]
+
+
+def _check_range(low: float, high: float, low_name: str, high_name: str) -> None:
+    if low > high:
+        raise ValueError(f"{low_name} ({low}) must not exceed {high_name} ({high})")
+
+
+class BoilerplateConfig(_Section):
+    """Lines repeated across many documents of one source (headers, footers, cookie banners)."""
+
+    min_documents: int = Field(5, ge=2, description="A line is boilerplate when at least this many documents "
+                               "of one source hold it ...")
+    min_fraction: float = Field(0.05, ge=0, le=1, description="... and at least this share of that source's "
+                                "documents.")
+    min_line_chars: int = Field(20, ge=1, description="Shorter lines (blank, `}`, `Returns:`) are never boilerplate.")
+
+
+class QualityConfig(_Section):
+    """Gopher- and C4-style document heuristics; a document failing one is removed as `quality.<check>`.
+
+    The defaults are looser than Gopher's web-text values (min_words 50, mean word length 3-10,
+    alpha words 0.8, 2 stop words, line/char duplicate 0.3/0.2, top 2/3/4-gram 0.20/0.18/0.16,
+    duplicate 5..10-gram 0.15..0.10), which would drop a third of technical documentation such as
+    the built-in docstring corpus; set those values for web crawls.
+    """
+
+    min_words: int = Field(5, ge=0)
+    max_words: int = Field(100_000, gt=0)
+    min_mean_word_length: float = Field(2.0, ge=0)
+    max_mean_word_length: float = Field(15.0, gt=0)
+    max_symbol_word_ratio: float = Field(0.1, ge=0, description="`#` and ellipses per word.")
+    min_alpha_word_fraction: float = Field(0.5, ge=0, le=1, description="Share of words with a letter.")
+    max_bullet_line_fraction: float = Field(0.9, ge=0, le=1)
+    max_ellipsis_line_fraction: float = Field(0.3, ge=0, le=1)
+    min_punctuated_line_fraction: float = Field(
+        0.0, ge=0, le=1, description="C4: share of lines ending in terminal punctuation (0 disables).")
+    max_duplicate_line_fraction: float = Field(0.3, ge=0, le=1)
+    max_duplicate_line_char_fraction: float = Field(0.3, ge=0, le=1)
+    max_top_ngram_char_fraction: dict[int, float] = Field(
+        default_factory=lambda: {2: 0.3, 3: 0.3, 4: 0.3},
+        description="n -> largest share of characters one repeated word n-gram may cover.")
+    max_duplicate_ngram_char_fraction: dict[int, float] = Field(
+        default_factory=lambda: {5: 0.4, 6: 0.38, 7: 0.36, 8: 0.34, 9: 0.32, 10: 0.3},
+        description="n -> largest share of characters covered by word n-grams that occur more than once.")
+    stop_words: list[str] = Field(default_factory=lambda: ["the", "be", "to", "of", "and", "that", "have", "with"])
+    min_stop_words: int = Field(1, ge=0, description="Gopher: documents with fewer stop words are not prose.")
+    max_bad_phrase_lines: int = Field(0, ge=0, description="C4: lines with `lorem ipsum`, `javascript` or a "
+                                      "cookie notice tolerated before removal.")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "QualityConfig":
+        _check_range(self.min_words, self.max_words, "min_words", "max_words")
+        _check_range(self.min_mean_word_length, self.max_mean_word_length, "min_mean_word_length",
+                     "max_mean_word_length")
+        for name in ("max_top_ngram_char_fraction", "max_duplicate_ngram_char_fraction"):
+            for n, fraction in getattr(self, name).items():
+                if not 1 <= n <= 20 or not 0 <= fraction <= 1:
+                    raise ValueError(f"{name} maps n-gram sizes 1..20 to fractions in [0, 1], got {n}: {fraction}")
+        return self
+
+
+class LanguageConfig(_Section):
+    keep: list[str] = Field(default_factory=lambda: ["en"], description="ISO 639-1 codes to keep; empty keeps all.")
+    min_score: float = Field(0.5, ge=0, le=1, description="Documents identified with less confidence are removed.")
+    max_chars: int = Field(2000, gt=0, description="Characters of each document the identifier reads.")
+    min_chars: int = Field(200, ge=0, description="Shorter documents are labelled but never removed: a "
+                           "sentence or two is too little to identify a language reliably.")
+
+    @field_validator("keep")
+    @classmethod
+    def _codes(cls, value: list[str]) -> list[str]:
+        for code in value:
+            if not re.fullmatch(r"[a-z]{2,3}", code):
+                raise ValueError(f"{code!r} is not an ISO 639 code such as 'en' or 'zh'")
+        return value
+
+
+PiiKind = Literal["email", "phone", "ip_address", "credit_card", "secret"]
+
+
+class PiiConfig(_Section):
+    kinds: list[PiiKind] = Field(default_factory=lambda: ["email", "phone", "ip_address", "credit_card", "secret"])
+    keep_private_ips: bool = Field(True, description="Loopback, private and documentation addresses name nobody.")
+
+
+class DecontaminationConfig(_Section):
+    """Overlap with evaluation sets (the SFT test set): word n-grams, as in GPT-3 and Llama."""
+
+    ngram: int = Field(13, ge=3, description="Word n-gram length that counts as overlap.")
+    min_words: int = Field(8, ge=3, description="Evaluation texts shorter than `ngram` but at least this long "
+                           "are matched whole; shorter ones are ignored.")
+    mode: Literal["document", "span"] = Field(
+        "span", description="`document` removes a contaminated document; `span` cuts the overlapping words out.")
+    fields: list[str] = Field(default_factory=lambda: ["instruction", "response"],
+                              description="Fields of each evaluation record to match.")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "DecontaminationConfig":
+        _check_range(self.min_words, self.ngram, "min_words", "ngram")
+        return self
+
+
+class NearDedupConfig(_Section):
+    """MinHash over word shingles with LSH banding; candidates are verified on estimated Jaccard."""
+
+    shingle_size: int = Field(5, ge=1, description="Words per shingle.")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
+    threshold: float = Field(0.8, gt=0, lt=1, description="Estimated Jaccard similarity that counts as duplicate.")
+    bands: int | None = Field(None, ge=1, description="LSH bands; default chosen from threshold and num_perm.")
+    rows: int | None = Field(None, ge=1, description="Rows per band (with `bands`).")
+    verify: bool = Field(True, description="Drop LSH candidates whose estimated Jaccard is below "
+                         "threshold - verify_slack.")
+    verify_slack: float = Field(0.1, ge=0, lt=1, description="Tolerance of the verification: the MinHash "
+                                "estimate has a standard error of about 0.035 at 0.8 with 128 permutations.")
+    previous_versions: int = Field(3, ge=0, description="Earlier curated versions in the workspace to dedup against.")
+    seed: int = 1
+
+    @model_validator(mode="after")
+    def _bands(self) -> "NearDedupConfig":
+        if (self.bands is None) != (self.rows is None):
+            raise ValueError("set both bands and rows, or neither")
+        if self.bands is not None and self.rows is not None and self.bands * self.rows > self.num_perm:
+            raise ValueError(f"bands * rows ({self.bands * self.rows}) exceeds num_perm ({self.num_perm})")
+        return self
+
+
+class ClassicConfig(_Section):
+    """Classic NLP steps (segment_words, remove_stopwords, stem): for keyword indexes, not for LMs."""
+
+    language: str = Field("english", description="Snowball stemmer language.")
+    stop_words: list[str] | None = Field(None, description="Stop words to remove; default a built-in "
+                                         "English + Chinese list.")
+
+
+class CurationConfig(_Section):
+    steps: list[str] = Field(default_factory=lambda: list(DEFAULT_STEPS), description=(
+        "Curation steps in order (see `lmforge config schema`): " + ", ".join(STEP_PHASES)))
+    normalize: Literal["NFC", "NFKC", "none"] = Field("NFKC", description="Unicode normalization form.")
+    min_chars: int = Field(40, ge=0, description="Drop documents shorter than this.")
+    max_chars: int = Field(20_000, gt=0, description="Drop documents longer than this.")
+    heldout_fraction: float = Field(
+        0.05, gt=0, lt=0.5, description="Share of documents (chosen by hash) held out for perplexity."
+    )
+    boilerplate: BoilerplateConfig = Field(default_factory=BoilerplateConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    language: LanguageConfig = Field(default_factory=LanguageConfig)
+    pii: PiiConfig = Field(default_factory=PiiConfig)
+    decontaminate: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
+    near_dedup: NearDedupConfig = Field(default_factory=NearDedupConfig)
+    classic: ClassicConfig = Field(default_factory=ClassicConfig)
+    samples_per_reason: int = Field(3, ge=0, description="Removed documents kept in report.json per reason.")
+    ray_min_documents: int = Field(
+        200_000, ge=0, description="Run the per-shard work as Ray tasks from this many raw documents on "
+        "(with more than one shard); 0 never uses Ray.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CurationConfig":
+        if self.min_chars >= self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) must be below max_chars ({self.max_chars})")
+        seen: set[str] = set()
+        phase = 0
+        for name in self.steps:
+            if name not in STEP_PHASES:
+                raise ValueError(f"unknown curation step {name!r}; known steps: {', '.join(STEP_PHASES)}")
+            if name in seen:
+                raise ValueError(f"curation step {name!r} is listed twice")
+            if STEP_PHASES[name] < phase:
+                raise ValueError(f"curation step {name!r} ({_PHASE_NAMES[STEP_PHASES[name]]}) must come before "
+                                 f"the {_PHASE_NAMES[phase]} steps")
+            seen.add(name)
+            phase = STEP_PHASES[name]
+        return self
+
+
+# ---------------------------------------------------------------- validation
+
+
+class UserExpectation(_Section):
+    """One Great Expectations expectation added to the curated-corpus suite."""
+
+    type: str = Field(..., pattern=r"^expect_[a-z0-9_]+$", description="GX expectation type, e.g. "
+                      "expect_column_values_to_match_regex.")
+    kwargs: dict = Field(default_factory=dict, description="Its arguments, e.g. {column: text, regex: '\\\\w'}.")
+    name: str | None = Field(None, description="Name in reports; default the type.")
+
+
+class TokenizedChecks(_Section):
+    """Thresholds of the tokenized-dataset suite (run by the tokenize stage)."""
+
+    min_rows: int = Field(1, ge=1, description="Rows every split of every built dataset must have.")
+    max_unknown_rate: float = Field(0.001, ge=0, le=1, description="Largest share of unknown tokens.")
+    min_mean_length_fraction: float = Field(
+        0.05, ge=0, le=1, description="Mean non-padding length of SFT rows, as a share of seq_len, at least.")
+    min_supervised_tokens: int = Field(1, ge=1, description="Every SFT row trains on at least this many tokens.")
+
+
+class ValidationConfig(_Section):
+    enabled: bool = Field(True, description="Run the Great Expectations gate before training.")
+    min_documents: int = Field(50, ge=1, description="Fail when the curated corpus has fewer documents.")
+    min_chars: int = Field(1, ge=0, description="Every document must be at least this long.")
+    max_chars: int = Field(50_000, gt=0, description="Every document must be at most this long.")
+    max_duplicate_fraction: float = Field(0.0, ge=0, le=1, description="Allowed share of duplicate texts.")
+    allowed_sources: list[str] = Field(
+        default_factory=list,
+        description="Source types a document may come from (e.g. [stdlib, local]); empty skips the check.",
+    )
+    languages: list[str] = Field(default_factory=list, description="Languages documents may be in (from "
+                                 "curation's language step); empty skips the check.")
+    min_language_share: float = Field(0.95, ge=0, le=1, description="Share of documents in `languages`.")
+    max_pii_documents: int = Field(0, ge=0, description="Documents that may still hold PII after scrubbing.")
+    max_eval_overlap_documents: int = Field(0, ge=0, description="Training documents that may overlap an "
+                                            "evaluation set (held-out split or SFT test set).")
+    expectations: list[UserExpectation] = Field(default_factory=list, description="Extra GX expectations.")
+    data_docs: bool = Field(True, description="Build Great Expectations Data Docs in the workspace.")
+    tokenized: TokenizedChecks = Field(default_factory=TokenizedChecks)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ValidationConfig":
+        _check_range(self.min_chars, self.max_chars, "min_chars", "max_chars")
+        return self
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+class TokenizeConfig(_Section):
+    """The tokenize stage: the tokenizer (see `model`) and the tokenized datasets built with it."""
+
+    build_datasets: bool = Field(True, description="Build tokenized datasets (Arrow) after the tokenizer.")
+    cross_document_attention: bool = Field(
+        True, description="False adds per-document position_ids to packed rows so training can keep "
+        "attention inside each document.")
+    finetune_heldout_fraction: float = Field(0.05, gt=0, lt=0.5, description="Share of SFT train records "
+                                             "(by hash) held out as the finetune validation split.")
+    batch_size: int = Field(1000, gt=0, description="Records tokenized per batch.")
