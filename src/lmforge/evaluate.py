@@ -138,13 +138,14 @@ def read_sft_records(path: Path, limit: int) -> list[dict[str, str]]:
 def load_model(model_dir: Path):
     """Model and tokenizer from a local directory: safetensors only, never remote code."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from lmforge.train.artifacts import load_trained
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, use_safetensors=True, local_files_only=True
-    )
-    model.eval()
+    # Prompt-learning and bottleneck adapters cannot be merged: load_trained applies them, so the
+    # tuned model is measured, not its base.
+    model = load_trained(model_dir, dtype=torch.float32)
     if tokenizer.pad_token_id is None:
         # Padded positions are masked out, so any id works; EOS keeps the vocabulary unchanged.
         tokenizer.pad_token = tokenizer.eos_token

@@ -1,8 +1,9 @@
-"""Train standalone, without Prefect, MLflow or Ray: ``python -m lmforge.train [CONFIG] [--ray]``.
+"""Train standalone, without Prefect, MLflow or Ray: ``python -m lmforge.train [CONFIG] [--ray] [--resume RUN_ID]``.
 
 Trains the tokenizer when the workspace (``LMFORGE_HOME``) has none, then runs both training
-phases in this process (``--ray`` launches Ray Train workers as the config says instead). Prints a
-summary and, as the last line, one JSON object with the run's facts.
+phases in this process (``--ray`` launches Ray Train workers as the config says instead).
+``--resume RUN_ID`` continues a run that wrote checkpoints (``training.checkpoint_every``) from
+its latest one, exactly. Prints a summary and, as the last line, one JSON object with the run's facts.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", nargs="?", help="pipeline YAML file (default: built-in defaults)")
     parser.add_argument("--ray", action="store_true", help="launch through Ray Train (training.use_ray)")
     parser.add_argument("--run-name", default=None, help="prefix of the run id")
+    parser.add_argument("--resume", default=None, metavar="RUN_ID", help="continue this run from its latest checkpoint")
     parser.add_argument("--home", default=None, help="workspace directory (default: $LMFORGE_HOME)")
     args = parser.parse_args(argv)
     try:
@@ -50,7 +52,7 @@ def _run(args: argparse.Namespace):
               f"{row['tokens_per_s']:.0f} tok/s", flush=True)
 
     return train(training, config.model, ws, run_name=args.run_name, progress=progress,
-                 ray_address=config.platform.ray_address)
+                 ray_address=config.platform.ray_address, resume=args.resume)
 
 
 if __name__ == "__main__":

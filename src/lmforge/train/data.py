@@ -34,7 +34,7 @@ def read_sft(path: Path) -> list[dict]:
     """Instruction/response records of an SFT JSONL file."""
     if not path.exists():
         raise DataError(f"no SFT examples at {path}",
-                        "run the collect stage first, or set training.finetune_method: none")
+                        "run the collect stage first, or set training.method: pretrain")
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     for i, record in enumerate(records):
         if not isinstance(record.get("instruction"), str) or not isinstance(record.get("response"), str):
@@ -112,28 +112,34 @@ def encode_sft(records: list[dict], tokenizer, seq_len: int) -> Tensors:
 
 
 def batch_stream(data: Tensors, batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1) -> Iterator[Tensors]:
-    """Endless batches for one rank: each epoch a seeded permutation, this rank's share of it.
+                 world_size: int = 1, skip: int = 0) -> Iterator[Tensors]:
+    """Endless batches for one rank: consecutive global batches of seeded epoch permutations.
 
-    Shares are disjoint within an epoch and equally long on every rank (the few leftover rows
-    of an epoch are skipped), so DDP ranks always take the same number of steps.
+    Each global batch is ``batch_size * world_size`` consecutive rows of the permutations (one
+    per epoch, joined end to end); rank ``r`` takes its ``r``-th slice. So N ranks of batch B see
+    exactly the rows one worker of batch N*B sees, which makes DDP match a single worker; within
+    an epoch the ranks' rows are disjoint. ``skip`` passes over that many batches first without
+    gathering them: the data position of a resumed run.
     """
     n = len(data["input_ids"])
-    per_rank = n // world_size
-    if per_rank == 0:
+    if n // world_size == 0:
         raise DataError(f"{n} training rows cannot be shared by {world_size} workers",
                         "add data, lower seq_len, or use fewer training.num_workers")
+    span = batch_size * world_size
     buffer: list[int] = []
     epoch = 0
+    taken = 0
     while True:
-        while len(buffer) < batch_size:
+        while len(buffer) < span:
             generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            order = torch.randperm(n, generator=generator)
-            buffer.extend(order[rank * per_rank:(rank + 1) * per_rank].tolist())
+            buffer.extend(torch.randperm(n, generator=generator).tolist())
             epoch += 1
-        index = torch.tensor(buffer[:batch_size])
-        del buffer[:batch_size]
-        yield {key: value[index] for key, value in data.items()}
+        mine = buffer[rank * batch_size:(rank + 1) * batch_size]
+        del buffer[:span]
+        taken += 1
+        if taken > skip:
+            index = torch.tensor(mine)
+            yield {key: value[index] for key, value in data.items()}
 
 
 def fixed_batches(data: Tensors, batch_size: int, max_batches: int, *, rank: int = 0,

@@ -3,20 +3,21 @@
 :func:`train` is the entry point. The same per-worker function, :func:`run_worker`, runs in this
 process (``training.use_ray: false``, world size 1) or under Ray Train's ``TorchTrainer`` as DDP
 ranks; Ray is imported only on that path, so the engine runs where only torch, transformers and
-peft are installed. Rank 0 writes ``ws.runs_dir/<run_id>/`` in one atomic rename:
-``model/`` (merged, safetensors, tokenizer), and with LoRA ``adapter/`` plus the ``base/`` it
-adapts. The driver adds ``train_result.json`` and the ``train`` state hand-off.
+peft are installed. Rank 0 writes ``ws.runs_dir/<run_id>/`` in one atomic rename (layout:
+:mod:`lmforge.train.artifacts`); checkpoints go to ``ws.home/checkpoints/<run_id>/`` and are
+removed once the run succeeds. The driver adds ``train_result.json`` and the ``train`` state hand-off.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 import uuid
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -26,20 +27,15 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from lmforge.config.stages import LoraConfig, ModelConfig, PhaseConfig, TrainingConfig
 from lmforge import errors
+from lmforge.config.training import ModelConfig, TrainingConfig
 from lmforge.errors import ConfigError, DataError, LmforgeError
-from lmforge.model import build_model, count_parameters
-from lmforge.prompt import format_prompt
-from lmforge.tokenizer import load_tokenizer
-from lmforge.train.data import batch_stream, encode_sft, fixed_batches, pack_texts, read_sft, read_texts, split_heldout
-from lmforge.train.loop import train_phase
 from lmforge.progress import step_printer
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.artifacts import PROBE_FILE, greedy_ids, load_probe, load_trained  # noqa: F401 - re-exported
+from lmforge.train.methods import check_method, method_info
+from lmforge.train.run import run_phases
 from lmforge.workspace import Workspace, atomic_dir, atomic_write_json
-
-PROBE_FILE = "lmforge_probe.json"
-PROBE_INSTRUCTION = "What does `json.dumps` do?"
-PROBE_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -60,18 +56,20 @@ class TrainResult:
 
 
 def train(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, run_name: str | None = None,
-          progress: Callable[[dict], None] | None = None, ray_address: str | None = None) -> TrainResult:
+          progress: Callable[[dict], None] | None = None, ray_address: str | None = None,
+          resume: str | None = None) -> TrainResult:
     """Train a model from ``ws``'s tokenizer and data; return where it is and how it went.
 
     ``progress`` receives each history row (live in-line; replayed after the run under Ray).
     Env ``RAY_ADDRESS`` (else ``ray_address``, i.e. ``platform.ray_address``) names an existing
-    cluster; otherwise a local Ray is started when ``training.use_ray`` is set.
+    cluster; otherwise a local Ray is started when ``training.use_ray`` is set. ``resume`` names
+    an earlier run whose latest checkpoint this run continues exactly (same model and method).
     """
     started = time.perf_counter()
     _check_inputs(training, model_cfg, ws)
-    run_id = _new_run_id(run_name)
+    run_id = resume or _new_run_id(run_name)
     job = {"training": training.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json"),
-           "home": str(ws.home), "run_id": run_id}
+           "home": str(ws.home), "run_id": run_id, "resume": bool(resume)}
     if training.use_ray:
         # Rank 0 prints its own progress lines; Ray forwards them to this process.
         outcome = _fit_with_ray(job, training, ws, ray_address)
@@ -81,9 +79,10 @@ def train(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, run_n
     else:
         outcome = run_worker(job, on_log=progress or progress_printer(training))
     run_dir = ws.runs_dir / run_id
-    lora = training.finetune_method == "lora" and training.finetune.steps > 0
+    adapted = training.finetunes and method_info(training.method).adapts
     params = {**_flatten({"training": job["training"], "model": job["model"]}), **outcome["params"]}
-    result = TrainResult(run_id=run_id, model_dir=run_dir / "model", adapter_dir=run_dir / "adapter" if lora else None,
+    result = TrainResult(run_id=run_id, model_dir=run_dir / "model",
+                         adapter_dir=run_dir / "adapter" if adapted else None,
                          history=outcome["history"], metrics=outcome["metrics"], params=params,
                          duration_s=round(time.perf_counter() - started, 3))
     atomic_write_json(run_dir / "train_result.json", result.as_dict())
@@ -105,106 +104,25 @@ def run_worker(job: dict, on_log: Callable[[dict], None] | None = None) -> dict:
         # it: small matrices run many times slower when threads outnumber free cores.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(training.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
+    else:
+        from lmforge.train.speed import enable_tf32
+
+        enable_tf32()
     run_dir = ws.runs_dir / job["run_id"]
+    root = ckpt.checkpoint_root(ws, job["run_id"])
     try:
         with atomic_dir(run_dir) if rank == 0 else nullcontext() as out:
-            return _run_phases(training, model_cfg, ws, device, out, run_dir, on_log if rank == 0 else None)
+            outcome = run_phases(training, model_cfg, ws, device, out, run_dir, job["run_id"],
+                                 on_log if rank == 0 else None, resume=job.get("resume", False))
+    except BaseException:
+        if rank == 0 and not (root / ckpt.LATEST).exists():
+            shutil.rmtree(root, ignore_errors=True)  # nothing to resume from: only a saved base
+        raise
     finally:
         torch.set_num_threads(threads)  # in-line runs share this process with their caller
-
-
-def _run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, device: torch.device,
-                out: Path | None, run_dir: Path, on_log: Callable[[dict], None] | None) -> dict:
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    tokenizer = load_tokenizer(ws.tokenizer_dir)
-    torch.manual_seed(training.seed)
-    model = build_model(model_cfg, len(tokenizer))
-    _set_special_ids(model, tokenizer)
-    model.to(device)
-    history: list[dict] = []
-    metrics: dict[str, float] = {}
-    params: dict[str, Any] = {"params_total": count_parameters(model), "world_size": world}
-    phases = [("pretrain", training.pretrain, "pretrain")]
-    if training.finetune_method != "none":
-        phases.append(("finetune", training.finetune, training.finetune_method))
-    for seed_offset, (name, phase, method) in enumerate(phases):
-        if phase.steps == 0:
-            continue
-        if method == "lora":
-            if out is not None:  # the adapter is useless without the exact weights it adapts
-                model.save_pretrained(out / "base")
-                tokenizer.save_pretrained(out / "base")
-            model = _with_lora(model, training.lora)
-        params[f"params_trainable_{name}"] = count_parameters(model, trainable_only=True)
-        train_rows, val_rows = _phase_data(name, tokenizer, ws, phase)
-        batches = batch_stream(train_rows, phase.batch_size, seed=training.seed + seed_offset,
-                               rank=rank, world_size=world)
-        val = fixed_batches(val_rows, phase.batch_size, training.val_batches, rank=rank,
-                            world_size=world) if val_rows else []
-        phase_history, phase_metrics = train_phase(model, name, phase, training, batches, val, device,
-                                                   on_log=on_log,
-                                                   step_offset=history[-1]["step"] if history else 0)
-        history += phase_history
-        metrics.update(phase_metrics)
-    if out is not None:
-        _save(model, tokenizer, out, run_dir)
-    return {"history": history, "metrics": metrics, "params": params}
-
-
-def _phase_data(name: str, tokenizer, ws: Workspace, phase: PhaseConfig) -> tuple[dict, dict | None]:
-    """(training rows, held-out rows or None) as tensors for one phase."""
-    if name == "pretrain":
-        train_rows = pack_texts(read_texts(ws.curated_dir / "train.parquet"), tokenizer, phase.seq_len)
-        val_path = ws.curated_dir / "validation.parquet"
-        val_texts = read_texts(val_path) if val_path.exists() else []
-        val_rows = pack_texts(val_texts, tokenizer, phase.seq_len, allow_short=True) if val_texts else None
-        return train_rows, val_rows
-    records, heldout = split_heldout(read_sft(ws.sft_dir / "train.jsonl"))
-    val_rows = encode_sft(heldout, tokenizer, phase.seq_len) if heldout else None
-    return encode_sft(records, tokenizer, phase.seq_len), val_rows
-
-
-def _with_lora(model, cfg: LoraConfig):
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(model, peft_cfg)
-    except ValueError as exc:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                         if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
-        raise ConfigError(f"LoRA target modules {cfg.target_modules} do not fit this model: {exc}",
-                          f"set training.lora.target_modules to some of {linear}") from None
-
-
-def _save(model, tokenizer, out: Path, run_dir: Path) -> None:
-    """Write model/ (and adapter/ for LoRA) into the staging dir ``out`` of ``run_dir``."""
-    from peft import PeftModel
-
-    if isinstance(model, PeftModel):
-        # Point the adapter at the base saved beside it (its final path, after the rename).
-        model.peft_config["default"].base_model_name_or_path = str(run_dir / "base")
-        # The vocabulary never changes here; "auto" would look the base up on a hub.
-        model.save_pretrained(out / "adapter", save_embedding_layers=False)
-        model = model.merge_and_unload()
-    model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
-    # A greedy completion of the in-memory model: loading the directory must reproduce it.
-    prompt = format_prompt(PROBE_INSTRUCTION)
-    atomic_write_json(out / "model" / PROBE_FILE, {"prompt": prompt, "max_new_tokens": PROBE_TOKENS,
-                                                    "completion_ids": greedy_ids(model, tokenizer, prompt)})
-
-
-@torch.no_grad()
-def greedy_ids(model, tokenizer, prompt: str, max_new_tokens: int = PROBE_TOKENS) -> list[int]:
-    """Token ids ``model`` greedily appends to ``prompt`` (the reload check of a saved model)."""
-    model.eval()
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return out[0, ids.shape[1]:].tolist()
+    if rank == 0:
+        shutil.rmtree(root, ignore_errors=True)  # the run is complete: checkpoints served their purpose
+    return outcome
 
 
 def _fit_with_ray(job: dict, training: TrainingConfig, ws: Workspace, address: str | None) -> dict:
@@ -297,24 +215,19 @@ def _device(training: TrainingConfig) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _set_special_ids(model, tokenizer) -> None:
-    for cfg in (model.config, model.generation_config):
-        cfg.eos_token_id = tokenizer.eos_token_id
-        cfg.pad_token_id = tokenizer.pad_token_id
-        cfg.bos_token_id = tokenizer.bos_token_id
-
-
 def _check_inputs(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace) -> None:
     """Fail before any worker starts, with the stage or setting that fixes it."""
     if not (ws.tokenizer_dir / "tokenizer_config.json").exists():
         raise DataError(f"no tokenizer at {ws.tokenizer_dir}",
                         "train one first: `python -m lmforge.train` does it, or the pipeline's tokenize stage")
-    finetuning = training.finetune_method != "none" and training.finetune.steps > 0
+    finetuning = training.finetunes
+    if finetuning:
+        check_method(training, use_cuda=training.use_gpu)
     if training.pretrain.steps > 0 and not (ws.curated_dir / "train.parquet").exists():
         raise DataError(f"no curated text at {ws.curated_dir / 'train.parquet'}", "run the curate stage first")
     if finetuning and not (ws.sft_dir / "train.jsonl").exists():
         raise DataError(f"no SFT examples at {ws.sft_dir / 'train.jsonl'}",
-                        "run the collect stage first, or set training.finetune_method: none")
+                        "run the collect stage first, or set training.method: pretrain")
     if not model_cfg.base_model:
         for name, phase in (("pretrain", training.pretrain), ("finetune", training.finetune)):
             runs = phase.steps > 0 and (name == "pretrain" or finetuning)
@@ -324,6 +237,17 @@ def _check_inputs(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspac
     if training.pretrain.steps == 0 and not finetuning and not model_cfg.base_model:
         raise ConfigError("nothing to train: no pretraining steps, no fine-tuning steps and no base_model",
                           "set training.pretrain.steps or training.finetune.steps above 0, or model.base_model")
+    from lmforge.model_info import MemoryEstimateWarning, fit_warning
+
+    warning = fit_warning(model_cfg, training, _vocab_size(ws))
+    if warning:
+        warnings.warn(warning, MemoryEstimateWarning, stacklevel=3)
+
+
+def _vocab_size(ws: Workspace) -> int:
+    from lmforge.tokenizer import load_tokenizer
+
+    return len(load_tokenizer(ws.tokenizer_dir))
 
 
 def _new_run_id(run_name: str | None) -> str:
@@ -340,8 +264,3 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = ",".join(map(str, value)) if isinstance(value, list) else value
     return flat
-
-
-def load_probe(model_dir: Path) -> dict:
-    """The greedy completion recorded when ``model_dir`` was saved (see :func:`greedy_ids`)."""
-    return json.loads((Path(model_dir) / PROBE_FILE).read_text())

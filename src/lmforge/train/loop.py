@@ -1,8 +1,11 @@
-"""The training loop: one explicit function, used for pretraining and fine-tuning alike.
+"""The training loop: one explicit function, used for every phase, method and scale.
 
-:func:`train_phase` is the whole of optimization; read it top to bottom. Whether it runs in-line
-or as one of several Ray Train workers, it only notices a difference through
-``torch.distributed.is_initialized()``: then the model is wrapped in DistributedDataParallel.
+:func:`train_phase` is the whole of optimization; read it top to bottom. It runs in-line or as one
+of several DDP ranks (it notices only ``torch.distributed.is_initialized()``). The loss of a step is
+the mean over the target tokens of all its micro-batches on all ranks, so gradient accumulation
+and more workers give the gradient of one large batch. Losses stay on the device and are read
+(one synchronization) only at log, validation and checkpoint steps: that is also where a NaN or
+infinite loss is caught, before a checkpoint could keep it, with the exact step it first appeared.
 """
 
 from __future__ import annotations
@@ -10,99 +13,198 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from lmforge.config.stages import PhaseConfig, TrainingConfig
+from lmforge.config.training import PhaseConfig, TrainingConfig
 from lmforge.errors import TrainingDiverged
-from lmforge.train.data import IGNORE_INDEX, Tensors
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.losses import IGNORE_INDEX, CausalLMObjective
 
 MIN_LR_RATIO = 0.1  # decaying schedules end at a tenth of the peak rate, as nanoGPT does
+Tensors = dict[str, torch.Tensor]
+# (step, tensor groups, loop state) -> path of the checkpoint written (None on ranks that do not write)
+SaveFn = Callable[[int, dict[str, Tensors], dict[str, Any]], Any]
 
 
 def train_phase(model: torch.nn.Module, name: str, phase: PhaseConfig, training: TrainingConfig,
                 batches: Iterator[Tensors], val_batches: list[Tensors], device: torch.device,
-                on_log: Callable[[dict], None] | None = None,
-                step_offset: int = 0) -> tuple[list[dict], dict[str, float]]:
+                on_log: Callable[[dict], None] | None = None, step_offset: int = 0,
+                save: SaveFn | None = None, resume: ckpt.Checkpoint | None = None) -> tuple[list[dict], dict[str, float]]:
     """Run ``phase.steps`` optimizer steps on ``model`` in place; return (history, metrics).
 
     History rows are ``{step, phase, loss, lr, tokens_per_s}`` every ``training.log_every`` steps
-    (and at the first and last step), ``step`` counted from ``step_offset`` so that phases share
-    one axis in the tracker. Losses and token counts are averaged over all ranks, so every rank
-    holds the same history and raises the same error.
+    (and at the first and last step), ``step`` counted from ``step_offset``. ``batches`` must
+    already be past the steps a ``resume`` checkpoint has done; ``save`` writes checkpoints.
     """
     torch.manual_seed(training.seed)
     ddp = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if ddp else 1
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if ddp else model
+    objective = CausalLMObjective(model, training.label_smoothing, training.fused_loss,
+                                  compile_chunks=training.compile and device.type == "cuda")
+    net = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None) \
+        if ddp else objective
     optimizer = adamw(model, phase.learning_rate, training.weight_decay, device)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, phase))
-    history: list[dict] = []
-    window: list[float] = []
-    tokens, started = 0.0, time.perf_counter()
+    run = _PhaseRun(name, phase, training, step_offset, on_log)
+    if resume is not None:
+        run.restore(resume, model, optimizer, schedule)
+    else:
+        run.metrics[f"{name}_val_loss_start"] = evaluate_loss(objective, val_batches, device)
     net.train()
-    for step in range(1, phase.steps + 1):
-        stats = torch.zeros(2, device=device)  # [loss over this step's micro-batches, tokens]
-        for micro in range(phase.grad_accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-            # Gradients are all-reduced only on the last micro-batch of an accumulated step.
-            sync = not ddp or micro == phase.grad_accum - 1
-            with nullcontext() if sync else net.no_sync():
-                with _autocast(device):
-                    loss = net(**batch).loss / phase.grad_accum
-                loss.backward()
-            stats += torch.stack([loss.detach().float(), batch["attention_mask"].sum().float()])
+    for step in range(run.step + 1, phase.steps + 1):
+        micro = [next(batches) for _ in range(phase.grad_accum)]
+        # [summed loss, tokens seen, target tokens]; the target count must be global before backward.
+        stats = torch.tensor([0.0, sum(b["input_ids"].numel() for b in micro), _targets(micro)], device=device)
         if ddp:
-            dist.all_reduce(stats)
-            stats[0] /= world
-        loss_value = stats[0].item()
+            dist.all_reduce(stats[2:])
+        for i, batch in enumerate(micro):
+            # Gradients are all-reduced only on the last micro-batch of an accumulated step.
+            with nullcontext() if not ddp or i == len(micro) - 1 else net.no_sync():
+                with autocast(device):
+                    loss_sum = net(**model_inputs(batch, device))
+                (loss_sum * world / stats[2]).backward()
+            stats[0] += loss_sum.detach()
+        if ddp:
+            dist.all_reduce(stats[:2])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), training.grad_clip)
-        if not (math.isfinite(loss_value) and torch.isfinite(grad_norm)):
-            raise TrainingDiverged(
-                f"{name} step {step}: loss {loss_value}, gradient norm {grad_norm.item()} (not finite)",
-                f"lower training.{name}.learning_rate (now {phase.learning_rate:g}), raise "
-                f"training.{name}.warmup_steps, or clip harder (training.grad_clip, now {training.grad_clip:g})")
-        lr = optimizer.param_groups[0]["lr"]
+        run.pending.append((step, stats[0] / stats[2], grad_norm, stats[1]))
+        run.lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        window.append(loss_value)
-        tokens += stats[1].item()
-        if step == 1 or step % training.log_every == 0 or step == phase.steps:
-            record = {"step": step_offset + step, "phase": name, "loss": sum(window) / len(window), "lr": lr,
-                      "tokens_per_s": tokens / (time.perf_counter() - started)}
-            history.append(record)
-            window = []
-            if on_log is not None:
-                on_log(record)
-    metrics = {f"{name}_loss": history[-1]["loss"]} if history else {}
-    val_loss = evaluate_loss(model, val_batches, device)
-    if val_loss is not None:
-        metrics[f"{name}_val_loss"] = val_loss
-    return history, metrics
+        run.step = step
+        evaluating = training.eval_every and step % training.eval_every == 0 and step < phase.steps
+        saving = save is not None and training.checkpoint_every and step % training.checkpoint_every == 0
+        if step == 1 or step % training.log_every == 0 or step == phase.steps or evaluating or saving:
+            run.check_and_log()  # one synchronization; raises TrainingDiverged
+        if evaluating and run.validate(evaluate_loss(objective, val_batches, device), model):
+            break  # early stopping: the best weights are back in the model
+        if saving:
+            run.last_checkpoint = save(step, *run.snapshot(model, optimizer, schedule))
+    run.check_and_log(final=True)
+    if run.history:
+        run.metrics[f"{name}_loss"] = run.history[-1]["loss"]
+    run.metrics[f"{name}_val_loss"] = evaluate_loss(objective, val_batches, device)
+    return run.history, {k: v for k, v in run.metrics.items() if v is not None}
+
+
+class _PhaseRun:
+    """What the loop remembers between steps: pending losses, history, validation record."""
+
+    def __init__(self, name: str, phase: PhaseConfig, training: TrainingConfig, step_offset: int,
+                 on_log: Callable[[dict], None] | None) -> None:
+        self.name, self.phase, self.training, self.offset, self.on_log = name, phase, training, step_offset, on_log
+        self.step, self.lr, self.tokens, self.started = 0, 0.0, 0.0, time.perf_counter()
+        self.pending: list[tuple] = []
+        self.window: list[float] = []
+        self.history: list[dict] = []
+        self.metrics: dict[str, Any] = {}
+        self.best_val, self.bad_evals, self.best_state = math.inf, 0, None
+        self.last_checkpoint = None
+
+    def check_and_log(self, final: bool = False) -> None:
+        if self.pending:
+            rows = torch.stack([torch.stack([l.float(), n.float(), t.float()]) for _, l, n, t in self.pending]).tolist()
+            for (step, *_), (loss, norm, tokens) in zip(self.pending, rows):
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    self._diverged(step, loss, norm)
+                self.window.append(loss)
+                self.tokens += tokens
+            self.pending = []
+        step = self.step
+        if self.window and (step == 1 or step % self.training.log_every == 0 or step == self.phase.steps or final):
+            record = {"step": self.offset + step, "phase": self.name, "loss": sum(self.window) / len(self.window),
+                      "lr": self.lr, "tokens_per_s": self.tokens / (time.perf_counter() - self.started)}
+            self.history.append(record)
+            self.window = []
+            if self.on_log is not None:
+                self.on_log(record)
+
+    def _diverged(self, step: int, loss: float, norm: float) -> None:
+        name, phase, training = self.name, self.phase, self.training
+        kept = (f"the last good checkpoint is {self.last_checkpoint} (resume from it with --resume)"
+                if self.last_checkpoint else "no checkpoint was written before it (training.checkpoint_every)")
+        raise TrainingDiverged(
+            f"{name} step {step}: loss {loss}, gradient norm {norm} (not finite); {kept}",
+            f"lower training.{name}.learning_rate (now {phase.learning_rate:g}), raise "
+            f"training.{name}.warmup_steps, or clip harder (training.grad_clip, now {training.grad_clip:g})")
+
+    def validate(self, val_loss: float | None, model: torch.nn.Module) -> bool:
+        """Record a validation loss; True when early stopping ends the phase (best weights restored)."""
+        if val_loss is None:
+            return False
+        patience = self.training.early_stopping_patience
+        if val_loss < self.best_val:
+            self.best_val, self.bad_evals = val_loss, 0
+            self.metrics[f"{self.name}_val_loss_best"] = val_loss
+            if patience:
+                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in ckpt.trainable_state(model).items()}
+            return False
+        self.bad_evals += 1
+        if not patience or self.bad_evals < patience:
+            return False
+        ckpt.load_trainable(model, self.best_state)
+        self.metrics[f"{self.name}_stopped_early_at"] = float(self.offset + self.step)
+        return True
+
+    def snapshot(self, model, optimizer, schedule) -> tuple[dict[str, Tensors], dict[str, Any]]:
+        opt_tensors, opt_meta = ckpt.optimizer_state(optimizer)
+        rng_tensors, rng_meta = ckpt.rng_state()
+        groups = {"model": ckpt.trainable_state(model), "optimizer": opt_tensors, "rng": rng_tensors}
+        if self.best_state is not None:
+            groups["best"] = self.best_state
+        state = {"step": self.step, "lr": self.lr, "window": self.window, "history": self.history,
+                 "metrics": self.metrics, "best_val": self.best_val, "bad_evals": self.bad_evals,
+                 "optimizer": opt_meta, "schedule": schedule.state_dict(), "rng": rng_meta}
+        return groups, state
+
+    def restore(self, saved: ckpt.Checkpoint, model, optimizer, schedule) -> None:
+        state = saved.state["loop"]
+        ckpt.load_trainable(model, saved.tensors["model"])
+        ckpt.load_optimizer(optimizer, saved.tensors["optimizer"], state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        ckpt.set_rng_state(saved.tensors["rng"], state["rng"])
+        self.step, self.lr, self.window = state["step"], state["lr"], list(state["window"])
+        self.history, self.metrics = list(state["history"]), dict(state["metrics"])
+        self.best_val, self.bad_evals, self.best_state = state["best_val"], state["bad_evals"], saved.tensors.get("best")
+        self.last_checkpoint = saved.path
+
+
+def _targets(micro: list[Tensors]) -> int:
+    """Predicted (non-ignored, shifted) label positions in these micro-batches."""
+    return sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+
+
+def model_inputs(batch: Tensors, device: torch.device) -> Tensors:
+    """Device tensors for the objective, without an attention mask where causality makes it moot.
+
+    Packed rows have no padding, and right padding only follows the real tokens, which causal
+    attention never lets them see: dropping the mask keeps SDPA on its flash-attention path.
+    """
+    inputs = {"input_ids": batch["input_ids"], "labels": batch["labels"]}
+    mask = batch.get("attention_mask")
+    if mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):
+        inputs["attention_mask"] = mask
+    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, batches: list[Tensors], device: torch.device) -> float | None:
+def evaluate_loss(objective: CausalLMObjective, batches: list[Tensors], device: torch.device) -> float | None:
     """Mean next-token loss per predicted token over all ranks' batches; None when there are none."""
-    was_training = model.training
-    model.eval()
+    was_training = objective.training
+    objective.eval()
     totals = torch.zeros(2, device=device, dtype=torch.float64)  # [summed loss, predicted tokens]
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with _autocast(device):
-            loss = model(**batch).loss
-        # The model shifts labels by one; the loss is a mean over the positions it predicted.
-        predicted = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-        if predicted:
-            totals += torch.stack([loss.double() * predicted, predicted.double()])
+        with autocast(device):
+            loss_sum = objective(**model_inputs(batch, device))
+        totals += torch.stack([loss_sum.double(), torch.tensor(_targets([batch]), device=device, dtype=torch.float64)])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
-    model.train(was_training)
+    objective.train(was_training)
     return (totals[0] / totals[1]).item() if totals[1] > 0 else None
 
 
@@ -129,6 +231,6 @@ def lr_factor(step: int, phase: PhaseConfig) -> float:
     return MIN_LR_RATIO + (1.0 - MIN_LR_RATIO) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _autocast(device: torch.device):
+def autocast(device: torch.device):
     # bf16 autocast on CUDA only: CPU autocast is slower than fp32 for these small matrices.
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()

@@ -1,0 +1,289 @@
+"""Training throughput on one GPU: plain transformers/peft loops against lmforge's engine, in one job.
+
+    PYTHONPATH=src python bench/train_gpu.py [--only gpt2,llama_full,llama_lora,ablations] [--out DIR]
+
+Needs only torch, transformers and peft (plus pydantic, which lmforge's configs use). Synthetic
+random tokens, packed (no padding). Workloads, as in issue 5:
+
+- GPT-2 124M pretraining, sequence 1024, batch 16;
+- Llama-shaped 1.1B (hidden 2048, 22 layers, 32 heads, 4 KV heads, vocabulary 32000, untied
+  embeddings), sequence 2048, batch 8: full fine-tuning, and LoRA r=16 on all linear layers.
+
+Baselines, measured in the same process: a plain loop (float32 weights, bf16 autocast, AdamW,
+SDPA attention, the model's own loss, gradient clipping), the same with ``torch.compile(model)``,
+and for LoRA the same plain loop over a peft model. Ours: :func:`lmforge.train.loop.train_phase`,
+the engine's one loop, with its GPU settings (blocks compiled one by one, fused AdamW, the chunked
+fused output-layer cross-entropy, embeddings padded to a multiple of 64, bf16 frozen base for LoRA).
+Each optimization is also measured alone on top of the plain loop (``plain+X`` rows).
+
+MFU = (6·N + 12·L·h·S) · tokens/s / 989e12: N all parameters (tied once), L layers, h hidden size,
+S sequence length, 989 TFLOP/s the H100's dense bf16 peak. For LoRA the same 6·N convention is
+kept (its backward skips weight gradients of the frozen base, so its true FLOPs are lower).
+Raw rows go to OUT/train_gpu_raw.jsonl as each variant finishes, and figures with their baselines
+to OUT/train_gpu.jsonl through bench/_record.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from _record import record  # noqa: E402
+from lmforge.config.training import LoraConfig, ModelConfig, PhaseConfig, TrainingConfig  # noqa: E402
+from lmforge.model import count_parameters, model_config  # noqa: E402
+from lmforge.model_info import describe, mfu, train_flops_per_token  # noqa: E402
+from lmforge.train import speed  # noqa: E402
+from lmforge.train.data import batch_stream  # noqa: E402
+from lmforge.train.losses import CausalLMObjective  # noqa: E402
+from lmforge.train.loop import train_phase  # noqa: E402
+from lmforge.train.methods import apply_method  # noqa: E402
+
+BENCH = "train_gpu"
+COMMAND = "PYTHONPATH=src python bench/train_gpu.py"
+ABLATIONS = ("fused_adamw", "vocab64", "fused_loss", "compile_blocks")
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPES = {
+    "gpt2": dict(model=ModelConfig(architecture="gpt2", vocab_size=50257, hidden_size=768, num_layers=12, num_heads=12,
+                                   num_kv_heads=12, intermediate_size=3072, max_seq_len=1024),
+                 vocab=50257, batch=16, seq=1024),
+    "llama": dict(model=ModelConfig(architecture="llama", vocab_size=32000, hidden_size=2048, num_layers=22,
+                                    num_heads=32, num_kv_heads=4, intermediate_size=5632, max_seq_len=2048,
+                                    tie_embeddings=False),
+                  vocab=32000, batch=8, seq=2048),
+}
+TINY = {  # --tiny: the same code paths on a CPU in seconds (a check of this script, not a benchmark)
+    "gpt2": dict(model=ModelConfig(architecture="gpt2", vocab_size=300, hidden_size=64, num_layers=2, num_heads=4,
+                                   num_kv_heads=4, intermediate_size=128, max_seq_len=64), vocab=300, batch=4, seq=64),
+    "llama": dict(model=ModelConfig(architecture="llama", vocab_size=300, hidden_size=64, num_layers=2, num_heads=4,
+                                    num_kv_heads=2, intermediate_size=128, max_seq_len=64, tie_embeddings=False),
+                  vocab=300, batch=4, seq=64),
+}
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device("cpu" if args.tiny else "cuda")
+        self.shapes = TINY if args.tiny else SHAPES
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.rows: dict[str, dict] = {}
+        self.deadline = time.monotonic() + args.budget_s
+
+    def run(self, name: str, shape: str, build: Callable[[], tuple[Callable[[int], None], torch.nn.Module]],
+            warmup: int, steps: int) -> None:
+        """Build a variant, run ``warmup`` steps (compilation), then time ``steps`` steps."""
+        if time.monotonic() > self.deadline:
+            print(f"skip {name}: out of time budget", flush=True)
+            return
+        s = self.shapes[shape]
+        row = {"variant": name, "shape": shape, "batch": s["batch"], "seq": s["seq"]}
+        try:
+            _sync(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            run_steps, model = build()
+            run_steps(warmup)
+            _sync(self.device)
+            row["warmup_s"] = round(time.perf_counter() - started, 1)
+            begin = time.perf_counter()
+            run_steps(steps)
+            _sync(self.device)
+            elapsed = time.perf_counter() - begin
+            tokens = steps * s["batch"] * s["seq"]
+            params = count_parameters(model)
+            flops = train_flops_per_token(params, s["model"].num_layers, s["model"].hidden_size, s["seq"])
+            row.update(tokens_per_s=round(tokens / elapsed), params=params, trainable=count_parameters(model, True),
+                       mfu=round(mfu(tokens / elapsed, flops), 4), step_ms=round(1000 * elapsed / steps, 1))
+            if self.device.type == "cuda":
+                row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        except torch.cuda.OutOfMemoryError as exc:  # record it and go on with the next variant
+            row["error"] = f"out of memory: {str(exc)[:120]}"
+        finally:
+            run_steps = model = None  # noqa: F841 - free the variant before the next one
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self.rows[name] = row
+        with (self.out / "train_gpu_raw.jsonl").open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+    # ------------------------------------------------------------ the variants
+
+    def plain(self, shape: str, lora: bool = False, compile_model: bool = False, fused_adamw: bool = False,
+              vocab64: bool = False, fused_loss: bool = False, compile_blocks: bool = False, bf16_base: bool = False):
+        """A plain loop; each keyword switches on one optimization of the engine."""
+        from transformers import AutoModelForCausalLM
+
+        def build():
+            s = self.shapes[shape]
+            cfg = s["model"].model_copy(update={"vocab_multiple": 64 if vocab64 else 1})
+            with self.device:
+                model = AutoModelForCausalLM.from_config(model_config(cfg, s["vocab"]), attn_implementation="sdpa")
+            if lora:
+                from peft import LoraConfig as PeftLora, get_peft_model
+
+                model = get_peft_model(model, PeftLora(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LINEAR,
+                                                       task_type="CAUSAL_LM"))
+            if bf16_base:
+                speed.freeze_to_bf16(model)
+            if compile_blocks:
+                speed.compile_blocks(model)
+            net = torch.compile(model) if compile_model else model
+            objective = CausalLMObjective(net, fused=True, compile_chunks=self.device.type == "cuda") if fused_loss else None
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, betas=(0.9, 0.95), fused=fused_adamw or None)
+            data = _random_batches(s, 4, self.device)
+
+            def run_steps(n: int) -> None:
+                for i in range(n):
+                    ids = data[i % len(data)]
+                    with _autocast(self.device):
+                        loss = objective(ids, ids) / (ids.numel() - len(ids)) if objective else net(input_ids=ids, labels=ids).loss
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            return run_steps, model
+        return build
+
+    def engine(self, shape: str, method: str, vocab_multiple: int = 64, **overrides):
+        """lmforge's own path: ``train_phase`` with the engine's GPU settings (``overrides`` switch some off)."""
+        def build():
+            s = self.shapes[shape]
+            cfg = s["model"].model_copy(update={"vocab_multiple": vocab_multiple})
+            settings = {"compile": True, "fused_loss": True, **overrides}
+            training = TrainingConfig(method=method, use_gpu=self.device.type == "cuda", use_ray=False, log_every=10**6,
+                                      weight_decay=0.01, lora=LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=LINEAR),
+                                      **settings)
+            from lmforge.model import build_model
+
+            with self.device:
+                model = build_model(cfg, s["vocab"])
+            if training.compile:
+                speed.compile_blocks(model)
+            if method not in ("pretrain", "full"):
+                model = apply_method(model, training)
+                if self.device.type == "cuda":
+                    speed.freeze_to_bf16(model)
+            rows = _random_rows(s, 64)
+            batches = batch_stream(rows, s["batch"], seed=0)
+            name = "pretrain" if method == "pretrain" else "finetune"
+
+            def run_steps(n: int) -> None:
+                phase = PhaseConfig(steps=n, learning_rate=1e-4, batch_size=s["batch"], seq_len=s["seq"], warmup_steps=0)
+                train_phase(model, name, phase, training, batches, [], self.device)
+            return run_steps, model
+        return build
+
+
+def _random_batches(s: dict, n: int, device: torch.device) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, s["vocab"], (s["batch"], s["seq"]), generator=g).to(device) for _ in range(n)]
+
+
+def _random_rows(s: dict, n: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, s["vocab"], (n, s["seq"]), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="gpt2,llama_full,llama_lora,ablations,engine_ablations")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--budget-s", type=float, default=330, help="skip variants that would start after this")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: check the script runs")
+    args = parser.parse_args(argv)
+    bench = Bench(args)
+    only = set(args.only.split(","))
+    g, l = (4, 3) if not args.tiny else (1, 1)  # noqa: E741 - warm-up steps (compile happens there)
+    if "gpt2" in only:
+        bench.run("gpt2/plain", "gpt2", bench.plain("gpt2"), warmup=g, steps=20)
+        bench.run("gpt2/plain+torch.compile", "gpt2", bench.plain("gpt2", compile_model=True), warmup=g, steps=20)
+        bench.run("gpt2/lmforge", "gpt2", bench.engine("gpt2", "pretrain"), warmup=g, steps=20)
+    if "llama_full" in only:
+        bench.run("llama_full/plain", "llama", bench.plain("llama"), warmup=l, steps=8)
+        bench.run("llama_full/lmforge", "llama", bench.engine("llama", "full"), warmup=l, steps=8)
+    if "llama_lora" in only:
+        bench.run("llama_lora/peft", "llama", bench.plain("llama", lora=True), warmup=l, steps=8)
+        bench.run("llama_lora/lmforge", "llama", bench.engine("llama", "lora"), warmup=l, steps=8)
+    if "ablations" in only:
+        for flag in ABLATIONS:
+            bench.run(f"gpt2/plain+{flag}", "gpt2", bench.plain("gpt2", **{flag: True}), warmup=g, steps=20)
+        bench.run("llama_lora/peft+bf16_base", "llama", bench.plain("llama", lora=True, bf16_base=True), warmup=l, steps=8)
+        bench.run("llama_full/plain+fused_loss", "llama", bench.plain("llama", fused_loss=True), warmup=l, steps=8)
+    if "compile_ablation" in only:  # the one plain+X row whose X changed since an earlier job
+        bench.run("gpt2/plain+compile_blocks", "gpt2", bench.plain("gpt2", compile_blocks=True), warmup=g, steps=20)
+    if "engine_ablations" in only:  # the engine with one of its optimizations switched off
+        bench.run("gpt2/lmforge-fused_loss", "gpt2", bench.engine("gpt2", "pretrain", fused_loss=False), warmup=g, steps=20)
+        bench.run("gpt2/lmforge-vocab64", "gpt2", bench.engine("gpt2", "pretrain", vocab_multiple=1), warmup=g, steps=20)
+    write_records(bench)
+    return 0
+
+
+def write_records(bench: Bench) -> None:
+    """Ours against each same-run baseline, through bench/_record.py's one format."""
+    rows, out = bench.rows, bench.out
+    estimate = {shape: describe(s["model"], TrainingConfig(method="full", use_gpu=False, finetune=PhaseConfig(
+        steps=1, learning_rate=1e-4, batch_size=s["batch"], seq_len=s["seq"])), s["vocab"])
+        for shape, s in bench.shapes.items()}
+    pairs = [("gpt2_124m_pretrain_tokens_per_s", "gpt2/lmforge", "gpt2/plain"),
+             ("gpt2_124m_pretrain_tokens_per_s_vs_compile", "gpt2/lmforge", "gpt2/plain+torch.compile"),
+             ("llama_1.1b_full_ft_tokens_per_s", "llama_full/lmforge", "llama_full/plain"),
+             ("llama_1.1b_lora_r16_tokens_per_s", "llama_lora/lmforge", "llama_lora/peft")]
+    pairs += [(f"gpt2_124m_{flag}_alone_tokens_per_s", f"gpt2/plain+{flag}", "gpt2/plain") for flag in ABLATIONS]
+    pairs += [("llama_1.1b_lora_bf16_base_alone_tokens_per_s", "llama_lora/peft+bf16_base", "llama_lora/peft"),
+              ("llama_1.1b_full_fused_loss_alone_tokens_per_s", "llama_full/plain+fused_loss", "llama_full/plain")]
+    device = torch.cuda.get_device_name(0) if bench.device.type == "cuda" else "cpu (--tiny check)"
+    for metric, ours, base in pairs:
+        if "tokens_per_s" in rows.get(ours, {}) and "tokens_per_s" in rows.get(base, {}):
+            o, b = rows[ours], rows[base]
+            record(BENCH, metric, o["tokens_per_s"], "tokens/s", f"{base} (MFU {b['mfu']:.1%})", b["tokens_per_s"],
+                   device=device, command=f"{COMMAND}  # {ours}: MFU {o['mfu']:.1%}, peak {o.get('peak_gib')} GiB",
+                   out_dir=out)
+    for metric, without in (("gpt2_124m_engine_without_fused_loss_tokens_per_s", "gpt2/lmforge-fused_loss"),
+                            ("gpt2_124m_engine_without_vocab64_tokens_per_s", "gpt2/lmforge-vocab64")):
+        if "tokens_per_s" in rows.get(without, {}) and "tokens_per_s" in rows.get("gpt2/lmforge", {}):
+            record(BENCH, metric, rows[without]["tokens_per_s"], "tokens/s", "gpt2/lmforge (all on)",
+                   rows["gpt2/lmforge"]["tokens_per_s"], device=device, command=COMMAND, out_dir=out)
+    for metric, ours, base in [("llama_1.1b_lora_peak_gib_vs_peft", "llama_lora/lmforge", "llama_lora/peft"),
+                               ("llama_1.1b_lora_peak_gib_vs_full_ft", "llama_lora/lmforge", "llama_full/lmforge")]:
+        if "peak_gib" in rows.get(ours, {}) and "peak_gib" in rows.get(base, {}):
+            record(BENCH, metric, rows[ours]["peak_gib"], "GiB", base, rows[base]["peak_gib"], device=device,
+                   command=COMMAND, higher_is_better=False, out_dir=out)
+    for name in ("gpt2/lmforge", "llama_full/lmforge"):
+        if "tokens_per_s" in rows.get(name, {}):
+            shape = rows[name]["shape"]
+            est = next(m for m in estimate[shape].memory if m.phase == "finetune")
+            record(BENCH, f"{shape}_memory_estimate_gib", round(est.total / 2**30, 2), "GiB",
+                   f"measured peak of {name}", rows[name].get("peak_gib"), device=device,
+                   command="lmforge model info (estimate) vs " + COMMAND, higher_is_better=False, out_dir=out)
+    print("\nvariant                         tokens/s     MFU   peak GiB  warm-up s")
+    for name, row in rows.items():
+        print(f"{name:<30} {row.get('tokens_per_s', row.get('error', '-'))!s:>9} {row.get('mfu', 0):>7.1%} "
+              f"{row.get('peak_gib', '-')!s:>9} {row.get('warmup_s', '-')!s:>9}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""What a configured model costs: parameters, FLOPs per token, and training memory at the configured batch.
+
+``lmforge model info CONFIG`` prints it; the train stage calls :func:`fit_warning` before a run and
+warns when the estimate exceeds the device's memory. The model is built on PyTorch's meta device
+(shapes, no storage), so this is instant even for billions of parameters.
+
+FLOPs per token (Kaplan et al.; PaLM appendix B): training ``6·N + 12·L·h·S``, forward only
+``2·N + 4·L·h·S``, with N all parameters (tied ones once), L layers, h the hidden size and S the
+sequence length. MFU = training FLOPs per token x tokens/s / peak (989 TFLOP/s for a dense bf16 H100).
+
+Memory (bytes, one worker): float32 master weights (4 per parameter; a frozen base 2 in bf16 on GPUs,
+about 0.55 in QLoRA's 4 bits), gradients (4 per trainable parameter), AdamW moments (8 per trainable
+parameter), and activations per token per layer ``2·(6h + 2·kv + 4·I) + 8h`` (bf16 tensors saved for
+the backward pass, float32 residual stream; flash attention keeps no S x S matrix) plus the output
+layer's logits (10 bytes per vocabulary entry per token, or one 512 MiB chunk with the fused loss).
+Gradient checkpointing keeps 4h per token per layer plus one layer's activations. It is an estimate:
+``bench/train_gpu.py`` records it next to measured peaks.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lmforge.config.training import ModelConfig, PhaseConfig, TrainingConfig
+from lmforge.errors import ConfigError
+
+H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (datasheet), the MFU denominator
+GIB = 1024 ** 3
+
+
+class MemoryEstimateWarning(UserWarning):
+    """The training memory estimate exceeds the memory of the device the run would use."""
+
+
+@dataclass(frozen=True)
+class PhaseMemory:
+    phase: str
+    method: str
+    batch_tokens: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    architecture: str
+    layers: int
+    hidden: int
+    vocab: int
+    params_total: int
+    params_trainable_finetune: int
+    train_flops_per_token: dict[str, float]
+    forward_flops_per_token: dict[str, float]
+    memory: list[PhaseMemory]
+    device: str
+    device_bytes: int
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        for row, phase in zip(out["memory"], self.memory):
+            row["total"] = phase.total
+        return out
+
+
+def train_flops_per_token(params: int, layers: int, hidden: int, seq_len: int) -> float:
+    """6·N + 12·L·h·S: forward and backward FLOPs per trained token."""
+    return 6.0 * params + 12.0 * layers * hidden * seq_len
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float = H100_BF16_PEAK) -> float:
+    return tokens_per_s * flops_per_token / peak
+
+
+def describe(model_cfg: ModelConfig, training: TrainingConfig, vocab_size: int | None = None) -> ModelInfo:
+    """Sizes, FLOPs and memory of ``model_cfg`` trained as ``training`` says."""
+    model = _meta_model(model_cfg, vocab_size or model_cfg.vocab_size)
+    from lmforge.model import count_parameters
+
+    config = model.config
+    total = count_parameters(model)
+    trainable = _trainable_after_method(model, training) if training.method != "pretrain" else total
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    phases = [("pretrain", training.pretrain, "pretrain")]
+    if training.method != "pretrain":
+        phases.append(("finetune", training.finetune, training.method))
+    phases = [p for p in phases if p[1].steps > 0] or phases[:1]
+    device, budget = _device_budget(training.use_gpu)
+    memory = [_phase_memory(name, phase, method, config, total, total if method in ("pretrain", "full") else trainable,
+                            training, on_gpu=training.use_gpu) for name, phase, method in phases]
+    return ModelInfo(
+        architecture=config.model_type, layers=layers, hidden=hidden, vocab=config.vocab_size, params_total=total,
+        params_trainable_finetune=trainable,
+        train_flops_per_token={n: train_flops_per_token(total, layers, hidden, p.seq_len) for n, p, _ in phases},
+        forward_flops_per_token={n: 2.0 * total + 4.0 * layers * hidden * p.seq_len for n, p, _ in phases},
+        memory=memory, device=device, device_bytes=budget)
+
+
+def fit_warning(model_cfg: ModelConfig, training: TrainingConfig, vocab_size: int | None = None) -> str | None:
+    """A message when a phase's estimated memory exceeds the device's, else None."""
+    info = describe(model_cfg, training, vocab_size)
+    for phase in info.memory:
+        if info.device_bytes and phase.total > info.device_bytes:
+            return (f"the {phase.phase} phase needs about {phase.total / GIB:.1f} GiB per worker "
+                    f"(weights {phase.weights / GIB:.1f}, gradients {phase.gradients / GIB:.1f}, optimizer "
+                    f"{phase.optimizer / GIB:.1f}, activations {phase.activations / GIB:.1f}) but the {info.device} "
+                    f"has {info.device_bytes / GIB:.1f} GiB: lower the batch_size (raise grad_accum to keep the "
+                    f"batch), set training.gradient_checkpointing: true, or use an adapter method")
+    return None
+
+
+def info_lines(info: ModelInfo) -> list[str]:
+    """The human-readable report of ``lmforge model info``."""
+    lines = [f"{info.architecture}: {info.layers} layers, hidden {info.hidden}, vocabulary {info.vocab}",
+             f"parameters: {info.params_total:,} (trainable when fine-tuning: {info.params_trainable_finetune:,})"]
+    for name, flops in info.train_flops_per_token.items():
+        lines.append(f"{name}: {flops / 1e9:.3f} GFLOP per trained token (6N + 12·L·h·S), "
+                     f"{info.forward_flops_per_token[name] / 1e9:.3f} GFLOP per token forward")
+    for m in info.memory:
+        lines.append(f"{m.phase} ({m.method}, {m.batch_tokens} tokens per micro-batch): weights {_size(m.weights)}, "
+                     f"gradients {_size(m.gradients)}, optimizer {_size(m.optimizer)}, activations "
+                     f"{_size(m.activations)}, total {_size(m.total)}")
+    lines.append(f"device: {info.device}, {_size(info.device_bytes)}")
+    return lines
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def _phase_memory(name: str, phase: PhaseConfig, method: str, config, total: int, trainable: int,
+                  training: TrainingConfig, on_gpu: bool) -> PhaseMemory:
+    tokens = phase.batch_size * phase.seq_len
+    frozen = total - trainable
+    frozen_bytes = {"qlora": 0.55}.get(method, 2.0 if on_gpu and method in ("lora", "ia3", "adapter") else 4.0)
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    kv = hidden * getattr(config, "num_key_value_heads", config.num_attention_heads) // config.num_attention_heads
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    per_layer = 2 * (6 * hidden + 2 * kv + 4 * inter) + 8 * hidden
+    if training.gradient_checkpointing:
+        act = tokens * (layers * 4 * hidden + per_layer)
+    else:
+        act = tokens * layers * per_layer
+    logits = min(tokens, (1 << 29) // (4 * config.vocab_size)) * config.vocab_size * 8 if training.fused_loss \
+        else tokens * config.vocab_size * 10
+    return PhaseMemory(phase=name, method=method, batch_tokens=tokens, weights=int(4 * trainable + frozen_bytes * frozen),
+                       gradients=4 * trainable, optimizer=8 * trainable, activations=int(act + logits))
+
+
+def _meta_model(model_cfg: ModelConfig, vocab_size: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lmforge.model import model_config
+
+    if model_cfg.base_model:
+        try:
+            config = AutoConfig.from_pretrained(model_cfg.base_model, trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the config of base_model {model_cfg.base_model!r}: {exc}",
+                              "set model.base_model to a local model directory (or a hub name when online)") from None
+    else:
+        config = model_config(model_cfg, vocab_size)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _trainable_after_method(model, training: TrainingConfig) -> int:
+    from lmforge.model import count_parameters
+    from lmforge.train.methods import apply_method
+
+    # QLoRA trains exactly LoRA's parameters; counting needs no 4-bit reload.
+    counted = training.model_copy(update={"method": "lora"}) if training.method == "qlora" else training
+    with torch.device("meta"):
+        adapted = apply_method(model, counted)
+    return count_parameters(adapted, trainable_only=True)
+
+
+def _device_budget(use_gpu: bool) -> tuple[str, int]:
+    if use_gpu:
+        if not torch.cuda.is_available():
+            return "GPU (none visible here: no fit check)", 0
+        props = torch.cuda.get_device_properties(0)
+        return props.name, props.total_memory
+    try:
+        return "host (CPU) memory", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        warnings.warn("cannot read the host's memory size; no fit check", MemoryEstimateWarning, stacklevel=2)
+        return "host (CPU) memory", 0

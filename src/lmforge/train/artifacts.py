@@ -1,0 +1,131 @@
+"""What a training run leaves behind, and how to load it back for inference.
+
+A run directory holds ``model/``: always a complete transformers model directory (config,
+safetensors weights, tokenizer, generation config) that evaluation, the registry and serving load.
+
+- ``pretrain``, ``full``: ``model/`` is the trained model.
+- Mergeable adapters (``lora``, ``qlora``, ``ia3``): ``adapter/`` (peft format) and the ``base/`` it
+  adapts; ``model/`` is the adapter merged into that base, merged from the saved files (float32).
+- Adapters that cannot be merged (``adapter``, ``prefix``, ``ptuning_v2``, ``prompt``, ``ptuning``):
+  ``model/`` holds the base weights plus the adapter in ``model/adapter/`` and a marker file
+  ``lmforge_adapter.json``; :func:`load_trained` applies it. A plain
+  ``AutoModelForCausalLM.from_pretrained(model/)`` loads the base only. ``adapter/`` is a copy that
+  points at ``model/`` as its base.
+
+Every ``model/`` records ``lmforge_probe.json``: greedy tokens of the in-memory model before saving,
+which loading must reproduce.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from lmforge.prompt import format_prompt
+from lmforge.train import adapters
+from lmforge.workspace import atomic_write_json
+
+PROBE_FILE = "lmforge_probe.json"
+PROBE_INSTRUCTION = "What does `json.dumps` do?"
+PROBE_TOKENS = 8
+MARKER = "lmforge_adapter.json"
+
+
+def save_full(model, tokenizer, out: Path) -> None:
+    """``out/model``: a model trained in full (or not adapted at all)."""
+    probe = greedy_ids(model, tokenizer, format_prompt(PROBE_INSTRUCTION))
+    _save_model(model, tokenizer, out / "model")
+    _write_probe(out / "model", probe)
+
+
+def save_base(model, tokenizer, path: Path) -> None:
+    """The exact weights an adapter is about to be trained on (written before training)."""
+    _save_model(model, tokenizer, path)
+
+
+def save_merged(model, tokenizer, out: Path, run_dir: Path) -> None:
+    """``adapter/`` from the trained peft model, and ``model/`` = that adapter merged into ``base/``."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model.peft_config["default"].base_model_name_or_path = str(run_dir / "base")
+    # The vocabulary never changes here; "auto" would look the base up on a hub.
+    model.save_pretrained(out / "adapter", save_embedding_layers=False)
+    probe = greedy_ids(model, tokenizer, format_prompt(PROBE_INSTRUCTION))
+    # Merge from the files, in float32: exact even when the base trained in bf16 or 4 bits.
+    base = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32, use_safetensors=True)
+    merged = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
+    _save_model(merged, tokenizer, out / "model")
+    _write_probe(out / "model", probe)
+
+
+def save_unmerged(model, tokenizer, out: Path, run_dir: Path, base_dir: Path) -> None:
+    """``model/`` = base weights + ``model/adapter/`` + marker; ``adapter/`` beside it."""
+    probe = greedy_ids(model, tokenizer, format_prompt(PROBE_INSTRUCTION))
+    if base_dir.resolve() != (out / "model").resolve():
+        shutil.copytree(base_dir, out / "model")
+    for target, base_path in ((out / "model" / "adapter", ".."), (out / "adapter", str(run_dir / "model"))):
+        if hasattr(model, "lmforge_adapter"):
+            adapters.save_adapter(model, target, base_dir=base_path)
+        else:
+            model.peft_config["default"].base_model_name_or_path = base_path
+            model.save_pretrained(target, save_embedding_layers=False)
+    kind = model.lmforge_adapter["kind"] if hasattr(model, "lmforge_adapter") else "peft"
+    atomic_write_json(out / "model" / MARKER, {
+        "adapter": "adapter", "format": kind, "mergeable": False,
+        "note": "base weights; apply adapter/ with lmforge.train.artifacts.load_trained (transformers alone "
+                "loads the base without it)"})
+    _write_probe(out / "model", probe)
+
+
+def load_trained(model_dir: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A trained ``model/`` ready for inference, with its unmergeable adapter applied if it has one."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True,
+                                                 local_files_only=True, trust_remote_code=False)
+    marker = model_dir / MARKER
+    if marker.exists():
+        adapter_dir = model_dir / json.loads(marker.read_text())["adapter"]
+        if adapters.is_bottleneck_adapter(adapter_dir):
+            model = adapters.load_adapter(model, adapter_dir)
+        else:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter_dir)
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def greedy_ids(model, tokenizer, prompt: str, max_new_tokens: int = PROBE_TOKENS) -> list[int]:
+    """Token ids ``model`` greedily appends to ``prompt`` (the reload check of a saved model)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+    # Adapted models on GPUs keep a bf16 base beside float32 adapters: autocast reconciles them.
+    cast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    with cast:
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    model.train(was_training)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def load_probe(model_dir: Path) -> dict:
+    """The greedy completion recorded when ``model_dir`` was saved (see :func:`greedy_ids`)."""
+    return json.loads((Path(model_dir) / PROBE_FILE).read_text())
+
+
+def _save_model(model, tokenizer, path: Path) -> None:
+    model.save_pretrained(path)  # safetensors: transformers 5 writes nothing else
+    tokenizer.save_pretrained(path)
+
+
+def _write_probe(model_dir: Path, completion_ids: list[int]) -> None:
+    atomic_write_json(model_dir / PROBE_FILE, {"prompt": format_prompt(PROBE_INSTRUCTION),
+                                               "max_new_tokens": PROBE_TOKENS, "completion_ids": completion_ids})

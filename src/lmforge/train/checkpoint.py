@@ -1,0 +1,153 @@
+"""Atomic training checkpoints that resume a run exactly, written without pickle.
+
+A checkpoint is a directory ``<root>/<phase>-<step>/`` holding the trainable weights, the optimizer
+state, the learning-rate schedule, every random generator's state and the data position (steps
+done), plus the run's history so far. Tensors go to safetensors files, everything else to
+``state.json``; nothing is ever unpickled. Each one is written into a temporary directory and
+renamed into place, and ``latest.json`` is replaced atomically after it, so a crash at any moment
+leaves the previous checkpoint intact and named. A run's checkpoints live in
+``LMFORGE_HOME/checkpoints/<run_id>/``; ``python -m lmforge.train CONFIG --resume RUN_ID`` resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.errors import ConfigError
+from lmforge.workspace import Workspace, atomic_write_json
+
+LATEST = "latest.json"
+
+
+def checkpoint_root(ws: Workspace, run_id: str) -> Path:
+    return ws.home / "checkpoints" / run_id
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: tensor groups by file stem, and the JSON state."""
+
+    path: Path
+    tensors: dict[str, dict[str, torch.Tensor]]
+    state: dict[str, Any]
+
+
+def save(root: Path, tag: str, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any],
+         keep: int) -> Path:
+    """Write one checkpoint atomically, point ``latest.json`` at it, drop all but the newest ``keep``."""
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{tag}.", suffix=".tmp"))
+    try:
+        for stem, group in tensors.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, str(tmp / f"{stem}.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state, default=_jsonable))
+        for path in tmp.iterdir():  # durable before the rename makes them visible
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+        final = root / tag
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    previous = _read_latest(root).get("history", [])
+    history = [t for t in previous if t != tag] + [tag]
+    atomic_write_json(root / LATEST, {"tag": tag, "history": history[-keep:]})
+    for old in history[:-keep]:
+        shutil.rmtree(root / old, ignore_errors=True)
+    return final
+
+
+def load_latest(root: Path) -> Checkpoint | None:
+    """The newest complete checkpoint under ``root``, or None when there is none."""
+    from safetensors.torch import load_file
+
+    tag = _read_latest(root).get("tag")
+    if not tag:
+        return None
+    path = root / tag
+    tensors = {p.stem: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
+    return Checkpoint(path, tensors, json.loads((path / "state.json").read_text()))
+
+
+def _read_latest(root: Path) -> dict:
+    path = root / LATEST
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint's state.json")
+
+
+# ---------------------------------------------------------------- what goes in
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters being trained, by name (frozen weights are restored from the base, not stored)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    expected = trainable_state(model)
+    if set(expected) != set(state):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise ConfigError(f"the checkpoint's weights do not fit this model (missing {missing[:3]}, "
+                          f"unexpected {extra[:3]})",
+                          "resume with the same model and training.method as the run that wrote it")
+    with torch.no_grad():
+        for name, param in expected.items():
+            param.copy_(state[name])
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, JSON) of an optimizer's state_dict, split so that neither needs pickle."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entries in sd["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, key = flat.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return tensors, {"python": random.getstate()}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda")), key=lambda k: int(k[4:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))

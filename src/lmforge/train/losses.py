@@ -1,0 +1,124 @@
+"""The training objective: next-token cross-entropy summed over target tokens, fused or plain.
+
+:class:`CausalLMObjective` wraps a causal LM so that its forward returns the summed loss and is the
+module DDP wraps (calling a submodule around DDP would skip its gradient bookkeeping). The loop
+divides the sum by the number of target tokens of the whole step, across micro-batches and ranks,
+so gradient accumulation and DDP give exactly the gradient of one large batch.
+
+The fused path never holds the logits of the whole batch: :class:`FusedLinearCrossEntropy` runs the
+output layer and the loss chunk by chunk and computes the gradients of both in the forward pass
+(the idea of Liger kernels' fused linear cross-entropy, in plain torch). It needs the hidden
+states, so prompt-learning methods (whose peft forward adds virtual tokens) use the plain path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # label value the loss skips (as torch's cross-entropy does)
+CHUNK_BYTES = 1 << 29  # float32 logits of one chunk: 512 MiB bounds the loss's working memory
+
+
+class CausalLMObjective(torch.nn.Module):
+    """``forward(input_ids, labels, attention_mask=None) -> summed loss`` of a causal LM."""
+
+    def __init__(self, model: torch.nn.Module, label_smoothing: float = 0.0, fused: bool = True,
+                 compile_chunks: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.label_smoothing = label_smoothing
+        self.fused = fused and _hidden_and_head(model) is not None
+        self.chunk_fn = torch.compile(chunk_loss_and_grad, dynamic=False) if compile_chunks else chunk_loss_and_grad
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # Targets shifted left by one (the last position predicts nothing): the hidden states
+        # keep their layout, so nothing of batch x length x width is copied.
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        if self.fused:
+            decoder, head = _hidden_and_head(self.model)
+            # No KV cache in training: building one per step also makes every block's compiled graph
+            # guard on its own cache layer, recompiling once per block.
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            if torch.is_autocast_enabled(hidden.device.type):
+                hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
+            with_grad = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+            return FusedLinearCrossEntropy.apply(hidden.flatten(0, 1), head.weight, targets.flatten(),
+                                                 self.label_smoothing, self.chunk_fn, with_grad)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        # Prompt tuning and P-tuning return logits for their virtual tokens first.
+        logits = logits[:, logits.shape[1] - labels.shape[1]:]
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum", label_smoothing=self.label_smoothing)
+
+
+def _hidden_and_head(model: torch.nn.Module):
+    """(decoder returning hidden states, output layer) of a plain or weight-adapted HF causal LM."""
+    inner = model
+    if hasattr(model, "peft_config"):
+        from peft import PeftModel
+
+        if isinstance(model, PeftModel):
+            if model.active_peft_config.is_prompt_learning or model.active_peft_config.peft_type == "ADAPTION_PROMPT":
+                return None
+            inner = model.get_base_model()
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    decoder = getattr(inner, "base_model", None)
+    if not isinstance(head, torch.nn.Linear) or decoder is None or decoder is inner or head.bias is not None:
+        return None
+    return decoder, head
+
+
+def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, smoothing: float,
+                        with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed loss of float32 ``logits`` rows and, if asked, its gradient (in place of the logits)."""
+    valid = targets != IGNORE_INDEX
+    safe = targets.clamp(min=0)
+    lse = torch.logsumexp(logits, dim=-1)
+    per_row = lse - logits.gather(1, safe[:, None]).squeeze(1)
+    if smoothing:
+        # torch's label smoothing: (1-e) * nll + e * mean over classes of -log p.
+        per_row = (1 - smoothing) * per_row + smoothing * (lse - logits.mean(dim=-1))
+    loss = torch.where(valid, per_row, 0.0).sum()
+    if not with_grad:
+        return loss, None
+    grad = (logits - lse[:, None]).exp_()
+    if smoothing:
+        grad.sub_(smoothing / logits.shape[1])
+    grad.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -(1 - smoothing)))
+    return loss, grad.mul_(valid[:, None])
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """``sum CE(hidden @ weight.T, targets)`` in row chunks, gradients computed during the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, smoothing, chunk_fn, with_grad):
+        dtype = hidden.dtype
+        w = weight.to(dtype)
+        need_h, need_w = with_grad and ctx.needs_input_grad[0], with_grad and ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        rows = max(128, CHUNK_BYTES // (4 * weight.shape[0]) // 128 * 128)
+        for start in range(0, hidden.shape[0], rows):
+            h = hidden[start:start + rows]
+            loss, grad = chunk_fn((h @ w.T).float(), targets[start:start + rows], smoothing, need_h or need_w)
+            total += loss
+            if grad is not None:
+                grad = grad.to(dtype)
+                if need_h:
+                    grad_h[start:start + rows] = grad @ w
+                if need_w:
+                    grad_w += (grad.T @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        grad_w = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return grad_h, grad_w, None, None, None, None

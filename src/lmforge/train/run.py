@@ -1,0 +1,175 @@
+"""One rank's whole run: build the model, run each phase through the loop (resuming if asked), save.
+
+:func:`run_phases` is called by :func:`lmforge.train.launch.run_worker`, in-line or on every Ray
+Train worker. Pretraining trains all weights; the fine-tuning phase trains what ``training.method``
+says (:mod:`lmforge.train.methods`). Before an adapter phase the base it adapts is written to the
+run's checkpoint directory, so that a resumed run, QLoRA's 4-bit reload and the final merge all
+start from exactly those weights.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from lmforge.config.training import ModelConfig, PhaseConfig, TrainingConfig
+from lmforge.errors import ConfigError, DataError
+from lmforge.model import build_model, count_parameters
+from lmforge.tokenizer import load_tokenizer
+from lmforge.train import artifacts, checkpoint as ckpt, methods, speed
+from lmforge.train.data import batch_stream, encode_sft, fixed_batches, pack_texts, read_sft, read_texts, split_heldout
+from lmforge.train.loop import train_phase
+from lmforge.workspace import Workspace
+
+
+def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, device: torch.device,
+               out: Path | None, run_dir: Path, run_id: str, on_log: Callable[[dict], None] | None,
+               resume: bool = False) -> dict:
+    """Train and (on rank 0, ``out`` set) save; return ``{"history", "metrics", "params"}``."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    tokenizer = load_tokenizer(ws.tokenizer_dir)
+    root = ckpt.checkpoint_root(ws, run_id)
+    saved = _saved_checkpoint(root, training, model_cfg) if resume else None
+    torch.manual_seed(training.seed)
+    model = _prepared(build_model(model_cfg, len(tokenizer)), tokenizer, device, training)
+    history: list[dict] = saved.state["history"] if saved else []
+    metrics: dict[str, float] = dict(saved.state["metrics"]) if saved else {}
+    params: dict[str, Any] = {"params_total": count_parameters(model), "world_size": world}
+    phases = [("pretrain", training.pretrain, "pretrain")]
+    if training.method != "pretrain":
+        phases.append(("finetune", training.finetune, training.method))
+    method = "pretrain"
+    for index, (name, phase, phase_method) in enumerate(phases):
+        if phase.steps == 0 or (saved and index < saved.state["phase_index"]):
+            continue
+        here = saved if saved and saved.state["phase_index"] == index else None
+        method = phase_method
+        if methods.method_info(method).adapts:
+            model = _adapted(model, tokenizer, training, root / "base", device, resumed=here is not None, rank=rank)
+        params[f"params_trainable_{name}"] = count_parameters(model, trainable_only=True)
+        train_rows, val_rows, params[f"data_{name}"] = _phase_data(name, tokenizer, ws, phase)
+        batches = batch_stream(train_rows, phase.batch_size, seed=training.seed + index, rank=rank,
+                               world_size=world, skip=here.state["loop"]["step"] * phase.grad_accum if here else 0)
+        val = fixed_batches(val_rows, phase.batch_size, training.val_batches, rank=rank,
+                            world_size=world) if val_rows else []
+
+        def save(step: int, tensors: dict, loop_state: dict, index=index, name=name, before=list(history),
+                 done=dict(metrics)):
+            if rank != 0:
+                return None
+            state = {"phase_index": index, "phase": name, "loop": loop_state, "history": before, "metrics": done,
+                     "params": params, "identity": _identity(training, model_cfg)}
+            return ckpt.save(root, f"{name}-{step:07d}", tensors, state, training.keep_checkpoints)
+
+        phase_history, phase_metrics = train_phase(
+            model, name, phase, training, batches, val, device, on_log=on_log,
+            step_offset=history[-1]["step"] if history else 0,
+            save=save if training.checkpoint_every else None, resume=here)
+        history += phase_history
+        metrics.update(phase_metrics)
+    if out is not None:
+        _save_outputs(model, tokenizer, methods.method_info(method), root / "base", out, run_dir)
+    return {"history": history, "metrics": metrics, "params": params}
+
+
+def _prepared(model, tokenizer, device: torch.device, training: TrainingConfig):
+    for cfg in (model.config, model.generation_config):
+        cfg.eos_token_id = tokenizer.eos_token_id
+        cfg.pad_token_id = tokenizer.pad_token_id
+        cfg.bos_token_id = tokenizer.bos_token_id
+    model.to(device)
+    if training.gradient_checkpointing:
+        speed.enable_gradient_checkpointing(model)
+    if training.compile:
+        speed.compile_blocks(model)
+    return model
+
+
+def _adapted(model, tokenizer, training: TrainingConfig, base_dir: Path, device: torch.device, resumed: bool,
+             rank: int):
+    """The fine-tuning model: the method applied to the base, which is saved first (or reloaded)."""
+    if resumed:
+        from transformers import AutoModelForCausalLM
+
+        model = _prepared(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True),
+                          tokenizer, device, training)
+    elif rank == 0:
+        if base_dir.exists():
+            shutil.rmtree(base_dir)
+        artifacts.save_base(model, tokenizer, base_dir)
+    if dist.is_initialized():
+        dist.barrier()  # QLoRA reloads the base on every rank
+    model = methods.apply_method(model, training, base_dir, device)
+    llama_adapter = training.method == "adapter" and training.adapter.variant == "llama_adapter"
+    if device.type == "cuda" and training.method in speed.BF16_FROZEN_METHODS and not llama_adapter:
+        speed.freeze_to_bf16(model)
+    return model
+
+
+def _save_outputs(model, tokenizer, info: methods.MethodInfo, base_dir: Path, out: Path, run_dir: Path) -> None:
+    if not info.adapts:
+        artifacts.save_full(model, tokenizer, out)
+    elif info.mergeable:
+        shutil.copytree(base_dir, out / "base")
+        artifacts.save_merged(model, tokenizer, out, run_dir)
+    else:
+        artifacts.save_unmerged(model, tokenizer, out, run_dir, base_dir)
+
+
+def _saved_checkpoint(root: Path, training: TrainingConfig, model_cfg: ModelConfig) -> ckpt.Checkpoint:
+    saved = ckpt.load_latest(root)
+    if saved is None:
+        raise ConfigError(f"no checkpoint to resume from in {root}",
+                          "resume a run that wrote checkpoints (training.checkpoint_every > 0), or start anew")
+    if saved.state["identity"] != _identity(training, model_cfg):
+        raise ConfigError(f"the checkpoint in {root} was written with another model or training method",
+                          "resume with the model section and training.method (and its settings) of that run")
+    return saved
+
+
+def _identity(training: TrainingConfig, model_cfg: ModelConfig) -> dict:
+    """What must not change between a checkpoint and its resumption (learning rates may)."""
+    section = {"lora": "lora", "qlora": "lora", "adapter": "adapter", "ia3": "ia3"}.get(training.method, "prompt_learning")
+    return {"model": model_cfg.model_dump(mode="json"), "method": training.method,
+            "method_config": getattr(training, section).model_dump(mode="json"), "seed": training.seed}
+
+
+def _phase_data(name: str, tokenizer, ws: Workspace, phase: PhaseConfig) -> tuple[dict, dict | None, str]:
+    """(training rows, held-out rows or None, where they came from) as tensors for one phase."""
+    prebuilt = _validated_datasets(ws, name, phase.seq_len)
+    if prebuilt is not None:
+        return prebuilt
+    if name == "pretrain":
+        train_rows = pack_texts(read_texts(ws.curated_dir / "train.parquet"), tokenizer, phase.seq_len)
+        val_path = ws.curated_dir / "validation.parquet"
+        val_texts = read_texts(val_path) if val_path.exists() else []
+        val_rows = pack_texts(val_texts, tokenizer, phase.seq_len, allow_short=True) if val_texts else None
+        return train_rows, val_rows, "tokenized on the fly"
+    records, heldout = split_heldout(read_sft(ws.sft_dir / "train.jsonl"))
+    val_rows = encode_sft(heldout, tokenizer, phase.seq_len) if heldout else None
+    return encode_sft(records, tokenizer, phase.seq_len), val_rows, "tokenized on the fly"
+
+
+def _validated_datasets(ws: Workspace, name: str, seq_len: int) -> tuple[dict, dict | None, str] | None:
+    """The tokenized datasets `lmforge tokenize` built and validated, when they fit this phase.
+
+    Training reads what the data gate checked. Without them (a bare GPU machine without the
+    `datasets` library, or `tokenize.build_datasets: false`) the phase tokenizes on the fly.
+    Datasets built with another tokenizer raise a DataError from load_tokenized.
+    """
+    try:
+        from lmforge.tokenized import latest_manifest, load_tokenized
+
+        manifest = latest_manifest(ws)
+    except (ImportError, DataError):
+        return None
+    if manifest.get("seq_len", {}).get(name) != seq_len:
+        return None
+    train_rows = load_tokenized(ws, name, "train")
+    val_rows = load_tokenized(ws, name, "validation")
+    source = f"tokenized dataset {manifest['digest'][:16]}"
+    return train_rows, (val_rows if len(val_rows["input_ids"]) else None), source

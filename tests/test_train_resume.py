@@ -1,0 +1,129 @@
+"""Checkpoints: a run stopped and resumed ends exactly like an uninterrupted one; a diverged run
+keeps its last good checkpoint and names the step; checkpoints are safetensors + JSON only.
+
+Dropout (model and LoRA) is on, so resuming must restore the random generators as well as the
+weights, optimizer, schedule and data position. The crash is real: the progress callback raises
+in the middle of a phase, after a checkpoint and before the next.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lmforge.config.training import LoraConfig, ModelConfig, PhaseConfig, TrainingConfig
+from lmforge.errors import ConfigError, TrainingDiverged
+from lmforge.tokenizer import train_tokenizer
+from lmforge.train.checkpoint import LATEST
+from lmforge.train.launch import train
+from lmforge.workspace import Workspace
+from test_tokenizer import write_corpus
+
+MODEL = ModelConfig(vocab_size=384, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    intermediate_size=64, max_seq_len=64, dropout=0.1)
+TRAINING = TrainingConfig(
+    pretrain=PhaseConfig(steps=12, learning_rate=1e-2, batch_size=8, seq_len=32, warmup_steps=2),
+    finetune=PhaseConfig(steps=10, learning_rate=1e-2, batch_size=8, seq_len=64, warmup_steps=2, grad_accum=2),
+    method="lora", lora=LoraConfig(dropout=0.1), use_ray=False, log_every=1, cpu_threads=1, val_batches=2,
+    checkpoint_every=4,
+)
+
+
+class Crash(Exception):
+    """Stands in for a killed process: raised from inside the run."""
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    ws = Workspace(tmp_path_factory.mktemp("resume") / "home")
+    write_corpus(ws)
+    train_tokenizer(MODEL, ws)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ws):
+    return train(TRAINING, MODEL, ws, run_name="whole", progress=lambda row: None)
+
+
+def _curve(history: list[dict]) -> list[tuple]:
+    return [(r["phase"], r["step"], r["loss"], r["lr"]) for r in history]
+
+
+def _crash_at(step: int):
+    def progress(row: dict) -> None:
+        if row["step"] >= step:
+            raise Crash(f"stopped at step {row['step']}")
+    return progress
+
+
+# Inside pretraining, resumed through `python -m lmforge.train CONFIG --resume RUN_ID`; inside
+# fine-tuning (after the checkpoint of global step 16), resumed through the API.
+@pytest.mark.parametrize("crash_step,cli", [(10, True), (19, False)])
+def test_stopped_and_resumed_run_ends_like_an_uninterrupted_one(ws, uninterrupted, crash_step, cli, tmp_path):
+    before = {p.name for p in (ws.home / "checkpoints").glob("*")}
+    with pytest.raises(Crash):
+        train(TRAINING, MODEL, ws, run_name=f"crash{crash_step}", progress=_crash_at(crash_step))
+    (root,) = [p for p in (ws.home / "checkpoints").glob("*") if p.name not in before]
+    latest = json.loads((root / LATEST).read_text())
+    assert latest["tag"] == ("pretrain-0000008" if crash_step == 10 else "finetune-0000004")
+    files = {p.name for p in (root / latest["tag"]).iterdir()}
+    assert files == {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}
+
+    if cli:
+        from lmforge.train.__main__ import main
+
+        config = tmp_path / "run.yaml"
+        config.write_text(json.dumps({"model": MODEL.model_dump(mode="json"), "training": TRAINING.model_dump(mode="json")}))
+        assert main([str(config), "--home", str(ws.home), "--resume", root.name]) == 0
+        state = ws.read_state("train")
+        resumed = SimpleNamespace(run_id=state["run_id"], history=state["history"], metrics=state["metrics"],
+                                  model_dir=Path(state["model_dir"]))
+    else:
+        resumed = train(TRAINING, MODEL, ws, resume=root.name, progress=lambda row: None)
+    assert resumed.run_id == root.name
+    expected = _curve(uninterrupted.history)
+    got = _curve(resumed.history)
+    assert [g[:2] for g in got] == [e[:2] for e in expected]
+    for (_, _, loss, lr), (_, _, want_loss, want_lr) in zip(got, expected):
+        assert loss == pytest.approx(want_loss, rel=1e-5) and lr == pytest.approx(want_lr, rel=1e-9)
+    for name, value in uninterrupted.metrics.items():
+        assert resumed.metrics[name] == pytest.approx(value, rel=1e-5), name
+    assert not root.exists()  # a finished run keeps no checkpoints
+
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(uninterrupted.model_dir).eval()(ids).logits
+        b = AutoModelForCausalLM.from_pretrained(resumed.model_dir).eval()(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_divergence_keeps_the_last_good_checkpoint_and_names_the_step(ws):
+    absurd = TRAINING.model_copy(update={"method": "pretrain", "checkpoint_every": 1, "pretrain": TRAINING.pretrain.model_copy(
+        update={"learning_rate": 1e6, "warmup_steps": 0})})
+    before = {p.name for p in (ws.home / "checkpoints").glob("*")}
+    runs_before = set(ws.runs_dir.iterdir())
+    with pytest.raises(TrainingDiverged) as err:
+        train(absurd, MODEL, ws, run_name="nan")
+    (root,) = [p for p in (ws.home / "checkpoints").glob("*") if p.name not in before]
+    tag = json.loads((root / LATEST).read_text())["tag"]
+    bad_step = int(err.value.cause.split("step ")[1].split(":")[0])
+    assert tag == f"pretrain-{bad_step - 1:07d}"  # the step before the first non-finite loss
+    assert str(root / tag) in err.value.cause and "learning_rate" in err.value.fix
+    assert set(ws.runs_dir.iterdir()) == runs_before  # no half-written run directory
+
+
+def test_resume_refuses_another_model_or_method(ws):
+    with pytest.raises(Crash):
+        train(TRAINING, MODEL, ws, run_name="mismatch", progress=_crash_at(10))
+    (root,) = [p for p in (ws.home / "checkpoints").glob("mismatch-*")]
+    with pytest.raises(ConfigError, match="another model or training method"):
+        train(TRAINING.model_copy(update={"method": "full"}), MODEL, ws, resume=root.name)
+    with pytest.raises(ConfigError, match="no checkpoint to resume"):
+        train(TRAINING, MODEL, ws, resume="never-ran")
