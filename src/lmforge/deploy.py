@@ -132,8 +132,9 @@ def _wait_ready(proc: subprocess.Popen, ready: Path, log: Path, timeout_s: float
 def _probe(url: str, model_name: str, instruction: str) -> tuple[str, float]:
     """One greedy completion of the probe instruction, in the fine-tuning prompt format."""
     headers = {}
-    if os.environ.get("LMFORGE_API_KEY"):
-        headers["Authorization"] = f"Bearer {os.environ['LMFORGE_API_KEY']}"
+    keys = [k.strip() for k in os.environ.get("LMFORGE_API_KEY", "").split(",") if k.strip()]
+    if keys:  # the server accepts any of several comma-separated keys; the probe uses the first
+        headers["Authorization"] = f"Bearer {keys[0]}"
     body = {"model": model_name, "prompt": format_prompt(instruction), "temperature": 0}
     started = time.perf_counter()
     try:

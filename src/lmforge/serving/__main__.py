@@ -6,8 +6,9 @@
 MODEL is a local model directory or a registry URI ``models:/NAME@ALIAS`` (resolved in the
 workspace named by ``LMFORGE_HOME``). ``--ready-file`` receives ``{"url", "pid"}`` once the server
 accepts connections (the deploy stage waits for it). ``--serving-config`` is a JSON or YAML file of
-``ServingConfig`` fields. An API key, if wanted, comes from the ``LMFORGE_API_KEY`` environment
-variable rather than a flag, so it never shows in the process list.
+``ServingConfig`` fields. API keys, if wanted, come from the ``LMFORGE_API_KEY`` environment
+variable (comma-separated for several) rather than a flag, so they never show in the process list.
+Binding beyond loopback without a key is refused unless ``allow_unauthenticated_remote`` is set.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from lmforge.config.stages import ServingConfig
+from lmforge.config.serving import ServingConfig
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.workspace import Workspace, atomic_write_json
 
@@ -77,7 +78,7 @@ def serve_model(
     ``api_key`` defaults to the ``LMFORGE_API_KEY`` environment variable; ``ready_file`` receives
     ``{"url", "pid"}`` once the server accepts connections.
     """
-    from lmforge.serving.server import run_server  # heavy imports only once arguments are known good
+    from lmforge.serving.launch import run_server  # heavy imports only once arguments are known good
 
     model_dir, default_name = _resolve(model, ws)
 

@@ -1,13 +1,12 @@
-"""The engine's running batch: rows decoded together over one dense, left-padded KV cache.
+"""The fallback backend: rows decoded together over the model's own dense, left-padded KV cache.
 
-Continuous batching needs four operations on the KV cache, and this class is exactly those:
-``prefill`` new prompts into a fresh batch, ``merge`` that batch into the running one at a step
-boundary, ``decode`` one token for every row, and ``keep`` only the unfinished rows. This version
-stores keys and values in the model's own ``DynamicCache`` ([rows, kv_heads, columns, head_dim]
-per layer), so rows of different lengths share columns through left padding and a 2-D attention
-mask, and position ids are tracked per row. A paged KV cache (fixed-size blocks, no padding) is a
-drop-in replacement for this class with the same four methods; CUDA graphs then capture
-``decode`` at fixed batch sizes.
+Continuous batching needs four operations on the KV cache, and :class:`DecodeBatch` is exactly
+those: ``prefill`` new prompts into a fresh batch, ``merge`` that batch into the running one at a
+step boundary, ``decode`` one token for every row, and ``keep`` only the unfinished rows. Keys and
+values live in the model's own ``DynamicCache`` ([rows, kv_heads, columns, head_dim] per layer), so
+rows of different lengths share columns through left padding and a 2-D attention mask, and
+position ids are tracked per row. :class:`HFBackend` wraps it for the engine; it serves every
+causal LM the paged backend (``paged.py``) does not run, through the model's own forward.
 
 Invariant: every layer's cache holds exactly ``mask.shape[1]`` columns.
 """
@@ -42,17 +41,18 @@ def _cache_kwarg(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def _forward(model, ids, mask, positions, cache) -> torch.Tensor:
-    """Logits of the last input column only ([rows, vocab]); the cache grows in place."""
+def _forward(model, ids, mask, positions, cache, all_columns: bool = False) -> torch.Tensor:
+    """Logits of the last input column ([rows, vocab]), or of every column ([rows, columns, vocab]);
+    the cache grows in place."""
     out = model(
         input_ids=ids,
         attention_mask=mask,
         position_ids=positions,
         use_cache=True,
-        logits_to_keep=1,
+        logits_to_keep=0 if all_columns else 1,
         **{_cache_kwarg(type(model)): cache},
     )
-    return out.logits[:, -1, :]
+    return out.logits if all_columns else out.logits[:, -1, :]
 
 
 class DecodeBatch:
@@ -72,8 +72,10 @@ class DecodeBatch:
         return int(self.mask.shape[1])
 
     @classmethod
-    def prefill(cls, model, prompts: list[list[int]], pad_id: int) -> tuple["DecodeBatch", torch.Tensor]:
-        """Run the prompts (left-padded to one length) and return the batch and last-token logits."""
+    def prefill(cls, model, prompts: list[list[int]], pad_id: int,
+                all_columns: bool = False) -> tuple["DecodeBatch", torch.Tensor]:
+        """Run the prompts (left-padded to one length) and return the batch and last-token logits
+        (``all_columns``: logits of every column, ``[rows, width, vocab]``)."""
         device = model.device
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
@@ -84,7 +86,7 @@ class DecodeBatch:
         # Padding must not shift positions: each row's first real token is position 0.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=model.config)
-        logits = _forward(model, ids, mask, positions, cache)
+        logits = _forward(model, ids, mask, positions, cache, all_columns)
         return cls(cache, mask, mask.sum(-1)), logits
 
     def decode(self, model, tokens: torch.Tensor) -> torch.Tensor:
@@ -125,3 +127,73 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
         return t
     pad = [0, 0] * (t.dim() - dim - 1) + [missing, 0]
     return F.pad(t, pad)
+
+
+class HFBackend:
+    """The fallback backend: any causal LM's own forward over a :class:`DecodeBatch`.
+
+    Rows are the engine's sequences in admission order; a prefill appends its rows after the
+    running ones (as the engine appends them to its running list), and a decode keeps only the
+    rows it is given. Capacity is ``max_batch_size`` rows; prefill takes whole prompts.
+    """
+
+    name = "hf"
+    chunked_prefill = False
+
+    def __init__(self, model, max_batch_size: int) -> None:
+        check_cache_support(model)
+        self.model = model
+        self.max_rows = max_batch_size
+        self.context_window = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        self._batch: DecodeBatch | None = None
+        self._order: list[int] = []  # row id of each batch row
+        self._live: set[int] = set()
+        self._next_row = 0
+        self._pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+    def fits_ever(self, tokens: int) -> bool:
+        return self.context_window <= 0 or tokens <= self.context_window
+
+    def can_reserve(self, tokens: int) -> bool:
+        return len(self._live) < self.max_rows
+
+    def reserve(self, tokens: int) -> int:
+        self._next_row += 1
+        self._live.add(self._next_row)
+        return self._next_row
+
+    def release(self, row: int) -> None:
+        self._live.discard(row)
+
+    @property
+    def cache_usage(self) -> float:
+        return len(self._live) / self.max_rows
+
+    def _keep(self, rows: list[int]) -> None:
+        """Reduce the batch to ``rows`` (a subsequence of the current order)."""
+        if rows == self._order or self._batch is None:
+            return
+        if not rows:
+            self._batch, self._order = None, []
+            return
+        index = {row: i for i, row in enumerate(self._order)}
+        self._batch.keep([index[row] for row in rows])
+        self._order = list(rows)
+
+    def prefill(self, items) -> list[torch.Tensor]:
+        self._keep([row for row in self._order if row in self._live])
+        all_columns = any(item.all_logits for item in items)
+        fresh, logits = DecodeBatch.prefill(self.model, [item.ids for item in items], self._pad, all_columns)
+        if self._batch is None:
+            self._batch, self._order = fresh, [item.row for item in items]
+        else:
+            self._batch.merge(fresh)
+            self._order += [item.row for item in items]
+        if not all_columns:
+            return list(logits.split(1))
+        return [logits[i, -len(item.ids):] if item.all_logits else logits[i, -1:] for i, item in enumerate(items)]
+
+    def decode(self, rows: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
+        self._keep(rows)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device)
+        return self._batch.decode(self.model, ids)

@@ -1,11 +1,16 @@
-"""The inference engine: loads a model directory and decodes requests with continuous batching.
+"""The inference engine: loads a model and decodes requests with continuous batching.
 
-One background thread owns the model. It keeps a running batch (``batch.DecodeBatch``) and, at
-every step boundary, admits waiting requests (up to ``max_batch_size`` rows): their prompts are
-prefilled together with left padding, then merged into the running batch, and every row advances
-one token per forward pass. A finished row leaves at the next boundary, so short requests never
-wait for long ones. Decoding is our own loop over the model's KV cache (no ``generate()``), which
-is what a paged KV cache and CUDA graphs later replace without changing this interface.
+One background thread owns the model. Every step it (1) admits waiting requests while the running
+batch has a free row and the KV cache can reserve the request's worst case (prompt plus
+``max_tokens``), (2) drops requests whose client went away, freeing their rows and cache at once,
+(3) prefills up to ``serving.max_prefill_tokens`` prompt tokens (a long prompt is split into
+chunks over several steps, so it never stalls the running streams for long), and (4) decodes one
+token for every running request. Requests join and leave the batch at every step. The waiting
+queue is bounded (``serving.max_queue``): beyond it :meth:`Engine.submit` raises
+:class:`EngineBusy` (HTTP 429), and while shutting down it refuses with 503.
+
+The forward passes belong to a backend (``backend.py``): the paged one (our Llama runner, paged
+KV cache, CUDA graphs) or the HF fallback for every other causal LM.
 
 Callers use :meth:`Engine.stream` (async iterator of :class:`Delta`), :meth:`Engine.complete`
 (async, one :class:`Completion`) or :meth:`Engine.generate` (blocking, for scripts and tests).
@@ -16,65 +21,65 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
+import time
 import weakref
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence as Seq
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lmforge.config.serving import ServingConfig
 from lmforge.errors import ServingError
-from lmforge.serving.batch import DecodeBatch, check_cache_support
-from lmforge.serving.requests import Completion, Delta, GenerationStream, Request, RequestError, send
-from lmforge.serving.sampling import (
-    SamplingParams,
-    TextTracker,
-    TokenLogprob,
-    choose_token,
-    make_generator,
-    token_logprob,
-)
+from lmforge.serving.backend import PrefillItem, make_backend
+from lmforge.serving.loading import eos_ids, load_model
+from lmforge.serving.metrics import NullMetrics
+from lmforge.serving.requests import (Completion, Delta, EngineBusy, GenerationStream, Request, RequestError, send,
+                                      token_budget)
+from lmforge.serving.sampling import SamplingParams, TextTracker, TokenLogprob, choose_tokens, make_rng, token_logprobs
+from lmforge.serving.sequence import Sequence, emit, prompt_logprobs, send_delta
 
 log = logging.getLogger(__name__)
 
 # cuDNN attention builds (and caches per thread) a graph for every new query/key shape: ~10 ms each
-# on an H200, and decoding makes a new key length every step. The other backends need no build.
+# on an H200, and the HF backend makes a new key length every step. The other backends need no build.
 _ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-__all__ = ["Completion", "Delta", "Engine", "GenerationStream", "RequestError", "SamplingParams", "TokenLogprob"]
-
-
-@dataclass
-class _Row:
-    """Decoding state of one admitted request."""
-
-    request: Request
-    tracker: TextTracker
-    generator: torch.Generator
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
-    next_token: int = -1
+__all__ = ["Completion", "Delta", "Engine", "EngineBusy", "GenerationStream", "RequestError", "SamplingParams",
+           "TokenLogprob"]
 
 
 class Engine:
     """A loaded model plus the thread that batches and decodes requests for it."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 8) -> None:
-        check_cache_support(model)
+    def __init__(self, model: Any, tokenizer: Any, cfg: ServingConfig | None = None, *,
+                 max_batch_size: int | None = None, metrics: Any = None) -> None:
+        cfg = cfg or ServingConfig()
+        if max_batch_size is not None:
+            cfg = cfg.model_copy(update={"max_batch_size": max_batch_size})
+        self.cfg = cfg
         self.model = model
         self.tokenizer = tokenizer
         self.device = model.device
-        self.max_batch_size = max_batch_size
-        self.context_window = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
-        self.eos_ids = _eos_ids(model, tokenizer)
-        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
+        self.max_batch_size = cfg.max_batch_size
+        window = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
+        self.context_window = min(window, cfg.max_model_len or window)
+        self.eos_ids = eos_ids(model, tokenizer)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.backend = make_backend(model, cfg, self.context_window)
+        self.metrics = metrics or NullMetrics()
+        if hasattr(self.metrics, "bind"):
+            self.metrics.bind(lambda: self.queue_depth, lambda: self.active, lambda: self.cache_usage)
         self._waiting: deque[Request] = deque()
+        self._prefilling: list[Sequence] = []
+        self._running: list[Sequence] = []
+        # A decode step launched before the previous step's text was processed (see _advance).
+        self._ahead: tuple[list[Sequence], torch.Tensor] | None = None
+        self._overlap = bool(getattr(self.backend, "overlap", False))
         self._cv = threading.Condition()
         self._closed = False
+        self._draining = False
         # Counters for benchmarks and tests: forward passes and the most rows decoded together.
         self.stats = {"prefills": 0, "merges": 0, "decode_steps": 0, "peak_batch": 0}
         self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
@@ -82,32 +87,30 @@ class Engine:
         _LIVE.add(self)
 
     @classmethod
-    def load(cls, model_dir: Path, device: str | None = None, max_batch_size: int = 8) -> "Engine":
+    def load(cls, model_dir: Path, device: str | None = None, max_batch_size: int | None = None,
+             cfg: ServingConfig | None = None, metrics: Any = None) -> "Engine":
         """Load a transformers causal-LM directory (safetensors only, no remote code) and its tokenizer.
 
-        ``device`` defaults to CUDA when present; weights are bf16 on CUDA and float32 on CPU.
+        ``device`` (else ``cfg.device``) defaults to CUDA when present; weights are bf16 on CUDA and
+        float32 on CPU; ``cfg.quantization`` is applied at load.
         """
-        model_dir = Path(model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise ServingError(
-                f"{model_dir} is not a model directory (no config.json there)",
-                "pass a directory written by training (config.json, model.safetensors, tokenizer files) "
-                "or a registry URI such as models:/NAME@champion",
-            )
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
-            model = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=False
-            )
-        except (OSError, ValueError) as exc:
-            raise ServingError(
-                f"cannot load the model in {model_dir}: {exc}",
-                "check that the directory holds config.json, model.safetensors and the tokenizer files",
-            ) from exc
-        model.to(device).eval()
-        return cls(model, tokenizer, max_batch_size=max_batch_size)
+        cfg = cfg or ServingConfig()
+        model, tokenizer = load_model(Path(model_dir), device or cfg.device, cfg.quantization)
+        return cls(model, tokenizer, cfg, max_batch_size=max_batch_size, metrics=metrics)
+
+    # ------------------------------------------------------------ introspection (metrics, tests)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self._prefilling) + len(self._running)
+
+    @property
+    def cache_usage(self) -> float:
+        return self.backend.cache_usage
 
     # ------------------------------------------------------------ text helpers
 
@@ -116,7 +119,7 @@ class Engine:
         ids = list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
         if not ids:
             start = self.tokenizer.bos_token_id
-            ids = [start if start is not None else min(self.eos_ids, default=self._pad_id)]
+            ids = [start if start is not None else min(self.eos_ids, default=0)]
         return ids
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
@@ -132,33 +135,20 @@ class Engine:
     def token_budget(self, prompt_tokens: int, max_tokens: int | None, default: int) -> int:
         """The max_tokens to use: the request's (checked against the context window) or the default
         shrunk to fit. Raises :class:`RequestError` naming both numbers when they cannot fit."""
-        room = self.context_window - prompt_tokens
-        if max_tokens is None and room >= 1:
-            return min(default, room)
-        if max_tokens is None or max_tokens > room:
-            asked = default if max_tokens is None else max_tokens
-            raise RequestError(
-                f"the prompt has {prompt_tokens} tokens and max_tokens is {asked}: "
-                f"{prompt_tokens + asked} exceeds the model's context window of {self.context_window} tokens",
-                "shorten the prompt or lower max_tokens",
-                param="max_tokens" if max_tokens is not None else "prompt",
-                code="context_length_exceeded",
-            )
-        return max_tokens
+        return token_budget(self.context_window, prompt_tokens, max_tokens, default)
 
     # ------------------------------------------------------------ public generation API
 
-    def stream(self, prompt: str | Sequence[int], params: SamplingParams) -> "GenerationStream":
+    def stream(self, prompt: str | Seq[int], params: SamplingParams) -> GenerationStream:
         """Queue a request and return its async stream of deltas. Call from a running event loop."""
         return GenerationStream(self.submit, self._ids(prompt), params)
 
-    async def complete(self, prompt: str | Sequence[int], params: SamplingParams) -> Completion:
+    async def complete(self, prompt: str | Seq[int], params: SamplingParams) -> Completion:
         return await self.stream(prompt, params).result()
 
-    def generate(
-        self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
-    ) -> list[Completion]:
-        """Blocking: submit all prompts at once (so they batch together) and wait for every result."""
+    def generate(self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams]) -> list[Completion]:
+        """Blocking: submit all prompts at once (so they batch together) and wait for every result.
+        Not bounded by ``max_queue``: the caller chose how much work to hand over."""
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         results: list[Completion | BaseException | None] = [None] * len(prompts)
         finished = threading.Semaphore(0)
@@ -175,7 +165,7 @@ class Engine:
         for prompt_ids, p in zip(ids, per_prompt, strict=True):
             self.check(prompt_ids, p)  # all or nothing: no orphaned requests if one is refused
         for i, (prompt_ids, p) in enumerate(zip(ids, per_prompt)):
-            self.submit(prompt_ids, p, sink_for(i))
+            self.submit(prompt_ids, p, sink_for(i), bounded=False)
         for _ in prompts:
             finished.acquire()
         for r in results:
@@ -183,165 +173,227 @@ class Engine:
                 raise r
         return results  # type: ignore[return-value]
 
-    def submit(
-        self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Delta | BaseException], None]
-    ) -> Request:
-        """Low level: queue a request; ``sink`` receives deltas (or an exception) on the engine thread."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               sink: Callable[[Delta | BaseException], None], bounded: bool = True) -> Request:
+        """Low level: queue a request; ``sink`` receives deltas (or an exception) on the engine thread.
+        Raises :class:`EngineBusy` when the queue is full or the engine is shutting down."""
         self.check(prompt_ids, params)
         request = Request(list(prompt_ids), params, sink)
         with self._cv:
-            if self._closed:
-                raise ServingError("the engine is closed", "create a new Engine (the server was shutting down)")
+            if self._closed or self._draining:
+                self.metrics.rejected(503)
+                raise EngineBusy("the server is shutting down", "retry against a running server", status=503)
+            if bounded and len(self._waiting) >= self.cfg.max_queue:  # make room: drop the ones whose client left
+                self._waiting = deque(r for r in self._waiting if not r.cancelled.is_set())
+            if bounded and len(self._waiting) >= self.cfg.max_queue:
+                self.metrics.rejected(429)
+                raise EngineBusy(f"the server is at capacity ({self.active} running, {len(self._waiting)} waiting)",
+                                 "retry after a short wait (see Retry-After), or raise serving.max_queue", status=429)
             self._waiting.append(request)
             self._cv.notify()
         return request
 
-    def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+    def check(self, prompt_ids: Seq[int], params: SamplingParams) -> None:
         """Raise :class:`RequestError` for a request the engine would refuse."""
-        vocab = self.model.get_input_embeddings().num_embeddings
         # A bad id would fail the whole shared batch inside the forward pass; refuse it here instead.
-        if not prompt_ids or not all(0 <= i < vocab for i in prompt_ids):
-            raise RequestError(f"the prompt must be 1 or more token ids in [0, {vocab})",
+        if not prompt_ids or not all(0 <= i < self.vocab_size for i in prompt_ids):
+            raise RequestError(f"the prompt must be 1 or more token ids in [0, {self.vocab_size})",
                                "send a non-empty prompt of valid token ids", param="prompt")
         self.token_budget(len(prompt_ids), params.max_tokens, params.max_tokens)
+        need = len(prompt_ids) + params.max_tokens
+        if not self.backend.fits_ever(need):
+            raise RequestError(f"the prompt and max_tokens need {need} tokens of KV cache, more than this "
+                               "server's cache holds for one request",
+                               "ask for fewer tokens, or raise serving.kv_cache_mb", param="max_tokens",
+                               code="kv_cache_too_small")
 
-    def close(self) -> None:
-        """Stop the engine thread; queued and running requests receive a ServingError."""
+    def close(self, drain_timeout_s: float = 0.0) -> None:
+        """Stop the engine thread. New requests are refused at once; running and queued ones get up to
+        ``drain_timeout_s`` to finish, then receive a ServingError."""
+        with self._cv:
+            self._draining = True
+        deadline = time.monotonic() + drain_timeout_s
+        while (self._waiting or self.active) and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.02)
         with self._cv:
             self._closed = True
             self._cv.notify()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
 
-    def _ids(self, prompt: str | Sequence[int]) -> list[int]:
+    def _ids(self, prompt: str | Seq[int]) -> list[int]:
         return self.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
     # ------------------------------------------------------------ engine thread
 
     def _run(self) -> None:
-        rows: list[_Row] = []
-        batch: DecodeBatch | None = None
-        while True:
-            new = self._admit(block=not rows, room=self.max_batch_size - len(rows))
-            if new is None:
-                break
+        while self._wait_for_work():
             try:
                 with torch.inference_mode(), sdpa_kernel(_ATTENTION_BACKENDS):
-                    batch, rows = self._step(batch, rows, new)
+                    self._step()
             except Exception as exc:  # noqa: BLE001 - handed to every affected request, then logged
-                log.exception("engine step failed; failing %d request(s)", len(rows) + len(new))
-                for request in [r.request for r in rows] + new:
-                    send(request, exc)
-                batch, rows = None, []
+                failed = self._prefilling + self._running
+                log.exception("engine step failed; failing %d request(s)", len(failed))
+                for seq in failed:
+                    self.backend.release(seq.row)
+                    send(seq.request, exc)
+                self._prefilling, self._running, self._ahead = [], [], None
         closed = ServingError("the engine shut down before the request finished", "retry against a running server")
-        for request in [r.request for r in rows] + list(self._waiting):
-            send(request, closed)
-
-    def _admit(self, block: bool, room: int) -> list[Request] | None:
-        """Waiting requests that fit in the batch; None once the engine is closed."""
+        for seq in self._prefilling + self._running:
+            send(seq.request, closed)
         with self._cv:
-            while block and not self._waiting and not self._closed:
+            for request in self._waiting:
+                send(request, closed)
+            self._waiting.clear()
+
+    def _wait_for_work(self) -> bool:
+        with self._cv:
+            while not self._closed and not self._waiting and not self.active:
                 self._cv.wait()
-            if self._closed:
-                return None
-            taken: list[Request] = []
-            while self._waiting and len(taken) < room:
-                request = self._waiting.popleft()
-                if not request.cancelled.is_set():
-                    taken.append(request)
-            return taken
+            return not self._closed
 
-    def _step(
-        self, batch: DecodeBatch | None, rows: list[_Row], new: list[Request]
-    ) -> tuple[DecodeBatch | None, list[_Row]]:
-        """One step boundary: prefill and merge ``new``, then decode one token for every row."""
-        if new:
-            fresh, logits = DecodeBatch.prefill(self.model, [r.prompt_ids for r in new], self._pad_id)
-            self.stats["prefills"] += 1
-            fresh, fresh_rows = self._advance(fresh, [self._new_row(r) for r in new], logits)
-            if batch is None:
-                batch, rows = fresh, fresh_rows
-            elif fresh is not None:
-                batch.merge(fresh)
-                rows = rows + fresh_rows
-                self.stats["merges"] += 1
-        live = [i for i, r in enumerate(rows) if not r.request.cancelled.is_set()]
-        if batch is None or not live:
-            return None, []
-        if len(live) < len(rows):
-            batch.keep(live)
-            rows = [rows[i] for i in live]
-        # Every row now holds a chosen but unfed token (prefilled rows included): feed them together.
-        tokens = torch.tensor([r.next_token for r in rows], dtype=torch.long, device=self.device)
-        logits = batch.decode(self.model, tokens)
+    def _step(self) -> None:
+        self._admit()
+        self._drop_cancelled()
+        if self._prefilling:
+            self._prefill()
+        if self._running:
+            self._decode()
+
+    def _admit(self) -> None:
+        with self._cv:
+            while self._waiting and self.active < self.max_batch_size:
+                request = self._waiting[0]
+                if request.cancelled.is_set():
+                    self._waiting.popleft()
+                    continue
+                need = len(request.prompt_ids) + request.params.max_tokens
+                if not self.backend.can_reserve(need):
+                    break  # first come, first served: later requests wait behind this one
+                self._waiting.popleft()
+                params = request.params
+                seq = Sequence(request, self.backend.reserve(need), TextTracker(self.tokenizer, params.stop),
+                               make_rng(params.seed))
+                self._prefilling.append(seq)
+
+    def _drop_cancelled(self) -> None:
+        for group in (self._prefilling, self._running):
+            for seq in [s for s in group if s.request.cancelled.is_set()]:
+                group.remove(seq)
+                self._finish(seq, "cancelled")
+
+    def _prefill(self) -> None:
+        budget = self.cfg.max_prefill_tokens if self.backend.chunked_prefill else None
+        items: list[tuple[Sequence, PrefillItem]] = []
+        for seq in self._prefilling:
+            left = len(seq.prompt) - seq.prefilled
+            take = left if budget is None else min(left, budget)
+            if take <= 0:
+                break
+            chunk = seq.prompt[seq.prefilled : seq.prefilled + take]
+            items.append((seq, PrefillItem(seq.row, seq.prefilled, chunk, seq.params.prompt_logprobs is not None)))
+            if budget is not None:
+                budget -= take
+        logits = self.backend.prefill([item for _, item in items])
+        self.stats["prefills"] += 1
+        self.stats["merges"] += bool(self._running)
+        done: list[tuple[Sequence, torch.Tensor]] = []
+        for (seq, item), rows in zip(items, logits):
+            if item.all_logits:
+                prompt_logprobs(seq, item.start, rows, self.tokenizer)
+            seq.prefilled += len(item.ids)
+            if seq.prefilled == len(seq.prompt):
+                self._prefilling.remove(seq)
+                done.append((seq, rows[-1:]))
+        scoring_only = [seq for seq, _ in done if seq.params.max_tokens == 0]
+        for seq in scoring_only:
+            send_delta(seq, "", "length")
+            self._finish(seq, "length")
+        done = [(seq, rows) for seq, rows in done if seq.params.max_tokens > 0]
+        if done:
+            first = self._advance([seq for seq, _ in done], torch.cat([rows for _, rows in done]))
+            self._running.extend(first)
+
+    def _decode(self) -> None:
+        seqs, parts = self._take_ahead()
+        have = {id(s) for s in seqs}
+        rest = [s for s in self._running if id(s) not in have]  # joined since, or not launched ahead
+        if rest:
+            parts.append(self.backend.decode([s.row for s in rest], [s.position for s in rest],
+                                             [s.next_token for s in rest]))
+            seqs = seqs + rest
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         self.stats["decode_steps"] += 1
-        self.stats["peak_batch"] = max(self.stats["peak_batch"], len(rows))
-        return self._advance(batch, rows, logits)
+        self.stats["peak_batch"] = max(self.stats["peak_batch"], len(seqs))
+        self._running = self._advance(seqs, logits, ahead=self._overlap)
 
-    def _advance(
-        self, batch: DecodeBatch, rows: list[_Row], logits: torch.Tensor
-    ) -> tuple[DecodeBatch | None, list[_Row]]:
-        """Choose each row's next token, report it, and drop the rows that finished."""
-        keep = [i for i, row in enumerate(rows) if not self._choose(row, logits[i])]
+    def _take_ahead(self) -> tuple[list[Sequence], list[torch.Tensor]]:
+        """The still-running sequences of the step launched ahead, and (a copy of) their logits."""
+        if self._ahead is None:
+            return [], []
+        seqs, logits = self._ahead
+        self._ahead = None
+        live = {id(s) for s in self._running}
+        keep = [i for i, s in enumerate(seqs) if id(s) in live]
         if not keep:
-            return None, []
-        if len(keep) < len(rows):
-            batch.keep(keep)
-        return batch, [rows[i] for i in keep]
+            return [], []
+        # A copy, taken before any other launch: the logits live in a CUDA graph's output buffer.
+        return [seqs[i] for i in keep], [logits[torch.tensor(keep, device=logits.device)]]
 
-    def _new_row(self, request: Request) -> _Row:
-        params = request.params
-        return _Row(request, TextTracker(self.tokenizer, params.stop), make_generator(self.device, params.seed))
+    def _advance(self, seqs: list[Sequence], logits: torch.Tensor, ahead: bool = False) -> list[Sequence]:
+        """Choose each sequence's next token, send its delta; return the unfinished ones.
 
-    def _choose(self, row: _Row, logits: torch.Tensor) -> bool:
-        """Sample one token for ``row`` and send its delta; True when the row is finished."""
-        params = row.request.params
-        token = choose_token(logits, params, row.generator)
-        row.token_ids.append(token)
-        row.next_token = token
-        if params.logprobs is not None:
-            entry = token_logprob(logits, token, params.logprobs, self.tokenizer)
-            row.logprobs.append(entry)
-            row.unsent_logprobs.append(entry)
-        finish: str | None = None
-        if token in self.eos_ids:
-            text, finish = row.tracker.flush(), "stop"
-        else:
-            text = row.tracker.add(token)
-            if row.tracker.stopped:
-                finish = "stop"
-            elif len(row.token_ids) >= params.max_tokens:
-                text, finish = text + row.tracker.flush(), "length"
-        if not text and finish is None:
-            return False  # held back (incomplete character or possible stop string)
-        completion = None
-        if finish is not None:
-            completion = Completion(
-                text=row.tracker.text,
-                token_ids=tuple(row.token_ids),
-                finish_reason=finish,
-                prompt_tokens=len(row.request.prompt_ids),
-                completion_tokens=len(row.token_ids),
-                logprobs=tuple(row.logprobs) if params.logprobs is not None else None,
-            )
-        delta = Delta(text, tuple(row.unsent_logprobs), completion)
-        row.unsent_logprobs.clear()
-        send(row.request, delta)
-        return finish is not None or row.request.cancelled.is_set()
+        With ``ahead``, the next decode step is launched for every sequence that will surely go on
+        (no EOS, under max_tokens) *before* the text of this step is decoded and sent, so the GPU
+        computes while Python detokenizes. A sequence that then stops on a stop string wastes that
+        one step; its result is dropped (its cache write lands in its own reserved blocks).
+        """
+        tokens = choose_tokens(logits, [s.params for s in seqs], [s.rng for s in seqs])
+        wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        entries: dict[int, TokenLogprob] = {}
+        if wanted:
+            found = token_logprobs(logits[wanted], [tokens[i] for i in wanted],
+                                   [seqs[i].params.logprobs or 0 for i in wanted], self.tokenizer)
+            entries = dict(zip(wanted, found))
+        if ahead:  # logits are consumed: the next launch may now reuse their buffer
+            go_on = [i for i, s in enumerate(seqs) if self._continues(s, tokens[i])]
+            if go_on:
+                nxt = [seqs[i] for i in go_on]
+                self._ahead = (nxt, self.backend.decode([s.row for s in nxt],
+                                                        [len(s.prompt) + len(s.token_ids) for s in nxt],
+                                                        [tokens[i] for i in go_on]))
+        now = time.perf_counter()
+        first_latencies: list[float] = []
+        gaps: list[float] = []
+        keep: list[Sequence] = []
+        for i, seq in enumerate(seqs):
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+                first_latencies.append(now - seq.request.arrived)
+            else:
+                gaps.append(now - seq.last_token_at)
+            seq.last_token_at = now
+            if emit(seq, tokens[i], entries.get(i), self.eos_ids):
+                self._finish(seq, "cancelled" if seq.request.cancelled.is_set() else "finished")
+            else:
+                keep.append(seq)
+        self.metrics.tokens(first_latencies, gaps, len(seqs))
+        return keep
+
+    def _continues(self, seq: Sequence, token: int) -> bool:
+        """Whether ``seq`` surely needs another step after ``token`` (stop strings aside)."""
+        if seq.request.cancelled.is_set() or len(seq.token_ids) + 1 >= seq.params.max_tokens:
+            return False
+        return seq.params.ignore_eos or token not in self.eos_ids
+
+    def _finish(self, seq: Sequence, outcome: str) -> None:
+        self.backend.release(seq.row)
+        if outcome == "finished":
+            outcome = "stop" if seq.tracker.stopped or (seq.token_ids and seq.token_ids[-1] in self.eos_ids) else "length"
+        self.metrics.finished(outcome, len(seq.prompt), len(seq.token_ids), time.perf_counter() - seq.request.arrived)
 
 
 # Engines still running at interpreter exit are closed first: a daemon thread killed inside a
 # torch op can abort the process ("terminate called without an active exception").
 _LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 atexit.register(lambda: [engine.close() for engine in list(_LIVE)])
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in configured if isinstance(configured, (list, tuple)) else [configured]:
-        if value is not None:
-            ids.add(int(value))
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids

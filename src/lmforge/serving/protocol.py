@@ -1,9 +1,11 @@
 """Request and response shapes of the OpenAI-compatible HTTP API (completions and chat).
 
 Requests validate their ranges here, at the edge, so the engine only ever sees sane values.
-Fields OpenAI defines but this server cannot honor (``n`` > 1, ``echo``, penalties) are accepted
-only at their neutral value and refused otherwise, and unknown fields are refused, so a client
-never silently gets something other than what it asked for.
+Fields OpenAI defines but this server cannot honor (``n`` > 1, penalties) are accepted only at
+their neutral value and refused otherwise, and unknown fields are refused, so a client never
+silently gets something other than what it asked for. ``echo`` (completions) returns the prompt
+before the completion and, with ``logprobs``, the prompt's log-probabilities (the first token's is
+null, as in OpenAI's API); ``max_tokens: 0`` with ``echo`` scores a prompt without generating.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class _SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="Must name the served model when given.")
-    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate; default serving.max_new_tokens.")
+    max_tokens: int | None = Field(None, ge=0, description="Tokens to generate; default serving.max_new_tokens.")
     temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1, description="Keep only the k most likely tokens; 0 or -1 is off.")
@@ -42,6 +44,7 @@ class _SamplingRequest(BaseModel):
     presence_penalty: float = Field(0.0, ge=0, le=0, description="Not supported; must be 0.")
     frequency_penalty: float = Field(0.0, ge=0, le=0, description="Not supported; must be 0.")
     user: str | None = None
+    ignore_eos: bool = Field(False, description="lmforge (and vLLM) extension: generate max_tokens even past EOS.")
 
     @field_validator("stop")
     @classmethod
@@ -51,7 +54,7 @@ class _SamplingRequest(BaseModel):
             raise ValueError(f"at most 4 stop strings are allowed, got {len(stops)}")
         return stops
 
-    def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -60,6 +63,8 @@ class _SamplingRequest(BaseModel):
             stop=tuple(self.stop or ()),
             seed=self.seed,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            ignore_eos=self.ignore_eos,
         )
 
     @property
@@ -72,7 +77,7 @@ class CompletionRequest(_SamplingRequest):
 
     prompt: str | list[str] = Field(..., description="One prompt (a list of exactly one is accepted).")
     logprobs: int | None = Field(None, ge=0, le=20, description="Top alternatives reported per token.")
-    echo: bool = Field(False, description="Not supported; must be false.")
+    echo: bool = Field(False, description="Return the prompt (and its logprobs) before the completion.")
 
     @field_validator("prompt")
     @classmethod
@@ -81,12 +86,15 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError(f"exactly one prompt per request is supported, got {len(value)}")
         return value
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported")
-        return value
+    @model_validator(mode="after")
+    def _zero_tokens_only_to_echo(self) -> "CompletionRequest":
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: must be at least 1 (0 is allowed only with echo, to score the prompt)")
+        return self
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
 
     @property
     def prompt_text(self) -> str:
@@ -118,6 +126,8 @@ class ChatCompletionRequest(_SamplingRequest):
 
     @model_validator(mode="after")
     def _merge_names(self) -> "ChatCompletionRequest":
+        if self.max_tokens == 0:
+            raise ValueError("max_tokens: must be at least 1")
         if self.max_completion_tokens is not None:
             if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
                 raise ValueError("max_tokens and max_completion_tokens disagree; send only one")
@@ -152,8 +162,8 @@ class CompletionLogprobs(BaseModel):
     """The legacy completions format: parallel lists, one entry per generated token."""
 
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
     @classmethod
@@ -163,7 +173,7 @@ class CompletionLogprobs(BaseModel):
         for e in entries:
             out.tokens.append(e.token)
             out.token_logprobs.append(e.logprob)
-            out.top_logprobs.append(dict(e.top))
+            out.top_logprobs.append(dict(e.top) if e.logprob is not None else None)
             out.text_offset.append(offset)
             offset += len(e.token)
         return out

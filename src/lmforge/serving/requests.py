@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,6 +25,17 @@ class RequestError(ServingError):
         self.code = code
 
 
+class EngineBusy(ServingError):
+    """The engine refuses new work for now: its queue is full (429) or it is shutting down (503)."""
+
+    def __init__(self, cause: str, fix: str, status: int = 429) -> None:
+        super().__init__(cause, fix)
+        self.status = status
+
+    def __reduce__(self):
+        return (type(self), (self.cause, self.fix, self.status))
+
+
 @dataclass(frozen=True)
 class Completion:
     """A finished request. ``token_ids`` include a final EOS token when the model produced one."""
@@ -34,15 +46,18 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     logprobs: tuple[TokenLogprob, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # one per prompt token (echo)
 
 
 @dataclass(frozen=True)
 class Delta:
-    """New text of a streamed request; the last delta carries the whole :class:`Completion`."""
+    """New text of a streamed request; the last delta carries the whole :class:`Completion`.
+    The first delta of a request that asked for prompt logprobs carries them."""
 
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
     completion: Completion | None = None
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
     @property
     def finish_reason(self) -> str | None:
@@ -58,6 +73,7 @@ class Request:
     sink: Callable[[Delta | BaseException], None]  # called from the engine thread
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: bool = False  # set once the final delta or an error was sent; later sends are dropped
+    arrived: float = field(default_factory=time.perf_counter)  # for time-to-first-token
 
 
 class GenerationStream:
@@ -111,3 +127,21 @@ def send(request: Request, item: Delta | BaseException) -> None:
     except RuntimeError:
         # The consumer's event loop is gone (client or server shut down): stop decoding for it.
         request.cancelled.set()
+
+
+def token_budget(context_window: int, prompt_tokens: int, max_tokens: int | None, default: int) -> int:
+    """The max_tokens to use: the request's, checked against the context window, or ``default``
+    shrunk to fit. Raises :class:`RequestError` naming both numbers when they cannot fit."""
+    room = context_window - prompt_tokens
+    if max_tokens is None and room >= 1:
+        return min(default, room)
+    if max_tokens is None or max_tokens > room:
+        asked = default if max_tokens is None else max_tokens
+        raise RequestError(
+            f"the prompt has {prompt_tokens} tokens and max_tokens is {asked}: "
+            f"{prompt_tokens + asked} exceeds the model's context window of {context_window} tokens",
+            "shorten the prompt or lower max_tokens",
+            param="max_tokens" if max_tokens is not None else "prompt",
+            code="context_length_exceeded",
+        )
+    return max_tokens

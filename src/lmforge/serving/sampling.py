@@ -1,14 +1,18 @@
-"""Per-request decoding rules: sampling parameters, next-token choice, logprobs, stop strings.
+"""Decoding rules: sampling parameters, batched next-token choice, logprobs, incremental text.
 
-Everything here works on one request at a time, so a request's output never depends on which
-other requests share its batch: a seeded request owns its ``torch.Generator``, and the text
-tracker sees only its own tokens. The engine (``engine.py``) applies these rules row by row.
+Tokens for a whole step are chosen at once (:func:`choose_tokens`: one argmax, or one sort of the
+sampled rows) so the engine syncs with the device once per step, not once per row. A request's
+output still never depends on which other requests share its batch: each request draws its
+uniform numbers from its own ``random.Random`` (seeded when the request gives a seed), and the
+choice is the inverse CDF of its own filtered distribution at that number. The text tracker sees
+only its own tokens and decodes incrementally (a few tokens per step, not the whole completion).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import random
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 
@@ -24,108 +28,143 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int | None = None  # number of top alternatives to report per token; None = no logprobs
+    prompt_logprobs: int | None = None  # likewise for the prompt's tokens (the completions API's echo)
+    ignore_eos: bool = False  # keep going past EOS until max_tokens (benchmarks)
 
     def __post_init__(self) -> None:
         # Accept a list (as the HTTP layer passes it) but store a tuple so the params stay hashable.
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.max_tokens < 0 or (self.max_tokens == 0 and self.prompt_logprobs is None):
+            raise ValueError(f"max_tokens must be at least 1 (0 only to score a prompt), got {self.max_tokens}")
         if not 0 <= self.temperature <= 2:
             raise ValueError(f"temperature must be within [0, 2], got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be within (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be 0 (off) or positive, got {self.top_k}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be within [0, 20], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 20:
+                raise ValueError(f"{name} must be within [0, 20], got {value}")
 
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One generated token, its log-probability and the ``top`` most likely alternatives."""
+    """One token, its log-probability (None for a prompt's first token) and the top alternatives."""
 
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[str, float], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {"token_id": self.token_id, "token": self.token, "logprob": self.logprob, "top": list(self.top)}
 
 
-def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
-    """A generator private to one request: seeded means reproducible whatever the batch holds."""
-    gen = torch.Generator(device=device)
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(seed)
-    return gen
+def make_rng(seed: int | None) -> random.Random:
+    """A request's private source of uniforms: seeded means reproducible whatever the batch holds."""
+    return random.Random(seed) if seed is not None else random.Random()
 
 
-def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Pick the next token from one row of logits (shape ``[vocab]``)."""
-    if params.temperature == 0:
-        return int(torch.argmax(logits).item())
-    scores = logits.float() / params.temperature
-    if params.top_k and params.top_k < scores.numel():
-        kth = torch.topk(scores, params.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if params.top_p < 1:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        sorted_probs = torch.softmax(sorted_scores, dim=-1)
-        # Drop a token once the mass before it already reaches top_p; the first token always stays.
-        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
+def choose_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], rngs: Sequence[random.Random]) -> list[int]:
+    """The next token of every row of ``logits`` ([rows, vocab]) under that row's parameters."""
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    if sampled:
+        tokens[sampled] = _sample(logits[sampled], [params[i] for i in sampled], [rngs[i].random() for i in sampled])
+    return tokens.tolist()
+
+
+def _sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[float]) -> torch.Tensor:
+    device = logits.device
+    vocab = logits.shape[-1]
+    temps = torch.tensor([p.temperature for p in params], device=device)[:, None]
+    scores, order = torch.sort(logits.float() / temps, dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=device)[None, :]
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)[:, None]
+    scores = scores.masked_fill(ranks >= top_k, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+    # Drop a token once the mass before it already reaches top_p; the first token always stays.
+    scores = scores.masked_fill((probs.cumsum(-1) - probs) >= top_p, float("-inf"))
+    cdf = torch.softmax(scores, dim=-1).cumsum(-1)
+    u = torch.tensor(uniforms, device=device, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
+    pick = torch.searchsorted(cdf, u).clamp(max=vocab - 1)
+    return order.gather(1, pick).squeeze(1)
 
 
-def token_logprob(logits: torch.Tensor, token_id: int, top_n: int, tokenizer: Any) -> TokenLogprob:
-    """Log-probability of ``token_id`` under the model's raw distribution (before temperature,
-    top-k and top-p), as OpenAI reports it, plus the ``top_n`` most likely tokens."""
+def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], top_n: Sequence[int],
+                   tokenizer: Any) -> list[TokenLogprob]:
+    """Log-probability of each row's ``token_ids[i]`` under the model's raw distribution (before
+    temperature, top-k and top-p, as OpenAI reports it), plus that row's ``top_n[i]`` likeliest."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    top: tuple[tuple[str, float], ...] = ()
-    if top_n > 0:
-        values, ids = torch.topk(logp, top_n)
-        top = tuple((tokenizer.decode([i]), float(v)) for v, i in zip(values.tolist(), ids.tolist()))
-    return TokenLogprob(token_id, tokenizer.decode([token_id]), float(logp[token_id].item()), top)
+    ids = torch.tensor(list(token_ids), device=logits.device)
+    chosen = logp.gather(1, ids[:, None]).squeeze(1).tolist()
+    widest = max(top_n, default=0)
+    tops: list[list[tuple[float, int]]] = [[] for _ in token_ids]
+    if widest > 0:
+        values, indices = torch.topk(logp, widest, dim=-1)
+        tops = [list(zip(v, i)) for v, i in zip(values.tolist(), indices.tolist())]
+    return [
+        TokenLogprob(tid, tokenizer.decode([tid]), lp, tuple((tokenizer.decode([i]), v) for v, i in top[:n]))
+        for tid, lp, top, n in zip(token_ids, chosen, tops, top_n)
+    ]
 
 
-@dataclass
 class TextTracker:
     """Turns a growing list of token ids into text deltas, honoring stop strings.
 
-    Decoding the whole completion each step (instead of token by token) keeps multi-byte
-    characters split across byte-level tokens intact. Text that could still become a stop string,
-    or ends in an incomplete character, is held back until it is decided, so a streamed response
+    Decoding is incremental: each step decodes only the tokens since the last emitted text plus one
+    token of context before them (enough for tokenizers that put spaces between words), and emits
+    the text only once it no longer ends in an incomplete character (byte-level tokens can split
+    one). Text that could still become a stop string is held back until it is decided, so a stream
     never shows a stop string or half a character.
     """
 
-    tokenizer: Any
-    stop: tuple[str, ...] = ()
-    token_ids: list[int] = field(default_factory=list)
-    emitted: int = 0  # characters of the completion already handed out
-    stopped: bool = False
-    _text: str = ""
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()) -> None:
+        self.stop = stop
+        self.token_ids: list[int] = []
+        self.stopped = False
+        self.emitted = 0  # characters of the completion already handed out
+        self._text = ""
+        self._prefix = 0  # token offsets: context start, and end of the tokens already in _text
+        self._read = 0
+        self._longest_stop = max((len(s) for s in stop), default=0)
+        fast = getattr(tokenizer, "_tokenizer", None)  # the Rust tokenizer: no per-call Python overhead
+        if fast is not None:
+            self._decode = lambda ids: fast.decode(ids, skip_special_tokens=True)
+        else:
+            self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True,
+                                                        clean_up_tokenization_spaces=False)
 
     def add(self, token_id: int) -> str:
         """Append one token; return the newly safe text. Sets ``stopped`` when a stop string appears."""
         self.token_ids.append(token_id)
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            self.stopped = True
-            self._text = text[: min(hits)]
-            return self._take(len(self._text))
-        self._text = text
-        safe = len(text.rstrip("\ufffd"))
-        safe -= _stop_prefix_len(text[:safe], self.stop)
-        return self._take(safe)
+        before = len(self._text)
+        self._catch_up(final=False)
+        if self.stop and len(self._text) > before:
+            search_from = max(0, before - self._longest_stop + 1)
+            hits = [i for i in (self._text.find(s, search_from) for s in self.stop) if i >= 0]
+            if hits:
+                self.stopped = True
+                self._text = self._text[: min(hits)]
+                return self._take(len(self._text))
+        return self._take(len(self._text) - _stop_prefix_len(self._text, self.stop))
+
+    def _catch_up(self, final: bool) -> None:
+        ids = self.token_ids
+        if self._read == len(ids):
+            return
+        context = self._decode(ids[self._prefix : self._read])
+        full = self._decode(ids[self._prefix :])
+        if len(full) > len(context) and (final or not full.endswith("\ufffd")):
+            self._text += full[len(context) :]
+            self._prefix, self._read = self._read, len(ids)
 
     def flush(self) -> str:
         """Everything not yet handed out; call once when the request finishes."""
+        if not self.stopped:
+            self._catch_up(final=True)
         return self._take(len(self._text))
 
     @property

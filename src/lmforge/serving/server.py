@@ -1,10 +1,13 @@
-"""The OpenAI-compatible HTTP server in front of :class:`lmforge.serving.engine.Engine`.
+"""The OpenAI-compatible HTTP app in front of :class:`lmforge.serving.engine.Engine`.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``"stream": true`` as
-server-sent events ending in ``data: [DONE]``), ``GET /v1/models`` and ``GET /health``. Every
-error is a JSON body ``{"error": {"message", "type", "param", "code"}}`` as OpenAI clients expect.
+server-sent events ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health`` and
+``GET /metrics`` (Prometheus). Every error is a JSON body ``{"error": {"message", "type", "param",
+"code"}}`` as OpenAI clients expect; a full queue answers 429 (with ``Retry-After``), a server
+shutting down 503. A client that disconnects, streaming or not, has its request cancelled at once,
+which frees its batch row and KV cache at the engine's next step.
 
-Run it with ``python -m lmforge.serving MODEL_DIR`` (see ``__main__.py``) or :func:`run_server`.
+``launch.py`` binds the socket and runs this app (``python -m lmforge.serving MODEL``).
 """
 
 from __future__ import annotations
@@ -13,22 +16,20 @@ import asyncio
 import hmac
 import json
 import logging
-import socket
-import sys
 import time
-from pathlib import Path
-from typing import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import AsyncIterator, Sequence
 
+import anyio
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge import __version__
-from lmforge.config.stages import ServingConfig
-from lmforge.errors import ServingError
-from lmforge.serving.engine import Engine, GenerationStream, RequestError
+from lmforge.config.serving import ServingConfig
+from lmforge.serving.engine import Engine, EngineBusy, GenerationStream, RequestError
 from lmforge.serving.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -48,6 +49,7 @@ from lmforge.serving.protocol import (
     Usage,
     new_id,
 )
+from lmforge.serving.requests import Completion
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _request(_: Request, exc: RequestError) -> JSONResponse:
         return _error(400, f"{exc.cause}; {exc.fix}", exc.param, exc.code)
 
+    @app.exception_handler(EngineBusy)
+    async def _busy(_: Request, exc: EngineBusy) -> JSONResponse:
+        code = "rate_limit_exceeded" if exc.status == 429 else "server_shutting_down"
+        return _error(exc.status, f"{exc.cause}; {exc.fix}", code=code, type_="server_overloaded",
+                      headers={"Retry-After": "1"})
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
@@ -85,7 +93,7 @@ def _install_error_handlers(app: FastAPI) -> None:
             return _error(400, f"the request body is not valid JSON ({detail})", code="invalid_json")
         fields = [[str(p) for p in e.get("loc", ()) if p != "body"] for e in errors]
         message = "; ".join(f"{'.'.join(f) or 'body'}: {e.get('msg')}" for f, e in zip(fields, errors))
-        param = fields[0][0] if fields and fields[0] else None
+        param = fields[0][0] if fields and fields[0] else _param_in(message)
         return _error(400, message, param, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
@@ -93,83 +101,146 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(exc.status_code, str(exc.detail), code=str(exc.status_code))
 
 
-def create_app(engine: Engine, model_name: str, cfg: ServingConfig, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine`` as ``model_name``; ``api_key`` enables Bearer auth on /v1."""
-    errors = {status: {"model": ErrorResponse} for status in (400, 401, 404)}
+def _param_in(message: str) -> str | None:
+    """A whole-body validator names its field as 'Value error, FIELD: ...'."""
+    head = message.split("Value error, ", 1)[-1]
+    return head.split(":", 1)[0] if ":" in head and " " not in head.split(":", 1)[0] else None
+
+
+@dataclass(frozen=True)
+class _Served:
+    """What the routes share: the engine, the public model name and the serving config."""
+
+    engine: Engine
+    model_name: str
+    cfg: ServingConfig
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise ApiError(404, f"model {name!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def budget(self, prompt_ids: list[int], max_tokens: int | None) -> int:
+        if max_tokens is not None and max_tokens > self.cfg.max_new_tokens:
+            raise ApiError(400, f"max_tokens {max_tokens} exceeds this server's limit of {self.cfg.max_new_tokens}; "
+                           "ask for fewer tokens or raise serving.max_new_tokens", param="max_tokens")
+        return self.engine.token_budget(len(prompt_ids), max_tokens, self.cfg.max_new_tokens)
+
+
+def create_app(engine: Engine, model_name: str, cfg: ServingConfig,
+               api_key: str | Sequence[str] | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine`` as ``model_name``; ``api_key`` (one or several) enables
+    Bearer auth on /v1 and /metrics."""
+    errors = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503)}
     app = FastAPI(title="lmforge inference server", version=__version__, responses=errors)
     _install_error_handlers(app)
     created = int(time.time())
+    keys = [api_key] if isinstance(api_key, str) else [k for k in (api_key or []) if k]
 
     async def authorize(authorization: str | None = Header(None)) -> None:
-        if api_key is None:
+        if not keys:
             return
-        if not authorization or not hmac.compare_digest(authorization.encode(), f"Bearer {api_key}".encode()):
+        sent = (authorization or "").encode()
+        # compare_digest against every key, without stopping early, so timing says nothing about which.
+        if not any([hmac.compare_digest(sent, f"Bearer {key}".encode()) for key in keys]):
             raise ApiError(401, "missing or incorrect API key; send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
-
-    def check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
-            raise ApiError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
-
-    def budget(prompt_ids: list[int], max_tokens: int | None) -> int:
-        if max_tokens is not None and max_tokens > cfg.max_new_tokens:
-            raise ApiError(400, f"max_tokens {max_tokens} exceeds this server's limit of {cfg.max_new_tokens}; "
-                           "ask for fewer tokens or raise serving.max_new_tokens", param="max_tokens")
-        return engine.token_budget(len(prompt_ids), max_tokens, cfg.max_new_tokens)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok", "model": model_name}
 
+    @app.get("/metrics", dependencies=[Depends(authorize)])
+    async def metrics() -> Response:
+        exposition = getattr(engine.metrics, "exposition", None)
+        if exposition is None:
+            raise ApiError(404, "metrics are not collected by this server", code="metrics_off")
+        body, content_type = exposition()
+        return Response(body, media_type=content_type)
+
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_name, created=created, max_model_len=engine.context_window)])
 
+    served = _Served(engine, model_name, cfg)
+    _add_completions(app, served, authorize)
+    _add_chat(app, served, authorize)
+    return app
+
+
+def _add_completions(app: FastAPI, served: _Served, authorize) -> None:
+    engine, model_name = served.engine, served.model_name
+
     @app.post("/v1/completions", dependencies=[Depends(authorize)], response_model=None)
-    async def completions(body: CompletionRequest) -> CompletionResponse | StreamingResponse:
-        check_model(body.model)
+    async def completions(body: CompletionRequest, request: Request) -> CompletionResponse | Response:
+        served.check_model(body.model)
         prompt_ids = engine.encode(body.prompt_text)
-        params = body.sampling(budget(prompt_ids, body.max_tokens), body.logprobs)
-        stream = engine.stream(prompt_ids, params)
+        echo = body.prompt_text if body.echo else ""
+        max_tokens = served.budget(prompt_ids, body.max_tokens)
         rid = new_id("cmpl")
+        if max_tokens == 0 and body.logprobs is None:  # echo alone: nothing to compute
+            choice = CompletionChoice(text=echo, finish_reason="length")
+            return CompletionResponse(id=rid, model=model_name, choices=[choice], usage=Usage.of(len(prompt_ids), 0))
+        stream = engine.stream(prompt_ids, body.sampling(max_tokens, body.logprobs, body.prompt_logprobs))
         if body.stream:
-            chunks = _completion_chunks(stream, rid, model_name, body.logprobs is not None, body.include_usage)
+            chunks = _completion_chunks(stream, rid, model_name, body.logprobs is not None, body.include_usage, echo)
             return _sse(chunks, stream)
-        result = await stream.result()
-        logprobs = CompletionLogprobs.of(result.logprobs) if result.logprobs is not None else None
-        choice = CompletionChoice(text=result.text, finish_reason=result.finish_reason, logprobs=logprobs)
+        result = await _result_unless_gone(stream, request)
+        logprobs = None
+        if result.logprobs is not None or result.prompt_logprobs is not None:
+            logprobs = CompletionLogprobs.of((result.prompt_logprobs or ()) + (result.logprobs or ()))
+        choice = CompletionChoice(text=echo + result.text, finish_reason=result.finish_reason, logprobs=logprobs)
         return CompletionResponse(id=rid, model=model_name, choices=[choice],
                                   usage=Usage.of(result.prompt_tokens, result.completion_tokens))
 
+
+def _add_chat(app: FastAPI, served: _Served, authorize) -> None:
+    engine, model_name = served.engine, served.model_name
+
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)], response_model=None)
-    async def chat(body: ChatCompletionRequest) -> ChatCompletionResponse | StreamingResponse:
-        check_model(body.model)
+    async def chat(body: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | Response:
+        served.check_model(body.model)
         prompt = engine.render_chat([m.as_template_input() for m in body.messages])
         # The template writes any special tokens itself; adding them again would double a BOS.
         prompt_ids = engine.encode(prompt, add_special_tokens=False)
-        params = body.sampling(budget(prompt_ids, body.max_tokens), body.logprobs_n)
+        params = body.sampling(served.budget(prompt_ids, body.max_tokens), body.logprobs_n)
         stream = engine.stream(prompt_ids, params)
         rid = new_id("chatcmpl")
         if body.stream:
             return _sse(_chat_chunks(stream, rid, model_name, body.logprobs, body.include_usage), stream)
-        result = await stream.result()
+        result = await _result_unless_gone(stream, request)
         logprobs = ChatLogprobs.of(result.logprobs) if result.logprobs is not None else None
         choice = ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason,
                             logprobs=logprobs)
         return ChatCompletionResponse(id=rid, model=model_name, choices=[choice],
                                       usage=Usage.of(result.prompt_tokens, result.completion_tokens))
 
-    return app
+
+async def _result_unless_gone(stream: GenerationStream, request: Request) -> Completion:
+    """The request's result; if the client disconnects first, the request is cancelled at once."""
+    task = asyncio.ensure_future(stream.result())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.2)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                stream.cancel()
+                raise ApiError(499, "the client closed the connection", code="client_closed_request")
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 async def _completion_chunks(stream: GenerationStream, rid: str, model: str, logprobs: bool,
-                             include_usage: bool) -> AsyncIterator[BaseModel]:
-    created, offset = int(time.time()), 0
+                             include_usage: bool, echo: str) -> AsyncIterator[BaseModel]:
+    created, offset, prefix = int(time.time()), 0, echo
     async for delta in stream:
-        lp = CompletionLogprobs.of(delta.logprobs, offset) if logprobs else None
-        offset += sum(len(e.token) for e in delta.logprobs)
-        choice = CompletionChoice(text=delta.text, finish_reason=delta.finish_reason, logprobs=lp)
+        entries = (delta.prompt_logprobs or ()) + delta.logprobs
+        lp = CompletionLogprobs.of(entries, offset) if logprobs else None
+        offset += sum(len(e.token) for e in entries)
+        choice = CompletionChoice(text=prefix + delta.text, finish_reason=delta.finish_reason, logprobs=lp)
+        prefix = ""
         yield CompletionResponse(id=rid, created=created, model=model, choices=[choice])
         if delta.completion is not None and include_usage:
             usage = Usage.of(delta.completion.prompt_tokens, delta.completion.completion_tokens)
@@ -190,6 +261,27 @@ async def _chat_chunks(stream: GenerationStream, rid: str, model: str, logprobs:
             yield ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
 
 
+class _EventStream(StreamingResponse):
+    """A streaming response that watches for the client going away while it waits for tokens.
+
+    Starlette (ASGI spec 2.4) notices a disconnect only when a write fails, i.e. at the next token;
+    a request still waiting in the queue writes nothing, so it would hold its place until admitted.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        async with anyio.create_task_group() as group:
+            async def stream() -> None:
+                try:
+                    await self.stream_response(send)
+                except OSError:
+                    pass  # the client is gone; the body generator's finally cancels the request
+                group.cancel_scope.cancel()
+
+            group.start_soon(stream)
+            await self.listen_for_disconnect(receive)
+            group.cancel_scope.cancel()
+
+
 def _sse(chunks: AsyncIterator[BaseModel], stream: GenerationStream) -> StreamingResponse:
     async def body() -> AsyncIterator[str]:
         try:
@@ -203,69 +295,4 @@ def _sse(chunks: AsyncIterator[BaseModel], stream: GenerationStream) -> Streamin
             stream.cancel()  # also runs when the client disconnects mid-stream
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-# ---------------------------------------------------------------- running it
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening-ready socket on host:port, or ServingError naming the port and the fix."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    # SO_REUSEADDR lets a restarted server reuse a port in TIME_WAIT; a live listener still conflicts.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ServingError(
-            f"cannot listen on {host}:{port}: {exc.strerror or exc}",
-            f"stop the process listening on port {port} (find it with `ss -ltnp 'sport = :{port}'`), "
-            "or choose another port (serving.port; 0 picks a free one)",
-        ) from exc
-    return sock
-
-
-def url_for(sock: socket.socket) -> str:
-    """The URL a local client uses to reach ``sock`` (wildcard binds map to loopback)."""
-    host, port = sock.getsockname()[:2]
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def run_server(model_dir: Path, cfg: ServingConfig, model_name: str, host: str | None = None,
-               port: int | None = None, *, api_key: str | None = None,
-               on_ready: Callable[[str], None] | None = None, log_level: str = "info") -> None:
-    """Load ``model_dir`` and serve it until interrupted (SIGINT/SIGTERM shut down gracefully).
-
-    The port is bound before the model loads, so a busy port fails fast with ServingError. Once
-    uvicorn accepts connections, prints ``lmforge-serve listening on URL`` and calls ``on_ready(URL)``.
-    """
-    import uvicorn  # only the server process needs it
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a progress bar per weight file is noise in server.log
-    sock = bind_socket(host or cfg.host, cfg.port if port is None else port)
-    engine: Engine | None = None
-    try:
-        engine = Engine.load(Path(model_dir), max_batch_size=cfg.max_batch_size)
-        app = create_app(engine, model_name, cfg, api_key=api_key)
-        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
-        asyncio.run(_serve(server, sock, url_for(sock), on_ready))
-    finally:
-        sock.close()
-        if engine is not None:
-            engine.close()
-
-
-async def _serve(server, sock: socket.socket, url: str, on_ready: Callable[[str], None] | None) -> None:
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started and not task.done():
-        await asyncio.sleep(0.05)
-    if server.started:
-        print(f"lmforge-serve listening on {url}", flush=True)
-        sys.stdout.flush()
-        if on_ready is not None:
-            on_ready(url)
-    await task
+    return _EventStream(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,285 @@
+"""GPU engine benchmark: a Llama-shaped 1.1B model (random bf16 weights), prompts of 256 tokens,
+256 new tokens, one stream and 64 concurrent, against transformers ``generate()`` in the same job.
+
+    python bench/serve_gpu.py [--phases check,engine,poisson,hf,compile,nographs,int8] [--results DIR]
+
+Phases: ``check`` (Triton kernels against the PyTorch ops on random inputs; the engine's logits and
+greedy tokens against transformers), ``engine`` (our tokens/s), ``poisson`` (time-to-first-token
+and inter-token latency under Poisson arrivals, straight into the engine), ``hf`` (plain
+``generate()``), ``compile`` (``generate()`` with a static cache, which transformers compiles with
+torch.compile; each time-boxed), ``nooverlap`` and ``nographs`` (our engine without launching a
+decode step ahead, and without CUDA graphs), ``int8`` (weight-only
+int8: logits error and tokens/s), ``profile`` (top GPU kernels of a decode step, to profile.txt).
+Each figure is appended to ``DIR/serve_gpu.jsonl`` (default ``bench/results``) as soon as it is
+measured. Needs only torch, transformers and triton (and pydantic, which lmforge's config uses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _record import record  # noqa: E402
+from serve_common import (  # noqa: E402
+    LLAMA_1B,
+    engine_tokens_per_s,
+    generate_tokens_per_s,
+    poisson_engine,
+    random_llama,
+    random_prompts,
+    word_tokenizer,
+)
+
+from lmforge.config.serving import ServingConfig  # noqa: E402
+from lmforge.serving.engine import Engine, SamplingParams  # noqa: E402
+
+PROMPT, NEW, CONCURRENT = 256, 256, 64
+COMMAND = "python bench/serve_gpu.py"
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
+def check_kernels() -> dict[str, float]:
+    """Triton kernels against the PyTorch ops, bf16, random inputs of the 1.1B model's shapes."""
+    from lmforge.serving.ops import Ops, StepLayout, TritonOps
+
+    ref, tri, dev = Ops(), TritonOps(), torch.device("cuda")
+    out: dict[str, float] = {}
+    x, r = (torch.randn(37, 2048, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    w = torch.randn(2048, device=dev, dtype=torch.bfloat16)
+    a, b = ref.add_rms_norm(x, r, w, 1e-5), tri.add_rms_norm(x, r, w, 1e-5)
+    out["add_rms_norm"] = max(rel_err(a[0], b[0]), rel_err(a[1], b[1]))
+    gu = torch.randn(37, 2 * 5632, device=dev, dtype=torch.bfloat16)
+    out["silu_mul"] = rel_err(tri.silu_mul(gu), ref.silu_mul(gu))
+    heads, kvh, hd, bs, rows = 32, 4, 64, 16, 6
+    table = torch.randperm(400, device=dev)[: (rows + 1) * 40].reshape(rows + 1, 40).int()
+    kc = torch.randn(400 * bs, kvh, hd, device=dev, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    # Rope tables repeat their first half (cat(freqs, freqs)); the kernel relies on it.
+    cos, sin = (torch.randn(640, hd // 2, device=dev, dtype=torch.bfloat16).repeat(1, 2) for _ in range(2))
+    for name, items, tpb in [("prefill", [(0, 0, list(range(300))), (3, 17, list(range(45)))], 16),
+                             ("decode", [(i, 13 + 97 * i, [5]) for i in range(rows)], 1)]:
+        layout = StepLayout.build(items, dev, tpb, None)
+        qkv = torch.randn(layout.tokens.shape[0], (heads + 2 * kvh) * hd, device=dev, dtype=torch.bfloat16)
+        slots = table[layout.rows, layout.positions // bs].long() * bs + layout.positions % bs
+        k1, v1, k2, v2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+        q1 = ref.rope_store(qkv, cos, sin, layout.positions, slots, k1, v1, heads, kvh, hd)
+        q2 = tri.rope_store(qkv, cos, sin, layout.positions, slots, k2, v2, heads, kvh, hd)
+        out[f"rope_store_{name}"] = max(rel_err(q2, q1), rel_err(k2, k1), rel_err(v2, v1))
+        o1 = ref.attention(q1, k1, v1, table, layout, bs, hd**-0.5)
+        o2 = tri.attention(q1, k1, v1, table, layout, bs, hd**-0.5)
+        out[f"attention_{name}"] = rel_err(o2, o1)
+    return out
+
+
+def check_logits(engine: Engine, model) -> dict[str, float]:
+    """The paged runner's logits against the model's own forward, for a prefill and one decode step."""
+    from lmforge.serving.backend import PrefillItem
+
+    prompt = random_prompts(1, 100, LLAMA_1B["vocab_size"], seed=12)[0]
+    backend = engine.backend  # the engine thread is idle between requests: safe to borrow
+    row = backend.reserve(128)
+    try:
+        with torch.inference_mode():
+            pre = backend.prefill([PrefillItem(row, 0, prompt, all_logits=True)])[0]
+            dec = backend.decode([row], [100], [7])[0:1].clone()
+            ref = model(torch.tensor([prompt + [7]], device=model.device)).logits[0]
+    finally:
+        backend.release(row)
+    with torch.inference_mode():  # the noise floor: the model's own forward in bf16 against float32
+        exact = copy.deepcopy(model).float()
+        floor = rel_err(ref, exact(torch.tensor([prompt + [7]], device=model.device)).logits[0])
+        del exact
+    return {"logits_rel_err_prefill": rel_err(pre, ref[:100]), "logits_rel_err_decode": rel_err(dec, ref[100:]),
+            "logits_rel_err_transformers_bf16_vs_fp32": floor}
+
+
+def check_greedy(engine: Engine, model) -> dict[str, float]:
+    """Greedy tokens of the engine against generate() (bf16: kernels that round differently may
+    flip a near-tie, after which the two continuations differ)."""
+    prompts = random_prompts(4, 64, LLAMA_1B["vocab_size"], seed=11)
+    ours = engine.generate(prompts, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+    ids = torch.tensor(prompts, device=model.device)
+    with torch.inference_mode():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
+                             pad_token_id=0)[:, 64:].tolist()
+    agree = []
+    for o, r in zip(ours, ref):
+        same = next((i for i, (a, b) in enumerate(zip(o.token_ids, r)) if a != b), len(r))
+        agree.append(same)
+    return {"greedy_prefix_match_mean": sum(agree) / len(agree), "greedy_full_matches": sum(a == 32 for a in agree)}
+
+
+class Budget(Exception):
+    """A baseline ran past its time box (torch.compile can take minutes)."""
+
+
+def time_boxed(seconds: int, fn, *args, **kwargs):
+    """``fn(*args)``, or :class:`Budget` after ``seconds`` (SIGALRM; the main thread only)."""
+    def expire(*_):
+        raise Budget(f"over {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def engine_phases(engine: Engine, model, phases: set[str], put, one, many) -> dict[str, float]:
+    ours: dict[str, float] = {}
+    if "check" in phases:
+        for name, value in {**check_logits(engine, model), **check_greedy(engine, model)}.items():
+            unit = "relative L2 error vs transformers forward" if "err" in name else "tokens of 32"
+            put(name, value, "of 4 prompts" if "full" in name else unit)
+    if "engine" in phases:
+        ours["1"] = engine_tokens_per_s(engine, one, NEW)
+        ours["64"] = engine_tokens_per_s(engine, many, NEW)
+        put("engine_1_stream_tok_s", ours["1"], "output tok/s")
+        put("engine_64_concurrent_tok_s", ours["64"], "output tok/s")
+    if "poisson" in phases:
+        for rate in (4.0, 16.0, 48.0):
+            res = poisson_engine(engine, rate, int(max(24, rate * 6)), PROMPT, NEW)
+            for key in ("ttft_p50", "ttft_p99", "itl_p50", "itl_p99", "output_tok_s"):
+                put(f"poisson_{rate:g}rps_{key}", res[key], "tok/s" if key == "output_tok_s" else "s")
+    return ours
+
+
+def baseline_phases(model, phases: set[str], put, one, many, ours: dict[str, float], box_s: int) -> None:
+    if "hf" in phases:  # plain generate() is CPU-bound per step; 64 new tokens give its rate well enough
+        for n, prompts in (("1", one), ("64", many)):
+            rate = generate_tokens_per_s(model, prompts, 64)
+            put(f"generate_{n}_tok_s", rate, "output tok/s (64 new tokens)")
+            if n in ours:
+                put(f"engine_{n}_tok_s_vs_generate", ours[n], "output tok/s", "transformers generate() (same job)", rate)
+    if "compile" in phases:
+        for n, prompts in (("1", one), ("64", many)):
+            t0 = time.perf_counter()
+            try:
+                rate = time_boxed(box_s, generate_tokens_per_s, model, prompts, NEW, cache_implementation="static")
+            except Budget as exc:
+                print(f"generate() static+compile batch {n}: {exc}; not recorded", flush=True)
+                continue
+            put(f"generate_static_compile_{n}_tok_s", rate,
+                f"output tok/s (warm-up incl. compile {time.perf_counter() - t0:.0f} s)")
+            if n in ours:
+                put(f"engine_{n}_tok_s_vs_static_compile", ours[n], "output tok/s",
+                    "generate() static cache + torch.compile (same job)", rate)
+
+
+def variant_phases(model, tokenizer, phases: set[str], put, one, many, ours: dict[str, float]) -> None:
+    """The engine without CUDA graphs, and with int8 weights (this last: it quantizes ``model``)."""
+    if "nographs" in phases:
+        engine = Engine(model, tokenizer, ServingConfig(max_batch_size=CONCURRENT, max_queue=4096, cuda_graphs=False))
+        for n, prompts in (("1", one), ("64", many)):
+            put(f"engine_no_cuda_graphs_{n}_tok_s", engine_tokens_per_s(engine, prompts, NEW, repeats=1),
+                "output tok/s", "engine with CUDA graphs (same job)", ours.get(n))
+        engine.close()
+    if "nooverlap" in phases:  # diagnosis: no decode launched ahead of the previous step's text handling
+        engine = Engine(model, tokenizer, ServingConfig(max_batch_size=CONCURRENT, max_queue=4096))
+        engine._overlap = False
+        for n, prompts in (("1", one), ("64", many)):
+            put(f"engine_no_overlap_{n}_tok_s", engine_tokens_per_s(engine, prompts, NEW), "output tok/s",
+                "engine with overlap (same job)", ours.get(n))
+        engine.close()
+    if "int8" in phases:
+        from lmforge.serving.quantize import quantize_int8
+
+        prompt = torch.tensor(one, device=model.device)
+        with torch.inference_mode():
+            before = model(prompt).logits.float()
+            quantize_int8(model)
+            after = model(prompt).logits.float()
+        put("int8_logits_rel_err", rel_err(after, before), "relative L2 error vs bf16 weights")
+        engine = Engine(model, tokenizer, ServingConfig(max_batch_size=CONCURRENT, max_queue=4096))
+        for n, prompts in (("1", one), ("64", many)):
+            put(f"engine_int8_{n}_tok_s", engine_tokens_per_s(engine, prompts, NEW, repeats=1), "output tok/s",
+                "engine with bf16 weights (same job)", ours.get(n))
+        engine.close()
+
+
+def profile_decode(engine: Engine, out_dir: Path | None) -> None:
+    """Top GPU kernels of 20 captured decode steps at batch 1 and 64 (written to profile.txt)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    backend = engine.backend
+    lines = []
+    for batch in (1, 64):
+        rows = [backend.reserve(512) for _ in range(batch)]
+        try:
+            with torch.inference_mode():
+                backend.decode(rows, [300] * batch, [5] * batch)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for _ in range(20):
+                        backend.decode(rows, [300] * batch, [5] * batch).argmax(-1).tolist()
+        finally:
+            for row in rows:
+                backend.release(row)
+        lines.append(f"== batch {batch}: 20 decode steps at position 300")
+        lines.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+    text = "\n".join(lines)
+    print(text[:6000])
+    if out_dir is not None:
+        (out_dir / "profile.txt").write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phases", default="check,engine,poisson,profile,hf,nooverlap,nographs,compile,int8")
+    parser.add_argument("--results", type=Path, default=None, help="directory for serve_gpu.jsonl")
+    parser.add_argument("--compile-box-s", type=int, default=100, help="time box of each compiled baseline")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on CPU (smoke test of this script)")
+    args = parser.parse_args()
+    shape = dict(LLAMA_1B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2) if args.tiny else LLAMA_1B
+    dev, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.bfloat16)
+    phases = set(args.phases.split(","))
+    device = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu (smoke test)"
+    figures: dict[str, float] = {}
+
+    def put(metric: str, value: float, unit: str, baseline: str = "", baseline_value: float | None = None) -> None:
+        figures[metric] = value
+        record("serve_gpu", metric, value, unit, baseline, baseline_value, device=device,
+               command=f"{COMMAND} --phases {args.phases}", out_dir=args.results)
+        print(json.dumps({"metric": metric, "value": round(value, 4), "baseline": baseline,
+                          "baseline_value": baseline_value}), flush=True)
+
+    started = time.perf_counter()
+    model = random_llama(shape, dev, dtype)
+    tokenizer = word_tokenizer(LLAMA_1B["vocab_size"])
+    if "check" in phases and dev == "cuda":
+        for name, err in check_kernels().items():
+            put(f"kernel_rel_err_{name}", err, "relative L2 error vs PyTorch ops")
+    t0 = time.perf_counter()
+    engine = Engine(model, tokenizer, ServingConfig(max_batch_size=CONCURRENT, max_queue=4096, max_new_tokens=NEW))
+    put("engine_start_s", time.perf_counter() - t0, "s (KV cache, graph capture)")
+    one = random_prompts(1, PROMPT, LLAMA_1B["vocab_size"])
+    many = random_prompts(CONCURRENT, PROMPT, LLAMA_1B["vocab_size"], seed=2)
+    ours = engine_phases(engine, model, phases, put, one, many)
+    if "profile" in phases and dev == "cuda":
+        profile_decode(engine, args.results)
+    engine.close()
+    baseline_phases(model, phases - {"compile"}, put, one, many, ours, args.compile_box_s)
+    variant_phases(model, tokenizer, phases - {"int8"}, put, one, many, ours)
+    baseline_phases(model, phases & {"compile"}, put, one, many, ours, args.compile_box_s)
+    variant_phases(model, tokenizer, phases & {"int8"}, put, one, many, ours)
+    print(f"total {time.perf_counter() - started:.0f} s")
+    print(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The serving section of the pipeline config: how ``lmforge serve`` and the deploy stage run.
+
+Re-exported by ``lmforge.config.stages`` (the pipeline composes it as ``serving``). Every field is
+also valid in the ``--serving-config`` file of ``python -m lmforge.serving``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ServingConfig(BaseModel):
+    # Same rules as every stage config (stages.StageConfig), restated to avoid an import cycle.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Bind address; loopback by default.")
+    port: int = Field(0, ge=0, le=65535, description="0 picks a free port.")
+    max_new_tokens: int = Field(64, gt=0, description="Default and cap for a request's max_tokens.")
+    max_batch_size: int = Field(8, gt=0, description="Most requests decoded together (the running batch).")
+    startup_timeout_s: float = Field(120, gt=0)
+    probe_prompt: str = Field("What does `json.dumps` do?", description="Request the deploy stage sends.")
+    max_queue: int = Field(
+        64, ge=0, description="Requests that may wait for a batch slot; beyond it the server answers 429."
+    )
+    engine: Literal["auto", "paged", "hf"] = Field(
+        "auto",
+        description="'paged': our decode loop over a paged KV cache (Llama-family models); 'hf': the "
+        "model's own forward with a dense cache (any causal LM); 'auto': paged when the model supports it.",
+    )
+    device: str | None = Field(None, description="'cuda', 'cuda:1' or 'cpu'; default CUDA when present.")
+    kv_cache_mb: float | None = Field(
+        None,
+        gt=0,
+        description="KV cache memory budget in MiB (paged engine). Default: on CUDA half the device memory "
+        "free after loading the weights; on CPU room for max_batch_size full-length sequences, at most 1024.",
+    )
+    kv_block_size: int = Field(16, ge=1, le=256, description="Tokens per KV cache block.")
+    max_prefill_tokens: int = Field(
+        2048, ge=16, description="Prompt tokens prefilled per engine step (chunked prefill keeps streams moving)."
+    )
+    max_model_len: int | None = Field(
+        None, gt=0, description="Cap on prompt + completion tokens; default the model's context window."
+    )
+    cuda_graphs: bool = Field(True, description="Capture the decode step as CUDA graphs (paged engine on CUDA).")
+    quantization: Literal["none", "int8"] = Field(
+        "none",
+        description="'int8': weight-only int8 (per output channel) for the decoder's linear layers. Saves weight "
+        "memory; on CPU ~0.5-0.6x the float32 speed for the tiny demo model, on CUDA much slower (no fast kernel yet).",
+    )
+    allow_unauthenticated_remote: bool = Field(
+        False,
+        description="Allow binding beyond loopback without an API key (LMFORGE_API_KEY). Off: such a bind is refused.",
+    )
+    drain_timeout_s: float = Field(30, ge=0, description="On shutdown, how long running requests may finish.")

@@ -1,0 +1,210 @@
+"""Triton kernels of the paged engine's forward pass on CUDA (imported only where Triton is present).
+
+Four kernels replace the ~35 small PyTorch ops of a Llama layer's non-matmul work, so a captured
+decode step is ~9 kernels per layer instead of dozens (on an H100 every kernel in a CUDA graph
+costs ~2 us however small it is):
+
+- ``add_rms_norm``: the residual add and the RMSNorm that follows it, one pass over the row;
+- ``rope_store``: rotary embedding of the query and key heads, and the write of the token's key and
+  value into its paged-cache slot;
+- ``silu_mul``: SwiGLU's ``silu(gate) * up``;
+- ``paged_attention``: causal attention of query tokens over their sequence's paged cache, for
+  decode (one token per sequence) and chunked prefill (many) alike. A program takes up to ``TOK``
+  consecutive tokens of one sequence times the ``GROUP`` query heads that share one KV head, so the
+  keys and values of each cache tile are read once for the whole group (grouped-query attention).
+
+Rounding follows the PyTorch ops they replace where it is cheap (the residual sum and the norm are
+rounded to the model dtype exactly where Llama rounds them); the rotary product is computed in
+fp32 and rounded once. ``ops.py`` holds the PyTorch versions (CPU, and the reference in tests:
+``TRITON_INTERPRET=1`` runs these kernels on the CPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _add_rms_norm_kernel(X, R, W, OUT, ROUT, stride_x, stride_r, stride_o, stride_ro, N, eps,
+                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(ROUT.dtype.element_ty)
+        tl.store(ROUT + row * stride_ro + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / N
+    y = (xf * tl.rsqrt(var + eps)).to(OUT.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + row * stride_o + cols, (w * y).to(OUT.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual); without a residual, (rms_norm(x), x)."""
+    rows, n = x.shape
+    out = torch.empty_like(x)
+    new_res = torch.empty_like(x) if residual is not None else x
+    r = residual if residual is not None else x
+    _add_rms_norm_kernel[(rows,)](x, r, weight, out, new_res, x.stride(0), r.stride(0), out.stride(0),
+                                  new_res.stride(0), n, eps, HAS_RES=residual is not None,
+                                  BLOCK=triton.next_power_of_2(n), num_warps=8 if n >= 2048 else 4)
+    return out, new_res
+
+
+@triton.jit
+def _rope_store_kernel(QKV, COS, SIN, POS, SLOTS, QOUT, KC, VC, stride_qkv, stride_cos, stride_qt, stride_qh,
+                       stride_ks, stride_kh, H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr,
+                       HALF: tl.constexpr, HALF_P: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    pos = tl.load(POS + t)
+    i = tl.arange(0, HALF_P)
+    m = i < HALF
+    c = tl.load(COS + pos * stride_cos + i, mask=m, other=0.0).to(tl.float32)
+    s = tl.load(SIN + pos * stride_cos + i, mask=m, other=0.0).to(tl.float32)
+    src = QKV + t * stride_qkv + h * D
+    x1 = tl.load(src + i, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF + i, mask=m, other=0.0).to(tl.float32)
+    o1 = x1 * c - x2 * s
+    o2 = x2 * c + x1 * s
+    if h < H:
+        dst = QOUT + t * stride_qt + h * stride_qh
+        tl.store(dst + i, o1.to(QOUT.dtype.element_ty), mask=m)
+        tl.store(dst + HALF + i, o2.to(QOUT.dtype.element_ty), mask=m)
+    else:
+        kh = h - H
+        slot = tl.load(SLOTS + t).to(tl.int64)
+        kdst = KC + slot * stride_ks + kh * stride_kh
+        tl.store(kdst + i, o1.to(KC.dtype.element_ty), mask=m)
+        tl.store(kdst + HALF + i, o2.to(KC.dtype.element_ty), mask=m)
+        vsrc = QKV + t * stride_qkv + (H + KVH + kh) * D
+        vdst = VC + slot * stride_ks + kh * stride_kh
+        tl.store(vdst + i, tl.load(vsrc + i, mask=m, other=0.0).to(VC.dtype.element_ty), mask=m)
+        tl.store(vdst + HALF + i, tl.load(vsrc + HALF + i, mask=m, other=0.0).to(VC.dtype.element_ty), mask=m)
+
+
+def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+               slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int,
+               head_dim: int) -> torch.Tensor:
+    """Rotary-embedded queries ``[T, heads, head_dim]``; keys and values go into their cache slots."""
+    tokens = qkv.shape[0]
+    q = torch.empty((tokens, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    half = head_dim // 2
+    _rope_store_kernel[(tokens, heads + kv_heads)](
+        qkv, cos, sin, positions, slots, q, k_cache, v_cache, qkv.stride(0), cos.stride(0), q.stride(0),
+        q.stride(1), k_cache.stride(0), k_cache.stride(1), H=heads, KVH=kv_heads, D=head_dim, HALF=half,
+        HALF_P=triton.next_power_of_2(half), num_warps=1,
+    )
+    return q
+
+
+@triton.jit
+def _silu_mul_kernel(GU, OUT, stride_gu, stride_o, I, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < I
+    g = tl.load(GU + t * stride_gu + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(GU + t * stride_gu + I + cols, mask=m, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(OUT.dtype.element_ty).to(tl.float32)  # torch rounds silu's output
+    tl.store(OUT + t * stride_o + cols, (act * u).to(OUT.dtype.element_ty), mask=m)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    tokens, width = gate_up.shape
+    inner = width // 2
+    out = torch.empty((tokens, inner), dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _silu_mul_kernel[(tokens, triton.cdiv(inner, block))](gate_up, out, gate_up.stride(0), out.stride(0), inner,
+                                                          BLOCK=block, num_warps=4)
+    return out
+
+
+@triton.jit
+def _attend_tile(q, KC, VC, TABLE, row, kvh, start, kv_len, pos, d, dm, qk_scale, m_i, l_i, acc,
+                 stride_ks, stride_kh, stride_table, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One tile of BLOCK_N cache positions: online-softmax update of (max, sum, accumulator)."""
+    n = start + tl.arange(0, BLOCK_N)
+    nm = n < kv_len
+    page = tl.load(TABLE + row * stride_table + n // PAGE, mask=nm, other=0).to(tl.int64)
+    slot = page * PAGE + n % PAGE
+    kv_off = slot[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+    kv_mask = nm[:, None] & dm[None, :]
+    k = tl.load(KC + kv_off, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    s = tl.where(n[None, :] <= pos[:, None], s, -1.0e30)  # causal: each query sees keys up to its position
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(VC + kv_off, mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _paged_attention_kernel(Q, KC, VC, OUT, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N, scale,
+                            stride_qt, stride_qh, stride_ot, stride_oh, stride_ks, stride_kh, stride_table,
+                            GROUP: tl.constexpr, TOK: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+                            DP: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                            LOOP_WHILE: tl.constexpr):
+    bid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    row = tl.load(BLK_ROW + bid).to(tl.int64)
+    t0 = tl.load(BLK_TOK + bid).to(tl.int64)
+    nt = tl.load(BLK_N + bid)
+    r = tl.arange(0, M)
+    tok = r // GROUP
+    head = kvh * GROUP + r % GROUP
+    valid = (tok < nt) & (r < TOK * GROUP)
+    pos = tl.load(POS + t0 + tok, mask=valid, other=0)
+    d = tl.arange(0, DP)
+    dm = d < D
+    q = tl.load(Q + (t0 + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=valid[:, None] & dm[None, :], other=0.0)
+    kv_len = tl.load(POS + t0 + nt - 1) + 1  # a block's tokens are consecutive: the last sees the most
+    qk_scale = scale * 1.4426950408889634  # softmax in base 2: exp2 is the cheap instruction
+    m_i = tl.full([M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([M], dtype=tl.float32)
+    acc = tl.zeros([M, DP], dtype=tl.float32)
+    if LOOP_WHILE:  # the CPU interpreter cannot take a loaded scalar as a range() bound
+        start = 0
+        while start < kv_len:
+            m_i, l_i, acc = _attend_tile(q, KC, VC, TABLE, row, kvh, start, kv_len, pos, d, dm, qk_scale, m_i, l_i,
+                                         acc, stride_ks, stride_kh, stride_table, PAGE, BLOCK_N)
+            start += BLOCK_N
+    else:
+        for start in range(0, kv_len, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(q, KC, VC, TABLE, row, kvh, start, kv_len, pos, d, dm, qk_scale, m_i, l_i,
+                                         acc, stride_ks, stride_kh, stride_table, PAGE, BLOCK_N)
+    out = acc / l_i[:, None]
+    tl.store(OUT + (t0 + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+             out.to(OUT.dtype.element_ty), mask=valid[:, None] & dm[None, :])
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+                    positions: torch.Tensor, blk_row: torch.Tensor, blk_tok: torch.Tensor, blk_n: torch.Tensor,
+                    tokens_per_block: int, block_size: int, scale: float) -> torch.Tensor:
+    """Attention output ``[T, heads, head_dim]`` for queries ``q`` described by the query blocks."""
+    tokens, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    m = max(16, triton.next_power_of_2(tokens_per_block * group))
+    out = torch.empty_like(q)
+    _paged_attention_kernel[(blk_row.shape[0], kv_heads)](
+        q, k_cache, v_cache, out, table, positions, blk_row, blk_tok, blk_n, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+        table.stride(0), GROUP=group, TOK=tokens_per_block, M=m, D=head_dim,
+        DP=max(16, triton.next_power_of_2(head_dim)), PAGE=block_size, BLOCK_N=64, LOOP_WHILE=_INTERPRETED,
+        num_warps=4 if m <= 64 else 8,
+    )
+    return out

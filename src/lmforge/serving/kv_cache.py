@@ -1,0 +1,121 @@
+"""The paged KV cache: keys and values preallocated in fixed-size blocks, one block table per sequence.
+
+All layers' keys live in one tensor ``[layers, blocks * block_size, kv_heads, head_dim]`` (values
+likewise), allocated once at load from a memory budget, so serving never allocates cache memory
+again and a sequence needs no contiguous room: token ``p`` of a sequence sits in slot
+``table[row, p // block_size] * block_size + p % block_size``. The block table is a device tensor
+``[max_batch_size, max_blocks_per_sequence]`` indexed by the sequence's *row* (a batch slot it holds
+from admission to release), so the decode step reads it on the device and nothing is copied per
+step. Block 0 is never handed out, and the table's extra last row points only at it: padded rows
+of a captured CUDA graph use that row and write their garbage there.
+
+Admission reserves a request's worst case (prompt plus ``max_tokens``) up front, so a running
+request can never run out of cache and nothing is ever preempted; a request that does not fit
+waits in the queue until finished requests free their blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.errors import ServingError
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    def bytes_per_block(self) -> int:
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.kv_heads * self.head_dim * element
+
+
+def blocks_for_budget(shape: CacheShape, budget_mb: float) -> int:
+    """How many blocks fit in ``budget_mb`` MiB (at least 2: the scratch block and one real one)."""
+    blocks = int(budget_mb * 2**20 // shape.bytes_per_block())
+    if blocks < 2:
+        raise ServingError(
+            f"a KV cache of {budget_mb:g} MiB holds no block ({shape.bytes_per_block() / 2**20:.2f} MiB per block)",
+            "raise serving.kv_cache_mb or lower serving.kv_block_size",
+        )
+    return blocks
+
+
+class PagedKVCache:
+    """Block pool plus per-row block tables; owned by the engine thread (not thread-safe)."""
+
+    def __init__(self, shape: CacheShape, num_blocks: int, max_rows: int, max_len: int, device: torch.device):
+        self.shape = shape
+        self.block_size = shape.block_size
+        self.num_blocks = num_blocks
+        self.max_blocks_per_seq = math.ceil(max_len / shape.block_size)
+        slots = num_blocks * shape.block_size
+        dims = (shape.num_layers, slots, shape.kv_heads, shape.head_dim)
+        # Zeros, not empty: padded graph rows read block 0, and garbage NaNs there would be noise in logs.
+        self.keys = torch.zeros(dims, dtype=shape.dtype, device=device)
+        self.values = torch.zeros(dims, dtype=shape.dtype, device=device)
+        # One row more than sequences: the last row points only at block 0, for padded graph rows.
+        self.table = torch.zeros((max_rows + 1, self.max_blocks_per_seq), dtype=torch.int32, device=device)
+        self.scratch_row = max_rows
+        self._free_blocks = list(range(num_blocks - 1, 0, -1))  # block 0 is the scratch block
+        self._free_rows = list(range(max_rows - 1, -1, -1))
+        self._owned: dict[int, list[int]] = {}  # row -> its blocks
+
+    # ------------------------------------------------------------ capacity
+
+    @property
+    def usable_blocks(self) -> int:
+        return self.num_blocks - 1
+
+    def blocks_needed(self, tokens: int) -> int:
+        return math.ceil(tokens / self.block_size)
+
+    def fits_ever(self, tokens: int) -> bool:
+        """Whether a sequence of ``tokens`` could be admitted into an empty cache."""
+        return self.blocks_needed(tokens) <= min(self.usable_blocks, self.max_blocks_per_seq)
+
+    def can_reserve(self, tokens: int) -> bool:
+        return bool(self._free_rows) and self.blocks_needed(tokens) <= len(self._free_blocks)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of the usable blocks reserved by admitted sequences."""
+        return 1.0 - len(self._free_blocks) / self.usable_blocks
+
+    @property
+    def rows_in_use(self) -> int:
+        return len(self._owned)
+
+    # ------------------------------------------------------------ reserve / release
+
+    def reserve(self, tokens: int) -> int:
+        """Reserve blocks for ``tokens`` and a row; returns the row. Call :meth:`can_reserve` first."""
+        n = self.blocks_needed(tokens)
+        if not self.can_reserve(tokens):
+            raise ServingError(f"no room for {tokens} tokens in the KV cache", "call can_reserve() first")
+        row = self._free_rows.pop()
+        blocks = [self._free_blocks.pop() for _ in range(n)]
+        self._owned[row] = blocks
+        entry = torch.zeros(self.max_blocks_per_seq, dtype=torch.int32)
+        entry[:n] = torch.tensor(blocks, dtype=torch.int32)
+        self.table[row].copy_(entry)
+        return row
+
+    def release(self, row: int) -> None:
+        blocks = self._owned.pop(row, None)
+        if blocks is None:
+            return
+        self._free_blocks.extend(reversed(blocks))
+        self._free_rows.append(row)
+
+    def slots(self, row: int, start: int, end: int) -> list[int]:
+        """Cache slots of positions ``start..end-1`` of the sequence in ``row`` (host-side, for tests)."""
+        blocks = self._owned[row]
+        return [blocks[p // self.block_size] * self.block_size + p % self.block_size for p in range(start, end)]

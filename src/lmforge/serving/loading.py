@@ -1,0 +1,94 @@
+"""Load a model directory for serving: safetensors weights, tokenizer, device, dtype, quantization.
+
+Only safetensors and no remote code (a pickle or a model's own Python would run with the server's
+rights). bf16 on CUDA, float32 on CPU; ``quantization="int8"`` replaces the decoder's linear layers
+with weight-only int8 ones (``quantize.py``).
+
+A training run whose adapter cannot be merged leaves the base weights plus ``adapter/`` and a marker
+file (``lmforge.train.artifacts``). Loading such a directory as a plain model would silently serve
+the base, so the marker is honoured: bottleneck adapters are applied (and served by the HF
+backend); peft prompt-learning adapters (prefix, P-tuning, prompt tuning) are refused with an error
+until the engine can place their virtual tokens in its cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.errors import ServingError
+
+log = logging.getLogger(__name__)
+
+
+def load_model(model_dir: Path, device: str | None = None, quantization: str = "none") -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (model_dir / "config.json").is_file():
+        raise ServingError(
+            f"{model_dir} is not a model directory (no config.json there)",
+            "pass a directory written by training (config.json, model.safetensors, tokenizer files) "
+            "or a registry URI such as models:/NAME@champion",
+        )
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=False
+        )
+    except (OSError, ValueError) as exc:
+        raise ServingError(
+            f"cannot load the model in {model_dir}: {exc}",
+            "check that the directory holds config.json, model.safetensors and the tokenizer files",
+        ) from exc
+    model = _apply_adapter(model, model_dir)
+    model.to(device).eval()
+    if quantization == "int8":
+        from lmforge.serving.quantize import quantize_int8
+
+        replaced = quantize_int8(model)
+        if not replaced:
+            raise ServingError(f"serving.quantization is int8 but {type(model).__name__} has no nn.Linear "
+                               "decoder layers to quantize", "set serving.quantization to 'none' for this model")
+        log.info("int8 weight-only quantization: %d linear layers", replaced)
+    return model, tokenizer
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Token ids that end a completion: the generation config's EOS ids and the tokenizer's."""
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in configured if isinstance(configured, (list, tuple)) else [configured]:
+        if value is not None:
+            ids.add(int(value))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+_ADAPTER_MARKER = "lmforge_adapter.json"  # written by lmforge.train.artifacts.save_unmerged
+
+
+def _apply_adapter(model: Any, model_dir: Path) -> Any:
+    marker = model_dir / _ADAPTER_MARKER
+    if not marker.exists():
+        return model
+    import json
+
+    from lmforge.train import adapters
+
+    adapter_dir = model_dir / json.loads(marker.read_text())["adapter"]
+    if adapters.is_bottleneck_adapter(adapter_dir):
+        log.info("applying the bottleneck adapter in %s", adapter_dir)
+        return adapters.load_adapter(model, adapter_dir)
+    config = adapter_dir / "adapter_config.json"
+    kind = json.loads(config.read_text()).get("peft_type", "unknown") if config.exists() else "unknown"
+    raise ServingError(
+        f"{model_dir} holds an unmerged {kind} adapter; serving prompt-learning adapters (prefix tuning, "
+        "P-tuning, prompt tuning) is not implemented yet, and serving the base alone would be wrong",
+        "train with a mergeable method (lora, qlora, ia3) or a bottleneck adapter, or serve the base model",
+    )

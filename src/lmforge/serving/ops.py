@@ -1,0 +1,149 @@
+"""The non-matmul operations of the paged engine's Llama layer, in PyTorch, and the step's layout.
+
+:class:`Ops` is the PyTorch implementation (used on CPU, and as the reference the Triton kernels in
+``kernels.py`` are tested against); :class:`TritonOps` has the same methods backed by those kernels.
+The rounding of every PyTorch op here is exactly that of ``transformers``' Llama, so on CPU the
+engine's greedy tokens equal ``generate()``'s.
+
+A step's tokens are described by :class:`StepLayout`: one flat list of tokens (a decode step has
+one per sequence, a prefill chunk many), their positions, the cache row of the sequence each
+belongs to, and *query blocks* (runs of consecutive tokens of one sequence) that the attention
+kernel takes one at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class StepLayout:
+    """Device tensors describing a step's ``T`` tokens; all but the host plan are graph-capturable."""
+
+    tokens: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    rows: torch.Tensor  # [T] int64: cache row (block-table row) of each token's sequence
+    blk_row: torch.Tensor  # [B] int32: query block -> cache row
+    blk_tok: torch.Tensor  # [B] int32: query block -> index of its first token
+    blk_n: torch.Tensor  # [B] int32: tokens in the block
+    tokens_per_block: int
+    logit_index: torch.Tensor | None  # [K] int64 tokens whose logits are wanted; None = all
+    plan: list[tuple[int, int, int, int]] | None = None  # host: (row, first token, tokens, kv length) per sequence
+
+    @classmethod
+    def build(cls, items: list[tuple[int, int, list[int]]], device: torch.device, tokens_per_block: int,
+              logit_index: list[int] | None) -> "StepLayout":
+        """``items``: (cache row, position of the first token, token ids) per sequence."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        rows: list[int] = []
+        blocks: list[tuple[int, int, int]] = []
+        plan: list[tuple[int, int, int, int]] = []
+        for row, start, ids in items:
+            first = len(tokens)
+            tokens.extend(ids)
+            positions.extend(range(start, start + len(ids)))
+            rows.extend([row] * len(ids))
+            plan.append((row, first, len(ids), start + len(ids)))
+            for b in range(0, len(ids), tokens_per_block):
+                blocks.append((row, first + b, min(tokens_per_block, len(ids) - b)))
+
+        def t64(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+        # Columns made contiguous: a kernel sees only a tensor's data pointer, not its strides.
+        blk = torch.tensor(blocks, dtype=torch.int32).reshape(-1, 3).t().contiguous().to(device)
+        return cls(t64(tokens), t64(positions), t64(rows), blk[0], blk[1], blk[2], tokens_per_block,
+                   None if logit_index is None else t64(logit_index), plan)
+
+
+class Ops:
+    """PyTorch versions of the layer's small ops, rounding exactly like transformers' Llama."""
+
+    name = "torch"
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is not None:
+            x = residual + x
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h.to(x.dtype), x
+
+    def rope_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                   slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int,
+                   head_dim: int) -> torch.Tensor:
+        tokens = qkv.shape[0]
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        c, s = cos[positions][:, None, :], sin[positions][:, None, :]
+        q = _rope(q.reshape(tokens, heads, head_dim), c, s)
+        k = _rope(k.reshape(tokens, kv_heads, head_dim), c, s)
+        k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, slots, v.reshape(tokens, kv_heads, head_dim).to(v_cache.dtype))
+        return q
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+                  layout: StepLayout, block_size: int, scale: float) -> torch.Tensor:
+        """Dense reference: gather each sequence's keys, pad, and run SDPA with a causal mask."""
+        assert layout.plan is not None, "the PyTorch attention needs the host plan"
+        tokens, heads, head_dim = q.shape
+        kv_heads = k_cache.shape[1]
+        plan = layout.plan
+        longest = max(n for _, _, n, _ in plan)
+        kv_max = max(kv for _, _, _, kv in plan)
+        device = q.device
+        key_pos = torch.arange(kv_max, device=device)
+        rows = torch.tensor([row for row, _, _, _ in plan], device=device)
+        slots = table[rows][:, key_pos // block_size].long() * block_size + key_pos % block_size  # [S, L]
+        q_index = torch.full((len(plan), longest), tokens, dtype=torch.long)
+        for i, (_, first, n, _) in enumerate(plan):
+            q_index[i, :n] = torch.arange(first, first + n)
+        q_index = q_index.to(device)
+        q_pos = torch.cat([layout.positions, layout.positions.new_zeros(1)])[q_index]  # [S, N]
+        kv_len = torch.tensor([kv for _, _, _, kv in plan], device=device)
+        mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & (key_pos[None, None, :] < kv_len[:, None, None])
+        group = heads // kv_heads
+        keys = k_cache[slots].to(q.dtype).transpose(1, 2).repeat_interleave(group, dim=1)  # [S, H, L, D]
+        values = v_cache[slots].to(q.dtype).transpose(1, 2).repeat_interleave(group, dim=1)
+        queries = torch.cat([q, q.new_zeros(1, heads, head_dim)])[q_index].transpose(1, 2)  # [S, H, N, D]
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask[:, None], scale=scale)
+        flat = q.new_zeros(tokens + 1, heads, head_dim)
+        flat[q_index.reshape(-1)] = out.transpose(1, 2).reshape(-1, heads, head_dim)
+        return flat[:tokens]
+
+
+class TritonOps(Ops):
+    """The same ops as fused Triton kernels (CUDA); the PyTorch attention needs a host plan, these don't."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from lmforge.serving import kernels  # imports triton
+
+        self._k = kernels
+
+    def add_rms_norm(self, x, residual, weight, eps):  # noqa: D102 - same contract as Ops
+        return self._k.add_rms_norm(x, residual, weight, eps)
+
+    def rope_store(self, qkv, cos, sin, positions, slots, k_cache, v_cache, heads, kv_heads, head_dim):  # noqa: D102
+        return self._k.rope_store(qkv, cos, sin, positions, slots, k_cache, v_cache, heads, kv_heads, head_dim)
+
+    def silu_mul(self, gate_up):  # noqa: D102
+        return self._k.silu_mul(gate_up)
+
+    def attention(self, q, k_cache, v_cache, table, layout, block_size, scale):  # noqa: D102
+        return self._k.paged_attention(q, k_cache, v_cache, table, layout.positions, layout.blk_row,
+                                       layout.blk_tok, layout.blk_n, layout.tokens_per_block, block_size, scale)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated * sin)

@@ -1,0 +1,107 @@
+"""The paged backend: :class:`LlamaRunner` over a :class:`PagedKVCache`, decode steps as CUDA graphs.
+
+On CUDA with a bf16/fp16 model and Triton importable, the layer's small ops are the fused Triton
+kernels and decode steps replay captured graphs; elsewhere (CPU, float32) the same runner uses the
+PyTorch ops, eagerly. Prefill chunks always run eagerly (their shapes vary).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lmforge.config.serving import ServingConfig
+from lmforge.serving.backend import PrefillItem
+from lmforge.serving.kv_cache import CacheShape, PagedKVCache, blocks_for_budget
+from lmforge.serving.model_runner import LlamaRunner, _head_dim
+from lmforge.serving.ops import Ops, StepLayout, TritonOps
+
+log = logging.getLogger(__name__)
+
+_CPU_DEFAULT_MAX_MB = 1024.0
+_CUDA_FREE_FRACTION = 0.5
+
+
+def pick_ops(device: torch.device, dtype: torch.dtype) -> Ops:
+    """Triton kernels on CUDA for half-precision models, the PyTorch ops otherwise."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return Ops()
+    try:
+        return TritonOps()
+    except ImportError:
+        log.warning("triton is not installed: the paged engine runs PyTorch ops, without CUDA graphs")
+        return Ops()
+
+
+class PagedBackend:
+    name = "paged"
+    chunked_prefill = True
+    overlap = True  # the engine may launch a decode step before handling the previous one's text
+
+    def __init__(self, model: torch.nn.Module, cfg: ServingConfig, max_len: int, ops: Ops | None = None) -> None:
+        config = model.config
+        weight = model.get_input_embeddings().weight
+        self.device, dtype = weight.device, weight.dtype
+        shape = CacheShape(config.num_hidden_layers, config.num_key_value_heads or config.num_attention_heads,
+                           _head_dim(config), cfg.kv_block_size, dtype)
+        budget = cfg.kv_cache_mb or self._default_budget_mb(shape, cfg.max_batch_size, max_len)
+        self.cache = PagedKVCache(shape, blocks_for_budget(shape, budget), cfg.max_batch_size, max_len, self.device)
+        self.ops = ops or pick_ops(self.device, dtype)
+        self.runner = LlamaRunner(model, self.cache, self.ops, max_len)
+        group = self.runner.heads // self.runner.kv_heads
+        # A prefill query block holds up to 128 (token, head) rows of the attention kernel.
+        self.prefill_block = max(1, 128 // group)
+        self.graphs = None
+        if cfg.cuda_graphs and self.device.type == "cuda" and isinstance(self.ops, TritonOps):
+            from lmforge.serving.graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self.runner, cfg.max_batch_size)
+        log.info("paged KV cache: %d blocks of %d tokens (%.0f MiB), ops=%s, cuda_graphs=%s",
+                 self.cache.num_blocks, shape.block_size, self.cache.num_blocks * shape.bytes_per_block() / 2**20,
+                 self.ops.name, self.graphs is not None)
+
+    def _default_budget_mb(self, shape: CacheShape, max_rows: int, max_len: int) -> float:
+        useful = (max_rows * -(-max_len // shape.block_size) + 1) * shape.bytes_per_block() / 2**20
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            return max(1.0, min(useful, free * _CUDA_FREE_FRACTION / 2**20))
+        return min(useful, _CPU_DEFAULT_MAX_MB)
+
+    # ------------------------------------------------------------ capacity
+
+    def fits_ever(self, tokens: int) -> bool:
+        return self.cache.fits_ever(tokens)
+
+    def can_reserve(self, tokens: int) -> bool:
+        return self.cache.can_reserve(tokens)
+
+    def reserve(self, tokens: int) -> int:
+        return self.cache.reserve(tokens)
+
+    def release(self, row: int) -> None:
+        self.cache.release(row)
+
+    @property
+    def cache_usage(self) -> float:
+        return self.cache.usage
+
+    # ------------------------------------------------------------ forward passes
+
+    def prefill(self, items: list[PrefillItem]) -> list[torch.Tensor]:
+        wanted: list[int] = []
+        sizes: list[int] = []
+        first = 0
+        for item in items:
+            n = len(item.ids)
+            wanted.extend(range(first, first + n) if item.all_logits else [first + n - 1])
+            sizes.append(n if item.all_logits else 1)
+            first += n
+        layout = StepLayout.build([(i.row, i.start, i.ids) for i in items], self.device, self.prefill_block, wanted)
+        return list(self.runner.forward(layout).split(sizes))
+
+    def decode(self, rows: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.fits(len(rows)):
+            return self.graphs.run(tokens, positions, rows)
+        layout = StepLayout.build([(r, p, [t]) for r, p, t in zip(rows, positions, tokens)], self.device, 1, None)
+        return self.runner.forward(layout)

@@ -1,0 +1,114 @@
+"""One admitted request as the engine thread decodes it, and how its tokens become deltas.
+
+:class:`Sequence` holds everything per request (its cache row, prompt progress, generated ids,
+text tracker, random source, logprobs, timing); :func:`emit` applies one chosen token: text delta,
+stop and length rules, the final :class:`Completion`; :func:`prompt_logprobs` turns a prefill
+chunk's logits into the echo's per-token prompt logprobs.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lmforge.serving.requests import Completion, Delta, Request, send
+from lmforge.serving.sampling import SamplingParams, TextTracker, TokenLogprob, token_logprobs
+
+
+@dataclass
+class Sequence:
+    request: Request
+    row: int  # backend row holding its KV cache
+    tracker: TextTracker
+    rng: random.Random
+    prefilled: int = 0  # prompt tokens already in the cache
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_entries: list[TokenLogprob] | None = None  # echo: one per prompt token
+    pending_logits: torch.Tensor | None = None  # last logits of the previous prefill chunk (echo)
+    next_token: int = -1  # chosen, not yet fed to the model
+    first_token_at: float | None = None
+    last_token_at: float = 0.0
+    prompt_sent: bool = False
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt_ids
+
+    @property
+    def position(self) -> int:
+        """Position at which ``next_token`` is fed."""
+        return len(self.prompt) + len(self.token_ids) - 1
+
+
+def emit(seq: Sequence, token: int, entry: TokenLogprob | None, eos_ids: set[int]) -> bool:
+    """Apply ``token`` to ``seq`` and send its delta; True when the sequence is finished."""
+    params = seq.params
+    seq.token_ids.append(token)
+    seq.next_token = token
+    if entry is not None:
+        seq.logprobs.append(entry)
+        seq.unsent_logprobs.append(entry)
+    finish: str | None = None
+    if token in eos_ids and not params.ignore_eos:
+        text, finish = seq.tracker.flush(), "stop"
+    else:
+        text = seq.tracker.add(token)
+        if seq.tracker.stopped:
+            finish = "stop"
+        elif len(seq.token_ids) >= params.max_tokens:
+            text, finish = text + seq.tracker.flush(), "length"
+    if not text and finish is None and (seq.prompt_sent or seq.prompt_entries is None):
+        return False  # held back (incomplete character or possible stop string)
+    send_delta(seq, text, finish)
+    return finish is not None or seq.request.cancelled.is_set()
+
+
+def send_delta(seq: Sequence, text: str, finish: str | None) -> None:
+    completion = None
+    if finish is not None:
+        completion = Completion(
+            text=seq.tracker.text,
+            token_ids=tuple(seq.token_ids),
+            finish_reason=finish,
+            prompt_tokens=len(seq.prompt),
+            completion_tokens=len(seq.token_ids),
+            logprobs=tuple(seq.logprobs) if seq.params.logprobs is not None else None,
+            prompt_logprobs=tuple(seq.prompt_entries) if seq.prompt_entries is not None else None,
+        )
+    prompt = None
+    if seq.prompt_entries is not None and not seq.prompt_sent:
+        prompt, seq.prompt_sent = tuple(seq.prompt_entries), True
+    delta = Delta(text, tuple(seq.unsent_logprobs), completion, prompt_logprobs=prompt)
+    seq.unsent_logprobs.clear()
+    send(seq.request, delta)
+
+
+def prompt_logprobs(seq: Sequence, start: int, logits: torch.Tensor, tokenizer: Any) -> None:
+    """Extend ``seq.prompt_entries`` with the prompt tokens a prefill chunk's logits score.
+
+    ``logits`` ([n, vocab]) are the chunk's, for prompt positions ``start .. start+n-1``; row ``j``
+    predicts the token at ``start+j+1``. The chunk's first token was predicted by the previous
+    chunk's last row (``seq.pending_logits``); the prompt's very first token has no logprob.
+    """
+    top = seq.params.prompt_logprobs or 0
+    entries = seq.prompt_entries if seq.prompt_entries is not None else []
+    end = start + logits.shape[0]
+    rows, targets = logits[:-1], seq.prompt[start + 1 : end]
+    if start == 0:
+        first = seq.prompt[0]
+        entries.append(TokenLogprob(first, tokenizer.decode([first]), None))
+    elif seq.pending_logits is not None:
+        rows, targets = torch.cat([seq.pending_logits, rows]), [seq.prompt[start], *targets]
+    if targets:
+        entries.extend(token_logprobs(rows, targets, [top] * len(targets), tokenizer))
+    seq.prompt_entries = entries
+    seq.pending_logits = logits[-1:].clone()
