@@ -28,7 +28,7 @@ def pipeline(config: PipelineConfig = PipelineConfig(), deploy: bool = True) -> 
     collected = collect_task(config.data)
     curated = curate_task(config.curation)
     validated = validate_task(config.validation)
-    tokenize_task(config.model)
+    tokenize_task(config.tokenize, config.model, config.training, config.validation)
     trained = train_task(config.training, config.model, config.platform)
     evaluated = evaluate_task(config.evaluation, trained["model_dir"])
     registered = register_task(config, trained, evaluated, run_id)

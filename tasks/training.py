@@ -7,19 +7,30 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from lmforge.config import ModelConfig, PlatformConfig, TrainingConfig
+from lmforge.config import ModelConfig, PlatformConfig, TrainingConfig, ValidationConfig
+from lmforge.config.curation import TokenizeConfig
 from lmforge.workspace import Workspace
 from tasks._publish import announce, publish
 
 
 @task(name="tokenize", retries=1, cache_policy=NO_CACHE)
-def tokenize_task(cfg: ModelConfig) -> str:
-    announce("tokenize", "training the byte-level BPE tokenizer")
-    from lmforge.tokenizer import train_tokenizer
+def tokenize_task(cfg: TokenizeConfig, model: ModelConfig, training: TrainingConfig,
+                  validation: ValidationConfig) -> str:
+    announce("tokenize", "tokenizer and tokenized datasets (validated)")
+    from lmforge.errors import ValidationFailed
+    from lmforge.tokenized import tokenize
+    from lmforge.validate import validate_tokenized
 
-    path = train_tokenizer(cfg, Workspace.from_env())
-    publish("tokenize", {"tokenizer_dir": str(path), "vocab_size": cfg.vocab_size})
-    return str(path)
+    ws = Workspace.from_env()
+    result = tokenize(cfg, model, training, ws).as_dict()
+    try:
+        if result["digest"]:
+            validate_tokenized(validation, ws)
+    except ValidationFailed as exc:
+        publish("tokenize", {**result, "validation": exc.report or str(exc)}, "tokenized data gate FAILED")
+        raise
+    publish("tokenize", result, f"tokenized datasets {str(result['digest'])[:12]}")
+    return result["tokenizer_dir"]
 
 
 # No retries: a diverged run is not fixed by running it again with the same settings.

@@ -71,7 +71,7 @@ def test_cli_config_show_and_schema(tmp_path):
     schema = run_cli(["config", "schema"], tmp_path)
     assert schema.returncode == 0
     props = json.loads(schema.stdout)["properties"]
-    assert set(props) == {"data", "curation", "validation", "model", "training", "evaluation",
+    assert set(props) == {"data", "curation", "validation", "tokenize", "model", "training", "evaluation",
                           "registry", "serving", "platform"}
 
 

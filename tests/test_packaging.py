@@ -56,3 +56,14 @@ def test_readme_names_the_two_commands_and_ci_calls_make_test():
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"^run:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
     assert "torch==2.13.0" in makefile
+
+
+def test_every_engine_package_is_in_the_distribution():
+    """A package missing from pyproject works in the editable dev install but not in the image."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    for init in (REPO / "src").rglob("*.py"):
+        package = ".".join(init.parent.relative_to(REPO / "src").parts)
+        assert package in listed, f"{package} is missing from [tool.setuptools] packages"
+        assert (init.parent / "__init__.py").exists(), f"{package} has no __init__.py"

@@ -59,6 +59,9 @@ def test_mlflow_holds_lineage(first_run, home):
     run = client.get_run(version.run_id)
     assert len(client.get_metric_history(run.info.run_id, "loss")) > 1
     assert run.inputs.dataset_inputs, "dataset inputs with digests are logged"
+    # Training read the tokenized datasets that the data gate validated, not a fresh tokenization.
+    assert run.data.params["data_pretrain"].startswith("tokenized dataset ")
+    assert run.data.params["data_finetune"].startswith("tokenized dataset ")
 
 
 def test_second_run_registers_v2_and_promotes_only_by_margin(first_run, home, prefect_server):

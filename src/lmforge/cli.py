@@ -88,9 +88,13 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
-    from lmforge.tokenizer import train_tokenizer
+    from lmforge.tokenized import tokenize
+    from lmforge.validate import validate_tokenized
 
-    emit("tokenize", {"tokenizer_dir": str(train_tokenizer(config.model, ws))}, args.json)
+    result = tokenize(config.tokenize, config.model, config.training, ws).as_dict()
+    if result["digest"]:
+        result["validation"] = validate_tokenized(config.validation, ws).success
+    emit("tokenize", result, args.json)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -162,6 +166,18 @@ def cmd_ui(args: argparse.Namespace) -> None:
            config_path=args.config)
 
 
+def cmd_model_info(args: argparse.Namespace) -> None:
+    config = load_config(args.config)
+    from lmforge.model_info import describe, fit_warning, info_lines
+
+    info = describe(config.model, config.training)
+    warning = fit_warning(config.model, config.training)
+    if args.json:
+        print(json.dumps({**info.as_dict(), "warning": warning}, default=str))
+        return
+    print("\n".join(info_lines(info) + ([f"warning: {warning}"] if warning else [])))
+
+
 def cmd_config_show(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     if args.json:
@@ -193,7 +209,7 @@ _STAGES: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "collect": (cmd_collect, "collect documents from the configured sources"),
     "curate": (cmd_curate, "normalize, deduplicate and filter the collected documents"),
     "validate": (cmd_validate, "run the Great Expectations data gate on the curated corpus"),
-    "tokenize": (cmd_tokenize, "train the byte-level BPE tokenizer on the curated corpus"),
+    "tokenize": (cmd_tokenize, "train the tokenizer and build the validated tokenized datasets"),
     "train": (cmd_train, "pretrain and fine-tune the model (Ray Train)"),
     "evaluate": (cmd_evaluate, "held-out perplexity, exact match and ROUGE-L"),
     "promote": (cmd_promote, "register the latest model in MLflow and move the alias by rule"),
@@ -237,6 +253,13 @@ def _build_parser() -> argparse.ArgumentParser:
     ui = command("ui", cmd_ui, "start the Prefect and MLflow UIs with the pipeline deployed")
     ui.add_argument("--prefect-port", type=int, default=4200)
     ui.add_argument("--mlflow-port", type=int, default=5000)
+
+    model = sub.add_parser("model", help="facts about the configured model")
+    model_sub = model.add_subparsers(dest="model_command")
+    info = model_sub.add_parser("info", help="parameters, FLOPs per token and training memory at the configured batch")
+    info.add_argument("config", nargs="?", help="pipeline config YAML (default: built-in defaults)")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(handler=cmd_model_info)
 
     cfg = sub.add_parser("config", help="show the resolved config or its JSON schema")
     cfg_sub = cfg.add_subparsers(dest="config_command")
