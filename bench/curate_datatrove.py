@@ -41,6 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 STOP = ["the", "of", "and", "to", "a", "in", "that", "is", "with", "for", "it", "as", "was", "on", "be", "have"]
 BANDS, ROWS, SHINGLE, THRESHOLD = 14, 8, 5, 0.8
+VERIFY = True  # --no-verify: keep every LSH candidate, as datatrove does
 
 
 def make_corpus(n: int, seed: int = 0) -> tuple[list[dict], list[tuple[str, str, float]], set[str]]:
@@ -104,7 +105,7 @@ def run_lmforge(docs: list[dict], work: Path, full: bool) -> tuple[float, set[st
                 for d in docs[s::shards]]
         write_documents(ws.raw_dir / f"docs-{s:05d}.parquet", rows)
     near = NearDedupConfig(shingle_size=SHINGLE, num_perm=BANDS * ROWS, bands=BANDS, rows=ROWS,
-                           threshold=THRESHOLD, previous_versions=0, seed=1)
+                           threshold=THRESHOLD, previous_versions=0, seed=1, verify=VERIFY)
     # The generated words are no real language: identify (the cost stays), keep every language.
     cfg = CurationConfig(near_dedup=near, language=LanguageConfig(keep=[], min_score=0)) if full else \
         CurationConfig(steps=["exact_dedup", "near_dedup"], near_dedup=near)
@@ -208,7 +209,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=20000, help="base documents before planted copies")
     parser.add_argument("--no-record", action="store_true", help="print only; write nothing to bench/results")
+    parser.add_argument("--modes", default="dedup,full", help="comma-separated: dedup, full")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip lmforge's candidate verification (datatrove has none): same rule on both sides")
+    parser.add_argument("--seed", type=int, default=0, help="corpus seed")
     args = parser.parse_args()
+    global VERIFY
+    VERIFY = not args.no_verify
     try:
         import datatrove  # noqa: F401
         from loguru import logger
@@ -218,13 +225,13 @@ def main() -> int:
     logger.remove()  # datatrove logs every block's progress
     from _record import record
 
-    docs, pairs, unique = make_corpus(args.docs)
+    docs, pairs, unique = make_corpus(args.docs, seed=args.seed)
     eligible = sum(1 for p in pairs if p[2] >= THRESHOLD)
     print(f"corpus: {len(docs)} documents, {len(pairs)} planted near pairs ({eligible} with Jaccard >= "
           f"{THRESHOLD}), {len(unique)} unique")
     command = "python bench/curate_datatrove.py " + " ".join(sys.argv[1:])
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("dedup", "full"):
+        for mode in args.modes.split(","):
             ours_s, ours_kept = run_lmforge(docs, Path(tmp), full=mode == "full")
             base_s, base_kept = run_datatrove(docs, Path(tmp), full=mode == "full")
             ours_rate, base_rate = len(docs) / ours_s, len(docs) / base_s

@@ -33,7 +33,7 @@ def collect_task(cfg: DataConfig) -> dict[str, Any]:
 
 @task(name="curate", retries=1, cache_policy=NO_CACHE)
 def curate_task(cfg: CurationConfig) -> dict[str, Any]:
-    announce("curate", "normalize, dedup, filter")
+    announce("curate", "clean, filter, scrub PII, deduplicate")
     from lmforge.curate import curate
 
     result = curate(cfg, Workspace.from_env()).as_dict()
