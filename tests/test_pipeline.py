@@ -59,6 +59,8 @@ def test_mlflow_holds_lineage(first_run, home):
     run = client.get_run(version.run_id)
     assert len(client.get_metric_history(run.info.run_id, "loss")) > 1
     assert run.inputs.dataset_inputs, "dataset inputs with digests are logged"
+    reports = {item.path for item in client.list_artifacts(run.info.run_id, "data_reports")}
+    assert {"data_reports/manifest.json", "data_reports/report.json", "data_reports/result.json"} <= reports
     # Training read the tokenized datasets that the data gate validated, not a fresh tokenization.
     assert run.data.params["data_pretrain"].startswith("tokenized dataset ")
     assert run.data.params["data_finetune"].startswith("tokenized dataset ")

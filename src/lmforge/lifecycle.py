@@ -57,6 +57,13 @@ def dataset_inputs(ws: Workspace) -> list[dict[str, Any]]:
     return inputs
 
 
+def data_reports(ws: Workspace) -> list[Path]:
+    """The JSON reports of collect, curate and the validation gates that exist in the workspace."""
+    candidates = [ws.raw_dir / "manifest.json", ws.curated_dir / "report.json",
+                  *sorted(ws.validation_dir.glob("*.json"))]
+    return [path for path in candidates if path.is_file()]
+
+
 def lineage_tags(config: PipelineConfig, ws: Workspace, flow_run_id: str | None) -> dict[str, str]:
     tags = {
         "lmforge.config_hash": config_hash(config),
@@ -81,6 +88,7 @@ def register_trained(config: PipelineConfig, ws: Workspace, trained: dict[str, A
         config.registry, config.platform, ws,
         model_dir=Path(trained["model_dir"]), params=params, metrics=metrics,
         history=trained.get("history", []), dataset_inputs=dataset_inputs(ws), tags=tags,
+        reports=data_reports(ws),
     )
     result = version.as_dict() | {"train_run_id": str(trained.get("run_id", ""))}
     ws.write_state("register", result)

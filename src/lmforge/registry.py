@@ -100,6 +100,7 @@ def register(
     history: list[dict[str, Any]],
     dataset_inputs: list[dict[str, Any]],
     tags: dict[str, str],
+    reports: list[Path] = (),
 ) -> RegisteredVersion:
     """One MLflow run with everything that produced ``model_dir``, and a new registered version.
 
@@ -124,6 +125,8 @@ def register(
         tracker.log_params(params)
         tracker.log_history(history)
         tracker.log_datasets(dataset_inputs)
+        for report in reports:  # the data gate's verdicts and the curation counts, beside the model
+            client.log_artifact(run_id, str(report), "data_reports")
         experiment_id = client.get_run(run_id).info.experiment_id
         logged = client.create_logged_model(
             experiment_id, name=cfg.model_name, source_run_id=run_id, tags=lineage, model_type="causal-lm"
