@@ -10,7 +10,6 @@ import hashlib
 import json
 from pathlib import Path
 
-from lmforge.prompt import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
 from lmforge.workspace import Workspace
 
 CORPUS = [
@@ -34,21 +33,10 @@ SFT = [
 
 
 def build_tokenizer(vocab_size: int = 320):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from lmforge.tokenizer import build_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(CORPUS * 4 + [json.dumps(r) for r in SFT], trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
-    wrapped.chat_template = CHAT_TEMPLATE
-    return wrapped
+    # min_frequency 0: the tiny corpus is too small for the production threshold of 2.
+    return build_bpe(CORPUS * 4 + [json.dumps(r) for r in SFT], vocab_size, min_frequency=0)
 
 
 def build_model_dir(path: Path, seed: int = 0) -> Path:

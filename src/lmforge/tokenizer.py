@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from lmforge.config.stages import ModelConfig
 from lmforge.errors import ConfigError, DataError
@@ -48,6 +48,13 @@ def load_tokenizer(path: str | Path):
 
 
 def _train_bpe(vocab_size: int, ws: Workspace):
+    return build_bpe(_corpus_chunks(ws), vocab_size)
+
+
+def build_bpe(texts: Iterable, vocab_size: int, min_frequency: int = 2):
+    """A byte-level BPE trained on ``texts`` (strings or lists of strings), wrapped for transformers
+    with our special tokens and chat template. Tests build their tiny tokenizers with it too, so
+    they exercise the production recipe."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -61,10 +68,10 @@ def _train_bpe(vocab_size: int, ws: Workspace):
         special_tokens=SPECIAL_TOKENS,
         # Every byte is in the vocabulary, so no input is ever unknown.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        min_frequency=2,
+        min_frequency=min_frequency,
         show_progress=False,
     )
-    bpe.train_from_iterator(_corpus_chunks(ws), trainer=trainer)
+    bpe.train_from_iterator(texts, trainer=trainer)
     # GPT-2 convention: one document separator serves as BOS and EOS; padding is its own token so
     # a padded position is never mistaken for a real end of text.
     return PreTrainedTokenizerFast(
