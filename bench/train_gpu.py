@@ -51,6 +51,12 @@ from lmforge.train.methods import apply_method  # noqa: E402
 BENCH = "train_gpu"
 COMMAND = "PYTHONPATH=src python bench/train_gpu.py"
 ABLATIONS = ("fused_adamw", "vocab64", "fused_loss", "compile_blocks")
+GPT2_SETTINGS = {  # engine settings beyond its defaults (blocks compiled, torch fused loss, SDPA's choice)
+    "model": dict(compile_scope="model"),
+    "model,cudnn": dict(compile_scope="model", attention_backend="cudnn"),
+    "blocks,cudnn": dict(attention_backend="cudnn"),
+    "liger,cudnn": dict(loss_kernel="liger", attention_backend="cudnn"),
+}
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = {
     "gpt2": dict(model=ModelConfig(architecture="gpt2", vocab_size=50257, hidden_size=768, num_layers=12, num_heads=12,
@@ -110,6 +116,8 @@ class Bench:
                 row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         except torch.cuda.OutOfMemoryError as exc:  # record it and go on with the next variant
             row["error"] = f"out of memory: {str(exc)[:120]}"
+        except Exception as exc:  # noqa: BLE001 - one broken variant must not cost the job's other rows
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         finally:
             run_steps = model = None  # noqa: F841 - free the variant before the next one
             gc.collect()
@@ -172,9 +180,21 @@ class Bench:
 
             with self.device:
                 model = build_model(cfg, s["vocab"])
-            if training.compile:
+            if training.gradient_checkpointing:
+                speed.enable_gradient_checkpointing(model)
+            if speed.compiles_blocks(training) and method != "qlora":
                 speed.compile_blocks(model)
-            if method not in ("pretrain", "full"):
+            if method == "qlora":  # reloads the saved base in 4-bit NF4, as the engine does
+                import tempfile
+
+                base_dir = Path(tempfile.mkdtemp())
+                model.save_pretrained(base_dir)
+                model = apply_method(model, training, base_dir, self.device)
+                if training.gradient_checkpointing:
+                    speed.enable_gradient_checkpointing(model)
+                if speed.compiles_blocks(training):
+                    speed.compile_blocks(model)
+            elif method not in ("pretrain", "full"):
                 model = apply_method(model, training)
                 if self.device.type == "cuda":
                     speed.freeze_to_bf16(model)
@@ -222,12 +242,35 @@ def main(argv: list[str] | None = None) -> int:
         bench.run("gpt2/plain", "gpt2", bench.plain("gpt2"), warmup=g, steps=20)
         bench.run("gpt2/plain+torch.compile", "gpt2", bench.plain("gpt2", compile_model=True), warmup=g, steps=20)
         bench.run("gpt2/lmforge", "gpt2", bench.engine("gpt2", "pretrain"), warmup=g, steps=20)
+    if "gpt2_scopes" in only:  # the engine's compile scope, attention kernel and loss kernel choices
+        for name, settings in GPT2_SETTINGS.items():
+            bench.run(f"gpt2/lmforge[{name}]", "gpt2", bench.engine("gpt2", "pretrain", **settings), warmup=g, steps=20)
     if "llama_full" in only:
         bench.run("llama_full/plain", "llama", bench.plain("llama"), warmup=l, steps=8)
         bench.run("llama_full/lmforge", "llama", bench.engine("llama", "full"), warmup=l, steps=8)
+    if "llama_full_model" in only:
+        bench.run("llama_full/lmforge[model]", "llama", bench.engine("llama", "full", compile_scope="model"),
+                  warmup=l, steps=8)
     if "llama_lora" in only:
         bench.run("llama_lora/peft", "llama", bench.plain("llama", lora=True), warmup=l, steps=8)
         bench.run("llama_lora/lmforge", "llama", bench.engine("llama", "lora"), warmup=l, steps=8)
+    if "llama_lora_model" in only:
+        bench.run("llama_lora/lmforge[model]", "llama", bench.engine("llama", "lora", compile_scope="model"),
+                  warmup=l, steps=8)
+    if "qlora" in only:  # bitsandbytes NF4 base; blocks are not compiled (its 4-bit matmuls break graphs)
+        bench.run("llama_qlora/lmforge", "llama", bench.engine("llama", "qlora", compile=False), warmup=l, steps=8)
+    if "llama_cudnn" in only:  # the cuDNN attention kernel on the Llama workloads
+        bench.run("llama_full/lmforge[cudnn]", "llama", bench.engine("llama", "full", attention_backend="cudnn"),
+                  warmup=l, steps=8)
+        bench.run("llama_lora/lmforge[cudnn]", "llama", bench.engine("llama", "lora", attention_backend="cudnn"),
+                  warmup=l, steps=8)
+    if "qlora_more" in only:  # QLoRA as it is used for memory: with checkpointing; and with compiled blocks
+        bench.run("llama_qlora/lmforge+checkpointing", "llama",
+                  bench.engine("llama", "qlora", compile=False, gradient_checkpointing=True), warmup=l, steps=8)
+        bench.run("llama_qlora/lmforge[blocks]", "llama", bench.engine("llama", "qlora"), warmup=l, steps=8)
+    if "checkpointing" in only:  # compile together with gradient checkpointing
+        bench.run("llama_full/lmforge+checkpointing", "llama",
+                  bench.engine("llama", "full", gradient_checkpointing=True), warmup=l, steps=8)
     if "ablations" in only:
         for flag in ABLATIONS:
             bench.run(f"gpt2/plain+{flag}", "gpt2", bench.plain("gpt2", **{flag: True}), warmup=g, steps=20)

@@ -150,9 +150,22 @@ class TrainingConfig(_Frozen):
     grad_clip: float = Field(1.0, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
-    compile: bool = Field(False, description="torch.compile each Transformer block (worth it on GPUs).")
+    compile: bool = Field(False, description="torch.compile the model (worth it on GPUs); compile_scope says how much.")
+    compile_scope: Literal["blocks", "model"] = Field(
+        "blocks", description="blocks: each Transformer block alone (one graph for all, short compile, works with "
+        "every method); model: the whole forward with its loss in one graph (embeddings, head and loss fused too; "
+        "uses the plain loss, so the logits are held).",
+    )
     fused_loss: bool = Field(
         True, description="Chunked output-layer + cross-entropy that never holds all logits at once."
+    )
+    loss_kernel: Literal["torch", "liger"] = Field(
+        "torch", description="The fused loss's implementation: torch (chunks in plain torch, anywhere) or liger "
+        "(Liger kernels' Triton fused linear cross-entropy; CUDA with liger-kernel installed).",
+    )
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient"] = Field(
+        "auto", description="SDPA kernel tried first on CUDA: auto is cudnn on Hopper (measured fastest there) and "
+        "torch's own order elsewhere; the others stay as fallbacks.",
     )
     seed: int = 0
     log_every: int = Field(10, gt=0, description="Steps between logged metrics (and NaN checks).")

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lmforge.config.training import PhaseConfig, TrainingConfig
 from lmforge.errors import TrainingDiverged
 from lmforge.train import checkpoint as ckpt
+from lmforge.train import speed
 from lmforge.train.losses import IGNORE_INDEX, CausalLMObjective
 
 MIN_LR_RATIO = 0.1  # decaying schedules end at a tenth of the peak rate, as nanoGPT does
@@ -43,8 +44,14 @@ def train_phase(model: torch.nn.Module, name: str, phase: PhaseConfig, training:
     torch.manual_seed(training.seed)
     ddp = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if ddp else 1
-    objective = CausalLMObjective(model, training.label_smoothing, training.fused_loss,
-                                  compile_chunks=training.compile and device.type == "cuda")
+    whole = training.compile and training.compile_scope == "model"
+    speed.check_loss_kernel(training.loss_kernel, device)
+    # A whole-objective graph takes the plain loss: the compiler fuses the cross-entropy itself.
+    objective = CausalLMObjective(model, training.label_smoothing, training.fused_loss and not whole,
+                                  compile_chunks=training.compile and device.type == "cuda",
+                                  kernel=training.loss_kernel)
+    if whole:
+        objective.compile()
     net = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None) \
         if ddp else objective
     optimizer = adamw(model, phase.learning_rate, training.weight_decay, device)
@@ -64,7 +71,7 @@ def train_phase(model: torch.nn.Module, name: str, phase: PhaseConfig, training:
         for i, batch in enumerate(micro):
             # Gradients are all-reduced only on the last micro-batch of an accumulated step.
             with nullcontext() if not ddp or i == len(micro) - 1 else net.no_sync():
-                with autocast(device):
+                with autocast(device), speed.attention_kernels(training.attention_backend, device):
                     loss_sum = net(**model_inputs(batch, device))
                 (loss_sum * world / stats[2]).backward()
             stats[0] += loss_sum.detach()

@@ -24,10 +24,11 @@ class CausalLMObjective(torch.nn.Module):
     """``forward(input_ids, labels, attention_mask=None) -> summed loss`` of a causal LM."""
 
     def __init__(self, model: torch.nn.Module, label_smoothing: float = 0.0, fused: bool = True,
-                 compile_chunks: bool = False) -> None:
+                 compile_chunks: bool = False, kernel: str = "torch") -> None:
         super().__init__()
         self.model = model
         self.label_smoothing = label_smoothing
+        self.kernel = kernel
         self.fused = fused and _hidden_and_head(model) is not None
         self.chunk_fn = torch.compile(chunk_loss_and_grad, dynamic=False) if compile_chunks else chunk_loss_and_grad
 
@@ -43,6 +44,8 @@ class CausalLMObjective(torch.nn.Module):
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             if torch.is_autocast_enabled(hidden.device.type):
                 hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
+            if self.kernel == "liger":
+                return _liger_loss(hidden.flatten(0, 1), head.weight, targets.flatten(), self.label_smoothing)
             with_grad = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
             return FusedLinearCrossEntropy.apply(hidden.flatten(0, 1), head.weight, targets.flatten(),
                                                  self.label_smoothing, self.chunk_fn, with_grad)
@@ -51,6 +54,14 @@ class CausalLMObjective(torch.nn.Module):
         logits = logits[:, logits.shape[1] - labels.shape[1]:]
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum", label_smoothing=self.label_smoothing)
+
+
+def _liger_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """The same summed loss through Liger kernels' Triton fused linear cross-entropy (CUDA only)."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(hidden, weight.to(hidden.dtype), targets, ignore_index=IGNORE_INDEX,
+                                            label_smoothing=smoothing, reduction="sum")
 
 
 def _hidden_and_head(model: torch.nn.Module):

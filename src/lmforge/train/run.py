@@ -84,7 +84,7 @@ def _prepared(model, tokenizer, device: torch.device, training: TrainingConfig):
     model.to(device)
     if training.gradient_checkpointing:
         speed.enable_gradient_checkpointing(model)
-    if training.compile:
+    if speed.compiles_blocks(training):
         speed.compile_blocks(model)
     return model
 
@@ -104,6 +104,11 @@ def _adapted(model, tokenizer, training: TrainingConfig, base_dir: Path, device:
     if dist.is_initialized():
         dist.barrier()  # QLoRA reloads the base on every rank
     model = methods.apply_method(model, training, base_dir, device)
+    if training.method == "qlora":  # a new model (the base reloaded in 4 bits): prepare it as the base was
+        if training.gradient_checkpointing:
+            speed.enable_gradient_checkpointing(model)
+        if speed.compiles_blocks(training):
+            speed.compile_blocks(model)
     llama_adapter = training.method == "adapter" and training.adapter.variant == "llama_adapter"
     if device.type == "cuda" and training.method in speed.BF16_FROZEN_METHODS and not llama_adapter:
         speed.freeze_to_bf16(model)
