@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_records(bench: Bench) -> None:
+def write_records(bench: Bench, device: str | None = None) -> None:
     """Ours against each same-run baseline, through bench/_record.py's one format."""
     rows, out = bench.rows, bench.out
     estimate = {shape: describe(s["model"], TrainingConfig(method="full", use_gpu=False, finetune=PhaseConfig(
@@ -295,10 +295,18 @@ def write_records(bench: Bench) -> None:
              ("gpt2_124m_pretrain_tokens_per_s_vs_compile", "gpt2/lmforge", "gpt2/plain+torch.compile"),
              ("llama_1.1b_full_ft_tokens_per_s", "llama_full/lmforge", "llama_full/plain"),
              ("llama_1.1b_lora_r16_tokens_per_s", "llama_lora/lmforge", "llama_lora/peft")]
+    pairs += [("gpt2_124m_model_scope_cudnn_tokens_per_s", "gpt2/lmforge[model,cudnn]", "gpt2/plain"),
+              ("gpt2_124m_model_scope_cudnn_tokens_per_s_vs_compile", "gpt2/lmforge[model,cudnn]",
+               "gpt2/plain+torch.compile"),
+              ("gpt2_124m_model_scope_tokens_per_s_vs_compile", "gpt2/lmforge[model]", "gpt2/plain+torch.compile"),
+              ("gpt2_124m_liger_cudnn_tokens_per_s_vs_compile", "gpt2/lmforge[liger,cudnn]", "gpt2/plain+torch.compile"),
+              ("llama_1.1b_full_ft_cudnn_tokens_per_s", "llama_full/lmforge[cudnn]", "llama_full/plain"),
+              ("llama_1.1b_lora_r16_cudnn_tokens_per_s", "llama_lora/lmforge[cudnn]", "llama_lora/peft"),
+              ("llama_1.1b_qlora_r16_compiled_tokens_per_s", "llama_qlora/lmforge[blocks]", "llama_lora/peft")]
     pairs += [(f"gpt2_124m_{flag}_alone_tokens_per_s", f"gpt2/plain+{flag}", "gpt2/plain") for flag in ABLATIONS]
     pairs += [("llama_1.1b_lora_bf16_base_alone_tokens_per_s", "llama_lora/peft+bf16_base", "llama_lora/peft"),
               ("llama_1.1b_full_fused_loss_alone_tokens_per_s", "llama_full/plain+fused_loss", "llama_full/plain")]
-    device = torch.cuda.get_device_name(0) if bench.device.type == "cuda" else "cpu (--tiny check)"
+    device = device or (torch.cuda.get_device_name(0) if bench.device.type == "cuda" else "cpu (--tiny check)")
     for metric, ours, base in pairs:
         if "tokens_per_s" in rows.get(ours, {}) and "tokens_per_s" in rows.get(base, {}):
             o, b = rows[ours], rows[base]
@@ -311,7 +319,11 @@ def write_records(bench: Bench) -> None:
             record(BENCH, metric, rows[without]["tokens_per_s"], "tokens/s", "gpt2/lmforge (all on)",
                    rows["gpt2/lmforge"]["tokens_per_s"], device=device, command=COMMAND, out_dir=out)
     for metric, ours, base in [("llama_1.1b_lora_peak_gib_vs_peft", "llama_lora/lmforge", "llama_lora/peft"),
-                               ("llama_1.1b_lora_peak_gib_vs_full_ft", "llama_lora/lmforge", "llama_full/lmforge")]:
+                               ("llama_1.1b_lora_peak_gib_vs_full_ft", "llama_lora/lmforge", "llama_full/lmforge"),
+                               ("llama_1.1b_qlora_checkpointing_peak_gib_vs_lora", "llama_qlora/lmforge+checkpointing",
+                                "llama_lora/lmforge"),
+                               ("llama_1.1b_full_checkpointing_peak_gib", "llama_full/lmforge+checkpointing",
+                                "llama_full/lmforge")]:
         if "peak_gib" in rows.get(ours, {}) and "peak_gib" in rows.get(base, {}):
             record(BENCH, metric, rows[ours]["peak_gib"], "GiB", base, rows[base]["peak_gib"], device=device,
                    command=COMMAND, higher_is_better=False, out_dir=out)
