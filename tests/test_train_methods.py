@@ -147,6 +147,13 @@ def test_method_the_architecture_cannot_take(ws, tmp_path):
     assert "c_attn" in err.value.fix
 
 
+def test_virtual_tokens_past_a_learned_position_table_are_refused(ws):
+    gpt2 = MODEL.model_copy(update={"architecture": "gpt2", "num_kv_heads": 4})  # finetune seq_len 64 = max_seq_len
+    with pytest.raises(ConfigError, match="virtual tokens") as err:
+        train(BASE_TRAINING.model_copy(update={"method": "prompt"}), gpt2, ws, run_name="gpt2-prompt")
+    assert "num_virtual_tokens" in err.value.fix
+
+
 def test_legacy_finetune_method_key_still_loads():
     assert TrainingConfig.model_validate({"finetune_method": "none"}).method == "pretrain"
     assert TrainingConfig.model_validate({"finetune_method": "full"}).finetune_method == "full"

@@ -110,10 +110,28 @@ def greedy_ids(model, tokenizer, prompt: str, max_new_tokens: int = PROBE_TOKENS
     # Adapted models on GPUs keep a bf16 base beside float32 adapters: autocast reconciles them.
     cast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     with cast:
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+            out = _greedy_by_forward(model, ids, max_new_tokens, tokenizer.eos_token_id)
+        else:
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
     model.train(was_training)
     return out[0, ids.shape[1]:].tolist()
+
+
+def _greedy_by_forward(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None) -> torch.Tensor:
+    """Greedy decoding by the full forward at every step, for peft prompt-learning models: peft 0.21's
+    ``generate()`` under transformers 5.2x drops a prefix adapter's prefix (the cache now travels as
+    ``cache=``, which wins over peft's ``past_key_values=``) and re-injects prompt-tuning embeddings at
+    every step (GPT-2 then runs past its position table). The forward is what the adapter trained as."""
+    configured = model.generation_config.eos_token_id
+    eos = {*(configured if isinstance(configured, (list, tuple)) else [configured]), eos_token_id} - {None}
+    for _ in range(max_new_tokens):
+        token = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, token], dim=1)
+        if int(token) in eos:
+            break
+    return ids
 
 
 def load_probe(model_dir: Path) -> dict:

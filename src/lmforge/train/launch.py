@@ -215,6 +215,10 @@ def _device(training: TrainingConfig) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+# Architectures with a learned position table: no position past model.max_seq_len exists.
+ABSOLUTE_POSITIONS = ("gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt")
+
+
 def _check_inputs(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace) -> None:
     """Fail before any worker starts, with the stage or setting that fixes it."""
     if not (ws.tokenizer_dir / "tokenizer_config.json").exists():
@@ -234,6 +238,17 @@ def _check_inputs(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspac
             if runs and phase.seq_len > model_cfg.max_seq_len:
                 raise ConfigError(f"training.{name}.seq_len ({phase.seq_len}) exceeds model.max_seq_len "
                                   f"({model_cfg.max_seq_len})", "lower the seq_len or raise model.max_seq_len")
+        # Prompt-learning methods put their virtual tokens (or prefix) before every sequence; a model
+        # with a learned position table (GPT-2 style) has no positions past it (rotary ones do).
+        prompt_methods = ("prefix", "ptuning_v2", "prompt", "ptuning")
+        virtual = training.prompt_learning.num_virtual_tokens if training.method in prompt_methods else 0
+        too_long = finetuning and virtual and training.finetune.seq_len + virtual > model_cfg.max_seq_len
+        if too_long and model_cfg.architecture in ABSOLUTE_POSITIONS:
+            raise ConfigError(
+                f"training.finetune.seq_len ({training.finetune.seq_len}) plus the {virtual} virtual tokens of "
+                f"training.method {training.method} exceeds model.max_seq_len ({model_cfg.max_seq_len}), the "
+                f"{model_cfg.architecture} position table", "lower training.finetune.seq_len or "
+                "training.prompt_learning.num_virtual_tokens (or raise model.max_seq_len)")
     if training.pretrain.steps == 0 and not finetuning and not model_cfg.base_model:
         raise ConfigError("nothing to train: no pretraining steps, no fine-tuning steps and no base_model",
                           "set training.pretrain.steps or training.finetune.steps above 0, or model.base_model")
