@@ -54,7 +54,8 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 1) -> list[list[
     return torch.randint(3, vocab, (n, length), generator=gen).tolist()
 
 
-def engine_tokens_per_s(engine: Engine, prompts: list[list[int]], new_tokens: int, repeats: int = 3) -> float:
+def engine_tokens_per_s(engine: Engine, prompts: list[list[int]], new_tokens: int, repeats: int = 3,
+                        adapters: list[str | None] | None = None) -> float:
     """Output tokens per second for all ``prompts`` submitted at once (prefill included); median run."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     engine.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))  # warm-up
@@ -62,7 +63,7 @@ def engine_tokens_per_s(engine: Engine, prompts: list[list[int]], new_tokens: in
     for _ in range(repeats):
         _sync()
         start = time.perf_counter()
-        results = engine.generate(prompts, params)
+        results = engine.generate(prompts, params, adapters=adapters)
         _sync()
         produced = sum(r.completion_tokens for r in results)
         rates.append(produced / (time.perf_counter() - start))

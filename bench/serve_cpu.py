@@ -1,5 +1,6 @@
 """CPU serving benchmark: the demo model's output tokens/s in our engine against transformers
-``generate()`` on the same machine, and the speed and held-out perplexity of int8 weights.
+``generate()`` on the same machine, the speed and held-out perplexity of int8 weights, and the same
+runs through ONNX Runtime (the model exported by ``lmforge.serving.onnx_export`` to a temporary directory).
 
     python bench/serve_cpu.py [--model DIR] [--heldout PARQUET] [--results DIR]
 
@@ -52,6 +53,27 @@ def perplexity(model, tokenizer, texts: list[str]) -> float:
     return math.exp(loss)
 
 
+def onnx_speeds(model_dir: Path, prompts: list[list[int]]) -> dict[str, float] | None:
+    """The same runs through the ONNX Runtime backend, on an export made here (None without onnxruntime)."""
+    import tempfile
+
+    try:
+        from lmforge.serving.onnx_export import export_onnx
+
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        print("onnxruntime is not installed: no ONNX rows (pip install -e '.[onnx]')")
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        export_onnx(model_dir, Path(tmp))
+        engine = Engine.load(Path(tmp), cfg=ServingConfig(device="cpu", max_batch_size=CONCURRENT, max_queue=1024))
+        try:
+            return {"1": engine_tokens_per_s(engine, prompts[:1], NEW),
+                    str(CONCURRENT): engine_tokens_per_s(engine, prompts, NEW)}
+        finally:
+            engine.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None)
@@ -89,6 +111,10 @@ def main() -> None:
                     base)
     for n in ("1", str(CONCURRENT)):
         put(f"engine_int8_{n}_stream_tok_s", speeds["int8"][n], "output tok/s", "our engine, float32 weights (same run)",
+            speeds["none"][n])
+    onnx = onnx_speeds(model_dir, prompts)
+    for n in (("1", str(CONCURRENT)) if onnx else ()):
+        put(f"engine_onnx_{n}_stream_tok_s", onnx[n], "output tok/s", "our engine, PyTorch float32 (same run)",
             speeds["none"][n])
     put("heldout_perplexity_int8", figures["ppl_int8"], "perplexity", "float32 weights (same run)",
         figures["ppl_none"], higher_is_better=False)

@@ -1,7 +1,7 @@
 """GPU engine benchmark: a Llama-shaped 1.1B model (random bf16 weights), prompts of 256 tokens,
 256 new tokens, one stream and 64 concurrent, against transformers ``generate()`` in the same job.
 
-    python bench/serve_gpu.py [--phases check,engine,poisson,hf,compile,nographs,int8] [--results DIR]
+    python bench/serve_gpu.py [--phases check,engine,poisson,hf,compile,nographs,int8,quant] [--results DIR]
 
 Phases: ``check`` (Triton kernels against the PyTorch ops on random inputs; the engine's logits and
 greedy tokens against transformers), ``engine`` (our tokens/s), ``poisson`` (time-to-first-token
@@ -9,7 +9,8 @@ and inter-token latency under Poisson arrivals, straight into the engine), ``hf`
 ``generate()``), ``compile`` (``generate()`` with a static cache, which transformers compiles with
 torch.compile; each time-boxed), ``nooverlap`` and ``nographs`` (our engine without launching a
 decode step ahead, and without CUDA graphs), ``int8`` (weight-only
-int8: logits error and tokens/s), ``profile`` (top GPU kernels of a decode step, to profile.txt).
+int8: logits error and tokens/s), ``profile`` (top GPU kernels of a decode step, to profile.txt),
+``quant`` (every quantization option's speed and held-out perplexity change: ``serve_quant.py``).
 Each figure is appended to ``DIR/serve_gpu.jsonl`` (default ``bench/results``) as soon as it is
 measured. Needs only torch, transformers and triton (and pydantic, which lmforge's config uses).
 """
@@ -239,7 +240,8 @@ def profile_decode(engine: Engine, out_dir: Path | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--phases", default="check,engine,poisson,profile,hf,nooverlap,nographs,compile,int8")
+    parser.add_argument("--phases", default="check,engine,poisson,profile,hf,nooverlap,nographs,compile,int8,quant")
+    parser.add_argument("--train-s", type=float, default=60.0, help="quant phase: training time box of its model")
     parser.add_argument("--results", type=Path, default=None, help="directory for serve_gpu.jsonl")
     parser.add_argument("--compile-box-s", type=int, default=100, help="time box of each compiled baseline")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model on CPU (smoke test of this script)")
@@ -251,10 +253,11 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu (smoke test)"
     figures: dict[str, float] = {}
 
-    def put(metric: str, value: float, unit: str, baseline: str = "", baseline_value: float | None = None) -> None:
+    def put(metric: str, value: float, unit: str, baseline: str = "", baseline_value: float | None = None,
+            higher_is_better: bool = True) -> None:
         figures[metric] = value
         record("serve_gpu", metric, value, unit, baseline, baseline_value, device=device,
-               command=f"{COMMAND} --phases {args.phases}", out_dir=args.results)
+               command=f"{COMMAND} --phases {args.phases}", higher_is_better=higher_is_better, out_dir=args.results)
         print(json.dumps({"metric": metric, "value": round(value, 4), "baseline": baseline,
                           "baseline_value": baseline_value}), flush=True)
 
@@ -276,6 +279,11 @@ def main() -> None:
     baseline_phases(model, phases - {"compile"}, put, one, many, ours, args.compile_box_s)
     variant_phases(model, tokenizer, phases - {"int8"}, put, one, many, ours)
     baseline_phases(model, phases & {"compile"}, put, one, many, ours, args.compile_box_s)
+    if "quant" in phases and dev == "cuda":
+        from serve_quant import run as quant_phase
+
+        del engine
+        quant_phase(put, one, many, NEW, args.train_s)
     variant_phases(model, tokenizer, phases & {"int8"}, put, one, many, ours)
     print(f"total {time.perf_counter() - started:.0f} s")
     print(json.dumps(figures, indent=1))

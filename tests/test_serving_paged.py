@@ -201,6 +201,6 @@ def test_unmerged_adapters_are_applied_or_refused(tmp_path: Path) -> None:
         assert served == _reference(adapted, ids, 20)[: len(served)] and served != plain[: len(served)]
     finally:
         adapted.close()
-    (model_dir / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
-    with pytest.raises(ServingError, match="PREFIX_TUNING"):
+    (model_dir / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
+    with pytest.raises(ServingError, match="LOHA"):
         Engine.load(model_dir, device="cpu")

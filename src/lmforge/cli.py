@@ -145,9 +145,19 @@ def cmd_deploy(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
-    from lmforge.serving.__main__ import serve_model
+    from lmforge.serving.__main__ import parse_adapters, serve_model
 
-    serve_model(args.model, config.serving, ws, host=args.host, port=args.port, api_key=args.api_key)
+    serve_model(args.model, parse_adapters(args.adapter, config.serving), ws, host=args.host, port=args.port,
+                api_key=args.api_key)
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    _config, ws = _setup(args)
+    from lmforge.serving.__main__ import _resolve
+    from lmforge.serving.onnx_export import export_onnx
+
+    model_dir, _name = _resolve(args.model, ws)
+    emit("export-onnx", export_onnx(model_dir, Path(args.out_dir), args.opset).as_dict(), args.json)
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -245,7 +255,16 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default from config: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default from config; 0 picks a free one)")
     serve.add_argument("--api-key", help="require this Bearer token (or set LMFORGE_API_KEY)")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                       help="serve this LoRA adapter unmerged beside the base as model NAME (repeatable)")
     serve.set_defaults(handler=cmd_serve)
+
+    onnx = sub.add_parser("export-onnx", help="export a model to ONNX (KV cache in and out) for `lmforge serve OUT_DIR`")
+    onnx.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a model directory")
+    onnx.add_argument("out_dir", help="directory for model.onnx, tokenizer, config and onnx_model.json")
+    onnx.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    onnx.add_argument("--json", action="store_true", help="end with one JSON line on stdout")
+    onnx.set_defaults(handler=cmd_export_onnx)
 
     models = command("models", cmd_models, "list registered models, versions and aliases")
     models.set_defaults(handler=cmd_models)

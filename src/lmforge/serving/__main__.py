@@ -1,12 +1,13 @@
 """Start the inference server for one model.
 
     python -m lmforge.serving MODEL [--host 127.0.0.1] [--port 0] [--model-name NAME]
-                                    [--ready-file PATH] [--serving-config PATH]
+                                    [--ready-file PATH] [--serving-config PATH] [--adapter NAME=DIR ...]
 
 MODEL is a local model directory or a registry URI ``models:/NAME@ALIAS`` (resolved in the
 workspace named by ``LMFORGE_HOME``). ``--ready-file`` receives ``{"url", "pid"}`` once the server
 accepts connections (the deploy stage waits for it). ``--serving-config`` is a JSON or YAML file of
-``ServingConfig`` fields. API keys, if wanted, come from the ``LMFORGE_API_KEY`` environment
+``ServingConfig`` fields. ``--adapter NAME=DIR`` (repeatable) serves a LoRA adapter unmerged beside
+the base: requests whose ``model`` is NAME use it (``serving.adapters``). API keys, if wanted, come from the ``LMFORGE_API_KEY`` environment
 variable (comma-separated for several) rather than a flag, so they never show in the process list.
 Binding beyond loopback without a key is refused unless ``allow_unauthenticated_remote`` is set.
 """
@@ -33,6 +34,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="name clients send as `model` (default: registry name or directory name)")
     parser.add_argument("--ready-file", type=Path, default=None, help="write {url, pid} here once listening")
     parser.add_argument("--serving-config", type=Path, default=None, help="JSON/YAML file of ServingConfig fields")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                        help="serve this LoRA adapter beside the base as model NAME (repeatable)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser.parse_args(argv)
 
@@ -49,6 +52,20 @@ def _load_cfg(path: Path | None) -> ServingConfig:
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot use serving config {path}: {exc}",
                           "pass a JSON/YAML file of ServingConfig fields") from exc
+
+
+def parse_adapters(values: list[str], cfg: ServingConfig) -> ServingConfig:
+    """``cfg`` with the ``--adapter NAME=DIR`` flags added to ``serving.adapters`` (DIR made absolute)."""
+    adapters = dict(cfg.adapters)
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path:
+            raise ConfigError(f"--adapter {value!r} is not NAME=DIR",
+                              "write --adapter NAME=DIR, e.g. --adapter sql=runs/lora")
+        if name in adapters:
+            raise ConfigError(f"the adapter name {name!r} is given twice", "give every adapter its own name")
+        adapters[name] = str(Path(path).expanduser().resolve())
+    return cfg.model_copy(update={"adapters": adapters}) if values else cfg
 
 
 def _resolve(model: str, ws: Workspace) -> tuple[Path, str]:
@@ -93,9 +110,9 @@ def serve_model(
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
-        serve_model(args.model, _load_cfg(args.serving_config), Workspace.from_env(), host=args.host,
-                    port=args.port, model_name=args.model_name, ready_file=args.ready_file,
-                    log_level=args.log_level)
+        cfg = parse_adapters(args.adapter, _load_cfg(args.serving_config))
+        serve_model(args.model, cfg, Workspace.from_env(), host=args.host, port=args.port,
+                    model_name=args.model_name, ready_file=args.ready_file, log_level=args.log_level)
     except LmforgeError as exc:
         print(f"error: {exc.cause}\nfix: {exc.fix}", file=sys.stderr, flush=True)
         return exc.exit_code

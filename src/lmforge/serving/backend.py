@@ -48,6 +48,15 @@ def make_backend(model: torch.nn.Module, cfg: ServingConfig, max_len: int) -> Ba
     from lmforge.serving.batch import HFBackend
     from lmforge.serving.model_runner import unsupported
 
+    if cfg.adapters and (cfg.engine in ("hf", "onnx") or unsupported(model)):
+        raise ServingError(f"serving.adapters (several unmerged LoRA adapters) needs the paged engine, but "
+                           f"{unsupported(model) or f'serving.engine is {cfg.engine}'}",
+                           "serve each adapter merged as its own model (lmforge serve RUN/model), or set "
+                           "serving.engine to 'auto' for a Llama base")
+    if cfg.engine == "onnx" or type(model).__name__ == "OnnxCausalLM":  # a directory from `lmforge export-onnx`
+        from lmforge.serving.onnx_backend import make_onnx_backend
+
+        return make_onnx_backend(model, cfg)
     reason = unsupported(model)
     if cfg.engine == "paged" and reason:
         raise ServingError(f"serving.engine is 'paged' but {reason}",

@@ -22,6 +22,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from lmforge.errors import ServingError
+from lmforge.serving.virtual_tokens import VirtualPrefix, prefix_of
 
 
 def check_cache_support(model: torch.nn.Module) -> None:
@@ -72,10 +73,11 @@ class DecodeBatch:
         return int(self.mask.shape[1])
 
     @classmethod
-    def prefill(cls, model, prompts: list[list[int]], pad_id: int,
-                all_columns: bool = False) -> tuple["DecodeBatch", torch.Tensor]:
+    def prefill(cls, model, prompts: list[list[int]], pad_id: int, all_columns: bool = False,
+                prefix: VirtualPrefix | None = None) -> tuple["DecodeBatch", torch.Tensor]:
         """Run the prompts (left-padded to one length) and return the batch and last-token logits
-        (``all_columns``: logits of every column, ``[rows, width, vocab]``)."""
+        (``all_columns``: logits of every column, ``[rows, width, vocab]``). With ``prefix`` (a
+        prompt-learning adapter's, ``virtual_tokens.py``) every row's cache starts with it."""
         device = model.device
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
@@ -83,10 +85,15 @@ class DecodeBatch:
         for row, prompt in enumerate(prompts):
             ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long, device=device)
             mask[row, width - len(prompt) :] = 1
-        # Padding must not shift positions: each row's first real token is position 0.
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=model.config)
-        logits = _forward(model, ids, mask, positions, cache, all_columns)
+        if prefix is not None:  # columns [prefix | padding | prompt]: the mask skips the padding
+            mask = torch.cat([mask.new_ones(len(prompts), prefix.length), mask], dim=1)
+            for i, (keys, values) in enumerate(zip(prefix.keys, prefix.values)):
+                rows = (len(prompts), -1, -1, -1)
+                cache.update(keys.transpose(0, 1)[None].expand(rows), values.transpose(0, 1)[None].expand(rows), i)
+        # Padding must not shift positions: each row's first real token is position 0 (P after a prefix).
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = _forward(model, ids, mask, positions[:, -width:], cache, all_columns)
         return cls(cache, mask, mask.sum(-1)), logits
 
     def decode(self, model, tokens: torch.Tensor) -> torch.Tensor:
@@ -150,9 +157,11 @@ class HFBackend:
         self._live: set[int] = set()
         self._next_row = 0
         self._pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        self.prefix = prefix_of(model)
+        self.virtual_tokens = self.prefix.length if self.prefix is not None else 0
 
     def fits_ever(self, tokens: int) -> bool:
-        return self.context_window <= 0 or tokens <= self.context_window
+        return self.context_window <= 0 or self.virtual_tokens + tokens <= self.context_window
 
     def can_reserve(self, tokens: int) -> bool:
         return len(self._live) < self.max_rows
@@ -183,7 +192,8 @@ class HFBackend:
     def prefill(self, items) -> list[torch.Tensor]:
         self._keep([row for row in self._order if row in self._live])
         all_columns = any(item.all_logits for item in items)
-        fresh, logits = DecodeBatch.prefill(self.model, [item.ids for item in items], self._pad, all_columns)
+        fresh, logits = DecodeBatch.prefill(self.model, [item.ids for item in items], self._pad, all_columns,
+                                            self.prefix)
         if self._batch is None:
             self._batch, self._order = fresh, [item.row for item in items]
         else:

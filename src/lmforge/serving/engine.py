@@ -19,6 +19,7 @@ Callers use :meth:`Engine.stream` (async iterator of :class:`Delta`), :meth:`Eng
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import threading
 import time
@@ -34,6 +35,7 @@ from lmforge.config.serving import ServingConfig
 from lmforge.errors import ServingError
 from lmforge.serving.backend import PrefillItem, make_backend
 from lmforge.serving.loading import eos_ids, load_model
+from lmforge.serving.lora_slots import slot_of
 from lmforge.serving.metrics import NullMetrics
 from lmforge.serving.requests import (Completion, Delta, EngineBusy, GenerationStream, Request, RequestError, send,
                                       token_budget)
@@ -68,6 +70,7 @@ class Engine:
         self.eos_ids = eos_ids(model, tokenizer)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.backend = make_backend(model, cfg, self.context_window)
+        self.adapters: dict[str, int] = getattr(self.backend, "adapter_slots", {})  # LoRA name -> slot
         self.metrics = metrics or NullMetrics()
         if hasattr(self.metrics, "bind"):
             self.metrics.bind(lambda: self.queue_depth, lambda: self.active, lambda: self.cache_usage)
@@ -135,21 +138,26 @@ class Engine:
     def token_budget(self, prompt_tokens: int, max_tokens: int | None, default: int) -> int:
         """The max_tokens to use: the request's (checked against the context window) or the default
         shrunk to fit. Raises :class:`RequestError` naming both numbers when they cannot fit."""
-        return token_budget(self.context_window, prompt_tokens, max_tokens, default)
+        return token_budget(self.context_window, prompt_tokens, max_tokens, default,
+                            getattr(self.backend, "virtual_tokens", 0))
 
     # ------------------------------------------------------------ public generation API
 
-    def stream(self, prompt: str | Seq[int], params: SamplingParams) -> GenerationStream:
-        """Queue a request and return its async stream of deltas. Call from a running event loop."""
-        return GenerationStream(self.submit, self._ids(prompt), params)
+    def stream(self, prompt: str | Seq[int], params: SamplingParams, adapter: str | None = None) -> GenerationStream:
+        """Queue a request and return its async stream of deltas. Call from a running event loop.
+        ``adapter``: a served LoRA adapter's name (``serving.adapters``), None for the base."""
+        return GenerationStream(functools.partial(self.submit, adapter=adapter), self._ids(prompt), params)
 
-    async def complete(self, prompt: str | Seq[int], params: SamplingParams) -> Completion:
-        return await self.stream(prompt, params).result()
+    async def complete(self, prompt: str | Seq[int], params: SamplingParams, adapter: str | None = None) -> Completion:
+        return await self.stream(prompt, params, adapter).result()
 
-    def generate(self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams]) -> list[Completion]:
+    def generate(self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams],
+                 adapters: Seq[str | None] | None = None) -> list[Completion]:
         """Blocking: submit all prompts at once (so they batch together) and wait for every result.
-        Not bounded by ``max_queue``: the caller chose how much work to hand over."""
+        Not bounded by ``max_queue``: the caller chose how much work to hand over. ``adapters``: per
+        prompt, a served LoRA adapter's name or None for the base."""
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        names = list(adapters) if adapters is not None else [None] * len(prompts)
         results: list[Completion | BaseException | None] = [None] * len(prompts)
         finished = threading.Semaphore(0)
 
@@ -164,8 +172,10 @@ class Engine:
         ids = [self._ids(prompt) for prompt in prompts]
         for prompt_ids, p in zip(ids, per_prompt, strict=True):
             self.check(prompt_ids, p)  # all or nothing: no orphaned requests if one is refused
+        for name in names:
+            slot_of(self.adapters, name)
         for i, (prompt_ids, p) in enumerate(zip(ids, per_prompt)):
-            self.submit(prompt_ids, p, sink_for(i), bounded=False)
+            self.submit(prompt_ids, p, sink_for(i), bounded=False, adapter=names[i])
         for _ in prompts:
             finished.acquire()
         for r in results:
@@ -174,11 +184,12 @@ class Engine:
         return results  # type: ignore[return-value]
 
     def submit(self, prompt_ids: list[int], params: SamplingParams,
-               sink: Callable[[Delta | BaseException], None], bounded: bool = True) -> Request:
+               sink: Callable[[Delta | BaseException], None], bounded: bool = True,
+               adapter: str | None = None) -> Request:
         """Low level: queue a request; ``sink`` receives deltas (or an exception) on the engine thread.
         Raises :class:`EngineBusy` when the queue is full or the engine is shutting down."""
         self.check(prompt_ids, params)
-        request = Request(list(prompt_ids), params, sink)
+        request = Request(list(prompt_ids), params, sink, adapter=slot_of(self.adapters, adapter))
         with self._cv:
             if self._closed or self._draining:
                 self.metrics.rejected(503)
@@ -202,6 +213,7 @@ class Engine:
         self.token_budget(len(prompt_ids), params.max_tokens, params.max_tokens)
         need = len(prompt_ids) + params.max_tokens
         if not self.backend.fits_ever(need):
+            need += getattr(self.backend, "virtual_tokens", 0)  # a prompt-learning adapter's, before the prompt
             raise RequestError(f"the prompt and max_tokens need {need} tokens of KV cache, more than this "
                                "server's cache holds for one request",
                                "ask for fewer tokens, or raise serving.kv_cache_mb", param="max_tokens",
@@ -272,8 +284,10 @@ class Engine:
                     break  # first come, first served: later requests wait behind this one
                 self._waiting.popleft()
                 params = request.params
-                seq = Sequence(request, self.backend.reserve(need), TextTracker(self.tokenizer, params.stop),
-                               make_rng(params.seed))
+                row = self.backend.reserve(need)
+                if self.adapters:  # the row may have served another adapter before
+                    self.backend.set_adapter(row, request.adapter)
+                seq = Sequence(request, row, TextTracker(self.tokenizer, params.stop), make_rng(params.seed))
                 self._prefilling.append(seq)
 
     def _drop_cancelled(self) -> None:

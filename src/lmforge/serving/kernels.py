@@ -63,8 +63,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 
 @triton.jit
 def _rope_store_kernel(QKV, COS, SIN, POS, SLOTS, QOUT, KC, VC, stride_qkv, stride_cos, stride_qt, stride_qh,
-                       stride_ks, stride_kh, H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr,
-                       HALF: tl.constexpr, HALF_P: tl.constexpr):
+                       stride_ks, stride_kh, inv_kv_scale, H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr,
+                       HALF: tl.constexpr, HALF_P: tl.constexpr, FP8: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     pos = tl.load(POS + t)
@@ -85,25 +85,35 @@ def _rope_store_kernel(QKV, COS, SIN, POS, SLOTS, QOUT, KC, VC, stride_qkv, stri
         kh = h - H
         slot = tl.load(SLOTS + t).to(tl.int64)
         kdst = KC + slot * stride_ks + kh * stride_kh
-        tl.store(kdst + i, o1.to(KC.dtype.element_ty), mask=m)
-        tl.store(kdst + HALF + i, o2.to(KC.dtype.element_ty), mask=m)
+        tl.store(kdst + i, _to_cache(o1, inv_kv_scale, KC, FP8), mask=m)
+        tl.store(kdst + HALF + i, _to_cache(o2, inv_kv_scale, KC, FP8), mask=m)
         vsrc = QKV + t * stride_qkv + (H + KVH + kh) * D
         vdst = VC + slot * stride_ks + kh * stride_kh
-        tl.store(vdst + i, tl.load(vsrc + i, mask=m, other=0.0).to(VC.dtype.element_ty), mask=m)
-        tl.store(vdst + HALF + i, tl.load(vsrc + HALF + i, mask=m, other=0.0).to(VC.dtype.element_ty), mask=m)
+        v1 = tl.load(vsrc + i, mask=m, other=0.0).to(tl.float32)
+        v2 = tl.load(vsrc + HALF + i, mask=m, other=0.0).to(tl.float32)
+        tl.store(vdst + i, _to_cache(v1, inv_kv_scale, VC, FP8), mask=m)
+        tl.store(vdst + HALF + i, _to_cache(v2, inv_kv_scale, VC, FP8), mask=m)
+
+
+@triton.jit
+def _to_cache(x, inv_kv_scale, C, FP8: tl.constexpr):
+    """fp32 -> the cache dtype; an fp8 cache holds x / kv_scale, saturated to e4m3's finite range."""
+    if FP8:
+        x = tl.clamp(x * inv_kv_scale, -448.0, 448.0)
+    return x.to(C.dtype.element_ty)
 
 
 def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int,
-               head_dim: int) -> torch.Tensor:
+               head_dim: int, kv_scale: float = 1.0) -> torch.Tensor:
     """Rotary-embedded queries ``[T, heads, head_dim]``; keys and values go into their cache slots."""
     tokens = qkv.shape[0]
     q = torch.empty((tokens, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     half = head_dim // 2
     _rope_store_kernel[(tokens, heads + kv_heads)](
         qkv, cos, sin, positions, slots, q, k_cache, v_cache, qkv.stride(0), cos.stride(0), q.stride(0),
-        q.stride(1), k_cache.stride(0), k_cache.stride(1), H=heads, KVH=kv_heads, D=head_dim, HALF=half,
-        HALF_P=triton.next_power_of_2(half), num_warps=1,
+        q.stride(1), k_cache.stride(0), k_cache.stride(1), 1.0 / kv_scale, H=heads, KVH=kv_heads, D=head_dim,
+        HALF=half, HALF_P=triton.next_power_of_2(half), FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=1,
     )
     return q
 
@@ -139,20 +149,20 @@ def _attend_tile(q, KC, VC, TABLE, row, kvh, start, kv_len, pos, d, dm, qk_scale
     slot = page * PAGE + n % PAGE
     kv_off = slot[:, None] * stride_ks + kvh * stride_kh + d[None, :]
     kv_mask = nm[:, None] & dm[None, :]
-    k = tl.load(KC + kv_off, mask=kv_mask, other=0.0)
+    k = tl.load(KC + kv_off, mask=kv_mask, other=0.0).to(q.dtype)  # an fp8 cache widens here
     s = tl.dot(q, tl.trans(k)) * qk_scale
     s = tl.where(n[None, :] <= pos[:, None], s, -1.0e30)  # causal: each query sees keys up to its position
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(VC + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(VC + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
 
 
 @triton.jit
-def _paged_attention_kernel(Q, KC, VC, OUT, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N, scale,
+def _paged_attention_kernel(Q, KC, VC, OUT, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N, scale, kv_scale,
                             stride_qt, stride_qh, stride_ot, stride_oh, stride_ks, stride_kh, stride_table,
                             GROUP: tl.constexpr, TOK: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
                             DP: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -172,7 +182,7 @@ def _paged_attention_kernel(Q, KC, VC, OUT, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N,
     q = tl.load(Q + (t0 + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=valid[:, None] & dm[None, :], other=0.0)
     kv_len = tl.load(POS + t0 + nt - 1) + 1  # a block's tokens are consecutive: the last sees the most
-    qk_scale = scale * 1.4426950408889634  # softmax in base 2: exp2 is the cheap instruction
+    qk_scale = scale * kv_scale * 1.4426950408889634  # base 2: exp2 is the cheap instruction; keys are k/kv_scale
     m_i = tl.full([M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([M], dtype=tl.float32)
     acc = tl.zeros([M, DP], dtype=tl.float32)
@@ -186,14 +196,14 @@ def _paged_attention_kernel(Q, KC, VC, OUT, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N,
         for start in range(0, kv_len, BLOCK_N):
             m_i, l_i, acc = _attend_tile(q, KC, VC, TABLE, row, kvh, start, kv_len, pos, d, dm, qk_scale, m_i, l_i,
                                          acc, stride_ks, stride_kh, stride_table, PAGE, BLOCK_N)
-    out = acc / l_i[:, None]
+    out = acc * kv_scale / l_i[:, None]
     tl.store(OUT + (t0 + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              out.to(OUT.dtype.element_ty), mask=valid[:, None] & dm[None, :])
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
                     positions: torch.Tensor, blk_row: torch.Tensor, blk_tok: torch.Tensor, blk_n: torch.Tensor,
-                    tokens_per_block: int, block_size: int, scale: float) -> torch.Tensor:
+                    tokens_per_block: int, block_size: int, scale: float, kv_scale: float = 1.0) -> torch.Tensor:
     """Attention output ``[T, heads, head_dim]`` for queries ``q`` described by the query blocks."""
     tokens, heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
@@ -201,7 +211,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     m = max(16, triton.next_power_of_2(tokens_per_block * group))
     out = torch.empty_like(q)
     _paged_attention_kernel[(blk_row.shape[0], kv_heads)](
-        q, k_cache, v_cache, out, table, positions, blk_row, blk_tok, blk_n, scale,
+        q, k_cache, v_cache, out, table, positions, blk_row, blk_tok, blk_n, scale, kv_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         table.stride(0), GROUP=group, TOK=tokens_per_block, M=m, D=head_dim,
         DP=max(16, triton.next_power_of_2(head_dim)), PAGE=block_size, BLOCK_N=64, LOOP_WHILE=_INTERPRETED,

@@ -12,6 +12,10 @@ of a captured CUDA graph use that row and write their garbage there.
 Admission reserves a request's worst case (prompt plus ``max_tokens``) up front, so a running
 request can never run out of cache and nothing is ever preempted; a request that does not fit
 waits in the queue until finished requests free their blocks.
+
+Blocks taken out of the pool with :meth:`PagedKVCache.pin` hold what every sequence starts with (a
+prompt-learning adapter's prefix, ``virtual_tokens.py``): a reservation may begin its table with
+them (``lead``), read-only and shared, so each sequence owns only the blocks after them.
 """
 
 from __future__ import annotations
@@ -67,22 +71,24 @@ class PagedKVCache:
         self._free_blocks = list(range(num_blocks - 1, 0, -1))  # block 0 is the scratch block
         self._free_rows = list(range(max_rows - 1, -1, -1))
         self._owned: dict[int, list[int]] = {}  # row -> its blocks
+        self._pinned = 0  # blocks taken out of the pool for good (shared prefixes)
 
     # ------------------------------------------------------------ capacity
 
     @property
     def usable_blocks(self) -> int:
-        return self.num_blocks - 1
+        return self.num_blocks - 1 - self._pinned
 
     def blocks_needed(self, tokens: int) -> int:
         return math.ceil(tokens / self.block_size)
 
-    def fits_ever(self, tokens: int) -> bool:
-        """Whether a sequence of ``tokens`` could be admitted into an empty cache."""
-        return self.blocks_needed(tokens) <= min(self.usable_blocks, self.max_blocks_per_seq)
+    def fits_ever(self, tokens: int, lead: int = 0) -> bool:
+        """Whether a sequence of ``tokens`` (the first ``lead`` blocks shared) could be admitted into an empty cache."""
+        need = self.blocks_needed(tokens)
+        return need <= self.max_blocks_per_seq and need - lead <= self.usable_blocks
 
-    def can_reserve(self, tokens: int) -> bool:
-        return bool(self._free_rows) and self.blocks_needed(tokens) <= len(self._free_blocks)
+    def can_reserve(self, tokens: int, lead: int = 0) -> bool:
+        return bool(self._free_rows) and self.blocks_needed(tokens) - lead <= len(self._free_blocks)
 
     @property
     def usage(self) -> float:
@@ -95,18 +101,28 @@ class PagedKVCache:
 
     # ------------------------------------------------------------ reserve / release
 
-    def reserve(self, tokens: int) -> int:
-        """Reserve blocks for ``tokens`` and a row; returns the row. Call :meth:`can_reserve` first."""
-        n = self.blocks_needed(tokens)
-        if not self.can_reserve(tokens):
+    def reserve(self, tokens: int, lead: list[int] | None = None) -> int:
+        """Reserve blocks for ``tokens`` and a row; returns the row. Call :meth:`can_reserve` first.
+        ``lead``: pinned blocks the sequence's table starts with (they hold its first positions)."""
+        lead = lead or []
+        n = self.blocks_needed(tokens) - len(lead)
+        if not self.can_reserve(tokens, len(lead)):
             raise ServingError(f"no room for {tokens} tokens in the KV cache", "call can_reserve() first")
         row = self._free_rows.pop()
         blocks = [self._free_blocks.pop() for _ in range(n)]
         self._owned[row] = blocks
         entry = torch.zeros(self.max_blocks_per_seq, dtype=torch.int32)
-        entry[:n] = torch.tensor(blocks, dtype=torch.int32)
+        entry[: len(lead) + n] = torch.tensor(lead + blocks, dtype=torch.int32)
         self.table[row].copy_(entry)
         return row
+
+    def pin(self, n: int) -> list[int]:
+        """Take ``n`` blocks out of the pool for good (content shared by every sequence)."""
+        if n > len(self._free_blocks) - 1:
+            raise ServingError(f"the KV cache has {self.num_blocks} blocks, too few to keep {n} for a shared prefix "
+                               "and serve", "raise serving.kv_cache_mb")
+        self._pinned += n
+        return [self._free_blocks.pop() for _ in range(n)]
 
     def release(self, row: int) -> None:
         blocks = self._owned.pop(row, None)
@@ -116,6 +132,6 @@ class PagedKVCache:
         self._free_rows.append(row)
 
     def slots(self, row: int, start: int, end: int) -> list[int]:
-        """Cache slots of positions ``start..end-1`` of the sequence in ``row`` (host-side, for tests)."""
-        blocks = self._owned[row]
+        """Cache slots of positions ``start..end-1`` of the sequence in ``row`` (host-side)."""
+        blocks = self.table[row].tolist()
         return [blocks[p // self.block_size] * self.block_size + p % self.block_size for p in range(start, end)]

@@ -1,14 +1,16 @@
 """Load a model directory for serving: safetensors weights, tokenizer, device, dtype, quantization.
 
 Only safetensors and no remote code (a pickle or a model's own Python would run with the server's
-rights). bf16 on CUDA, float32 on CPU; ``quantization="int8"`` replaces the decoder's linear layers
-with weight-only int8 ones (``quantize.py``).
+rights). bf16 on CUDA, float32 on CPU; ``quantization`` ("int8", "int4", "fp8") replaces the decoder's
+linear layers with quantized ones (``quantize.py``).
 
 A training run whose adapter cannot be merged leaves the base weights plus ``adapter/`` and a marker
 file (``lmforge.train.artifacts``). Loading such a directory as a plain model would silently serve
 the base, so the marker is honoured: bottleneck adapters are applied (and served by the HF
-backend); peft prompt-learning adapters (prefix, P-tuning, prompt tuning) are refused with an error
-until the engine can place their virtual tokens in its cache.
+backend), and so are peft's LLaMA-Adapter (``adapter.variant: llama_adapter``) modules; peft
+prompt-learning adapters (prefix, P-tuning v2, prompt tuning, P-tuning) become a per-layer key/value
+prefix computed once here (``virtual_tokens.py``) that both backends place at the start of every
+sequence's KV cache.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ log = logging.getLogger(__name__)
 def load_model(model_dir: Path, device: str | None = None, quantization: str = "none") -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if (model_dir / "model.onnx").is_file():  # written by `lmforge export-onnx`: served by ONNX Runtime
+        from lmforge.serving.onnx_backend import load_onnx_model
+
+        return load_onnx_model(model_dir, device, quantization)
     if not (model_dir / "config.json").is_file():
         raise ServingError(
             f"{model_dir} is not a model directory (no config.json there)",
@@ -34,6 +40,10 @@ def load_model(model_dir: Path, device: str | None = None, quantization: str = "
             "or a registry URI such as models:/NAME@champion",
         )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if quantization != "none":  # before the weights load: a wrong option should fail fast
+        from lmforge.serving.quantize import check_options
+
+        check_options(quantization, "auto", device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
@@ -45,16 +55,16 @@ def load_model(model_dir: Path, device: str | None = None, quantization: str = "
             f"cannot load the model in {model_dir}: {exc}",
             "check that the directory holds config.json, model.safetensors and the tokenizer files",
         ) from exc
-    model = _apply_adapter(model, model_dir)
+    model = _apply_adapter(model, model_dir, device)
     model.to(device).eval()
-    if quantization == "int8":
-        from lmforge.serving.quantize import quantize_int8
+    if quantization != "none":
+        from lmforge.serving.quantize import quantize_model
 
-        replaced = quantize_int8(model)
+        replaced = quantize_model(model, quantization)
         if not replaced:
-            raise ServingError(f"serving.quantization is int8 but {type(model).__name__} has no nn.Linear "
+            raise ServingError(f"serving.quantization is {quantization} but {type(model).__name__} has no nn.Linear "
                                "decoder layers to quantize", "set serving.quantization to 'none' for this model")
-        log.info("int8 weight-only quantization: %d linear layers", replaced)
+        log.info("%s weight quantization: %d linear layers", quantization, replaced)
     return model, tokenizer
 
 
@@ -73,22 +83,33 @@ def eos_ids(model: Any, tokenizer: Any) -> set[int]:
 _ADAPTER_MARKER = "lmforge_adapter.json"  # written by lmforge.train.artifacts.save_unmerged
 
 
-def _apply_adapter(model: Any, model_dir: Path) -> Any:
+def _apply_adapter(model: Any, model_dir: Path, device: str) -> Any:
     marker = model_dir / _ADAPTER_MARKER
     if not marker.exists():
         return model
     import json
 
+    from lmforge.serving import virtual_tokens
     from lmforge.train import adapters
 
     adapter_dir = model_dir / json.loads(marker.read_text())["adapter"]
     if adapters.is_bottleneck_adapter(adapter_dir):
         log.info("applying the bottleneck adapter in %s", adapter_dir)
         return adapters.load_adapter(model, adapter_dir)
-    config = adapter_dir / "adapter_config.json"
-    kind = json.loads(config.read_text()).get("peft_type", "unknown") if config.exists() else "unknown"
+    kind = virtual_tokens.peft_type(adapter_dir)
+    if kind in virtual_tokens.PROMPT_LEARNING_TYPES:
+        # Computed on the serving device, before any quantization: the prefix is the adapter's exact output.
+        prefix = virtual_tokens.attach_prefix(model.to(device).eval(), adapter_dir)
+        log.info("%s adapter in %s: %d virtual tokens in every sequence's cache", kind, adapter_dir, prefix.length)
+        return model
+    if kind == "ADAPTION_PROMPT":  # LLaMA-Adapter: gated attention to learned prompts, inside peft's modules
+        from peft import PeftModel
+
+        log.info("applying the LLaMA-Adapter in %s (served by the HF backend)", adapter_dir)
+        return PeftModel.from_pretrained(model, adapter_dir)
     raise ServingError(
-        f"{model_dir} holds an unmerged {kind} adapter; serving prompt-learning adapters (prefix tuning, "
-        "P-tuning, prompt tuning) is not implemented yet, and serving the base alone would be wrong",
-        "train with a mergeable method (lora, qlora, ia3) or a bottleneck adapter, or serve the base model",
+        f"{model_dir} holds an unmerged {kind} adapter, which the server cannot apply, and serving the base "
+        "alone would be wrong",
+        "train with a method lmforge trains (lora, qlora, ia3, adapter, prefix, ptuning_v2, prompt, ptuning), "
+        "or serve the base model",
     )

@@ -25,7 +25,7 @@ from torch import nn
 
 from lmforge.serving.kv_cache import PagedKVCache
 from lmforge.serving.ops import Ops, StepLayout
-from lmforge.serving.quantize import Int8Linear
+from lmforge.serving.quantize import QuantLinear
 
 # Rope variants whose frequencies change with the sequence length cannot use a fixed table.
 _LENGTH_DEPENDENT_ROPE = {"dynamic", "longrope"}
@@ -49,7 +49,7 @@ def unsupported(model: nn.Module) -> str | None:
     for layer in model.model.layers:
         for mod in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                     layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-            if not isinstance(mod, (nn.Linear, Int8Linear)):
+            if not isinstance(mod, (nn.Linear, QuantLinear)):
                 return f"layer type {type(mod).__name__} (an unmerged adapter or foreign quantization)"
     return None
 
@@ -64,8 +64,8 @@ class FusedLinear:
     def __init__(self, mods: list[nn.Module]) -> None:
         if all(isinstance(m, nn.Linear) for m in mods):
             self.impl: Callable[[torch.Tensor], torch.Tensor] = _fuse_dense(mods)
-        elif all(isinstance(m, Int8Linear) for m in mods):
-            self.impl = Int8Linear.fuse(mods)
+        elif all(type(m) is type(mods[0]) and isinstance(m, QuantLinear) for m in mods):
+            self.impl = type(mods[0]).fuse(mods)
         else:
             raise TypeError(f"cannot fuse {[type(m).__name__ for m in mods]}")
 
@@ -135,12 +135,15 @@ class LlamaRunner:
         positions = torch.arange(max_len, device=self.embed.device)[None]
         cos, sin = inner.rotary_emb(self.embed[:1], positions)  # the model's own rope, in its dtype
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+        self.lora = None  # per-request LoRA adapters (lora_slots.attach), when serving.adapters is set
 
     def forward(self, layout: StepLayout) -> torch.Tensor:
         """Logits ``[K, vocab]`` of the tokens in ``layout.logit_index`` (all tokens when None)."""
         ops, cache, bs = self.ops, self.cache, self.cache.block_size
         positions = layout.positions
         slots = cache.table[layout.rows, positions // bs].long() * bs + positions % bs
+        if self.lora is not None:  # which adapter each token's sequence uses, read by the adapted layers
+            self.lora.select(layout.rows)
         x = F.embedding(layout.tokens, self.embed)
         tokens = x.shape[0]
         residual = None

@@ -64,6 +64,8 @@ class Ops:
     """PyTorch versions of the layer's small ops, rounding exactly like transformers' Llama."""
 
     name = "torch"
+    # An fp8 KV cache holds key / kv_scale (quantize.py); 1.0 keeps Llama keys and values far inside e4m3's range.
+    kv_scale = 1.0
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,8 +83,8 @@ class Ops:
         c, s = cos[positions][:, None, :], sin[positions][:, None, :]
         q = _rope(q.reshape(tokens, heads, head_dim), c, s)
         k = _rope(k.reshape(tokens, kv_heads, head_dim), c, s)
-        k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, slots, v.reshape(tokens, kv_heads, head_dim).to(v_cache.dtype))
+        _store(k_cache, slots, k, self.kv_scale)
+        _store(v_cache, slots, v.reshape(tokens, kv_heads, head_dim), self.kv_scale)
         return q
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -110,8 +112,9 @@ class Ops:
         kv_len = torch.tensor([kv for _, _, _, kv in plan], device=device)
         mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & (key_pos[None, None, :] < kv_len[:, None, None])
         group = heads // kv_heads
-        keys = k_cache[slots].to(q.dtype).transpose(1, 2).repeat_interleave(group, dim=1)  # [S, H, L, D]
-        values = v_cache[slots].to(q.dtype).transpose(1, 2).repeat_interleave(group, dim=1)
+        # [S, H, L, D]
+        keys = _load(k_cache, slots, q.dtype, self.kv_scale).transpose(1, 2).repeat_interleave(group, dim=1)
+        values = _load(v_cache, slots, q.dtype, self.kv_scale).transpose(1, 2).repeat_interleave(group, dim=1)
         queries = torch.cat([q, q.new_zeros(1, heads, head_dim)])[q_index].transpose(1, 2)  # [S, H, N, D]
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask[:, None], scale=scale)
         flat = q.new_zeros(tokens + 1, heads, head_dim)
@@ -133,14 +136,29 @@ class TritonOps(Ops):
         return self._k.add_rms_norm(x, residual, weight, eps)
 
     def rope_store(self, qkv, cos, sin, positions, slots, k_cache, v_cache, heads, kv_heads, head_dim):  # noqa: D102
-        return self._k.rope_store(qkv, cos, sin, positions, slots, k_cache, v_cache, heads, kv_heads, head_dim)
+        return self._k.rope_store(qkv, cos, sin, positions, slots, k_cache, v_cache, heads, kv_heads, head_dim,
+                                  self.kv_scale)
 
     def silu_mul(self, gate_up):  # noqa: D102
         return self._k.silu_mul(gate_up)
 
     def attention(self, q, k_cache, v_cache, table, layout, block_size, scale):  # noqa: D102
         return self._k.paged_attention(q, k_cache, v_cache, table, layout.positions, layout.blk_row,
-                                       layout.blk_tok, layout.blk_n, layout.tokens_per_block, block_size, scale)
+                                       layout.blk_tok, layout.blk_n, layout.tokens_per_block, block_size, scale,
+                                       self.kv_scale)
+
+
+def _store(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, kv_scale: float) -> torch.Tensor:
+    if cache.dtype != torch.float8_e4m3fn:
+        return cache.index_copy_(0, slots, x.to(cache.dtype))
+    q = (x.float() / kv_scale).clamp(-448.0, 448.0).to(cache.dtype)  # saturate, as the Triton kernel does
+    return cache.view(torch.uint8).index_copy_(0, slots, q.view(torch.uint8))  # no fp8 index_copy_ on CPU
+
+
+def _load(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype, kv_scale: float) -> torch.Tensor:
+    if cache.dtype != torch.float8_e4m3fn:
+        return cache[slots].to(dtype)
+    return (cache.view(torch.uint8)[slots].view(cache.dtype).float() * kv_scale).to(dtype)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

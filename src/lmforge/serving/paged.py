@@ -16,6 +16,8 @@ from lmforge.serving.backend import PrefillItem
 from lmforge.serving.kv_cache import CacheShape, PagedKVCache, blocks_for_budget
 from lmforge.serving.model_runner import LlamaRunner, _head_dim
 from lmforge.serving.ops import Ops, StepLayout, TritonOps
+from lmforge.serving.quantize import check_options, kv_cache_dtype
+from lmforge.serving.virtual_tokens import PagedPrefix, prefix_of
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +45,23 @@ class PagedBackend:
         config = model.config
         weight = model.get_input_embeddings().weight
         self.device, dtype = weight.device, weight.dtype
+        check_options("none", cfg.kv_cache_dtype, str(self.device))  # fp8 cache: CPU, or CUDA >= 8.9
         shape = CacheShape(config.num_hidden_layers, config.num_key_value_heads or config.num_attention_heads,
-                           _head_dim(config), cfg.kv_block_size, dtype)
+                           _head_dim(config), cfg.kv_block_size, kv_cache_dtype(cfg.kv_cache_dtype, dtype))
         budget = cfg.kv_cache_mb or self._default_budget_mb(shape, cfg.max_batch_size, max_len)
         self.cache = PagedKVCache(shape, blocks_for_budget(shape, budget), cfg.max_batch_size, max_len, self.device)
         self.ops = ops or pick_ops(self.device, dtype)
         self.runner = LlamaRunner(model, self.cache, self.ops, max_len)
+        self.lora = None
+        if cfg.adapters:  # unmerged LoRA adapters chosen per request (lora_slots.py); attached before capture
+            from lmforge.serving.lora_slots import attach, load_slots
+
+            self.lora = load_slots(cfg.adapters, model, cfg.max_batch_size)
+            attach(self.lora, self.runner)
+        self.adapter_slots = dict(self.lora.slots) if self.lora is not None else {}
+        # A prompt-learning adapter's prefix fills every sequence's first positions (virtual_tokens.py).
+        self.prefix = PagedPrefix(prefix_of(model), self.cache, self.ops.kv_scale)
+        self.virtual_tokens = self.prefix.length
         group = self.runner.heads // self.runner.kv_heads
         # A prefill query block holds up to 128 (token, head) rows of the attention kernel.
         self.prefill_block = max(1, 128 // group)
@@ -71,16 +84,20 @@ class PagedBackend:
     # ------------------------------------------------------------ capacity
 
     def fits_ever(self, tokens: int) -> bool:
-        return self.cache.fits_ever(tokens)
+        return self.prefix.fits_ever(tokens)
 
     def can_reserve(self, tokens: int) -> bool:
-        return self.cache.can_reserve(tokens)
+        return self.prefix.can_reserve(tokens)
 
     def reserve(self, tokens: int) -> int:
-        return self.cache.reserve(tokens)
+        return self.prefix.reserve(tokens)
 
     def release(self, row: int) -> None:
         self.cache.release(row)
+
+    def set_adapter(self, row: int, slot: int) -> None:
+        """Decode ``row`` with LoRA adapter ``slot`` of ``adapter_slots`` (0: the plain base)."""
+        self.lora.set_row(row, slot)
 
     @property
     def cache_usage(self) -> float:
@@ -97,10 +114,14 @@ class PagedBackend:
             wanted.extend(range(first, first + n) if item.all_logits else [first + n - 1])
             sizes.append(n if item.all_logits else 1)
             first += n
-        layout = StepLayout.build([(i.row, i.start, i.ids) for i in items], self.device, self.prefill_block, wanted)
+        shift = self.virtual_tokens  # the engine counts positions from the prompt's first token
+        layout = StepLayout.build([(i.row, shift + i.start, i.ids) for i in items], self.device, self.prefill_block,
+                                  wanted)
         return list(self.runner.forward(layout).split(sizes))
 
     def decode(self, rows: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
+        if self.virtual_tokens:
+            positions = [self.virtual_tokens + p for p in positions]
         if self.graphs is not None and self.graphs.fits(len(rows)):
             return self.graphs.run(tokens, positions, rows)
         layout = StepLayout.build([(r, p, [t]) for r, p, t in zip(rows, positions, tokens)], self.device, 1, None)

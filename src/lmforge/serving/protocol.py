@@ -267,6 +267,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "lmforge"
     max_model_len: int
+    parent: str | None = None  # a LoRA adapter's base model (serving.adapters)
 
 
 class ModelList(BaseModel):

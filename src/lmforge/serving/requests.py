@@ -74,6 +74,7 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: bool = False  # set once the final delta or an error was sent; later sends are dropped
     arrived: float = field(default_factory=time.perf_counter)  # for time-to-first-token
+    adapter: int = 0  # LoRA adapter slot (lora_slots.py); 0 is the plain base
 
 
 class GenerationStream:
@@ -129,19 +130,25 @@ def send(request: Request, item: Delta | BaseException) -> None:
         request.cancelled.set()
 
 
-def token_budget(context_window: int, prompt_tokens: int, max_tokens: int | None, default: int) -> int:
+def token_budget(context_window: int, prompt_tokens: int, max_tokens: int | None, default: int,
+                 virtual_tokens: int = 0) -> int:
     """The max_tokens to use: the request's, checked against the context window, or ``default``
-    shrunk to fit. Raises :class:`RequestError` naming both numbers when they cannot fit."""
-    room = context_window - prompt_tokens
+    shrunk to fit. Raises :class:`RequestError` naming the numbers when they cannot fit.
+    ``virtual_tokens``: a prompt-learning adapter's, which take room before every prompt."""
+    room = context_window - virtual_tokens - prompt_tokens
     if max_tokens is None and room >= 1:
         return min(default, room)
     if max_tokens is None or max_tokens > room:
         asked = default if max_tokens is None else max_tokens
         raise RequestError(
-            f"the prompt has {prompt_tokens} tokens and max_tokens is {asked}: "
-            f"{prompt_tokens + asked} exceeds the model's context window of {context_window} tokens",
+            f"the prompt has {prompt_tokens} tokens{_virtual(virtual_tokens)} and max_tokens is {asked}: "
+            f"{virtual_tokens + prompt_tokens + asked} exceeds the model's context window of {context_window} tokens",
             "shorten the prompt or lower max_tokens",
             param="max_tokens" if max_tokens is not None else "prompt",
             code="context_length_exceeded",
         )
     return max_tokens
+
+
+def _virtual(virtual_tokens: int) -> str:
+    return f", the model's adapter adds {virtual_tokens} virtual tokens before it," if virtual_tokens else ""

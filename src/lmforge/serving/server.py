@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge import __version__
 from lmforge.config.serving import ServingConfig
+from lmforge.errors import ServingError
 from lmforge.serving.engine import Engine, EngineBusy, GenerationStream, RequestError
 from lmforge.serving.protocol import (
     AssistantMessage,
@@ -115,10 +116,15 @@ class _Served:
     model_name: str
     cfg: ServingConfig
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise ApiError(404, f"model {name!r} does not exist; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
+    def check_model(self, name: str | None) -> tuple[str, str | None]:
+        """The model name to answer with, and the LoRA adapter to decode with (None: the base)."""
+        if name is None or name == self.model_name:
+            return self.model_name, None
+        if name in self.engine.adapters:
+            return name, name
+        served = ", ".join(repr(n) for n in [self.model_name, *self.engine.adapters])
+        raise ApiError(404, f"model {name!r} does not exist; this server serves {served}",
+                       param="model", code="model_not_found")
 
     def budget(self, prompt_ids: list[int], max_tokens: int | None) -> int:
         if max_tokens is not None and max_tokens > self.cfg.max_new_tokens:
@@ -131,6 +137,9 @@ def create_app(engine: Engine, model_name: str, cfg: ServingConfig,
                api_key: str | Sequence[str] | None = None) -> FastAPI:
     """The FastAPI app serving ``engine`` as ``model_name``; ``api_key`` (one or several) enables
     Bearer auth on /v1 and /metrics."""
+    if model_name in engine.adapters:
+        raise ServingError(f"the adapter name {model_name!r} is also the base model's served name",
+                           "rename the adapter (--adapter NAME=DIR) or the model (--model-name)")
     errors = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503)}
     app = FastAPI(title="lmforge inference server", version=__version__, responses=errors)
     _install_error_handlers(app)
@@ -160,7 +169,10 @@ def create_app(engine: Engine, model_name: str, cfg: ServingConfig,
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model_name, created=created, max_model_len=engine.context_window)])
+        cards = [ModelCard(id=model_name, created=created, max_model_len=engine.context_window)]
+        for adapter in engine.adapters:  # served LoRA adapters (serving.adapters), each over the base
+            cards.append(ModelCard(id=adapter, created=created, max_model_len=engine.context_window, parent=model_name))
+        return ModelList(data=cards)
 
     served = _Served(engine, model_name, cfg)
     _add_completions(app, served, authorize)
@@ -169,11 +181,11 @@ def create_app(engine: Engine, model_name: str, cfg: ServingConfig,
 
 
 def _add_completions(app: FastAPI, served: _Served, authorize) -> None:
-    engine, model_name = served.engine, served.model_name
+    engine = served.engine
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)], response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> CompletionResponse | Response:
-        served.check_model(body.model)
+        model_name, adapter = served.check_model(body.model)
         prompt_ids = engine.encode(body.prompt_text)
         echo = body.prompt_text if body.echo else ""
         max_tokens = served.budget(prompt_ids, body.max_tokens)
@@ -181,7 +193,7 @@ def _add_completions(app: FastAPI, served: _Served, authorize) -> None:
         if max_tokens == 0 and body.logprobs is None:  # echo alone: nothing to compute
             choice = CompletionChoice(text=echo, finish_reason="length")
             return CompletionResponse(id=rid, model=model_name, choices=[choice], usage=Usage.of(len(prompt_ids), 0))
-        stream = engine.stream(prompt_ids, body.sampling(max_tokens, body.logprobs, body.prompt_logprobs))
+        stream = engine.stream(prompt_ids, body.sampling(max_tokens, body.logprobs, body.prompt_logprobs), adapter)
         if body.stream:
             chunks = _completion_chunks(stream, rid, model_name, body.logprobs is not None, body.include_usage, echo)
             return _sse(chunks, stream)
@@ -195,16 +207,16 @@ def _add_completions(app: FastAPI, served: _Served, authorize) -> None:
 
 
 def _add_chat(app: FastAPI, served: _Served, authorize) -> None:
-    engine, model_name = served.engine, served.model_name
+    engine = served.engine
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)], response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | Response:
-        served.check_model(body.model)
+        model_name, adapter = served.check_model(body.model)
         prompt = engine.render_chat([m.as_template_input() for m in body.messages])
         # The template writes any special tokens itself; adding them again would double a BOS.
         prompt_ids = engine.encode(prompt, add_special_tokens=False)
         params = body.sampling(served.budget(prompt_ids, body.max_tokens), body.logprobs_n)
-        stream = engine.stream(prompt_ids, params)
+        stream = engine.stream(prompt_ids, params, adapter)
         rid = new_id("chatcmpl")
         if body.stream:
             return _sse(_chat_chunks(stream, rid, model_name, body.logprobs, body.include_usage), stream)
