@@ -51,11 +51,13 @@ from lmforge.train.methods import apply_method  # noqa: E402
 BENCH = "train_gpu"
 COMMAND = "PYTHONPATH=src python bench/train_gpu.py"
 ABLATIONS = ("fused_adamw", "vocab64", "fused_loss", "compile_blocks")
+GPT2_BEST = ("model,cudnn", "model,liger,cudnn")
 GPT2_SETTINGS = {  # engine settings beyond its defaults (blocks compiled, torch fused loss, SDPA's choice)
     "model": dict(compile_scope="model"),
     "model,cudnn": dict(compile_scope="model", attention_backend="cudnn"),
     "blocks,cudnn": dict(attention_backend="cudnn"),
     "liger,cudnn": dict(loss_kernel="liger", attention_backend="cudnn"),
+    "model,liger,cudnn": dict(compile_scope="model", loss_kernel="liger", attention_backend="cudnn"),
 }
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = {
@@ -127,6 +129,23 @@ class Bench:
         with (self.out / "train_gpu_raw.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
+
+    def profile(self, name: str, build: Callable[[], tuple[Callable[[int], None], torch.nn.Module]],
+                warmup: int, steps: int = 3) -> None:
+        """Where a variant's GPU time goes: the top kernels of ``steps`` profiled steps, to OUT/profile_*.txt."""
+        from torch.profiler import ProfilerActivity, profile
+
+        run_steps, _ = build()
+        run_steps(warmup)
+        _sync(self.device)
+        cuda = self.device.type == "cuda"
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            run_steps(steps)
+            _sync(self.device)
+        table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30,
+                                          max_name_column_width=90)
+        (self.out / f"profile_{name.replace('/', '_').replace(',', '_')}.txt").write_text(table)
+        print(table, flush=True)
 
     # ------------------------------------------------------------ the variants
 
@@ -233,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="gpt2,llama_full,llama_lora,ablations,engine_ablations")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--budget-s", type=float, default=330, help="skip variants that would start after this")
+    parser.add_argument("--profile", choices=sorted(GPT2_SETTINGS), help="profile this GPT-2 engine setting")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: check the script runs")
     args = parser.parse_args(argv)
     bench = Bench(args)
@@ -242,9 +262,13 @@ def main(argv: list[str] | None = None) -> int:
         bench.run("gpt2/plain", "gpt2", bench.plain("gpt2"), warmup=g, steps=20)
         bench.run("gpt2/plain+torch.compile", "gpt2", bench.plain("gpt2", compile_model=True), warmup=g, steps=20)
         bench.run("gpt2/lmforge", "gpt2", bench.engine("gpt2", "pretrain"), warmup=g, steps=20)
-    if "gpt2_scopes" in only:  # the engine's compile scope, attention kernel and loss kernel choices
-        for name, settings in GPT2_SETTINGS.items():
+    if "gpt2_scopes" in only or "gpt2_best" in only:  # compile scope, attention kernel and loss kernel choices
+        chosen = GPT2_SETTINGS if "gpt2_scopes" in only else {k: GPT2_SETTINGS[k] for k in GPT2_BEST}
+        for name, settings in chosen.items():
             bench.run(f"gpt2/lmforge[{name}]", "gpt2", bench.engine("gpt2", "pretrain", **settings), warmup=g, steps=20)
+    if args.profile:  # e.g. --profile model,cudnn: the GPT-2 engine with those GPT2_SETTINGS
+        bench.profile(f"gpt2/lmforge[{args.profile}]", bench.engine("gpt2", "pretrain", **GPT2_SETTINGS[args.profile]),
+                      warmup=g)
     if "llama_full" in only:
         bench.run("llama_full/plain", "llama", bench.plain("llama"), warmup=l, steps=8)
         bench.run("llama_full/lmforge", "llama", bench.engine("llama", "full"), warmup=l, steps=8)

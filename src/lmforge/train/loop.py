@@ -46,8 +46,10 @@ def train_phase(model: torch.nn.Module, name: str, phase: PhaseConfig, training:
     world = dist.get_world_size() if ddp else 1
     whole = training.compile and training.compile_scope == "model"
     speed.check_loss_kernel(training.loss_kernel, device)
-    # A whole-objective graph takes the plain loss: the compiler fuses the cross-entropy itself.
-    objective = CausalLMObjective(model, training.label_smoothing, training.fused_loss and not whole,
+    # A whole-objective graph takes the plain loss (the compiler fuses the cross-entropy itself),
+    # unless the loss is Liger's kernel: then the graph ends at the hidden states and Liger takes over.
+    fused = training.fused_loss and (not whole or training.loss_kernel == "liger")
+    objective = CausalLMObjective(model, training.label_smoothing, fused,
                                   compile_chunks=training.compile and device.type == "cuda",
                                   kernel=training.loss_kernel)
     if whole:
