@@ -157,6 +157,23 @@ def test_requests_joining_mid_flight_match_solo(engine: Engine, first: int) -> N
     assert [r.token_ids for r in joined] == [r.token_ids for r in solo]
 
 
+def test_cpu_threads_one_for_small_models_unless_configured() -> None:
+    from types import SimpleNamespace
+
+    from lmforge.serving.backend import cpu_threads
+
+    small, wide = SimpleNamespace(hidden_size=128), SimpleNamespace(hidden_size=2048)
+    assert cpu_threads(ServingConfig(), small) == 1
+    assert cpu_threads(ServingConfig(), wide) >= 1 and cpu_threads(ServingConfig(cpu_threads=3), small) == 3
+    # The engine thread sets its own OpenMP count: the caller's stays as it was.
+    before = torch.get_num_threads()
+    seen = []
+    worker = threading.Thread(target=lambda: (torch.set_num_threads(1), seen.append(torch.get_num_threads())))
+    worker.start()
+    worker.join()
+    assert seen == [1] and torch.get_num_threads() == before
+
+
 def test_seed_makes_sampling_reproducible(engine: Engine) -> None:
     params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=40, seed=7)
     alone = engine.generate([PROMPTS[1]], params)[0]

@@ -31,6 +31,10 @@ class ServingConfig(BaseModel):
         "written by `lmforge export-onnx`; 'auto': onnx for such a directory, else paged when the model supports it.",
     )
     onnx_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads; default one per core.")
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch threads of the engine on a CPU; default one for small models (hidden size "
+        "under 1024, where waking threads costs more than they save) and one per core otherwise.",
+    )
     device: str | None = Field(None, description="'cuda', 'cuda:1' or 'cpu'; default CUDA when present.")
     kv_cache_mb: float | None = Field(
         None,

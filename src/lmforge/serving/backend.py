@@ -68,3 +68,19 @@ def make_backend(model: torch.nn.Module, cfg: ServingConfig, max_len: int) -> Ba
     from lmforge.serving.paged import PagedBackend
 
     return PagedBackend(model, cfg, max_len)
+
+
+# Below this width a CPU matmul takes microseconds, and waking another OpenMP thread for it costs
+# ~100 us when the process has more OpenMP threads than cores (as it does once a second thread, the
+# engine's, runs torch): measured 2x more tokens/s for the demo model with one thread (RESULTS.md).
+SMALL_HIDDEN = 1024
+
+
+def cpu_threads(cfg: ServingConfig, model_config) -> int:
+    """torch threads for the engine thread on a CPU: the configured count, else by model width."""
+    if cfg.cpu_threads:
+        return cfg.cpu_threads
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1 if getattr(model_config, "hidden_size", SMALL_HIDDEN) < SMALL_HIDDEN else cores

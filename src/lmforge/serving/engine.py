@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmforge.config.serving import ServingConfig
 from lmforge.errors import ServingError
-from lmforge.serving.backend import PrefillItem, make_backend
+from lmforge.serving.backend import PrefillItem, cpu_threads, make_backend
 from lmforge.serving.loading import eos_ids, load_model
 from lmforge.serving.lora_slots import slot_of
 from lmforge.serving.metrics import NullMetrics
@@ -239,6 +239,9 @@ class Engine:
     # ------------------------------------------------------------ engine thread
 
     def _run(self) -> None:
+        if self.device.type == "cpu":
+            # OpenMP thread counts are per calling thread: this sets the engine thread's alone.
+            torch.set_num_threads(cpu_threads(self.cfg, self.model.config))
         while self._wait_for_work():
             try:
                 with torch.inference_mode(), sdpa_kernel(_ATTENTION_BACKENDS):

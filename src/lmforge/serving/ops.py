@@ -32,6 +32,8 @@ class StepLayout:
     tokens_per_block: int
     logit_index: torch.Tensor | None  # [K] int64 tokens whose logits are wanted; None = all
     plan: list[tuple[int, int, int, int]] | None = None  # host: (row, first token, tokens, kv length) per sequence
+    # The PyTorch attention's gather indices and mask: the same for every layer of a step, built once.
+    dense: tuple[torch.Tensor, ...] | None = None
 
     @classmethod
     def build(cls, items: list[tuple[int, int, list[int]]], device: torch.device, tokens_per_block: int,
@@ -97,26 +99,15 @@ class Ops:
         assert layout.plan is not None, "the PyTorch attention needs the host plan"
         tokens, heads, head_dim = q.shape
         kv_heads = k_cache.shape[1]
-        plan = layout.plan
-        longest = max(n for _, _, n, _ in plan)
-        kv_max = max(kv for _, _, _, kv in plan)
-        device = q.device
-        key_pos = torch.arange(kv_max, device=device)
-        rows = torch.tensor([row for row, _, _, _ in plan], device=device)
-        slots = table[rows][:, key_pos // block_size].long() * block_size + key_pos % block_size  # [S, L]
-        q_index = torch.full((len(plan), longest), tokens, dtype=torch.long)
-        for i, (_, first, n, _) in enumerate(plan):
-            q_index[i, :n] = torch.arange(first, first + n)
-        q_index = q_index.to(device)
-        q_pos = torch.cat([layout.positions, layout.positions.new_zeros(1)])[q_index]  # [S, N]
-        kv_len = torch.tensor([kv for _, _, _, kv in plan], device=device)
-        mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & (key_pos[None, None, :] < kv_len[:, None, None])
-        group = heads // kv_heads
-        # [S, H, L, D]
-        keys = _load(k_cache, slots, q.dtype, self.kv_scale).transpose(1, 2).repeat_interleave(group, dim=1)
-        values = _load(v_cache, slots, q.dtype, self.kv_scale).transpose(1, 2).repeat_interleave(group, dim=1)
+        if layout.dense is None:
+            layout.dense = _dense_indices(layout, table, block_size, tokens, q.device)
+        slots, q_index, mask = layout.dense
+        # [S, KV, L, D]: SDPA shares each key/value head among its query group (no repeated copies).
+        keys = _load(k_cache, slots, q.dtype, self.kv_scale).transpose(1, 2)
+        values = _load(v_cache, slots, q.dtype, self.kv_scale).transpose(1, 2)
         queries = torch.cat([q, q.new_zeros(1, heads, head_dim)])[q_index].transpose(1, 2)  # [S, H, N, D]
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask[:, None], scale=scale)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask[:, None], scale=scale,
+                                             enable_gqa=kv_heads != heads)
         flat = q.new_zeros(tokens + 1, heads, head_dim)
         flat[q_index.reshape(-1)] = out.transpose(1, 2).reshape(-1, heads, head_dim)
         return flat[:tokens]
@@ -146,6 +137,25 @@ class TritonOps(Ops):
         return self._k.paged_attention(q, k_cache, v_cache, table, layout.positions, layout.blk_row,
                                        layout.blk_tok, layout.blk_n, layout.tokens_per_block, block_size, scale,
                                        self.kv_scale)
+
+
+def _dense_indices(layout: StepLayout, table: torch.Tensor, block_size: int, tokens: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cache slots [S, L], query index [S, N] (``tokens`` = padding), causal mask [S, N, L]) of a step."""
+    plan = layout.plan
+    longest = max(n for _, _, n, _ in plan)
+    kv_max = max(kv for _, _, _, kv in plan)
+    key_pos = torch.arange(kv_max, device=device)
+    rows = torch.tensor([row for row, _, _, _ in plan], device=device)
+    slots = table[rows][:, key_pos // block_size].long() * block_size + key_pos % block_size  # [S, L]
+    q_index = torch.full((len(plan), longest), tokens, dtype=torch.long)
+    for i, (_, first, n, _) in enumerate(plan):
+        q_index[i, :n] = torch.arange(first, first + n)
+    q_index = q_index.to(device)
+    q_pos = torch.cat([layout.positions, layout.positions.new_zeros(1)])[q_index]  # [S, N]
+    kv_len = torch.tensor([kv for _, _, _, kv in plan], device=device)
+    mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & (key_pos[None, None, :] < kv_len[:, None, None])
+    return slots, q_index, mask
 
 
 def _store(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, kv_scale: float) -> torch.Tensor:
