@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import threading
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +12,7 @@ from _gpu_check_models import NEW, Out, merged_model
 
 from lmforge.config.serving import ServingConfig
 from lmforge.serving.engine import Engine, SamplingParams
+from lmforge.serving.requests import CompletionCollector
 
 CFG = ServingConfig(max_batch_size=8, max_prefill_tokens=32, kv_block_size=16, kv_cache_mb=64,
                     max_new_tokens=64, max_queue=64)
@@ -69,32 +69,18 @@ class Recorder:
 def serve(engine: Engine, prompts: list[list[int]], requests: list[tuple[int, str | None]]) -> list[Out]:
     """Greedy completions of ``requests`` ((prompt index, adapter name or None)) with every step's logits."""
     recorder = Recorder(engine, prompts)
-    results: list = [None] * len(requests)
-    finished = threading.Semaphore(0)
-
-    def sink_for(i: int) -> Callable:
-        def sink(item) -> None:
-            if isinstance(item, BaseException) or item.completion is not None:
-                results[i] = item if isinstance(item, BaseException) else item.completion
-                finished.release()
-
-        return sink
-
+    collector = CompletionCollector(len(requests))
     try:
         # Queued under the engine's (re-entrant) lock: the engine thread admits them all at once, in
         # this order, so a run's schedule does not depend on thread timing.
         with engine._cv:
             for i, (index, adapter) in enumerate(requests):
-                engine.submit(prompts[index], GREEDY, sink_for(i), bounded=False, adapter=adapter)
-        for _ in requests:
-            if not finished.acquire(timeout=300):
-                raise TimeoutError("the engine did not finish the requests within 300 s")
+                engine.submit(prompts[index], GREEDY, collector.sink(i), bounded=False, adapter=adapter)
+        results = collector.wait(timeout_s=300)
     finally:
         recorder.detach()
     outs = []
     for result, (index, adapter) in zip(results, requests):
-        if isinstance(result, BaseException):
-            raise result
         slot = engine.adapters.get(adapter, 0) if adapter else 0
         outs.append(Out(list(result.token_ids), recorder.logits(slot, index)))
     return outs

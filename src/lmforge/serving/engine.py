@@ -37,8 +37,8 @@ from lmforge.serving.backend import PrefillItem, cpu_threads, make_backend
 from lmforge.serving.loading import eos_ids, load_model
 from lmforge.serving.lora_slots import slot_of
 from lmforge.serving.metrics import NullMetrics
-from lmforge.serving.requests import (Completion, Delta, EngineBusy, GenerationStream, Request, RequestError, send,
-                                      token_budget)
+from lmforge.serving.requests import (Completion, CompletionCollector, Delta, EngineBusy, GenerationStream, Request,
+                                      RequestError, send, token_budget)
 from lmforge.serving.sampling import SamplingParams, TextTracker, TokenLogprob, choose_tokens, make_rng, token_logprobs
 from lmforge.serving.sequence import Sequence, emit, prompt_logprobs, send_delta
 
@@ -158,30 +158,15 @@ class Engine:
         prompt, a served LoRA adapter's name or None for the base."""
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         names = list(adapters) if adapters is not None else [None] * len(prompts)
-        results: list[Completion | BaseException | None] = [None] * len(prompts)
-        finished = threading.Semaphore(0)
-
-        def sink_for(i: int) -> Callable[[Delta | BaseException], None]:
-            def sink(item: Delta | BaseException) -> None:
-                if isinstance(item, BaseException) or item.completion is not None:
-                    results[i] = item if isinstance(item, BaseException) else item.completion
-                    finished.release()
-
-            return sink
-
         ids = [self._ids(prompt) for prompt in prompts]
         for prompt_ids, p in zip(ids, per_prompt, strict=True):
             self.check(prompt_ids, p)  # all or nothing: no orphaned requests if one is refused
         for name in names:
             slot_of(self.adapters, name)
+        collector = CompletionCollector(len(prompts))
         for i, (prompt_ids, p) in enumerate(zip(ids, per_prompt)):
-            self.submit(prompt_ids, p, sink_for(i), bounded=False, adapter=names[i])
-        for _ in prompts:
-            finished.acquire()
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        return results  # type: ignore[return-value]
+            self.submit(prompt_ids, p, collector.sink(i), bounded=False, adapter=names[i])
+        return collector.wait()
 
     def submit(self, prompt_ids: list[int], params: SamplingParams,
                sink: Callable[[Delta | BaseException], None], bounded: bool = True,

@@ -1,7 +1,8 @@
 """What a request is, what it returns, and how results travel from the engine thread to callers.
 
 The engine thread calls a request's ``sink`` for every :class:`Delta`; :class:`GenerationStream`
-is the sink that forwards them into an asyncio queue, so HTTP handlers can ``async for`` them.
+is the sink that forwards them into an asyncio queue, so HTTP handlers can ``async for`` them, and
+:class:`CompletionCollector` the one that blocking callers (``Engine.generate``, benchmarks) wait on.
 """
 
 from __future__ import annotations
@@ -116,6 +117,34 @@ class GenerationStream:
         finally:
             self.cancel()
         raise ServingError("the request ended without a result", "retry the request")  # unreachable by design
+
+
+class CompletionCollector:
+    """The blocking counterpart of :class:`GenerationStream`: the final results of ``n`` requests.
+
+    ``sink(i)`` is request ``i``'s sink; :meth:`wait` blocks until every request has finished and
+    returns their completions in order, raising the first request's error if any failed."""
+
+    def __init__(self, n: int) -> None:
+        self.results: list[Completion | BaseException | None] = [None] * n
+        self._finished = threading.Semaphore(0)
+
+    def sink(self, i: int) -> Callable[[Delta | BaseException], None]:
+        def deliver(item: Delta | BaseException) -> None:
+            if isinstance(item, BaseException) or item.completion is not None:
+                self.results[i] = item if isinstance(item, BaseException) else item.completion
+                self._finished.release()
+
+        return deliver
+
+    def wait(self, timeout_s: float | None = None) -> list[Completion]:
+        for _ in self.results:
+            if not self._finished.acquire(timeout=timeout_s):
+                raise TimeoutError(f"the engine did not finish the requests within {timeout_s} s")
+        for result in self.results:
+            if isinstance(result, BaseException):
+                raise result
+        return self.results  # type: ignore[return-value]
 
 
 def send(request: Request, item: Delta | BaseException) -> None:
