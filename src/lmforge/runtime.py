@@ -16,6 +16,11 @@ from lmforge import __version__
 from lmforge.workspace import Workspace
 
 
+def cpu_count() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and Ray narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def prepare_environment(ws: Workspace) -> None:
     ws.ensure()
     defaults = {

@@ -21,12 +21,10 @@ from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
+from lmforge.runtime import cpu_count  # noqa: F401 - re-exported (bench/collect_local.py)
+
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def choose_backend(cfg: Any, items: int) -> str:

@@ -16,6 +16,7 @@ import torch
 
 from lmforge.config.serving import ServingConfig
 from lmforge.errors import ServingError
+from lmforge.runtime import cpu_count
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,4 @@ def cpu_threads(cfg: ServingConfig, model_config) -> int:
     """torch threads for the engine thread on a CPU: the configured count, else by model width."""
     if cfg.cpu_threads:
         return cfg.cpu_threads
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 1 if getattr(model_config, "hidden_size", SMALL_HIDDEN) < SMALL_HIDDEN else cores
+    return 1 if getattr(model_config, "hidden_size", SMALL_HIDDEN) < SMALL_HIDDEN else cpu_count()

@@ -31,6 +31,7 @@ from lmforge import errors
 from lmforge.config.training import ModelConfig, TrainingConfig
 from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.progress import step_printer
+from lmforge.runtime import cpu_count
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.artifacts import PROBE_FILE, greedy_ids, load_probe, load_trained  # noqa: F401 - re-exported
 from lmforge.train.methods import check_method, method_info
@@ -103,7 +104,7 @@ def run_worker(job: dict, on_log: Callable[[dict], None] | None = None) -> dict:
         # Ray may leave a worker with one thread, and ranks sharing a node must not oversubscribe
         # it: small matrices run many times slower when threads outnumber free cores.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(training.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
+        torch.set_num_threads(training.cpu_threads or max(1, cpu_count() // local))
     else:
         from lmforge.train.speed import enable_tf32
 
