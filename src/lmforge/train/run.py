@@ -82,11 +82,16 @@ def _prepared(model, tokenizer, device: torch.device, training: TrainingConfig):
         cfg.pad_token_id = tokenizer.pad_token_id
         cfg.bos_token_id = tokenizer.bos_token_id
     model.to(device)
+    _speed_settings(model, training)
+    return model
+
+
+def _speed_settings(model, training: TrainingConfig) -> None:
+    """Gradient checkpointing and block compilation, as the training config asks."""
     if training.gradient_checkpointing:
         speed.enable_gradient_checkpointing(model)
     if speed.compiles_blocks(training):
         speed.compile_blocks(model)
-    return model
 
 
 def _adapted(model, tokenizer, training: TrainingConfig, base_dir: Path, device: torch.device, resumed: bool,
@@ -105,10 +110,7 @@ def _adapted(model, tokenizer, training: TrainingConfig, base_dir: Path, device:
         dist.barrier()  # QLoRA reloads the base on every rank
     model = methods.apply_method(model, training, base_dir, device)
     if training.method == "qlora":  # a new model (the base reloaded in 4 bits): prepare it as the base was
-        if training.gradient_checkpointing:
-            speed.enable_gradient_checkpointing(model)
-        if speed.compiles_blocks(training):
-            speed.compile_blocks(model)
+        _speed_settings(model, training)
     llama_adapter = training.method == "adapter" and training.adapter.variant == "llama_adapter"
     if device.type == "cuda" and training.method in speed.BF16_FROZEN_METHODS and not llama_adapter:
         speed.freeze_to_bf16(model)
