@@ -1,6 +1,10 @@
 """Training throughput on one GPU: plain transformers/peft loops against lmforge's engine, in one job.
 
     PYTHONPATH=src python bench/train_gpu.py [--only gpt2,llama_full,llama_lora,ablations] [--out DIR]
+    PYTHONPATH=src python bench/train_gpu.py --only gpt2_baselines,llama_fa4,llama_fp8 --gpt2 "model,fa4,graphs"
+
+(the second is the current best settings with their baselines; ``fa4`` needs the flash-attn-4 and
+nvidia-cutlass-dsl packages, ``fp8`` torchao: ``pip install 'lmforge[gpu]'``).
 
 Needs only torch, transformers and peft (plus pydantic, which lmforge's configs use). Synthetic
 random tokens, packed (no padding). Workloads, as in issue 5:
@@ -58,6 +62,12 @@ GPT2_SETTINGS = {  # engine settings beyond its defaults (blocks compiled, torch
     "blocks,cudnn": dict(attention_backend="cudnn"),
     "liger,cudnn": dict(loss_kernel="liger", attention_backend="cudnn"),
     "model,liger,cudnn": dict(compile_scope="model", loss_kernel="liger", attention_backend="cudnn"),
+    "model,fa4": dict(compile_scope="model", attention_backend="fa4"),
+    "blocks,fa4": dict(attention_backend="fa4"),
+    "model,fa4,graphs": dict(compile_scope="model", attention_backend="fa4", cuda_graphs=True),
+    "model,cudnn,graphs": dict(compile_scope="model", attention_backend="cudnn", cuda_graphs=True),
+    "model,fa4,graphs,fp8": dict(compile_scope="model", attention_backend="fa4", cuda_graphs=True, fp8=True),
+    "model,fa4,fp8": dict(compile_scope="model", attention_backend="fa4", fp8=True),
 }
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = {
@@ -106,9 +116,11 @@ class Bench:
             _sync(self.device)
             row["warmup_s"] = round(time.perf_counter() - started, 1)
             begin = time.perf_counter()
-            run_steps(steps)
+            last_loss = run_steps(steps)
             _sync(self.device)
             elapsed = time.perf_counter() - begin
+            if last_loss is not None:  # the engine's mean loss over its last logged window: a sanity check
+                row["loss_last"] = round(last_loss, 4)
             tokens = steps * s["batch"] * s["seq"]
             params = count_parameters(model)
             flops = train_flops_per_token(params, s["model"].num_layers, s["model"].hidden_size, s["seq"])
@@ -139,10 +151,16 @@ class Bench:
         run_steps(warmup)
         _sync(self.device)
         cuda = self.device.type == "cuda"
+        begin = time.perf_counter()
         with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
             run_steps(steps)
             _sync(self.device)
-        table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30,
+        events = prof.key_averages()
+        if cuda:  # GPU busy time against wall time: the gap is the GPU waiting for the host
+            busy = sum(e.self_device_time_total for e in events) / 1000 / steps
+            print(f"GPU busy {busy:.1f} ms per step; wall {1000 * (time.perf_counter() - begin) / steps:.1f} ms",
+                  flush=True)
+        table = events.table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30,
                                           max_name_column_width=90)
         (self.out / f"profile_{name.replace('/', '_').replace(',', '_')}.txt").write_text(table)
         print(table, flush=True)
@@ -199,6 +217,12 @@ class Bench:
 
             with self.device:
                 model = build_model(cfg, s["vocab"])
+            speed.set_attention_backend(model, training.attention_backend, self.device)
+            if training.fp8:
+                from lmforge.train import fp8
+
+                fp8.check_available(self.device)
+                fp8.enable(model)
             if training.gradient_checkpointing:
                 speed.enable_gradient_checkpointing(model)
             if speed.compiles_blocks(training) and method != "qlora":
@@ -221,9 +245,9 @@ class Bench:
             batches = batch_stream(rows, s["batch"], seed=0)
             name = "pretrain" if method == "pretrain" else "finetune"
 
-            def run_steps(n: int) -> None:
+            def run_steps(n: int) -> float:
                 phase = PhaseConfig(steps=n, learning_rate=1e-4, batch_size=s["batch"], seq_len=s["seq"], warmup_steps=0)
-                train_phase(model, name, phase, training, batches, [], self.device)
+                return train_phase(model, name, phase, training, batches, [], self.device)[1][f"{name}_loss"]
             return run_steps, model
         return build
 
@@ -252,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="gpt2,llama_full,llama_lora,ablations,engine_ablations")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--budget-s", type=float, default=330, help="skip variants that would start after this")
+    parser.add_argument("--gpt2", default="", help="GPT-2 engine settings to run, ';'-separated GPT2_SETTINGS keys")
     parser.add_argument("--profile", choices=sorted(GPT2_SETTINGS), help="profile this GPT-2 engine setting")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: check the script runs")
     args = parser.parse_args(argv)
@@ -268,6 +293,22 @@ def main(argv: list[str] | None = None) -> int:
         chosen = GPT2_SETTINGS if "gpt2_scopes" in only else {k: GPT2_SETTINGS[k] for k in GPT2_BEST}
         for name, settings in chosen.items():
             bench.run(f"gpt2/lmforge[{name}]", "gpt2", bench.engine("gpt2", "pretrain", **settings), warmup=g, steps=20)
+    if "gpt2_baselines" in only:  # the plain loop and plain + torch.compile, nothing of ours
+        bench.run("gpt2/plain", "gpt2", bench.plain("gpt2"), warmup=g, steps=20)
+        bench.run("gpt2/plain+torch.compile", "gpt2", bench.plain("gpt2", compile_model=True), warmup=g, steps=20)
+    if "llama_fa4" in only:  # FlashAttention-4 (head dim 64 here too) on the Llama workloads, with baselines
+        bench.run("llama_full/plain", "llama", bench.plain("llama"), warmup=l, steps=8)
+        bench.run("llama_full/lmforge[fa4]", "llama", bench.engine("llama", "full", attention_backend="fa4"),
+                  warmup=l, steps=8)
+        bench.run("llama_lora/peft", "llama", bench.plain("llama", lora=True), warmup=l, steps=8)
+        bench.run("llama_lora/lmforge[fa4]", "llama", bench.engine("llama", "lora", attention_backend="fa4"),
+                  warmup=l, steps=8)
+    if "llama_fp8" in only:
+        bench.run("llama_full/lmforge[fa4,fp8]", "llama",
+                  bench.engine("llama", "full", attention_backend="fa4", fp8=True), warmup=l, steps=8)
+    # GPT-2 engine settings by name, in the order given.
+    for name in filter(None, args.gpt2.split(";")):  # e.g. --gpt2 "model,cudnn;model,fa4"
+        bench.run(f"gpt2/lmforge[{name}]", "gpt2", bench.engine("gpt2", "pretrain", **GPT2_SETTINGS[name]), warmup=g, steps=20)
     if args.profile:  # e.g. --profile model,cudnn: the GPT-2 engine with those GPT2_SETTINGS
         bench.profile(f"gpt2/lmforge[{args.profile}]", bench.engine("gpt2", "pretrain", **GPT2_SETTINGS[args.profile]),
                       warmup=g)
@@ -325,6 +366,15 @@ def write_records(bench: Bench, device: str | None = None) -> None:
               ("gpt2_124m_model_scope_cudnn_tokens_per_s_vs_compile", "gpt2/lmforge[model,cudnn]",
                "gpt2/plain+torch.compile"),
               ("gpt2_124m_model_scope_tokens_per_s_vs_compile", "gpt2/lmforge[model]", "gpt2/plain+torch.compile"),
+              ("gpt2_124m_model_scope_fa4_tokens_per_s_vs_compile", "gpt2/lmforge[model,fa4]",
+               "gpt2/plain+torch.compile"),
+              ("gpt2_124m_model_scope_fa4_tokens_per_s", "gpt2/lmforge[model,fa4]", "gpt2/plain"),
+              ("llama_1.1b_full_ft_fa4_tokens_per_s", "llama_full/lmforge[fa4]", "llama_full/plain"),
+              ("llama_1.1b_full_ft_fa4_fp8_tokens_per_s", "llama_full/lmforge[fa4,fp8]", "llama_full/plain"),
+              ("gpt2_124m_fa4_graphs_tokens_per_s_vs_compile", "gpt2/lmforge[model,fa4,graphs]",
+               "gpt2/plain+torch.compile"),
+              ("gpt2_124m_fa4_graphs_tokens_per_s", "gpt2/lmforge[model,fa4,graphs]", "gpt2/plain"),
+              ("llama_1.1b_lora_r16_fa4_tokens_per_s", "llama_lora/lmforge[fa4]", "llama_lora/peft"),
               ("gpt2_124m_liger_cudnn_tokens_per_s_vs_compile", "gpt2/lmforge[liger,cudnn]", "gpt2/plain+torch.compile"),
               ("llama_1.1b_full_ft_cudnn_tokens_per_s", "llama_full/lmforge[cudnn]", "llama_full/plain"),
               ("llama_1.1b_lora_r16_cudnn_tokens_per_s", "llama_lora/lmforge[cudnn]", "llama_lora/peft"),

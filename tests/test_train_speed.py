@@ -2,7 +2,9 @@
 
 Real runs of :func:`lmforge.train.loop.train_phase` on a tiny Llama on the CPU: the whole objective
 compiled by ``torch.compile`` (``training.compile_scope: model``, inductor's C++ backend here)
-against the same steps eagerly. The GPU speed of each switch is measured by bench/train_gpu.py.
+against the same steps eagerly. FlashAttention-4 and FP8 kernels run only on GPUs: here their
+refusals, the custom ops' shape functions and GPT-2's layout round trip for FP8; their numbers and
+speed are checked on an H100 by bench/attention_gpu.py and bench/train_gpu.py.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from lmforge.errors import ConfigError
 from lmforge.model import build_model
 from lmforge.train.data import batch_stream
 from lmforge.train.loop import train_phase
-from lmforge.train.speed import attention_kernels
+from lmforge.train import flash4, fp8
+from lmforge.train.speed import attention_kernels, set_attention_backend
 
 MODEL = ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=64, max_seq_len=32)
@@ -53,3 +56,51 @@ def test_attention_kernel_choice_is_a_no_op_on_cpu():
     with attention_kernels("cudnn", torch.device("cpu")):
         out = torch.nn.functional.scaled_dot_product_attention(*torch.randn(3, 1, 2, 4, 8), is_causal=True)
     assert out.shape == (1, 2, 4, 8)
+
+
+def test_flash_attention_4_on_cpu_is_refused_with_the_fix():
+    model = build_model(MODEL, 300)
+    with pytest.raises(ConfigError) as err:
+        set_attention_backend(model, "fa4", torch.device("cpu"))
+    assert "Hopper or Blackwell" in err.value.cause and "attention_backend: auto" in err.value.fix
+    assert model.config._attn_implementation == "sdpa"  # left as it was
+
+
+def test_flash_attention_4_ops_give_shapes_without_running_a_kernel():
+    # The compiler plans a whole-model graph from these shape-only versions (meta tensors run no kernel).
+    q = torch.empty(2, 16, 4, 64, device="meta")
+    kv = torch.empty(2, 16, 2, 64, device="meta")
+    out, lse = flash4.fa4_forward(q, kv, kv, True, 0.125)
+    assert out.shape == (2, 16, 4, 64) and lse.shape == (2, 4, 16) and lse.dtype == torch.float32
+    grads = flash4.fa4_backward(out, q, kv, kv, out, lse, True, 0.125)
+    assert [g.shape for g in grads] == [q.shape, kv.shape, kv.shape]
+
+
+def test_speed_settings_that_cannot_combine_are_refused_by_the_config():
+    with pytest.raises(ValueError, match="compile_scope: model"):
+        TrainingConfig(method="pretrain", cuda_graphs=True)
+    with pytest.raises(ValueError, match="method pretrain or full"):
+        TrainingConfig(method="lora", fp8=True)
+    with pytest.raises(ConfigError) as err:
+        fp8.check_available(torch.device("cpu"))
+    assert "FP8 tensor cores" in err.value.cause and "fp8: false" in err.value.fix
+
+
+def test_gpt2_conv1d_layers_become_linear_for_fp8_and_save_as_gpt2(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    gpt2 = MODEL.model_copy(update={"architecture": "gpt2", "num_kv_heads": 4})
+    torch.manual_seed(0)
+    model = build_model(gpt2, 300).eval()
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(2))
+    before = model(input_ids=ids).logits
+    assert fp8.to_linear(model) == 4 * gpt2.num_layers  # c_attn, c_proj, c_fc, mlp c_proj per block
+    assert isinstance(model.transformer.h[0].mlp.c_fc, torch.nn.Linear)
+    torch.testing.assert_close(model(input_ids=ids).logits, before)
+    with torch.no_grad():  # a training step changes the weights in the Linear layout
+        model.transformer.h[0].mlp.c_fc.weight.add_(0.01)
+    trained = model(input_ids=ids).logits
+    assert fp8.restore_layout(model) == 4 * gpt2.num_layers
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, trained)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from lmforge.config.training import PhaseConfig, TrainingConfig
-from lmforge.errors import TrainingDiverged
+from lmforge.errors import ConfigError, TrainingDiverged
 from lmforge.train import checkpoint as ckpt
 from lmforge.train import speed
 from lmforge.train.losses import IGNORE_INDEX, CausalLMObjective
@@ -44,16 +44,7 @@ def train_phase(model: torch.nn.Module, name: str, phase: PhaseConfig, training:
     torch.manual_seed(training.seed)
     ddp = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if ddp else 1
-    whole = training.compile and training.compile_scope == "model"
-    speed.check_loss_kernel(training.loss_kernel, device)
-    # A whole-objective graph takes the plain loss (the compiler fuses the cross-entropy itself),
-    # unless the loss is Liger's kernel: then the graph ends at the hidden states and Liger takes over.
-    fused = training.fused_loss and (not whole or training.loss_kernel == "liger")
-    objective = CausalLMObjective(model, training.label_smoothing, fused,
-                                  compile_chunks=training.compile and device.type == "cuda",
-                                  kernel=training.loss_kernel)
-    if whole:
-        objective.compile()
+    objective, graphs = _objective(model, name, phase, training, device, ddp)
     net = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None) \
         if ddp else objective
     optimizer = adamw(model, phase.learning_rate, training.weight_decay, device)
@@ -67,10 +58,14 @@ def train_phase(model: torch.nn.Module, name: str, phase: PhaseConfig, training:
     for step in range(run.step + 1, phase.steps + 1):
         micro = [next(batches) for _ in range(phase.grad_accum)]
         # [summed loss, tokens seen, target tokens]; the target count must be global before backward.
-        stats = torch.tensor([0.0, sum(b["input_ids"].numel() for b in micro), _targets(micro)], device=device)
+        # Built on the host and sent without waiting: a blocking copy would drain the GPU's queue every step.
+        stats = torch.tensor([0.0, sum(b["input_ids"].numel() for b in micro), _targets(micro)]).to(
+            device, non_blocking=True)
         if ddp:
             dist.all_reduce(stats[2:])
         for i, batch in enumerate(micro):
+            if graphs:  # a new step: the graphs' previous outputs (loss, gradients) are consumed by now
+                torch.compiler.cudagraph_mark_step_begin()
             # Gradients are all-reduced only on the last micro-batch of an accumulated step.
             with nullcontext() if not ddp or i == len(micro) - 1 else net.no_sync():
                 with autocast(device), speed.attention_kernels(training.attention_backend, device):
@@ -99,6 +94,31 @@ def train_phase(model: torch.nn.Module, name: str, phase: PhaseConfig, training:
         run.metrics[f"{name}_loss"] = run.history[-1]["loss"]
     run.metrics[f"{name}_val_loss"] = evaluate_loss(objective, val_batches, device)
     return run.history, {k: v for k, v in run.metrics.items() if v is not None}
+
+
+def _objective(model: torch.nn.Module, name: str, phase: PhaseConfig, training: TrainingConfig,
+               device: torch.device, ddp: bool) -> tuple[CausalLMObjective, bool]:
+    """The loss module, compiled as the config asks, and whether each step replays as CUDA graphs."""
+    whole = training.compile and training.compile_scope == "model"
+    speed.check_loss_kernel(training.loss_kernel, device)
+    # A whole-objective graph takes the plain loss (the compiler fuses the cross-entropy itself),
+    # unless the loss is Liger's kernel: then the graph ends at the hidden states and Liger takes over.
+    fused = training.fused_loss and (not whole or training.loss_kernel == "liger")
+    objective = CausalLMObjective(model, training.label_smoothing, fused,
+                                  compile_chunks=training.compile and device.type == "cuda",
+                                  kernel=training.loss_kernel)
+    graphs = whole and training.cuda_graphs and device.type == "cuda"
+    if graphs and ddp:
+        raise ConfigError("training.cuda_graphs is for one process per run for now: DDP's gradient all-reduce "
+                          "runs outside the recorded graphs", "set training.cuda_graphs: false for several workers")
+    if graphs and phase.grad_accum > 1:
+        raise ConfigError(f"training.cuda_graphs replays one micro-batch per step, but {name} has grad_accum "
+                          f"{phase.grad_accum}", f"set training.{name}.grad_accum: 1 (raise batch_size instead), "
+                          "or training.cuda_graphs: false")
+    if whole:
+        # reduce-overhead: torch.compile records the step's kernels as CUDA graphs and replays them.
+        objective.compile(mode="reduce-overhead" if graphs else None)
+    return objective, graphs
 
 
 class _PhaseRun:
@@ -208,6 +228,8 @@ def evaluate_loss(objective: CausalLMObjective, batches: list[Tensors], device: 
     objective.eval()
     totals = torch.zeros(2, device=device, dtype=torch.float64)  # [summed loss, predicted tokens]
     for batch in batches:
+        if device.type == "cuda":  # under training.cuda_graphs, an evaluation is a graph step of its own
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device):
             loss_sum = objective(**model_inputs(batch, device))
         totals += torch.stack([loss_sum.double(), torch.tensor(_targets([batch]), device=device, dtype=torch.float64)])

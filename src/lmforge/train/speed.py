@@ -10,6 +10,7 @@ loss in one graph: ``training.compile_scope: model``), and the choice of SDPA at
 
 from __future__ import annotations
 
+import importlib
 from contextlib import nullcontext
 
 import torch
@@ -80,7 +81,7 @@ def attention_kernels(backend: str, device: torch.device):
     torch's own order elsewhere. The other kernels stay allowed, in torch's order, as fallbacks for
     shapes (masks, head sizes) the first one refuses.
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or backend == "fa4":  # fa4 replaces SDPA in the model (set_attention_backend)
         return nullcontext()
     if backend == "auto":
         backend = "cudnn" if torch.cuda.get_device_capability(device)[0] == 9 else ""
@@ -92,6 +93,32 @@ def attention_kernels(backend: str, device: torch.device):
     first = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
              "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
     return sdpa_kernel([first] + [b for b in order if b != first], set_priority=True)
+
+
+def set_attention_backend(model: torch.nn.Module, backend: str, device: torch.device) -> None:
+    """Route the model's attention through FlashAttention-4 for ``fa4``; other backends choose inside SDPA."""
+    if backend != "fa4":
+        return
+    from lmforge.train import flash4
+
+    flash4.check_available(device)
+    dropout = [p for key in ("attn_pdrop", "attention_dropout") if (p := getattr(model.config, key, 0.0))]
+    if dropout:
+        raise flash4.dropout_error(dropout[0])
+    flash4.use_flash4(model)
+
+
+def require_gpu(device: torch.device, feature: str, capable, needs: str, fix: str, module: str,
+                install: str) -> None:
+    """Refuse ``feature`` unless ``device`` is a GPU whose compute capability ``capable`` accepts and
+    ``module`` imports; each error names the cause and the fix."""
+    if device.type != "cuda" or not capable(torch.cuda.get_device_capability(device)):
+        where = device.type if device.type != "cuda" else f"compute capability {torch.cuda.get_device_capability(device)}"
+        raise ConfigError(f"{feature} {needs} (this is {where})", fix)
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(f"{feature} needs the {module.split('.')[0]} package ({exc})", f"{install}, or {fix}") from exc
 
 
 def check_loss_kernel(kernel: str, device: torch.device) -> None:

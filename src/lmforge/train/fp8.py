@@ -1,0 +1,80 @@
+"""FP8 matrix products for training: ``training.fp8: true`` (Hopper or newer GPUs, torchao installed).
+
+torchao's float8 training swaps each ``nn.Linear`` for a ``Float8Linear`` that keeps its float32
+weight but multiplies in float8 (e4m3 forward, e5m2 gradients, one dynamic scale per tensor): twice
+the tensor-core rate of bf16. The model's output layer stays in bf16 (its logits feed the loss
+directly; torchtitan leaves it out for the same reason), as does any layer whose sizes are not
+multiples of 16, which the FP8 kernels need.
+
+GPT-2's blocks are written with transformers' ``Conv1D`` (a linear layer whose weight is stored
+transposed), which torchao does not know. :func:`to_linear` rewrites them as ``nn.Linear`` for
+training and :func:`restore_layout` turns them back before the model is saved, so the saved
+directory loads in transformers as any GPT-2 does. Checkpoints written during training hold the
+``nn.Linear`` layout; resuming converts the fresh model first, so the shapes agree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_CONVERTED = "_lmforge_conv1d_names"  # the model's list of layers that were Conv1D, to restore before saving
+
+
+def check_available(device: torch.device) -> None:
+    """Refuse ``training.fp8`` where it cannot run, naming the fix (the config refuses adapter methods)."""
+    from lmforge.train.speed import require_gpu
+
+    require_gpu(device, "training.fp8", lambda cc: cc >= (8, 9), "needs FP8 tensor cores (Ada, Hopper or newer GPUs)",
+                "set training.fp8: false", "torchao.float8", "pip install 'lmforge[gpu]' (or torchao)")
+
+
+def to_linear(model: torch.nn.Module) -> int:
+    """Replace every transformers ``Conv1D`` by the equivalent ``nn.Linear``; returns how many."""
+    from transformers.pytorch_utils import Conv1D
+
+    swaps = [(name, module) for name, module in model.named_modules() if isinstance(module, Conv1D)]
+    for name, conv in swaps:
+        linear = torch.nn.Linear(conv.weight.shape[0], conv.nf, device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(conv.weight.t())
+            linear.bias.copy_(conv.bias)
+        linear.weight.requires_grad_(conv.weight.requires_grad)
+        model.set_submodule(name, linear)
+    # Kept on the model, not the layers: torchao's swap replaces the layer objects (not their weights).
+    setattr(model, _CONVERTED, getattr(model, _CONVERTED, []) + [name for name, _ in swaps])
+    return len(swaps)
+
+
+def restore_layout(model: torch.nn.Module) -> int:
+    """Undo :func:`to_linear` (and the float8 wrapping) so the model saves in its own format."""
+    from transformers.pytorch_utils import Conv1D
+
+    back = getattr(model, _CONVERTED, [])
+    for name in back:
+        linear = model.get_submodule(name)
+        conv = Conv1D(linear.out_features, linear.in_features)
+        with torch.no_grad():
+            conv.weight = torch.nn.Parameter(linear.weight.detach().t().contiguous())
+            conv.bias = torch.nn.Parameter(linear.bias.detach().clone())
+        model.set_submodule(name, conv.to(linear.weight.device))
+    setattr(model, _CONVERTED, [])
+    return len(back)
+
+
+def enable(model: torch.nn.Module) -> int:
+    """Convert the model's linear layers (not its output layer) to FP8 training; returns how many."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    to_linear(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    converted = []
+
+    def wanted(module: torch.nn.Module, name: str) -> bool:
+        ok = (isinstance(module, torch.nn.Linear) and module is not head
+              and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+        if ok:
+            converted.append(name)
+        return ok
+
+    convert_to_float8_training(model, module_filter_fn=wanted, config=Float8LinearConfig())
+    return len(converted)
