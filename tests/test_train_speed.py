@@ -18,7 +18,7 @@ from lmforge.model import build_model
 from lmforge.train.data import batch_stream
 from lmforge.train.loop import train_phase
 from lmforge.train import flash4, fp8
-from lmforge.train.speed import attention_kernels, set_attention_backend
+from lmforge.train.speed import attention_kernels, restore_attention, set_attention_backend
 
 MODEL = ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=64, max_seq_len=32)
@@ -104,3 +104,24 @@ def test_gpt2_conv1d_layers_become_linear_for_fp8_and_save_as_gpt2(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(reloaded(input_ids=ids).logits, trained)
+
+
+def test_layers_and_attention_return_to_what_transformers_saves_after_fast_training():
+    torch.manual_seed(0)
+    model = build_model(MODEL, 300).eval()
+    flash4.use_flash4(model)  # registration only: no kernel runs on the CPU
+    assert model.config._attn_implementation == flash4.ATTENTION_NAME
+
+    class Float8Like(torch.nn.Linear):  # stands for torchao's Float8Linear: an nn.Linear subclass
+        pass
+
+    up = model.model.layers[0].mlp.up_proj
+    wrapped = Float8Like(up.in_features, up.out_features, bias=False)
+    wrapped.weight = up.weight
+    model.model.layers[0].mlp.up_proj = wrapped
+    model._lmforge_fp8_names = ["model.layers.0.mlp.up_proj"]
+    fp8.restore_layout(model)
+    restore_attention(model)
+    assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    assert model.model.layers[0].mlp.up_proj.weight is up.weight  # the trained weights, not a copy
+    assert model.config._attn_implementation == "sdpa"

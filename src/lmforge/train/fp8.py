@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 _CONVERTED = "_lmforge_conv1d_names"  # the model's list of layers that were Conv1D, to restore before saving
+_FLOAT8 = "_lmforge_fp8_names"  # the model's list of layers that torchao made Float8Linear
 
 
 def check_available(device: torch.device) -> None:
@@ -46,9 +47,17 @@ def to_linear(model: torch.nn.Module) -> int:
 
 
 def restore_layout(model: torch.nn.Module) -> int:
-    """Undo :func:`to_linear` (and the float8 wrapping) so the model saves in its own format."""
+    """Undo :func:`enable`: plain ``nn.Linear`` layers again (the same weights), GPT-2's back to
+    ``Conv1D``, so the model saves in its own format and its saved probe is computed as served."""
     from transformers.pytorch_utils import Conv1D
 
+    for name in getattr(model, _FLOAT8, []):
+        fp8_layer = model.get_submodule(name)
+        with torch.device("meta"):
+            linear = torch.nn.Linear(fp8_layer.in_features, fp8_layer.out_features, bias=fp8_layer.bias is not None)
+        linear.weight, linear.bias = fp8_layer.weight, fp8_layer.bias
+        model.set_submodule(name, linear)
+    setattr(model, _FLOAT8, [])
     back = getattr(model, _CONVERTED, [])
     for name in back:
         linear = model.get_submodule(name)
@@ -77,4 +86,5 @@ def enable(model: torch.nn.Module) -> int:
         return ok
 
     convert_to_float8_training(model, module_filter_fn=wanted, config=Float8LinearConfig())
+    setattr(model, _FLOAT8, converted)
     return len(converted)

@@ -72,7 +72,9 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
         history += phase_history
         metrics.update(phase_metrics)
     if out is not None:
-        fp8.restore_layout(model)  # GPT-2's Conv1D layers back, if FP8 training rewrote them
+        # Back to the layers and attention that transformers saves and serves (after fp8 / fa4 training).
+        fp8.restore_layout(model)
+        speed.restore_attention(model)
         _save_outputs(model, tokenizer, methods.method_info(method), root / "base", out, run_dir)
     return {"history": history, "metrics": metrics, "params": params}
 

@@ -108,6 +108,14 @@ def set_attention_backend(model: torch.nn.Module, backend: str, device: torch.de
     flash4.use_flash4(model)
 
 
+def restore_attention(model: torch.nn.Module) -> None:
+    """SDPA again after training with ``fa4``: the saved model, its probe and serving use SDPA."""
+    from lmforge.train import flash4
+
+    if getattr(model.config, "_attn_implementation", None) == flash4.ATTENTION_NAME:
+        model.set_attn_implementation("sdpa")
+
+
 def require_gpu(device: torch.device, feature: str, capable, needs: str, fix: str, module: str,
                 install: str) -> None:
     """Refuse ``feature`` unless ``device`` is a GPU whose compute capability ``capable`` accepts and
