@@ -16,7 +16,7 @@ def test_default_yaml_matches_embedded_defaults():
     assert load_config(REPO / "configs" / "default.yaml") == PipelineConfig()
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "tiny.yaml", "cluster.yaml"])
+@pytest.mark.parametrize("name", ["default.yaml", "tiny.yaml", "cluster.yaml", "gpt2-h100.yaml"])
 def test_shipped_configs_load(name):
     load_config(REPO / "configs" / name)
 

@@ -125,3 +125,14 @@ def test_layers_and_attention_return_to_what_transformers_saves_after_fast_train
     assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
     assert model.model.layers[0].mlp.up_proj.weight is up.weight  # the trained weights, not a copy
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("case", ["padding mask", "dropout", "sliding window", "float32"])
+def test_flash_attention_4_refuses_attention_it_would_compute_wrongly(case):
+    q = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)  # transformers' [B, H, S, D]
+    mask = torch.ones(1, 8, dtype=torch.bool) if case == "padding mask" else None
+    kwargs = {"sliding_window": 4} if case == "sliding window" else {}
+    args = (q.float(),) * 3 if case == "float32" else (q, q, q)
+    with pytest.raises(ConfigError) as err:
+        flash4.attention(torch.nn.Module(), *args, mask, dropout=0.1 if case == "dropout" else 0.0, **kwargs)
+    assert "attention_backend: auto" in err.value.fix

@@ -82,6 +82,10 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
                           "pack the data (the default) or pad on the right, or set training.attention_backend: auto")
     if dropout:
         raise dropout_error(dropout)
+    unsupported = [key for key in ("sliding_window", "softcap", "s_aux") if kwargs.get(key) is not None]
+    if unsupported:  # plain causal attention here: computing it for these models would be silently wrong
+        raise ConfigError(f"training.attention_backend: fa4 runs plain causal attention; this model asks for "
+                          f"{', '.join(unsupported)}", "set training.attention_backend: auto for this architecture")
     # SDPA is on autocast's list and gets one dtype for all three; a custom op is not, and rotary
     # embeddings in float32 leave q and k wider than v, so cast as autocast would have.
     kind = query.device.type

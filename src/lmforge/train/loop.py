@@ -42,7 +42,9 @@ def train_phase(model: torch.nn.Module, name: str, phase: PhaseConfig, training:
     already be past the steps a ``resume`` checkpoint has done; ``save`` writes checkpoints.
     """
     torch.manual_seed(training.seed)
-    ddp = dist.is_available() and dist.is_initialized()
+    # One Ray worker still gets a process group; DDP over a single rank would only add its hooks
+    # (and rule out CUDA graphs), so the loop treats it as one process.
+    ddp = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     world = dist.get_world_size() if ddp else 1
     objective, graphs = _objective(model, name, phase, training, device, ddp)
     net = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None) \
