@@ -123,7 +123,7 @@ def test_resume_refuses_another_model_or_method(ws):
     with pytest.raises(Crash):
         train(TRAINING, MODEL, ws, run_name="mismatch", progress=_crash_at(10))
     (root,) = [p for p in (ws.home / "checkpoints").glob("mismatch-*")]
-    with pytest.raises(ConfigError, match="another model or training method"):
+    with pytest.raises(ConfigError, match="another model, training method or training.fp8"):
         train(TRAINING.model_copy(update={"method": "full"}), MODEL, ws, resume=root.name)
     with pytest.raises(ConfigError, match="no checkpoint to resume"):
         train(TRAINING, MODEL, ws, resume="never-ran")

@@ -125,6 +125,10 @@ def test_layers_and_attention_return_to_what_transformers_saves_after_fast_train
     assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
     assert model.model.layers[0].mlp.up_proj.weight is up.weight  # the trained weights, not a copy
     assert model.config._attn_implementation == "sdpa"
+    model.set_attn_implementation("eager")  # whatever the model had before fa4 comes back
+    flash4.use_flash4(model)
+    restore_attention(model)
+    assert model.config._attn_implementation == "eager"
 
 
 @pytest.mark.parametrize("case", ["padding mask", "dropout", "sliding window", "float32"])
@@ -136,3 +140,15 @@ def test_flash_attention_4_refuses_attention_it_would_compute_wrongly(case):
     with pytest.raises(ConfigError) as err:
         flash4.attention(torch.nn.Module(), *args, mask, dropout=0.1 if case == "dropout" else 0.0, **kwargs)
     assert "attention_backend: auto" in err.value.fix
+
+
+def test_cuda_graph_settings_are_checked_for_every_phase_before_training():
+    graphs = dict(compile=True, compile_scope="model", cuda_graphs=True, use_gpu=True)
+    TrainingConfig(method="full", num_workers=1, **graphs)  # a valid combination
+    accumulating = PhaseConfig(steps=5, learning_rate=1e-3, batch_size=4, seq_len=32, grad_accum=4)
+    with pytest.raises(ValueError, match="finetune.grad_accum is 4"):
+        TrainingConfig(method="full", num_workers=1, finetune=accumulating, **graphs)
+    with pytest.raises(ValueError, match="num_workers: 1"):
+        TrainingConfig(method="full", num_workers=2, **graphs)
+    with pytest.raises(ValueError, match="use_gpu: true"):
+        TrainingConfig(method="full", num_workers=1, **{**graphs, "use_gpu": False})

@@ -209,13 +209,28 @@ class TrainingConfig(_Frozen):
     def _early_stopping(self) -> "TrainingConfig":
         if self.early_stopping_patience and not self.eval_every:
             raise ValueError("early_stopping_patience needs eval_every > 0 (validations to compare)")
-        if self.cuda_graphs and not (self.compile and self.compile_scope == "model"):
-            raise ValueError("cuda_graphs replays the whole compiled step: set compile: true and compile_scope: model "
-                             "(or cuda_graphs: false)")
+        if self.cuda_graphs:
+            self._check_cuda_graphs()
         if self.fp8 and self.method not in ("pretrain", "full"):
             raise ValueError(f"fp8 trains all weights in FP8 matrix products; method {self.method!r} freezes them: "
                              "use fp8 with method pretrain or full, or set fp8: false")
         return self
+
+    def _check_cuda_graphs(self) -> None:
+        # All here, before any step: a phase that cannot replay its steps must not fail after another ran.
+        if not (self.compile and self.compile_scope == "model"):
+            raise ValueError("cuda_graphs replays the whole compiled step: set compile: true and compile_scope: model "
+                             "(or cuda_graphs: false)")
+        if not self.use_gpu:
+            raise ValueError("cuda_graphs needs use_gpu: true (CUDA graphs exist on GPUs only), or cuda_graphs: false")
+        if self.use_ray and self.num_workers > 1:
+            raise ValueError(f"cuda_graphs runs one process (DDP's all-reduce runs outside the graphs), but "
+                             f"num_workers is {self.num_workers}: set num_workers: 1, or cuda_graphs: false")
+        phases = [("pretrain", self.pretrain)] + ([("finetune", self.finetune)] if self.method != "pretrain" else [])
+        for name, phase in phases:
+            if phase.steps and phase.grad_accum > 1:
+                raise ValueError(f"cuda_graphs replays one micro-batch per step, but {name}.grad_accum is "
+                                 f"{phase.grad_accum}: set it to 1 (raise batch_size instead), or cuda_graphs: false")
 
     @property
     def finetune_method(self) -> str:

@@ -82,7 +82,11 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
                           "pack the data (the default) or pad on the right, or set training.attention_backend: auto")
     if dropout:
         raise dropout_error(dropout)
-    unsupported = [key for key in ("sliding_window", "softcap", "s_aux") if kwargs.get(key) is not None]
+    window = kwargs.get("sliding_window")
+    if window is not None and window >= key.shape[2]:
+        window = None  # a window wider than the sequence is plain causal attention (Mistral's default 4096)
+    unsupported = [name for name, value in (("sliding_window", window), ("softcap", kwargs.get("softcap")),
+                                            ("s_aux", kwargs.get("s_aux"))) if value is not None]
     if unsupported:  # plain causal attention here: computing it for these models would be silently wrong
         raise ConfigError(f"training.attention_backend: fa4 runs plain causal attention; this model asks for "
                           f"{', '.join(unsupported)}", "set training.attention_backend: auto for this architecture")
@@ -97,13 +101,26 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
     # [B, H, S, D] -> [B, S, H, D] is a view: the kernels read strided rows, nothing is copied.
     q, k, v = (t.transpose(1, 2).to(dtype) for t in (query, key, value))
     scale = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
-    out, _ = fa4_forward(q, k, v, bool(getattr(module, "is_causal", True)), scale)
+    causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
+    out, _ = fa4_forward(q, k, v, causal, scale)
     return out, None
 
 
 def dropout_error(p: float) -> ConfigError:
-    return ConfigError(f"training.attention_backend: fa4 has no attention dropout (the model has {p})",
-                       "set model.dropout: 0 (usual for pretraining), or training.attention_backend: auto")
+    return ConfigError(f"training.attention_backend: fa4 has no attention dropout, and the model has {p} "
+                       "(model.dropout, or attn_pdrop / attention_dropout in a pretrained base's config.json)",
+                       "set model.dropout: 0 (usual for pretraining), set the base's attention dropout to 0 in a "
+                       "copy of its config.json, or set training.attention_backend: auto")
+
+
+def check_head_dim(head_dim: int, device: torch.device) -> None:
+    """FA4's kernels take head sizes that are multiples of 8, up to 256 on Hopper and 128 on Blackwell."""
+    limit = 256 if torch.cuda.get_device_capability(device)[0] == 9 else 128
+    if head_dim % 8 or not 8 <= head_dim <= limit:
+        raise ConfigError(f"training.attention_backend: fa4 takes head sizes that are multiples of 8 up to {limit}; "
+                          f"this model's is {head_dim}", "set training.attention_backend: auto, or change "
+                          "model.hidden_size / model.num_heads")
 
 
 def check_available(device: torch.device) -> None:
@@ -123,4 +140,13 @@ def use_flash4(model: torch.nn.Module) -> None:
     AttentionInterface.register(ATTENTION_NAME, attention)
     # Like flash attention 2: no mask at all for unpadded causal batches (the kernel masks causally).
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, flash_attention_mask)
+    previous = model.config._attn_implementation
+    if previous != ATTENTION_NAME:
+        model._lmforge_attn_before_fa4 = previous  # what restore() puts back (on the module: never saved)
     model.set_attn_implementation(ATTENTION_NAME)
+
+
+def restore(model: torch.nn.Module) -> None:
+    """The attention the model had before :func:`use_flash4` (saved models and serving use it)."""
+    if getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME:
+        model.set_attn_implementation(getattr(model, "_lmforge_attn_before_fa4", None) or "sdpa")

@@ -40,6 +40,7 @@ def to_linear(model: torch.nn.Module) -> int:
             linear.weight.copy_(conv.weight.t())
             linear.bias.copy_(conv.bias)
         linear.weight.requires_grad_(conv.weight.requires_grad)
+        linear.bias.requires_grad_(conv.bias.requires_grad)
         model.set_submodule(name, linear)
     # Kept on the model, not the layers: torchao's swap replaces the layer objects (not their weights).
     setattr(model, _CONVERTED, getattr(model, _CONVERTED, []) + [name for name, _ in swaps])

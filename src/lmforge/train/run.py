@@ -140,16 +140,20 @@ def _saved_checkpoint(root: Path, training: TrainingConfig, model_cfg: ModelConf
         raise ConfigError(f"no checkpoint to resume from in {root}",
                           "resume a run that wrote checkpoints (training.checkpoint_every > 0), or start anew")
     if saved.state["identity"] != _identity(training, model_cfg):
-        raise ConfigError(f"the checkpoint in {root} was written with another model or training method",
-                          "resume with the model section and training.method (and its settings) of that run")
+        raise ConfigError(f"the checkpoint in {root} was written with another model, training method or "
+                          "training.fp8", "resume with the model section, training.method (and its settings) "
+                          "and training.fp8 of that run")
     return saved
 
 
 def _identity(training: TrainingConfig, model_cfg: ModelConfig) -> dict:
     """What must not change between a checkpoint and its resumption (learning rates may)."""
     section = {"lora": "lora", "qlora": "lora", "adapter": "adapter", "ia3": "ia3"}.get(training.method, "prompt_learning")
-    return {"model": model_cfg.model_dump(mode="json"), "method": training.method,
-            "method_config": getattr(training, section).model_dump(mode="json"), "seed": training.seed}
+    identity = {"model": model_cfg.model_dump(mode="json"), "method": training.method,
+                "method_config": getattr(training, section).model_dump(mode="json"), "seed": training.seed}
+    if training.fp8:  # FP8 training checkpoints GPT-2's layers as nn.Linear (transposed): another layout
+        identity["fp8"] = True
+    return identity
 
 
 def _phase_data(name: str, tokenizer, ws: Workspace, phase: PhaseConfig) -> tuple[dict, dict | None, str]:

@@ -102,6 +102,8 @@ def set_attention_backend(model: torch.nn.Module, backend: str, device: torch.de
     from lmforge.train import flash4
 
     flash4.check_available(device)
+    config = model.config
+    flash4.check_head_dim(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads, device)
     dropout = [p for key in ("attn_pdrop", "attention_dropout") if (p := getattr(model.config, key, 0.0))]
     if dropout:
         raise flash4.dropout_error(dropout[0])
@@ -109,11 +111,10 @@ def set_attention_backend(model: torch.nn.Module, backend: str, device: torch.de
 
 
 def restore_attention(model: torch.nn.Module) -> None:
-    """SDPA again after training with ``fa4``: the saved model, its probe and serving use SDPA."""
+    """The model's own attention again after training with ``fa4`` (its probe, save and serving use it)."""
     from lmforge.train import flash4
 
-    if getattr(model.config, "_attn_implementation", None) == flash4.ATTENTION_NAME:
-        model.set_attn_implementation("sdpa")
+    flash4.restore(model)
 
 
 def require_gpu(device: torch.device, feature: str, capable, needs: str, fix: str, module: str,
