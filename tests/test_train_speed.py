@@ -18,7 +18,7 @@ from lmforge.model import build_model
 from lmforge.train.data import batch_stream
 from lmforge.train.loop import train_phase
 from lmforge.train import flash4, fp8
-from lmforge.train.speed import attention_kernels, restore_attention, set_attention_backend
+from lmforge.train.speed import attention_kernels, set_attention_backend
 
 MODEL = ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=64, max_seq_len=32)
@@ -121,13 +121,13 @@ def test_layers_and_attention_return_to_what_transformers_saves_after_fast_train
     model.model.layers[0].mlp.up_proj = wrapped
     model._lmforge_fp8_names = ["model.layers.0.mlp.up_proj"]
     fp8.restore_layout(model)
-    restore_attention(model)
+    flash4.restore(model)
     assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
     assert model.model.layers[0].mlp.up_proj.weight is up.weight  # the trained weights, not a copy
     assert model.config._attn_implementation == "sdpa"
     model.set_attn_implementation("eager")  # whatever the model had before fa4 comes back
     flash4.use_flash4(model)
-    restore_attention(model)
+    flash4.restore(model)
     assert model.config._attn_implementation == "eager"
 
 

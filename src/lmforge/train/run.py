@@ -20,7 +20,7 @@ from lmforge.config.training import ModelConfig, PhaseConfig, TrainingConfig
 from lmforge.errors import ConfigError, DataError
 from lmforge.model import build_model, count_parameters
 from lmforge.tokenizer import load_tokenizer
-from lmforge.train import artifacts, checkpoint as ckpt, fp8, methods, speed
+from lmforge.train import artifacts, checkpoint as ckpt, flash4, fp8, methods, speed
 from lmforge.train.data import batch_stream, encode_sft, fixed_batches, pack_texts, read_sft, read_texts, split_heldout
 from lmforge.train.loop import train_phase
 from lmforge.workspace import Workspace
@@ -74,7 +74,7 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
     if out is not None:
         # Back to the layers and attention that transformers saves and serves (after fp8 / fa4 training).
         fp8.restore_layout(model)
-        speed.restore_attention(model)
+        flash4.restore(model)
         _save_outputs(model, tokenizer, methods.method_info(method), root / "base", out, run_dir)
     return {"history": history, "metrics": metrics, "params": params}
 
@@ -85,20 +85,8 @@ def _prepared(model, tokenizer, device: torch.device, training: TrainingConfig):
         cfg.pad_token_id = tokenizer.pad_token_id
         cfg.bos_token_id = tokenizer.bos_token_id
     model.to(device)
-    _speed_settings(model, training, device)
+    speed.apply_settings(model, training, device)
     return model
-
-
-def _speed_settings(model, training: TrainingConfig, device: torch.device) -> None:
-    """Attention kernels, gradient checkpointing and block compilation, as the training config asks."""
-    speed.set_attention_backend(model, training.attention_backend, device)
-    if training.fp8:
-        fp8.check_available(device)
-        fp8.enable(model)
-    if training.gradient_checkpointing:
-        speed.enable_gradient_checkpointing(model)
-    if speed.compiles_blocks(training):
-        speed.compile_blocks(model)
 
 
 def _adapted(model, tokenizer, training: TrainingConfig, base_dir: Path, device: torch.device, resumed: bool,
@@ -117,7 +105,7 @@ def _adapted(model, tokenizer, training: TrainingConfig, base_dir: Path, device:
         dist.barrier()  # QLoRA reloads the base on every rank
     model = methods.apply_method(model, training, base_dir, device)
     if training.method == "qlora":  # a new model (the base reloaded in 4 bits): prepare it as the base was
-        _speed_settings(model, training, device)
+        speed.apply_settings(model, training, device)
     llama_adapter = training.method == "adapter" and training.adapter.variant == "llama_adapter"
     if device.type == "cuda" and training.method in speed.BF16_FROZEN_METHODS and not llama_adapter:
         speed.freeze_to_bf16(model)

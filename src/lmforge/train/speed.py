@@ -110,11 +110,19 @@ def set_attention_backend(model: torch.nn.Module, backend: str, device: torch.de
     flash4.use_flash4(model)
 
 
-def restore_attention(model: torch.nn.Module) -> None:
-    """The model's own attention again after training with ``fa4`` (its probe, save and serving use it)."""
-    from lmforge.train import flash4
+def apply_settings(model: torch.nn.Module, training, device: torch.device) -> None:
+    """Attention kernels, FP8 layers, gradient checkpointing and block compilation, as ``training`` asks
+    (the engine's base model, QLoRA's reloaded one, and bench/train_gpu.py's engine rows)."""
+    set_attention_backend(model, training.attention_backend, device)
+    if training.fp8:
+        from lmforge.train import fp8
 
-    flash4.restore(model)
+        fp8.check_available(device)
+        fp8.enable(model)
+    if training.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if compiles_blocks(training):
+        compile_blocks(model)
 
 
 def require_gpu(device: torch.device, feature: str, capable, needs: str, fix: str, module: str,
@@ -132,13 +140,7 @@ def require_gpu(device: torch.device, feature: str, capable, needs: str, fix: st
 
 def check_loss_kernel(kernel: str, device: torch.device) -> None:
     """Refuse ``loss_kernel: liger`` where it cannot run, before any step."""
-    if kernel != "liger":
-        return
-    if device.type != "cuda":
-        raise ConfigError("training.loss_kernel: liger runs only on CUDA GPUs (its kernels are Triton)",
-                          "set training.loss_kernel: torch (the same fused loss in plain torch), or train on a GPU")
-    try:
-        import liger_kernel.transformers.functional  # noqa: F401
-    except ImportError as exc:
-        raise ConfigError(f"training.loss_kernel: liger needs the liger-kernel package ({exc})",
-                          "pip install 'lmforge[gpu]' (or liger-kernel), or set training.loss_kernel: torch") from exc
+    if kernel == "liger":
+        require_gpu(device, "training.loss_kernel: liger", lambda cc: True, "runs only on CUDA GPUs (its kernels are "
+                    "Triton)", "set training.loss_kernel: torch (the same fused loss in plain torch)",
+                    "liger_kernel.transformers.functional", "pip install 'lmforge[gpu]' (or liger-kernel)")
