@@ -234,7 +234,8 @@ def evaluate_loss(objective: CausalLMObjective, batches: list[Tensors], device: 
             torch.compiler.cudagraph_mark_step_begin()
         with autocast(device):
             loss_sum = objective(**model_inputs(batch, device))
-        totals += torch.stack([loss_sum.double(), torch.tensor(_targets([batch]), device=device, dtype=torch.float64)])
+        targets = torch.tensor(_targets([batch]), dtype=torch.float64).to(device, non_blocking=True)  # as in a step
+        totals += torch.stack([loss_sum.double(), targets])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     objective.train(was_training)
