@@ -65,6 +65,10 @@ GPT2_SETTINGS = {  # engine settings beyond its defaults (blocks compiled, torch
     "model,cudnn,graphs": dict(compile_scope="model", attention_backend="cudnn", cuda_graphs=True),
     "model,fa4,graphs,fp8": dict(compile_scope="model", attention_backend="fa4", cuda_graphs=True, fp8=True),
     "model,fa4,fp8": dict(compile_scope="model", attention_backend="fa4", fp8=True),
+    "model,fa4,graphs,bf16res": dict(compile_scope="model", attention_backend="fa4", cuda_graphs=True,
+                                     residual_dtype="bfloat16"),
+    "model,cudnn,graphs,bf16res": dict(compile_scope="model", attention_backend="cudnn", cuda_graphs=True,
+                                       residual_dtype="bfloat16"),
 }
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = {
@@ -262,24 +266,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=330, help="skip variants that would start after this")
     parser.add_argument("--gpt2", default="", help="GPT-2 engine settings to run, ';'-separated GPT2_SETTINGS keys")
     parser.add_argument("--profile", choices=sorted(GPT2_SETTINGS), help="profile this GPT-2 engine setting")
+    parser.add_argument("--gpt2-steps", type=int, default=20, help="timed steps of every GPT-2 row")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: check the script runs")
     args = parser.parse_args(argv)
     bench = Bench(args)
     only = set(args.only.split(","))
     g, l = (4, 3) if not args.tiny else (1, 1)  # noqa: E741 - warm-up steps (compile happens there)
+    gs = args.gpt2_steps  # timed steps of each GPT-2 row
     if "gpt2" in only:
-        bench.run("gpt2/plain", "gpt2", bench.plain("gpt2"), warmup=g, steps=20)
-        bench.run("gpt2/plain+torch.compile", "gpt2", bench.plain("gpt2", compile_model=True), warmup=g, steps=20)
-        bench.run("gpt2/lmforge", "gpt2", bench.engine("gpt2", "pretrain"), warmup=g, steps=20)
+        bench.run("gpt2/plain", "gpt2", bench.plain("gpt2"), warmup=g, steps=gs)
+        bench.run("gpt2/plain+torch.compile", "gpt2", bench.plain("gpt2", compile_model=True), warmup=g, steps=gs)
+        bench.run("gpt2/lmforge", "gpt2", bench.engine("gpt2", "pretrain"), warmup=g, steps=gs)
     if "gpt2_compile" in only:  # the compile baseline alone (for jobs that re-measure only the best settings)
-        bench.run("gpt2/plain+torch.compile", "gpt2", bench.plain("gpt2", compile_model=True), warmup=g, steps=20)
+        bench.run("gpt2/plain+torch.compile", "gpt2", bench.plain("gpt2", compile_model=True), warmup=g, steps=gs)
     if "gpt2_scopes" in only or "gpt2_best" in only:  # compile scope, attention kernel and loss kernel choices
         chosen = GPT2_SETTINGS if "gpt2_scopes" in only else {k: GPT2_SETTINGS[k] for k in GPT2_BEST}
         for name, settings in chosen.items():
-            bench.run(f"gpt2/lmforge[{name}]", "gpt2", bench.engine("gpt2", "pretrain", **settings), warmup=g, steps=20)
+            bench.run(f"gpt2/lmforge[{name}]", "gpt2", bench.engine("gpt2", "pretrain", **settings), warmup=g, steps=gs)
     if "gpt2_baselines" in only:  # the plain loop and plain + torch.compile, nothing of ours
-        bench.run("gpt2/plain", "gpt2", bench.plain("gpt2"), warmup=g, steps=20)
-        bench.run("gpt2/plain+torch.compile", "gpt2", bench.plain("gpt2", compile_model=True), warmup=g, steps=20)
+        bench.run("gpt2/plain", "gpt2", bench.plain("gpt2"), warmup=g, steps=gs)
+        bench.run("gpt2/plain+torch.compile", "gpt2", bench.plain("gpt2", compile_model=True), warmup=g, steps=gs)
     if "llama_fa4" in only:  # FlashAttention-4 (head dim 64 here too) on the Llama workloads, with baselines
         bench.run("llama_full/plain", "llama", bench.plain("llama"), warmup=l, steps=8)
         bench.run("llama_full/lmforge[fa4]", "llama", bench.engine("llama", "full", attention_backend="fa4"),
@@ -292,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                   bench.engine("llama", "full", attention_backend="fa4", fp8=True), warmup=l, steps=8)
     # GPT-2 engine settings by name, in the order given.
     for name in filter(None, args.gpt2.split(";")):  # e.g. --gpt2 "model,cudnn;model,fa4"
-        bench.run(f"gpt2/lmforge[{name}]", "gpt2", bench.engine("gpt2", "pretrain", **GPT2_SETTINGS[name]), warmup=g, steps=20)
+        bench.run(f"gpt2/lmforge[{name}]", "gpt2", bench.engine("gpt2", "pretrain", **GPT2_SETTINGS[name]), warmup=g, steps=gs)
     if args.profile:  # e.g. --profile model,cudnn: the GPT-2 engine with those GPT2_SETTINGS
         bench.profile(f"gpt2/lmforge[{args.profile}]", bench.engine("gpt2", "pretrain", **GPT2_SETTINGS[args.profile]),
                       warmup=g)
@@ -324,14 +330,14 @@ def main(argv: list[str] | None = None) -> int:
                   bench.engine("llama", "full", gradient_checkpointing=True), warmup=l, steps=8)
     if "ablations" in only:
         for flag in ABLATIONS:
-            bench.run(f"gpt2/plain+{flag}", "gpt2", bench.plain("gpt2", **{flag: True}), warmup=g, steps=20)
+            bench.run(f"gpt2/plain+{flag}", "gpt2", bench.plain("gpt2", **{flag: True}), warmup=g, steps=gs)
         bench.run("llama_lora/peft+bf16_base", "llama", bench.plain("llama", lora=True, bf16_base=True), warmup=l, steps=8)
         bench.run("llama_full/plain+fused_loss", "llama", bench.plain("llama", fused_loss=True), warmup=l, steps=8)
     if "compile_ablation" in only:  # the one plain+X row whose X changed since an earlier job
-        bench.run("gpt2/plain+compile_blocks", "gpt2", bench.plain("gpt2", compile_blocks=True), warmup=g, steps=20)
+        bench.run("gpt2/plain+compile_blocks", "gpt2", bench.plain("gpt2", compile_blocks=True), warmup=g, steps=gs)
     if "engine_ablations" in only:  # the engine with one of its optimizations switched off
-        bench.run("gpt2/lmforge-fused_loss", "gpt2", bench.engine("gpt2", "pretrain", fused_loss=False), warmup=g, steps=20)
-        bench.run("gpt2/lmforge-vocab64", "gpt2", bench.engine("gpt2", "pretrain", vocab_multiple=1), warmup=g, steps=20)
+        bench.run("gpt2/lmforge-fused_loss", "gpt2", bench.engine("gpt2", "pretrain", fused_loss=False), warmup=g, steps=gs)
+        bench.run("gpt2/lmforge-vocab64", "gpt2", bench.engine("gpt2", "pretrain", vocab_multiple=1), warmup=g, steps=gs)
     write_records(bench)
     return 0
 

@@ -17,7 +17,7 @@ from lmforge.errors import ConfigError
 from lmforge.model import build_model
 from lmforge.train.data import batch_stream
 from lmforge.train.loop import train_phase
-from lmforge.train import flash4, fp8
+from lmforge.train import flash4, fp8, speed
 from lmforge.train.speed import attention_kernels, set_attention_backend
 
 MODEL = ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -152,3 +152,35 @@ def test_cuda_graph_settings_are_checked_for_every_phase_before_training():
         TrainingConfig(method="full", num_workers=2, **graphs)
     with pytest.raises(ValueError, match="use_gpu: true"):
         TrainingConfig(method="full", num_workers=1, **{**graphs, "use_gpu": False})
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_bf16_residual_keeps_the_stream_in_bf16_and_computes_the_same_loss(architecture):
+    # The loop autocasts on CUDA only; CPU autocast runs the same dtype rules, so the hooks are checked here.
+    cfg = MODEL.model_copy(update={"architecture": architecture,
+                                   "num_kv_heads": 4 if architecture == "gpt2" else 2})
+    torch.manual_seed(0)
+    model = build_model(cfg, 300)
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(input_ids=ids, labels=ids, output_hidden_states=True)
+    assert speed.cast_residual(model, torch.bfloat16) == (2 if architecture == "gpt2" else 1)  # GPT-2: wte, wpe
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = model(input_ids=ids, labels=ids, output_hidden_states=True)
+    assert plain.hidden_states[1].dtype == torch.float32
+    assert all(h.dtype == torch.bfloat16 for h in fast.hidden_states[:-1])  # every block's output
+    # Only rounding of the stream differs: bf16 keeps ~3 significant digits.
+    assert fast.loss.item() == pytest.approx(plain.loss.item(), rel=1e-3)
+    fast.loss.backward()
+    assert model.get_input_embeddings().weight.grad.dtype == torch.float32  # master weights stay float32
+    speed.restore_residual(model)  # before a probe or save outside autocast
+    assert model(input_ids=ids, output_hidden_states=True).hidden_states[1].dtype == torch.float32
+
+
+def test_bf16_residual_is_refused_without_a_gpu():
+    with pytest.raises(ValueError, match="use_gpu: true, or residual_dtype: float32"):
+        TrainingConfig(method="pretrain", residual_dtype="bfloat16")
+    training = TrainingConfig(method="pretrain", residual_dtype="bfloat16", use_gpu=True)
+    with pytest.raises(ConfigError) as err:
+        speed.apply_settings(build_model(MODEL, 300), training, torch.device("cpu"))
+    assert "CUDA only" in err.value.cause and "residual_dtype: float32" in err.value.fix

@@ -166,6 +166,12 @@ class TrainingConfig(_Frozen):
         "scales; the output layer stays bf16). Methods pretrain and full, on Ada/Hopper or newer GPUs. Pays "
         "on wide layers (Llama 1.1B: +13% on an H100), not on narrow ones (GPT-2 124M: -12%).",
     )
+    residual_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="The residual stream's dtype on GPUs (embeddings and the sum every block adds to). "
+        "float32 keeps it at the weights' precision; bfloat16 halves its memory traffic, as Megatron-LM does "
+        "by default (products already run in bf16 under autocast). Pays where elementwise work is a large "
+        "share of a step (small models). Needs use_gpu.",
+    )
     fused_loss: bool = Field(
         True, description="Chunked output-layer + cross-entropy that never holds all logits at once."
     )
@@ -211,6 +217,9 @@ class TrainingConfig(_Frozen):
             raise ValueError("early_stopping_patience needs eval_every > 0 (validations to compare)")
         if self.cuda_graphs:
             self._check_cuda_graphs()
+        if self.residual_dtype == "bfloat16" and not self.use_gpu:
+            raise ValueError("residual_dtype: bfloat16 needs bf16 autocast, which runs on GPUs only: set use_gpu: "
+                             "true, or residual_dtype: float32")
         if self.fp8 and self.method not in ("pretrain", "full"):
             raise ValueError(f"fp8 trains all weights in FP8 matrix products; method {self.method!r} freezes them: "
                              "use fp8 with method pretrain or full, or set fp8: false")

@@ -72,9 +72,10 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
         history += phase_history
         metrics.update(phase_metrics)
     if out is not None:
-        # Back to the layers and attention that transformers saves and serves (after fp8 / fa4 training).
+        # Back to the layers, attention and dtypes that transformers saves and serves (after fp8, fa4, bf16 residual).
         fp8.restore_layout(model)
         flash4.restore(model)
+        speed.restore_residual(model)
         _save_outputs(model, tokenizer, methods.method_info(method), root / "base", out, run_dir)
     return {"history": history, "metrics": metrics, "params": params}
 

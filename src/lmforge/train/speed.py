@@ -110,10 +110,47 @@ def set_attention_backend(model: torch.nn.Module, backend: str, device: torch.de
     flash4.use_flash4(model)
 
 
+_RESIDUAL_HOOKS = "_lmforge_residual_hooks"  # the model's embedding hooks, removed by restore_residual
+
+
+def cast_residual(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Make every embedding layer return ``dtype``; returns how many layers were hooked.
+
+    Under autocast the products already run in bf16, but the embeddings return float32 and each
+    block adds its bf16 output to that float32 sum, so the residual stream, and every norm,
+    residual add and their gradients, move float32 through memory. Starting it in bf16 keeps it
+    there (bf16 + bf16 stays bf16) and halves that traffic; norms still compute in float32
+    inside. GPT-2 adds two embeddings (tokens, positions), so every ``nn.Embedding`` is hooked.
+    """
+    hooks = getattr(model, _RESIDUAL_HOOKS, [])
+
+    def cast(module, args, output):
+        return output.to(dtype) if output.is_floating_point() else output
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            hooks.append(module.register_forward_hook(cast))
+    setattr(model, _RESIDUAL_HOOKS, hooks)
+    return len(hooks)
+
+
+def restore_residual(model: torch.nn.Module) -> None:
+    """Undo :func:`cast_residual` (before a probe or save outside autocast)."""
+    for hook in getattr(model, _RESIDUAL_HOOKS, []):
+        hook.remove()
+    setattr(model, _RESIDUAL_HOOKS, [])
+
+
 def apply_settings(model: torch.nn.Module, training, device: torch.device) -> None:
-    """Attention kernels, FP8 layers, gradient checkpointing and block compilation, as ``training`` asks
-    (the engine's base model, QLoRA's reloaded one, and bench/train_gpu.py's engine rows)."""
+    """Attention kernels, FP8 layers, the residual's dtype, gradient checkpointing and block
+    compilation, as ``training`` asks (the engine's base model, QLoRA's reloaded one, and
+    bench/train_gpu.py's engine rows)."""
     set_attention_backend(model, training.attention_backend, device)
+    if training.residual_dtype == "bfloat16":
+        if device.type != "cuda":  # the loop autocasts on CUDA only; float32 norms would meet bf16 inputs
+            raise ConfigError(f"training.residual_dtype: bfloat16 needs bf16 autocast, which runs on CUDA only "
+                              f"(this is {device.type})", "set training.residual_dtype: float32")
+        cast_residual(model, torch.bfloat16)
     if training.fp8:
         from lmforge.train import fp8
 
