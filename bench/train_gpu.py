@@ -69,6 +69,10 @@ GPT2_SETTINGS = {  # engine settings beyond its defaults (blocks compiled, torch
                                      residual_dtype="bfloat16"),
     "model,cudnn,graphs,bf16res": dict(compile_scope="model", attention_backend="cudnn", cuda_graphs=True,
                                        residual_dtype="bfloat16"),
+    "model,fa4,graphs,bf16res,opt": dict(compile_scope="model", attention_backend="fa4", cuda_graphs=True,
+                                         residual_dtype="bfloat16", compile_optimizer=True),
+    "model,cudnn,graphs,bf16res,opt": dict(compile_scope="model", attention_backend="cudnn", cuda_graphs=True,
+                                           residual_dtype="bfloat16", compile_optimizer=True),
 }
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = {
@@ -113,13 +117,17 @@ class Bench:
                 torch.cuda.reset_peak_memory_stats()
             started = time.perf_counter()
             run_steps, model = build()
-            run_steps(warmup)
-            _sync(self.device)
-            row["warmup_s"] = round(time.perf_counter() - started, 1)
-            begin = time.perf_counter()
-            last_loss = run_steps(steps)
-            _sync(self.device)
-            elapsed = time.perf_counter() - begin
+            if hasattr(run_steps, "phase"):  # the engine: warm-up and timed steps in one phase
+                _, elapsed, last_loss = run_steps.phase(warmup, steps)
+                row["warmup_s"] = round(time.perf_counter() - started - elapsed, 1)
+            else:
+                run_steps(warmup)
+                _sync(self.device)
+                row["warmup_s"] = round(time.perf_counter() - started, 1)
+                begin = time.perf_counter()
+                last_loss = run_steps(steps)
+                _sync(self.device)
+                elapsed = time.perf_counter() - begin
             if last_loss is not None:  # the engine's mean loss over its last logged window: a sanity check
                 row["loss_last"] = round(last_loss, 4)
             tokens = steps * s["batch"] * s["seq"]
@@ -149,17 +157,14 @@ class Bench:
         from torch.profiler import ProfilerActivity, profile
 
         run_steps, _ = build()
-        run_steps(warmup)
-        _sync(self.device)
         cuda = self.device.type == "cuda"
-        begin = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-            run_steps(steps)
-            _sync(self.device)
+        prof = profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU])
+        _, elapsed, _ = run_steps.phase(warmup, steps, at_warmup=prof.start)  # profiles the steps after warm-up
+        prof.stop()
         events = prof.key_averages()
         if cuda:  # GPU busy time against wall time: the gap is the GPU waiting for the host
             busy = sum(e.self_device_time_total for e in events) / 1000 / steps
-            print(f"GPU busy {busy:.1f} ms per step; wall {1000 * (time.perf_counter() - begin) / steps:.1f} ms",
+            print(f"GPU busy {busy:.1f} ms per step; wall {1000 * elapsed / steps:.1f} ms (profiled)",
                   flush=True)
         table = events.table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30,
                                           max_name_column_width=90)
@@ -216,6 +221,7 @@ class Bench:
                                       **settings)
             from lmforge.model import build_model
 
+            torch.manual_seed(0)  # the same initial weights in every row: loss_last is comparable
             with self.device:
                 model = build_model(cfg, s["vocab"])
             if method == "qlora":  # reloads the saved base in 4-bit NF4, as the engine does
@@ -236,6 +242,26 @@ class Bench:
             def run_steps(n: int) -> float:
                 phase = PhaseConfig(steps=n, learning_rate=1e-4, batch_size=s["batch"], seq_len=s["seq"], warmup_steps=0)
                 return train_phase(model, name, phase, training, batches, [], self.device)[1][f"{name}_loss"]
+
+            def phase(warmup: int, steps: int, at_warmup: Callable[[], None] | None = None):
+                """(warm-up s, timed s, loss) of one phase of warmup + steps: one compilation and one CUDA-graph
+                recording, as in a real run (a second phase would build a new optimizer and compile its step
+                again). The loop synchronizes at its logs, which come every ``warmup`` steps and at the end."""
+                marks: dict[int, float] = {}
+
+                def on_log(record: dict) -> None:
+                    marks[record["step"]] = time.perf_counter()
+                    if record["step"] == warmup and at_warmup is not None:
+                        at_warmup()
+
+                cfg = PhaseConfig(steps=warmup + steps, learning_rate=1e-4, batch_size=s["batch"], seq_len=s["seq"],
+                                  warmup_steps=0)
+                begin = time.perf_counter()
+                _, metrics = train_phase(model, name, cfg, training.model_copy(update={"log_every": warmup}),
+                                         batches, [], self.device, on_log=on_log)
+                return marks[warmup] - begin, marks[warmup + steps] - marks[warmup], metrics[f"{name}_loss"]
+
+            run_steps.phase = phase
             return run_steps, model
         return build
 
@@ -297,11 +323,13 @@ def main(argv: list[str] | None = None) -> int:
         bench.run("llama_full/lmforge[fa4,fp8]", "llama",
                   bench.engine("llama", "full", attention_backend="fa4", fp8=True), warmup=l, steps=8)
     # GPT-2 engine settings by name, in the order given.
+    ge = 10 if not args.tiny else 1  # the engine's warm-up: compilation, then CUDA-graph warm-up and recording
     for name in filter(None, args.gpt2.split(";")):  # e.g. --gpt2 "model,cudnn;model,fa4"
-        bench.run(f"gpt2/lmforge[{name}]", "gpt2", bench.engine("gpt2", "pretrain", **GPT2_SETTINGS[name]), warmup=g, steps=gs)
+        bench.run(f"gpt2/lmforge[{name}]", "gpt2", bench.engine("gpt2", "pretrain", **GPT2_SETTINGS[name]), warmup=ge,
+                  steps=gs)
     if args.profile:  # e.g. --profile model,cudnn: the GPT-2 engine with those GPT2_SETTINGS
         bench.profile(f"gpt2/lmforge[{args.profile}]", bench.engine("gpt2", "pretrain", **GPT2_SETTINGS[args.profile]),
-                      warmup=g)
+                      warmup=ge)
     if "llama_full" in only:
         bench.run("llama_full/plain", "llama", bench.plain("llama"), warmup=l, steps=8)
         bench.run("llama_full/lmforge", "llama", bench.engine("llama", "full"), warmup=l, steps=8)

@@ -5,7 +5,7 @@
 bench/train_gpu.py times the loop alone. This runs what ``python -m lmforge.train`` runs (tokenizer
 training, packing, validation under CUDA graphs, checkpoints, the save and its probe) with
 ``compile_scope: model`` + ``attention_backend: fa4`` + ``cuda_graphs`` + ``residual_dtype:
-bfloat16``, on a small GPT-2 and the text of this machine's Python standard library:
+bfloat16`` + ``compile_optimizer``, on a small GPT-2 and the text of this machine's Python standard library:
 
 1. an uninterrupted run;
 2. the same run stopped by an exception from its progress callback after a checkpoint, then
@@ -36,7 +36,7 @@ from lmforge.workspace import Workspace  # noqa: E402
 MODEL = ModelConfig(architecture="gpt2", vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4,
                     num_kv_heads=4, intermediate_size=1024, max_seq_len=256, dropout=0.0, vocab_multiple=64)
 FAST = dict(compile=True, compile_scope="model", attention_backend="fa4", cuda_graphs=True,
-            residual_dtype="bfloat16")
+            residual_dtype="bfloat16", compile_optimizer=True)
 
 
 class Stop(Exception):

@@ -184,3 +184,59 @@ def test_bf16_residual_is_refused_without_a_gpu():
     with pytest.raises(ConfigError) as err:
         speed.apply_settings(build_model(MODEL, 300), training, torch.device("cpu"))
     assert "CUDA only" in err.value.cause and "residual_dtype: float32" in err.value.fix
+
+
+@pytest.mark.parametrize("dtype,smoothing", [(torch.float32, 0.0), (torch.float32, 0.1), (torch.bfloat16, 0.1)])
+def test_cross_entropy_from_logits_matches_torch(dtype, smoothing):
+    # The whole-model objective's loss keeps bf16 logits and a log-sum-exp; torch's keeps float32 log-probs.
+    from lmforge.train.losses import IGNORE_INDEX, LogitsCrossEntropy
+
+    g = torch.Generator().manual_seed(4)
+    logits = (3 * torch.randn(40, 97, generator=g)).to(dtype)
+    targets = torch.randint(0, 97, (40,), generator=g)
+    targets[::7] = IGNORE_INDEX  # padding and prompt positions
+    ours_in, ref_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = LogitsCrossEntropy.apply(ours_in, targets, smoothing)
+    ref = torch.nn.functional.cross_entropy(ref_in.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum",
+                                            label_smoothing=smoothing)
+    (2.5 * ours).backward()
+    (2.5 * ref).backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-4)
+    assert ours_in.grad.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)  # bf16 rounding
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, **tol)
+    assert ours_in.grad[::7].abs().max() == 0  # ignored rows get no gradient
+
+
+@pytest.mark.slow  # inductor's C++ compilation of the model and the optimizer step on two cores
+def test_compiled_optimizer_step_gives_the_eager_losses():
+    eager = _losses()
+    compiled = _losses(compile=True, compile_scope="model", compile_optimizer=True)
+    assert compiled == pytest.approx(eager, rel=1e-4)  # foreach AdamW fused by the compiler, same arithmetic
+
+
+def test_compiled_optimizer_keeps_a_tensor_learning_rate_through_a_checkpoint():
+    from lmforge.train import checkpoint as ckpt
+    from lmforge.train.loop import adamw
+
+    with pytest.raises(ValueError, match="compile: true"):
+        TrainingConfig(method="pretrain", compile_optimizer=True)
+    torch.manual_seed(0)
+    model = build_model(MODEL, 300)
+    optimizer = adamw(model, 1e-3, 0.01, torch.device("cpu"), compiled=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 ** s)
+    model(input_ids=torch.randint(0, 300, (2, 8)), labels=torch.randint(0, 300, (2, 8))).loss.backward()
+    optimizer.step()
+    schedule.step()  # fills the tensor in place: a compiled step sees the new rate without recompiling
+    lr = optimizer.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and lr.item() == pytest.approx(5e-4)
+    tensors, meta = ckpt.optimizer_state(optimizer)
+    assert meta["param_groups"][0]["lr"] == pytest.approx(5e-4)  # a number: the checkpoint's JSON holds it
+
+    fresh = adamw(model, 1e-3, 0.01, torch.device("cpu"), compiled=True)
+    torch.optim.lr_scheduler.LambdaLR(fresh, lambda s: 0.5 ** s)
+    ckpt.load_optimizer(fresh, tensors, meta)
+    restored = fresh.param_groups[0]["lr"]
+    assert isinstance(restored, torch.Tensor) and restored.item() == pytest.approx(5e-4)
+    first = next(iter(optimizer.state.values()))
+    torch.testing.assert_close(next(iter(fresh.state.values()))["exp_avg"], first["exp_avg"])

@@ -161,6 +161,10 @@ class TrainingConfig(_Frozen):
         "graphs (torch.compile's reduce-overhead mode): no per-kernel launch cost left on the host. Needs "
         "grad_accum 1 and fixed batch shapes (packed data).",
     )
+    compile_optimizer: bool = Field(
+        False, description="torch.compile the gradient clipping and the optimizer step too (foreach AdamW fused by "
+        "the compiler; under cuda_graphs replayed as a CUDA graph with the step). Needs compile: true.",
+    )
     fp8: bool = Field(
         False, description="FP8 matrix products in the linear layers (torchao float8 training, dynamic per-tensor "
         "scales; the output layer stays bf16). Methods pretrain and full, on Ada/Hopper or newer GPUs. Pays "
@@ -217,6 +221,9 @@ class TrainingConfig(_Frozen):
             raise ValueError("early_stopping_patience needs eval_every > 0 (validations to compare)")
         if self.cuda_graphs:
             self._check_cuda_graphs()
+        if self.compile_optimizer and not self.compile:
+            raise ValueError("compile_optimizer compiles the optimizer step with the model: set compile: true, or "
+                             "compile_optimizer: false")
         if self.residual_dtype == "bfloat16" and not self.use_gpu:
             raise ValueError("residual_dtype: bfloat16 needs bf16 autocast, which runs on GPUs only: set use_gpu: "
                              "true, or residual_dtype: float32")

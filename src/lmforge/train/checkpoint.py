@@ -125,7 +125,9 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
                 tensors[f"{index}.{key}"] = value
             else:
                 scalars[f"{index}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    # A compiled step's learning rate is a tensor (filled by the schedule): stored as a number.
+    groups = [{k: v.item() if isinstance(v, torch.Tensor) else v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -134,7 +136,11 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
         index, key = flat.split(".", 1)
         state.setdefault(int(index), {})[key] = value
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    as_tensors = [{k: v.device for k, v in g.items() if isinstance(v, torch.Tensor)} for g in optimizer.param_groups]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+    for group, devices in zip(optimizer.param_groups, as_tensors):  # tensors again where they were (compiled step)
+        for key, device in devices.items():
+            group[key] = torch.tensor(group[key], device=device)
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:

@@ -49,8 +49,9 @@ def train_phase(model: torch.nn.Module, name: str, phase: PhaseConfig, training:
     objective, graphs = _objective(model, name, phase, training, device, ddp)
     net = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None) \
         if ddp else objective
-    optimizer = adamw(model, phase.learning_rate, training.weight_decay, device)
+    optimizer = adamw(model, phase.learning_rate, training.weight_decay, device, training.compile_optimizer)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, phase))
+    update = _update(model, optimizer, training, graphs)
     run = _PhaseRun(name, phase, training, step_offset, on_log)
     if resume is not None:
         run.restore(resume, model, optimizer, schedule)
@@ -76,10 +77,9 @@ def train_phase(model: torch.nn.Module, name: str, phase: PhaseConfig, training:
             stats[0] += loss_sum.detach()
         if ddp:
             dist.all_reduce(stats[:2])
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), training.grad_clip)
+        grad_norm = update()  # clip, then AdamW
         run.pending.append((step, stats[0] / stats[2], grad_norm, stats[1]))
-        run.lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
+        run.lr = phase.learning_rate * lr_factor(step - 1, phase)  # what the schedule set for this step
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         run.step = step
@@ -121,6 +121,28 @@ def _objective(model: torch.nn.Module, name: str, phase: PhaseConfig, training: 
         # reduce-overhead: torch.compile records the step's kernels as CUDA graphs and replays them.
         objective.compile(mode="reduce-overhead" if graphs else None)
     return objective, graphs
+
+
+def _update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, training: TrainingConfig,
+            graphs: bool) -> Callable[[], torch.Tensor]:
+    """The step's update: clip the gradients, step the optimizer; return the norm before clipping.
+
+    With ``training.compile_optimizer`` it is one compiled graph (the foreach AdamW and the norm
+    fused by the compiler; under CUDA graphs replayed with the step's other graphs, so no launch
+    gaps remain between them).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def update() -> torch.Tensor:
+        norm = torch.nn.utils.clip_grad_norm_(params, training.grad_clip)
+        optimizer.step()
+        return norm
+
+    if not training.compile_optimizer:
+        return update
+    compiled = torch.compile(update, mode="reduce-overhead" if graphs else None)
+    # A CUDA graph's output is overwritten by its next replay; the norm is read steps later.
+    return lambda: compiled().clone()
 
 
 class _PhaseRun:
@@ -242,13 +264,23 @@ def evaluate_loss(objective: CausalLMObjective, batches: list[Tensors], device: 
     return (totals[0] / totals[1]).item() if totals[1] > 0 else None
 
 
-def adamw(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with decay on matrices only (not on norms and biases); fused kernels on CUDA."""
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
+          compiled: bool = False) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only (not on norms and biases); fused kernels on CUDA.
+
+    ``compiled``: for a compiled step, foreach (the compiler fuses it) with the learning rate as
+    a device tensor, which the schedule fills in place: a float would be a constant of the
+    graph, recompiled at every change.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    if compiled:  # capturable: the step counts stay on the GPU too (CPUs take the one-tensor-at-a-time form)
+        cuda = device.type == "cuda"
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=torch.tensor(lr, device=device),
+                                 betas=(0.9, 0.95), foreach=cuda, capturable=cuda)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95),
                              fused=device.type == "cuda")
 

@@ -52,8 +52,7 @@ class CausalLMObjective(torch.nn.Module):
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         # Prompt tuning and P-tuning return logits for their virtual tokens first.
         logits = logits[:, logits.shape[1] - labels.shape[1]:]
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum", label_smoothing=self.label_smoothing)
+        return LogitsCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(), self.label_smoothing)
 
 
 def _liger_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -81,17 +80,51 @@ def _hidden_and_head(model: torch.nn.Module):
     return decoder, head
 
 
+def summed_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy of float32 ``logits`` rows over non-ignored targets, each row's log-sum-exp)."""
+    valid = targets != IGNORE_INDEX
+    lse = torch.logsumexp(logits, dim=-1)
+    per_row = lse - logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    if smoothing:
+        # torch's label smoothing: (1-e) * nll + e * mean over classes of -log p.
+        per_row = (1 - smoothing) * per_row + smoothing * (lse - logits.mean(dim=-1))
+    return torch.where(valid, per_row, 0.0).sum(), lse
+
+
+class LogitsCrossEntropy(torch.autograd.Function):
+    """``F.cross_entropy(logits.float(), targets, reduction="sum")`` that keeps less for the backward.
+
+    torch's cross-entropy keeps the float32 log-probabilities, twice the size of bf16 logits
+    (3.3 GB for GPT-2 at batch 16 x 1024), and its compiled form writes and re-reads them. This
+    keeps the logits in their own dtype and one float32 log-sum-exp per row, and writes the
+    gradient as one expression, so a compiled graph reads the logits once forward and once
+    backward. Used where the loss takes full logits: the whole-model compiled objective and
+    prompt-learning methods.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+        loss, lse = summed_loss(logits.float(), targets, smoothing)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.smoothing = smoothing
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        smoothing, vocab = ctx.smoothing, logits.shape[1]
+        hit = torch.arange(vocab, device=logits.device)[None, :] == targets[:, None]  # never for ignored rows
+        grad = (logits.float() - lse[:, None]).exp() - (1 - smoothing) * hit.float() - smoothing / vocab
+        scale = (targets != IGNORE_INDEX).float() * grad_out
+        return (grad * scale[:, None]).to(logits.dtype), None, None
+
+
 def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, smoothing: float,
                         with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Summed loss of float32 ``logits`` rows and, if asked, its gradient (in place of the logits)."""
     valid = targets != IGNORE_INDEX
     safe = targets.clamp(min=0)
-    lse = torch.logsumexp(logits, dim=-1)
-    per_row = lse - logits.gather(1, safe[:, None]).squeeze(1)
-    if smoothing:
-        # torch's label smoothing: (1-e) * nll + e * mean over classes of -log p.
-        per_row = (1 - smoothing) * per_row + smoothing * (lse - logits.mean(dim=-1))
-    loss = torch.where(valid, per_row, 0.0).sum()
+    loss, lse = summed_loss(logits, targets, smoothing)
     if not with_grad:
         return loss, None
     grad = (logits - lse[:, None]).exp_()
