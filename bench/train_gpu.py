@@ -49,6 +49,7 @@ from lmforge.model_info import mfu, train_flops_per_token  # noqa: E402
 from lmforge.train import speed  # noqa: E402
 from lmforge.train.data import batch_stream  # noqa: E402
 from lmforge.train.losses import CausalLMObjective  # noqa: E402
+from lmforge.train import loop  # noqa: E402
 from lmforge.train.loop import train_phase  # noqa: E402
 from lmforge.train.methods import apply_method  # noqa: E402
 
@@ -210,8 +211,9 @@ class Bench:
             return run_steps, model
         return build
 
-    def engine(self, shape: str, method: str, vocab_multiple: int = 64, **overrides):
-        """lmforge's own path: ``train_phase`` with the engine's GPU settings (``overrides`` switch some off)."""
+    def engine(self, shape: str, method: str, vocab_multiple: int = 64, pageable: bool = False, **overrides):
+        """lmforge's own path: ``train_phase`` with the engine's GPU settings (``overrides`` switch some off;
+        ``pageable``: host-to-GPU copies from ordinary memory, as before the loop pinned them)."""
         def build():
             s = self.shapes[shape]
             cfg = s["model"].model_copy(update={"vocab_multiple": vocab_multiple})
@@ -257,8 +259,14 @@ class Bench:
                 cfg = PhaseConfig(steps=warmup + steps, learning_rate=1e-4, batch_size=s["batch"], seq_len=s["seq"],
                                   warmup_steps=0)
                 begin = time.perf_counter()
-                _, metrics = train_phase(model, name, cfg, training.model_copy(update={"log_every": warmup}),
-                                         batches, [], self.device, on_log=on_log)
+                pinned = loop.to_device
+                if pageable:
+                    loop.to_device = lambda t, device: t.to(device, non_blocking=True)
+                try:
+                    _, metrics = train_phase(model, name, cfg, training.model_copy(update={"log_every": warmup}),
+                                             batches, [], self.device, on_log=on_log)
+                finally:
+                    loop.to_device = pinned
                 return marks[warmup] - begin, marks[warmup + steps] - marks[warmup], metrics[f"{name}_loss"]
 
             run_steps.phase = phase
@@ -324,9 +332,10 @@ def main(argv: list[str] | None = None) -> int:
                   bench.engine("llama", "full", attention_backend="fa4", fp8=True), warmup=l, steps=8)
     # GPT-2 engine settings by name, in the order given.
     ge = 10 if not args.tiny else 1  # the engine's warm-up: compilation, then CUDA-graph warm-up and recording
-    for name in filter(None, args.gpt2.split(";")):  # e.g. --gpt2 "model,cudnn;model,fa4"
-        bench.run(f"gpt2/lmforge[{name}]", "gpt2", bench.engine("gpt2", "pretrain", **GPT2_SETTINGS[name]), warmup=ge,
-                  steps=gs)
+    for name in filter(None, args.gpt2.split(";")):  # e.g. --gpt2 "model,cudnn;model,fa4;model,fa4+pageable"
+        setting, pageable = name.removesuffix("+pageable"), name.endswith("+pageable")
+        bench.run(f"gpt2/lmforge[{name}]", "gpt2", bench.engine("gpt2", "pretrain", pageable=pageable,
+                                                                 **GPT2_SETTINGS[setting]), warmup=ge, steps=gs)
     if args.profile:  # e.g. --profile model,cudnn: the GPT-2 engine with those GPT2_SETTINGS
         bench.profile(f"gpt2/lmforge[{args.profile}]", bench.engine("gpt2", "pretrain", **GPT2_SETTINGS[args.profile]),
                       warmup=ge)

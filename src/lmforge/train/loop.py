@@ -61,9 +61,7 @@ def train_phase(model: torch.nn.Module, name: str, phase: PhaseConfig, training:
     for step in range(run.step + 1, phase.steps + 1):
         micro = [next(batches) for _ in range(phase.grad_accum)]
         # [summed loss, tokens seen, target tokens]; the target count must be global before backward.
-        # Built on the host and sent without waiting: a blocking copy would drain the GPU's queue every step.
-        stats = torch.tensor([0.0, sum(b["input_ids"].numel() for b in micro), _targets(micro)]).to(
-            device, non_blocking=True)
+        stats = to_device(torch.tensor([0.0, sum(b["input_ids"].numel() for b in micro), _targets(micro)]), device)
         if ddp:
             dist.all_reduce(stats[2:])
         for i, batch in enumerate(micro):
@@ -242,7 +240,20 @@ def model_inputs(batch: Tensors, device: torch.device) -> Tensors:
     mask = batch.get("attention_mask")
     if mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):
         inputs["attention_mask"] = mask
-    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+    return {k: to_device(v, device) for k, v in inputs.items()}
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``, sent without making the host wait for the GPU.
+
+    The host must run ahead of the GPU, queueing the next step while this one computes. A copy
+    from ordinary (pageable) memory goes through a driver staging buffer and can hold the host
+    until the GPU's queue reaches it, leaving the GPU idle while the next step is prepared; from
+    page-locked memory it is one asynchronous transfer (as a DataLoader with pin_memory does).
+    """
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -256,7 +267,7 @@ def evaluate_loss(objective: CausalLMObjective, batches: list[Tensors], device: 
             torch.compiler.cudagraph_mark_step_begin()
         with autocast(device):
             loss_sum = objective(**model_inputs(batch, device))
-        targets = torch.tensor(_targets([batch]), dtype=torch.float64).to(device, non_blocking=True)  # as in a step
+        targets = to_device(torch.tensor(_targets([batch]), dtype=torch.float64), device)  # as in a step
         totals += torch.stack([loss_sum.double(), targets])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
