@@ -326,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpt2", default="", help="GPT-2 engine settings to run, ';'-separated GPT2_SETTINGS keys")
     parser.add_argument("--profile", choices=sorted(GPT2_SETTINGS), help="profile this GPT-2 engine setting")
     parser.add_argument("--gpt2-steps", type=int, default=20, help="timed steps of every GPT-2 row")
+    parser.add_argument("--gpt2-warmup", type=int, default=10,
+                        help="warm-up steps of the GPT-2 engine rows, also their log (and synchronization) cadence")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: check the script runs")
     args = parser.parse_args(argv)
     bench = Bench(args)
@@ -356,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.run("llama_full/lmforge[fa4,fp8]", "llama",
                   bench.engine("llama", "full", attention_backend="fa4", fp8=True), warmup=l, steps=8)
     # GPT-2 engine settings by name, in the order given.
-    ge = 10 if not args.tiny else 1  # the engine's warm-up: compilation, then CUDA-graph warm-up and recording
+    ge = args.gpt2_warmup if not args.tiny else 1  # the engine's warm-up: compilation, CUDA-graph recording
     for name in filter(None, args.gpt2.split(";")):  # e.g. --gpt2 "model,cudnn;model,fa4;model,fa4+pageable"
         setting, pageable = name.removesuffix("+pageable"), name.endswith("+pageable")
         bench.run(f"gpt2/lmforge[{name}]", "gpt2", bench.engine("gpt2", "pretrain", pageable=pageable,
