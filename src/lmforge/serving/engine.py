@@ -128,11 +128,8 @@ class Engine:
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """The prompt text for a chat, rendered by the tokenizer's chat template."""
         if not getattr(self.tokenizer, "chat_template", None):
-            raise RequestError(
-                "this model's tokenizer has no chat template",
-                "use /v1/completions with a formatted prompt, or save the tokenizer with a chat_template",
-                param="messages",
-            )
+            raise RequestError("this model's tokenizer has no chat template", "use /v1/completions with a "
+                               "formatted prompt, or save the tokenizer with a chat_template", param="messages")
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def token_budget(self, prompt_tokens: int, max_tokens: int | None, default: int) -> int:
