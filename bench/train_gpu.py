@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="warm-up steps of the GPT-2 engine rows, also their log (and synchronization) cadence")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: check the script runs")
     args = parser.parse_args(argv)
+    if args.gpt2_warmup < 1:
+        parser.error("--gpt2-warmup must be at least 1 (the timed steps start after its log)")
     bench = Bench(args)
     only = set(args.only.split(","))
     g, l = (4, 3) if not args.tiny else (1, 1)  # noqa: E741 - warm-up steps (compile happens there)

@@ -127,3 +127,33 @@ def test_resume_refuses_another_model_or_method(ws):
         train(TRAINING.model_copy(update={"method": "full"}), MODEL, ws, resume=root.name)
     with pytest.raises(ConfigError, match="no checkpoint to resume"):
         train(TRAINING, MODEL, ws, resume="never-ran")
+
+
+def test_a_resumed_phase_runs_at_the_learning_rate_it_is_given(tmp_path):
+    # A checkpoint keeps the schedule's position; the resumed run chooses the peak rate. Resumed at a
+    # rate too small to move float32 weights, the weights must stay exactly as checkpointed.
+    from lmforge.model import build_model
+    from lmforge.train import checkpoint as ckpt
+    from lmforge.train.data import batch_stream
+    from lmforge.train.loop import train_phase
+
+    ids = torch.randint(0, 384, (32, 32), generator=torch.Generator().manual_seed(5))
+    rows = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    phase = PhaseConfig(steps=6, learning_rate=1e-2, batch_size=4, seq_len=32, warmup_steps=1)
+    training = TrainingConfig(method="pretrain", use_ray=False, log_every=1, cpu_threads=1, checkpoint_every=3)
+    torch.manual_seed(0)
+    model = build_model(MODEL.model_copy(update={"dropout": 0.0}), 384)
+
+    def save(step, tensors, loop_state):
+        return ckpt.save(tmp_path, f"pretrain-{step:07d}", tensors, {"loop": loop_state}, 2)
+
+    train_phase(model, "pretrain", phase, training, batch_stream(rows, 4, seed=0), [], torch.device("cpu"), save=save)
+    saved = ckpt.load_latest(tmp_path)
+    assert saved.state["loop"]["step"] == 6
+    slower = phase.model_copy(update={"steps": 9, "learning_rate": 1e-12})
+    history, _ = train_phase(model, "pretrain", slower, training, batch_stream(rows, 4, seed=0, skip=6), [],
+                             torch.device("cpu"), resume=saved)
+    assert [row["step"] for row in history][-3:] == [7, 8, 9]
+    assert all(row["lr"] < 1e-11 for row in history[-3:])
+    for name, value in ckpt.trainable_state(model).items():
+        torch.testing.assert_close(value, saved.tensors["model"][name], rtol=0, atol=0)

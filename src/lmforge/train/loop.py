@@ -138,6 +138,9 @@ def _update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, training: 
 
     if not training.compile_optimizer:
         return update
+    # Each phase's new optimizer compiles this function twice more (its first step builds the state);
+    # past dynamo's limit the step would silently run eagerly, so allow many phases in one process.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     compiled = torch.compile(update, mode="reduce-overhead" if graphs else None)
     # A CUDA graph's output is overwritten by its next replay; the norm is read steps later.
     return lambda: compiled().clone()
@@ -218,11 +221,25 @@ class _PhaseRun:
         ckpt.load_trainable(model, saved.tensors["model"])
         ckpt.load_optimizer(optimizer, saved.tensors["optimizer"], state["optimizer"])
         schedule.load_state_dict(state["schedule"])
+        _rebase(optimizer, schedule, self.phase)
         ckpt.set_rng_state(saved.tensors["rng"], state["rng"])
         self.step, self.lr, self.window = state["step"], state["lr"], list(state["window"])
         self.history, self.metrics = list(state["history"]), dict(state["metrics"])
         self.best_val, self.bad_evals, self.best_state = state["best_val"], state["bad_evals"], saved.tensors.get("best")
         self.last_checkpoint = saved.path
+
+
+def _rebase(optimizer: torch.optim.Optimizer, schedule, phase: PhaseConfig) -> None:
+    """Resume at this phase's learning rate: a checkpoint keeps the schedule's position, but its
+    peak rate is the resumed run's to choose (a loss spike is often resumed at a lower one)."""
+    schedule.base_lrs = [phase.learning_rate] * len(optimizer.param_groups)
+    now = phase.learning_rate * lr_factor(schedule.last_epoch, phase)  # the rate of the next step
+    for group in optimizer.param_groups:
+        for key, value in (("initial_lr", phase.learning_rate), ("lr", now)):
+            if isinstance(group.get(key), torch.Tensor):  # a compiled step's rate: filled, never replaced
+                group[key].fill_(value)
+            else:
+                group[key] = value
 
 
 def _targets(micro: list[Tensors]) -> int:

