@@ -130,17 +130,29 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
+_IMPLEMENTATION = ("fused", "foreach", "capturable")  # AdamW flags that pick its kernels
+
+
 def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state: dict[int, dict[str, Any]] = {}
     for flat, value in [*tensors.items(), *meta["scalars"].items()]:
         index, key = flat.split(".", 1)
         state.setdefault(int(index), {})[key] = value
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
-    as_tensors = [{k: v.device for k, v in g.items() if isinstance(v, torch.Tensor)} for g in optimizer.param_groups]
+    current = optimizer.param_groups
+    groups = []
+    for i, saved in enumerate(meta["param_groups"]):
+        group = {**saved, "betas": tuple(saved["betas"])} if "betas" in saved else dict(saved)
+        # How the step runs is this run's choice (training.compile_optimizer may have changed since
+        # the checkpoint); torch also places the step counts by these flags while loading.
+        now = current[i] if i < len(current) else {}
+        group.update({k: now[k] for k in _IMPLEMENTATION if k in now})
+        groups.append(group)
+    as_tensors = [{k: v.device for k, v in g.items() if isinstance(v, torch.Tensor)} for g in current]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     for group, devices in zip(optimizer.param_groups, as_tensors):  # tensors again where they were (compiled step)
         for key, device in devices.items():
-            group[key] = torch.tensor(group[key], device=device)
+            if key in group:
+                group[key] = torch.tensor(group[key], device=device)
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:

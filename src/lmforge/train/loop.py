@@ -57,6 +57,9 @@ def train_phase(model: torch.nn.Module, name: str, phase: PhaseConfig, training:
         run.restore(resume, model, optimizer, schedule)
     else:
         run.metrics[f"{name}_val_loss_start"] = evaluate_loss(objective, val_batches, device)
+    # Peak rates as plain floats, fresh or resumed: the same arithmetic either way, so a resumed
+    # run's rates (and weights) match an uninterrupted one's to the bit, tensor rates included.
+    _rebase(optimizer, schedule, phase)
     net.train()
     for step in range(run.step + 1, phase.steps + 1):
         micro = [next(batches) for _ in range(phase.grad_accum)]
@@ -77,7 +80,7 @@ def train_phase(model: torch.nn.Module, name: str, phase: PhaseConfig, training:
             dist.all_reduce(stats[:2])
         grad_norm = update()  # clip, then AdamW
         run.pending.append((step, stats[0] / stats[2], grad_norm, stats[1]))
-        run.lr = phase.learning_rate * lr_factor(step - 1, phase)  # what the schedule set for this step
+        run.lr = _rate(optimizer)  # the rate this step ran at, read before the schedule moves on
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         run.step = step
@@ -172,7 +175,7 @@ class _PhaseRun:
         step = self.step
         if self.window and (step == 1 or step % self.training.log_every == 0 or step == self.phase.steps or final):
             record = {"step": self.offset + step, "phase": self.name, "loss": sum(self.window) / len(self.window),
-                      "lr": self.lr, "tokens_per_s": self.tokens / (time.perf_counter() - self.started)}
+                      "lr": float(self.lr), "tokens_per_s": self.tokens / (time.perf_counter() - self.started)}
             self.history.append(record)
             self.window = []
             if self.on_log is not None:
@@ -211,7 +214,7 @@ class _PhaseRun:
         groups = {"model": ckpt.trainable_state(model), "optimizer": opt_tensors, "rng": rng_tensors}
         if self.best_state is not None:
             groups["best"] = self.best_state
-        state = {"step": self.step, "lr": self.lr, "window": self.window, "history": self.history,
+        state = {"step": self.step, "lr": float(self.lr), "window": self.window, "history": self.history,
                  "metrics": self.metrics, "best_val": self.best_val, "bad_evals": self.bad_evals,
                  "optimizer": opt_meta, "schedule": schedule.state_dict(), "rng": rng_meta}
         return groups, state
@@ -220,8 +223,7 @@ class _PhaseRun:
         state = saved.state["loop"]
         ckpt.load_trainable(model, saved.tensors["model"])
         ckpt.load_optimizer(optimizer, saved.tensors["optimizer"], state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        _rebase(optimizer, schedule, self.phase)
+        schedule.load_state_dict(state["schedule"])  # its peak rate is then the phase's (_rebase)
         ckpt.set_rng_state(saved.tensors["rng"], state["rng"])
         self.step, self.lr, self.window = state["step"], state["lr"], list(state["window"])
         self.history, self.metrics = list(state["history"]), dict(state["metrics"])
@@ -230,8 +232,9 @@ class _PhaseRun:
 
 
 def _rebase(optimizer: torch.optim.Optimizer, schedule, phase: PhaseConfig) -> None:
-    """Resume at this phase's learning rate: a checkpoint keeps the schedule's position, but its
-    peak rate is the resumed run's to choose (a loss spike is often resumed at a lower one)."""
+    """The schedule's peak rate is this phase's, as a float. A resumed checkpoint keeps the
+    schedule's position, but the resumed run chooses the peak (a loss spike is often resumed at
+    a lower one); fresh runs come here too, so both compute their rates alike."""
     schedule.base_lrs = [phase.learning_rate] * len(optimizer.param_groups)
     now = phase.learning_rate * lr_factor(schedule.last_epoch, phase)  # the rate of the next step
     for group in optimizer.param_groups:
@@ -240,6 +243,13 @@ def _rebase(optimizer: torch.optim.Optimizer, schedule, phase: PhaseConfig) -> N
                 group[key].fill_(value)
             else:
                 group[key] = value
+
+
+def _rate(optimizer: torch.optim.Optimizer) -> float | torch.Tensor:
+    """The first group's learning rate; a compiled step's tensor is copied (the schedule refills it),
+    so reading it as a number waits for the next log's synchronization."""
+    lr = optimizer.param_groups[0]["lr"]
+    return lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
 
 
 def _targets(micro: list[Tensors]) -> int:
