@@ -80,7 +80,7 @@ def train_phase(model: torch.nn.Module, name: str, phase: PhaseConfig, training:
             dist.all_reduce(stats[:2])
         grad_norm = update()  # clip, then AdamW
         run.pending.append((step, stats[0] / stats[2], grad_norm, stats[1]))
-        run.lr = _rate(optimizer)  # the rate this step ran at, read before the schedule moves on
+        run.lr = schedule.get_last_lr()[0]  # the rate this step ran at (a copy, if a tensor), before it moves on
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         run.step = step
@@ -243,13 +243,9 @@ def _rebase(optimizer: torch.optim.Optimizer, schedule, phase: PhaseConfig) -> N
                 group[key].fill_(value)
             else:
                 group[key] = value
-
-
-def _rate(optimizer: torch.optim.Optimizer) -> float | torch.Tensor:
-    """The first group's learning rate; a compiled step's tensor is copied (the schedule refills it),
-    so reading it as a number waits for the next log's synchronization."""
-    lr = optimizer.param_groups[0]["lr"]
-    return lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
+    # What get_last_lr() reports, as LRScheduler.step() records it (copies of tensor rates).
+    schedule._last_lr = [g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
+                         for g in optimizer.param_groups]
 
 
 def _targets(micro: list[Tensors]) -> int:
