@@ -49,7 +49,7 @@ def fit(model: torch.nn.Module, ids: list[int], steps: int, lr: float, seed: int
 def build_base(root: Path, device: str) -> tuple[Path, dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lmforge.tokenizer import build_bpe
+    from lmforge.tokenizer.build import build_bpe
 
     text, parts = corpus()
     tokenizer = build_bpe([text], vocab_size=1000)

@@ -11,7 +11,7 @@ import torch
 from _record import record
 
 from lmforge.config.training import PhaseConfig, TrainingConfig
-from lmforge.model_info import describe
+from lmforge.model.info import describe
 
 BENCH = "train_gpu"
 COMMAND = "PYTHONPATH=src python bench/train_gpu.py"

@@ -47,7 +47,7 @@ def sdpa(backend):
 
 
 def fa4(q, k, v):
-    from lmforge.train.flash4 import fa4_forward
+    from lmforge.train.accel.flash4 import fa4_forward
 
     return fa4_forward(q, k, v, True, q.shape[-1] ** -0.5)[0]
 

@@ -23,9 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _record import record  # noqa: E402
 
-from lmforge.collect import collect  # noqa: E402
+from lmforge.stages.collect import collect  # noqa: E402
 from lmforge.config.sources import DataConfig, FetchConfig, InstructionConfig, WebSource  # noqa: E402
-from lmforge.workspace import Workspace  # noqa: E402
+from lmforge.core.workspace import Workspace  # noqa: E402
 
 
 def _page(host: str, i: int, pages: int) -> bytes:

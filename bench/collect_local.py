@@ -24,10 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _record import record  # noqa: E402
 
-from lmforge.collect import collect  # noqa: E402
+from lmforge.stages.collect import collect  # noqa: E402
 from lmforge.collection.parallel import cpu_count  # noqa: E402
 from lmforge.config.sources import DataConfig, InstructionConfig, LocalSource, ParallelConfig  # noqa: E402
-from lmforge.workspace import Workspace  # noqa: E402
+from lmforge.core.workspace import Workspace  # noqa: E402
 
 WORDS = ("data model text token corpus crawler shard parquet manifest source record page feed bucket "
          "language training evaluation registry python library function module parser archive").split()

@@ -92,10 +92,10 @@ def _jaccard(a: str, b: str) -> float:
 
 
 def run_lmforge(docs: list[dict], work: Path, full: bool) -> tuple[float, set[str]]:
-    from lmforge.collect import read_documents, text_id, write_documents
+    from lmforge.data.documents import read_documents, text_id, write_documents
     from lmforge.config.curation import CurationConfig, LanguageConfig, NearDedupConfig
-    from lmforge.curate import curate
-    from lmforge.workspace import Workspace
+    from lmforge.stages.curate import curate
+    from lmforge.core.workspace import Workspace
 
     ws = Workspace(work / ("ours-full" if full else "ours-dedup"))
     shards = 4

@@ -28,8 +28,8 @@ from _record import record  # noqa: E402
 from serve_common import engine_tokens_per_s, generate_tokens_per_s  # noqa: E402
 
 from lmforge.config.serving import ServingConfig  # noqa: E402
-from lmforge.errors import DataError  # noqa: E402
-from lmforge.evaluate import heldout_loss, pack_blocks, read_heldout_texts  # noqa: E402
+from lmforge.core.errors import DataError  # noqa: E402
+from lmforge.stages.evaluate import heldout_loss, pack_blocks, read_heldout_texts  # noqa: E402
 from lmforge.serving.engine import Engine  # noqa: E402
 
 PROMPT, NEW, CONCURRENT = 64, 128, 8

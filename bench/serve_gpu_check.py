@@ -4,7 +4,7 @@
 
 The CPU tests never run the paths the engine takes on CUDA (Triton kernels, decode steps replayed
 from captured CUDA graphs, the int8 Triton matmul, the fp8 KV cache on Hopper). This script builds a
-tiny Llama on the fly (byte-level BPE of ~1000 entries from ``lmforge.tokenizer.build_bpe``, hidden
+tiny Llama on the fly (byte-level BPE of ~1000 entries from ``lmforge.tokenizer.build.build_bpe``, hidden
 256, 4 layers, 4 query / 2 KV heads), pretrains it briefly so its greedy choices are confident (a
 random model's near-ties would make token comparisons meaningless), trains a few optimizer steps of
 each adapter, and checks on ``--device``:

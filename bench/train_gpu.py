@@ -45,14 +45,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from _idle_gaps import idle_gaps  # noqa: E402
 from _train_records import ABLATIONS, write_records  # noqa: E402
 from lmforge.config.training import LoraConfig, ModelConfig, PhaseConfig, TrainingConfig  # noqa: E402
-from lmforge.model import count_parameters, model_config  # noqa: E402
-from lmforge.model_info import mfu, train_flops_per_token  # noqa: E402
-from lmforge.train import speed  # noqa: E402
+from lmforge.model.build import count_parameters, model_config  # noqa: E402
+from lmforge.model.info import mfu, train_flops_per_token  # noqa: E402
+from lmforge.train.accel import speed  # noqa: E402
 from lmforge.train.data import batch_stream  # noqa: E402
-from lmforge.train.losses import CausalLMObjective  # noqa: E402
+from lmforge.train.objective import CausalLMObjective  # noqa: E402
 from lmforge.train import loop  # noqa: E402
 from lmforge.train.loop import train_phase  # noqa: E402
-from lmforge.train.methods import apply_method  # noqa: E402
+from lmforge.train.methods.catalog import apply_method  # noqa: E402
 
 GPT2_BEST = ("model,cudnn", "model,liger,cudnn")
 GPT2_SETTINGS = {  # engine settings beyond its defaults (blocks compiled, torch fused loss, SDPA's choice)
@@ -224,7 +224,7 @@ class Bench:
             training = TrainingConfig(method=method, use_gpu=self.device.type == "cuda", use_ray=False, log_every=10**6,
                                       weight_decay=0.01, lora=LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=LINEAR),
                                       **settings)
-            from lmforge.model import build_model
+            from lmforge.model.build import build_model
 
             torch.manual_seed(0)  # the same initial weights in every row: loss_last is comparable
             with self.device:
@@ -235,7 +235,7 @@ class Bench:
                 base_dir = Path(tempfile.mkdtemp())
                 model.save_pretrained(base_dir)
                 model = apply_method(model, training, base_dir, self.device)
-            speed.apply_settings(model, training, self.device)  # the engine's own steps (lmforge.train.run)
+            speed.apply_settings(model, training, self.device)  # the engine's own steps (lmforge.train.worker)
             if method not in ("pretrain", "full", "qlora"):
                 model = apply_method(model, training)
                 if self.device.type == "cuda":

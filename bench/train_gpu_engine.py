@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from lmforge.config.training import ModelConfig, PhaseConfig, TrainingConfig  # noqa: E402
-from lmforge.workspace import Workspace  # noqa: E402
+from lmforge.core.workspace import Workspace  # noqa: E402
 
 MODEL = ModelConfig(architecture="gpt2", vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4,
                     num_kv_heads=4, intermediate_size=1024, max_seq_len=256, dropout=0.0, vocab_multiple=64)
@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from lmforge.tokenizer import load_tokenizer, train_tokenizer
+    from lmforge.tokenizer.build import load_tokenizer, train_tokenizer
     from lmforge.train.artifacts import greedy_ids, load_probe, load_trained
-    from lmforge.train.launch import train
+    from lmforge.stages.train import train
 
     gpu = not args.tiny
     ws = Workspace(Path(args.home)).ensure()

@@ -9,14 +9,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from lmforge.config import CurationConfig, DataConfig, ValidationConfig
-from lmforge.workspace import Workspace
+from lmforge.core.workspace import Workspace
 from tasks._publish import announce, publish
 
 
 @task(name="collect", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def collect_task(cfg: DataConfig) -> dict[str, Any]:
     announce("collect", "reading sources")
-    from lmforge.collect import collect
+    from lmforge.stages.collect import collect
 
     ws = Workspace.from_env()
     result = collect(cfg, ws).as_dict()
@@ -34,7 +34,7 @@ def collect_task(cfg: DataConfig) -> dict[str, Any]:
 @task(name="curate", retries=1, cache_policy=NO_CACHE)
 def curate_task(cfg: CurationConfig) -> dict[str, Any]:
     announce("curate", "clean, filter, scrub PII, deduplicate")
-    from lmforge.curate import curate
+    from lmforge.stages.curate import curate
 
     result = curate(cfg, Workspace.from_env()).as_dict()
     publish("curate", result, f"{result['documents_out']} of {result['documents_in']} documents kept")
@@ -44,8 +44,8 @@ def curate_task(cfg: CurationConfig) -> dict[str, Any]:
 @task(name="validate", cache_policy=NO_CACHE)
 def validate_task(cfg: ValidationConfig) -> dict[str, Any]:
     announce("validate", "Great Expectations data gate")
-    from lmforge.errors import ValidationFailed
-    from lmforge.validate import validate
+    from lmforge.core.errors import ValidationFailed
+    from lmforge.stages.validate import validate
 
     try:
         result = validate(cfg, Workspace.from_env()).as_dict()

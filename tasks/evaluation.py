@@ -9,14 +9,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from lmforge.config import EvaluationConfig
-from lmforge.workspace import Workspace
+from lmforge.core.workspace import Workspace
 from tasks._publish import announce, publish
 
 
 @task(name="evaluate", retries=1, cache_policy=NO_CACHE)
 def evaluate_task(cfg: EvaluationConfig, model_dir: str) -> dict[str, Any]:
     announce("evaluate", "held-out perplexity, exact match, ROUGE-L")
-    from lmforge.evaluate import evaluate
+    from lmforge.stages.evaluate import evaluate
 
     result = evaluate(cfg, Path(model_dir), Workspace.from_env()).as_dict()
     publish("evaluate", result["metrics"], "held-out metrics")

@@ -8,7 +8,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from lmforge.config import PipelineConfig, PlatformConfig, RegistryConfig, ServingConfig
-from lmforge.workspace import Workspace
+from lmforge.core.workspace import Workspace
 from tasks._publish import announce, publish
 
 
@@ -16,7 +16,7 @@ from tasks._publish import announce, publish
 def register_task(config: PipelineConfig, trained: dict[str, Any], evaluated: dict[str, Any],
                   flow_run_id: str | None) -> dict[str, Any]:
     announce("register", "logging to MLflow, registering a version")
-    from lmforge.lifecycle import register_trained
+    from lmforge.stages.register import register_trained
 
     ws = Workspace.from_env()
     result = register_trained(config, ws, trained, evaluated, flow_run_id)
@@ -27,7 +27,7 @@ def register_task(config: PipelineConfig, trained: dict[str, Any], evaluated: di
 @task(name="promote", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def promote_task(cfg: RegistryConfig, platform: PlatformConfig, version: str) -> dict[str, Any]:
     announce("promote", "applying the promotion rule")
-    from lmforge.registry import promote
+    from lmforge.stages.promote import promote
 
     result = promote(cfg, platform, Workspace.from_env(), version).as_dict()
     publish("promote", result, result["reason"])
@@ -37,7 +37,7 @@ def promote_task(cfg: RegistryConfig, platform: PlatformConfig, version: str) ->
 @task(name="deploy", retries=1, cache_policy=NO_CACHE)
 def deploy_task(cfg: ServingConfig, model_uri: str, model_name: str) -> dict[str, Any]:
     announce("deploy", "serving the champion")
-    from lmforge.deploy import deploy
+    from lmforge.stages.deploy import deploy
 
     result = deploy(cfg, model_uri, Workspace.from_env(), model_name).as_dict()
     publish("deploy", result, f"serving at {result['endpoint']}")

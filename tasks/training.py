@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from lmforge.config import ModelConfig, PlatformConfig, TrainingConfig, ValidationConfig
 from lmforge.config.curation import TokenizeConfig
-from lmforge.workspace import Workspace
+from lmforge.core.workspace import Workspace
 from tasks._publish import announce, publish
 
 
@@ -17,9 +17,9 @@ from tasks._publish import announce, publish
 def tokenize_task(cfg: TokenizeConfig, model: ModelConfig, training: TrainingConfig,
                   validation: ValidationConfig) -> str:
     announce("tokenize", "tokenizer and tokenized datasets (validated)")
-    from lmforge.errors import ValidationFailed
-    from lmforge.tokenized import tokenize
-    from lmforge.validate import validate_tokenized
+    from lmforge.core.errors import ValidationFailed
+    from lmforge.stages.tokenize import tokenize
+    from lmforge.stages.validate import validate_tokenized
 
     ws = Workspace.from_env()
     result = tokenize(cfg, model, training, ws).as_dict()
@@ -37,7 +37,7 @@ def tokenize_task(cfg: TokenizeConfig, model: ModelConfig, training: TrainingCon
 @task(name="train", cache_policy=NO_CACHE, timeout_seconds=6 * 3600)
 def train_task(training: TrainingConfig, model: ModelConfig, platform: PlatformConfig) -> dict[str, Any]:
     announce("train", "pretraining, then fine-tuning")
-    from lmforge.train.launch import train
+    from lmforge.stages.train import train
 
     result = train(training, model, Workspace.from_env(), ray_address=platform.ray_address).as_dict()
     summary = {k: v for k, v in result.items() if k != "history"}

@@ -20,12 +20,12 @@ from conftest import BIN, REPO, run_cli
 from fixtures.collect.corpus import EXPECTED, LONG, build_corpus, markers
 from fixtures.collect.s3 import BUCKET, client, s3_server
 from fixtures.collect.site import ARTICLE, Site, page
-from lmforge.collect import collect, raw_shard_paths, read_raw_documents
+from lmforge.stages.collect import collect, raw_shard_paths, read_raw_documents
 from lmforge.config.sources import (DataConfig, FeedSource, FetchConfig, HFSource, InstructionConfig, LocalSource,
                                     S3Source, StdlibSource, WebSource)
 from lmforge.data.stdlib_docs import build_instruction_pairs, iter_stdlib_docs
-from lmforge.errors import DataError
-from lmforge.workspace import Workspace
+from lmforge.core.errors import DataError
+from lmforge.core.workspace import Workspace
 
 FAST = FetchConfig(requests_per_second=100, backoff_s=0.05, max_bytes=100_000, timeout_s=5)
 

@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from fixtures.collect.corpus import EXPECTED, EXPECTED_SKIPS, LONG, build_corpus, markers
-from lmforge.collect import collect, raw_shard_paths, read_raw_documents
+from lmforge.stages.collect import collect, raw_shard_paths, read_raw_documents
 from lmforge.collection.textdecode import decode_text
 from lmforge.collection.types import Tally
 from lmforge.config.sources import DataConfig, InstructionConfig, LocalSource, ParallelConfig
-from lmforge.workspace import Workspace
+from lmforge.core.workspace import Workspace
 
 
 def _config(*sources, **extra) -> DataConfig:

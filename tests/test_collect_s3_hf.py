@@ -11,10 +11,10 @@ import pytest
 
 from fixtures.collect.corpus import LONG
 from fixtures.collect.s3 import BUCKET, SECRET, client, s3_server
-from lmforge.collect import collect, read_raw_documents
+from lmforge.stages.collect import collect, read_raw_documents
 from lmforge.config.sources import DataConfig, HFSource, InstructionConfig, LocalSource, S3Source
-from lmforge.errors import DataError
-from lmforge.workspace import Workspace
+from lmforge.core.errors import DataError
+from lmforge.core.workspace import Workspace
 
 
 def _config(*sources) -> DataConfig:

@@ -9,11 +9,11 @@ import time
 import pytest
 
 from fixtures.collect.site import ARTICLE, Site, page
-from lmforge.collect import collect, read_raw_documents
+from lmforge.stages.collect import collect, read_raw_documents
 from lmforge.collection.fetch import Fetcher, FetchError
 from lmforge.collection.netguard import networks, refusal
 from lmforge.config.sources import DataConfig, FeedSource, FetchConfig, InstructionConfig, WebSource
-from lmforge.workspace import Workspace
+from lmforge.core.workspace import Workspace
 
 LOOPBACK = ["127.0.0.0/8"]
 FAST = FetchConfig(requests_per_second=100, backoff_s=0.05, retries=2, max_bytes=100_000, timeout_s=5)
@@ -143,7 +143,7 @@ def test_per_host_rate_limit_spaces_requests(site, tmp_path):
 
 
 def test_robots_unreachable_means_crawl_nothing(site, tmp_path):
-    from lmforge.errors import DataError
+    from lmforge.core.errors import DataError
 
     site.routes["/robots.txt"] = (503, {"Content-Type": "text/plain"}, b"down")
     web = WebSource(seeds=[site.url("/a")], allow_networks=LOOPBACK,

@@ -9,7 +9,7 @@ import yaml
 
 from conftest import REPO, run_cli
 from lmforge.config import PipelineConfig, load_config
-from lmforge.errors import ConfigError
+from lmforge.core.errors import ConfigError
 
 
 def test_default_yaml_matches_embedded_defaults():

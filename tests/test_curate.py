@@ -11,14 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO, run_cli
-from lmforge.collect import collect, read_documents, text_id, write_documents
+from lmforge.data.documents import read_documents, text_id, write_documents
+from lmforge.stages.collect import collect
 from lmforge.config import load_config, parse_config
 from lmforge.config.curation import CurationConfig, PiiConfig
 from lmforge.config.stages import DataConfig, InstructionConfig, LocalSource
-from lmforge.curate import curate
+from lmforge.stages.curate import curate
 from lmforge.curation.pii import ScrubPii, find_pii
-from lmforge.errors import ConfigError, DataError
-from lmforge.workspace import Workspace
+from lmforge.core.errors import ConfigError, DataError
+from lmforge.core.workspace import Workspace
 
 FIXTURE = REPO / "tests" / "fixtures" / "curate"
 CONFIG = FIXTURE / "config.yaml"

@@ -10,9 +10,9 @@ import pytest
 from test_serving import make_tiny_model_dir
 
 from lmforge.config.stages import ServingConfig
-from lmforge.deploy import deploy, read_deployment, stop
-from lmforge.errors import ServingError
-from lmforge.workspace import Workspace
+from lmforge.stages.deploy import deploy, read_deployment, stop
+from lmforge.core.errors import ServingError
+from lmforge.core.workspace import Workspace
 
 CFG = ServingConfig(max_new_tokens=8, startup_timeout_s=90, probe_prompt="What does `json.dumps` do?")
 

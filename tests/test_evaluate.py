@@ -9,9 +9,9 @@ import pytest
 from tiny_assets import build_model_dir, write_workspace_data
 
 from lmforge.config.stages import EvaluationConfig
-from lmforge.errors import DataError
-from lmforge.evaluate import evaluate
-from lmforge.workspace import Workspace
+from lmforge.core.errors import DataError
+from lmforge.stages.evaluate import evaluate
+from lmforge.core.workspace import Workspace
 
 CFG = EvaluationConfig(max_batches=2, batch_size=4, block_size=32, max_examples=3, max_new_tokens=6)
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lmforge import metrics as M
+from lmforge.evaluation import metrics as M
 
 
 def test_perplexity_is_exp_of_mean_loss():

@@ -10,8 +10,8 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.config.training import LoraConfig, ModelConfig, PhaseConfig, TrainingConfig
-from lmforge.model import build_model, count_parameters
-from lmforge.model_info import describe, fit_warning, mfu, train_flops_per_token
+from lmforge.model.build import build_model, count_parameters
+from lmforge.model.info import describe, fit_warning, mfu, train_flops_per_token
 
 TINY = ModelConfig(vocab_size=384, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                    intermediate_size=64, max_seq_len=64)

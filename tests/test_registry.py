@@ -14,10 +14,13 @@ from mlflow.entities import LoggedModelStatus
 from tiny_assets import build_model_dir
 
 from lmforge.config.stages import PlatformConfig, RegistryConfig
-from lmforge.errors import DataError, RegistryError
-from lmforge.mlflow_tracker import mlflow_client, mlflow_uris
-from lmforge.registry import list_models, promote, register, resolve_model
-from lmforge.workspace import Workspace
+from lmforge.core.errors import DataError, RegistryError
+from lmforge.tracking.mlflow_tracker import mlflow_client, mlflow_uris
+from lmforge.stages.promote import promote
+from lmforge.stages.register import register
+from lmforge.tracking.mlflow_tracker import list_models
+from lmforge.tracking.model_uris import resolve_model
+from lmforge.core.workspace import Workspace
 
 # 600 steps x 2 metrics = 1200 values: the history must cross MLflow's 1000-per-batch limit.
 HISTORY = [{"step": s, "loss": 6.0 - s / 200, "lr": 1e-3, "phase": "pretrain"} for s in range(600)]

@@ -23,8 +23,8 @@ import torch
 import uvicorn
 
 from lmforge.config.stages import ServingConfig
-from lmforge.errors import ServingError
-from lmforge.prompt import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, format_prompt
+from lmforge.core.errors import ServingError
+from lmforge.model.prompt import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, format_prompt
 from lmforge.serving.engine import Engine, RequestError, SamplingParams
 from lmforge.serving.launch import bind_socket, run_server, url_for
 from lmforge.serving.server import create_app

@@ -23,7 +23,7 @@ from test_serving import PROMPTS, SENTENCES, make_tiny_model_dir
 from transformers import AutoTokenizer
 
 from lmforge.config.serving import ServingConfig
-from lmforge.errors import ConfigError, ServingError
+from lmforge.core.errors import ConfigError, ServingError
 from lmforge.serving.__main__ import parse_adapters
 from lmforge.serving.engine import Engine, RequestError, SamplingParams
 from lmforge.serving.server import create_app

@@ -27,7 +27,7 @@ from test_serving_server import running
 
 from lmforge.cli import main
 from lmforge.config.serving import ServingConfig
-from lmforge.errors import ServingError
+from lmforge.core.errors import ServingError
 from lmforge.serving.batch import DecodeBatch
 from lmforge.serving.engine import Engine, SamplingParams
 

@@ -179,8 +179,8 @@ def test_triton_kernels_match_the_model_in_the_interpreter(model_dir: Path) -> N
 def test_unmerged_adapters_are_applied_or_refused(tmp_path: Path) -> None:
     import json
 
-    from lmforge.errors import ServingError
-    from lmforge.train import adapters
+    from lmforge.core.errors import ServingError
+    from lmforge.train.methods import bottleneck as adapters
 
     model_dir = make_tiny_model_dir(tmp_path / "model")
     base = Engine.load(model_dir, device="cpu")

@@ -25,9 +25,9 @@ from lmforge.serving.engine import Engine, RequestError, SamplingParams
 from lmforge.serving.kv_cache import CacheShape, PagedKVCache
 from lmforge.serving.server import create_app
 from lmforge.serving.virtual_tokens import PagedPrefix, VirtualPrefix
-from lmforge.tokenizer import load_tokenizer
+from lmforge.tokenizer.build import load_tokenizer
 from lmforge.train.artifacts import greedy_ids, load_trained
-from lmforge.train.launch import train
+from lmforge.stages.train import train
 
 METHODS = ("prefix", "ptuning_v2", "prompt", "ptuning")
 PROMPTS = ["def add(a, b):", "The quick brown", "x",

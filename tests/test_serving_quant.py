@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from test_serving import PROMPTS, make_tiny_model_dir
 
 from lmforge.config.serving import ServingConfig
-from lmforge.errors import ServingError
+from lmforge.core.errors import ServingError
 from lmforge.serving.backend import PrefillItem
 from lmforge.serving.engine import Engine, SamplingParams
 from lmforge.serving.int4_layout import learn_layout, self_test, unpack

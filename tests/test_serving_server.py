@@ -21,7 +21,7 @@ import uvicorn
 from test_serving import make_tiny_model_dir
 
 from lmforge.config.serving import ServingConfig
-from lmforge.errors import ServingError
+from lmforge.core.errors import ServingError
 from lmforge.serving.engine import Engine, SamplingParams
 from lmforge.serving.launch import bind_socket, check_exposure, parse_keys, run_server, url_for
 from lmforge.serving.metrics import EngineMetrics

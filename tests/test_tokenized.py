@@ -8,14 +8,14 @@ import shutil
 import pytest
 import torch
 
-from lmforge.collect import text_id, write_documents
+from lmforge.data.documents import text_id, write_documents
 from lmforge.config.curation import TokenizeConfig, ValidationConfig
 from lmforge.config.stages import ModelConfig, PhaseConfig, TrainingConfig
-from lmforge.errors import ConfigError, DataError, ValidationFailed
-from lmforge.tokenized import IGNORE_INDEX, check_vocab, load_tokenized, tokenize, tokenized_root
-from lmforge.tokenizer import load_tokenizer
-from lmforge.validate import validate_tokenized
-from lmforge.workspace import Workspace
+from lmforge.core.errors import ConfigError, DataError, ValidationFailed
+from lmforge.stages.tokenize import IGNORE_INDEX, check_vocab, load_tokenized, tokenize, tokenized_root
+from lmforge.tokenizer.build import load_tokenizer
+from lmforge.stages.validate import validate_tokenized
+from lmforge.core.workspace import Workspace
 
 TOPICS = ["rivers carry sand to the sea", "bees dance to show where flowers are", "glaciers flow downhill",
           "bread rises because yeast makes gas", "chess openings fight for the centre", "tea leaves oxidise",

@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 
 from lmforge.config.stages import ModelConfig
-from lmforge.errors import DataError
-from lmforge.prompt import EOS_TOKEN, PAD_TOKEN, format_prompt
-from lmforge.tokenizer import load_tokenizer, train_tokenizer
-from lmforge.workspace import Workspace
+from lmforge.core.errors import DataError
+from lmforge.model.prompt import EOS_TOKEN, PAD_TOKEN, format_prompt
+from lmforge.tokenizer.build import load_tokenizer, train_tokenizer
+from lmforge.core.workspace import Workspace
 
 MODULES = ["json", "textwrap", "string", "functools", "itertools", "shutil", "collections", "os.path", "re"]
 

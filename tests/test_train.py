@@ -13,14 +13,15 @@ import pytest
 import torch
 
 from lmforge.config.stages import ModelConfig, PhaseConfig, TrainingConfig
-from lmforge.errors import ConfigError, TrainingDiverged
-from lmforge.model import build_model, count_parameters
-from lmforge.prompt import EOS_TOKEN, format_prompt
-from lmforge.tokenizer import load_tokenizer, train_tokenizer
+from lmforge.core.errors import ConfigError, TrainingDiverged
+from lmforge.model.build import build_model, count_parameters
+from lmforge.model.prompt import EOS_TOKEN, format_prompt
+from lmforge.tokenizer.build import load_tokenizer, train_tokenizer
 from lmforge.train.data import IGNORE_INDEX, batch_stream, encode_sft, pack_texts
-from lmforge.train.launch import greedy_ids, load_probe, train
+from lmforge.stages.train import train
+from lmforge.train.artifacts import greedy_ids, load_probe
 from lmforge.train.loop import lr_factor
-from lmforge.workspace import Workspace
+from lmforge.core.workspace import Workspace
 from test_tokenizer import write_corpus
 
 MODEL = ModelConfig(vocab_size=384, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from lmforge.config.training import AdapterConfig, ModelConfig, PhaseConfig, TrainingConfig
-from lmforge.errors import ConfigError
-from lmforge.model import build_model
-from lmforge.tokenizer import load_tokenizer, train_tokenizer
+from lmforge.core.errors import ConfigError
+from lmforge.model.build import build_model
+from lmforge.tokenizer.build import load_tokenizer, train_tokenizer
 from lmforge.train.artifacts import MARKER, greedy_ids, load_probe, load_trained
-from lmforge.train.launch import train
-from lmforge.train.losses import CausalLMObjective
-from lmforge.train.methods import METHODS, method_info
-from lmforge.workspace import Workspace
+from lmforge.stages.train import train
+from lmforge.train.objective import CausalLMObjective
+from lmforge.train.methods.catalog import METHODS, method_info
+from lmforge.core.workspace import Workspace
 from test_tokenizer import write_corpus
 
 MODEL = ModelConfig(vocab_size=384, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,

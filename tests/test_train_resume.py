@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from lmforge.config.training import LoraConfig, ModelConfig, PhaseConfig, TrainingConfig
-from lmforge.errors import ConfigError, TrainingDiverged
-from lmforge.tokenizer import train_tokenizer
+from lmforge.core.errors import ConfigError, TrainingDiverged
+from lmforge.tokenizer.build import train_tokenizer
 from lmforge.train.checkpoint import LATEST
-from lmforge.train.launch import train
-from lmforge.workspace import Workspace
+from lmforge.stages.train import train
+from lmforge.core.workspace import Workspace
 from test_tokenizer import write_corpus
 
 MODEL = ModelConfig(vocab_size=384, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -132,7 +132,7 @@ def test_resume_refuses_another_model_or_method(ws):
 def test_a_resumed_phase_runs_at_the_learning_rate_it_is_given(tmp_path):
     # A checkpoint keeps the schedule's position; the resumed run chooses the peak rate. Resumed at a
     # rate too small to move float32 weights, the weights must stay exactly as checkpointed.
-    from lmforge.model import build_model
+    from lmforge.model.build import build_model
     from lmforge.train import checkpoint as ckpt
     from lmforge.train.data import batch_stream
     from lmforge.train.loop import train_phase

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from lmforge.config.stages import ModelConfig, PhaseConfig, TrainingConfig
-from lmforge.errors import ConfigError
-from lmforge.model import build_model
+from lmforge.core.errors import ConfigError
+from lmforge.model.build import build_model
 from lmforge.train.data import batch_stream
 from lmforge.train.loop import train_phase
-from lmforge.train import flash4, fp8, speed
-from lmforge.train.speed import attention_kernels, set_attention_backend
+from lmforge.train.accel import flash4, fp8, speed
+from lmforge.train.accel.speed import attention_kernels, set_attention_backend
 
 MODEL = ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=64, max_seq_len=32)
@@ -191,7 +191,7 @@ def test_bf16_residual_is_refused_without_a_gpu():
 @pytest.mark.parametrize("dtype,smoothing", [(torch.float32, 0.0), (torch.float32, 0.1), (torch.bfloat16, 0.1)])
 def test_cross_entropy_from_logits_matches_torch(dtype, smoothing):
     # The whole-model objective's loss keeps bf16 logits and a log-sum-exp; torch's keeps float32 log-probs.
-    from lmforge.train.losses import IGNORE_INDEX, LogitsCrossEntropy
+    from lmforge.train.objective import IGNORE_INDEX, LogitsCrossEntropy
 
     g = torch.Generator().manual_seed(4)
     logits = (3 * torch.randn(40, 97, generator=g)).to(dtype)

@@ -7,11 +7,11 @@ import json
 import pytest
 
 from conftest import run_cli
-from lmforge.collect import text_id, write_documents
+from lmforge.data.documents import text_id, write_documents
 from lmforge.config.curation import UserExpectation, ValidationConfig
-from lmforge.errors import ConfigError, DataError, ValidationFailed
-from lmforge.validate import validate
-from lmforge.workspace import Workspace
+from lmforge.core.errors import ConfigError, DataError, ValidationFailed
+from lmforge.stages.validate import validate
+from lmforge.core.workspace import Workspace
 
 
 def _doc(text: str | None, doc_id: str | None = None, source: str = "local", language: str = "en") -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmforge.workspace import Workspace, atomic_dir, atomic_write_json
+from lmforge.core.workspace import Workspace, atomic_dir, atomic_write_json
 
 
 def test_home_from_env_and_argument(tmp_path, monkeypatch):
@@ -59,7 +59,7 @@ def test_outputs_are_readable_by_other_users(tmp_path):
 def test_errors_survive_pickling():
     import pickle
 
-    from lmforge.errors import TrainingDiverged, ValidationFailed
+    from lmforge.core.errors import TrainingDiverged, ValidationFailed
 
     err = pickle.loads(pickle.dumps(TrainingDiverged("loss is NaN at step 3", "lower the learning rate")))
     assert err.cause == "loss is NaN at step 3" and err.fix == "lower the learning rate"

@@ -10,7 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from lmforge.workspace import Workspace
+from lmforge.core.workspace import Workspace
 
 CORPUS = [
     "Return the absolute value of a number.",
@@ -33,7 +33,7 @@ SFT = [
 
 
 def build_tokenizer(vocab_size: int = 320):
-    from lmforge.tokenizer import build_bpe
+    from lmforge.tokenizer.build import build_bpe
 
     # min_frequency 0: the tiny corpus is too small for the production threshold of 2.
     return build_bpe(CORPUS * 4 + [json.dumps(r) for r in SFT], vocab_size, min_frequency=0)

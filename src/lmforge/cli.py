@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Callable
 
 from lmforge.config import PipelineConfig, load_config
-from lmforge.errors import LmforgeError
-from lmforge.report import console, emit, run_summary
-from lmforge.runtime import prepare_environment
-from lmforge.workspace import Workspace
+from lmforge.core.errors import LmforgeError
+from lmforge.core.report import console, emit, run_summary
+from lmforge.core.runtime import prepare_environment
+from lmforge.core.workspace import Workspace
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +54,7 @@ def _setup(args: argparse.Namespace) -> tuple[PipelineConfig, Workspace]:
 def cmd_run(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
     from flows.pipeline import pipeline
-    from lmforge.registry import mlflow_uris
+    from lmforge.tracking.mlflow_tracker import mlflow_uris
 
     out = console(args.json)
     out.print(f"[bold]lmforge run[/bold]: workspace {ws.home}")
@@ -67,29 +67,29 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_collect(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
-    from lmforge.collect import collect
+    from lmforge.stages.collect import collect
 
     emit("collect", collect(config.data, ws).as_dict(), args.json)
 
 
 def cmd_curate(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
-    from lmforge.curate import curate
+    from lmforge.stages.curate import curate
 
     emit("curate", curate(config.curation, ws).as_dict(), args.json)
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
-    from lmforge.validate import validate
+    from lmforge.stages.validate import validate
 
     emit("validate", validate(config.validation, ws).as_dict(), args.json)
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
-    from lmforge.tokenized import tokenize
-    from lmforge.validate import validate_tokenized
+    from lmforge.stages.tokenize import tokenize
+    from lmforge.stages.validate import validate_tokenized
 
     result = tokenize(config.tokenize, config.model, config.training, ws).as_dict()
     if result["digest"]:
@@ -99,8 +99,8 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
-    from lmforge.tokenizer import train_tokenizer
-    from lmforge.train.launch import train
+    from lmforge.tokenizer.build import train_tokenizer
+    from lmforge.stages.train import train
 
     if not (ws.tokenizer_dir / "tokenizer.json").exists():
         train_tokenizer(config.model, ws)
@@ -110,8 +110,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
-    from lmforge.evaluate import evaluate
-    from lmforge.lifecycle import latest_model_dir
+    from lmforge.stages.evaluate import evaluate
+    from lmforge.stages.lineage import latest_model_dir
 
     model_dir = Path(args.model) if args.model else latest_model_dir(ws)
     emit("evaluate", evaluate(config.evaluation, model_dir, ws).as_dict()["metrics"], args.json)
@@ -120,8 +120,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_promote(args: argparse.Namespace) -> None:
     """Register the latest trained and evaluated model (once), then apply the promotion rule."""
     config, ws = _setup(args)
-    from lmforge.lifecycle import register_trained, require_state
-    from lmforge.registry import promote
+    from lmforge.stages.lineage import require_state
+    from lmforge.stages.register import register_trained
+    from lmforge.stages.promote import promote
 
     trained = require_state(ws, "train", "lmforge train CONFIG")
     evaluated = require_state(ws, "evaluate", "lmforge evaluate CONFIG")
@@ -134,7 +135,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
 def cmd_deploy(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
-    from lmforge.deploy import deploy, stop
+    from lmforge.stages.deploy import deploy, stop
 
     if args.stop:
         emit("deploy", {"stopped": stop(ws)}, args.json)
@@ -162,7 +163,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
 
 def cmd_models(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
-    from lmforge.registry import list_models
+    from lmforge.tracking.mlflow_tracker import list_models
 
     models = list_models(ws, config.platform, metric=config.registry.metric)
     emit("models", {m["name"]: m for m in models} or {"models": "none registered"}, args.json)
@@ -178,7 +179,7 @@ def cmd_ui(args: argparse.Namespace) -> None:
 
 def cmd_model_info(args: argparse.Namespace) -> None:
     config = load_config(args.config)
-    from lmforge.model_info import describe, fit_warning, info_lines
+    from lmforge.model.info import describe, fit_warning, info_lines
 
     info = describe(config.model, config.training)
     warning = fit_warning(config.model, config.training)

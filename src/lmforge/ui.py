@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 
 from lmforge.config import PipelineConfig
-from lmforge.errors import ServingError
-from lmforge.workspace import Workspace, atomic_write_json
+from lmforge.core.errors import ServingError
+from lmforge.core.workspace import Workspace, atomic_write_json
 
 DEPLOYMENT_NAME = "lmforge"
 
@@ -84,7 +84,7 @@ def _start_mlflow(ws: Workspace, config: PipelineConfig, port: int) -> subproces
 
 
 def _tracking_uri(ws: Workspace, config: PipelineConfig) -> str:
-    from lmforge.registry import mlflow_uris
+    from lmforge.tracking.mlflow_tracker import mlflow_uris
 
     return mlflow_uris(ws, config.platform)[0]
 

@@ -6,7 +6,7 @@ Sources (each a class with ``units(ctx)``, chosen by its config's ``type``): :mo
 :mod:`.html`, :mod:`.books` (PDF, EPUB), :mod:`.fetch` and :mod:`.netguard` (the polite, SSRF-safe
 HTTP fetcher), :mod:`.parallel` (work shards on processes or Ray), :mod:`.state` and
 :mod:`.shards` (the raw corpus, incremental state, crash-safe commits), :mod:`.runner` (sources
-in parallel). The stage entry point is :func:`lmforge.collect.collect`.
+in parallel). The stage entry point is :func:`lmforge.stages.collect.collect`.
 """
 
 from __future__ import annotations

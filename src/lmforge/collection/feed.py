@@ -22,7 +22,7 @@ from lmforge.collection.types import Fingerprint, SourceContext, Unit, make_docu
 from lmforge.collection.urls import normalize_url
 from lmforge.collection.web import fetch_unit
 from lmforge.config.sources import FeedSource
-from lmforge.errors import DataError
+from lmforge.core.errors import DataError
 
 FEED_TYPES = ("application/rss+xml", "application/atom+xml", "application/rdf+xml", "application/xml",
               "text/xml", "application/feed+json")

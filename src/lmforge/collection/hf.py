@@ -18,7 +18,7 @@ from typing import Any, Iterator
 from lmforge.collection.formats import FormatOptions, record_document
 from lmforge.collection.types import Fingerprint, SourceContext, Unit
 from lmforge.config.sources import HFSource
-from lmforge.errors import DataError
+from lmforge.core.errors import DataError
 
 
 def load(cfg: HFSource, cache_dir: Path) -> Any:

@@ -22,7 +22,7 @@ from lmforge.collection.formats import FormatOptions, documents_from_bytes, docu
 from lmforge.collection.parallel import choose_backend, chunked, run_chunks
 from lmforge.collection.types import Fingerprint, SourceContext, Tally, Unit
 from lmforge.config.sources import LocalSource
-from lmforge.errors import DataError
+from lmforge.core.errors import DataError
 
 
 @dataclass(frozen=True)

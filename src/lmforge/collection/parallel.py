@@ -21,7 +21,7 @@ from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
-from lmforge.runtime import cpu_count  # noqa: F401 - re-exported (bench/collect_local.py)
+from lmforge.core.runtime import cpu_count  # noqa: F401 - re-exported (bench/collect_local.py)
 
 T = TypeVar("T")
 R = TypeVar("R")

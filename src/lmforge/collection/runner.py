@@ -21,8 +21,8 @@ from typing import Any, Callable
 
 from lmforge.collection.shards import Interrupted, RawStore
 from lmforge.collection.types import Source, SourceContext, Tally
-from lmforge.errors import LmforgeError
-from lmforge.progress import bar
+from lmforge.core.errors import LmforgeError
+from lmforge.core.progress import bar
 
 
 @dataclass

@@ -30,9 +30,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lmforge.collection.state import LiveSet, read_units, write_units
-from lmforge.collection.types import DOCUMENT_COLUMNS, DOCUMENT_SCHEMA, Fingerprint, Unit, UnitState, now_iso
-from lmforge.errors import DataError
-from lmforge.workspace import atomic_write_bytes, atomic_write_json
+from lmforge.collection.types import Fingerprint, Unit, UnitState, now_iso
+from lmforge.data.documents import DOCUMENT_COLUMNS, DOCUMENT_SCHEMA
+from lmforge.core.errors import DataError
+from lmforge.core.workspace import atomic_write_bytes, atomic_write_json
 
 MANIFEST = "manifest.json"
 FORMAT = 2

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lmforge.collection.types import Fingerprint, UnitState
-from lmforge.workspace import atomic_write_bytes
+from lmforge.core.workspace import atomic_write_bytes
 
 UNIT_SCHEMA = pa.schema([
     ("uri", pa.string()), ("source", pa.string()), ("hash", pa.string()), ("etag", pa.string()),

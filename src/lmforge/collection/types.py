@@ -10,7 +10,6 @@ it with ``docs=None`` and the store keeps that unit's previous documents.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from collections import Counter
@@ -19,19 +18,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
-import pyarrow as pa
+from lmforge.data.documents import text_id
 
-DOCUMENT_SCHEMA = pa.schema([
-    ("id", pa.string()), ("text", pa.string()), ("source", pa.string()), ("uri", pa.string()),
-    ("title", pa.string()), ("fetched_at", pa.string()), ("content_type", pa.string()),
-    ("meta", pa.string()),
-])
-DOCUMENT_COLUMNS = tuple(DOCUMENT_SCHEMA.names)
 MAX_EXAMPLES = 20  # skipped items listed by name per source; the rest are only counted
-
-
-def text_id(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def now_iso() -> str:

@@ -11,7 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from lmforge.config.stages import PipelineConfig
-from lmforge.errors import ConfigError
+from lmforge.core.errors import ConfigError
 
 # Discriminated-union tags pydantic puts into error locations; they are noise for a user.
 SOURCE_TAGS = ("stdlib", "local", "web", "feed", "s3", "hf")

@@ -78,7 +78,7 @@ class Stem:
         try:
             self.stemmer = snowballstemmer.stemmer(cfg.language)
         except KeyError:
-            from lmforge.errors import ConfigError
+            from lmforge.core.errors import ConfigError
 
             raise ConfigError(f"no Snowball stemmer for curation.classic.language {cfg.language!r}",
                               f"use one of {', '.join(snowballstemmer.algorithms())}") from None

@@ -17,7 +17,7 @@ import numpy as np
 
 from lmforge.config.curation import NearDedupConfig
 from lmforge.curation.text import ngram_hashes
-from lmforge.workspace import atomic_write_json
+from lmforge.core.workspace import atomic_write_json
 
 KEEP, EXACT, NEAR, NEAR_PREVIOUS = 0, 1, 2, 3
 REASONS = {EXACT: "exact_duplicate", NEAR: "near_duplicate", NEAR_PREVIOUS: "near_duplicate_previous_version"}

@@ -9,7 +9,7 @@
 
 A and B are independent per shard, so above ``curation.ray_min_documents`` they run as Ray tasks;
 their outputs are files in a work directory, and what returns to the driver is counts.
-Called by :func:`lmforge.curate.curate`.
+Called by :func:`lmforge.stages.curate.curate`.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmforge.collect import DOCUMENT_COLUMNS, DOCUMENT_SCHEMA, read_documents, split_bucket, text_id
+from lmforge.data.documents import DOCUMENT_COLUMNS, DOCUMENT_SCHEMA, read_documents, text_id
 from lmforge.config.curation import CurationConfig
 from lmforge.curation.base import Context, build_steps, steps_of_phase
 from lmforge.curation.clean import count_lines
 from lmforge.curation.dedup import EXACT, KEEP, NEAR, NEAR_PREVIOUS, REASONS, MinHasher
 from lmforge.curation.report import Tally
 from lmforge.curation.text import text_key, tokens, word_hashes
-from lmforge.errors import DataError
+from lmforge.core.errors import DataError
 
 WORK_SCHEMA = DOCUMENT_SCHEMA.append(pa.field("key", pa.uint64()))
 _STEP_OF = {EXACT: "exact_dedup", NEAR: "near_dedup", NEAR_PREVIOUS: "near_dedup"}
@@ -71,7 +71,7 @@ def _read(path: Path, raw: bool) -> list[dict]:
         if "text" not in columns:
             raise DataError(f"raw shard {path} has no `text` column (columns: {', '.join(columns)})",
                             "write raw shards with `lmforge collect CONFIG` (or with the document columns "
-                            "of lmforge.collect.DOCUMENT_SCHEMA)")
+                            "of lmforge.data.documents.DOCUMENT_SCHEMA)")
     docs = read_documents(path) if raw else pq.read_table(path).to_pylist()
     for doc in docs:
         doc["text"] = doc["text"] if isinstance(doc["text"], str) else ""  # a null text is an empty one
@@ -207,15 +207,6 @@ def _passes_dedup(doc: dict, code: int, dedup_steps: list[str], tally: Tally) ->
             tally.remove(name, REASONS[code], doc)
             return False
     return True
-
-
-def heldout_ids(ids: list[str], fraction: float) -> set[str]:
-    """The ids ``collect.hash_split`` would hold out: same rule, without holding the documents."""
-    ranked = sorted(ids, key=lambda i: (split_bucket(i), i))
-    cut = sum(1 for i in ranked if split_bucket(i) < fraction)
-    if len(ranked) >= 2:
-        cut = min(max(cut, 1), len(ranked) - 1)
-    return set(ranked[:cut])
 
 
 def write_splits(units: list[Unit], work: Path, out: Path, heldout: set[str]) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from lmforge.errors import DataError
+from lmforge.core.errors import DataError
 
 CONTENT_TYPE = "text/x-python-docstring"
 

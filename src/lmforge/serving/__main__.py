@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 from lmforge.config.serving import ServingConfig
-from lmforge.errors import ConfigError, LmforgeError
-from lmforge.workspace import Workspace, atomic_write_json
+from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.core.workspace import Workspace, atomic_write_json
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -71,7 +71,7 @@ def parse_adapters(values: list[str], cfg: ServingConfig) -> ServingConfig:
 def _resolve(model: str, ws: Workspace) -> tuple[Path, str]:
     """(local directory, default model name) for a directory or a registry URI."""
     if model.startswith("models:/"):
-        from lmforge.registry import resolve_model  # needs MLflow; only registry URIs pay for it
+        from lmforge.tracking.model_uris import resolve_model  # needs MLflow; only registry URIs pay for it
 
         path, name, _version = resolve_model(model, ws)
         return Path(path), name

@@ -15,8 +15,8 @@ from typing import Protocol
 import torch
 
 from lmforge.config.serving import ServingConfig
-from lmforge.errors import ServingError
-from lmforge.runtime import cpu_count
+from lmforge.core.errors import ServingError
+from lmforge.core.runtime import cpu_count
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from lmforge.errors import ServingError
+from lmforge.core.errors import ServingError
 from lmforge.serving.virtual_tokens import VirtualPrefix, prefix_of
 
 

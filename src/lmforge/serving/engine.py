@@ -32,7 +32,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmforge.config.serving import ServingConfig
-from lmforge.errors import ServingError
+from lmforge.core.errors import ServingError
 from lmforge.serving.backend import PrefillItem, cpu_threads, make_backend
 from lmforge.serving.loading import eos_ids, load_model
 from lmforge.serving.lora_slots import slot_of

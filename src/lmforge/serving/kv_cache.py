@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.errors import ServingError
+from lmforge.core.errors import ServingError
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from lmforge.config.serving import ServingConfig
-from lmforge.errors import ServingError
+from lmforge.core.errors import ServingError
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

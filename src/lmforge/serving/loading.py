@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lmforge.errors import ServingError
+from lmforge.core.errors import ServingError
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _apply_adapter(model: Any, model_dir: Path, device: str) -> Any:
     import json
 
     from lmforge.serving import virtual_tokens
-    from lmforge.train import adapters
+    from lmforge.train.methods import bottleneck as adapters
 
     adapter_dir = model_dir / json.loads(marker.read_text())["adapter"]
     if adapters.is_bottleneck_adapter(adapter_dir):

@@ -34,7 +34,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from lmforge.errors import ServingError
+from lmforge.core.errors import ServingError
 from lmforge.serving.requests import RequestError
 
 # The runner's fused layer groups and the model modules each one runs, in output order.

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from lmforge.config.serving import ServingConfig
-from lmforge.errors import ServingError
+from lmforge.core.errors import ServingError
 from lmforge.serving.onnx_export import INSTALL_FIX, SPEC_FILE, SPEC_FORMAT, io_names
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from lmforge.errors import ServingError
+from lmforge.core.errors import ServingError
 
 log = logging.getLogger(__name__)
 

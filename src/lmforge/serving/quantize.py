@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.errors import ServingError
+from lmforge.core.errors import ServingError
 from lmforge.serving.int4_layout import tinygemm_layout
 
 WEIGHT_OPTIONS = ("none", "int8", "int4", "fp8")

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from lmforge.errors import ServingError
+from lmforge.core.errors import ServingError
 from lmforge.serving.sampling import SamplingParams, TokenLogprob
 
 

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge import __version__
 from lmforge.config.serving import ServingConfig
-from lmforge.errors import ServingError
+from lmforge.core.errors import ServingError
 from lmforge.serving.engine import Engine, EngineBusy, GenerationStream, RequestError
 from lmforge.serving.protocol import (
     AssistantMessage,

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from lmforge.errors import ServingError
+from lmforge.core.errors import ServingError
 
 PROMPT_LEARNING_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
 _ATTRIBUTE = "lmforge_virtual_prefix"  # where load_model leaves the prefix for the backends

@@ -13,8 +13,8 @@ import json
 import sys
 
 from lmforge.config.loader import load_config
-from lmforge.errors import LmforgeError
-from lmforge.workspace import Workspace
+from lmforge.core.errors import LmforgeError
+from lmforge.core.workspace import Workspace
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace):
-    from lmforge.tokenizer import train_tokenizer
-    from lmforge.train.launch import train
+    from lmforge.tokenizer.build import train_tokenizer
+    from lmforge.stages.train import train
 
     config = load_config(args.config)
     ws = Workspace.from_env(args.home).ensure()

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from lmforge.prompt import format_prompt
-from lmforge.train import adapters
-from lmforge.workspace import atomic_write_json
+from lmforge.model.prompt import format_prompt
+from lmforge.train.methods import bottleneck as adapters
+from lmforge.core.workspace import atomic_write_json
 
 PROBE_FILE = "lmforge_probe.json"
 PROBE_INSTRUCTION = "What does `json.dumps` do?"

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from lmforge.errors import ConfigError
-from lmforge.workspace import Workspace, atomic_write_json
+from lmforge.core.errors import ConfigError
+from lmforge.core.workspace import Workspace, atomic_write_json
 
 LATEST = "latest.json"
 

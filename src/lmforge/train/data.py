@@ -1,7 +1,7 @@
 """Training tensors from workspace data, and the deterministic rank-sharded batch stream.
 
 Pretraining text is packed into fixed-length blocks (documents joined by EOS, no padding wasted);
-SFT pairs are rendered with :func:`lmforge.prompt.format_example` and masked so the loss covers the
+SFT pairs are rendered with :func:`lmforge.model.prompt.format_example` and masked so the loss covers the
 response only. Each DDP rank reads a disjoint shard of every epoch's seeded permutation.
 """
 
@@ -14,8 +14,8 @@ from typing import Iterator
 
 import torch
 
-from lmforge.errors import DataError
-from lmforge.prompt import EOS_TOKEN, format_example
+from lmforge.core.errors import DataError
+from lmforge.model.prompt import EOS_TOKEN, format_example
 
 IGNORE_INDEX = -100  # label value torch's cross-entropy skips
 Tensors = dict[str, torch.Tensor]

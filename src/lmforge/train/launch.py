@@ -1,94 +1,55 @@
-"""The train stage: pretraining then fine-tuning, in-line or as Ray Train workers.
+"""Launching training: pretraining then fine-tuning, in-line or as Ray Train workers.
 
-:func:`train` is the entry point. The same per-worker function, :func:`run_worker`, runs in this
+:func:`fit` runs a job for the train stage (:func:`lmforge.stages.train.train`). The same per-worker function, :func:`run_worker`, runs in this
 process (``training.use_ray: false``, world size 1) or under Ray Train's ``TorchTrainer`` as DDP
 ranks; Ray is imported only on that path, so the engine runs where only torch, transformers and
 peft are installed. Rank 0 writes ``ws.runs_dir/<run_id>/`` in one atomic rename (layout:
 :mod:`lmforge.train.artifacts`); checkpoints go to ``ws.home/checkpoints/<run_id>/`` and are
-removed once the run succeeds. The driver adds ``train_result.json`` and the ``train`` state hand-off.
+removed once the run succeeds. The stage adds ``train_result.json`` and the ``train`` state hand-off.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import tempfile
-import time
 import uuid
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from lmforge import errors
+from lmforge.core import errors
 from lmforge.config.training import ModelConfig, TrainingConfig
-from lmforge.errors import ConfigError, DataError, LmforgeError
-from lmforge.progress import step_printer
-from lmforge.runtime import cpu_count
+from lmforge.core.errors import ConfigError, DataError, LmforgeError
+from lmforge.core.progress import step_printer
+from lmforge.core.runtime import cpu_count
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.artifacts import PROBE_FILE, greedy_ids, load_probe, load_trained  # noqa: F401 - re-exported
-from lmforge.train.methods import check_method, method_info
-from lmforge.train.run import run_phases
-from lmforge.workspace import Workspace, atomic_dir, atomic_write_json
+from lmforge.train.methods.catalog import check_method
+from lmforge.train.worker import run_phases
+from lmforge.core.workspace import Workspace, atomic_dir
 
 
-@dataclass(frozen=True)
-class TrainResult:
-    run_id: str
-    model_dir: Path
-    adapter_dir: Path | None
-    history: list[dict] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
-    params: dict[str, Any] = field(default_factory=dict)
-    duration_s: float = 0.0
+def fit(job: dict, training: TrainingConfig, ws: Workspace, ray_address: str | None = None,
+        progress: Callable[[dict], None] | None = None) -> dict:
+    """Run ``job`` (see :func:`lmforge.stages.train.train`) on Ray Train workers or in this process.
 
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["model_dir"] = str(self.model_dir)
-        out["adapter_dir"] = str(self.adapter_dir) if self.adapter_dir else None
-        return out
-
-
-def train(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, run_name: str | None = None,
-          progress: Callable[[dict], None] | None = None, ray_address: str | None = None,
-          resume: str | None = None) -> TrainResult:
-    """Train a model from ``ws``'s tokenizer and data; return where it is and how it went.
-
-    ``progress`` receives each history row (live in-line; replayed after the run under Ray).
     Env ``RAY_ADDRESS`` (else ``ray_address``, i.e. ``platform.ray_address``) names an existing
-    cluster; otherwise a local Ray is started when ``training.use_ray`` is set. ``resume`` names
-    an earlier run whose latest checkpoint this run continues exactly (same model and method).
+    cluster; otherwise a local Ray is started when ``training.use_ray`` is set. ``progress`` receives
+    each history row (live in-line; replayed after the run under Ray). Returns rank 0's outcome.
     """
-    started = time.perf_counter()
-    _check_inputs(training, model_cfg, ws)
-    run_id = resume or _new_run_id(run_name)
-    job = {"training": training.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json"),
-           "home": str(ws.home), "run_id": run_id, "resume": bool(resume)}
-    if training.use_ray:
-        # Rank 0 prints its own progress lines; Ray forwards them to this process.
-        outcome = _fit_with_ray(job, training, ws, ray_address)
-        if progress is not None:
-            for record in outcome["history"]:
-                progress(record)
-    else:
-        outcome = run_worker(job, on_log=progress or progress_printer(training))
-    run_dir = ws.runs_dir / run_id
-    adapted = training.finetunes and method_info(training.method).adapts
-    params = {**_flatten({"training": job["training"], "model": job["model"]}), **outcome["params"]}
-    result = TrainResult(run_id=run_id, model_dir=run_dir / "model",
-                         adapter_dir=run_dir / "adapter" if adapted else None,
-                         history=outcome["history"], metrics=outcome["metrics"], params=params,
-                         duration_s=round(time.perf_counter() - started, 3))
-    atomic_write_json(run_dir / "train_result.json", result.as_dict())
-    ws.write_state("train", result.as_dict())
-    return result
+    if not training.use_ray:
+        return run_worker(job, on_log=progress or progress_printer(training))
+    # Rank 0 prints its own progress lines; Ray forwards them to this process.
+    outcome = _fit_with_ray(job, training, ws, ray_address)
+    if progress is not None:
+        for record in outcome["history"]:
+            progress(record)
+    return outcome
 
 
 def run_worker(job: dict, on_log: Callable[[dict], None] | None = None) -> dict:
@@ -106,7 +67,7 @@ def run_worker(job: dict, on_log: Callable[[dict], None] | None = None) -> dict:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(training.cpu_threads or max(1, cpu_count() // local))
     else:
-        from lmforge.train.speed import enable_tf32
+        from lmforge.train.accel.speed import enable_tf32
 
         enable_tf32()
     run_dir = ws.runs_dir / job["run_id"]
@@ -220,7 +181,7 @@ def _device(training: TrainingConfig) -> torch.device:
 ABSOLUTE_POSITIONS = ("gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt")
 
 
-def _check_inputs(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace) -> None:
+def check_inputs(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace) -> None:
     """Fail before any worker starts, with the stage or setting that fixes it."""
     if not (ws.tokenizer_dir / "tokenizer_config.json").exists():
         raise DataError(f"no tokenizer at {ws.tokenizer_dir}",
@@ -253,7 +214,7 @@ def _check_inputs(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspac
     if training.pretrain.steps == 0 and not finetuning and not model_cfg.base_model:
         raise ConfigError("nothing to train: no pretraining steps, no fine-tuning steps and no base_model",
                           "set training.pretrain.steps or training.finetune.steps above 0, or model.base_model")
-    from lmforge.model_info import MemoryEstimateWarning, fit_warning
+    from lmforge.model.info import MemoryEstimateWarning, fit_warning
 
     warning = fit_warning(model_cfg, training, _vocab_size(ws))
     if warning:
@@ -261,22 +222,6 @@ def _check_inputs(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspac
 
 
 def _vocab_size(ws: Workspace) -> int:
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.build import load_tokenizer
 
     return len(load_tokenizer(ws.tokenizer_dir))
-
-
-def _new_run_id(run_name: str | None) -> str:
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name or "train").strip("-.") or "train"
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return f"{stem}-{stamp}-{uuid.uuid4().hex[:6]}"
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = ",".join(map(str, value)) if isinstance(value, list) else value
-    return flat

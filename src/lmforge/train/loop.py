@@ -20,10 +20,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from lmforge.config.training import PhaseConfig, TrainingConfig
-from lmforge.errors import ConfigError, TrainingDiverged
+from lmforge.core.errors import ConfigError, TrainingDiverged
 from lmforge.train import checkpoint as ckpt
-from lmforge.train import speed
-from lmforge.train.losses import IGNORE_INDEX, CausalLMObjective
+from lmforge.train.accel import speed
+from lmforge.train.objective import IGNORE_INDEX, CausalLMObjective
 
 MIN_LR_RATIO = 0.1  # decaying schedules end at a tenth of the peak rate, as nanoGPT does
 Tensors = dict[str, torch.Tensor]

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.collect import read_documents
+from lmforge.data.documents import read_documents
 from lmforge.config.curation import DecontaminationConfig, NearDedupConfig, ValidationConfig
-from lmforge.errors import DataError
-from lmforge.workspace import Workspace
+from lmforge.core.errors import DataError
+from lmforge.core.workspace import Workspace
 
 
 def load_frame(ws: Workspace) -> Any:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.config.curation import UserExpectation
-from lmforge.errors import ConfigError
+from lmforge.core.errors import ConfigError
 
 SAMPLES = 5
 _SAMPLE_CHARS = 80

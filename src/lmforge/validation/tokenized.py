@@ -14,7 +14,7 @@ import numpy as np
 import xxhash
 
 from lmforge.config.curation import ValidationConfig
-from lmforge.workspace import Workspace
+from lmforge.core.workspace import Workspace
 
 IGNORE_INDEX = -100
 
@@ -22,7 +22,7 @@ IGNORE_INDEX = -100
 def load_frame(ws: Workspace) -> tuple[Any, dict]:
     import pandas as pd
 
-    from lmforge.tokenized import PHASES, latest_manifest, load_tokenized, tokenized_root
+    from lmforge.stages.tokenize import PHASES, latest_manifest, load_tokenized, tokenized_root
 
     manifest = latest_manifest(ws)
     parts = []

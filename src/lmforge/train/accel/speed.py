@@ -1,6 +1,6 @@
 """Make a model train faster without changing what it computes: each measure on its own switch.
 
-Used by the engine (:mod:`lmforge.train.run`) and measured one by one in ``bench/train_gpu.py``:
+Used by the engine (:mod:`lmforge.train.worker`) and measured one by one in ``bench/train_gpu.py``:
 gradient checkpointing (memory for compute), frozen weights kept in bf16 on GPUs (an adapter's base
 is never updated, so it needs no float32 master copy and no per-step cast), ``torch.compile`` of
 each Transformer block ("regional" compilation: the blocks are identical, so one compiled graph
@@ -10,12 +10,12 @@ loss in one graph: ``training.compile_scope: model``), and the choice of SDPA at
 
 from __future__ import annotations
 
-import importlib
 from contextlib import nullcontext
 
 import torch
 
-from lmforge.errors import ConfigError
+from lmforge.core.errors import ConfigError
+from lmforge.train.accel.devices import require_gpu
 
 # Methods whose frozen base sits inside ordinary linear layers: bf16 storage is safe under autocast.
 BF16_FROZEN_METHODS = ("lora", "ia3", "adapter")
@@ -99,7 +99,7 @@ def set_attention_backend(model: torch.nn.Module, backend: str, device: torch.de
     """Route the model's attention through FlashAttention-4 for ``fa4``; other backends choose inside SDPA."""
     if backend != "fa4":
         return
-    from lmforge.train import flash4
+    from lmforge.train.accel import flash4
 
     flash4.check_available(device)
     config = model.config
@@ -153,7 +153,7 @@ def apply_settings(model: torch.nn.Module, training, device: torch.device) -> No
                               f"(this is {device.type})", "set training.residual_dtype: float32")
         cast_residual(model, torch.bfloat16)
     if training.fp8:
-        from lmforge.train import fp8
+        from lmforge.train.accel import fp8
 
         fp8.check_available(device)
         fp8.enable(model)
@@ -161,19 +161,6 @@ def apply_settings(model: torch.nn.Module, training, device: torch.device) -> No
         enable_gradient_checkpointing(model)
     if compiles_blocks(training):
         compile_blocks(model)
-
-
-def require_gpu(device: torch.device, feature: str, capable, needs: str, fix: str, module: str,
-                install: str) -> None:
-    """Refuse ``feature`` unless ``device`` is a GPU whose compute capability ``capable`` accepts and
-    ``module`` imports; each error names the cause and the fix."""
-    if device.type != "cuda" or not capable(torch.cuda.get_device_capability(device)):
-        where = device.type if device.type != "cuda" else f"compute capability {torch.cuda.get_device_capability(device)}"
-        raise ConfigError(f"{feature} {needs} (this is {where})", fix)
-    try:
-        importlib.import_module(module)
-    except ImportError as exc:
-        raise ConfigError(f"{feature} needs the {module.split('.')[0]} package ({exc})", f"{install}, or {fix}") from exc
 
 
 def check_loss_kernel(kernel: str, device: torch.device) -> None:

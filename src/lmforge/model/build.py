@@ -13,7 +13,7 @@ import inspect
 import torch
 
 from lmforge.config.training import ModelConfig
-from lmforge.errors import ConfigError
+from lmforge.core.errors import ConfigError
 
 # Attribute names of the dropout probabilities across transformers' configs.
 _DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from lmforge.config.stages import ModelConfig
-from lmforge.errors import ConfigError, DataError
-from lmforge.prompt import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
-from lmforge.workspace import Workspace, atomic_dir
+from lmforge.core.errors import ConfigError, DataError
+from lmforge.model.prompt import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
+from lmforge.core.workspace import Workspace, atomic_dir
 
 # Texts are fed to the BPE trainer in chunks so a large corpus never sits in one Python list.
 _CHUNK = 1000

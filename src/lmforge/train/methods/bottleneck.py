@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.errors import ConfigError
+from lmforge.core.errors import ConfigError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from lmforge.config.training import TrainingConfig
-from lmforge.errors import ConfigError
-from lmforge.train import adapters
+from lmforge.core.errors import ConfigError
+from lmforge.train.methods import bottleneck as adapters
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 :func:`run_phases` is called by :func:`lmforge.train.launch.run_worker`, in-line or on every Ray
 Train worker. Pretraining trains all weights; the fine-tuning phase trains what ``training.method``
-says (:mod:`lmforge.train.methods`). Before an adapter phase the base it adapts is written to the
+says (:mod:`lmforge.train.methods.catalog`). Before an adapter phase the base it adapts is written to the
 run's checkpoint directory, so that a resumed run, QLoRA's 4-bit reload and the final merge all
 start from exactly those weights.
 """
@@ -17,13 +17,15 @@ import torch
 import torch.distributed as dist
 
 from lmforge.config.training import ModelConfig, PhaseConfig, TrainingConfig
-from lmforge.errors import ConfigError, DataError
-from lmforge.model import build_model, count_parameters
-from lmforge.tokenizer import load_tokenizer
-from lmforge.train import artifacts, checkpoint as ckpt, flash4, fp8, methods, speed
+from lmforge.core.errors import ConfigError, DataError
+from lmforge.model.build import build_model, count_parameters
+from lmforge.tokenizer.build import load_tokenizer
+from lmforge.train import artifacts, checkpoint as ckpt
+from lmforge.train.accel import flash4, fp8, speed
+from lmforge.train.methods import catalog as methods
 from lmforge.train.data import batch_stream, encode_sft, fixed_batches, pack_texts, read_sft, read_texts, split_heldout
 from lmforge.train.loop import train_phase
-from lmforge.workspace import Workspace
+from lmforge.core.workspace import Workspace
 
 
 def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, device: torch.device,
@@ -169,7 +171,7 @@ def _validated_datasets(ws: Workspace, name: str, seq_len: int) -> tuple[dict, d
     Datasets built with another tokenizer raise a DataError from load_tokenized.
     """
     try:
-        from lmforge.tokenized import latest_manifest, load_tokenized
+        from lmforge.stages.tokenize import latest_manifest, load_tokenized
 
         manifest = latest_manifest(ws)
     except (ImportError, DataError):

@@ -1,14 +1,14 @@
 """Tokenize stage: the tokenizer, then training-ready tokenized datasets, versioned by content digest.
 
 Run it with ``lmforge tokenize CONFIG`` after validate. It trains the byte-level BPE (or copies a
-pretrained base's tokenizer, see :mod:`lmforge.tokenizer`), checks that its vocabulary fits the
+pretrained base's tokenizer, see :mod:`lmforge.tokenizer.build`), checks that its vocabulary fits the
 model, and builds with ``datasets`` (Arrow, in the workspace):
 
   pretrain/{train,validation}        curated documents, each ended by EOS, packed into rows of
                                      ``training.pretrain.seq_len`` tokens (optionally with
                                      per-document ``position_ids``, for attention kept inside
                                      each document)
-  finetune/{train,validation,test}   SFT records rendered with :mod:`lmforge.prompt` (or the chat
+  finetune/{train,validation,test}   SFT records rendered with :mod:`lmforge.model.prompt` (or the chat
                                      template for ``messages`` records), loss masked on the prompt
 
 Splits are deterministic by hash; the directory name is the sha256 of the tokens themselves, so
@@ -28,9 +28,9 @@ import numpy as np
 
 from lmforge.config.curation import TokenizeConfig
 from lmforge.config.stages import ModelConfig, TrainingConfig
-from lmforge.errors import ConfigError, DataError
-from lmforge.prompt import EOS_TOKEN, format_example
-from lmforge.workspace import Workspace, atomic_dir, atomic_write_json
+from lmforge.core.errors import ConfigError, DataError
+from lmforge.model.prompt import EOS_TOKEN, format_example
+from lmforge.core.workspace import Workspace, atomic_dir, atomic_write_json
 
 IGNORE_INDEX = -100  # label value torch's cross-entropy skips
 PHASES = {"pretrain": ("train", "validation"), "finetune": ("train", "validation", "test")}
@@ -54,7 +54,7 @@ def tokenized_root(ws: Workspace) -> Path:
 
 def tokenize(cfg: TokenizeConfig, model: ModelConfig, training: TrainingConfig, ws: Workspace) -> TokenizeResult:
     """Train (or copy) the tokenizer, then build and store the tokenized datasets."""
-    from lmforge.tokenizer import load_tokenizer, train_tokenizer
+    from lmforge.tokenizer.build import load_tokenizer, train_tokenizer
 
     tokenizer = load_tokenizer(train_tokenizer(model, ws))
     check_vocab(len(tokenizer), model)

@@ -1,6 +1,6 @@
 """Collect stage: gather raw documents from every configured source into the workspace, incrementally.
 
-Run it with ``lmforge collect CONFIG [--json]`` (or ``python -m lmforge.collect [CONFIG]``). Each
+Run it with ``lmforge collect CONFIG [--json]`` (or ``python -m lmforge.stages.collect [CONFIG]``). Each
 entry of ``data.sources`` (``stdlib``, ``local``, ``web``, ``feed``, ``s3``, ``hf``; see
 :mod:`lmforge.config.sources`) is one :class:`~lmforge.collection.types.Source`; sources run
 concurrently and one that fails is reported while the others finish. A re-run reads only new or
@@ -17,62 +17,25 @@ Read the documents with :func:`read_raw_documents` (only the live ones of commit
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from lmforge.collection import make_source
 from lmforge.collection.runner import SourceReport, new_reports, run_sources
 from lmforge.collection.shards import FORMAT, RawStore, exclusive, iter_live_documents, load_manifest
-from lmforge.collection.types import DOCUMENT_COLUMNS, DOCUMENT_SCHEMA, Source, now_iso, text_id
+from lmforge.collection.types import Source, now_iso
 from lmforge.config.sources import DataConfig, InstructionConfig, source_labels
+from lmforge.data.splits import hash_split
 from lmforge.data.stdlib_docs import build_instruction_pairs
-from lmforge.errors import DataError
-from lmforge.workspace import Workspace, atomic_write_bytes, atomic_write_text
+from lmforge.core.errors import DataError
+from lmforge.core.workspace import Workspace, atomic_write_text
 
-__all__ = ["DOCUMENT_COLUMNS", "DOCUMENT_SCHEMA", "CollectResult", "Source", "collect", "hash_split",
-           "raw_shard_paths", "read_documents", "read_raw_documents", "split_bucket", "text_id", "write_documents"]
+__all__ = ["CollectResult", "collect", "raw_shard_paths", "read_raw_documents"]
 
 Progress = Callable[[str, int, int], None]
-
-
-def split_bucket(key: str) -> float:
-    """A uniform number in [0, 1) fixed by ``key``: the same key lands in the same split forever."""
-    return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:12], 16) / 16**12
-
-
-def hash_split(items: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
-    """Split items by the hash of their ``id`` into (kept, held out), deterministically.
-
-    With two or more items each side gets at least one, so a tiny corpus still has something to
-    train on and something to evaluate on.
-    """
-    ranked = sorted(items, key=lambda item: (split_bucket(item["id"]), item["id"]))
-    cut = sum(1 for item in ranked if split_bucket(item["id"]) < fraction)
-    if len(ranked) >= 2:
-        cut = min(max(cut, 1), len(ranked) - 1)
-    held, kept = ranked[:cut], ranked[cut:]
-    return sorted(kept, key=lambda i: i["id"]), sorted(held, key=lambda i: i["id"])
-
-
-def write_documents(path: Path, rows: list[dict]) -> None:
-    """Write rows with the document columns to a Parquet file atomically."""
-    table = pa.Table.from_pylist([{c: row[c] for c in DOCUMENT_COLUMNS} for row in rows], schema=DOCUMENT_SCHEMA)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def read_documents(path: Path) -> list[dict]:
-    """Every row of one Parquet file with the document columns."""
-    return pq.read_table(path, schema=DOCUMENT_SCHEMA).to_pylist()
 
 
 def raw_shard_paths(ws: Workspace) -> list[Path]:

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 from lmforge import __version__
-from lmforge.workspace import Workspace
+from lmforge.core.workspace import Workspace
 
 
 def cpu_count() -> int:

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.config import PipelineConfig, config_hash
-from lmforge.errors import DataError
-from lmforge.runtime import code_version
-from lmforge.workspace import Workspace
+from lmforge.core.errors import DataError
+from lmforge.core.runtime import code_version
+from lmforge.core.workspace import Workspace
 
 
 def require_state(ws: Workspace, stage: str, command: str) -> dict[str, Any]:
@@ -74,22 +74,3 @@ def lineage_tags(config: PipelineConfig, ws: Workspace, flow_run_id: str | None)
     for item in dataset_inputs(ws):
         tags[f"lmforge.data.{item['name']}.digest"] = str(item["digest"])
     return tags
-
-
-def register_trained(config: PipelineConfig, ws: Workspace, trained: dict[str, Any],
-                     evaluated: dict[str, Any], flow_run_id: str | None) -> dict[str, Any]:
-    """Register one trained-and-evaluated model in MLflow with its full lineage."""
-    from lmforge.registry import register
-
-    metrics = {**trained.get("metrics", {}), **evaluated.get("metrics", {})}
-    params = {**trained.get("params", {}), "config_hash": config_hash(config)}
-    tags = lineage_tags(config, ws, flow_run_id) | {"lmforge.train_run_id": str(trained.get("run_id", ""))}
-    version = register(
-        config.registry, config.platform, ws,
-        model_dir=Path(trained["model_dir"]), params=params, metrics=metrics,
-        history=trained.get("history", []), dataset_inputs=dataset_inputs(ws), tags=tags,
-        reports=data_reports(ws),
-    )
-    result = version.as_dict() | {"train_run_id": str(trained.get("run_id", ""))}
-    ws.write_state("register", result)
-    return result

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import torch
 
+from lmforge.train.accel.devices import require_gpu
+
 _CONVERTED = "_lmforge_conv1d_names"  # the model's list of layers that were Conv1D, to restore before saving
 _FLOAT8 = "_lmforge_fp8_names"  # the model's list of layers that torchao made Float8Linear
 
 
 def check_available(device: torch.device) -> None:
     """Refuse ``training.fp8`` where it cannot run, naming the fix (the config refuses adapter methods)."""
-    from lmforge.train.speed import require_gpu
-
     require_gpu(device, "training.fp8", lambda cc: cc >= (8, 9), "needs FP8 tensor cores (Ada, Hopper or newer GPUs)",
                 "set training.fp8: false", "torchao.float8", "pip install 'lmforge[gpu]' (or torchao)")
 

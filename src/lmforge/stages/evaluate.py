@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge import metrics as M
+from lmforge.evaluation import metrics as M
 from lmforge.config.stages import EvaluationConfig
-from lmforge.errors import DataError
-from lmforge.prompt import format_prompt
-from lmforge.workspace import Workspace, atomic_write_json
+from lmforge.core.errors import DataError
+from lmforge.model.prompt import format_prompt
+from lmforge.core.workspace import Workspace, atomic_write_json
 
 
 @dataclass(frozen=True)

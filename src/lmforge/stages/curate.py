@@ -1,6 +1,6 @@
 """Curate stage: raw documents in, a clean, deduplicated, PII-scrubbed, decontaminated corpus out.
 
-Run it with ``lmforge curate CONFIG [--json]`` (or ``python -m lmforge.curate [CONFIG]``) after
+Run it with ``lmforge curate CONFIG [--json]`` (or ``python -m lmforge.stages.curate [CONFIG]``) after
 collect. The steps are listed in ``curation.steps`` (cleaning, boilerplate, length, language,
 quality, PII, decontamination, exact and near dedup, and the optional classic NLP steps); each one
 lives in :mod:`lmforge.curation` and is reported one by one. The passes over the shards are in
@@ -30,11 +30,12 @@ from lmforge.curation.base import Context
 from lmforge.curation.clean import boilerplate_lines
 from lmforge.curation.decontaminate import EvalIndex, eval_texts
 from lmforge.curation.dedup import KEEP, VersionStore, find_duplicates
-from lmforge.curation.pipeline import (Unit, clean_unit, filter_unit, finish_units, heldout_ids, read_keys, run_map,
+from lmforge.curation.pipeline import (Unit, clean_unit, filter_unit, finish_units, read_keys, run_map,
                                        stack_signatures, write_splits)
 from lmforge.curation.report import Tally
-from lmforge.errors import DataError
-from lmforge.workspace import Workspace, atomic_dir, atomic_write_json
+from lmforge.data.splits import heldout_ids
+from lmforge.core.errors import DataError
+from lmforge.core.workspace import Workspace, atomic_dir, atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def versions_dir(ws: Workspace) -> Path:
 
 
 def raw_units(ws: Workspace) -> list[Unit]:
-    from lmforge.collect import raw_shard_paths  # the shards collect's manifest commits, live rows only
+    from lmforge.stages.collect import raw_shard_paths  # the shards collect's manifest commits, live rows only
 
     shards = raw_shard_paths(ws)
     if not shards and not (ws.raw_dir / "manifest.json").exists():

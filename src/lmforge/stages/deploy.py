@@ -1,6 +1,6 @@
 """Deploy stage: run a model as a local inference server process, probe it, record it.
 
-    from lmforge.deploy import deploy, stop
+    from lmforge.stages.deploy import deploy, stop
     result = deploy(cfg.serving, "models:/lmforge-demo@champion", ws, "lmforge-demo")
     stop(ws)
 
@@ -26,9 +26,9 @@ from typing import Any
 import httpx
 
 from lmforge.config.stages import ServingConfig
-from lmforge.errors import ServingError
-from lmforge.prompt import format_prompt
-from lmforge.workspace import Workspace, atomic_write_json
+from lmforge.core.errors import ServingError
+from lmforge.model.prompt import format_prompt
+from lmforge.core.workspace import Workspace, atomic_write_json
 
 RECORD = "server.json"
 READY = "ready.json"

@@ -1,6 +1,6 @@
 """Validate stage: the Great Expectations gates between data and training.
 
-Run it with ``lmforge validate CONFIG`` (or ``python -m lmforge.validate [CONFIG]``) after curate.
+Run it with ``lmforge validate CONFIG`` (or ``python -m lmforge.stages.validate [CONFIG]``) after curate.
 :func:`validate` checks the curated corpus (row count, no null text, text lengths, unique ids,
 duplicate share, no PII left, no overlap with evaluation sets, language share, allowed sources,
 and the user's own expectations from ``validation.expectations``); :func:`validate_tokenized`,
@@ -19,9 +19,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from lmforge.config.curation import ValidationConfig
-from lmforge.errors import ValidationFailed
-from lmforge.tracking import Tracker
-from lmforge.workspace import Workspace, atomic_write_json
+from lmforge.core.errors import ValidationFailed
+from lmforge.tracking.tracker import Tracker
+from lmforge.core.workspace import Workspace, atomic_write_json
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""MLflow behind the :class:`lmforge.tracking.Tracker` interface, where MLflow lives, what it holds.
+"""MLflow behind the :class:`lmforge.tracking.tracker.Tracker` interface, where MLflow lives, what it holds.
 
 Every client is built with explicit tracking and registry URIs (never ``mlflow.set_tracking_uri``)
 so two workspaces in one process never write into each other's database. MLflow is imported inside
@@ -18,8 +18,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from lmforge.config.stages import PlatformConfig
-from lmforge.errors import RegistryError
-from lmforge.workspace import Workspace
+from lmforge.core.errors import RegistryError
+from lmforge.core.workspace import Workspace
 
 # MLflow's own limits on one log_batch request and on a param value.
 MAX_METRICS_PER_BATCH = 1000
@@ -117,7 +117,7 @@ MAX_DATASET_DIGEST = 36
 
 
 class MlflowTracker:
-    """A :class:`~lmforge.tracking.Tracker` writing into one MLflow run through batched calls."""
+    """A :class:`~lmforge.tracking.tracker.Tracker` writing into one MLflow run through batched calls."""
 
     def __init__(self, client: Any, run_id: str) -> None:
         self.client = client

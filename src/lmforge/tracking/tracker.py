@@ -1,6 +1,6 @@
 """Experiment tracking behind a small interface, so the engine runs without MLflow.
 
-Stages take a ``Tracker``; the pipeline passes an MLflow-backed one (``lmforge.registry``), the
+Stages take a ``Tracker``; the pipeline passes an MLflow-backed one (``lmforge.tracking.mlflow_tracker``), the
 standalone engine a ``NullTracker``. Only rank 0 ever logs.
 """
 

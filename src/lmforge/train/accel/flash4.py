@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.errors import ConfigError
+from lmforge.core.errors import ConfigError
+from lmforge.train.accel.devices import require_gpu
 
 ATTENTION_NAME = "lmforge_fa4"
 INSTALL = "pip install 'flash-attn-4' 'nvidia-cutlass-dsl[cu13]' (the cu13 extra for CUDA 13 builds of torch)"
@@ -125,7 +126,6 @@ def check_head_dim(head_dim: int, device: torch.device) -> None:
 
 def check_available(device: torch.device) -> None:
     """Refuse ``attention_backend: fa4`` where its kernels cannot run, naming the fix."""
-    from lmforge.train.speed import require_gpu
 
     require_gpu(device, "training.attention_backend: fa4", lambda cc: cc[0] in (9, 10, 11),
                 "runs on Hopper or Blackwell GPUs only", "set training.attention_backend: auto (SDPA's kernels)",

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lmforge.config.training import ModelConfig, PhaseConfig, TrainingConfig
-from lmforge.errors import ConfigError
+from lmforge.core.errors import ConfigError
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (datasheet), the MFU denominator
 GIB = 1024 ** 3
@@ -84,7 +84,7 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: float = H100_BF16_PEA
 def describe(model_cfg: ModelConfig, training: TrainingConfig, vocab_size: int | None = None) -> ModelInfo:
     """Sizes, FLOPs and memory of ``model_cfg`` trained as ``training`` says."""
     model = _meta_model(model_cfg, vocab_size or model_cfg.vocab_size)
-    from lmforge.model import count_parameters
+    from lmforge.model.build import count_parameters
 
     config = model.config
     total = count_parameters(model)
@@ -159,7 +159,7 @@ def _phase_memory(name: str, phase: PhaseConfig, method: str, config, total: int
 def _meta_model(model_cfg: ModelConfig, vocab_size: int):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lmforge.model import model_config
+    from lmforge.model.build import model_config
 
     if model_cfg.base_model:
         try:
@@ -174,8 +174,8 @@ def _meta_model(model_cfg: ModelConfig, vocab_size: int):
 
 
 def _trainable_after_method(model, training: TrainingConfig) -> int:
-    from lmforge.model import count_parameters
-    from lmforge.train.methods import apply_method
+    from lmforge.model.build import count_parameters
+    from lmforge.train.methods.catalog import apply_method
 
     # QLoRA trains exactly LoRA's parameters; counting needs no 4-bit reload.
     counted = training.model_copy(update={"method": "lora"}) if training.method == "qlora" else training

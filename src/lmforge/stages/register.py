@@ -1,0 +1,153 @@
+"""The register stage: one MLflow run with everything that produced a model, and a new registered version.
+
+``register`` records params, per-step history, final metrics, dataset digests and lineage tags,
+stores the model directory as an MLflow 3 LoggedModel and registers it as a new version. ``lmforge
+run`` registers (through :func:`register_trained`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.config import PipelineConfig, config_hash
+from lmforge.config.stages import PlatformConfig, RegistryConfig
+from lmforge.core.workspace import Workspace
+from lmforge.stages.lineage import data_reports, dataset_inputs, lineage_tags
+from lmforge.tracking.mlflow_tracker import MlflowTracker
+from lmforge.tracking.model_uris import check_model_dir
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    run_id: str
+    model_uri: str  # models:/NAME/VERSION
+    source: str  # where the files live (the LoggedModel's artifact location)
+    model_id: str
+    metrics: dict[str, float]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def register(
+    cfg: RegistryConfig,
+    platform: PlatformConfig | None,
+    ws: Workspace,
+    *,
+    model_dir: Path,
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    history: list[dict[str, Any]],
+    dataset_inputs: list[dict[str, Any]],
+    tags: dict[str, str],
+    reports: list[Path] = (),
+) -> RegisteredVersion:
+    """One MLflow run with everything that produced ``model_dir``, and a new registered version.
+
+    The files are stored as an MLflow 3 LoggedModel (source run = this run) and the version points
+    at its artifact location. All or nothing: if anything fails after the run starts, the run and
+    any half-made LoggedModel are marked FAILED and no model version remains (one created just
+    before the failure is deleted again). The error text is kept as the run's ``lmforge.error`` tag.
+    """
+    from mlflow.entities import LoggedModelOutput
+
+    model_dir = Path(model_dir)
+    lineage = {str(k): str(v) for k, v in tags.items()}
+    tracker = MlflowTracker.start(
+        ws, platform, cfg.experiment, run_name=f"{cfg.model_name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={**lineage, "lmforge.model_dir": str(model_dir.resolve())},
+    )
+    client, run_id = tracker.client, tracker.run_id
+    final_step = max((int(row.get("step", 0)) for row in history), default=0)
+    model_id, version = None, None
+    try:
+        check_model_dir(model_dir)
+        tracker.log_params(params)
+        tracker.log_history(history)
+        tracker.log_datasets(dataset_inputs)
+        for report in reports:  # the data gate's verdicts and the curation counts, beside the model
+            client.log_artifact(run_id, str(report), "data_reports")
+        experiment_id = client.get_run(run_id).info.experiment_id
+        logged = client.create_logged_model(
+            experiment_id, name=cfg.model_name, source_run_id=run_id, tags=lineage, model_type="causal-lm"
+        )
+        model_id = logged.model_id
+        client.log_model_artifacts(model_id, str(model_dir))
+        client.finalize_logged_model(model_id, "READY")
+        client.log_outputs(run_id, [LoggedModelOutput(model_id, final_step)])
+        tracker.log_metrics(metrics, step=final_step, model_id=model_id)
+        version = _create_version(client, cfg.model_name, logged.artifact_location, run_id, model_id, lineage)
+        tracker.finish("FINISHED")
+    except BaseException as exc:
+        _undo(tracker, cfg.model_name, model_id, version, exc)
+        raise
+    result = RegisteredVersion(
+        name=cfg.model_name,
+        version=str(version.version),
+        run_id=run_id,
+        model_uri=f"models:/{cfg.model_name}/{version.version}",
+        source=client.get_model_version_download_uri(cfg.model_name, version.version),
+        model_id=model_id,
+        metrics={k: float(v) for k, v in metrics.items()},
+    )
+    ws.write_state("register", result.as_dict())
+    return result
+
+
+def _create_version(client: Any, name: str, source: str, run_id: str, model_id: str, tags: dict[str, str]):
+    """A new version of ``name`` whose files are the LoggedModel's, linked both ways.
+
+    ``source`` is the LoggedModel's artifact location rather than ``models:/<model_id>``: MLflow's
+    SQL registry resolves the latter through the process-global tracking URI, which may be another
+    workspace's database.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags, model_id=model_id)
+    # The link the MLflow UI follows from a LoggedModel to its registered versions.
+    link = [{"name": name, "version": str(version.version)}]
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(link)})
+    return version
+
+
+def _undo(tracker: MlflowTracker, name: str, model_id: str | None, version: Any, error: BaseException) -> None:
+    """Remove a just-created version and leave FAILED markers; a second failure is attached to the
+    first as a note rather than hiding it."""
+    try:
+        if version is not None:
+            tracker.client.delete_model_version(name, version.version)
+        if model_id is not None:
+            tracker.client.finalize_logged_model(model_id, "FAILED")
+        tracker.set_tags({"lmforge.error": f"{type(error).__name__}: {error}"[:5000]})
+        tracker.finish("FAILED")
+    except Exception as cleanup:  # noqa: BLE001 - reported on the original exception below
+        error.add_note(f"cleaning up MLflow run {tracker.run_id} after the failure also failed: {cleanup!r}")
+
+
+def register_trained(config: PipelineConfig, ws: Workspace, trained: dict[str, Any],
+                     evaluated: dict[str, Any], flow_run_id: str | None) -> dict[str, Any]:
+    """Register one trained-and-evaluated model in MLflow with its full lineage."""
+    metrics = {**trained.get("metrics", {}), **evaluated.get("metrics", {})}
+    params = {**trained.get("params", {}), "config_hash": config_hash(config)}
+    tags = lineage_tags(config, ws, flow_run_id) | {"lmforge.train_run_id": str(trained.get("run_id", ""))}
+    version = register(
+        config.registry, config.platform, ws,
+        model_dir=Path(trained["model_dir"]), params=params, metrics=metrics,
+        history=trained.get("history", []), dataset_inputs=dataset_inputs(ws), tags=tags,
+        reports=data_reports(ws),
+    )
+    result = version.as_dict() | {"train_run_id": str(trained.get("run_id", ""))}
+    ws.write_state("register", result)
+    return result
