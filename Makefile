@@ -4,6 +4,10 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
+# `make run CONFIG=my.yaml` runs the pipeline on a config file; empty: the embedded defaults.
+CONFIG ?=
+# Flags for `lmforge run` (e.g. RUN_FLAGS=--json: the summary as one JSON line).
+RUN_FLAGS ?=
 STAMP  := $(VENV)/.installed
 
 export HF_HUB_OFFLINE ?= 1
@@ -21,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 run: install
-	$(BIN)/lmforge run
+	$(BIN)/lmforge run $(CONFIG) $(RUN_FLAGS)
 
 test: install
 	$(BIN)/python -m pytest -q

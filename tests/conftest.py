@@ -92,3 +92,24 @@ def run_cli(args: list[str], home: Path, env: dict[str, str] | None = None,
     full_env = dict(os.environ, LMFORGE_HOME=str(home), **(env or {}))
     return subprocess.run([str(BIN / "lmforge"), *args], env=full_env, cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
+
+
+TINY = "configs/tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory, prefect_server):
+    """`make run` as README.md gives it, once per session, on the tiny config (the Makefile's CONFIG
+    variable) with its summary as JSON (RUN_FLAGS); yields the workspace and that summary. The
+    pipeline and README tests share it: the whole pipeline is the suite's most expensive run."""
+    import json
+
+    from readme import argv, readme_command
+
+    home = tmp_path_factory.mktemp("pipeline-home")
+    env = dict(os.environ, LMFORGE_HOME=str(home), CONFIG=TINY, RUN_FLAGS="--json", PREFECT_API_URL=prefect_server)
+    result = subprocess.run(argv(readme_command("make run")), cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    yield {"home": home, "summary": json.loads(result.stdout.strip().splitlines()[-1]), "stdout": result.stdout}
+    run_cli(["deploy", TINY, "--stop"], home)

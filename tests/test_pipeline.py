@@ -18,16 +18,14 @@ def _last_json(stdout: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("pipeline-home")
+def home(pipeline):
+    return pipeline["home"]
 
 
 @pytest.fixture(scope="module")
-def first_run(home, prefect_server):
-    result = run_cli(["run", TINY, "--json"], home, env={"PREFECT_API_URL": prefect_server})
-    assert result.returncode == 0, result.stderr[-4000:]
-    yield _last_json(result.stdout)
-    run_cli(["deploy", TINY, "--stop"], home)
+def first_run(pipeline):
+    """The README's `make run` (conftest's ``pipeline``): the first run of this workspace."""
+    return pipeline["summary"]
 
 
 def test_first_run_registers_promotes_and_serves(first_run, prefect_server):
@@ -92,34 +90,6 @@ def test_failed_validation_stops_before_training_and_registers_nothing(first_run
     client = MlflowClient(tracking_uri=first_run["mlflow_tracking_uri"])
     versions = client.search_model_versions("name='lmforge-demo'")
     assert max(int(v.version) for v in versions) <= 2  # nothing registered by the failed run
-
-
-def test_lmforge_serve_from_registry_with_openai_client(first_run, home):
-    """The README's serving commands: `lmforge serve models:/NAME@champion` and the openai client."""
-    import os
-    import signal
-    import subprocess
-
-    from openai import OpenAI
-
-    from conftest import BIN, free_port, wait_http
-
-    port = free_port()
-    env = dict(os.environ, LMFORGE_HOME=str(home))
-    proc = subprocess.Popen([str(BIN / "lmforge"), "serve", "models:/lmforge-demo@champion",
-                             "--port", str(port)], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=proc)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
-        completion = client.completions.create(model="lmforge-demo", prompt="The json module", max_tokens=4)
-        assert completion.choices[0].finish_reason in ("stop", "length")
-        chat = client.chat.completions.create(model="lmforge-demo", max_tokens=4,
-                                              messages=[{"role": "user", "content": "What does `os.getcwd` do?"}])
-        assert chat.choices[0].message.role == "assistant"
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=30)
 
 
 def test_stage_commands_run_alone_from_the_workspace(first_run, home):

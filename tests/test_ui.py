@@ -12,20 +12,21 @@ import time
 import httpx
 import pytest
 
-from conftest import BIN, REPO, free_port, wait_http
+from conftest import REPO, TINY, free_port, wait_http
+from readme import argv, readme_command
 
 
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
+    """The README's `lmforge ui [CONFIG] [--prefect-port 4200] [--mlflow-port 5000]`, on free ports."""
     home = tmp_path_factory.mktemp("ui-home")
     prefect_port, mlflow_port = free_port(), free_port()
     env = dict(os.environ, LMFORGE_HOME=str(home))
     env.pop("PREFECT_API_URL", None)
     env.pop("PREFECT_HOME", None)  # lmforge puts Prefect's state in the workspace
     log = open(home / "ui.out", "wb")
-    proc = subprocess.Popen([str(BIN / "lmforge"), "ui", str(REPO / "configs" / "tiny.yaml"),
-                             "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)],
-                            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    command = argv(readme_command("lmforge ui"), CONFIG=TINY, **{"4200": str(prefect_port), "5000": str(mlflow_port)})
+    proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     api = f"http://127.0.0.1:{prefect_port}/api"
     try:
         wait_http(f"{api}/health", timeout=180, proc=proc)
