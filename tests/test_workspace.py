@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lmforge.core.workspace import Workspace, atomic_dir, atomic_write_json
@@ -13,12 +15,24 @@ def test_home_from_env_and_argument(tmp_path, monkeypatch):
     assert Workspace.from_env(tmp_path / "b").home == (tmp_path / "b").resolve()
 
 
+PATHS = [name for name, value in vars(Workspace).items() if isinstance(value, property)
+         and isinstance(getattr(Workspace(Path("/x")), name), Path)]
+
+
 def test_two_homes_share_no_path(tmp_path):
     a, b = Workspace(tmp_path / "a"), Workspace(tmp_path / "b")
     for name in ("raw_dir", "curated_dir", "tokenizer_dir", "runs_dir", "mlflow_dir", "ray_dir",
                  "prefect_dir", "serving_dir"):
         assert not str(getattr(a, name)).startswith(str(b.home))
     assert a.mlflow_tracking_uri != b.mlflow_tracking_uri
+
+
+def test_every_location_lies_under_home_and_is_its_own(tmp_path):
+    ws = Workspace(tmp_path / "home")
+    assert {"checkpoints_dir", "collect_cache_dir", "curated_versions_dir", "tokenized_dir", "logs_dir"} <= set(PATHS)
+    locations = [getattr(ws, name) for name in PATHS]
+    assert all(path.is_relative_to(ws.home) and path != ws.home for path in locations)
+    assert len(set(locations)) == len(locations)
 
 
 def test_state_roundtrip(tmp_path):
@@ -32,10 +46,9 @@ def test_atomic_dir_keeps_old_output_on_failure(tmp_path):
     target = tmp_path / "model"
     with atomic_dir(target) as tmp:
         (tmp / "weights").write_text("v1")
-    with pytest.raises(RuntimeError):
-        with atomic_dir(target) as tmp:
-            (tmp / "weights").write_text("half")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("half")
+        raise RuntimeError("crash mid-write")
     assert (target / "weights").read_text() == "v1"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temp leftovers
 

@@ -40,8 +40,8 @@ def run_ui(config: PipelineConfig, ws: Workspace, prefect_port: int = 4200, mlfl
         _wait_http(f"{mlflow_url}/health", children, "MLflow server", ws)
         os.environ["PREFECT_API_URL"] = prefect_api
         os.environ.setdefault("MLFLOW_TRACKING_URI", _tracking_uri(ws, config))
-        atomic_write_json(ws.home / "ui.json", {"prefect_url": prefect_api.removesuffix("/api"),
-                                                 "mlflow_url": mlflow_url, "pid": os.getpid()})
+        atomic_write_json(ws.ui_file, {"prefect_url": prefect_api.removesuffix("/api"),
+                                       "mlflow_url": mlflow_url, "pid": os.getpid()})
         print(f"Prefect UI: {prefect_api.removesuffix('/api')}", flush=True)
         print(f"MLflow UI:  {mlflow_url}", flush=True)
         print(f"Deployment: lmforge-pipeline/{DEPLOYMENT_NAME} (cron '{config.platform.schedule_cron}')"
@@ -96,7 +96,7 @@ def _bin(name: str) -> str:
 
 
 def _log_file(ws: Workspace, name: str):
-    path = ws.home / "logs" / name
+    path = ws.logs_dir / name
     path.parent.mkdir(parents=True, exist_ok=True)
     return open(path, "ab")
 
@@ -117,7 +117,7 @@ def _wait_http(url: str, children: list[subprocess.Popen], what: str, ws: Worksp
         for child in children:
             if child.poll() is not None:
                 raise ServingError(f"{what} exited with code {child.returncode} while starting",
-                                   f"read the logs in {ws.home / 'logs'}")
+                                   f"read the logs in {ws.logs_dir}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return
@@ -125,4 +125,4 @@ def _wait_http(url: str, children: list[subprocess.Popen], what: str, ws: Worksp
             pass
         time.sleep(0.5)
     raise ServingError(f"{what} did not answer at {url} within {timeout:.0f}s",
-                       f"read the logs in {ws.home / 'logs'}")
+                       f"read the logs in {ws.logs_dir}")

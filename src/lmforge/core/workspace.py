@@ -12,9 +12,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 DEFAULT_HOME = ".lmforge"
 
@@ -32,35 +33,60 @@ class Workspace:
     home: Path
 
     @classmethod
-    def from_env(cls, home: str | os.PathLike[str] | None = None) -> "Workspace":
+    def from_env(cls, home: str | os.PathLike[str] | None = None) -> Workspace:
         chosen = home or os.environ.get("LMFORGE_HOME") or DEFAULT_HOME
         return cls(Path(chosen).expanduser().resolve())
 
     # Data, in the order the pipeline produces it.
     @property
+    def data_dir(self) -> Path:
+        """The datasets below, and the curate stage's scratch space (beside its output, for one rename)."""
+        return self.home / "data"
+
+    @property
+    def collect_cache_dir(self) -> Path:
+        """Collection's scratch space: downloads and partial units a rerun resumes from."""
+        return self.home / "cache" / "collect"
+
+    @property
     def raw_dir(self) -> Path:
-        return self.home / "data" / "raw"
+        return self.data_dir / "raw"
 
     @property
     def curated_dir(self) -> Path:
-        return self.home / "data" / "curated"
+        return self.data_dir / "curated"
+
+    @property
+    def curated_versions_dir(self) -> Path:
+        """Each curated version's dedup keys and signatures, which later versions dedup against."""
+        return self.data_dir / "curated-versions"
 
     @property
     def sft_dir(self) -> Path:
-        return self.home / "data" / "sft"
+        return self.data_dir / "sft"
 
     @property
     def validation_dir(self) -> Path:
-        return self.home / "data" / "validation"
+        return self.data_dir / "validation"
 
     @property
     def tokenizer_dir(self) -> Path:
         return self.home / "tokenizer"
 
     @property
+    def tokenized_dir(self) -> Path:
+        """Tokenized datasets, one folder per content digest, and ``latest.json`` naming the newest."""
+        return self.data_dir / "tokenized"
+
+    @property
     def runs_dir(self) -> Path:
-        """Training runs: checkpoints and final model directories, one folder per run."""
+        """Training runs: final model directories and results, one folder per run."""
         return self.home / "runs"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        """Checkpoints of unfinished training runs, one folder per run id (removed once it succeeds)."""
+        return self.home / "checkpoints"
 
     @property
     def eval_dir(self) -> Path:
@@ -96,7 +122,17 @@ class Workspace:
     def serving_dir(self) -> Path:
         return self.home / "serving"
 
-    def ensure(self) -> "Workspace":
+    @property
+    def logs_dir(self) -> Path:
+        """Logs of the services `lmforge ui` starts."""
+        return self.home / "logs"
+
+    @property
+    def ui_file(self) -> Path:
+        """The running `lmforge ui`'s URLs and process id."""
+        return self.home / "ui.json"
+
+    def ensure(self) -> Workspace:
         self.home.mkdir(parents=True, exist_ok=True)
         return self
 

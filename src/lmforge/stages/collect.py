@@ -105,7 +105,7 @@ def collect(cfg: DataConfig, ws: Workspace, progress: Progress | None = None) ->
 
     with exclusive(ws.raw_dir):
         store = RawStore(ws.raw_dir, cfg.shard_max_documents, cfg.shard_max_bytes, run_info)
-        scratch = ws.home / "cache" / "collect"
+        scratch = ws.collect_cache_dir
         try:
             run_sources(sources, store, reports, scratch, cfg.parallel, cfg.source_concurrency,
                         cfg.progress_interval_s, on_done)

@@ -58,11 +58,6 @@ class CurateResult:
         return data
 
 
-def versions_dir(ws: Workspace) -> Path:
-    """Where each curated version leaves its dedup keys and signatures for later versions."""
-    return ws.home / "data" / "curated-versions"
-
-
 def raw_units(ws: Workspace) -> list[Unit]:
     from lmforge.stages.collect import raw_shard_paths  # the shards collect's manifest commits, live rows only
 
@@ -80,8 +75,8 @@ def curate(cfg: CurationConfig, ws: Workspace) -> CurateResult:
     units = raw_units(ws)
     total = sum(pq.ParquetFile(u.path).metadata.num_rows for u in units)
     use_ray = bool(cfg.ray_min_documents) and total >= cfg.ray_min_documents and len(units) > 1
-    (ws.home / "data").mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=ws.home / "data", prefix=".curate-work-"))
+    ws.data_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=ws.data_dir, prefix=".curate-work-"))
     try:
         return _curate(cfg, ws, units, work, use_ray)
     finally:
@@ -126,8 +121,8 @@ def _curate(cfg: CurationConfig, ws: Workspace, units: list[Unit], work: Path, u
         atomic_write_json(out / "report.json", report)
     if signatures is not None:
         kept = np.flatnonzero(codes == KEEP)
-        VersionStore(versions_dir(ws)).save(digest, keys[previous:][kept], np.asarray(signatures[previous:][kept]),
-                                            cfg.near_dedup)
+        VersionStore(ws.curated_versions_dir).save(digest, keys[previous:][kept],
+                                                   np.asarray(signatures[previous:][kept]), cfg.near_dedup)
     return result
 
 
@@ -137,7 +132,8 @@ def _dedup_inputs(cfg: CurationConfig, ws: Workspace, units: list[Unit], work: P
     if "near_dedup" not in cfg.steps:
         return keys, None, 0, []
     near = cfg.near_dedup
-    prev_keys, prev_sigs, used = VersionStore(versions_dir(ws)).previous(near) if near.previous_versions else (
+    store = VersionStore(ws.curated_versions_dir)
+    prev_keys, prev_sigs, used = store.previous(near) if near.previous_versions else (
         np.empty(0, dtype=np.uint64), np.empty((0, near.num_perm), dtype=np.uint32), [])
     signatures = stack_signatures(work, units, prev_sigs, near.num_perm)
     return np.concatenate([prev_keys, keys]), signatures, len(prev_keys), used

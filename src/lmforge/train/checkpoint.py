@@ -29,7 +29,7 @@ LATEST = "latest.json"
 
 
 def checkpoint_root(ws: Workspace, run_id: str) -> Path:
-    return ws.home / "checkpoints" / run_id
+    return ws.checkpoints_dir / run_id
 
 
 @dataclass

@@ -4,7 +4,7 @@
 process (``training.use_ray: false``, world size 1) or under Ray Train's ``TorchTrainer`` as DDP
 ranks; Ray is imported only on that path, so the engine runs where only torch, transformers and
 peft are installed. Rank 0 writes ``ws.runs_dir/<run_id>/`` in one atomic rename (layout:
-:mod:`lmforge.train.artifacts`); checkpoints go to ``ws.home/checkpoints/<run_id>/`` and are
+:mod:`lmforge.train.artifacts`); checkpoints go to ``ws.checkpoints_dir/<run_id>/`` and are
 removed once the run succeeds. The stage adds ``train_result.json`` and the ``train`` state hand-off.
 """
 
