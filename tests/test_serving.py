@@ -25,9 +25,9 @@ import uvicorn
 from lmforge.config.stages import ServingConfig
 from lmforge.core.errors import ServingError
 from lmforge.model.prompt import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, format_prompt
+from lmforge.serving.api.launch import bind_socket, run_server, url_for
+from lmforge.serving.api.server import create_app
 from lmforge.serving.engine import Engine, RequestError, SamplingParams
-from lmforge.serving.launch import bind_socket, run_server, url_for
-from lmforge.serving.server import create_app
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -160,7 +160,7 @@ def test_requests_joining_mid_flight_match_solo(engine: Engine, first: int) -> N
 def test_cpu_threads_one_for_small_models_unless_configured() -> None:
     from types import SimpleNamespace
 
-    from lmforge.serving.backend import cpu_threads
+    from lmforge.serving.engine.engine import cpu_threads
 
     small, wide = SimpleNamespace(hidden_size=128), SimpleNamespace(hidden_size=2048)
     assert cpu_threads(ServingConfig(), small) == 1

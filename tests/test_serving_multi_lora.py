@@ -1,4 +1,4 @@
-"""Several unmerged LoRA adapters over one base, chosen by the request's ``model`` (lora_slots.py).
+"""Several unmerged LoRA adapters over one base, chosen by the request's ``model`` (adapters/lora_slots.py).
 
 Two LoRA adapters are trained here for a few steps on a tiny random Llama (different data, seeds,
 ranks and target modules; one saved as a plain peft directory, one as an lmforge run's
@@ -24,9 +24,9 @@ from transformers import AutoTokenizer
 
 from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ConfigError, ServingError
-from lmforge.serving.__main__ import parse_adapters
+from lmforge.serving.api import parse_adapters
+from lmforge.serving.api.server import create_app
 from lmforge.serving.engine import Engine, RequestError, SamplingParams
-from lmforge.serving.server import create_app
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 # Chunked prefill in 16-token chunks and 4-token blocks: mixed batches span prefill and decode steps.

@@ -28,7 +28,7 @@ from test_serving_server import running
 from lmforge.cli import main
 from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
-from lmforge.serving.batch import DecodeBatch
+from lmforge.serving.backends.hf import DecodeBatch
 from lmforge.serving.engine import Engine, SamplingParams
 
 pytest.importorskip("onnxruntime", reason="optional extra: pip install -e '.[onnx]' (make install does)")
@@ -80,7 +80,7 @@ def test_logits_match_pytorch_through_prefill_and_decode(dirs: tuple[Path, Path]
     """Same left-padded batch through both models' dense caches: prefill, then 4 decode steps."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lmforge.serving.onnx_backend import load_onnx_model
+    from lmforge.serving.model.onnx_model import load_onnx_model
 
     model_dir, onnx_dir = dirs
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -175,7 +175,7 @@ def test_engine_choice_errors_name_the_fix(dirs: tuple[Path, Path]) -> None:
 
 
 def test_export_refuses_to_shadow_weights_or_export_an_export(dirs: tuple[Path, Path], tmp_path: Path) -> None:
-    from lmforge.serving.onnx_export import export_onnx
+    from lmforge.serving.export import export_onnx
 
     model_dir, onnx_dir = dirs
     with pytest.raises(ServingError) as err:
@@ -191,7 +191,7 @@ def test_export_refuses_to_shadow_weights_or_export_an_export(dirs: tuple[Path, 
 def test_other_architectures_export_and_decode_like_pytorch(arch: str, dirs, tmp_path: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from lmforge.serving.onnx_export import export_onnx
+    from lmforge.serving.export import export_onnx
 
     model_dir, _ = dirs
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -218,7 +218,7 @@ def test_other_architectures_export_and_decode_like_pytorch(arch: str, dirs, tmp
 def test_sliding_window_models_are_refused_with_a_fix(tmp_path: Path, dirs) -> None:
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
-    from lmforge.serving.onnx_export import export_onnx
+    from lmforge.serving.export import export_onnx
 
     tokenizer = AutoTokenizer.from_pretrained(dirs[0])
     config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,

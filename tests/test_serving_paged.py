@@ -17,8 +17,8 @@ from test_serving import PROMPTS, make_tiny_model_dir
 
 from lmforge.config.serving import ServingConfig
 from lmforge.serving.engine import Engine, RequestError, SamplingParams
-from lmforge.serving.kv_cache import CacheShape, PagedKVCache
-from lmforge.serving.quantize import Int8Linear
+from lmforge.serving.model.kv_cache import CacheShape, PagedKVCache
+from lmforge.serving.quant.quantize import Int8Linear
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0)
 
@@ -158,9 +158,9 @@ def test_sampling_filters_degenerate_to_greedy(model_dir: Path) -> None:
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs triton and TRITON_INTERPRET=1")
 def test_triton_kernels_match_the_model_in_the_interpreter(model_dir: Path) -> None:
-    from lmforge.serving.backend import PrefillItem
-    from lmforge.serving.ops import TritonOps
-    from lmforge.serving.paged import PagedBackend
+    from lmforge.serving.backends.base import PrefillItem
+    from lmforge.serving.backends.paged import PagedBackend
+    from lmforge.serving.model.ops import TritonOps
 
     engine = _engine(model_dir)
     engine.close()  # only its model and tokenizer are needed
@@ -180,6 +180,7 @@ def test_unmerged_adapters_are_applied_or_refused(tmp_path: Path) -> None:
     import json
 
     from lmforge.core.errors import ServingError
+    from lmforge.train.artifacts import MARKER
     from lmforge.train.methods import bottleneck as adapters
 
     model_dir = make_tiny_model_dir(tmp_path / "model")
@@ -193,7 +194,7 @@ def test_unmerged_adapters_are_applied_or_refused(tmp_path: Path) -> None:
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.5)  # a visible change: fresh adapters start as the identity
     adapters.save_adapter(model, model_dir / "adapter", base_dir=".")
-    (model_dir / "lmforge_adapter.json").write_text(json.dumps({"adapter": "adapter"}))
+    (model_dir / MARKER).write_text(json.dumps({"adapter": "adapter"}))
     adapted = Engine.load(model_dir, device="cpu")
     try:
         assert adapted.backend.name == "hf"  # wrapped layers: served through the model's own forward

@@ -21,13 +21,13 @@ from test_train_methods import BASE_TRAINING, MODEL, finetune, ws  # noqa: F401 
 from transformers import AutoModelForCausalLM
 
 from lmforge.config.serving import ServingConfig
+from lmforge.serving.adapters.virtual_tokens import PagedPrefix, VirtualPrefix
+from lmforge.serving.api.server import create_app
 from lmforge.serving.engine import Engine, RequestError, SamplingParams
-from lmforge.serving.kv_cache import CacheShape, PagedKVCache
-from lmforge.serving.server import create_app
-from lmforge.serving.virtual_tokens import PagedPrefix, VirtualPrefix
+from lmforge.serving.model.kv_cache import CacheShape, PagedKVCache
+from lmforge.stages.train import train
 from lmforge.tokenizer.build import load_tokenizer
 from lmforge.train.artifacts import greedy_ids, load_trained
-from lmforge.stages.train import train
 
 METHODS = ("prefix", "ptuning_v2", "prompt", "ptuning")
 PROMPTS = ["def add(a, b):", "The quick brown", "x",

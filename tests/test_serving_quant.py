@@ -21,16 +21,15 @@ from test_serving import PROMPTS, make_tiny_model_dir
 
 from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
-from lmforge.serving.backend import PrefillItem
+from lmforge.serving.backends.base import PrefillItem
 from lmforge.serving.engine import Engine, SamplingParams
-from lmforge.serving.int4_layout import learn_layout, self_test, unpack
-from lmforge.serving.loading import load_model
-from lmforge.serving.quantize import (
+from lmforge.serving.model.loading import load_model
+from lmforge.serving.quant.int4_layout import int4_pack_nibbles, learn_layout, self_test, unpack
+from lmforge.serving.quant.quantize import (
     Int8Linear,
     check_options,
     fp8_quantize,
     int4_dequantize,
-    int4_pack_nibbles,
     int4_quantize,
     int4_scales_and_zeros,
 )

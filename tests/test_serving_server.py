@@ -22,10 +22,10 @@ from test_serving import make_tiny_model_dir
 
 from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
+from lmforge.serving.api.launch import bind_socket, check_exposure, parse_keys, run_server, url_for
+from lmforge.serving.api.server import create_app
 from lmforge.serving.engine import Engine, SamplingParams
-from lmforge.serving.launch import bind_socket, check_exposure, parse_keys, run_server, url_for
-from lmforge.serving.metrics import EngineMetrics
-from lmforge.serving.server import create_app
+from lmforge.serving.engine.metrics import EngineMetrics
 
 
 @pytest.fixture(scope="module")

@@ -146,7 +146,7 @@ def cmd_deploy(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
-    from lmforge.serving.__main__ import parse_adapters, serve_model
+    from lmforge.serving.api import parse_adapters, serve_model
 
     serve_model(args.model, parse_adapters(args.adapter, config.serving), ws, host=args.host, port=args.port,
                 api_key=args.api_key)
@@ -154,10 +154,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_export_onnx(args: argparse.Namespace) -> None:
     _config, ws = _setup(args)
-    from lmforge.serving.__main__ import _resolve
-    from lmforge.serving.onnx_export import export_onnx
+    from lmforge.serving.api import resolve_model_dir
+    from lmforge.serving.export import export_onnx
 
-    model_dir, _name = _resolve(args.model, ws)
+    model_dir, _name = resolve_model_dir(args.model, ws)
     emit("export-onnx", export_onnx(model_dir, Path(args.out_dir), args.opset).as_dict(), args.json)
 
 

@@ -88,16 +88,27 @@ def load_trained(model_dir: Path, dtype: torch.dtype = torch.float32, device: st
     model_dir = Path(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True,
                                                  local_files_only=True, trust_remote_code=False)
-    marker = model_dir / MARKER
-    if marker.exists():
-        adapter_dir = model_dir / json.loads(marker.read_text())["adapter"]
-        if adapters.is_bottleneck_adapter(adapter_dir):
-            model = adapters.load_adapter(model, adapter_dir)
-        else:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, adapter_dir)
+    adapter_dir = marked_adapter_dir(model_dir)
+    if adapter_dir is not None:
+        model = apply_adapter(model, adapter_dir)
     return model.to(device).eval()
+
+
+def marked_adapter_dir(model_dir: Path) -> Path | None:
+    """The unmergeable adapter's directory that ``model_dir``'s marker names, or None without a marker."""
+    marker = Path(model_dir) / MARKER
+    if not marker.exists():
+        return None
+    return Path(model_dir) / json.loads(marker.read_text())["adapter"]
+
+
+def apply_adapter(model, adapter_dir: Path):
+    """``model`` with the adapter in ``adapter_dir`` applied: one of our bottleneck adapters, else peft's."""
+    if adapters.is_bottleneck_adapter(adapter_dir):
+        return adapters.load_adapter(model, adapter_dir)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter_dir)
 
 
 @torch.no_grad()

@@ -26,6 +26,10 @@ _RATE_WINDOW_S = 10.0
 class NullMetrics:
     """Engine metrics that record nothing (scripts, benchmarks, tests that do not scrape)."""
 
+    def bind(self, queue_depth: Callable[[], float], running: Callable[[], float],
+             kv_cache_usage: Callable[[], float]) -> None:
+        pass
+
     def tokens(self, first_token_latencies: Iterable[float], gaps: Iterable[float], count: int) -> None:
         pass
 

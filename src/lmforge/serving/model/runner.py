@@ -5,12 +5,12 @@ fused QKV matmul and one fused gate/up matmul per layer (the fused tensors are t
 the original modules are re-pointed at slices of them, so no weight is held twice and the model
 object stays usable), rotary embeddings from a table precomputed by the model's own rotary module
 (so every rope scaling that does not depend on the sequence length is supported), and attention
-over the paged cache (``ops.py``: PyTorch on CPU, Triton kernels on CUDA). Every token of a step is
+over the paged cache (``model/ops.py``: PyTorch on CPU, Triton kernels on CUDA). Every token of a step is
 in one flat batch, so a decode step for 64 sequences and a prefill chunk of 2,000 prompt tokens
 are the same code path; a decode step's shapes depend only on the batch size, which is what lets
-``graphs.py`` capture it.
+``model/graphs.py`` capture it.
 
-Architectures it does not know are served by the HF fallback (``batch.py``); :func:`unsupported`
+Architectures it does not know are served by the HF fallback (``backends/hf.py``); :func:`unsupported`
 says why a model is not supported.
 """
 
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.serving.kv_cache import PagedKVCache
-from lmforge.serving.ops import Ops, StepLayout
-from lmforge.serving.quantize import QuantLinear
+from lmforge.serving.model.kv_cache import PagedKVCache
+from lmforge.serving.model.ops import Ops, StepLayout
+from lmforge.serving.quant.quantize import QuantLinear
 
 # Rope variants whose frequencies change with the sequence length cannot use a fixed table.
 _LENGTH_DEPENDENT_ROPE = {"dynamic", "longrope"}
@@ -43,9 +43,9 @@ def unsupported(model: nn.Module) -> str | None:
     rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
     if rope_type in _LENGTH_DEPENDENT_ROPE:
         return f"rope type {rope_type!r} depends on the sequence length"
-    head_dim = _head_dim(config)
-    if head_dim % 2:
-        return f"odd head_dim {head_dim}"
+    size = head_dim(config)
+    if size % 2:
+        return f"odd head_dim {size}"
     for layer in model.model.layers:
         for mod in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                     layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
@@ -54,7 +54,8 @@ def unsupported(model: nn.Module) -> str | None:
     return None
 
 
-def _head_dim(config: Any) -> int:
+def head_dim(config: Any) -> int:
+    """Size of one attention head (``config.head_dim`` when the model sets it)."""
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
@@ -114,7 +115,7 @@ class LlamaRunner:
         self.ops = ops
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads or self.heads
-        self.head_dim = _head_dim(config)
+        self.head_dim = head_dim(config)
         self.scale = self.head_dim**-0.5
         self.eps = float(config.rms_norm_eps)
         self.embed = inner.embed_tokens.weight

@@ -29,7 +29,13 @@ import torch
 log = logging.getLogger(__name__)
 
 TILE_N, TILE_K = 8, 128  # one packed tile with inner_k_tiles=8: 8 output channels x 128 inputs
+INT4_INNER_K_TILES = 8  # the inner_k_tiles Int4Linear packs with (quant/quantize.py)
 Packer = Callable[[torch.Tensor], torch.Tensor]  # q [N, K] int32 0..15 -> packed int32 tiles
+
+
+def int4_pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """``q [N, K]`` (0..15) as uint8 ``[N, K // 2]``, even columns in the high nibble (torch >= 2.5's input)."""
+    return (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
 
 
 def nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -68,8 +74,6 @@ def self_test(pack: Packer, layout: torch.Tensor, device: torch.device) -> bool:
 @functools.cache
 def tinygemm_layout(device: str) -> torch.Tensor | None:
     """The learned and self-tested layout of ``_convert_weight_to_int4pack`` on ``device`` (None: unusable)."""
-    from lmforge.serving.quantize import INT4_INNER_K_TILES, int4_pack_nibbles
-
     def pack(q: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._convert_weight_to_int4pack(int4_pack_nibbles(q), INT4_INNER_K_TILES)
 

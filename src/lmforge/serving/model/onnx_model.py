@@ -1,30 +1,40 @@
-"""Serve a model exported by ``lmforge export-onnx`` through ONNX Runtime on CPU.
+"""Load a model exported by ``lmforge export-onnx`` as a causal LM that ONNX Runtime runs on CPU.
 
     lmforge serve OUT_DIR          (a directory written by `lmforge export-onnx MODEL OUT_DIR`)
 
 :class:`OnnxCausalLM` is an ONNX Runtime session dressed as the part of a transformers causal LM
 the engine uses (``config``, ``device``, ``generation_config``, the vocabulary size, and a forward
-that takes and grows a ``DynamicCache``). The engine's dense-cache backend (``batch.HFBackend``:
-left padding, per-row positions, merge and keep at step boundaries) then runs it unchanged, so ONNX
-Runtime serves with the same continuous batching, sampling and server as the PyTorch engines.
-The session uses the CPUExecutionProvider; ``serving.onnx_threads`` sets its intra-op threads.
+that takes and grows a ``DynamicCache``). The engine's dense-cache backend (``backends/hf.py``:
+left padding, per-row positions, merge and keep at step boundaries) then runs it unchanged
+(``backends/onnx.py``), so ONNX Runtime serves with the same continuous batching, sampling and
+server as the PyTorch engines. The session uses the CPUExecutionProvider; ``serving.onnx_threads``
+sets its intra-op threads.
+
+The export's format (``SPEC_FILE``, ``SPEC_FORMAT``, :func:`io_names`) is defined here, where it is
+read; the exporter (``export/onnx.py``) writes it.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
-from lmforge.serving.onnx_export import INSTALL_FIX, SPEC_FILE, SPEC_FORMAT, io_names
 
-log = logging.getLogger(__name__)
+SPEC_FILE = "onnx_model.json"
+SPEC_FORMAT = "lmforge-onnx-causal-lm/1"
+INSTALL_FIX = "install the optional ONNX dependencies: pip install 'lmforge[onnx]' (make install does)"
+
+
+def io_names(layers: int) -> tuple[list[str], list[str]]:
+    """Input and output names of the exported graph, in order."""
+    kv = [f"{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+    return (["input_ids", "attention_mask", "position_ids"] + [f"past_{n}" for n in kv],
+            ["logits"] + [f"present_{n}" for n in kv])
 
 
 def new_session(path: Path, threads: int | None) -> Any:
@@ -48,7 +58,7 @@ class _Vocabulary:
 
 
 class OnnxCausalLM:
-    """An exported decoder step behind the causal-LM interface ``batch.DecodeBatch`` calls.
+    """An exported decoder step behind the causal-LM interface ``backends/hf.py``'s ``DecodeBatch`` calls.
 
     The session starts in :meth:`start` (from the serving config), not at load.
     """
@@ -126,20 +136,3 @@ def load_onnx_model(model_dir: Path, device: str | None, quantization: str) -> t
         generation = GenerationConfig.from_model_config(config)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
     return OnnxCausalLM(model_dir, config, generation, spec), tokenizer
-
-
-def make_onnx_backend(model: Any, cfg: ServingConfig) -> Any:
-    """The engine's dense-cache backend over ONNX Runtime, or an error if the model or config disagree."""
-    from lmforge.serving.batch import HFBackend
-
-    if not isinstance(model, OnnxCausalLM):
-        raise ServingError("serving.engine is 'onnx' but the model directory holds PyTorch weights, not an export",
-                           "run `lmforge export-onnx MODEL OUT_DIR` and serve OUT_DIR, or set serving.engine to 'auto'")
-    if cfg.engine not in ("auto", "onnx"):
-        raise ServingError(f"serving.engine is {cfg.engine!r} but {model.model_dir} is an ONNX export",
-                           "set serving.engine to 'auto' or 'onnx', or serve the PyTorch model directory")
-    model.start(cfg.onnx_threads)
-    backend = HFBackend(model, cfg.max_batch_size)
-    backend.name = "onnx"
-    log.info("serving %s through ONNX Runtime (CPU, %s threads)", model.model_dir, cfg.onnx_threads or "all")
-    return backend

@@ -1,7 +1,7 @@
 """The non-matmul operations of the paged engine's Llama layer, in PyTorch, and the step's layout.
 
 :class:`Ops` is the PyTorch implementation (used on CPU, and as the reference the Triton kernels in
-``kernels.py`` are tested against); :class:`TritonOps` has the same methods backed by those kernels.
+``kernels/layer.py`` are tested against); :class:`TritonOps` has the same methods backed by those kernels.
 The rounding of every PyTorch op here is exactly that of ``transformers``' Llama, so on CPU the
 engine's greedy tokens equal ``generate()``'s.
 
@@ -66,7 +66,7 @@ class Ops:
     """PyTorch versions of the layer's small ops, rounding exactly like transformers' Llama."""
 
     name = "torch"
-    # An fp8 KV cache holds key / kv_scale (quantize.py); 1.0 keeps Llama keys and values far inside e4m3's range.
+    # An fp8 KV cache holds key / kv_scale (quant/quantize.py); 1.0 keeps Llama keys and values far inside e4m3's range.
     kv_scale = 1.0
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -85,8 +85,8 @@ class Ops:
         c, s = cos[positions][:, None, :], sin[positions][:, None, :]
         q = _rope(q.reshape(tokens, heads, head_dim), c, s)
         k = _rope(k.reshape(tokens, kv_heads, head_dim), c, s)
-        _store(k_cache, slots, k, self.kv_scale)
-        _store(v_cache, slots, v.reshape(tokens, kv_heads, head_dim), self.kv_scale)
+        store_kv(k_cache, slots, k, self.kv_scale)
+        store_kv(v_cache, slots, v.reshape(tokens, kv_heads, head_dim), self.kv_scale)
         return q
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -119,7 +119,7 @@ class TritonOps(Ops):
     name = "triton"
 
     def __init__(self) -> None:
-        from lmforge.serving import kernels  # imports triton
+        from lmforge.serving.kernels import layer as kernels  # imports triton
 
         self._k = kernels
 
@@ -158,7 +158,9 @@ def _dense_indices(layout: StepLayout, table: torch.Tensor, block_size: int, tok
     return slots, q_index, mask
 
 
-def _store(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, kv_scale: float) -> torch.Tensor:
+def store_kv(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, kv_scale: float) -> torch.Tensor:
+    """Write ``x`` into ``cache`` at ``slots`` as the runner does: cast to the cache dtype, an fp8 cache
+    scaled by ``1 / kv_scale`` and saturated."""
     if cache.dtype != torch.float8_e4m3fn:
         return cache.index_copy_(0, slots, x.to(cache.dtype))
     q = (x.float() / kv_scale).clamp(-448.0, 448.0).to(cache.dtype)  # saturate, as the Triton kernel does

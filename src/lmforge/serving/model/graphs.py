@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.serving.model_runner import LlamaRunner
-from lmforge.serving.ops import StepLayout
+from lmforge.serving.model.ops import StepLayout
+from lmforge.serving.model.runner import LlamaRunner
 
 
 def buckets(max_batch: int) -> list[int]:

@@ -84,8 +84,8 @@ def run_server(model_dir: Path, cfg: ServingConfig, model_name: str, host: str |
     import uvicorn  # only the server process needs it
     from transformers.utils import logging as hf_logging
 
-    from lmforge.serving.engine import Engine
-    from lmforge.serving.server import create_app
+    from lmforge.serving.api.server import create_app
+    from lmforge.serving.engine.engine import Engine
 
     hf_logging.disable_progress_bar()  # a progress bar per weight file is noise in server.log
     keys = parse_keys(api_key)
@@ -109,7 +109,7 @@ def run_server(model_dir: Path, cfg: ServingConfig, model_name: str, host: str |
 
 def _metrics():
     try:
-        from lmforge.serving.metrics import EngineMetrics
+        from lmforge.serving.engine.metrics import EngineMetrics
 
         return EngineMetrics()
     except ImportError:  # prometheus_client missing: serve without /metrics

@@ -1,4 +1,4 @@
-"""The fallback backend: rows decoded together over the model's own dense, left-padded KV cache.
+"""The HF backend: rows decoded together over the model's own dense, left-padded KV cache.
 
 Continuous batching needs four operations on the KV cache, and :class:`DecodeBatch` is exactly
 those: ``prefill`` new prompts into a fresh batch, ``merge`` that batch into the running one at a
@@ -6,15 +6,13 @@ step boundary, ``decode`` one token for every row, and ``keep`` only the unfinis
 values live in the model's own ``DynamicCache`` ([rows, kv_heads, columns, head_dim] per layer), so
 rows of different lengths share columns through left padding and a 2-D attention mask, and
 position ids are tracked per row. :class:`HFBackend` wraps it for the engine; it serves every
-causal LM the paged backend (``paged.py``) does not run, through the model's own forward.
+causal LM the paged backend (``backends/paged.py``) does not run, through the model's own forward
+(``model/hf_forward.py``), and ONNX Runtime's exported step the same way (``backends/onnx.py``).
 
 Invariant: every layer's cache holds exactly ``mask.shape[1]`` columns.
 """
 
 from __future__ import annotations
-
-import functools
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +20,9 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from lmforge.core.errors import ServingError
-from lmforge.serving.virtual_tokens import VirtualPrefix, prefix_of
+from lmforge.serving.adapters.virtual_tokens import VirtualPrefix, prefix_of
+from lmforge.serving.backends.base import PrefillItem
+from lmforge.serving.model.hf_forward import hf_forward
 
 
 def check_cache_support(model: torch.nn.Module) -> None:
@@ -33,27 +33,6 @@ def check_cache_support(model: torch.nn.Module) -> None:
             f"this engine merges only full-attention KV caches; the model uses {sorted(kinds)}",
             "serve a model without sliding-window or hybrid attention layers (e.g. Llama, GPT-2)",
         )
-
-
-@functools.cache
-def _cache_kwarg(model_class: type) -> str:
-    # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns until 5.40);
-    # the project accepts any transformers 5, so pick whichever name this version takes.
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
-def _forward(model, ids, mask, positions, cache, all_columns: bool = False) -> torch.Tensor:
-    """Logits of the last input column ([rows, vocab]), or of every column ([rows, columns, vocab]);
-    the cache grows in place."""
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=0 if all_columns else 1,
-        **{_cache_kwarg(type(model)): cache},
-    )
-    return out.logits if all_columns else out.logits[:, -1, :]
 
 
 class DecodeBatch:
@@ -77,7 +56,7 @@ class DecodeBatch:
                 prefix: VirtualPrefix | None = None) -> tuple["DecodeBatch", torch.Tensor]:
         """Run the prompts (left-padded to one length) and return the batch and last-token logits
         (``all_columns``: logits of every column, ``[rows, width, vocab]``). With ``prefix`` (a
-        prompt-learning adapter's, ``virtual_tokens.py``) every row's cache starts with it."""
+        prompt-learning adapter's, ``adapters/virtual_tokens.py``) every row's cache starts with it."""
         device = model.device
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
@@ -93,13 +72,13 @@ class DecodeBatch:
                 cache.update(keys.transpose(0, 1)[None].expand(rows), values.transpose(0, 1)[None].expand(rows), i)
         # Padding must not shift positions: each row's first real token is position 0 (P after a prefix).
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = _forward(model, ids, mask, positions[:, -width:], cache, all_columns)
+        logits = hf_forward(model, ids, mask, positions[:, -width:], cache, all_columns)
         return cls(cache, mask, mask.sum(-1)), logits
 
     def decode(self, model, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row ([rows]) and return the logits for the next one ([rows, vocab])."""
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        logits = _forward(model, tokens[:, None], self.mask, self.positions[:, None], self.cache)
+        logits = hf_forward(model, tokens[:, None], self.mask, self.positions[:, None], self.cache)
         self.positions = self.positions + 1
         return logits
 
@@ -144,12 +123,14 @@ class HFBackend:
     rows it is given. Capacity is ``max_batch_size`` rows; prefill takes whole prompts.
     """
 
-    name = "hf"
     chunked_prefill = False
+    overlap = False  # a decode keeps only the rows it is given: a second decode in one step would drop the first's
 
-    def __init__(self, model, max_batch_size: int) -> None:
+    def __init__(self, model, max_batch_size: int, name: str = "hf") -> None:
         check_cache_support(model)
+        self.name = name
         self.model = model
+        self.adapter_slots: dict[str, int] = {}  # unmerged LoRA adapters need the paged backend
         self.max_rows = max_batch_size
         self.context_window = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         self._batch: DecodeBatch | None = None
@@ -171,8 +152,16 @@ class HFBackend:
         self._live.add(self._next_row)
         return self._next_row
 
+    def grow(self, row: int, tokens: int) -> bool:
+        return True  # the dense cache grows with the batch; only rows are counted
+
     def release(self, row: int) -> None:
         self._live.discard(row)
+
+    def set_adapter(self, row: int, slot: int) -> None:
+        if slot:
+            raise ServingError("the HF backend serves the base model only",
+                               "serve LoRA adapters unmerged with the paged engine (serving.engine: auto)")
 
     @property
     def cache_usage(self) -> float:
@@ -189,7 +178,7 @@ class HFBackend:
         self._batch.keep([index[row] for row in rows])
         self._order = list(rows)
 
-    def prefill(self, items) -> list[torch.Tensor]:
+    def prefill(self, items: list[PrefillItem]) -> list[torch.Tensor]:
         self._keep([row for row in self._order if row in self._live])
         all_columns = any(item.all_logits for item in items)
         fresh, logits = DecodeBatch.prefill(self.model, [item.ids for item in items], self._pad, all_columns,

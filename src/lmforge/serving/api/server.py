@@ -30,8 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmforge import __version__
 from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
-from lmforge.serving.engine import Engine, EngineBusy, GenerationStream, RequestError
-from lmforge.serving.protocol import (
+from lmforge.serving.engine.engine import Engine, EngineBusy, GenerationStream, RequestError
+from lmforge.serving.api.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -50,7 +50,7 @@ from lmforge.serving.protocol import (
     Usage,
     new_id,
 )
-from lmforge.serving.requests import Completion
+from lmforge.serving.engine.requests import Completion
 
 log = logging.getLogger(__name__)
 

@@ -2,15 +2,15 @@
 
 Only safetensors and no remote code (a pickle or a model's own Python would run with the server's
 rights). bf16 on CUDA, float32 on CPU; ``quantization`` ("int8", "int4", "fp8") replaces the decoder's
-linear layers with quantized ones (``quantize.py``).
+linear layers with quantized ones (``quant/quantize.py``).
 
 A training run whose adapter cannot be merged leaves the base weights plus ``adapter/`` and a marker
-file (``lmforge.train.artifacts``). Loading such a directory as a plain model would silently serve
-the base, so the marker is honoured: bottleneck adapters are applied (and served by the HF
-backend), and so are peft's LLaMA-Adapter (``adapter.variant: llama_adapter``) modules; peft
-prompt-learning adapters (prefix, P-tuning v2, prompt tuning, P-tuning) become a per-layer key/value
-prefix computed once here (``virtual_tokens.py``) that both backends place at the start of every
-sequence's KV cache.
+file (``lmforge.train.artifacts``, which also reads the marker and applies the adapter for us).
+Loading such a directory as a plain model would silently serve the base, so the marker is
+honoured: bottleneck adapters are applied (and served by the HF backend), and so are peft's
+LLaMA-Adapter (``adapter.variant: llama_adapter``) modules; peft prompt-learning adapters (prefix,
+P-tuning v2, prompt tuning, P-tuning) become a per-layer key/value prefix computed once here
+(``adapters/virtual_tokens.py``) that both backends place at the start of every sequence's KV cache.
 """
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ from typing import Any
 import torch
 
 from lmforge.core.errors import ServingError
+from lmforge.serving.adapters import virtual_tokens
+from lmforge.serving.model.onnx_model import load_onnx_model
+from lmforge.serving.quant.quantize import check_options, quantize_model
+from lmforge.train.artifacts import apply_adapter, marked_adapter_dir
+from lmforge.train.methods.bottleneck import is_bottleneck_adapter
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +35,6 @@ def load_model(model_dir: Path, device: str | None = None, quantization: str = "
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (model_dir / "model.onnx").is_file():  # written by `lmforge export-onnx`: served by ONNX Runtime
-        from lmforge.serving.onnx_backend import load_onnx_model
-
         return load_onnx_model(model_dir, device, quantization)
     if not (model_dir / "config.json").is_file():
         raise ServingError(
@@ -41,8 +44,6 @@ def load_model(model_dir: Path, device: str | None = None, quantization: str = "
         )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if quantization != "none":  # before the weights load: a wrong option should fail fast
-        from lmforge.serving.quantize import check_options
-
         check_options(quantization, "auto", device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
@@ -58,8 +59,6 @@ def load_model(model_dir: Path, device: str | None = None, quantization: str = "
     model = _apply_adapter(model, model_dir, device)
     model.to(device).eval()
     if quantization != "none":
-        from lmforge.serving.quantize import quantize_model
-
         replaced = quantize_model(model, quantization)
         if not replaced:
             raise ServingError(f"serving.quantization is {quantization} but {type(model).__name__} has no nn.Linear "
@@ -80,22 +79,13 @@ def eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
-_ADAPTER_MARKER = "lmforge_adapter.json"  # written by lmforge.train.artifacts.save_unmerged
-
-
 def _apply_adapter(model: Any, model_dir: Path, device: str) -> Any:
-    marker = model_dir / _ADAPTER_MARKER
-    if not marker.exists():
+    adapter_dir = marked_adapter_dir(model_dir)
+    if adapter_dir is None:
         return model
-    import json
-
-    from lmforge.serving import virtual_tokens
-    from lmforge.train.methods import bottleneck as adapters
-
-    adapter_dir = model_dir / json.loads(marker.read_text())["adapter"]
-    if adapters.is_bottleneck_adapter(adapter_dir):
+    if is_bottleneck_adapter(adapter_dir):
         log.info("applying the bottleneck adapter in %s", adapter_dir)
-        return adapters.load_adapter(model, adapter_dir)
+        return apply_adapter(model, adapter_dir)
     kind = virtual_tokens.peft_type(adapter_dir)
     if kind in virtual_tokens.PROMPT_LEARNING_TYPES:
         # Computed on the serving device, before any quantization: the prefix is the adapter's exact output.
@@ -103,10 +93,8 @@ def _apply_adapter(model: Any, model_dir: Path, device: str) -> Any:
         log.info("%s adapter in %s: %d virtual tokens in every sequence's cache", kind, adapter_dir, prefix.length)
         return model
     if kind == "ADAPTION_PROMPT":  # LLaMA-Adapter: gated attention to learned prompts, inside peft's modules
-        from peft import PeftModel
-
         log.info("applying the LLaMA-Adapter in %s (served by the HF backend)", adapter_dir)
-        return PeftModel.from_pretrained(model, adapter_dir)
+        return apply_adapter(model, adapter_dir)
     raise ServingError(
         f"{model_dir} holds an unmerged {kind} adapter, which the server cannot apply, and serving the base "
         "alone would be wrong",

@@ -1,21 +1,19 @@
 """The inference engine: loads a model and decodes requests with continuous batching.
 
-One background thread owns the model. Every step it (1) admits waiting requests while the running
-batch has a free row and the KV cache can reserve the request's worst case (prompt plus
-``max_tokens``), (2) drops requests whose client went away, freeing their rows and cache at once,
-(3) prefills up to ``serving.max_prefill_tokens`` prompt tokens (a long prompt is split into
-chunks over several steps, so it never stalls the running streams for long), and (4) decodes one
-token for every running request. Requests join and leave the batch at every step. The waiting
-queue is bounded (``serving.max_queue``): beyond it :meth:`Engine.submit` raises
+One background thread owns the model and runs steps. A step is a prefill round and a decode round,
+each schedule -> execute -> update: the scheduler (``engine/scheduler.py``) says which sequences
+run (admission while the batch has a free row and the KV cache can take the request, dropping
+requests whose client went away, prompt chunks within ``serving.max_prefill_tokens``, preemption
+when the cache runs short); the engine runs them on its backend (``backends/``: the paged one, our
+Llama runner with a paged KV cache and CUDA graphs, or the HF one for every other causal LM),
+chooses the next tokens (``engine/sampling.py``), and hands them back to the scheduler, which
+sends the text and finishes the done sequences. Requests join and leave the batch at every step.
+The waiting queue is bounded (``serving.max_queue``): beyond it :meth:`Engine.submit` raises
 :class:`EngineBusy` (HTTP 429), and while shutting down it refuses with 503.
-
-The forward passes belong to a backend (``backend.py``): the paged one (our Llama runner, paged
-KV cache, CUDA graphs) or the HF fallback for every other causal LM.
 
 Callers use :meth:`Engine.stream` (async iterator of :class:`Delta`), :meth:`Engine.complete`
 (async, one :class:`Completion`) or :meth:`Engine.generate` (blocking, for scripts and tests).
 """
-
 from __future__ import annotations
 
 import atexit
@@ -24,7 +22,6 @@ import logging
 import threading
 import time
 import weakref
-from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Sequence as Seq
 
@@ -33,14 +30,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
-from lmforge.serving.backend import PrefillItem, cpu_threads, make_backend
-from lmforge.serving.loading import eos_ids, load_model
-from lmforge.serving.lora_slots import slot_of
-from lmforge.serving.metrics import NullMetrics
-from lmforge.serving.requests import (Completion, CompletionCollector, Delta, EngineBusy, GenerationStream, Request,
-                                      RequestError, send, token_budget)
-from lmforge.serving.sampling import SamplingParams, TextTracker, TokenLogprob, choose_tokens, make_rng, token_logprobs
-from lmforge.serving.sequence import Sequence, emit, prompt_logprobs, send_delta
+from lmforge.core.runtime import cpu_count
+from lmforge.serving.backends.base import PrefillItem
+from lmforge.serving.backends.choose import make_backend
+from lmforge.serving.engine.metrics import EngineMetrics, NullMetrics
+from lmforge.serving.engine.requests import (Completion, CompletionCollector, Delta, EngineBusy, GenerationStream,
+                                             Request, RequestError, slot_of, token_budget)
+from lmforge.serving.engine.sampling import SamplingParams, TokenLogprob, choose_tokens, token_logprobs
+from lmforge.serving.engine.scheduler import Scheduler
+from lmforge.serving.engine.sequence import Sequence, prompt_logprobs
+from lmforge.serving.model.loading import eos_ids, load_model
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +50,24 @@ _ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTIO
 __all__ = ["Completion", "Delta", "Engine", "EngineBusy", "GenerationStream", "RequestError", "SamplingParams",
            "TokenLogprob"]
 
+# Below this width a CPU matmul takes microseconds, and waking another OpenMP thread for it costs
+# ~100 us when the process has more OpenMP threads than cores (as it does once a second thread, the
+# engine's, runs torch): measured 2x more tokens/s for the demo model with one thread (RESULTS.md).
+SMALL_HIDDEN = 1024
+
+
+def cpu_threads(cfg: ServingConfig, model_config: Any) -> int:
+    """torch threads for the engine thread on a CPU: the configured count, else by model width."""
+    if cfg.cpu_threads:
+        return cfg.cpu_threads
+    return 1 if getattr(model_config, "hidden_size", SMALL_HIDDEN) < SMALL_HIDDEN else cpu_count()
+
 
 class Engine:
     """A loaded model plus the thread that batches and decodes requests for it."""
 
     def __init__(self, model: Any, tokenizer: Any, cfg: ServingConfig | None = None, *,
-                 max_batch_size: int | None = None, metrics: Any = None) -> None:
+                 max_batch_size: int | None = None, metrics: EngineMetrics | NullMetrics | None = None) -> None:
         cfg = cfg or ServingConfig()
         if max_batch_size is not None:
             cfg = cfg.model_copy(update={"max_batch_size": max_batch_size})
@@ -70,17 +81,14 @@ class Engine:
         self.eos_ids = eos_ids(model, tokenizer)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.backend = make_backend(model, cfg, self.context_window)
-        self.adapters: dict[str, int] = getattr(self.backend, "adapter_slots", {})  # LoRA name -> slot
+        self.adapters = self.backend.adapter_slots  # LoRA name -> slot
         self.metrics = metrics or NullMetrics()
-        if hasattr(self.metrics, "bind"):
-            self.metrics.bind(lambda: self.queue_depth, lambda: self.active, lambda: self.cache_usage)
-        self._waiting: deque[Request] = deque()
-        self._prefilling: list[Sequence] = []
-        self._running: list[Sequence] = []
+        self.metrics.bind(lambda: self.queue_depth, lambda: self.active, lambda: self.cache_usage)
+        self._cv = threading.Condition()
+        self.scheduler = Scheduler(self.backend, tokenizer, self.eos_ids, max_batch_size=cfg.max_batch_size,
+                                   max_prefill_tokens=cfg.max_prefill_tokens, metrics=self.metrics, lock=self._cv)
         # A decode step launched before the previous step's text was processed (see _advance).
         self._ahead: tuple[list[Sequence], torch.Tensor] | None = None
-        self._overlap = bool(getattr(self.backend, "overlap", False))
-        self._cv = threading.Condition()
         self._closed = False
         self._draining = False
         # Counters for benchmarks and tests: forward passes and the most rows decoded together.
@@ -91,7 +99,7 @@ class Engine:
 
     @classmethod
     def load(cls, model_dir: Path, device: str | None = None, max_batch_size: int | None = None,
-             cfg: ServingConfig | None = None, metrics: Any = None) -> "Engine":
+             cfg: ServingConfig | None = None, metrics: EngineMetrics | NullMetrics | None = None) -> "Engine":
         """Load a transformers causal-LM directory (safetensors only, no remote code) and its tokenizer.
 
         ``device`` (else ``cfg.device``) defaults to CUDA when present; weights are bf16 on CUDA and
@@ -105,11 +113,11 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        return self.scheduler.queue_depth
 
     @property
     def active(self) -> int:
-        return len(self._prefilling) + len(self._running)
+        return self.scheduler.active
 
     @property
     def cache_usage(self) -> float:
@@ -135,8 +143,7 @@ class Engine:
     def token_budget(self, prompt_tokens: int, max_tokens: int | None, default: int) -> int:
         """The max_tokens to use: the request's (checked against the context window) or the default
         shrunk to fit. Raises :class:`RequestError` naming both numbers when they cannot fit."""
-        return token_budget(self.context_window, prompt_tokens, max_tokens, default,
-                            getattr(self.backend, "virtual_tokens", 0))
+        return token_budget(self.context_window, prompt_tokens, max_tokens, default, self.backend.virtual_tokens)
 
     # ------------------------------------------------------------ public generation API
 
@@ -176,13 +183,13 @@ class Engine:
             if self._closed or self._draining:
                 self.metrics.rejected(503)
                 raise EngineBusy("the server is shutting down", "retry against a running server", status=503)
-            if bounded and len(self._waiting) >= self.cfg.max_queue:  # make room: drop the ones whose client left
-                self._waiting = deque(r for r in self._waiting if not r.cancelled.is_set())
-            if bounded and len(self._waiting) >= self.cfg.max_queue:
+            if bounded and len(self.scheduler.waiting) >= self.cfg.max_queue:  # make room: drop those whose client left
+                self.scheduler.forget_cancelled()
+            if bounded and len(self.scheduler.waiting) >= self.cfg.max_queue:
                 self.metrics.rejected(429)
-                raise EngineBusy(f"the server is at capacity ({self.active} running, {len(self._waiting)} waiting)",
+                raise EngineBusy(f"the server is at capacity ({self.active} running, {self.queue_depth} waiting)",
                                  "retry after a short wait (see Retry-After), or raise serving.max_queue", status=429)
-            self._waiting.append(request)
+            self.scheduler.add(request)
             self._cv.notify()
         return request
 
@@ -195,7 +202,7 @@ class Engine:
         self.token_budget(len(prompt_ids), params.max_tokens, params.max_tokens)
         need = len(prompt_ids) + params.max_tokens
         if not self.backend.fits_ever(need):
-            need += getattr(self.backend, "virtual_tokens", 0)  # a prompt-learning adapter's, before the prompt
+            need += self.backend.virtual_tokens  # a prompt-learning adapter's, before the prompt
             raise RequestError(f"the prompt and max_tokens need {need} tokens of KV cache, more than this "
                                "server's cache holds for one request",
                                "ask for fewer tokens, or raise serving.kv_cache_mb", param="max_tokens",
@@ -207,7 +214,7 @@ class Engine:
         with self._cv:
             self._draining = True
         deadline = time.monotonic() + drain_timeout_s
-        while (self._waiting or self.active) and time.monotonic() < deadline and self._thread.is_alive():
+        while self.scheduler.has_work() and time.monotonic() < deadline and self._thread.is_alive():
             time.sleep(0.02)
         with self._cv:
             self._closed = True
@@ -229,94 +236,44 @@ class Engine:
                 with torch.inference_mode(), sdpa_kernel(_ATTENTION_BACKENDS):
                     self._step()
             except Exception as exc:  # noqa: BLE001 - handed to every affected request, then logged
-                failed = self._prefilling + self._running
-                log.exception("engine step failed; failing %d request(s)", len(failed))
-                for seq in failed:
-                    self.backend.release(seq.row)
-                    send(seq.request, exc)
-                self._prefilling, self._running, self._ahead = [], [], None
-        closed = ServingError("the engine shut down before the request finished", "retry against a running server")
-        for seq in self._prefilling + self._running:
-            send(seq.request, closed)
-        with self._cv:
-            for request in self._waiting:
-                send(request, closed)
-            self._waiting.clear()
+                log.exception("engine step failed; failing %d request(s)", self.scheduler.active)
+                self.scheduler.fail_active(exc)
+                self._ahead = None
+        self.scheduler.close(ServingError("the engine shut down before the request finished",
+                                          "retry against a running server"))
 
     def _wait_for_work(self) -> bool:
         with self._cv:
-            while not self._closed and not self._waiting and not self.active:
+            while not self._closed and not self.scheduler.has_work():
                 self._cv.wait()
             return not self._closed
 
     def _step(self) -> None:
-        self._admit()
-        self._drop_cancelled()
-        if self._prefilling:
-            self._prefill()
-        if self._running:
-            self._decode()
+        """One step: a prefill round, then a decode round, each schedule -> execute -> update."""
+        chunks = self.scheduler.schedule_prefill()
+        if chunks:
+            self._prefill(chunks)
+        seqs = self.scheduler.schedule_decode()
+        if seqs:
+            self._decode(seqs)
 
-    def _admit(self) -> None:
-        with self._cv:
-            while self._waiting and self.active < self.max_batch_size:
-                request = self._waiting[0]
-                if request.cancelled.is_set():
-                    self._waiting.popleft()
-                    continue
-                need = len(request.prompt_ids) + request.params.max_tokens
-                if not self.backend.can_reserve(need):
-                    break  # first come, first served: later requests wait behind this one
-                self._waiting.popleft()
-                params = request.params
-                row = self.backend.reserve(need)
-                if self.adapters:  # the row may have served another adapter before
-                    self.backend.set_adapter(row, request.adapter)
-                seq = Sequence(request, row, TextTracker(self.tokenizer, params.stop), make_rng(params.seed))
-                self._prefilling.append(seq)
-
-    def _drop_cancelled(self) -> None:
-        for group in (self._prefilling, self._running):
-            for seq in [s for s in group if s.request.cancelled.is_set()]:
-                group.remove(seq)
-                self._finish(seq, "cancelled")
-
-    def _prefill(self) -> None:
-        budget = self.cfg.max_prefill_tokens if self.backend.chunked_prefill else None
-        items: list[tuple[Sequence, PrefillItem]] = []
-        for seq in self._prefilling:
-            left = len(seq.prompt) - seq.prefilled
-            take = left if budget is None else min(left, budget)
-            if take <= 0:
-                break
-            chunk = seq.prompt[seq.prefilled : seq.prefilled + take]
-            items.append((seq, PrefillItem(seq.row, seq.prefilled, chunk, seq.params.prompt_logprobs is not None)))
-            if budget is not None:
-                budget -= take
-        logits = self.backend.prefill([item for _, item in items])
+    def _prefill(self, chunks: list[tuple[Sequence, PrefillItem]]) -> None:
+        logits = self.backend.prefill([item for _, item in chunks])
         self.stats["prefills"] += 1
-        self.stats["merges"] += bool(self._running)
-        done: list[tuple[Sequence, torch.Tensor]] = []
-        for (seq, item), rows in zip(items, logits):
+        self.stats["merges"] += bool(self.scheduler.running)
+        last: dict[int, torch.Tensor] = {}
+        for (seq, item), rows in zip(chunks, logits):
             if item.all_logits:
                 prompt_logprobs(seq, item.start, rows, self.tokenizer)
-            seq.prefilled += len(item.ids)
-            if seq.prefilled == len(seq.prompt):
-                self._prefilling.remove(seq)
-                done.append((seq, rows[-1:]))
-        scoring_only = [seq for seq, _ in done if seq.params.max_tokens == 0]
-        for seq in scoring_only:
-            send_delta(seq, "", "length")
-            self._finish(seq, "length")
-        done = [(seq, rows) for seq, rows in done if seq.params.max_tokens > 0]
-        if done:
-            first = self._advance([seq for seq, _ in done], torch.cat([rows for _, rows in done]))
-            self._running.extend(first)
+            last[id(seq)] = rows[-1:]
+        whole = self.scheduler.prefilled(chunks)
+        if whole:
+            self._advance(whole, torch.cat([last[id(seq)] for seq in whole]))
 
-    def _decode(self) -> None:
-        seqs, parts = self._take_ahead()
+    def _decode(self, running: list[Sequence]) -> None:
+        seqs, parts = self._take_ahead(running)
         have = {id(s) for s in seqs}
-        rest = [s for s in self._running if id(s) not in have]  # joined since, or not launched ahead
+        rest = [s for s in running if id(s) not in have]  # joined since, or not launched ahead
         if rest:
             parts.append(self.backend.decode([s.row for s in rest], [s.position for s in rest],
                                              [s.next_token for s in rest]))
@@ -324,23 +281,24 @@ class Engine:
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         self.stats["decode_steps"] += 1
         self.stats["peak_batch"] = max(self.stats["peak_batch"], len(seqs))
-        self._running = self._advance(seqs, logits, ahead=self._overlap)
+        self._advance(seqs, logits, ahead=self.backend.overlap)
 
-    def _take_ahead(self) -> tuple[list[Sequence], list[torch.Tensor]]:
+    def _take_ahead(self, running: list[Sequence]) -> tuple[list[Sequence], list[torch.Tensor]]:
         """The still-running sequences of the step launched ahead, and (a copy of) their logits."""
         if self._ahead is None:
             return [], []
         seqs, logits = self._ahead
         self._ahead = None
-        live = {id(s) for s in self._running}
+        live = {id(s) for s in running}
         keep = [i for i, s in enumerate(seqs) if id(s) in live]
         if not keep:
             return [], []
         # A copy, taken before any other launch: the logits live in a CUDA graph's output buffer.
         return [seqs[i] for i in keep], [logits[torch.tensor(keep, device=logits.device)]]
 
-    def _advance(self, seqs: list[Sequence], logits: torch.Tensor, ahead: bool = False) -> list[Sequence]:
-        """Choose each sequence's next token, send its delta; return the unfinished ones.
+    def _advance(self, seqs: list[Sequence], logits: torch.Tensor, ahead: bool = False) -> None:
+        """Choose each sequence's next token and hand the tokens to the scheduler (which sends the
+        text, finishes the done sequences and keeps the others running).
 
         With ``ahead``, the next decode step is launched for every sequence that will surely go on
         (no EOS, under max_tokens) *before* the text of this step is decoded and sent, so the GPU
@@ -361,35 +319,15 @@ class Engine:
                 self._ahead = (nxt, self.backend.decode([s.row for s in nxt],
                                                         [len(s.prompt) + len(s.token_ids) for s in nxt],
                                                         [tokens[i] for i in go_on]))
-        now = time.perf_counter()
-        first_latencies: list[float] = []
-        gaps: list[float] = []
-        keep: list[Sequence] = []
-        for i, seq in enumerate(seqs):
-            if seq.first_token_at is None:
-                seq.first_token_at = now
-                first_latencies.append(now - seq.request.arrived)
-            else:
-                gaps.append(now - seq.last_token_at)
-            seq.last_token_at = now
-            if emit(seq, tokens[i], entries.get(i), self.eos_ids):
-                self._finish(seq, "cancelled" if seq.request.cancelled.is_set() else "finished")
-            else:
-                keep.append(seq)
-        self.metrics.tokens(first_latencies, gaps, len(seqs))
-        return keep
+        self.scheduler.update(seqs, tokens, entries)
 
     def _continues(self, seq: Sequence, token: int) -> bool:
-        """Whether ``seq`` surely needs another step after ``token`` (stop strings aside)."""
+        """Whether ``seq`` surely needs another step after ``token`` (stop strings aside), with cache room for it."""
         if seq.request.cancelled.is_set() or len(seq.token_ids) + 1 >= seq.params.max_tokens:
             return False
-        return seq.params.ignore_eos or token not in self.eos_ids
-
-    def _finish(self, seq: Sequence, outcome: str) -> None:
-        self.backend.release(seq.row)
-        if outcome == "finished":
-            outcome = "stop" if seq.tracker.stopped or (seq.token_ids and seq.token_ids[-1] in self.eos_ids) else "length"
-        self.metrics.finished(outcome, len(seq.prompt), len(seq.token_ids), time.perf_counter() - seq.request.arrived)
+        if not (seq.params.ignore_eos or token not in self.eos_ids):
+            return False
+        return self.backend.grow(seq.row, len(seq.prompt) + len(seq.token_ids) + 1)
 
 
 # Engines still running at interpreter exit are closed first: a daemon thread killed inside a

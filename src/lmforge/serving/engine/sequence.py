@@ -14,17 +14,19 @@ from typing import Any
 
 import torch
 
-from lmforge.serving.requests import Completion, Delta, Request, send
-from lmforge.serving.sampling import SamplingParams, TextTracker, TokenLogprob, token_logprobs
+from lmforge.serving.engine.requests import Completion, Delta, Request, send
+from lmforge.serving.engine.sampling import SamplingParams, TextTracker, TokenLogprob, token_logprobs
 
 
-@dataclass
+@dataclass(eq=False)  # a sequence is itself: lists of them are searched by identity, never by content
 class Sequence:
     request: Request
-    row: int  # backend row holding its KV cache
+    row: int  # backend row holding its KV cache; -1 while preempted (it holds none)
     tracker: TextTracker
     rng: random.Random
-    prefilled: int = 0  # prompt tokens already in the cache
+    admitted: int = 0  # admission order (the most recently admitted is preempted first)
+    preemptions: int = 0  # times its cache was taken back and recomputed
+    prefilled: int = 0  # tokens of ``prefill_ids`` already in the cache
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -42,6 +44,12 @@ class Sequence:
     @property
     def prompt(self) -> list[int]:
         return self.request.prompt_ids
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        """The tokens to prefill: the prompt, and after a preemption also the tokens generated so far
+        (recomputed, so the sequence goes on where it stopped)."""
+        return self.request.prompt_ids + self.token_ids if self.token_ids else self.request.prompt_ids
 
     @property
     def position(self) -> int:

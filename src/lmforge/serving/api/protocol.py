@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lmforge.serving.sampling import SamplingParams, TokenLogprob
+from lmforge.serving.engine.sampling import SamplingParams, TokenLogprob
 
 # ---------------------------------------------------------------- requests
 

@@ -3,6 +3,7 @@
 The engine thread calls a request's ``sink`` for every :class:`Delta`; :class:`GenerationStream`
 is the sink that forwards them into an asyncio queue, so HTTP handlers can ``async for`` them, and
 :class:`CompletionCollector` the one that blocking callers (``Engine.generate``, benchmarks) wait on.
+:func:`token_budget` and :func:`slot_of` check what a request asks for (its length, its adapter).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 from lmforge.core.errors import ServingError
-from lmforge.serving.sampling import SamplingParams, TokenLogprob
+from lmforge.serving.engine.sampling import SamplingParams, TokenLogprob
 
 
 class RequestError(ServingError):
@@ -75,7 +76,7 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: bool = False  # set once the final delta or an error was sent; later sends are dropped
     arrived: float = field(default_factory=time.perf_counter)  # for time-to-first-token
-    adapter: int = 0  # LoRA adapter slot (lora_slots.py); 0 is the plain base
+    adapter: int = 0  # LoRA adapter slot (adapters/lora_slots.py); 0 is the plain base
 
 
 class GenerationStream:
@@ -177,6 +178,17 @@ def token_budget(context_window: int, prompt_tokens: int, max_tokens: int | None
             code="context_length_exceeded",
         )
     return max_tokens
+
+
+def slot_of(slots: Mapping[str, int], name: str | None) -> int:
+    """The slot of served adapter ``name`` (None: 0, the base); :class:`RequestError` if not served."""
+    if name is None:
+        return 0
+    if name not in slots:
+        raise RequestError(f"no adapter named {name!r} is served here (adapters: {sorted(slots) or 'none'})",
+                           "send the name of a served adapter, or none for the base model", param="model",
+                           code="model_not_found")
+    return slots[name]
 
 
 def _virtual(virtual_tokens: int) -> str:

@@ -12,12 +12,15 @@ import logging
 import torch
 
 from lmforge.config.serving import ServingConfig
-from lmforge.serving.backend import PrefillItem
-from lmforge.serving.kv_cache import CacheShape, PagedKVCache, blocks_for_budget
-from lmforge.serving.model_runner import LlamaRunner, _head_dim
-from lmforge.serving.ops import Ops, StepLayout, TritonOps
-from lmforge.serving.quantize import check_options, kv_cache_dtype
-from lmforge.serving.virtual_tokens import PagedPrefix, prefix_of
+from lmforge.core.errors import ServingError
+from lmforge.serving.adapters.lora_slots import LoraSlots, attach, load_slots
+from lmforge.serving.adapters.virtual_tokens import PagedPrefix, prefix_of
+from lmforge.serving.backends.base import PrefillItem
+from lmforge.serving.model.graphs import DecodeGraphs
+from lmforge.serving.model.kv_cache import CacheShape, PagedKVCache, blocks_for_budget
+from lmforge.serving.model.ops import Ops, StepLayout, TritonOps
+from lmforge.serving.model.runner import LlamaRunner, head_dim
+from lmforge.serving.quant.quantize import check_options, kv_cache_dtype
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,8 @@ def pick_ops(device: torch.device, dtype: torch.dtype) -> Ops:
 
 
 class PagedBackend:
+    """Our Llama runner over a paged KV cache; the backend the engine prefers (see ``backends/base.py``)."""
+
     name = "paged"
     chunked_prefill = True
     overlap = True  # the engine may launch a decode step before handling the previous one's text
@@ -47,19 +52,17 @@ class PagedBackend:
         self.device, dtype = weight.device, weight.dtype
         check_options("none", cfg.kv_cache_dtype, str(self.device))  # fp8 cache: CPU, or CUDA >= 8.9
         shape = CacheShape(config.num_hidden_layers, config.num_key_value_heads or config.num_attention_heads,
-                           _head_dim(config), cfg.kv_block_size, kv_cache_dtype(cfg.kv_cache_dtype, dtype))
+                           head_dim(config), cfg.kv_block_size, kv_cache_dtype(cfg.kv_cache_dtype, dtype))
         budget = cfg.kv_cache_mb or self._default_budget_mb(shape, cfg.max_batch_size, max_len)
         self.cache = PagedKVCache(shape, blocks_for_budget(shape, budget), cfg.max_batch_size, max_len, self.device)
         self.ops = ops or pick_ops(self.device, dtype)
         self.runner = LlamaRunner(model, self.cache, self.ops, max_len)
-        self.lora = None
-        if cfg.adapters:  # unmerged LoRA adapters chosen per request (lora_slots.py); attached before capture
-            from lmforge.serving.lora_slots import attach, load_slots
-
+        self.lora: LoraSlots | None = None
+        if cfg.adapters:  # unmerged LoRA adapters chosen per request (adapters/lora_slots.py); attached before capture
             self.lora = load_slots(cfg.adapters, model, cfg.max_batch_size)
             attach(self.lora, self.runner)
         self.adapter_slots = dict(self.lora.slots) if self.lora is not None else {}
-        # A prompt-learning adapter's prefix fills every sequence's first positions (virtual_tokens.py).
+        # A prompt-learning adapter's prefix fills every sequence's first positions (adapters/virtual_tokens.py).
         self.prefix = PagedPrefix(prefix_of(model), self.cache, self.ops.kv_scale)
         self.virtual_tokens = self.prefix.length
         if self.virtual_tokens and shape.dtype == torch.float8_e4m3fn:
@@ -72,8 +75,6 @@ class PagedBackend:
         self.prefill_block = max(1, 128 // group)
         self.graphs = None
         if cfg.cuda_graphs and self.device.type == "cuda" and isinstance(self.ops, TritonOps):
-            from lmforge.serving.graphs import DecodeGraphs
-
             self.graphs = DecodeGraphs(self.runner, cfg.max_batch_size)
         log.info("paged KV cache: %d blocks of %d tokens (%.0f MiB), ops=%s, cuda_graphs=%s",
                  self.cache.num_blocks, shape.block_size, self.cache.num_blocks * shape.bytes_per_block() / 2**20,
@@ -97,12 +98,19 @@ class PagedBackend:
     def reserve(self, tokens: int) -> int:
         return self.prefix.reserve(tokens)
 
+    def grow(self, row: int, tokens: int) -> bool:
+        return True  # admission reserved the sequence's worst case: a running sequence never runs short
+
     def release(self, row: int) -> None:
         self.cache.release(row)
 
     def set_adapter(self, row: int, slot: int) -> None:
         """Decode ``row`` with LoRA adapter ``slot`` of ``adapter_slots`` (0: the plain base)."""
-        self.lora.set_row(row, slot)
+        if self.lora is not None:
+            self.lora.set_row(row, slot)
+        elif slot:
+            raise ServingError(f"adapter slot {slot} asked for, but no LoRA adapters are served",
+                               "name the adapters in serving.adapters (lmforge serve BASE --adapter NAME=DIR)")
 
     @property
     def cache_usage(self) -> float:

@@ -10,12 +10,13 @@ step. Block 0 is never handed out, and the table's extra last row points only at
 of a captured CUDA graph use that row and write their garbage there.
 
 Admission reserves a request's worst case (prompt plus ``max_tokens``) up front, so a running
-request can never run out of cache and nothing is ever preempted; a request that does not fit
-waits in the queue until finished requests free their blocks.
+request can never run out of cache and the scheduler never preempts one (the paged backend's
+``grow`` always succeeds); a request that does not fit waits in the queue until finished requests
+free their blocks.
 
 Blocks taken out of the pool with :meth:`PagedKVCache.pin` hold what every sequence starts with (a
-prompt-learning adapter's prefix, ``virtual_tokens.py``): a reservation may begin its table with
-them (``lead``), read-only and shared, so each sequence owns only the blocks after them.
+prompt-learning adapter's prefix, ``adapters/virtual_tokens.py``): a reservation may begin its
+table with them (``lead``), read-only and shared, so each sequence owns only the blocks after them.
 """
 
 from __future__ import annotations

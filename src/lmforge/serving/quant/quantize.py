@@ -2,23 +2,23 @@
 
 Each ``nn.Linear`` of the decoder layers becomes a :class:`QuantLinear`; the embedding and the
 output head stay in full precision (the layers most sensitive to rounding). The paged runner fuses
-the QKV and gate/up layers (``model_runner.FusedLinear``); :meth:`QuantLinear.fuse` concatenates the
+the QKV and gate/up layers (``model/runner.py``: ``FusedLinear``); :meth:`QuantLinear.fuse` concatenates the
 quantized storage of the parts (every scale here is per output channel or per group of one output
 channel, so quantizing the parts and concatenating equals quantizing the fused tensor) and
 re-points the parts at it, so no weight is held twice.
 
 - ``int8`` (:class:`Int8Linear`, CPU and CUDA): symmetric, one scale per output channel
   (``w ≈ q * scale``, ``|q| <= 127``), activations untouched. CPU: PyTorch's fused
-  ``_weight_int8pack_mm``; CUDA: our Triton kernel (``quant_kernels.weight_only_mm``) that reads the
+  ``_weight_int8pack_mm``; CUDA: our Triton kernel (``kernels/quant.py``: ``weight_only_mm``) that reads the
   int8 weights directly, inside the captured decode graphs too.
 - ``int4`` (:class:`Int4Linear`, CUDA): asymmetric groups of 128 input channels
   (``w ≈ (q - 8) * scale + zero``, ``0 <= q <= 15``) in the packed layout of PyTorch's tinygemm
   kernel (``_weight_int4pack_mm``, the one gpt-fast and torchao use); a quarter of the bf16 weight
   bytes. Up to 16 rows tinygemm multiplies; for more (batched decode, prefill), where tinygemm is
-  slow, a Triton kernel widens the packed weights to bf16 for cuBLAS (``int4_layout.py``).
+  slow, a Triton kernel widens the packed weights to bf16 for cuBLAS (``quant/int4_layout.py``).
 - ``fp8`` (:class:`Fp8Linear`, CUDA with compute capability >= 8.9): float8 e4m3 weights with one
   scale per output channel. Prefill (more than 64 rows): activations quantized per row at run time
-  (``quant_kernels``) and multiplied by ``torch._scaled_mm`` on the fp8 tensor cores. Decode (up to
+  (``kernels/quant.py``) and multiplied by ``torch._scaled_mm`` on the fp8 tensor cores. Decode (up to
   64 rows) is bound by weight bytes, where the activation quantization and ``_scaled_mm``'s
   small-M kernels cost more than they save (an H100 measured 0.84x the bf16 speed for one stream),
   so the fp8 weights are read by the weight-only kernel that int8 uses, with bf16 activations.
@@ -40,12 +40,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.core.errors import ServingError
-from lmforge.serving.int4_layout import tinygemm_layout
+from lmforge.serving.quant.int4_layout import INT4_INNER_K_TILES, int4_pack_nibbles, tinygemm_layout
 
 WEIGHT_OPTIONS = ("none", "int8", "int4", "fp8")
 KV_OPTIONS = ("auto", "bf16", "fp8")
 INT4_GROUP = 128
-INT4_INNER_K_TILES = 8
 INT4_TINYGEMM_ROWS = 16  # Int4Linear: up to this many rows tinygemm; more: widen to bf16 + cuBLAS (int4_layout.py)
 FP8_WEIGHT_ONLY_ROWS = 64  # Fp8Linear: up to this many rows (decode), fp8 weights with bf16 activations
 
@@ -156,7 +155,7 @@ def int8_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_matmul(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x2 [M, K]`` times int8 ``qweight [N, K]``, scaled per output channel."""
     if x2.device.type == "cuda" and x2.dtype in (torch.bfloat16, torch.float16) and _triton_available():
-        from lmforge.serving.quant_kernels import weight_only_mm
+        from lmforge.serving.kernels.quant import weight_only_mm
 
         return weight_only_mm(x2, qweight, scale)
     if _fused_kernel_works(x2.device.type, x2.dtype):
@@ -214,11 +213,6 @@ def int4_dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
     return w.reshape(n, k)
 
 
-def int4_pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """``q [N, K]`` (0..15) as uint8 ``[N, K // 2]``, even columns in the high nibble (torch >= 2.5's input)."""
-    return (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
-
-
 def int4_scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """tinygemm's ``[K // group, N, 2]`` layout of the per-group scales and zeros."""
     return torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous()
@@ -260,7 +254,7 @@ class Int4Linear(QuantLinear):
         layout = tinygemm_layout(str(x.device)) if x.shape[0] > INT4_TINYGEMM_ROWS else None
         if layout is None:
             return torch.ops.aten._weight_int4pack_mm(x, packed, self.group, scales_and_zeros).to(x2.dtype)
-        from lmforge.serving.quant_kernels import int4_widen
+        from lmforge.serving.kernels.quant import int4_widen
 
         weight = int4_widen(packed, scales_and_zeros, layout, packed.shape[0] * 8, self.in_features, self.group)
         return F.linear(x, weight).to(x2.dtype)
@@ -282,7 +276,7 @@ class Fp8Linear(_PerChannel):
         return fp8_quantize(weight)
 
     def matmul(self, x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        from lmforge.serving.quant_kernels import quant_rows_fp8, weight_only_mm
+        from lmforge.serving.kernels.quant import quant_rows_fp8, weight_only_mm
 
         m = x2.shape[0]
         if m <= FP8_WEIGHT_ONLY_ROWS:

@@ -13,11 +13,11 @@ layer that every sequence starts with, computed once at load (:func:`compute_pre
 
 Either way the prompt's tokens follow at positions ``P, P+1, ...`` (peft offsets the position ids
 of prefix methods by ``P``; the virtual tokens of prompt methods occupy ``0..P-1``). The backends
-(``paged.py``, ``batch.py``) place the prefix at the start of every sequence's cache and shift its
-positions by ``P``; the engine counts ``P`` against the context window. Virtual tokens never
-produce logits, so they never appear in text, echo or logprobs.
+(``backends/paged.py``, ``backends/hf.py``) place the prefix at the start of every sequence's cache
+and shift its positions by ``P``; the engine counts ``P`` against the context window. Virtual
+tokens never produce logits, so they never appear in text, echo or logprobs.
 
-Used by ``loading.load_model``; tested by ``pytest tests/test_serving_prompt_adapters.py``.
+Used by ``model/loading.py``; tested by ``pytest tests/test_serving_prompt_adapters.py``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import torch
 from transformers import DynamicCache
 
 from lmforge.core.errors import ServingError
+from lmforge.serving.model.hf_forward import cache_kwarg
+from lmforge.serving.model.ops import store_kv  # the runner's own cache write: casts, fp8 scaling
 
 PROMPT_LEARNING_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
 _ATTRIBUTE = "lmforge_virtual_prefix"  # where load_model leaves the prefix for the backends
@@ -101,12 +103,10 @@ def compute_prefix(model: torch.nn.Module, adapter_dir: Path) -> VirtualPrefix:
 
 
 def _run_virtual_tokens(model: Any, embeds: torch.Tensor) -> DynamicCache:
-    from lmforge.serving.batch import _cache_kwarg
-
     cache = DynamicCache(config=model.config)
     positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
     model(inputs_embeds=embeds, position_ids=positions, use_cache=True, logits_to_keep=1,
-          **{_cache_kwarg(type(model)): cache})
+          **{cache_kwarg(type(model)): cache})
     return cache
 
 
@@ -119,7 +119,7 @@ def check_fits(prefix: VirtualPrefix, layers: int, kv_heads: int, head_dim: int)
 
 
 class PagedPrefix:
-    """Admission into a paged cache (``kv_cache.py``) for sequences that all start with ``prefix``.
+    """Admission into a paged cache (``model/kv_cache.py``) for sequences that all start with ``prefix``.
 
     The prefix's whole blocks are written once into pinned blocks that every sequence's block table
     starts with (read-only: a sequence writes only at positions after the prefix); the remainder, if
@@ -130,7 +130,7 @@ class PagedPrefix:
     def __init__(self, prefix: VirtualPrefix | None, cache: Any, kv_scale: float = 1.0) -> None:
         self.prefix = prefix
         self.cache = cache
-        self.kv_scale = kv_scale  # an fp8 cache holds key / kv_scale (``ops.py``)
+        self.kv_scale = kv_scale  # an fp8 cache holds key / kv_scale (``model/ops.py``)
         self.length = prefix.length if prefix is not None else 0
         shape = cache.shape
         if prefix is not None:
@@ -155,10 +155,8 @@ class PagedPrefix:
     def _write(self, slots: list[int], start: int) -> None:
         if not slots:
             return
-        from lmforge.serving.ops import _store  # the runner's own cache write: casts, fp8 scaling
-
         index = torch.tensor(slots, device=self.cache.keys.device)
         end = start + len(slots)
         for cache, source in ((self.cache.keys, self.prefix.keys), (self.cache.values, self.prefix.values)):
             for layer in range(cache.shape[0]):
-                _store(cache[layer], index, source[layer, start:end].to(cache.device), self.kv_scale)
+                store_kv(cache[layer], index, source[layer, start:end].to(cache.device), self.kv_scale)

@@ -6,10 +6,11 @@ The graph is one decoder step of any length: ``input_ids``, ``attention_mask`` a
 plus ``past_key_{i}``/``past_value_{i}`` per layer go in; ``logits`` (every input column) and
 ``present_key_{i}``/``present_value_{i}`` (past and new columns) come out. Batch, sequence and past
 length are dynamic axes, so one graph serves prefill (past length 0) and decode (sequence 1) for the
-dense, left-padded cache of ``batch.DecodeBatch``. OUT_DIR receives ``model.onnx`` (weights in
-``model.onnx.data``), the config, generation config and tokenizer, and ``onnx_model.json`` naming
-inputs, outputs and the logits difference to PyTorch measured right after export.
-``lmforge serve OUT_DIR`` then serves it through ONNX Runtime (``onnx_backend.py``).
+dense, left-padded cache of ``backends/hf.py``'s ``DecodeBatch``. OUT_DIR receives ``model.onnx``
+(weights in ``model.onnx.data``), the config, generation config and tokenizer, and
+``onnx_model.json`` naming inputs, outputs and the logits difference to PyTorch measured right
+after export. ``lmforge serve OUT_DIR`` then serves it through ONNX Runtime
+(``model/onnx_model.py`` loads it, ``backends/onnx.py`` batches it).
 
 The exporter is ``torch.onnx.export(dynamo=True)`` (``torch.export`` then onnxscript), the one
 PyTorch maintains; the TorchScript exporter is deprecated and records one traced path.
@@ -25,14 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from lmforge.core.errors import ServingError
+from lmforge.serving.adapters.virtual_tokens import prefix_of
+from lmforge.serving.backends.hf import check_cache_support
+from lmforge.serving.model.hf_forward import cache_kwarg, hf_forward
+from lmforge.serving.model.loading import load_model
+from lmforge.serving.model.onnx_model import INSTALL_FIX, SPEC_FILE, SPEC_FORMAT, io_names, new_session
 
 log = logging.getLogger(__name__)
 
-SPEC_FILE = "onnx_model.json"
-SPEC_FORMAT = "lmforge-onnx-causal-lm/1"
-INSTALL_FIX = "install the optional ONNX dependencies: pip install 'lmforge[onnx]' (make install does)"
 # fp32 PyTorch and ONNX Runtime differ only in the order of floating-point sums (~1e-6 here); a
 # difference beyond this fraction of the largest logit means the graph computes something else.
 CHECK_TOLERANCE = 1e-3
@@ -59,34 +63,19 @@ class _DecoderStep(torch.nn.Module):
         self.layers = layers
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        from transformers import DynamicCache
-
-        from lmforge.serving.batch import _cache_kwarg
-
         cache = DynamicCache(config=self.model.config)
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, logits_to_keep=0, **{_cache_kwarg(type(self.model)): cache})
+                         use_cache=True, logits_to_keep=0, **{cache_kwarg(type(self.model)): cache})
         present = []
         for layer in cache.layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 
 
-def io_names(layers: int) -> tuple[list[str], list[str]]:
-    """Input and output names of the exported graph, in order."""
-    kv = [f"{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
-    return (["input_ids", "attention_mask", "position_ids"] + [f"past_{n}" for n in kv],
-            ["logits"] + [f"present_{n}" for n in kv])
-
-
 def example_inputs(model: torch.nn.Module, batch: int, past: int, seq: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """A left-padded batch (row 0 padded) with a random past of ``past`` columns, as the graph takes it."""
-    from transformers import DynamicCache
-
-    from lmforge.serving.batch import _forward
-
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=gen)
     mask = torch.ones(batch, past + seq, dtype=torch.long)
@@ -94,7 +83,7 @@ def example_inputs(model: torch.nn.Module, batch: int, past: int, seq: int, seed
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
     probe = DynamicCache(config=model.config)
     with torch.inference_mode():  # one real step tells each layer's key/value shape, whatever the architecture
-        _forward(model, ids[:, :1], mask[:, :1], positions[:, :1], probe)
+        hf_forward(model, ids[:, :1], mask[:, :1], positions[:, :1], probe)
     shapes = [(layer.keys.shape, layer.values.shape) for layer in probe.layers]
     cache = []
     for key_shape, value_shape in shapes:
@@ -106,10 +95,6 @@ def example_inputs(model: torch.nn.Module, batch: int, past: int, seq: int, seed
 def export_onnx(model_dir: Path, out_dir: Path, opset: int | None = None) -> OnnxExport:
     """Export ``model_dir`` (a served model directory) to ``out_dir``; see the module docstring."""
     _require_packages()
-    from lmforge.serving.batch import check_cache_support
-    from lmforge.serving.loading import load_model
-    from lmforge.serving.virtual_tokens import prefix_of
-
     if (out_dir / "model.safetensors").exists() or out_dir.resolve() == Path(model_dir).resolve():
         # `lmforge serve` prefers model.onnx in a directory: an export here would shadow the weights.
         raise ServingError(f"{out_dir} holds PyTorch weights", "export into a new or empty directory")
@@ -180,8 +165,6 @@ def _export(step: _DecoderStep, example: tuple, path: Path, layers: int, opset: 
 
 def _check(step: _DecoderStep, path: Path, layers: int, model: torch.nn.Module) -> float:
     """Largest |logit| difference between ONNX Runtime and PyTorch on a fresh padded decode input."""
-    from lmforge.serving.onnx_backend import new_session
-
     example = example_inputs(model, batch=2, past=6, seq=1, seed=1)
     with torch.inference_mode():
         expected = step(*example)[0]

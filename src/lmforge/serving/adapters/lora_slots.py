@@ -18,7 +18,7 @@ same code. The extra work per token is ``n * R * (in + out)`` multiply-adds per 
 the base for a handful of adapters; many adapters would want a gathering kernel instead.
 
 Which adapter a token uses comes from ``row_slot``, a device tensor indexed by the token's cache
-row (the same row the block table uses): the engine sets a row's slot when it admits a request
+row (the same row the block table uses): the scheduler sets a row's slot when it admits a request
 (0 = the base, 1..n = the adapters) and the scratch row of padded graph rows stays 0, so a captured
 graph reads the current slots without any new input.
 """
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from lmforge.core.errors import ServingError
-from lmforge.serving.requests import RequestError
+from lmforge.train.artifacts import marked_adapter_dir
 
 # The runner's fused layer groups and the model modules each one runs, in output order.
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -62,12 +62,12 @@ class LoraAdapter:
 
 def find_adapter_dir(path: Path) -> Path:
     """The peft adapter directory inside ``path``: itself, an lmforge run's ``adapter/``, or the one a
-    model directory's ``lmforge_adapter.json`` marker names."""
+    model directory's adapter marker names (``lmforge.train.artifacts.marked_adapter_dir``)."""
     path = Path(path).expanduser()
-    marker = path / "lmforge_adapter.json"
     candidates = [path, path / "adapter"]
-    if marker.is_file():
-        candidates.insert(0, path / json.loads(marker.read_text())["adapter"])
+    marked = marked_adapter_dir(path)
+    if marked is not None:
+        candidates.insert(0, marked)
     for candidate in candidates:
         if (candidate / "adapter_config.json").is_file():
             return candidate
@@ -218,14 +218,3 @@ def attach(slots: LoraSlots, runner) -> None:
         for group in GROUPS:
             setattr(layer, group, slots.wrap(index, group, getattr(layer, group)))
     runner.lora = slots
-
-
-def slot_of(slots: Mapping[str, int], name: str | None) -> int:
-    """The slot of served adapter ``name`` (None: 0, the base); :class:`RequestError` if not served."""
-    if name is None:
-        return 0
-    if name not in slots:
-        raise RequestError(f"no adapter named {name!r} is served here (adapters: {sorted(slots) or 'none'})",
-                           "send the name of a served adapter, or none for the base model", param="model",
-                           code="model_not_found")
-    return slots[name]

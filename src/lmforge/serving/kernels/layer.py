@@ -15,7 +15,7 @@ costs ~2 us however small it is):
 
 Rounding follows the PyTorch ops they replace where it is cheap (the residual sum and the norm are
 rounded to the model dtype exactly where Llama rounds them); the rotary product is computed in
-fp32 and rounded once. ``ops.py`` holds the PyTorch versions (CPU, and the reference in tests:
+fp32 and rounded once. ``model/ops.py`` holds the PyTorch versions (CPU, and the reference in tests:
 ``TRITON_INTERPRET=1`` runs these kernels on the CPU).
 """
 

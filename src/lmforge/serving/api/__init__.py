@@ -1,0 +1,10 @@
+"""The serving API: what the rest of lmforge (CLI, stages) uses of serving, and the HTTP server.
+
+``serve.py`` is the public face (:func:`resolve_model_dir`, :func:`serve_model`,
+:func:`parse_adapters`, :func:`load_serving_config`, re-exported here); ``launch.py`` binds the
+socket and runs the app of ``server.py``, whose request and response bodies are in ``protocol.py``.
+"""
+
+from lmforge.serving.api.serve import load_serving_config, parse_adapters, resolve_model_dir, serve_model
+
+__all__ = ["load_serving_config", "parse_adapters", "resolve_model_dir", "serve_model"]

@@ -1,0 +1,86 @@
+"""Serve a model by name: the public entry points behind ``lmforge serve`` and ``python -m lmforge.serving``.
+
+:func:`resolve_model_dir` turns what a user names (a model directory, or a registry URI
+``models:/NAME@ALIAS`` resolved in the workspace) into a local directory and a default model name;
+the CLI's ``serve`` and ``export-onnx`` commands and the server use it. :func:`serve_model` serves
+it until interrupted; :func:`parse_adapters` and :func:`load_serving_config` read the command-line
+forms of ``serving.adapters`` and of a serving-config file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from lmforge.config.serving import ServingConfig
+from lmforge.core.errors import ConfigError
+from lmforge.core.workspace import Workspace, atomic_write_json
+
+
+def load_serving_config(path: Path | None) -> ServingConfig:
+    """The ``ServingConfig`` in a JSON or YAML file (defaults without one)."""
+    if path is None:
+        return ServingConfig()
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return ServingConfig.model_validate(data or {})
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot use serving config {path}: {exc}",
+                          "pass a JSON/YAML file of ServingConfig fields") from exc
+
+
+def parse_adapters(values: list[str], cfg: ServingConfig) -> ServingConfig:
+    """``cfg`` with the ``--adapter NAME=DIR`` flags added to ``serving.adapters`` (DIR made absolute)."""
+    adapters = dict(cfg.adapters)
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path:
+            raise ConfigError(f"--adapter {value!r} is not NAME=DIR",
+                              "write --adapter NAME=DIR, e.g. --adapter sql=runs/lora")
+        if name in adapters:
+            raise ConfigError(f"the adapter name {name!r} is given twice", "give every adapter its own name")
+        adapters[name] = str(Path(path).expanduser().resolve())
+    return cfg.model_copy(update={"adapters": adapters}) if values else cfg
+
+
+def resolve_model_dir(model: str, ws: Workspace) -> tuple[Path, str]:
+    """(local directory, default model name) for a directory or a registry URI ``models:/NAME@ALIAS``."""
+    if model.startswith("models:/"):
+        from lmforge.tracking.model_uris import resolve_model  # needs MLflow; only registry URIs pay for it
+
+        path, name, _version = resolve_model(model, ws)
+        return Path(path), name
+    path = Path(model).expanduser().resolve()
+    return path, path.name
+
+
+def serve_model(
+    model: str,
+    cfg: ServingConfig,
+    ws: Workspace,
+    host: str | None = None,
+    port: int | None = None,
+    api_key: str | None = None,
+    model_name: str | None = None,
+    ready_file: Path | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve ``model`` (directory or ``models:/NAME@ALIAS`` in ``ws``) until interrupted.
+
+    ``api_key`` defaults to the ``LMFORGE_API_KEY`` environment variable; ``ready_file`` receives
+    ``{"url", "pid"}`` once the server accepts connections.
+    """
+    from lmforge.serving.api.launch import run_server  # heavy imports only once arguments are known good
+
+    model_dir, default_name = resolve_model_dir(model, ws)
+
+    def ready(url: str) -> None:
+        if ready_file is not None:
+            atomic_write_json(ready_file, {"url": url, "pid": os.getpid()})
+
+    run_server(model_dir, cfg, model_name or default_name, host=host, port=port,
+               api_key=api_key or os.environ.get("LMFORGE_API_KEY") or None, on_ready=ready, log_level=log_level)

@@ -1,0 +1,63 @@
+"""What the engine and its scheduler ask of a model backend: the :class:`Backend` protocol.
+
+The engine (``engine/engine.py``) runs the steps and the scheduler (``engine/scheduler.py``) decides
+who runs; a backend holds the model and its KV cache and runs forward passes. Every backend defines
+every member below (a default where it has nothing to offer), so the engine never asks a backend
+whether it has one. ``backends/choose.py`` picks the backend for a model: ``paged.PagedBackend``
+(our Llama runner over a paged cache, CUDA graphs on GPUs), ``hf.HFBackend`` (the model's own
+forward with a dense cache, every other causal LM) or the same HF backend over ONNX Runtime
+(``onnx.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class PrefillItem:
+    row: int  # the sequence's backend row (from reserve)
+    start: int  # position of the first token in ``ids`` (earlier chunks are already cached)
+    ids: list[int]
+    all_logits: bool = False  # logits for every token of the chunk (echo's prompt logprobs), else the last
+
+
+class Backend(Protocol):
+    name: str  # "paged", "hf" or "onnx": what served the model (reports, tests)
+    chunked_prefill: bool  # False: prefill items must be whole prompts
+    overlap: bool  # True: the engine may launch a decode step before handling the previous one's text
+    virtual_tokens: int  # a prompt-learning adapter's positions before every prompt (0: none)
+    adapter_slots: Mapping[str, int]  # served unmerged LoRA adapters, name -> slot (empty: the base alone)
+
+    def fits_ever(self, tokens: int) -> bool:
+        """Whether a sequence of ``tokens`` (prompt plus max_tokens) could be admitted into an empty cache."""
+        ...
+
+    def can_reserve(self, tokens: int) -> bool:
+        """Whether :meth:`reserve` for ``tokens`` would succeed now."""
+        ...
+
+    def reserve(self, tokens: int) -> int:
+        """A row for a sequence of up to ``tokens``; its cache holds at least the first prefill chunk."""
+        ...
+
+    def grow(self, row: int, tokens: int) -> bool:
+        """Make ``row``'s cache hold ``tokens`` tokens; False when the cache is short (the scheduler then
+        preempts). Backends that reserve a sequence's worst case at admission always return True."""
+        ...
+
+    def release(self, row: int) -> None: ...
+
+    def set_adapter(self, row: int, slot: int) -> None:
+        """Decode ``row`` with LoRA adapter ``slot`` of ``adapter_slots`` (0: the plain base)."""
+        ...
+
+    def prefill(self, items: list[PrefillItem]) -> list[torch.Tensor]: ...
+
+    def decode(self, rows: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor: ...
+
+    @property
+    def cache_usage(self) -> float: ...

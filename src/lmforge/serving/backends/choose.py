@@ -1,0 +1,44 @@
+"""Choose the backend that serves a model: paged where our runner supports it, else the HF one.
+
+``serving.engine`` (auto, paged, hf, onnx) and the model decide: a model directory written by
+``lmforge export-onnx`` is served through ONNX Runtime (``onnx.py``), a Llama-family model by
+``paged.PagedBackend``, every other causal LM by ``hf.HFBackend``, so whatever lmforge trains can
+be served.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lmforge.config.serving import ServingConfig
+from lmforge.core.errors import ServingError
+from lmforge.serving.backends.base import Backend
+from lmforge.serving.backends.hf import HFBackend
+from lmforge.serving.backends.onnx import make_onnx_backend
+from lmforge.serving.backends.paged import PagedBackend
+from lmforge.serving.model.onnx_model import OnnxCausalLM
+from lmforge.serving.model.runner import unsupported
+
+log = logging.getLogger(__name__)
+
+
+def make_backend(model: torch.nn.Module, cfg: ServingConfig, max_len: int) -> Backend:
+    """The paged backend when ``cfg.engine`` allows it and the model is supported, else the HF one."""
+    if cfg.adapters and (cfg.engine in ("hf", "onnx") or unsupported(model)):
+        raise ServingError(f"serving.adapters (several unmerged LoRA adapters) needs the paged engine, but "
+                           f"{unsupported(model) or f'serving.engine is {cfg.engine}'}",
+                           "serve each adapter merged as its own model (lmforge serve RUN/model), or set "
+                           "serving.engine to 'auto' for a Llama base")
+    if cfg.engine == "onnx" or isinstance(model, OnnxCausalLM):  # a directory from `lmforge export-onnx`
+        return make_onnx_backend(model, cfg)
+    reason = unsupported(model)
+    if cfg.engine == "paged" and reason:
+        raise ServingError(f"serving.engine is 'paged' but {reason}",
+                           "set serving.engine to 'auto' or 'hf' to serve this model with the HF backend")
+    if cfg.engine == "hf" or reason:
+        if reason:
+            log.info("serving with the HF backend: %s", reason)
+        return HFBackend(model, cfg.max_batch_size)
+    return PagedBackend(model, cfg, max_len)
