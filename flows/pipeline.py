@@ -29,7 +29,7 @@ def pipeline(config: PipelineConfig = PipelineConfig(), deploy: bool = True) -> 
     curated = curate_task(config.curation)
     validated = validate_task(config.validation)
     tokenize_task(config.tokenize, config.model, config.training, config.validation)
-    trained = train_task(config.training, config.model, config.platform)
+    trained = train_task(config.training, config.model, config.platform, config.tokenize.finetune_heldout_fraction)
     evaluated = evaluate_task(config.evaluation, trained["model_dir"])
     registered = register_task(config, trained, evaluated, run_id)
     decision = promote_task(config.registry, config.platform, registered["version"])

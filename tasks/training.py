@@ -35,11 +35,13 @@ def tokenize_task(cfg: TokenizeConfig, model: ModelConfig, training: TrainingCon
 
 # No retries: a diverged run is not fixed by running it again with the same settings.
 @task(name="train", cache_policy=NO_CACHE, timeout_seconds=6 * 3600)
-def train_task(training: TrainingConfig, model: ModelConfig, platform: PlatformConfig) -> dict[str, Any]:
+def train_task(training: TrainingConfig, model: ModelConfig, platform: PlatformConfig,
+               finetune_heldout_fraction: float) -> dict[str, Any]:
     announce("train", "pretraining, then fine-tuning")
     from lmforge.stages.train import train
 
-    result = train(training, model, Workspace.from_env(), ray_address=platform.ray_address).as_dict()
+    result = train(training, model, Workspace.from_env(), ray_address=platform.ray_address,
+                   finetune_heldout_fraction=finetune_heldout_fraction).as_dict()
     summary = {k: v for k, v in result.items() if k != "history"}
     publish("train", summary, f"model at {result['model_dir']}")
     return result

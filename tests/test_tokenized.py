@@ -8,14 +8,17 @@ import shutil
 import pytest
 import torch
 
-from lmforge.data.documents import text_id, write_documents
 from lmforge.config.curation import TokenizeConfig, ValidationConfig
 from lmforge.config.stages import ModelConfig, PhaseConfig, TrainingConfig
 from lmforge.core.errors import ConfigError, DataError, ValidationFailed
-from lmforge.stages.tokenize import IGNORE_INDEX, check_vocab, load_tokenized, tokenize, tokenized_root
-from lmforge.tokenizer.build import load_tokenizer
-from lmforge.stages.validate import validate_tokenized
 from lmforge.core.workspace import Workspace
+from lmforge.data.documents import text_id, write_documents
+from lmforge.data.packing import IGNORE_INDEX
+from lmforge.data.tokenized import load_tokenized
+from lmforge.stages.tokenize import check_vocab, tokenize
+from lmforge.stages.validate import validate_tokenized
+from lmforge.tokenizer.build import load_tokenizer
+from lmforge.train.data import ON_THE_FLY, phase_rows
 
 TOPICS = ["rivers carry sand to the sea", "bees dance to show where flowers are", "glaciers flow downhill",
           "bread rises because yeast makes gas", "chess openings fight for the centre", "tea leaves oxidise",
@@ -55,10 +58,10 @@ def test_datasets_are_stored_versioned_and_reproducible(built):
     assert result.rows["finetune"]["train"] + result.rows["finetune"]["validation"] == 32
     import datasets
 
-    stored = datasets.load_from_disk(str(tokenized_root(ws) / result.digest / "pretrain" / "train"))
+    stored = datasets.load_from_disk(str(ws.tokenized_dir / result.digest / "pretrain" / "train"))
     assert stored.column_names == ["input_ids", "labels", "attention_mask"]
     assert tokenize(TokenizeConfig(), MODEL, TRAINING, ws).digest == result.digest  # same inputs, same digest
-    manifest = json.loads((tokenized_root(ws) / result.digest / "manifest.json").read_text())
+    manifest = json.loads((ws.tokenized_dir / result.digest / "manifest.json").read_text())
     assert manifest["seq_len"] == {"pretrain": 32, "finetune": 64} and manifest["vocab_size"] <= 400
 
 
@@ -134,3 +137,25 @@ def test_missing_inputs_are_named(tmp_path):
         load_tokenized(Workspace(tmp_path), "pretrain", "train")
     with pytest.raises(DataError, match="curate"):
         tokenize(TokenizeConfig(), MODEL, TRAINING, Workspace(tmp_path))
+
+
+def test_on_the_fly_and_prebuilt_data_hold_out_the_same_records(tmp_path):
+    """Training without prebuilt datasets validates on exactly the rows `tokenize` holds out."""
+    ws = Workspace(tmp_path)
+    _write_inputs(ws)
+    fraction = 0.25
+    tokenize(TokenizeConfig(finetune_heldout_fraction=fraction), MODEL, TRAINING, ws)
+    tokenizer = load_tokenizer(ws.tokenizer_dir)
+    phases = {"pretrain": TRAINING.pretrain, "finetune": TRAINING.finetune}
+    built = {name: phase_rows(name, tokenizer, ws, phase, fraction) for name, phase in phases.items()}
+    assert all(source.startswith("tokenized dataset") for _, _, source in built.values())
+    shutil.rmtree(ws.tokenized_dir)  # the same workspace, now without prebuilt datasets
+    for name, phase in phases.items():
+        fly_train, fly_val, source = phase_rows(name, tokenizer, ws, phase, fraction)
+        built_train, built_val, _ = built[name]
+        assert source == ON_THE_FLY
+        for column in ("input_ids", "labels", "attention_mask"):
+            assert torch.equal(fly_train[column], built_train[column]), (name, column)
+            assert torch.equal(fly_val[column], built_val[column]), (name, column)
+    # The configured share of the 32 SFT train records, not one record.
+    assert 4 <= len(built["finetune"][1]["input_ids"]) <= 14

@@ -11,18 +11,20 @@ import time
 
 import pytest
 import torch
+from test_tokenizer import write_corpus
 
 from lmforge.config.stages import ModelConfig, PhaseConfig, TrainingConfig
 from lmforge.core.errors import ConfigError, TrainingDiverged
+from lmforge.core.workspace import Workspace
+from lmforge.data.packing import IGNORE_INDEX, pack_documents
+from lmforge.data.sft import read_sft, split_finetune
 from lmforge.model.build import build_model, count_parameters
 from lmforge.model.prompt import EOS_TOKEN, format_prompt
+from lmforge.stages.train import DEFAULT_HELDOUT_FRACTION, train
 from lmforge.tokenizer.build import load_tokenizer, train_tokenizer
-from lmforge.train.data import IGNORE_INDEX, batch_stream, encode_sft, pack_texts
-from lmforge.stages.train import train
 from lmforge.train.artifacts import greedy_ids, load_probe
+from lmforge.train.data import ON_THE_FLY, batch_stream, encode_sft
 from lmforge.train.loop import lr_factor
-from lmforge.core.workspace import Workspace
-from test_tokenizer import write_corpus
 
 MODEL = ModelConfig(vocab_size=384, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=64, max_seq_len=64)
@@ -107,7 +109,7 @@ def test_sft_labels_cover_the_response_only(tokenizer):
 
 def test_packing_fills_blocks_with_eos_between_documents(tokenizer):
     texts = ["first document here", "second one", "third and last document"]
-    blocks = pack_texts(texts * 4, tokenizer, seq_len=16)["input_ids"]
+    blocks = pack_documents(texts * 4, tokenizer, seq_len=16)["input_ids"]
     assert blocks.shape[1] == 16
     assert (blocks == tokenizer.eos_token_id).sum() >= blocks.numel() // 16  # separators survive
     assert (blocks != tokenizer.pad_token_id).all()  # no padding wasted
@@ -115,7 +117,7 @@ def test_packing_fills_blocks_with_eos_between_documents(tokenizer):
 
 def test_batch_stream_shards_disjointly_and_deterministically():
     data = {"input_ids": torch.arange(20).unsqueeze(1)}
-    take = lambda rank, seed=1: [b["input_ids"].flatten().tolist() for b, _ in  # noqa: E731
+    take = lambda rank, seed=1: [b["input_ids"].flatten().tolist() for b, _ in
                                  zip(batch_stream(data, 5, seed=seed, rank=rank, world_size=2), range(4))]
     rank0, rank1 = take(0), take(1)
     assert take(0) == rank0 and take(0, seed=2) != rank0
@@ -142,6 +144,11 @@ def test_inline_run_learns_and_saves_a_reloadable_model(ws, lora_run):
     assert {"pretrain_loss", "pretrain_val_loss", "finetune_loss", "finetune_val_loss"} <= set(result.metrics)
     assert result.params["params_trainable_finetune"] < result.params["params_trainable_pretrain"]
     assert result.params["training.pretrain.steps"] == 30
+    # No tokenized datasets here: fine-tuning held out tokenize.finetune_heldout_fraction itself.
+    held = split_finetune(read_sft(ws.sft_dir / "train.jsonl"), DEFAULT_HELDOUT_FRACTION)[1]
+    assert result.params["data_finetune"] == ON_THE_FLY and len(held) > 1
+    assert result.params["data_finetune_validation_rows"] == len(encode_sft(held, load_tokenizer(ws.tokenizer_dir),
+                                                                            TRAINING.finetune.seq_len)["input_ids"])
     assert (result.model_dir / "model.safetensors").exists()
     assert not list(result.model_dir.rglob("*.bin")) and not list(result.model_dir.rglob("*.pt"))
     assert ws.read_state("train")["run_id"] == result.run_id

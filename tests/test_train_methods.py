@@ -61,9 +61,10 @@ def base(ws):
 
 def finetune(ws, base_cfg, case: str, **extra):
     spec = dict(CASES[case])
-    phase = extra.pop("finetune", BASE_TRAINING.finetune)
-    if "lr" in spec:
-        phase = phase.model_copy(update={"learning_rate": spec.pop("lr")})
+    lr = spec.pop("lr", None)
+    # A phase passed in keeps its own learning rate; otherwise the method's tuned rate applies.
+    phase = extra.pop("finetune", None) or BASE_TRAINING.finetune.model_copy(
+        update={"learning_rate": lr} if lr else {})
     training = BASE_TRAINING.model_copy(update={
         **spec, **extra, "pretrain": BASE_TRAINING.pretrain.model_copy(update={"steps": 0}), "finetune": phase})
     return train(training, base_cfg, ws, run_name=case)

@@ -1,1 +1,1 @@
-"""Built-in data that needs no network."""
+"""Data every stage shares: documents, the hash split, SFT records, packing, tokenized datasets, built-in corpora."""

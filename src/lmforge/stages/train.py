@@ -16,10 +16,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from lmforge.config.curation import TokenizeConfig
 from lmforge.config.training import ModelConfig, TrainingConfig
 from lmforge.core.workspace import Workspace, atomic_write_json
 from lmforge.train.launch import check_inputs, fit
 from lmforge.train.methods.catalog import method_info
+
+DEFAULT_HELDOUT_FRACTION: float = TokenizeConfig.model_fields["finetune_heldout_fraction"].default
 
 
 @dataclass(frozen=True)
@@ -41,19 +44,22 @@ class TrainResult:
 
 def train(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, run_name: str | None = None,
           progress: Callable[[dict], None] | None = None, ray_address: str | None = None,
-          resume: str | None = None) -> TrainResult:
+          resume: str | None = None, finetune_heldout_fraction: float = DEFAULT_HELDOUT_FRACTION) -> TrainResult:
     """Train a model from ``ws``'s tokenizer and data; return where it is and how it went.
 
     ``progress`` receives each history row (live in-line; replayed after the run under Ray).
     Env ``RAY_ADDRESS`` (else ``ray_address``, i.e. ``platform.ray_address``) names an existing
     cluster; otherwise a local Ray is started when ``training.use_ray`` is set. ``resume`` names
     an earlier run whose latest checkpoint this run continues exactly (same model and method).
+    ``finetune_heldout_fraction`` is the pipeline's ``tokenize.finetune_heldout_fraction``: when
+    no tokenized datasets fit, fine-tuning holds out those SFT records itself, as tokenize would.
     """
     started = time.perf_counter()
     check_inputs(training, model_cfg, ws)
     run_id = resume or _new_run_id(run_name)
     job = {"training": training.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json"),
-           "home": str(ws.home), "run_id": run_id, "resume": bool(resume)}
+           "home": str(ws.home), "run_id": run_id, "resume": bool(resume),
+           "finetune_heldout_fraction": finetune_heldout_fraction}
     outcome = fit(job, training, ws, ray_address, progress)
     run_dir = ws.runs_dir / run_id
     adapted = training.finetunes and method_info(training.method).adapts

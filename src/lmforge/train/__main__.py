@@ -52,7 +52,8 @@ def _run(args: argparse.Namespace):
               f"{row['tokens_per_s']:.0f} tok/s", flush=True)
 
     return train(training, config.model, ws, run_name=args.run_name, progress=progress,
-                 ray_address=config.platform.ray_address, resume=args.resume)
+                 ray_address=config.platform.ray_address, resume=args.resume,
+                 finetune_heldout_fraction=config.tokenize.finetune_heldout_fraction)
 
 
 if __name__ == "__main__":

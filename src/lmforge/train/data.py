@@ -1,107 +1,120 @@
-"""Training tensors from workspace data, and the deterministic rank-sharded batch stream.
+"""Training rows from workspace data, and the deterministic rank-sharded batch stream.
 
-Pretraining text is packed into fixed-length blocks (documents joined by EOS, no padding wasted);
-SFT pairs are rendered with :func:`lmforge.model.prompt.format_example` and masked so the loss covers the
-response only. Each DDP rank reads a disjoint shard of every epoch's seeded permutation.
+:func:`phase_rows` gives a phase its training and held-out rows: the tokenized datasets `lmforge
+tokenize` built and the data gate validated when they fit the phase, else the same rows built on
+the fly from the curated text (:func:`lmforge.data.packing.pack_documents`) and the SFT records
+(:func:`encode_sft`; validation records cut by :func:`lmforge.data.sft.split_finetune` with the
+same fraction). The tokenize stage builds its rows with these same functions. SFT records are
+rendered with :mod:`lmforge.model.prompt` and masked so the loss covers the response only. Each
+DDP rank reads a disjoint shard of every epoch's seeded permutation (:func:`batch_stream`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
-from typing import Iterator
+import importlib.util
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
+from lmforge.config.training import PhaseConfig
 from lmforge.core.errors import DataError
+from lmforge.core.workspace import Workspace
+from lmforge.data.documents import read_texts
+from lmforge.data.packing import IGNORE_INDEX, pack_documents
+from lmforge.data.sft import read_sft, split_finetune
+from lmforge.data.tokenized import latest_manifest, load_tokenized
 from lmforge.model.prompt import EOS_TOKEN, format_example
 
-IGNORE_INDEX = -100  # label value torch's cross-entropy skips
 Tensors = dict[str, torch.Tensor]
+ON_THE_FLY = "tokenized on the fly"
 
 
-def read_texts(path: Path) -> list[str]:
-    """The ``text`` column of a curated Parquet file."""
-    import pyarrow.parquet as pq
+def phase_rows(name: str, tokenizer: Any, ws: Workspace, phase: PhaseConfig,
+               finetune_heldout_fraction: float) -> tuple[Tensors, Tensors | None, str]:
+    """(training rows, held-out rows or None, where they came from) for the phase ``name``.
 
-    if not path.exists():
-        raise DataError(f"no curated text at {path}", "run the curate stage first (`lmforge curate`)")
-    return [t for t in pq.read_table(path, columns=["text"]).column("text").to_pylist() if t]
-
-
-def read_sft(path: Path) -> list[dict]:
-    """Instruction/response records of an SFT JSONL file."""
-    if not path.exists():
-        raise DataError(f"no SFT examples at {path}",
-                        "run the collect stage first, or set training.method: pretrain")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    for i, record in enumerate(records):
-        if not isinstance(record.get("instruction"), str) or not isinstance(record.get("response"), str):
-            raise DataError(f"{path} line {i + 1} lacks a string 'instruction' or 'response'",
-                            "regenerate the SFT set with the collect stage")
-    return records
-
-
-def split_heldout(records: list[dict], fraction: float = 0.05) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) chosen by a hash of each record, so the split never depends on order."""
-    def bucket(record: dict) -> float:
-        key = str(record.get("id") or record["instruction"] + record["response"])
-        return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-
-    train = [r for r in records if bucket(r) >= fraction]
-    heldout = [r for r in records if bucket(r) < fraction]
-    if not heldout and len(records) > 1:  # tiny sets: still measure something
-        train, heldout = records[:-1], records[-1:]
-    return train, heldout
-
-
-def pack_texts(texts: list[str], tokenizer, seq_len: int, allow_short: bool = False) -> Tensors:
-    """Token blocks of exactly ``seq_len`` (the tail is dropped), each document ended by EOS.
-
-    ``allow_short`` returns one shorter block when the text cannot fill a whole one (used for
-    small held-out sets, where some measurement beats none).
+    ``finetune_heldout_fraction`` is ``tokenize.finetune_heldout_fraction``, which the train stage
+    puts in the job: on the fly, fine-tuning holds out the records the tokenize stage would.
     """
-    ids: list[int] = []
-    eos = tokenizer.eos_token_id
-    for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        ids.extend(encoded)
-        ids.append(eos)
-    n_blocks = len(ids) // seq_len
-    if n_blocks == 0:
-        if not allow_short or len(ids) < 2:
-            raise DataError(f"the text holds {len(ids)} tokens, fewer than one block of seq_len={seq_len}",
-                            "collect more text, or lower the phase's seq_len")
-        block = torch.tensor([ids], dtype=torch.long)
-    else:
-        block = torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
-    return {"input_ids": block, "labels": block.clone(), "attention_mask": torch.ones_like(block)}
+    prebuilt = prebuilt_rows(ws, name, phase.seq_len, finetune_heldout_fraction)
+    if prebuilt is not None:
+        return prebuilt
+    if name == "pretrain":
+        train_rows = pack_documents(read_texts(ws.curated_dir / "train.parquet"), tokenizer, phase.seq_len)
+        val_path = ws.curated_dir / "validation.parquet"
+        val_texts = read_texts(val_path) if val_path.exists() else []
+        val_rows = pack_documents(val_texts, tokenizer, phase.seq_len, allow_short=True) if val_texts else None
+        return train_rows, val_rows, ON_THE_FLY
+    records, heldout = split_finetune(read_sft(ws.sft_dir / "train.jsonl"), finetune_heldout_fraction)
+    val_rows = encode_sft(heldout, tokenizer, phase.seq_len) if heldout else None
+    return encode_sft(records, tokenizer, phase.seq_len), val_rows, ON_THE_FLY
 
 
-def encode_sft(records: list[dict], tokenizer, seq_len: int) -> Tensors:
-    """Right-padded prompt+response rows; labels are IGNORE_INDEX on the prompt and padding.
+def prebuilt_rows(ws: Workspace, name: str, seq_len: int,
+                  finetune_heldout_fraction: float) -> tuple[Tensors, Tensors | None, str] | None:
+    """The tokenized datasets `lmforge tokenize` built and validated, when they fit this phase
+    (its seq_len and, for fine-tuning, the held-out fraction).
 
-    Prompt and response are tokenized separately, exactly as serving tokenizes a prompt and then
+    Training reads what the data gate checked. Without them (a bare GPU machine without the
+    `datasets` library, or `tokenize.build_datasets: false`) the phase tokenizes on the fly.
+    Datasets built with another tokenizer raise a DataError from load_tokenized.
+    """
+    if importlib.util.find_spec("datasets") is None:
+        return None
+    try:
+        manifest = latest_manifest(ws)
+    except DataError:
+        return None
+    if manifest.get("seq_len", {}).get(name) != seq_len:
+        return None
+    built_fraction = manifest.get("config", {}).get("finetune_heldout_fraction")
+    if name == "finetune" and built_fraction != finetune_heldout_fraction:
+        return None
+    train_rows = load_tokenized(ws, name, "train")
+    val_rows = load_tokenized(ws, name, "validation")
+    source = f"tokenized dataset {manifest['digest'][:16]}"
+    return train_rows, (val_rows if len(val_rows["input_ids"]) else None), source
+
+
+def prompt_and_answer(record: dict, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The prompt's token ids and the answer's (ended by the EOS id) of one SFT record.
+
+    Prompt and answer are tokenized apart, exactly as serving tokenizes a prompt and then
     generates, so training and inference see the same token boundary.
     """
-    rows, dropped = [], 0
-    for record in records:
+    if record.get("messages"):
+        messages = record["messages"]
+        if messages[-1].get("role") != "assistant":
+            raise DataError("a chat record must end with an assistant message",
+                            "fix the SFT file: the last message is what the model learns to answer")
+        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+        answer = messages[-1]["content"].strip()
+    else:
         prompt, completion = format_example(record["instruction"], record["response"])
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(completion.removesuffix(EOS_TOKEN), add_special_tokens=False)["input_ids"]
-        # EOS by id: a pretrained base may not know our EOS string as a special token.
-        answer_ids = answer_ids + [tokenizer.eos_token_id]
-        if len(prompt_ids) >= seq_len:  # nothing of the answer would fit: no loss to learn from
-            dropped += 1
+        answer = completion.removesuffix(EOS_TOKEN)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    # EOS by id: a pretrained base may not know our EOS string as a special token.
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids, answer_ids
+
+
+def encode_sft(records: list[dict], tokenizer: Any, seq_len: int) -> Tensors:
+    """Right-padded prompt+answer rows; labels are IGNORE_INDEX on the prompt and padding.
+
+    A record whose prompt fills ``seq_len`` is dropped (nothing of its answer would fit: no loss
+    to learn from); no records give no rows.
+    """
+    rows = []
+    for record in records:
+        prompt_ids, answer_ids = prompt_and_answer(record, tokenizer)
+        if len(prompt_ids) >= seq_len:
             continue
-        ids = (prompt_ids + answer_ids)[:seq_len]
-        labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:seq_len]
-        rows.append((ids, labels))
-    if not rows:
-        raise DataError(f"all {dropped} SFT examples have prompts longer than seq_len={seq_len}",
+        rows.append(((prompt_ids + answer_ids)[:seq_len], ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:seq_len]))
+    if records and not rows:
+        raise DataError(f"all {len(records)} SFT examples have prompts longer than seq_len={seq_len}",
                         "raise training.finetune.seq_len (and model.max_seq_len)")
-    pad = tokenizer.pad_token_id
-    input_ids = torch.full((len(rows), seq_len), pad, dtype=torch.long)
+    input_ids = torch.full((len(rows), seq_len), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
     for i, (ids, labs) in enumerate(rows):

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # label value the loss skips (as torch's cross-entropy does)
+from lmforge.data.packing import IGNORE_INDEX
+
 CHUNK_BYTES = 1 << 29  # float32 logits of one chunk: 512 MiB bounds the loss's working memory
 
 

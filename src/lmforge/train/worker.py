@@ -4,34 +4,40 @@
 Train worker. Pretraining trains all weights; the fine-tuning phase trains what ``training.method``
 says (:mod:`lmforge.train.methods.catalog`). Before an adapter phase the base it adapts is written to the
 run's checkpoint directory, so that a resumed run, QLoRA's 4-bit reload and the final merge all
-start from exactly those weights.
+start from exactly those weights. Each phase's rows come from :func:`lmforge.train.data.phase_rows`.
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from lmforge.config.training import ModelConfig, PhaseConfig, TrainingConfig
-from lmforge.core.errors import ConfigError, DataError
+from lmforge.config.training import ModelConfig, TrainingConfig
+from lmforge.core.errors import ConfigError
+from lmforge.core.workspace import Workspace
 from lmforge.model.build import build_model, count_parameters
 from lmforge.tokenizer.build import load_tokenizer
-from lmforge.train import artifacts, checkpoint as ckpt
+from lmforge.train import artifacts
+from lmforge.train import checkpoint as ckpt
 from lmforge.train.accel import flash4, fp8, speed
-from lmforge.train.methods import catalog as methods
-from lmforge.train.data import batch_stream, encode_sft, fixed_batches, pack_texts, read_sft, read_texts, split_heldout
+from lmforge.train.data import batch_stream, fixed_batches, phase_rows
 from lmforge.train.loop import train_phase
-from lmforge.core.workspace import Workspace
+from lmforge.train.methods import catalog as methods
 
 
 def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, device: torch.device,
                out: Path | None, run_dir: Path, run_id: str, on_log: Callable[[dict], None] | None,
-               resume: bool = False) -> dict:
-    """Train and (on rank 0, ``out`` set) save; return ``{"history", "metrics", "params"}``."""
+               finetune_heldout_fraction: float, resume: bool = False) -> dict:
+    """Train and (on rank 0, ``out`` set) save; return ``{"history", "metrics", "params"}``.
+
+    ``finetune_heldout_fraction`` (``tokenize.finetune_heldout_fraction``) is the share of SFT train
+    records held out for validation when the phase tokenizes on the fly (:func:`phase_rows`).
+    """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     tokenizer = load_tokenizer(ws.tokenizer_dir)
     root = ckpt.checkpoint_root(ws, run_id)
@@ -53,7 +59,9 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
         if methods.method_info(method).adapts:
             model = _adapted(model, tokenizer, training, root / "base", device, resumed=here is not None, rank=rank)
         params[f"params_trainable_{name}"] = count_parameters(model, trainable_only=True)
-        train_rows, val_rows, params[f"data_{name}"] = _phase_data(name, tokenizer, ws, phase)
+        train_rows, val_rows, params[f"data_{name}"] = phase_rows(name, tokenizer, ws, phase,
+                                                                  finetune_heldout_fraction)
+        params[f"data_{name}_validation_rows"] = len(val_rows["input_ids"]) if val_rows else 0
         batches = batch_stream(train_rows, phase.batch_size, seed=training.seed + index, rank=rank,
                                world_size=world, skip=here.state["loop"]["step"] * phase.grad_accum if here else 0)
         val = fixed_batches(val_rows, phase.batch_size, training.val_batches, rank=rank,
@@ -145,40 +153,3 @@ def _identity(training: TrainingConfig, model_cfg: ModelConfig) -> dict:
     if training.fp8:  # FP8 training checkpoints GPT-2's layers as nn.Linear (transposed): another layout
         identity["fp8"] = True
     return identity
-
-
-def _phase_data(name: str, tokenizer, ws: Workspace, phase: PhaseConfig) -> tuple[dict, dict | None, str]:
-    """(training rows, held-out rows or None, where they came from) as tensors for one phase."""
-    prebuilt = _validated_datasets(ws, name, phase.seq_len)
-    if prebuilt is not None:
-        return prebuilt
-    if name == "pretrain":
-        train_rows = pack_texts(read_texts(ws.curated_dir / "train.parquet"), tokenizer, phase.seq_len)
-        val_path = ws.curated_dir / "validation.parquet"
-        val_texts = read_texts(val_path) if val_path.exists() else []
-        val_rows = pack_texts(val_texts, tokenizer, phase.seq_len, allow_short=True) if val_texts else None
-        return train_rows, val_rows, "tokenized on the fly"
-    records, heldout = split_heldout(read_sft(ws.sft_dir / "train.jsonl"))
-    val_rows = encode_sft(heldout, tokenizer, phase.seq_len) if heldout else None
-    return encode_sft(records, tokenizer, phase.seq_len), val_rows, "tokenized on the fly"
-
-
-def _validated_datasets(ws: Workspace, name: str, seq_len: int) -> tuple[dict, dict | None, str] | None:
-    """The tokenized datasets `lmforge tokenize` built and validated, when they fit this phase.
-
-    Training reads what the data gate checked. Without them (a bare GPU machine without the
-    `datasets` library, or `tokenize.build_datasets: false`) the phase tokenizes on the fly.
-    Datasets built with another tokenizer raise a DataError from load_tokenized.
-    """
-    try:
-        from lmforge.stages.tokenize import latest_manifest, load_tokenized
-
-        manifest = latest_manifest(ws)
-    except (ImportError, DataError):
-        return None
-    if manifest.get("seq_len", {}).get(name) != seq_len:
-        return None
-    train_rows = load_tokenized(ws, name, "train")
-    val_rows = load_tokenized(ws, name, "validation")
-    source = f"tokenized dataset {manifest['digest'][:16]}"
-    return train_rows, (val_rows if len(val_rows["input_ids"]) else None), source

@@ -15,19 +15,17 @@ import xxhash
 
 from lmforge.config.curation import ValidationConfig
 from lmforge.core.workspace import Workspace
-
-IGNORE_INDEX = -100
+from lmforge.data.packing import IGNORE_INDEX
+from lmforge.data.tokenized import PHASES, latest_manifest, load_tokenized
 
 
 def load_frame(ws: Workspace) -> tuple[Any, dict]:
     import pandas as pd
 
-    from lmforge.stages.tokenize import PHASES, latest_manifest, load_tokenized, tokenized_root
-
     manifest = latest_manifest(ws)
     parts = []
     for phase, splits in PHASES.items():
-        if not (tokenized_root(ws) / manifest["digest"] / phase).exists():
+        if not (ws.tokenized_dir / manifest["digest"] / phase).exists():
             continue
         tables = {split: {k: v.numpy() for k, v in load_tokenized(ws, phase, split).items()} for split in splits}
         hashes = {split: [xxhash.xxh64_intdigest(row.tobytes()) for row in t["input_ids"]]

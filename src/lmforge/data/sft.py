@@ -1,0 +1,73 @@
+"""SFT records: reading the JSONL files collect writes, and the fine-tuning validation split.
+
+A record is either an instruction/response pair (``{"instruction": str, "response": str}``, the
+format of :mod:`lmforge.model.prompt`) or a chat (``{"messages": [...]}``, ending with the
+assistant's answer). ``sft/train.jsonl`` feeds fine-tuning, less the validation records
+:func:`split_finetune` holds out; ``sft/test.jsonl`` is never trained on. The tokenize stage, training
+on the fly and evaluation all read through :func:`read_sft`, so they accept and reject the same lines.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmforge.core.errors import DataError
+from lmforge.data.splits import split_by_key
+
+# Makes the validation cut independent of collect's unsalted train/test cut (see split_finetune).
+FINETUNE_VALIDATION_SALT = "finetune-validation"
+
+
+def read_sft(path: Path, limit: int | None = None, chat: bool = True) -> list[dict]:
+    """The records of an SFT JSONL file (the first ``limit`` of them when set), checked line by line.
+
+    ``chat=False`` accepts instruction/response records only (evaluation prompts with the
+    instruction and scores against the response). Errors name the file and line, ``path:line``.
+    """
+    if not path.exists():
+        raise DataError(f"no SFT examples at {path}", "run the collect stage first (`lmforge collect`)")
+    records: list[dict] = []
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if limit is not None and len(records) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number} is not JSON ({exc})",
+                                "regenerate the SFT set with `lmforge collect`") from exc
+            if not _well_formed(record, chat):
+                wanted = "`messages` or string `instruction` and `response`" if chat else \
+                    "string `instruction` and `response`"
+                raise DataError(f"{path}:{number} is not a JSON object with {wanted}",
+                                "regenerate the SFT set with `lmforge collect`")
+            records.append(record)
+    return records
+
+
+def _well_formed(record: object, chat: bool) -> bool:
+    if not isinstance(record, dict):
+        return False
+    if chat and isinstance(record.get("messages"), list) and record["messages"]:
+        return True
+    return isinstance(record.get("instruction"), str) and isinstance(record.get("response"), str)
+
+
+def record_key(record: dict) -> str:
+    """What a record is split by: its ``id``, else its text (so an unchanged record keeps its side)."""
+    return str(record.get("id") or record.get("instruction", "") + record.get("response", "")
+               or json.dumps(record.get("messages"), sort_keys=True))
+
+
+def split_finetune(records: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+    """(train, validation) records of SFT train: ``fraction`` held out by a salted hash of each key.
+
+    ``fraction`` is ``tokenize.finetune_heldout_fraction``; prebuilt tokenized datasets and training
+    on the fly both cut here, so they validate on the same records. The salt matters: collect
+    already split train from test by the unsalted hash of the same ids, so every train record's
+    unsalted bucket is >= the test fraction and an unsalted cut below it would hold out nothing.
+    """
+    return split_by_key(records, fraction, record_key, salt=FINETUNE_VALIDATION_SALT)

@@ -1,0 +1,86 @@
+"""Scoring a trained model: mean next-token loss over held-out blocks, greedy answers to instructions.
+
+Used by the evaluate stage (:mod:`lmforge.stages.evaluate`); the blocks come from
+:func:`lmforge.data.packing.pack_documents`, the prompts from :mod:`lmforge.model.prompt`, so the
+model is measured on the format it was trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.model.prompt import format_prompt
+from lmforge.train.artifacts import load_trained
+
+
+def load_model(model_dir: Path) -> tuple[Any, Any]:
+    """Model and tokenizer from a local directory: safetensors only, never remote code."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    # Prompt-learning and bottleneck adapters cannot be merged: load_trained applies them, so the
+    # tuned model is measured, not its base.
+    model = load_trained(model_dir, dtype=torch.float32)
+    if tokenizer.pad_token_id is None:
+        # Padded positions are masked out, so any id works; EOS keeps the vocabulary unchanged.
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def context_window(config: Any, default: int) -> int:
+    """The model's longest sequence (``max_position_embeddings`` or ``n_positions``), else ``default``."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
+def heldout_loss(model: Any, blocks: torch.Tensor | Sequence[Sequence[int]], batch_size: int) -> tuple[float, int]:
+    """Mean next-token cross-entropy (nats) over every predicted token of ``blocks``, and that token count."""
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        ids = torch.as_tensor(blocks[start : start + batch_size], dtype=torch.long)
+        logits = model(input_ids=ids).logits
+        targets = ids[:, 1:]
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum"
+        )
+        total += loss.item()
+        count += targets.numel()
+    return total / count, count
+
+
+def generate_answers(
+    model: Any, tokenizer: Any, instructions: list[str], max_new_tokens: int, batch_size: int, context: int
+) -> list[str]:
+    """Greedy answers to each instruction in the shared prompt format, cut at the first EOS."""
+    from transformers import GenerationConfig
+
+    max_new_tokens = max(1, min(max_new_tokens, context - 1))
+    # Left padding and left truncation keep every prompt's end (the "### Response:" cue) adjacent
+    # to the generated tokens.
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    # A fresh config so sampling settings saved with the model never leak into the evaluation.
+    generation = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad
+    )
+    answers: list[str] = []
+    for start in range(0, len(instructions), batch_size):
+        prompts = [format_prompt(text) for text in instructions[start : start + batch_size]]
+        encoded = tokenizer(
+            prompts, return_tensors="pt", padding=True, truncation=True, max_length=context - max_new_tokens
+        )
+        output = model.generate(**encoded, generation_config=generation)
+        for row in output[:, encoded["input_ids"].shape[1] :].tolist():
+            if eos in row:
+                row = row[: row.index(eos)]
+            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return answers
