@@ -209,7 +209,7 @@ def cmd_config_schema(args: argparse.Namespace) -> None:
 
 def _unwrap(exc: BaseException) -> BaseException:
     """Find our own error inside wrappers (Ray, Prefect) so the user sees cause and fix."""
-    seen = exc
+    seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, LmforgeError):
             return seen

@@ -21,9 +21,12 @@ import re
 import stat
 import tarfile
 import zipfile
-from typing import IO, Callable, Iterator
+from typing import IO, TYPE_CHECKING, Callable, Iterator, Protocol
 
 from lmforge.collection.types import Tally
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".tzst")
 _VIRTUAL_ROOT = "/lmforge-archive-root"  # members are judged against it; nothing is written there
@@ -34,17 +37,24 @@ class TooLarge(Exception):
     """A stream grew past its limit while being read."""
 
 
+class ByteReader(Protocol):
+    """What reading needs of a binary stream: files, ``GzipFile``/``BZ2File``/``LZMAFile``, archive members."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 def _zstd_reader(stream: IO[bytes]) -> IO[bytes]:
     import zstandard
 
-    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(stream, closefd=False))  # type: ignore[arg-type]
+    reader = zstandard.ZstdDecompressor().stream_reader(stream, closefd=False)
+    return io.BufferedReader(reader)  # type: ignore[arg-type]  # zstandard's reader: raw I/O by duck typing
 
 
-COMPRESSIONS: dict[str, Callable[[IO[bytes]], IO[bytes]]] = {
-    ".gz": lambda s: gzip.GzipFile(fileobj=s, mode="rb"),  # type: ignore[dict-item]
+COMPRESSIONS: dict[str, Callable[[IO[bytes]], ByteReader]] = {
+    ".gz": lambda s: gzip.GzipFile(fileobj=s, mode="rb"),
     ".zst": _zstd_reader,
-    ".bz2": lambda s: bz2.BZ2File(s),  # type: ignore[dict-item]
-    ".xz": lambda s: lzma.LZMAFile(s),  # type: ignore[dict-item]
+    ".bz2": lambda s: bz2.BZ2File(s),
+    ".xz": lambda s: lzma.LZMAFile(s),
 }
 
 
@@ -66,13 +76,14 @@ def compression_of(name: str) -> str | None:
     return None
 
 
-def decompressed(stream: IO[bytes], suffix: str) -> IO[bytes]:
+def decompressed(stream: IO[bytes], suffix: str) -> ByteReader:
     return COMPRESSIONS[suffix](stream)
 
 
-def read_bounded(stream: IO[bytes], limit: int) -> bytes:
+def read_bounded(stream: ByteReader, limit: int) -> bytes:
     """Read all of ``stream``; raise :class:`TooLarge` past ``limit`` bytes (before holding more)."""
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     while True:
         chunk = stream.read(min(1 << 20, limit + 1 - size))
         if not chunk:
@@ -86,18 +97,19 @@ def read_bounded(stream: IO[bytes], limit: int) -> bytes:
 class BoundedReader(io.RawIOBase):
     """A read-only stream that raises :class:`TooLarge` once more than ``limit`` bytes were read."""
 
-    def __init__(self, inner: IO[bytes], limit: int) -> None:
+    def __init__(self, inner: ByteReader, limit: int) -> None:
         self._inner, self._limit, self._read = inner, limit, 0
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[override]
-        data = self._inner.read(len(buffer))
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")  # BufferedReader passes a byte-wide view already; cast() is then a no-op
+        data = self._inner.read(len(view))
         self._read += len(data)
         if self._read > self._limit:
             raise TooLarge(f"more than {self._limit} bytes after decompression")
-        buffer[:len(data)] = data
+        view[:len(data)] = data
         return len(data)
 
 

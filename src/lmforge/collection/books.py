@@ -66,8 +66,8 @@ def epub_documents(data: bytes, uri: str, stem: str, source: str, tally: Tally) 
     if not text:
         tally.skip("empty", uri, "EPUB has no readable chapters")
         return
-    meta = {key: value for key, value in (("author", _dc(opf, "creator")), ("language", _dc(opf, "language")))
-            if value}
+    meta: dict[str, str | int] = {key: value for key, value in (("author", _dc(opf, "creator")),
+                                                                 ("language", _dc(opf, "language"))) if value}
     meta["chapters"] = len(texts)
     yield make_document(text, source=source, uri=uri, title=_dc(opf, "title") or stem,
                         content_type="application/epub+zip", meta=meta)

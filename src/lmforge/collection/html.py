@@ -117,6 +117,7 @@ def main_text(html: str, url: str | None = None, info: PageInfo | None = None) -
     info = info or parse_page(html)
     try:
         import trafilatura
+        from trafilatura.settings import Document
 
         # trafilatura logs every page it finds too short; that is expected here, not news.
         logging.getLogger("trafilatura").setLevel(logging.ERROR)
@@ -125,7 +126,8 @@ def main_text(html: str, url: str | None = None, info: PageInfo | None = None) -
                                           include_tables=True)
     except (ValueError, TypeError, AttributeError):  # malformed markup trafilatura's tree chokes on
         doc = None
-    text = tidy(doc.text) if doc is not None and doc.text else ""
+    # A Document unless as_dict=True (deprecated, never passed): isinstance also rules out None.
+    text = tidy(doc.text) if isinstance(doc, Document) and doc.text else ""
     if not text:
         text = info.text  # a page too small for trafilatura's heuristics: its visible text
     return info.title, text

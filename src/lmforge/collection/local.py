@@ -73,9 +73,8 @@ class LocalFiles:
         changed = []
         for task in tasks:
             prior = ctx.known(task.uri)
-            same_stat = prior is not None and (prior.fingerprint.size, prior.fingerprint.mtime_ns) == (task.size, task.mtime_ns)
-            if same_stat:
-                yield Unit(task.uri, prior.fingerprint, None)  # type: ignore[union-attr]
+            if prior is not None and (prior.fingerprint.size, prior.fingerprint.mtime_ns) == (task.size, task.mtime_ns):
+                yield Unit(task.uri, prior.fingerprint, None)
             else:
                 changed.append(FileTask(task.path, task.uri, task.size, task.mtime_ns,
                                         prior.fingerprint.hash if prior else ""))

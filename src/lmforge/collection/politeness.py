@@ -83,9 +83,9 @@ class RobotsCache:
         parser = RobotFileParser(f"{origin}/robots.txt")
         status, text = self._fetch(f"{origin}/robots.txt")
         if 400 <= status < 500:
-            parser.allow_all = True
+            parser.allow_all = True  # type: ignore[attr-defined]  # set in __init__; typeshed omits it
         elif status >= 500 or status == 0:
-            parser.disallow_all = True
+            parser.disallow_all = True  # type: ignore[attr-defined]  # set in __init__; typeshed omits it
         else:
             parser.parse(text.splitlines())
             delay = parser.crawl_delay(self.user_agent)

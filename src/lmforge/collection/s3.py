@@ -83,7 +83,7 @@ def read_s3_chunk(job: tuple[S3Source, FormatOptions, list[S3Object]]) -> tuple[
                 continue
             spool.seek(0)
             name = key.rsplit("/", 1)[-1]
-            docs = list(documents_from_stream(name, spool, uri, opts, tally))  # type: ignore[arg-type]
+            docs = list(documents_from_stream(name, spool, uri, opts, tally))
         units.append(Unit(uri, Fingerprint(digest.hexdigest(), etag=etag, size=size), docs))
     return units, tally
 

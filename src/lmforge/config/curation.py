@@ -109,11 +109,13 @@ class LanguageConfig(_Section):
         return value
 
 
+NormalForm = Literal["NFC", "NFKC", "none"]
 PiiKind = Literal["email", "phone", "ip_address", "credit_card", "secret"]
+PII_KINDS: tuple[PiiKind, ...] = ("email", "phone", "ip_address", "credit_card", "secret")
 
 
 class PiiConfig(_Section):
-    kinds: list[PiiKind] = Field(default_factory=lambda: ["email", "phone", "ip_address", "credit_card", "secret"])
+    kinds: list[PiiKind] = Field(default_factory=lambda: list(PII_KINDS))
     keep_private_ips: bool = Field(True, description="Loopback, private and documentation addresses name nobody.")
 
 
@@ -169,7 +171,7 @@ class ClassicConfig(_Section):
 class CurationConfig(_Section):
     steps: list[str] = Field(default_factory=lambda: list(DEFAULT_STEPS), description=(
         "Curation steps in order (see `lmforge config schema`): " + ", ".join(STEP_PHASES)))
-    normalize: Literal["NFC", "NFKC", "none"] = Field("NFKC", description="Unicode normalization form.")
+    normalize: NormalForm = Field("NFKC", description="Unicode normalization form.")
     min_chars: int = Field(40, ge=0, description="Drop documents shorter than this.")
     max_chars: int = Field(20_000, gt=0, description="Drop documents longer than this.")
     heldout_fraction: float = Field(

@@ -199,6 +199,11 @@ SourceConfig = Annotated[
 SOURCE_TYPES = ("stdlib", "local", "web", "feed", "s3", "hf")
 
 
+def _stdlib_only() -> list[SourceConfig]:
+    """The default sources: the installed standard library alone (typed for the field's union)."""
+    return [StdlibSource()]
+
+
 class InstructionConfig(_Section):
     """The supervised fine-tuning set derived from stdlib docstrings."""
 
@@ -231,7 +236,7 @@ class ParallelConfig(_Section):
 
 class DataConfig(_Section):
     sources: list[SourceConfig] = Field(
-        default_factory=lambda: [StdlibSource()],
+        default_factory=_stdlib_only,
         min_length=1,
         description="Where documents come from; each entry is chosen by its `type`.",
     )

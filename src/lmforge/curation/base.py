@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 from lmforge.config.curation import STEP_PHASES, CurationConfig
 from lmforge.curation.decontaminate import EvalIndex
@@ -38,7 +38,7 @@ def steps_of_phase(cfg: CurationConfig, phases: tuple[int, ...]) -> list[str]:
 def build_steps(names: list[str], cfg: CurationConfig, ctx: Context) -> list[Step]:
     from lmforge.curation import classic, clean, decontaminate, language, pii, quality
 
-    builders = {
+    builders: dict[str, Callable[[], Step]] = {
         "normalize": lambda: clean.Normalize(cfg.normalize),
         "fix_mojibake": clean.FixMojibake,
         "strip_html": clean.StripHtml,

@@ -14,7 +14,7 @@ from collections import Counter
 
 import xxhash
 
-from lmforge.config.curation import BoilerplateConfig
+from lmforge.config.curation import BoilerplateConfig, NormalForm
 
 # Control characters other than newline and tab are noise from PDFs, terminals and bad encodings;
 # zero-width characters and the BOM hide inside words and split them for the tokenizer.
@@ -39,7 +39,7 @@ _ENTITY = re.compile(r"&(?:#\d{1,7}|#x[0-9a-f]{1,6}|[a-z]{2,8});", re.I)
 class Normalize:
     name = "normalize"
 
-    def __init__(self, form: str) -> None:
+    def __init__(self, form: NormalForm) -> None:
         self.form = form
         self.counts: Counter = Counter()
 

@@ -55,7 +55,7 @@ def eval_texts(sft_test: Path, fields: list[str]) -> list[str]:
     """The configured fields of every record of the SFT test set (none when it does not exist)."""
     if not sft_test.exists():
         return []
-    texts = []
+    texts: list[str] = []
     for line in sft_test.read_text(encoding="utf-8").splitlines():
         if line.strip():
             record = json.loads(line)
@@ -85,7 +85,10 @@ class Decontaminate:
         pieces, cursor, spans = [], 0, 0
         for start, stop in _runs(covered):
             pieces.append(text[cursor: matches[start].start()])
-            cursor = _TRAILING.match(text, matches[stop - 1].end()).end()
+            cursor = matches[stop - 1].end()
+            trailing = _TRAILING.match(text, cursor)  # matches (maybe empty) wherever it starts
+            if trailing is not None:
+                cursor = trailing.end()
             spans += 1
         pieces.append(text[cursor:])
         doc["text"] = "".join(pieces).strip()

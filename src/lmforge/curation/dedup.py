@@ -62,7 +62,7 @@ def lsh_params(cfg: NearDedupConfig) -> tuple[int, int]:
         for rows in range(1, cfg.num_perm // bands + 1):
             fp = np.trapezoid(1 - (1 - low**rows) ** bands, low)
             fn = np.trapezoid((1 - high**rows) ** bands, high)
-            error = 0.1 * fp + 0.9 * fn
+            error = float(0.1 * fp + 0.9 * fn)
             if error < best_error:
                 best, best_error = (bands, rows), error
     return best
@@ -178,7 +178,9 @@ class VersionStore:
 
     def previous(self, cfg: NearDedupConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(keys, signatures, digests) of the latest ``cfg.previous_versions`` compatible versions."""
-        keys, sigs, used = [], [], []
+        keys: list[np.ndarray] = []
+        sigs: list[np.ndarray] = []
+        used: list[str] = []
         params = _params(cfg)
         for entry in reversed(self._index()):
             if len(used) >= cfg.previous_versions:

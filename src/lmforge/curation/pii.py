@@ -72,7 +72,7 @@ def _is_phone(match: str) -> bool:
 
 def _detectors(cfg: PiiConfig) -> list[tuple[str, re.Pattern, Callable[[str], bool] | None]]:
     ip_check = _is_public_ip if cfg.keep_private_ips else _is_ip
-    table = {
+    table: dict[str, list[tuple[re.Pattern, Callable[[str], bool] | None]]] = {
         # Secrets first: a token can contain digit runs that look like phones or cards.
         "secret": [(_SECRET, None)],
         "email": [(_EMAIL, None)],

@@ -18,7 +18,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -200,7 +200,7 @@ def finish_units(units: list[Unit], cfg: CurationConfig, work: Path, codes: np.n
     return ids
 
 
-def _passes_dedup(doc: dict, code: int, dedup_steps: list[str], tally: Tally) -> bool:
+def _passes_dedup(doc: dict, code: int, dedup_steps: Sequence[str], tally: Tally) -> bool:
     for name in dedup_steps:
         tally.reached(name)
         if code != KEEP and _STEP_OF[code] == name:

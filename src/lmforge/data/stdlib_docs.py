@@ -101,8 +101,8 @@ def build_instruction_pairs(max_records: int) -> list[dict]:
             tiers[tier].append((entry.qualname, summary))
     pairs: list[dict] = []
     seen: set[str] = set()
-    for tier in tiers:
-        for qualname, summary in sorted(tier):
+    for group in tiers:
+        for qualname, summary in sorted(group):
             instruction = f"What does `{qualname}` do?"
             if instruction in seen:
                 continue
@@ -208,15 +208,16 @@ def _public(name: str) -> bool:
     return not name.startswith("_")
 
 
-def _add(entries: list[DocEntry], node: ast.AST, qualname: str, kind: str) -> None:
-    doc = ast.get_docstring(node)  # type: ignore[arg-type]
+def _add(entries: list[DocEntry], node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef, qualname: str,
+         kind: str) -> None:
+    doc = ast.get_docstring(node)
     if not doc:
         return
     if isinstance(node, ast.ClassDef):
         bases = ", ".join(ast.unparse(b) for b in node.bases)
         signature = f"class {qualname}({bases})" if bases else f"class {qualname}"
     else:
-        signature = f"{qualname}({ast.unparse(node.args)})"  # type: ignore[attr-defined]
+        signature = f"{qualname}({ast.unparse(node.args)})"
     entries.append(DocEntry(qualname, kind, signature, doc))
 
 

@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from lmforge.config import PipelineConfig, config_hash
 from lmforge.config.stages import PlatformConfig, RegistryConfig
@@ -46,7 +46,7 @@ def register(
     history: list[dict[str, Any]],
     dataset_inputs: list[dict[str, Any]],
     tags: dict[str, str],
-    reports: list[Path] = (),
+    reports: Sequence[Path] = (),
 ) -> RegisteredVersion:
     """One MLflow run with everything that produced ``model_dir``, and a new registered version.
 
