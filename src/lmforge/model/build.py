@@ -9,18 +9,22 @@ loaded from safetensors only, and never with ``trust_remote_code``.
 from __future__ import annotations
 
 import inspect
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from lmforge.config.training import ModelConfig
 from lmforge.core.errors import ConfigError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig, PreTrainedModel
+
 # Attribute names of the dropout probabilities across transformers' configs.
 _DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
                  "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout")
 
 
-def build_model(cfg: ModelConfig, vocab_size: int):
+def build_model(cfg: ModelConfig, vocab_size: int) -> PreTrainedModel:
     """A ``PreTrainedModel`` for causal LM whose embeddings cover ``vocab_size`` token ids."""
     if cfg.base_model:
         return _pretrained(cfg.base_model, vocab_size)
@@ -34,7 +38,7 @@ def padded_vocab(cfg: ModelConfig, vocab_size: int) -> int:
     return -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
 
 
-def model_config(cfg: ModelConfig, vocab_size: int):
+def model_config(cfg: ModelConfig, vocab_size: int) -> PreTrainedConfig:
     """The transformers config for a model built from ``cfg`` (random weights)."""
     rows = padded_vocab(cfg, vocab_size)
     if cfg.architecture == "gpt2":
@@ -60,7 +64,7 @@ def model_config(cfg: ModelConfig, vocab_size: int):
     return _generic_config(cfg, rows)
 
 
-def _generic_config(cfg: ModelConfig, rows: int):
+def _generic_config(cfg: ModelConfig, rows: int) -> PreTrainedConfig:
     """Any other causal-LM model type, through the dimension names transformers standardizes."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -73,10 +77,11 @@ def _generic_config(cfg: ModelConfig, rows: int):
     accepted = set(inspect.signature(config_class.__init__).parameters) | set(config_class.attribute_map)
     if "num_key_value_heads" not in accepted:
         _no_gqa(cfg, cfg.architecture)
-    dims = {"vocab_size": rows, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
-            "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.intermediate_size,
-            "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
-            "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    dims: dict[str, int | float | None] = {
+        "vocab_size": rows, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.intermediate_size,
+        "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if "num_key_value_heads" in accepted:
         dims["num_key_value_heads"] = cfg.num_kv_heads
     if "head_dim" in accepted:  # some families default it to their largest model's value
@@ -112,7 +117,7 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
     return total
 
 
-def _pretrained(name: str, vocab_size: int):
+def _pretrained(name: str, vocab_size: int) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     try:
@@ -127,13 +132,14 @@ def _pretrained(name: str, vocab_size: int):
     return model
 
 
-def check_vocab(model, vocab_size: int, what: str) -> None:
+def check_vocab(model: PreTrainedModel, vocab_size: int, what: str) -> None:
     """Refuse a tokenizer with ids the model's embeddings do not cover.
 
     Embeddings padded past the tokenizer (common, for speed) are fine; uncovered ids would index
     out of range in the middle of training.
     """
-    rows = model.get_input_embeddings().num_embeddings
+    # Typed nn.Module by transformers; a causal LM's input embedding is an nn.Embedding (or a subclass).
+    rows = cast(torch.nn.Embedding, model.get_input_embeddings()).num_embeddings
     if vocab_size > rows:
         raise ConfigError(
             f"tokenizer has {vocab_size} tokens but base_model {what} has embeddings for {rows}",

@@ -22,11 +22,15 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from lmforge.config.training import ModelConfig, PhaseConfig, TrainingConfig
 from lmforge.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig, PreTrainedModel
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (datasheet), the MFU denominator
 GIB = 1024 ** 3
@@ -137,8 +141,8 @@ def _size(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
 
 
-def _phase_memory(name: str, phase: PhaseConfig, method: str, config, total: int, trainable: int,
-                  training: TrainingConfig, on_gpu: bool) -> PhaseMemory:
+def _phase_memory(name: str, phase: PhaseConfig, method: str, config: PreTrainedConfig, total: int,
+                  trainable: int, training: TrainingConfig, on_gpu: bool) -> PhaseMemory:
     tokens = phase.batch_size * phase.seq_len
     frozen = total - trainable
     frozen_bytes = {"qlora": 0.55}.get(method, 2.0 if on_gpu and method in ("lora", "ia3", "adapter") else 4.0)
@@ -156,7 +160,7 @@ def _phase_memory(name: str, phase: PhaseConfig, method: str, config, total: int
                        gradients=4 * trainable, optimizer=8 * trainable, activations=int(act + logits))
 
 
-def _meta_model(model_cfg: ModelConfig, vocab_size: int):
+def _meta_model(model_cfg: ModelConfig, vocab_size: int) -> PreTrainedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lmforge.model.build import model_config
@@ -173,7 +177,7 @@ def _meta_model(model_cfg: ModelConfig, vocab_size: int):
         return AutoModelForCausalLM.from_config(config)
 
 
-def _trainable_after_method(model, training: TrainingConfig) -> int:
+def _trainable_after_method(model: PreTrainedModel, training: TrainingConfig) -> int:
     from lmforge.model.build import count_parameters
     from lmforge.train.methods.catalog import apply_method
 

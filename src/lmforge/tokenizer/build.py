@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from lmforge.config.stages import ModelConfig
 from lmforge.core.errors import ConfigError, DataError
 from lmforge.model.prompt import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
 from lmforge.core.workspace import Workspace, atomic_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 # Texts are fed to the BPE trainer in chunks so a large corpus never sits in one Python list.
 _CHUNK = 1000
@@ -36,7 +39,7 @@ def train_tokenizer(cfg: ModelConfig, ws: Workspace) -> Path:
     return ws.tokenizer_dir
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Load a tokenizer directory written by :func:`train_tokenizer` (or any transformers one)."""
     from transformers import AutoTokenizer
 
@@ -47,11 +50,11 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def _train_bpe(vocab_size: int, ws: Workspace):
+def _train_bpe(vocab_size: int, ws: Workspace) -> PreTrainedTokenizerFast:
     return build_bpe(_corpus_chunks(ws), vocab_size)
 
 
-def build_bpe(texts: Iterable, vocab_size: int, min_frequency: int = 2):
+def build_bpe(texts: Iterable[str | list[str]], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on ``texts`` (strings or lists of strings), wrapped for transformers
     with our special tokens and chat template. Tests build their tiny tokenizers with it too, so
     they exercise the production recipe."""
@@ -85,7 +88,7 @@ def build_bpe(texts: Iterable, vocab_size: int, min_frequency: int = 2):
     )
 
 
-def _pretrained_tokenizer(name: str):
+def _pretrained_tokenizer(name: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:

@@ -14,12 +14,16 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from lmforge.config.stages import PlatformConfig
 from lmforge.core.errors import RegistryError
 from lmforge.core.workspace import Workspace
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import RegisteredModel
 
 # MLflow's own limits on one log_batch request and on a param value.
 MAX_METRICS_PER_BATCH = 1000
@@ -41,7 +45,7 @@ def is_local_store(uri: str) -> bool:
     return urlparse(uri).scheme in ("", "file", "sqlite")
 
 
-def mlflow_client(ws: Workspace, platform: PlatformConfig | None = None):
+def mlflow_client(ws: Workspace, platform: PlatformConfig | None = None) -> MlflowClient:
     """An ``MlflowClient`` bound to this workspace's tracking and registry URIs."""
     from mlflow import MlflowClient
 
@@ -53,7 +57,7 @@ def mlflow_client(ws: Workspace, platform: PlatformConfig | None = None):
     return MlflowClient(tracking_uri=tracking, registry_uri=registry)
 
 
-def ensure_experiment(client: Any, name: str, ws: Workspace) -> str:
+def ensure_experiment(client: MlflowClient, name: str, ws: Workspace) -> str:
     """The id of experiment ``name``, created on first use.
 
     For a local store the artifact root goes inside the workspace; left to MLflow it would be
@@ -71,6 +75,8 @@ def ensure_experiment(client: Any, name: str, ws: Workspace) -> str:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             experiment = client.get_experiment_by_name(name)  # another process created it first
+            if experiment is None:  # and deleted it for good since: nothing to return
+                raise
     if experiment.lifecycle_stage == "deleted":
         raise RegistryError(
             f"MLflow experiment {name!r} is deleted",
@@ -119,7 +125,7 @@ MAX_DATASET_DIGEST = 36
 class MlflowTracker:
     """A :class:`~lmforge.tracking.tracker.Tracker` writing into one MLflow run through batched calls."""
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client = client
         self.run_id = run_id
 
@@ -203,7 +209,7 @@ class MlflowTracker:
 # ---------------------------------------------------------------- what the registry holds
 
 
-def run_metric(client: Any, run_id: str | None, metric: str) -> float | None:
+def run_metric(client: MlflowClient, run_id: str | None, metric: str) -> float | None:
     """The latest value of ``metric`` in a run (the final, highest-step one), or None."""
     if not run_id:
         return None
@@ -242,8 +248,9 @@ def list_models(
     return models
 
 
-def _all_registered_models(client: Any) -> list[Any]:
-    found, token = [], None
+def _all_registered_models(client: MlflowClient) -> list[RegisteredModel]:
+    found: list[RegisteredModel] = []
+    token: str | None = None
     while True:
         page = client.search_registered_models(max_results=100, page_token=token)
         found.extend(page)

@@ -15,12 +15,16 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from lmforge.config.stages import PlatformConfig
 from lmforge.core.errors import DataError, RegistryError
 from lmforge.core.workspace import Workspace, atomic_dir
 from lmforge.tracking.mlflow_tracker import describe_registry, mlflow_client, mlflow_uris
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))/?$")
@@ -45,7 +49,7 @@ def check_model_dir(model_dir: Path) -> None:
         )
 
 
-def version_by_alias(client: Any, name: str, alias: str):
+def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -56,7 +60,8 @@ def version_by_alias(client: Any, name: str, alias: str):
         raise
 
 
-def get_version(client: Any, name: str, version: str, ws: Workspace, platform: PlatformConfig | None):
+def get_version(client: MlflowClient, name: str, version: str, ws: Workspace,
+                platform: PlatformConfig | None) -> ModelVersion:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -102,7 +107,8 @@ def resolve_model(uri: str, ws: Workspace, platform: PlatformConfig | None = Non
 
 
 def _resolve_version(
-    client: Any, ws: Workspace, platform: PlatformConfig | None, name: str, alias: str | None, version: str | None
+    client: MlflowClient, ws: Workspace, platform: PlatformConfig | None, name: str, alias: str | None,
+    version: str | None,
 ) -> str:
     _require_registered(client, ws, platform, name)
     if alias is not None:
@@ -119,7 +125,7 @@ def _resolve_version(
     return str(get_version(client, name, str(version), ws, platform).version)
 
 
-def _require_registered(client: Any, ws: Workspace, platform: PlatformConfig | None, name: str) -> None:
+def _require_registered(client: MlflowClient, ws: Workspace, platform: PlatformConfig | None, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, cast
 
 import torch
 
@@ -28,32 +29,38 @@ from lmforge.model.prompt import format_prompt
 from lmforge.train.methods import bottleneck as adapters
 from lmforge.core.workspace import atomic_write_json
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from lmforge.model.types import CausalLM
+
 PROBE_FILE = "lmforge_probe.json"
 PROBE_INSTRUCTION = "What does `json.dumps` do?"
 PROBE_TOKENS = 8
 MARKER = "lmforge_adapter.json"
 
 
-def save_full(model, tokenizer, out: Path) -> None:
+def save_full(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
     """``out/model``: a model trained in full (or not adapted at all)."""
     probe = greedy_ids(model, tokenizer, format_prompt(PROBE_INSTRUCTION))
     _save_model(model, tokenizer, out / "model")
     _write_probe(out / "model", probe)
 
 
-def save_base(model, tokenizer, path: Path) -> None:
+def save_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
     """The exact weights an adapter is about to be trained on (written before training)."""
     _save_model(model, tokenizer, path)
 
 
-def save_merged(model, tokenizer, out: Path, run_dir: Path) -> None:
+def save_merged(model: PeftModel, tokenizer: PreTrainedTokenizerBase, out: Path, run_dir: Path) -> None:
     """``adapter/`` from the trained peft model, and ``model/`` = that adapter merged into ``base/``."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model.peft_config["default"].base_model_name_or_path = str(run_dir / "base")
     # The vocabulary never changes here; "auto" would look the base up on a hub.
-    model.save_pretrained(out / "adapter", save_embedding_layers=False)
+    model.save_pretrained(str(out / "adapter"), save_embedding_layers=False)
     probe = greedy_ids(model, tokenizer, format_prompt(PROBE_INSTRUCTION))
     # Merge from the files, in float32: exact even when the base trained in bf16 or 4 bits.
     base = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32, use_safetensors=True)
@@ -62,18 +69,22 @@ def save_merged(model, tokenizer, out: Path, run_dir: Path) -> None:
     _write_probe(out / "model", probe)
 
 
-def save_unmerged(model, tokenizer, out: Path, run_dir: Path, base_dir: Path) -> None:
+def save_unmerged(model: CausalLM, tokenizer: PreTrainedTokenizerBase, out: Path, run_dir: Path,
+                  base_dir: Path) -> None:
     """``model/`` = base weights + ``model/adapter/`` + marker; ``adapter/`` beside it."""
+    from peft import PeftModel
+
     probe = greedy_ids(model, tokenizer, format_prompt(PROBE_INSTRUCTION))
     if base_dir.resolve() != (out / "model").resolve():
         shutil.copytree(base_dir, out / "model")
     for target, base_path in ((out / "model" / "adapter", ".."), (out / "adapter", str(run_dir / "model"))):
-        if hasattr(model, "lmforge_adapter"):
-            adapters.save_adapter(model, target, base_dir=base_path)
-        else:
+        if isinstance(model, PeftModel):
             model.peft_config["default"].base_model_name_or_path = base_path
-            model.save_pretrained(target, save_embedding_layers=False)
-    kind = model.lmforge_adapter["kind"] if hasattr(model, "lmforge_adapter") else "peft"
+            model.save_pretrained(str(target), save_embedding_layers=False)
+        else:  # our bottleneck adapters
+            adapters.save_adapter(model, target, base_dir=base_path)
+    meta = adapters.adapter_meta(model)
+    kind = meta["kind"] if meta is not None else "peft"
     atomic_write_json(out / "model" / MARKER, {
         "adapter": "adapter", "format": kind, "mergeable": False,
         "note": "base weights; apply adapter/ with lmforge.train.artifacts.load_trained (transformers alone "
@@ -81,17 +92,17 @@ def save_unmerged(model, tokenizer, out: Path, run_dir: Path, base_dir: Path) ->
     _write_probe(out / "model", probe)
 
 
-def load_trained(model_dir: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load_trained(model_dir: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> CausalLM:
     """A trained ``model/`` ready for inference, with its unmergeable adapter applied if it has one."""
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True,
-                                                 local_files_only=True, trust_remote_code=False)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True,
+                                                local_files_only=True, trust_remote_code=False)
     adapter_dir = marked_adapter_dir(model_dir)
-    if adapter_dir is not None:
-        model = apply_adapter(model, adapter_dir)
-    return model.to(device).eval()
+    model = apply_adapter(base, adapter_dir) if adapter_dir is not None else base
+    # PreTrainedModel.to is functools.wraps(Module.to), whose stub mypy reads as unbound (the device as self).
+    return model.to(device).eval()  # type: ignore[arg-type]
 
 
 def marked_adapter_dir(model_dir: Path) -> Path | None:
@@ -102,7 +113,7 @@ def marked_adapter_dir(model_dir: Path) -> Path | None:
     return Path(model_dir) / json.loads(marker.read_text())["adapter"]
 
 
-def apply_adapter(model, adapter_dir: Path):
+def apply_adapter(model: PreTrainedModel, adapter_dir: Path) -> CausalLM:
     """``model`` with the adapter in ``adapter_dir`` applied: one of our bottleneck adapters, else peft's."""
     if adapters.is_bottleneck_adapter(adapter_dir):
         return adapters.load_adapter(model, adapter_dir)
@@ -112,25 +123,30 @@ def apply_adapter(model, adapter_dir: Path):
 
 
 @torch.no_grad()
-def greedy_ids(model, tokenizer, prompt: str, max_new_tokens: int = PROBE_TOKENS) -> list[int]:
+def greedy_ids(model: CausalLM, tokenizer: PreTrainedTokenizerBase, prompt: str,
+               max_new_tokens: int = PROBE_TOKENS) -> list[int]:
     """Token ids ``model`` greedily appends to ``prompt`` (the reload check of a saved model)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
     # Adapted models on GPUs keep a bf16 base beside float32 adapters: autocast reconciles them.
-    cast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    with cast:
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    with amp:
         if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
             out = _greedy_by_forward(model, ids, max_new_tokens, tokenizer.eos_token_id)
         else:
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            # generate() is GenerationMixin's, which every AutoModelForCausalLM class mixes into
+            # PreTrainedModel (the stubs cannot say so); peft's wrapper forwards it.
+            generate = cast("Callable[..., torch.Tensor]", model.generate)
+            out = generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                           do_sample=False, pad_token_id=tokenizer.pad_token_id)
     model.train(was_training)
     return out[0, ids.shape[1]:].tolist()
 
 
-def _greedy_by_forward(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None) -> torch.Tensor:
+def _greedy_by_forward(model: CausalLM, ids: torch.Tensor, max_new_tokens: int,
+                       eos_token_id: int | None) -> torch.Tensor:
     """Greedy decoding by the full forward at every step, for peft prompt-learning models: peft 0.21's
     ``generate()`` under transformers 5.2x drops a prefix adapter's prefix (the cache now travels as
     ``cache=``, which wins over peft's ``past_key_values=``) and re-injects prompt-tuning embeddings at
@@ -150,7 +166,7 @@ def load_probe(model_dir: Path) -> dict:
     return json.loads((Path(model_dir) / PROBE_FILE).read_text())
 
 
-def _save_model(model, tokenizer, path: Path) -> None:
+def _save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
     model.save_pretrained(path)  # safetensors: transformers 5 writes nothing else
     tokenizer.save_pretrained(path)
 

@@ -103,15 +103,17 @@ def _fit_with_ray(job: dict, training: TrainingConfig, ws: Workspace, address: s
             ray.init(num_cpus=max(4, need, os.cpu_count() or 1), include_dashboard=False,
                      _temp_dir=_ray_temp_dir(ws),
                      runtime_env={"worker_process_setup_hook": "lmforge.train.launch.quiet_ray_worker"})
+    # ray.train.torch.TorchTrainer is Ray Train v2's at runtime (RAY_TRAIN_V2_ENABLED, on by default): the
+    # worker's return value comes back as Result.return_value. The names' static types are v1's.
     trainer = TorchTrainer(
-        _ray_worker,
+        _ray_worker,  # type: ignore[arg-type]  # v1's stub wants a loop returning None
         train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=training.num_workers, use_gpu=training.use_gpu,
                                      resources_per_worker={"CPU": training.cpus_per_worker}),
         run_config=RunConfig(storage_path=str(ws.ray_dir / "train"), name=job["run_id"]),
     )
     try:
-        return trainer.fit().return_value
+        return trainer.fit().return_value  # type: ignore[attr-defined]  # v2's Result (see above)
     except TrainingFailedError as exc:
         # Show the user our own error (cause + fix), not Ray's wrapper around a worker traceback.
         for failure in getattr(exc, "worker_failures", {}).values():

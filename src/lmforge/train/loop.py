@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
-from typing import Any, Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -25,13 +26,16 @@ from lmforge.train import checkpoint as ckpt
 from lmforge.train.accel import speed
 from lmforge.train.objective import IGNORE_INDEX, CausalLMObjective
 
+if TYPE_CHECKING:
+    from lmforge.model.types import CausalLM
+
 MIN_LR_RATIO = 0.1  # decaying schedules end at a tenth of the peak rate, as nanoGPT does
 Tensors = dict[str, torch.Tensor]
 # (step, tensor groups, loop state) -> path of the checkpoint written (None on ranks that do not write)
-SaveFn = Callable[[int, dict[str, Tensors], dict[str, Any]], Any]
+SaveFn = Callable[[int, dict[str, Tensors], dict[str, Any]], Path | None]
 
 
-def train_phase(model: torch.nn.Module, name: str, phase: PhaseConfig, training: TrainingConfig,
+def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: TrainingConfig,
                 batches: Iterator[Tensors], val_batches: list[Tensors], device: torch.device,
                 on_log: Callable[[dict], None] | None = None, step_offset: int = 0,
                 save: SaveFn | None = None, resume: ckpt.Checkpoint | None = None) -> tuple[list[dict], dict[str, float]]:
@@ -47,8 +51,9 @@ def train_phase(model: torch.nn.Module, name: str, phase: PhaseConfig, training:
     ddp = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     world = dist.get_world_size() if ddp else 1
     objective, graphs = _objective(model, name, phase, training, device, ddp)
-    net = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None) \
-        if ddp else objective
+    ddp_net = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None) \
+        if ddp else None
+    net: torch.nn.Module = ddp_net if ddp_net is not None else objective
     optimizer = adamw(model, phase.learning_rate, training.weight_decay, device, training.compile_optimizer)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, phase))
     update = _update(model, optimizer, training, graphs)
@@ -71,7 +76,7 @@ def train_phase(model: torch.nn.Module, name: str, phase: PhaseConfig, training:
             if graphs:  # a new step: the graphs' previous outputs (loss, gradients) are consumed by now
                 torch.compiler.cudagraph_mark_step_begin()
             # Gradients are all-reduced only on the last micro-batch of an accumulated step.
-            with nullcontext() if not ddp or i == len(micro) - 1 else net.no_sync():
+            with nullcontext() if ddp_net is None or i == len(micro) - 1 else ddp_net.no_sync():
                 with autocast(device), speed.attention_kernels(training.attention_backend, device):
                     loss_sum = net(**model_inputs(batch, device))
                 (loss_sum * world / stats[2]).backward()
@@ -90,7 +95,7 @@ def train_phase(model: torch.nn.Module, name: str, phase: PhaseConfig, training:
             run.check_and_log()  # one synchronization; raises TrainingDiverged
         if evaluating and run.validate(evaluate_loss(objective, val_batches, device), model):
             break  # early stopping: the best weights are back in the model
-        if saving:
+        if saving and save is not None:  # saving implies save; restated so the type checker knows
             run.last_checkpoint = save(step, *run.snapshot(model, optimizer, schedule))
     run.check_and_log(final=True)
     if run.history:
@@ -99,7 +104,7 @@ def train_phase(model: torch.nn.Module, name: str, phase: PhaseConfig, training:
     return run.history, {k: v for k, v in run.metrics.items() if v is not None}
 
 
-def _objective(model: torch.nn.Module, name: str, phase: PhaseConfig, training: TrainingConfig,
+def _objective(model: CausalLM, name: str, phase: PhaseConfig, training: TrainingConfig,
                device: torch.device, ddp: bool) -> tuple[CausalLMObjective, bool]:
     """The loss module, compiled as the config asks, and whether each step replays as CUDA graphs."""
     whole = training.compile and training.compile_scope == "model"
@@ -155,13 +160,15 @@ class _PhaseRun:
     def __init__(self, name: str, phase: PhaseConfig, training: TrainingConfig, step_offset: int,
                  on_log: Callable[[dict], None] | None) -> None:
         self.name, self.phase, self.training, self.offset, self.on_log = name, phase, training, step_offset, on_log
-        self.step, self.lr, self.tokens, self.started = 0, 0.0, 0.0, time.perf_counter()
+        self.step, self.tokens, self.started = 0, 0.0, time.perf_counter()
+        self.lr: float | torch.Tensor = 0.0  # a tensor under training.compile_optimizer
         self.pending: list[tuple] = []
         self.window: list[float] = []
         self.history: list[dict] = []
         self.metrics: dict[str, Any] = {}
-        self.best_val, self.bad_evals, self.best_state = math.inf, 0, None
-        self.last_checkpoint = None
+        self.best_val, self.bad_evals = math.inf, 0
+        self.best_state: Tensors | None = None
+        self.last_checkpoint: Path | None = None
 
     def check_and_log(self, final: bool = False) -> None:
         if self.pending:
@@ -204,11 +211,14 @@ class _PhaseRun:
         self.bad_evals += 1
         if not patience or self.bad_evals < patience:
             return False
-        ckpt.load_trainable(model, self.best_state)
+        # None only when no loss was ever finite, or a resumed checkpoint kept no best weights (patience was 0).
+        if self.best_state is not None:
+            ckpt.load_trainable(model, self.best_state)
         self.metrics[f"{self.name}_stopped_early_at"] = float(self.offset + self.step)
         return True
 
-    def snapshot(self, model, optimizer, schedule) -> tuple[dict[str, Tensors], dict[str, Any]]:
+    def snapshot(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 schedule: torch.optim.lr_scheduler.LRScheduler) -> tuple[dict[str, Tensors], dict[str, Any]]:
         opt_tensors, opt_meta = ckpt.optimizer_state(optimizer)
         rng_tensors, rng_meta = ckpt.rng_state()
         groups = {"model": ckpt.trainable_state(model), "optimizer": opt_tensors, "rng": rng_tensors}
@@ -219,7 +229,8 @@ class _PhaseRun:
                  "optimizer": opt_meta, "schedule": schedule.state_dict(), "rng": rng_meta}
         return groups, state
 
-    def restore(self, saved: ckpt.Checkpoint, model, optimizer, schedule) -> None:
+    def restore(self, saved: ckpt.Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                schedule: torch.optim.lr_scheduler.LRScheduler) -> None:
         state = saved.state["loop"]
         ckpt.load_trainable(model, saved.tensors["model"])
         ckpt.load_optimizer(optimizer, saved.tensors["optimizer"], state["optimizer"])
@@ -331,6 +342,6 @@ def lr_factor(step: int, phase: PhaseConfig) -> float:
     return MIN_LR_RATIO + (1.0 - MIN_LR_RATIO) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def autocast(device: torch.device):
+def autocast(device: torch.device) -> AbstractContextManager[Any]:
     # bf16 autocast on CUDA only: CPU autocast is slower than fp32 for these small matrices.
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()

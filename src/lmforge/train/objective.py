@@ -13,10 +13,15 @@ states, so prompt-learning methods (whose peft forward adds virtual tokens) use 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from lmforge.data.packing import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from lmforge.model.types import CausalLM
 
 CHUNK_BYTES = 1 << 29  # float32 logits of one chunk: 512 MiB bounds the loss's working memory
 
@@ -24,7 +29,7 @@ CHUNK_BYTES = 1 << 29  # float32 logits of one chunk: 512 MiB bounds the loss's 
 class CausalLMObjective(torch.nn.Module):
     """``forward(input_ids, labels, attention_mask=None) -> summed loss`` of a causal LM."""
 
-    def __init__(self, model: torch.nn.Module, label_smoothing: float = 0.0, fused: bool = True,
+    def __init__(self, model: CausalLM, label_smoothing: float = 0.0, fused: bool = True,
                  compile_chunks: bool = False, kernel: str = "torch") -> None:
         super().__init__()
         self.model = model
@@ -38,8 +43,9 @@ class CausalLMObjective(torch.nn.Module):
         # Targets shifted left by one (the last position predicts nothing): the hidden states
         # keep their layout, so nothing of batch x length x width is copied.
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        if self.fused:
-            decoder, head = _hidden_and_head(self.model)
+        parts = _hidden_and_head(self.model) if self.fused else None  # never None when fused (see __init__)
+        if parts is not None:
+            decoder, head = parts
             # No KV cache in training: building one per step also makes every block's compiled graph
             # guard on its own cache layer, recompiling once per block.
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
@@ -64,9 +70,9 @@ def _liger_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
                                             label_smoothing=smoothing, reduction="sum")
 
 
-def _hidden_and_head(model: torch.nn.Module):
+def _hidden_and_head(model: CausalLM) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
     """(decoder returning hidden states, output layer) of a plain or weight-adapted HF causal LM."""
-    inner = model
+    inner: torch.nn.Module = model
     if hasattr(model, "peft_config"):
         from peft import PeftModel
 
@@ -74,7 +80,8 @@ def _hidden_and_head(model: torch.nn.Module):
             if model.active_peft_config.is_prompt_learning or model.active_peft_config.peft_type == "ADAPTION_PROMPT":
                 return None
             inner = model.get_base_model()
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    output_embeddings = getattr(inner, "get_output_embeddings", None)  # transformers models have it
+    head = output_embeddings() if output_embeddings is not None else None
     decoder = getattr(inner, "base_model", None)
     if not isinstance(head, torch.nn.Linear) or decoder is None or decoder is inner or head.bias is not None:
         return None

@@ -16,12 +16,18 @@ Nothing here imports ``flash_attn`` until a kernel runs, so the module loads on 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from lmforge.core.errors import ConfigError
 from lmforge.train.accel.devices import require_gpu
 
+if TYPE_CHECKING:
+    from lmforge.model.types import CausalLM
+
 ATTENTION_NAME = "lmforge_fa4"
+_BEFORE = "_lmforge_attn_before_fa4"  # the model's attention before use_flash4 (on the module: never saved)
 INSTALL = "pip install 'flash-attn-4' 'nvidia-cutlass-dsl[cu13]' (the cu13 extra for CUDA 13 builds of torch)"
 
 
@@ -132,7 +138,7 @@ def check_available(device: torch.device) -> None:
                 "flash_attn.cute.interface", INSTALL)
 
 
-def use_flash4(model: torch.nn.Module) -> None:
+def use_flash4(model: CausalLM) -> None:
     """Make ``model`` (a transformers model) run its attention through the FlashAttention-4 ops."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
@@ -142,11 +148,11 @@ def use_flash4(model: torch.nn.Module) -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, flash_attention_mask)
     previous = model.config._attn_implementation
     if previous != ATTENTION_NAME:
-        model._lmforge_attn_before_fa4 = previous  # what restore() puts back (on the module: never saved)
+        setattr(model, _BEFORE, previous)  # what restore() puts back
     model.set_attn_implementation(ATTENTION_NAME)
 
 
-def restore(model: torch.nn.Module) -> None:
+def restore(model: CausalLM) -> None:
     """The attention the model had before :func:`use_flash4` (saved models and serving use it)."""
     if getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME:
-        model.set_attn_implementation(getattr(model, "_lmforge_attn_before_fa4", None) or "sdpa")
+        model.set_attn_implementation(getattr(model, _BEFORE, None) or "sdpa")

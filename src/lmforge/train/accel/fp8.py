@@ -15,9 +15,14 @@ directory loads in transformers as any GPT-2 does. Checkpoints written during tr
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 
 from lmforge.train.accel.devices import require_gpu
+
+if TYPE_CHECKING:
+    from lmforge.model.types import CausalLM
 
 _CONVERTED = "_lmforge_conv1d_names"  # the model's list of layers that were Conv1D, to restore before saving
 _FLOAT8 = "_lmforge_fp8_names"  # the model's list of layers that torchao made Float8Linear
@@ -53,7 +58,7 @@ def restore_layout(model: torch.nn.Module) -> int:
     from transformers.pytorch_utils import Conv1D
 
     for name in getattr(model, _FLOAT8, []):
-        fp8_layer = model.get_submodule(name)
+        fp8_layer = cast(torch.nn.Linear, model.get_submodule(name))  # torchao's Float8Linear is an nn.Linear
         with torch.device("meta"):
             linear = torch.nn.Linear(fp8_layer.in_features, fp8_layer.out_features, bias=fp8_layer.bias is not None)
         linear.weight, linear.bias = fp8_layer.weight, fp8_layer.bias
@@ -61,17 +66,17 @@ def restore_layout(model: torch.nn.Module) -> int:
     setattr(model, _FLOAT8, [])
     back = getattr(model, _CONVERTED, [])
     for name in back:
-        linear = model.get_submodule(name)
-        conv = Conv1D(linear.out_features, linear.in_features)
+        plain = cast(torch.nn.Linear, model.get_submodule(name))  # to_linear made it one (torchao's swap undone above)
+        conv = Conv1D(plain.out_features, plain.in_features)
         with torch.no_grad():
-            conv.weight = torch.nn.Parameter(linear.weight.detach().t().contiguous())
-            conv.bias = torch.nn.Parameter(linear.bias.detach().clone())
-        model.set_submodule(name, conv.to(linear.weight.device))
+            conv.weight = torch.nn.Parameter(plain.weight.detach().t().contiguous())
+            conv.bias = torch.nn.Parameter(plain.bias.detach().clone())
+        model.set_submodule(name, conv.to(plain.weight.device))
     setattr(model, _CONVERTED, [])
     return len(back)
 
 
-def enable(model: torch.nn.Module) -> int:
+def enable(model: CausalLM) -> int:
     """Convert the model's linear layers (not its output layer) to FP8 training; returns how many."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 

@@ -10,18 +10,23 @@ loss in one graph: ``training.compile_scope: model``), and the choice of SDPA at
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lmforge.config.training import TrainingConfig
 from lmforge.core.errors import ConfigError
 from lmforge.train.accel.devices import require_gpu
+
+if TYPE_CHECKING:
+    from lmforge.model.types import CausalLM
 
 # Methods whose frozen base sits inside ordinary linear layers: bf16 storage is safe under autocast.
 BF16_FROZEN_METHODS = ("lora", "ia3", "adapter")
 
 
-def enable_gradient_checkpointing(model) -> None:
+def enable_gradient_checkpointing(model: CausalLM) -> None:
     """Recompute each block's activations in the backward pass (non-reentrant: works with adapters)."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
@@ -68,12 +73,12 @@ def enable_tf32() -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def compiles_blocks(training) -> bool:
+def compiles_blocks(training: TrainingConfig) -> bool:
     """Whether the engine compiles block by block (the whole-objective scope compiles in the loop)."""
     return training.compile and training.compile_scope == "blocks"
 
 
-def attention_kernels(backend: str, device: torch.device):
+def attention_kernels(backend: str, device: torch.device) -> AbstractContextManager[Any]:
     """A context that puts one SDPA kernel family first on CUDA.
 
     ``auto`` means cuDNN's attention on Hopper (compute capability 9.x), where bench/train_gpu.py
@@ -95,7 +100,7 @@ def attention_kernels(backend: str, device: torch.device):
     return sdpa_kernel([first] + [b for b in order if b != first], set_priority=True)
 
 
-def set_attention_backend(model: torch.nn.Module, backend: str, device: torch.device) -> None:
+def set_attention_backend(model: CausalLM, backend: str, device: torch.device) -> None:
     """Route the model's attention through FlashAttention-4 for ``fa4``; other backends choose inside SDPA."""
     if backend != "fa4":
         return
@@ -125,7 +130,7 @@ def cast_residual(model: torch.nn.Module, dtype: torch.dtype) -> int:
     restore_residual(model)  # hooked once, however often it is asked
     hooks = []
 
-    def cast(module, args, output):
+    def cast(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         return output.to(dtype) if output.is_floating_point() else output
 
     for module in model.modules():
@@ -142,7 +147,7 @@ def restore_residual(model: torch.nn.Module) -> None:
     setattr(model, _RESIDUAL_HOOKS, [])
 
 
-def apply_settings(model: torch.nn.Module, training, device: torch.device) -> None:
+def apply_settings(model: CausalLM, training: TrainingConfig, device: torch.device) -> None:
     """Attention kernels, FP8 layers, the residual's dtype, gradient checkpointing and block
     compilation, as ``training`` asks (the engine's base model, QLoRA's reloaded one, and
     bench/train_gpu.py's engine rows)."""

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lmforge.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -26,6 +30,7 @@ DEFAULT_TARGETS = {
     "default": ["o_proj", "down_proj"],  # llama, mistral, qwen2, gemma, phi3, ...
 }
 _NORM_WORDS = ("norm", "ln_")
+_META = "lmforge_adapter"  # the model attribute where add_adapters records what save_adapter writes
 
 
 class BottleneckAdapter(torch.nn.Module):
@@ -41,12 +46,12 @@ class BottleneckAdapter(torch.nn.Module):
         torch.nn.init.zeros_(self.up.weight)
         torch.nn.init.zeros_(self.up.bias)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base(*args, **kwargs)
         return y + self.up(torch.nn.functional.gelu(self.down(y)))
 
 
-def add_adapters(model: torch.nn.Module, bottleneck: int, target_modules: list[str] | None = None,
+def add_adapters(model: PreTrainedModel, bottleneck: int, target_modules: list[str] | None = None,
                  train_norms: bool = True) -> list[str]:
     """Wrap ``model``'s target projections in place, freeze the rest; return the wrapped names."""
     targets = target_modules or DEFAULT_TARGETS.get(model.config.model_type, DEFAULT_TARGETS["default"])
@@ -68,15 +73,22 @@ def add_adapters(model: torch.nn.Module, bottleneck: int, target_modules: list[s
         for name, param in model.named_parameters():
             if any(word in name.rsplit(".", 2)[-2].lower() for word in _NORM_WORDS):
                 param.requires_grad_(True)
-    model.lmforge_adapter = {"kind": KIND, "bottleneck": bottleneck, "target_modules": names,
-                             "train_norms": train_norms}
+    setattr(model, _META, {"kind": KIND, "bottleneck": bottleneck, "target_modules": names,
+                           "train_norms": train_norms})
     return names
 
 
+def adapter_meta(model: torch.nn.Module) -> dict[str, Any] | None:
+    """What :func:`add_adapters` recorded on ``model``; None when it has no bottleneck adapters."""
+    return getattr(model, _META, None)
+
+
 def _out_features(module: torch.nn.Module, name: str) -> int:
+    from transformers.pytorch_utils import Conv1D
+
     if isinstance(module, torch.nn.Linear):
         return module.out_features
-    if type(module).__name__ == "Conv1D":  # GPT-2's transposed linear layer
+    if isinstance(module, Conv1D):  # GPT-2's transposed linear layer
         return module.nf
     raise ConfigError(f"adapter target {name} is a {type(module).__name__}, not a linear layer",
                       "choose linear output projections in training.adapter.target_modules")
@@ -92,7 +104,11 @@ def save_adapter(model: torch.nn.Module, path: Path, base_dir: str | None = None
 
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.cpu() for k, v in adapter_state(model).items()}, str(path / WEIGHTS_FILE))
-    meta = {**model.lmforge_adapter, "base_model_name_or_path": base_dir}
+    meta = adapter_meta(model)
+    if meta is None:
+        raise ConfigError("save_adapter was given a model that add_adapters never adapted",
+                          "report this as a bug")
+    meta = {**meta, "base_model_name_or_path": base_dir}
     (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -101,7 +117,7 @@ def is_bottleneck_adapter(path: Path) -> bool:
     return config.exists() and json.loads(config.read_text()).get("kind") == KIND
 
 
-def load_adapter(model: torch.nn.Module, path: Path) -> torch.nn.Module:
+def load_adapter(model: PreTrainedModel, path: Path) -> PreTrainedModel:
     """Add the adapters saved in ``path`` to ``model`` (the base they were trained on) and load them."""
     from safetensors.torch import load_file
 

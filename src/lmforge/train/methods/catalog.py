@@ -12,12 +12,19 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from lmforge.config.training import TrainingConfig
 from lmforge.core.errors import ConfigError
 from lmforge.train.methods import bottleneck as adapters
+
+if TYPE_CHECKING:
+    from peft import PeftConfig
+    from transformers import PreTrainedModel
+
+    from lmforge.model.types import CausalLM
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,8 @@ def method_info(name: str) -> MethodInfo:
     return METHODS[name]
 
 
-def apply_method(model, training: TrainingConfig, base_dir: Path | None = None, device: torch.device | None = None):
+def apply_method(model: PreTrainedModel, training: TrainingConfig, base_dir: Path | None = None,
+                 device: torch.device | None = None) -> CausalLM:
     """The model the fine-tuning phase trains; ``base_dir`` holds the saved base (QLoRA reloads it)."""
     info = method_info(training.method)
     if not info.adapts:
@@ -81,7 +89,7 @@ def apply_method(model, training: TrainingConfig, base_dir: Path | None = None, 
                           f"{model.config.model_type} model: {exc}", _fix(training, model)) from None
 
 
-def peft_config(training: TrainingConfig, model_type: str):
+def peft_config(training: TrainingConfig, model_type: str) -> PeftConfig:
     """peft's config for a method that peft implements."""
     import peft
 
@@ -111,9 +119,9 @@ def peft_config(training: TrainingConfig, model_type: str):
                                         encoder_hidden_size=prompt.encoder_hidden_size,
                                         encoder_reparameterization_type=prompt.encoder)
     if method == "ia3":
-        cfg = training.ia3
-        return peft.IA3Config(target_modules=list(cfg.target_modules) or None,
-                              feedforward_modules=list(cfg.feedforward_modules) or None, task_type="CAUSAL_LM")
+        ia3 = training.ia3
+        return peft.IA3Config(target_modules=list(ia3.target_modules) or None,
+                              feedforward_modules=list(ia3.feedforward_modules) or None, task_type="CAUSAL_LM")
     raise ConfigError(f"training.method {method} is not a peft method", "use lora, qlora, ia3 or a prompt method")
 
 
@@ -131,7 +139,7 @@ def check_method(training: TrainingConfig, use_cuda: bool) -> None:
                               "pip install bitsandbytes (CUDA machines), or use training.method: lora") from None
 
 
-def _quantized_base(base_dir: Path | None, device: torch.device | None):
+def _quantized_base(base_dir: Path | None, device: torch.device | None) -> PreTrainedModel:
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -144,7 +152,7 @@ def _quantized_base(base_dir: Path | None, device: torch.device | None):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def _fix(training: TrainingConfig, model) -> str:
+def _fix(training: TrainingConfig, model: PreTrainedModel) -> str:
     if training.method in ("lora", "qlora"):
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                          if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
