@@ -1,4 +1,4 @@
-"""Comparisons of ``bench/serve_gpu_check.py``: engine outputs against references, with tolerances and why."""
+"""Comparisons of ``bench.serve.gpu_check``: engine outputs against references, with tolerances and why."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from _gpu_check_models import Out, model_forced
+from bench.serve.gpu_check.models import Out, model_forced
 
 # Why these numbers: float32 runs differ only in summation order (merged vs unmerged LoRA, peft's
 # dense attention vs the paged one): ~1e-6 relative, so tokens must agree and logits within 1e-4.

@@ -1,26 +1,27 @@
-"""The figures of bench/train_gpu.py: each engine row against its same-run baseline, as records.
+"""The figures of ``bench.train.gpu``: each engine row against its same-run baseline, as records.
 
-Called by ``bench/train_gpu.py`` once its variants have run; ``bench.rows`` maps variant names
+Called by ``python -m bench.train.gpu`` once its variants have run; ``bench.rows`` maps variant names
 (``gpt2/plain``, ``llama_lora/lmforge[fa4]``, ...) to their measured rows. Each pair below becomes one
-line of bench/results/train_gpu.jsonl through bench/_record.py.
+line of OUT/train_gpu.jsonl through ``bench.common.record``.
 """
 
 from __future__ import annotations
 
 import torch
-from _record import record
 
+from bench.common.record import command_line, record
+from bench.train.gpu.runner import Bench
+from bench.train.gpu.variants import ABLATIONS
 from lmforge.config.training import PhaseConfig, TrainingConfig
 from lmforge.model.info import describe
 
 BENCH = "train_gpu"
-COMMAND = "PYTHONPATH=src python bench/train_gpu.py"
-ABLATIONS = ("fused_adamw", "vocab64", "fused_loss", "compile_blocks")  # plain+X rows, one optimization each
 
 
-def write_records(bench, device: str | None = None) -> None:
-    """Ours against each same-run baseline, through bench/_record.py's one format."""
+def write_records(bench: Bench, device: str | None = None) -> None:
+    """Ours against each same-run baseline, through ``bench.common.record``'s one format."""
     rows, out = bench.rows, bench.out
+    command = command_line("PYTHONPATH=src python")  # one command for every record of the run
     estimate = {shape: describe(s["model"], TrainingConfig(method="full", use_gpu=False, finetune=PhaseConfig(
         steps=1, learning_rate=1e-4, batch_size=s["batch"], seq_len=s["seq"])), s["vocab"])
         for shape, s in bench.shapes.items()}
@@ -68,13 +69,13 @@ def write_records(bench, device: str | None = None) -> None:
         if "tokens_per_s" in rows.get(ours, {}) and "tokens_per_s" in rows.get(base, {}):
             o, b = rows[ours], rows[base]
             record(BENCH, metric, o["tokens_per_s"], "tokens/s", f"{base} (MFU {b['mfu']:.1%})", b["tokens_per_s"],
-                   device=device, command=f"{COMMAND}  # {ours}: MFU {o['mfu']:.1%}, peak {o.get('peak_gib')} GiB",
+                   device=device, command=f"{command}  # {ours}: MFU {o['mfu']:.1%}, peak {o.get('peak_gib')} GiB",
                    out_dir=out)
     for metric, without in (("gpt2_124m_engine_without_fused_loss_tokens_per_s", "gpt2/lmforge-fused_loss"),
                             ("gpt2_124m_engine_without_vocab64_tokens_per_s", "gpt2/lmforge-vocab64")):
         if "tokens_per_s" in rows.get(without, {}) and "tokens_per_s" in rows.get("gpt2/lmforge", {}):
             record(BENCH, metric, rows[without]["tokens_per_s"], "tokens/s", "gpt2/lmforge (all on)",
-                   rows["gpt2/lmforge"]["tokens_per_s"], device=device, command=COMMAND, out_dir=out)
+                   rows["gpt2/lmforge"]["tokens_per_s"], device=device, command=command, out_dir=out)
     for metric, ours, base in [("llama_1.1b_lora_peak_gib_vs_peft", "llama_lora/lmforge", "llama_lora/peft"),
                                ("llama_1.1b_lora_peak_gib_vs_full_ft", "llama_lora/lmforge", "llama_full/lmforge"),
                                ("llama_1.1b_qlora_checkpointing_peak_gib_vs_lora", "llama_qlora/lmforge+checkpointing",
@@ -83,14 +84,14 @@ def write_records(bench, device: str | None = None) -> None:
                                 "llama_full/lmforge")]:
         if "peak_gib" in rows.get(ours, {}) and "peak_gib" in rows.get(base, {}):
             record(BENCH, metric, rows[ours]["peak_gib"], "GiB", base, rows[base]["peak_gib"], device=device,
-                   command=COMMAND, higher_is_better=False, out_dir=out)
+                   command=command, higher_is_better=False, out_dir=out)
     for name in ("gpt2/lmforge", "llama_full/lmforge"):
         if "tokens_per_s" in rows.get(name, {}):
             shape = rows[name]["shape"]
             est = next(m for m in estimate[shape].memory if m.phase == "finetune")
             record(BENCH, f"{shape}_memory_estimate_gib", round(est.total / 2**30, 2), "GiB",
                    f"measured peak of {name}", rows[name].get("peak_gib"), device=device,
-                   command="lmforge model info (estimate) vs " + COMMAND, higher_is_better=False, out_dir=out)
+                   command="lmforge model info (estimate) vs " + command, higher_is_better=False, out_dir=out)
     print("\nvariant                         tokens/s     MFU   peak GiB  warm-up s")
     for name, row in rows.items():
         print(f"{name:<30} {row.get('tokens_per_s', row.get('error', '-'))!s:>9} {row.get('mfu', 0):>7.1%} "

@@ -1,4 +1,4 @@
-"""Running the engine for ``bench/serve_gpu_check.py``: requests queued as one schedule, every step's logits kept."""
+"""Running the engine for ``bench.serve.gpu_check``: requests queued as one schedule, every step's logits kept."""
 
 from __future__ import annotations
 
@@ -8,15 +8,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from _gpu_check_models import NEW, Out, merged_model
 
+from bench.serve.gpu_check.models import NEW, Out, merged_model
 from lmforge.config.serving import ServingConfig
 from lmforge.serving.engine import Engine, SamplingParams
-from lmforge.serving.requests import CompletionCollector
+from lmforge.serving.engine.requests import CompletionCollector
 
 CFG = ServingConfig(max_batch_size=8, max_prefill_tokens=32, kv_block_size=16, kv_cache_mb=64,
                     max_new_tokens=64, max_queue=64)
-GREEDY = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
 
 
 class Recorder:
@@ -66,8 +65,11 @@ class Recorder:
         return [steps[k].cpu() for k in range(len(steps))]
 
 
-def serve(engine: Engine, prompts: list[list[int]], requests: list[tuple[int, str | None]]) -> list[Out]:
-    """Greedy completions of ``requests`` ((prompt index, adapter name or None)) with every step's logits."""
+def serve(engine: Engine, prompts: list[list[int]], requests: list[tuple[int, str | None]],
+          new: int = NEW) -> list[Out]:
+    """Greedy completions of ``requests`` ((prompt index, adapter name or None)), ``new`` tokens each,
+    with every step's logits."""
+    greedy = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
     recorder = Recorder(engine, prompts)
     collector = CompletionCollector(len(requests))
     try:
@@ -75,7 +77,7 @@ def serve(engine: Engine, prompts: list[list[int]], requests: list[tuple[int, st
         # this order, so a run's schedule does not depend on thread timing.
         with engine._cv:
             for i, (index, adapter) in enumerate(requests):
-                engine.submit(prompts[index], GREEDY, collector.sink(i), bounded=False, adapter=adapter)
+                engine.submit(prompts[index], greedy, collector.sink(i), bounded=False, adapter=adapter)
         results = collector.wait(timeout_s=300)
     finally:
         recorder.detach()
@@ -117,8 +119,8 @@ def merged_engine(base: Path, adapter: Path | None, device: str) -> Engine:
 def torch_ops():
     """Engines built inside run the PyTorch ops (the CPU path) even on CUDA: a reference for the
     Triton kernels with everything else (cache dtype, schedule) the same. No CUDA graphs then."""
-    from lmforge.serving import paged
-    from lmforge.serving.ops import Ops
+    from lmforge.serving.backends import paged
+    from lmforge.serving.model.ops import Ops
 
     pick = paged.pick_ops
     paged.pick_ops = lambda device, dtype: Ops()

@@ -1,6 +1,7 @@
 """Shared parts of the serving benchmarks: a synthetic model and tokenizer, and the timed runs.
 
-Needs only torch and transformers (plus lmforge from ``src/``), so it runs on a bare GPU machine.
+Needs only torch and transformers (plus lmforge: ``PYTHONPATH=src`` where it is not installed), so
+it runs on a bare GPU machine.
 The tokenizer is a word-level one with one word per id (``t0`` ... ``t31999``): any token id
 decodes, so a random-weight model's output can be streamed as text like a real one's.
 """
@@ -9,18 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from lmforge.serving.engine import Engine, SamplingParams  # noqa: E402
+from lmforge.serving.engine import Engine, SamplingParams
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+# --tiny runs: the same code paths on a CPU in seconds.
+LLAMA_TINY = dict(LLAMA_1B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512)
 
 
 def word_tokenizer(vocab_size: int):
@@ -47,6 +48,13 @@ def random_llama(shape: dict, device: str, dtype: torch.dtype, seed: int = 0):
         torch.set_default_dtype(previous)
     model.generation_config.eos_token_id = None  # baselines must run every step, as the engine (ignore_eos) does
     return model.eval()
+
+
+def save_tiny_model(path: Path) -> Path:
+    """A random :data:`LLAMA_TINY` with its word-level tokenizer, saved as a model directory (--tiny runs)."""
+    random_llama(LLAMA_TINY, "cpu", torch.float32).save_pretrained(path)
+    word_tokenizer(LLAMA_TINY["vocab_size"]).save_pretrained(path)
+    return path
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int = 1) -> list[list[int]]:

@@ -1,13 +1,15 @@
 """Poisson load generator for the OpenAI-compatible server: time-to-first-token and inter-token
 latency (p50/p99) and throughput against the request rate, over real HTTP with streaming.
 
-    python bench/serve_load.py --model DIR [--rates 1,4,16] [--requests 32] [--results DIR]
-    python bench/serve_load.py --url http://127.0.0.1:8000 --model-name NAME [--api-key KEY] ...
+    python -m bench.serve.load --model DIR [--rates 1 4 16] [--requests 32] [--out DIR]
+    python -m bench.serve.load --url http://127.0.0.1:8000 --model-name NAME [--api-key KEY] ...
+    python -m bench.serve.load --tiny       # a random tiny model served here, a few requests: a check
 
 With ``--model`` it starts the server itself (in this process, on a free loopback port); with
 ``--url`` it loads an already running one. Each request streams ``/v1/completions`` with a prompt
 of ``--prompt-words`` words and ``--max-tokens`` new tokens; arrivals are a Poisson process of each
 rate. Also counts non-200 answers, so it doubles as an overload probe (``--rates 1000``).
+Figures go to OUT/serve_load.jsonl.
 """
 
 from __future__ import annotations
@@ -16,18 +18,18 @@ import argparse
 import asyncio
 import json
 import random
-import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _record import record  # noqa: E402
-from serve_common import percentile  # noqa: E402
+from bench.common.cli import add_common_arguments, out_dir, run
+from bench.common.record import command_line, record
+from bench.common.serve import percentile, save_tiny_model
 
 WORDS = "the json module serializes objects to strings and parses them back into python values".split()
+TINY_WORDS = [f"t{i}" for i in range(3, 40)]  # words of the tiny model's word-level vocabulary
 
 
 async def one(http: httpx.AsyncClient, body: dict, out: dict) -> None:
@@ -73,10 +75,10 @@ def start_server(model_dir: Path, max_batch_size: int):
     import uvicorn
 
     from lmforge.config.serving import ServingConfig
+    from lmforge.serving.api.launch import bind_socket, url_for
+    from lmforge.serving.api.server import create_app
     from lmforge.serving.engine import Engine
-    from lmforge.serving.launch import bind_socket, url_for
-    from lmforge.serving.metrics import EngineMetrics
-    from lmforge.serving.server import create_app
+    from lmforge.serving.engine.metrics import EngineMetrics
 
     cfg = ServingConfig(max_batch_size=max_batch_size, max_queue=4096, max_new_tokens=1024)
     engine = Engine.load(model_dir, cfg=cfg, metrics=EngineMetrics())
@@ -101,34 +103,50 @@ def main() -> None:
     parser.add_argument("--url", help="base URL of a running server")
     parser.add_argument("--model-name", default=None)
     parser.add_argument("--api-key", default=None)
-    parser.add_argument("--rates", default="1,4,16")
-    parser.add_argument("--requests", type=int, default=32, help="requests per rate")
-    parser.add_argument("--prompt-words", type=int, default=48)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rates", nargs="+", type=float, default=None, metavar="RATE",
+                        help="request rates per second (default 1 4 16; 20 with --tiny)")
+    parser.add_argument("--requests", type=int, default=None, help="requests per rate (default 32; 4 with --tiny)")
+    parser.add_argument("--prompt-words", type=int, default=None, help="default 48; 8 with --tiny")
+    parser.add_argument("--max-tokens", type=int, default=None, help="default 64; 4 with --tiny")
     parser.add_argument("--max-batch-size", type=int, default=16, help="with --model")
-    parser.add_argument("--results", type=Path, default=None)
+    add_common_arguments(parser, "a random tiny model served in this process, a few short requests: a check")
     args = parser.parse_args()
-    if not args.url and not args.model:
+    tiny = args.tiny
+    args.rates = args.rates or ([20.0] if tiny else [1.0, 4.0, 16.0])
+    args.requests = args.requests or (4 if tiny else 32)
+    args.prompt_words = args.prompt_words or (8 if tiny else 48)
+    args.max_tokens = args.max_tokens or (4 if tiny else 64)
+    if not args.url and not args.model and not tiny:
         parser.error("give --model DIR (start a server) or --url URL (use a running one)")
+    out = out_dir(args)
+    with tempfile.TemporaryDirectory(prefix="bench-serve-load-") as tmp:
+        if tiny and not args.url and not args.model:
+            args.model = save_tiny_model(Path(tmp) / "model")
+        load(args, out)
+    print(f"records in {out}")
+
+
+def load(args: argparse.Namespace, out: Path) -> None:
     url, stop = (args.url, None) if args.url else start_server(args.model, args.max_batch_size)
-    prompt = " ".join(WORDS[i % len(WORDS)] for i in range(args.prompt_words))
+    words = TINY_WORDS if args.tiny else WORDS
+    prompt = " ".join(words[i % len(words)] for i in range(args.prompt_words))
     # ignore_eos: every request does the same work whatever the model says (an lmforge extension).
     body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
     if args.model_name:
         body["model"] = args.model_name
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    command = " ".join(["python bench/serve_load.py", *sys.argv[1:]])
+    command = command_line()
     try:
-        for i, rate in enumerate(float(r) for r in args.rates.split(",")):
+        for i, rate in enumerate(args.rates):
             res = asyncio.run(run_rate(url, rate, args.requests, body, headers, seed=i))
             print(json.dumps(res), flush=True)
             for key in ("ttft_p50", "ttft_p99", "itl_p50", "itl_p99", "output_tok_s"):
                 record("serve_load", f"http_{rate:g}rps_{key}", res[key], "tok/s" if key == "output_tok_s" else "s",
-                       "", None, command=command, out_dir=args.results)
+                       "", None, command=command, out_dir=out)
     finally:
         if stop is not None:
             stop()
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

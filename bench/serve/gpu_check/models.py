@@ -1,4 +1,4 @@
-"""Tiny models, adapters and reference models for ``bench/serve_gpu_check.py`` (see its docstring).
+"""Tiny models, adapters and reference models for ``bench.serve.gpu_check`` (see its docstring).
 
 A small Llama pretrained briefly on Python's own json package source, LoRA and prompt-learning
 adapters trained a few steps on parts of it, and the references the engine is compared with: peft's
@@ -12,8 +12,27 @@ from pathlib import Path
 
 import torch
 
-NEW = 24  # tokens generated per request
+NEW = 24  # tokens generated per request (Scale.new)
 VIRTUAL = 20  # with 16-token blocks: one block shared by every sequence, 4 tokens copied into each
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The base model's shape and how long the base and each adapter train."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    pretrain_steps: int
+    adapter_steps: int
+    new: int = NEW
+
+
+FULL = Scale(hidden=256, intermediate=512, layers=4, heads=4, kv_heads=2, pretrain_steps=120, adapter_steps=40)
+TINY = Scale(hidden=64, intermediate=128, layers=2, heads=2, kv_heads=1, pretrain_steps=15, adapter_steps=5,
+             new=8)  # --tiny: a check of the script, not of the engine's numerics
 
 
 def corpus() -> tuple[str, list[str]]:
@@ -46,27 +65,28 @@ def fit(model: torch.nn.Module, ids: list[int], steps: int, lr: float, seed: int
     return float(loss.detach())
 
 
-def build_base(root: Path, device: str) -> tuple[Path, dict]:
+def build_base(root: Path, device: str, scale: Scale = FULL) -> tuple[Path, dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lmforge.tokenizer.build import build_bpe
 
     text, parts = corpus()
     tokenizer = build_bpe([text], vocab_size=1000)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=scale.hidden, intermediate_size=scale.intermediate,
+                         num_hidden_layers=scale.layers, num_attention_heads=scale.heads,
+                         num_key_value_heads=scale.kv_heads, max_position_embeddings=256,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(device)
-    loss = fit(model, tokenizer.encode(parts[0] + parts[1]), steps=120, lr=3e-3, seed=0)
+    loss = fit(model, tokenizer.encode(parts[0] + parts[1]), steps=scale.pretrain_steps, lr=3e-3, seed=0)
     path = root / "base"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path, {"vocab": len(tokenizer), "pretrain_loss": round(loss, 3)}
 
 
-def train_lora(base: Path, out: Path, device: str, text: str, seed: int, lr: float, **lora) -> float:
+def train_lora(base: Path, out: Path, device: str, text: str, seed: int, lr: float, steps: int = 40, **lora) -> float:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -74,12 +94,12 @@ def train_lora(base: Path, out: Path, device: str, text: str, seed: int, lr: flo
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
-    loss = fit(model, tokenizer.encode(text), steps=40, lr=lr, seed=seed)
+    loss = fit(model, tokenizer.encode(text), steps=steps, lr=lr, seed=seed)
     model.save_pretrained(out)
     return loss
 
 
-def train_prompt(base: Path, out: Path, device: str, method: str, text: str, seed: int) -> Path:
+def train_prompt(base: Path, out: Path, device: str, method: str, text: str, seed: int, steps: int = 40) -> Path:
     """The production save path (``save_unmerged``): model/ = base + adapter/ + marker."""
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -97,7 +117,7 @@ def train_prompt(base: Path, out: Path, device: str, method: str, text: str, see
     }[method]()
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)
     model = peft.get_peft_model(model, config)
-    fit(model, tokenizer.encode(text), steps=40, lr=3e-2, seed=seed)
+    fit(model, tokenizer.encode(text), steps=steps, lr=3e-2, seed=seed)
     save_unmerged(model, tokenizer, out, out, base)
     return out / "model"
 
@@ -132,7 +152,7 @@ def merged_model(base: Path, adapter: Path | None, device: str, dtype: torch.dty
 
 
 @torch.no_grad()
-def model_greedy(model: torch.nn.Module, prompts: list[list[int]]) -> list[Out]:
+def model_greedy(model: torch.nn.Module, prompts: list[list[int]], new: int = NEW) -> list[Out]:
     """Greedy by the model's full forward at every step (as ``artifacts.greedy_ids`` decodes
     prompt-learning models: peft's generate() drops prefixes under transformers 5)."""
     device = next(model.parameters()).device
@@ -140,7 +160,7 @@ def model_greedy(model: torch.nn.Module, prompts: list[list[int]]) -> list[Out]:
     for prompt in prompts:
         ids = torch.tensor([prompt], device=device)
         tokens, logits = [], []
-        for _ in range(NEW):
+        for _ in range(new):
             row = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
             tokens.append(int(row.argmax()))
             logits.append(row.float().cpu())

@@ -1,7 +1,9 @@
 """Append one benchmark figure to bench/results/<bench>.jsonl in the project's one format.
 
 Every benchmark measures its baseline in the same run and records both, with the device and
-the exact command, so bench/RESULTS.md rows can always be reproduced.
+the exact command, so bench/RESULTS.md rows can always be reproduced:
+``{"bench", "metric", "value", "unit", "baseline", "baseline_value", "ratio", "device", "commit",
+"command", "date"}``. Standard library only (torch is asked for the device name if present).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+FIELDS = ("bench", "metric", "value", "unit", "baseline", "baseline_value", "ratio", "device", "commit", "command",
+          "date")
 
 
 def device_name() -> str:
@@ -41,6 +45,23 @@ def _commit() -> str:
         return "unknown"
 
 
+def command_line(prefix: str = "python", argv: list[str] | None = None) -> str:
+    """This run as the command that repeats it, ``python -m bench.<group>.<name> ARGS``, without
+    ``--out`` (where the records go is not part of what was measured)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    shown, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif not arg.startswith("--out="):
+            shown.append(arg)
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    module = spec.name.removesuffix(".__main__") if spec is not None else Path(sys.argv[0]).name
+    return " ".join([prefix, "-m", module, *shown])
+
+
 def record(bench: str, metric: str, value: float, unit: str, baseline: str, baseline_value: float | None,
            device: str | None = None, command: str | None = None, higher_is_better: bool = True,
            out_dir: Path | None = None) -> dict:
@@ -52,7 +73,7 @@ def record(bench: str, metric: str, value: float, unit: str, baseline: str, base
         "bench": bench, "metric": metric, "value": value, "unit": unit, "baseline": baseline,
         "baseline_value": baseline_value, "ratio": None if ratio is None else round(ratio, 4),
         "device": device or device_name(), "commit": _commit(),
-        "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command or command_line(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     target = (out_dir or RESULTS) / f"{bench}.jsonl"

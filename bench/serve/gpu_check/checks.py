@@ -1,60 +1,45 @@
-"""Device check of the serving engine's adapter and quantization paths against references.
+"""The checks of ``python -m bench.serve.gpu_check`` (its docstring says what each compares and why).
 
-    PYTHONPATH=src python bench/serve_gpu_check.py [--device cuda|cpu] [--out DIR]
-
-The CPU tests never run the paths the engine takes on CUDA (Triton kernels, decode steps replayed
-from captured CUDA graphs, the int8 Triton matmul, the fp8 KV cache on Hopper). This script builds a
-tiny Llama on the fly (byte-level BPE of ~1000 entries from ``lmforge.tokenizer.build.build_bpe``, hidden
-256, 4 layers, 4 query / 2 KV heads), pretrains it briefly so its greedy choices are confident (a
-random model's near-ties would make token comparisons meaningless), trains a few optimizer steps of
-each adapter, and checks on ``--device``:
-
-1. ``multi_lora``: base + 2 LoRA adapters served unmerged in one mixed batch (15 requests on 8
-   rows, chunked prefill) against each adapter merged into the base and served alone ("greedy"),
-   and against the merged model's forward over the engine's own tokens ("forced");
-2. ``prompt_<method>`` for prefix, ptuning_v2, prompt, ptuning: the engine against peft's own model
-   (``load_trained``) in the serving dtype, decoding greedily by its full forward, and forced;
-3. ``int8_multi_lora`` (int8 weights with the two adapters) against the unquantized engine, and
-   ``fp8_kv_prefix`` (fp8 KV cache with the prefix adapter; CPU, or CUDA capability >= 8.9) against
-   the same engine on PyTorch ops, and against the unquantized engine (quality, sanity bound only);
-4. ``graphs_vs_eager_*``: the requests of 1 and of the prefix adapter with ``cuda_graphs=False``.
-
-Every request is greedy with 24 new tokens. Requests are queued together before the engine may admit
-any, so a run's schedule (which rows decode together) is the same every time. The engine's logits
-of every step are read from its backend's prefill and decode outputs. Two engines decoding freely
-diverge after a near-tie flip (their histories then differ), so "greedy" comparisons check logits
-up to and including the first differing token; "forced" ones check every step. Tolerances and why:
-``TOLERANCES``. One JSON line per check goes to stdout and to ``OUT/serve_gpu_check.jsonl``
-(``--only a,b`` runs some checks). Exit status 1 when a check fails. Needs torch, transformers,
-peft, tokenizers, safetensors, pydantic (no pytest, ray or mlflow). 44 s on an H100; about 1 minute
-on 2 CPU cores, where every comparison is float32. Beside it: ``_gpu_check_models.py`` (tiny models,
-adapters, reference models), ``_gpu_check_engine.py`` (running the engine and keeping its logits),
-``_gpu_check_compare.py`` (comparisons, tolerances, the float32 noise floor used on CUDA).
+One :class:`Checks` per run: the tiny base, its adapters and the engine runs that several checks
+compare against are built once (``once``) and shared.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import sys
-import tempfile
-import time
-import traceback
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _gpu_check_compare import EFFECT_FACTOR, TOLERANCES, compare, compare_forced, effect, judged, noise_floor  # noqa: E402
-from _gpu_check_engine import CFG, merged_engine, serve, torch_ops, with_engine  # noqa: E402
-from _gpu_check_models import (NEW, Out, build_base, corpus, merged_model, model_forced, model_greedy,  # noqa: E402
-                               peft_model, serving_dtype, train_lora, train_prompt)
-
-from lmforge.serving.engine import Engine  # noqa: E402
+from bench.serve.gpu_check.compare import (
+    TOLERANCES,
+    compare,
+    compare_forced,
+    effect,
+    judged,
+    noise_floor,
+)
+from bench.serve.gpu_check.engine import (
+    CFG,
+    merged_engine,
+    serve,
+    torch_ops,
+    with_engine,
+)
+from bench.serve.gpu_check.models import (
+    FULL,
+    Out,
+    Scale,
+    build_base,
+    corpus,
+    merged_model,
+    model_forced,
+    model_greedy,
+    peft_model,
+    train_lora,
+    train_prompt,
+)
+from lmforge.serving.engine import Engine
 
 METHODS = ("prefix", "ptuning_v2", "prompt", "ptuning")
 # Distinct first tokens: a prefill chunk that starts at 0 names its prompt (Recorder.prefill).
@@ -67,74 +52,14 @@ PROMPTS = [
     "import re",
 ]
 
-
-
-# ---------------------------------------------------------------- tiny models and adapters
-
-
-
-
-
-
-
-
-
-
-
-
-# ---------------------------------------------------------------- running the engine
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# ---------------------------------------------------------------- comparing
-
-
-
-
-
-
-
-
-
-
-# ---------------------------------------------------------------- the checks
-
-
 MIXED = [(p, name) for p in range(len(PROMPTS)) for name in (None, "a", "b")]  # 15 requests on 8 rows
 
 
 class Checks:
-    """The checks of the module docstring; engine runs shared between checks are computed once."""
+    """The checks of ``bench.serve.gpu_check``'s docstring; engine runs shared between checks are computed once."""
 
-    def __init__(self, root: Path, device: str) -> None:
-        self.root, self.device = root, device
+    def __init__(self, root: Path, device: str, scale: Scale = FULL) -> None:
+        self.root, self.device, self.scale = root, device, scale
         self.cuda = device.startswith("cuda")
         self.tol = TOLERANCES["bfloat16" if self.cuda else "float32"]
         self.memo: dict[str, object] = {}
@@ -150,17 +75,18 @@ class Checks:
         def build() -> dict:
             from transformers import AutoTokenizer
 
-            base, info = build_base(self.root, self.device)
+            base, info = build_base(self.root, self.device, self.scale)
             _, parts = corpus()
             tokenizer = AutoTokenizer.from_pretrained(base)
             prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
             assert len({p[0] for p in prompts}) == len(prompts), "prompts must start with distinct tokens"
             # "a": a plain peft directory, rank 4 on q/v. "b": an lmforge run's adapter/, rank 8 rsLoRA everywhere.
             # (rsLoRA scales by alpha / sqrt(r): a smaller learning rate keeps its training stable.)
-            info["lora_a_loss"] = round(train_lora(base, self.root / "lora-a", self.device, parts[2], 1, 2e-2, r=4,
-                                                   lora_alpha=8, target_modules=["q_proj", "v_proj"]), 3)
+            steps = self.scale.adapter_steps
+            info["lora_a_loss"] = round(train_lora(base, self.root / "lora-a", self.device, parts[2], 1, 2e-2, steps,
+                                                   r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), 3)
             info["lora_b_loss"] = round(train_lora(
-                base, self.root / "run-b" / "adapter", self.device, parts[3], 2, 5e-3, r=8, lora_alpha=16,
+                base, self.root / "run-b" / "adapter", self.device, parts[3], 2, 5e-3, steps, r=8, lora_alpha=16,
                 use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                  "down_proj"]), 3)
             info["prompt_lengths"] = [len(p) for p in prompts]
@@ -172,7 +98,12 @@ class Checks:
     def prompt_dir(self, method: str) -> Path:
         s = self.setup()
         return self.once(f"dir-{method}", lambda: train_prompt(s["base"], self.root / method, self.device, method,
-                                                                corpus()[1][4], 10 + METHODS.index(method)))
+                                                                corpus()[1][4], 10 + METHODS.index(method),
+                                                                self.scale.adapter_steps))
+
+    def requests(self, engine: Engine, requests: list[tuple[int, str | None]]) -> list[Out]:
+        """Greedy completions of ``requests`` ((prompt index, adapter)), every step's logits kept."""
+        return serve(engine, self.setup()["prompts"], requests, self.scale.new)
 
     def load(self, model_dir: Path, **cfg) -> Callable[[], Engine]:
         return lambda: Engine.load(model_dir, device=self.device, cfg=CFG.model_copy(update=cfg))
@@ -189,18 +120,17 @@ class Checks:
     def base_alone(self) -> list[Out]:
         s = self.setup()
         every = [(p, None) for p in range(len(PROMPTS))]
-        return self.once("base", lambda: with_engine(self.load(s["base"]), lambda e: serve(e, s["prompts"], every)))[0]
+        return self.once("base", lambda: with_engine(self.load(s["base"]), lambda e: self.requests(e, every)))[0]
 
     def unmerged(self) -> tuple[list[Out], dict]:
         s = self.setup()
         return self.once("unmerged", lambda: with_engine(self.load(s["base"], adapters=s["adapters"]),
-                                                         lambda e: serve(e, s["prompts"], MIXED)))
+                                                         lambda e: self.requests(e, MIXED)))
 
     def prompt_served(self, method: str) -> tuple[list[Out], dict]:
-        s = self.setup()
         every = [(p, None) for p in range(len(PROMPTS))]
         return self.once(f"served-{method}", lambda: with_engine(self.load(self.prompt_dir(method)),
-                                                                 lambda e: serve(e, s["prompts"], every)))
+                                                                 lambda e: self.requests(e, every)))
 
     # -------------------------------------------------------- checks
 
@@ -217,7 +147,7 @@ class Checks:
             mine = [o for o, (_, n) in zip(outs, MIXED) if n == name]
             # Greedy: the merged adapter served alone. Forced: the merged HF model on the engine's tokens.
             refs[name] = self.base_alone() if name is None else with_engine(
-                lambda: merged_engine(s["base"], adapter, self.device), lambda e: serve(e, s["prompts"], every))[0]
+                lambda: merged_engine(s["base"], adapter, self.device), lambda e: self.requests(e, every))[0]
             forced = model_forced(merged_model(s["base"], adapter, self.device), s["prompts"], mine)
             result[name or "base"] = {"greedy": compare(mine, refs[name], self.tol),
                                       "forced": compare_forced(mine, forced, self.tol)}
@@ -235,7 +165,7 @@ class Checks:
         s = self.setup()
         ref, _ = self.unmerged()
         outs, paths = with_engine(self.load(s["base"], adapters=s["adapters"], quantization="int8"),
-                                  lambda e: serve(e, s["prompts"], MIXED))
+                                  lambda e: self.requests(e, MIXED))
         result = compare(outs, ref, TOLERANCES["int8"])
         result["paths"] = paths
         result["ok"] = result["ok"] and self.paths_ok(paths, graphs=True)
@@ -250,7 +180,7 @@ class Checks:
             ref, _ = self.prompt_served("prefix")
             model_dir, requests, extra = self.prompt_dir("prefix"), [(p, None) for p in range(len(PROMPTS))], {}
         outs, paths = with_engine(self.load(model_dir, cuda_graphs=False, **extra),
-                                  lambda e: serve(e, s["prompts"], requests))
+                                  lambda e: self.requests(e, requests))
         # Same schedule and kernels; only a decode step's padding to the graph's bucket differs.
         tol = dict(self.tol, any=self.tol["first"])
         result = compare(outs, ref, tol)
@@ -262,7 +192,7 @@ class Checks:
         s = self.setup()
         outs, paths = self.prompt_served(method)
         model = peft_model(self.prompt_dir(method), self.device)
-        greedy = model_greedy(model, s["prompts"])
+        greedy = model_greedy(model, s["prompts"], self.scale.new)
         forced = model_forced(model, s["prompts"], outs)
         result = {"greedy": compare(outs, greedy, self.tol), "forced": compare_forced(outs, forced, self.tol),
                   **effect(greedy, self.base_alone(), self.tol), "paths": paths}
@@ -275,12 +205,11 @@ class Checks:
     def fp8_kv_prefix(self) -> dict:
         if self.cuda and torch.cuda.get_device_capability(self.device) < (8, 9):
             return {"ok": True, "skipped": "fp8 KV cache needs compute capability >= 8.9"}
-        s = self.setup()
         every = [(p, None) for p in range(len(PROMPTS))]
         make = self.load(self.prompt_dir("prefix"), kv_cache_dtype="fp8")
-        outs, paths = with_engine(make, lambda e: serve(e, s["prompts"], every))
+        outs, paths = with_engine(make, lambda e: self.requests(e, every))
         with torch_ops():
-            ref, _ = with_engine(make, lambda e: serve(e, s["prompts"], every))
+            ref, _ = with_engine(make, lambda e: self.requests(e, every))
         result = compare(outs, ref, TOLERANCES["fp8_kv"])
         unquantized, _ = self.prompt_served("prefix")
         result["vs_unquantized"] = compare(outs, unquantized, TOLERANCES["fp8_kv_vs_unquantized"])
@@ -294,66 +223,3 @@ class Checks:
         checks += [(f"prompt_{m}", lambda m=m: self.prompt_adapter(m)) for m in METHODS]
         return checks + [("fp8_kv_prefix", self.fp8_kv_prefix),
                          ("graphs_vs_eager_prefix", lambda: self.graphs_vs_eager("prefix"))]
-
-
-# ---------------------------------------------------------------- main
-
-
-def environment(device: str) -> dict:
-    import peft
-    import transformers
-
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu"
-    cap = ".".join(map(str, torch.cuda.get_device_capability(device))) if device.startswith("cuda") else None
-    return {"device": device, "device_name": name, "capability": cap, "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "dtype": str(serving_dtype(device)).removeprefix("torch.")}
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or tempfile.gettempdir()))
-    parser.add_argument("--only", default="", help="comma-separated check names (default: all)")
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    log_path = args.out / "serve_gpu_check.jsonl"
-    env = environment(args.device)
-    started = time.perf_counter()
-    failed = []
-    with tempfile.TemporaryDirectory(prefix="serve-gpu-check-") as tmp, log_path.open("w") as log:
-        checks = Checks(Path(tmp), args.device)
-
-        def emit(record: dict) -> None:
-            line = json.dumps(record)
-            print(line, flush=True)
-            log.write(line + "\n")
-            log.flush()
-
-        emit({"check": "setup", **env, "tolerances": TOLERANCES, "effect_factor": EFFECT_FACTOR,
-              "new_tokens": NEW, **checks.setup()["info"], "seconds": round(time.perf_counter() - started, 1)})
-        wanted = set(filter(None, args.only.split(",")))
-        for name, run in checks.all():
-            if wanted and name not in wanted:
-                continue
-            t0 = time.perf_counter()
-            try:
-                record = run()
-            except Exception as exc:  # noqa: BLE001 - one broken path must not hide the others' results
-                record = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                          "traceback": traceback.format_exc()[-2000:]}
-            ok = bool(record.pop("ok"))
-            emit({"check": name, "ok": ok, "device": args.device, "dtype": env["dtype"], **record,
-                  "seconds": round(time.perf_counter() - t0, 1)})
-            failed += [] if ok else [name]
-    total = round(time.perf_counter() - started, 1)
-    if failed:
-        print(f"FAILED {len(failed)} check(s) on {env['device_name']}: {', '.join(failed)} "
-              f"(details in {log_path}; {total} s)", file=sys.stderr)
-        return 1
-    print(f"all checks passed on {env['device_name']} in {total} s; results in {log_path}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Where a profiled device waits: the idle time between consecutive kernels (bench/train_gpu.py --profile).
+"""Where a profiled device waits: the idle time between consecutive kernels (``python -m bench.train.gpu --profile``).
 
 With CUDA graphs the host launches little, so the idle time left is either kernel boundaries
 inside the graphs (many gaps of a few microseconds) or the host holding the device up (few,

@@ -1,7 +1,7 @@
 """The ``quant`` phase of the GPU serving benchmark: speed and quality of each quantization option.
 
-    python bench/serve_gpu.py --phases quant [--results DIR]      # the phase, beside the others
-    python bench/serve_quant.py [--sweep] [--options int4,...] [--train-s S] [--results DIR]  # alone
+    PYTHONPATH=src python -m bench.serve.gpu --phases quant [--out DIR]     # the phase, beside the others
+    PYTHONPATH=src python -m bench.serve.quant [--sweep] [--options int4 ...] [--train-s S] [--out DIR]  # alone
 
 Speed: for weights none / int8 / int4 / fp8 and KV cache bf16 / fp8, one-stream and 64-concurrent
 output tokens/s of the engine on the Llama-shaped 1.1B (random bf16 weights: speed does not depend
@@ -17,35 +17,71 @@ and cache, and the model's own ``transformers`` forward as a check that the runn
 
 ``--sweep`` times the quantized matmuls alone (int8 Triton block shapes, int4 tinygemm, fp8
 ``_scaled_mm``) against bf16 ``F.linear`` on the 1.1B's layer shapes. Needs torch, transformers,
-triton and pydantic only.
+triton and pydantic only. ``--tiny`` runs speed and quality on the CPU with tiny models, a few
+seconds of training and the options a CPU has (none, int8, fp8 KV cache); the check section (Triton,
+int4/fp8 matmuls) and ``--sweep`` need a GPU and are skipped there.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import gc
+import json
 import math
 import sysconfig
 import time
 import traceback
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from bench.common.cli import add_common_arguments, choose, out_dir, run
+from bench.common.record import command_line, record
+from bench.common.serve import (
+    LLAMA_1B,
+    LLAMA_TINY,
+    engine_tokens_per_s,
+    random_llama,
+    random_prompts,
+    word_tokenizer,
+)
 from lmforge.config.serving import ServingConfig
-from lmforge.serving.backend import PrefillItem
+from lmforge.serving.backends.base import PrefillItem
+from lmforge.serving.backends.paged import PagedBackend
 from lmforge.serving.engine import Engine
-from lmforge.serving.paged import PagedBackend
-from lmforge.serving.quantize import quantize_model
+from lmforge.serving.quant.quantize import quantize_model
 
 Put = Callable[..., None]
 OPTIONS = [("none", "auto"), ("int8", "auto"), ("int4", "auto"), ("fp8", "auto"), ("none", "fp8"), ("fp8", "fp8")]
+CPU_OPTIONS = [("none", "auto"), ("int8", "auto"), ("none", "fp8")]  # int4 and fp8 weights need CUDA
+WEIGHTS = ("int8", "int4", "fp8")
 SMALL = dict(vocab_size=256, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=4, max_position_embeddings=1024, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-SEQ = 512
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The sizes of a run: the device, the byte-level model of the quality section and its data
+    (sequence, batch, held-out windows, stdlib files; None: all), the speed section's cache budget."""
+
+    device: str
+    small: dict
+    seq: int
+    batch: int
+    windows: int
+    files: int | None
+    kv_cache_mb: int
+
+
+FULL = Scale("cuda", SMALL, seq=512, batch=64, windows=256, files=None, kv_cache_mb=4096)
+TINY = Scale("cpu", dict(SMALL, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=128),
+             seq=64, batch=8, windows=8, files=40, kv_cache_mb=64)
 
 
 def label(weights: str, kv: str) -> str:
@@ -55,33 +91,38 @@ def label(weights: str, kv: str) -> str:
 # ---------------------------------------------------------------- speed on the 1.1B
 
 
-def speed(put: Put, shape: dict, tokenizer, one, many, new: int) -> None:
+def speed(put: Put, shape: dict, tokenizer, one, many, new: int, options: list, sc: Scale) -> None:
     base: dict[str, float] = {}
-    for weights, kv in OPTIONS:
+    for weights, kv in options:
         try:
-            speed_one(put, shape, tokenizer, one, many, new, weights, kv, base)
+            speed_one(put, shape, tokenizer, one, many, new, weights, kv, base, sc)
         except Exception:  # noqa: BLE001 - the other options still get measured
             print(f"speed {weights}/{kv} failed:\n{traceback.format_exc()}", flush=True)
         gc.collect()
-        torch.cuda.empty_cache()
+        if sc.device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def speed_one(put: Put, shape: dict, tokenizer, one, many, new: int, weights: str, kv: str,
-              base: dict[str, float]) -> None:
-    from serve_common import engine_tokens_per_s, random_llama
-
-    model = random_llama(shape, "cuda", torch.bfloat16)
+              base: dict[str, float], sc: Scale) -> None:
+    cuda = sc.device == "cuda"
+    model = random_llama(shape, sc.device, torch.bfloat16 if cuda else torch.float32)
     quantize_model(model, weights)
-    torch.cuda.synchronize()
-    weight_mb = torch.cuda.memory_allocated() / 2**20
+    if cuda:
+        torch.cuda.synchronize()
+        weight_mb = torch.cuda.memory_allocated() / 2**20
+    else:  # no allocator figure on the CPU: the weights' own bytes
+        weight_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
     cfg = ServingConfig(max_batch_size=len(many), max_queue=4096, max_new_tokens=new, kv_cache_dtype=kv,
-                        kv_cache_mb=4096)
+                        kv_cache_mb=sc.kv_cache_mb)
     engine = Engine(model, tokenizer, cfg)
+    budget = "4gib" if sc.kv_cache_mb == 4096 else f"{sc.kv_cache_mb}mib"
     try:
         name = label(weights, kv)
-        put(f"quant_{name}_weights_mib", weight_mb, "MiB on the GPU before the KV cache")
-        put(f"quant_{name}_kv_blocks_4gib", engine.backend.cache.num_blocks, "KV blocks of 16 tokens in 4 GiB")
-        for n, prompts in (("1", one), ("64", many)):
+        put(f"quant_{name}_weights_mib", weight_mb, f"MiB on the {'GPU' if cuda else 'CPU'} before the KV cache")
+        put(f"quant_{name}_kv_blocks_{budget}", engine.backend.cache.num_blocks,
+            f"KV blocks of 16 tokens in {sc.kv_cache_mb} MiB")
+        for n, prompts in (("1", one), (str(len(many)), many)):
             rate = engine_tokens_per_s(engine, prompts, new, repeats=3 if n == "1" else 2)
             base.setdefault(n, rate)
             put(f"quant_{name}_{n}_tok_s", rate, "output tok/s", "bf16 weights and KV cache (same job)", base[n])
@@ -92,11 +133,12 @@ def speed_one(put: Put, shape: dict, tokenizer, one, many, new: int, weights: st
 # ---------------------------------------------------------------- quality on a trained model
 
 
-def stdlib_bytes() -> tuple[bytes, bytes]:
-    """(training, held-out) text: the standard library's .py files, one file in ten held out."""
+def stdlib_bytes(files: int | None = None) -> tuple[bytes, bytes]:
+    """(training, held-out) text: the standard library's .py files (the first ``files`` of them),
+    one file in ten held out."""
     root = Path(sysconfig.get_paths()["stdlib"])
     train, held = [], []
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted(root.rglob("*.py"))[:files]:
         if "site-packages" in path.parts:
             continue
         try:
@@ -107,25 +149,26 @@ def stdlib_bytes() -> tuple[bytes, bytes]:
     return b"\n".join(train), b"\n".join(held)
 
 
-def train_small(text: bytes, seconds: float, put: Put):
-    """A byte-level Llama trained on ``text`` for ``seconds`` (bf16 autocast, AdamW, cosine schedule)."""
+def train_small(text: bytes, seconds: float, put: Put, sc: Scale):
+    """A byte-level Llama trained on ``text`` for ``seconds`` (bf16 autocast on CUDA, AdamW, cosine schedule)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    dev, seq, cuda = sc.device, sc.seq, sc.device == "cuda"
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SMALL)).cuda().train()
-    data = torch.frombuffer(bytearray(text), dtype=torch.uint8).cuda().long()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    batch, steps_max, warm = 64, 4000, 100
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**sc.small)).to(dev).train()
+    data = torch.frombuffer(bytearray(text), dtype=torch.uint8).to(dev).long()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
+    batch, steps_max, warm = sc.batch, 4000, 100
+    gen = torch.Generator(device=dev).manual_seed(0)
     start, step, loss = time.perf_counter(), 0, torch.tensor(0.0)
     while step < steps_max and time.perf_counter() - start < seconds:
         frac = (time.perf_counter() - start) / seconds  # cosine over the time box, not a step count
         lr = 1e-3 * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = torch.randint(0, data.numel() - SEQ - 1, (batch,), device="cuda", generator=gen)
-        seqs = data[idx[:, None] + torch.arange(SEQ + 1, device="cuda")]
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        idx = torch.randint(0, data.numel() - seq - 1, (batch,), device=dev, generator=gen)
+        seqs = data[idx[:, None] + torch.arange(seq + 1, device=dev)]
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
             logits = model(seqs[:, :-1]).logits
         loss = F.cross_entropy(logits.float().reshape(-1, 256), seqs[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -136,14 +179,14 @@ def train_small(text: bytes, seconds: float, put: Put):
     took = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters())
     put("quant_ppl_model_params_m", params / 1e6, "million parameters (byte-level Llama)")
-    put("quant_ppl_train_steps", step, f"steps of {batch}x{SEQ} bytes in {took:.0f} s")
+    put("quant_ppl_train_steps", step, f"steps of {batch}x{seq} bytes in {took:.0f} s")
     put("quant_ppl_train_loss", float(loss), "nats per byte, last step")
-    return model.eval().to(torch.bfloat16)
+    return model.eval().to(torch.bfloat16 if cuda else torch.float32)  # the serving dtype
 
 
-def held_out_windows(text: bytes, n: int) -> list[list[int]]:
-    stride = max(SEQ, (len(text) - SEQ) // n)
-    return [list(text[i:i + SEQ]) for i in range(0, len(text) - SEQ, stride)][:n]
+def held_out_windows(text: bytes, n: int, seq: int) -> list[list[int]]:
+    stride = max(seq, (len(text) - seq) // n)
+    return [list(text[i:i + seq]) for i in range(0, len(text) - seq, stride)][:n]
 
 
 @torch.inference_mode()
@@ -152,11 +195,11 @@ def engine_ppl(model, weights: str, kv: str, windows: list[list[int]]) -> float:
     model = copy.deepcopy(model)
     quantize_model(model, weights)
     cfg = ServingConfig(max_batch_size=8, cuda_graphs=False, kv_cache_dtype=kv, kv_cache_mb=512)
-    backend = PagedBackend(model, cfg, SMALL["max_position_embeddings"])
+    backend = PagedBackend(model, cfg, model.config.max_position_embeddings)
     nll, count = 0.0, 0
     for first in range(0, len(windows), 8):
         chunk = windows[first:first + 8]
-        rows = [backend.reserve(SEQ) for _ in chunk]
+        rows = [backend.reserve(len(w)) for w in chunk]
         logits = backend.prefill([PrefillItem(r, 0, w, all_logits=True) for r, w in zip(rows, chunk)])
         for lg, w in zip(logits, chunk):
             target = torch.tensor(w[1:], device=lg.device)
@@ -175,19 +218,19 @@ def hf_ppl(model, windows: list[list[int]]) -> float:
         part = ids[first:first + 16]
         logits = model(part).logits[:, :-1].float()
         nll += float(F.cross_entropy(logits.reshape(-1, 256), part[:, 1:].reshape(-1), reduction="sum"))
-    return math.exp(nll / (ids.shape[0] * (SEQ - 1)))
+    return math.exp(nll / (ids.shape[0] * (ids.shape[1] - 1)))
 
 
-def quality(put: Put, train_s: float) -> None:
-    train, held = stdlib_bytes()
+def quality(put: Put, train_s: float, options: list, sc: Scale) -> None:
+    train, held = stdlib_bytes(sc.files)
     put("quant_ppl_corpus_train_mb", len(train) / 1e6, "MB of stdlib .py source (training part)")
     put("quant_ppl_corpus_heldout_mb", len(held) / 1e6, "MB of stdlib .py source (held-out files)")
-    model = train_small(train, train_s, put)
-    windows = held_out_windows(held, 256)
+    model = train_small(train, train_s, put, sc)
+    windows = held_out_windows(held, sc.windows, sc.seq)
     reference = hf_ppl(model, windows)
-    put("quant_ppl_transformers_bf16", reference, f"held-out perplexity per byte ({len(windows)}x{SEQ} bytes)")
+    put("quant_ppl_transformers_bf16", reference, f"held-out perplexity per byte ({len(windows)}x{sc.seq} bytes)")
     base = None
-    for weights, kv in OPTIONS:
+    for weights, kv in options:
         try:
             ppl = engine_ppl(model, weights, kv, windows)
         except Exception:  # noqa: BLE001 - the other options still get measured
@@ -208,11 +251,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.inference_mode()
 def check(put: Put) -> None:
     """Quantized layers against their dequantized weights, fused against unfused; fp8 KV kernels vs PyTorch."""
-    from lmforge.serving.model_runner import FusedLinear
-    from lmforge.serving.ops import Ops, StepLayout, TritonOps
-    from lmforge.serving.quantize import Fp8Linear, Int4Linear, Int8Linear
-
-    from lmforge.serving.int4_layout import tinygemm_layout
+    from lmforge.serving.model.ops import Ops, StepLayout, TritonOps
+    from lmforge.serving.model.runner import FusedLinear
+    from lmforge.serving.quant.int4_layout import tinygemm_layout
+    from lmforge.serving.quant.quantize import Fp8Linear, Int4Linear, Int8Linear
 
     put("quant_check_int4_layout_learned", float(tinygemm_layout("cuda:0") is not None), "1: widening path usable")
     for cls, rows in ((Int8Linear, 37), (Int8Linear, 160), (Int4Linear, 9), (Int4Linear, 160), (Fp8Linear, 37),
@@ -263,8 +305,8 @@ def _timed(fns: list[Callable[[], torch.Tensor]]) -> float:
 
 
 def sweep(put: Put) -> None:
-    from lmforge.serving.quant_kernels import weight_only_mm
-    from lmforge.serving.quantize import Fp8Linear, Int4Linear, Int8Linear
+    from lmforge.serving.kernels.quant import weight_only_mm
+    from lmforge.serving.quant.quantize import Fp8Linear, Int4Linear, Int8Linear
 
     shapes = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632)}
     small = [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
@@ -300,17 +342,21 @@ def sweep(put: Put) -> None:
                     "bf16 F.linear (same job)", bf16, higher_is_better=False)
 
 
-def run(put: Put, one, many, new: int, train_s: float = 60.0, kernels: bool = False,
-        options: list[str] | None = None) -> None:
+def phase(put: Put, one, many, new: int, train_s: float = 60.0, kernels: bool = False,
+          options: list[str] | None = None, sc: Scale = FULL) -> None:
     """All sections; ``options`` (e.g. ``["int4"]``) limits speed and quality to those weights (plus bf16)."""
-    from serve_common import LLAMA_1B, word_tokenizer
-
+    chosen = OPTIONS if sc.device == "cuda" else CPU_OPTIONS
     if options:
-        OPTIONS[:] = [o for o in OPTIONS if o == ("none", "auto") or (o[0] in options and o[1] == "auto")]
-
-    sections = [("check", check, (put,)), ("quality", quality, (put, train_s)),
-                ("speed", speed, (put, LLAMA_1B, word_tokenizer(LLAMA_1B["vocab_size"]), one, many, new))]
-    for name, fn, args in sections + ([("sweep", sweep, (put,))] if kernels else []):
+        chosen = [o for o in chosen if o == ("none", "auto") or (o[0] in options and o[1] == "auto")]
+    shape = LLAMA_1B if sc.device == "cuda" else LLAMA_TINY
+    sections = [("quality", quality, (put, train_s, chosen, sc)),
+                ("speed", speed, (put, shape, word_tokenizer(shape["vocab_size"]), one, many, new, chosen, sc))]
+    if sc.device == "cuda":
+        sections.insert(0, ("check", check, (put,)))
+        sections += [("sweep", sweep, (put,))] if kernels else []
+    else:
+        print("needs a GPU, skipped on the CPU: the check section (Triton, int4/fp8 matmuls) and --sweep", flush=True)
+    for name, fn, args in sections:
         try:  # one section's failure must not cost the others' figures (device time is scarce)
             fn(*args)
         except Exception:  # noqa: BLE001 - reported, and the next section still runs
@@ -318,36 +364,30 @@ def run(put: Put, one, many, new: int, train_s: float = 60.0, kernels: bool = Fa
 
 
 def main() -> None:
-    import argparse
-    import json
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _record import record
-    from serve_common import LLAMA_1B, random_prompts
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--train-s", type=float, default=60.0)
-    parser.add_argument("--options", default="", help="comma-separated weight options to measure (default all)")
-    parser.add_argument("--results", type=Path, default=None)
+    parser.add_argument("--train-s", type=float, default=None, help="training time box (default 60 s; 3 s with --tiny)")
+    parser.add_argument("--options", nargs="+", default=[], metavar="WEIGHTS",
+                        help=f"weight options to measure besides bf16 (default all): {' '.join(WEIGHTS)}")
+    add_common_arguments(parser, "tiny models on the CPU, the options a CPU has: a check of this script")
     args = parser.parse_args()
-    device = torch.cuda.get_device_name(0)
-    shown = [a for a in sys.argv[1:] if not a.startswith("--results")]
-    if args.results is not None and str(args.results) in shown:  # where figures go is not part of the command
-        shown.remove(str(args.results))
-    command = " ".join(["python bench/serve_quant.py", *shown])
+    options = choose(args.options, WEIGHTS, "weight option", "--options")
+    out, sc = out_dir(args), TINY if args.tiny else FULL
+    device = torch.cuda.get_device_name(0) if sc.device == "cuda" else "cpu (--tiny check)"
+    command = command_line("PYTHONPATH=src python")
 
     def put(metric, value, unit, baseline="", baseline_value=None, higher_is_better=True):
         record("serve_gpu", metric, value, unit, baseline, baseline_value, device=device, command=command,
-               higher_is_better=higher_is_better, out_dir=args.results)
+               higher_is_better=higher_is_better, out_dir=out)
         print(json.dumps({"metric": metric, "value": round(float(value), 4), "baseline_value": baseline_value}),
               flush=True)
 
-    one = random_prompts(1, 256, LLAMA_1B["vocab_size"])
-    many = random_prompts(64, 256, LLAMA_1B["vocab_size"], seed=2)
-    run(put, one, many, 256, args.train_s, args.sweep, [o for o in args.options.split(",") if o])
+    shape, prompt, new, many_n = (LLAMA_TINY, 16, 8, 4) if args.tiny else (LLAMA_1B, 256, 256, 64)
+    one = random_prompts(1, prompt, shape["vocab_size"])
+    many = random_prompts(many_n, prompt, shape["vocab_size"], seed=2)
+    phase(put, one, many, new, args.train_s or (3.0 if args.tiny else 60.0), args.sweep, options, sc)
+    print(f"records in {out}")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

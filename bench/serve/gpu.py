@@ -1,7 +1,8 @@
 """GPU engine benchmark: a Llama-shaped 1.1B model (random bf16 weights), prompts of 256 tokens,
 256 new tokens, one stream and 64 concurrent, against transformers ``generate()`` in the same job.
 
-    python bench/serve_gpu.py [--phases check,engine,poisson,hf,compile,nographs,int8,quant] [--results DIR]
+    PYTHONPATH=src python -m bench.serve.gpu [--phases check engine poisson hf compile nographs int8 quant] [--out DIR]
+    python -m bench.serve.gpu --tiny --phases check engine poisson hf nooverlap nographs int8   # CPU check
 
 Phases: ``check`` (Triton kernels against the PyTorch ops on random inputs; the engine's logits and
 greedy tokens against transformers), ``engine`` (our tokens/s), ``poisson`` (time-to-first-token
@@ -10,9 +11,11 @@ and inter-token latency under Poisson arrivals, straight into the engine), ``hf`
 torch.compile; each time-boxed), ``nooverlap`` and ``nographs`` (our engine without launching a
 decode step ahead, and without CUDA graphs), ``int8`` (weight-only
 int8: logits error and tokens/s), ``profile`` (top GPU kernels of a decode step, to profile.txt),
-``quant`` (every quantization option's speed and held-out perplexity change: ``serve_quant.py``).
-Each figure is appended to ``DIR/serve_gpu.jsonl`` (default ``bench/results``) as soon as it is
+``quant`` (every quantization option's speed and held-out perplexity change: ``bench.serve.quant``).
+Each figure is appended to ``OUT/serve_gpu.jsonl`` (default ``bench/results``) as soon as it is
 measured. Needs only torch, transformers and triton (and pydantic, which lmforge's config uses).
+``--tiny``: a 2-layer model on the CPU, short prompts, 4 concurrent (a check of this script); the
+Triton kernel check, ``profile`` and ``quant`` need a GPU and are skipped there.
 """
 
 from __future__ import annotations
@@ -21,17 +24,17 @@ import argparse
 import copy
 import json
 import signal
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _record import record  # noqa: E402
-from serve_common import (  # noqa: E402
+from bench.common.cli import add_common_arguments, choose, out_dir, run
+from bench.common.record import record
+from bench.common.serve import (
     LLAMA_1B,
+    LLAMA_TINY,
     engine_tokens_per_s,
     generate_tokens_per_s,
     poisson_engine,
@@ -39,12 +42,30 @@ from serve_common import (  # noqa: E402
     random_prompts,
     word_tokenizer,
 )
+from lmforge.config.serving import ServingConfig
+from lmforge.serving.engine import Engine, SamplingParams
 
-from lmforge.config.serving import ServingConfig  # noqa: E402
-from lmforge.serving.engine import Engine, SamplingParams  # noqa: E402
+PHASES = ("check", "engine", "poisson", "profile", "hf", "nooverlap", "nographs", "compile", "int8", "quant")
 
-PROMPT, NEW, CONCURRENT = 256, 256, 64
-COMMAND = "python bench/serve_gpu.py"
+
+@dataclass(frozen=True)
+class Workload:
+    """The model's shape, the requests (prompt and new tokens, how many at once) and the Poisson rates."""
+
+    shape: dict
+    prompt: int
+    new: int
+    concurrent: int
+    rates: tuple[float, ...]
+    min_requests: int  # per rate: max(min_requests, 6 * rate)
+
+    @property
+    def vocab(self) -> int:
+        return self.shape["vocab_size"]
+
+
+FULL = Workload(LLAMA_1B, prompt=256, new=256, concurrent=64, rates=(4.0, 16.0, 48.0), min_requests=24)
+TINY = Workload(LLAMA_TINY, prompt=16, new=8, concurrent=4, rates=(20.0,), min_requests=4)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -53,7 +74,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_kernels() -> dict[str, float]:
     """Triton kernels against the PyTorch ops, bf16, random inputs of the 1.1B model's shapes."""
-    from lmforge.serving.ops import Ops, StepLayout, TritonOps
+    from lmforge.serving.model.ops import Ops, StepLayout, TritonOps
 
     ref, tri, dev = Ops(), TritonOps(), torch.device("cuda")
     out: dict[str, float] = {}
@@ -84,11 +105,11 @@ def check_kernels() -> dict[str, float]:
     return out
 
 
-def check_logits(engine: Engine, model) -> dict[str, float]:
+def check_logits(engine: Engine, model, vocab: int) -> dict[str, float]:
     """The paged runner's logits against the model's own forward, for a prefill and one decode step."""
-    from lmforge.serving.backend import PrefillItem
+    from lmforge.serving.backends.base import PrefillItem
 
-    prompt = random_prompts(1, 100, LLAMA_1B["vocab_size"], seed=12)[0]
+    prompt = random_prompts(1, 100, vocab, seed=12)[0]
     backend = engine.backend  # the engine thread is idle between requests: safe to borrow
     row = backend.reserve(128)
     try:
@@ -106,10 +127,10 @@ def check_logits(engine: Engine, model) -> dict[str, float]:
             "logits_rel_err_transformers_bf16_vs_fp32": floor}
 
 
-def check_greedy(engine: Engine, model) -> dict[str, float]:
+def check_greedy(engine: Engine, model, vocab: int) -> dict[str, float]:
     """Greedy tokens of the engine against generate() (bf16: kernels that round differently may
     flip a near-tie, after which the two continuations differ)."""
-    prompts = random_prompts(4, 64, LLAMA_1B["vocab_size"], seed=11)
+    prompts = random_prompts(4, 64, vocab, seed=11)
     ours = engine.generate(prompts, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
     ids = torch.tensor(prompts, device=model.device)
     with torch.inference_mode():
@@ -140,37 +161,39 @@ def time_boxed(seconds: int, fn, *args, **kwargs):
         signal.signal(signal.SIGALRM, previous)
 
 
-def engine_phases(engine: Engine, model, phases: set[str], put, one, many) -> dict[str, float]:
+def engine_phases(engine: Engine, model, phases: set[str], put, one, many, w: Workload) -> dict[str, float]:
     ours: dict[str, float] = {}
+    many_n = str(w.concurrent)
     if "check" in phases:
-        for name, value in {**check_logits(engine, model), **check_greedy(engine, model)}.items():
+        for name, value in {**check_logits(engine, model, w.vocab), **check_greedy(engine, model, w.vocab)}.items():
             unit = "relative L2 error vs transformers forward" if "err" in name else "tokens of 32"
             put(name, value, "of 4 prompts" if "full" in name else unit)
     if "engine" in phases:
-        ours["1"] = engine_tokens_per_s(engine, one, NEW)
-        ours["64"] = engine_tokens_per_s(engine, many, NEW)
+        ours["1"] = engine_tokens_per_s(engine, one, w.new)
+        ours[many_n] = engine_tokens_per_s(engine, many, w.new)
         put("engine_1_stream_tok_s", ours["1"], "output tok/s")
-        put("engine_64_concurrent_tok_s", ours["64"], "output tok/s")
+        put(f"engine_{many_n}_concurrent_tok_s", ours[many_n], "output tok/s")
     if "poisson" in phases:
-        for rate in (4.0, 16.0, 48.0):
-            res = poisson_engine(engine, rate, int(max(24, rate * 6)), PROMPT, NEW)
+        for rate in w.rates:
+            res = poisson_engine(engine, rate, int(max(w.min_requests, rate * 6)), w.prompt, w.new)
             for key in ("ttft_p50", "ttft_p99", "itl_p50", "itl_p99", "output_tok_s"):
                 put(f"poisson_{rate:g}rps_{key}", res[key], "tok/s" if key == "output_tok_s" else "s")
     return ours
 
 
-def baseline_phases(model, phases: set[str], put, one, many, ours: dict[str, float], box_s: int) -> None:
+def baseline_phases(model, phases: set[str], put, one, many, ours: dict[str, float], box_s: int,
+                    w: Workload) -> None:
     if "hf" in phases:  # plain generate() is CPU-bound per step; 64 new tokens give its rate well enough
-        for n, prompts in (("1", one), ("64", many)):
-            rate = generate_tokens_per_s(model, prompts, 64)
+        for n, prompts in (("1", one), (str(w.concurrent), many)):
+            rate = generate_tokens_per_s(model, prompts, min(64, w.new))
             put(f"generate_{n}_tok_s", rate, "output tok/s (64 new tokens)")
             if n in ours:
                 put(f"engine_{n}_tok_s_vs_generate", ours[n], "output tok/s", "transformers generate() (same job)", rate)
     if "compile" in phases:
-        for n, prompts in (("1", one), ("64", many)):
+        for n, prompts in (("1", one), (str(w.concurrent), many)):
             t0 = time.perf_counter()
             try:
-                rate = time_boxed(box_s, generate_tokens_per_s, model, prompts, NEW, cache_implementation="static")
+                rate = time_boxed(box_s, generate_tokens_per_s, model, prompts, w.new, cache_implementation="static")
             except Budget as exc:
                 print(f"generate() static+compile batch {n}: {exc}; not recorded", flush=True)
                 continue
@@ -181,23 +204,24 @@ def baseline_phases(model, phases: set[str], put, one, many, ours: dict[str, flo
                     "generate() static cache + torch.compile (same job)", rate)
 
 
-def variant_phases(model, tokenizer, phases: set[str], put, one, many, ours: dict[str, float]) -> None:
+def variant_phases(model, tokenizer, phases: set[str], put, one, many, ours: dict[str, float], w: Workload) -> None:
     """The engine without CUDA graphs, and with int8 weights (this last: it quantizes ``model``)."""
+    pairs = (("1", one), (str(w.concurrent), many))
     if "nographs" in phases:
-        engine = Engine(model, tokenizer, ServingConfig(max_batch_size=CONCURRENT, max_queue=4096, cuda_graphs=False))
-        for n, prompts in (("1", one), ("64", many)):
-            put(f"engine_no_cuda_graphs_{n}_tok_s", engine_tokens_per_s(engine, prompts, NEW, repeats=1),
+        engine = Engine(model, tokenizer, ServingConfig(max_batch_size=w.concurrent, max_queue=4096, cuda_graphs=False))
+        for n, prompts in pairs:
+            put(f"engine_no_cuda_graphs_{n}_tok_s", engine_tokens_per_s(engine, prompts, w.new, repeats=1),
                 "output tok/s", "engine with CUDA graphs (same job)", ours.get(n))
         engine.close()
     if "nooverlap" in phases:  # diagnosis: no decode launched ahead of the previous step's text handling
-        engine = Engine(model, tokenizer, ServingConfig(max_batch_size=CONCURRENT, max_queue=4096))
-        engine._overlap = False
-        for n, prompts in (("1", one), ("64", many)):
-            put(f"engine_no_overlap_{n}_tok_s", engine_tokens_per_s(engine, prompts, NEW), "output tok/s",
+        engine = Engine(model, tokenizer, ServingConfig(max_batch_size=w.concurrent, max_queue=4096))
+        engine.backend.overlap = False  # the engine reads it every step
+        for n, prompts in pairs:
+            put(f"engine_no_overlap_{n}_tok_s", engine_tokens_per_s(engine, prompts, w.new), "output tok/s",
                 "engine with overlap (same job)", ours.get(n))
         engine.close()
     if "int8" in phases:
-        from lmforge.serving.quantize import quantize_int8
+        from lmforge.serving.quant.quantize import quantize_int8
 
         prompt = torch.tensor(one, device=model.device)
         with torch.inference_mode():
@@ -205,9 +229,9 @@ def variant_phases(model, tokenizer, phases: set[str], put, one, many, ours: dic
             quantize_int8(model)
             after = model(prompt).logits.float()
         put("int8_logits_rel_err", rel_err(after, before), "relative L2 error vs bf16 weights")
-        engine = Engine(model, tokenizer, ServingConfig(max_batch_size=CONCURRENT, max_queue=4096))
-        for n, prompts in (("1", one), ("64", many)):
-            put(f"engine_int8_{n}_tok_s", engine_tokens_per_s(engine, prompts, NEW, repeats=1), "output tok/s",
+        engine = Engine(model, tokenizer, ServingConfig(max_batch_size=w.concurrent, max_queue=4096))
+        for n, prompts in pairs:
+            put(f"engine_int8_{n}_tok_s", engine_tokens_per_s(engine, prompts, w.new, repeats=1), "output tok/s",
                 "engine with bf16 weights (same job)", ours.get(n))
         engine.close()
 
@@ -240,54 +264,57 @@ def profile_decode(engine: Engine, out_dir: Path | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--phases", default="check,engine,poisson,profile,hf,nooverlap,nographs,compile,int8,quant")
+    parser.add_argument("--phases", nargs="+", default=list(PHASES), metavar="PHASE", help=" ".join(PHASES))
     parser.add_argument("--train-s", type=float, default=60.0, help="quant phase: training time box of its model")
-    parser.add_argument("--results", type=Path, default=None, help="directory for serve_gpu.jsonl")
     parser.add_argument("--compile-box-s", type=int, default=100, help="time box of each compiled baseline")
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on CPU (smoke test of this script)")
+    add_common_arguments(parser, "a 2-layer model on the CPU, short requests: a check of this script")
     args = parser.parse_args()
-    shape = dict(LLAMA_1B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2) if args.tiny else LLAMA_1B
+    chosen = choose(args.phases, PHASES, "phase", "--phases")
+    phases, out = set(chosen), out_dir(args)
+    w = TINY if args.tiny else FULL
     dev, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.bfloat16)
-    phases = set(args.phases.split(","))
-    device = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu (smoke test)"
+    device = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu (--tiny check)"
+    command = " ".join(["PYTHONPATH=src python -m bench.serve.gpu", *(["--tiny"] if args.tiny else []),
+                        "--phases", *chosen])
     figures: dict[str, float] = {}
 
     def put(metric: str, value: float, unit: str, baseline: str = "", baseline_value: float | None = None,
             higher_is_better: bool = True) -> None:
         figures[metric] = value
-        record("serve_gpu", metric, value, unit, baseline, baseline_value, device=device,
-               command=f"{COMMAND} --phases {args.phases}", higher_is_better=higher_is_better, out_dir=args.results)
+        record("serve_gpu", metric, value, unit, baseline, baseline_value, device=device, command=command,
+               higher_is_better=higher_is_better, out_dir=out)
         print(json.dumps({"metric": metric, "value": round(value, 4), "baseline": baseline,
                           "baseline_value": baseline_value}), flush=True)
 
     started = time.perf_counter()
-    model = random_llama(shape, dev, dtype)
-    tokenizer = word_tokenizer(LLAMA_1B["vocab_size"])
+    model = random_llama(w.shape, dev, dtype)
+    tokenizer = word_tokenizer(w.vocab)
+    if dev != "cuda" and phases & {"check", "profile", "quant"}:
+        print("needs a GPU, skipped on the CPU: the Triton kernel check, profile, quant", flush=True)
     if "check" in phases and dev == "cuda":
         for name, err in check_kernels().items():
             put(f"kernel_rel_err_{name}", err, "relative L2 error vs PyTorch ops")
     t0 = time.perf_counter()
-    engine = Engine(model, tokenizer, ServingConfig(max_batch_size=CONCURRENT, max_queue=4096, max_new_tokens=NEW))
+    engine = Engine(model, tokenizer, ServingConfig(max_batch_size=w.concurrent, max_queue=4096, max_new_tokens=w.new))
     put("engine_start_s", time.perf_counter() - t0, "s (KV cache, graph capture)")
-    one = random_prompts(1, PROMPT, LLAMA_1B["vocab_size"])
-    many = random_prompts(CONCURRENT, PROMPT, LLAMA_1B["vocab_size"], seed=2)
-    ours = engine_phases(engine, model, phases, put, one, many)
+    one = random_prompts(1, w.prompt, w.vocab)
+    many = random_prompts(w.concurrent, w.prompt, w.vocab, seed=2)
+    ours = engine_phases(engine, model, phases, put, one, many, w)
     if "profile" in phases and dev == "cuda":
-        profile_decode(engine, args.results)
+        profile_decode(engine, out)
     engine.close()
-    baseline_phases(model, phases - {"compile"}, put, one, many, ours, args.compile_box_s)
-    variant_phases(model, tokenizer, phases - {"int8"}, put, one, many, ours)
-    baseline_phases(model, phases & {"compile"}, put, one, many, ours, args.compile_box_s)
+    baseline_phases(model, phases - {"compile"}, put, one, many, ours, args.compile_box_s, w)
+    variant_phases(model, tokenizer, phases - {"int8"}, put, one, many, ours, w)
+    baseline_phases(model, phases & {"compile"}, put, one, many, ours, args.compile_box_s, w)
     if "quant" in phases and dev == "cuda":
-        from serve_quant import run as quant_phase
+        from bench.serve.quant import phase as quant_phase
 
         del engine
-        quant_phase(put, one, many, NEW, args.train_s)
-    variant_phases(model, tokenizer, phases & {"int8"}, put, one, many, ours)
-    print(f"total {time.perf_counter() - started:.0f} s")
+        quant_phase(put, one, many, w.new, args.train_s)
+    variant_phases(model, tokenizer, phases & {"int8"}, put, one, many, ours, w)
+    print(f"total {time.perf_counter() - started:.0f} s; records in {out}")
     print(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,13 +1,14 @@
 """Benchmark: local-file collection throughput (documents/s and MB/s, per core), CPU.
 
-    .venv/bin/python bench/collect_local.py [--files 3000] [--workers 0]
+    .venv/bin/python -m bench.data.collect_local [--files 3000] [--workers 0] [--tiny] [--out DIR]
 
 Generates a corpus of a few thousand files (plain text, Markdown, HTML pages with boilerplate,
 JSONL and CSV record files), then measures in the same run:
   * baseline: a naive single-threaded loop that reads each file, decodes it and hashes it;
   * the collect stage reading it serially (one core) and with its process pool (``--workers``,
     0 = every CPU), each into a fresh workspace; and an incremental re-run (nothing changed).
-MB are input bytes on disk. Figures go to bench/results/collect_local.jsonl (bench/_record.py).
+MB are input bytes on disk. Figures go to OUT/collect_local.jsonl (``bench.common.record``).
+``--tiny``: 60 files and 2 workers, a check of this script.
 """
 
 from __future__ import annotations
@@ -21,13 +22,17 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _record import record  # noqa: E402
-
-from lmforge.stages.collect import collect  # noqa: E402
-from lmforge.collection.parallel import cpu_count  # noqa: E402
-from lmforge.config.sources import DataConfig, InstructionConfig, LocalSource, ParallelConfig  # noqa: E402
-from lmforge.core.workspace import Workspace  # noqa: E402
+from bench.common.cli import add_common_arguments, out_dir, run
+from bench.common.record import record
+from lmforge.config.sources import (
+    DataConfig,
+    InstructionConfig,
+    LocalSource,
+    ParallelConfig,
+)
+from lmforge.core.runtime import cpu_count
+from lmforge.core.workspace import Workspace
+from lmforge.stages.collect import collect
 
 WORDS = ("data model text token corpus crawler shard parquet manifest source record page feed bucket "
          "language training evaluation registry python library function module parser archive").split()
@@ -85,11 +90,17 @@ def timed_collect(root: Path, home: Path, parallel: ParallelConfig) -> tuple[flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--files", type=int, default=3000)
-    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--files", type=int, default=None, help="files in the corpus (default 3000; 60 with --tiny)")
+    parser.add_argument("--workers", type=int, default=None, help="processes of the pool (default 0: every CPU; "
+                        "2 with --tiny)")
+    add_common_arguments(parser, "a small corpus and 2 workers: a check of this script")
     args = parser.parse_args()
+    args.files = args.files or (60 if args.tiny else 3000)
+    args.workers = (2 if args.tiny else 0) if args.workers is None else args.workers
+    out = out_dir(args)
     workers = args.workers or cpu_count()
-    command = f".venv/bin/python bench/collect_local.py --files {args.files} --workers {args.workers}"
+    command = (f".venv/bin/python -m bench.data.collect_local --files {args.files} --workers {args.workers}"
+               + (" --tiny" if args.tiny else ""))
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-") as tmp:
         root = Path(tmp) / "corpus"
         size_mb = make_corpus(root, args.files) / 1e6
@@ -108,11 +119,12 @@ def main() -> None:
         ("unchanged_rerun_files_per_s", args.files / rerun_s, "files/s", args.files / naive_s),
     ]
     for metric, value, unit, base in figures:
-        row = record("collect_local", metric, round(value, 2), unit, baseline, round(base, 2), command=command)
+        row = record("collect_local", metric, round(value, 2), unit, baseline, round(base, 2), command=command,
+                     out_dir=out)
         print(json.dumps(row))
     print(f"{args.files} files, {size_mb:.1f} MB, {docs} documents; naive {naive_s:.2f}s, serial {serial_s:.2f}s, "
           f"{workers} workers {pool_s:.2f}s, unchanged re-run {rerun_s:.2f}s", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -4,7 +4,7 @@ datatrove is the baseline, not a dependency of lmforge; install it (with spaCy, 
 English word tokenizer needs) into the venv first:
 
     .venv/bin/pip install datatrove spacy
-    .venv/bin/python bench/curate_datatrove.py [--docs 20000] [--no-record]
+    .venv/bin/python -m bench.data.curate_datatrove [--docs 20000] [--modes dedup full] [--no-record] [--out DIR]
 
 One generated corpus of English-like documents (a seeded Zipf vocabulary plus real stop words)
 with planted exact duplicates and planted near duplicates (0.5-3% of the words of a document
@@ -21,7 +21,8 @@ replaced, true 5-gram Jaccard measured) is curated, in this one process on one c
 
 Recall = share of planted near-duplicate pairs (true Jaccard >= 0.8) left with one document;
 false removals = share of the unique documents that dedup removed. Figures go to
-bench/results/curate_datatrove.jsonl through bench/_record.py.
+OUT/curate_datatrove.jsonl through ``bench.common.record``. ``--tiny``: 200 documents, a check of
+this script; without datatrove installed it runs lmforge's side alone and records no baseline.
 """
 
 from __future__ import annotations
@@ -36,8 +37,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.common.cli import add_common_arguments, choose, out_dir, run
+from bench.common.record import command_line, record
+from lmforge.core.errors import ConfigError
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+MODES = ("dedup", "full")
 
 STOP = ["the", "of", "and", "to", "a", "in", "that", "is", "with", "for", "it", "as", "was", "on", "be", "have"]
 BANDS, ROWS, SHINGLE, THRESHOLD = 14, 8, 5, 0.8
@@ -92,10 +97,10 @@ def _jaccard(a: str, b: str) -> float:
 
 
 def run_lmforge(docs: list[dict], work: Path, full: bool) -> tuple[float, set[str]]:
-    from lmforge.data.documents import read_documents, text_id, write_documents
     from lmforge.config.curation import CurationConfig, LanguageConfig, NearDedupConfig
-    from lmforge.stages.curate import curate
     from lmforge.core.workspace import Workspace
+    from lmforge.data.documents import read_documents, text_id, write_documents
+    from lmforge.stages.curate import curate
 
     ws = Workspace(work / ("ours-full" if full else "ours-dedup"))
     shards = 4
@@ -138,10 +143,18 @@ def doc_text(doc) -> bytes:
 
 def run_datatrove(docs: list[dict], work: Path, full: bool) -> tuple[float, set[str]]:
     from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.dedup import (MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter,
-                                          MinhashDedupSignature)
-    from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature,
-                                                      ExactFindDedups)
+    from datatrove.pipeline.dedup import (
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
+    from datatrove.pipeline.dedup.exact_dedup import (
+        ExactDedupConfig,
+        ExactDedupFilter,
+        ExactDedupSignature,
+        ExactFindDedups,
+    )
     from datatrove.pipeline.dedup.minhash import MinhashConfig
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
@@ -161,7 +174,11 @@ def run_datatrove(docs: list[dict], work: Path, full: bool) -> tuple[float, set[
     stages = []
     source = "input"
     if full:
-        from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter, GopherRepetitionFilter
+        from datatrove.pipeline.filters import (
+            C4QualityFilter,
+            GopherQualityFilter,
+            GopherRepetitionFilter,
+        )
         from datatrove.pipeline.formatters import FTFYFormatter, PIIFormatter
 
         stages.append([reader("input"), FTFYFormatter(), GopherRepetitionFilter(), GopherQualityFilter(),
@@ -207,49 +224,71 @@ def score(kept: set[str], pairs: list, unique: set[str]) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--docs", type=int, default=20000, help="base documents before planted copies")
-    parser.add_argument("--no-record", action="store_true", help="print only; write nothing to bench/results")
-    parser.add_argument("--modes", default="dedup,full", help="comma-separated: dedup, full")
+    parser.add_argument("--docs", type=int, default=None, help="base documents before planted copies "
+                        "(default 20000; 200 with --tiny)")
+    parser.add_argument("--no-record", action="store_true", help="print only; write no records")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), metavar="MODE", help=" ".join(MODES))
     parser.add_argument("--no-verify", action="store_true",
                         help="skip lmforge's candidate verification (datatrove has none): same rule on both sides")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed")
+    add_common_arguments(parser, "200 documents (lmforge's side alone without datatrove): a check of this script")
     args = parser.parse_args()
+    modes = choose(args.modes, MODES, "mode", "--modes")
+    args.docs = args.docs or (200 if args.tiny else 20000)
     global VERIFY
     VERIFY = not args.no_verify
-    try:
-        import datatrove  # noqa: F401
-        from loguru import logger
-    except ImportError:
-        print("datatrove is not installed: .venv/bin/pip install datatrove spacy", file=sys.stderr)
-        return 2
-    logger.remove()  # datatrove logs every block's progress
-    from _record import record
-
+    baseline_ok = _datatrove_ready(args.tiny)
+    out = None if args.no_record else out_dir(args)
     docs, pairs, unique = make_corpus(args.docs, seed=args.seed)
     eligible = sum(1 for p in pairs if p[2] >= THRESHOLD)
     print(f"corpus: {len(docs)} documents, {len(pairs)} planted near pairs ({eligible} with Jaccard >= "
           f"{THRESHOLD}), {len(unique)} unique")
-    command = "python bench/curate_datatrove.py " + " ".join(sys.argv[1:])
+    command = command_line()
+    label = "datatrove 0.10" if baseline_ok else "none: datatrove not installed (--tiny check)"
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in args.modes.split(","):
+        for mode in modes:
             ours_s, ours_kept = run_lmforge(docs, Path(tmp), full=mode == "full")
-            base_s, base_kept = run_datatrove(docs, Path(tmp), full=mode == "full")
-            ours_rate, base_rate = len(docs) / ours_s, len(docs) / base_s
+            ours_rate = len(docs) / ours_s
             ours_recall, ours_false = score(ours_kept, pairs, unique)
-            base_recall, base_false = score(base_kept, pairs, unique)
+            base = "datatrove not installed"
+            base_rate = base_recall = base_kept_unique = None
+            if baseline_ok:
+                base_s, base_kept = run_datatrove(docs, Path(tmp), full=mode == "full")
+                base_rate = round(len(docs) / base_s, 1)
+                base_recall, base_false = score(base_kept, pairs, unique)
+                base_kept_unique = round(1 - base_false, 4)
+                base = (f"datatrove {base_rate:,.0f} docs/s (recall {base_recall:.4f}, false {base_false:.4f}, "
+                        f"kept {len(base_kept)})")
             print(f"{mode}: lmforge {ours_rate:,.0f} docs/s (recall {ours_recall:.4f}, false {ours_false:.4f}, "
-                  f"kept {len(ours_kept)}) | datatrove {base_rate:,.0f} docs/s (recall {base_recall:.4f}, "
-                  f"false {base_false:.4f}, kept {len(base_kept)})")
-            if not args.no_record:
+                  f"kept {len(ours_kept)}) | {base}")
+            if out is not None:
                 record("curate_datatrove", f"{mode}_docs_per_s_per_core", round(ours_rate, 1), "docs/s",
-                       "datatrove 0.10 (1 task, 1 worker)", round(base_rate, 1), command=command)
-                record("curate_datatrove", f"{mode}_near_dup_recall", round(ours_recall, 4), "fraction",
-                       "datatrove 0.10", round(base_recall, 4), command=command)
+                       f"{label} (1 task, 1 worker)" if baseline_ok else label, base_rate, command=command,
+                       out_dir=out)
+                record("curate_datatrove", f"{mode}_near_dup_recall", round(ours_recall, 4), "fraction", label,
+                       None if base_recall is None else round(base_recall, 4), command=command, out_dir=out)
                 if mode == "dedup":  # in `full` the quality filters remove documents too
                     record("curate_datatrove", "dedup_unique_docs_kept", round(1 - ours_false, 4), "fraction",
-                           "datatrove 0.10", round(1 - base_false, 4), command=command)
+                           label, base_kept_unique, command=command, out_dir=out)
+    if out is not None:
+        print(f"records in {out}")
     return 0
 
 
+def _datatrove_ready(tiny: bool) -> bool:
+    """Whether the baseline can run; without datatrove only a --tiny check goes on (lmforge's side alone)."""
+    try:
+        import datatrove  # noqa: F401
+        from loguru import logger
+    except ImportError:
+        if tiny:
+            print("datatrove is not installed: lmforge's side only", file=sys.stderr)
+            return False
+        raise ConfigError("datatrove (the baseline) is not installed",
+                          ".venv/bin/pip install datatrove spacy") from None
+    logger.remove()  # datatrove logs every block's progress
+    return True
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run(main)

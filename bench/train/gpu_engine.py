@@ -1,8 +1,8 @@
 """The whole training engine on one GPU with its fastest settings: real runs, end to end.
 
-    PYTHONPATH=src python bench/train_gpu_engine.py [--out DIR] [--steps 60] [--tiny]
+    PYTHONPATH=src python -m bench.train.gpu_engine [--out DIR] [--steps 60] [--tiny]
 
-bench/train_gpu.py times the loop alone. This runs what ``python -m lmforge.train`` runs (tokenizer
+``bench.train.gpu`` times the loop alone. This runs what ``python -m lmforge.train`` runs (tokenizer
 training, packing, validation under CUDA graphs, checkpoints, the save and its probe) with
 ``compile_scope: model`` + ``attention_backend: fa4`` + ``cuda_graphs`` + ``residual_dtype:
 bfloat16`` + ``compile_optimizer``, on a small GPT-2 and the text of this machine's Python standard library:
@@ -16,25 +16,28 @@ bfloat16`` + ``compile_optimizer``, on a small GPT-2 and the text of this machin
    the probe recorded at save time (on the GPU).
 
 Needs torch, transformers, tokenizers, pyarrow and pydantic (and flash-attn-4 for fa4; ``--tiny``
-runs the plain settings on a CPU as a check of this script). Writes OUT/train_gpu_engine.json.
+runs the plain settings of a tiny GPT-2 on a CPU, 6 steps, as a check of this script). Writes
+OUT/train_gpu_engine.json; the workspace is a new temporary directory unless ``--home`` names one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from lmforge.config.training import ModelConfig, PhaseConfig, TrainingConfig  # noqa: E402
-from lmforge.core.workspace import Workspace  # noqa: E402
+from bench.common.cli import add_common_arguments, out_dir, run
+from lmforge.config.training import ModelConfig, PhaseConfig, TrainingConfig
+from lmforge.core.workspace import Workspace
 
 MODEL = ModelConfig(architecture="gpt2", vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4,
                     num_kv_heads=4, intermediate_size=1024, max_seq_len=256, dropout=0.0, vocab_multiple=64)
+TINY_MODEL = MODEL.model_copy(update=dict(vocab_size=512, hidden_size=64, num_layers=2, intermediate_size=128,
+                                          max_seq_len=64))
+BATCH = {"full": (32, 256), "tiny": (4, 64)}  # batch size, sequence length
 FAST = dict(compile=True, compile_scope="model", attention_backend="fa4", cuda_graphs=True,
             residual_dtype="bfloat16", compile_optimizer=True)
 
@@ -62,10 +65,11 @@ def write_corpus(ws: Workspace, megabytes: float) -> int:
     return size
 
 
-def training_config(steps: int, gpu: bool, fast: bool) -> TrainingConfig:
-    phase = PhaseConfig(steps=steps, learning_rate=1e-3, batch_size=32, seq_len=256, warmup_steps=10)
+def training_config(steps: int, gpu: bool, fast: bool, tiny: bool = False) -> TrainingConfig:
+    batch, seq = BATCH["tiny" if tiny else "full"]
+    phase = PhaseConfig(steps=steps, learning_rate=1e-3, batch_size=batch, seq_len=seq, warmup_steps=10)
     return TrainingConfig(method="pretrain", pretrain=phase, use_gpu=gpu, use_ray=False, num_workers=1,
-                          log_every=5, eval_every=steps // 3, checkpoint_every=steps // 3, val_batches=4,
+                          log_every=5, eval_every=steps // 3, checkpoint_every=steps // 3, val_batches=1 if tiny else 4,
                           **(FAST if fast and gpu else {}))
 
 
@@ -80,25 +84,27 @@ def max_rel(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    parser.add_argument("--home", default="/tmp/lmforge-engine-check")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--tiny", action="store_true", help="plain settings on the CPU: check the script runs")
+    parser.add_argument("--home", type=Path, default=None, help="workspace of the runs (default: a new temporary one)")
+    parser.add_argument("--steps", type=int, default=None, help="steps of each run (default 60; 6 with --tiny)")
+    add_common_arguments(parser, "a tiny GPT-2 with the plain settings on the CPU: a check of this script")
     args = parser.parse_args(argv)
+    args.steps = args.steps or (6 if args.tiny else 60)
+    if args.steps < 3:
+        parser.error("--steps must be at least 3 (a checkpoint every third of the run, stopped after the second)")
     import torch
 
+    from lmforge.stages.train import train
     from lmforge.tokenizer.build import load_tokenizer, train_tokenizer
     from lmforge.train.artifacts import greedy_ids, load_probe, load_trained
-    from lmforge.stages.train import train
 
-    gpu = not args.tiny
-    ws = Workspace(Path(args.home)).ensure()
+    gpu, model = not args.tiny, TINY_MODEL if args.tiny else MODEL
+    ws = Workspace(args.home or Path(tempfile.mkdtemp(prefix="lmforge-engine-check-"))).ensure()
     report: dict = {"device": torch.cuda.get_device_name(0) if gpu else "cpu", "settings": FAST if gpu else {},
-                    "corpus_chars": write_corpus(ws, 0.5 if args.tiny else 6.0)}
-    train_tokenizer(MODEL, ws)
-    fast = training_config(args.steps, gpu, fast=True)
+                    "corpus_chars": write_corpus(ws, 0.1 if args.tiny else 6.0)}
+    train_tokenizer(model, ws)
+    fast = training_config(args.steps, gpu, fast=True, tiny=args.tiny)
     begin = time.perf_counter()
-    whole = train(fast, MODEL, ws, run_name="whole", progress=lambda row: None)
+    whole = train(fast, model, ws, run_name="whole", progress=lambda row: None)
     report["whole"] = {"s": round(time.perf_counter() - begin, 1), "curve": curve(whole), "metrics": whole.metrics}
     print(json.dumps(report["whole"]), flush=True)
 
@@ -109,16 +115,16 @@ def main(argv: list[str] | None = None) -> int:
             raise Stop(row["step"])
 
     try:
-        train(fast, MODEL, ws, run_name="stopped", progress=stop)
+        train(fast, model, ws, run_name="stopped", progress=stop)
     except Stop:
         pass
     (root,) = [p for p in (ws.home / "checkpoints").iterdir() if p.name.startswith("stopped")]
-    resumed = train(fast, MODEL, ws, resume=root.name, progress=lambda row: None)
+    resumed = train(fast, model, ws, resume=root.name, progress=lambda row: None)
     report["resumed"] = {"stopped_at": stop_at, "curve": curve(resumed), "metrics": resumed.metrics,
                          "max_rel_loss_diff_vs_whole": max_rel(curve(resumed), curve(whole))}
     print(json.dumps(report["resumed"]), flush=True)
 
-    plain = train(training_config(args.steps, gpu, fast=False), MODEL, ws, run_name="plain",
+    plain = train(training_config(args.steps, gpu, fast=False, tiny=args.tiny), model, ws, run_name="plain",
                   progress=lambda row: None)
     report["plain"] = {"curve": curve(plain), "metrics": plain.metrics,
                        "max_rel_loss_diff_vs_whole": max_rel(curve(whole), curve(plain))}
@@ -132,11 +138,11 @@ def main(argv: list[str] | None = None) -> int:
                         "agree": sum(a == b for a, b in zip(got, probe["completion_ids"])),
                         "attn": reloaded.config._attn_implementation}
     print(json.dumps(report["reload"]), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir(args)
     (out / "train_gpu_engine.json").write_text(json.dumps(report, indent=1))
+    print(f"report in {out / 'train_gpu_engine.json'}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)
