@@ -1,0 +1,233 @@
+"""Every benchmark's ``--tiny`` mode, run as a user runs it: ``python -m bench.<group>.<name>`` from
+the repository root, in a subprocess, offline, with its records sent to a temporary directory.
+
+A tiny run takes a benchmark's real code path on a CPU in seconds (tiny models built from config,
+a few steps or requests), so a refactor that breaks a benchmark fails here rather than on the next
+GPU job. The assertions are on outcomes: exit status, the records written in the one format
+(ARCHITECTURE.md, "Benchmarks"), and values that make sense. GPU-only parts (Triton kernels,
+FlashAttention-4, cuDNN attention, int4/fp8 matmuls, CUDA graphs, profiles) are skipped by the
+benchmarks on a CPU, and each says so; those tests check that too. Nothing may be written into
+bench/results/ (the record of measured figures).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+FIELDS = ["bench", "metric", "value", "unit", "baseline", "baseline_value", "ratio", "device", "commit", "command",
+          "date"]
+RESULTS = REPO / "bench" / "results"
+
+
+def _results_snapshot() -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in RESULTS.iterdir()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def results_untouched():
+    """No tiny run may add a line to the record of measured figures."""
+    before = _results_snapshot()
+    yield
+    assert _results_snapshot() == before
+
+
+def bench(module: str, *args: str, out: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m <module> --tiny --out OUT ARGS`` from the repository root, offline; must exit 0.
+
+    One intra-op thread: tiny tensors gain nothing from two, and on a shared 2-core machine the
+    second thread's spinning made the same run two to three times slower."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", LMFORGE_BENCH_OUT=str(out),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", module, "--tiny", "--out", str(out), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{module} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def records(out: Path, name: str, module: str) -> dict[str, dict]:
+    """The records of ``OUT/<name>.jsonl`` by metric, each checked against the one format."""
+    rows = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+    assert rows, f"{name}: no records"
+    for row in rows:
+        assert list(row) == FIELDS, row
+        assert row["bench"] == name
+        assert isinstance(row["value"], (int, float)) and math.isfinite(row["value"]), row
+        assert f"-m {module}" in row["command"] and "--out" not in row["command"], row["command"]
+        if row["baseline_value"] and row["value"]:
+            ratios = (row["value"] / row["baseline_value"], row["baseline_value"] / row["value"])
+            assert any(math.isclose(row["ratio"], r, rel_tol=1e-3, abs_tol=1e-4) for r in ratios), row
+    return {row["metric"]: row for row in rows}
+
+
+# ---------------------------------------------------------------- train
+
+
+def test_train_gpu_tiny(tmp_path):
+    bench("bench.train.gpu", "--only", "gpt2/plain", "gpt2/plain+fused_adamw", "gpt2/lmforge", "--gpt2-steps", "2",
+          out=tmp_path)
+    raw = [json.loads(line) for line in (tmp_path / "train_gpu_raw.jsonl").read_text().splitlines()]
+    assert [r["variant"] for r in raw] == ["gpt2/plain", "gpt2/plain+fused_adamw", "gpt2/lmforge"]
+    assert all("error" not in r and r["tokens_per_s"] > 0 for r in raw), raw
+    assert math.isfinite(raw[-1]["loss_last"])  # the engine row trained
+    got = records(tmp_path, "train_gpu", "bench.train.gpu")
+    assert {"gpt2_124m_pretrain_tokens_per_s", "gpt2_124m_fused_adamw_alone_tokens_per_s",
+            "gpt2_memory_estimate_gib"} <= set(got)
+    assert got["gpt2_124m_pretrain_tokens_per_s"]["baseline"].startswith("gpt2/plain")
+
+
+@pytest.mark.parametrize("args, cause, fix", [
+    (["--gpt2", "model,fa5"], "unknown engine setting 'fa5'", "model,fa4,graphs"),
+    (["--gpt2", "model,fa4,cudnn"], "sets attention_backend twice", "keep one"),
+    (["--only", "gpt2,llama_full"], "unknown group or row 'gpt2,llama_full'", "--only gpt2 llama_full"),
+])
+def test_train_gpu_bad_variant_names_the_fix(tmp_path, args, cause, fix):
+    proc = subprocess.run([sys.executable, "-m", "bench.train.gpu", "--tiny", "--out", str(tmp_path), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    error, fix_line = proc.stderr.strip().splitlines()[-2:]
+    assert error.startswith("error: ") and cause in error
+    assert fix_line.strip().startswith("fix: ") and fix in fix_line
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_train_gpu_tiny_default_groups(tmp_path):
+    """Every row of the default groups (compiled baselines and engine ablations included): minutes on a CPU."""
+    bench("bench.train.gpu", "--gpt2-steps", "2", "--llama-steps", "2", out=tmp_path, timeout=900)
+    raw = [json.loads(line) for line in (tmp_path / "train_gpu_raw.jsonl").read_text().splitlines()]
+    assert len(raw) == 15 and all("error" not in r for r in raw), raw
+    assert "llama_1.1b_lora_r16_tokens_per_s" in records(tmp_path, "train_gpu", "bench.train.gpu")
+
+
+def test_train_gpu_engine_tiny(tmp_path):
+    bench("bench.train.gpu_engine", out=tmp_path)
+    report = json.loads((tmp_path / "train_gpu_engine.json").read_text())
+    assert report["device"] == "cpu" and report["corpus_chars"] > 0
+    assert len(report["whole"]["curve"]) >= 2
+    assert report["resumed"]["max_rel_loss_diff_vs_whole"] <= 1e-6  # the resumed run continues to the bit
+    assert report["plain"]["max_rel_loss_diff_vs_whole"] <= 1e-6  # on a CPU both runs use the plain settings
+    assert report["reload"]["agree"] == len(report["reload"]["probe_ids"]) > 0
+
+
+def test_attention_tiny(tmp_path):
+    proc = bench("bench.train.attention", out=tmp_path)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"shape"')]
+    assert {(r["kernel"], "error" in r) for r in rows} == {("math", False), ("flash", False), ("cudnn", True),
+                                                           ("fa4", True)}  # cuDNN and FA4 need a GPU
+    got = records(tmp_path, "attention_gpu", "bench.train.attention")
+    assert set(got) == {"gpt2_causal_attention_fwd_bwd_ms_flash", "llama_causal_attention_fwd_bwd_ms_flash"}
+    assert all(r["value"] > 0 for r in got.values())
+
+
+# ---------------------------------------------------------------- serve
+
+
+def test_serve_gpu_tiny(tmp_path):
+    proc = bench("bench.serve.gpu", "--phases", "check", "engine", "poisson", "hf", "nooverlap", "nographs", "int8",
+                 out=tmp_path)
+    assert "needs a GPU, skipped on the CPU" in proc.stdout
+    got = records(tmp_path, "serve_gpu", "bench.serve.gpu")
+    assert got["logits_rel_err_prefill"]["value"] < 1e-4 and got["logits_rel_err_decode"]["value"] < 1e-4
+    assert got["greedy_full_matches"]["value"] == 4
+    assert got["engine_4_concurrent_tok_s"]["value"] > 0 and got["poisson_20rps_output_tok_s"]["value"] > 0
+    assert got["engine_1_tok_s_vs_generate"]["baseline_value"] > 0
+    assert {"engine_no_cuda_graphs_4_tok_s", "engine_no_overlap_4_tok_s", "engine_int8_4_tok_s"} <= set(got)
+    assert got["int8_logits_rel_err"]["value"] < 0.05
+
+
+def test_serve_quant_tiny(tmp_path):
+    proc = bench("bench.serve.quant", "--train-s", "1", out=tmp_path)
+    assert "needs a GPU, skipped on the CPU" in proc.stdout and "failed" not in proc.stdout
+    got = records(tmp_path, "serve_gpu", "bench.serve.quant")
+    base = got["quant_w_none_kv_bf16_heldout_ppl"]["value"]
+    assert math.isclose(base, got["quant_ppl_transformers_bf16"]["value"], rel_tol=1e-3)  # the runner is exact
+    assert math.isclose(got["quant_w_int8_kv_bf16_heldout_ppl"]["value"], base, rel_tol=0.05)
+    assert got["quant_w_none_kv_fp8_kv_blocks_64mib"]["value"] > got["quant_w_none_kv_bf16_kv_blocks_64mib"]["value"]
+    assert got["quant_w_int8_kv_bf16_4_tok_s"]["value"] > 0
+
+
+def _checks(out: Path) -> dict[str, dict]:
+    lines = [json.loads(line) for line in (out / "serve_gpu_check.jsonl").read_text().splitlines()]
+    assert lines[0]["check"] == "setup" and lines[0]["device"] == "cpu"
+    return {line["check"]: line for line in lines[1:]}
+
+
+def test_serve_gpu_check_tiny(tmp_path):
+    bench("bench.serve.gpu_check", "--only", "multi_lora", "int8_multi_lora", out=tmp_path)
+    checks = _checks(tmp_path)
+    assert set(checks) == {"multi_lora", "int8_multi_lora"} and all(c["ok"] for c in checks.values()), checks
+    assert checks["multi_lora"]["paths"]["backend"] == "paged"
+
+
+@pytest.mark.slow
+def test_serve_gpu_check_tiny_every_check(tmp_path):
+    bench("bench.serve.gpu_check", out=tmp_path)
+    checks = _checks(tmp_path)
+    assert len(checks) == 10 and all(c["ok"] for c in checks.values()), checks
+
+
+def test_serve_cpu_tiny(tmp_path):
+    bench("bench.serve.cpu", "--no-onnx", out=tmp_path)
+    got = records(tmp_path, "serve_cpu", "bench.serve.cpu")
+    assert {"engine_1_stream_tok_s", "engine_4_stream_tok_s", "engine_int8_4_stream_tok_s"} <= set(got)
+    assert not any("onnx" in metric for metric in got)
+    assert got["engine_4_stream_tok_s"]["baseline"] == "transformers generate() (same run)"
+    ppl = got["heldout_perplexity_int8"]
+    assert math.isclose(ppl["value"], ppl["baseline_value"], rel_tol=0.05)
+
+
+@pytest.mark.slow
+def test_serve_cpu_tiny_onnx(tmp_path):
+    """With the ONNX Runtime rows: the export of the tiny model alone takes several seconds."""
+    pytest.importorskip("onnxruntime")
+    bench("bench.serve.cpu", out=tmp_path)
+    got = records(tmp_path, "serve_cpu", "bench.serve.cpu")
+    assert got["engine_onnx_4_stream_tok_s"]["value"] > 0
+
+
+def test_serve_lora_cpu_tiny(tmp_path):
+    bench("bench.serve.lora_cpu", out=tmp_path)
+    got = records(tmp_path, "serve_lora_cpu", "bench.serve.lora_cpu")
+    assert set(got) == {"two_adapters_mixed_4_stream_tok_s", "base_requests_with_adapters_loaded_4_stream_tok_s"}
+    assert all(r["value"] > 0 and r["baseline_value"] > 0 for r in got.values())
+
+
+def test_serve_load_tiny(tmp_path):
+    proc = bench("bench.serve.load", out=tmp_path)
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('{"rate"')))
+    assert result["ok"] == 4 and result["errors"] == {}
+    got = records(tmp_path, "serve_load", "bench.serve.load")
+    assert got["http_20rps_output_tok_s"]["value"] > 0 and got["http_20rps_ttft_p50"]["value"] > 0
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_collect_local_tiny(tmp_path):
+    bench("bench.data.collect_local", out=tmp_path)
+    got = records(tmp_path, "collect_local", "bench.data.collect_local")
+    assert len(got) == 6 and all(r["value"] > 0 for r in got.values())
+
+
+def test_collect_crawl_tiny(tmp_path):
+    bench("bench.data.collect_crawl", out=tmp_path)
+    got = records(tmp_path, "collect_crawl", "bench.data.collect_crawl")
+    assert got["pages_per_s"]["value"] > 0
+    assert got["requests_per_s"]["value"] <= got["requests_per_s"]["baseline_value"] * 1.1  # politeness holds
+
+
+def test_curate_datatrove_tiny(tmp_path):
+    bench("bench.data.curate_datatrove", out=tmp_path)
+    got = records(tmp_path, "curate_datatrove", "bench.data.curate_datatrove")
+    assert {"dedup_docs_per_s_per_core", "full_docs_per_s_per_core", "dedup_unique_docs_kept"} <= set(got)
+    assert got["dedup_near_dup_recall"]["value"] >= 0.8
