@@ -163,17 +163,19 @@ def _checks(out: Path) -> dict[str, dict]:
 
 
 def test_serve_gpu_check_tiny(tmp_path):
-    bench("bench.serve.gpu_check", "--only", "multi_lora", "int8_multi_lora", out=tmp_path)
+    proc = bench("bench.serve.gpu_check", out=tmp_path)
     checks = _checks(tmp_path)
-    assert set(checks) == {"multi_lora", "int8_multi_lora"} and all(c["ok"] for c in checks.values()), checks
+    assert len(checks) == 9 and all(c["ok"] for c in checks.values()), checks
     assert checks["multi_lora"]["paths"]["backend"] == "paged"
+    assert "all checks passed on" in proc.stderr
 
 
-@pytest.mark.slow
-def test_serve_gpu_check_tiny_every_check(tmp_path):
-    bench("bench.serve.gpu_check", out=tmp_path)
-    checks = _checks(tmp_path)
-    assert len(checks) == 10 and all(c["ok"] for c in checks.values()), checks
+def test_serve_gpu_check_unknown_check_names_the_fix(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.serve.gpu_check", "--tiny", "--out", str(tmp_path), "--only",
+                           "multi_lora,int8_multi_lora"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "fix: give them as separate words: --only multi_lora int8_multi_lora" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before any work or output
 
 
 def test_serve_cpu_tiny(tmp_path):

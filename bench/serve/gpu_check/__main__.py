@@ -73,6 +73,7 @@ def main() -> int:
     add_common_arguments(parser, "a smaller model and fewer training steps on the CPU: a check of this script")
     args = parser.parse_args()
     args.device = args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    wanted = set(choose(args.only, Checks.names(), "check", "--only"))
     log_path = out_dir(args, default=Path(os.environ.get("OUT") or tempfile.gettempdir())) / "serve_gpu_check.jsonl"
     env = environment(args.device)
     started = time.perf_counter()
@@ -89,7 +90,6 @@ def main() -> int:
         emit({"check": "setup", **env, "tolerances": TOLERANCES, "effect_factor": EFFECT_FACTOR,
               "new_tokens": checks.scale.new, **checks.setup()["info"],
               "seconds": round(time.perf_counter() - started, 1)})
-        wanted = set(choose(args.only, [name for name, _ in checks.all()], "check", "--only"))
         for name, check in checks.all():
             if wanted and name not in wanted:
                 continue

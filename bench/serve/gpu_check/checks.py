@@ -217,9 +217,14 @@ class Checks:
         result["ok"] = result["ok"] and result["vs_unquantized"]["ok"] and self.paths_ok(paths, graphs=True)
         return result
 
+    @staticmethod
+    def names() -> list[str]:
+        """The checks in the order they run (``--only`` is checked against these before any work)."""
+        return ["multi_lora", "int8_multi_lora", "graphs_vs_eager_lora", *(f"prompt_{m}" for m in METHODS),
+                "fp8_kv_prefix", "graphs_vs_eager_prefix"]
+
     def all(self) -> list[tuple[str, Callable[[], dict]]]:
-        checks = [("multi_lora", self.multi_lora), ("int8_multi_lora", self.int8_multi_lora),
-                  ("graphs_vs_eager_lora", lambda: self.graphs_vs_eager("lora"))]
-        checks += [(f"prompt_{m}", lambda m=m: self.prompt_adapter(m)) for m in METHODS]
-        return checks + [("fp8_kv_prefix", self.fp8_kv_prefix),
-                         ("graphs_vs_eager_prefix", lambda: self.graphs_vs_eager("prefix"))]
+        checks = [self.multi_lora, self.int8_multi_lora, lambda: self.graphs_vs_eager("lora")]
+        checks += [lambda m=m: self.prompt_adapter(m) for m in METHODS]
+        checks += [self.fp8_kv_prefix, lambda: self.graphs_vs_eager("prefix")]
+        return list(zip(self.names(), checks, strict=True))
