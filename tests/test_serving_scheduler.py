@@ -55,7 +55,7 @@ class FakeBackend:
     def __init__(self, blocks: int, rows: int, upfront: bool = False) -> None:
         self.blocks, self.free = blocks, blocks
         self.free_rows = list(range(rows))
-        self.upfront = upfront
+        self.upfront = self.reserves_worst_case = upfront
         self.owned: dict[int, int] = {}  # row -> blocks
         self.cached: dict[int, list[int]] = {}  # row -> the tokens its cache holds, in position order
         self.adapter_slots: dict[str, int] = {}

@@ -29,6 +29,7 @@ class Backend(Protocol):
     name: str  # "paged", "hf" or "onnx": what served the model (reports, tests)
     chunked_prefill: bool  # False: prefill items must be whole prompts
     overlap: bool  # True: the engine may launch a decode step before handling the previous one's text
+    reserves_worst_case: bool  # True: reserve() holds prompt plus max_tokens, so grow() is never needed
     virtual_tokens: int  # a prompt-learning adapter's positions before every prompt (0: none)
     adapter_slots: Mapping[str, int]  # served unmerged LoRA adapters, name -> slot (empty: the base alone)
 
@@ -46,7 +47,7 @@ class Backend(Protocol):
 
     def grow(self, row: int, tokens: int) -> bool:
         """Make ``row``'s cache hold ``tokens`` tokens; False when the cache is short (the scheduler then
-        preempts). Backends that reserve a sequence's worst case at admission always return True."""
+        preempts). Called only when ``reserves_worst_case`` is False; otherwise True."""
         ...
 
     def release(self, row: int) -> None: ...

@@ -125,6 +125,7 @@ class HFBackend:
 
     chunked_prefill = False
     overlap = False  # a decode keeps only the rows it is given: a second decode in one step would drop the first's
+    reserves_worst_case = True  # a row is all it reserves; the dense cache grows with the batch
 
     def __init__(self, model, max_batch_size: int, name: str = "hf") -> None:
         check_cache_support(model)
@@ -153,7 +154,7 @@ class HFBackend:
         return self._next_row
 
     def grow(self, row: int, tokens: int) -> bool:
-        return True  # the dense cache grows with the batch; only rows are counted
+        return True
 
     def release(self, row: int) -> None:
         self._live.discard(row)

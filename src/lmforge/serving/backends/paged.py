@@ -45,6 +45,7 @@ class PagedBackend:
     name = "paged"
     chunked_prefill = True
     overlap = True  # the engine may launch a decode step before handling the previous one's text
+    reserves_worst_case = True  # admission takes the blocks of prompt plus max_tokens (model/kv_cache.py)
 
     def __init__(self, model: torch.nn.Module, cfg: ServingConfig, max_len: int, ops: Ops | None = None) -> None:
         config = model.config
@@ -99,7 +100,7 @@ class PagedBackend:
         return self.prefix.reserve(tokens)
 
     def grow(self, row: int, tokens: int) -> bool:
-        return True  # admission reserved the sequence's worst case: a running sequence never runs short
+        return True  # admission reserved the sequence's worst case
 
     def release(self, row: int) -> None:
         self.cache.release(row)

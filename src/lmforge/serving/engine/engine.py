@@ -327,7 +327,8 @@ class Engine:
             return False
         if not (seq.params.ignore_eos or token not in self.eos_ids):
             return False
-        return self.backend.grow(seq.row, len(seq.prompt) + len(seq.token_ids) + 1)
+        backend = self.backend
+        return backend.reserves_worst_case or backend.grow(seq.row, len(seq.prompt) + len(seq.token_ids) + 1)
 
 
 # Engines still running at interpreter exit are closed first: a daemon thread killed inside a

@@ -12,16 +12,17 @@ One engine step (``engine/engine.py``) is two rounds of schedule -> execute -> u
    running batch, in time for the decode round of the same step.
 2. Decode. :meth:`Scheduler.schedule_decode` returns the running sequences, each with cache room
    for its next token; the engine decodes one token for each; :meth:`Scheduler.update` applies the
-   tokens (text, stop and length rules: ``sequence.emit``), finishes the done sequences (releasing
-   their cache) and keeps the rest running.
+   tokens (text, stop and length rules: ``sequence.emit``) and finishes the done sequences, which
+   leave the batch and release their cache.
 
 Preemption: when the backend cannot grow a sequence's cache (``Backend.grow``), the most recently
 admitted sequence gives its cache back and waits ahead of every new request; readmitted, it
 prefills its prompt plus the tokens it had generated (recompute) and goes on where it stopped, its
-output unchanged. The backends lmforge ships reserve each request's worst case at admission, so
-their running sequences never run short (a request that does not fit waits in the queue instead,
-``model/kv_cache.py``); preemption serves a backend that allocates as sequences grow, and is tested
-with such a fake one (``tests/test_serving_scheduler.py``).
+output unchanged. The backends lmforge ships reserve each request's worst case at admission
+(``reserves_worst_case``), so their running sequences never run short and the scheduler never asks
+them to grow (a request that does not fit waits in the queue instead, ``model/kv_cache.py``);
+preemption serves a backend that allocates as sequences grow, and is tested with such a fake one
+(``tests/test_serving_scheduler.py``).
 
 The scheduler sees token ids, never tensors, so it runs without a model.
 """
@@ -93,8 +94,9 @@ class Scheduler:
         return self._prefill_chunks()
 
     def prefilled(self, chunks: list[tuple[Sequence, PrefillItem]]) -> list[Sequence]:
-        """Count ``chunks`` as cached; return the sequences whose prefill is whole, which now need their
-        first token (a scoring-only request, ``max_tokens`` 0, is finished here instead)."""
+        """Count ``chunks`` as cached; the sequences whose prefill is whole join the running batch and
+        are returned: they need their next token (a scoring-only request, ``max_tokens`` 0, is finished
+        here instead)."""
         whole: list[Sequence] = []
         for seq, item in chunks:
             seq.prefilled += len(item.ids)
@@ -104,7 +106,9 @@ class Scheduler:
         for seq in [s for s in whole if s.params.max_tokens == 0]:
             send_delta(seq, "", "length")
             self.finish(seq, "length")
-        return [s for s in whole if s.params.max_tokens > 0]
+        joined = [s for s in whole if s.params.max_tokens > 0]
+        self.running.extend(joined)
+        return joined
 
     def _admit(self) -> None:
         with self.lock:
@@ -161,19 +165,20 @@ class Scheduler:
     def schedule_decode(self) -> list[Sequence]:
         """The running sequences to decode this step, each with cache room for its next token (while
         the cache is short, the most recently admitted sequences are preempted)."""
-        for seq in list(self.running):
-            if seq.row >= 0:
-                self._make_room(seq, seq.position + 1)
+        if not self.backend.reserves_worst_case:
+            for seq in list(self.running):
+                if seq.row >= 0:
+                    self._make_room(seq, seq.position + 1)
         return self.running
 
     def update(self, seqs: list[Sequence], tokens: list[int], entries: dict[int, TokenLogprob] | None = None) -> None:
-        """Apply ``tokens[i]`` to ``seqs[i]`` (``entries``: logprobs by index): send its text, finish the
-        done sequences and keep the rest running (sequences new to the batch join at its end)."""
+        """Apply ``tokens[i]`` to running sequence ``seqs[i]`` (``entries``: logprobs by index): send its
+        text, and finish the done sequences, which leave the running batch."""
         entries = entries or {}
         now = time.perf_counter()
         first_latencies: list[float] = []
         gaps: list[float] = []
-        keep: list[Sequence] = []
+        done: set[int] = set()
         for i, seq in enumerate(seqs):
             if seq.first_token_at is None:
                 seq.first_token_at = now
@@ -183,17 +188,18 @@ class Scheduler:
             seq.last_token_at = now
             if emit(seq, tokens[i], entries.get(i), self.eos_ids):
                 self.finish(seq, "cancelled" if seq.request.cancelled.is_set() else "finished")
-            else:
-                keep.append(seq)
+                done.add(id(seq))
         self.metrics.tokens(first_latencies, gaps, len(seqs))
-        given = {id(s) for s in seqs}
-        self.running = [s for s in self.running if id(s) not in given] + keep
+        if done:
+            self.running = [s for s in self.running if id(s) not in done]
 
     # ------------------------------------------------------------ cache room
 
     def _make_room(self, seq: Sequence, tokens: int) -> bool:
         """Grow ``seq``'s cache to ``tokens``, preempting while the cache is short; False if ``seq``
         itself had to go."""
+        if self.backend.reserves_worst_case:
+            return True
         while not self.backend.grow(seq.row, tokens):
             victim = max(self.prefilling + self.running, key=lambda s: s.admitted)
             if victim is seq and self.active == 1:
