@@ -17,7 +17,7 @@ import openai
 import pytest
 import torch
 from test_serving import serve
-from test_train_methods import BASE_TRAINING, MODEL, finetune, ws  # noqa: F401 - ws is a fixture
+from test_train_methods import BASE_TRAINING, CASES, MODEL, finetune, ws  # noqa: F401 - ws is a fixture
 from transformers import AutoModelForCausalLM
 
 from lmforge.config.serving import ServingConfig
@@ -60,7 +60,8 @@ def trained(ws):  # noqa: F811
 
 
 def _finetune(ws, cfg, case: str, steps: int) -> Path:  # noqa: F811
-    phase = QUICK.finetune.model_copy(update={"steps": steps})
+    # A phase passed to finetune() keeps its learning rate: give it the method's tuned one.
+    phase = QUICK.finetune.model_copy(update={"steps": steps, "learning_rate": CASES[case]["lr"]})
     return finetune(ws, cfg, case, finetune=phase, log_every=100, val_batches=1).model_dir
 
 
