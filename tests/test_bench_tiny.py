@@ -102,10 +102,14 @@ def test_train_gpu_bad_variant_names_the_fix(tmp_path, args, cause, fix):
 
 @pytest.mark.slow
 def test_train_gpu_tiny_default_groups(tmp_path):
-    """Every row of the default groups (compiled baselines and engine ablations included): minutes on a CPU."""
-    bench("bench.train.gpu", "--gpt2-steps", "2", "--llama-steps", "2", out=tmp_path, timeout=900)
+    """Every row of the default groups (compiled baselines and engine ablations included), a --gpt2
+    row with pageable copies and a profile of the whole-model compile: minutes on a CPU."""
+    bench("bench.train.gpu", "--gpt2-steps", "2", "--llama-steps", "2", "--gpt2", "blocks+pageable", "--profile",
+          "model", out=tmp_path, timeout=900)
     raw = [json.loads(line) for line in (tmp_path / "train_gpu_raw.jsonl").read_text().splitlines()]
-    assert len(raw) == 15 and all("error" not in r for r in raw), raw
+    assert len(raw) == 16 and all("error" not in r for r in raw), raw
+    assert "gpt2/lmforge[blocks+pageable]" in {r["variant"] for r in raw}
+    assert "idle between kernels" in (tmp_path / "profile_gpt2_lmforge_model_.txt").read_text()
     assert "llama_1.1b_lora_r16_tokens_per_s" in records(tmp_path, "train_gpu", "bench.train.gpu")
 
 
