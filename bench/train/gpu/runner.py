@@ -168,7 +168,10 @@ class Bench:
                 for i in range(n):
                     ids = data[i % len(data)]
                     with _autocast(self.device):
-                        loss = objective(ids, ids) / (ids.numel() - len(ids)) if objective else net(input_ids=ids, labels=ids).loss
+                        if objective:
+                            loss = objective(ids, ids) / (ids.numel() - len(ids))
+                        else:
+                            loss = net(input_ids=ids, labels=ids).loss
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
                     optimizer.step()
