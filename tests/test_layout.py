@@ -8,6 +8,7 @@ function, which runs fine until the day the import order changes, is caught too.
 from __future__ import annotations
 
 import ast
+import re
 from functools import cache
 from pathlib import Path
 
@@ -157,3 +158,19 @@ def test_no_module_is_past_the_size_a_reader_holds():
             if lines > MAX_LINES:
                 too_long.append(f"{path.relative_to(REPO)}: {lines} lines")
     assert too_long == []
+
+
+def test_every_noqa_and_type_ignore_names_its_rule_and_reason():
+    """A silenced check says which rule and why: a noqa comment names its codes and then a reason
+    after a dash; a type-ignore comment names its error codes in brackets and then a reason."""
+    bare = []
+    for root in ("src", "flows", "tasks", "bench", "tests"):
+        for path in (REPO / root).rglob("*.py"):
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                noqa = re.search(r"#\s*noqa\b(.*)", line)
+                if noqa and not re.match(r":\s*[A-Z]+\d+(,\s*[A-Z]+\d+)*\s+[-–(]\s*\S", noqa.group(1)):
+                    bare.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+                ignore = re.search(r"#\s*type:\s*ignore(.*)", line)
+                if ignore and not re.match(r"\[[a-z-]+(,\s*[a-z-]+)*\]\s*(#|-|–)\s*\S", ignore.group(1)):
+                    bare.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert bare == []

@@ -20,7 +20,6 @@ import torch
 from lmforge.config.training import PhaseConfig
 from lmforge.core.errors import DataError
 from lmforge.core.workspace import Workspace
-from lmforge.data.documents import read_texts
 from lmforge.data.packing import IGNORE_INDEX, pack_documents
 from lmforge.data.sft import read_sft, split_finetune
 from lmforge.data.tokenized import latest_manifest, load_tokenized
@@ -41,6 +40,10 @@ def phase_rows(name: str, tokenizer: Any, ws: Workspace, phase: PhaseConfig,
     if prebuilt is not None:
         return prebuilt
     if name == "pretrain":
+        # pyarrow only here, where curated Parquet is read: the training engine runs on GPU machines
+        # that have torch, transformers and peft but no pyarrow (the benchmarks bring their own data).
+        from lmforge.data.documents import read_texts
+
         train_rows = pack_documents(read_texts(ws.curated_dir / "train.parquet"), tokenizer, phase.seq_len)
         val_path = ws.curated_dir / "validation.parquet"
         val_texts = read_texts(val_path) if val_path.exists() else []
