@@ -33,5 +33,10 @@ test: install
 test-all: install
 	LMFORGE_SLOW=1 $(BIN)/python -m pytest -q
 
+# ruff (rules in pyproject.toml) over the code and its tests, then mypy over src/, flows/, tasks/.
+lint: install
+	$(BIN)/ruff check src flows tasks bench tests
+	$(BIN)/mypy
+
 clean:
 	rm -rf .lmforge
