@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
-from torch import nn
 
 from lmforge.core.errors import ServingError
+from lmforge.serving.model.runner import LlamaRunner
+from lmforge.serving.model.types import LlamaCausalLM, LlamaLayer
 from lmforge.train.artifacts import marked_adapter_dir
 
 # The runner's fused layer groups and the model modules each one runs, in output order.
@@ -75,7 +76,7 @@ def find_adapter_dir(path: Path) -> Path:
                        "pass a peft LoRA adapter directory or the directory of an lmforge LoRA training run")
 
 
-def read_adapter(name: str, path: Path, model: nn.Module) -> LoraAdapter:
+def read_adapter(name: str, path: Path, model: LlamaCausalLM) -> LoraAdapter:
     """Read and check the LoRA adapter in ``path`` against the served base ``model``."""
     adapter_dir = find_adapter_dir(path)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -124,7 +125,7 @@ def _check_config(name: str, adapter_dir: Path, config: dict) -> None:
             raise ServingError(f"adapter {name!r} ({adapter_dir}) {why}", _MERGE_FIX)
 
 
-def _check_shape(name: str, model: nn.Module, layer: int, module: str, a: torch.Tensor, b: torch.Tensor,
+def _check_shape(name: str, model: LlamaCausalLM, layer: int, module: str, a: torch.Tensor, b: torch.Tensor,
                  config: dict) -> None:
     layers = model.model.layers
     base = config.get("base_model_name_or_path") or "unknown"
@@ -148,7 +149,7 @@ class _Stack:
 class LoraSlots:
     """The adapters' stacked weights on the model's device, and each cache row's adapter slot."""
 
-    def __init__(self, adapters: list[LoraAdapter], model: nn.Module, max_rows: int) -> None:
+    def __init__(self, adapters: list[LoraAdapter], model: LlamaCausalLM, max_rows: int) -> None:
         weight = model.get_input_embeddings().weight
         self.device, self.dtype = weight.device, weight.dtype
         self.slots = {adapter.name: i + 1 for i, adapter in enumerate(adapters)}
@@ -164,7 +165,7 @@ class LoraSlots:
                 if stack is not None:
                     self.stacks[(layer_index, group)] = stack
 
-    def _stack(self, adapters: list[LoraAdapter], layer: nn.Module, index: int,
+    def _stack(self, adapters: list[LoraAdapter], layer: LlamaLayer, index: int,
                modules: tuple[str, ...]) -> _Stack | None:
         targets = [getattr(getattr(layer, _PARENT[m]), m) for m in modules]
         ranks = [max((ad.weights[(index, m)][0].shape[0] for ad in adapters if (index, m) in ad.weights), default=0)
@@ -183,8 +184,8 @@ class LoraSlots:
                     a_all[:, col : col + r] = a.t()
                     b_all[col : col + r, out : out + target.out_features] = b.t()
                 col, out = col + rank, out + target.out_features
-        to = {"device": self.device, "dtype": self.dtype}
-        return _Stack(a_all.to(**to), b_all.to(**to), total)
+        return _Stack(a_all.to(device=self.device, dtype=self.dtype), b_all.to(device=self.device, dtype=self.dtype),
+                      total)
 
     def set_row(self, row: int, slot: int) -> None:
         """Decode cache row ``row`` with adapter ``slot`` (0: the base) from now on."""
@@ -194,7 +195,8 @@ class LoraSlots:
         """Per-token adapter mask ``[T, n]`` for the step whose tokens sit in cache ``rows`` ([T])."""
         self.mask = (self.row_slot[rows][:, None] == self._ids).to(self.dtype)
 
-    def wrap(self, layer: int, group: str, base: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    def wrap(self, layer: int, group: str,
+             base: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
         """``base`` (a fused linear of the runner) plus this group's adapter deltas, or ``base`` itself."""
         stack = self.stacks.get((layer, group))
         if stack is None:
@@ -207,13 +209,13 @@ class LoraSlots:
         return adapted
 
 
-def load_slots(adapters: Mapping[str, str], model: nn.Module, max_rows: int) -> LoraSlots:
+def load_slots(adapters: Mapping[str, str], model: LlamaCausalLM, max_rows: int) -> LoraSlots:
     """Read every adapter of ``serving.adapters`` (name -> directory) and stack them for ``model``."""
     return LoraSlots([read_adapter(name, Path(path), model) for name, path in adapters.items()], model, max_rows)
 
 
-def attach(slots: LoraSlots, runner) -> None:
-    """Make ``runner`` (a ``LlamaRunner``) add the adapters' deltas to its fused layers."""
+def attach(slots: LoraSlots, runner: LlamaRunner) -> None:
+    """Make ``runner`` add the adapters' deltas to its fused layers."""
     for index, layer in enumerate(runner.layers):
         for group in GROUPS:
             setattr(layer, group, slots.wrap(index, group, getattr(layer, group)))

@@ -25,14 +25,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 
 from lmforge.core.errors import ServingError
 from lmforge.serving.model.hf_forward import cache_kwarg
+from lmforge.serving.model.kv_cache import PagedKVCache
 from lmforge.serving.model.ops import store_kv  # the runner's own cache write: casts, fp8 scaling
+from lmforge.serving.model.types import FilledCacheLayer, ServedModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 PROMPT_LEARNING_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
 _ATTRIBUTE = "lmforge_virtual_prefix"  # where load_model leaves the prefix for the backends
@@ -57,20 +63,20 @@ def peft_type(adapter_dir: Path) -> str:
     return json.loads(config.read_text()).get("peft_type", "unknown") if config.exists() else "unknown"
 
 
-def attach_prefix(model: torch.nn.Module, adapter_dir: Path) -> VirtualPrefix:
+def attach_prefix(model: PreTrainedModel, adapter_dir: Path) -> VirtualPrefix:
     """Compute ``adapter_dir``'s prefix for ``model`` (already on its serving device) and attach it."""
     prefix = compute_prefix(model, adapter_dir)
     setattr(model, _ATTRIBUTE, prefix)
     return prefix
 
 
-def prefix_of(model: torch.nn.Module) -> VirtualPrefix | None:
+def prefix_of(model: ServedModel) -> VirtualPrefix | None:
     """The prefix :func:`attach_prefix` attached to ``model``, if any."""
     return getattr(model, _ATTRIBUTE, None)
 
 
 @torch.no_grad()
-def compute_prefix(model: torch.nn.Module, adapter_dir: Path) -> VirtualPrefix:
+def compute_prefix(model: PreTrainedModel, adapter_dir: Path) -> VirtualPrefix:
     """The per-layer prefix keys and values of the prompt-learning adapter in ``adapter_dir``."""
     from peft import PeftModel
 
@@ -86,8 +92,10 @@ def compute_prefix(model: torch.nn.Module, adapter_dir: Path) -> VirtualPrefix:
         raise ServingError(f"cannot load the {kind} adapter in {adapter_dir}: {exc}",
                            "serve the model/ directory a training run wrote (base weights, adapter/, marker)") from exc
     prompt = peft_model.get_prompt(batch_size=1)
-    weight = model.get_input_embeddings().weight  # the prompt encoder may sit elsewhere, in float32
+    # The prompt encoder may sit elsewhere, in float32. A causal LM's input embedding is an nn.Embedding.
+    weight = cast(nn.Embedding, model.get_input_embeddings()).weight
     dtype, device = weight.dtype, weight.device
+    cache: object  # prefix tuning's prompt is the cache itself (peft types it a Tensor); checked below
     if kind == "PREFIX_TUNING":
         cache = prompt
     else:
@@ -96,13 +104,14 @@ def compute_prefix(model: torch.nn.Module, adapter_dir: Path) -> VirtualPrefix:
         raise ServingError(f"peft returned a {type(cache).__name__} prefix for {type(model).__name__}; "
                            "only models with a plain dynamic cache are supported",
                            "serve a Llama- or GPT-2-style model, or train with a mergeable method (lora)")
-    keys = torch.stack([layer.keys[0] for layer in cache.layers]).transpose(1, 2)
-    values = torch.stack([layer.values[0] for layer in cache.layers]).transpose(1, 2)
+    layers = cast(list[FilledCacheLayer], cache.layers)  # filled by the prompt's forward
+    keys = torch.stack([layer.keys[0] for layer in layers]).transpose(1, 2)
+    values = torch.stack([layer.values[0] for layer in layers]).transpose(1, 2)
     keys, values = (t.to(device=device, dtype=dtype).contiguous() for t in (keys, values))
     return VirtualPrefix(kind, keys, values)
 
 
-def _run_virtual_tokens(model: Any, embeds: torch.Tensor) -> DynamicCache:
+def _run_virtual_tokens(model: ServedModel, embeds: torch.Tensor) -> DynamicCache:
     cache = DynamicCache(config=model.config)
     positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
     model(inputs_embeds=embeds, position_ids=positions, use_cache=True, logits_to_keep=1,
@@ -127,7 +136,7 @@ class PagedPrefix:
     admission. Without a prefix it is plain admission. ``tokens`` below exclude the prefix.
     """
 
-    def __init__(self, prefix: VirtualPrefix | None, cache: Any, kv_scale: float = 1.0) -> None:
+    def __init__(self, prefix: VirtualPrefix | None, cache: PagedKVCache, kv_scale: float = 1.0) -> None:
         self.prefix = prefix
         self.cache = cache
         self.kv_scale = kv_scale  # an fp8 cache holds key / kv_scale (``model/ops.py``)
@@ -153,7 +162,7 @@ class PagedPrefix:
         return row
 
     def _write(self, slots: list[int], start: int) -> None:
-        if not slots:
+        if not slots or self.prefix is None:  # slots come only with a prefix
             return
         index = torch.tensor(slots, device=self.cache.keys.device)
         end = start + len(slots)

@@ -97,8 +97,12 @@ def run_server(model_dir: Path, cfg: ServingConfig, model_name: str, host: str |
     try:
         engine = Engine.load(Path(model_dir), cfg=cfg, metrics=_metrics())
         app = create_app(engine, model_name, cfg, api_key=keys)
-        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level,
-                                               timeout_graceful_shutdown=max(cfg.drain_timeout_s, 0.1)))
+        drain_s = max(cfg.drain_timeout_s, 0.1)
+        config = uvicorn.Config(
+            app, log_level=log_level,
+            timeout_graceful_shutdown=drain_s,  # type: ignore[arg-type]  # stub says int; asyncio.timeout takes float
+        )
+        server = uvicorn.Server(config)
         asyncio.run(_serve(server, sock, url_for(sock), on_ready, stop_at))
     finally:
         sock.close()

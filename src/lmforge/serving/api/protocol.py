@@ -194,7 +194,9 @@ class ChatLogprobs(BaseModel):
 
     @classmethod
     def of(cls, entries: tuple[TokenLogprob, ...]) -> "ChatLogprobs":
-        def one(token: str, logprob: float) -> dict[str, Any]:
+        # A chat reports generated tokens only, whose logprob is set (a prompt's first token has
+        # none); the models below validate it.
+        def one(token: str, logprob: float | None) -> dict[str, Any]:
             return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
         return cls(

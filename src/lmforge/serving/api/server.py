@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 import anyio
 from fastapi import Depends, FastAPI, Header, Request
@@ -140,7 +140,7 @@ def create_app(engine: Engine, model_name: str, cfg: ServingConfig,
     if model_name in engine.adapters:
         raise ServingError(f"the adapter name {model_name!r} is also the base model's served name",
                            "rename the adapter (--adapter NAME=DIR) or the model (--model-name)")
-    errors = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503)}
+    errors: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503)}
     app = FastAPI(title="lmforge inference server", version=__version__, responses=errors)
     _install_error_handlers(app)
     created = int(time.time())

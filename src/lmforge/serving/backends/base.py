@@ -31,7 +31,11 @@ class Backend(Protocol):
     overlap: bool  # True: the engine may launch a decode step before handling the previous one's text
     reserves_worst_case: bool  # True: reserve() holds prompt plus max_tokens, so grow() is never needed
     virtual_tokens: int  # a prompt-learning adapter's positions before every prompt (0: none)
-    adapter_slots: Mapping[str, int]  # served unmerged LoRA adapters, name -> slot (empty: the base alone)
+
+    @property
+    def adapter_slots(self) -> Mapping[str, int]:
+        """Served unmerged LoRA adapters, name -> slot (empty: the base alone)."""
+        ...
 
     def fits_ever(self, tokens: int) -> bool:
         """Whether a sequence of ``tokens`` (prompt plus max_tokens) could be admitted into an empty cache."""

@@ -9,8 +9,7 @@ be served.
 from __future__ import annotations
 
 import logging
-
-import torch
+from typing import cast
 
 from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
@@ -20,11 +19,12 @@ from lmforge.serving.backends.onnx import make_onnx_backend
 from lmforge.serving.backends.paged import PagedBackend
 from lmforge.serving.model.onnx_model import OnnxCausalLM
 from lmforge.serving.model.runner import unsupported
+from lmforge.serving.model.types import LlamaCausalLM, ServedModel
 
 log = logging.getLogger(__name__)
 
 
-def make_backend(model: torch.nn.Module, cfg: ServingConfig, max_len: int) -> Backend:
+def make_backend(model: ServedModel, cfg: ServingConfig, max_len: int) -> Backend:
     """The paged backend when ``cfg.engine`` allows it and the model is supported, else the HF one."""
     if cfg.adapters and (cfg.engine in ("hf", "onnx") or unsupported(model)):
         raise ServingError(f"serving.adapters (several unmerged LoRA adapters) needs the paged engine, but "
@@ -41,4 +41,4 @@ def make_backend(model: torch.nn.Module, cfg: ServingConfig, max_len: int) -> Ba
         if reason:
             log.info("serving with the HF backend: %s", reason)
         return HFBackend(model, cfg.max_batch_size)
-    return PagedBackend(model, cfg, max_len)
+    return PagedBackend(cast(LlamaCausalLM, model), cfg, max_len)  # unsupported() found nothing: a Llama

@@ -14,6 +14,8 @@ Invariant: every layer's cache holds exactly ``mask.shape[1]`` columns.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -23,9 +25,10 @@ from lmforge.core.errors import ServingError
 from lmforge.serving.adapters.virtual_tokens import VirtualPrefix, prefix_of
 from lmforge.serving.backends.base import PrefillItem
 from lmforge.serving.model.hf_forward import hf_forward
+from lmforge.serving.model.types import FilledCacheLayer, ServedModel
 
 
-def check_cache_support(model: torch.nn.Module) -> None:
+def check_cache_support(model: ServedModel) -> None:
     """Refuse models whose cache layers this batch cannot pad and merge (e.g. sliding windows)."""
     kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
     if kinds - {DynamicLayer.__name__}:
@@ -52,7 +55,7 @@ class DecodeBatch:
         return int(self.mask.shape[1])
 
     @classmethod
-    def prefill(cls, model, prompts: list[list[int]], pad_id: int, all_columns: bool = False,
+    def prefill(cls, model: ServedModel, prompts: list[list[int]], pad_id: int, all_columns: bool = False,
                 prefix: VirtualPrefix | None = None) -> tuple["DecodeBatch", torch.Tensor]:
         """Run the prompts (left-padded to one length) and return the batch and last-token logits
         (``all_columns``: logits of every column, ``[rows, width, vocab]``). With ``prefix`` (a
@@ -75,7 +78,7 @@ class DecodeBatch:
         logits = hf_forward(model, ids, mask, positions[:, -width:], cache, all_columns)
         return cls(cache, mask, mask.sum(-1)), logits
 
-    def decode(self, model, tokens: torch.Tensor) -> torch.Tensor:
+    def decode(self, model: ServedModel, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row ([rows]) and return the logits for the next one ([rows, vocab])."""
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         logits = hf_forward(model, tokens[:, None], self.mask, self.positions[:, None], self.cache)
@@ -85,7 +88,9 @@ class DecodeBatch:
     def merge(self, other: "DecodeBatch") -> None:
         """Append ``other``'s rows after ours, left-padding whichever side is narrower."""
         width = max(self.width, other.width)
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+        # Both batches were prefilled, so every layer is filled (and a DynamicLayer: check_cache_support).
+        for mine, theirs in zip(cast(list[FilledCacheLayer], self.cache.layers),
+                                cast(list[FilledCacheLayer], other.cache.layers)):
             mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
             mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
         self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
@@ -100,7 +105,7 @@ class DecodeBatch:
         # Without trimming, a server that is never idle would grow the padded width forever.
         first = int(used[0].item()) if used.numel() else self.width
         self.mask = self.mask[:, first:]
-        for layer in self.cache.layers:
+        for layer in cast(list[FilledCacheLayer], self.cache.layers):  # DynamicLayers (check_cache_support)
             if layer.is_initialized:
                 layer.keys = layer.keys[index, :, first:]
                 layer.values = layer.values[index, :, first:]
@@ -127,7 +132,7 @@ class HFBackend:
     overlap = False  # a decode keeps only the rows it is given: a second decode in one step would drop the first's
     reserves_worst_case = True  # a row is all it reserves; the dense cache grows with the batch
 
-    def __init__(self, model, max_batch_size: int, name: str = "hf") -> None:
+    def __init__(self, model: ServedModel, max_batch_size: int, name: str = "hf") -> None:
         check_cache_support(model)
         self.name = name
         self.model = model
@@ -196,4 +201,5 @@ class HFBackend:
     def decode(self, rows: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
         self._keep(rows)
         ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device)
-        return self._batch.decode(self.model, ids)
+        batch = cast(DecodeBatch, self._batch)  # the rows decoded are running: their prefill made the batch
+        return batch.decode(self.model, ids)

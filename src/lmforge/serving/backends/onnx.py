@@ -9,17 +9,17 @@ causal LM; :class:`HFBackend` then batches it unchanged, under the name ``onnx``
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
 from lmforge.serving.backends.hf import HFBackend
 from lmforge.serving.model.onnx_model import OnnxCausalLM
+from lmforge.serving.model.types import ServedModel
 
 log = logging.getLogger(__name__)
 
 
-def make_onnx_backend(model: Any, cfg: ServingConfig) -> HFBackend:
+def make_onnx_backend(model: ServedModel, cfg: ServingConfig) -> HFBackend:
     """The engine's dense-cache backend over ONNX Runtime, or an error if the model or config disagree."""
     if not isinstance(model, OnnxCausalLM):
         raise ServingError("serving.engine is 'onnx' but the model directory holds PyTorch weights, not an export",

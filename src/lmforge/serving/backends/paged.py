@@ -20,6 +20,7 @@ from lmforge.serving.model.graphs import DecodeGraphs
 from lmforge.serving.model.kv_cache import CacheShape, PagedKVCache, blocks_for_budget
 from lmforge.serving.model.ops import Ops, StepLayout, TritonOps
 from lmforge.serving.model.runner import LlamaRunner, head_dim
+from lmforge.serving.model.types import LlamaCausalLM
 from lmforge.serving.quant.quantize import check_options, kv_cache_dtype
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class PagedBackend:
     overlap = True  # the engine may launch a decode step before handling the previous one's text
     reserves_worst_case = True  # admission takes the blocks of prompt plus max_tokens (model/kv_cache.py)
 
-    def __init__(self, model: torch.nn.Module, cfg: ServingConfig, max_len: int, ops: Ops | None = None) -> None:
+    def __init__(self, model: LlamaCausalLM, cfg: ServingConfig, max_len: int, ops: Ops | None = None) -> None:
         config = model.config
         weight = model.get_input_embeddings().weight
         self.device, dtype = weight.device, weight.dtype

@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Sequence as Seq
+from typing import TYPE_CHECKING, Callable, Sequence as Seq, cast
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -40,6 +40,10 @@ from lmforge.serving.engine.sampling import SamplingParams, TokenLogprob, choose
 from lmforge.serving.engine.scheduler import Scheduler
 from lmforge.serving.engine.sequence import Sequence, prompt_logprobs
 from lmforge.serving.model.loading import eos_ids, load_model
+from lmforge.serving.model.types import ServedModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,7 @@ __all__ = ["Completion", "Delta", "Engine", "EngineBusy", "GenerationStream", "R
 SMALL_HIDDEN = 1024
 
 
-def cpu_threads(cfg: ServingConfig, model_config: Any) -> int:
+def cpu_threads(cfg: ServingConfig, model_config: PreTrainedConfig) -> int:
     """torch threads for the engine thread on a CPU: the configured count, else by model width."""
     if cfg.cpu_threads:
         return cfg.cpu_threads
@@ -66,7 +70,7 @@ def cpu_threads(cfg: ServingConfig, model_config: Any) -> int:
 class Engine:
     """A loaded model plus the thread that batches and decodes requests for it."""
 
-    def __init__(self, model: Any, tokenizer: Any, cfg: ServingConfig | None = None, *,
+    def __init__(self, model: ServedModel, tokenizer: PreTrainedTokenizerBase, cfg: ServingConfig | None = None, *,
                  max_batch_size: int | None = None, metrics: EngineMetrics | NullMetrics | None = None) -> None:
         cfg = cfg or ServingConfig()
         if max_batch_size is not None:
@@ -79,7 +83,8 @@ class Engine:
         window = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
         self.context_window = min(window, cfg.max_model_len or window)
         self.eos_ids = eos_ids(model, tokenizer)
-        self.vocab_size = model.get_input_embeddings().num_embeddings
+        # An nn.Embedding (torch types its attributes Tensor | Module), or OnnxCausalLM's stand-in.
+        self.vocab_size = cast(int, model.get_input_embeddings().num_embeddings)
         self.backend = make_backend(model, cfg, self.context_window)
         self.adapters = self.backend.adapter_slots  # LoRA name -> slot
         self.metrics = metrics or NullMetrics()
@@ -138,7 +143,8 @@ class Engine:
         if not getattr(self.tokenizer, "chat_template", None):
             raise RequestError("this model's tokenizer has no chat template", "use /v1/completions with a "
                                "formatted prompt, or save the tokenizer with a chat_template", param="messages")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # Untokenized, the template renders one str (transformers types every form it can return).
+        return cast(str, self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
     def token_budget(self, prompt_tokens: int, max_tokens: int | None, default: int) -> int:
         """The max_tokens to use: the request's (checked against the context window) or the default
@@ -334,4 +340,11 @@ class Engine:
 # Engines still running at interpreter exit are closed first: a daemon thread killed inside a
 # torch op can abort the process ("terminate called without an active exception").
 _LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()
-atexit.register(lambda: [engine.close() for engine in list(_LIVE)])
+
+
+def _close_live_engines() -> None:
+    for engine in list(_LIVE):
+        engine.close()
+
+
+atexit.register(_close_live_engines)

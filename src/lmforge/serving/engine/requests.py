@@ -12,7 +12,7 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, cast
 
 from lmforge.core.errors import ServingError
 from lmforge.serving.engine.sampling import SamplingParams, TokenLogprob
@@ -145,7 +145,7 @@ class CompletionCollector:
         for result in self.results:
             if isinstance(result, BaseException):
                 raise result
-        return self.results  # type: ignore[return-value]
+        return cast(list[Completion], self.results)  # every request finished, none with an error
 
 
 def send(request: Request, item: Delta | BaseException) -> None:

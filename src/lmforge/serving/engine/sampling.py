@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ def _sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[f
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], top_n: Sequence[int],
-                   tokenizer: Any) -> list[TokenLogprob]:
+                   tokenizer: PreTrainedTokenizerBase) -> list[TokenLogprob]:
     """Log-probability of each row's ``token_ids[i]`` under the model's raw distribution (before
     temperature, top-k and top-p, as OpenAI reports it), plus that row's ``top_n[i]`` likeliest."""
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -105,8 +108,10 @@ def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], top_n: Sequen
     if widest > 0:
         values, indices = torch.topk(logp, widest, dim=-1)
         tops = [list(zip(v, i)) for v, i in zip(values.tolist(), indices.tolist())]
+    # One list of ids decodes to one str (transformers' decode is typed for batches too).
     return [
-        TokenLogprob(tid, tokenizer.decode([tid]), lp, tuple((tokenizer.decode([i]), v) for v, i in top[:n]))
+        TokenLogprob(tid, cast(str, tokenizer.decode([tid])), lp,
+                     tuple((cast(str, tokenizer.decode([i])), v) for v, i in top[:n]))
         for tid, lp, top, n in zip(token_ids, chosen, tops, top_n)
     ]
 
@@ -121,7 +126,7 @@ class TextTracker:
     never shows a stop string or half a character.
     """
 
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = ()) -> None:
         self.stop = stop
         self.token_ids: list[int] = []
         self.stopped = False

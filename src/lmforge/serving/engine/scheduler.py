@@ -32,7 +32,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING
 
 from lmforge.core.errors import ServingError
 from lmforge.serving.backends.base import Backend, PrefillItem
@@ -41,13 +41,16 @@ from lmforge.serving.engine.requests import Request, send
 from lmforge.serving.engine.sampling import TextTracker, TokenLogprob, make_rng
 from lmforge.serving.engine.sequence import Sequence, emit, send_delta
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 class Scheduler:
     """The waiting, preempted, prefilling and running sequences of one engine, and the rules that move
     them. Owned by the engine thread, except :attr:`waiting`, which other threads append to through
     :meth:`add` while holding :attr:`lock`."""
 
-    def __init__(self, backend: Backend, tokenizer: Any, eos_ids: set[int], *, max_batch_size: int,
+    def __init__(self, backend: Backend, tokenizer: PreTrainedTokenizerBase, eos_ids: set[int], *, max_batch_size: int,
                  max_prefill_tokens: int, metrics: EngineMetrics | NullMetrics | None = None,
                  lock: threading.Condition | None = None) -> None:
         self.backend = backend

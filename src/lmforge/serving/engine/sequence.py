@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from lmforge.serving.engine.requests import Completion, Delta, Request, send
 from lmforge.serving.engine.sampling import SamplingParams, TextTracker, TokenLogprob, token_logprobs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(eq=False)  # a sequence is itself: lists of them are searched by identity, never by content
@@ -100,7 +103,7 @@ def send_delta(seq: Sequence, text: str, finish: str | None) -> None:
     send(seq.request, delta)
 
 
-def prompt_logprobs(seq: Sequence, start: int, logits: torch.Tensor, tokenizer: Any) -> None:
+def prompt_logprobs(seq: Sequence, start: int, logits: torch.Tensor, tokenizer: PreTrainedTokenizerBase) -> None:
     """Extend ``seq.prompt_entries`` with the prompt tokens a prefill chunk's logits score.
 
     ``logits`` ([n, vocab]) are the chunk's, for prompt positions ``start .. start+n-1``; row ``j``
@@ -113,7 +116,8 @@ def prompt_logprobs(seq: Sequence, start: int, logits: torch.Tensor, tokenizer: 
     rows, targets = logits[:-1], seq.prompt[start + 1 : end]
     if start == 0:
         first = seq.prompt[0]
-        entries.append(TokenLogprob(first, tokenizer.decode([first]), None))
+        # One list of ids decodes to one str (transformers' decode is typed for batches too).
+        entries.append(TokenLogprob(first, cast(str, tokenizer.decode([first])), None))
     elif seq.pending_logits is not None:
         rows, targets = torch.cat([seq.pending_logits, rows]), [seq.prompt[start], *targets]
     if targets:

@@ -23,7 +23,7 @@ import logging
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import DynamicCache
@@ -34,6 +34,7 @@ from lmforge.serving.backends.hf import check_cache_support
 from lmforge.serving.model.hf_forward import cache_kwarg, hf_forward
 from lmforge.serving.model.loading import load_model
 from lmforge.serving.model.onnx_model import INSTALL_FIX, SPEC_FILE, SPEC_FORMAT, io_names, new_session
+from lmforge.serving.model.types import FilledCacheLayer, ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class OnnxExport:
 class _DecoderStep(torch.nn.Module):
     """The model's forward with the cache as plain tensors, the shape ``torch.export`` can trace."""
 
-    def __init__(self, model: torch.nn.Module, layers: int) -> None:
+    def __init__(self, model: ServedModel, layers: int) -> None:
         super().__init__()
         self.model = model
         self.layers = layers
@@ -74,7 +75,7 @@ class _DecoderStep(torch.nn.Module):
         return (out.logits, *present)
 
 
-def example_inputs(model: torch.nn.Module, batch: int, past: int, seq: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def example_inputs(model: ServedModel, batch: int, past: int, seq: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """A left-padded batch (row 0 padded) with a random past of ``past`` columns, as the graph takes it."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=gen)
@@ -84,7 +85,7 @@ def example_inputs(model: torch.nn.Module, batch: int, past: int, seq: int, seed
     probe = DynamicCache(config=model.config)
     with torch.inference_mode():  # one real step tells each layer's key/value shape, whatever the architecture
         hf_forward(model, ids[:, :1], mask[:, :1], positions[:, :1], probe)
-    shapes = [(layer.keys.shape, layer.values.shape) for layer in probe.layers]
+    shapes = [(layer.keys.shape, layer.values.shape) for layer in cast(list[FilledCacheLayer], probe.layers)]
     cache = []
     for key_shape, value_shape in shapes:
         cache += [torch.randn(batch, key_shape[1], past, key_shape[3], generator=gen),
@@ -127,9 +128,9 @@ def export_onnx(model_dir: Path, out_dir: Path, opset: int | None = None) -> Onn
 
 def _require_packages() -> None:
     try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
+        import onnx  # noqa: F401 - imported to check that it is installed
+        import onnxruntime  # noqa: F401 - likewise
+        import onnxscript  # noqa: F401 - likewise
     except ImportError as exc:
         raise ServingError(f"ONNX export needs onnx, onnxruntime and onnxscript ({exc})", INSTALL_FIX) from exc
 
@@ -163,7 +164,7 @@ def _export(step: _DecoderStep, example: tuple, path: Path, layers: int, opset: 
             registry_log.setLevel(level)
 
 
-def _check(step: _DecoderStep, path: Path, layers: int, model: torch.nn.Module) -> float:
+def _check(step: _DecoderStep, path: Path, layers: int, model: ServedModel) -> float:
     """Largest |logit| difference between ONNX Runtime and PyTorch on a fresh padded decode input."""
     example = example_inputs(model, batch=2, past=6, seq=1, seed=1)
     with torch.inference_mode():
@@ -178,7 +179,7 @@ def _check(step: _DecoderStep, path: Path, layers: int, model: torch.nn.Module) 
     return diff
 
 
-def _spec(path: Path, model: torch.nn.Module, layers: int, diff: float, source: Path) -> dict[str, Any]:
+def _spec(path: Path, model: ServedModel, layers: int, diff: float, source: Path) -> dict[str, Any]:
     """What ``onnx_model.json`` records: names, dtypes and shapes read back from the saved graph."""
     import onnx
 

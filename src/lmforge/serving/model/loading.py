@@ -17,21 +17,28 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from lmforge.core.errors import ServingError
 from lmforge.serving.adapters import virtual_tokens
 from lmforge.serving.model.onnx_model import load_onnx_model
+from lmforge.serving.model.types import ServedModel
 from lmforge.serving.quant.quantize import check_options, quantize_model
 from lmforge.train.artifacts import apply_adapter, marked_adapter_dir
 from lmforge.train.methods.bottleneck import is_bottleneck_adapter
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from lmforge.model.types import CausalLM
+
 log = logging.getLogger(__name__)
 
 
-def load_model(model_dir: Path, device: str | None = None, quantization: str = "none") -> tuple[Any, Any]:
+def load_model(model_dir: Path, device: str | None = None,
+               quantization: str = "none") -> tuple[ServedModel, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (model_dir / "model.onnx").is_file():  # written by `lmforge export-onnx`: served by ONNX Runtime
@@ -48,7 +55,7 @@ def load_model(model_dir: Path, device: str | None = None, quantization: str = "
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(
+        base = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=False
         )
     except (OSError, ValueError) as exc:
@@ -56,8 +63,8 @@ def load_model(model_dir: Path, device: str | None = None, quantization: str = "
             f"cannot load the model in {model_dir}: {exc}",
             "check that the directory holds config.json, model.safetensors and the tokenizer files",
         ) from exc
-    model = _apply_adapter(model, model_dir, device)
-    model.to(device).eval()
+    model = _apply_adapter(base, model_dir, device)
+    model.to(device).eval()  # type: ignore[arg-type]  # transformers' @wraps(Module.to): its stub takes self as 1st arg
     if quantization != "none":
         replaced = quantize_model(model, quantization)
         if not replaced:
@@ -67,7 +74,7 @@ def load_model(model_dir: Path, device: str | None = None, quantization: str = "
     return model, tokenizer
 
 
-def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def eos_ids(model: ServedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """Token ids that end a completion: the generation config's EOS ids and the tokenizer's."""
     ids: set[int] = set()
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -79,7 +86,7 @@ def eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
-def _apply_adapter(model: Any, model_dir: Path, device: str) -> Any:
+def _apply_adapter(model: PreTrainedModel, model_dir: Path, device: str) -> CausalLM:
     adapter_dir = marked_adapter_dir(model_dir)
     if adapter_dir is None:
         return model
@@ -89,7 +96,8 @@ def _apply_adapter(model: Any, model_dir: Path, device: str) -> Any:
     kind = virtual_tokens.peft_type(adapter_dir)
     if kind in virtual_tokens.PROMPT_LEARNING_TYPES:
         # Computed on the serving device, before any quantization: the prefix is the adapter's exact output.
-        prefix = virtual_tokens.attach_prefix(model.to(device).eval(), adapter_dir)
+        on_device = model.to(device).eval()  # type: ignore[arg-type]  # as in load_model: @wraps' stub
+        prefix = virtual_tokens.attach_prefix(on_device, adapter_dir)
         log.info("%s adapter in %s: %d virtual tokens in every sequence's cache", kind, adapter_dir, prefix.length)
         return model
     if kind == "ADAPTION_PROMPT":  # LLaMA-Adapter: gated attention to learned prompts, inside peft's modules

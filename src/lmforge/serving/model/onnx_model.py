@@ -19,11 +19,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lmforge.core.errors import ServingError
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PreTrainedConfig, PreTrainedTokenizerBase
 
 SPEC_FILE = "onnx_model.json"
 SPEC_FORMAT = "lmforge-onnx-causal-lm/1"
@@ -65,7 +68,8 @@ class OnnxCausalLM:
 
     device = torch.device("cpu")
 
-    def __init__(self, model_dir: Path, config: Any, generation_config: Any, spec: dict[str, Any]) -> None:
+    def __init__(self, model_dir: Path, config: PreTrainedConfig, generation_config: GenerationConfig,
+                 spec: dict[str, Any]) -> None:
         self.model_dir = model_dir
         self.config = config
         self.generation_config = generation_config
@@ -114,7 +118,8 @@ class OnnxCausalLM:
         return [{"keys": shapes[f"past_key_{i}"], "values": shapes[f"past_value_{i}"]} for i in range(self.layers)]
 
 
-def load_onnx_model(model_dir: Path, device: str | None, quantization: str) -> tuple[OnnxCausalLM, Any]:
+def load_onnx_model(model_dir: Path, device: str | None,
+                    quantization: str) -> tuple[OnnxCausalLM, PreTrainedTokenizerBase]:
     """The ONNX model (session not started) and tokenizer of an ``export-onnx`` directory."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 

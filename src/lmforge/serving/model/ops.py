@@ -100,7 +100,7 @@ class Ops:
         tokens, heads, head_dim = q.shape
         kv_heads = k_cache.shape[1]
         if layout.dense is None:
-            layout.dense = _dense_indices(layout, table, block_size, tokens, q.device)
+            layout.dense = _dense_indices(layout, layout.plan, table, block_size, tokens, q.device)
         slots, q_index, mask = layout.dense
         # [S, KV, L, D]: SDPA shares each key/value head among its query group (no repeated copies).
         keys = _load(k_cache, slots, q.dtype, self.kv_scale).transpose(1, 2)
@@ -123,26 +123,32 @@ class TritonOps(Ops):
 
         self._k = kernels
 
-    def add_rms_norm(self, x, residual, weight, eps):  # noqa: D102 - same contract as Ops
+    # Each method has the contract of the same method of Ops.
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         return self._k.add_rms_norm(x, residual, weight, eps)
 
-    def rope_store(self, qkv, cos, sin, positions, slots, k_cache, v_cache, heads, kv_heads, head_dim):  # noqa: D102
+    def rope_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                   slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int,
+                   head_dim: int) -> torch.Tensor:
         return self._k.rope_store(qkv, cos, sin, positions, slots, k_cache, v_cache, heads, kv_heads, head_dim,
                                   self.kv_scale)
 
-    def silu_mul(self, gate_up):  # noqa: D102
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self._k.silu_mul(gate_up)
 
-    def attention(self, q, k_cache, v_cache, table, layout, block_size, scale):  # noqa: D102
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+                  layout: StepLayout, block_size: int, scale: float) -> torch.Tensor:
         return self._k.paged_attention(q, k_cache, v_cache, table, layout.positions, layout.blk_row,
                                        layout.blk_tok, layout.blk_n, layout.tokens_per_block, block_size, scale,
                                        self.kv_scale)
 
 
-def _dense_indices(layout: StepLayout, table: torch.Tensor, block_size: int, tokens: int,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(cache slots [S, L], query index [S, N] (``tokens`` = padding), causal mask [S, N, L]) of a step."""
-    plan = layout.plan
+def _dense_indices(layout: StepLayout, plan: list[tuple[int, int, int, int]], table: torch.Tensor, block_size: int,
+                   tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cache slots [S, L], query index [S, N] (``tokens`` = padding), causal mask [S, N, L]) of a step
+    (``plan``: its ``layout.plan``)."""
     longest = max(n for _, _, n, _ in plan)
     kv_max = max(kv for _, _, _, kv in plan)
     key_pos = torch.arange(kv_max, device=device)

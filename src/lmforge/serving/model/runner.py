@@ -17,7 +17,7 @@ says why a model is not supported.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable, Protocol, TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
@@ -25,28 +25,33 @@ from torch import nn
 
 from lmforge.serving.model.kv_cache import PagedKVCache
 from lmforge.serving.model.ops import Ops, StepLayout
+from lmforge.serving.model.types import LlamaCausalLM, ServedModel
 from lmforge.serving.quant.quantize import QuantLinear
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 # Rope variants whose frequencies change with the sequence length cannot use a fixed table.
 _LENGTH_DEPENDENT_ROPE = {"dynamic", "longrope"}
 
 
-def unsupported(model: nn.Module) -> str | None:
-    """Why the runner cannot run ``model`` (None when it can)."""
+def unsupported(model: ServedModel) -> str | None:
+    """Why the runner cannot run ``model`` (None when it can: then it is a :class:`LlamaCausalLM`)."""
     config = model.config
     if type(model).__name__ != "LlamaForCausalLM":
         return f"the paged engine runs Llama models; this is {type(model).__name__}"
+    llama = cast(LlamaCausalLM, model)  # checked just above: transformers' LlamaForCausalLM
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"activation {config.hidden_act!r} (the paged engine implements SwiGLU with silu)"
     if getattr(config, "pretraining_tp", 1) != 1:
         return "pretraining_tp > 1"
-    rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
+    rope_type = getattr(llama.model.rotary_emb, "rope_type", "default")
     if rope_type in _LENGTH_DEPENDENT_ROPE:
         return f"rope type {rope_type!r} depends on the sequence length"
     size = head_dim(config)
     if size % 2:
         return f"odd head_dim {size}"
-    for layer in model.model.layers:
+    for layer in llama.model.layers:
         for mod in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                     layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
             if not isinstance(mod, (nn.Linear, QuantLinear)):
@@ -54,7 +59,7 @@ def unsupported(model: nn.Module) -> str | None:
     return None
 
 
-def head_dim(config: Any) -> int:
+def head_dim(config: PreTrainedConfig) -> int:
     """Size of one attention head (``config.head_dim`` when the model sets it)."""
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
@@ -63,9 +68,9 @@ class FusedLinear:
     """Several linear layers with one input, run as one matmul; the sources now view its storage."""
 
     def __init__(self, mods: list[nn.Module]) -> None:
-        if all(isinstance(m, nn.Linear) for m in mods):
+        if _all_dense(mods):
             self.impl: Callable[[torch.Tensor], torch.Tensor] = _fuse_dense(mods)
-        elif all(type(m) is type(mods[0]) and isinstance(m, QuantLinear) for m in mods):
+        elif _all_one_quant_type(mods):
             self.impl = type(mods[0]).fuse(mods)
         else:
             raise TypeError(f"cannot fuse {[type(m).__name__ for m in mods]}")
@@ -74,7 +79,15 @@ class FusedLinear:
         return self.impl(x)
 
 
-def _fuse_dense(mods: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
+def _all_dense(mods: list[nn.Module]) -> TypeGuard[list[nn.Linear]]:
+    return all(isinstance(m, nn.Linear) for m in mods)
+
+
+def _all_one_quant_type(mods: list[nn.Module]) -> TypeGuard[list[QuantLinear]]:
+    return all(type(m) is type(mods[0]) and isinstance(m, QuantLinear) for m in mods)
+
+
+def _fuse_dense(mods: list[nn.Linear]) -> Callable[[torch.Tensor], torch.Tensor]:
     if len(mods) == 1:
         return mods[0]
     weight = torch.cat([m.weight.data for m in mods])
@@ -86,26 +99,33 @@ def _fuse_dense(mods: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]
     for m in mods:
         end = start + m.out_features
         m.weight = nn.Parameter(weight[start:end], requires_grad=False)
-        if m.bias is not None:
+        if m.bias is not None and bias is not None:  # bias is set whenever any part has one
             m.bias = nn.Parameter(bias[start:end], requires_grad=False)
         start = end
     return lambda x: F.linear(x, weight, bias)
 
 
+class TokenAdapters(Protocol):
+    """Adapters chosen per token (``adapters/lora_slots.py``: ``LoraSlots``), told each step's cache rows."""
+
+    def select(self, rows: torch.Tensor) -> None: ...
+
+
 @dataclass
 class _Layer:
+    # FusedLinears, or LoRA slots' wrappers around them (adapters/lora_slots.py: attach)
     ln1: torch.Tensor
-    qkv: FusedLinear
-    o: FusedLinear
+    qkv: Callable[[torch.Tensor], torch.Tensor]
+    o: Callable[[torch.Tensor], torch.Tensor]
     ln2: torch.Tensor
-    gate_up: FusedLinear
-    down: FusedLinear
+    gate_up: Callable[[torch.Tensor], torch.Tensor]
+    down: Callable[[torch.Tensor], torch.Tensor]
 
 
 class LlamaRunner:
     """Runs ``model``'s layers over ``cache``; :meth:`forward` returns logits of the wanted tokens."""
 
-    def __init__(self, model: nn.Module, cache: PagedKVCache, ops: Ops, max_len: int) -> None:
+    def __init__(self, model: LlamaCausalLM, cache: PagedKVCache, ops: Ops, max_len: int) -> None:
         reason = unsupported(model)
         if reason:
             raise ValueError(reason)
@@ -136,7 +156,8 @@ class LlamaRunner:
         positions = torch.arange(max_len, device=self.embed.device)[None]
         cos, sin = inner.rotary_emb(self.embed[:1], positions)  # the model's own rope, in its dtype
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
-        self.lora = None  # per-request LoRA adapters (lora_slots.attach), when serving.adapters is set
+        # Per-request LoRA adapters (adapters/lora_slots.py: attach), when serving.adapters is set.
+        self.lora: TokenAdapters | None = None
 
     def forward(self, layout: StepLayout) -> torch.Tensor:
         """Logits ``[K, vocab]`` of the tokens in ``layout.logit_index`` (all tokens when None)."""
@@ -156,6 +177,8 @@ class LlamaRunner:
             x = layer.o(attn.reshape(tokens, self.heads * self.head_dim))
             h, residual = ops.add_rms_norm(x, residual, layer.ln2, self.eps)
             x = layer.down(ops.silu_mul(layer.gate_up(h)))
+        # Every model has a layer, so the loop left the residual set: a cast, no per-step check.
+        residual = cast(torch.Tensor, residual)
         if layout.logit_index is not None:
             x, residual = x[layout.logit_index], residual[layout.logit_index]
         h, _ = ops.add_rms_norm(x, residual, self.norm, self.eps)

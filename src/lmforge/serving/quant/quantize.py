@@ -33,7 +33,8 @@ Used by ``lmforge serve MODEL`` with ``serving.quantization`` set; tested on CPU
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Sequence
+from typing import Callable, Protocol, Self
 
 import torch
 import torch.nn.functional as F
@@ -49,20 +50,25 @@ INT4_TINYGEMM_ROWS = 16  # Int4Linear: up to this many rows tinygemm; more: wide
 FP8_WEIGHT_ONLY_ROWS = 64  # Fp8Linear: up to this many rows (decode), fp8 weights with bf16 activations
 
 
+def _matmul_unimplemented(self: QuantLinear, x2: torch.Tensor, **tensors: torch.Tensor) -> torch.Tensor:
+    raise NotImplementedError
+
+
 class QuantLinear(nn.Module):
     """Base of the quantized linear layers: the parts :meth:`fuse` concatenates are listed in ``rows``."""
 
     rows: tuple[str, ...] = ()  # buffers whose dim 0 is the output channel (views of the fused storage)
     row_tile: dict[str, int] = {}  # output channels per dim-0 entry, where not 1
+    bias: torch.Tensor | None  # a buffer (register_buffer)
+    # ``x2 [M, K]`` times the weight, given the tensors of ``_tensors`` by name; each subclass names
+    # its own (as nn.Module types ``forward``, so subclasses may take their own parameters).
+    matmul: Callable[..., torch.Tensor] = _matmul_unimplemented
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.register_buffer("bias", bias)
-
-    def matmul(self, x2: torch.Tensor, **tensors: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._apply_2d(x, self._tensors(), self.bias, self.out_features)
@@ -79,7 +85,7 @@ class QuantLinear(nn.Module):
         return y.reshape(*shape[:-1], out_features)
 
     @classmethod
-    def fuse(cls, mods: list["QuantLinear"]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def fuse(cls, mods: list[Self]) -> Callable[[torch.Tensor], torch.Tensor]:
         """One matmul for several layers with the same input; they now view the fused storage."""
         if len(mods) == 1:
             return mods[0]
@@ -97,18 +103,18 @@ class QuantLinear(nn.Module):
             for name in cls.rows:
                 tile = cls.row_tile.get(name, 1)
                 setattr(m, name, fused[name][start // tile:end // tile])
-            if m.bias is not None:
+            if m.bias is not None and bias is not None:  # bias is set whenever any part has one
                 m.bias = bias[start:end]
         head = mods[0]
         total = starts[-1]
         return lambda x: head._apply_2d(x, fused, bias, total)
 
-    def fuse_extra(self, mods: list["QuantLinear"]) -> dict[str, torch.Tensor]:
+    def fuse_extra(self, mods: list[Self]) -> dict[str, torch.Tensor]:
         """Fused tensors that are not split by output row (int4's group scales)."""
         return {}
 
 
-def _bias_dtype(mods: list[QuantLinear]) -> torch.dtype:
+def _bias_dtype(mods: Sequence[QuantLinear]) -> torch.dtype:
     return next(m.bias.dtype for m in mods if m.bias is not None)
 
 
@@ -120,6 +126,8 @@ class _PerChannel(QuantLinear):
     """One-byte weights ``qweight [N, K]`` with one float32 scale per output channel (int8, fp8)."""
 
     rows = ("qweight", "scale")
+    qweight: torch.Tensor  # buffers (register_buffer)
+    scale: torch.Tensor
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__(int(qweight.shape[1]), int(qweight.shape[0]), bias)
@@ -166,7 +174,7 @@ def int8_matmul(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) ->
 @functools.cache
 def _triton_available() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401 - imported to check that it is installed
     except ImportError:
         return False
     return True
@@ -223,6 +231,8 @@ class Int4Linear(QuantLinear):
     # concatenating along it fuses layers; the group scales are fused along their dim 1.
     rows = ("packed",)
     row_tile = {"packed": 8}
+    packed: torch.Tensor  # buffers (register_buffer)
+    scales_and_zeros: torch.Tensor
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, in_features: int,
                  out_features: int, bias: torch.Tensor | None, group: int) -> None:
@@ -246,7 +256,7 @@ class Int4Linear(QuantLinear):
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {"packed": self.packed, "scales_and_zeros": self.scales_and_zeros}
 
-    def fuse_extra(self, mods: list[QuantLinear]) -> dict[str, torch.Tensor]:
+    def fuse_extra(self, mods: list[Self]) -> dict[str, torch.Tensor]:
         return {"scales_and_zeros": torch.cat([m.scales_and_zeros for m in mods], dim=1)}
 
     def matmul(self, x2: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
@@ -290,7 +300,13 @@ class Fp8Linear(_PerChannel):
 
 # ---------------------------------------------------------------- options, checks, model surgery
 
-_CLASSES: dict[str, type[QuantLinear]] = {"int8": Int8Linear, "int4": Int4Linear, "fp8": Fp8Linear}
+class QuantLinearClass(Protocol):
+    """A quantized layer class, as :func:`quantize_model` uses it: it quantizes an ``nn.Linear``."""
+
+    def from_linear(self, linear: nn.Linear) -> QuantLinear: ...
+
+
+_CLASSES: dict[str, QuantLinearClass] = {"int8": Int8Linear, "int4": Int4Linear, "fp8": Fp8Linear}
 
 
 def check_options(quantization: str, kv_cache_dtype: str, device: str) -> None:
