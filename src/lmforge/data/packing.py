@@ -13,17 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from lmforge.core.errors import DataError
 
+if TYPE_CHECKING:  # annotations only: data/ runs without transformers
+    from transformers import PreTrainedTokenizerBase
+
 IGNORE_INDEX = -100  # label value the loss skips (as torch's cross-entropy does)
 Rows = dict[str, torch.Tensor]
 
 
-def pack_documents(texts: Iterable[str], tokenizer: Any, seq_len: int, *, allow_short: bool = False,
+def pack_documents(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, seq_len: int, *, allow_short: bool = False,
                    max_blocks: int | None = None, with_positions: bool = False, batch_size: int = 256,
                    what: str = "the documents",
                    fix: str = "collect more text, or lower training.pretrain.seq_len") -> Rows:
@@ -51,7 +54,7 @@ def pack_documents(texts: Iterable[str], tokenizer: Any, seq_len: int, *, allow_
     return rows
 
 
-def _document_tokens(texts: Iterable[str], tokenizer: Any, limit: int | None,
+def _document_tokens(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, limit: int | None,
                      batch_size: int) -> tuple[list[int], list[int]]:
     """Token ids of the documents, each followed by EOS, and each token's position in its document."""
     ids: list[int] = []

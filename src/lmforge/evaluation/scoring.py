@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +17,13 @@ import torch.nn.functional as F
 from lmforge.model.prompt import format_prompt
 from lmforge.train.artifacts import load_trained
 
+if TYPE_CHECKING:
+    from transformers import GenerationMixin, PreTrainedConfig, PreTrainedTokenizerBase
 
-def load_model(model_dir: Path) -> tuple[Any, Any]:
+    from lmforge.model.types import CausalLM
+
+
+def load_model(model_dir: Path) -> tuple[CausalLM, PreTrainedTokenizerBase]:
     """Model and tokenizer from a local directory: safetensors only, never remote code."""
     from transformers import AutoTokenizer
 
@@ -32,7 +37,7 @@ def load_model(model_dir: Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def context_window(config: Any, default: int) -> int:
+def context_window(config: PreTrainedConfig, default: int) -> int:
     """The model's longest sequence (``max_position_embeddings`` or ``n_positions``), else ``default``."""
     for name in ("max_position_embeddings", "n_positions"):
         value = getattr(config, name, None)
@@ -41,7 +46,7 @@ def context_window(config: Any, default: int) -> int:
     return default
 
 
-def heldout_loss(model: Any, blocks: torch.Tensor | Sequence[Sequence[int]], batch_size: int) -> tuple[float, int]:
+def heldout_loss(model: CausalLM, blocks: torch.Tensor | Sequence[Sequence[int]], batch_size: int) -> tuple[float, int]:
     """Mean next-token cross-entropy (nats) over every predicted token of ``blocks``, and that token count."""
     total, count = 0.0, 0
     for start in range(0, len(blocks), batch_size):
@@ -57,7 +62,8 @@ def heldout_loss(model: Any, blocks: torch.Tensor | Sequence[Sequence[int]], bat
 
 
 def generate_answers(
-    model: Any, tokenizer: Any, instructions: list[str], max_new_tokens: int, batch_size: int, context: int
+    model: CausalLM, tokenizer: PreTrainedTokenizerBase, instructions: list[str], max_new_tokens: int, batch_size: int,
+    context: int,
 ) -> list[str]:
     """Greedy answers to each instruction in the shared prompt format, cut at the first EOS."""
     from transformers import GenerationConfig
@@ -72,15 +78,19 @@ def generate_answers(
     generation = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad
     )
+    # The causal LMs transformers loads generate (GenerationMixin); peft's wrapper forwards generate.
+    generator = cast("GenerationMixin", model)
     answers: list[str] = []
     for start in range(0, len(instructions), batch_size):
         prompts = [format_prompt(text) for text in instructions[start : start + batch_size]]
         encoded = tokenizer(
             prompts, return_tensors="pt", padding=True, truncation=True, max_length=context - max_new_tokens
         )
-        output = model.generate(**encoded, generation_config=generation)
+        # Without return_dict_in_generate, generate returns the token ids.
+        output = cast(torch.Tensor, generator.generate(**encoded, generation_config=generation))
         for row in output[:, encoded["input_ids"].shape[1] :].tolist():
             if eos in row:
                 row = row[: row.index(eos)]
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            # One list of ids decodes to one str (transformers' decode is typed for batches too).
+            answers.append(cast(str, tokenizer.decode(row, skip_special_tokens=True)).strip())
     return answers

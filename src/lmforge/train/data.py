@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,11 +25,14 @@ from lmforge.data.sft import read_sft, split_finetune
 from lmforge.data.tokenized import latest_manifest, load_tokenized
 from lmforge.model.prompt import EOS_TOKEN, format_example
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 Tensors = dict[str, torch.Tensor]
 ON_THE_FLY = "tokenized on the fly"
 
 
-def phase_rows(name: str, tokenizer: Any, ws: Workspace, phase: PhaseConfig,
+def phase_rows(name: str, tokenizer: PreTrainedTokenizerBase, ws: Workspace, phase: PhaseConfig,
                finetune_heldout_fraction: float) -> tuple[Tensors, Tensors | None, str]:
     """(training rows, held-out rows or None, where they came from) for the phase ``name``.
 
@@ -80,7 +83,7 @@ def prebuilt_rows(ws: Workspace, name: str, seq_len: int,
     return train_rows, (val_rows if len(val_rows["input_ids"]) else None), source
 
 
-def prompt_and_answer(record: dict, tokenizer: Any) -> tuple[list[int], list[int]]:
+def prompt_and_answer(record: dict, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
     """The prompt's token ids and the answer's (ended by the EOS id) of one SFT record.
 
     Prompt and answer are tokenized apart, exactly as serving tokenizes a prompt and then
@@ -102,7 +105,7 @@ def prompt_and_answer(record: dict, tokenizer: Any) -> tuple[list[int], list[int
     return prompt_ids, answer_ids
 
 
-def encode_sft(records: list[dict], tokenizer: Any, seq_len: int) -> Tensors:
+def encode_sft(records: list[dict], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> Tensors:
     """Right-padded prompt+answer rows; labels are IGNORE_INDEX on the prompt and padding.
 
     A record whose prompt fills ``seq_len`` is dropped (nothing of its answer would fit: no loss
