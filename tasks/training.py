@@ -8,7 +8,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from lmforge.config import ModelConfig, PlatformConfig, TrainingConfig, ValidationConfig
-from lmforge.config.curation import TokenizeConfig
+from lmforge.config.tokenize import TokenizeConfig
 from lmforge.core.workspace import Workspace
 from tasks._publish import announce, publish
 

@@ -86,7 +86,7 @@ def test_train_gpu_tiny(tmp_path):
 
 @pytest.mark.parametrize("args, cause, fix", [
     (["--gpt2", "model,fa5"], "unknown engine setting 'fa5'", "model,fa4,graphs"),
-    (["--gpt2", "model,fa4,cudnn"], "sets attention_backend twice", "keep one"),
+    (["--gpt2", "model,fa4,cudnn"], "sets speed.attention_backend twice", "keep one"),
     (["--only", "gpt2,llama_full"], "unknown group or row 'gpt2,llama_full'", "--only gpt2 llama_full"),
 ])
 def test_train_gpu_bad_variant_names_the_fix(tmp_path, args, cause, fix):

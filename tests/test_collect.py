@@ -21,8 +21,8 @@ from fixtures.collect.corpus import EXPECTED, LONG, build_corpus, markers
 from fixtures.collect.s3 import BUCKET, client, s3_server
 from fixtures.collect.site import ARTICLE, Site, page
 from lmforge.stages.collect import collect, raw_shard_paths, read_raw_documents
-from lmforge.config.sources import (DataConfig, FeedSource, FetchConfig, HFSource, InstructionConfig, LocalSource,
-                                    S3Source, StdlibSource, WebSource)
+from lmforge.config.data import (DataConfig, FeedSource, FetchConfig, HFSource, InstructionConfig, LocalSource,
+                                 S3Source, StdlibSource, WebSource)
 from lmforge.data.stdlib_docs import build_instruction_pairs, iter_stdlib_docs
 from lmforge.core.errors import DataError
 from lmforge.core.workspace import Workspace

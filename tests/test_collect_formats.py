@@ -13,7 +13,7 @@ from fixtures.collect.corpus import EXPECTED, EXPECTED_SKIPS, LONG, build_corpus
 from lmforge.stages.collect import collect, raw_shard_paths, read_raw_documents
 from lmforge.collection.textdecode import decode_text
 from lmforge.collection.types import Tally
-from lmforge.config.sources import DataConfig, InstructionConfig, LocalSource, ParallelConfig
+from lmforge.config.data import DataConfig, InstructionConfig, LocalSource, ParallelConfig
 from lmforge.core.workspace import Workspace
 
 

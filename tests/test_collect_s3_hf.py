@@ -12,7 +12,7 @@ import pytest
 from fixtures.collect.corpus import LONG
 from fixtures.collect.s3 import BUCKET, SECRET, client, s3_server
 from lmforge.stages.collect import collect, read_raw_documents
-from lmforge.config.sources import DataConfig, HFSource, InstructionConfig, LocalSource, S3Source
+from lmforge.config.data import DataConfig, HFSource, InstructionConfig, LocalSource, S3Source
 from lmforge.core.errors import DataError
 from lmforge.core.workspace import Workspace
 

@@ -12,7 +12,7 @@ from fixtures.collect.site import ARTICLE, Site, page
 from lmforge.stages.collect import collect, read_raw_documents
 from lmforge.collection.fetch import Fetcher, FetchError
 from lmforge.collection.netguard import networks, refusal
-from lmforge.config.sources import DataConfig, FeedSource, FetchConfig, InstructionConfig, WebSource
+from lmforge.config.data import DataConfig, FeedSource, FetchConfig, InstructionConfig, WebSource
 from lmforge.core.workspace import Workspace
 
 LOOPBACK = ["127.0.0.0/8"]

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from conftest import REPO, run_cli
-from lmforge.config import PipelineConfig, load_config
+from lmforge.config import PipelineConfig, ServingConfig, TrainingConfig, load_config, updated
+from lmforge.config.base import Section
 from lmforge.core.errors import ConfigError
 
 
@@ -23,9 +24,9 @@ def test_shipped_configs_load(name):
 
 def test_partial_file_keeps_other_defaults(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("training:\n  num_workers: 1\n")
+    path.write_text("training:\n  placement:\n    num_workers: 1\n")
     cfg = load_config(path)
-    assert cfg.training.num_workers == 1
+    assert cfg.training.placement.num_workers == 1
     assert cfg.model == PipelineConfig().model
 
 
@@ -59,7 +60,7 @@ def test_malformed_and_missing_files(tmp_path):
 def test_configs_are_frozen():
     cfg = PipelineConfig()
     with pytest.raises(Exception):
-        cfg.training.num_workers = 3  # type: ignore[misc]
+        cfg.training.placement.num_workers = 3  # type: ignore[misc] - the assignment must fail
 
 
 def test_cli_config_show_and_schema(tmp_path):
@@ -82,3 +83,66 @@ def test_cli_config_error_has_no_traceback(tmp_path):
     assert result.returncode == 2
     assert "unknown key 'modle'" in result.stderr and "fix:" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_old_flat_keys_name_their_new_place(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("training:\n  log_every: 5\n  num_workers: 1\nserving:\n  max_batch_size: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in err.value.cause and "unknown key 'training.log_every'" in err.value.cause
+    assert err.value.fix.startswith("training.log_every is now training.logging.every")
+    assert "training.num_workers is now training.placement.num_workers" in err.value.fix
+    assert "serving.max_batch_size is now serving.scheduler.max_batch_size" in err.value.fix
+    assert str(path) in err.value.fix and "other listed" not in err.value.fix
+    path.write_text("training:\n  checkpoint_every: 5\n  learnin_rate: 0.1\n")  # a moved key and a typo
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "unknown key 'training.learnin_rate'" in err.value.cause
+    assert "training.checkpoint_every is now training.checkpointing.every" in err.value.fix
+    assert "correct the other listed key(s)" in err.value.fix
+
+
+def test_cli_names_a_moved_key_and_its_new_place(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("training:\n  log_every: 5\n")
+    result = run_cli(["collect", str(path)], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert str(path) in result.stderr and "fix: training.log_every is now training.logging.every" in result.stderr
+
+
+def test_a_serving_config_file_names_a_moved_key(tmp_path):
+    from lmforge.serving.api import load_serving_config
+
+    path = tmp_path / "serving.json"
+    path.write_text(json.dumps({"kv_cache_mb": 64, "scheduler": {"max_queue": 3}}))
+    with pytest.raises(ConfigError) as err:
+        load_serving_config(path)
+    assert str(path) in err.value.cause and err.value.fix.startswith("kv_cache_mb is now kv_cache.memory_mb")
+    path.write_text(json.dumps({"kv_cache": {"memory_mb": 64}, "scheduler": {"max_queue": 3}}))
+    assert load_serving_config(path).scheduler.max_queue == 3
+
+
+@pytest.mark.parametrize("section", [TrainingConfig, ServingConfig])
+def test_every_moved_key_points_at_a_field_and_is_one_no_longer(section):
+    for old, new in section.moved_keys.items():
+        assert old not in section.model_fields
+        model: type[Section] = section
+        *groups, field = new.split(".")
+        for group in groups:
+            model = model.model_fields[group].annotation
+        assert field in model.model_fields, f"{old} -> {new}"
+
+
+def test_grouped_sections_round_trip_and_updates_validate():
+    training = TrainingConfig(method="full", placement={"num_workers": 1, "use_gpu": True},
+                              speed={"compile": True, "compile_scope": "model", "cuda_graphs": True},
+                              logging={"every": 3}, checkpointing={"every": 9, "keep": 1})
+    # The job passed to training workers is this JSON form.
+    assert TrainingConfig.model_validate(json.loads(json.dumps(training.model_dump(mode="json")))) == training
+    faster = updated(training, logging={"every": 1})
+    assert faster.logging.every == 1 and faster.checkpointing == training.checkpointing
+    with pytest.raises(ValueError, match=r"placement\.num_workers: 1"):  # a cross-group rule still holds
+        updated(training, placement={"num_workers": 2})
+    serving = updated(ServingConfig(adapters={"a": "/x"}), adapters={"b": "/y"}, scheduler={"max_queue": 2})
+    assert serving.adapters == {"b": "/y"} and serving.scheduler.max_queue == 2  # a dict field is replaced

@@ -15,7 +15,7 @@ from lmforge.data.documents import read_documents, text_id, write_documents
 from lmforge.stages.collect import collect
 from lmforge.config import load_config, parse_config
 from lmforge.config.curation import CurationConfig, PiiConfig
-from lmforge.config.stages import DataConfig, InstructionConfig, LocalSource
+from lmforge.config.data import DataConfig, InstructionConfig, LocalSource
 from lmforge.stages.curate import curate
 from lmforge.curation.pii import ScrubPii, find_pii
 from lmforge.core.errors import ConfigError, DataError

@@ -9,12 +9,13 @@ import httpx
 import pytest
 from test_serving import make_tiny_model_dir
 
-from lmforge.config.stages import ServingConfig
-from lmforge.stages.deploy import deploy, read_deployment, stop
+from lmforge.config.serving import ServerConfig, ServingConfig
 from lmforge.core.errors import ServingError
 from lmforge.core.workspace import Workspace
+from lmforge.stages.deploy import deploy, read_deployment, stop
 
-CFG = ServingConfig(max_new_tokens=8, startup_timeout_s=90, probe_prompt="What does `json.dumps` do?")
+CFG = ServingConfig(max_new_tokens=8, server=ServerConfig(startup_timeout_s=90),
+                    probe_prompt="What does `json.dumps` do?")
 
 
 def _running(pid: int) -> bool:

@@ -8,7 +8,7 @@ import math
 import pytest
 from tiny_assets import build_model_dir, write_workspace_data
 
-from lmforge.config.stages import EvaluationConfig
+from lmforge.config.evaluation import EvaluationConfig
 from lmforge.core.errors import DataError
 from lmforge.stages.evaluate import evaluate
 from lmforge.core.workspace import Workspace

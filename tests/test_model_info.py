@@ -9,7 +9,9 @@ import json
 import pytest
 
 from lmforge.cli import main
-from lmforge.config.training import LoraConfig, ModelConfig, PhaseConfig, TrainingConfig
+from lmforge.config.base import updated
+from lmforge.config.model import ModelConfig
+from lmforge.config.training import LoraConfig, LossConfig, PhaseConfig, PlacementConfig, TrainingConfig
 from lmforge.model.build import build_model, count_parameters
 from lmforge.model.info import describe, fit_warning, mfu, train_flops_per_token
 
@@ -29,7 +31,8 @@ def test_counts_and_flops_match_the_built_model():
 
 
 def test_a_llama_1b_on_the_meta_device():
-    info = describe(TINYLLAMA, TrainingConfig(method="full", use_gpu=False, finetune=PHASE), vocab_size=32000)
+    cpu = PlacementConfig(use_gpu=False)
+    info = describe(TINYLLAMA, TrainingConfig(method="full", placement=cpu, finetune=PHASE), vocab_size=32000)
     assert info.params_total == 1_100_048_384  # TinyLlama's shape
     flops = train_flops_per_token(info.params_total, 22, 2048, 2048)
     assert mfu(64_000, flops) == pytest.approx(0.50, abs=0.01)  # the "64k tokens/s ≈ 50% MFU"
@@ -38,15 +41,18 @@ def test_a_llama_1b_on_the_meta_device():
 
 
 def test_memory_parts_follow_the_settings():
-    base = TrainingConfig(method="full", finetune=PHASE, fused_loss=False)
-    mem = lambda training: next(m for m in describe(TINYLLAMA, training, 32000).memory if m.phase == "finetune")  # noqa: E731
+    base = TrainingConfig(method="full", finetune=PHASE, loss=LossConfig(fused=False))
+
+    def mem(training: TrainingConfig):
+        return next(m for m in describe(TINYLLAMA, training, 32000).memory if m.phase == "finetune")
+
     plain = mem(base)
-    fused = mem(base.model_copy(update={"fused_loss": True}))
+    fused = mem(updated(base, loss={"fused": True}))
     assert fused.activations < plain.activations - 3 * 2**30  # no 16k x 32k logits in float32
-    checkpointed = mem(base.model_copy(update={"fused_loss": True, "gradient_checkpointing": True}))
+    checkpointed = mem(updated(base, loss={"fused": True}, speed={"gradient_checkpointing": True}))
     assert checkpointed.activations < fused.activations / 5
-    lora = mem(base.model_copy(update={"method": "lora", "use_gpu": True,
-                                       "lora": LoraConfig(target_modules=["all-linear"])}))
+    lora = mem(updated(base, method="lora", placement={"use_gpu": True},
+                       lora=LoraConfig(target_modules=["all-linear"])))
     assert lora.optimizer < plain.optimizer / 50 and lora.weights < plain.weights
 
 

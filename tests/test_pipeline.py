@@ -66,7 +66,9 @@ def test_mlflow_holds_lineage(first_run, home):
 
 def test_second_run_registers_v2_and_promotes_only_by_margin(first_run, home, prefect_server):
     inline = home / "inline.yaml"
-    inline.write_text(open(TINY).read().replace("  log_every: 5", "  log_every: 5\n  use_ray: false"))
+    tiny = open(TINY).read()
+    assert "  logging: {every: 5}" in tiny  # the line the in-line setting goes after
+    inline.write_text(tiny.replace("  logging: {every: 5}", "  logging: {every: 5}\n  placement: {use_ray: false}"))
     result = run_cli(["run", str(inline), "--json", "--no-deploy"], home, env={"PREFECT_API_URL": prefect_server})
     assert result.returncode == 0, result.stderr[-4000:]
     s = _last_json(result.stdout)

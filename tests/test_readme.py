@@ -138,7 +138,9 @@ def test_resume_continues_a_killed_run(made, tmp_path):
     config = tmp_path / "resumable.yaml"
     short = (REPO / TINY).read_text().replace("pretrain: {steps: 30", "pretrain: {steps: 12").replace(
         "finetune: {steps: 20", "finetune: {steps: 8")
-    config.write_text(short.replace("  log_every: 5", "  log_every: 1\n  checkpoint_every: 4\n  use_ray: false"))
+    assert "  logging: {every: 5}" in short  # the line the resumable settings replace
+    config.write_text(short.replace("  logging: {every: 5}", "  logging: {every: 1}\n  checkpointing: {every: 4}\n"
+                                    "  placement: {use_ray: false}"))
     started = subprocess.Popen([sys.executable, "-m", "lmforge.train", str(config), "--run-name", "killed"],
                                cwd=REPO, env=_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)

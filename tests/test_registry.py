@@ -13,7 +13,8 @@ import pytest
 from mlflow.entities import LoggedModelStatus
 from tiny_assets import build_model_dir
 
-from lmforge.config.stages import PlatformConfig, RegistryConfig
+from lmforge.config.platform import PlatformConfig
+from lmforge.config.registry import RegistryConfig
 from lmforge.core.errors import DataError, RegistryError
 from lmforge.tracking.mlflow_tracker import mlflow_client, mlflow_uris
 from lmforge.stages.promote import promote

@@ -22,7 +22,7 @@ import pytest
 import torch
 import uvicorn
 
-from lmforge.config.stages import ServingConfig
+from lmforge.config.serving import RuntimeConfig, SchedulerConfig, ServingConfig
 from lmforge.core.errors import ServingError
 from lmforge.model.prompt import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, format_prompt
 from lmforge.serving.api.launch import bind_socket, run_server, url_for
@@ -37,7 +37,7 @@ SENTENCES = [
     "héllo wörld, naïve café ✓",
 ]
 PROMPTS = ["The quick", "json.dumps serializes an object to", "a", format_prompt("What does json.dumps do?")]
-CFG = ServingConfig(max_new_tokens=24, max_batch_size=4)
+CFG = ServingConfig(max_new_tokens=24, scheduler=SchedulerConfig(max_batch_size=4))
 
 
 def make_tiny_model_dir(path: Path) -> Path:
@@ -75,7 +75,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(model_dir: Path) -> Iterator[Engine]:
-    eng = Engine.load(model_dir, device="cpu", max_batch_size=CFG.max_batch_size)
+    eng = Engine.load(model_dir, device="cpu", max_batch_size=CFG.scheduler.max_batch_size)
     yield eng
     eng.close()
 
@@ -164,7 +164,8 @@ def test_cpu_threads_one_for_small_models_unless_configured() -> None:
 
     small, wide = SimpleNamespace(hidden_size=128), SimpleNamespace(hidden_size=2048)
     assert cpu_threads(ServingConfig(), small) == 1
-    assert cpu_threads(ServingConfig(), wide) >= 1 and cpu_threads(ServingConfig(cpu_threads=3), small) == 3
+    assert cpu_threads(ServingConfig(), wide) >= 1
+    assert cpu_threads(ServingConfig(runtime=RuntimeConfig(cpu_threads=3)), small) == 3
     # The engine thread sets its own OpenMP count: the caller's stays as it was.
     before = torch.get_num_threads()
     seen = []

@@ -22,7 +22,8 @@ from conftest import BIN, REPO, free_port, wait_http
 from test_serving import PROMPTS, SENTENCES, make_tiny_model_dir
 from transformers import AutoTokenizer
 
-from lmforge.config.serving import ServingConfig
+from lmforge.config.base import updated
+from lmforge.config.serving import KVCacheConfig, SchedulerConfig, ServingConfig
 from lmforge.core.errors import ConfigError, ServingError
 from lmforge.serving.api import parse_adapters
 from lmforge.serving.api.server import create_app
@@ -30,7 +31,8 @@ from lmforge.serving.engine import Engine, RequestError, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 # Chunked prefill in 16-token chunks and 4-token blocks: mixed batches span prefill and decode steps.
-CFG = ServingConfig(max_batch_size=8, max_prefill_tokens=16, kv_block_size=4, max_new_tokens=24)
+CFG = ServingConfig(scheduler=SchedulerConfig(max_batch_size=8, max_prefill_tokens=16),
+                    kv_cache=KVCacheConfig(block_size=4), max_new_tokens=24)
 
 
 def train_lora(base_dir: Path, out: Path, seed: int, text: str, **lora) -> Path:
@@ -142,7 +144,7 @@ def test_adapters_that_cannot_be_served_unmerged_are_refused(dirs: dict[str, Pat
     from safetensors.torch import load_file, save_file
 
     def load(adapters: dict[str, Path], **cfg) -> None:
-        config = CFG.model_copy(update={"adapters": {k: str(v) for k, v in adapters.items()}, **cfg})
+        config = updated(CFG, adapters={k: str(v) for k, v in adapters.items()}, **cfg)
         Engine.load(dirs["base"], device="cpu", cfg=config).close()
 
     wrong = tmp_path / "wrong-shape"
@@ -161,7 +163,7 @@ def test_adapters_that_cannot_be_served_unmerged_are_refused(dirs: dict[str, Pat
     with pytest.raises(ServingError, match="no adapter"):
         load({"x": tmp_path})
     with pytest.raises(ServingError, match="needs the paged engine"):
-        load({"a": dirs["a"]}, engine="hf")
+        load({"a": dirs["a"]}, runtime={"engine": "hf"})
 
 
 def test_adapter_flags_parse_into_the_serving_config() -> None:

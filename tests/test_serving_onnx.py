@@ -26,7 +26,8 @@ from test_serving import make_tiny_model_dir
 from test_serving_server import running
 
 from lmforge.cli import main
-from lmforge.config.serving import ServingConfig
+from lmforge.config.base import updated
+from lmforge.config.serving import RuntimeConfig, SchedulerConfig, ServingConfig
 from lmforge.core.errors import ServingError
 from lmforge.serving.backends.hf import DecodeBatch
 from lmforge.serving.engine import Engine, SamplingParams
@@ -104,7 +105,8 @@ def test_logits_match_pytorch_through_prefill_and_decode(dirs: tuple[Path, Path]
 def test_engine_greedy_tokens_equal_the_pytorch_engine(dirs: tuple[Path, Path]) -> None:
     model_dir, onnx_dir = dirs
     """Greedy tokens exactly; their logprobs and the prompts' (echo) within the logit tolerance."""
-    cfg = ServingConfig(device="cpu", max_batch_size=2, onnx_threads=1)  # 4 requests: rows join and leave
+    cfg = ServingConfig(runtime=RuntimeConfig(device="cpu", onnx_threads=1),
+                        scheduler=SchedulerConfig(max_batch_size=2))  # 4 requests: rows join and leave
     params = SamplingParams(max_tokens=16, temperature=0, logprobs=2, prompt_logprobs=1)
     tokens, logprobs = {}, {}
     for name, path in (("onnx", onnx_dir), ("torch", model_dir)):
@@ -123,7 +125,8 @@ def test_engine_greedy_tokens_equal_the_pytorch_engine(dirs: tuple[Path, Path]) 
 
 def test_http_completion_and_chat_from_the_onnx_engine(dirs: tuple[Path, Path]) -> None:
     model_dir, onnx_dir = dirs
-    cfg = ServingConfig(device="cpu", max_batch_size=2, max_new_tokens=8)
+    cfg = ServingConfig(runtime=RuntimeConfig(device="cpu"), scheduler=SchedulerConfig(max_batch_size=2),
+                        max_new_tokens=8)
     engine = Engine.load(onnx_dir, cfg=cfg)
     try:
         expected = engine.generate(["The quick"], SamplingParams(max_tokens=8, temperature=0))[0]
@@ -164,13 +167,13 @@ def test_lmforge_serve_onnx_dir_with_the_openai_client(dirs: tuple[Path, Path], 
 def test_engine_choice_errors_name_the_fix(dirs: tuple[Path, Path]) -> None:
     model_dir, onnx_dir = dirs
     with pytest.raises(ServingError) as err:
-        Engine.load(onnx_dir, cfg=ServingConfig(device="cpu", engine="paged"))
+        Engine.load(onnx_dir, cfg=ServingConfig(runtime=RuntimeConfig(device="cpu", engine="paged")))
     assert "ONNX export" in err.value.cause and "'onnx'" in err.value.fix
     with pytest.raises(ServingError) as err:
-        Engine.load(model_dir, cfg=ServingConfig(device="cpu", engine="onnx"))
+        Engine.load(model_dir, cfg=ServingConfig(runtime=RuntimeConfig(device="cpu", engine="onnx")))
     assert "export-onnx" in err.value.fix
     with pytest.raises(ServingError) as err:
-        Engine.load(onnx_dir, cfg=ServingConfig(device="cpu", quantization="int8"))
+        Engine.load(onnx_dir, cfg=ServingConfig(runtime=RuntimeConfig(device="cpu", quantization="int8")))
     assert "quantization" in err.value.cause
 
 
@@ -203,11 +206,12 @@ def test_other_architectures_export_and_decode_like_pytorch(arch: str, dirs, tmp
     AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **shape)).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     assert export_onnx(tmp_path / "model", tmp_path / "onnx").max_abs_logit_diff < LOGIT_ATOL
-    cfg = ServingConfig(device="cpu", max_batch_size=2, engine="hf")
+    cfg = ServingConfig(runtime=RuntimeConfig(device="cpu", engine="hf"),
+                        scheduler=SchedulerConfig(max_batch_size=2))
     params = SamplingParams(max_tokens=12, temperature=0)
     outputs = []
     for path, engine_kind in ((tmp_path / "onnx", "auto"), (tmp_path / "model", "hf")):
-        engine = Engine.load(path, cfg=cfg.model_copy(update={"engine": engine_kind}))
+        engine = Engine.load(path, cfg=updated(cfg, runtime={"engine": engine_kind}))
         try:
             outputs.append([c.token_ids for c in engine.generate(PROMPTS, params)])
         finally:

@@ -39,7 +39,7 @@ def _reference(engine: Engine, prompt: str | list[int], n: int) -> list[int]:
 
 
 def test_chunked_prefill_and_small_blocks_match_generate(model_dir: Path) -> None:
-    engine = _engine(model_dir, max_prefill_tokens=16, kv_block_size=4, max_batch_size=3)
+    engine = _engine(model_dir, scheduler={"max_prefill_tokens": 16, "max_batch_size": 3}, kv_cache={"block_size": 4})
     try:
         assert engine.backend.name == "paged"
         long_prompt = PROMPTS[3] + " " + PROMPTS[1]  # several 16-token chunks
@@ -55,7 +55,7 @@ def test_chunked_prefill_and_small_blocks_match_generate(model_dir: Path) -> Non
 
 
 def test_hf_backend_matches_paged(model_dir: Path) -> None:
-    paged, hf = _engine(model_dir), _engine(model_dir, engine="hf")
+    paged, hf = _engine(model_dir), _engine(model_dir, runtime={"engine": "hf"})
     try:
         assert hf.backend.name == "hf"
         assert [r.token_ids for r in hf.generate(PROMPTS, GREEDY)] == [r.token_ids for r in paged.generate(PROMPTS, GREEDY)]
@@ -68,7 +68,7 @@ def test_admission_waits_for_cache_and_refuses_what_never_fits(model_dir: Path) 
     shape = CacheShape(2, 2, 8, 16, torch.float32)
     # Room for exactly 3 blocks of 16 tokens: one request of ~40 tokens at a time.
     budget = (4 * shape.bytes_per_block()) / 2**20
-    engine = _engine(model_dir, kv_cache_mb=budget, max_batch_size=4)
+    engine = _engine(model_dir, kv_cache={"memory_mb": budget}, scheduler={"max_batch_size": 4})
     try:
         params = SamplingParams(max_tokens=30, temperature=0)
         results = engine.generate(["The quick", "a"], params)
@@ -76,7 +76,7 @@ def test_admission_waits_for_cache_and_refuses_what_never_fits(model_dir: Path) 
         assert engine.stats["peak_batch"] == 1  # the second waited for the first's blocks
         with pytest.raises(RequestError) as err:
             engine.generate(["The quick"], SamplingParams(max_tokens=60))
-        assert err.value.code == "kv_cache_too_small" and "kv_cache_mb" in err.value.fix
+        assert err.value.code == "kv_cache_too_small" and "kv_cache.memory_mb" in err.value.fix
     finally:
         engine.close()
 
@@ -95,7 +95,7 @@ def test_kv_cache_blocks_are_reserved_and_returned() -> None:
 
 
 def test_echo_prompt_logprobs_match_the_model(model_dir: Path) -> None:
-    engine = _engine(model_dir, max_prefill_tokens=16)  # the prompt spans chunks
+    engine = _engine(model_dir, scheduler={"max_prefill_tokens": 16})  # the prompt spans chunks
     try:
         ids = engine.encode(PROMPTS[3])
         result = engine.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=2))[0]
@@ -131,7 +131,7 @@ def test_gpt2_is_served_by_the_fallback(tmp_path: Path) -> None:
 
 
 def test_int8_weights_serve_close_to_full_precision(model_dir: Path) -> None:
-    full, int8 = _engine(model_dir), _engine(model_dir, quantization="int8")
+    full, int8 = _engine(model_dir), _engine(model_dir, runtime={"quantization": "int8"})
     try:
         layer = int8.model.model.layers[0]
         assert isinstance(layer.self_attn.q_proj, Int8Linear) and layer.self_attn.q_proj.qweight.dtype == torch.int8

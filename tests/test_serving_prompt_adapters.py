@@ -20,6 +20,7 @@ from test_serving import serve
 from test_train_methods import BASE_TRAINING, CASES, MODEL, finetune, ws  # noqa: F401 - ws is a fixture
 from transformers import AutoModelForCausalLM
 
+from lmforge.config.base import updated
 from lmforge.config.serving import ServingConfig
 from lmforge.serving.adapters.virtual_tokens import PagedPrefix, VirtualPrefix
 from lmforge.serving.api.server import create_app
@@ -35,14 +36,12 @@ PROMPTS = ["def add(a, b):", "The quick brown", "x",
 NEW_TOKENS = 8
 VIRTUAL = 16  # training.prompt_learning.num_virtual_tokens (default)
 SCORED = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=0, prompt_logprobs=0)
-QUICK = BASE_TRAINING.model_copy(update={
-    "pretrain": BASE_TRAINING.pretrain.model_copy(update={"steps": 12}),
-    "finetune": BASE_TRAINING.finetune.model_copy(update={"steps": 4, "warmup_steps": 0}),
-    "log_every": 100, "val_batches": 1})
+QUICK = updated(BASE_TRAINING, pretrain={"steps": 12}, finetune={"steps": 4, "warmup_steps": 0},
+                logging={"every": 100}, validation={"batches": 1})
 
 
 @pytest.fixture(scope="module")
-def trained(ws):  # noqa: F811
+def trained(ws):  # noqa: F811 - ws is the imported fixture, taken as an argument
     """model/ directory of each (architecture, method), plus ("llama", "llama_adapter")."""
     dirs: dict[tuple[str, str], Path] = {}
     for architecture in ("llama", "gpt2"):
@@ -59,10 +58,10 @@ def trained(ws):  # noqa: F811
     return dirs
 
 
-def _finetune(ws, cfg, case: str, steps: int) -> Path:  # noqa: F811
+def _finetune(ws, cfg, case: str, steps: int) -> Path:  # noqa: F811 - ws is the imported fixture, taken as an argument
     # A phase passed to finetune() keeps its learning rate: give it the method's tuned one.
     phase = QUICK.finetune.model_copy(update={"steps": steps, "learning_rate": CASES[case]["lr"]})
-    return finetune(ws, cfg, case, finetune=phase, log_every=100, val_batches=1).model_dir
+    return finetune(ws, cfg, case, finetune=phase, logging={"every": 100}, validation={"batches": 1}).model_dir
 
 
 @torch.no_grad()
@@ -114,7 +113,8 @@ def test_llama_prompt_adapter_serves_the_peft_model(trained, method):
     # and prompts prefilled 16 tokens at a time (the last prompt in chunks).
     for backend, block, shared, chunk in (("paged", 8, 2, 512), ("paged", 6, 2, 16), ("hf", 16, 0, 512)):
         # 4 prompts on 2 rows: later ones join a running batch.
-        engine = _engine(model_dir, engine=backend, kv_block_size=block, max_batch_size=2, max_prefill_tokens=chunk)
+        engine = _engine(model_dir, runtime={"engine": backend}, kv_cache={"block_size": block},
+                         scheduler={"max_batch_size": 2, "max_prefill_tokens": chunk})
         try:
             assert engine.backend.name == backend and engine.backend.virtual_tokens == VIRTUAL
             assert len(getattr(engine.backend.prefix, "shared", [])) == shared
@@ -127,7 +127,7 @@ def test_llama_prompt_adapter_serves_the_peft_model(trained, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_gpt2_prompt_adapter_serves_the_peft_model(trained, method):
     model_dir = trained["gpt2", method]
-    engine = _engine(model_dir, max_batch_size=2)
+    engine = _engine(model_dir, scheduler={"max_batch_size": 2})
     try:
         assert engine.backend.name == "hf"
         _check(_served(engine), _reference(model_dir))
@@ -137,7 +137,7 @@ def test_gpt2_prompt_adapter_serves_the_peft_model(trained, method):
 
 def test_llama_adapter_is_served_by_the_hf_backend(trained):
     model_dir = trained["llama", "llama_adapter"]
-    engine = _engine(model_dir, max_batch_size=2)
+    engine = _engine(model_dir, scheduler={"max_batch_size": 2})
     try:
         assert engine.backend.name == "hf"  # peft's adapted attention modules: the model's own forward
         _check(_served(engine), _reference(model_dir))

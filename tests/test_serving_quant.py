@@ -1,4 +1,4 @@
-"""Quantization at load (``serving.quantization``, ``serving.kv_cache_dtype``) on CPU.
+"""Quantization at load (``serving.runtime.quantization``, ``serving.kv_cache.dtype``) on CPU.
 
 What runs on CPU is checked here: the config's choices and the errors (cause and fix) for options
 this machine cannot run; int8 weights through the paged engine (fused QKV and gate/up included)
@@ -19,7 +19,7 @@ import torch
 from pydantic import ValidationError
 from test_serving import PROMPTS, make_tiny_model_dir
 
-from lmforge.config.serving import ServingConfig
+from lmforge.config.serving import KVCacheConfig, RuntimeConfig, ServingConfig
 from lmforge.core.errors import ServingError
 from lmforge.serving.backends.base import PrefillItem
 from lmforge.serving.engine import Engine, SamplingParams
@@ -41,12 +41,12 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_config_accepts_the_options_and_refuses_others() -> None:
-    cfg = ServingConfig(quantization="int4", kv_cache_dtype="fp8")
-    assert (cfg.quantization, cfg.kv_cache_dtype) == ("int4", "fp8")
+    cfg = ServingConfig(runtime=RuntimeConfig(quantization="int4"), kv_cache=KVCacheConfig(dtype="fp8"))
+    assert (cfg.runtime.quantization, cfg.kv_cache.dtype) == ("int4", "fp8")
     with pytest.raises(ValidationError, match="quantization"):
-        ServingConfig(quantization="int3")
-    with pytest.raises(ValidationError, match="kv_cache_dtype"):
-        ServingConfig(kv_cache_dtype="fp16")
+        ServingConfig(runtime={"quantization": "int3"})
+    with pytest.raises(ValidationError, match=r"kv_cache\.dtype"):
+        ServingConfig(kv_cache={"dtype": "fp16"})
 
 
 def test_options_this_machine_cannot_run_fail_with_cause_and_fix(model_dir: Path) -> None:
@@ -54,9 +54,10 @@ def test_options_this_machine_cannot_run_fail_with_cause_and_fix(model_dir: Path
         with pytest.raises(ServingError, match="runs only on CUDA") as info:
             load_model(model_dir, device="cpu", quantization=option)
         assert "use quantization 'int8'" in str(info.value)
-    with pytest.raises(ServingError, match="(?s)unknown serving.quantization 'int3'.*use one of none, int8, int4, fp8"):
+    with pytest.raises(ServingError,
+                       match="(?s)unknown serving.runtime.quantization 'int3'.*use one of none, int8, int4, fp8"):
         check_options("int3", "auto", "cpu")
-    with pytest.raises(ServingError, match="unknown serving.kv_cache_dtype 'fp16'"):
+    with pytest.raises(ServingError, match="unknown serving.kv_cache.dtype 'fp16'"):
         check_options("none", "fp16", "cpu")
 
 
@@ -75,7 +76,7 @@ def _logit_errors(engine: Engine, ids: list[int]) -> tuple[float, float]:
 
 
 def test_int8_runner_with_fused_layers_matches_the_quantized_model(model_dir: Path) -> None:
-    engine = Engine.load(model_dir, device="cpu", cfg=ServingConfig(quantization="int8"))
+    engine = Engine.load(model_dir, device="cpu", cfg=ServingConfig(runtime=RuntimeConfig(quantization="int8")))
     try:
         attn = engine.model.model.layers[0].self_attn
         assert isinstance(attn.q_proj, Int8Linear) and attn.q_proj.qweight.dtype == torch.int8
@@ -147,7 +148,8 @@ def test_fp8_weight_rounding_stays_within_e4m3_precision() -> None:
 
 
 def test_fp8_kv_cache_holds_more_tokens_and_stays_close(model_dir: Path) -> None:
-    engines = {kv: Engine.load(model_dir, device="cpu", cfg=ServingConfig(kv_cache_dtype=kv, kv_cache_mb=2))
+    engines = {kv: Engine.load(model_dir, device="cpu",
+                               cfg=ServingConfig(kv_cache=KVCacheConfig(dtype=kv, memory_mb=2)))
                for kv in ("auto", "fp8")}
     try:
         full, fp8 = engines["auto"].backend.cache, engines["fp8"].backend.cache

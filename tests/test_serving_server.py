@@ -20,7 +20,7 @@ import pytest
 import uvicorn
 from test_serving import make_tiny_model_dir
 
-from lmforge.config.serving import ServingConfig
+from lmforge.config.serving import ServerConfig, ServingConfig
 from lmforge.core.errors import ServingError
 from lmforge.serving.api.launch import bind_socket, check_exposure, parse_keys, run_server, url_for
 from lmforge.serving.api.server import create_app
@@ -67,8 +67,8 @@ def _wait_until(condition, timeout: float = 5.0) -> bool:
 
 
 def test_ten_times_capacity_gets_only_200_429_503_then_serves_normally(model_dir: Path) -> None:
-    engine, cfg = _engine(model_dir, max_batch_size=2, max_queue=2, max_new_tokens=40)
-    capacity = cfg.max_batch_size + cfg.max_queue
+    engine, cfg = _engine(model_dir, scheduler={"max_batch_size": 2, "max_queue": 2}, max_new_tokens=40)
+    capacity = cfg.scheduler.max_batch_size + cfg.scheduler.max_queue
     try:
         with running(engine, cfg) as (url, _):
             async def burst() -> list[httpx.Response]:
@@ -80,7 +80,7 @@ def test_ten_times_capacity_gets_only_200_429_503_then_serves_normally(model_dir
             for _ in range(2):  # twice: memory must not grow with repeated overload
                 replies = asyncio.run(burst())
                 codes = [r.status_code for r in replies]
-                assert set(codes) <= {200, 429, 503} and codes.count(200) >= cfg.max_batch_size
+                assert set(codes) <= {200, 429, 503} and codes.count(200) >= cfg.scheduler.max_batch_size
                 assert 429 in codes and all(r.json()["error"]["code"] == "rate_limit_exceeded"
                                             for r in replies if r.status_code == 429)
                 assert all(r.headers.get("retry-after") for r in replies if r.status_code == 429)
@@ -94,7 +94,7 @@ def test_ten_times_capacity_gets_only_200_429_503_then_serves_normally(model_dir
 
 
 def test_client_disconnect_frees_the_slot_at_once(model_dir: Path) -> None:
-    engine, cfg = _engine(model_dir, max_batch_size=1, max_new_tokens=120)
+    engine, cfg = _engine(model_dir, scheduler={"max_batch_size": 1}, max_new_tokens=120)
     try:
         with running(engine, cfg) as (url, _):
             body = {"prompt": "The quick", "max_tokens": 120, "stream": True, "temperature": 1.0,
@@ -163,7 +163,7 @@ def test_remote_bind_needs_a_key_unless_allowed(model_dir: Path) -> None:
         run_server(model_dir, cfg, "tiny", host="0.0.0.0", port=0)  # refused before anything loads
     assert "0.0.0.0" in err.value.cause and "LMFORGE_API_KEY" in err.value.fix
     check_exposure("0.0.0.0", ["k"], cfg)
-    check_exposure("0.0.0.0", [], ServingConfig(allow_unauthenticated_remote=True))
+    check_exposure("0.0.0.0", [], ServingConfig(server=ServerConfig(allow_unauthenticated_remote=True)))
     check_exposure("127.0.0.1", [], cfg)
     check_exposure("::1", [], cfg)
     assert parse_keys(" a, b ,") == ["a", "b"]

@@ -8,8 +8,10 @@ import shutil
 import pytest
 import torch
 
-from lmforge.config.curation import TokenizeConfig, ValidationConfig
-from lmforge.config.stages import ModelConfig, PhaseConfig, TrainingConfig
+from lmforge.config.model import ModelConfig
+from lmforge.config.tokenize import TokenizeConfig
+from lmforge.config.training import PhaseConfig, TrainingConfig
+from lmforge.config.validation import ValidationConfig
 from lmforge.core.errors import ConfigError, DataError, ValidationFailed
 from lmforge.core.workspace import Workspace
 from lmforge.data.documents import text_id, write_documents

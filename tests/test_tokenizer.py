@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lmforge.config.stages import ModelConfig
+from lmforge.config.model import ModelConfig
 from lmforge.core.errors import DataError
 from lmforge.model.prompt import EOS_TOKEN, PAD_TOKEN, format_prompt
 from lmforge.tokenizer.build import load_tokenizer, train_tokenizer

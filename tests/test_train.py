@@ -13,7 +13,8 @@ import pytest
 import torch
 from test_tokenizer import write_corpus
 
-from lmforge.config.stages import ModelConfig, PhaseConfig, TrainingConfig
+from lmforge.config.model import ModelConfig
+from lmforge.config.training import LoggingConfig, PhaseConfig, PlacementConfig, TrainingConfig, TrainValidationConfig
 from lmforge.core.errors import ConfigError, TrainingDiverged
 from lmforge.core.workspace import Workspace
 from lmforge.data.packing import IGNORE_INDEX, pack_documents
@@ -31,7 +32,8 @@ MODEL = ModelConfig(vocab_size=384, hidden_size=32, num_layers=2, num_heads=4, n
 TRAINING = TrainingConfig(
     pretrain=PhaseConfig(steps=30, learning_rate=1e-2, batch_size=8, seq_len=32, warmup_steps=3),
     finetune=PhaseConfig(steps=15, learning_rate=1e-2, batch_size=8, seq_len=64, warmup_steps=2),
-    method="lora", use_ray=False, log_every=5, cpu_threads=1, val_batches=2,
+    method="lora", placement=PlacementConfig(use_ray=False), logging=LoggingConfig(every=5), cpu_threads=1,
+    validation=TrainValidationConfig(batches=2),
 )
 
 
@@ -215,7 +217,7 @@ def test_ray_ddp_two_workers_match_one_worker_with_the_same_global_batch(ws, ray
     """2 Ray Train workers (DDP over gloo) of batch 8 = 1 in-line worker of batch 16, step for step."""
     lora = TRAINING.lora.model_copy(update={"dropout": 0.0})  # dropout masks would differ by rank
     config = TRAINING.model_copy(update={
-        "use_ray": True, "num_workers": 2, "cpus_per_worker": 0.5, "lora": lora,
+        "placement": PlacementConfig(use_ray=True, num_workers=2, cpus_per_worker=0.5), "lora": lora,
         "pretrain": TRAINING.pretrain.model_copy(update={"steps": 20}),
         "finetune": TRAINING.finetune.model_copy(update={"steps": 6})})
     started = time.perf_counter()
@@ -226,7 +228,7 @@ def test_ray_ddp_two_workers_match_one_worker_with_the_same_global_batch(ws, ray
     assert (ws.ray_dir / "train" / result.run_id).is_dir()
 
     single = train(config.model_copy(update={
-        "use_ray": False, "num_workers": 1,
+        "placement": PlacementConfig(use_ray=False, num_workers=1),
         "pretrain": config.pretrain.model_copy(update={"batch_size": 16}),
         "finetune": config.finetune.model_copy(update={"batch_size": 16})}), MODEL, ws, run_name="one")
     assert single.params["world_size"] == 1
@@ -241,7 +243,7 @@ def test_ray_ddp_two_workers_match_one_worker_with_the_same_global_batch(ws, ray
 
 @pytest.mark.slow
 def test_ray_divergence_reaches_the_driver_as_our_error(ws, ray_session):
-    absurd = TRAINING.model_copy(update={"use_ray": True, "num_workers": 2, "cpus_per_worker": 0.5,
+    absurd = TRAINING.model_copy(update={"placement": PlacementConfig(use_ray=True, num_workers=2, cpus_per_worker=0.5),
                                          "method": "pretrain", "pretrain": TRAINING.pretrain.model_copy(
                                              update={"learning_rate": 1e6, "warmup_steps": 0})})
     with pytest.raises(TrainingDiverged, match="learning_rate"):

@@ -12,24 +12,34 @@ import json
 
 import pytest
 import torch
+from test_tokenizer import write_corpus
 
-from lmforge.config.training import AdapterConfig, ModelConfig, PhaseConfig, TrainingConfig
+from lmforge.config.base import updated
+from lmforge.config.model import ModelConfig
+from lmforge.config.training import (
+    AdapterConfig,
+    LoggingConfig,
+    PhaseConfig,
+    PlacementConfig,
+    TrainingConfig,
+    TrainValidationConfig,
+)
 from lmforge.core.errors import ConfigError
+from lmforge.core.workspace import Workspace
 from lmforge.model.build import build_model
+from lmforge.stages.train import train
 from lmforge.tokenizer.build import load_tokenizer, train_tokenizer
 from lmforge.train.artifacts import MARKER, greedy_ids, load_probe, load_trained
-from lmforge.stages.train import train
-from lmforge.train.objective import CausalLMObjective
 from lmforge.train.methods.catalog import METHODS, method_info
-from lmforge.core.workspace import Workspace
-from test_tokenizer import write_corpus
+from lmforge.train.objective import CausalLMObjective
 
 MODEL = ModelConfig(vocab_size=384, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=64, max_seq_len=64)
 BASE_TRAINING = TrainingConfig(
     pretrain=PhaseConfig(steps=30, learning_rate=1e-2, batch_size=8, seq_len=32, warmup_steps=3),
     finetune=PhaseConfig(steps=20, learning_rate=1e-2, batch_size=8, seq_len=64, warmup_steps=2),
-    method="pretrain", use_ray=False, log_every=4, cpu_threads=1, val_batches=2,
+    method="pretrain", placement=PlacementConfig(use_ray=False), logging=LoggingConfig(every=4), cpu_threads=1,
+    validation=TrainValidationConfig(batches=2),
 )
 # Learning rates that move each method's few parameters visibly in 20 steps.
 CASES = {
@@ -65,8 +75,8 @@ def finetune(ws, base_cfg, case: str, **extra):
     # A phase passed in keeps its own learning rate; otherwise the method's tuned rate applies.
     phase = extra.pop("finetune", None) or BASE_TRAINING.finetune.model_copy(
         update={"learning_rate": lr} if lr else {})
-    training = BASE_TRAINING.model_copy(update={
-        **spec, **extra, "pretrain": BASE_TRAINING.pretrain.model_copy(update={"steps": 0}), "finetune": phase})
+    # Groups given as mappings merge into BASE_TRAINING's (speed={"gradient_checkpointing": True}).
+    training = updated(BASE_TRAINING, **{**spec, **extra, "pretrain": {"steps": 0}, "finetune": phase})
     return train(training, base_cfg, ws, run_name=case)
 
 
@@ -187,13 +197,13 @@ def test_fused_loss_matches_plain_cross_entropy_with_label_smoothing(architectur
 
 def test_gradient_checkpointing_changes_memory_not_results(ws, base):
     plain = finetune(ws, base, "full")
-    checkpointed = finetune(ws, base, "full", gradient_checkpointing=True)
+    checkpointed = finetune(ws, base, "full", speed={"gradient_checkpointing": True})
     assert checkpointed.metrics["finetune_val_loss"] == pytest.approx(plain.metrics["finetune_val_loss"], rel=1e-5)
 
 
 def test_early_stopping_keeps_the_best_weights(ws, base):
     # A learning rate far too high makes the validation loss rise after the first validation.
-    result = finetune(ws, base, "full", eval_every=2, early_stopping_patience=1,
+    result = finetune(ws, base, "full", validation={"every": 2, "early_stopping_patience": 1},
                       finetune=BASE_TRAINING.finetune.model_copy(update={"learning_rate": 0.3, "warmup_steps": 0}))
     assert 2 < result.metrics["finetune_stopped_early_at"] < BASE_TRAINING.finetune.steps
     assert result.metrics["finetune_val_loss"] == pytest.approx(result.metrics["finetune_val_loss_best"], rel=1e-6)

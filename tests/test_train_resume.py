@@ -14,22 +14,33 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_tokenizer import write_corpus
 
-from lmforge.config.training import LoraConfig, ModelConfig, PhaseConfig, TrainingConfig
+from lmforge.config.base import updated
+from lmforge.config.model import ModelConfig
+from lmforge.config.training import (
+    CheckpointingConfig,
+    LoggingConfig,
+    LoraConfig,
+    PhaseConfig,
+    PlacementConfig,
+    TrainingConfig,
+    TrainValidationConfig,
+)
 from lmforge.core.errors import ConfigError, TrainingDiverged
+from lmforge.core.workspace import Workspace
+from lmforge.stages.train import train
 from lmforge.tokenizer.build import train_tokenizer
 from lmforge.train.checkpoint import LATEST
-from lmforge.stages.train import train
-from lmforge.core.workspace import Workspace
-from test_tokenizer import write_corpus
 
 MODEL = ModelConfig(vocab_size=384, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=64, max_seq_len=64, dropout=0.1)
 TRAINING = TrainingConfig(
     pretrain=PhaseConfig(steps=12, learning_rate=1e-2, batch_size=8, seq_len=32, warmup_steps=2),
     finetune=PhaseConfig(steps=10, learning_rate=1e-2, batch_size=8, seq_len=64, warmup_steps=2, grad_accum=2),
-    method="lora", lora=LoraConfig(dropout=0.1), use_ray=False, log_every=1, cpu_threads=1, val_batches=2,
-    checkpoint_every=4,
+    method="lora", lora=LoraConfig(dropout=0.1), placement=PlacementConfig(use_ray=False),
+    logging=LoggingConfig(every=1), cpu_threads=1, validation=TrainValidationConfig(batches=2),
+    checkpointing=CheckpointingConfig(every=4),
 )
 
 
@@ -105,8 +116,8 @@ def test_stopped_and_resumed_run_ends_like_an_uninterrupted_one(ws, uninterrupte
 
 
 def test_divergence_keeps_the_last_good_checkpoint_and_names_the_step(ws):
-    absurd = TRAINING.model_copy(update={"method": "pretrain", "checkpoint_every": 1, "pretrain": TRAINING.pretrain.model_copy(
-        update={"learning_rate": 1e6, "warmup_steps": 0})})
+    absurd = updated(TRAINING, method="pretrain", checkpointing={"every": 1},
+                     pretrain={"learning_rate": 1e6, "warmup_steps": 0})
     before = {p.name for p in (ws.home / "checkpoints").glob("*")}
     runs_before = set(ws.runs_dir.iterdir())
     with pytest.raises(TrainingDiverged) as err:
@@ -123,7 +134,7 @@ def test_resume_refuses_another_model_or_method(ws):
     with pytest.raises(Crash):
         train(TRAINING, MODEL, ws, run_name="mismatch", progress=_crash_at(10))
     (root,) = [p for p in (ws.home / "checkpoints").glob("mismatch-*")]
-    with pytest.raises(ConfigError, match="another model, training method or training.fp8"):
+    with pytest.raises(ConfigError, match="another model, training method or training.speed.fp8"):
         train(TRAINING.model_copy(update={"method": "full"}), MODEL, ws, resume=root.name)
     with pytest.raises(ConfigError, match="no checkpoint to resume"):
         train(TRAINING, MODEL, ws, resume="never-ran")
@@ -140,7 +151,8 @@ def test_a_resumed_phase_runs_at_the_learning_rate_it_is_given(tmp_path):
     ids = torch.randint(0, 384, (32, 32), generator=torch.Generator().manual_seed(5))
     rows = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
     phase = PhaseConfig(steps=6, learning_rate=1e-2, batch_size=4, seq_len=32, warmup_steps=1)
-    training = TrainingConfig(method="pretrain", use_ray=False, log_every=1, cpu_threads=1, checkpoint_every=3)
+    training = TrainingConfig(method="pretrain", placement=PlacementConfig(use_ray=False),
+                              logging=LoggingConfig(every=1), cpu_threads=1, checkpointing=CheckpointingConfig(every=3))
     torch.manual_seed(0)
     model = build_model(MODEL.model_copy(update={"dropout": 0.0}), 384)
 

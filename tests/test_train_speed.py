@@ -1,7 +1,7 @@
 """The training engine's speed switches compute what the plain path computes, and refuse what cannot run.
 
 Real runs of :func:`lmforge.train.loop.train_phase` on a tiny Llama on the CPU: the whole objective
-compiled by ``torch.compile`` (``training.compile_scope: model``, inductor's C++ backend here)
+compiled by ``torch.compile`` (``training.speed.compile_scope: model``, inductor's C++ backend here)
 against the same steps eagerly. FlashAttention-4 and FP8 kernels run only on GPUs: here their
 refusals, the custom ops' shape functions and GPT-2's layout round trip for FP8; their numbers and
 speed are checked on an H100 by bench/attention_gpu.py and bench/train_gpu.py.
@@ -12,7 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.config.stages import ModelConfig, PhaseConfig, TrainingConfig
+from lmforge.config.model import ModelConfig
+from lmforge.config.training import (CheckpointingConfig, LoggingConfig, LossConfig, PhaseConfig, PlacementConfig,
+                                     SpeedConfig, TrainingConfig)
 from lmforge.core.errors import ConfigError
 from lmforge.model.build import build_model
 from lmforge.train.data import batch_stream
@@ -25,12 +27,13 @@ MODEL = ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, n
 PHASE = PhaseConfig(steps=6, learning_rate=1e-2, batch_size=4, seq_len=32, warmup_steps=1)
 
 
-def _losses(**settings) -> list[float]:
+def _losses(**groups) -> list[float]:
     torch.manual_seed(0)
     model = build_model(MODEL, 300)
     ids = torch.randint(0, 300, (16, 32), generator=torch.Generator().manual_seed(1))
     rows = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-    training = TrainingConfig(method="pretrain", use_ray=False, log_every=1, cpu_threads=1, **settings)
+    training = TrainingConfig(method="pretrain", placement=PlacementConfig(use_ray=False),
+                              logging=LoggingConfig(every=1), cpu_threads=1, **groups)
     history, _ = train_phase(model, "pretrain", PHASE, training, batch_stream(rows, 4, seed=0), [],
                              torch.device("cpu"))
     return [row["loss"] for row in history]
@@ -39,7 +42,7 @@ def _losses(**settings) -> list[float]:
 @pytest.mark.slow  # ~30 s of C++ compilation on two cores; the scope exists for GPUs
 def test_whole_objective_compiled_gives_the_eager_losses():
     eager = _losses()
-    compiled = _losses(compile=True, compile_scope="model")
+    compiled = _losses(speed=SpeedConfig(compile=True, compile_scope="model"))
     assert len(compiled) == len(eager) == PHASE.steps
     assert compiled[-1] < compiled[0]  # it learns
     # Same float32 arithmetic; the compiler only reorders sums (fused kernels), so ~1e-6 apart.
@@ -48,8 +51,8 @@ def test_whole_objective_compiled_gives_the_eager_losses():
 
 def test_liger_loss_kernel_on_cpu_is_refused_with_the_fix():
     with pytest.raises(ConfigError) as err:
-        _losses(loss_kernel="liger")
-    assert "only on CUDA" in err.value.cause and "loss_kernel: torch" in err.value.fix
+        _losses(loss=LossConfig(kernel="liger"))
+    assert "only on CUDA" in err.value.cause and "loss.kernel: torch" in err.value.fix
 
 
 def test_attention_kernel_choice_is_a_no_op_on_cpu():
@@ -78,9 +81,9 @@ def test_flash_attention_4_ops_give_shapes_without_running_a_kernel():
 
 def test_speed_settings_that_cannot_combine_are_refused_by_the_config():
     with pytest.raises(ValueError, match="compile_scope: model"):
-        TrainingConfig(method="pretrain", cuda_graphs=True)
+        TrainingConfig(method="pretrain", speed=SpeedConfig(cuda_graphs=True))
     with pytest.raises(ValueError, match="method pretrain or full"):
-        TrainingConfig(method="lora", fp8=True)
+        TrainingConfig(method="lora", speed=SpeedConfig(fp8=True))
     with pytest.raises(ConfigError) as err:
         fp8.check_available(torch.device("cpu"))
     assert "FP8 tensor cores" in err.value.cause and "fp8: false" in err.value.fix
@@ -143,15 +146,16 @@ def test_flash_attention_4_refuses_attention_it_would_compute_wrongly(case):
 
 
 def test_cuda_graph_settings_are_checked_for_every_phase_before_training():
-    graphs = dict(compile=True, compile_scope="model", cuda_graphs=True, use_gpu=True)
-    TrainingConfig(method="full", num_workers=1, **graphs)  # a valid combination
+    graphs = SpeedConfig(compile=True, compile_scope="model", cuda_graphs=True)
+    gpu = PlacementConfig(num_workers=1, use_gpu=True)
+    TrainingConfig(method="full", placement=gpu, speed=graphs)  # a valid combination
     accumulating = PhaseConfig(steps=5, learning_rate=1e-3, batch_size=4, seq_len=32, grad_accum=4)
     with pytest.raises(ValueError, match="finetune.grad_accum is 4"):
-        TrainingConfig(method="full", num_workers=1, finetune=accumulating, **graphs)
+        TrainingConfig(method="full", placement=gpu, finetune=accumulating, speed=graphs)
     with pytest.raises(ValueError, match="num_workers: 1"):
-        TrainingConfig(method="full", num_workers=2, **graphs)
+        TrainingConfig(method="full", placement=PlacementConfig(num_workers=2, use_gpu=True), speed=graphs)
     with pytest.raises(ValueError, match="use_gpu: true"):
-        TrainingConfig(method="full", num_workers=1, **{**graphs, "use_gpu": False})
+        TrainingConfig(method="full", placement=PlacementConfig(num_workers=1, use_gpu=False), speed=graphs)
 
 
 @pytest.mark.parametrize("architecture", ["gpt2", "llama"])
@@ -180,11 +184,12 @@ def test_bf16_residual_keeps_the_stream_in_bf16_and_computes_the_same_loss(archi
 
 
 def test_bf16_residual_is_refused_without_a_gpu():
-    with pytest.raises(ValueError, match="use_gpu: true, or residual_dtype: float32"):
-        TrainingConfig(method="pretrain", residual_dtype="bfloat16")
-    training = TrainingConfig(method="pretrain", residual_dtype="bfloat16", use_gpu=True)
+    with pytest.raises(ValueError, match=r"use_gpu: true, or speed\.residual_dtype: float32"):
+        TrainingConfig(method="pretrain", speed=SpeedConfig(residual_dtype="bfloat16"))
+    training = TrainingConfig(method="pretrain", speed=SpeedConfig(residual_dtype="bfloat16"),
+                              placement=PlacementConfig(use_gpu=True))
     with pytest.raises(ConfigError) as err:
-        speed.apply_settings(build_model(MODEL, 300), training, torch.device("cpu"))
+        speed.apply_settings(build_model(MODEL, 300), training.speed, torch.device("cpu"))
     assert "CUDA only" in err.value.cause and "residual_dtype: float32" in err.value.fix
 
 
@@ -213,7 +218,7 @@ def test_cross_entropy_from_logits_matches_torch(dtype, smoothing):
 @pytest.mark.slow  # inductor's C++ compilation of the model and the optimizer step on two cores
 def test_compiled_optimizer_step_gives_the_eager_losses():
     eager = _losses()
-    compiled = _losses(compile=True, compile_scope="model", compile_optimizer=True)
+    compiled = _losses(speed=SpeedConfig(compile=True, compile_scope="model", compile_optimizer=True))
     assert compiled == pytest.approx(eager, rel=1e-4)  # foreach AdamW fused by the compiler, same arithmetic
 
 
@@ -222,7 +227,7 @@ def test_compiled_optimizer_keeps_a_tensor_learning_rate_through_a_checkpoint():
     from lmforge.train.loop import adamw
 
     with pytest.raises(ValueError, match="compile: true"):
-        TrainingConfig(method="pretrain", compile_optimizer=True)
+        TrainingConfig(method="pretrain", speed=SpeedConfig(compile_optimizer=True))
     torch.manual_seed(0)
     model = build_model(MODEL, 300)
     optimizer = adamw(model, 1e-3, 0.01, torch.device("cpu"), compiled=True)
@@ -282,8 +287,9 @@ def test_a_compiled_optimizer_resumes_to_the_bit(tmp_path):
 
     ids = torch.randint(0, 300, (16, 32), generator=torch.Generator().manual_seed(1))
     rows = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-    training = TrainingConfig(method="pretrain", use_ray=False, log_every=1, cpu_threads=1, checkpoint_every=3,
-                              compile=True, compile_scope="model", compile_optimizer=True)
+    training = TrainingConfig(method="pretrain", placement=PlacementConfig(use_ray=False),
+                              logging=LoggingConfig(every=1), cpu_threads=1, checkpointing=CheckpointingConfig(every=3),
+                              speed=SpeedConfig(compile=True, compile_scope="model", compile_optimizer=True))
     phase = PHASE.model_copy(update={"warmup_steps": 2})
 
     def run(folder, resume=None):

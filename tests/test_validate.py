@@ -8,7 +8,7 @@ import pytest
 
 from conftest import run_cli
 from lmforge.data.documents import text_id, write_documents
-from lmforge.config.curation import UserExpectation, ValidationConfig
+from lmforge.config.validation import UserExpectation, ValidationConfig
 from lmforge.core.errors import ConfigError, DataError, ValidationFailed
 from lmforge.stages.validate import validate
 from lmforge.core.workspace import Workspace

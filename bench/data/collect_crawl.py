@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench.common.cli import add_common_arguments, out_dir, run
 from bench.common.record import record
-from lmforge.config.sources import DataConfig, FetchConfig, InstructionConfig, WebSource
+from lmforge.config.data import DataConfig, FetchConfig, InstructionConfig, WebSource
 from lmforge.core.workspace import Workspace
 from lmforge.stages.collect import collect
 

@@ -24,12 +24,7 @@ from pathlib import Path
 
 from bench.common.cli import add_common_arguments, out_dir, run
 from bench.common.record import record
-from lmforge.config.sources import (
-    DataConfig,
-    InstructionConfig,
-    LocalSource,
-    ParallelConfig,
-)
+from lmforge.config.data import DataConfig, InstructionConfig, LocalSource, ParallelConfig
 from lmforge.core.runtime import cpu_count
 from lmforge.core.workspace import Workspace
 from lmforge.stages.collect import collect

@@ -33,7 +33,7 @@ from bench.common.serve import (
     generate_tokens_per_s,
     save_tiny_model,
 )
-from lmforge.config.serving import ServingConfig
+from lmforge.config.serving import RuntimeConfig, SchedulerConfig, ServingConfig
 from lmforge.core.errors import DataError
 from lmforge.data.documents import read_texts
 from lmforge.data.packing import pack_documents
@@ -78,7 +78,7 @@ def perplexity(model, tokenizer, texts: list[str]) -> float:
 def onnx_speeds(model_dir: Path, prompts: list[list[int]], new: int) -> dict[str, float] | None:
     """The same runs through the ONNX Runtime backend, on an export made here (None without onnxruntime)."""
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime  # noqa: F401 - imported only to check that it is installed
 
         from lmforge.serving.export import export_onnx
     except ImportError:
@@ -86,7 +86,9 @@ def onnx_speeds(model_dir: Path, prompts: list[list[int]], new: int) -> dict[str
         return None
     with tempfile.TemporaryDirectory() as tmp:
         export_onnx(model_dir, Path(tmp))
-        engine = Engine.load(Path(tmp), cfg=ServingConfig(device="cpu", max_batch_size=len(prompts), max_queue=1024))
+        cfg = ServingConfig(runtime=RuntimeConfig(device="cpu"),
+                            scheduler=SchedulerConfig(max_batch_size=len(prompts), max_queue=1024))
+        engine = Engine.load(Path(tmp), cfg=cfg)
         try:
             return {"1": engine_tokens_per_s(engine, prompts[:1], new),
                     str(len(prompts)): engine_tokens_per_s(engine, prompts, new)}
@@ -128,7 +130,8 @@ def measure(args: argparse.Namespace, out: Path, prompt_len: int, new: int, conc
     speeds: dict[str, dict[str, float]] = {}
     many = str(concurrent)
     for quant in ("none", "int8"):
-        cfg = ServingConfig(device="cpu", max_batch_size=concurrent, max_queue=1024, quantization=quant)
+        cfg = ServingConfig(runtime=RuntimeConfig(device="cpu", quantization=quant),
+                            scheduler=SchedulerConfig(max_batch_size=concurrent, max_queue=1024))
         engine = Engine.load(model_dir, cfg=cfg)
         prompts = [ids[:prompt_len] for ids in (engine.encode(t) for t in texts) if len(ids) >= prompt_len][:concurrent]
         if len(prompts) < concurrent:

@@ -42,7 +42,7 @@ from bench.common.serve import (
     random_prompts,
     word_tokenizer,
 )
-from lmforge.config.serving import ServingConfig
+from lmforge.config.serving import RuntimeConfig, SchedulerConfig, ServingConfig
 from lmforge.serving.engine import Engine, SamplingParams
 
 PHASES = ("check", "engine", "poisson", "profile", "hf", "nooverlap", "nographs", "compile", "int8", "quant")
@@ -66,6 +66,11 @@ class Workload:
 
 FULL = Workload(LLAMA_1B, prompt=256, new=256, concurrent=64, rates=(4.0, 16.0, 48.0), min_requests=24)
 TINY = Workload(LLAMA_TINY, prompt=16, new=8, concurrent=4, rates=(20.0,), min_requests=4)
+
+
+def _batch(concurrent: int) -> SchedulerConfig:
+    """A running batch of ``concurrent`` requests, and a queue long enough for every row's requests."""
+    return SchedulerConfig(max_batch_size=concurrent, max_queue=4096)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -208,13 +213,14 @@ def variant_phases(model, tokenizer, phases: set[str], put, one, many, ours: dic
     """The engine without CUDA graphs, and with int8 weights (this last: it quantizes ``model``)."""
     pairs = (("1", one), (str(w.concurrent), many))
     if "nographs" in phases:
-        engine = Engine(model, tokenizer, ServingConfig(max_batch_size=w.concurrent, max_queue=4096, cuda_graphs=False))
+        eager = ServingConfig(scheduler=_batch(w.concurrent), runtime=RuntimeConfig(cuda_graphs=False))
+        engine = Engine(model, tokenizer, eager)
         for n, prompts in pairs:
             put(f"engine_no_cuda_graphs_{n}_tok_s", engine_tokens_per_s(engine, prompts, w.new, repeats=1),
                 "output tok/s", "engine with CUDA graphs (same job)", ours.get(n))
         engine.close()
     if "nooverlap" in phases:  # diagnosis: no decode launched ahead of the previous step's text handling
-        engine = Engine(model, tokenizer, ServingConfig(max_batch_size=w.concurrent, max_queue=4096))
+        engine = Engine(model, tokenizer, ServingConfig(scheduler=_batch(w.concurrent)))
         engine.backend.overlap = False  # the engine reads it every step
         for n, prompts in pairs:
             put(f"engine_no_overlap_{n}_tok_s", engine_tokens_per_s(engine, prompts, w.new), "output tok/s",
@@ -229,7 +235,7 @@ def variant_phases(model, tokenizer, phases: set[str], put, one, many, ours: dic
             quantize_int8(model)
             after = model(prompt).logits.float()
         put("int8_logits_rel_err", rel_err(after, before), "relative L2 error vs bf16 weights")
-        engine = Engine(model, tokenizer, ServingConfig(max_batch_size=w.concurrent, max_queue=4096))
+        engine = Engine(model, tokenizer, ServingConfig(scheduler=_batch(w.concurrent)))
         for n, prompts in pairs:
             put(f"engine_int8_{n}_tok_s", engine_tokens_per_s(engine, prompts, w.new, repeats=1), "output tok/s",
                 "engine with bf16 weights (same job)", ours.get(n))
@@ -295,7 +301,7 @@ def main() -> None:
         for name, err in check_kernels().items():
             put(f"kernel_rel_err_{name}", err, "relative L2 error vs PyTorch ops")
     t0 = time.perf_counter()
-    engine = Engine(model, tokenizer, ServingConfig(max_batch_size=w.concurrent, max_queue=4096, max_new_tokens=w.new))
+    engine = Engine(model, tokenizer, ServingConfig(scheduler=_batch(w.concurrent), max_new_tokens=w.new))
     put("engine_start_s", time.perf_counter() - t0, "s (KV cache, graph capture)")
     one = random_prompts(1, w.prompt, w.vocab)
     many = random_prompts(w.concurrent, w.prompt, w.vocab, seed=2)

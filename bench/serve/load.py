@@ -74,13 +74,13 @@ def start_server(model_dir: Path, max_batch_size: int):
 
     import uvicorn
 
-    from lmforge.config.serving import ServingConfig
+    from lmforge.config.serving import SchedulerConfig, ServingConfig
     from lmforge.serving.api.launch import bind_socket, url_for
     from lmforge.serving.api.server import create_app
     from lmforge.serving.engine import Engine
     from lmforge.serving.engine.metrics import EngineMetrics
 
-    cfg = ServingConfig(max_batch_size=max_batch_size, max_queue=4096, max_new_tokens=1024)
+    cfg = ServingConfig(scheduler=SchedulerConfig(max_batch_size=max_batch_size, max_queue=4096), max_new_tokens=1024)
     engine = Engine.load(model_dir, cfg=cfg, metrics=EngineMetrics())
     sock = bind_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, "bench", cfg), log_level="warning"))

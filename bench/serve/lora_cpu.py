@@ -32,7 +32,7 @@ from bench.common.serve import (
     random_prompts,
     word_tokenizer,
 )
-from lmforge.config.serving import ServingConfig
+from lmforge.config.serving import RuntimeConfig, SchedulerConfig, ServingConfig
 from lmforge.serving.engine import Engine
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -81,7 +81,8 @@ def main() -> None:
     add_common_arguments(parser, "a 2-layer model, short requests, one round: a check of this script")
     args = parser.parse_args()
     out, z = out_dir(args), TINY if args.tiny else FULL
-    cfg = ServingConfig(device="cpu", max_batch_size=z.concurrent, max_queue=1024)
+    cfg = ServingConfig(runtime=RuntimeConfig(device="cpu"),
+                        scheduler=SchedulerConfig(max_batch_size=z.concurrent, max_queue=1024))
     prompts = random_prompts(z.concurrent, z.prompt, z.shape["vocab_size"])
     with tempfile.TemporaryDirectory() as tmp:
         base_dir = Path(tmp) / "base"

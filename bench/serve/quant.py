@@ -50,7 +50,7 @@ from bench.common.serve import (
     random_prompts,
     word_tokenizer,
 )
-from lmforge.config.serving import ServingConfig
+from lmforge.config.serving import KVCacheConfig, RuntimeConfig, SchedulerConfig, ServingConfig
 from lmforge.serving.backends.base import PrefillItem
 from lmforge.serving.backends.paged import PagedBackend
 from lmforge.serving.engine import Engine
@@ -113,8 +113,8 @@ def speed_one(put: Put, shape: dict, tokenizer, one, many, new: int, weights: st
         weight_mb = torch.cuda.memory_allocated() / 2**20
     else:  # no allocator figure on the CPU: the weights' own bytes
         weight_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
-    cfg = ServingConfig(max_batch_size=len(many), max_queue=4096, max_new_tokens=new, kv_cache_dtype=kv,
-                        kv_cache_mb=sc.kv_cache_mb)
+    cfg = ServingConfig(scheduler=SchedulerConfig(max_batch_size=len(many), max_queue=4096), max_new_tokens=new,
+                        kv_cache=KVCacheConfig(dtype=kv, memory_mb=sc.kv_cache_mb))
     engine = Engine(model, tokenizer, cfg)
     budget = "4gib" if sc.kv_cache_mb == 4096 else f"{sc.kv_cache_mb}mib"
     try:
@@ -194,7 +194,8 @@ def engine_ppl(model, weights: str, kv: str, windows: list[list[int]]) -> float:
     """Per-byte perplexity of ``windows`` through the paged runner with these options."""
     model = copy.deepcopy(model)
     quantize_model(model, weights)
-    cfg = ServingConfig(max_batch_size=8, cuda_graphs=False, kv_cache_dtype=kv, kv_cache_mb=512)
+    cfg = ServingConfig(scheduler=SchedulerConfig(max_batch_size=8), runtime=RuntimeConfig(cuda_graphs=False),
+                        kv_cache=KVCacheConfig(dtype=kv, memory_mb=512))
     backend = PagedBackend(model, cfg, model.config.max_position_embeddings)
     nll, count = 0.0, 0
     for first in range(0, len(windows), 8):

@@ -30,7 +30,16 @@ import time
 from pathlib import Path
 
 from bench.common.cli import add_common_arguments, out_dir, run
-from lmforge.config.training import ModelConfig, PhaseConfig, TrainingConfig
+from lmforge.config.model import ModelConfig
+from lmforge.config.training import (
+    CheckpointingConfig,
+    LoggingConfig,
+    PhaseConfig,
+    PlacementConfig,
+    SpeedConfig,
+    TrainingConfig,
+    TrainValidationConfig,
+)
 from lmforge.core.workspace import Workspace
 
 MODEL = ModelConfig(architecture="gpt2", vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4,
@@ -38,8 +47,8 @@ MODEL = ModelConfig(architecture="gpt2", vocab_size=4096, hidden_size=256, num_l
 TINY_MODEL = MODEL.model_copy(update=dict(vocab_size=512, hidden_size=64, num_layers=2, intermediate_size=128,
                                           max_seq_len=64))
 BATCH = {"full": (32, 256), "tiny": (4, 64)}  # batch size, sequence length
-FAST = dict(compile=True, compile_scope="model", attention_backend="fa4", cuda_graphs=True,
-            residual_dtype="bfloat16", compile_optimizer=True)
+FAST = SpeedConfig(compile=True, compile_scope="model", attention_backend="fa4", cuda_graphs=True,
+                   residual_dtype="bfloat16", compile_optimizer=True)
 
 
 class Stop(Exception):
@@ -68,9 +77,11 @@ def write_corpus(ws: Workspace, megabytes: float) -> int:
 def training_config(steps: int, gpu: bool, fast: bool, tiny: bool = False) -> TrainingConfig:
     batch, seq = BATCH["tiny" if tiny else "full"]
     phase = PhaseConfig(steps=steps, learning_rate=1e-3, batch_size=batch, seq_len=seq, warmup_steps=10)
-    return TrainingConfig(method="pretrain", pretrain=phase, use_gpu=gpu, use_ray=False, num_workers=1,
-                          log_every=5, eval_every=steps // 3, checkpoint_every=steps // 3, val_batches=1 if tiny else 4,
-                          **(FAST if fast and gpu else {}))
+    return TrainingConfig(method="pretrain", pretrain=phase,
+                          placement=PlacementConfig(use_gpu=gpu, use_ray=False, num_workers=1),
+                          logging=LoggingConfig(every=5), checkpointing=CheckpointingConfig(every=steps // 3),
+                          validation=TrainValidationConfig(every=steps // 3, batches=1 if tiny else 4),
+                          speed=FAST if fast and gpu else SpeedConfig())
 
 
 def curve(result) -> list[tuple[int, float]]:
@@ -99,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
 
     gpu, model = not args.tiny, TINY_MODEL if args.tiny else MODEL
     ws = Workspace(args.home or Path(tempfile.mkdtemp(prefix="lmforge-engine-check-"))).ensure()
-    report: dict = {"device": torch.cuda.get_device_name(0) if gpu else "cpu", "settings": FAST if gpu else {},
+    report: dict = {"device": torch.cuda.get_device_name(0) if gpu else "cpu",
+                    "settings": FAST.model_dump(exclude_defaults=True) if gpu else {},
                     "corpus_chars": write_corpus(ws, 0.1 if args.tiny else 6.0)}
     train_tokenizer(model, ws)
     fast = training_config(args.steps, gpu, fast=True, tiny=args.tiny)

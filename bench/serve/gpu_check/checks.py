@@ -39,6 +39,7 @@ from bench.serve.gpu_check.models import (
     train_lora,
     train_prompt,
 )
+from lmforge.config.base import updated
 from lmforge.serving.engine import Engine
 
 METHODS = ("prefix", "ptuning_v2", "prompt", "ptuning")
@@ -106,7 +107,8 @@ class Checks:
         return serve(engine, self.setup()["prompts"], requests, self.scale.new)
 
     def load(self, model_dir: Path, **cfg) -> Callable[[], Engine]:
-        return lambda: Engine.load(model_dir, device=self.device, cfg=CFG.model_copy(update=cfg))
+        """An engine factory over ``CFG`` with ``cfg`` laid over it (groups as mappings: runtime={...})."""
+        return lambda: Engine.load(model_dir, device=self.device, cfg=updated(CFG, **cfg))
 
     def paths_ok(self, paths: dict, graphs: bool) -> bool:
         """On CUDA the engine must really take the Triton path, with or without captured graphs."""
@@ -158,13 +160,13 @@ class Checks:
                 result[name].update(effect(refs[name], refs[None], self.tol))
         parts = [judged(result[k]) for k in ("base", "a", "b")]
         result["ok"] = (all(parts) and result["a"]["effect_ok"] and result["b"]["effect_ok"]
-                        and self.paths_ok(paths, graphs=True) and paths["peak_batch"] == CFG.max_batch_size)
+                        and self.paths_ok(paths, graphs=True) and paths["peak_batch"] == CFG.scheduler.max_batch_size)
         return result
 
     def int8_multi_lora(self) -> dict:
         s = self.setup()
         ref, _ = self.unmerged()
-        outs, paths = with_engine(self.load(s["base"], adapters=s["adapters"], quantization="int8"),
+        outs, paths = with_engine(self.load(s["base"], adapters=s["adapters"], runtime={"quantization": "int8"}),
                                   lambda e: self.requests(e, MIXED))
         result = compare(outs, ref, TOLERANCES["int8"])
         result["paths"] = paths
@@ -179,7 +181,7 @@ class Checks:
         else:
             ref, _ = self.prompt_served("prefix")
             model_dir, requests, extra = self.prompt_dir("prefix"), [(p, None) for p in range(len(PROMPTS))], {}
-        outs, paths = with_engine(self.load(model_dir, cuda_graphs=False, **extra),
+        outs, paths = with_engine(self.load(model_dir, runtime={"cuda_graphs": False}, **extra),
                                   lambda e: self.requests(e, requests))
         # Same schedule and kernels; only a decode step's padding to the graph's bucket differs.
         tol = dict(self.tol, any=self.tol["first"])
@@ -206,7 +208,7 @@ class Checks:
         if self.cuda and torch.cuda.get_device_capability(self.device) < (8, 9):
             return {"ok": True, "skipped": "fp8 KV cache needs compute capability >= 8.9"}
         every = [(p, None) for p in range(len(PROMPTS))]
-        make = self.load(self.prompt_dir("prefix"), kv_cache_dtype="fp8")
+        make = self.load(self.prompt_dir("prefix"), kv_cache={"dtype": "fp8"})
         outs, paths = with_engine(make, lambda e: self.requests(e, every))
         with torch_ops():
             ref, _ = with_engine(make, lambda e: self.requests(e, every))

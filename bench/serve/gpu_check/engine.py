@@ -10,12 +10,12 @@ from typing import Callable
 import torch
 
 from bench.serve.gpu_check.models import NEW, Out, merged_model
-from lmforge.config.serving import ServingConfig
+from lmforge.config.serving import KVCacheConfig, SchedulerConfig, ServingConfig
 from lmforge.serving.engine import Engine, SamplingParams
 from lmforge.serving.engine.requests import CompletionCollector
 
-CFG = ServingConfig(max_batch_size=8, max_prefill_tokens=32, kv_block_size=16, kv_cache_mb=64,
-                    max_new_tokens=64, max_queue=64)
+CFG = ServingConfig(scheduler=SchedulerConfig(max_batch_size=8, max_prefill_tokens=32, max_queue=64),
+                    kv_cache=KVCacheConfig(block_size=16, memory_mb=64), max_new_tokens=64)
 
 
 class Recorder:

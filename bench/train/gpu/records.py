@@ -12,17 +12,18 @@ import torch
 from bench.common.record import command_line, record
 from bench.train.gpu.runner import Bench
 from bench.train.gpu.variants import ABLATIONS
-from lmforge.config.training import PhaseConfig, TrainingConfig
+from lmforge.config.training import PhaseConfig, PlacementConfig, TrainingConfig
 from lmforge.model.info import describe
 
 BENCH = "train_gpu"
+CPU = PlacementConfig(use_gpu=False)  # memory estimates assume no GPU placement
 
 
 def write_records(bench: Bench, device: str | None = None) -> None:
     """Ours against each same-run baseline, through ``bench.common.record``'s one format."""
     rows, out = bench.rows, bench.out
     command = command_line("PYTHONPATH=src python")  # one command for every record of the run
-    estimate = {shape: describe(s["model"], TrainingConfig(method="full", use_gpu=False, finetune=PhaseConfig(
+    estimate = {shape: describe(s["model"], TrainingConfig(method="full", placement=CPU, finetune=PhaseConfig(
         steps=1, learning_rate=1e-4, batch_size=s["batch"], seq_len=s["seq"])), s["vocab"])
         for shape, s in bench.shapes.items()}
     pairs = [("gpt2_124m_pretrain_tokens_per_s", "gpt2/lmforge", "gpt2/plain"),

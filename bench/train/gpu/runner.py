@@ -17,7 +17,8 @@ import torch
 
 from bench.train.gpu.idle_gaps import idle_gaps
 from bench.train.gpu.variants import EngineRun, PlainLoop, Variant
-from lmforge.config.training import LoraConfig, ModelConfig, PhaseConfig, TrainingConfig
+from lmforge.config.model import ModelConfig
+from lmforge.config.training import LoggingConfig, LoraConfig, PhaseConfig, TrainingConfig
 from lmforge.model.build import build_model, count_parameters, model_config
 from lmforge.model.info import mfu, train_flops_per_token
 from lmforge.train import loop
@@ -188,9 +189,10 @@ class Bench:
             s = self.shapes[shape]
             cfg = s["model"].model_copy(update={"vocab_multiple": spec.vocab_multiple})
             settings = spec.training_fields()
-            training = TrainingConfig(method=method, use_gpu=self.device.type == "cuda", use_ray=False, log_every=10**6,
-                                      weight_decay=0.01, lora=LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=LINEAR),
-                                      **settings)
+            training = TrainingConfig.model_validate({
+                "method": method, "placement": {"use_gpu": self.device.type == "cuda", "use_ray": False},
+                "logging": {"every": 10**6}, "optimizer": {"weight_decay": 0.01},
+                "lora": LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=LINEAR), **settings})
             torch.manual_seed(0)  # the same initial weights in every row: loss_last is comparable
             with self.device:
                 model = build_model(cfg, s["vocab"])
@@ -200,7 +202,7 @@ class Bench:
                 base_dir = Path(tempfile.mkdtemp())
                 model.save_pretrained(base_dir)
                 model = apply_method(model, training, base_dir, self.device)
-            speed.apply_settings(model, training, self.device)  # the engine's own steps (lmforge.train.worker)
+            speed.apply_settings(model, training.speed, self.device)  # the engine's own steps (lmforge.train.worker)
             if method not in ("pretrain", "full", "qlora"):
                 model = apply_method(model, training)
                 if self.device.type == "cuda":
@@ -231,8 +233,8 @@ class Bench:
                 if pageable:
                     loop.to_device = lambda t, device: t.to(device, non_blocking=True)
                 try:
-                    _, metrics = train_phase(model, name, cfg, training.model_copy(update={"log_every": warmup}),
-                                             batches, [], self.device, on_log=on_log)
+                    logged = training.model_copy(update={"logging": LoggingConfig(every=warmup)})
+                    _, metrics = train_phase(model, name, cfg, logged, batches, [], self.device, on_log=on_log)
                 finally:
                     loop.to_device = pinned
                 return marks[warmup] - begin, marks[warmup + steps] - marks[warmup], metrics[f"{name}_loss"]

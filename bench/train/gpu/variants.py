@@ -16,17 +16,17 @@ from lmforge.core.errors import ConfigError
 
 ABLATIONS = ("fused_adamw", "vocab64", "fused_loss", "compile_blocks")  # plain+X rows, one optimization each
 SHAPES = ("gpt2", "llama")
-# One word of an engine setting -> the TrainingConfig field it sets and the value.
+# One word of an engine setting -> the TrainingConfig field it sets (group.field) and the value.
 WORDS: dict[str, tuple[str, object]] = {
-    "model": ("compile_scope", "model"),  # the whole step in one graph (default: blocks compiled one by one)
-    "blocks": ("compile_scope", "blocks"),
-    "cudnn": ("attention_backend", "cudnn"),
-    "fa4": ("attention_backend", "fa4"),
-    "liger": ("loss_kernel", "liger"),
-    "graphs": ("cuda_graphs", True),
-    "fp8": ("fp8", True),
-    "bf16res": ("residual_dtype", "bfloat16"),
-    "opt": ("compile_optimizer", True),
+    "model": ("speed.compile_scope", "model"),  # the whole step in one graph (default: blocks compiled one by one)
+    "blocks": ("speed.compile_scope", "blocks"),
+    "cudnn": ("speed.attention_backend", "cudnn"),
+    "fa4": ("speed.attention_backend", "fa4"),
+    "liger": ("loss.kernel", "liger"),
+    "graphs": ("speed.cuda_graphs", True),
+    "fp8": ("speed.fp8", True),
+    "bf16res": ("speed.residual_dtype", "bfloat16"),
+    "opt": ("speed.compile_optimizer", True),
 }
 PAGEABLE = "+pageable"
 
@@ -66,7 +66,7 @@ class EngineSettings:
         return ",".join(self.words) + (PAGEABLE if self.pageable else "")
 
     def overrides(self) -> dict[str, object]:
-        """The TrainingConfig fields these words set."""
+        """The TrainingConfig fields these words set, as ``group.field``."""
         return dict(WORDS[word] for word in self.words)
 
 
@@ -97,11 +97,16 @@ class EngineRun:
     gradient_checkpointing: bool = False
     vocab_multiple: int = 64
 
-    def training_fields(self) -> dict[str, object]:
-        fields: dict[str, object] = {"compile": self.compile, "fused_loss": self.fused_loss}
+    def training_fields(self) -> dict[str, dict[str, object]]:
+        """The TrainingConfig groups this row sets: ``{"speed": {...}, "loss": {...}}``."""
+        fields: dict[str, object] = {"speed.compile": self.compile, "loss.fused": self.fused_loss}
         if self.gradient_checkpointing:
-            fields["gradient_checkpointing"] = True
-        return {**fields, **self.settings.overrides()}
+            fields["speed.gradient_checkpointing"] = True
+        groups: dict[str, dict[str, object]] = {}
+        for key, value in {**fields, **self.settings.overrides()}.items():
+            group, name = key.split(".")
+            groups.setdefault(group, {})[name] = value
+        return groups
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from lmforge.collection.parallel import bounded_map
 from lmforge.collection.types import Fingerprint, SourceContext, Unit, make_document
 from lmforge.collection.urls import normalize_url
 from lmforge.collection.web import fetch_unit
-from lmforge.config.sources import FeedSource
+from lmforge.config.data import FeedSource
 from lmforge.core.errors import DataError
 
 FEED_TYPES = ("application/rss+xml", "application/atom+xml", "application/rdf+xml", "application/xml",

@@ -70,7 +70,7 @@ class Response:
 
 class Fetcher:
     def __init__(self, cfg: Any, allow_private: bool, allow_networks: list[str]) -> None:
-        self.cfg = cfg  # lmforge.config.sources.FetchConfig
+        self.cfg = cfg  # lmforge.config.data.FetchConfig
         self.allow_private = allow_private
         self.allowed = networks(allow_networks)
         self.gate = HostGate(cfg.requests_per_second, cfg.concurrency_per_host)

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 from lmforge.collection.formats import FormatOptions, record_document
 from lmforge.collection.types import Fingerprint, SourceContext, Unit
-from lmforge.config.sources import HFSource
+from lmforge.config.data import HFSource
 from lmforge.core.errors import DataError
 
 

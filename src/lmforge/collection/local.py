@@ -5,7 +5,7 @@ stat changed is hashed, and only a changed hash re-reads it. Many files are spli
 read in parallel (:mod:`lmforge.collection.parallel`); a file larger than a shard streams in the
 source's own thread, so memory stays bounded by the shard size.
 
-    >>> from lmforge.config.sources import LocalSource
+    >>> from lmforge.config.data import LocalSource
     >>> source = LocalFiles(LocalSource(paths=["corpus/"], include=["*.md", "*.pdf"]))
 """
 
@@ -21,7 +21,7 @@ from typing import Iterator
 from lmforge.collection.formats import FormatOptions, documents_from_bytes, documents_from_path, is_supported
 from lmforge.collection.parallel import choose_backend, chunked, run_chunks
 from lmforge.collection.types import Fingerprint, SourceContext, Tally, Unit
-from lmforge.config.sources import LocalSource
+from lmforge.config.data import LocalSource
 from lmforge.core.errors import DataError
 
 

@@ -6,7 +6,7 @@ order**, keeping at most ``2 × workers`` chunks in flight. Memory is therefore 
 size times the window, never by the size of the corpus, and the output order (hence which URI a
 duplicated text is recorded under) does not depend on timing.
 
-The backend follows :class:`lmforge.config.sources.ParallelConfig`: ``auto`` reads small inputs
+The backend follows :class:`lmforge.config.data.ParallelConfig`: ``auto`` reads small inputs
 serially, uses Ray when a cluster address is configured (``parallel.ray_address`` or
 ``RAY_ADDRESS``) and the input reaches ``ray_min_files``, and a local process pool otherwise. On
 Ray, files must be reachable from the workers (S3, or a shared filesystem).

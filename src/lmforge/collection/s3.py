@@ -19,7 +19,7 @@ from typing import Any, Iterator
 from lmforge.collection.formats import FormatOptions, documents_from_stream, is_supported
 from lmforge.collection.parallel import choose_backend, chunked, run_chunks
 from lmforge.collection.types import Fingerprint, SourceContext, Tally, Unit
-from lmforge.config.sources import S3Source
+from lmforge.config.data import S3Source
 from lmforge.core.errors import DataError
 
 _SPOOL_BYTES = 16 * 2**20  # objects up to this size stay in memory, larger ones spill to a temp file

@@ -11,7 +11,7 @@ from itertools import groupby
 from typing import Iterator
 
 from lmforge.collection.types import Fingerprint, SourceContext, Unit, make_document
-from lmforge.config.sources import StdlibSource
+from lmforge.config.data import StdlibSource
 from lmforge.data.stdlib_docs import iter_stdlib_docs
 
 

@@ -121,7 +121,7 @@ class SourceContext:
     known: Callable[[str], UnitState | None]
     tally: Tally
     scratch_dir: Path
-    parallel: Any  # lmforge.config.sources.ParallelConfig
+    parallel: Any  # lmforge.config.data.ParallelConfig
     expect: Callable[[int], None] = lambda total: None
 
 

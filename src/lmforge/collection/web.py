@@ -28,7 +28,7 @@ from lmforge.collection.parallel import bounded_map
 from lmforge.collection.textdecode import decode_text
 from lmforge.collection.types import Fingerprint, SourceContext, Unit, make_document
 from lmforge.collection.urls import normalize_url, site_of
-from lmforge.config.sources import WebSource
+from lmforge.config.data import WebSource
 from lmforge.core.errors import DataError
 
 _SITEMAP_TYPES = ("application/xml", "text/xml", "application/gzip", "application/x-gzip", "text/plain")

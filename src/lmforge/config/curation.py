@@ -1,9 +1,8 @@
-"""Configs of the data-preparation stages: curation, validation and tokenization.
+"""The ``curation`` section: which cleaning, filtering and deduplication steps run, and their settings.
 
 Curation is a list of named steps (``curation.steps``), each configured by its own small model;
 thresholds that cannot make sense (a minimum above its maximum, a fraction outside [0, 1]) are
-rejected when the config loads, so a bad setting never reaches a long run. Re-exported by
-:mod:`lmforge.config.stages`.
+rejected when the config loads, so a bad setting never reaches a long run.
 """
 
 from __future__ import annotations
@@ -11,13 +10,9 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-
-class _Section(BaseModel):
-    # Same contract as stages.StageConfig (not imported: stages imports this module).
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+from lmforge.config.base import Section, check_range
 
 # Every step and the phase it runs in. Per-document steps run in list order inside a phase;
 # phases run in this order because boilerplate needs every document's lines first, dedup needs
@@ -34,12 +29,7 @@ DEFAULT_STEPS = ["normalize", "fix_mojibake", "strip_html", "clean_whitespace", 
                  "language", "quality", "pii", "decontaminate", "exact_dedup", "near_dedup"]
 
 
-def _check_range(low: float, high: float, low_name: str, high_name: str) -> None:
-    if low > high:
-        raise ValueError(f"{low_name} ({low}) must not exceed {high_name} ({high})")
-
-
-class BoilerplateConfig(_Section):
+class BoilerplateConfig(Section):
     """Lines repeated across many documents of one source (headers, footers, cookie banners)."""
 
     min_documents: int = Field(5, ge=2, description="A line is boilerplate when at least this many documents "
@@ -49,7 +39,7 @@ class BoilerplateConfig(_Section):
     min_line_chars: int = Field(20, ge=1, description="Shorter lines (blank, `}`, `Returns:`) are never boilerplate.")
 
 
-class QualityConfig(_Section):
+class QualityConfig(Section):
     """Gopher- and C4-style document heuristics; a document failing one is removed as `quality.<check>`.
 
     The defaults are looser than Gopher's web-text values (min_words 50, mean word length 3-10,
@@ -82,9 +72,9 @@ class QualityConfig(_Section):
                                       "cookie notice tolerated before removal.")
 
     @model_validator(mode="after")
-    def _ranges(self) -> "QualityConfig":
-        _check_range(self.min_words, self.max_words, "min_words", "max_words")
-        _check_range(self.min_mean_word_length, self.max_mean_word_length, "min_mean_word_length",
+    def _ranges(self) -> QualityConfig:
+        check_range(self.min_words, self.max_words, "min_words", "max_words")
+        check_range(self.min_mean_word_length, self.max_mean_word_length, "min_mean_word_length",
                      "max_mean_word_length")
         for name in ("max_top_ngram_char_fraction", "max_duplicate_ngram_char_fraction"):
             for n, fraction in getattr(self, name).items():
@@ -93,7 +83,7 @@ class QualityConfig(_Section):
         return self
 
 
-class LanguageConfig(_Section):
+class LanguageConfig(Section):
     keep: list[str] = Field(default_factory=lambda: ["en"], description="ISO 639-1 codes to keep; empty keeps all.")
     min_score: float = Field(0.5, ge=0, le=1, description="Documents identified with less confidence are removed.")
     max_chars: int = Field(2000, gt=0, description="Characters of each document the identifier reads.")
@@ -114,12 +104,12 @@ PiiKind = Literal["email", "phone", "ip_address", "credit_card", "secret"]
 PII_KINDS: tuple[PiiKind, ...] = ("email", "phone", "ip_address", "credit_card", "secret")
 
 
-class PiiConfig(_Section):
+class PiiConfig(Section):
     kinds: list[PiiKind] = Field(default_factory=lambda: list(PII_KINDS))
     keep_private_ips: bool = Field(True, description="Loopback, private and documentation addresses name nobody.")
 
 
-class DecontaminationConfig(_Section):
+class DecontaminationConfig(Section):
     """Overlap with evaluation sets (the SFT test set): word n-grams, as in GPT-3 and Llama."""
 
     ngram: int = Field(13, ge=3, description="Word n-gram length that counts as overlap.")
@@ -131,12 +121,12 @@ class DecontaminationConfig(_Section):
                               description="Fields of each evaluation record to match.")
 
     @model_validator(mode="after")
-    def _sizes(self) -> "DecontaminationConfig":
-        _check_range(self.min_words, self.ngram, "min_words", "ngram")
+    def _sizes(self) -> DecontaminationConfig:
+        check_range(self.min_words, self.ngram, "min_words", "ngram")
         return self
 
 
-class NearDedupConfig(_Section):
+class NearDedupConfig(Section):
     """MinHash over word shingles with LSH banding; candidates are verified on estimated Jaccard."""
 
     shingle_size: int = Field(5, ge=1, description="Words per shingle.")
@@ -152,7 +142,7 @@ class NearDedupConfig(_Section):
     seed: int = 1
 
     @model_validator(mode="after")
-    def _bands(self) -> "NearDedupConfig":
+    def _bands(self) -> NearDedupConfig:
         if (self.bands is None) != (self.rows is None):
             raise ValueError("set both bands and rows, or neither")
         if self.bands is not None and self.rows is not None and self.bands * self.rows > self.num_perm:
@@ -160,7 +150,7 @@ class NearDedupConfig(_Section):
         return self
 
 
-class ClassicConfig(_Section):
+class ClassicConfig(Section):
     """Classic NLP steps (segment_words, remove_stopwords, stem): for keyword indexes, not for LMs."""
 
     language: str = Field("english", description="Snowball stemmer language.")
@@ -168,7 +158,9 @@ class ClassicConfig(_Section):
                                          "English + Chinese list.")
 
 
-class CurationConfig(_Section):
+class CurationConfig(Section):
+    """The curate stage's section: the steps in order, document bounds, and each step's settings."""
+
     steps: list[str] = Field(default_factory=lambda: list(DEFAULT_STEPS), description=(
         "Curation steps in order (see `lmforge config schema`): " + ", ".join(STEP_PHASES)))
     normalize: NormalForm = Field("NFKC", description="Unicode normalization form.")
@@ -190,7 +182,7 @@ class CurationConfig(_Section):
         "(with more than one shard); 0 never uses Ray.")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "CurationConfig":
+    def _consistent(self) -> CurationConfig:
         if self.min_chars >= self.max_chars:
             raise ValueError(f"min_chars ({self.min_chars}) must be below max_chars ({self.max_chars})")
         seen: set[str] = set()
@@ -206,66 +198,3 @@ class CurationConfig(_Section):
             seen.add(name)
             phase = STEP_PHASES[name]
         return self
-
-
-# ---------------------------------------------------------------- validation
-
-
-class UserExpectation(_Section):
-    """One Great Expectations expectation added to the curated-corpus suite."""
-
-    type: str = Field(..., pattern=r"^expect_[a-z0-9_]+$", description="GX expectation type, e.g. "
-                      "expect_column_values_to_match_regex.")
-    kwargs: dict = Field(default_factory=dict, description="Its arguments, e.g. {column: text, regex: '\\\\w'}.")
-    name: str | None = Field(None, description="Name in reports; default the type.")
-
-
-class TokenizedChecks(_Section):
-    """Thresholds of the tokenized-dataset suite (run by the tokenize stage)."""
-
-    min_rows: int = Field(1, ge=1, description="Rows every split of every built dataset must have.")
-    max_unknown_rate: float = Field(0.001, ge=0, le=1, description="Largest share of unknown tokens.")
-    min_mean_length_fraction: float = Field(
-        0.05, ge=0, le=1, description="Mean non-padding length of SFT rows, as a share of seq_len, at least.")
-    min_supervised_tokens: int = Field(1, ge=1, description="Every SFT row trains on at least this many tokens.")
-
-
-class ValidationConfig(_Section):
-    enabled: bool = Field(True, description="Run the Great Expectations gate before training.")
-    min_documents: int = Field(50, ge=1, description="Fail when the curated corpus has fewer documents.")
-    min_chars: int = Field(1, ge=0, description="Every document must be at least this long.")
-    max_chars: int = Field(50_000, gt=0, description="Every document must be at most this long.")
-    max_duplicate_fraction: float = Field(0.0, ge=0, le=1, description="Allowed share of duplicate texts.")
-    allowed_sources: list[str] = Field(
-        default_factory=list,
-        description="Source types a document may come from (e.g. [stdlib, local]); empty skips the check.",
-    )
-    languages: list[str] = Field(default_factory=list, description="Languages documents may be in (from "
-                                 "curation's language step); empty skips the check.")
-    min_language_share: float = Field(0.95, ge=0, le=1, description="Share of documents in `languages`.")
-    max_pii_documents: int = Field(0, ge=0, description="Documents that may still hold PII after scrubbing.")
-    max_eval_overlap_documents: int = Field(0, ge=0, description="Training documents that may overlap an "
-                                            "evaluation set (held-out split or SFT test set).")
-    expectations: list[UserExpectation] = Field(default_factory=list, description="Extra GX expectations.")
-    data_docs: bool = Field(True, description="Build Great Expectations Data Docs in the workspace.")
-    tokenized: TokenizedChecks = Field(default_factory=TokenizedChecks)
-
-    @model_validator(mode="after")
-    def _bounds(self) -> "ValidationConfig":
-        _check_range(self.min_chars, self.max_chars, "min_chars", "max_chars")
-        return self
-
-
-# ---------------------------------------------------------------- tokenization
-
-
-class TokenizeConfig(_Section):
-    """The tokenize stage: the tokenizer (see `model`) and the tokenized datasets built with it."""
-
-    build_datasets: bool = Field(True, description="Build tokenized datasets (Arrow) after the tokenizer.")
-    cross_document_attention: bool = Field(
-        True, description="False adds per-document position_ids to packed rows so training can keep "
-        "attention inside each document.")
-    finetune_heldout_fraction: float = Field(0.05, gt=0, lt=0.5, description="Share of SFT train records "
-                                             "(by hash) held out as the finetune validation split.")
-    batch_size: int = Field(1000, gt=0, description="Records tokenized per batch.")

@@ -1,20 +1,26 @@
-"""Read a YAML config file into a :class:`PipelineConfig`, with errors that name key and file."""
+"""Read a YAML config file into a :class:`PipelineConfig`, with errors that name key and file.
+
+An unknown key is an error; a key that an older version of lmforge had at another place (a flat
+``training.log_every``, now ``training.logging.every``) gets its new place named in the fix, from the
+``moved_keys`` of the section that lost it.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import ValidationError
 
-from lmforge.config.stages import PipelineConfig
+from lmforge.config.base import Section
+from lmforge.config.pipeline import PipelineConfig
 from lmforge.core.errors import ConfigError
 
 # Discriminated-union tags pydantic puts into error locations; they are noise for a user.
 SOURCE_TAGS = ("stdlib", "local", "web", "feed", "s3", "hf")
+
+S = TypeVar("S", bound=Section)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
@@ -30,17 +36,39 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def parse_config(raw: dict[str, Any], where: str = "the config") -> PipelineConfig:
+    """Validate a whole pipeline config read from ``where`` (a file name, for the error)."""
+    return parse_section(PipelineConfig, raw, where)
+
+
+def parse_section(model: type[S], raw: Any, where: str) -> S:
+    """Validate ``raw`` as ``model`` (the pipeline, or one section read alone, as a serving-config file is).
+
+    Raises :class:`ConfigError` listing every bad key of ``where``; keys that moved get their new place.
+    """
     try:
-        return PipelineConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, where), f"correct the listed key(s) in {where}; "
-                          "`lmforge config schema` lists every key and its allowed values") from None
+        problems, moves = _describe(exc, model)
+        fix = f"correct the listed key(s) in {where}; `lmforge config schema` lists every key and its allowed values"
+        if moves:
+            moved = "; ".join(f"{old} is now {new}" for old, new in moves)
+            others = len(problems) > len(moves)
+            fix = f"{moved} (move {'them' if len(moves) > 1 else 'it'} there in {where})" + (
+                f"; {fix.replace('listed', 'other listed')}" if others else "")
+        raise ConfigError(f"{where}: " + "; ".join(problems), fix) from None
 
 
-def config_hash(config: PipelineConfig) -> str:
-    """Stable digest of a resolved config, recorded as lineage on every run."""
-    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+def moved_key(model: type[Section], loc: list[str | int]) -> str | None:
+    """Where the unknown key at ``loc`` (inside ``model``) lives now, dotted, or None if it never moved."""
+    section: type[Section] = model
+    for part in loc[:-1]:
+        field = section.model_fields.get(part) if isinstance(part, str) else None
+        kind = field.annotation if field is not None else None
+        if not (isinstance(kind, type) and issubclass(kind, Section)):
+            return None
+        section = kind
+    new = section.moved_keys.get(str(loc[-1]))
+    return ".".join([*map(str, loc[:-1]), new]) if new else None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -62,19 +90,24 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _describe(exc: ValidationError, where: str) -> str:
-    lines = []
+def _describe(exc: ValidationError, model: type[Section]) -> tuple[list[str], list[tuple[str, str]]]:
+    """One line per error, and (old key, new key) for each unknown key that moved."""
+    lines, moves = [], []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"] if p not in SOURCE_TAGS)
+        loc = [p for p in err["loc"] if p not in SOURCE_TAGS]
+        key = ".".join(str(p) for p in loc)
         if err["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{key}'")
+            new = moved_key(model, loc)
+            lines.append(f"unknown key '{key}'" + (f" (moved to '{new}')" if new else ""))
+            if new:
+                moves.append((key, new))
         elif err["type"] == "missing":
             lines.append(f"missing required key '{key}'")
         else:
             value = err.get("input")
             shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
             lines.append(f"invalid value for '{key}'{shown}: {err['msg']}")
-    return f"{where}: " + "; ".join(lines)
+    return lines, moves
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -1,16 +1,23 @@
-"""Configs of the model and train stages: architecture, phases, the fine-tuning method and its knobs.
+"""The ``training`` section: phases, the fine-tuning method, and one small group per concern.
 
-Re-exported by :mod:`lmforge.config.stages` (the pipeline composes them there). Like every stage
-config these are frozen and forbid unknown keys; ``training.method`` chooses how the fine-tuning
-phase trains, and the method's own section (``lora``, ``adapter``, ``prompt_learning``, ``ia3``)
-holds its settings.
+``training.method`` chooses how the fine-tuning phase trains, and the method's own group (``lora``,
+``adapter``, ``prompt_learning``, ``ia3``) holds its settings. The rest is grouped by the part of
+the engine that reads it, one small documented class per group (as torchtitan's job config is):
+``placement`` (Ray workers and GPUs: :mod:`lmforge.train.launch`), ``optimizer`` and ``loss`` (the
+loop and its objective), ``speed`` (switches that make a step faster without changing what it
+learns; :mod:`lmforge.train.accel.speed` receives only this group), and the loop's periodic work,
+each with its ``every``: ``validation``, ``checkpointing``, ``logging``. A rule that spans groups
+lives on :class:`TrainingConfig`; the flat keys of older files are in ``TrainingConfig.moved_keys``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from lmforge.config.base import Section
 
 METHODS = ("pretrain", "full", "lora", "qlora", "adapter", "prefix", "ptuning_v2", "prompt", "ptuning", "ia3")
 Method = Literal["pretrain", "full", "lora", "qlora", "adapter", "prefix", "ptuning_v2", "prompt", "ptuning", "ia3"]
@@ -18,63 +25,25 @@ Method = Literal["pretrain", "full", "lora", "qlora", "adapter", "prefix", "ptun
 _LEGACY_METHODS = {"lora": "lora", "full": "full", "none": "pretrain"}
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelConfig(_Frozen):
-    """A decoder-only Transformer built from config, or a pretrained base."""
-
-    architecture: str = Field(
-        "llama",
-        description="transformers causal-LM model type: llama (RoPE, GQA, SwiGLU, RMSNorm), gpt2, or any "
-        "other model type transformers knows (mistral, qwen2, gpt_neox, ...), built with the dimensions below.",
-    )
-    base_model: str | None = Field(
-        None, description="A local model directory or hub name to start from instead of random weights."
-    )
-    vocab_size: int = Field(2048, ge=256, description="Size of the byte-level BPE tokenizer to train.")
-    hidden_size: int = Field(128, gt=0)
-    num_layers: int = Field(2, gt=0)
-    num_heads: int = Field(4, gt=0)
-    num_kv_heads: int = Field(2, gt=0, description="Grouped-query attention: key/value heads.")
-    intermediate_size: int = Field(384, gt=0)
-    max_seq_len: int = Field(256, ge=16, description="Context window in tokens.")
-    dropout: float = Field(0.0, ge=0, lt=1)
-    tie_embeddings: bool = Field(
-        True, description="Share the input embedding and output layer weights (most of a small model's parameters)."
-    )
-    vocab_multiple: int = Field(
-        1, ge=1, description="Round the embedding rows up to a multiple of this (64 speeds up GPU matrix "
-        "products); the extra rows are never a target, so training pushes their logits down.",
-    )
-
-    @model_validator(mode="after")
-    def _heads(self) -> "ModelConfig":
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
-        return self
-
-
-class PhaseConfig(_Frozen):
+class PhaseConfig(Section):
     """One optimization phase (pretraining or fine-tuning)."""
 
     steps: int = Field(..., ge=0, description="Optimizer steps; 0 skips the phase.")
-    learning_rate: float = Field(..., gt=0)
+    learning_rate: float = Field(..., gt=0, description="Peak learning rate, reached at the end of the warm-up.")
     batch_size: int = Field(8, gt=0, description="Sequences per worker per micro-batch.")
     seq_len: int = Field(128, ge=8, description="Tokens per training sequence.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    warmup_steps: int = Field(10, ge=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(10, ge=0, description="Steps of linear warm-up to learning_rate.")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="After the warm-up: cosine or linear decay to a tenth of learning_rate, or constant."
+    )
 
 
-class LoraConfig(_Frozen):
+class LoraConfig(Section):
     """LoRA and QLoRA: low-rank updates of the chosen linear layers."""
 
     r: int = Field(16, gt=0, description="LoRA rank.")
-    alpha: int = Field(32, gt=0)
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator: updates are scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -82,7 +51,7 @@ class LoraConfig(_Frozen):
     )
 
 
-class AdapterConfig(_Frozen):
+class AdapterConfig(Section):
     """Bottleneck adapters (Houlsby et al. 2019) or, as a variant, LLaMA-Adapter (through peft)."""
 
     variant: Literal["houlsby", "llama_adapter"] = Field(
@@ -99,17 +68,17 @@ class AdapterConfig(_Frozen):
     adapter_layers: int = Field(2, gt=0, description="llama_adapter: number of top layers that get prompts.")
 
 
-class PromptLearningConfig(_Frozen):
+class PromptLearningConfig(Section):
     """Virtual-token methods: prefix, ptuning_v2, prompt, ptuning."""
 
-    num_virtual_tokens: int = Field(16, gt=0)
+    num_virtual_tokens: int = Field(16, gt=0, description="Virtual tokens learned in front of every sequence.")
     encoder_hidden_size: int = Field(
         128, gt=0, description="prefix: width of the reparameterization MLP; ptuning: of the prompt encoder."
     )
     encoder: Literal["MLP", "LSTM"] = Field("MLP", description="ptuning: prompt encoder type.")
 
 
-class IA3Config(_Frozen):
+class IA3Config(Section):
     """(IA)^3: learned rescaling of keys, values and feed-forward activations."""
 
     target_modules: list[str] = Field(
@@ -121,7 +90,117 @@ class IA3Config(_Frozen):
     )
 
 
-class TrainingConfig(_Frozen):
+class PlacementConfig(Section):
+    """Where the workers run: Ray Train's DDP ranks (or one process in-line), their CPUs and GPUs."""
+
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks).")
+    cpus_per_worker: float = Field(0.5, gt=0, description="Logical CPUs each worker reserves in Ray.")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend, bf16 autocast.")
+    use_ray: bool = Field(True, description="Launch through Ray Train; false runs one process in-line.")
+
+
+class OptimizerConfig(Section):
+    """AdamW's settings beside the phase's learning rate and schedule."""
+
+    weight_decay: float = Field(
+        0.01, ge=0, description="AdamW weight decay of the weight matrices (biases and norms get none)."
+    )
+    grad_clip: float = Field(1.0, gt=0, description="Largest global gradient norm; larger gradients are scaled down.")
+
+
+class LossConfig(Section):
+    """The training objective: next-token cross-entropy, and how it is computed."""
+
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="Share of each target's probability spread over the vocabulary; 0 is plain "
+        "cross-entropy.",
+    )
+    fused: bool = Field(
+        True, description="Chunked output-layer + cross-entropy that never holds all logits at once."
+    )
+    kernel: Literal["torch", "liger"] = Field(
+        "torch", description="The fused loss's implementation: torch (chunks in plain torch, anywhere) or liger "
+        "(Liger kernels' Triton fused linear cross-entropy; CUDA with liger-kernel installed).",
+    )
+
+
+class SpeedConfig(Section):
+    """Switches that make a step faster or lighter without changing what the model learns."""
+
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
+    compile: bool = Field(False, description="torch.compile the model (worth it on GPUs); compile_scope says how much.")
+    compile_scope: Literal["blocks", "model"] = Field(
+        "blocks", description="blocks: each Transformer block alone (one graph for all, short compile, works with "
+        "every method); model: the whole forward with its loss in one graph (embeddings, head and loss fused too; "
+        "uses the plain loss, so the logits are held).",
+    )
+    cuda_graphs: bool = Field(
+        False, description="With compile_scope: model on CUDA, replay each step's forward and backward as CUDA "
+        "graphs (torch.compile's reduce-overhead mode): no per-kernel launch cost left on the host. Needs "
+        "grad_accum 1, one worker and fixed batch shapes (packed data).",
+    )
+    compile_optimizer: bool = Field(
+        False, description="torch.compile the gradient clipping and the optimizer step too (foreach AdamW fused by "
+        "the compiler; under cuda_graphs replayed as a CUDA graph with the step). Needs compile: true.",
+    )
+    fp8: bool = Field(
+        False, description="FP8 matrix products in the linear layers (torchao float8 training, dynamic per-tensor "
+        "scales; the output layer stays bf16). Methods pretrain and full, on Ada/Hopper or newer GPUs. Pays "
+        "on wide layers (Llama 1.1B: +13% on an H100), not on narrow ones (GPT-2 124M: -12%).",
+    )
+    residual_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="The residual stream's dtype on GPUs (embeddings and the sum every block adds to). "
+        "float32 keeps it at the weights' precision; bfloat16 halves its memory traffic, as Megatron-LM does "
+        "by default (products already run in bf16 under autocast). Pays where elementwise work is a large "
+        "share of a step (small models). Needs placement.use_gpu.",
+    )
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "fa4"] = Field(
+        "auto", description="SDPA kernel tried first on CUDA: auto is cudnn on Hopper (measured fastest there) and "
+        "torch's own order elsewhere; the others stay as fallbacks. fa4: FlashAttention-4's kernels instead of "
+        "SDPA (Hopper/Blackwell, flash-attn-4 installed, no attention dropout or padding mask).",
+    )
+
+    @model_validator(mode="after")
+    def _compiled_optimizer(self) -> SpeedConfig:
+        if self.compile_optimizer and not self.compile:
+            raise ValueError("compile_optimizer compiles the optimizer step with the model: set compile: true, or "
+                             "compile_optimizer: false")
+        return self
+
+
+class TrainValidationConfig(Section):
+    """The validation loss on held-out batches during a phase, and early stopping on it."""
+
+    every: int = Field(0, ge=0, description="Steps between validation losses; 0: only at the end of a phase.")
+    batches: int = Field(8, gt=0, description="Held-out batches per worker for each validation loss.")
+    early_stopping_patience: int = Field(
+        0, ge=0, description="Stop a phase after this many validations without a better loss (and keep the "
+        "best weights); 0 never stops early. Needs every.",
+    )
+
+    @model_validator(mode="after")
+    def _early_stopping(self) -> TrainValidationConfig:
+        if self.early_stopping_patience and not self.every:
+            raise ValueError("early_stopping_patience needs every > 0 (validations to compare)")
+        return self
+
+
+class CheckpointingConfig(Section):
+    """Checkpoints a run can resume from (``lmforge train --resume RUN_ID``)."""
+
+    every: int = Field(0, ge=0, description="Steps between checkpoints; 0 writes none.")
+    keep: int = Field(2, ge=1, description="Checkpoints kept per run (older ones are deleted).")
+
+
+class LoggingConfig(Section):
+    """The metrics the loop logs (history, progress lines, the tracker)."""
+
+    every: int = Field(10, gt=0, description="Steps between logged metrics (and NaN checks).")
+
+
+class TrainingConfig(Section):
+    """The train stage's section: what to train (phases, method) and how (one group per concern)."""
+
     pretrain: PhaseConfig = Field(
         # About four passes over the ~300k-token default corpus with two workers: a couple of
         # minutes on two CPU cores, enough for the demo model to learn real structure.
@@ -142,65 +221,31 @@ class TrainingConfig(_Frozen):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     prompt_learning: PromptLearningConfig = Field(default_factory=PromptLearningConfig)
     ia3: IA3Config = Field(default_factory=IA3Config)
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks).")
-    cpus_per_worker: float = Field(0.5, gt=0, description="Logical CPUs each worker reserves in Ray.")
-    use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend, bf16 autocast.")
-    use_ray: bool = Field(True, description="Launch through Ray Train; false runs one process in-line.")
-    weight_decay: float = Field(0.01, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
-    compile: bool = Field(False, description="torch.compile the model (worth it on GPUs); compile_scope says how much.")
-    compile_scope: Literal["blocks", "model"] = Field(
-        "blocks", description="blocks: each Transformer block alone (one graph for all, short compile, works with "
-        "every method); model: the whole forward with its loss in one graph (embeddings, head and loss fused too; "
-        "uses the plain loss, so the logits are held).",
-    )
-    cuda_graphs: bool = Field(
-        False, description="With compile_scope: model on CUDA, replay each step's forward and backward as CUDA "
-        "graphs (torch.compile's reduce-overhead mode): no per-kernel launch cost left on the host. Needs "
-        "grad_accum 1 and fixed batch shapes (packed data).",
-    )
-    compile_optimizer: bool = Field(
-        False, description="torch.compile the gradient clipping and the optimizer step too (foreach AdamW fused by "
-        "the compiler; under cuda_graphs replayed as a CUDA graph with the step). Needs compile: true.",
-    )
-    fp8: bool = Field(
-        False, description="FP8 matrix products in the linear layers (torchao float8 training, dynamic per-tensor "
-        "scales; the output layer stays bf16). Methods pretrain and full, on Ada/Hopper or newer GPUs. Pays "
-        "on wide layers (Llama 1.1B: +13% on an H100), not on narrow ones (GPT-2 124M: -12%).",
-    )
-    residual_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="The residual stream's dtype on GPUs (embeddings and the sum every block adds to). "
-        "float32 keeps it at the weights' precision; bfloat16 halves its memory traffic, as Megatron-LM does "
-        "by default (products already run in bf16 under autocast). Pays where elementwise work is a large "
-        "share of a step (small models). Needs use_gpu.",
-    )
-    fused_loss: bool = Field(
-        True, description="Chunked output-layer + cross-entropy that never holds all logits at once."
-    )
-    loss_kernel: Literal["torch", "liger"] = Field(
-        "torch", description="The fused loss's implementation: torch (chunks in plain torch, anywhere) or liger "
-        "(Liger kernels' Triton fused linear cross-entropy; CUDA with liger-kernel installed).",
-    )
-    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "fa4"] = Field(
-        "auto", description="SDPA kernel tried first on CUDA: auto is cudnn on Hopper (measured fastest there) and "
-        "torch's own order elsewhere; the others stay as fallbacks. fa4: FlashAttention-4's kernels instead of "
-        "SDPA (Hopper/Blackwell, flash-attn-4 installed, no attention dropout or padding mask).",
-    )
-    seed: int = 0
-    log_every: int = Field(10, gt=0, description="Steps between logged metrics (and NaN checks).")
-    val_batches: int = Field(8, gt=0, description="Held-out batches per worker for each validation loss.")
-    eval_every: int = Field(0, ge=0, description="Steps between validation losses; 0: only at the end of a phase.")
-    early_stopping_patience: int = Field(
-        0, ge=0, description="Stop a phase after this many validations without a better loss (and keep the "
-        "best weights); 0 never stops early. Needs eval_every.",
-    )
-    checkpoint_every: int = Field(0, ge=0, description="Steps between checkpoints; 0 writes none.")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per run (older ones are deleted).")
+    seed: int = Field(0, description="Seed of the weights' initialization, the data order and dropout.")
     cpu_threads: int = Field(
-        0, ge=0, description="torch threads per worker when training on CPU; 0 shares the node's cores among its workers."
+        0, ge=0,
+        description="torch threads per worker when training on CPU; 0 shares the node's cores among its workers.",
     )
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    speed: SpeedConfig = Field(default_factory=SpeedConfig)
+    validation: TrainValidationConfig = Field(default_factory=TrainValidationConfig)
+    checkpointing: CheckpointingConfig = Field(default_factory=CheckpointingConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    # The flat keys of files written before the groups, and where each lives now.
+    moved_keys: ClassVar[Mapping[str, str]] = {
+        **{key: f"placement.{key}" for key in ("num_workers", "cpus_per_worker", "use_gpu", "use_ray")},
+        **{key: f"optimizer.{key}" for key in ("weight_decay", "grad_clip")},
+        "label_smoothing": "loss.label_smoothing", "fused_loss": "loss.fused", "loss_kernel": "loss.kernel",
+        **{key: f"speed.{key}" for key in ("gradient_checkpointing", "compile", "compile_scope", "cuda_graphs",
+                                          "compile_optimizer", "fp8", "residual_dtype", "attention_backend")},
+        "eval_every": "validation.every", "val_batches": "validation.batches",
+        "early_stopping_patience": "validation.early_stopping_patience",
+        "checkpoint_every": "checkpointing.every", "keep_checkpoints": "checkpointing.keep",
+        "log_every": "logging.every",
+    }
 
     @model_validator(mode="before")
     @classmethod
@@ -216,37 +261,37 @@ class TrainingConfig(_Frozen):
         return data
 
     @model_validator(mode="after")
-    def _early_stopping(self) -> "TrainingConfig":
-        if self.early_stopping_patience and not self.eval_every:
-            raise ValueError("early_stopping_patience needs eval_every > 0 (validations to compare)")
-        if self.cuda_graphs:
+    def _across_groups(self) -> TrainingConfig:
+        speed = self.speed
+        if speed.cuda_graphs:
             self._check_cuda_graphs()
-        if self.compile_optimizer and not self.compile:
-            raise ValueError("compile_optimizer compiles the optimizer step with the model: set compile: true, or "
-                             "compile_optimizer: false")
-        if self.residual_dtype == "bfloat16" and not self.use_gpu:
-            raise ValueError("residual_dtype: bfloat16 needs bf16 autocast, which runs on GPUs only: set use_gpu: "
-                             "true, or residual_dtype: float32")
-        if self.fp8 and self.method not in ("pretrain", "full"):
-            raise ValueError(f"fp8 trains all weights in FP8 matrix products; method {self.method!r} freezes them: "
-                             "use fp8 with method pretrain or full, or set fp8: false")
+        if speed.residual_dtype == "bfloat16" and not self.placement.use_gpu:
+            raise ValueError("speed.residual_dtype: bfloat16 needs bf16 autocast, which runs on GPUs only: set "
+                             "placement.use_gpu: true, or speed.residual_dtype: float32")
+        if speed.fp8 and self.method not in ("pretrain", "full"):
+            raise ValueError(f"speed.fp8 trains all weights in FP8 matrix products; method {self.method!r} freezes "
+                             "them: use fp8 with method pretrain or full, or set speed.fp8: false")
         return self
 
     def _check_cuda_graphs(self) -> None:
         # All here, before any step: a phase that cannot replay its steps must not fail after another ran.
-        if not (self.compile and self.compile_scope == "model"):
-            raise ValueError("cuda_graphs replays the whole compiled step: set compile: true and compile_scope: model "
-                             "(or cuda_graphs: false)")
-        if not self.use_gpu:
-            raise ValueError("cuda_graphs needs use_gpu: true (CUDA graphs exist on GPUs only), or cuda_graphs: false")
-        if self.use_ray and self.num_workers > 1:
-            raise ValueError(f"cuda_graphs runs one process (DDP's all-reduce runs outside the graphs), but "
-                             f"num_workers is {self.num_workers}: set num_workers: 1, or cuda_graphs: false")
+        speed, placement = self.speed, self.placement
+        if not (speed.compile and speed.compile_scope == "model"):
+            raise ValueError("speed.cuda_graphs replays the whole compiled step: set speed.compile: true and "
+                             "speed.compile_scope: model (or speed.cuda_graphs: false)")
+        if not placement.use_gpu:
+            raise ValueError("speed.cuda_graphs needs placement.use_gpu: true (CUDA graphs exist on GPUs only), or "
+                             "speed.cuda_graphs: false")
+        if placement.use_ray and placement.num_workers > 1:
+            raise ValueError(f"speed.cuda_graphs runs one process (DDP's all-reduce runs outside the graphs), but "
+                             f"placement.num_workers is {placement.num_workers}: set placement.num_workers: 1, or "
+                             "speed.cuda_graphs: false")
         phases = [("pretrain", self.pretrain)] + ([("finetune", self.finetune)] if self.method != "pretrain" else [])
         for name, phase in phases:
             if phase.steps and phase.grad_accum > 1:
-                raise ValueError(f"cuda_graphs replays one micro-batch per step, but {name}.grad_accum is "
-                                 f"{phase.grad_accum}: set it to 1 (raise batch_size instead), or cuda_graphs: false")
+                raise ValueError(f"speed.cuda_graphs replays one micro-batch per step, but {name}.grad_accum is "
+                                 f"{phase.grad_accum}: set it to 1 (raise batch_size instead), or speed.cuda_graphs: "
+                                 "false")
 
     @property
     def finetune_method(self) -> str:

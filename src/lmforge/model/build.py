@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
-from lmforge.config.training import ModelConfig
+from lmforge.config.model import ModelConfig
 from lmforge.core.errors import ConfigError
 
 if TYPE_CHECKING:

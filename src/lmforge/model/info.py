@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lmforge.config.training import ModelConfig, PhaseConfig, TrainingConfig
+from lmforge.config.model import ModelConfig
+from lmforge.config.training import PhaseConfig, TrainingConfig
 from lmforge.core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -98,9 +99,9 @@ def describe(model_cfg: ModelConfig, training: TrainingConfig, vocab_size: int |
     if training.method != "pretrain":
         phases.append(("finetune", training.finetune, training.method))
     phases = [p for p in phases if p[1].steps > 0] or phases[:1]
-    device, budget = _device_budget(training.use_gpu)
+    device, budget = _device_budget(training.placement.use_gpu)
     memory = [_phase_memory(name, phase, method, config, total, total if method in ("pretrain", "full") else trainable,
-                            training, on_gpu=training.use_gpu) for name, phase, method in phases]
+                            training, on_gpu=training.placement.use_gpu) for name, phase, method in phases]
     return ModelInfo(
         architecture=config.model_type, layers=layers, hidden=hidden, vocab=config.vocab_size, params_total=total,
         params_trainable_finetune=trainable,
@@ -118,7 +119,7 @@ def fit_warning(model_cfg: ModelConfig, training: TrainingConfig, vocab_size: in
                     f"(weights {phase.weights / GIB:.1f}, gradients {phase.gradients / GIB:.1f}, optimizer "
                     f"{phase.optimizer / GIB:.1f}, activations {phase.activations / GIB:.1f}) but the {info.device} "
                     f"has {info.device_bytes / GIB:.1f} GiB: lower the batch_size (raise grad_accum to keep the "
-                    f"batch), set training.gradient_checkpointing: true, or use an adapter method")
+                    f"batch), set training.speed.gradient_checkpointing: true, or use an adapter method")
     return None
 
 
@@ -150,11 +151,11 @@ def _phase_memory(name: str, phase: PhaseConfig, method: str, config: PreTrained
     kv = hidden * getattr(config, "num_key_value_heads", config.num_attention_heads) // config.num_attention_heads
     inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
     per_layer = 2 * (6 * hidden + 2 * kv + 4 * inter) + 8 * hidden
-    if training.gradient_checkpointing:
+    if training.speed.gradient_checkpointing:
         act = tokens * (layers * 4 * hidden + per_layer)
     else:
         act = tokens * layers * per_layer
-    logits = min(tokens, (1 << 29) // (4 * config.vocab_size)) * config.vocab_size * 8 if training.fused_loss \
+    logits = min(tokens, (1 << 29) // (4 * config.vocab_size)) * config.vocab_size * 8 if training.loss.fused \
         else tokens * config.vocab_size * 10
     return PhaseMemory(phase=name, method=method, batch_tokens=tokens, weights=int(4 * trainable + frozen_bytes * frozen),
                        gradients=4 * trainable, optimizer=8 * trainable, activations=int(act + logits))

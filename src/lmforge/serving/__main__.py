@@ -10,7 +10,7 @@ accepts connections (the deploy stage waits for it). ``--serving-config`` is a J
 the base: requests whose ``model`` is NAME use it (``serving.adapters``). API keys, if wanted, come
 from the ``LMFORGE_API_KEY`` environment variable (comma-separated for several) rather than a flag,
 so they never show in the process list. Binding beyond loopback without a key is refused unless
-``allow_unauthenticated_remote`` is set. The work is done by ``serving/api/`` (``serve.py``).
+``serving.server.allow_unauthenticated_remote`` is set. The work is done by ``serving/api/`` (``serve.py``).
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from lmforge.serving.api import load_serving_config, parse_adapters, serve_model
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lmforge.serving", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="model directory or models:/NAME@ALIAS")
-    parser.add_argument("--host", default=None, help="bind address (default: serving.host)")
-    parser.add_argument("--port", type=int, default=None, help="port; 0 picks a free one (default: serving.port)")
+    parser.add_argument("--host", default=None, help="bind address (default: serving.server.host)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="port; 0 picks a free one (default: serving.server.port)")
     parser.add_argument("--model-name", default=None,
                         help="name clients send as `model` (default: registry name or directory name)")
     parser.add_argument("--ready-file", type=Path, default=None, help="write {url, pid} here once listening")

@@ -2,7 +2,7 @@
 
 Run it with ``lmforge collect CONFIG [--json]`` (or ``python -m lmforge.stages.collect [CONFIG]``). Each
 entry of ``data.sources`` (``stdlib``, ``local``, ``web``, ``feed``, ``s3``, ``hf``; see
-:mod:`lmforge.config.sources`) is one :class:`~lmforge.collection.types.Source`; sources run
+:mod:`lmforge.config.data`) is one :class:`~lmforge.collection.types.Source`; sources run
 concurrently and one that fails is reported while the others finish. A re-run reads only new or
 changed units (by URI with content hash, ETag or Last-Modified) and never stores a text twice; a
 run killed at any moment resumes from its last commit (:mod:`lmforge.collection.shards`).
@@ -27,7 +27,7 @@ from lmforge.collection import make_source
 from lmforge.collection.runner import SourceReport, new_reports, run_sources
 from lmforge.collection.shards import FORMAT, RawStore, exclusive, iter_live_documents, load_manifest
 from lmforge.collection.types import Source, now_iso
-from lmforge.config.sources import DataConfig, InstructionConfig, source_labels
+from lmforge.config.data import DataConfig, InstructionConfig, source_labels
 from lmforge.data.splits import hash_split
 from lmforge.data.stdlib_docs import build_instruction_pairs
 from lmforge.core.errors import DataError

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from lmforge.config.stages import ServingConfig
+from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
 from lmforge.model.prompt import format_prompt
 from lmforge.core.workspace import Workspace, atomic_write_json
@@ -73,7 +73,7 @@ def deploy(cfg: ServingConfig, model_ref: str, ws: Workspace, model_name: str) -
               "ready_file": str(ready), "log": str(serving / LOG), "started_at": time.time()}
     atomic_write_json(serving / RECORD, record)
     try:
-        url = _wait_ready(proc, ready, serving / LOG, cfg.startup_timeout_s)
+        url = _wait_ready(proc, ready, serving / LOG, cfg.server.startup_timeout_s)
         response, latency = _probe(url, model_name, cfg.probe_prompt)
     except BaseException:
         stop(ws)
@@ -125,7 +125,7 @@ def _wait_ready(proc: subprocess.Popen, ready: Path, log: Path, timeout_s: float
         time.sleep(0.1)
     raise ServingError(
         f"the server did not become ready within {timeout_s:.0f} s; end of {log}:\n{_tail(log)}",
-        "raise serving.startup_timeout_s if the model is large, or read the log for the hang",
+        "raise serving.server.startup_timeout_s if the model is large, or read the log for the hang",
     )
 
 

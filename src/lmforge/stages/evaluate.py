@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lmforge.config.stages import EvaluationConfig
+from lmforge.config.evaluation import EvaluationConfig
 from lmforge.core.errors import DataError
 from lmforge.core.workspace import Workspace, atomic_write_json
 from lmforge.data.documents import read_texts

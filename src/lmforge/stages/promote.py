@@ -11,7 +11,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lmforge.config.stages import PlatformConfig, RegistryConfig
+from lmforge.config.platform import PlatformConfig
+from lmforge.config.registry import RegistryConfig
 from lmforge.core.errors import RegistryError
 from lmforge.core.workspace import Workspace
 from lmforge.evaluation.metrics import relative_improvement

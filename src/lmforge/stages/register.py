@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lmforge.config import PipelineConfig, config_hash
-from lmforge.config.stages import PlatformConfig, RegistryConfig
+from lmforge.config.platform import PlatformConfig
+from lmforge.config.registry import RegistryConfig
 from lmforge.core.workspace import Workspace
 from lmforge.stages.lineage import data_reports, dataset_inputs, lineage_tags
 from lmforge.tracking.mlflow_tracker import MlflowTracker

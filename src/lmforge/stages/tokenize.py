@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.config.curation import TokenizeConfig
-from lmforge.config.stages import ModelConfig, TrainingConfig
+from lmforge.config.model import ModelConfig
+from lmforge.config.tokenize import TokenizeConfig
+from lmforge.config.training import TrainingConfig
 from lmforge.core.errors import ConfigError
 from lmforge.core.workspace import Workspace
 from lmforge.data.documents import iter_texts

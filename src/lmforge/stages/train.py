@@ -16,8 +16,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from lmforge.config.curation import TokenizeConfig
-from lmforge.config.training import ModelConfig, TrainingConfig
+from lmforge.config.model import ModelConfig
+from lmforge.config.tokenize import TokenizeConfig
+from lmforge.config.training import TrainingConfig
 from lmforge.core.workspace import Workspace, atomic_write_json
 from lmforge.train.launch import check_inputs, fit
 from lmforge.train.methods.catalog import method_info
@@ -49,7 +50,7 @@ def train(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, run_n
 
     ``progress`` receives each history row (live in-line; replayed after the run under Ray).
     Env ``RAY_ADDRESS`` (else ``ray_address``, i.e. ``platform.ray_address``) names an existing
-    cluster; otherwise a local Ray is started when ``training.use_ray`` is set. ``resume`` names
+    cluster; otherwise a local Ray is started when ``training.placement.use_ray`` is set. ``resume`` names
     an earlier run whose latest checkpoint this run continues exactly (same model and method).
     ``finetune_heldout_fraction`` is the pipeline's ``tokenize.finetune_heldout_fraction``: when
     no tokenized datasets fit, fine-tuning holds out those SFT records itself, as tokenize would.

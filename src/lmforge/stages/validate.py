@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from lmforge.config.curation import ValidationConfig
+from lmforge.config.validation import ValidationConfig
 from lmforge.core.errors import ValidationFailed
 from lmforge.tracking.tracker import Tracker
 from lmforge.core.workspace import Workspace, atomic_write_json

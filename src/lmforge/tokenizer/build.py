@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
-from lmforge.config.stages import ModelConfig
+from lmforge.config.model import ModelConfig
 from lmforge.core.errors import ConfigError, DataError
 from lmforge.model.prompt import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
 from lmforge.core.workspace import Workspace, atomic_dir

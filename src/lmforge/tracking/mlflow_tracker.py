@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from lmforge.config.stages import PlatformConfig
+from lmforge.config.platform import PlatformConfig
 from lmforge.core.errors import RegistryError
 from lmforge.core.workspace import Workspace
 

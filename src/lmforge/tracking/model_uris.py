@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lmforge.config.stages import PlatformConfig
+from lmforge.config.platform import PlatformConfig
 from lmforge.core.errors import DataError, RegistryError
 from lmforge.core.workspace import Workspace, atomic_dir
 from lmforge.tracking.mlflow_tracker import describe_registry, mlflow_client, mlflow_uris

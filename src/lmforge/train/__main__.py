@@ -2,7 +2,7 @@
 
 Trains the tokenizer when the workspace (``LMFORGE_HOME``) has none, then runs both training
 phases in this process (``--ray`` launches Ray Train workers as the config says instead).
-``--resume RUN_ID`` continues a run that wrote checkpoints (``training.checkpoint_every``) from
+``--resume RUN_ID`` continues a run that wrote checkpoints (``training.checkpointing.every``) from
 its latest one, exactly. Prints a summary and, as the last line, one JSON object with the run's facts.
 """
 
@@ -20,7 +20,7 @@ from lmforge.core.workspace import Workspace
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmforge.train", description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", help="pipeline YAML file (default: built-in defaults)")
-    parser.add_argument("--ray", action="store_true", help="launch through Ray Train (training.use_ray)")
+    parser.add_argument("--ray", action="store_true", help="launch through Ray Train (training.placement.use_ray)")
     parser.add_argument("--run-name", default=None, help="prefix of the run id")
     parser.add_argument("--resume", default=None, metavar="RUN_ID", help="continue this run from its latest checkpoint")
     parser.add_argument("--home", default=None, help="workspace directory (default: $LMFORGE_HOME)")
@@ -43,7 +43,8 @@ def _run(args: argparse.Namespace):
 
     config = load_config(args.config)
     ws = Workspace.from_env(args.home).ensure()
-    training = config.training.model_copy(update={"use_ray": args.ray})
+    placement = config.training.placement.model_copy(update={"use_ray": args.ray})
+    training = config.training.model_copy(update={"placement": placement})
     if not (ws.tokenizer_dir / "tokenizer_config.json").exists():
         print(f"training tokenizer into {train_tokenizer(config.model, ws)}")
 

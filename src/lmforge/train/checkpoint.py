@@ -142,7 +142,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
     groups = []
     for i, saved in enumerate(meta["param_groups"]):
         group = {**saved, "betas": tuple(saved["betas"])} if "betas" in saved else dict(saved)
-        # How the step runs is this run's choice (training.compile_optimizer may have changed since
+        # How the step runs is this run's choice (training.speed.compile_optimizer may have changed since
         # the checkpoint); torch also places the step counts by these flags while loading.
         now = current[i] if i < len(current) else {}
         group.update({k: now[k] for k in _IMPLEMENTATION if k in now})

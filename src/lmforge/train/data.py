@@ -143,7 +143,7 @@ def batch_stream(data: Tensors, batch_size: int, *, seed: int, rank: int = 0,
     n = len(data["input_ids"])
     if n // world_size == 0:
         raise DataError(f"{n} training rows cannot be shared by {world_size} workers",
-                        "add data, lower seq_len, or use fewer training.num_workers")
+                        "add data, lower seq_len, or use fewer training.placement.num_workers")
     span = batch_size * world_size
     buffer: list[int] = []
     epoch = 0

@@ -1,7 +1,7 @@
 """Launching training: pretraining then fine-tuning, in-line or as Ray Train workers.
 
 :func:`fit` runs a job for the train stage (:func:`lmforge.stages.train.train`). The same per-worker function, :func:`run_worker`, runs in this
-process (``training.use_ray: false``, world size 1) or under Ray Train's ``TorchTrainer`` as DDP
+process (``training.placement.use_ray: false``, world size 1) or under Ray Train's ``TorchTrainer`` as DDP
 ranks; Ray is imported only on that path, so the engine runs where only torch, transformers and
 peft are installed. Rank 0 writes ``ws.runs_dir/<run_id>/`` in one atomic rename (layout:
 :mod:`lmforge.train.artifacts`); checkpoints go to ``ws.checkpoints_dir/<run_id>/`` and are
@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from lmforge.core import errors
-from lmforge.config.training import ModelConfig, TrainingConfig
+from lmforge.config.model import ModelConfig
+from lmforge.config.training import TrainingConfig
 from lmforge.core.errors import ConfigError, DataError, LmforgeError
 from lmforge.core.progress import step_printer
 from lmforge.core.runtime import cpu_count
@@ -39,10 +40,10 @@ def fit(job: dict, training: TrainingConfig, ws: Workspace, ray_address: str | N
     """Run ``job`` (see :func:`lmforge.stages.train.train`) on Ray Train workers or in this process.
 
     Env ``RAY_ADDRESS`` (else ``ray_address``, i.e. ``platform.ray_address``) names an existing
-    cluster; otherwise a local Ray is started when ``training.use_ray`` is set. ``progress`` receives
+    cluster; otherwise a local Ray is started when ``training.placement.use_ray`` is set. ``progress`` receives
     each history row (live in-line; replayed after the run under Ray). Returns rank 0's outcome.
     """
-    if not training.use_ray:
+    if not training.placement.use_ray:
         return run_worker(job, on_log=progress or progress_printer(training))
     # Rank 0 prints its own progress lines; Ray forwards them to this process.
     outcome = _fit_with_ray(job, training, ws, ray_address)
@@ -99,7 +100,7 @@ def _fit_with_ray(job: dict, training: TrainingConfig, ws: Workspace, address: s
             ray.init(address=address)
         else:
             # Fractional workers on a small machine: reserve logical CPUs generously (PITFALLS).
-            need = math.ceil(training.num_workers * training.cpus_per_worker) + 1
+            need = math.ceil(training.placement.num_workers * training.placement.cpus_per_worker) + 1
             ray.init(num_cpus=max(4, need, os.cpu_count() or 1), include_dashboard=False,
                      _temp_dir=_ray_temp_dir(ws),
                      runtime_env={"worker_process_setup_hook": "lmforge.train.launch.quiet_ray_worker"})
@@ -108,8 +109,8 @@ def _fit_with_ray(job: dict, training: TrainingConfig, ws: Workspace, address: s
     trainer = TorchTrainer(
         _ray_worker,  # type: ignore[arg-type]  # v1's stub wants a loop returning None
         train_loop_config=job,
-        scaling_config=ScalingConfig(num_workers=training.num_workers, use_gpu=training.use_gpu,
-                                     resources_per_worker={"CPU": training.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=training.placement.num_workers, use_gpu=training.placement.use_gpu,
+                                     resources_per_worker={"CPU": training.placement.cpus_per_worker}),
         run_config=RunConfig(storage_path=str(ws.ray_dir / "train"), name=job["run_id"]),
     )
     try:
@@ -172,11 +173,11 @@ def _ray_temp_dir(ws: Workspace) -> str:
 
 
 def _device(training: TrainingConfig) -> torch.device:
-    if not training.use_gpu:
+    if not training.placement.use_gpu:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ConfigError("training.use_gpu is true but torch sees no CUDA device",
-                          "set training.use_gpu: false, or install a CUDA build of torch on a GPU machine")
+        raise ConfigError("training.placement.use_gpu is true but torch sees no CUDA device",
+                          "set training.placement.use_gpu: false, or install a CUDA build of torch on a GPU machine")
     return torch.device("cuda", torch.cuda.current_device())
 
 
@@ -191,7 +192,7 @@ def check_inputs(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace
                         "train one first: `python -m lmforge.train` does it, or the pipeline's tokenize stage")
     finetuning = training.finetunes
     if finetuning:
-        check_method(training, use_cuda=training.use_gpu)
+        check_method(training, use_cuda=training.placement.use_gpu)
     if training.pretrain.steps > 0 and not (ws.curated_dir / "train.parquet").exists():
         raise DataError(f"no curated text at {ws.curated_dir / 'train.parquet'}", "run the curate stage first")
     if finetuning and not (ws.sft_dir / "train.jsonl").exists():

@@ -41,7 +41,7 @@ def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: Traini
                 save: SaveFn | None = None, resume: ckpt.Checkpoint | None = None) -> tuple[list[dict], dict[str, float]]:
     """Run ``phase.steps`` optimizer steps on ``model`` in place; return (history, metrics).
 
-    History rows are ``{step, phase, loss, lr, tokens_per_s}`` every ``training.log_every`` steps
+    History rows are ``{step, phase, loss, lr, tokens_per_s}`` every ``training.logging.every`` steps
     (and at the first and last step), ``step`` counted from ``step_offset``. ``batches`` must
     already be past the steps a ``resume`` checkpoint has done; ``save`` writes checkpoints.
     """
@@ -54,7 +54,8 @@ def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: Traini
     ddp_net = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None) \
         if ddp else None
     net: torch.nn.Module = ddp_net if ddp_net is not None else objective
-    optimizer = adamw(model, phase.learning_rate, training.weight_decay, device, training.compile_optimizer)
+    optimizer = adamw(model, phase.learning_rate, training.optimizer.weight_decay, device,
+                      training.speed.compile_optimizer)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, phase))
     update = _update(model, optimizer, training, graphs)
     run = _PhaseRun(name, phase, training, step_offset, on_log)
@@ -77,7 +78,7 @@ def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: Traini
                 torch.compiler.cudagraph_mark_step_begin()
             # Gradients are all-reduced only on the last micro-batch of an accumulated step.
             with nullcontext() if ddp_net is None or i == len(micro) - 1 else ddp_net.no_sync():
-                with autocast(device), speed.attention_kernels(training.attention_backend, device):
+                with autocast(device), speed.attention_kernels(training.speed.attention_backend, device):
                     loss_sum = net(**model_inputs(batch, device))
                 (loss_sum * world / stats[2]).backward()
             stats[0] += loss_sum.detach()
@@ -89,9 +90,9 @@ def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: Traini
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         run.step = step
-        evaluating = training.eval_every and step % training.eval_every == 0 and step < phase.steps
-        saving = save is not None and training.checkpoint_every and step % training.checkpoint_every == 0
-        if step == 1 or step % training.log_every == 0 or step == phase.steps or evaluating or saving:
+        evaluating = training.validation.every and step % training.validation.every == 0 and step < phase.steps
+        saving = save is not None and training.checkpointing.every and step % training.checkpointing.every == 0
+        if step == 1 or step % training.logging.every == 0 or step == phase.steps or evaluating or saving:
             run.check_and_log()  # one synchronization; raises TrainingDiverged
         if evaluating and run.validate(evaluate_loss(objective, val_batches, device), model):
             break  # early stopping: the best weights are back in the model
@@ -107,22 +108,23 @@ def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: Traini
 def _objective(model: CausalLM, name: str, phase: PhaseConfig, training: TrainingConfig,
                device: torch.device, ddp: bool) -> tuple[CausalLMObjective, bool]:
     """The loss module, compiled as the config asks, and whether each step replays as CUDA graphs."""
-    whole = training.compile and training.compile_scope == "model"
-    speed.check_loss_kernel(training.loss_kernel, device)
+    whole = training.speed.compile and training.speed.compile_scope == "model"
+    speed.check_loss_kernel(training.loss.kernel, device)
     # A whole-objective graph takes the plain loss (the compiler fuses the cross-entropy itself),
     # unless the loss is Liger's kernel: then the graph ends at the hidden states and Liger takes over.
-    fused = training.fused_loss and (not whole or training.loss_kernel == "liger")
-    objective = CausalLMObjective(model, training.label_smoothing, fused,
-                                  compile_chunks=training.compile and device.type == "cuda",
-                                  kernel=training.loss_kernel)
-    graphs = whole and training.cuda_graphs and device.type == "cuda"
+    fused = training.loss.fused and (not whole or training.loss.kernel == "liger")
+    objective = CausalLMObjective(model, training.loss.label_smoothing, fused,
+                                  compile_chunks=training.speed.compile and device.type == "cuda",
+                                  kernel=training.loss.kernel)
+    graphs = whole and training.speed.cuda_graphs and device.type == "cuda"
     if graphs and ddp:
-        raise ConfigError("training.cuda_graphs is for one process per run for now: DDP's gradient all-reduce "
-                          "runs outside the recorded graphs", "set training.cuda_graphs: false for several workers")
+        raise ConfigError("training.speed.cuda_graphs is for one process per run for now: DDP's gradient "
+                          "all-reduce runs outside the recorded graphs",
+                          "set training.speed.cuda_graphs: false for several workers")
     if graphs and phase.grad_accum > 1:
-        raise ConfigError(f"training.cuda_graphs replays one micro-batch per step, but {name} has grad_accum "
+        raise ConfigError(f"training.speed.cuda_graphs replays one micro-batch per step, but {name} has grad_accum "
                           f"{phase.grad_accum}", f"set training.{name}.grad_accum: 1 (raise batch_size instead), "
-                          "or training.cuda_graphs: false")
+                          "or training.speed.cuda_graphs: false")
     if whole:
         # reduce-overhead: torch.compile records the step's kernels as CUDA graphs and replays them.
         objective.compile(mode="reduce-overhead" if graphs else None)
@@ -133,18 +135,18 @@ def _update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, training: 
             graphs: bool) -> Callable[[], torch.Tensor]:
     """The step's update: clip the gradients, step the optimizer; return the norm before clipping.
 
-    With ``training.compile_optimizer`` it is one compiled graph (the foreach AdamW and the norm
+    With ``training.speed.compile_optimizer`` it is one compiled graph (the foreach AdamW and the norm
     fused by the compiler; under CUDA graphs replayed with the step's other graphs, so no launch
     gaps remain between them).
     """
     params = [p for p in model.parameters() if p.requires_grad]
 
     def update() -> torch.Tensor:
-        norm = torch.nn.utils.clip_grad_norm_(params, training.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, training.optimizer.grad_clip)
         optimizer.step()
         return norm
 
-    if not training.compile_optimizer:
+    if not training.speed.compile_optimizer:
         return update
     # Each phase's new optimizer compiles this function twice more (its first step builds the state);
     # past dynamo's limit the step would silently run eagerly, so allow many phases in one process.
@@ -161,7 +163,7 @@ class _PhaseRun:
                  on_log: Callable[[dict], None] | None) -> None:
         self.name, self.phase, self.training, self.offset, self.on_log = name, phase, training, step_offset, on_log
         self.step, self.tokens, self.started = 0, 0.0, time.perf_counter()
-        self.lr: float | torch.Tensor = 0.0  # a tensor under training.compile_optimizer
+        self.lr: float | torch.Tensor = 0.0  # a tensor under training.speed.compile_optimizer
         self.pending: list[tuple] = []
         self.window: list[float] = []
         self.history: list[dict] = []
@@ -180,7 +182,7 @@ class _PhaseRun:
                 self.tokens += tokens
             self.pending = []
         step = self.step
-        if self.window and (step == 1 or step % self.training.log_every == 0 or step == self.phase.steps or final):
+        if self.window and (step == 1 or step % self.training.logging.every == 0 or step == self.phase.steps or final):
             record = {"step": self.offset + step, "phase": self.name, "loss": sum(self.window) / len(self.window),
                       "lr": float(self.lr), "tokens_per_s": self.tokens / (time.perf_counter() - self.started)}
             self.history.append(record)
@@ -191,17 +193,18 @@ class _PhaseRun:
     def _diverged(self, step: int, loss: float, norm: float) -> None:
         name, phase, training = self.name, self.phase, self.training
         kept = (f"the last good checkpoint is {self.last_checkpoint} (resume from it with --resume)"
-                if self.last_checkpoint else "no checkpoint was written before it (training.checkpoint_every)")
+                if self.last_checkpoint else "no checkpoint was written before it (training.checkpointing.every)")
         raise TrainingDiverged(
             f"{name} step {step}: loss {loss}, gradient norm {norm} (not finite); {kept}",
             f"lower training.{name}.learning_rate (now {phase.learning_rate:g}), raise "
-            f"training.{name}.warmup_steps, or clip harder (training.grad_clip, now {training.grad_clip:g})")
+            f"training.{name}.warmup_steps, or clip harder (training.optimizer.grad_clip, now "
+            f"{training.optimizer.grad_clip:g})")
 
     def validate(self, val_loss: float | None, model: torch.nn.Module) -> bool:
         """Record a validation loss; True when early stopping ends the phase (best weights restored)."""
         if val_loss is None:
             return False
-        patience = self.training.early_stopping_patience
+        patience = self.training.validation.early_stopping_patience
         if val_loss < self.best_val:
             self.best_val, self.bad_evals = val_loss, 0
             self.metrics[f"{self.name}_val_loss_best"] = val_loss
@@ -297,7 +300,7 @@ def evaluate_loss(objective: CausalLMObjective, batches: list[Tensors], device: 
     objective.eval()
     totals = torch.zeros(2, device=device, dtype=torch.float64)  # [summed loss, predicted tokens]
     for batch in batches:
-        if device.type == "cuda":  # under training.cuda_graphs, an evaluation is a graph step of its own
+        if device.type == "cuda":  # under training.speed.cuda_graphs, an evaluation is a graph step of its own
             torch.compiler.cudagraph_mark_step_begin()
         with autocast(device):
             loss_sum = objective(**model_inputs(batch, device))

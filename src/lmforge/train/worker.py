@@ -17,7 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lmforge.config.training import ModelConfig, TrainingConfig
+from lmforge.config.model import ModelConfig
+from lmforge.config.training import TrainingConfig
 from lmforge.core.errors import ConfigError
 from lmforge.core.workspace import Workspace
 from lmforge.model.build import build_model, count_parameters
@@ -64,7 +65,7 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
         params[f"data_{name}_validation_rows"] = len(val_rows["input_ids"]) if val_rows else 0
         batches = batch_stream(train_rows, phase.batch_size, seed=training.seed + index, rank=rank,
                                world_size=world, skip=here.state["loop"]["step"] * phase.grad_accum if here else 0)
-        val = fixed_batches(val_rows, phase.batch_size, training.val_batches, rank=rank,
+        val = fixed_batches(val_rows, phase.batch_size, training.validation.batches, rank=rank,
                             world_size=world) if val_rows else []
 
         def save(step: int, tensors: dict, loop_state: dict, index=index, name=name, before=list(history),
@@ -73,12 +74,12 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
                 return None
             state = {"phase_index": index, "phase": name, "loop": loop_state, "history": before, "metrics": done,
                      "params": params, "identity": _identity(training, model_cfg)}
-            return ckpt.save(root, f"{name}-{step:07d}", tensors, state, training.keep_checkpoints)
+            return ckpt.save(root, f"{name}-{step:07d}", tensors, state, training.checkpointing.keep)
 
         phase_history, phase_metrics = train_phase(
             model, name, phase, training, batches, val, device, on_log=on_log,
             step_offset=history[-1]["step"] if history else 0,
-            save=save if training.checkpoint_every else None, resume=here)
+            save=save if training.checkpointing.every else None, resume=here)
         history += phase_history
         metrics.update(phase_metrics)
     if out is not None:
@@ -96,7 +97,7 @@ def _prepared(model, tokenizer, device: torch.device, training: TrainingConfig):
         cfg.pad_token_id = tokenizer.pad_token_id
         cfg.bos_token_id = tokenizer.bos_token_id
     model.to(device)
-    speed.apply_settings(model, training, device)
+    speed.apply_settings(model, training.speed, device)
     return model
 
 
@@ -116,7 +117,7 @@ def _adapted(model, tokenizer, training: TrainingConfig, base_dir: Path, device:
         dist.barrier()  # QLoRA reloads the base on every rank
     model = methods.apply_method(model, training, base_dir, device)
     if training.method == "qlora":  # a new model (the base reloaded in 4 bits): prepare it as the base was
-        speed.apply_settings(model, training, device)
+        speed.apply_settings(model, training.speed, device)
     llama_adapter = training.method == "adapter" and training.adapter.variant == "llama_adapter"
     if device.type == "cuda" and training.method in speed.BF16_FROZEN_METHODS and not llama_adapter:
         speed.freeze_to_bf16(model)
@@ -137,11 +138,11 @@ def _saved_checkpoint(root: Path, training: TrainingConfig, model_cfg: ModelConf
     saved = ckpt.load_latest(root)
     if saved is None:
         raise ConfigError(f"no checkpoint to resume from in {root}",
-                          "resume a run that wrote checkpoints (training.checkpoint_every > 0), or start anew")
+                          "resume a run that wrote checkpoints (training.checkpointing.every > 0), or start anew")
     if saved.state["identity"] != _identity(training, model_cfg):
         raise ConfigError(f"the checkpoint in {root} was written with another model, training method or "
-                          "training.fp8", "resume with the model section, training.method (and its settings) "
-                          "and training.fp8 of that run")
+                          "training.speed.fp8", "resume with the model section, training.method (and its settings) "
+                          "and training.speed.fp8 of that run")
     return saved
 
 
@@ -150,6 +151,6 @@ def _identity(training: TrainingConfig, model_cfg: ModelConfig) -> dict:
     section = {"lora": "lora", "qlora": "lora", "adapter": "adapter", "ia3": "ia3"}.get(training.method, "prompt_learning")
     identity = {"model": model_cfg.model_dump(mode="json"), "method": training.method,
                 "method_config": getattr(training, section).model_dump(mode="json"), "seed": training.seed}
-    if training.fp8:  # FP8 training checkpoints GPT-2's layers as nn.Linear (transposed): another layout
+    if training.speed.fp8:  # FP8 training checkpoints GPT-2's layers as nn.Linear (transposed): another layout
         identity["fp8"] = True
     return identity

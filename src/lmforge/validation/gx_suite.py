@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lmforge.config.curation import UserExpectation
+from lmforge.config.validation import UserExpectation
 from lmforge.core.errors import ConfigError
 
 SAMPLES = 5

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from lmforge.config.curation import ValidationConfig
+from lmforge.config.validation import ValidationConfig
 from lmforge.core.workspace import Workspace
 from lmforge.data.packing import IGNORE_INDEX
 from lmforge.data.tokenized import PHASES, latest_manifest, load_tokenized

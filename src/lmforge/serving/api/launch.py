@@ -2,9 +2,9 @@
 
 :func:`run_server` is what ``python -m lmforge.serving MODEL`` and ``lmforge serve MODEL`` call.
 The port is bound before the model loads, so a busy port fails fast. Binding beyond loopback
-without an API key is refused unless ``serving.allow_unauthenticated_remote`` says otherwise. On
+without an API key is refused unless ``serving.server.allow_unauthenticated_remote`` says otherwise. On
 SIGINT/SIGTERM uvicorn stops accepting connections and lets open ones finish for up to
-``serving.drain_timeout_s``; then the engine gets what is left of that time before it stops.
+``serving.server.drain_timeout_s``; then the engine gets what is left of that time before it stops.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         raise ServingError(
             f"cannot listen on {host}:{port}: {exc.strerror or exc}",
             f"stop the process listening on port {port} (find it with `ss -ltnp 'sport = :{port}'`), "
-            "or choose another port (serving.port; 0 picks a free one)",
+            "or choose another port (serving.server.port; 0 picks a free one)",
         ) from exc
     return sock
 
@@ -57,12 +57,12 @@ def is_loopback(host: str) -> bool:
 
 def check_exposure(host: str, api_keys: Sequence[str], cfg: ServingConfig) -> None:
     """Refuse to serve beyond loopback without a key, unless the config explicitly allows it."""
-    if is_loopback(host) or api_keys or cfg.allow_unauthenticated_remote:
+    if is_loopback(host) or api_keys or cfg.server.allow_unauthenticated_remote:
         return
     raise ServingError(
         f"refusing to listen on {host} without an API key: anyone who reaches it could use the model",
         "set LMFORGE_API_KEY (clients then send 'Authorization: Bearer <key>'), bind to 127.0.0.1, or set "
-        "serving.allow_unauthenticated_remote: true if the network is trusted",
+        "serving.server.allow_unauthenticated_remote: true if the network is trusted",
     )
 
 
@@ -89,15 +89,15 @@ def run_server(model_dir: Path, cfg: ServingConfig, model_name: str, host: str |
 
     hf_logging.disable_progress_bar()  # a progress bar per weight file is noise in server.log
     keys = parse_keys(api_key)
-    host = host or cfg.host
+    host = host or cfg.server.host
     check_exposure(host, keys, cfg)
-    sock = bind_socket(host, cfg.port if port is None else port)
+    sock = bind_socket(host, cfg.server.port if port is None else port)
     engine: Engine | None = None
     stop_at: list[float] = []
     try:
         engine = Engine.load(Path(model_dir), cfg=cfg, metrics=_metrics())
         app = create_app(engine, model_name, cfg, api_key=keys)
-        drain_s = max(cfg.drain_timeout_s, 0.1)
+        drain_s = max(cfg.server.drain_timeout_s, 0.1)
         config = uvicorn.Config(
             app, log_level=log_level,
             timeout_graceful_shutdown=drain_s,  # type: ignore[arg-type]  # stub says int; asyncio.timeout takes float
@@ -107,7 +107,7 @@ def run_server(model_dir: Path, cfg: ServingConfig, model_name: str, host: str |
     finally:
         sock.close()
         if engine is not None:
-            left = cfg.drain_timeout_s - (time.monotonic() - stop_at[0]) if stop_at else 0.0
+            left = cfg.server.drain_timeout_s - (time.monotonic() - stop_at[0]) if stop_at else 0.0
             engine.close(drain_timeout_s=max(left, 0.0))
 
 

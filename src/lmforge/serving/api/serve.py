@@ -15,22 +15,23 @@ from pathlib import Path
 
 import yaml
 
+from lmforge.config.loader import parse_section
 from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ConfigError
 from lmforge.core.workspace import Workspace, atomic_write_json
 
 
 def load_serving_config(path: Path | None) -> ServingConfig:
-    """The ``ServingConfig`` in a JSON or YAML file (defaults without one)."""
+    """The ``ServingConfig`` in a JSON or YAML file (defaults without one); a bad or moved key is named."""
     if path is None:
         return ServingConfig()
     try:
         text = path.read_text()
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        return ServingConfig.model_validate(data or {})
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot use serving config {path}: {exc}",
                           "pass a JSON/YAML file of ServingConfig fields") from exc
+    return parse_section(ServingConfig, data or {}, f"serving config {path}")
 
 
 def parse_adapters(values: list[str], cfg: ServingConfig) -> ServingConfig:

@@ -1,6 +1,6 @@
 """Choose the backend that serves a model: paged where our runner supports it, else the HF one.
 
-``serving.engine`` (auto, paged, hf, onnx) and the model decide: a model directory written by
+``serving.runtime.engine`` (auto, paged, hf, onnx) and the model decide: a model directory written by
 ``lmforge export-onnx`` is served through ONNX Runtime (``onnx.py``), a Llama-family model by
 ``paged.PagedBackend``, every other causal LM by ``hf.HFBackend``, so whatever lmforge trains can
 be served.
@@ -25,20 +25,20 @@ log = logging.getLogger(__name__)
 
 
 def make_backend(model: ServedModel, cfg: ServingConfig, max_len: int) -> Backend:
-    """The paged backend when ``cfg.engine`` allows it and the model is supported, else the HF one."""
-    if cfg.adapters and (cfg.engine in ("hf", "onnx") or unsupported(model)):
+    """The paged backend when ``cfg.runtime.engine`` allows it and the model is supported, else the HF one."""
+    if cfg.adapters and (cfg.runtime.engine in ("hf", "onnx") or unsupported(model)):
         raise ServingError(f"serving.adapters (several unmerged LoRA adapters) needs the paged engine, but "
-                           f"{unsupported(model) or f'serving.engine is {cfg.engine}'}",
+                           f"{unsupported(model) or f'serving.runtime.engine is {cfg.runtime.engine}'}",
                            "serve each adapter merged as its own model (lmforge serve RUN/model), or set "
-                           "serving.engine to 'auto' for a Llama base")
-    if cfg.engine == "onnx" or isinstance(model, OnnxCausalLM):  # a directory from `lmforge export-onnx`
+                           "serving.runtime.engine to 'auto' for a Llama base")
+    if cfg.runtime.engine == "onnx" or isinstance(model, OnnxCausalLM):  # a directory from `lmforge export-onnx`
         return make_onnx_backend(model, cfg)
     reason = unsupported(model)
-    if cfg.engine == "paged" and reason:
-        raise ServingError(f"serving.engine is 'paged' but {reason}",
-                           "set serving.engine to 'auto' or 'hf' to serve this model with the HF backend")
-    if cfg.engine == "hf" or reason:
+    if cfg.runtime.engine == "paged" and reason:
+        raise ServingError(f"serving.runtime.engine is 'paged' but {reason}",
+                           "set serving.runtime.engine to 'auto' or 'hf' to serve this model with the HF backend")
+    if cfg.runtime.engine == "hf" or reason:
         if reason:
             log.info("serving with the HF backend: %s", reason)
-        return HFBackend(model, cfg.max_batch_size)
+        return HFBackend(model, cfg.scheduler.max_batch_size)
     return PagedBackend(cast(LlamaCausalLM, model), cfg, max_len)  # unsupported() found nothing: a Llama

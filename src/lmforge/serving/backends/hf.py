@@ -167,7 +167,7 @@ class HFBackend:
     def set_adapter(self, row: int, slot: int) -> None:
         if slot:
             raise ServingError("the HF backend serves the base model only",
-                               "serve LoRA adapters unmerged with the paged engine (serving.engine: auto)")
+                               "serve LoRA adapters unmerged with the paged engine (serving.runtime.engine: auto)")
 
     @property
     def cache_usage(self) -> float:

@@ -22,12 +22,13 @@ log = logging.getLogger(__name__)
 def make_onnx_backend(model: ServedModel, cfg: ServingConfig) -> HFBackend:
     """The engine's dense-cache backend over ONNX Runtime, or an error if the model or config disagree."""
     if not isinstance(model, OnnxCausalLM):
-        raise ServingError("serving.engine is 'onnx' but the model directory holds PyTorch weights, not an export",
-                           "run `lmforge export-onnx MODEL OUT_DIR` and serve OUT_DIR, or set serving.engine to 'auto'")
-    if cfg.engine not in ("auto", "onnx"):
-        raise ServingError(f"serving.engine is {cfg.engine!r} but {model.model_dir} is an ONNX export",
-                           "set serving.engine to 'auto' or 'onnx', or serve the PyTorch model directory")
-    model.start(cfg.onnx_threads)
-    backend = HFBackend(model, cfg.max_batch_size, name="onnx")
-    log.info("serving %s through ONNX Runtime (CPU, %s threads)", model.model_dir, cfg.onnx_threads or "all")
+        raise ServingError("serving.runtime.engine is 'onnx' but the model directory holds PyTorch weights, not an "
+                           "export", "run `lmforge export-onnx MODEL OUT_DIR` and serve OUT_DIR, or set "
+                           "serving.runtime.engine to 'auto'")
+    if cfg.runtime.engine not in ("auto", "onnx"):
+        raise ServingError(f"serving.runtime.engine is {cfg.runtime.engine!r} but {model.model_dir} is an ONNX export",
+                           "set serving.runtime.engine to 'auto' or 'onnx', or serve the PyTorch model directory")
+    model.start(cfg.runtime.onnx_threads)
+    backend = HFBackend(model, cfg.scheduler.max_batch_size, name="onnx")
+    log.info("serving %s through ONNX Runtime (CPU, %s threads)", model.model_dir, cfg.runtime.onnx_threads or "all")
     return backend

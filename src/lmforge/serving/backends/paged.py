@@ -52,16 +52,17 @@ class PagedBackend:
         config = model.config
         weight = model.get_input_embeddings().weight
         self.device, dtype = weight.device, weight.dtype
-        check_options("none", cfg.kv_cache_dtype, str(self.device))  # fp8 cache: CPU, or CUDA >= 8.9
+        check_options("none", cfg.kv_cache.dtype, str(self.device))  # fp8 cache: CPU, or CUDA >= 8.9
         shape = CacheShape(config.num_hidden_layers, config.num_key_value_heads or config.num_attention_heads,
-                           head_dim(config), cfg.kv_block_size, kv_cache_dtype(cfg.kv_cache_dtype, dtype))
-        budget = cfg.kv_cache_mb or self._default_budget_mb(shape, cfg.max_batch_size, max_len)
-        self.cache = PagedKVCache(shape, blocks_for_budget(shape, budget), cfg.max_batch_size, max_len, self.device)
+                           head_dim(config), cfg.kv_cache.block_size, kv_cache_dtype(cfg.kv_cache.dtype, dtype))
+        budget = cfg.kv_cache.memory_mb or self._default_budget_mb(shape, cfg.scheduler.max_batch_size, max_len)
+        self.cache = PagedKVCache(shape, blocks_for_budget(shape, budget), cfg.scheduler.max_batch_size, max_len,
+                                  self.device)
         self.ops = ops or pick_ops(self.device, dtype)
         self.runner = LlamaRunner(model, self.cache, self.ops, max_len)
         self.lora: LoraSlots | None = None
         if cfg.adapters:  # unmerged LoRA adapters chosen per request (adapters/lora_slots.py); attached before capture
-            self.lora = load_slots(cfg.adapters, model, cfg.max_batch_size)
+            self.lora = load_slots(cfg.adapters, model, cfg.scheduler.max_batch_size)
             attach(self.lora, self.runner)
         self.adapter_slots = dict(self.lora.slots) if self.lora is not None else {}
         # A prompt-learning adapter's prefix fills every sequence's first positions (adapters/virtual_tokens.py).
@@ -71,13 +72,13 @@ class PagedBackend:
             # Measured (bench/serve_gpu_check.py): prefix keys are ~4x larger than ordinary ones, and with
             # fp8 storage the logits moved 11-32% (rel. L2) against a bf16 cache, 1-4% without a prefix.
             log.warning("fp8 KV cache with a %d-token prompt-learning prefix: expect a large quality loss; "
-                        "set serving.kv_cache_dtype: bf16 for this model", self.virtual_tokens)
+                        "set serving.kv_cache.dtype: bf16 for this model", self.virtual_tokens)
         group = self.runner.heads // self.runner.kv_heads
         # A prefill query block holds up to 128 (token, head) rows of the attention kernel.
         self.prefill_block = max(1, 128 // group)
         self.graphs = None
-        if cfg.cuda_graphs and self.device.type == "cuda" and isinstance(self.ops, TritonOps):
-            self.graphs = DecodeGraphs(self.runner, cfg.max_batch_size)
+        if cfg.runtime.cuda_graphs and self.device.type == "cuda" and isinstance(self.ops, TritonOps):
+            self.graphs = DecodeGraphs(self.runner, cfg.scheduler.max_batch_size)
         log.info("paged KV cache: %d blocks of %d tokens (%.0f MiB), ops=%s, cuda_graphs=%s",
                  self.cache.num_blocks, shape.block_size, self.cache.num_blocks * shape.bytes_per_block() / 2**20,
                  self.ops.name, self.graphs is not None)

@@ -3,12 +3,12 @@
 One background thread owns the model and runs steps. A step is a prefill round and a decode round,
 each schedule -> execute -> update: the scheduler (``engine/scheduler.py``) says which sequences
 run (admission while the batch has a free row and the KV cache can take the request, dropping
-requests whose client went away, prompt chunks within ``serving.max_prefill_tokens``, preemption
+requests whose client went away, prompt chunks within ``serving.scheduler.max_prefill_tokens``, preemption
 when the cache runs short); the engine runs them on its backend (``backends/``: the paged one, our
 Llama runner with a paged KV cache and CUDA graphs, or the HF one for every other causal LM),
 chooses the next tokens (``engine/sampling.py``), and hands them back to the scheduler, which
 sends the text and finishes the done sequences. Requests join and leave the batch at every step.
-The waiting queue is bounded (``serving.max_queue``): beyond it :meth:`Engine.submit` raises
+The waiting queue is bounded (``serving.scheduler.max_queue``): beyond it :meth:`Engine.submit` raises
 :class:`EngineBusy` (HTTP 429), and while shutting down it refuses with 503.
 
 Callers use :meth:`Engine.stream` (async iterator of :class:`Delta`), :meth:`Engine.complete`
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable, Sequence as Seq, cast
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lmforge.config.base import updated
 from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
 from lmforge.core.runtime import cpu_count
@@ -62,8 +63,8 @@ SMALL_HIDDEN = 1024
 
 def cpu_threads(cfg: ServingConfig, model_config: PreTrainedConfig) -> int:
     """torch threads for the engine thread on a CPU: the configured count, else by model width."""
-    if cfg.cpu_threads:
-        return cfg.cpu_threads
+    if cfg.runtime.cpu_threads:
+        return cfg.runtime.cpu_threads
     return 1 if getattr(model_config, "hidden_size", SMALL_HIDDEN) < SMALL_HIDDEN else cpu_count()
 
 
@@ -74,14 +75,14 @@ class Engine:
                  max_batch_size: int | None = None, metrics: EngineMetrics | NullMetrics | None = None) -> None:
         cfg = cfg or ServingConfig()
         if max_batch_size is not None:
-            cfg = cfg.model_copy(update={"max_batch_size": max_batch_size})
+            cfg = updated(cfg, scheduler={"max_batch_size": max_batch_size})
         self.cfg = cfg
         self.model = model
         self.tokenizer = tokenizer
         self.device = model.device
-        self.max_batch_size = cfg.max_batch_size
+        self.max_batch_size = cfg.scheduler.max_batch_size
         window = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
-        self.context_window = min(window, cfg.max_model_len or window)
+        self.context_window = min(window, cfg.scheduler.max_model_len or window)
         self.eos_ids = eos_ids(model, tokenizer)
         # An nn.Embedding (torch types its attributes Tensor | Module), or OnnxCausalLM's stand-in.
         self.vocab_size = cast(int, model.get_input_embeddings().num_embeddings)
@@ -90,8 +91,9 @@ class Engine:
         self.metrics = metrics or NullMetrics()
         self.metrics.bind(lambda: self.queue_depth, lambda: self.active, lambda: self.cache_usage)
         self._cv = threading.Condition()
-        self.scheduler = Scheduler(self.backend, tokenizer, self.eos_ids, max_batch_size=cfg.max_batch_size,
-                                   max_prefill_tokens=cfg.max_prefill_tokens, metrics=self.metrics, lock=self._cv)
+        self.scheduler = Scheduler(self.backend, tokenizer, self.eos_ids, max_batch_size=cfg.scheduler.max_batch_size,
+                                   max_prefill_tokens=cfg.scheduler.max_prefill_tokens, metrics=self.metrics,
+                                   lock=self._cv)
         # A decode step launched before the previous step's text was processed (see _advance).
         self._ahead: tuple[list[Sequence], torch.Tensor] | None = None
         self._closed = False
@@ -107,11 +109,11 @@ class Engine:
              cfg: ServingConfig | None = None, metrics: EngineMetrics | NullMetrics | None = None) -> "Engine":
         """Load a transformers causal-LM directory (safetensors only, no remote code) and its tokenizer.
 
-        ``device`` (else ``cfg.device``) defaults to CUDA when present; weights are bf16 on CUDA and
-        float32 on CPU; ``cfg.quantization`` is applied at load.
+        ``device`` (else ``cfg.runtime.device``) defaults to CUDA when present; weights are bf16 on CUDA and
+        float32 on CPU; ``cfg.runtime.quantization`` is applied at load.
         """
         cfg = cfg or ServingConfig()
-        model, tokenizer = load_model(Path(model_dir), device or cfg.device, cfg.quantization)
+        model, tokenizer = load_model(Path(model_dir), device or cfg.runtime.device, cfg.runtime.quantization)
         return cls(model, tokenizer, cfg, max_batch_size=max_batch_size, metrics=metrics)
 
     # ------------------------------------------------------------ introspection (metrics, tests)
@@ -189,12 +191,14 @@ class Engine:
             if self._closed or self._draining:
                 self.metrics.rejected(503)
                 raise EngineBusy("the server is shutting down", "retry against a running server", status=503)
-            if bounded and len(self.scheduler.waiting) >= self.cfg.max_queue:  # make room: drop those whose client left
+            # make room: drop those whose client left
+            if bounded and len(self.scheduler.waiting) >= self.cfg.scheduler.max_queue:
                 self.scheduler.forget_cancelled()
-            if bounded and len(self.scheduler.waiting) >= self.cfg.max_queue:
+            if bounded and len(self.scheduler.waiting) >= self.cfg.scheduler.max_queue:
                 self.metrics.rejected(429)
                 raise EngineBusy(f"the server is at capacity ({self.active} running, {self.queue_depth} waiting)",
-                                 "retry after a short wait (see Retry-After), or raise serving.max_queue", status=429)
+                                 "retry after a short wait (see Retry-After), or raise serving.scheduler.max_queue",
+                                 status=429)
             self.scheduler.add(request)
             self._cv.notify()
         return request
@@ -211,7 +215,7 @@ class Engine:
             need += self.backend.virtual_tokens  # a prompt-learning adapter's, before the prompt
             raise RequestError(f"the prompt and max_tokens need {need} tokens of KV cache, more than this "
                                "server's cache holds for one request",
-                               "ask for fewer tokens, or raise serving.kv_cache_mb", param="max_tokens",
+                               "ask for fewer tokens, or raise serving.kv_cache.memory_mb", param="max_tokens",
                                code="kv_cache_too_small")
 
     def close(self, drain_timeout_s: float = 0.0) -> None:

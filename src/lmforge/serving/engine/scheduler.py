@@ -5,7 +5,7 @@ One engine step (``engine/engine.py``) is two rounds of schedule -> execute -> u
 1. Prefill. :meth:`Scheduler.schedule_prefill` admits waiting requests while the running batch has
    a free row and the backend can reserve the request's worst case (prompt plus ``max_tokens``),
    first come first served; drops requests whose client went away, freeing their rows and cache at
-   once; and picks up to ``serving.max_prefill_tokens`` prompt tokens to prefill (a long prompt is
+   once; and picks up to ``serving.scheduler.max_prefill_tokens`` prompt tokens to prefill (a long prompt is
    split into chunks over several steps, so it never stalls the running streams for long). The
    engine runs the chunks; :meth:`Scheduler.prefilled` counts them in and returns the sequences
    whose prompt is now whole: they get their first token (:meth:`Scheduler.update`) and join the
@@ -207,7 +207,7 @@ class Scheduler:
             victim = max(self.prefilling + self.running, key=lambda s: s.admitted)
             if victim is seq and self.active == 1:
                 raise ServingError(f"the KV cache cannot hold {tokens} tokens of one sequence even alone",
-                                   "raise serving.kv_cache_mb, or ask for fewer tokens")
+                                   "raise serving.kv_cache.memory_mb, or ask for fewer tokens")
             self._preempt(victim)
             if victim is seq:
                 return False

@@ -48,7 +48,7 @@ def blocks_for_budget(shape: CacheShape, budget_mb: float) -> int:
     if blocks < 2:
         raise ServingError(
             f"a KV cache of {budget_mb:g} MiB holds no block ({shape.bytes_per_block() / 2**20:.2f} MiB per block)",
-            "raise serving.kv_cache_mb or lower serving.kv_block_size",
+            "raise serving.kv_cache.memory_mb or lower serving.kv_cache.block_size",
         )
     return blocks
 
@@ -121,7 +121,7 @@ class PagedKVCache:
         """Take ``n`` blocks out of the pool for good (content shared by every sequence)."""
         if n > len(self._free_blocks) - 1:
             raise ServingError(f"the KV cache has {self.num_blocks} blocks, too few to keep {n} for a shared prefix "
-                               "and serve", "raise serving.kv_cache_mb")
+                               "and serve", "raise serving.kv_cache.memory_mb")
         self._pinned += n
         return [self._free_blocks.pop() for _ in range(n)]
 

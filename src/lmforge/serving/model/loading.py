@@ -68,8 +68,9 @@ def load_model(model_dir: Path, device: str | None = None,
     if quantization != "none":
         replaced = quantize_model(model, quantization)
         if not replaced:
-            raise ServingError(f"serving.quantization is {quantization} but {type(model).__name__} has no nn.Linear "
-                               "decoder layers to quantize", "set serving.quantization to 'none' for this model")
+            raise ServingError(f"serving.runtime.quantization is {quantization} but {type(model).__name__} has no "
+                               "nn.Linear decoder layers to quantize",
+                               "set serving.runtime.quantization to 'none' for this model")
         log.info("%s weight quantization: %d linear layers", quantization, replaced)
     return model, tokenizer
 

@@ -7,7 +7,7 @@ the engine uses (``config``, ``device``, ``generation_config``, the vocabulary s
 that takes and grows a ``DynamicCache``). The engine's dense-cache backend (``backends/hf.py``:
 left padding, per-row positions, merge and keep at step boundaries) then runs it unchanged
 (``backends/onnx.py``), so ONNX Runtime serves with the same continuous batching, sampling and
-server as the PyTorch engines. The session uses the CPUExecutionProvider; ``serving.onnx_threads``
+server as the PyTorch engines. The session uses the CPUExecutionProvider; ``serving.runtime.onnx_threads``
 sets its intra-op threads.
 
 The export's format (``SPEC_FILE``, ``SPEC_FORMAT``, :func:`io_names`) is defined here, where it is
@@ -125,10 +125,12 @@ def load_onnx_model(model_dir: Path, device: str | None,
 
     if device not in (None, "cpu"):
         raise ServingError(f"{model_dir} is an ONNX export, served by ONNX Runtime on CPU only (device {device!r})",
-                           "set serving.device to 'cpu' (or leave it unset), or serve the PyTorch model on the GPU")
+                           "set serving.runtime.device to 'cpu' (or leave it unset), or serve the PyTorch model on "
+                           "the GPU")
     if quantization != "none":
-        raise ServingError(f"serving.quantization {quantization!r} applies to PyTorch weights, not to an ONNX export",
-                           "set serving.quantization to 'none', or serve the PyTorch model directory quantized")
+        raise ServingError(f"serving.runtime.quantization {quantization!r} applies to PyTorch weights, not to an "
+                           "ONNX export",
+                           "set serving.runtime.quantization to 'none', or serve the PyTorch model directory quantized")
     spec_path = model_dir / SPEC_FILE
     spec = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
     if spec.get("format") != SPEC_FORMAT:

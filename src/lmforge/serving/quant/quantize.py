@@ -1,4 +1,4 @@
-"""Weight quantization at load: ``serving.quantization: none | int8 | int4 | fp8``.
+"""Weight quantization at load: ``serving.runtime.quantization: none | int8 | int4 | fp8``.
 
 Each ``nn.Linear`` of the decoder layers becomes a :class:`QuantLinear`; the embedding and the
 output head stay in full precision (the layers most sensitive to rounding). The paged runner fuses
@@ -24,9 +24,9 @@ re-points the parts at it, so no weight is held twice.
   so the fp8 weights are read by the weight-only kernel that int8 uses, with bf16 activations.
 
 :func:`check_options` turns an option this machine cannot run into a :class:`ServingError` naming
-the cause and the fix; the KV cache dtype (``serving.kv_cache_dtype``) is resolved here too.
+the cause and the fix; the KV cache dtype (``serving.kv_cache.dtype``) is resolved here too.
 
-Used by ``lmforge serve MODEL`` with ``serving.quantization`` set; tested on CPU by
+Used by ``lmforge serve MODEL`` with ``serving.runtime.quantization`` set; tested on CPU by
 ``pytest tests/test_serving_quant.py``, measured on a GPU by ``python bench/serve_gpu.py --phases quant``.
 """
 
@@ -312,23 +312,24 @@ _CLASSES: dict[str, QuantLinearClass] = {"int8": Int8Linear, "int4": Int4Linear,
 def check_options(quantization: str, kv_cache_dtype: str, device: str) -> None:
     """Raise :class:`ServingError` (cause and fix) when this machine cannot run the chosen options."""
     if quantization not in WEIGHT_OPTIONS:
-        raise ServingError(f"unknown serving.quantization {quantization!r}",
+        raise ServingError(f"unknown serving.runtime.quantization {quantization!r}",
                            f"use one of {', '.join(WEIGHT_OPTIONS)}")
     if kv_cache_dtype not in KV_OPTIONS:
-        raise ServingError(f"unknown serving.kv_cache_dtype {kv_cache_dtype!r}", f"use one of {', '.join(KV_OPTIONS)}")
+        raise ServingError(f"unknown serving.kv_cache.dtype {kv_cache_dtype!r}", f"use one of {', '.join(KV_OPTIONS)}")
     cuda = device.startswith("cuda")
     if quantization in ("int4", "fp8") and not cuda:
-        raise ServingError(f"serving.quantization {quantization!r} runs only on CUDA GPUs; the device is {device!r}",
+        raise ServingError(f"serving.runtime.quantization {quantization!r} runs only on CUDA GPUs; the device is "
+                           f"{device!r}",
                            "serve on a CUDA device, or use quantization 'int8' (CPU and GPU) or 'none'")
     if quantization == "int4" and torch.cuda.get_device_capability(device) < (8, 0):
-        raise ServingError("serving.quantization 'int4' needs compute capability >= 8.0 (tinygemm kernel)",
+        raise ServingError("serving.runtime.quantization 'int4' needs compute capability >= 8.0 (tinygemm kernel)",
                            "use quantization 'int8' on this GPU")
-    needs_fp8 = [name for name, on in (("quantization", quantization == "fp8"),
-                                       ("kv_cache_dtype", kv_cache_dtype == "fp8" and cuda)) if on]
+    needs_fp8 = [name for name, on in (("runtime.quantization", quantization == "fp8"),
+                                       ("kv_cache.dtype", kv_cache_dtype == "fp8" and cuda)) if on]
     if needs_fp8 and torch.cuda.get_device_capability(device) < (8, 9):
         cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
         raise ServingError(f"serving.{needs_fp8[0]} 'fp8' needs a GPU of compute capability >= 8.9 (Ada, Hopper); "
-                           f"this one has {cap}", "use quantization 'int8' or 'int4' and kv_cache_dtype 'bf16'")
+                           f"this one has {cap}", "use runtime.quantization 'int8' or 'int4' and kv_cache.dtype 'bf16'")
 
 
 def kv_cache_dtype(option: str, model_dtype: torch.dtype) -> torch.dtype:

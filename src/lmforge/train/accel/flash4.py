@@ -1,4 +1,4 @@
-"""FlashAttention-4 for training: ``training.attention_backend: fa4`` (Hopper and Blackwell GPUs).
+"""FlashAttention-4 for training: ``training.speed.attention_backend: fa4`` (Hopper and Blackwell GPUs).
 
 FlashAttention-4 (the ``flash-attn-4`` package, kernels written in CUTLASS's CuTe DSL) has a Hopper
 forward and backward that run head dimension 64, GPT-2's, much faster than SDPA's kernels
@@ -84,9 +84,10 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
               **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract: [B, H, S, D] in, ([B, S, H, D], no weights) out."""
     if attention_mask is not None:
-        raise ConfigError("training.attention_backend: fa4 takes causal attention without a padding mask, but a "
+        raise ConfigError("training.speed.attention_backend: fa4 takes causal attention without a padding mask, but a "
                           "batch came with left padding or a custom mask",
-                          "pack the data (the default) or pad on the right, or set training.attention_backend: auto")
+                          "pack the data (the default) or pad on the right, or set "
+                          "training.speed.attention_backend: auto")
     if dropout:
         raise dropout_error(dropout)
     window = kwargs.get("sliding_window")
@@ -95,16 +96,17 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
     unsupported = [name for name, value in (("sliding_window", window), ("softcap", kwargs.get("softcap")),
                                             ("s_aux", kwargs.get("s_aux"))) if value is not None]
     if unsupported:  # plain causal attention here: computing it for these models would be silently wrong
-        raise ConfigError(f"training.attention_backend: fa4 runs plain causal attention; this model asks for "
-                          f"{', '.join(unsupported)}", "set training.attention_backend: auto for this architecture")
+        raise ConfigError(f"training.speed.attention_backend: fa4 runs plain causal attention; this model asks for "
+                          f"{', '.join(unsupported)}",
+                          "set training.speed.attention_backend: auto for this architecture")
     # SDPA is on autocast's list and gets one dtype for all three; a custom op is not, and rotary
     # embeddings in float32 leave q and k wider than v, so cast as autocast would have.
     kind = query.device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else value.dtype
     if dtype not in (torch.bfloat16, torch.float16):
-        raise ConfigError(f"training.attention_backend: fa4 runs in bf16 or fp16, but attention got {dtype}",
+        raise ConfigError(f"training.speed.attention_backend: fa4 runs in bf16 or fp16, but attention got {dtype}",
                           "train on the GPU with autocast (the engine's default there), or set "
-                          "training.attention_backend: auto")
+                          "training.speed.attention_backend: auto")
     # [B, H, S, D] -> [B, S, H, D] is a view: the kernels read strided rows, nothing is copied.
     q, k, v = (t.transpose(1, 2).to(dtype) for t in (query, key, value))
     scale = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
@@ -115,26 +117,27 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
 
 
 def dropout_error(p: float) -> ConfigError:
-    return ConfigError(f"training.attention_backend: fa4 has no attention dropout, and the model has {p} "
+    return ConfigError(f"training.speed.attention_backend: fa4 has no attention dropout, and the model has {p} "
                        "(model.dropout, or attn_pdrop / attention_dropout in a pretrained base's config.json)",
                        "set model.dropout: 0 (usual for pretraining), set the base's attention dropout to 0 in a "
-                       "copy of its config.json, or set training.attention_backend: auto")
+                       "copy of its config.json, or set training.speed.attention_backend: auto")
 
 
 def check_head_dim(head_dim: int, device: torch.device) -> None:
     """FA4's kernels take head sizes that are multiples of 8, up to 256 on Hopper and 128 on Blackwell."""
     limit = 256 if torch.cuda.get_device_capability(device)[0] == 9 else 128
     if head_dim % 8 or not 8 <= head_dim <= limit:
-        raise ConfigError(f"training.attention_backend: fa4 takes head sizes that are multiples of 8 up to {limit}; "
-                          f"this model's is {head_dim}", "set training.attention_backend: auto, or change "
+        raise ConfigError(f"training.speed.attention_backend: fa4 takes head sizes that are multiples of 8 up to "
+                          f"{limit}; "
+                          f"this model's is {head_dim}", "set training.speed.attention_backend: auto, or change "
                           "model.hidden_size / model.num_heads")
 
 
 def check_available(device: torch.device) -> None:
     """Refuse ``attention_backend: fa4`` where its kernels cannot run, naming the fix."""
 
-    require_gpu(device, "training.attention_backend: fa4", lambda cc: cc[0] in (9, 10, 11),
-                "runs on Hopper or Blackwell GPUs only", "set training.attention_backend: auto (SDPA's kernels)",
+    require_gpu(device, "training.speed.attention_backend: fa4", lambda cc: cc[0] in (9, 10, 11),
+                "runs on Hopper or Blackwell GPUs only", "set training.speed.attention_backend: auto (SDPA's kernels)",
                 "flash_attn.cute.interface", INSTALL)
 
 

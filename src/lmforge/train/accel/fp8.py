@@ -1,4 +1,4 @@
-"""FP8 matrix products for training: ``training.fp8: true`` (Hopper or newer GPUs, torchao installed).
+"""FP8 matrix products for training: ``training.speed.fp8: true`` (Hopper or newer GPUs, torchao installed).
 
 torchao's float8 training swaps each ``nn.Linear`` for a ``Float8Linear`` that keeps its float32
 weight but multiplies in float8 (e4m3 forward, e5m2 gradients, one dynamic scale per tensor): twice
@@ -29,9 +29,10 @@ _FLOAT8 = "_lmforge_fp8_names"  # the model's list of layers that torchao made F
 
 
 def check_available(device: torch.device) -> None:
-    """Refuse ``training.fp8`` where it cannot run, naming the fix (the config refuses adapter methods)."""
-    require_gpu(device, "training.fp8", lambda cc: cc >= (8, 9), "needs FP8 tensor cores (Ada, Hopper or newer GPUs)",
-                "set training.fp8: false", "torchao.float8", "pip install 'lmforge[gpu]' (or torchao)")
+    """Refuse ``training.speed.fp8`` where it cannot run, naming the fix (the config refuses adapter methods)."""
+    require_gpu(device, "training.speed.fp8", lambda cc: cc >= (8, 9),
+                "needs FP8 tensor cores (Ada, Hopper or newer GPUs)",
+                "set training.speed.fp8: false", "torchao.float8", "pip install 'lmforge[gpu]' (or torchao)")
 
 
 def to_linear(model: torch.nn.Module) -> int:

@@ -5,7 +5,9 @@ gradient checkpointing (memory for compute), frozen weights kept in bf16 on GPUs
 is never updated, so it needs no float32 master copy and no per-step cast), ``torch.compile`` of
 each Transformer block ("regional" compilation: the blocks are identical, so one compiled graph
 serves them all and compile time does not grow with depth) or of the whole objective (model and
-loss in one graph: ``training.compile_scope: model``), and the choice of SDPA attention kernel.
+loss in one graph: ``training.speed.compile_scope: model``), and the choice of SDPA attention kernel.
+Each measure is a switch of ``training.speed`` (:class:`~lmforge.config.training.SpeedConfig`), the
+only part of the config this module reads.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lmforge.config.training import TrainingConfig
+from lmforge.config.training import SpeedConfig
 from lmforge.core.errors import ConfigError
 from lmforge.train.accel.devices import require_gpu
 
@@ -73,9 +75,9 @@ def enable_tf32() -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def compiles_blocks(training: TrainingConfig) -> bool:
+def compiles_blocks(speed: SpeedConfig) -> bool:
     """Whether the engine compiles block by block (the whole-objective scope compiles in the loop)."""
-    return training.compile and training.compile_scope == "blocks"
+    return speed.compile and speed.compile_scope == "blocks"
 
 
 def attention_kernels(backend: str, device: torch.device) -> AbstractContextManager[Any]:
@@ -147,30 +149,30 @@ def restore_residual(model: torch.nn.Module) -> None:
     setattr(model, _RESIDUAL_HOOKS, [])
 
 
-def apply_settings(model: CausalLM, training: TrainingConfig, device: torch.device) -> None:
+def apply_settings(model: CausalLM, speed: SpeedConfig, device: torch.device) -> None:
     """Attention kernels, FP8 layers, the residual's dtype, gradient checkpointing and block
-    compilation, as ``training`` asks (the engine's base model, QLoRA's reloaded one, and
-    bench/train_gpu.py's engine rows)."""
-    set_attention_backend(model, training.attention_backend, device)
-    if training.residual_dtype == "bfloat16":
+    compilation, as ``training.speed`` asks (the engine's base model, QLoRA's reloaded one, and
+    bench.train.gpu's engine rows)."""
+    set_attention_backend(model, speed.attention_backend, device)
+    if speed.residual_dtype == "bfloat16":
         if device.type != "cuda":  # the loop autocasts on CUDA only; float32 norms would meet bf16 inputs
-            raise ConfigError(f"training.residual_dtype: bfloat16 needs bf16 autocast, which runs on CUDA only "
-                              f"(this is {device.type})", "set training.residual_dtype: float32")
+            raise ConfigError(f"training.speed.residual_dtype: bfloat16 needs bf16 autocast, which runs on CUDA "
+                              f"only (this is {device.type})", "set training.speed.residual_dtype: float32")
         cast_residual(model, torch.bfloat16)
-    if training.fp8:
+    if speed.fp8:
         from lmforge.train.accel import fp8
 
         fp8.check_available(device)
         fp8.enable(model)
-    if training.gradient_checkpointing:
+    if speed.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    if compiles_blocks(training):
+    if compiles_blocks(speed):
         compile_blocks(model)
 
 
 def check_loss_kernel(kernel: str, device: torch.device) -> None:
-    """Refuse ``loss_kernel: liger`` where it cannot run, before any step."""
+    """Refuse ``training.loss.kernel: liger`` where it cannot run, before any step."""
     if kernel == "liger":
-        require_gpu(device, "training.loss_kernel: liger", lambda cc: True, "runs only on CUDA GPUs (its kernels are "
-                    "Triton)", "set training.loss_kernel: torch (the same fused loss in plain torch)",
+        require_gpu(device, "training.loss.kernel: liger", lambda cc: True, "runs only on CUDA GPUs (its kernels are "
+                    "Triton)", "set training.loss.kernel: torch (the same fused loss in plain torch)",
                     "liger_kernel.transformers.functional", "pip install 'lmforge[gpu]' (or liger-kernel)")

@@ -131,9 +131,10 @@ def check_method(training: TrainingConfig, use_cuda: bool) -> None:
     if info.needs_cuda:
         if not use_cuda:
             raise ConfigError("QLoRA needs a CUDA GPU (bitsandbytes' 4-bit kernels), and this run is on the CPU",
-                              "run it on a CUDA machine with training.use_gpu: true, or use training.method: lora")
+                              "run it on a CUDA machine with training.placement.use_gpu: true, or use "
+                              "training.method: lora")
         try:
-            import bitsandbytes  # noqa: F401
+            import bitsandbytes  # noqa: F401 - imported only to check that it is installed
         except ImportError:
             raise ConfigError("QLoRA needs the bitsandbytes package, which is not installed",
                               "pip install bitsandbytes (CUDA machines), or use training.method: lora") from None

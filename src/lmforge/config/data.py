@@ -1,24 +1,20 @@
-"""Configs of the collect stage: one model per source type, chosen by ``type`` in ``data.sources``.
+"""The ``data`` section: what the collect stage reads, one model per source type (``data.sources``).
 
 Every source type may be listed several times; each entry's ``name`` (default ``TYPE[INDEX]``) is its
 label in the summary and the manifest. Network sources (``web``, ``feed``) share :class:`FetchConfig`,
-the politeness and safety settings of the one HTTP fetcher. Re-exported by
-:mod:`lmforge.config.stages`, where :class:`DataConfig` joins the pipeline config.
+the politeness and safety settings of the one HTTP fetcher. :class:`DataConfig` is the section
+itself, composed into the pipeline config by :mod:`lmforge.config.pipeline`.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-
-class _Section(BaseModel):
-    # Same contract as stages.StageConfig (not imported: stages imports this module).
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+from lmforge.config.base import Section
 
 _NAME = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-\[\]]*$",
               description="Label of this source in the summary and manifest; default TYPE[INDEX].")
@@ -38,7 +34,7 @@ def _networks(values: list[str]) -> list[str]:
     return values
 
 
-class StdlibSource(_Section):
+class StdlibSource(Section):
     """Docstrings of the Python standard library installed on this machine: no network needed."""
 
     type: Literal["stdlib"] = "stdlib"
@@ -50,7 +46,7 @@ class StdlibSource(_Section):
     )
 
 
-class _FileFields(_Section):
+class _FileFields(Section):
     # Declarations shared by the two file-reading sources (local disk and S3); no behaviour.
     include: list[str] = Field(
         default_factory=lambda: ["*"],
@@ -79,10 +75,11 @@ class LocalSource(_FileFields):
     hidden: bool = Field(False, description="Also read files and directories whose names start with a dot.")
 
 
-class FetchConfig(_Section):
+class FetchConfig(Section):
     """Politeness and limits of the HTTP fetcher shared by the web and feed sources."""
 
-    user_agent: str = Field("lmforge-collect/0.1", min_length=1, description="User-Agent sent and matched in robots.txt.")
+    user_agent: str = Field("lmforge-collect/0.1", min_length=1,
+                            description="User-Agent sent and matched in robots.txt.")
     requests_per_second: float = Field(1.0, gt=0, description="Most requests started per second to one host.")
     concurrency: int = Field(4, ge=1, description="Requests in flight across all hosts.")
     concurrency_per_host: int = Field(2, ge=1, description="Requests in flight to one host.")
@@ -95,7 +92,7 @@ class FetchConfig(_Section):
     max_redirects: int = Field(5, ge=0)
 
 
-class _NetworkFields(_Section):
+class _NetworkFields(Section):
     # Declarations shared by the two network sources; no behaviour.
     allow_private: bool = Field(
         False,
@@ -136,7 +133,7 @@ class WebSource(_NetworkFields):
         return _http_urls(value)
 
     @model_validator(mode="after")
-    def _has_start(self) -> "WebSource":
+    def _has_start(self) -> WebSource:
         if not self.seeds and not self.sitemaps:
             raise ValueError("a web source needs at least one of `seeds` or `sitemaps`")
         return self
@@ -166,12 +163,14 @@ class S3Source(_FileFields):
     name: str | None = _NAME
     bucket: str = Field(..., min_length=3, description="Bucket name.")
     prefix: str = Field("", description="Key prefix to list.")
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph...); env AWS_ENDPOINT_URL also works.")
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, Ceph...); env AWS_ENDPOINT_URL also works."
+    )
     region: str | None = Field(None, description="Region; default from the AWS chain.")
     max_objects: int | None = Field(None, gt=0, description="Most objects read in one run.")
 
 
-class HFSource(_Section):
+class HFSource(Section):
     """A Hugging Face `datasets` dataset: local files, a saved dataset directory, or a hub name."""
 
     type: Literal["hf"] = "hf"
@@ -187,14 +186,16 @@ class HFSource(_Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     text_field: str = Field("text")
     title_field: str | None = Field(None)
-    meta_fields: list[str] = Field(default_factory=list, description="Fields kept as metadata; empty keeps every other field.")
+    meta_fields: list[str] = Field(
+        default_factory=list, description="Fields kept as metadata; empty keeps every other field."
+    )
     streaming: bool = Field(False, description="Iterate without downloading or caching the whole set.")
     max_records: int | None = Field(None, gt=0, description="Most records read.")
     chunk_rows: int = Field(1000, gt=0, description="Records per incremental unit (re-read and compared as one).")
 
 
 SourceConfig = Annotated[
-    Union[StdlibSource, LocalSource, WebSource, FeedSource, S3Source, HFSource], Field(discriminator="type")
+    StdlibSource | LocalSource | WebSource | FeedSource | S3Source | HFSource, Field(discriminator="type")
 ]
 SOURCE_TYPES = ("stdlib", "local", "web", "feed", "s3", "hf")
 
@@ -204,7 +205,7 @@ def _stdlib_only() -> list[SourceConfig]:
     return [StdlibSource()]
 
 
-class InstructionConfig(_Section):
+class InstructionConfig(Section):
     """The supervised fine-tuning set derived from stdlib docstrings."""
 
     max_records: int = Field(2000, gt=0, description="Most instruction/response pairs to derive.")
@@ -216,7 +217,7 @@ class InstructionConfig(_Section):
     )
 
 
-class ParallelConfig(_Section):
+class ParallelConfig(Section):
     """How large inputs (many files, big S3 prefixes) are split into work shards and spread out."""
 
     backend: Literal["auto", "serial", "processes", "ray"] = Field(
@@ -234,7 +235,9 @@ class ParallelConfig(_Section):
     ray_min_files: int = Field(20_000, ge=1, description="`auto` uses Ray from this many files on.")
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
+    """The collect stage's section: the sources, the SFT set derived beside them, and the raw shards."""
+
     sources: list[SourceConfig] = Field(
         default_factory=_stdlib_only,
         min_length=1,
@@ -248,7 +251,7 @@ class DataConfig(_Section):
     progress_interval_s: float = Field(10.0, ge=0, description="Seconds between progress lines on stderr; 0 is silent.")
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "DataConfig":
+    def _unique_names(self) -> DataConfig:
         labels = source_labels(self.sources)
         if len(set(labels)) != len(labels):
             raise ValueError(f"data.sources names must be unique, got {labels}")

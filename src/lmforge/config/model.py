@@ -1,0 +1,46 @@
+"""The ``model`` section: the decoder-only Transformer's architecture, or the pretrained base to start from.
+
+Read by the tokenize stage (``vocab_size``), the train stage (every field) and ``lmforge model info``.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from lmforge.config.base import Section
+
+
+class ModelConfig(Section):
+    """A decoder-only Transformer built from config, or a pretrained base."""
+
+    architecture: str = Field(
+        "llama",
+        description="transformers causal-LM model type: llama (RoPE, GQA, SwiGLU, RMSNorm), gpt2, or any "
+        "other model type transformers knows (mistral, qwen2, gpt_neox, ...), built with the dimensions below.",
+    )
+    base_model: str | None = Field(
+        None, description="A local model directory or hub name to start from instead of random weights."
+    )
+    vocab_size: int = Field(2048, ge=256, description="Size of the byte-level BPE tokenizer to train.")
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int = Field(2, gt=0, description="Grouped-query attention: key/value heads.")
+    intermediate_size: int = Field(384, gt=0)
+    max_seq_len: int = Field(256, ge=16, description="Context window in tokens.")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    tie_embeddings: bool = Field(
+        True, description="Share the input embedding and output layer weights (most of a small model's parameters)."
+    )
+    vocab_multiple: int = Field(
+        1, ge=1, description="Round the embedding rows up to a multiple of this (64 speeds up GPU matrix "
+        "products); the extra rows are never a target, so training pushes their logits down.",
+    )
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+        return self
