@@ -21,7 +21,8 @@ from tasks.training import tokenize_task, train_task
 
 
 @flow(name="lmforge-pipeline", log_prints=True, description=__doc__)
-def pipeline(config: PipelineConfig = PipelineConfig(), deploy: bool = True) -> dict[str, Any]:
+def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen, so one shared default is safe
+             deploy: bool = True) -> dict[str, Any]:
     """The whole lifecycle on one config. Each stage stops the flow on failure, so a failed run
     registers no model version and moves no alias."""
     run_id = flow_run.get_id()

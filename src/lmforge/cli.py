@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from lmforge.config import PipelineConfig, load_config
 from lmforge.core.errors import LmforgeError
@@ -60,7 +60,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     out.print(f"[bold]lmforge run[/bold]: workspace {ws.home}")
     try:
         result = pipeline(config=config, deploy=not args.no_deploy)
-    except Exception as exc:  # Prefect re-raises the stage's own exception
+    except Exception as exc:  # noqa: BLE001 - Prefect re-raises the stage's own exception, unwrapped here
         raise _unwrap(exc) from None
     emit("lmforge run", run_summary(result, mlflow_uris(ws, config.platform)[0]), args.json)
 
@@ -99,8 +99,8 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
-    from lmforge.tokenizer.build import train_tokenizer
     from lmforge.stages.train import train
+    from lmforge.tokenizer.build import train_tokenizer
 
     if not (ws.tokenizer_dir / "tokenizer.json").exists():
         train_tokenizer(config.model, ws)
@@ -122,8 +122,8 @@ def cmd_promote(args: argparse.Namespace) -> None:
     """Register the latest trained and evaluated model (once), then apply the promotion rule."""
     config, ws = _setup(args)
     from lmforge.stages.lineage import require_state
-    from lmforge.stages.register import register_trained
     from lmforge.stages.promote import promote
+    from lmforge.stages.register import register_trained
 
     trained = require_state(ws, "train", "lmforge train CONFIG")
     evaluated = require_state(ws, "evaluate", "lmforge evaluate CONFIG")

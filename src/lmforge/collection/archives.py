@@ -21,7 +21,8 @@ import re
 import stat
 import tarfile
 import zipfile
-from typing import IO, TYPE_CHECKING, Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import IO, TYPE_CHECKING, Protocol
 
 from lmforge.collection.types import Tally
 
@@ -51,10 +52,11 @@ def _zstd_reader(stream: IO[bytes]) -> IO[bytes]:
 
 
 COMPRESSIONS: dict[str, Callable[[IO[bytes]], ByteReader]] = {
+    # Each opener returns a stream its caller reads and closes.
     ".gz": lambda s: gzip.GzipFile(fileobj=s, mode="rb"),
     ".zst": _zstd_reader,
     ".bz2": lambda s: bz2.BZ2File(s),
-    ".xz": lambda s: lzma.LZMAFile(s),
+    ".xz": lambda s: lzma.LZMAFile(s),  # noqa: SIM115 - the caller reads and closes the stream
 }
 
 

@@ -11,7 +11,7 @@ import io
 import logging
 import posixpath
 import zipfile
-from typing import Iterator
+from collections.abc import Iterator
 from urllib.parse import unquote
 from xml.etree import ElementTree
 
@@ -35,7 +35,7 @@ def pdf_documents(data: bytes, uri: str, stem: str, source: str, tally: Tally) -
             return
         pages = [page.extract_text() or "" for page in reader.pages]
         title = (reader.metadata.title if reader.metadata else None) or stem
-    except Exception as exc:  # pypdf raises many types on malformed input; each is a counted skip
+    except Exception as exc:  # noqa: BLE001 - pypdf raises many types on malformed input; each is a counted skip
         tally.skip("unreadable", uri, f"PDF: {type(exc).__name__}: {exc}")
         return
     text = tidy("\n\n".join(pages))

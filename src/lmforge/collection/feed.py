@@ -10,9 +10,9 @@ names, so namespaced variants (``content:encoded``, ``dc:creator``) need no spec
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
 from xml.etree import ElementTree
 
 from lmforge.collection.fetch import Fetcher, FetchError
@@ -81,7 +81,7 @@ class Feeds:
                     continue
                 expected += len(entries)
                 ctx.expect(expected)
-                yield from bounded_map(pool, lambda e: self._entry_unit(fetcher, feed_url, e, ctx), entries,
+                yield from bounded_map(pool, lambda e: self._entry_unit(fetcher, feed_url, e, ctx), entries,  # noqa: B023 - consumed in this iteration
                                        2 * self.cfg.fetch.concurrency)
         if failed == len(self.cfg.urls):
             raise DataError(f"no feed of the source could be read ({dict(ctx.tally.skipped)})",

@@ -15,9 +15,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 from lmforge.collection import archives, books
 from lmforge.collection.html import main_text
@@ -47,7 +48,7 @@ class FormatOptions:
     max_bytes: int = 256 * 2**20
 
     @classmethod
-    def of(cls, cfg: Any) -> "FormatOptions":
+    def of(cls, cfg: Any) -> FormatOptions:
         return cls(cfg.type, cfg.text_field, cfg.title_field, tuple(cfg.meta_fields), cfg.max_file_bytes)
 
 

@@ -11,9 +11,10 @@ hash the same as last time keeps its documents. Caches go under the workspace, n
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from lmforge.collection.formats import FormatOptions, record_document
 from lmforge.collection.types import Fingerprint, SourceContext, Unit

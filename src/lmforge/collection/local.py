@@ -14,9 +14,9 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from lmforge.collection.formats import FormatOptions, documents_from_bytes, documents_from_path, is_supported
 from lmforge.collection.parallel import choose_backend, chunked, run_chunks
@@ -126,7 +126,7 @@ class LocalFiles:
                 raise DataError(f"local source path {raw} does not exist",
                                 "fix or remove it in data.sources[].paths (relative paths are resolved from "
                                 "the directory you run lmforge in)")
-            for path, relative in candidates:
+            for path, _relative in candidates:
                 if not is_supported(path.name):
                     ctx.tally.skip("unsupported_format", path.as_uri(), "no reader for this file type")
                 else:

@@ -18,10 +18,11 @@ import multiprocessing
 import os
 import tempfile
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
-from lmforge.core.runtime import cpu_count  # noqa: F401 - re-exported (bench/collect_local.py)
+from lmforge.core.runtime import cpu_count
 
 T = TypeVar("T")
 R = TypeVar("R")

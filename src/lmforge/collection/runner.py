@@ -14,10 +14,11 @@ import threading
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lmforge.collection.shards import Interrupted, RawStore
 from lmforge.collection.types import Source, SourceContext, Tally
@@ -98,7 +99,7 @@ def _collect_one(label: str, source: Source, store: RawStore, report: SourceRepo
     except OSError as exc:
         report.error = {"source": label, "error": f"{type(exc).__name__}: {exc}",
                         "fix": "check that the path or address exists and is readable"}
-    except Exception as exc:  # a bug or an unexpected library error: reported, the other sources go on
+    except Exception as exc:  # noqa: BLE001 - a bug or an unexpected library error: reported, the others go on
         traceback.print_exc(file=sys.stderr)
         report.error = {"source": label, "error": f"{type(exc).__name__}: {exc}",
                         "fix": "unexpected error (traceback on stderr); please report it with the config"}

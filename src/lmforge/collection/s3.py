@@ -14,7 +14,8 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import tempfile
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from lmforge.collection.formats import FormatOptions, documents_from_stream, is_supported
 from lmforge.collection.parallel import choose_backend, chunked, run_chunks

@@ -23,17 +23,18 @@ import io
 import json
 import threading
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lmforge.collection.state import LiveSet, read_units, write_units
 from lmforge.collection.types import Fingerprint, Unit, UnitState, now_iso
-from lmforge.data.documents import DOCUMENT_COLUMNS, DOCUMENT_SCHEMA
 from lmforge.core.errors import DataError
 from lmforge.core.workspace import atomic_write_bytes, atomic_write_json
+from lmforge.data.documents import DOCUMENT_COLUMNS, DOCUMENT_SCHEMA
 
 MANIFEST = "manifest.json"
 FORMAT = 2

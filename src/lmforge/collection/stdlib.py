@@ -7,8 +7,8 @@ The documents come from :mod:`lmforge.data.stdlib_docs`; this adapter only group
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from itertools import groupby
-from typing import Iterator
 
 from lmforge.collection.types import Fingerprint, SourceContext, Unit, make_document
 from lmforge.config.data import StdlibSource

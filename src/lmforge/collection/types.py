@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Protocol
 
 from lmforge.data.documents import text_id
 
@@ -24,7 +25,7 @@ MAX_EXAMPLES = 20  # skipped items listed by name per source; the rest are only 
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def make_document(text: str, *, source: str, uri: str, title: str, content_type: str,
@@ -95,7 +96,7 @@ class Tally:
         with self._lock:
             return dict(sorted(self.skipped.items())), dict(sorted(self.repaired.items())), list(self.examples)
 
-    def merge(self, other: "Tally") -> None:
+    def merge(self, other: Tally) -> None:
         with self._lock:
             self.skipped.update(other.skipped)
             self.repaired.update(other.repaired)

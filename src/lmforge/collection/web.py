@@ -15,9 +15,9 @@ import fnmatch
 import gzip
 import hashlib
 import io
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator
 from urllib.parse import urlsplit
 from xml.etree import ElementTree
 
@@ -137,7 +137,7 @@ class WebCrawl:
                 # Crawl order within a level: round-robin over hosts (a pure function of the level,
                 # so reproducible); results are taken in that order whatever the timing.
                 pages = bounded_map(pool, lambda url: fetch_unit(fetcher, url, ctx, tuple(cfg.content_types), "web",
-                                                                 {"depth": depth}),
+                                                                 {"depth": depth}),  # noqa: B023 - consumed in this iteration
                                     interleave_hosts(batch), 2 * cfg.fetch.concurrency)
                 level = []
                 for page in pages:

@@ -4,7 +4,7 @@ log forwarding alike (no cursor tricks: each update is one self-contained line o
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 def bar(done: int, total: int, width: int = 20) -> str:

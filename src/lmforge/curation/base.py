@@ -9,8 +9,9 @@ document (a transform returns one too when nothing is left). Both count what the
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 from lmforge.config.curation import STEP_PHASES, CurationConfig
 from lmforge.curation.decontaminate import EvalIndex

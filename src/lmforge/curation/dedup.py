@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.config.curation import NearDedupConfig
-from lmforge.curation.text import ngram_hashes
 from lmforge.core.workspace import atomic_write_json
+from lmforge.curation.text import ngram_hashes
 
 KEEP, EXACT, NEAR, NEAR_PREVIOUS = 0, 1, 2, 3
 REASONS = {EXACT: "exact_duplicate", NEAR: "near_duplicate", NEAR_PREVIOUS: "near_duplicate_previous_version"}
@@ -201,7 +201,7 @@ class VersionStore:
         folder.mkdir(parents=True, exist_ok=True)
         np.save(folder / "keys.npy", keys)
         np.save(folder / "signatures.npy", signatures)
-        index.append({"digest": digest, "params": _params(cfg), "documents": int(len(keys))})
+        index.append({"digest": digest, "params": _params(cfg), "documents": len(keys)})
         atomic_write_json(self.root / "versions.json", {"versions": index})
 
 

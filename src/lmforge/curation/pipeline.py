@@ -16,22 +16,23 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmforge.data.documents import DOCUMENT_COLUMNS, DOCUMENT_SCHEMA, read_documents, text_id
 from lmforge.config.curation import CurationConfig
+from lmforge.core.errors import DataError
 from lmforge.curation.base import Context, build_steps, steps_of_phase
 from lmforge.curation.clean import count_lines
 from lmforge.curation.dedup import EXACT, KEEP, NEAR, NEAR_PREVIOUS, REASONS, MinHasher
 from lmforge.curation.report import Tally
 from lmforge.curation.text import text_key, tokens, word_hashes
-from lmforge.core.errors import DataError
+from lmforge.data.documents import DOCUMENT_COLUMNS, DOCUMENT_SCHEMA, read_documents, text_id
 
 WORK_SCHEMA = DOCUMENT_SCHEMA.append(pa.field("key", pa.uint64()))
 _STEP_OF = {EXACT: "exact_dedup", NEAR: "near_dedup", NEAR_PREVIOUS: "near_dedup"}

@@ -90,9 +90,9 @@ class QualityFilter:
             return "bullet_lines"
         if sum(s.endswith(("...", "…")) for s in stripped) / len(lines) > cfg.max_ellipsis_line_fraction:
             return "ellipsis_lines"
-        if cfg.min_punctuated_line_fraction:
-            if sum(s.endswith(_TERMINAL) for s in stripped) / len(lines) < cfg.min_punctuated_line_fraction:
-                return "punctuated_lines"
+        minimum = cfg.min_punctuated_line_fraction
+        if minimum and sum(s.endswith(_TERMINAL) for s in stripped) / len(lines) < minimum:
+            return "punctuated_lines"
         if len(_BAD_PHRASE.findall(text)) > cfg.max_bad_phrase_lines:
             return "bad_phrases"
         return None
@@ -122,7 +122,7 @@ class QualityFilter:
             grams = ngram_hashes(hashes, n)
             if len(grams) < 2:
                 continue
-            values, first, counts = np.unique(grams, return_index=True, return_counts=True)
+            _, first, counts = np.unique(grams, return_index=True, return_counts=True)
             top = int(counts.argmax())
             if counts[top] > 1:
                 # Characters of the most frequent n-gram times its count, as in Gopher.

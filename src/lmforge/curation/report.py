@@ -34,7 +34,7 @@ class Tally:
             kept.append({"id": doc.get("id"), "source": doc.get("source"), "uri": doc.get("uri"),
                          "text": text[:_SAMPLE_CHARS] + ("…" if len(text) > _SAMPLE_CHARS else "")})
 
-    def merge(self, other: "Tally") -> None:
+    def merge(self, other: Tally) -> None:
         self.removed.update(other.removed)
         self.changed.update(other.changed)
         self.step_in.update(other.step_in)

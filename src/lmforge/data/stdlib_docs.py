@@ -18,9 +18,9 @@ import hashlib
 import re
 import sys
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from lmforge.core.errors import DataError
 
@@ -180,7 +180,7 @@ def _files_of(root: Path, name: str) -> list[tuple[str, Path]]:
     return found
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module_entries(name: str, path: Path) -> tuple[DocEntry, ...]:
     """Documented public objects of one source file, in source order."""
     try:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import re
 import string
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 EVAL_LOSS = "eval_loss"
 EVAL_PERPLEXITY = "eval_perplexity"

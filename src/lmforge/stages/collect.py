@@ -19,19 +19,19 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from lmforge.collection import make_source
 from lmforge.collection.runner import SourceReport, new_reports, run_sources
 from lmforge.collection.shards import FORMAT, RawStore, exclusive, iter_live_documents, load_manifest
 from lmforge.collection.types import Source, now_iso
 from lmforge.config.data import DataConfig, InstructionConfig, source_labels
-from lmforge.data.splits import hash_split
-from lmforge.data.stdlib_docs import build_instruction_pairs
 from lmforge.core.errors import DataError
 from lmforge.core.workspace import Workspace, atomic_write_text
+from lmforge.data.splits import hash_split
+from lmforge.data.stdlib_docs import build_instruction_pairs
 
 __all__ = ["CollectResult", "collect", "raw_shard_paths", "read_raw_documents"]
 
@@ -127,7 +127,7 @@ def collect(cfg: DataConfig, ws: Workspace, progress: Progress | None = None) ->
 
 
 def _last_run(started: str, reports: dict[str, SourceReport], labels: list[str]) -> dict:
-    return {"started_at": started, "per_source": {l: reports[l].summary() for l in labels if l in reports},
+    return {"started_at": started, "per_source": {label: reports[label].summary() for label in labels if label in reports},
             "errors": [r.error for r in reports.values() if r.error]}
 
 

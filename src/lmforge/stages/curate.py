@@ -26,16 +26,24 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from lmforge.config.curation import CurationConfig
+from lmforge.core.errors import DataError
+from lmforge.core.workspace import Workspace, atomic_dir, atomic_write_json
 from lmforge.curation.base import Context
 from lmforge.curation.clean import boilerplate_lines
 from lmforge.curation.decontaminate import EvalIndex, eval_texts
 from lmforge.curation.dedup import KEEP, VersionStore, find_duplicates
-from lmforge.curation.pipeline import (Unit, clean_unit, filter_unit, finish_units, read_keys, run_map,
-                                       stack_signatures, write_splits)
+from lmforge.curation.pipeline import (
+    Unit,
+    clean_unit,
+    filter_unit,
+    finish_units,
+    read_keys,
+    run_map,
+    stack_signatures,
+    write_splits,
+)
 from lmforge.curation.report import Tally
 from lmforge.data.splits import heldout_ids
-from lmforge.core.errors import DataError
-from lmforge.core.workspace import Workspace, atomic_dir, atomic_write_json
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ import httpx
 
 from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
-from lmforge.model.prompt import format_prompt
 from lmforge.core.workspace import Workspace, atomic_write_json
+from lmforge.model.prompt import format_prompt
 
 RECORD = "server.json"
 READY = "ready.json"

@@ -11,10 +11,11 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lmforge.config.model import ModelConfig
 from lmforge.config.tokenize import TokenizeConfig
@@ -76,7 +77,7 @@ def train(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, run_n
 
 def _new_run_id(run_name: str | None) -> str:
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name or "train").strip("-.") or "train"
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return f"{stem}-{stamp}-{uuid.uuid4().hex[:6]}"
 
 

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 from lmforge.config.validation import ValidationConfig
 from lmforge.core.errors import ValidationFailed
-from lmforge.tracking.tracker import Tracker
 from lmforge.core.workspace import Workspace, atomic_write_json
+from lmforge.tracking.tracker import Tracker
 
 
 @dataclass(frozen=True)

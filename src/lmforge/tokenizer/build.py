@@ -8,13 +8,14 @@ transformers ``PreTrainedTokenizerFast`` with our EOS/PAD specials and the share
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from lmforge.config.model import ModelConfig
 from lmforge.core.errors import ConfigError, DataError
-from lmforge.model.prompt import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
 from lmforge.core.workspace import Workspace, atomic_dir
+from lmforge.model.prompt import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast

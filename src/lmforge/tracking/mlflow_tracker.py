@@ -137,7 +137,7 @@ class MlflowTracker:
         experiment: str,
         run_name: str | None = None,
         tags: dict[str, str] | None = None,
-    ) -> "MlflowTracker":
+    ) -> MlflowTracker:
         """Open a new run in ``experiment``; call :meth:`finish` when done."""
         client = mlflow_client(ws, platform)
         experiment_id = ensure_experiment(client, experiment, ws)

@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace):
-    from lmforge.tokenizer.build import train_tokenizer
     from lmforge.stages.train import train
+    from lmforge.tokenizer.build import train_tokenizer
 
     config = load_config(args.config)
     ws = Workspace.from_env(args.home).ensure()

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 
+from lmforge.core.workspace import atomic_write_json
 from lmforge.model.prompt import format_prompt
 from lmforge.train.methods import bottleneck as adapters
-from lmforge.core.workspace import atomic_write_json
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -101,8 +102,7 @@ def load_trained(model_dir: Path, dtype: torch.dtype = torch.float32, device: st
                                                 local_files_only=True, trust_remote_code=False)
     adapter_dir = marked_adapter_dir(model_dir)
     model = apply_adapter(base, adapter_dir) if adapter_dir is not None else base
-    # PreTrainedModel.to is functools.wraps(Module.to), whose stub mypy reads as unbound (the device as self).
-    return model.to(device).eval()  # type: ignore[arg-type]
+    return model.to(device).eval()  # type: ignore[arg-type]  # PreTrainedModel.to wraps Module.to; mypy reads it unbound
 
 
 def marked_adapter_dir(model_dir: Path) -> Path | None:

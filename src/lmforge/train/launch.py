@@ -1,12 +1,12 @@
 """Launching training: pretraining then fine-tuning, in-line or as Ray Train workers.
 
-:func:`fit` runs a job for the train stage (:func:`lmforge.stages.train.train`). The same per-worker function, :func:`run_worker`, runs in this
-process (``training.placement.use_ray: false``, world size 1) or under Ray Train's ``TorchTrainer`` as DDP
-ranks; Ray is imported only on that path, so the engine runs where only torch, transformers and
-peft are installed. Rank 0 writes ``ws.runs_dir/<run_id>/`` in one atomic rename (layout:
-:mod:`lmforge.train.artifacts`); checkpoints go to ``ws.checkpoints_dir/<run_id>/`` and are
-removed once the run succeeds. The stage adds ``train_result.json`` and the ``train`` state hand-off.
-"""
+:func:`fit` runs a job for the train stage (:func:`lmforge.stages.train.train`). The same per-worker
+function, :func:`run_worker`, runs in this process (``training.placement.use_ray: false``, world
+size 1) or under Ray Train's ``TorchTrainer`` as DDP ranks; Ray is imported only on that path, so
+the engine runs where only torch, transformers and peft are installed. Rank 0 writes
+``ws.runs_dir/<run_id>/`` in one atomic rename (layout: :mod:`lmforge.train.artifacts`); checkpoints
+go to ``ws.checkpoints_dir/<run_id>/`` and are removed once the run succeeds. The stage adds
+``train_result.json`` and the ``train`` state hand-off. """
 
 from __future__ import annotations
 
@@ -16,23 +16,23 @@ import shutil
 import tempfile
 import uuid
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from lmforge.core import errors
 from lmforge.config.model import ModelConfig
 from lmforge.config.training import TrainingConfig
+from lmforge.core import errors
 from lmforge.core.errors import ConfigError, DataError, LmforgeError
 from lmforge.core.progress import step_printer
 from lmforge.core.runtime import cpu_count
+from lmforge.core.workspace import Workspace, atomic_dir
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.methods.catalog import check_method
 from lmforge.train.worker import run_phases
-from lmforge.core.workspace import Workspace, atomic_dir
 
 
 def fit(job: dict, training: TrainingConfig, ws: Workspace, ray_address: str | None = None,

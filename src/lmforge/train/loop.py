@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -174,7 +175,7 @@ class _PhaseRun:
 
     def check_and_log(self, final: bool = False) -> None:
         if self.pending:
-            rows = torch.stack([torch.stack([l.float(), n.float(), t.float()]) for _, l, n, t in self.pending]).tolist()
+            rows = torch.stack([torch.stack([loss.float(), n.float(), t.float()]) for _, loss, n, t in self.pending]).tolist()
             for (step, *_), (loss, norm, tokens) in zip(self.pending, rows):
                 if not (math.isfinite(loss) and math.isfinite(norm)):
                     self._diverged(step, loss, norm)

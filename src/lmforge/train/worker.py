@@ -68,8 +68,9 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
         val = fixed_batches(val_rows, phase.batch_size, training.validation.batches, rank=rank,
                             world_size=world) if val_rows else []
 
-        def save(step: int, tensors: dict, loop_state: dict, index=index, name=name, before=list(history),
-                 done=dict(metrics)):
+        # Defaults bind this phase's values now (the closure outlives the loop iteration).
+        def save(step: int, tensors: dict, loop_state: dict, index=index, name=name,
+                 before=list(history), done=dict(metrics)):  # noqa: B006 - snapshots taken at definition, on purpose
             if rank != 0:
                 return None
             state = {"phase_index": index, "phase": name, "loop": loop_state, "history": before, "metrics": done,

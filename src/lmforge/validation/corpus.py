@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.data.documents import read_documents
 from lmforge.config.curation import DecontaminationConfig, NearDedupConfig
 from lmforge.config.validation import ValidationConfig
 from lmforge.core.errors import DataError
 from lmforge.core.workspace import Workspace
+from lmforge.data.documents import read_documents
 
 
 def load_frame(ws: Workspace) -> Any:

@@ -45,7 +45,7 @@ def user_expectations(items: list[UserExpectation]) -> list[tuple[str, Any]]:
                               "use a type from the GX expectation gallery, e.g. expect_column_values_to_match_regex")
         try:
             named.append((item.name or item.type, cls(**item.kwargs)))
-        except Exception as exc:  # GX raises pydantic and its own errors for bad arguments
+        except Exception as exc:  # noqa: BLE001 - GX raises pydantic and its own errors for bad arguments
             raise ConfigError(f"validation.expectations[{i}] ({item.type}): invalid kwargs {item.kwargs}: {exc}",
                               "fix the kwargs of that expectation (column names, bounds)") from None
     return named

@@ -14,8 +14,8 @@ import ipaddress
 import socket
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError

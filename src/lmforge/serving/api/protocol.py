@@ -87,7 +87,7 @@ class CompletionRequest(_SamplingRequest):
         return value
 
     @model_validator(mode="after")
-    def _zero_tokens_only_to_echo(self) -> "CompletionRequest":
+    def _zero_tokens_only_to_echo(self) -> CompletionRequest:
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens: must be at least 1 (0 is allowed only with echo, to score the prompt)")
         return self
@@ -125,7 +125,7 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token (needs logprobs).")
 
     @model_validator(mode="after")
-    def _merge_names(self) -> "ChatCompletionRequest":
+    def _merge_names(self) -> ChatCompletionRequest:
         if self.max_tokens == 0:
             raise ValueError("max_tokens: must be at least 1")
         if self.max_completion_tokens is not None:
@@ -150,7 +150,7 @@ class Usage(BaseModel):
     total_tokens: int
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
@@ -167,7 +167,7 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
     @classmethod
-    def of(cls, entries: tuple[TokenLogprob, ...], start_offset: int = 0) -> "CompletionLogprobs":
+    def of(cls, entries: tuple[TokenLogprob, ...], start_offset: int = 0) -> CompletionLogprobs:
         out = cls()
         offset = start_offset
         for e in entries:
@@ -193,7 +193,7 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob]
 
     @classmethod
-    def of(cls, entries: tuple[TokenLogprob, ...]) -> "ChatLogprobs":
+    def of(cls, entries: tuple[TokenLogprob, ...]) -> ChatLogprobs:
         # A chat reports generated tokens only, whose logprob is set (a prompt's first token has
         # none); the models below validate it.
         def one(token: str, logprob: float | None) -> dict[str, Any]:

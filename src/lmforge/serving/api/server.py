@@ -17,8 +17,10 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Sequence
+from typing import Any
 
 import anyio
 from fastapi import Depends, FastAPI, Header, Request
@@ -30,7 +32,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmforge import __version__
 from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
-from lmforge.serving.engine.engine import Engine, EngineBusy, GenerationStream, RequestError
 from lmforge.serving.api.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -50,6 +51,7 @@ from lmforge.serving.api.protocol import (
     Usage,
     new_id,
 )
+from lmforge.serving.engine.engine import Engine, EngineBusy, GenerationStream, RequestError
 from lmforge.serving.engine.requests import Completion
 
 log = logging.getLogger(__name__)
@@ -283,10 +285,8 @@ class _EventStream(StreamingResponse):
     async def __call__(self, scope, receive, send) -> None:
         async with anyio.create_task_group() as group:
             async def stream() -> None:
-                try:
+                with suppress(OSError):  # the client is gone; the body generator's finally cancels the request
                     await self.stream_response(send)
-                except OSError:
-                    pass  # the client is gone; the body generator's finally cancels the request
                 group.cancel_scope.cancel()
 
             group.start_soon(stream)
@@ -299,7 +299,7 @@ def _sse(chunks: AsyncIterator[BaseModel], stream: GenerationStream) -> Streamin
         try:
             async for chunk in chunks:
                 yield f"data: {chunk.model_dump_json()}\n\n"
-        except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band, then log
+        except Exception as exc:
             log.exception("stream failed")
             error = {"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}}
             yield f"data: {json.dumps(error)}\n\n"

@@ -11,8 +11,9 @@ forward with a dense cache, every other causal LM) or the same HF backend over O
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Protocol
+from typing import Protocol
 
 import torch
 

@@ -56,7 +56,7 @@ class DecodeBatch:
 
     @classmethod
     def prefill(cls, model: ServedModel, prompts: list[list[int]], pad_id: int, all_columns: bool = False,
-                prefix: VirtualPrefix | None = None) -> tuple["DecodeBatch", torch.Tensor]:
+                prefix: VirtualPrefix | None = None) -> tuple[DecodeBatch, torch.Tensor]:
         """Run the prompts (left-padded to one length) and return the batch and last-token logits
         (``all_columns``: logits of every column, ``[rows, width, vocab]``). With ``prefix`` (a
         prompt-learning adapter's, ``adapters/virtual_tokens.py``) every row's cache starts with it."""
@@ -85,7 +85,7 @@ class DecodeBatch:
         self.positions = self.positions + 1
         return logits
 
-    def merge(self, other: "DecodeBatch") -> None:
+    def merge(self, other: DecodeBatch) -> None:
         """Append ``other``'s rows after ours, left-padding whichever side is narrower."""
         width = max(self.width, other.width)
         # Both batches were prefilled, so every layer is filled (and a DynamicLayer: check_cache_support).

@@ -4,8 +4,16 @@
 benchmarks; the scheduler (``scheduler.py``) decides what each step runs.
 """
 
-from lmforge.serving.engine.engine import (Completion, Delta, Engine, EngineBusy, GenerationStream, RequestError,
-                                           SamplingParams, TokenLogprob)
+from lmforge.serving.engine.engine import (
+                                           Completion,
+                                           Delta,
+                                           Engine,
+                                           EngineBusy,
+                                           GenerationStream,
+                                           RequestError,
+                                           SamplingParams,
+                                           TokenLogprob,
+)
 
 __all__ = ["Completion", "Delta", "Engine", "EngineBusy", "GenerationStream", "RequestError", "SamplingParams",
            "TokenLogprob"]

@@ -22,8 +22,10 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence as Seq, cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -35,8 +37,17 @@ from lmforge.core.runtime import cpu_count
 from lmforge.serving.backends.base import PrefillItem
 from lmforge.serving.backends.choose import make_backend
 from lmforge.serving.engine.metrics import EngineMetrics, NullMetrics
-from lmforge.serving.engine.requests import (Completion, CompletionCollector, Delta, EngineBusy, GenerationStream,
-                                             Request, RequestError, slot_of, token_budget)
+from lmforge.serving.engine.requests import (
+    Completion,
+    CompletionCollector,
+    Delta,
+    EngineBusy,
+    GenerationStream,
+    Request,
+    RequestError,
+    slot_of,
+    token_budget,
+)
 from lmforge.serving.engine.sampling import SamplingParams, TokenLogprob, choose_tokens, token_logprobs
 from lmforge.serving.engine.scheduler import Scheduler
 from lmforge.serving.engine.sequence import Sequence, prompt_logprobs
@@ -106,7 +117,7 @@ class Engine:
 
     @classmethod
     def load(cls, model_dir: Path, device: str | None = None, max_batch_size: int | None = None,
-             cfg: ServingConfig | None = None, metrics: EngineMetrics | NullMetrics | None = None) -> "Engine":
+             cfg: ServingConfig | None = None, metrics: EngineMetrics | NullMetrics | None = None) -> Engine:
         """Load a transformers causal-LM directory (safetensors only, no remote code) and its tokenizer.
 
         ``device`` (else ``cfg.runtime.device``) defaults to CUDA when present; weights are bf16 on CUDA and
@@ -245,7 +256,7 @@ class Engine:
             try:
                 with torch.inference_mode(), sdpa_kernel(_ATTENTION_BACKENDS):
                     self._step()
-            except Exception as exc:  # noqa: BLE001 - handed to every affected request, then logged
+            except Exception as exc:
                 log.exception("engine step failed; failing %d request(s)", self.scheduler.active)
                 self.scheduler.fail_active(exc)
                 self._ahead = None
@@ -343,7 +354,7 @@ class Engine:
 
 # Engines still running at interpreter exit are closed first: a daemon thread killed inside a
 # torch op can abort the process ("terminate called without an active exception").
-_LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 def _close_live_engines() -> None:

@@ -15,7 +15,7 @@ import bisect
 import threading
 import time
 from collections import deque
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -57,7 +57,7 @@ class _Histogram:
         from prometheus_client.core import HistogramMetricFamily
 
         cumulative, running = [], 0
-        for bound, count in zip(self.bounds + [float("inf")], self.counts):
+        for bound, count in zip([*self.bounds, float("inf")], self.counts):
             running += count
             cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
         return HistogramMetricFamily(self.name, self.doc, buckets=cumulative, sum_value=self.sum)

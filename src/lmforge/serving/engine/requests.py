@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, cast
+from typing import cast
 
 from lmforge.core.errors import ServingError
 from lmforge.serving.engine.sampling import SamplingParams, TokenLogprob
@@ -93,7 +94,7 @@ class GenerationStream:
         # Runs on the engine thread: hand over to the event loop that owns the queue.
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
-    def __aiter__(self) -> "GenerationStream":
+    def __aiter__(self) -> GenerationStream:
         return self
 
     async def __anext__(self) -> Delta:

@@ -11,8 +11,9 @@ only its own tokens and decodes incrementally (a few tokens per step, not the wh
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 

@@ -153,7 +153,7 @@ def _export(step: _DecoderStep, example: tuple, path: Path, layers: int, opset: 
             torch.onnx.export(step, example, str(path), input_names=inputs, output_names=outputs,
                               opset_version=opset, dynamo=True, external_data=True, verbose=False,
                               dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, cache_axes))
-        except Exception as exc:  # noqa: BLE001 - torch.export fails in many ways; all mean the same to the user
+        except Exception as exc:
             raise ServingError(
                 f"torch.onnx.export cannot export {type(step.model).__name__}: {type(exc).__name__}: "
                 f"{str(exc).strip().splitlines()[0][:300]}",

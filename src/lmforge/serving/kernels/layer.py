@@ -119,7 +119,7 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position
 
 
 @triton.jit
-def _silu_mul_kernel(GU, OUT, stride_gu, stride_o, I, BLOCK: tl.constexpr):
+def _silu_mul_kernel(GU, OUT, stride_gu, stride_o, I, BLOCK: tl.constexpr):  # noqa: E741 - I: the MLP width, as in the kernel's math
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < I
@@ -205,7 +205,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     positions: torch.Tensor, blk_row: torch.Tensor, blk_tok: torch.Tensor, blk_n: torch.Tensor,
                     tokens_per_block: int, block_size: int, scale: float, kv_scale: float = 1.0) -> torch.Tensor:
     """Attention output ``[T, heads, head_dim]`` for queries ``q`` described by the query blocks."""
-    tokens, heads, head_dim = q.shape
+    _, heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     m = max(16, triton.next_power_of_2(tokens_per_block * group))

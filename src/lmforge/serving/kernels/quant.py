@@ -23,7 +23,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def _weight_only_mm_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
                            W_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,

@@ -24,7 +24,7 @@ def buckets(max_batch: int) -> list[int]:
     while size < max_batch:
         sizes.append(size)
         size += 8 if size < 64 else 16
-    return sizes + [max_batch]
+    return [*sizes, max_batch]
 
 
 class DecodeGraphs:

@@ -37,7 +37,7 @@ class StepLayout:
 
     @classmethod
     def build(cls, items: list[tuple[int, int, list[int]]], device: torch.device, tokens_per_block: int,
-              logit_index: list[int] | None) -> "StepLayout":
+              logit_index: list[int] | None) -> StepLayout:
         """``items``: (cache row, position of the first token, token ids) per sequence."""
         tokens: list[int] = []
         positions: list[int] = []

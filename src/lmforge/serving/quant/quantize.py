@@ -33,8 +33,8 @@ Used by ``lmforge serve MODEL`` with ``serving.runtime.quantization`` set; teste
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from typing import Callable, Protocol, Self
+from collections.abc import Callable, Sequence
+from typing import ClassVar, Protocol, Self
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,7 @@ class QuantLinear(nn.Module):
     """Base of the quantized linear layers: the parts :meth:`fuse` concatenates are listed in ``rows``."""
 
     rows: tuple[str, ...] = ()  # buffers whose dim 0 is the output channel (views of the fused storage)
-    row_tile: dict[str, int] = {}  # output channels per dim-0 entry, where not 1
+    row_tile: ClassVar[dict[str, int]] = {}  # output channels per dim-0 entry, where not 1
     bias: torch.Tensor | None  # a buffer (register_buffer)
     # ``x2 [M, K]`` times the weight, given the tensors of ``_tensors`` by name; each subclass names
     # its own (as nn.Module types ``forward``, so subclasses may take their own parameters).
@@ -139,7 +139,7 @@ class _PerChannel(QuantLinear):
         raise NotImplementedError
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "_PerChannel":
+    def from_linear(cls, linear: nn.Linear) -> _PerChannel:
         qweight, scale = cls.quantize(linear.weight.data)
         return cls(qweight, scale, _bias_of(linear))
 
@@ -230,7 +230,7 @@ class Int4Linear(QuantLinear):
     # The packed weight's dim 0 is tiles of 8 output channels (independent of each other), so
     # concatenating along it fuses layers; the group scales are fused along their dim 1.
     rows = ("packed",)
-    row_tile = {"packed": 8}
+    row_tile: ClassVar[dict[str, int]] = {"packed": 8}
     packed: torch.Tensor  # buffers (register_buffer)
     scales_and_zeros: torch.Tensor
 
@@ -242,7 +242,7 @@ class Int4Linear(QuantLinear):
         self.register_buffer("scales_and_zeros", scales_and_zeros)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int4Linear":
+    def from_linear(cls, linear: nn.Linear) -> Int4Linear:
         n, k = linear.weight.shape
         if k % INT4_GROUP or n % 8:
             raise ServingError(f"int4 (tinygemm) needs in_features divisible by {INT4_GROUP} and out_features by 8; "
