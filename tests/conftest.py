@@ -70,10 +70,10 @@ def prefect_server():
     port = free_port()
     home = _SESSION_TMP / "prefect-server"
     env = dict(os.environ, PREFECT_HOME=str(home))
-    log = open(_SESSION_TMP / "prefect-server.log", "wb")
-    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with open(_SESSION_TMP / "prefect-server.log", "wb") as log:  # the server keeps its own descriptor
+        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                 "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     api = f"http://127.0.0.1:{port}/api"
     try:
         wait_http(f"{api}/health", timeout=180, proc=proc)

@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 FIELDS = ["bench", "metric", "value", "unit", "baseline", "baseline_value", "ratio", "device", "commit", "command",

@@ -15,17 +15,26 @@ import time
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import BIN, REPO, run_cli
 from fixtures.collect.corpus import EXPECTED, LONG, build_corpus, markers
 from fixtures.collect.s3 import BUCKET, client, s3_server
 from fixtures.collect.site import ARTICLE, Site, page
-from lmforge.stages.collect import collect, raw_shard_paths, read_raw_documents
-from lmforge.config.data import (DataConfig, FeedSource, FetchConfig, HFSource, InstructionConfig, LocalSource,
-                                 S3Source, StdlibSource, WebSource)
-from lmforge.data.stdlib_docs import build_instruction_pairs, iter_stdlib_docs
+
+from lmforge.config.data import (
+    DataConfig,
+    FeedSource,
+    FetchConfig,
+    HFSource,
+    InstructionConfig,
+    LocalSource,
+    S3Source,
+    StdlibSource,
+    WebSource,
+)
 from lmforge.core.errors import DataError
 from lmforge.core.workspace import Workspace
+from lmforge.data.stdlib_docs import build_instruction_pairs, iter_stdlib_docs
+from lmforge.stages.collect import collect, raw_shard_paths, read_raw_documents
 
 FAST = FetchConfig(requests_per_second=100, backoff_s=0.05, max_bytes=100_000, timeout_s=5)
 
@@ -113,7 +122,8 @@ def test_collect_writes_shards_manifest_sft_and_is_incremental(tmp_path):
 
 def test_failing_source_is_reported_while_others_finish(tmp_path):
     ws = Workspace(tmp_path / "home")
-    cfg = DataConfig(sources=[LocalSource(paths=[str(tmp_path / "missing")]), LocalSource(paths=[str(_local_dir(tmp_path))])],
+    cfg = DataConfig(sources=[LocalSource(paths=[str(tmp_path / "missing")]),
+                              LocalSource(paths=[str(_local_dir(tmp_path))])],
                      instructions=InstructionConfig(source="none"))
     result = collect(cfg, ws)
     assert [e["source"] for e in result.errors] == ["local[0]"]
@@ -244,11 +254,13 @@ def test_cli_json_and_kill_9_then_rerun_equals_a_clean_run(tmp_path):
         assert summary["documents_new"] == 25 - interrupted["documents_total"]
         assert summary["per_source"]["web[0]"]["documents"] == 25
 
-        clean = collect(DataConfig.model_validate(yaml.safe_load(config.read_text())["data"]), Workspace(tmp_path / "clean"))
+        clean = collect(DataConfig.model_validate(yaml.safe_load(config.read_text())["data"]),
+                        Workspace(tmp_path / "clean"))
         assert summary["digest"] == clean.digest
         ids = [i for p in raw_shard_paths(Workspace(home)) for i in pq.read_table(p).column("id").to_pylist()]
         assert len(ids) == len(set(ids)) == 25  # nothing doubled, nothing lost, no stray shard
-        leftovers = [p.name for p in (home / "data" / "raw").iterdir() if p.name.startswith(".") and p.name != ".collect.lock"]
+        leftovers = [p.name for p in (home / "data" / "raw").iterdir()
+                     if p.name.startswith(".") and p.name != ".collect.lock"]
         assert leftovers == []
     finally:
         site.stop()

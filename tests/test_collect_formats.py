@@ -8,17 +8,18 @@ import os
 
 import pyarrow.parquet as pq
 import pytest
-
 from fixtures.collect.corpus import EXPECTED, EXPECTED_SKIPS, LONG, build_corpus, markers
-from lmforge.stages.collect import collect, raw_shard_paths, read_raw_documents
+
 from lmforge.collection.textdecode import decode_text
 from lmforge.collection.types import Tally
 from lmforge.config.data import DataConfig, InstructionConfig, LocalSource, ParallelConfig
 from lmforge.core.workspace import Workspace
+from lmforge.stages.collect import collect, raw_shard_paths, read_raw_documents
 
 
 def _config(*sources, **extra) -> DataConfig:
-    return DataConfig(sources=list(sources), instructions=InstructionConfig(source="none"), progress_interval_s=0, **extra)
+    return DataConfig(sources=list(sources), instructions=InstructionConfig(source="none"), progress_interval_s=0,
+                      **extra)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,8 @@ def test_every_format_yields_exactly_its_documents(corpus, tmp_path):
     assert json.loads(epub["meta"]) == {"author": "Ada Writer", "language": "en", "chapters": 2}
     assert by_marker["DOC-md"]["title"] == "Markdown Title"
     assert json.loads(by_marker["DOC-jsonl-1"]["meta"]) == {"lang": "en"} and by_marker["DOC-jsonl-1"]["title"] == "R1"
-    assert by_marker["DOC-csv-2"]["uri"].endswith("table.csv#row=2") and "across two lines" in by_marker["DOC-csv-2"]["text"]
+    assert by_marker["DOC-csv-2"]["uri"].endswith("table.csv#row=2")
+    assert "across two lines" in by_marker["DOC-csv-2"]["text"]
     assert by_marker["DOC-zip-nested"]["uri"].endswith("bundle.zip!/docs/nested.jsonl.gz#L1")
     assert "café, naïve façade, déjà vu" in by_marker["DOC-latin1"]["text"]
     assert "crème brûlée" in by_marker["DOC-mojibake"]["text"]
@@ -117,7 +119,8 @@ def test_process_pool_and_streamed_large_files_give_the_same_corpus(corpus, tmp_
 
 def test_decoding_repairs_and_refuses():
     tally = Tally()
-    assert decode_text("Привет, как дела? Это текст на русском языке.".encode("cp1251"), tally, "x").startswith("Привет")
+    russian = "Привет, как дела? Это текст на русском языке."
+    assert decode_text(russian.encode("cp1251"), tally, "x").startswith("Привет")
     assert decode_text("Zażółć gęślą jaźń, to jest polski tekst.".encode("cp1250"), tally, "x").startswith("Zażółć")
     assert decode_text("the cafÃ© is open".encode(), tally, "x") == "the café is open"
     assert decode_text("\ufeffwith a byte order mark".encode("utf-8"), tally, "x") == "with a byte order mark"

@@ -8,13 +8,13 @@ import json
 import zipfile
 
 import pytest
-
 from fixtures.collect.corpus import LONG
 from fixtures.collect.s3 import BUCKET, SECRET, client, s3_server
-from lmforge.stages.collect import collect, read_raw_documents
+
 from lmforge.config.data import DataConfig, HFSource, InstructionConfig, LocalSource, S3Source
 from lmforge.core.errors import DataError
 from lmforge.core.workspace import Workspace
+from lmforge.stages.collect import collect, read_raw_documents
 
 
 def _config(*sources) -> DataConfig:
@@ -38,7 +38,8 @@ def s3():
             "texts/a.txt": ("S3-a plain object." + LONG).encode(),
             "texts/b.md": ("# B\n\nS3-b markdown object." + LONG).encode(),
             "texts/records.jsonl.gz": gzip.compress("".join(
-                json.dumps({"text": f"S3-record-{i} from a gzipped JSONL object." + LONG}) + "\n" for i in range(3)).encode()),
+                json.dumps({"text": f"S3-record-{i} from a gzipped JSONL object." + LONG}) + "\n"
+                for i in range(3)).encode()),
             "texts/bundle.zip": _zip_with_traversal(),
             "texts/skip.bin": b"\x00\x01",
             "other/outside-prefix.txt": b"S3-outside must not be listed",
@@ -76,7 +77,8 @@ def test_missing_bucket_is_a_source_error_while_other_sources_finish(s3, tmp_pat
     endpoint, _ = s3
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "x.txt").write_text("A local document next to a broken bucket." + LONG)
-    result = collect(_config(S3Source(bucket="no-such-bucket", endpoint_url=endpoint), LocalSource(paths=[str(tmp_path / "in")])),
+    result = collect(_config(S3Source(bucket="no-such-bucket", endpoint_url=endpoint),
+                             LocalSource(paths=[str(tmp_path / "in")])),
                      Workspace(tmp_path / "home"))
     assert [e["source"] for e in result.errors] == ["s3[0]"]
     assert "no-such-bucket does not exist" in result.errors[0]["error"] and result.errors[0]["fix"]
@@ -104,7 +106,8 @@ def test_hf_dataset_from_local_files_in_chunks(records, tmp_path):
     assert (ws.home / "cache" / "collect" / "hf").is_dir()  # datasets' cache stays in the workspace
     assert collect(_config(source), ws).documents_new == 0
 
-    streamed = collect(_config(source.model_copy(update={"streaming": True, "max_records": 4})), Workspace(tmp_path / "s"))
+    streamed = collect(_config(source.model_copy(update={"streaming": True, "max_records": 4})),
+                       Workspace(tmp_path / "s"))
     assert streamed.documents_total == 4
 
 
@@ -112,7 +115,8 @@ def test_hf_saved_dataset_directory_and_errors(records, tmp_path):
     import datasets
 
     saved = tmp_path / "saved"
-    datasets.load_dataset("json", data_files=[str(records)], split="train", cache_dir=str(tmp_path / "c")).save_to_disk(str(saved))
+    dataset = datasets.load_dataset("json", data_files=[str(records)], split="train", cache_dir=str(tmp_path / "c"))
+    dataset.save_to_disk(str(saved))
     result = collect(_config(HFSource(dataset=str(saved), text_field="content")), Workspace(tmp_path / "home"))
     assert result.documents_total == 7
 

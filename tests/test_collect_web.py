@@ -7,13 +7,13 @@ import json
 import time
 
 import pytest
-
 from fixtures.collect.site import ARTICLE, Site, page
-from lmforge.stages.collect import collect, read_raw_documents
+
 from lmforge.collection.fetch import Fetcher, FetchError
 from lmforge.collection.netguard import networks, refusal
 from lmforge.config.data import DataConfig, FeedSource, FetchConfig, InstructionConfig, WebSource
 from lmforge.core.workspace import Workspace
+from lmforge.stages.collect import collect, read_raw_documents
 
 LOOPBACK = ["127.0.0.0/8"]
 FAST = FetchConfig(requests_per_second=100, backoff_s=0.05, retries=2, max_bytes=100_000, timeout_s=5)

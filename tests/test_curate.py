@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO, run_cli
-from lmforge.data.documents import read_documents, text_id, write_documents
-from lmforge.stages.collect import collect
+
 from lmforge.config import load_config, parse_config
 from lmforge.config.curation import CurationConfig, PiiConfig
 from lmforge.config.data import DataConfig, InstructionConfig, LocalSource
-from lmforge.stages.curate import curate
-from lmforge.curation.pii import ScrubPii, find_pii
 from lmforge.core.errors import ConfigError, DataError
 from lmforge.core.workspace import Workspace
+from lmforge.curation.pii import ScrubPii, find_pii
+from lmforge.data.documents import read_documents, text_id, write_documents
+from lmforge.stages.collect import collect
+from lmforge.stages.curate import curate
 
 FIXTURE = REPO / "tests" / "fixtures" / "curate"
 CONFIG = FIXTURE / "config.yaml"
@@ -233,7 +233,7 @@ def test_classic_steps_segment_chinese_remove_stopwords_and_stem(tmp_path):
     curate(cfg, ws)
     texts = sorted(_texts(ws))
     assert "runner run quick park citi ." in texts
-    chinese = [t for t in texts if "公园" in t][0]
+    chinese = next(t for t in texts if "公园" in t)
     assert "我们" not in chinese.split() and "跑步" in chinese.split()  # jieba words, stop word dropped
 
 

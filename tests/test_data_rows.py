@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -31,10 +32,10 @@ def test_read_sft_accepts_pairs_and_chats_and_names_the_bad_line(tmp_path):
     chat = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]})
     path = _write(tmp_path / "train.jsonl", [pair, "", chat, pair])
     assert len(read_sft(path)) == 3 and len(read_sft(path, limit=1)) == 1
-    with pytest.raises(DataError, match="train.jsonl:3 is not a JSON object with string `instruction`"):
+    with pytest.raises(DataError, match=re.escape("train.jsonl:3 is not a JSON object with string `instruction`")):
         read_sft(path, chat=False)  # evaluation scores instruction/response pairs only
     for bad in ('{"instruction": "no response"}', "[1, 2]", "{not json"):
-        with pytest.raises(DataError, match="train.jsonl:2") as info:
+        with pytest.raises(DataError, match=re.escape("train.jsonl:2")) as info:
             read_sft(_write(tmp_path / "train.jsonl", [pair, bad]))
         assert "lmforge collect" in info.value.fix
     with pytest.raises(DataError, match="no SFT examples"):

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 from tiny_assets import build_model_dir, write_workspace_data
 
 from lmforge.config.evaluation import EvaluationConfig
 from lmforge.core.errors import DataError
-from lmforge.stages.evaluate import evaluate
 from lmforge.core.workspace import Workspace
+from lmforge.stages.evaluate import evaluate
 
 CFG = EvaluationConfig(max_batches=2, batch_size=4, block_size=32, max_examples=3, max_new_tokens=6)
 
@@ -53,7 +55,7 @@ def test_evaluate_scores_and_writes_report(evaluated):
     assert first["instruction"] == "What does `abs` do?"
     assert isinstance(first["prediction"], str)
 
-    report = json.loads(open(result.report_path).read())
+    report = json.loads(Path(result.report_path).read_text())
     assert report["metrics"] == pytest.approx(m)
     assert report["examples"][0]["reference"] == first["reference"]
     state = ws.read_state("evaluate")
@@ -84,7 +86,7 @@ def test_missing_inputs_name_file_and_command(model_dir, ws, remove, names):
 
 
 def test_missing_model_names_train_command(ws, tmp_path):
-    with pytest.raises(DataError, match="config.json") as err:
+    with pytest.raises(DataError, match=re.escape("config.json")) as err:
         evaluate(CFG, tmp_path / "no-model", ws)
     assert "lmforge train" in err.value.fix
 
@@ -92,7 +94,7 @@ def test_missing_model_names_train_command(ws, tmp_path):
 def test_malformed_sft_line_is_reported_with_line_number(model_dir, ws):
     path = ws.sft_dir / "test.jsonl"
     path.write_text('{"instruction": "x", "response": "y"}\n{"instruction": "no response"}\n')
-    with pytest.raises(DataError, match="test.jsonl:2"):
+    with pytest.raises(DataError, match=re.escape("test.jsonl:2")):
         evaluate(CFG.model_copy(update={"max_examples": 5}), model_dir, ws)
 
 

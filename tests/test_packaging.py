@@ -7,8 +7,8 @@ import re
 import shlex
 
 import yaml
-
 from conftest import REPO
+
 from lmforge.cli import _build_parser
 
 

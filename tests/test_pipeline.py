@@ -4,10 +4,10 @@ local Ray, Great Expectations, and the inference server on loopback."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import REPO, run_cli
 
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -66,7 +66,7 @@ def test_mlflow_holds_lineage(first_run, home):
 
 def test_second_run_registers_v2_and_promotes_only_by_margin(first_run, home, prefect_server):
     inline = home / "inline.yaml"
-    tiny = open(TINY).read()
+    tiny = Path(TINY).read_text()
     assert "  logging: {every: 5}" in tiny  # the line the in-line setting goes after
     inline.write_text(tiny.replace("  logging: {every: 5}", "  logging: {every: 5}\n  placement: {use_ray: false}"))
     result = run_cli(["run", str(inline), "--json", "--no-deploy"], home, env={"PREFECT_API_URL": prefect_server})
@@ -83,7 +83,7 @@ def test_second_run_registers_v2_and_promotes_only_by_margin(first_run, home, pr
 
 def test_failed_validation_stops_before_training_and_registers_nothing(first_run, home, prefect_server, tmp_path):
     bad = tmp_path / "strict.yaml"
-    bad.write_text(open(TINY).read().replace("min_documents: 20", "min_documents: 1000000"))
+    bad.write_text(Path(TINY).read_text().replace("min_documents: 20", "min_documents: 1000000"))
     result = run_cli(["run", str(bad), "--json"], home, env={"PREFECT_API_URL": prefect_server})
     assert result.returncode == 2, result.stderr[-3000:]
     assert "fix:" in result.stderr and "Traceback" not in result.stderr.split("error:")[-1]

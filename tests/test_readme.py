@@ -23,7 +23,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import REPO, TINY, free_port, wait_http
 from readme import argv, python_snippet, readme_command, readme_commands
 
@@ -111,7 +110,8 @@ def test_a_fresh_venv_for_a_gpu_machine(tmp_path):
 
 def test_curation_fixture_commands(tmp_path):
     env = _env(tmp_path / "home")
-    for prefix in ("lmforge collect tests/fixtures", "lmforge curate tests/fixtures", "lmforge validate tests/fixtures"):
+    for prefix in ("lmforge collect tests/fixtures", "lmforge curate tests/fixtures",
+                   "lmforge validate tests/fixtures"):
         result = subprocess.run(argv(readme_command(prefix)), cwd=REPO, env=env, capture_output=True, text=True,
                                 timeout=600)
         assert result.returncode == 0, (prefix, result.stderr[-3000:])
@@ -164,8 +164,9 @@ def test_resume_continues_a_killed_run(made, tmp_path):
 
 @contextmanager
 def running(command: list[str], env: dict[str, str], health: str, cwd: Path = REPO):
-    log = open(Path(env["LMFORGE_HOME"]) / f"readme-{free_port()}.log", "wb")
-    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(Path(env["LMFORGE_HOME"]) / f"readme-{free_port()}.log", "wb") as log:  # the child keeps its own copy
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     try:
         wait_http(health, timeout=180, proc=proc)
         yield proc
@@ -202,15 +203,15 @@ def test_serve_from_the_registry_and_the_openai_snippet(made, home):
 
 def test_serve_a_model_directory_and_adapters(made, home):
     port = free_port()
-    model = argv(readme_command("lmforge serve path/to/model_dir"),
-                 **{"path/to/model_dir": str(made["model_dir"])}) + ["--port", str(port)]
+    model = [*argv(readme_command("lmforge serve path/to/model_dir"), **{"path/to/model_dir": str(made["model_dir"])}),
+             "--port", str(port)]
     with running(model, _env(home), f"http://127.0.0.1:{port}/health"):
         _complete(port, made["model_dir"].name)
     adapter = str(made["run_dir"] / "adapter")
     port = free_port()
-    with_adapters = argv(readme_command("lmforge serve path/to/base"), **{
+    with_adapters = [*argv(readme_command("lmforge serve path/to/base"), **{
         "path/to/base": str(made["run_dir"] / "base"), "runs/sql-lora": adapter,
-        "path/to/peft_adapter": adapter}) + ["--port", str(port)]
+        "path/to/peft_adapter": adapter}), "--port", str(port)]
     with running(with_adapters, _env(home), f"http://127.0.0.1:{port}/health"):
         _complete(port, "sql")
         _complete(port, "docs")
@@ -221,6 +222,6 @@ def test_export_onnx_and_serve_it(made, home, tmp_path):
     result = subprocess.run(export, cwd=tmp_path, env=_env(home), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     port = free_port()
-    serve = argv(readme_command("lmforge serve onnx-model")) + ["--port", str(port)]
+    serve = [*argv(readme_command("lmforge serve onnx-model")), "--port", str(port)]
     with running(serve, _env(home), f"http://127.0.0.1:{port}/health", cwd=tmp_path):
         _complete(port, "onnx-model")

@@ -16,12 +16,11 @@ from tiny_assets import build_model_dir
 from lmforge.config.platform import PlatformConfig
 from lmforge.config.registry import RegistryConfig
 from lmforge.core.errors import DataError, RegistryError
-from lmforge.tracking.mlflow_tracker import mlflow_client, mlflow_uris
+from lmforge.core.workspace import Workspace
 from lmforge.stages.promote import promote
 from lmforge.stages.register import register
-from lmforge.tracking.mlflow_tracker import list_models
+from lmforge.tracking.mlflow_tracker import list_models, mlflow_client, mlflow_uris
 from lmforge.tracking.model_uris import resolve_model
-from lmforge.core.workspace import Workspace
 
 # 600 steps x 2 metrics = 1200 values: the history must cross MLflow's 1000-per-batch limit.
 HISTORY = [{"step": s, "loss": 6.0 - s / 200, "lr": 1e-3, "phase": "pretrain"} for s in range(600)]
@@ -189,7 +188,8 @@ def test_failed_register_leaves_no_version(ws, model_dir, tmp_path, broken):
     assert client.search_model_versions(f"name='{name}'") == []
     experiment = client.get_experiment_by_name("tests")
     runs = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'FAILED'")
-    assert any("DataError" in r.data.tags.get("lmforge.error", "") and bad.name in r.data.tags["lmforge.error"] for r in runs)
+    assert any("DataError" in r.data.tags.get("lmforge.error", "") and bad.name in r.data.tags["lmforge.error"]
+               for r in runs)
 
 
 def test_two_workspaces_never_mix(ws, model_dir, tmp_path):

@@ -158,7 +158,7 @@ def test_adapters_that_cannot_be_served_unmerged_are_refused(dirs: dict[str, Pat
     ia3 = tmp_path / "ia3"
     ia3.mkdir()
     (ia3 / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
-    with pytest.raises(ServingError, match="(?s)is a IA3 adapter.*serve it merged"):
+    with pytest.raises(ServingError, match=r"(?s)is a IA3 adapter.*serve it merged"):
         load({"i": ia3})
     with pytest.raises(ServingError, match="no adapter"):
         load({"x": tmp_path})

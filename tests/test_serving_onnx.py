@@ -124,7 +124,7 @@ def test_engine_greedy_tokens_equal_the_pytorch_engine(dirs: tuple[Path, Path]) 
 
 
 def test_http_completion_and_chat_from_the_onnx_engine(dirs: tuple[Path, Path]) -> None:
-    model_dir, onnx_dir = dirs
+    _, onnx_dir = dirs
     cfg = ServingConfig(runtime=RuntimeConfig(device="cpu"), scheduler=SchedulerConfig(max_batch_size=2),
                         max_new_tokens=8)
     engine = Engine.load(onnx_dir, cfg=cfg)

@@ -58,7 +58,8 @@ def test_hf_backend_matches_paged(model_dir: Path) -> None:
     paged, hf = _engine(model_dir), _engine(model_dir, runtime={"engine": "hf"})
     try:
         assert hf.backend.name == "hf"
-        assert [r.token_ids for r in hf.generate(PROMPTS, GREEDY)] == [r.token_ids for r in paged.generate(PROMPTS, GREEDY)]
+        assert ([r.token_ids for r in hf.generate(PROMPTS, GREEDY)]
+                == [r.token_ids for r in paged.generate(PROMPTS, GREEDY)])
     finally:
         paged.close()
         hf.close()
@@ -171,7 +172,7 @@ def test_triton_kernels_match_the_model_in_the_interpreter(model_dir: Path) -> N
         prefill = backend.prefill([PrefillItem(r, 0, i, all_logits=True) for r, i in zip(rows, ids)])
         decode = backend.decode(rows, [len(i) for i in ids], [5] * len(ids))
         for logits, step, prompt in zip(prefill, decode, ids):
-            ref = engine.model(torch.tensor([prompt + [5]])).logits[0]
+            ref = engine.model(torch.tensor([[*prompt, 5]])).logits[0]
             assert float((logits - ref[:-1]).norm() / ref[:-1].norm()) < 1e-4
             assert float((step - ref[-1]).norm() / ref[-1].norm()) < 1e-4
 

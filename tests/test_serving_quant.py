@@ -12,6 +12,7 @@ logits close to the model's). The CUDA kernels themselves are checked on the dev
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -55,9 +56,9 @@ def test_options_this_machine_cannot_run_fail_with_cause_and_fix(model_dir: Path
             load_model(model_dir, device="cpu", quantization=option)
         assert "use quantization 'int8'" in str(info.value)
     with pytest.raises(ServingError,
-                       match="(?s)unknown serving.runtime.quantization 'int3'.*use one of none, int8, int4, fp8"):
+                       match=r"(?s)unknown serving\.runtime\.quantization 'int3'.*use one of none, int8, int4, fp8"):
         check_options("int3", "auto", "cpu")
-    with pytest.raises(ServingError, match="unknown serving.kv_cache.dtype 'fp16'"):
+    with pytest.raises(ServingError, match=re.escape("unknown serving.kv_cache.dtype 'fp16'")):
         check_options("none", "fp16", "cpu")
 
 
@@ -69,7 +70,7 @@ def _logit_errors(engine: Engine, ids: list[int]) -> tuple[float, float]:
         with torch.no_grad():
             pre = backend.prefill([PrefillItem(row, 0, ids, all_logits=True)])[0]
             step = backend.decode([row], [len(ids)], [5])[0]
-            ref = engine.model(torch.tensor([ids + [5]])).logits[0]
+            ref = engine.model(torch.tensor([[*ids, 5]])).logits[0]
     finally:
         backend.release(row)
     return (float((pre - ref[:-1]).norm() / ref[:-1].norm()), float((step - ref[-1]).norm() / ref[-1].norm()))

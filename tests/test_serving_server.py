@@ -11,8 +11,8 @@ import contextlib
 import resource
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import openai
@@ -34,7 +34,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.contextmanager
-def running(engine: Engine, cfg: ServingConfig, api_key=None, drain_s: float = 5) -> Iterator[tuple[str, uvicorn.Server]]:
+def running(engine: Engine, cfg: ServingConfig, api_key=None,
+            drain_s: float = 5) -> Iterator[tuple[str, uvicorn.Server]]:
     sock = bind_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny", cfg, api_key=api_key), log_level="warning",
                                            timeout_graceful_shutdown=drain_s))
@@ -74,7 +75,8 @@ def test_ten_times_capacity_gets_only_200_429_503_then_serves_normally(model_dir
             async def burst() -> list[httpx.Response]:
                 async with httpx.AsyncClient(base_url=url, timeout=60) as http:
                     body = {"prompt": "The quick", "max_tokens": 40, "temperature": 0}
-                    return await asyncio.gather(*[http.post("/v1/completions", json=body) for _ in range(10 * capacity)])
+                    return await asyncio.gather(*[http.post("/v1/completions", json=body)
+                                                  for _ in range(10 * capacity)])
 
             rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             for _ in range(2):  # twice: memory must not grow with repeated overload
@@ -144,7 +146,8 @@ def test_metrics_report_queue_batch_cache_and_latencies(model_dir: Path) -> None
     try:
         with running(engine, cfg) as (url, _):
             for _ in range(2):
-                assert httpx.post(f"{url}/v1/completions", json={"prompt": "The quick", "max_tokens": 5}).status_code == 200
+                reply = httpx.post(f"{url}/v1/completions", json={"prompt": "The quick", "max_tokens": 5})
+                assert reply.status_code == 200
             text = httpx.get(f"{url}/metrics").text
         for name in ("lmforge_queue_depth", "lmforge_running_requests", "lmforge_kv_cache_usage_ratio",
                      "lmforge_generation_tokens_per_second", "lmforge_time_to_first_token_seconds_bucket",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -123,7 +124,7 @@ def test_tokenized_suite_passes_and_catches_leaked_splits(built, tmp_path):
 
 
 def test_vocabulary_that_does_not_fit_the_model_is_an_error(built, tmp_path):
-    with pytest.raises(ConfigError, match="model.vocab_size") as info:
+    with pytest.raises(ConfigError, match=re.escape("model.vocab_size")) as info:
         check_vocab(600, ModelConfig(vocab_size=512))
     assert "600" in info.value.cause
     ws, _ = built

@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -13,9 +14,9 @@ import pytest
 
 from lmforge.config.model import ModelConfig
 from lmforge.core.errors import DataError
+from lmforge.core.workspace import Workspace
 from lmforge.model.prompt import EOS_TOKEN, PAD_TOKEN, format_prompt
 from lmforge.tokenizer.build import load_tokenizer, train_tokenizer
-from lmforge.core.workspace import Workspace
 
 MODULES = ["json", "textwrap", "string", "functools", "itertools", "shutil", "collections", "os.path", "re"]
 
@@ -93,5 +94,5 @@ def test_missing_corpus_is_a_data_error(tmp_path):
 
 
 def test_missing_tokenizer_is_a_data_error(tmp_path):
-    with pytest.raises(DataError, match="python -m lmforge.train"):
+    with pytest.raises(DataError, match=re.escape("python -m lmforge.train")):
         load_tokenizer(Path(tmp_path))

@@ -119,11 +119,15 @@ def test_packing_fills_blocks_with_eos_between_documents(tokenizer):
 
 def test_batch_stream_shards_disjointly_and_deterministically():
     data = {"input_ids": torch.arange(20).unsqueeze(1)}
-    take = lambda rank, seed=1: [b["input_ids"].flatten().tolist() for b, _ in
-                                 zip(batch_stream(data, 5, seed=seed, rank=rank, world_size=2), range(4))]
+
+    def take(rank: int, seed: int = 1) -> list[list[int]]:
+        return [b["input_ids"].flatten().tolist() for b, _ in
+                zip(batch_stream(data, 5, seed=seed, rank=rank, world_size=2), range(4))]
+
     rank0, rank1 = take(0), take(1)
     assert take(0) == rank0 and take(0, seed=2) != rank0
-    first_epoch0, first_epoch1 = set(sum(rank0[:2], [])), set(sum(rank1[:2], []))
+    first_epoch0 = {i for batch in rank0[:2] for i in batch}
+    first_epoch1 = {i for batch in rank1[:2] for i in batch}
     assert not first_epoch0 & first_epoch1 and len(first_epoch0 | first_epoch1) == 20
     assert len(rank0) == 4  # keeps going past the end of an epoch
 

@@ -9,6 +9,7 @@ in the middle of a phase, after a checkpoint and before the next.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -89,7 +90,8 @@ def test_stopped_and_resumed_run_ends_like_an_uninterrupted_one(ws, uninterrupte
         from lmforge.train.__main__ import main
 
         config = tmp_path / "run.yaml"
-        config.write_text(json.dumps({"model": MODEL.model_dump(mode="json"), "training": TRAINING.model_dump(mode="json")}))
+        config.write_text(json.dumps({"model": MODEL.model_dump(mode="json"),
+                                      "training": TRAINING.model_dump(mode="json")}))
         assert main([str(config), "--home", str(ws.home), "--resume", root.name]) == 0
         state = ws.read_state("train")
         resumed = SimpleNamespace(run_id=state["run_id"], history=state["history"], metrics=state["metrics"],
@@ -134,7 +136,7 @@ def test_resume_refuses_another_model_or_method(ws):
     with pytest.raises(Crash):
         train(TRAINING, MODEL, ws, run_name="mismatch", progress=_crash_at(10))
     (root,) = [p for p in (ws.home / "checkpoints").glob("mismatch-*")]
-    with pytest.raises(ConfigError, match="another model, training method or training.speed.fp8"):
+    with pytest.raises(ConfigError, match=re.escape("another model, training method or training.speed.fp8")):
         train(TRAINING.model_copy(update={"method": "full"}), MODEL, ws, resume=root.name)
     with pytest.raises(ConfigError, match="no checkpoint to resume"):
         train(TRAINING, MODEL, ws, resume="never-ran")

@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-
 from conftest import REPO, TINY, free_port, wait_http
 from readme import argv, readme_command
 
@@ -24,9 +23,10 @@ def ui(tmp_path_factory):
     env = dict(os.environ, LMFORGE_HOME=str(home))
     env.pop("PREFECT_API_URL", None)
     env.pop("PREFECT_HOME", None)  # lmforge puts Prefect's state in the workspace
-    log = open(home / "ui.out", "wb")
     command = argv(readme_command("lmforge ui"), CONFIG=TINY, **{"4200": str(prefect_port), "5000": str(mlflow_port)})
-    proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(home / "ui.out", "wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     api = f"http://127.0.0.1:{prefect_port}/api"
     try:
         wait_http(f"{api}/health", timeout=180, proc=proc)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import run_cli
-from lmforge.data.documents import text_id, write_documents
+
 from lmforge.config.validation import UserExpectation, ValidationConfig
 from lmforge.core.errors import ConfigError, DataError, ValidationFailed
-from lmforge.stages.validate import validate
 from lmforge.core.workspace import Workspace
+from lmforge.data.documents import text_id, write_documents
+from lmforge.stages.validate import validate
 
 
 def _doc(text: str | None, doc_id: str | None = None, source: str = "local", language: str = "en") -> dict:
@@ -53,7 +53,7 @@ def test_clean_data_passes_writes_results_data_docs_and_logs(tmp_path):
     report = validate(ValidationConfig(min_documents=10, allowed_sources=["local"], languages=["en"]), ws, tracker)
 
     assert report.success and not report.skipped and report.documents == 10
-    assert [r["name"] for r in report.results] == NAMES + ["source_allowed", "language_share"]
+    assert [r["name"] for r in report.results] == [*NAMES, "source_allowed", "language_share"]
     saved = json.loads((ws.validation_dir / "result.json").read_text())
     assert saved["success"] is True and saved["results"][0]["observed"] == 10
     assert set(saved["timings"]) == {"gx_import_s", "gx_run_s"}
@@ -73,7 +73,7 @@ def test_injected_nulls_pii_duplicates_and_eval_overlap_fail_with_names(tmp_path
            _doc("Stray document from an unexpected source.", source="crawler"),
            _doc("Notes: " + answer, doc_id="contaminated"), _doc(CLEAN[9]["text"] + " ", doc_id="leak"),
            _doc("Ein deutscher Text über Flüsse und Berge.", doc_id="german", language="de")]
-    _write_curated(ws, CLEAN[:8] + bad, CLEAN[8:] + [CLEAN[8]])
+    _write_curated(ws, CLEAN[:8] + bad, [*CLEAN[8:], CLEAN[8]])
     cfg = ValidationConfig(min_documents=100, allowed_sources=["local"], languages=["en"], min_language_share=0.99)
 
     with pytest.raises(ValidationFailed) as info:
@@ -81,7 +81,7 @@ def test_injected_nulls_pii_duplicates_and_eval_overlap_fail_with_names(tmp_path
 
     err = info.value
     failed = {r["name"]: r for r in err.details["results"] if not r["success"]}
-    assert set(failed) == set(NAMES + ["source_allowed", "language_share"])
+    assert set(failed) == {*NAMES, "source_allowed", "language_share"}
     for name in failed:
         assert name in err.cause
     assert "observed 19" in err.cause  # the row count
@@ -111,7 +111,7 @@ def test_user_expectations_from_config(tmp_path):
 
 def test_cli_gate_fails_with_the_report(tmp_path):
     ws = Workspace(tmp_path / "home")
-    _write_curated(ws, CLEAN[:8] + [_doc(None, doc_id="null-text")], CLEAN[8:])
+    _write_curated(ws, [*CLEAN[:8], _doc(None, doc_id="null-text")], CLEAN[8:])
     config = tmp_path / "c.yaml"
     config.write_text("validation:\n  min_documents: 5\n  data_docs: false\n")
     done = run_cli(["validate", str(config)], ws.home)

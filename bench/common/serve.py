@@ -9,6 +9,7 @@ decodes, so a random-weight model's output can be streamed as text like a real o
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -106,7 +107,7 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 async def _one(engine: Engine, prompt: list[int], params: SamplingParams, out: dict) -> None:
@@ -116,7 +117,7 @@ async def _one(engine: Engine, prompt: list[int], params: SamplingParams, out: d
         if delta.text or delta.completion is not None:
             stamps.append(time.perf_counter())
     out.setdefault("ttft", []).append(stamps[0] - start)
-    out.setdefault("itl", []).extend(b - a for a, b in zip(stamps, stamps[1:]))
+    out.setdefault("itl", []).extend(b - a for a, b in itertools.pairwise(stamps))
     out["tokens"] = out.get("tokens", 0) + params.max_tokens
 
 

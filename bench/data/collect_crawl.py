@@ -43,7 +43,7 @@ def serve(host: str, pages: int) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             body = bodies.get(self.path, b"")
             self.send_response(200 if body else 404)
             self.send_header("Content-Type", "text/plain" if self.path == "/robots.txt" else "text/html")

@@ -29,8 +29,9 @@ from lmforge.core.runtime import cpu_count
 from lmforge.core.workspace import Workspace
 from lmforge.stages.collect import collect
 
-WORDS = ("data model text token corpus crawler shard parquet manifest source record page feed bucket "
-         "language training evaluation registry python library function module parser archive").split()
+WORDS = ["data", "model", "text", "token", "corpus", "crawler", "shard", "parquet", "manifest", "source", "record",
+         "page", "feed", "bucket", "language", "training", "evaluation", "registry", "python", "library", "function",
+         "module", "parser", "archive"]
 
 
 def _sentence(rng: random.Random) -> str:

@@ -278,7 +278,7 @@ def main() -> int:
 def _datatrove_ready(tiny: bool) -> bool:
     """Whether the baseline can run; without datatrove only a --tiny check goes on (lmforge's side alone)."""
     try:
-        import datatrove  # noqa: F401
+        import datatrove  # noqa: F401 - imported only to learn whether the baseline is installed
         from loguru import logger
     except ImportError:
         if tiny:

@@ -147,8 +147,8 @@ def measure(args: argparse.Namespace, out: Path, prompt_len: int, new: int, conc
                 put(f"engine_{n}_stream_tok_s", speeds[quant][n], "output tok/s", "transformers generate() (same run)",
                     base)
     for n in ("1", many):
-        put(f"engine_int8_{n}_stream_tok_s", speeds["int8"][n], "output tok/s", "our engine, float32 weights (same run)",
-            speeds["none"][n])
+        put(f"engine_int8_{n}_stream_tok_s", speeds["int8"][n], "output tok/s",
+            "our engine, float32 weights (same run)", speeds["none"][n])
     onnx = None if args.no_onnx else onnx_speeds(model_dir, prompts, new)
     for n in (("1", many) if onnx else ()):
         put(f"engine_onnx_{n}_stream_tok_s", onnx[n], "output tok/s", "our engine, PyTorch float32 (same run)",

@@ -121,12 +121,12 @@ def check_logits(engine: Engine, model, vocab: int) -> dict[str, float]:
         with torch.inference_mode():
             pre = backend.prefill([PrefillItem(row, 0, prompt, all_logits=True)])[0]
             dec = backend.decode([row], [100], [7])[0:1].clone()
-            ref = model(torch.tensor([prompt + [7]], device=model.device)).logits[0]
+            ref = model(torch.tensor([[*prompt, 7]], device=model.device)).logits[0]
     finally:
         backend.release(row)
     with torch.inference_mode():  # the noise floor: the model's own forward in bf16 against float32
         exact = copy.deepcopy(model).float()
-        floor = rel_err(ref, exact(torch.tensor([prompt + [7]], device=model.device)).logits[0])
+        floor = rel_err(ref, exact(torch.tensor([[*prompt, 7]], device=model.device)).logits[0])
         del exact
     return {"logits_rel_err_prefill": rel_err(pre, ref[:100]), "logits_rel_err_decode": rel_err(dec, ref[100:]),
             "logits_rel_err_transformers_bf16_vs_fp32": floor}
@@ -193,7 +193,8 @@ def baseline_phases(model, phases: set[str], put, one, many, ours: dict[str, flo
             rate = generate_tokens_per_s(model, prompts, min(64, w.new))
             put(f"generate_{n}_tok_s", rate, "output tok/s (64 new tokens)")
             if n in ours:
-                put(f"engine_{n}_tok_s_vs_generate", ours[n], "output tok/s", "transformers generate() (same job)", rate)
+                put(f"engine_{n}_tok_s_vs_generate", ours[n], "output tok/s", "transformers generate() (same job)",
+                    rate)
     if "compile" in phases:
         for n, prompts in (("1", one), (str(w.concurrent), many)):
             t0 = time.perf_counter()

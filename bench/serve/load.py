@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import tempfile
@@ -28,7 +29,8 @@ from bench.common.cli import add_common_arguments, out_dir, run
 from bench.common.record import command_line, record
 from bench.common.serve import percentile, save_tiny_model
 
-WORDS = "the json module serializes objects to strings and parses them back into python values".split()
+WORDS = ["the", "json", "module", "serializes", "objects", "to", "strings", "and", "parses", "them", "back", "into",
+         "python", "values"]
 TINY_WORDS = [f"t{i}" for i in range(3, 40)]  # words of the tiny model's word-level vocabulary
 
 
@@ -47,7 +49,7 @@ async def one(http: httpx.AsyncClient, body: dict, out: dict) -> None:
                     stamps.append(time.perf_counter())
     if stamps:
         out["ttft"].append(stamps[0] - start)
-        out["itl"].extend(b - a for a, b in zip(stamps, stamps[1:]))
+        out["itl"].extend(b - a for a, b in itertools.pairwise(stamps))
         out["tokens"] += len(stamps)
 
 

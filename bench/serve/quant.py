@@ -322,19 +322,19 @@ def sweep(put: Put) -> None:
             copies = max(4, math.ceil(240e6 / (n * k * 2)))  # int4 copies too must outgrow the 50 MB L2
             linears = [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            bf16 = _timed([lambda lin=lin: F.linear(x, lin.weight) for lin in linears])
+            bf16 = _timed([lambda lin=lin, x=x: F.linear(x, lin.weight) for lin in linears])
             q8 = [Int8Linear.from_linear(lin) for lin in linears]
             ref = F.linear(x, linears[0].weight)
             best = None
             for cfg in configs:
-                us = _timed([lambda q=q: weight_only_mm(x, q.qweight, q.scale, config=cfg) for q in q8])
+                us = _timed([lambda q=q, x=x, cfg=cfg: weight_only_mm(x, q.qweight, q.scale, config=cfg) for q in q8])
                 best = min(best or (us, cfg), (us, cfg), key=lambda t: t[0])
             got = weight_only_mm(x, q8[0].qweight, q8[0].scale, config=best[1])
             err = float((got.float() - ref.float()).norm() / ref.float().norm())
             others = {}
             for cls in (Int4Linear, Fp8Linear):
                 mods = [cls.from_linear(lin) for lin in linears]
-                others[cls.__name__] = _timed([lambda q=q: q(x) for q in mods])
+                others[cls.__name__] = _timed([lambda q=q, x=x: q(x) for q in mods])
             print(f"M={m} {name} {n}x{k}: bf16 {bf16:.1f} us; int8 {best[0]:.1f} us {best[1]} err {err:.4f}; "
                   f"int4 {others['Int4Linear']:.1f} us; fp8 {others['Fp8Linear']:.1f} us", flush=True)
             for key, us in (("bf16", bf16), ("int8", best[0]), ("int4", others["Int4Linear"]),

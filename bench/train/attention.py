@@ -60,7 +60,10 @@ def fa4(q, k, v):
 def inputs(shape, device: str, dtype=torch.bfloat16, seed=0):
     b, s, h, hkv, d = shape
     g = torch.Generator(device=device).manual_seed(seed)
-    make = lambda heads: torch.randn(b, s, heads, d, device=device, dtype=dtype, generator=g)  # noqa: E731
+
+    def make(heads: int) -> torch.Tensor:
+        return torch.randn(b, s, heads, d, device=device, dtype=dtype, generator=g)
+
     q, k, v = make(h), make(hkv), make(hkv)
     grad = torch.randn(b, s, h, d, device=device, dtype=dtype, generator=g)
     return q, k, v, grad

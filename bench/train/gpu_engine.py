@@ -23,6 +23,7 @@ OUT/train_gpu_engine.json; the workspace is a new temporary directory unless ``-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sysconfig
 import tempfile
@@ -126,10 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         if row["step"] >= stop_at:
             raise Stop(row["step"])
 
-    try:
+    with contextlib.suppress(Stop):
         train(fast, model, ws, run_name="stopped", progress=stop)
-    except Stop:
-        pass
     (root,) = [p for p in (ws.home / "checkpoints").iterdir() if p.name.startswith("stopped")]
     resumed = train(fast, model, ws, resume=root.name, progress=lambda row: None)
     report["resumed"] = {"stopped_at": stop_at, "curve": curve(resumed), "metrics": resumed.metrics,

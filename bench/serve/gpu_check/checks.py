@@ -6,8 +6,8 @@ compare against are built once (``once``) and shared.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -149,13 +149,15 @@ class Checks:
             mine = [o for o, (_, n) in zip(outs, MIXED) if n == name]
             # Greedy: the merged adapter served alone. Forced: the merged HF model on the engine's tokens.
             refs[name] = self.base_alone() if name is None else with_engine(
-                lambda: merged_engine(s["base"], adapter, self.device), lambda e: self.requests(e, every))[0]
+                lambda adapter=adapter: merged_engine(s["base"], adapter, self.device),
+                lambda e: self.requests(e, every))[0]
             forced = model_forced(merged_model(s["base"], adapter, self.device), s["prompts"], mine)
             result[name or "base"] = {"greedy": compare(mine, refs[name], self.tol),
                                       "forced": compare_forced(mine, forced, self.tol)}
             if self.cuda:
                 result[name or "base"]["noise_floor"] = noise_floor(
-                    mine, forced, lambda: merged_model(s["base"], adapter, self.device, torch.float32), s["prompts"])
+                    mine, forced, lambda adapter=adapter: merged_model(s["base"], adapter, self.device, torch.float32),
+                    s["prompts"])
             if name:
                 result[name].update(effect(refs[name], refs[None], self.tol))
         parts = [judged(result[k]) for k in ("base", "a", "b")]

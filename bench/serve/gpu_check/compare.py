@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -96,7 +96,8 @@ def judged(result: dict) -> bool:
     floor = result.get("noise_floor")
     if floor is None:
         return result["greedy"]["ok"] and result["forced"]["ok"]
-    return floor["within_2x_floor"] and result["forced"]["argmax_agreement"] >= TOLERANCES["bfloat16"]["forced_agreement"]
+    agreement = result["forced"]["argmax_agreement"]
+    return floor["within_2x_floor"] and agreement >= TOLERANCES["bfloat16"]["forced_agreement"]
 
 
 def noise_floor(served: list[Out], ref_forced: list[Out], make_fp32: Callable[[], torch.nn.Module],

@@ -58,7 +58,8 @@ def write_records(bench: Bench, device: str | None = None) -> None:
                "gpt2/lmforge[model,fa4,graphs,bf16res,opt]", "gpt2/lmforge[model,fa4,graphs,bf16res,opt+pageable]"),
               ("gpt2_124m_cudnn_graphs_bf16res_opt_tokens_per_s_vs_compile",
                "gpt2/lmforge[model,cudnn,graphs,bf16res,opt]", "gpt2/plain+torch.compile"),
-              ("gpt2_124m_liger_cudnn_tokens_per_s_vs_compile", "gpt2/lmforge[liger,cudnn]", "gpt2/plain+torch.compile"),
+              ("gpt2_124m_liger_cudnn_tokens_per_s_vs_compile", "gpt2/lmforge[liger,cudnn]",
+               "gpt2/plain+torch.compile"),
               ("llama_1.1b_full_ft_cudnn_tokens_per_s", "llama_full/lmforge[cudnn]", "llama_full/plain"),
               ("llama_1.1b_lora_r16_cudnn_tokens_per_s", "llama_lora/lmforge[cudnn]", "llama_lora/peft"),
               ("llama_1.1b_qlora_r16_compiled_tokens_per_s", "llama_qlora/lmforge[blocks]", "llama_lora/peft")]

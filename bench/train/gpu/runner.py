@@ -10,8 +10,8 @@ from __future__ import annotations
 import gc
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -103,7 +103,7 @@ class Bench:
         except Exception as exc:  # noqa: BLE001 - one broken variant must not cost the job's other rows
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         finally:
-            run_steps = model = None  # noqa: F841 - free the variant before the next one
+            run_steps = model = None  # free the variant before the next one
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -160,9 +160,11 @@ class Bench:
             if compile_blocks:
                 speed.compile_blocks(model)
             net = torch.compile(model) if compile_model else model
-            objective = CausalLMObjective(net, fused=True, compile_chunks=self.device.type == "cuda") if fused_loss else None
+            objective = (CausalLMObjective(net, fused=True, compile_chunks=self.device.type == "cuda")
+                         if fused_loss else None)
             params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, betas=(0.9, 0.95), fused=fused_adamw or None)
+            optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, betas=(0.9, 0.95),
+                                          fused=fused_adamw or None)
             data = _random_batches(s, 4, self.device)
 
             def run_steps(n: int) -> None:
@@ -212,7 +214,8 @@ class Bench:
             name = "pretrain" if method == "pretrain" else "finetune"
 
             def run_steps(n: int) -> float:
-                phase = PhaseConfig(steps=n, learning_rate=1e-4, batch_size=s["batch"], seq_len=s["seq"], warmup_steps=0)
+                phase = PhaseConfig(steps=n, learning_rate=1e-4, batch_size=s["batch"], seq_len=s["seq"],
+                                    warmup_steps=0)
                 return train_phase(model, name, phase, training, batches, [], self.device)[1][f"{name}_loss"]
 
             def phase(warmup: int, steps: int, at_warmup: Callable[[], None] | None = None):
@@ -255,7 +258,9 @@ def _random_rows(s: dict, n: int) -> dict[str, torch.Tensor]:
 
 
 def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
 
 
 def _sync(device: torch.device) -> None:
