@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import io
 import json
 import threading
 from collections import Counter
@@ -27,14 +26,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lmforge.collection.state import LiveSet, read_units, write_units
 from lmforge.collection.types import Fingerprint, Unit, UnitState, now_iso
 from lmforge.core.errors import DataError
-from lmforge.core.workspace import atomic_write_bytes, atomic_write_json
-from lmforge.data.documents import DOCUMENT_COLUMNS, DOCUMENT_SCHEMA
+from lmforge.core.workspace import atomic_write_json
+from lmforge.data.documents import read_documents, write_documents
 
 MANIFEST = "manifest.json"
 FORMAT = 2
@@ -50,13 +48,6 @@ def load_manifest(raw_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def write_shard(path: Path, rows: list[dict]) -> None:
-    table = pa.Table.from_pylist([{c: row[c] for c in DOCUMENT_COLUMNS} for row in rows], schema=DOCUMENT_SCHEMA)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def iter_live_documents(raw_dir: Path) -> Iterator[dict]:
     """Every live document of the committed corpus, one shard in memory at a time."""
     manifest = load_manifest(raw_dir)
@@ -67,7 +58,7 @@ def iter_live_documents(raw_dir: Path) -> Iterator[dict]:
         live = {doc_id for state in states.values() for doc_id in state.doc_ids}
     emitted: set[str] = set()
     for shard in shards:
-        for row in pq.read_table(shard, schema=DOCUMENT_SCHEMA).to_pylist():
+        for row in read_documents(shard):
             if (live is None or row["id"] in live) and row["id"] not in emitted:
                 emitted.add(row["id"])
                 yield row
@@ -211,7 +202,7 @@ class RawStore:
     def _write_shard(self, rows: list[dict], size: int) -> None:
         name = f"docs-{self._seq:05d}.parquet"
         self._seq += 1
-        write_shard(self.raw_dir / name, rows)
+        write_documents(self.raw_dir / name, rows)
         self.shards.append({"path": name, "documents": len(rows), "bytes": size})
         for row in rows:
             self.location[row["id"]] = name
@@ -231,7 +222,7 @@ class RawStore:
         rows: list[dict] = []
         size = 0
         for shard in old:
-            for row in pq.read_table(self.raw_dir / shard["path"], schema=DOCUMENT_SCHEMA).to_pylist():
+            for row in read_documents(self.raw_dir / shard["path"]):
                 if self.location.get(row["id"]) == shard["path"]:
                     rows.append(row)
                     size += len(row["text"].encode("utf-8"))
