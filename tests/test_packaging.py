@@ -9,7 +9,7 @@ import shlex
 import yaml
 from conftest import REPO
 
-from lmforge.cli import _build_parser
+from lmforge.cli import build_parser
 
 
 def _compose() -> dict:
@@ -30,7 +30,7 @@ def test_compose_services_are_complete():
 
 
 def test_compose_lmforge_commands_parse_with_our_cli():
-    parser = _build_parser()
+    parser = build_parser()
     for name, svc in _compose()["services"].items():
         entry = svc.get("entrypoint")
         if "build" in svc and entry is None and svc.get("command"):

@@ -263,7 +263,7 @@ def test_a_resumed_optimizer_steps_the_way_this_run_asks():
     # compile_optimizer may be switched between a run and its resume: the checkpoint's state loads,
     # but the kernel flags (fused / foreach / capturable) and the rate's type are this run's.
     from lmforge.train import checkpoint as ckpt
-    from lmforge.train.loop import _rebase, adamw
+    from lmforge.train.loop import adamw, rebase_schedule
 
     torch.manual_seed(0)
     model = build_model(MODEL, 300)
@@ -278,7 +278,7 @@ def test_a_resumed_optimizer_steps_the_way_this_run_asks():
     ckpt.load_optimizer(compiled, *ckpt.optimizer_state(fused))
     group = compiled.param_groups[0]
     assert not group["fused"] and not group["capturable"] and isinstance(group["lr"], torch.Tensor)
-    _rebase(compiled, schedule, PhaseConfig(steps=4, learning_rate=2e-3, warmup_steps=2))
+    rebase_schedule(compiled, schedule, PhaseConfig(steps=4, learning_rate=2e-3, warmup_steps=2))
     assert compiled.param_groups[0]["lr"].item() == pytest.approx(1e-3)  # warm-up step 0 of 2 at peak 2e-3
     assert compiled.param_groups[0]["initial_lr"].item() == pytest.approx(2e-3)
     compiled.step()  # the one-tensor-at-a-time path on CPU runs with the loaded state

@@ -8,7 +8,7 @@ the exact command, so bench/RESULTS.md rows can always be reproduced:
 
 from __future__ import annotations
 
-import datetime as _dt
+import datetime
 import json
 import platform
 import subprocess
@@ -74,7 +74,7 @@ def record(bench: str, metric: str, value: float, unit: str, baseline: str, base
         "baseline_value": baseline_value, "ratio": None if ratio is None else round(ratio, 4),
         "device": device or device_name(), "commit": _commit(),
         "command": command or command_line(),
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     target = (out_dir or RESULTS) / f"{bench}.jsonl"
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from lmforge.core.workspace import Workspace
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _build_parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()
@@ -229,7 +229,7 @@ _STAGES: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
 }
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.split("\n\n")[0])
     parser.add_argument("--home", help="workspace directory (default: $LMFORGE_HOME or ./.lmforge)")
     sub = parser.add_subparsers(dest="command")

@@ -66,7 +66,7 @@ def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: Traini
         run.metrics[f"{name}_val_loss_start"] = evaluate_loss(objective, val_batches, device)
     # Peak rates as plain floats, fresh or resumed: the same arithmetic either way, so a resumed
     # run's rates (and weights) match an uninterrupted one's to the bit, tensor rates included.
-    _rebase(optimizer, schedule, phase)
+    rebase_schedule(optimizer, schedule, phase)
     net.train()
     for step in range(run.step + 1, phase.steps + 1):
         micro = [next(batches) for _ in range(phase.grad_accum)]
@@ -238,7 +238,7 @@ class _PhaseRun:
         state = saved.state["loop"]
         ckpt.load_trainable(model, saved.tensors["model"])
         ckpt.load_optimizer(optimizer, saved.tensors["optimizer"], state["optimizer"])
-        schedule.load_state_dict(state["schedule"])  # its peak rate is then the phase's (_rebase)
+        schedule.load_state_dict(state["schedule"])  # its peak rate is then the phase's (rebase_schedule)
         ckpt.set_rng_state(saved.tensors["rng"], state["rng"])
         self.step, self.lr, self.window = state["step"], state["lr"], list(state["window"])
         self.history, self.metrics = list(state["history"]), dict(state["metrics"])
@@ -246,7 +246,7 @@ class _PhaseRun:
         self.last_checkpoint = saved.path
 
 
-def _rebase(optimizer: torch.optim.Optimizer, schedule, phase: PhaseConfig) -> None:
+def rebase_schedule(optimizer: torch.optim.Optimizer, schedule, phase: PhaseConfig) -> None:
     """The schedule's peak rate is this phase's, as a float. A resumed checkpoint keeps the
     schedule's position, but the resumed run chooses the peak (a loss spike is often resumed at
     a lower one); fresh runs come here too, so both compute their rates alike."""
