@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-all lint clean
+.PHONY: install run test test-unit test-all lint clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# tests/unit only: fast, no servers and no CLI subprocesses.
+test-unit: install
+	$(BIN)/python -m pytest -q tests/unit
 
 test-all: install
 	LMFORGE_SLOW=1 $(BIN)/python -m pytest -q

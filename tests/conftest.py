@@ -94,6 +94,24 @@ def run_cli(args: list[str], home: Path, env: dict[str, str] | None = None,
                           text=True, timeout=timeout)
 
 
+@pytest.fixture(scope="session")
+def tokenized_workspace(tmp_path_factory):
+    """A factory: ``tokenized_workspace(name, model)`` is a fresh Workspace holding the stdlib corpus
+    (helpers.write_corpus) and a tokenizer trained on it for ``model``."""
+    from helpers import write_corpus
+
+    from lmforge.core.workspace import Workspace
+    from lmforge.tokenizer.build import train_tokenizer
+
+    def make(name: str, model):
+        ws = Workspace(tmp_path_factory.mktemp(name) / "home")
+        write_corpus(ws)
+        train_tokenizer(model, ws)
+        return ws
+
+    return make
+
+
 TINY = "configs/tiny.yaml"
 
 

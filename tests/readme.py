@@ -1,5 +1,5 @@
 """The commands of README.md, read out of its ```bash and ```python blocks, for the tests that run
-them (tests/test_readme.py says which test runs which command), so the README cannot drift."""
+them (tests/e2e/test_readme.py says which test runs which command), so the README cannot drift."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ of prefix methods by ``P``; the virtual tokens of prompt methods occupy ``0..P-1
 and shift its positions by ``P``; the engine counts ``P`` against the context window. Virtual
 tokens never produce logits, so they never appear in text, echo or logprobs.
 
-Used by ``model/loading.py``; tested by ``pytest tests/test_serving_prompt_adapters.py``.
+Used by ``model/loading.py``; tested by ``pytest tests/integration/test_serving_prompt_adapters.py``.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ output unchanged. The backends lmforge ships reserve each request's worst case a
 (``reserves_worst_case``), so their running sequences never run short and the scheduler never asks
 them to grow (a request that does not fit waits in the queue instead, ``model/kv_cache.py``);
 preemption serves a backend that allocates as sequences grow, and is tested with such a fake one
-(``tests/test_serving_scheduler.py``).
+(``tests/unit/test_serving_scheduler.py``).
 
 The scheduler sees token ids, never tensors, so it runs without a model.
 """

@@ -14,7 +14,7 @@ one 8x128 tile), which yields each element's nibble position in its tile. A self
 weights must then read back exactly what was packed; otherwise (a PyTorch whose layout differs
 between tiles, say) the learned layout is refused and tinygemm serves every row count.
 
-Tested on CPU with a stand-in packer (``pytest tests/test_serving_quant.py``); on the device by
+Tested on CPU with a stand-in packer (``pytest tests/unit/test_serving_quant.py``); on the device by
 ``python bench/serve_quant.py`` (its check section compares with the quantized values).
 """
 

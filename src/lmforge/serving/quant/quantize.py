@@ -27,7 +27,7 @@ re-points the parts at it, so no weight is held twice.
 the cause and the fix; the KV cache dtype (``serving.kv_cache.dtype``) is resolved here too.
 
 Used by ``lmforge serve MODEL`` with ``serving.runtime.quantization`` set; tested on CPU by
-``pytest tests/test_serving_quant.py``, measured on a GPU by ``python bench/serve_gpu.py --phases quant``.
+``pytest tests/unit/test_serving_quant.py``, measured on a GPU by ``python bench/serve_gpu.py --phases quant``.
 """
 
 from __future__ import annotations

@@ -8,11 +8,9 @@ with the official ``openai`` client.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,52 +18,15 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
+from helpers import PROMPTS, make_tiny_model_dir, serve
 
 from lmforge.config.serving import RuntimeConfig, SchedulerConfig, ServingConfig
 from lmforge.core.errors import ServingError
-from lmforge.model.prompt import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, format_prompt
-from lmforge.serving.api.launch import bind_socket, run_server, url_for
+from lmforge.serving.api.launch import run_server
 from lmforge.serving.api.server import create_app
 from lmforge.serving.engine import Engine, RequestError, SamplingParams
 
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "json.dumps serializes an object to a JSON formatted string.",
-    "Return the sum of a and b, raising TypeError for other types.",
-    "### Instruction:\nWhat does this do?\n\n### Response:\nIt returns a value.",
-    "héllo wörld, naïve café ✓",
-]
-PROMPTS = ["The quick", "json.dumps serializes an object to", "a", format_prompt("What does json.dumps do?")]
 CFG = ServingConfig(max_new_tokens=24, scheduler=SchedulerConfig(max_batch_size=4))
-
-
-def make_tiny_model_dir(path: Path) -> Path:
-    """A random 2-layer Llama and a byte-level BPE tokenizer trained here, saved as a model directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=[EOS_TOKEN, PAD_TOKEN], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator(SENTENCES * 4, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, chat_template=CHAT_TEMPLATE
-    )
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-        initializer_range=0.2,  # peakier logits than the default: no near-ties for greedy decoding
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -78,25 +39,6 @@ def engine(model_dir: Path) -> Iterator[Engine]:
     eng = Engine.load(model_dir, device="cpu", max_batch_size=CFG.scheduler.max_batch_size)
     yield eng
     eng.close()
-
-
-@contextlib.contextmanager
-def serve(app) -> Iterator[str]:
-    """Run ``app`` under uvicorn on a free loopback port in a thread; yield its base URL."""
-    sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield url_for(sock)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

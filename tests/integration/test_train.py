@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from test_tokenizer import write_corpus
+from helpers import write_corpus
 
 from lmforge.config.model import ModelConfig
 from lmforge.config.training import LoggingConfig, PhaseConfig, PlacementConfig, TrainingConfig, TrainValidationConfig
@@ -38,11 +38,8 @@ TRAINING = TrainingConfig(
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    ws = Workspace(tmp_path_factory.mktemp("train") / "home")
-    write_corpus(ws)
-    train_tokenizer(MODEL, ws)
-    return ws
+def ws(tokenized_workspace):
+    return tokenized_workspace("train", MODEL)
 
 
 @pytest.fixture(scope="module")

@@ -7,23 +7,19 @@ random Llama on CPU.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import resource
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from test_serving import make_tiny_model_dir
+from helpers import make_tiny_model_dir, running
 
 from lmforge.config.serving import ServerConfig, ServingConfig
 from lmforge.core.errors import ServingError
-from lmforge.serving.api.launch import bind_socket, check_exposure, parse_keys, run_server, url_for
-from lmforge.serving.api.server import create_app
+from lmforge.serving.api.launch import check_exposure, parse_keys, run_server
 from lmforge.serving.engine import Engine, SamplingParams
 from lmforge.serving.engine.metrics import EngineMetrics
 
@@ -31,26 +27,6 @@ from lmforge.serving.engine.metrics import EngineMetrics
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-server"))
-
-
-@contextlib.contextmanager
-def running(engine: Engine, cfg: ServingConfig, api_key=None,
-            drain_s: float = 5) -> Iterator[tuple[str, uvicorn.Server]]:
-    sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny", cfg, api_key=api_key), log_level="warning",
-                                           timeout_graceful_shutdown=drain_s))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started
-    try:
-        yield url_for(sock), server
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
 
 
 def _engine(model_dir: Path, **cfg) -> tuple[Engine, ServingConfig]:

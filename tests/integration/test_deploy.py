@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_serving import make_tiny_model_dir
+from helpers import make_tiny_model_dir
 
 from lmforge.config.serving import ServerConfig, ServingConfig
 from lmforge.core.errors import ServingError

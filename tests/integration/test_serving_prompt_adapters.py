@@ -16,8 +16,8 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-from test_serving import serve
-from test_train_methods import BASE_TRAINING, CASES, MODEL, finetune, ws  # noqa: F401 - ws is a fixture
+from helpers import BASE_TRAINING, CASES, finetune, serve
+from helpers import METHODS_MODEL as MODEL
 from transformers import AutoModelForCausalLM
 
 from lmforge.config.base import updated
@@ -41,7 +41,12 @@ QUICK = updated(BASE_TRAINING, pretrain={"steps": 12}, finetune={"steps": 4, "wa
 
 
 @pytest.fixture(scope="module")
-def trained(ws):  # noqa: F811 - ws is the imported fixture, taken as an argument
+def ws(tokenized_workspace):
+    return tokenized_workspace("methods", MODEL)
+
+
+@pytest.fixture(scope="module")
+def trained(ws):
     """model/ directory of each (architecture, method), plus ("llama", "llama_adapter")."""
     dirs: dict[tuple[str, str], Path] = {}
     for architecture in ("llama", "gpt2"):
@@ -58,7 +63,7 @@ def trained(ws):  # noqa: F811 - ws is the imported fixture, taken as an argumen
     return dirs
 
 
-def _finetune(ws, cfg, case: str, steps: int) -> Path:  # noqa: F811 - ws is the imported fixture, taken as an argument
+def _finetune(ws, cfg, case: str, steps: int) -> Path:
     # A phase passed to finetune() keeps its learning rate: give it the method's tuned one.
     phase = QUICK.finetune.model_copy(update={"steps": steps, "learning_rate": CASES[case]["lr"]})
     return finetune(ws, cfg, case, finetune=phase, logging={"every": 100}, validation={"batches": 1}).model_dir

@@ -15,7 +15,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_tokenizer import write_corpus
 
 from lmforge.config.base import updated
 from lmforge.config.model import ModelConfig
@@ -29,9 +28,7 @@ from lmforge.config.training import (
     TrainValidationConfig,
 )
 from lmforge.core.errors import ConfigError, TrainingDiverged
-from lmforge.core.workspace import Workspace
 from lmforge.stages.train import train
-from lmforge.tokenizer.build import train_tokenizer
 from lmforge.train.checkpoint import LATEST
 
 MODEL = ModelConfig(vocab_size=384, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -50,11 +47,8 @@ class Crash(Exception):
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    ws = Workspace(tmp_path_factory.mktemp("resume") / "home")
-    write_corpus(ws)
-    train_tokenizer(MODEL, ws)
-    return ws
+def ws(tokenized_workspace):
+    return tokenized_workspace("resume", MODEL)
 
 
 @pytest.fixture(scope="module")

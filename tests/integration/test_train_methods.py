@@ -13,73 +13,31 @@ import re
 
 import pytest
 import torch
-from test_tokenizer import write_corpus
+from helpers import BASE_TRAINING, CASES, finetune
+from helpers import METHODS_MODEL as MODEL
 
-from lmforge.config.base import updated
-from lmforge.config.model import ModelConfig
 from lmforge.config.training import (
     AdapterConfig,
-    LoggingConfig,
-    PhaseConfig,
-    PlacementConfig,
     TrainingConfig,
-    TrainValidationConfig,
 )
 from lmforge.core.errors import ConfigError
-from lmforge.core.workspace import Workspace
 from lmforge.model.build import build_model
 from lmforge.stages.train import train
-from lmforge.tokenizer.build import load_tokenizer, train_tokenizer
+from lmforge.tokenizer.build import load_tokenizer
 from lmforge.train.artifacts import MARKER, greedy_ids, load_probe, load_trained
 from lmforge.train.methods.catalog import METHODS, method_info
 from lmforge.train.objective import CausalLMObjective
 
-MODEL = ModelConfig(vocab_size=384, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                    intermediate_size=64, max_seq_len=64)
-BASE_TRAINING = TrainingConfig(
-    pretrain=PhaseConfig(steps=30, learning_rate=1e-2, batch_size=8, seq_len=32, warmup_steps=3),
-    finetune=PhaseConfig(steps=20, learning_rate=1e-2, batch_size=8, seq_len=64, warmup_steps=2),
-    method="pretrain", placement=PlacementConfig(use_ray=False), logging=LoggingConfig(every=4), cpu_threads=1,
-    validation=TrainValidationConfig(batches=2),
-)
-# Learning rates that move each method's few parameters visibly in 20 steps.
-CASES = {
-    "full": {"method": "full", "lr": 3e-3},
-    "lora": {"method": "lora", "lr": 1e-2},
-    "adapter": {"method": "adapter", "lr": 1e-2},
-    "llama_adapter": {"method": "adapter", "adapter": AdapterConfig(variant="llama_adapter", adapter_layers=2),
-                      "lr": 1e-1},
-    "prefix": {"method": "prefix", "lr": 1e-2},
-    "ptuning_v2": {"method": "ptuning_v2", "lr": 1e-1},
-    "prompt": {"method": "prompt", "lr": 3e-1},
-    "ptuning": {"method": "ptuning", "lr": 3e-3},
-    "ia3": {"method": "ia3", "lr": 2e-1},
-}
-
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    ws = Workspace(tmp_path_factory.mktemp("methods") / "home")
-    write_corpus(ws)
-    train_tokenizer(MODEL, ws)
-    return ws
+def ws(tokenized_workspace):
+    return tokenized_workspace("methods", MODEL)
 
 
 @pytest.fixture(scope="module")
 def base(ws):
     """A pretrained model directory: the base every method fine-tunes."""
     return MODEL.model_copy(update={"base_model": str(train(BASE_TRAINING, MODEL, ws, run_name="base").model_dir)})
-
-
-def finetune(ws, base_cfg, case: str, **extra):
-    spec = dict(CASES[case])
-    lr = spec.pop("lr", None)
-    # A phase passed in keeps its own learning rate; otherwise the method's tuned rate applies.
-    phase = extra.pop("finetune", None) or BASE_TRAINING.finetune.model_copy(
-        update={"learning_rate": lr} if lr else {})
-    # Groups given as mappings merge into BASE_TRAINING's (speed={"gradient_checkpointing": True}).
-    training = updated(BASE_TRAINING, **{**spec, **extra, "pretrain": {"steps": 0}, "finetune": phase})
-    return train(training, base_cfg, ws, run_name=case)
 
 
 @pytest.mark.parametrize("case", list(CASES))

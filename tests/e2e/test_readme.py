@@ -42,7 +42,7 @@ COMMANDS = {
     "python -m lmforge.train CONFIG --resume RUN_ID": "run",
     "lmforge config show configs/tiny.yaml": "run",
     "lmforge config schema": "run",
-    "lmforge ui [CONFIG] [--prefect-port 4200] [--mlflow-port 5000]": "tests/test_ui.py",
+    "lmforge ui [CONFIG] [--prefect-port 4200] [--mlflow-port 5000]": "tests/e2e/test_ui.py",
     "lmforge serve models:/lmforge-demo@champion [--host 127.0.0.1] [--port 8000]": "run",
     "lmforge serve path/to/model_dir": "run",
     "lmforge serve path/to/base --adapter sql=runs/sql-lora --adapter docs=path/to/peft_adapter": "run",

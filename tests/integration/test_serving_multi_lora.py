@@ -19,7 +19,7 @@ import openai
 import pytest
 import torch
 from conftest import BIN, REPO, free_port, wait_http
-from test_serving import PROMPTS, SENTENCES, make_tiny_model_dir
+from helpers import PROMPTS, SENTENCES, make_tiny_model_dir
 from transformers import AutoTokenizer
 
 from lmforge.config.base import updated

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import PROMPTS, make_tiny_model_dir
 from pydantic import ValidationError
-from test_serving import PROMPTS, make_tiny_model_dir
 
 from lmforge.config.serving import KVCacheConfig, RuntimeConfig, ServingConfig
 from lmforge.core.errors import ServingError

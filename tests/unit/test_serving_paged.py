@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_serving import PROMPTS, make_tiny_model_dir
+from helpers import PROMPTS, make_tiny_model_dir
 
 from lmforge.config.serving import ServingConfig
 from lmforge.serving.engine import Engine, RequestError, SamplingParams

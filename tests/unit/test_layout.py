@@ -34,7 +34,7 @@ def _layer(module: str) -> int:
     for level, names in enumerate(LAYERS):
         if part in names:
             return level
-    raise AssertionError(f"{module} is in no layer of tests/test_layout.py: add its package to LAYERS")
+    raise AssertionError(f"{module} is in no layer of tests/unit/test_layout.py: add its package to LAYERS")
 
 
 @cache

@@ -2,45 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import inspect
-import json
 import re
 from pathlib import Path
 
-import pandas as pd
 import pytest
+from helpers import write_corpus
 
 from lmforge.config.model import ModelConfig
 from lmforge.core.errors import DataError
 from lmforge.core.workspace import Workspace
 from lmforge.model.prompt import EOS_TOKEN, PAD_TOKEN, format_prompt
 from lmforge.tokenizer.build import load_tokenizer, train_tokenizer
-
-MODULES = ["json", "textwrap", "string", "functools", "itertools", "shutil", "collections", "os.path", "re"]
-
-
-def write_corpus(ws: Workspace) -> tuple[int, int]:
-    """Curated train/validation Parquet and SFT JSONL from stdlib docstrings (pipeline formats)."""
-    docs, sft = [], []
-    for module_name in MODULES:
-        module = importlib.import_module(module_name)
-        for name, obj in sorted(vars(module).items()):
-            doc = inspect.getdoc(obj) if callable(obj) and not name.startswith("_") else None
-            if not doc or len(doc) < 40 or doc[:600] in docs:
-                continue
-            docs.append(doc[:600])
-            summary = doc.split("\n\n")[0].replace("\n", " ")[:200]
-            sft.append({"id": f"{module_name}.{name}", "instruction": f"What does `{module_name}.{name}` do?",
-                        "response": summary})
-    rows = [{"id": hashlib.sha256(t.encode()).hexdigest(), "text": t, "source": "stdlib"} for t in docs]
-    ws.curated_dir.mkdir(parents=True, exist_ok=True)
-    ws.sft_dir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows[10:]).to_parquet(ws.curated_dir / "train.parquet", index=False)
-    pd.DataFrame(rows[:10]).to_parquet(ws.curated_dir / "validation.parquet", index=False)
-    (ws.sft_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
-    return len(docs), len(sft)
 
 
 @pytest.fixture(scope="module")

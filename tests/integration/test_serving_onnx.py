@@ -5,7 +5,7 @@ command (in-process); its logits, the engine's greedy tokens and logprobs, and H
 compared with PyTorch. GPT-2 is exported too; LMFORGE_SLOW=1 adds more architectures and the real
 `lmforge serve OUT_DIR` process.
 
-    .venv/bin/python -m pytest -q tests/test_serving_onnx.py
+    .venv/bin/python -m pytest -q tests/integration/test_serving_onnx.py
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import httpx
 import pytest
 import torch
 from conftest import BIN, REPO, free_port, wait_http
-from test_serving import make_tiny_model_dir
-from test_serving_server import running
+from helpers import make_tiny_model_dir, running
 
 from lmforge.cli import main
 from lmforge.config.base import updated
