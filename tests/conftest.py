@@ -129,5 +129,8 @@ def pipeline(tmp_path_factory, prefect_server):
     result = subprocess.run(argv(readme_command("make run")), cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
-    yield {"home": home, "summary": json.loads(result.stdout.strip().splitlines()[-1]), "stdout": result.stdout}
+    # The summary is lmforge's last JSON line; a make run inside another make (make test) adds
+    # "make[1]: Leaving directory" lines after it.
+    summary = next(line for line in reversed(result.stdout.splitlines()) if line.startswith("{"))
+    yield {"home": home, "summary": json.loads(summary), "stdout": result.stdout}
     run_cli(["deploy", TINY, "--stop"], home)
