@@ -221,8 +221,8 @@ def variant_phases(model, tokenizer, phases: set[str], put, one, many, ours: dic
                 "output tok/s", "engine with CUDA graphs (same job)", ours.get(n))
         engine.close()
     if "nooverlap" in phases:  # diagnosis: no decode launched ahead of the previous step's text handling
-        engine = Engine(model, tokenizer, ServingConfig(scheduler=_batch(w.concurrent)))
-        engine.backend.overlap = False  # the engine reads it every step
+        engine = Engine(model, tokenizer, ServingConfig(scheduler=_batch(w.concurrent),
+                                                        runtime=RuntimeConfig(overlap_decode=False)))
         for n, prompts in pairs:
             put(f"engine_no_overlap_{n}_tok_s", engine_tokens_per_s(engine, prompts, w.new), "output tok/s",
                 "engine with overlap (same job)", ours.get(n))

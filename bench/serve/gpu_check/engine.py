@@ -73,9 +73,8 @@ def serve(engine: Engine, prompts: list[list[int]], requests: list[tuple[int, st
     recorder = Recorder(engine, prompts)
     collector = CompletionCollector(len(requests))
     try:
-        # Queued under the engine's (re-entrant) lock: the engine thread admits them all at once, in
-        # this order, so a run's schedule does not depend on thread timing.
-        with engine._cv:
+        # Admitted all at once, in this order, so a run's schedule does not depend on thread timing.
+        with engine.admission_held():
             for i, (index, adapter) in enumerate(requests):
                 engine.submit(prompts[index], greedy, collector.sink(i), bounded=False, adapter=adapter)
         results = collector.wait(timeout_s=300)

@@ -81,6 +81,10 @@ class RuntimeConfig(Section):
     )
     onnx_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads; default one per core.")
     cuda_graphs: bool = Field(True, description="Capture the decode step as CUDA graphs (paged engine on CUDA).")
+    overlap_decode: bool = Field(
+        True, description="Launch the next decode step before the previous step's tokens are turned into text "
+        "(where the backend can); off only to measure what the overlap is worth.",
+    )
     quantization: Literal["none", "int8", "int4", "fp8"] = Field(
         "none",
         description="Weights of the decoder's linear layers at load (lmforge.serving.quant): 'int8' weight-only "

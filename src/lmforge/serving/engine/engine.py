@@ -17,12 +17,13 @@ Callers use :meth:`Engine.stream` (async iterator of :class:`Delta`), :meth:`Eng
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -191,6 +192,16 @@ class Engine:
             self.submit(prompt_ids, p, collector.sink(i), bounded=False, adapter=names[i])
         return collector.wait()
 
+    @contextlib.contextmanager
+    def admission_held(self) -> Iterator[None]:
+        """Requests submitted inside the block are admitted together, in submission order.
+
+        The engine thread waits on the same (re-entrant) lock, so it takes the whole set at its next
+        step: a run's schedule then does not depend on thread timing (benchmarks and checks use it).
+        """
+        with self._cv:
+            yield
+
     def submit(self, prompt_ids: list[int], params: SamplingParams,
                sink: Callable[[Delta | BaseException], None], bounded: bool = True,
                adapter: str | None = None) -> Request:
@@ -302,7 +313,7 @@ class Engine:
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         self.stats["decode_steps"] += 1
         self.stats["peak_batch"] = max(self.stats["peak_batch"], len(seqs))
-        self._advance(seqs, logits, ahead=self.backend.overlap)
+        self._advance(seqs, logits, ahead=self.backend.overlap and self.cfg.runtime.overlap_decode)
 
     def _take_ahead(self, running: list[Sequence]) -> tuple[list[Sequence], list[torch.Tensor]]:
         """The still-running sequences of the step launched ahead, and (a copy of) their logits."""
