@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from lmforge.config.curation import STEP_PHASES, CurationConfig
+from lmforge.curation import classic, clean, decontaminate, language, pii, quality
 from lmforge.curation.decontaminate import EvalIndex
 
 
@@ -37,8 +38,6 @@ def steps_of_phase(cfg: CurationConfig, phases: tuple[int, ...]) -> list[str]:
 
 
 def build_steps(names: list[str], cfg: CurationConfig, ctx: Context) -> list[Step]:
-    from lmforge.curation import classic, clean, decontaminate, language, pii, quality
-
     builders: dict[str, Callable[[], Step]] = {
         "normalize": lambda: clean.Normalize(cfg.normalize),
         "fix_mojibake": clean.FixMojibake,

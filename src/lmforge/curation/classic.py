@@ -12,6 +12,7 @@ import re
 from collections import Counter
 
 from lmforge.config.curation import ClassicConfig
+from lmforge.core.errors import ConfigError
 
 _HAN = re.compile(r"[\u3400-\u9fff]")
 _WORD = re.compile(r"[\u3400-\u9fff]+|\w+(?:['’]\w+)?|[^\w\s]", re.UNICODE)
@@ -83,8 +84,6 @@ class Stem:
         try:
             self.stemmer = snowballstemmer.stemmer(cfg.language)
         except KeyError:
-            from lmforge.core.errors import ConfigError
-
             raise ConfigError(f"no Snowball stemmer for curation.classic.language {cfg.language!r}",
                               f"use one of {', '.join(snowballstemmer.algorithms())}") from None
         self.counts: Counter = Counter()

@@ -29,6 +29,7 @@ import torch
 from lmforge.config.model import ModelConfig
 from lmforge.config.training import PhaseConfig, TrainingConfig
 from lmforge.core.errors import ConfigError
+from lmforge.model.build import count_parameters, model_config
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedModel
@@ -89,8 +90,6 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: float = H100_BF16_PEA
 def describe(model_cfg: ModelConfig, training: TrainingConfig, vocab_size: int | None = None) -> ModelInfo:
     """Sizes, FLOPs and memory of ``model_cfg`` trained as ``training`` says."""
     model = _meta_model(model_cfg, vocab_size or model_cfg.vocab_size)
-    from lmforge.model.build import count_parameters
-
     config = model.config
     total = count_parameters(model)
     trainable = _trainable_after_method(model, training) if training.method != "pretrain" else total
@@ -162,9 +161,7 @@ def _phase_memory(name: str, phase: PhaseConfig, method: str, config: PreTrained
 
 
 def _meta_model(model_cfg: ModelConfig, vocab_size: int) -> PreTrainedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lmforge.model.build import model_config
+    from transformers import AutoConfig, AutoModelForCausalLM  # seconds to import; `lmforge info` needs it here only
 
     if model_cfg.base_model:
         try:
@@ -179,8 +176,7 @@ def _meta_model(model_cfg: ModelConfig, vocab_size: int) -> PreTrainedModel:
 
 
 def _trainable_after_method(model: PreTrainedModel, training: TrainingConfig) -> int:
-    from lmforge.model.build import count_parameters
-    from lmforge.train.methods.catalog import apply_method
+    from lmforge.train.methods.catalog import apply_method  # imports peft, which costs seconds
 
     # QLoRA trains exactly LoRA's parameters; counting needs no 4-bit reload.
     counted = training.model_copy(update={"method": "lora"}) if training.method == "qlora" else training

@@ -18,7 +18,12 @@ from lmforge.config.curation import DecontaminationConfig, NearDedupConfig
 from lmforge.config.validation import ValidationConfig
 from lmforge.core.errors import DataError
 from lmforge.core.workspace import Workspace
+from lmforge.curation.decontaminate import EvalIndex, eval_texts
+from lmforge.curation.dedup import NEAR_PREVIOUS, MinHasher, find_duplicates
+from lmforge.curation.pii import find_pii
+from lmforge.curation.text import text_key, tokens, word_hashes
 from lmforge.data.documents import read_documents
+from lmforge.validation.gx_suite import user_expectations
 
 
 def load_frame(ws: Workspace) -> Any:
@@ -50,17 +55,11 @@ def _meta(raw: Any) -> dict:
 
 
 def _pii(text: str) -> list:
-    from lmforge.curation.pii import find_pii
-
     return find_pii(text)
 
 
 def _eval_overlap(ws: Workspace, texts: list[str], splits: list[str]) -> list[int]:
     """1 for a training document that overlaps an evaluation set, else 0."""
-    from lmforge.curation.decontaminate import EvalIndex, eval_texts
-    from lmforge.curation.dedup import NEAR_PREVIOUS, MinHasher, find_duplicates
-    from lmforge.curation.text import text_key, tokens, word_hashes
-
     decon = DecontaminationConfig()
     index = EvalIndex(eval_texts(ws.sft_dir / "test.jsonl", decon.fields), decon)
     near = NearDedupConfig(previous_versions=0)
@@ -83,9 +82,7 @@ def _eval_overlap(ws: Workspace, texts: list[str], splits: list[str]) -> list[in
 
 def expectations(cfg: ValidationConfig, rows: int) -> list[tuple[str, Any]]:
     """(our name, GX expectation) pairs of the corpus suite, then the user's own."""
-    import great_expectations.expectations as gxe
-
-    from lmforge.validation.gx_suite import user_expectations
+    import great_expectations.expectations as gxe  # seconds to import: only when a suite is built
 
     def mostly(allowed: int) -> float:
         return max(0.0, 1.0 - allowed / rows) if rows else 1.0
