@@ -27,15 +27,17 @@ $(STAMP): pyproject.toml Makefile
 run: install
 	$(BIN)/lmforge run $(CONFIG) $(RUN_FLAGS)
 
+# Two pytest workers: most tests wait on subprocesses and servers, so two overlap well even on a
+# busy 2-core machine; the tests that share the pipeline run stay on one worker (tests/conftest.py).
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 # tests/unit only: fast, no servers and no CLI subprocesses.
 test-unit: install
 	$(BIN)/python -m pytest -q tests/unit
 
 test-all: install
-	LMFORGE_SLOW=1 $(BIN)/python -m pytest -q
+	LMFORGE_SLOW=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 # ruff (rules in pyproject.toml) over the code and its tests, then mypy over src/, flows/, tasks/.
 lint: install

@@ -33,7 +33,15 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+# Test files that share the session's `pipeline` run (and its Prefect server): under pytest-xdist
+# (`make test` runs two workers) they stay on one worker, so the pipeline runs once.
+PIPELINE_GROUP = ("test_pipeline.py", "test_readme.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in PIPELINE_GROUP:
+            item.add_marker(pytest.mark.xdist_group("pipeline"))
     if os.environ.get("LMFORGE_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="slow; run with LMFORGE_SLOW=1 (make test-all)")

@@ -76,7 +76,12 @@ def test_run_started_from_the_deployment_with_edited_parameters(ui):
     """What a user does in the UI: Custom run with an edited parameter; the served deployment runs it."""
     dep = ui["deployment"]
     params = json.loads(json.dumps(dep["parameters"]))
-    params["config"]["registry"]["model_name"] = "edited-in-ui"
+    config = params["config"]
+    config["registry"]["model_name"] = "edited-in-ui"
+    # Edits a user makes for a quick run: in-process training (no Ray cluster) with fewer steps.
+    config["training"]["placement"]["use_ray"] = False
+    config["training"]["pretrain"]["steps"] = 10
+    config["training"]["finetune"]["steps"] = 6
     params["deploy"] = False
     for _ in range(5):  # the SQLite-backed server can answer 5xx while busy writing
         reply = httpx.post(f"{ui['api']}/deployments/{dep['id']}/create_flow_run",
@@ -97,4 +102,7 @@ def test_run_started_from_the_deployment_with_edited_parameters(ui):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{ui['home'] / 'mlflow' / 'mlflow.db'}")
-    assert str(client.get_model_version_by_alias("edited-in-ui", "champion").version) == "1"
+    version = client.get_model_version_by_alias("edited-in-ui", "champion")
+    assert str(version.version) == "1"
+    params = client.get_run(version.run_id).data.params
+    assert params["training.placement.use_ray"] == "false" and params["training.pretrain.steps"] == "10"
