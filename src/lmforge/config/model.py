@@ -1,13 +1,18 @@
 """The ``model`` section: the decoder-only Transformer's architecture, or the pretrained base to start from.
 
-Read by the tokenize stage (``vocab_size``), the train stage (every field) and ``lmforge model info``.
+Read by the tokenize stage (``vocab_size``, ``chat_template``), the train stage (every field) and ``lmforge model info``.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from lmforge.config.base import Section
+
+# The templates of lmforge.model.prompt.TEMPLATES (a unit test keeps the two lists equal).
+ChatTemplateName = Literal["lmforge", "chatml", "llama3"]
 
 
 class ModelConfig(Section):
@@ -22,6 +27,12 @@ class ModelConfig(Section):
         None, description="A local model directory or hub name to start from instead of random weights."
     )
     vocab_size: int = Field(2048, ge=256, description="Size of the byte-level BPE tokenizer to train.")
+    chat_template: ChatTemplateName = Field(
+        "lmforge", description="Chat format of a model built from config (or of a base_model whose tokenizer has "
+        "none; a base's own template is always kept): lmforge (### Instruction / ### Response), chatml "
+        "(<|im_start|>role ... <|im_end|>) or llama3 (<|start_header_id|>role<|end_header_id|> ... <|eot_id|>). "
+        "Its special tokens join the trained tokenizer; the template is saved with the model and used by serving.",
+    )
     hidden_size: int = Field(128, gt=0)
     num_layers: int = Field(2, gt=0)
     num_heads: int = Field(4, gt=0)

@@ -1,8 +1,8 @@
 """Scoring a trained model: mean next-token loss over held-out blocks, greedy answers to instructions.
 
 Used by the evaluate stage (:mod:`lmforge.stages.evaluate`); the blocks come from
-:func:`lmforge.data.packing.pack_documents`, the prompts from :mod:`lmforge.model.prompt`, so the
-model is measured on the format it was trained on.
+:func:`lmforge.data.packing.pack_documents`, the prompts from the tokenizer's chat template
+(:func:`lmforge.model.chat.render_prompt`), so the model is measured on the format it was trained on.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 import torch.nn.functional as F
 
-from lmforge.model.prompt import format_prompt
+from lmforge.model.chat import render_prompt, stop_token_ids
 from lmforge.train.artifacts import load_trained
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def generate_answers(
     model: CausalLM, tokenizer: PreTrainedTokenizerBase, instructions: list[str], max_new_tokens: int, batch_size: int,
     context: int,
 ) -> list[str]:
-    """Greedy answers to each instruction in the shared prompt format, cut at the first EOS."""
+    """Greedy answers to each instruction in the model's chat format, cut at the first EOS or end of turn."""
     from transformers import GenerationConfig
 
     max_new_tokens = max(1, min(max_new_tokens, context - 1))
@@ -73,7 +73,8 @@ def generate_answers(
     # to the generated tokens.
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    # The template's end-of-turn token (<|im_end|>, <|eot_id|>) ends an answer as EOS does.
+    eos, pad = stop_token_ids(tokenizer), tokenizer.pad_token_id
     # A fresh config so sampling settings saved with the model never leak into the evaluation.
     generation = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad
@@ -82,15 +83,18 @@ def generate_answers(
     generator = cast("GenerationMixin", model)
     answers: list[str] = []
     for start in range(0, len(instructions), batch_size):
-        prompts = [format_prompt(text) for text in instructions[start : start + batch_size]]
+        prompts = [render_prompt(tokenizer, text) for text in instructions[start : start + batch_size]]
+        # The template writes any BOS itself (training and the chat endpoint add none either).
         encoded = tokenizer(
-            prompts, return_tensors="pt", padding=True, truncation=True, max_length=context - max_new_tokens
+            prompts, return_tensors="pt", padding=True, truncation=True, max_length=context - max_new_tokens,
+            add_special_tokens=False,
         )
         # Without return_dict_in_generate, generate returns the token ids.
         output = cast(torch.Tensor, generator.generate(**encoded, generation_config=generation))
         for row in output[:, encoded["input_ids"].shape[1] :].tolist():
-            if eos in row:
-                row = row[: row.index(eos)]
+            stops = [i for i, token in enumerate(row) if token in eos]
+            if stops:
+                row = row[: stops[0]]
             # One list of ids decodes to one str (transformers' decode is typed for batches too).
             answers.append(cast(str, tokenizer.decode(row, skip_special_tokens=True)).strip())
     return answers

@@ -1,8 +1,10 @@
 """The tokenizer stage: a byte-level BPE trained on the curated corpus, or a pretrained base's own.
 
 Training, evaluation and serving all load the directory this writes (``ws.tokenizer_dir``): a
-transformers ``PreTrainedTokenizerFast`` with our EOS/PAD specials and the shared chat template, so
-``/v1/chat/completions`` renders prompts exactly as fine-tuning did.
+transformers ``PreTrainedTokenizerFast`` with our EOS/PAD specials, the special tokens of the chat
+template ``model.chat_template`` names (single tokens, never split into bytes) and that template, so
+``/v1/chat/completions`` renders prompts exactly as fine-tuning did. A pretrained base keeps its
+own template; only a base without one gets the named template.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lmforge.config.model import ModelConfig
+from lmforge.config.model import ChatTemplateName, ModelConfig
 from lmforge.core.errors import ConfigError, DataError
 from lmforge.core.workspace import Workspace, atomic_dir
-from lmforge.model.prompt import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
+from lmforge.model.chat import conversation
+from lmforge.model.prompt import EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, chat_template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -29,12 +32,12 @@ def train_tokenizer(cfg: ModelConfig, ws: Workspace) -> Path:
 
     With ``cfg.base_model`` set, the base's tokenizer is copied (its vocabulary must match the
     base's embeddings); otherwise a byte-level BPE of ``cfg.vocab_size`` entries is trained on
-    the curated training text plus the SFT instructions and responses.
+    the curated training text plus the text of the SFT records, with ``cfg.chat_template``.
     """
     if cfg.base_model:
-        tokenizer = _pretrained_tokenizer(cfg.base_model)
+        tokenizer = _pretrained_tokenizer(cfg.base_model, cfg.chat_template)
     else:
-        tokenizer = _train_bpe(cfg.vocab_size, ws)
+        tokenizer = build_bpe(_corpus_chunks(ws), cfg.vocab_size, template=cfg.chat_template)
     with atomic_dir(ws.tokenizer_dir) as tmp:
         tokenizer.save_pretrained(tmp)
     return ws.tokenizer_dir
@@ -51,14 +54,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def _train_bpe(vocab_size: int, ws: Workspace) -> PreTrainedTokenizerFast:
-    return build_bpe(_corpus_chunks(ws), vocab_size)
-
-
-def build_bpe(texts: Iterable[str | list[str]], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+def build_bpe(texts: Iterable[str | list[str]], vocab_size: int, min_frequency: int = 2,
+              template: ChatTemplateName = "lmforge") -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on ``texts`` (strings or lists of strings), wrapped for transformers
-    with our special tokens and chat template. Tests build their tiny tokenizers with it too, so
-    they exercise the production recipe."""
+    with our special tokens, the named chat ``template`` and its special tokens. Tests build their
+    tiny tokenizers with it too, so they exercise the production recipe."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -67,9 +67,12 @@ def build_bpe(texts: Iterable[str | list[str]], vocab_size: int, min_frequency: 
     # the corpus, and prompts are rendered without a leading space.
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
+    chat = chat_template(template)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        # The template's markers are special tokens: one id each, so its end-of-turn token can be
+        # a stop id, and never merged with the text around it.
+        special_tokens=SPECIAL_TOKENS + list(chat.special_tokens),
         # Every byte is in the vocabulary, so no input is ever unknown.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         min_frequency=min_frequency,
@@ -84,12 +87,12 @@ def build_bpe(texts: Iterable[str | list[str]], vocab_size: int, min_frequency: 
         bos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
         unk_token=None,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat.source,
         model_max_length=1_000_000,
     )
 
 
-def _pretrained_tokenizer(name: str) -> PreTrainedTokenizerBase:
+def _pretrained_tokenizer(name: str, template: ChatTemplateName) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:
@@ -103,9 +106,24 @@ def _pretrained_tokenizer(name: str) -> PreTrainedTokenizerBase:
     # Adding a token would outgrow the base's embeddings, so padding reuses EOS (masked anyway).
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    # The shared template ends answers with our EOS string; the base knows its own instead.
-    tokenizer.chat_template = CHAT_TEMPLATE.replace(EOS_TOKEN, tokenizer.eos_token)
+    # The base's own template is what it was tuned on (and what serving it elsewhere would use): kept as it is.
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = _checked_template(tokenizer, name, template)
     return tokenizer
+
+
+def _checked_template(tokenizer: PreTrainedTokenizerBase, name: str, template: ChatTemplateName) -> str:
+    """The named template's source, if the base's vocabulary has its special tokens as single tokens
+    (adding them would outgrow the base's embeddings)."""
+    chat = chat_template(template)
+    missing = [token for token in chat.special_tokens
+               if tokenizer(token, add_special_tokens=False)["input_ids"] != [tokenizer.convert_tokens_to_ids(token)]]
+    if missing:
+        raise ConfigError(f"base_model {name!r} has no chat template, and model.chat_template {template!r} needs "
+                          f"the special tokens {missing}, which its vocabulary lacks",
+                          "set model.chat_template: lmforge (it ends turns with the base's own EOS token), or a "
+                          "template whose tokens the base has")
+    return chat.source
 
 
 def _corpus_chunks(ws: Workspace) -> Iterator[list[str]]:
@@ -126,8 +144,7 @@ def _corpus_chunks(ws: Workspace) -> Iterator[list[str]]:
         with sft_path.open(encoding="utf-8") as fh:
             for line in fh:
                 if line.strip():
-                    record = json.loads(line)
-                    chunk += [record["instruction"], record["response"]]
+                    chunk += _record_texts(json.loads(line))
                 if len(chunk) >= _CHUNK:
                     seen += len(chunk)
                     yield chunk
@@ -137,3 +154,15 @@ def _corpus_chunks(ws: Workspace) -> Iterator[list[str]]:
     if seen == 0:
         raise DataError(f"{train_path} holds no text to train a tokenizer on",
                         "check the curate stage's report.json: every document was filtered out")
+
+
+def _record_texts(record: dict) -> list[str]:
+    """The text of an SFT record (legacy pair or chat): every message's content and tool call."""
+    messages, tools = conversation(record)
+    texts = [str(message.get("content") or "") for message in messages]
+    for message in messages:
+        for call in message.get("tool_calls") or []:
+            function = call.get("function", call)
+            arguments = function.get("arguments", "")
+            texts += [str(function.get("name", "")), arguments if isinstance(arguments, str) else json.dumps(arguments)]
+    return texts + [json.dumps(tool) for tool in tools or []]

@@ -5,8 +5,9 @@ tokenize` built and the data gate validated when they fit the phase, else the sa
 the fly from the curated text (:func:`lmforge.data.packing.pack_documents`) and the SFT records
 (:func:`encode_sft`; validation records cut by :func:`lmforge.data.sft.split_finetune` with the
 same fraction). The tokenize stage builds its rows with these same functions. SFT records are
-rendered with :mod:`lmforge.model.prompt` and masked so the loss covers the response only. Each
-DDP rank reads a disjoint shard of every epoch's seeded permutation (:func:`batch_stream`).
+rendered with the tokenizer's chat template (:mod:`lmforge.model.chat`) and masked so the loss
+covers the assistant turns only. Each DDP rank reads a disjoint shard of every epoch's seeded
+permutation (:func:`batch_stream`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from lmforge.core.workspace import Workspace
 from lmforge.data.packing import IGNORE_INDEX, pack_documents
 from lmforge.data.sft import read_sft, split_finetune
 from lmforge.data.tokenized import latest_manifest, load_tokenized
-from lmforge.model.prompt import EOS_TOKEN, format_example
+from lmforge.model.chat import conversation, encode_chat, end_of_turn
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -83,51 +84,33 @@ def prebuilt_rows(ws: Workspace, name: str, seq_len: int,
     return train_rows, (val_rows if len(val_rows["input_ids"]) else None), source
 
 
-def prompt_and_answer(record: dict, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
-    """The prompt's token ids and the answer's (ended by the EOS id) of one SFT record.
-
-    Prompt and answer are tokenized apart, exactly as serving tokenizes a prompt and then
-    generates, so training and inference see the same token boundary.
-    """
-    if record.get("messages"):
-        messages = record["messages"]
-        if messages[-1].get("role") != "assistant":
-            raise DataError("a chat record must end with an assistant message",
-                            "fix the SFT file: the last message is what the model learns to answer")
-        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-        answer = messages[-1]["content"].strip()
-    else:
-        prompt, completion = format_example(record["instruction"], record["response"])
-        answer = completion.removesuffix(EOS_TOKEN)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    # EOS by id: a pretrained base may not know our EOS string as a special token.
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt_ids, answer_ids
-
-
 def encode_sft(records: list[dict], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> Tensors:
-    """Right-padded prompt+answer rows; labels are IGNORE_INDEX on the prompt and padding.
+    """Right-padded rows of SFT records; labels are the tokens of every assistant turn, IGNORE_INDEX
+    on system, user and tool turns, template headers and padding (:func:`lmforge.model.chat.encode_chat`).
 
-    A record whose prompt fills ``seq_len`` is dropped (nothing of its answer would fit: no loss
-    to learn from); no records give no rows.
+    A record whose first assistant turn starts at or past ``seq_len`` is dropped (nothing it answers
+    would fit: no loss to learn from); no records give no rows.
     """
+    end_turn = end_of_turn(tokenizer)
     rows = []
-    for record in records:
-        prompt_ids, answer_ids = prompt_and_answer(record, tokenizer)
-        if len(prompt_ids) >= seq_len:
+    for number, record in enumerate(records, start=1):
+        messages, tools = conversation(record)
+        ids, labels = encode_chat(tokenizer, messages, tools, end_turn=end_turn,
+                                  record_id=str(record.get("id") or f"#{number}"))
+        if all(label == IGNORE_INDEX for label in labels[:seq_len]):
             continue
-        rows.append(((prompt_ids + answer_ids)[:seq_len], ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:seq_len]))
+        rows.append((ids[:seq_len], labels[:seq_len]))
     if records and not rows:
         raise DataError(f"all {len(records)} SFT examples have prompts longer than seq_len={seq_len}",
                         "raise training.finetune.seq_len (and model.max_seq_len)")
     input_ids = torch.full((len(rows), seq_len), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
+    labels_out = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
     for i, (ids, labs) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(labs)] = torch.tensor(labs)
+        labels_out[i, : len(labs)] = torch.tensor(labs)
         mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+    return {"input_ids": input_ids, "labels": labels_out, "attention_mask": mask}
 
 
 def batch_stream(data: Tensors, batch_size: int, *, seed: int, rank: int = 0,

@@ -22,6 +22,7 @@ from lmforge.config.training import TrainingConfig
 from lmforge.core.errors import ConfigError
 from lmforge.core.workspace import Workspace
 from lmforge.model.build import build_model, count_parameters
+from lmforge.model.chat import stop_token_ids, template_label
 from lmforge.tokenizer.build import load_tokenizer
 from lmforge.train import artifacts
 from lmforge.train import checkpoint as ckpt
@@ -47,7 +48,9 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
     model = _prepared(build_model(model_cfg, len(tokenizer)), tokenizer, device, training)
     history: list[dict] = saved.state["history"] if saved else []
     metrics: dict[str, float] = dict(saved.state["metrics"]) if saved else {}
-    params: dict[str, Any] = {"params_total": count_parameters(model), "world_size": world}
+    # The chat template the model is trained on (saved with its tokenizer) goes on record with the run.
+    params: dict[str, Any] = {"params_total": count_parameters(model), "world_size": world,
+                              "chat_template": template_label(tokenizer)}
     phases = [("pretrain", training.pretrain, "pretrain")]
     if training.method != "pretrain":
         phases.append(("finetune", training.finetune, training.method))
@@ -97,6 +100,9 @@ def _prepared(model, tokenizer, device: torch.device, training: TrainingConfig):
         cfg.eos_token_id = tokenizer.eos_token_id
         cfg.pad_token_id = tokenizer.pad_token_id
         cfg.bos_token_id = tokenizer.bos_token_id
+    # Generation (the save probe, and serving, which reads these ids) also stops at the template's end of turn.
+    stops = stop_token_ids(tokenizer)
+    model.generation_config.eos_token_id = stops if len(stops) > 1 else tokenizer.eos_token_id
     model.to(device)
     speed.apply_settings(model, training.speed, device)
     return model

@@ -35,6 +35,7 @@ from lmforge.config.base import updated
 from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
 from lmforge.core.runtime import cpu_count
+from lmforge.model.chat import render_chat
 from lmforge.serving.backends.base import PrefillItem
 from lmforge.serving.backends.choose import make_backend
 from lmforge.serving.engine.metrics import EngineMetrics, NullMetrics
@@ -157,8 +158,8 @@ class Engine:
         if not getattr(self.tokenizer, "chat_template", None):
             raise RequestError("this model's tokenizer has no chat template", "use /v1/completions with a "
                                "formatted prompt, or save the tokenizer with a chat_template", param="messages")
-        # Untokenized, the template renders one str (transformers types every form it can return).
-        return cast(str, self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        # The one rendering function training and evaluation use, with the template saved with the model.
+        return render_chat(self.tokenizer, messages, add_generation_prompt=True)
 
     def token_budget(self, prompt_tokens: int, max_tokens: int | None, default: int) -> int:
         """The max_tokens to use: the request's (checked against the context window) or the default

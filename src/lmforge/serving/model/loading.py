@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmforge.core.errors import ServingError
+from lmforge.model.chat import stop_token_ids
 from lmforge.serving.adapters import virtual_tokens
 from lmforge.serving.model.onnx_model import load_onnx_model
 from lmforge.serving.model.types import ServedModel
@@ -76,14 +77,14 @@ def load_model(model_dir: Path, device: str | None = None,
 
 
 def eos_ids(model: ServedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """Token ids that end a completion: the generation config's EOS ids and the tokenizer's."""
+    """Token ids that end a completion: the generation config's EOS ids, the tokenizer's, and its chat
+    template's end-of-turn token (``<|im_end|>``, ``<|eot_id|>``), which ends every chat answer."""
     ids: set[int] = set()
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     for value in configured if isinstance(configured, (list, tuple)) else [configured]:
         if value is not None:
             ids.add(int(value))
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
+    ids.update(int(token) for token in stop_token_ids(tokenizer))
     return ids
 
 
