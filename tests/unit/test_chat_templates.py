@@ -161,3 +161,14 @@ def test_the_saved_model_carries_its_template_and_serving_renders_and_stops_with
         assert tokenizer.convert_tokens_to_ids("<|im_end|>") in engine.eos_ids
     finally:
         engine.close()
+
+
+def test_training_refuses_a_tokenizer_built_for_another_template(tmp_path):
+    from lmforge.config.training import TrainingConfig
+    from lmforge.train.launch import check_inputs
+
+    ws = Workspace(tmp_path / "home")
+    _tokenizer("chatml").save_pretrained(ws.tokenizer_dir)
+    with pytest.raises(ConfigError, match="renders chats with the 'chatml' template") as info:
+        check_inputs(TrainingConfig(), ModelConfig(chat_template="llama3"), ws)
+    assert "lmforge tokenize" in info.value.fix

@@ -9,8 +9,8 @@ model, and builds with ``datasets`` (Arrow, in ``ws.tokenized_dir``, layout in
                                      ``training.pretrain.seq_len`` tokens (optionally with
                                      per-document ``position_ids``, for attention kept inside
                                      each document)
-  finetune/{train,validation,test}   SFT records rendered with :mod:`lmforge.model.prompt` (or the chat
-                                     template for ``messages`` records), loss masked on the prompt;
+  finetune/{train,validation,test}   SFT records rendered with the tokenizer's chat template
+                                     (:mod:`lmforge.model.chat`), loss on the assistant turns only;
                                      validation is ``finetune_heldout_fraction`` of SFT train
 
 Splits are deterministic by hash (:func:`lmforge.data.sft.split_finetune`); the directory name is

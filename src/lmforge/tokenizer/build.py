@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 from lmforge.config.model import ChatTemplateName, ModelConfig
 from lmforge.core.errors import ConfigError, DataError
 from lmforge.core.workspace import Workspace, atomic_dir
-from lmforge.model.chat import conversation
-from lmforge.model.prompt import EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, chat_template
+from lmforge.model.chat import conversation, template_label
+from lmforge.model.prompt import EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, TEMPLATES, chat_template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -52,6 +52,17 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         raise DataError(f"no tokenizer at {path}",
                         "train one first: `python -m lmforge.train` (or the pipeline's tokenize stage)")
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def check_chat_template(tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig, where: Path) -> None:
+    """Refuse a tokenizer that carries another named template than ``model.chat_template``: the config
+    changed since the tokenizer was built, and its special tokens are those of the old template."""
+    label = template_label(tokenizer)
+    if label in TEMPLATES and label != cfg.chat_template:
+        raise ConfigError(f"the tokenizer at {where} renders chats with the {label!r} template, but "
+                          f"model.chat_template is {cfg.chat_template!r}",
+                          "rerun `lmforge tokenize CONFIG` to rebuild the tokenizer (and its special tokens) "
+                          "for the configured template, or set model.chat_template back")
 
 
 def build_bpe(texts: Iterable[str | list[str]], vocab_size: int, min_frequency: int = 2,

@@ -30,6 +30,7 @@ from lmforge.core.errors import ConfigError, DataError, LmforgeError
 from lmforge.core.progress import step_printer
 from lmforge.core.runtime import cpu_count
 from lmforge.core.workspace import Workspace, atomic_dir
+from lmforge.tokenizer.build import check_chat_template, load_tokenizer
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.methods.catalog import check_method
 from lmforge.train.worker import run_phases
@@ -190,6 +191,7 @@ def check_inputs(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace
     if not (ws.tokenizer_dir / "tokenizer_config.json").exists():
         raise DataError(f"no tokenizer at {ws.tokenizer_dir}",
                         "train one first: `python -m lmforge.train` does it, or the pipeline's tokenize stage")
+    check_chat_template(load_tokenizer(ws.tokenizer_dir), model_cfg, ws.tokenizer_dir)
     finetuning = training.finetunes
     if finetuning:
         check_method(training, use_cuda=training.placement.use_gpu)
@@ -226,6 +228,4 @@ def check_inputs(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace
 
 
 def _vocab_size(ws: Workspace) -> int:
-    from lmforge.tokenizer.build import load_tokenizer
-
     return len(load_tokenizer(ws.tokenizer_dir))
