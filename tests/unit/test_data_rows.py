@@ -29,7 +29,8 @@ def _write(path, lines: list[str]):
 
 def test_read_sft_accepts_pairs_and_chats_and_names_the_bad_line(tmp_path):
     pair = json.dumps({"instruction": "What does `abs` do?", "response": "Absolute value."})
-    chat = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]})
+    chat = json.dumps({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                    {"role": "assistant", "content": "Hello"}]})  # multi-turn: no pair to score
     path = _write(tmp_path / "train.jsonl", [pair, "", chat, pair])
     assert len(read_sft(path)) == 3 and len(read_sft(path, limit=1)) == 1
     with pytest.raises(DataError, match=re.escape("train.jsonl:3 is not a JSON object with string `instruction`")):

@@ -105,7 +105,7 @@ class LocalFiles:
 
     def _tasks(self, ctx: SourceContext) -> list[FileTask]:
         tasks = []
-        for path in self._files(ctx):
+        for path in self.files(ctx.tally):
             try:
                 info = path.stat()
             except OSError as exc:
@@ -114,7 +114,8 @@ class LocalFiles:
             tasks.append(FileTask(str(path), path.as_uri(), info.st_size, info.st_mtime_ns, ""))
         return tasks
 
-    def _files(self, ctx: SourceContext) -> list[Path]:
+    def files(self, tally: Tally) -> list[Path]:
+        """The files the config selects, sorted; those no reader knows are counted in ``tally``."""
         files: list[Path] = []
         for raw in self.cfg.paths:
             root = Path(raw).expanduser().resolve()
@@ -128,7 +129,7 @@ class LocalFiles:
                                 "the directory you run lmforge in)")
             for path, _relative in candidates:
                 if not is_supported(path.name):
-                    ctx.tally.skip("unsupported_format", path.as_uri(), "no reader for this file type")
+                    tally.skip("unsupported_format", path.as_uri(), "no reader for this file type")
                 else:
                     files.append(path)
         return sorted(set(files))

@@ -15,7 +15,7 @@ import fnmatch
 import hashlib
 import tempfile
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
 from lmforge.collection.formats import FormatOptions, documents_from_stream, is_supported
 from lmforge.collection.parallel import choose_backend, chunked, run_chunks
@@ -55,6 +55,17 @@ def s3_error(exc: Exception, cfg: S3Source) -> DataError:
     return DataError(f"listing {where} failed: {code}: {exc}", "check the bucket, prefix and credentials")
 
 
+def download(client: Any, bucket: str, key: str, out: IO[bytes]) -> str:
+    """Stream one object into ``out`` (then rewound); returns its SHA-256. Raises botocore's errors."""
+    digest = hashlib.sha256()
+    body = client.get_object(Bucket=bucket, Key=key)["Body"]
+    for block in body.iter_chunks(1 << 20):
+        digest.update(block)
+        out.write(block)
+    out.seek(0)
+    return digest.hexdigest()
+
+
 def read_s3_chunk(job: tuple[S3Source, FormatOptions, list[S3Object]]) -> tuple[list[Unit], Tally]:
     """Download and read one work shard of objects (in this thread, a pool worker or on Ray)."""
     from botocore.exceptions import BotoCoreError, ClientError
@@ -69,12 +80,8 @@ def read_s3_chunk(job: tuple[S3Source, FormatOptions, list[S3Object]]) -> tuple[
             tally.skip("too_large", uri, f"{size} bytes > max_file_bytes {opts.max_bytes}")
             continue
         with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as spool:
-            digest = hashlib.sha256()
             try:
-                body = client.get_object(Bucket=cfg.bucket, Key=key)["Body"]
-                for block in body.iter_chunks(1 << 20):
-                    digest.update(block)
-                    spool.write(block)
+                digest = download(client, cfg.bucket, key, spool)
             except ClientError as exc:
                 error = exc.response.get("Error", {})
                 tally.skip(f"s3_{error.get('Code', 'error')}", uri, str(error.get("Message", ""))[:200])
@@ -82,10 +89,9 @@ def read_s3_chunk(job: tuple[S3Source, FormatOptions, list[S3Object]]) -> tuple[
             except BotoCoreError as exc:
                 tally.skip("unreachable", uri, f"{type(exc).__name__}: {exc}")
                 continue
-            spool.seek(0)
             name = key.rsplit("/", 1)[-1]
             docs = list(documents_from_stream(name, spool, uri, opts, tally))
-        units.append(Unit(uri, Fingerprint(digest.hexdigest(), etag=etag, size=size), docs))
+        units.append(Unit(uri, Fingerprint(digest, etag=etag, size=size), docs))
     return units, tally
 
 
@@ -95,7 +101,7 @@ class S3Objects:
         self.opts = FormatOptions.of(cfg)
 
     def units(self, ctx: SourceContext) -> Iterator[Unit]:
-        objects = self._listing(ctx)
+        objects = self.listing(ctx.tally)
         ctx.expect(len(objects))
         changed = []
         for key, size, etag in objects:
@@ -113,7 +119,8 @@ class S3Objects:
             ctx.tally.merge(tally)
             yield from units
 
-    def _listing(self, ctx: SourceContext) -> list[S3Object]:
+    def listing(self, tally: Tally) -> list[S3Object]:
+        """(key, size, etag) of the objects the config selects; unreadable types are counted in ``tally``."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         objects: list[S3Object] = []
@@ -123,7 +130,7 @@ class S3Objects:
             for page in pages:
                 for item in page.get("Contents", []):
                     key = item["Key"]
-                    if key.endswith("/") or not self._included(key, ctx):
+                    if key.endswith("/") or not self._included(key, tally):
                         continue
                     objects.append((key, int(item["Size"]), str(item.get("ETag", "")).strip('"')))
                     if self.cfg.max_objects and len(objects) >= self.cfg.max_objects:
@@ -132,7 +139,7 @@ class S3Objects:
             raise s3_error(exc, self.cfg) from None
         return objects
 
-    def _included(self, key: str, ctx: SourceContext) -> bool:
+    def _included(self, key: str, tally: Tally) -> bool:
         name = key.rsplit("/", 1)[-1]
         relative = key[len(self.cfg.prefix):].lstrip("/")
 
@@ -142,6 +149,6 @@ class S3Objects:
         if not matches(self.cfg.include) or matches(self.cfg.exclude):
             return False
         if not is_supported(name):
-            ctx.tally.skip("unsupported_format", f"s3://{self.cfg.bucket}/{key}", "no reader for this object type")
+            tally.skip("unsupported_format", f"s3://{self.cfg.bucket}/{key}", "no reader for this object type")
             return False
         return True

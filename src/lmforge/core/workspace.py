@@ -66,6 +66,11 @@ class Workspace:
         return self.data_dir / "sft"
 
     @property
+    def preferences_dir(self) -> Path:
+        """The preference set (prompt, chosen, rejected): train.jsonl, test.jsonl and report.json."""
+        return self.data_dir / "preferences"
+
+    @property
     def validation_dir(self) -> Path:
         return self.data_dir / "validation"
 

@@ -1,8 +1,9 @@
 """SFT records: reading the JSONL files collect writes, and the fine-tuning validation split.
 
-A record is either an instruction/response pair (``{"instruction": str, "response": str}``, the
-format of :mod:`lmforge.model.prompt`) or a chat (``{"messages": [...]}``, ending with the
-assistant's answer). ``sft/train.jsonl`` feeds fine-tuning, less the validation records
+A record is either an instruction/response pair (``{"id", "instruction": str, "response": str}``,
+the built-in stdlib pairs, in the format of :mod:`lmforge.model.prompt`) or a chat in the canonical
+form of :mod:`lmforge.data.chat_formats` (``{"id", "messages": [...], "tools"?}``, ending with an
+assistant turn), which every user source is normalized to. ``sft/train.jsonl`` feeds fine-tuning, less the validation records
 :func:`split_finetune` holds out; ``sft/test.jsonl`` is never trained on. The tokenize stage, training
 on the fly and evaluation all read through :func:`read_sft`, so they accept and reject the same lines.
 """
@@ -22,8 +23,9 @@ FINETUNE_VALIDATION_SALT = "finetune-validation"
 def read_sft(path: Path, limit: int | None = None, chat: bool = True) -> list[dict]:
     """The records of an SFT JSONL file (the first ``limit`` of them when set), checked line by line.
 
-    ``chat=False`` accepts instruction/response records only (evaluation prompts with the
-    instruction and scores against the response). Errors name the file and line, ``path:line``.
+    ``chat=False`` gives instruction/response records only (evaluation prompts with the
+    instruction and scores against the response): a single-turn chat (one user turn, one assistant
+    answer) is returned as that pair, any other chat is an error. Errors name the file and line.
     """
     if not path.exists():
         raise DataError(f"no SFT examples at {path}", "run the collect stage first (`lmforge collect`)")
@@ -41,19 +43,26 @@ def read_sft(path: Path, limit: int | None = None, chat: bool = True) -> list[di
                                 "regenerate the SFT set with `lmforge collect`") from exc
             if not _well_formed(record, chat):
                 wanted = "`messages` or string `instruction` and `response`" if chat else \
-                    "string `instruction` and `response`"
+                    "string `instruction` and `response` (or a single user turn and its answer; evaluating " \
+                    "multi-turn chats is not built yet)"
                 raise DataError(f"{path}:{number} is not a JSON object with {wanted}",
                                 "regenerate the SFT set with `lmforge collect`")
-            records.append(record)
+            records.append(record if chat or "messages" not in record else _as_pair(record))
     return records
 
 
 def _well_formed(record: object, chat: bool) -> bool:
     if not isinstance(record, dict):
         return False
-    if chat and isinstance(record.get("messages"), list) and record["messages"]:
-        return True
+    messages = record.get("messages")
+    if isinstance(messages, list) and messages:
+        return chat or [m.get("role") for m in messages if isinstance(m, dict)] == ["user", "assistant"]
     return isinstance(record.get("instruction"), str) and isinstance(record.get("response"), str)
+
+
+def _as_pair(record: dict) -> dict:
+    user, assistant = record["messages"]
+    return {"id": record.get("id"), "instruction": user["content"], "response": assistant["content"]}
 
 
 def record_key(record: dict) -> str:

@@ -11,7 +11,11 @@ Outputs (the contract with later stages):
   ws.raw_dir/docs-NNNNN.parquet  id, text, source, uri, title, fetched_at, content_type, meta (JSON)
   ws.raw_dir/units-NNNNN.parquet incremental state per unit (URI, fingerprint, document ids, links)
   ws.raw_dir/manifest.json       shards, counts, bytes, digest, per-source statistics, errors
-  ws.sft_dir/{train,test}.jsonl  instruction pairs from stdlib docstrings (see InstructionConfig)
+  ws.sft_dir/{train,test}.jsonl  SFT records of data.instructions.sources (canonical chats, see
+                                 lmforge.data.chat_formats; the built-in stdlib pairs stay
+                                 {"id", "instruction", "response"}), split by the hash of each id
+  ws.sft_dir/report.json         per source and file: records read and skipped, why and where
+  ws.preferences_dir/...         the same three files for data.preferences.sources, when it has any
 Read the documents with :func:`read_raw_documents` (only the live ones of committed shards).
 """
 
@@ -24,14 +28,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lmforge.collection import make_source
+from lmforge.collection.instructions import read_record_sources
 from lmforge.collection.runner import SourceReport, new_reports, run_sources
 from lmforge.collection.shards import FORMAT, RawStore, exclusive, iter_live_documents, load_manifest
 from lmforge.collection.types import Source, now_iso
-from lmforge.config.data import DataConfig, InstructionConfig, source_labels
+from lmforge.config.data import DataConfig, source_labels
 from lmforge.core.errors import DataError
-from lmforge.core.workspace import Workspace, atomic_write_text
+from lmforge.core.workspace import Workspace, atomic_dir, atomic_write_json
 from lmforge.data.splits import hash_split
-from lmforge.data.stdlib_docs import build_instruction_pairs
 
 __all__ = ["CollectResult", "collect", "raw_shard_paths", "read_raw_documents"]
 
@@ -70,6 +74,8 @@ class CollectResult:
     digest: str
     sft_train: int = 0
     sft_test: int = 0
+    instructions: dict = field(default_factory=dict)  # train, test and the report per source (see read_record_sets)
+    preferences: dict = field(default_factory=dict)  # the same for the preference set; empty without sources
     shards: int = 0
     raw_dir: str = ""
     manifest: dict = field(default_factory=dict, repr=False)
@@ -85,18 +91,21 @@ def collect(cfg: DataConfig, ws: Workspace, progress: Progress | None = None) ->
 
     ``progress(label, sources_done, sources_total)`` is called as each source finishes, in config
     order, with labels such as ``stdlib[0]`` (a source's ``name``, else type and position), the keys
-    of ``per_source``. The SFT set is written whenever ``cfg.instructions.source`` is ``stdlib``.
+    of ``per_source``. The instruction and preference records are read first, so a bad file stops the
+    stage before the documents are fetched; their sets are written when they have sources.
     """
+    sets = read_record_sets(cfg, ws)
     labels = source_labels(cfg.sources)
     sources: list[tuple[str, str, Source]] = [(label, s.type, make_source(s)) for label, s in zip(labels, cfg.sources)]
     started = now_iso()
     reports: dict[str, SourceReport] = new_reports(sources)
     finished: list[str] = []
-    sft: dict = {}
+    written: dict[str, dict] = {}
 
     def run_info() -> dict:
         return {"last_run": _last_run(started, reports, labels), "sources": [s.model_dump(mode="json") for s in cfg.sources],
-                "python": sys.version.split()[0], "sft": sft}
+                "python": sys.version.split()[0], "sft": written.get("instructions", {}),
+                "preferences": written.get("preferences", {})}
 
     def on_done(label: str) -> None:
         finished.append(label)
@@ -118,12 +127,13 @@ def collect(cfg: DataConfig, ws: Workspace, progress: Progress | None = None) ->
             fixes = "; ".join(f"{e['source']}: {e['fix']}" for e in errors)
             raise DataError(f"no documents were collected ({failures})",
                             fixes or "add a source with text, e.g. `- type: stdlib` under data.sources")
-        sft_train, sft_test = write_instruction_set(cfg.instructions, ws)
-        sft.update({"train": sft_train, "test": sft_test, "source": cfg.instructions.source})
+        written.update(write_record_sets(sets, ws))
         manifest = store.commit(final=True) or {}
     per_source = {label: reports[label].summary() for label in labels}
+    sft = written.get("instructions", {})
     return CollectResult(len(store.live), store.new_documents(), store.live.total_bytes(), per_source, errors,
-                         store.live.digest(), sft_train, sft_test, len(store.shards), str(ws.raw_dir), manifest)
+                         store.live.digest(), sft.get("train", 0), sft.get("test", 0), sft,
+                         written.get("preferences", {}), len(store.shards), str(ws.raw_dir), manifest)
 
 
 def _last_run(started: str, reports: dict[str, SourceReport], labels: list[str]) -> dict:
@@ -137,16 +147,37 @@ def _empty_reason(reports: dict[str, SourceReport]) -> str:
     return "; ".join(skipped) or "every source was empty"
 
 
-def write_instruction_set(cfg: InstructionConfig, ws: Workspace) -> tuple[int, int]:
-    """Write the SFT train/test JSONL files; returns their record counts (0, 0 when disabled)."""
-    if cfg.source == "none":
-        return 0, 0
-    pairs = build_instruction_pairs(cfg.max_records)
-    train, test = hash_split(pairs, cfg.test_fraction)
-    for name, records in (("train.jsonl", train), ("test.jsonl", test)):
-        lines = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
-        atomic_write_text(ws.sft_dir / name, lines)
-    return len(train), len(test)
+RecordSets = dict[str, tuple[list[dict], dict[str, dict], float]]  # name -> (records, report per source, test fraction)
+
+
+def read_record_sets(cfg: DataConfig, ws: Workspace) -> RecordSets:
+    """The instruction and preference records of their sources (a set without sources is left out)."""
+    sets: RecordSets = {}
+    for name, kind, section in (("instructions", "sft", cfg.instructions), ("preferences", "preference", cfg.preferences)):
+        if section.sources:
+            records, reports = read_record_sources(list(section.sources), kind, ws.collect_cache_dir,
+                                                   cfg.instructions.max_records)
+            sets[name] = (records, reports, section.test_fraction)
+    return sets
+
+
+def write_record_sets(sets: RecordSets, ws: Workspace) -> dict[str, dict]:
+    """Write each set's train/test JSONL (hash split by id) and report.json, all three in one rename.
+
+    Returns, per set, ``{"train", "test", "sources"}``: the counts written and the report per source.
+    """
+    written = {}
+    for name, (records, reports, fraction) in sets.items():
+        train, test = hash_split(records, fraction)
+        final = ws.sft_dir if name == "instructions" else ws.preferences_dir
+        summary = {"train": len(train), "test": len(test), "sources": reports}
+        with atomic_dir(final) as tmp:
+            for file, part in (("train.jsonl", train), ("test.jsonl", test)):
+                (tmp / file).write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in part),
+                                        encoding="utf-8")
+            atomic_write_json(tmp / "report.json", summary)
+        written[name] = summary
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
