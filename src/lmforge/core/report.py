@@ -42,7 +42,7 @@ def run_summary(result: dict[str, Any], tracking_uri: str) -> dict[str, Any]:
     deployed = result.get("deploy") or {}
     version = str(registered["version"])
     aliases = [decision["alias"]] if str(decision.get("champion_version")) == version else []
-    return {
+    summary = {
         "model_name": registered["name"],
         "version": version,
         "aliases": aliases,
@@ -57,7 +57,19 @@ def run_summary(result: dict[str, Any], tracking_uri: str) -> dict[str, Any]:
         "mlflow_run_id": registered.get("run_id"),
         "flow_run_id": result.get("flow_run_id"),
         "documents": result["curate"].get("documents_out"),
+        "instructions": record_counts(result["collect"].get("instructions")),
     }
+    if result["collect"].get("preferences"):
+        summary["preferences"] = record_counts(result["collect"]["preferences"])
+    return summary
+
+
+def record_counts(written: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An instruction or preference set's counts: records written per split, read and skipped per source."""
+    if not written:
+        return None
+    return {"train": written["train"], "test": written["test"],
+            "sources": {label: {"read": r["read"], "skipped": r["skipped"]} for label, r in written["sources"].items()}}
 
 
 def _fmt(value: Any) -> str:
