@@ -87,6 +87,8 @@ def test_collect_cli_writes_canonical_sets_and_reports_every_file(tmp_path):
     assert tool["messages"][2] == {"role": "tool", "content": "-3C", "tool_call_id": "w1"}
     assert by_first["Spell owl backwards."]["messages"][1] == {"role": "assistant", "content": "lwo"}
     assert json.loads((ws.sft_dir / "report.json").read_text())["sources"]["chats"]["read"] == len(CHATS)
+    manifest = json.loads((ws.raw_dir / "manifest.json").read_text())  # the collect state carries both reports
+    assert manifest["sft"]["sources"]["chats"]["skipped"] == 2 and manifest["preferences"]["train"] == prefs["train"]
     pref_lines = [json.loads(line) for name in ("train.jsonl", "test.jsonl")
                   for line in (ws.preferences_dir / name).read_text().splitlines()]
     assert sorted(r["chosen"][0]["content"] for r in pref_lines) == ["11", "13", "2", "5", "7"]

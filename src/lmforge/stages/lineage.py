@@ -47,13 +47,13 @@ def dataset_inputs(ws: Workspace) -> list[dict[str, Any]]:
         r = json.loads(report.read_text())
         inputs.append({"name": "curated-corpus", "digest": r.get("dataset_digest", ""),
                        "path": str(ws.curated_dir), "rows": r.get("documents_out", 0)})
-    sft_train = ws.sft_dir / "train.jsonl"
-    if sft_train.exists():
-        from hashlib import sha256
+    for name, train in (("instructions", ws.sft_dir / "train.jsonl"), ("preferences", ws.preferences_dir / "train.jsonl")):
+        if train.exists():
+            from hashlib import sha256
 
-        data = sft_train.read_bytes()
-        inputs.append({"name": "instructions", "digest": sha256(data).hexdigest()[:16],
-                       "path": str(sft_train), "rows": data.count(b"\n")})
+            data = train.read_bytes()
+            inputs.append({"name": name, "digest": sha256(data).hexdigest()[:16],
+                           "path": str(train), "rows": data.count(b"\n")})
     return inputs
 
 
