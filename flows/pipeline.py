@@ -31,7 +31,7 @@ def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen, 
     validated = validate_task(config.validation)
     tokenize_task(config.tokenize, config.model, config.training, config.validation)
     trained = train_task(config.training, config.model, config.platform, config.tokenize.finetune_heldout_fraction)
-    evaluated = evaluate_task(config.evaluation, trained["model_dir"])
+    evaluated = evaluate_task(config.evaluation, trained["model_dir"], config.registry.model_name, config.platform)
     registered = register_task(config, trained, evaluated, run_id)
     decision = promote_task(config.registry, config.platform, registered["version"])
     deployed = None
@@ -44,7 +44,7 @@ def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen, 
         "curate": curated,
         "validate": validated,
         "train": {k: v for k, v in trained.items() if k != "history"},
-        "evaluate": evaluated["metrics"],
+        "evaluate": {k: v for k, v in evaluated.items() if k != "examples"},
         "register": registered,
         "promote": decision,
         "deploy": deployed,

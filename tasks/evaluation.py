@@ -8,16 +8,17 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from lmforge.config import EvaluationConfig
+from lmforge.config import EvaluationConfig, PlatformConfig
 from lmforge.core.workspace import Workspace
 from tasks._publish import announce, publish
 
 
 @task(name="evaluate", retries=1, cache_policy=NO_CACHE)
-def evaluate_task(cfg: EvaluationConfig, model_dir: str) -> dict[str, Any]:
-    announce("evaluate", "held-out perplexity, exact match, ROUGE-L")
+def evaluate_task(cfg: EvaluationConfig, model_dir: str, model_name: str | None = None,
+                  platform: PlatformConfig | None = None) -> dict[str, Any]:
+    announce("evaluate", "held-out perplexity, bits per byte, exact match, ROUGE-L, tasks")
     from lmforge.stages.evaluate import evaluate
 
-    result = evaluate(cfg, Path(model_dir), Workspace.from_env()).as_dict()
+    result = evaluate(cfg, Path(model_dir), Workspace.from_env(), model_name=model_name, platform=platform).as_dict()
     publish("evaluate", result["metrics"], "held-out metrics")
     return result

@@ -115,7 +115,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from lmforge.stages.lineage import latest_model_dir
 
     model_dir = Path(args.model) if args.model else latest_model_dir(ws)
-    emit("evaluate", evaluate(config.evaluation, model_dir, ws).as_dict()["metrics"], args.json)
+    result = evaluate(config.evaluation, model_dir, ws, model_name=config.registry.model_name, platform=config.platform)
+    emit("evaluate", {**result.metrics, "frozen_set": result.frozen_set["digest"], "tasks": result.tasks}, args.json)
 
 
 def cmd_promote(args: argparse.Namespace) -> None:

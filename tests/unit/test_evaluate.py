@@ -47,8 +47,11 @@ def test_evaluate_scores_and_writes_report(evaluated):
     assert 50 < m["eval_perplexity"] < 2000
     assert 0.0 <= m["eval_exact_match"] <= 1.0
     assert 0.0 <= m["eval_rouge_l"] <= 1.0
-    # 2 batches of 4 blocks of 31 predicted tokens each.
-    assert m["eval_heldout_tokens"] == 2 * 4 * 31
+    # The text budget is 2 batches x 4 windows x 32 tokens; every token of the chosen text is predicted.
+    assert 0 < m["eval_heldout_tokens"] <= 2 * 4 * 32
+    assert m["eval_bits_per_byte"] == pytest.approx(
+        m["eval_loss"] * m["eval_heldout_tokens"] / math.log(2) / m["eval_heldout_bytes"])
+    assert result.frozen_set["bytes"] == m["eval_heldout_bytes"] and len(result.frozen_set["digest"]) == 64
     assert len(result.examples) == 3
     first = result.examples[0]
     assert set(first) == {"instruction", "reference", "prediction", "exact_match", "rouge_l"}

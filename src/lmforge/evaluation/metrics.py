@@ -1,6 +1,7 @@
 """Metric arithmetic shared by evaluation, tracking and promotion, written once and unit-tested.
 
-Pure functions over numbers and strings: perplexity from a mean token loss, SQuAD-style exact
+Pure functions over numbers and strings: perplexity from a mean token loss, bits per byte from a
+total loss and a byte count, SQuAD-style exact
 match, ROUGE-L F1 over word tokens, and the relative improvement the promotion policy compares.
 The metric names the pipeline logs and promotes on are defined here too, so the evaluate stage,
 MLflow and the promotion rule can never disagree about a spelling.
@@ -18,6 +19,10 @@ EVAL_LOSS = "eval_loss"
 EVAL_PERPLEXITY = "eval_perplexity"
 EVAL_EXACT_MATCH = "eval_exact_match"
 EVAL_ROUGE_L = "eval_rouge_l"
+EVAL_BITS_PER_BYTE = "eval_bits_per_byte"
+# Per-token metrics: their values depend on the tokenizer, so two runs whose tokenizers differ are
+# compared in bits per byte instead (see lmforge.stages.promote).
+PER_TOKEN_METRICS = frozenset({EVAL_LOSS, EVAL_PERPLEXITY})
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT_TABLE = str.maketrans("", "", string.punctuation)
@@ -32,6 +37,17 @@ def perplexity(mean_loss: float) -> float:
     if mean_loss > 709.0:
         return math.inf
     return math.exp(mean_loss)
+
+
+def bits_per_byte(total_nll_nats: float, n_bytes: int) -> float:
+    """Total negative log-likelihood of a text, in bits, per UTF-8 byte of that text.
+
+    Independent of the tokenizer: the numerator is -log2 P(text) whatever the text was cut into.
+    NaN when there are no bytes (nothing was measured).
+    """
+    if n_bytes <= 0:
+        return math.nan
+    return total_nll_nats / (math.log(2) * n_bytes)
 
 
 def normalize_answer(text: str) -> str:

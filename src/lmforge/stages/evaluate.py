@@ -1,35 +1,42 @@
-"""The evaluate stage: held-out perplexity plus exact match and ROUGE-L on held-out instructions.
+"""The evaluate stage: held-out loss, perplexity and bits per byte, exact match and ROUGE-L on held-out
+instructions, and lm-evaluation-harness tasks, all on a frozen evaluation set.
 
-Run it alone with ``lmforge evaluate`` (the CLI calls :func:`evaluate`). Inputs, all in the
-workspace: the model directory from training, ``curated/validation.parquet`` (documents never
-trained on) and ``sft/test.jsonl`` (instructions never fine-tuned on). Output: one JSON report in
-``ws.eval_dir`` with the metrics and every generated answer, and the ``evaluate`` state hand-off.
-The documents are packed as training packs them (:mod:`lmforge.data.packing`); the model is scored
-by :mod:`lmforge.evaluation.scoring`.
+Run it alone with ``lmforge evaluate CONFIG`` (the CLI calls :func:`evaluate`). The text scored is
+the model name's frozen set (``evaluation.frozen_set``, :mod:`lmforge.evaluation.frozen_store`):
+frozen from the workspace's ``curated/validation.parquet`` and ``sft/test.jsonl`` the first time a
+name is evaluated, then the same for every later candidate of that name, whatever the workspace's
+data version, so two candidates are scored on exactly the same text. Bits per byte
+(:mod:`lmforge.evaluation.heldout`) does not depend on the tokenizer, so it stays comparable when
+the tokenizer is retrained. Output: one JSON report in ``ws.eval_dir`` with the metrics, the set's
+digest and every generated answer, a task table (CSV) when ``evaluation.tasks`` is set, and the
+``evaluate`` state hand-off.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lmforge.config.evaluation import EvaluationConfig
+from lmforge.config.platform import PlatformConfig
 from lmforge.core.errors import DataError
 from lmforge.core.workspace import Workspace, atomic_write_json
-from lmforge.data.documents import read_texts
-from lmforge.data.packing import pack_documents
+from lmforge.data.documents import iter_texts
 from lmforge.data.sft import read_sft
 from lmforge.evaluation import metrics as M
-from lmforge.evaluation.scoring import (
-    context_window,
-    generate_answers,
-    heldout_loss,
-    load_model,
-)
+from lmforge.evaluation.frozen import FrozenSet, load_frozen_set, tokenizer_fingerprint, write_frozen_set
+from lmforge.evaluation.frozen_store import TAG_DIGEST, TAG_TOKENIZER, freeze_into_cache, resolve_frozen_set
+from lmforge.evaluation.harness import run_tasks, task_metrics, task_specs, write_task_table
+from lmforge.evaluation.heldout import score_heldout, select_heldout
+from lmforge.evaluation.scoring import context_window, generate_answers, load_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 HELDOUT_FIX = "collect more documents or raise curation.heldout_fraction, then rerun `lmforge curate`"
 
@@ -40,51 +47,98 @@ class EvalResult:
     examples: list[dict[str, Any]]  # {instruction, reference, prediction, exact_match, rouge_l}
     model_dir: str
     report_path: str
+    frozen_set: dict[str, Any] = field(default_factory=dict)  # digest, source, counts, tokenizers
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> metric -> value
+    tasks_table: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)  # lmforge.eval.* for the registered version
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def evaluate(cfg: EvaluationConfig, model_dir: Path, ws: Workspace) -> EvalResult:
-    """Score the model in ``model_dir`` on the workspace's held-out data and write the report."""
+def evaluate(cfg: EvaluationConfig, model_dir: Path, ws: Workspace, *, model_name: str | None = None,
+             platform: PlatformConfig | None = None) -> EvalResult:
+    """Score the model in ``model_dir`` on ``model_name``'s frozen set and write the report.
+
+    Without ``model_name`` (or with ``frozen_set: off``) the workspace's current held-out data is
+    scored and nothing is pinned; the CLI and the pipeline pass ``registry.model_name``.
+    """
     model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise DataError(
+            f"no model to evaluate: {model_dir / 'config.json'} does not exist",
+            "train a model first with `lmforge train` (or `lmforge run`), or pass a model directory",
+        )
+    if cfg.tasks:
+        task_specs(cfg.tasks)  # a wrong task path fails before any scoring, not after it
+    model, tokenizer = load_model(model_dir)
+    frozen, source = _frozen_set(cfg, ws, tokenizer, model_name, platform)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    context = context_window(model.config, default=cfg.block_size)
+    with torch.inference_mode():
+        heldout = score_heldout(model, tokenizer, frozen.texts, min(cfg.block_size, context), cfg.batch_size)
+        predictions = generate_answers(
+            model, tokenizer, [r["instruction"] for r in frozen.records], cfg.max_new_tokens, cfg.batch_size, context
+        )
+    tasks = run_tasks(model, tokenizer, cfg.tasks, batch_size=cfg.batch_size, max_length=context,
+                      limit=cfg.task_limit) if cfg.tasks else {}
+
+    examples = [_scored(record, prediction) for record, prediction in zip(frozen.records, predictions)]
+    scores = {
+        M.EVAL_LOSS: heldout.loss,
+        M.EVAL_PERPLEXITY: heldout.perplexity,
+        M.EVAL_BITS_PER_BYTE: heldout.bits_per_byte,
+        M.EVAL_EXACT_MATCH: M.mean(e["exact_match"] for e in examples),
+        M.EVAL_ROUGE_L: M.mean(e["rouge_l"] for e in examples),
+        "eval_heldout_tokens": float(heldout.tokens),
+        "eval_heldout_bytes": float(heldout.bytes),
+        "eval_heldout_documents": float(heldout.documents),
+        "eval_num_examples": float(len(examples)),
+        **task_metrics(tasks),
+    }
+    stem = f"{model_dir.name}-{_path_digest(model_dir)}"
+    report_path = ws.eval_dir / f"{stem}.json"
+    table = str(write_task_table(ws.eval_dir / f"{stem}-tasks.csv", tasks)) if tasks else None
+    described = frozen.describe() | {"source": source, "model_tokenizer": fingerprint,
+                                     "tokenizer_matches": frozen.tokenizer_fingerprint in (None, fingerprint)}
+    result = EvalResult(scores, examples, str(model_dir.resolve()), str(report_path), described, tasks, table,
+                        {TAG_DIGEST: frozen.digest, TAG_TOKENIZER: fingerprint})
+    atomic_write_json(report_path, result.as_dict())
+    ws.write_state("evaluate", {k: v for k, v in result.as_dict().items() if k != "examples"})
+    return result
+
+
+def _frozen_set(cfg: EvaluationConfig, ws: Workspace, tokenizer: PreTrainedTokenizerBase, model_name: str | None,
+                platform: PlatformConfig | None) -> tuple[FrozenSet, str]:
+    """The set to score on, and its source: ``path``, ``registry``, ``workspace``, ``new`` or ``off``."""
+    def freeze(dest: Path) -> FrozenSet:
+        return _freeze_workspace_data(cfg, ws, tokenizer, dest, model_name)
+
+    if cfg.frozen_set not in ("auto", "off"):
+        return load_frozen_set(Path(cfg.frozen_set).expanduser().resolve()), "path"
+    if cfg.frozen_set == "off" or model_name is None:
+        # Still written to the content-addressed cache (the report's digest names real files), but
+        # no name points at it and nothing is published.
+        return freeze_into_cache(ws, freeze), "off"
+    return resolve_frozen_set(ws, platform, model_name, freeze)
+
+
+def _freeze_workspace_data(cfg: EvaluationConfig, ws: Workspace, tokenizer: PreTrainedTokenizerBase, dest: Path,
+                           model_name: str | None) -> FrozenSet:
+    """A new set from the workspace's held-out documents (within the token budget) and SFT test records."""
     validation_path = ws.curated_dir / "validation.parquet"
     test_path = ws.sft_dir / "test.jsonl"
-    _require_inputs(model_dir, validation_path, test_path)
-    texts = read_texts(validation_path)
+    _require_inputs(validation_path, test_path)
+    budget = cfg.max_batches * cfg.batch_size * cfg.block_size
+    texts = select_heldout((t for batch in iter_texts(validation_path) for t in batch), tokenizer, budget)
     if not texts:
         raise DataError(f"{validation_path} holds no documents, so perplexity cannot be measured", HELDOUT_FIX)
     records = read_sft(test_path, limit=cfg.max_examples, chat=False)
     if not records:
         raise DataError(f"{test_path} holds no instructions", "recreate the SFT set with `lmforge collect`")
-
-    model, tokenizer = load_model(model_dir)
-    context = context_window(model.config, default=cfg.block_size)
-    with torch.inference_mode():
-        blocks = pack_documents(texts, tokenizer, min(cfg.block_size, context), allow_short=True,
-                                max_blocks=cfg.max_batches * cfg.batch_size, what="the held-out documents",
-                                fix=HELDOUT_FIX)["input_ids"]
-        loss, n_tokens = heldout_loss(model, blocks, cfg.batch_size)
-        predictions = generate_answers(
-            model, tokenizer, [r["instruction"] for r in records], cfg.max_new_tokens, cfg.batch_size, context
-        )
-
-    examples = [_scored(record, prediction) for record, prediction in zip(records, predictions)]
-    scores = {
-        M.EVAL_LOSS: loss,
-        M.EVAL_PERPLEXITY: M.perplexity(loss),
-        M.EVAL_EXACT_MATCH: M.mean(e["exact_match"] for e in examples),
-        M.EVAL_ROUGE_L: M.mean(e["rouge_l"] for e in examples),
-        "eval_heldout_tokens": float(n_tokens),
-        "eval_num_examples": float(len(examples)),
-    }
-    report_path = ws.eval_dir / f"{model_dir.name}-{_path_digest(model_dir)}.json"
-    result = EvalResult(scores, examples, str(model_dir.resolve()), str(report_path))
-    atomic_write_json(report_path, result.as_dict())
-    ws.write_state(
-        "evaluate", {"model_dir": result.model_dir, "report_path": result.report_path, "metrics": scores}
-    )
-    return result
+    provenance = {"model_name": model_name, "frozen_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "from": {"heldout": str(validation_path), "sft_test": str(test_path)}, "token_budget": budget}
+    return write_frozen_set(dest, texts, records, tokenizer, provenance)
 
 
 def _scored(record: dict, prediction: str) -> dict[str, Any]:
@@ -97,12 +151,7 @@ def _scored(record: dict, prediction: str) -> dict[str, Any]:
     }
 
 
-def _require_inputs(model_dir: Path, validation_path: Path, test_path: Path) -> None:
-    if not (model_dir / "config.json").is_file():
-        raise DataError(
-            f"no model to evaluate: {model_dir / 'config.json'} does not exist",
-            "train a model first with `lmforge train` (or `lmforge run`), or pass a model directory",
-        )
+def _require_inputs(validation_path: Path, test_path: Path) -> None:
     if not validation_path.is_file():
         raise DataError(
             f"held-out documents missing: {validation_path} does not exist",

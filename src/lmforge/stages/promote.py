@@ -15,7 +15,8 @@ from lmforge.config.platform import PlatformConfig
 from lmforge.config.registry import RegistryConfig
 from lmforge.core.errors import RegistryError
 from lmforge.core.workspace import Workspace
-from lmforge.evaluation.metrics import relative_improvement
+from lmforge.evaluation.frozen_store import TAG_DIGEST, TAG_TOKENIZER
+from lmforge.evaluation.metrics import EVAL_BITS_PER_BYTE, PER_TOKEN_METRICS, relative_improvement
 from lmforge.tracking.mlflow_tracker import mlflow_client, run_metric
 from lmforge.tracking.model_uris import get_version, version_by_alias
 
@@ -42,16 +43,18 @@ def promote(cfg: RegistryConfig, platform: PlatformConfig | None, ws: Workspace,
     client = mlflow_client(ws, platform)
     name, version = cfg.model_name, str(version)
     candidate = get_version(client, name, version, ws, platform)
+    champion = version_by_alias(client, name, cfg.alias)
+    cfg, note = _comparable(cfg, client, candidate, champion)
     candidate_value = run_metric(client, candidate.run_id, cfg.metric)
     if candidate_value is None:
         raise RegistryError(
             f"version {version} of {name!r} has no metric {cfg.metric!r}",
             "evaluate before registering (`lmforge run` does both) or set registry.metric to a logged metric",
         )
-    champion = version_by_alias(client, name, cfg.alias)
     previous = str(champion.version) if champion is not None else None
     champion_value = run_metric(client, champion.run_id, cfg.metric) if champion is not None else None
     promoted, reason = _decide(cfg, version, candidate_value, previous, champion_value)
+    reason = f"{note}{reason}"
     if promoted:
         client.set_registered_model_alias(name, cfg.alias, version)
     decision = PromotionDecision(
@@ -76,6 +79,32 @@ def promote(cfg: RegistryConfig, platform: PlatformConfig | None, ws: Workspace,
         client.set_model_version_tag(name, version, key, value)
     ws.write_state("promote", decision.as_dict())
     return decision
+
+
+def _comparable(cfg: RegistryConfig, client: Any, candidate: Any, champion: Any) -> tuple[RegistryConfig, str]:
+    """The rule to apply, with a note when it differs from ``cfg``.
+
+    Per-token loss and perplexity count tokens, so they compare two models only when both cut the
+    text into the same tokens: when the tokenizer fingerprints on the two versions differ (or one is
+    unknown), the gate compares bits per byte, which divides by bytes instead. It does not always do
+    so because, with one tokenizer on one frozen set, both metrics order the candidates the same way
+    and the margin the user set (registry.min_improvement) is stated in the configured metric's units.
+    """
+    if cfg.metric not in PER_TOKEN_METRICS or champion is None or str(champion.version) == str(candidate.version):
+        return cfg, ""
+    tokenizers = (candidate.tags.get(TAG_TOKENIZER), champion.tags.get(TAG_TOKENIZER))
+    note = ""
+    if candidate.tags.get(TAG_DIGEST) != champion.tags.get(TAG_DIGEST):
+        note = "evaluation sets differ (or one is unknown), so the numbers describe different text; "
+    if tokenizers[0] is not None and tokenizers[0] == tokenizers[1]:
+        return cfg, note
+    if any(run_metric(client, v.run_id, EVAL_BITS_PER_BYTE) is None for v in (candidate, champion)):
+        # Versions registered before bits per byte existed: the configured metric is all there is.
+        known = None not in tokenizers
+        return cfg, f"{note}tokenizers differ but a version has no {EVAL_BITS_PER_BYTE}; " if known else note
+    switched = cfg.model_copy(update={"metric": EVAL_BITS_PER_BYTE, "mode": "min"})
+    return switched, (f"{note}tokenizers differ ({tokenizers[0]} vs {tokenizers[1]}): "
+                      f"compared {EVAL_BITS_PER_BYTE}, not {cfg.metric}; ")
 
 
 def _decide(

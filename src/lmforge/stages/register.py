@@ -18,6 +18,7 @@ from lmforge.config import PipelineConfig, config_hash
 from lmforge.config.platform import PlatformConfig
 from lmforge.config.registry import RegistryConfig
 from lmforge.core.workspace import Workspace
+from lmforge.evaluation.frozen_store import publish_evaluation
 from lmforge.stages.lineage import data_reports, dataset_inputs, lineage_tags
 from lmforge.tracking.mlflow_tracker import MlflowTracker
 from lmforge.tracking.model_uris import check_model_dir
@@ -144,12 +145,14 @@ def register_trained(config: PipelineConfig, ws: Workspace, trained: dict[str, A
     metrics = {**trained.get("metrics", {}), **evaluated.get("metrics", {})}
     params = {**trained.get("params", {}), "config_hash": config_hash(config)}
     tags = lineage_tags(config, ws, flow_run_id) | {"lmforge.train_run_id": str(trained.get("run_id", ""))}
+    tags |= evaluated.get("tags", {})  # the frozen set's digest and the tokenizer's fingerprint (promotion reads them)
     version = register(
         config.registry, config.platform, ws,
         model_dir=Path(trained["model_dir"]), params=params, metrics=metrics,
         history=trained.get("history", []), dataset_inputs=dataset_inputs(ws), tags=tags,
         reports=data_reports(ws),
     )
+    publish_evaluation(ws, config.platform, config.registry.model_name, version.run_id, evaluated)
     result = version.as_dict() | {"train_run_id": str(trained.get("run_id", ""))}
     ws.write_state("register", result)
     return result
