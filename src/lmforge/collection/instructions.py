@@ -115,7 +115,7 @@ def _opened_files(src: RecordSource, skipped: Tally, cache_dir: Path) -> Iterato
     elif isinstance(src, HFRecords):
         yield _hf(src, cache_dir)
     elif isinstance(src, WebRecords):
-        yield from _web(src, skipped)
+        yield from _web(src)
 
 
 def _location(src: Any, *bases: type[Section]) -> dict:
@@ -165,7 +165,7 @@ def _hf(src: HFRecords, cache_dir: Path) -> Opened:
     return base, ((f"{base}#{row}", record) for row, record in enumerate(rows))
 
 
-def _web(src: WebRecords, skipped: Tally) -> Iterator[Opened]:
+def _web(src: WebRecords) -> Iterator[Opened]:
     fetcher = Fetcher(src.fetch, src.allow_private, src.allow_networks)
     for url in src.urls:
         try:
