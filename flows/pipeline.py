@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 
 from lmforge.config import PipelineConfig
 from tasks.data import collect_task, curate_task, validate_task
-from tasks.evaluation import evaluate_task
+from tasks.evaluation import evaluate_endpoint_task, evaluate_task
 from tasks.registry import deploy_task, promote_task, register_task
 from tasks.training import tokenize_task, train_task
 
@@ -38,6 +38,9 @@ def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen, 
     if deploy:
         uri = f"models:/{config.registry.model_name}@{config.registry.alias}"
         deployed = deploy_task(config.serving, uri, config.registry.model_name)
+    # The same lm-eval tasks against the server that now answers for the model name.
+    endpoint_scores = evaluate_endpoint_task(config.evaluation, deployed, config.platform) \
+        if deployed and config.evaluation.tasks else None
     return {
         "flow_run_id": str(run_id) if run_id else None,
         "collect": collected,
@@ -48,4 +51,5 @@ def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen, 
         "register": registered,
         "promote": decision,
         "deploy": deployed,
+        "evaluate_endpoint": endpoint_scores,
     }

@@ -50,7 +50,7 @@ def run_summary(result: dict[str, Any], tracking_uri: str) -> dict[str, Any]:
         "champion_version": decision.get("champion_version"),
         "metrics": {k: round(v, 6) if isinstance(v, float) else v
                     for k, v in registered.get("metrics", {}).items()},
-        "evaluate": _evaluate_summary(result.get("evaluate") or {}),
+        "evaluate": _evaluate_summary(result.get("evaluate") or {}, result.get("evaluate_endpoint") or {}),
         "endpoint": deployed.get("endpoint"),
         "probe": {"prompt": deployed.get("probe_prompt"), "response": deployed.get("probe_response")}
         if deployed else None,
@@ -73,11 +73,13 @@ def record_counts(written: dict[str, Any] | None) -> dict[str, Any] | None:
             "sources": {label: {"read": r["read"], "skipped": r["skipped"]} for label, r in written["sources"].items()}}
 
 
-def _evaluate_summary(evaluated: dict[str, Any]) -> dict[str, Any]:
-    """Bits per byte (tokenizer-independent), the lm-eval task scores and the frozen set they were measured on."""
+def _evaluate_summary(evaluated: dict[str, Any], endpoint: dict[str, Any]) -> dict[str, Any]:
+    """Bits per byte (tokenizer-independent), the lm-eval task scores (in-process and against the
+    served endpoint) and the frozen set they were measured on."""
     return {
         "bits_per_byte": evaluated.get("metrics", {}).get("eval_bits_per_byte"),
         "tasks": evaluated.get("tasks", {}),
+        "endpoint_tasks": endpoint.get("tasks", {}),
         "frozen_set": (evaluated.get("frozen_set") or {}).get("digest"),
     }
 

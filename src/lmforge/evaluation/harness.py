@@ -117,3 +117,35 @@ def write_task_table(path: Path, scores: TaskScores) -> Path:
             writer.writerow([task, metric, repr(value)])
     atomic_write_text(path, buffer.getvalue())
     return path
+
+
+def run_endpoint_tasks(base_url: str, model: str, tokenizer_dir: Path, paths: Sequence[str], *, max_length: int,
+                       limit: int | None) -> TaskScores:
+    """Score the OpenAI-compatible server at ``base_url`` on the tasks at ``paths`` (``local-completions``).
+
+    Loglikelihood tasks need ``echo`` with prompt ``logprobs`` from ``/v1/completions`` (lmforge's
+    server has them). Requests carry text, one per request; ``tokenizer_dir`` is the served model's
+    tokenizer, which the harness uses to find where a continuation starts in the echoed tokens.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    specs, include = task_specs(paths)
+    model_args = {
+        "base_url": f"{base_url.rstrip('/')}/v1/completions", "model": model, "tokenizer_backend": "huggingface",
+        "tokenizer": str(tokenizer_dir), "tokenized_requests": False, "num_concurrent": 1, "max_retries": 2,
+        "max_length": max_length, "batch_size": 1,
+    }
+    try:
+        output = simple_evaluate(
+            model="local-completions", model_args=model_args,
+            task_manager=TaskManager(include_path=include, include_defaults=False), tasks=specs, limit=limit,
+            log_samples=False, bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+            fewshot_random_seed=0,
+        )
+    except (KeyError, ValueError, FileNotFoundError) as exc:
+        raise DataError(f"lm-evaluation-harness could not run {', '.join(paths)} against {base_url}: {exc}",
+                        "check the task YAML and that the server answers /v1/completions") from exc
+    if output is None:
+        raise DataError("lm-evaluation-harness returned no results", _TASK_FIX)
+    return scores_from_results(output["results"])

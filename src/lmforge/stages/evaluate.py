@@ -31,9 +31,11 @@ from lmforge.data.sft import read_sft
 from lmforge.evaluation import metrics as M
 from lmforge.evaluation.frozen import FrozenSet, load_frozen_set, tokenizer_fingerprint, write_frozen_set
 from lmforge.evaluation.frozen_store import TAG_DIGEST, TAG_TOKENIZER, freeze_into_cache, resolve_frozen_set
-from lmforge.evaluation.harness import run_tasks, task_metrics, task_specs, write_task_table
+from lmforge.evaluation.harness import run_endpoint_tasks, run_tasks, task_metrics, task_specs, write_task_table
 from lmforge.evaluation.heldout import score_heldout, select_heldout
 from lmforge.evaluation.scoring import context_window, generate_answers, load_model
+from lmforge.tracking.mlflow_tracker import mlflow_client
+from lmforge.tracking.model_uris import resolve_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -105,6 +107,35 @@ def evaluate(cfg: EvaluationConfig, model_dir: Path, ws: Workspace, *, model_nam
                         {TAG_DIGEST: frozen.digest, TAG_TOKENIZER: fingerprint})
     atomic_write_json(report_path, result.as_dict())
     ws.write_state("evaluate", {k: v for k, v in result.as_dict().items() if k != "examples"})
+    return result
+
+
+def evaluate_endpoint(cfg: EvaluationConfig, deployed: dict[str, Any], ws: Workspace,
+                      platform: PlatformConfig | None = None) -> dict[str, Any]:
+    """``evaluation.tasks`` against the deployed server (lm-eval's ``local-completions``), after deploy.
+
+    ``deployed`` is the deploy stage's result (endpoint, served model name, model_ref). The scores
+    become MLflow metrics ``endpoint/<task>/<metric>`` and a table artifact on the run of the
+    registered version being served (not logged for a model served from a plain directory).
+    """
+    from mlflow.entities import Metric
+    from transformers import AutoConfig
+
+    model_dir, name, version = resolve_model(deployed["model_ref"], ws, platform)
+    window = context_window(AutoConfig.from_pretrained(model_dir, local_files_only=True), default=cfg.block_size)
+    scores = run_endpoint_tasks(deployed["endpoint"], deployed["model_name"], model_dir, cfg.tasks,
+                                max_length=window, limit=cfg.task_limit)
+    metrics = {"endpoint/" + key.removeprefix("task/"): value for key, value in task_metrics(scores).items()}
+    table = write_task_table(ws.eval_dir / f"endpoint-{name}-v{version}-tasks.csv", scores)
+    client = mlflow_client(ws, platform) if version != "local" else None
+    run_id = client.get_model_version(name, version).run_id if client is not None else None
+    if client is not None and run_id is not None:  # a version registered without a run has nowhere to log
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(key, value, now, 0) for key, value in metrics.items()])
+        client.log_artifact(run_id, str(table), "evaluation")
+    result = {"endpoint": deployed["endpoint"], "model_ref": deployed["model_ref"], "version": version,
+              "tasks": scores, "metrics": metrics, "tasks_table": str(table)}
+    ws.write_state("evaluate_endpoint", result)
     return result
 
 
