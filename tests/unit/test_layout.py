@@ -150,6 +150,23 @@ def test_no_private_name_is_imported_from_another_module():
     assert borrowed == []
 
 
+# What the rest of lmforge may use of serving: its API (resolve, serve, adapters), the ONNX export
+# and the engine's front (Engine, SamplingParams). Everything else is serving's own business.
+SERVING_PUBLIC = ("lmforge.serving", "lmforge.serving.api", "lmforge.serving.export", "lmforge.serving.engine")
+
+
+def test_nothing_outside_serving_imports_its_internals():
+    reaching = []
+    for module in modules():
+        if module.startswith("lmforge.serving"):
+            continue
+        for base, name, line in imports(module):
+            target = _resolve(f"{base}.{name}" if name else base) or ""
+            if target.startswith("lmforge.serving") and target not in SERVING_PUBLIC:
+                reaching.append(f"{modules()[module].relative_to(REPO)}:{line} imports {target}")
+    assert reaching == []
+
+
 def test_no_module_is_past_the_size_a_reader_holds():
     too_long = []
     for root in ("src", "flows", "tasks", "bench"):
