@@ -17,7 +17,7 @@ from lmforge.config import PipelineConfig
 from tasks.data import collect_task, curate_task, validate_task
 from tasks.evaluation import evaluate_endpoint_task, evaluate_task
 from tasks.registry import deploy_task, promote_task, register_task
-from tasks.training import tokenize_task, train_task
+from tasks.training import record_failure, tokenize_task, train_task
 
 
 @flow(name="lmforge-pipeline", log_prints=True, description=__doc__)
@@ -30,8 +30,14 @@ def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen, 
     curated = curate_task(config.curation)
     validated = validate_task(config.validation)
     tokenize_task(config.tokenize, config.model, config.training, config.validation)
-    trained = train_task(config.training, config.model, config.platform, config.tokenize.finetune_heldout_fraction)
-    evaluated = evaluate_task(config.evaluation, trained["model_dir"], config.registry.model_name, config.platform)
+    trained = train_task(config.training, config.model, config.platform, config.tokenize.finetune_heldout_fraction,
+                         config.registry.experiment)
+    try:
+        evaluated = evaluate_task(config.evaluation, trained["model_dir"], config.registry.model_name, config.platform)
+    except Exception as exc:
+        # The training's MLflow run ended FINISHED; the model it made failed evaluation. (Register marks it itself.)
+        record_failure(config.platform, trained, "evaluate", exc)
+        raise
     registered = register_task(config, trained, evaluated, run_id)
     decision = promote_task(config.registry, config.platform, registered["version"])
     deployed = None

@@ -105,7 +105,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if not (ws.tokenizer_dir / "tokenizer.json").exists():
         train_tokenizer(config.model, ws)
     result = train(config.training, config.model, ws, ray_address=config.platform.ray_address,
-                   finetune_heldout_fraction=config.tokenize.finetune_heldout_fraction).as_dict()
+                   finetune_heldout_fraction=config.tokenize.finetune_heldout_fraction,
+                   experiment=config.registry.experiment, platform=config.platform).as_dict()
     emit("train", {k: v for k, v in result.items() if k != "history"}, args.json)
 
 

@@ -222,11 +222,13 @@ def test_ray_ddp_two_workers_match_one_worker_with_the_same_global_batch(ws, ray
         "pretrain": TRAINING.pretrain.model_copy(update={"steps": 20}),
         "finetune": TRAINING.finetune.model_copy(update={"steps": 6})})
     started = time.perf_counter()
-    result = train(config, MODEL, ws, run_name="ray")
+    rows: list[dict] = []  # rank 0's rows reach the driver live (lmforge.train.relay), each once
+    result = train(config, MODEL, ws, run_name="ray", progress=rows.append)
     print(f"\nRay TorchTrainer run (2 CPU workers) took {time.perf_counter() - started:.1f} s wall")
     assert result.params["world_size"] == 2
     assert (result.model_dir / "model.safetensors").exists() and (result.adapter_dir / "adapter_config.json").exists()
     assert (ws.ray_dir / "train" / result.run_id).is_dir()
+    assert rows == result.history
 
     single = train(config.model_copy(update={
         "placement": PlacementConfig(use_ray=False, num_workers=1),

@@ -2,7 +2,8 @@
 
 ``register`` records params, per-step history, final metrics, dataset digests and lineage tags,
 stores the model directory as an MLflow 3 LoggedModel and registers it as a new version. ``lmforge
-run`` registers (through :func:`register_trained`).
+run`` registers (through :func:`register_trained`). When the train stage tracked the run live
+(``mlflow_run_id`` in its hand-off), all of it goes onto that same run, which the version links to.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from lmforge.config.registry import RegistryConfig
 from lmforge.core.workspace import Workspace
 from lmforge.evaluation.frozen_store import publish_evaluation
 from lmforge.stages.lineage import data_reports, dataset_inputs, lineage_tags
-from lmforge.tracking.mlflow_tracker import MlflowTracker
+from lmforge.stages.train import tracked_run
+from lmforge.tracking.live import log_new_params, mark_failed
+from lmforge.tracking.mlflow_tracker import MlflowTracker, mlflow_client
 from lmforge.tracking.model_uris import check_model_dir
 
 
@@ -50,6 +53,7 @@ def register(
     dataset_inputs: list[dict[str, Any]],
     tags: dict[str, str],
     reports: Sequence[Path] = (),
+    run_id: str | None = None,
 ) -> RegisteredVersion:
     """One MLflow run with everything that produced ``model_dir``, and a new registered version.
 
@@ -57,22 +61,33 @@ def register(
     at its artifact location. All or nothing: if anything fails after the run starts, the run and
     any half-made LoggedModel are marked FAILED and no model version remains (one created just
     before the failure is deleted again). The error text is kept as the run's ``lmforge.error`` tag.
+    ``run_id`` names the run that tracked training live: it receives all this instead of a new run
+    (its params and history are there already; only new params are added).
     """
     from mlflow.entities import LoggedModelOutput
 
     model_dir = Path(model_dir)
     lineage = {str(k): str(v) for k, v in tags.items()}
-    tracker = MlflowTracker.start(
-        ws, platform, cfg.experiment, run_name=f"{cfg.model_name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags={**lineage, "lmforge.model_dir": str(model_dir.resolve())},
-    )
+    run_tags = {**lineage, "lmforge.model_dir": str(model_dir.resolve())}
+    reused = run_id is not None
+    if run_id is None:
+        tracker = MlflowTracker.start(
+            ws, platform, cfg.experiment, run_name=f"{cfg.model_name}-{time.strftime('%Y%m%d-%H%M%S')}", tags=run_tags,
+        )
+    else:
+        tracker = MlflowTracker(mlflow_client(ws, platform), run_id)
     client, run_id = tracker.client, tracker.run_id
     final_step = max((int(row.get("step", 0)) for row in history), default=0)
     model_id, version = None, None
     try:
+        if reused:
+            tracker.set_tags(run_tags)
         check_model_dir(model_dir)
-        tracker.log_params(params)
-        tracker.log_history(history)
+        if reused:  # training streamed the history and logged the config already
+            log_new_params(tracker, params)
+        else:
+            tracker.log_params(params)
+            tracker.log_history(history)
         tracker.log_datasets(dataset_inputs)
         for report in reports:  # the data gate's verdicts and the curation counts, beside the model
             client.log_artifact(run_id, str(report), "data_reports")
@@ -133,10 +148,9 @@ def _undo(tracker: MlflowTracker, name: str, model_id: str | None, version: Any,
             tracker.client.delete_model_version(name, version.version)
         if model_id is not None:
             tracker.client.finalize_logged_model(model_id, "FAILED")
-        tracker.set_tags({"lmforge.error": f"{type(error).__name__}: {error}"[:5000]})
-        tracker.finish("FAILED")
     except Exception as cleanup:  # noqa: BLE001 - reported on the original exception below
         error.add_note(f"cleaning up MLflow run {tracker.run_id} after the failure also failed: {cleanup!r}")
+    mark_failed(tracker.client, tracker.run_id, "register", error)
 
 
 def register_trained(config: PipelineConfig, ws: Workspace, trained: dict[str, Any],
@@ -150,7 +164,7 @@ def register_trained(config: PipelineConfig, ws: Workspace, trained: dict[str, A
         config.registry, config.platform, ws,
         model_dir=Path(trained["model_dir"]), params=params, metrics=metrics,
         history=trained.get("history", []), dataset_inputs=dataset_inputs(ws), tags=tags,
-        reports=data_reports(ws),
+        reports=data_reports(ws), run_id=tracked_run(trained, config.platform, ws),
     )
     publish_evaluation(ws, config.platform, config.registry.model_name, version.run_id, evaluated)
     result = version.as_dict() | {"train_run_id": str(trained.get("run_id", ""))}

@@ -3,7 +3,9 @@
 Run it with ``lmforge train CONFIG [--json]`` (or ``python -m lmforge.train CONFIG``). It checks
 its inputs before any worker starts, hands one job to :func:`lmforge.train.launch.fit` (in this
 process or as Ray Train workers), and writes ``runs/<run_id>/train_result.json`` and the ``train``
-state hand-off that evaluate and register read.
+state hand-off that evaluate and register read. Given an MLflow experiment (``lmforge train`` and the
+pipeline pass ``registry.experiment``), the run is tracked live from its start
+(:mod:`lmforge.tracking.live`); its id goes into the hand-off, and register reuses that run.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.config.model import ModelConfig
+from lmforge.config.platform import PlatformConfig
 from lmforge.config.tokenize import TokenizeConfig
 from lmforge.config.training import TrainingConfig
 from lmforge.core.workspace import Workspace, atomic_write_json
+from lmforge.tracking.live import LiveRun, mark_failed
+from lmforge.tracking.mlflow_tracker import mlflow_client, mlflow_uris
 from lmforge.train.launch import check_inputs, fit
 from lmforge.train.methods.catalog import method_info
 
@@ -36,6 +41,8 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     duration_s: float = 0.0
+    mlflow_run_id: str | None = None  # the MLflow run that tracked training live (None: untracked)
+    mlflow_tracking_uri: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -46,33 +53,66 @@ class TrainResult:
 
 def train(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, run_name: str | None = None,
           progress: Callable[[dict], None] | None = None, ray_address: str | None = None,
-          resume: str | None = None, finetune_heldout_fraction: float = DEFAULT_HELDOUT_FRACTION) -> TrainResult:
+          resume: str | None = None, finetune_heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
+          experiment: str | None = None, platform: PlatformConfig | None = None) -> TrainResult:
     """Train a model from ``ws``'s tokenizer and data; return where it is and how it went.
 
-    ``progress`` receives each history row (live in-line; replayed after the run under Ray).
+    ``progress`` receives each history row as it is made (in-line and under Ray).
     Env ``RAY_ADDRESS`` (else ``ray_address``, i.e. ``platform.ray_address``) names an existing
     cluster; otherwise a local Ray is started when ``training.placement.use_ray`` is set. ``resume`` names
     an earlier run whose latest checkpoint this run continues exactly (same model and method).
     ``finetune_heldout_fraction`` is the pipeline's ``tokenize.finetune_heldout_fraction``: when
     no tokenized datasets fit, fine-tuning holds out those SFT records itself, as tokenize would.
+    ``experiment`` (``registry.experiment``) opens an MLflow run in it (at ``platform``'s tracking URI)
+    before any check: params at once, metrics and system metrics while training runs, FAILED with
+    the error if anything here raises; None trains without MLflow.
     """
     started = time.perf_counter()
-    check_inputs(training, model_cfg, ws)
     run_id = resume or _new_run_id(run_name)
-    job = {"training": training.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json"),
-           "home": str(ws.home), "run_id": run_id, "resume": bool(resume),
-           "finetune_heldout_fraction": finetune_heldout_fraction}
-    outcome = fit(job, training, ws, ray_address, progress)
+    live = LiveRun.open(ws, platform, experiment, run_id, resume=bool(resume)) if experiment else None
+    try:
+        check_inputs(training, model_cfg, ws)
+        job = {"training": training.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json"),
+               "home": str(ws.home), "run_id": run_id, "resume": bool(resume),
+               "finetune_heldout_fraction": finetune_heldout_fraction}
+        config_params = _flatten({"training": job["training"], "model": job["model"]})
+        if live is not None:
+            live.log_params(config_params)
+        outcome = fit(job, training, ws, ray_address, progress, report=live.report if live else None)
+        if live is not None:
+            final_step = max((int(row["step"]) for row in outcome["history"]), default=0)
+            live.finish(outcome["params"], outcome["metrics"], final_step)
+    except BaseException as exc:
+        if live is not None:
+            live.fail(exc)
+        raise
     run_dir = ws.runs_dir / run_id
     adapted = training.finetunes and method_info(training.method).adapts
-    params = {**_flatten({"training": job["training"], "model": job["model"]}), **outcome["params"]}
     result = TrainResult(run_id=run_id, model_dir=run_dir / "model",
                          adapter_dir=run_dir / "adapter" if adapted else None,
-                         history=outcome["history"], metrics=outcome["metrics"], params=params,
-                         duration_s=round(time.perf_counter() - started, 3))
+                         history=outcome["history"], metrics=outcome["metrics"],
+                         params={**config_params, **outcome["params"]},
+                         duration_s=round(time.perf_counter() - started, 3),
+                         mlflow_run_id=live.run_id if live else None,
+                         mlflow_tracking_uri=live.tracking_uri if live else None)
     atomic_write_json(run_dir / "train_result.json", result.as_dict())
     ws.write_state("train", result.as_dict())
     return result
+
+
+def tracked_run(trained: dict[str, Any], platform: PlatformConfig | None, ws: Workspace) -> str | None:
+    """The MLflow run that tracked a training (its ``train`` hand-off), when it lives at the tracking
+    URI ``platform`` names now; None for an untracked run or one in another store."""
+    run_id, uri = trained.get("mlflow_run_id"), trained.get("mlflow_tracking_uri")
+    return run_id if run_id and uri == mlflow_uris(ws, platform)[0] else None
+
+
+def record_failure(trained: dict[str, Any], platform: PlatformConfig | None, ws: Workspace, stage: str,
+                   error: BaseException) -> None:
+    """End a training's MLflow run FAILED when a later stage (evaluate) fails on its model."""
+    run_id = tracked_run(trained, platform, ws)
+    if run_id is not None:
+        mark_failed(mlflow_client(ws, platform), run_id, stage, error)
 
 
 def _new_run_id(run_name: str | None) -> str:

@@ -32,26 +32,39 @@ from lmforge.core.runtime import cpu_count
 from lmforge.core.workspace import Workspace, atomic_dir
 from lmforge.tokenizer.build import check_chat_template, load_tokenizer
 from lmforge.train import checkpoint as ckpt
+from lmforge.train.loop import is_history_row
 from lmforge.train.methods.catalog import check_method
+from lmforge.train.relay import RecordRelay
 from lmforge.train.worker import run_phases
 
 
 def fit(job: dict, training: TrainingConfig, ws: Workspace, ray_address: str | None = None,
-        progress: Callable[[dict], None] | None = None) -> dict:
+        progress: Callable[[dict], None] | None = None, report: Callable[[dict], None] | None = None) -> dict:
     """Run ``job`` (see :func:`lmforge.stages.train.train`) on Ray Train workers or in this process.
 
     Env ``RAY_ADDRESS`` (else ``ray_address``, i.e. ``platform.ray_address``) names an existing
-    cluster; otherwise a local Ray is started when ``training.placement.use_ray`` is set. ``progress`` receives
-    each history row (live in-line; replayed after the run under Ray). Returns rank 0's outcome.
+    cluster; otherwise a local Ray is started when ``training.placement.use_ray`` is set. ``progress``
+    receives each history row, ``report`` every record (history rows and validation losses, see
+    :func:`lmforge.train.loop.train_phase`; the train stage's MLflow sink); both in this process, as
+    rank 0 makes them (under Ray through :mod:`lmforge.train.relay`). Returns rank 0's outcome.
     """
     if not training.placement.use_ray:
-        return run_worker(job, on_log=progress or progress_printer(training))
+        return run_worker(job, on_log=fan_out(progress or progress_printer(training), report))
     # Rank 0 prints its own progress lines; Ray forwards them to this process.
-    outcome = _fit_with_ray(job, training, ws, ray_address)
-    if progress is not None:
-        for record in outcome["history"]:
+    return _fit_with_ray(job, training, ws, ray_address,
+                         fan_out(progress, report) if progress or report else None)
+
+
+def fan_out(progress: Callable[[dict], None] | None, report: Callable[[dict], None] | None) -> Callable[[dict], None]:
+    """One ``on_log`` for the loop: every record to ``report``, history rows only to ``progress``."""
+
+    def deliver(record: dict) -> None:
+        if report is not None:
+            report(record)
+        if progress is not None and is_history_row(record):
             progress(record)
-    return outcome
+
+    return deliver
 
 
 def run_worker(job: dict, on_log: Callable[[dict], None] | None = None) -> dict:
@@ -90,7 +103,8 @@ def run_worker(job: dict, on_log: Callable[[dict], None] | None = None) -> dict:
     return outcome
 
 
-def _fit_with_ray(job: dict, training: TrainingConfig, ws: Workspace, address: str | None) -> dict:
+def _fit_with_ray(job: dict, training: TrainingConfig, ws: Workspace, address: str | None,
+                  deliver: Callable[[dict], None] | None) -> dict:
     import ray
     from ray.train import RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
@@ -105,6 +119,9 @@ def _fit_with_ray(job: dict, training: TrainingConfig, ws: Workspace, address: s
             ray.init(num_cpus=max(4, need, os.cpu_count() or 1), include_dashboard=False,
                      _temp_dir=_ray_temp_dir(ws),
                      runtime_env={"worker_process_setup_hook": "lmforge.train.launch.quiet_ray_worker"})
+    relay = RecordRelay(deliver) if deliver is not None else None
+    if relay is not None:
+        job = {**job, "report_to": relay.sink}
     # ray.train.torch.TorchTrainer is Ray Train v2's at runtime (RAY_TRAIN_V2_ENABLED, on by default): the
     # worker's return value comes back as Result.return_value. The names' static types are v1's.
     trainer = TorchTrainer(
@@ -115,18 +132,30 @@ def _fit_with_ray(job: dict, training: TrainingConfig, ws: Workspace, address: s
         run_config=RunConfig(storage_path=str(ws.ray_dir / "train"), name=job["run_id"]),
     )
     try:
-        return trainer.fit().return_value  # type: ignore[attr-defined]  # v2's Result (see above)
-    except TrainingFailedError as exc:
-        # Show the user our own error (cause + fix), not Ray's wrapper around a worker traceback.
-        for failure in getattr(exc, "worker_failures", {}).values():
-            carried = getattr(failure, "_base_exc", failure)
-            if isinstance(carried, _CarriedError):
-                name, cause, fix = carried.args
-                kind = getattr(errors, name, None)
-                if not (isinstance(kind, type) and issubclass(kind, LmforgeError)):
-                    kind = LmforgeError
-                raise kind(cause, fix) from None
+        outcome = trainer.fit().return_value  # type: ignore[attr-defined]  # v2's Result (see above)
+    except BaseException as exc:
+        if relay is not None:
+            relay.close(raise_error=False)  # the records of a failed run still arrive; its error is the one raised
+        if isinstance(exc, TrainingFailedError):
+            _raise_carried(exc)
         raise
+    if relay is not None:
+        relay.close()
+    return outcome
+
+
+def _raise_carried(exc: Exception) -> None:
+    """Show the user our own error (cause + fix), not Ray's wrapper around a worker traceback.
+
+    Returns when no worker failed with one of ours (the caller re-raises Ray's error)."""
+    for failure in getattr(exc, "worker_failures", {}).values():
+        carried = getattr(failure, "_base_exc", failure)
+        if isinstance(carried, _CarriedError):
+            name, cause, fix = carried.args
+            kind = getattr(errors, name, None)
+            if not (isinstance(kind, type) and issubclass(kind, LmforgeError)):
+                kind = LmforgeError
+            raise kind(cause, fix) from None
 
 
 class _CarriedError(Exception):
@@ -148,10 +177,14 @@ def progress_printer(training: TrainingConfig) -> Callable[[dict], None]:
 
 
 def _ray_worker(job: dict) -> dict:
+    sink = job.get("report_to")  # a QueueSink when the driver wants rank 0's records live
     try:
-        return run_worker(job, on_log=progress_printer(TrainingConfig.model_validate(job["training"])))
+        return run_worker(job, on_log=fan_out(progress_printer(TrainingConfig.model_validate(job["training"])), sink))
     except LmforgeError as exc:
         raise _CarriedError(type(exc).__name__, exc.cause, exc.fix) from exc
+    finally:
+        if sink is not None:
+            sink.flush()  # before the driver hears that this worker is done
 
 
 def quiet_ray_worker() -> None:

@@ -45,6 +45,9 @@ def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: Traini
     History rows are ``{step, phase, loss, lr, tokens_per_s}`` every ``training.logging.every`` steps
     (and at the first and last step), ``step`` counted from ``step_offset``. ``batches`` must
     already be past the steps a ``resume`` checkpoint has done; ``save`` writes checkpoints.
+    ``on_log`` receives each history row as it is made and, at each validation (before the first
+    step, every ``training.validation.every`` steps, after the last), ``{step, phase,
+    <phase>_val_loss}``: :func:`is_history_row` tells them apart.
     """
     torch.manual_seed(training.seed)
     # One Ray worker still gets a process group; DDP over a single rank would only add its hooks
@@ -64,6 +67,7 @@ def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: Traini
         run.restore(resume, model, optimizer, schedule)
     else:
         run.metrics[f"{name}_val_loss_start"] = evaluate_loss(objective, val_batches, device)
+        run.report_validation(run.metrics[f"{name}_val_loss_start"])
     # Peak rates as plain floats, fresh or resumed: the same arithmetic either way, so a resumed
     # run's rates (and weights) match an uninterrupted one's to the bit, tensor rates included.
     rebase_schedule(optimizer, schedule, phase)
@@ -103,6 +107,7 @@ def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: Traini
     if run.history:
         run.metrics[f"{name}_loss"] = run.history[-1]["loss"]
     run.metrics[f"{name}_val_loss"] = evaluate_loss(objective, val_batches, device)
+    run.report_validation(run.metrics[f"{name}_val_loss"])
     return run.history, {k: v for k, v in run.metrics.items() if v is not None}
 
 
@@ -191,6 +196,11 @@ class _PhaseRun:
             if self.on_log is not None:
                 self.on_log(record)
 
+    def report_validation(self, val_loss: float | None) -> None:
+        """A validation loss to ``on_log`` (live tracking), at the step the weights have reached."""
+        if val_loss is not None and self.on_log is not None:
+            self.on_log({"step": self.offset + self.step, "phase": self.name, f"{self.name}_val_loss": val_loss})
+
     def _diverged(self, step: int, loss: float, norm: float) -> None:
         name, phase, training = self.name, self.phase, self.training
         kept = (f"the last good checkpoint is {self.last_checkpoint} (resume from it with --resume)"
@@ -205,6 +215,7 @@ class _PhaseRun:
         """Record a validation loss; True when early stopping ends the phase (best weights restored)."""
         if val_loss is None:
             return False
+        self.report_validation(val_loss)
         patience = self.training.validation.early_stopping_patience
         if val_loss < self.best_val:
             self.best_val, self.bad_evals = val_loss, 0
@@ -244,6 +255,11 @@ class _PhaseRun:
         self.history, self.metrics = list(state["history"]), dict(state["metrics"])
         self.best_val, self.bad_evals, self.best_state = state["best_val"], state["bad_evals"], saved.tensors.get("best")
         self.last_checkpoint = saved.path
+
+
+def is_history_row(record: dict) -> bool:
+    """True for a training history row, false for a validation record (see :func:`train_phase`)."""
+    return "loss" in record
 
 
 def rebase_schedule(optimizer: torch.optim.Optimizer, schedule, phase: PhaseConfig) -> None:
