@@ -146,7 +146,9 @@ def test_resume_continues_a_killed_run(made, tmp_path):
                                start_new_session=True)
     checkpoints = home / "checkpoints"
     deadline = time.monotonic() + 300
-    while not list(checkpoints.glob("killed-*/*/*.json")) and started.poll() is None and time.monotonic() < deadline:
+    # latest.json is written last (train/checkpoint.py): a checkpoint still in its temporary
+    # directory, or renamed but not yet pointed at, is not one to resume from.
+    while not list(checkpoints.glob("killed-*/latest.json")) and started.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     os.killpg(started.pid, signal.SIGKILL)
     started.wait(timeout=30)
