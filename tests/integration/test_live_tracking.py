@@ -23,8 +23,8 @@ from lmforge.config.training import LoggingConfig, PhaseConfig, PlacementConfig,
 from lmforge.core.errors import DataError, TrainingDiverged
 from lmforge.core.workspace import Workspace
 from lmforge.stages.register import register_trained
-from lmforge.stages.train import train
-from lmforge.tracking.live import TRAIN_RUN_TAG
+from lmforge.stages.train import record_failure, train
+from lmforge.tracking.live import TRAIN_RUN_TAG, LiveRun
 from lmforge.tracking.mlflow_tracker import mlflow_client
 
 MODEL = ModelConfig(vocab_size=384, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -163,6 +163,19 @@ def test_a_failing_train_stage_leaves_a_failed_run_with_the_error(ws, tmp_path):
     assert "loss" in run.data.metrics  # the steps before the divergence were streamed
     assert run.data.params["training.pretrain.learning_rate"] == "1000000.0"
 
+    # A stage after training (evaluate) fails on the model: the flow ends the training's run FAILED;
+    # a run recorded in another tracking store is left alone.
+    client = mlflow_client(ws, PLATFORM)
+    trained = {"mlflow_run_id": client.create_run(run.info.experiment_id).info.run_id,
+               "mlflow_tracking_uri": ws.mlflow_tracking_uri}
+    elsewhere = {**trained, "mlflow_tracking_uri": "http://127.0.0.1:1"}
+    record_failure(elsewhere, PLATFORM, ws, "evaluate", DataError("no held-out text", "collect more"))
+    assert client.get_run(trained["mlflow_run_id"]).info.status == "RUNNING"
+    record_failure(trained, PLATFORM, ws, "evaluate", DataError("no held-out text", "collect more"))
+    marked = client.get_run(trained["mlflow_run_id"])
+    assert marked.info.status == "FAILED" and marked.data.tags["lmforge.failed_stage"] == "evaluate"
+    assert marked.data.tags["lmforge.error_fix"] == "collect more"
+
 
 @pytest.mark.slow  # a Ray start; tests/integration/test_train.py's Ray run checks the relay's rows by default
 def test_ray_workers_report_through_rank_0_only(ws):
@@ -183,3 +196,25 @@ def test_ray_workers_report_through_rank_0_only(ws):
     losses = sorted(client.get_metric_history(result.mlflow_run_id, "loss"), key=lambda m: m.step)
     assert [m.step for m in losses] == [r["step"] for r in result.history]  # one value per step: rank 0 only
     assert client.get_run(result.mlflow_run_id).info.status == "FINISHED"
+
+
+def test_a_resumed_training_reopens_its_run(ws):
+    """``--resume RUN_ID`` continues the MLflow run of the attempt it resumes; a changed param becomes a tag."""
+    quiet = PLATFORM.model_copy(update={"mlflow_system_metrics_interval_s": 0})
+    first = LiveRun.open(ws, quiet, "resumed", "resume-me")
+    first.log_params({"training": {"pretrain": {"learning_rate": 0.01}}})
+    first.report({"step": 3, "phase": "pretrain", "loss": 4.0})
+    first.fail(TrainingDiverged("pretrain step 4: loss nan", "lower training.pretrain.learning_rate"))
+
+    again = LiveRun.open(ws, quiet, "resumed", "resume-me", resume=True)
+    assert again.run_id == first.run_id
+    client = mlflow_client(ws, PLATFORM)
+    assert client.get_run(again.run_id).info.status == "RUNNING"
+    again.log_params({"training": {"pretrain": {"learning_rate": 0.005}}})  # resumed at a lower rate
+    again.report({"step": 4, "phase": "pretrain", "loss": 3.5})
+    again.finish({"params_total": 123}, {"pretrain_loss": 3.5}, step=4)
+    run = client.get_run(again.run_id)
+    assert run.info.status == "FINISHED" and len(_runs(ws, "resumed")) == 1
+    assert run.data.params["training.pretrain.learning_rate"] == "0.01"
+    assert run.data.tags["lmforge.param_changed.training.pretrain.learning_rate"] == "0.005"
+    assert sorted(m.step for m in client.get_metric_history(again.run_id, "loss")) == [3, 4]
