@@ -158,6 +158,41 @@ class ClassicConfig(Section):
                                          "English + Chinese list.")
 
 
+RecordStep = Literal["pii", "length", "decontaminate", "exact_dedup", "near_dedup"]
+RECORD_STEPS: tuple[RecordStep, ...] = ("pii", "length", "decontaminate", "exact_dedup", "near_dedup")
+
+
+class RecordCurationConfig(Section):
+    """Curation of an instruction/chat or preference set (``sft/`` or ``preferences/``, both splits).
+
+    ``pii`` and ``length`` run per record in list order; then exact and near dedup over the
+    rendered conversation (test records first, so a train record repeating a test record is the one
+    dropped); ``decontaminate`` runs last on train records only, once the held-out documents are
+    known. PII, decontamination and MinHash settings are the document steps' (``curation.pii``,
+    ``curation.decontaminate``, ``curation.near_dedup``); a contaminated record is always dropped
+    whole (cutting words out of a turn would leave a conversation that no longer makes sense).
+    """
+
+    steps: list[RecordStep] = Field(default_factory=lambda: list(RECORD_STEPS), description=(
+        "Record curation steps: " + ", ".join(RECORD_STEPS) + "; empty copies the set as collected."))
+    min_chars: int = Field(1, ge=0, description="Drop records whose turns hold fewer characters in all.")
+    max_chars: int = Field(50_000, gt=0, description="Drop records whose turns hold more characters in all.")
+    max_turns: int = Field(256, ge=1, description="Drop records with more turns (system and tool turns count).")
+
+    @model_validator(mode="after")
+    def _valid(self) -> RecordCurationConfig:
+        check_range(self.min_chars, self.max_chars, "min_chars", "max_chars")
+        if len(set(self.steps)) != len(self.steps):
+            raise ValueError(f"a record curation step is listed twice: {self.steps}")
+        return self
+
+
+def _preference_steps() -> RecordCurationConfig:
+    # Pairs that share a prompt and a chosen answer but differ in the rejected one are distinct
+    # training signal (several rejected answers per prompt), so near-dedup is off by default.
+    return RecordCurationConfig(steps=["pii", "length", "decontaminate", "exact_dedup"])
+
+
 class CurationConfig(Section):
     """The curate stage's section: the steps in order, document bounds, and each step's settings."""
 
@@ -176,6 +211,10 @@ class CurationConfig(Section):
     decontaminate: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
     near_dedup: NearDedupConfig = Field(default_factory=NearDedupConfig)
     classic: ClassicConfig = Field(default_factory=ClassicConfig)
+    instructions: RecordCurationConfig = Field(
+        default_factory=RecordCurationConfig, description="Curation of the SFT set (data.instructions), both splits.")
+    preferences: RecordCurationConfig = Field(
+        default_factory=_preference_steps, description="Curation of the preference set (data.preferences).")
     samples_per_reason: int = Field(3, ge=0, description="Removed documents kept in report.json per reason.")
     ray_min_documents: int = Field(
         200_000, ge=0, description="Run the per-shard work as Ray tasks from this many raw documents on "

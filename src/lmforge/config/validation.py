@@ -30,6 +30,23 @@ class TokenizedChecks(Section):
     min_supervised_tokens: int = Field(1, ge=1, description="Every SFT row trains on at least this many tokens.")
 
 
+class RecordChecks(Section):
+    """Thresholds of the instruction/chat and preference suites (run with the corpus suite when a set exists)."""
+
+    min_records: int = Field(1, ge=1, description="Fail when a set (train and test together) has fewer records.")
+    min_chars: int = Field(1, ge=0, description="Every record's turns hold at least this many characters in all.")
+    max_chars: int = Field(100_000, gt=0, description="... and at most this many.")
+    max_turns: int = Field(512, ge=1, description="Most turns a record may have.")
+    max_duplicate_fraction: float = Field(0.0, ge=0, le=1, description="Allowed share of records whose rendered "
+                                          "conversation repeats another record's (across train and test).")
+    max_pii_records: int = Field(0, ge=0, description="Records that may still hold PII after scrubbing.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> RecordChecks:
+        check_range(self.min_chars, self.max_chars, "min_chars", "max_chars")
+        return self
+
+
 class ValidationConfig(Section):
     """The validate stage's section: the Great Expectations gate on the curated corpus (and the
     tokenized datasets' checks, run by the tokenize stage)."""
@@ -52,6 +69,8 @@ class ValidationConfig(Section):
     expectations: list[UserExpectation] = Field(default_factory=list, description="Extra GX expectations.")
     data_docs: bool = Field(True, description="Build Great Expectations Data Docs in the workspace.")
     tokenized: TokenizedChecks = Field(default_factory=TokenizedChecks)
+    records: RecordChecks = Field(default_factory=RecordChecks, description="Checks of the SFT and preference "
+                                  "sets: role order, empty turns, assistant turns, length, duplicates, chosen != rejected.")
 
     @model_validator(mode="after")
     def _bounds(self) -> ValidationConfig:

@@ -71,6 +71,16 @@ class Workspace:
         return self.data_dir / "preferences"
 
     @property
+    def curated_sft_dir(self) -> Path:
+        """The curated SFT set: train.jsonl, test.jsonl and report.json (which names the collected files it came from)."""
+        return self.data_dir / "curated-sft"
+
+    @property
+    def curated_preferences_dir(self) -> Path:
+        """The curated preference set, laid out like curated_sft_dir."""
+        return self.data_dir / "curated-preferences"
+
+    @property
     def validation_dir(self) -> Path:
         return self.data_dir / "validation"
 

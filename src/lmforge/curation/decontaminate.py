@@ -1,8 +1,10 @@
 """Decontamination: training text must not contain the evaluation sets.
 
-Every evaluation record (the SFT test set) is cut into word n-grams (``ngram`` words, as GPT-3 and
-Llama did; shorter records of at least ``min_words`` words are matched whole). A document holding
-one of them is removed (``mode: document``) or has the overlapping words cut out (``mode: span``).
+Every evaluation record (the SFT test set, chats or pairs, and the preference test set) is cut into
+word n-grams (``ngram`` words, as GPT-3 and Llama did; shorter records of at least ``min_words``
+words are matched whole). A document holding one of them is removed (``mode: document``) or has the
+overlapping words cut out (``mode: span``); a training record holding one is removed whole
+(:func:`record_contaminated`; the record curation also indexes the held-out documents).
 The held-out perplexity split needs no index of its own: near-dedup runs over the whole corpus
 before the split, so no held-out document has a near twin in training.
 """
@@ -17,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.config.curation import DecontaminationConfig
-from lmforge.curation.text import TOKEN, ngram_hashes, word_hashes
+from lmforge.curation.records import eval_texts_of, match_texts
+from lmforge.curation.text import TOKEN, ngram_hashes, tokens, word_hashes
 
 _TRAILING = re.compile(r"[^\w\s]*")  # punctuation right after a cut span goes with it
 
@@ -52,15 +55,20 @@ class EvalIndex:
 
 
 def eval_texts(sft_test: Path, fields: list[str]) -> list[str]:
-    """The configured fields of every record of the SFT test set (none when it does not exist)."""
+    """The evaluation texts of every record of a test set (none when it does not exist): the
+    configured fields of a legacy pair, the non-system turns of a chat or preference record."""
     if not sft_test.exists():
         return []
     texts: list[str] = []
     for line in sft_test.read_text(encoding="utf-8").splitlines():
         if line.strip():
-            record = json.loads(line)
-            texts.extend(str(record[f]) for f in fields if isinstance(record.get(f), str))
+            texts.extend(eval_texts_of(json.loads(line), fields))
     return texts
+
+
+def record_contaminated(record: dict, index: EvalIndex) -> bool:
+    """Whether any turn of a training record holds an n-gram of the evaluation texts in ``index``."""
+    return bool(index) and any(index.covered(word_hashes(tokens(text))).any() for text in match_texts(record))
 
 
 class Decontaminate:

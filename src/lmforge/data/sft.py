@@ -6,18 +6,55 @@ form of :mod:`lmforge.data.chat_formats` (``{"id", "messages": [...], "tools"?}`
 assistant turn), which every user source is normalized to. ``sft/train.jsonl`` feeds fine-tuning, less the validation records
 :func:`split_finetune` holds out; ``sft/test.jsonl`` is never trained on. The tokenize stage, training
 on the fly and evaluation all read through :func:`read_sft`, so they accept and reject the same lines.
+They find the file through :func:`sft_file`: the curate stage's set (``ws.curated_sft_dir``) when it was
+curated from the collected file now in ``ws.sft_dir``, else the collected file itself.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from lmforge.core.errors import DataError
+from lmforge.core.workspace import Workspace
 from lmforge.data.splits import split_by_key
 
 # Makes the validation cut independent of collect's unsalted train/test cut (see split_finetune).
 FINETUNE_VALIDATION_SALT = "finetune-validation"
+
+
+CURATED_INPUTS = "inputs"  # key of a curated set's report.json: collected file name -> its SHA-256
+
+
+def sft_file(ws: Workspace, split: str) -> Path:
+    """The SFT file of ``split`` (``train`` or ``test``) that later stages read."""
+    return record_file(ws.sft_dir, ws.curated_sft_dir, split)
+
+
+def preference_file(ws: Workspace, split: str) -> Path:
+    """The preference file of ``split`` that later stages read."""
+    return record_file(ws.preferences_dir, ws.curated_preferences_dir, split)
+
+
+def record_file(collected: Path, curated: Path, split: str) -> Path:
+    """``curated/<split>.jsonl`` when curate made it from the file now at ``collected/<split>.jsonl``,
+    else the collected file: a collect run after curate makes the curated set stale, and a stale
+    set must not be trained on in place of the data just collected (rerun curate to curate it)."""
+    name = f"{split}.jsonl"
+    source, report = collected / name, curated / "report.json"
+    fresh = (source.exists() and (curated / name).exists() and report.exists()
+             and json.loads(report.read_text(encoding="utf-8")).get(CURATED_INPUTS, {}).get(name) == stream_sha256(source))
+    return curated / name if fresh else source
+
+
+def stream_sha256(path: Path) -> str:
+    """The hex SHA-256 of a file read in blocks (an SFT set may be large; this module imports no torch)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_sft(path: Path, limit: int | None = None, chat: bool = True) -> list[dict]:

@@ -8,8 +8,16 @@ lives in :mod:`lmforge.curation` and is reported one by one. The passes over the
 curated text) and the raw id is kept in ``meta.raw_id`` for lineage. The held-out split is by hash
 of the id, so the same input always gives the same split and the same ``dataset_digest``.
 
+The instruction/chat and preference sets collect wrote (``ws.sft_dir``, ``ws.preferences_dir``) are
+curated here too (:mod:`lmforge.curation.record_sets`, steps in ``curation.instructions`` and
+``curation.preferences``): PII, length, dedup of the rendered conversations, and decontamination of
+their train records against the test splits and the held-out documents. Documents are
+decontaminated against the curated test splits (chats, pairs and preference records alike).
+
 Outputs: ws.curated_dir/train.parquet, validation.parquet (document columns) and report.json
-(counts by reason, per-step rows, PII replaced, a sample of removed documents per reason).
+(counts by reason, per-step rows, PII replaced, a sample of removed documents per reason);
+ws.curated_sft_dir and ws.curated_preferences_dir (train.jsonl, test.jsonl, report.json), which
+later stages read through :func:`lmforge.data.sft.sft_file`.
 """
 
 from __future__ import annotations
@@ -42,7 +50,10 @@ from lmforge.curation.pipeline import (
     stack_signatures,
     write_splits,
 )
+from lmforge.curation.record_sets import RecordSet, clean_set, decontaminate_set, load_sets, write_set
+from lmforge.curation.records import eval_texts_of
 from lmforge.curation.report import Tally
+from lmforge.data.documents import read_texts
 from lmforge.data.splits import heldout_ids
 
 
@@ -58,6 +69,7 @@ class CurateResult:
     changed: dict[str, int] = field(default_factory=dict)
     steps: tuple[dict, ...] = ()
     previous_versions: tuple[str, ...] = ()
+    record_sets: dict[str, dict] = field(default_factory=dict)  # "instructions"/"preferences" -> record_sets summary
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -93,7 +105,10 @@ def curate(cfg: CurationConfig, ws: Workspace) -> CurateResult:
 
 def _curate(cfg: CurationConfig, ws: Workspace, units: list[Unit], work: Path, use_ray: bool) -> CurateResult:
     tally = Tally(cfg.samples_per_reason)
-    ctx = Context(eval_index=EvalIndex(eval_texts(ws.sft_dir / "test.jsonl", cfg.decontaminate.fields),
+    sets = load_sets(ws, cfg)
+    for record_set in sets:
+        clean_set(record_set, cfg)  # first: documents are decontaminated against the curated test splits
+    ctx = Context(eval_index=EvalIndex(_test_texts(ws, sets, cfg, ("instructions", "preferences")),
                                        cfg.decontaminate) if "decontaminate" in cfg.steps else None)
     cleaned = "boilerplate" in cfg.steps
     documents_in = 0
@@ -120,18 +135,51 @@ def _curate(cfg: CurationConfig, ws: Workspace, units: list[Unit], work: Path, u
     heldout = heldout_ids(ids, cfg.heldout_fraction)
     digest = digest_of_ids(ids, heldout)
     pii = {k.split(".", 1)[1]: n for k, n in sorted(tally.changed.items()) if k.startswith("pii.")}
-    result = CurateResult(documents_in, len(ids), removed, digest, len(ids) - len(heldout), len(heldout), pii,
-                          dict(sorted(tally.changed.items())), tuple(tally.steps(list(cfg.steps))), tuple(used))
-    report = {**result.as_dict(), "samples": tally.samples, "config": cfg.model_dump(mode="json"),
-              "raw_shards": [Path(u.path).name for u in units], "ray": use_ray}
     with atomic_dir(ws.curated_dir) as out:
         write_splits(units, work, out, heldout)
+        # The sets are written first: one that curation empties stops the stage before the documents commit.
+        record_sets = _finish_sets(ws, sets, cfg, out / "validation.parquet")
+        result = CurateResult(documents_in, len(ids), removed, digest, len(ids) - len(heldout), len(heldout), pii,
+                              dict(sorted(tally.changed.items())), tuple(tally.steps(list(cfg.steps))), tuple(used),
+                              record_sets)
+        report = {**result.as_dict(), "samples": tally.samples, "config": cfg.model_dump(mode="json"),
+                  "raw_shards": [Path(u.path).name for u in units], "ray": use_ray}
         atomic_write_json(out / "report.json", report)
     if signatures is not None:
         kept = np.flatnonzero(codes == KEEP)
         VersionStore(ws.curated_versions_dir).save(digest, keys[previous:][kept],
                                                    np.asarray(signatures[previous:][kept]), cfg.near_dedup)
     return result
+
+
+def _test_texts(ws: Workspace, sets: list[RecordSet], cfg: CurationConfig, names: tuple[str, ...]) -> list[str]:
+    """Evaluation texts of the named sets' test splits: curated records when the set was loaded, else
+    the collected test file (a test set without a train set is still an evaluation set)."""
+    loaded = {rs.name: rs for rs in sets}
+    fields = cfg.decontaminate.fields
+    texts: list[str] = []
+    for name in names:
+        if name in loaded:
+            texts += [t for record in loaded[name].records["test"] for t in eval_texts_of(record, fields)]
+        else:
+            texts += eval_texts((ws.sft_dir if name == "instructions" else ws.preferences_dir) / "test.jsonl", fields)
+    return texts
+
+
+def _finish_sets(ws: Workspace, sets: list[RecordSet], cfg: CurationConfig, heldout_path: Path) -> dict[str, dict]:
+    """Decontaminate each set's train records (against the test splits it is evaluated with and the
+    held-out documents), write it, and return its summary by set name."""
+    heldout = read_texts(heldout_path) if any("decontaminate" in rs.cfg.steps for rs in sets) else []
+    summaries = {}
+    for rs in sets:
+        if "decontaminate" in rs.cfg.steps:
+            # A preference-tuned model is evaluated on the SFT test set too, so preferences avoid both.
+            names = ("instructions",) if rs.name == "instructions" else ("preferences", "instructions")
+            decontaminate_set(rs, EvalIndex(_test_texts(ws, sets, cfg, names) + heldout, cfg.decontaminate))
+        summaries[rs.name] = write_set(rs, {"set": rs.cfg.model_dump(mode="json"), "pii": cfg.pii.model_dump(mode="json"),
+                                            "decontaminate": cfg.decontaminate.model_dump(mode="json"),
+                                            "near_dedup": cfg.near_dedup.model_dump(mode="json")})
+    return summaries
 
 
 def _dedup_inputs(cfg: CurationConfig, ws: Workspace, units: list[Unit], work: Path):

@@ -27,7 +27,7 @@ from lmforge.config.platform import PlatformConfig
 from lmforge.core.errors import DataError
 from lmforge.core.workspace import Workspace, atomic_write_json
 from lmforge.data.documents import iter_texts
-from lmforge.data.sft import read_sft
+from lmforge.data.sft import read_sft, sft_file
 from lmforge.evaluation import metrics as M
 from lmforge.evaluation.frozen import FrozenSet, load_frozen_set, tokenizer_fingerprint, write_frozen_set
 from lmforge.evaluation.frozen_store import TAG_DIGEST, TAG_TOKENIZER, freeze_into_cache, resolve_frozen_set
@@ -158,7 +158,7 @@ def _freeze_workspace_data(cfg: EvaluationConfig, ws: Workspace, tokenizer: PreT
                            model_name: str | None) -> FrozenSet:
     """A new set from the workspace's held-out documents (within the token budget) and SFT test records."""
     validation_path = ws.curated_dir / "validation.parquet"
-    test_path = ws.sft_dir / "test.jsonl"
+    test_path = sft_file(ws, "test")
     _require_inputs(validation_path, test_path)
     budget = cfg.max_batches * cfg.batch_size * cfg.block_size
     texts = select_heldout((t for batch in iter_texts(validation_path) for t in batch), tokenizer, budget)

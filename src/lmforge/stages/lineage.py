@@ -14,6 +14,7 @@ from lmforge.config import PipelineConfig, config_hash
 from lmforge.core.errors import DataError
 from lmforge.core.runtime import code_version
 from lmforge.core.workspace import Workspace
+from lmforge.data.sft import preference_file, sft_file
 
 
 def require_state(ws: Workspace, stage: str, command: str) -> dict[str, Any]:
@@ -47,7 +48,7 @@ def dataset_inputs(ws: Workspace) -> list[dict[str, Any]]:
         r = json.loads(report.read_text())
         inputs.append({"name": "curated-corpus", "digest": r.get("dataset_digest", ""),
                        "path": str(ws.curated_dir), "rows": r.get("documents_out", 0)})
-    for name, train in (("instructions", ws.sft_dir / "train.jsonl"), ("preferences", ws.preferences_dir / "train.jsonl")):
+    for name, train in (("instructions", sft_file(ws, "train")), ("preferences", preference_file(ws, "train"))):
         if train.exists():
             from hashlib import sha256
 

@@ -3,7 +3,9 @@
 Run it with ``lmforge validate CONFIG`` (or ``python -m lmforge.stages.validate [CONFIG]``) after curate.
 :func:`validate` checks the curated corpus (row count, no null text, text lengths, unique ids,
 duplicate share, no PII left, no overlap with evaluation sets, language share, allowed sources,
-and the user's own expectations from ``validation.expectations``); :func:`validate_tokenized`,
+and the user's own expectations from ``validation.expectations``) and, when collect wrote them, the
+instruction/chat and preference sets (``validation.records``: role order, empty turns, an assistant
+turn, length, turn count, duplicate share, PII left, chosen != rejected); :func:`validate_tokenized`,
 run by the tokenize stage, checks the tokenized datasets (sequence lengths, unknown tokens, label
 masking, disjoint splits). Each writes ``ws.validation_dir/<suite>.json`` (the corpus suite also
 ``result.json``), updates the Data Docs in ``ws.validation_dir/gx``, logs to a tracker when one is
@@ -16,7 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from lmforge.config.validation import ValidationConfig
 from lmforge.core.errors import ValidationFailed
@@ -33,6 +35,7 @@ class ValidationReport:
     timings: dict[str, float] = field(default_factory=dict)
     suite: str = "curated_documents"
     data_docs: str | None = None
+    record_sets: list[ValidationReport] = field(default_factory=list)  # the SFT and preference suites' reports
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -49,7 +52,7 @@ class ValidationReport:
                 lines.append(f"         e.g. {json.dumps(sample, ensure_ascii=False)}")
         if self.data_docs:
             lines.append(f"  Data Docs: {self.data_docs}")
-        return "\n".join(lines)
+        return "\n".join([*lines, *(r.render() for r in self.record_sets)])
 
 
 def validate(cfg: ValidationConfig, ws: Workspace, tracker: Tracker | None = None) -> ValidationReport:
@@ -58,12 +61,21 @@ def validate(cfg: ValidationConfig, ws: Workspace, tracker: Tracker | None = Non
         report = ValidationReport(success=True, skipped=True)
         atomic_write_json(ws.validation_dir / "result.json", report.as_dict())
         return report
-    from lmforge.validation import corpus
+    from lmforge.validation import corpus, records
 
     frame = corpus.load_frame(ws)
-    return _gate(cfg, ws, "curated_documents", frame, lambda: corpus.expectations(cfg, len(frame)), "id",
-                 tracker, fix="fix the sources or curation settings (or relax the validation section) and "
-                 "rerun collect/curate")
+    report = _run(cfg, ws, "curated_documents", frame, lambda: corpus.expectations(cfg, len(frame)), "id", tracker)
+    sets = []
+    for name, suite in records.SUITES.items():
+        rows = records.load_frame(ws, name)
+        if rows is not None:
+            sets.append(_run(cfg, ws, suite, rows, lambda rows=rows, name=name: records.expectations(
+                cfg.records, len(rows), name == "preferences"), "record", tracker))
+    report = replace(report, record_sets=sets)
+    atomic_write_json(ws.validation_dir / "result.json", report.as_dict())
+    _raise_failed(ws, report, [report, *sets], "fix the sources or curation settings (or relax the validation "
+                  "section) and rerun collect/curate")
+    return report
 
 
 def validate_tokenized(cfg: ValidationConfig, ws: Workspace, tracker: Tracker | None = None) -> ValidationReport:
@@ -80,6 +92,14 @@ def validate_tokenized(cfg: ValidationConfig, ws: Workspace, tracker: Tracker | 
 
 def _gate(cfg: ValidationConfig, ws: Workspace, suite: str, frame, build, index_column: str,
           tracker: Tracker | None, fix: str) -> ValidationReport:
+    report = _run(cfg, ws, suite, frame, build, index_column, tracker)
+    _raise_failed(ws, report, [report], fix)
+    return report
+
+
+def _run(cfg: ValidationConfig, ws: Workspace, suite: str, frame, build, index_column: str,
+         tracker: Tracker | None) -> ValidationReport:
+    """Run one suite; write ``<suite>.json`` and log it (the caller decides whether the gate fails)."""
     from lmforge.validation.gx_suite import data_docs_index, run_suite
 
     started = time.perf_counter()
@@ -93,17 +113,21 @@ def _gate(cfg: ValidationConfig, ws: Workspace, suite: str, frame, build, index_
         timings={"gx_import_s": round(imported - started, 3), "gx_run_s": round(finished - imported, 3)},
         suite=suite, data_docs=str(docs) if docs else None)
     atomic_write_json(ws.validation_dir / f"{suite}.json", report.as_dict())
-    if suite == "curated_documents":
-        atomic_write_json(ws.validation_dir / "result.json", report.as_dict())
     if tracker is not None:
         _log(tracker, report, ws)
-    if not report.success:
-        failed = [r for r in results if not r["success"]]
-        cause = f"{suite} validation failed: " + "; ".join(
-            f"{r['name']} ({r['expectation']}) observed {r['observed']}" for r in failed)
-        raise ValidationFailed(cause, f"inspect {ws.validation_dir / (suite + '.json')}, then {fix}",
-                               report=report.render(), details=report.as_dict())
     return report
+
+
+def _raise_failed(ws: Workspace, report: ValidationReport, suites: list[ValidationReport], fix: str) -> None:
+    """ValidationFailed naming every failed expectation of every failed suite; ``report`` is what the user reads."""
+    failed = [s for s in suites if not s.success]
+    if not failed:
+        return
+    cause = "; ".join(f"{s.suite} validation failed: " + "; ".join(
+        f"{r['name']} ({r['expectation']}) observed {r['observed']}" for r in s.results if not r["success"])
+        for s in failed)
+    files = ", ".join(str(ws.validation_dir / f"{s.suite}.json") for s in failed)
+    raise ValidationFailed(cause, f"inspect {files}, then {fix}", report=report.render(), details=report.as_dict())
 
 
 def _log(tracker: Tracker, report: ValidationReport, ws: Workspace) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from lmforge.config.model import ChatTemplateName, ModelConfig
 from lmforge.core.errors import ConfigError, DataError
 from lmforge.core.workspace import Workspace, atomic_dir
+from lmforge.data.sft import sft_file
 from lmforge.model.chat import conversation, template_label
 from lmforge.model.prompt import EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, TEMPLATES, chat_template
 
@@ -141,7 +142,7 @@ def _corpus_chunks(ws: Workspace) -> Iterator[list[str]]:
     import pyarrow.parquet as pq
 
     train_path = ws.curated_dir / "train.parquet"
-    sft_path = ws.sft_dir / "train.jsonl"
+    sft_path = sft_file(ws, "train")  # the curated set when there is one: no scrubbed PII in the vocabulary
     if not train_path.exists():
         raise DataError(f"no curated training text at {train_path}",
                         "run the collect and curate stages first (`lmforge curate`)")

@@ -22,7 +22,7 @@ from lmforge.config.training import PhaseConfig
 from lmforge.core.errors import DataError
 from lmforge.core.workspace import Workspace
 from lmforge.data.packing import IGNORE_INDEX, pack_documents
-from lmforge.data.sft import read_sft, split_finetune
+from lmforge.data.sft import read_sft, sft_file, split_finetune
 from lmforge.data.tokenized import latest_manifest, load_tokenized
 from lmforge.model.chat import conversation, encode_chat, end_of_turn
 
@@ -53,7 +53,7 @@ def phase_rows(name: str, tokenizer: PreTrainedTokenizerBase, ws: Workspace, pha
         val_texts = read_texts(val_path) if val_path.exists() else []
         val_rows = pack_documents(val_texts, tokenizer, phase.seq_len, allow_short=True) if val_texts else None
         return train_rows, val_rows, ON_THE_FLY
-    records, heldout = split_finetune(read_sft(ws.sft_dir / "train.jsonl"), finetune_heldout_fraction)
+    records, heldout = split_finetune(read_sft(sft_file(ws, "train")), finetune_heldout_fraction)
     val_rows = encode_sft(heldout, tokenizer, phase.seq_len) if heldout else None
     return encode_sft(records, tokenizer, phase.seq_len), val_rows, ON_THE_FLY
 

@@ -3,8 +3,8 @@ expectations.
 
 Derived columns turn checks GX cannot express into plain columns it can: ``has_pii`` (the PII
 detector of :mod:`lmforge.curation.pii` still finds something), ``eval_overlap`` (a training
-document equals or nearly duplicates a held-out document, or holds an n-gram of the SFT test
-set), ``language`` (written by curation's language step).
+document equals or nearly duplicates a held-out document, or holds an n-gram of the SFT or
+preference test set, chats included), ``language`` (written by curation's language step).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from lmforge.curation.dedup import NEAR_PREVIOUS, MinHasher, find_duplicates
 from lmforge.curation.pii import find_pii
 from lmforge.curation.text import text_key, tokens, word_hashes
 from lmforge.data.documents import read_documents
+from lmforge.data.sft import preference_file, sft_file
 from lmforge.validation.gx_suite import user_expectations
 
 
@@ -61,7 +62,8 @@ def _pii(text: str) -> list:
 def _eval_overlap(ws: Workspace, texts: list[str], splits: list[str]) -> list[int]:
     """1 for a training document that overlaps an evaluation set, else 0."""
     decon = DecontaminationConfig()
-    index = EvalIndex(eval_texts(ws.sft_dir / "test.jsonl", decon.fields), decon)
+    tests = [sft_file(ws, "test"), preference_file(ws, "test")]  # the test splits curate decontaminated against
+    index = EvalIndex([t for path in tests for t in eval_texts(path, decon.fields)], decon)
     near = NearDedupConfig(previous_versions=0)
     hasher = MinHasher(near)
     held = [i for i, s in enumerate(splits) if s != "train"]
