@@ -37,7 +37,7 @@ from lmforge.core.errors import ConfigError
 from lmforge.core.workspace import Workspace
 from lmforge.data.documents import iter_texts
 from lmforge.data.packing import Rows, pack_documents
-from lmforge.data.sft import read_sft, split_finetune
+from lmforge.data.sft import read_sft, sft_file, split_finetune
 from lmforge.data.tokenized import PHASES, file_sha256, save_tokenized
 from lmforge.train.data import encode_sft
 
@@ -64,7 +64,7 @@ def tokenize(cfg: TokenizeConfig, model: ModelConfig, training: TrainingConfig, 
         return TokenizeResult(str(ws.tokenizer_dir), len(tokenizer))
     seq_lens = {"pretrain": training.pretrain.seq_len, "finetune": training.finetune.seq_len}
     tables = {"pretrain": _pretrain_rows(ws, tokenizer, seq_lens["pretrain"], cfg)}
-    if (ws.sft_dir / "train.jsonl").exists():
+    if sft_file(ws, "train").exists():
         tables["finetune"] = _finetune_rows(ws, tokenizer, seq_lens["finetune"], cfg)
     digest = _digest(tables, ws.tokenizer_dir / "tokenizer.json", seq_lens, cfg)
     rows = {phase: {split: len(cols["input_ids"]) for split, cols in splits.items()}
@@ -111,8 +111,8 @@ def _pretrain_rows(ws: Workspace, tokenizer, seq_len: int, cfg: TokenizeConfig) 
 
 
 def _finetune_rows(ws: Workspace, tokenizer, seq_len: int, cfg: TokenizeConfig) -> dict[str, Rows]:
-    train, validation = split_finetune(read_sft(ws.sft_dir / "train.jsonl"), cfg.finetune_heldout_fraction)
-    test_path = ws.sft_dir / "test.jsonl"
+    train, validation = split_finetune(read_sft(sft_file(ws, "train")), cfg.finetune_heldout_fraction)
+    test_path = sft_file(ws, "test")
     test = read_sft(test_path) if test_path.exists() else []
     return {name: encode_sft(records, tokenizer, seq_len)
             for name, records in (("train", train), ("validation", validation), ("test", test))}
