@@ -14,22 +14,34 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from lmforge.config import PipelineConfig
+from lmforge.stages.base_model import ContinueFrom
 from tasks.data import collect_task, curate_task, validate_task
 from tasks.evaluation import evaluate_endpoint_task, evaluate_task
 from tasks.registry import deploy_task, promote_task, register_task
-from tasks.training import record_failure, tokenize_task, train_task
+from tasks.training import choose_base_task, record_failure, tokenize_task, train_task
 
 
 @flow(name="lmforge-pipeline", log_prints=True, description=__doc__)
 def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen, so one shared default is safe
-             deploy: bool = True) -> dict[str, Any]:
+             deploy: bool = True, continue_from: ContinueFrom = "auto") -> dict[str, Any]:
     """The whole lifecycle on one config. Each stage stops the flow on failure, so a failed run
-    registers no model version and moves no alias."""
+    registers no model version and moves no alias.
+
+    Args:
+        config: The pipeline config (every section).
+        deploy: Serve the champion after promotion.
+        continue_from: Where training starts. auto (default): a scheduled run continues from the
+            current champion (models:/NAME@ALIAS of the registry section) when one exists and
+            model.base_model is empty; any other run trains as the config says. champion: always
+            continue from the champion (its weights, tokenizer and chat template), replacing
+            model.base_model; fails when no version holds the alias. scratch: exactly the config.
+    """
     run_id = flow_run.get_id()
+    config = choose_base_task(config, continue_from, _scheduled())
     collected = collect_task(config.data)
     curated = curate_task(config.curation)
     validated = validate_task(config.validation)
-    tokenize_task(config.tokenize, config.model, config.training, config.validation)
+    tokenize_task(config.tokenize, config.model, config.training, config.validation, config.platform)
     trained = train_task(config.training, config.model, config.platform, config.tokenize.finetune_heldout_fraction,
                          config.registry.experiment)
     try:
@@ -59,3 +71,11 @@ def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen, 
         "deploy": deployed,
         "evaluate_endpoint": endpoint_scores,
     }
+
+
+def _scheduled() -> bool:
+    """True for a run the deployment's schedule created (Prefect's scheduler marks those auto_scheduled)."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    return bool(context and context.flow_run and context.flow_run.auto_scheduled)

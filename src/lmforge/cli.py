@@ -91,7 +91,7 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     from lmforge.stages.tokenize import tokenize
     from lmforge.stages.validate import validate_tokenized
 
-    result = tokenize(config.tokenize, config.model, config.training, ws).as_dict()
+    result = tokenize(config.tokenize, config.model, config.training, ws, platform=config.platform).as_dict()
     if result["digest"]:
         result["validation"] = validate_tokenized(config.validation, ws).success
     emit("tokenize", result, args.json)
@@ -99,11 +99,13 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
+    from lmforge.stages.base_model import resolve_base
     from lmforge.stages.train import train
     from lmforge.tokenizer.build import train_tokenizer
 
     if not (ws.tokenizer_dir / "tokenizer.json").exists():
-        train_tokenizer(config.model, ws)
+        # A models:/ base is resolved (downloaded) first: its own tokenizer is copied, none trained.
+        train_tokenizer(resolve_base(config.model, ws, config.platform).model, ws)
     result = train(config.training, config.model, ws, ray_address=config.platform.ray_address,
                    finetune_heldout_fraction=config.tokenize.finetune_heldout_fraction,
                    experiment=config.registry.experiment, platform=config.platform).as_dict()
@@ -183,9 +185,12 @@ def cmd_ui(args: argparse.Namespace) -> None:
 def cmd_model_info(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     from lmforge.model.info import describe, fit_warning, info_lines
+    from lmforge.stages.base_model import resolve_base
 
-    info = describe(config.model, config.training)
-    warning = fit_warning(config.model, config.training)
+    # A models:/NAME@ALIAS base is read from its downloaded directory (the engine never sees the URI).
+    model = resolve_base(config.model, Workspace.from_env(args.home), config.platform).model
+    info = describe(model, config.training)
+    warning = fit_warning(model, config.training)
     if args.json:
         print(json.dumps({**info.as_dict(), "warning": warning}, default=str))
         return

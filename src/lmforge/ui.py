@@ -2,10 +2,12 @@
 
 Starts a local Prefect server (SQLite in the workspace) and an MLflow server on loopback as child
 processes, then serves the pipeline flow as the deployment ``lmforge-pipeline/lmforge`` with the
-retraining cron from ``platform.schedule_cron``. From the Prefect UI a user starts a run with
-edited parameters (the pipeline config is the form); the run's MLflow experiment shows up in the
-MLflow UI. Ctrl-C stops all three. With ``PREFECT_API_URL`` already set, the existing Prefect
-server is used instead of starting one.
+retraining cron from ``platform.schedule_cron``. A scheduled run continues from the current champion
+(``models:/NAME@champion``) when one exists and the config names no ``model.base_model`` (the flow's
+``continue_from`` parameter, ``auto``; see :func:`lmforge.stages.base_model.choose_base`). From the
+Prefect UI a user starts a run with edited parameters (the pipeline config and ``continue_from`` are the
+form); the run's MLflow experiment shows up in the MLflow UI. Ctrl-C stops all three. With
+``PREFECT_API_URL`` already set, the existing Prefect server is used instead of starting one.
 """
 
 from __future__ import annotations
@@ -46,12 +48,13 @@ def run_ui(config: PipelineConfig, ws: Workspace, prefect_port: int = 4200, mlfl
         print(f"MLflow UI:  {mlflow_url}", flush=True)
         print(f"Deployment: lmforge-pipeline/{DEPLOYMENT_NAME} (cron '{config.platform.schedule_cron}')"
               f" from {config_path or 'the built-in defaults'}; Ctrl-C stops", flush=True)
+        print("Scheduled runs continue from the champion when one exists (continue_from: auto)", flush=True)
 
         # Imported only now so Prefect reads the API URL we just set.
         from flows.pipeline import pipeline
 
         pipeline.serve(name=DEPLOYMENT_NAME, cron=config.platform.schedule_cron,
-                       parameters={"config": config.model_dump(mode="json")},
+                       parameters={"config": config.model_dump(mode="json"), "continue_from": "auto"},
                        tags=["lmforge"], print_starting_message=False)
     finally:
         for child in children:

@@ -24,7 +24,9 @@ class ModelConfig(Section):
         "other model type transformers knows (mistral, qwen2, gpt_neox, ...), built with the dimensions below.",
     )
     base_model: str | None = Field(
-        None, description="A local model directory or hub name to start from instead of random weights."
+        None, description="Start from these weights instead of random ones: a local model directory, a hub name, "
+        "or a registered model, models:/NAME@champion (the current champion; any alias works) or models:/NAME/VERSION, "
+        "which also brings its tokenizer and chat template (the version used is recorded on the training run).",
     )
     vocab_size: int = Field(2048, ge=256, description="Size of the byte-level BPE tokenizer to train.")
     chat_template: ChatTemplateName = Field(

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.config.model import ModelConfig
+from lmforge.config.platform import PlatformConfig
 from lmforge.config.tokenize import TokenizeConfig
 from lmforge.config.training import TrainingConfig
 from lmforge.core.errors import ConfigError
@@ -39,6 +40,7 @@ from lmforge.data.documents import iter_texts
 from lmforge.data.packing import Rows, pack_documents
 from lmforge.data.sft import read_sft, sft_file, split_finetune
 from lmforge.data.tokenized import PHASES, file_sha256, save_tokenized
+from lmforge.stages.base_model import resolve_base
 from lmforge.train.data import encode_sft
 
 
@@ -54,10 +56,16 @@ class TokenizeResult:
         return asdict(self)
 
 
-def tokenize(cfg: TokenizeConfig, model: ModelConfig, training: TrainingConfig, ws: Workspace) -> TokenizeResult:
-    """Train (or copy) the tokenizer, then build and store the tokenized datasets."""
+def tokenize(cfg: TokenizeConfig, model: ModelConfig, training: TrainingConfig, ws: Workspace,
+             platform: PlatformConfig | None = None) -> TokenizeResult:
+    """Train (or copy) the tokenizer, then build and store the tokenized datasets.
+
+    A registered ``model.base_model`` (``models:/NAME@champion``) is resolved in ``platform``'s
+    registry first: its own tokenizer and chat template are copied, none is trained.
+    """
     from lmforge.tokenizer.build import load_tokenizer, train_tokenizer
 
+    model = resolve_base(model, ws, platform).model
     tokenizer = load_tokenizer(train_tokenizer(model, ws))
     check_vocab(len(tokenizer), model)
     if not cfg.build_datasets:

@@ -24,6 +24,7 @@ from lmforge.config.platform import PlatformConfig
 from lmforge.config.tokenize import TokenizeConfig
 from lmforge.config.training import TrainingConfig
 from lmforge.core.workspace import Workspace, atomic_write_json
+from lmforge.stages.base_model import check_base_tokenizer, resolve_base
 from lmforge.tracking.live import LiveRun, mark_failed
 from lmforge.tracking.mlflow_tracker import mlflow_client, mlflow_uris
 from lmforge.train.launch import check_inputs, fit
@@ -66,17 +67,25 @@ def train(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, run_n
     ``experiment`` (``registry.experiment``) opens an MLflow run in it (at ``platform``'s tracking URI)
     before any check: params at once, metrics and system metrics while training runs, FAILED with
     the error if anything here raises; None trains without MLflow.
+    A registered ``model.base_model`` (``models:/NAME@champion``) is resolved here, in ``platform``'s
+    registry (:mod:`lmforge.stages.base_model`): the workers load its downloaded directory, the params
+    keep the URI, and the version it named is recorded as ``lmforge.base_model_*`` tags and params.
     """
     started = time.perf_counter()
     run_id = resume or _new_run_id(run_name)
     live = LiveRun.open(ws, platform, experiment, run_id, resume=bool(resume)) if experiment else None
     try:
-        check_inputs(training, model_cfg, ws)
-        job = {"training": training.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json"),
+        base = resolve_base(model_cfg, ws, platform)
+        check_base_tokenizer(base, ws.tokenizer_dir)
+        check_inputs(training, base.model, ws)
+        job = {"training": training.model_dump(mode="json"), "model": base.model.model_dump(mode="json"),
                "home": str(ws.home), "run_id": run_id, "resume": bool(resume),
                "finetune_heldout_fraction": finetune_heldout_fraction}
-        config_params = _flatten({"training": job["training"], "model": job["model"]})
+        # The config as written (a models:/ URI, never the download's path) plus the version it named.
+        config_params = {**_flatten({"training": job["training"], "model": model_cfg.model_dump(mode="json")}),
+                         **base.lineage()}
         if live is not None:
+            live.tracker.set_tags(base.lineage())
             live.log_params(config_params)
         outcome = fit(job, training, ws, ray_address, progress, report=live.report if live else None)
         if live is not None:
