@@ -165,3 +165,24 @@ def test_scheduled_runs_continue_from_the_champion_when_one_exists(registry):
     assert continued(nameless, "auto", True, home) is nameless
     with pytest.raises(RegistryError, match="no registered version holds the alias"):
         continued(nameless, "champion", True, home)
+
+
+def test_cli_model_info_and_train_read_the_champion(registry, fresh, tmp_path, capsys):
+    import json
+
+    from lmforge.cli import main
+
+    config = tmp_path / "retrain.yaml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "model": {"base_model": URI}, "training": NO_STEPS.model_dump(mode="json"),
+        "platform": registry["platform"].model_dump(mode="json"), "registry": {"experiment": "retrain-cli"}}))
+    assert main(["--home", str(fresh.home), "model", "info", str(config), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (info["hidden"], info["layers"]) == (CHAMPION_MODEL.hidden_size, CHAMPION_MODEL.num_layers)
+
+    # No tokenizer in the workspace: `lmforge train` copies the champion's instead of training one.
+    assert main(["--home", str(fresh.home), "train", str(config), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["params"]["lmforge.base_model_uri"] == URI
+    assert template_label(load_tokenizer(fresh.tokenizer_dir)) == "chatml"
+    assert _same(_weights(fresh.runs_dir / summary["run_id"] / "model"), _weights(registry["champion"].model_dir))

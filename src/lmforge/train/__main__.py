@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace):
+    from lmforge.stages.base_model import resolve_base
     from lmforge.stages.train import train
     from lmforge.tokenizer.build import train_tokenizer
 
@@ -46,7 +47,8 @@ def _run(args: argparse.Namespace):
     placement = config.training.placement.model_copy(update={"use_ray": args.ray})
     training = config.training.model_copy(update={"placement": placement})
     if not (ws.tokenizer_dir / "tokenizer_config.json").exists():
-        print(f"training tokenizer into {train_tokenizer(config.model, ws)}")
+        # A models:/ base is looked up in the registry (no run is tracked): its own tokenizer is copied.
+        print(f"training tokenizer into {train_tokenizer(resolve_base(config.model, ws, config.platform).model, ws)}")
 
     def progress(row: dict) -> None:
         print(f"  {row['phase']:<9} step {row['step']:>5}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
@@ -54,7 +56,7 @@ def _run(args: argparse.Namespace):
 
     return train(training, config.model, ws, run_name=args.run_name, progress=progress,
                  ray_address=config.platform.ray_address, resume=args.resume,
-                 finetune_heldout_fraction=config.tokenize.finetune_heldout_fraction)
+                 finetune_heldout_fraction=config.tokenize.finetune_heldout_fraction, platform=config.platform)
 
 
 if __name__ == "__main__":
