@@ -15,9 +15,10 @@ from prefect.runtime import flow_run
 
 from lmforge.config import PipelineConfig
 from lmforge.stages.base_model import ContinueFrom
+from tasks.approval import promote_with_approval
 from tasks.data import collect_task, curate_task, validate_task
 from tasks.evaluation import evaluate_endpoint_task, evaluate_task
-from tasks.registry import deploy_task, promote_task, register_task
+from tasks.registry import deploy_task, register_task
 from tasks.training import choose_base_task, record_failure, tokenize_task, train_task
 
 
@@ -51,7 +52,8 @@ def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen, 
         record_failure(config.platform, trained, "evaluate", exc)
         raise
     registered = register_task(config, trained, evaluated, run_id)
-    decision = promote_task(config.registry, config.platform, registered["version"])
+    # With registry.policy.approval.required, the run pauses here for a person's answer (a Prefect form).
+    decision = promote_with_approval(config.registry, config.platform, registered["version"])
     deployed = None
     if deploy:
         uri = f"models:/{config.registry.model_name}@{config.registry.alias}"

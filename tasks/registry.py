@@ -34,6 +34,20 @@ def promote_task(cfg: RegistryConfig, platform: PlatformConfig, version: str) ->
     return result
 
 
+@task(name="settle-approval", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def settle_approval_task(cfg: RegistryConfig, platform: PlatformConfig, version: str,
+                         answer: dict[str, Any]) -> dict[str, Any]:
+    """Record the answer of the approval form (tasks/approval.py): promote or reject the pending version."""
+    announce("promote", "recording the approval")
+    from lmforge.stages.promote import settle_approval
+
+    result = settle_approval(cfg, platform, Workspace.from_env(), version, approved=answer["approved"],
+                             comment=answer.get("comment", ""), by=answer.get("by"), via=answer.get("via", "prefect"),
+                             timed_out=answer.get("timed_out", False)).as_dict()
+    publish("promote", result, result["reason"])
+    return result
+
+
 @task(name="deploy", retries=1, cache_policy=NO_CACHE)
 def deploy_task(cfg: ServingConfig, model_uri: str, model_name: str) -> dict[str, Any]:
     announce("deploy", "serving the champion")

@@ -129,6 +129,14 @@ def cmd_promote(args: argparse.Namespace) -> None:
     from lmforge.stages.promote import promote
     from lmforge.stages.register import register_trained
 
+    if args.approve or args.reject:  # a person's answer on a pending candidate (registry.policy.approval)
+        from lmforge.stages.promote import settle_approval
+
+        version = args.approve or args.reject
+        decision = settle_approval(config.registry, config.platform, ws, version, approved=bool(args.approve),
+                                   comment=args.comment or "").as_dict()
+        emit("promote", {"version": version, **decision}, args.json)
+        return
     trained = require_state(ws, "train", "lmforge train CONFIG")
     evaluated = require_state(ws, "evaluate", "lmforge evaluate CONFIG")
     registered = ws.read_state("register")
@@ -136,6 +144,17 @@ def cmd_promote(args: argparse.Namespace) -> None:
         registered = register_trained(config, ws, trained, evaluated, None)
     decision = promote(config.registry, config.platform, ws, str(registered["version"])).as_dict()
     emit("promote", {"version": registered["version"], **decision}, args.json)
+
+
+def cmd_rollback(args: argparse.Namespace) -> None:
+    """Move the alias back to the version that held it before; the deployment follows."""
+    config, ws = _setup(args)
+    from lmforge.stages.rollback import rollback
+
+    result = rollback(config.registry, config.platform, ws, args.model).as_dict()
+    emit("rollback", {"alias": result["alias"], "from_version": result["from_version"],
+                      "to_version": result["to_version"], "model_name": result["name"],
+                      "deployment": result["deployment"]}, args.json)
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:
@@ -170,7 +189,7 @@ def cmd_models(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
     from lmforge.tracking.mlflow_tracker import list_models
 
-    models = list_models(ws, config.platform, metric=config.registry.metric)
+    models = list_models(ws, config.platform, metric=config.registry.policy.metric)
     emit("models", {m["name"]: m for m in models} or {"models": "none registered"}, args.json)
 
 
@@ -257,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "deploy":
             p.add_argument("--model", help="registry URI or model directory (default: NAME@champion)")
             p.add_argument("--stop", action="store_true", help="stop the deployed server")
+        if name == "promote":
+            answer = p.add_mutually_exclusive_group()
+            answer.add_argument("--approve", metavar="VERSION",
+                                help="approve a pending version: it is promoted if the rules still pass")
+            answer.add_argument("--reject", metavar="VERSION", help="reject a pending version (recorded on it)")
+            p.add_argument("--comment", help="why, recorded with --approve/--reject")
 
     serve = sub.add_parser("serve", help="start the OpenAI-compatible inference server")
     serve.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a model directory")
@@ -274,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     onnx.add_argument("--json", action="store_true", help="end with one JSON line on stdout")
     onnx.set_defaults(handler=cmd_export_onnx)
+
+    rollback = sub.add_parser("rollback", help="move the alias back to its previous version; the deployment follows")
+    rollback.add_argument("model", nargs="?", help="registered model name (default: registry.model_name)")
+    rollback.add_argument("--config", help="pipeline config YAML (its registry and platform sections)")
+    rollback.add_argument("--json", action="store_true", help="end with one JSON line on stdout")
+    rollback.set_defaults(handler=cmd_rollback)
 
     models = command("models", cmd_models, "list registered models, versions and aliases")
     models.set_defaults(handler=cmd_models)

@@ -49,6 +49,7 @@ COMMANDS = {
     "lmforge export-onnx path/to/model_dir onnx-model": "run",
     "lmforge serve onnx-model": "run",
     "python: openai client": "run",
+    "lmforge rollback [MODEL] [--json]": "tests/integration/test_promotion.py",
 }
 
 

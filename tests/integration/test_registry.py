@@ -14,7 +14,7 @@ from mlflow.entities import LoggedModelStatus
 from tiny_assets import build_model_dir
 
 from lmforge.config.platform import PlatformConfig
-from lmforge.config.registry import RegistryConfig
+from lmforge.config.registry import PolicyConfig, RegistryConfig
 from lmforge.core.errors import DataError, RegistryError
 from lmforge.core.workspace import Workspace
 from lmforge.stages.promote import promote
@@ -103,7 +103,7 @@ def test_register_records_run_lineage_and_version(ws, model_dir):
 
 
 def test_promotion_policy(ws, model_dir):
-    cfg = RegistryConfig(model_name="promo", experiment="tests", min_improvement=0.05)
+    cfg = RegistryConfig(model_name="promo", experiment="tests", policy=PolicyConfig(margin=0.05))
     versions = [_register(ws, model_dir, "promo", ppl).version for ppl in (100.0, 120.0, 98.0, 90.0)]
 
     first = promote(cfg, None, ws, versions[0])
@@ -169,7 +169,7 @@ def test_unknown_model_or_alias_is_a_registry_error(ws, model_dir):
     with pytest.raises(RegistryError, match="no registered model 'missing'"):
         promote(RegistryConfig(model_name="missing", experiment="tests"), None, ws, "1")
     with pytest.raises(RegistryError, match="no metric 'eval_bleu'"):
-        promote(RegistryConfig(model_name="known", experiment="tests", metric="eval_bleu"), None, ws, "1")
+        promote(RegistryConfig(model_name="known", experiment="tests", policy=PolicyConfig(metric="eval_bleu")), None, ws, "1")
 
 
 @pytest.mark.parametrize("broken", ["no-weights", "pickle"])

@@ -47,6 +47,7 @@ def run_summary(result: dict[str, Any], tracking_uri: str) -> dict[str, Any]:
         "version": version,
         "aliases": aliases,
         "promoted": {"promoted": decision["promoted"], "reason": decision["reason"]},
+        "promote": promote_summary(decision),
         "champion_version": decision.get("champion_version"),
         "metrics": {k: round(v, 6) if isinstance(v, float) else v
                     for k, v in registered.get("metrics", {}).items()},
@@ -63,6 +64,21 @@ def run_summary(result: dict[str, Any], tracking_uri: str) -> dict[str, Any]:
     if result["collect"].get("preferences"):
         summary["preferences"] = record_counts(result["collect"]["preferences"])
     return summary
+
+
+def promote_summary(decision: dict[str, Any]) -> dict[str, Any]:
+    """The promotion decision for scripts: outcome, the rule that decided, each guardrail, the approval."""
+    return {
+        "decision": decision.get("decision", "promoted" if decision["promoted"] else "rejected"),
+        "rule": decision.get("rule"),
+        "metric": decision.get("metric"),
+        "candidate": decision.get("candidate_value"),
+        "champion": decision.get("champion_value"),
+        "guardrails": [{k: g[k] for k in ("metric", "candidate", "champion", "tolerance", "kind", "passed")}
+                       for g in decision.get("guardrails", [])],
+        "approval": decision.get("approval"),
+        "card": (decision.get("card") or {}).get("artifact"),
+    }
 
 
 def record_counts(written: dict[str, Any] | None) -> dict[str, Any] | None:

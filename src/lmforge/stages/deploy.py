@@ -109,6 +109,17 @@ def read_deployment(ws: Workspace) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def redeploy(ws: Workspace) -> DeployResult | None:
+    """Start the running deployment again from its recorded model reference and serving config, so a
+    ``models:/NAME@ALIAS`` deployment serves the version the alias names now (rollback uses this).
+    None when no server of ours is running."""
+    record = read_deployment(ws)
+    if record is None or not (_alive(int(record["pid"])) and _is_our_server(int(record["pid"]), record["ready_file"])):
+        return None
+    cfg = ServingConfig.model_validate_json((ws.serving_dir / "serving_config.json").read_text())
+    return deploy(cfg, str(record["model_ref"]), ws, str(record["model_name"]))
+
+
 def _wait_ready(proc: subprocess.Popen, ready: Path, log: Path, timeout_s: float) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
