@@ -17,4 +17,5 @@ def test_run_summary_has_the_evaluate_block():
         "evaluate_endpoint": {"tasks": {"tiny_mc": {"acc": 0.75}}},
     }
     summary = run_summary(result, "sqlite:///x.db")
-    assert summary["evaluate"] == {"bits_per_byte": 1.25, "tasks": {"tiny_mc": {"acc": 0.5}}, "endpoint_tasks": {"tiny_mc": {"acc": 0.75}}, "frozen_set": "abc"}
+    assert summary["evaluate"] == {"bits_per_byte": 1.25, "tasks": {"tiny_mc": {"acc": 0.5}},
+                                   "endpoint_tasks": {"tiny_mc": {"acc": 0.75}}, "frozen_set": "abc"}

@@ -107,3 +107,36 @@ def test_empty_heldout_set_is_a_data_error(model_dir, ws):
     pd.DataFrame({"text": []}, dtype=str).to_parquet(ws.curated_dir / "validation.parquet")
     with pytest.raises(DataError, match="no documents"):
         evaluate(CFG, model_dir, ws)
+
+
+CHAT = {"id": "multi", "messages": [
+    {"role": "system", "content": "Answer in one line."},
+    {"role": "user", "content": "What is the weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+    {"role": "tool", "tool_call_id": "call-1", "name": "get_weather", "content": "18 degrees"},
+    {"role": "assistant", "content": "It is 18 degrees."},
+    {"role": "user", "content": "What does `len` do?"},
+    {"role": "assistant", "content": "Return the number of items."},
+]}
+
+
+def test_a_chat_is_answered_at_its_last_assistant_turn_with_every_turn_before_as_prompt(model_dir):
+    from lmforge.evaluation.scoring import answer_prompt, load_model
+    from lmforge.model.chat import render_chat
+
+    _, tokenizer = load_model(model_dir)
+    prompt, reference, question = answer_prompt(tokenizer, CHAT)
+    assert (reference, question) == ("Return the number of items.", "What does `len` do?")
+    assert prompt == render_chat(tokenizer, CHAT["messages"][:-1], add_generation_prompt=True)
+    assert "Answer in one line." in prompt and "18 degrees" in prompt  # system prompt and tool result kept
+    # An answer that is only a tool call is scored against the call.
+    calls = {"id": "call", "messages": CHAT["messages"][:3]}
+    assert json.loads(answer_prompt(tokenizer, calls)[1]) == [{"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}]
+
+
+def test_evaluate_scores_multi_turn_chats(model_dir, ws):
+    (ws.sft_dir / "test.jsonl").write_text(json.dumps(CHAT) + "\n")
+    result = evaluate(CFG.model_copy(update={"frozen_set": "off"}), model_dir, ws)
+    assert [(e["instruction"], e["reference"]) for e in result.examples] == [
+        ("What does `len` do?", "Return the number of items.")]

@@ -211,13 +211,11 @@ def test_config_keeps_stdlib_default_and_the_old_switch_and_refuses_contradictio
         parse_config({"data": {"preferences": {"sources": [{"type": "stdlib"}]}}})
 
 
-def test_read_sft_gives_evaluation_single_turn_chats_as_pairs(tmp_path):
+def test_read_sft_reads_chats_and_pairs_as_written(tmp_path):
     path = tmp_path / "test.jsonl"
     path.write_text(json.dumps({"id": "x", "messages": [U, A]}) + "\n"
                     + json.dumps({"id": "y", "instruction": "Q", "response": "R"}) + "\n")
-    assert read_sft(path, chat=False) == [{"id": "x", "instruction": "Hi", "response": "Hello"},
-                                          {"id": "y", "instruction": "Q", "response": "R"}]
-    assert read_sft(path)[0]["messages"] == [U, A]
+    assert read_sft(path) == [{"id": "x", "messages": [U, A]}, {"id": "y", "instruction": "Q", "response": "R"}]
 
 
 def test_run_summary_counts_per_source():

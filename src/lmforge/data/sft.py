@@ -57,12 +57,11 @@ def stream_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_sft(path: Path, limit: int | None = None, chat: bool = True) -> list[dict]:
+def read_sft(path: Path, limit: int | None = None) -> list[dict]:
     """The records of an SFT JSONL file (the first ``limit`` of them when set), checked line by line.
 
-    ``chat=False`` gives instruction/response records only (evaluation prompts with the
-    instruction and scores against the response): a single-turn chat (one user turn, one assistant
-    answer) is returned as that pair, any other chat is an error. Errors name the file and line.
+    Errors name the file and line. Evaluation answers each record at its last assistant turn
+    (:func:`lmforge.evaluation.scoring.answer_prompt`), so chats of any length are scored.
     """
     if not path.exists():
         raise DataError(f"no SFT examples at {path}", "run the collect stage first (`lmforge collect`)")
@@ -78,28 +77,21 @@ def read_sft(path: Path, limit: int | None = None, chat: bool = True) -> list[di
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{number} is not JSON ({exc})",
                                 "regenerate the SFT set with `lmforge collect`") from exc
-            if not _well_formed(record, chat):
-                wanted = "`messages` or string `instruction` and `response`" if chat else \
-                    "string `instruction` and `response` (or a single user turn and its answer; evaluating " \
-                    "multi-turn chats is not built yet)"
-                raise DataError(f"{path}:{number} is not a JSON object with {wanted}",
+            if not _well_formed(record):
+                raise DataError(f"{path}:{number} is not a JSON object with `messages` (ending in an assistant turn) "
+                                "or string `instruction` and `response`",
                                 "regenerate the SFT set with `lmforge collect`")
-            records.append(record if chat or "messages" not in record else _as_pair(record))
+            records.append(record)
     return records
 
 
-def _well_formed(record: object, chat: bool) -> bool:
+def _well_formed(record: object) -> bool:
     if not isinstance(record, dict):
         return False
     messages = record.get("messages")
     if isinstance(messages, list) and messages:
-        return chat or [m.get("role") for m in messages if isinstance(m, dict)] == ["user", "assistant"]
+        return any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages)
     return isinstance(record.get("instruction"), str) and isinstance(record.get("response"), str)
-
-
-def _as_pair(record: dict) -> dict:
-    user, assistant = record["messages"]
-    return {"id": record.get("id"), "instruction": user["content"], "response": assistant["content"]}
 
 
 def record_key(record: dict) -> str:

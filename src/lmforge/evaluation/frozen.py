@@ -4,7 +4,7 @@ candidate of one model name is scored on, as a directory with a content digest.
 Layout of a set directory (a user may assemble one by hand for ``evaluation.frozen_set: PATH``)::
 
     heldout.jsonl      {"text": ...} per line: the documents scored for loss and bits per byte
-    sft_test.jsonl     {"instruction": ..., "response": ...} per line: exact match and ROUGE-L
+    sft_test.jsonl     held-out SFT records as collected (chats or instruction/response pairs): exact match, ROUGE-L
     tokenizer/         optional: the tokenizer of the first model (the unit of its per-token metrics)
     manifest.json      written by lmforge: digest, counts, provenance (not part of the digest)
 
@@ -110,7 +110,7 @@ def load_frozen_set(path: Path, expected_digest: str | None = None) -> FrozenSet
             raise DataError(f"frozen evaluation set {path} has digest {digest[:12]}, but {what} says {wanted[:12]}: "
                             "its files changed after it was frozen", _FIX)
     texts = _read_texts(path / HELDOUT_FILE)
-    records = read_sft(path / SFT_FILE, chat=False)
+    records = read_sft(path / SFT_FILE)
     if not texts or not records:
         raise DataError(f"frozen evaluation set {path} holds {len(texts)} documents and {len(records)} instructions",
                         "both files need at least one line")

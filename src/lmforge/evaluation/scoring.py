@@ -1,20 +1,23 @@
-"""Scoring a trained model: mean next-token loss over held-out blocks, greedy answers to instructions.
+"""Scoring a trained model: mean next-token loss over held-out blocks, greedy answers to held-out chats.
 
 Used by the evaluate stage (:mod:`lmforge.stages.evaluate`); the blocks come from
 :func:`lmforge.data.packing.pack_documents`, the prompts from the tokenizer's chat template
-(:func:`lmforge.model.chat.render_prompt`), so the model is measured on the format it was trained on.
+(:func:`lmforge.model.chat.render_chat`), so the model is measured on the format it was trained on.
+A held-out record is answered at its last assistant turn, with every turn before it (system prompt,
+earlier turns, tool results) as the prompt: an instruction/response pair is the one-turn case.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 
-from lmforge.model.chat import render_prompt, stop_token_ids
+from lmforge.model.chat import Message, conversation, render_chat, stop_token_ids
 from lmforge.train.artifacts import load_trained
 
 if TYPE_CHECKING:
@@ -61,11 +64,34 @@ def heldout_loss(model: CausalLM, blocks: torch.Tensor | Sequence[Sequence[int]]
     return total / count, count
 
 
+def answer_prompt(tokenizer: PreTrainedTokenizerBase, record: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(prompt, reference, question) of one held-out SFT record (a chat or an instruction/response pair).
+
+    The prompt is the conversation before its last assistant turn, rendered with the header of the
+    assistant's answer; the reference is that turn's text (its tool calls as JSON when it has no
+    text); the question is the last user turn, for the report.
+    """
+    messages, tools = conversation(record)
+    last = max(i for i, message in enumerate(messages) if message.get("role") == "assistant")
+    users = [m for m in messages[:last] if m.get("role") == "user"]
+    question = str(users[-1].get("content") or "") if users else ""
+    prompt = render_chat(tokenizer, messages[:last], tools, add_generation_prompt=True)
+    return prompt, _answer_text(messages[last]), question
+
+
+def _answer_text(message: Message) -> str:
+    content = str(message.get("content") or "").strip()
+    if content or not message.get("tool_calls"):
+        return content
+    calls = [call.get("function", call) for call in message["tool_calls"]]
+    return json.dumps([{"name": call.get("name"), "arguments": call.get("arguments")} for call in calls])
+
+
 def generate_answers(
-    model: CausalLM, tokenizer: PreTrainedTokenizerBase, instructions: list[str], max_new_tokens: int, batch_size: int,
+    model: CausalLM, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int, batch_size: int,
     context: int,
 ) -> list[str]:
-    """Greedy answers to each instruction in the model's chat format, cut at the first EOS or end of turn."""
+    """Greedy answers to rendered ``prompts`` (:func:`answer_prompt`), cut at the first EOS or end of turn."""
     from transformers import GenerationConfig
 
     max_new_tokens = max(1, min(max_new_tokens, context - 1))
@@ -82,12 +108,11 @@ def generate_answers(
     # The causal LMs transformers loads generate (GenerationMixin); peft's wrapper forwards generate.
     generator = cast("GenerationMixin", model)
     answers: list[str] = []
-    for start in range(0, len(instructions), batch_size):
-        prompts = [render_prompt(tokenizer, text) for text in instructions[start : start + batch_size]]
+    for start in range(0, len(prompts), batch_size):
         # The template writes any BOS itself (training and the chat endpoint add none either).
         encoded = tokenizer(
-            prompts, return_tensors="pt", padding=True, truncation=True, max_length=context - max_new_tokens,
-            add_special_tokens=False,
+            prompts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True,
+            max_length=context - max_new_tokens, add_special_tokens=False,
         )
         # Without return_dict_in_generate, generate returns the token ids.
         output = cast(torch.Tensor, generator.generate(**encoded, generation_config=generation))

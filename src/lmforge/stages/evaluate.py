@@ -33,7 +33,7 @@ from lmforge.evaluation.frozen import FrozenSet, load_frozen_set, tokenizer_fing
 from lmforge.evaluation.frozen_store import TAG_DIGEST, TAG_TOKENIZER, freeze_into_cache, resolve_frozen_set
 from lmforge.evaluation.harness import run_endpoint_tasks, run_tasks, task_metrics, task_specs, write_task_table
 from lmforge.evaluation.heldout import score_heldout, select_heldout
-from lmforge.evaluation.scoring import context_window, generate_answers, load_model
+from lmforge.evaluation.scoring import answer_prompt, context_window, generate_answers, load_model
 from lmforge.tracking.mlflow_tracker import mlflow_client
 from lmforge.tracking.model_uris import resolve_model
 
@@ -79,13 +79,15 @@ def evaluate(cfg: EvaluationConfig, model_dir: Path, ws: Workspace, *, model_nam
     context = context_window(model.config, default=cfg.block_size)
     with torch.inference_mode():
         heldout = score_heldout(model, tokenizer, frozen.texts, min(cfg.block_size, context), cfg.batch_size)
+        asked = [answer_prompt(tokenizer, record) for record in frozen.records]
         predictions = generate_answers(
-            model, tokenizer, [r["instruction"] for r in frozen.records], cfg.max_new_tokens, cfg.batch_size, context
+            model, tokenizer, [prompt for prompt, _, _ in asked], cfg.max_new_tokens, cfg.batch_size, context
         )
     tasks = run_tasks(model, tokenizer, cfg.tasks, batch_size=cfg.batch_size, max_length=context,
                       limit=cfg.task_limit) if cfg.tasks else {}
 
-    examples = [_scored(record, prediction) for record, prediction in zip(frozen.records, predictions)]
+    examples = [_scored(question, reference, prediction)
+                for (_, reference, question), prediction in zip(asked, predictions)]
     scores = {
         M.EVAL_LOSS: heldout.loss,
         M.EVAL_PERPLEXITY: heldout.perplexity,
@@ -164,7 +166,7 @@ def _freeze_workspace_data(cfg: EvaluationConfig, ws: Workspace, tokenizer: PreT
     texts = select_heldout((t for batch in iter_texts(validation_path) for t in batch), tokenizer, budget)
     if not texts:
         raise DataError(f"{validation_path} holds no documents, so perplexity cannot be measured", HELDOUT_FIX)
-    records = read_sft(test_path, limit=cfg.max_examples, chat=False)
+    records = read_sft(test_path, limit=cfg.max_examples)
     if not records:
         raise DataError(f"{test_path} holds no instructions", "recreate the SFT set with `lmforge collect`")
     provenance = {"model_name": model_name, "frozen_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -172,13 +174,13 @@ def _freeze_workspace_data(cfg: EvaluationConfig, ws: Workspace, tokenizer: PreT
     return write_frozen_set(dest, texts, records, tokenizer, provenance)
 
 
-def _scored(record: dict, prediction: str) -> dict[str, Any]:
+def _scored(question: str, reference: str, prediction: str) -> dict[str, Any]:
     return {
-        "instruction": record["instruction"],
-        "reference": record["response"],
+        "instruction": question,
+        "reference": reference,
         "prediction": prediction,
-        "exact_match": M.exact_match(prediction, record["response"]),
-        "rouge_l": M.rouge_l_f1(prediction, record["response"]),
+        "exact_match": M.exact_match(prediction, reference),
+        "rouge_l": M.rouge_l_f1(prediction, reference),
     }
 
 
