@@ -55,7 +55,7 @@ def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen, 
     # With registry.policy.approval.required, the run pauses here for a person's answer (a Prefect form).
     decision = promote_with_approval(config.registry, config.platform, registered["version"])
     deployed = None
-    if deploy:
+    if deploy and decision["champion_version"]:  # a rejected first version leaves no champion to serve
         uri = f"models:/{config.registry.model_name}@{config.registry.alias}"
         deployed = deploy_task(config.serving, uri, config.registry.model_name)
     # The same lm-eval tasks against the server that now answers for the model name.
