@@ -182,3 +182,18 @@ def finetune(ws, base_cfg, case: str, **extra):
     # Groups given as mappings merge into BASE_TRAINING's (speed={"gradient_checkpointing": True}).
     training = updated(BASE_TRAINING, **{**spec, **extra, "pretrain": {"steps": 0}, "finetune": phase})
     return train(training, base_cfg, ws, run_name=case)
+
+# ---------------------------------------------------------------- preference pairs
+
+
+def write_preferences(ws: Workspace, pairs: int, answer_chars: int = 60) -> list[dict]:
+    """``pairs`` canonical preference records from the workspace's SFT pairs (write_corpus) in
+    ``ws.preferences_dir/train.jsonl``: chosen is the record's own answer, rejected another's."""
+    sft = [json.loads(line) for line in (ws.sft_dir / "train.jsonl").read_text().splitlines()]
+    records = [{"id": record["id"], "prompt": [{"role": "user", "content": record["instruction"]}],
+                "chosen": [{"role": "assistant", "content": record["response"][:answer_chars]}],
+                "rejected": [{"role": "assistant", "content": sft[(i + 7) % len(sft)]["response"][:answer_chars]}]}
+               for i, record in enumerate(sft[:pairs])]
+    ws.preferences_dir.mkdir(parents=True, exist_ok=True)
+    (ws.preferences_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records

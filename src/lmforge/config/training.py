@@ -3,7 +3,9 @@
 ``training.method`` chooses how the fine-tuning phase trains, and the method's own group (``lora``,
 ``adapter``, ``prompt_learning``, ``ia3``) holds its settings. The rest is grouped by the part of
 the engine that reads it, one small documented class per group (as torchtitan's job config is):
-``placement`` (Ray workers and GPUs: :mod:`lmforge.train.launch`), ``optimizer`` and ``loss`` (the
+``preference`` turns the fine-tuning phase into preference tuning (DPO or ORPO on the preference set,
+``training.method`` still naming what trains; ``method: dpo`` / ``method: orpo`` are short for LoRA
+with that loss). ``placement`` (Ray workers and GPUs: :mod:`lmforge.train.launch`), ``optimizer`` and ``loss`` (the
 loop and its objective), ``speed`` (switches that make a step faster without changing what it
 learns; :mod:`lmforge.train.accel.speed` receives only this group), and the loop's periodic work,
 each with its ``every``: ``validation``, ``checkpointing``, ``logging``. A rule that spans groups
@@ -21,6 +23,8 @@ from lmforge.config.base import Section
 
 METHODS = ("pretrain", "full", "lora", "qlora", "adapter", "prefix", "ptuning_v2", "prompt", "ptuning", "ia3")
 Method = Literal["pretrain", "full", "lora", "qlora", "adapter", "prefix", "ptuning_v2", "prompt", "ptuning", "ia3"]
+# `method: dpo` (or orpo) is short for `method: lora` with `preference.loss: dpo`: LoRA is the default trainable part.
+PREFERENCE_LOSSES = ("dpo", "orpo")
 # The old key `finetune_method` still loads: lora and full mean the same, none is pretraining only.
 _LEGACY_METHODS = {"lora": "lora", "full": "full", "none": "pretrain"}
 
@@ -87,6 +91,25 @@ class IA3Config(Section):
     )
     feedforward_modules: list[str] = Field(
         default_factory=list, description="Which of target_modules are feed-forward; empty means peft's defaults."
+    )
+
+
+class PreferenceTuningConfig(Section):
+    """Preference tuning: the fine-tuning phase learns from (prompt, chosen, rejected) records.
+
+    ``training.method`` stays what trains (lora by default, any method but pretrain); this group
+    picks the loss. DPO's reference is the model at the start of the phase (the frozen base; the
+    adapter disabled), its log-probabilities computed once before the first step. ORPO needs none.
+    """
+
+    loss: Literal["dpo", "orpo"] | None = Field(
+        None, description="dpo: Direct Preference Optimization against the frozen base as reference; orpo: "
+        "Odds Ratio Preference Optimization, reference-free (the chosen answer's NLL plus an odds-ratio term), "
+        "for a base without a separate SFT phase; null: plain SFT on the instruction set.",
+    )
+    beta: float = Field(
+        0.1, gt=0, description="dpo: scale of the implicit reward (the strength of the pull toward the reference); "
+        "orpo: weight of the odds-ratio term beside the NLL (the paper's lambda). Rewards are logged on this scale.",
     )
 
 
@@ -215,12 +238,14 @@ class TrainingConfig(Section):
     method: Method = Field(
         "lora",
         description="How the fine-tuning phase trains: full, lora, qlora, adapter, prefix, ptuning_v2, prompt, "
-        "ptuning, ia3; `pretrain` runs the pretraining phase only.",
+        "ptuning, ia3; `pretrain` runs the pretraining phase only. `dpo` and `orpo` are short for lora with "
+        "preference.loss dpo or orpo (preference tuning on the preference set).",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     prompt_learning: PromptLearningConfig = Field(default_factory=PromptLearningConfig)
     ia3: IA3Config = Field(default_factory=IA3Config)
+    preference: PreferenceTuningConfig = Field(default_factory=PreferenceTuningConfig)
     seed: int = Field(0, description="Seed of the weights' initialization, the data order and dropout.")
     cpu_threads: int = Field(
         0, ge=0,
@@ -258,6 +283,13 @@ class TrainingConfig(Section):
             if legacy not in _LEGACY_METHODS:
                 raise ValueError(f"finetune_method must be one of {sorted(_LEGACY_METHODS)}, got {legacy!r}")
             data["method"] = _LEGACY_METHODS[legacy]
+        if isinstance(data, dict) and data.get("method") in PREFERENCE_LOSSES:
+            data, loss = dict(data), data["method"]
+            preference = dict(data.get("preference") or {})
+            if preference.get("loss") not in (None, loss):
+                raise ValueError(f"method: {loss} asks for {loss}, but preference.loss is {preference['loss']!r}: give "
+                                 "one (method: lora with preference.loss picks another trainable part)")
+            data["method"], data["preference"] = "lora", {**preference, "loss": loss}
         return data
 
     @model_validator(mode="after")
@@ -268,10 +300,24 @@ class TrainingConfig(Section):
         if speed.residual_dtype == "bfloat16" and not self.placement.use_gpu:
             raise ValueError("speed.residual_dtype: bfloat16 needs bf16 autocast, which runs on GPUs only: set "
                              "placement.use_gpu: true, or speed.residual_dtype: float32")
+        if self.preference_tuning:
+            self._check_preference()
         if speed.fp8 and self.method not in ("pretrain", "full"):
             raise ValueError(f"speed.fp8 trains all weights in FP8 matrix products; method {self.method!r} freezes "
                              "them: use fp8 with method pretrain or full, or set speed.fp8: false")
         return self
+
+    def _check_preference(self) -> None:
+        loss = self.preference.loss
+        if self.method == "pretrain":
+            raise ValueError(f"preference.loss: {loss} tunes the fine-tuning phase, and method pretrain has none: set "
+                             "method to what trains (lora, full, qlora, adapter, ...), or method: dpo")
+        if self.speed.compile and self.speed.compile_scope == "model":
+            raise ValueError(f"preference.loss: {loss} computes per-sequence log-probabilities outside a whole-model "
+                             "graph: set speed.compile_scope: blocks (or speed.compile: false)")
+        if self.loss.label_smoothing or self.loss.kernel != "torch":
+            raise ValueError(f"preference.loss: {loss} has its own loss: loss.label_smoothing and loss.kernel are for "
+                             "next-token cross-entropy; leave them at 0 and torch")
 
     def _check_cuda_graphs(self) -> None:
         # All here, before any step: a phase that cannot replay its steps must not fail after another ran.
@@ -297,6 +343,11 @@ class TrainingConfig(Section):
     def finetune_method(self) -> str:
         """The old name of ``method``: ``none`` when there is no fine-tuning phase."""
         return "none" if self.method == "pretrain" else self.method
+
+    @property
+    def preference_tuning(self) -> bool:
+        """Whether the fine-tuning phase learns from preference pairs (``preference.loss``)."""
+        return self.preference.loss is not None
 
     @property
     def finetunes(self) -> bool:

@@ -114,9 +114,11 @@ def template_label(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], tools: list[dict] | None = None,
-                *, end_turn: str | None = None, record_id: str = "?") -> tuple[list[int], list[int]]:
+                *, end_turn: str | None = None, record_id: str = "?", learn_from: int = 0) -> tuple[list[int], list[int]]:
     """(token ids, labels) of a conversation: labels are the ids on every assistant turn (content,
     tool calls, end-of-turn token), IGNORE_INDEX elsewhere. Text after the last turn is dropped.
+    Assistant turns before message ``learn_from`` are context, not learned (a preference pair's
+    prompt may hold earlier answers; only the chosen or rejected answer is scored).
 
     Each piece is tokenized apart, as serving tokenizes a prompt and then generates, so training
     and inference see the same token boundary. ``end_turn`` is :func:`end_of_turn` (computed once
@@ -142,7 +144,7 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message],
             # What the template writes after the end-of-turn token (a newline) belongs to the next prompt.
             cut = turn.rfind(end_turn) + len(end_turn) if end_turn and end_turn in turn else len(turn)
             _extend(tokenizer, ids, labels, prompt[len(done):], learn=False)
-            _extend(tokenizer, ids, labels, turn[:cut], learn=True)
+            _extend(tokenizer, ids, labels, turn[:cut], learn=index >= learn_from)
             done = prompt + turn[:cut]
     except TemplateError as exc:
         raise DataError(f"SFT record {record_id}: the chat template refused it: {exc}",

@@ -30,6 +30,7 @@ from lmforge.core.errors import ConfigError, DataError, LmforgeError
 from lmforge.core.progress import step_printer
 from lmforge.core.runtime import cpu_count
 from lmforge.core.workspace import Workspace, atomic_dir
+from lmforge.data.sft import preference_file
 from lmforge.tokenizer.build import check_chat_template, load_tokenizer
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.loop import is_history_row
@@ -230,7 +231,14 @@ def check_inputs(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace
         check_method(training, use_cuda=training.placement.use_gpu)
     if training.pretrain.steps > 0 and not (ws.curated_dir / "train.parquet").exists():
         raise DataError(f"no curated text at {ws.curated_dir / 'train.parquet'}", "run the curate stage first")
-    if finetuning and not (ws.sft_dir / "train.jsonl").exists():
+    if finetuning and training.preference_tuning:
+        if not preference_file(ws, "train").exists():
+            raise ConfigError(f"training.preference.loss is {training.preference.loss} (training.method: "
+                              f"{training.preference.loss}), but there is no preference set at "
+                              f"{preference_file(ws, 'train')}", "list your (prompt, chosen, rejected) data under "
+                              "data.preferences.sources and run `lmforge collect`, or fine-tune on instructions "
+                              "(training.method: lora, no preference.loss)")
+    elif finetuning and not (ws.sft_dir / "train.jsonl").exists():
         raise DataError(f"no SFT examples at {ws.sft_dir / 'train.jsonl'}",
                         "run the collect stage first, or set training.method: pretrain")
     if not model_cfg.base_model:

@@ -25,7 +25,8 @@ from lmforge.config.training import PhaseConfig, TrainingConfig
 from lmforge.core.errors import ConfigError, TrainingDiverged
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.accel import speed
-from lmforge.train.objective import IGNORE_INDEX, CausalLMObjective
+from lmforge.train.objective import CausalLMObjective
+from lmforge.train.preference import PreferenceObjective
 
 if TYPE_CHECKING:
     from lmforge.model.types import CausalLM
@@ -43,11 +44,12 @@ def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: Traini
     """Run ``phase.steps`` optimizer steps on ``model`` in place; return (history, metrics).
 
     History rows are ``{step, phase, loss, lr, tokens_per_s}`` every ``training.logging.every`` steps
-    (and at the first and last step), ``step`` counted from ``step_offset``. ``batches`` must
+    (and at the first and last step), ``step`` counted from ``step_offset``; preference tuning adds
+    its rewards (:data:`lmforge.train.preference.METRICS`), means over the steps since the last row. ``batches`` must
     already be past the steps a ``resume`` checkpoint has done; ``save`` writes checkpoints.
     ``on_log`` receives each history row as it is made and, at each validation (before the first
     step, every ``training.validation.every`` steps, after the last), ``{step, phase,
-    <phase>_val_loss}``: :func:`is_history_row` tells them apart.
+    <phase>_val_loss}`` (and ``<phase>_val_<metric>``): :func:`is_history_row` tells them apart.
     """
     torch.manual_seed(training.seed)
     # One Ray worker still gets a process group; DDP over a single rank would only add its hooks
@@ -62,20 +64,23 @@ def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: Traini
                       training.speed.compile_optimizer)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, phase))
     update = _update(model, optimizer, training, graphs)
-    run = _PhaseRun(name, phase, training, step_offset, on_log)
+    run = _PhaseRun(name, phase, training, step_offset, on_log, objective.metric_names)
     if resume is not None:
         run.restore(resume, model, optimizer, schedule)
     else:
-        run.metrics[f"{name}_val_loss_start"] = evaluate_loss(objective, val_batches, device)
-        run.report_validation(run.metrics[f"{name}_val_loss_start"])
+        start = evaluate(objective, val_batches, device)
+        run.metrics.update({f"{name}_{key}_start": value for key, value in start.items()})
+        run.report_validation(start)
     # Peak rates as plain floats, fresh or resumed: the same arithmetic either way, so a resumed
     # run's rates (and weights) match an uninterrupted one's to the bit, tensor rates included.
     rebase_schedule(optimizer, schedule, phase)
     net.train()
     for step in range(run.step + 1, phase.steps + 1):
         micro = [next(batches) for _ in range(phase.grad_accum)]
-        # [summed loss, tokens seen, target tokens]; the target count must be global before backward.
-        stats = to_device(torch.tensor([0.0, sum(b["input_ids"].numel() for b in micro), _targets(micro)]), device)
+        # [summed loss, tokens seen, target tokens (pairs)]; the target count must be global before backward.
+        stats = to_device(torch.tensor([0.0, sum(b["input_ids"].numel() for b in micro), objective.units(micro)]),
+                          device)
+        sums = torch.zeros(len(objective.metric_names), device=device) if objective.metric_names else None
         if ddp:
             dist.all_reduce(stats[2:])
         for i, batch in enumerate(micro):
@@ -84,13 +89,18 @@ def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: Traini
             # Gradients are all-reduced only on the last micro-batch of an accumulated step.
             with nullcontext() if ddp_net is None or i == len(micro) - 1 else ddp_net.no_sync():
                 with autocast(device), speed.attention_kernels(training.speed.attention_backend, device):
-                    loss_sum = net(**model_inputs(batch, device))
+                    out = net(**model_inputs(batch, device))
+                loss_sum = out[0] if out.dim() else out  # a vector: the loss, then the objective's metrics
                 (loss_sum * world / stats[2]).backward()
             stats[0] += loss_sum.detach()
+            if sums is not None:
+                sums += out[1:].detach()
         if ddp:
             dist.all_reduce(stats[:2])
+            if sums is not None:
+                dist.all_reduce(sums)
         grad_norm = update()  # clip, then AdamW
-        run.pending.append((step, stats[0] / stats[2], grad_norm, stats[1]))
+        run.pending.append((step, stats[0] / stats[2], grad_norm, stats[1], None if sums is None else sums / stats[2]))
         run.lr = schedule.get_last_lr()[0]  # the rate this step ran at (a copy, if a tensor), before it moves on
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -99,21 +109,25 @@ def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: Traini
         saving = save is not None and training.checkpointing.every and step % training.checkpointing.every == 0
         if step == 1 or step % training.logging.every == 0 or step == phase.steps or evaluating or saving:
             run.check_and_log()  # one synchronization; raises TrainingDiverged
-        if evaluating and run.validate(evaluate_loss(objective, val_batches, device), model):
+        if evaluating and run.validate(evaluate(objective, val_batches, device), model):
             break  # early stopping: the best weights are back in the model
         if saving and save is not None:  # saving implies save; restated so the type checker knows
             run.last_checkpoint = save(step, *run.snapshot(model, optimizer, schedule))
     run.check_and_log(final=True)
     if run.history:
-        run.metrics[f"{name}_loss"] = run.history[-1]["loss"]
-    run.metrics[f"{name}_val_loss"] = evaluate_loss(objective, val_batches, device)
-    run.report_validation(run.metrics[f"{name}_val_loss"])
+        run.metrics.update({f"{name}_{key}": run.history[-1][key] for key in ("loss", *objective.metric_names)})
+    end = evaluate(objective, val_batches, device)
+    run.metrics.update({f"{name}_{key}": value for key, value in end.items()})
+    run.report_validation(end)
     return run.history, {k: v for k, v in run.metrics.items() if v is not None}
 
 
 def _objective(model: CausalLM, name: str, phase: PhaseConfig, training: TrainingConfig,
-               device: torch.device, ddp: bool) -> tuple[CausalLMObjective, bool]:
+               device: torch.device, ddp: bool) -> tuple[CausalLMObjective | PreferenceObjective, bool]:
     """The loss module, compiled as the config asks, and whether each step replays as CUDA graphs."""
+    if name == "finetune" and training.preference.loss is not None:  # the config refuses whole-model graphs here
+        return PreferenceObjective(model, training.preference.loss, training.preference.beta,
+                                   compile_chunks=training.speed.compile and device.type == "cuda"), False
     whole = training.speed.compile and training.speed.compile_scope == "model"
     speed.check_loss_kernel(training.loss.kernel, device)
     # A whole-objective graph takes the plain loss (the compiler fuses the cross-entropy itself),
@@ -166,8 +180,10 @@ class _PhaseRun:
     """What the loop remembers between steps: pending losses, history, validation record."""
 
     def __init__(self, name: str, phase: PhaseConfig, training: TrainingConfig, step_offset: int,
-                 on_log: Callable[[dict], None] | None) -> None:
+                 on_log: Callable[[dict], None] | None, metric_names: tuple[str, ...] = ()) -> None:
         self.name, self.phase, self.training, self.offset, self.on_log = name, phase, training, step_offset, on_log
+        self.metric_names = metric_names
+        self.metric_window: list[list[float]] = []  # the objective's metrics per step, as window holds the loss
         self.step, self.tokens, self.started = 0, 0.0, time.perf_counter()
         self.lr: float | torch.Tensor = 0.0  # a tensor under training.speed.compile_optimizer
         self.pending: list[tuple] = []
@@ -180,26 +196,30 @@ class _PhaseRun:
 
     def check_and_log(self, final: bool = False) -> None:
         if self.pending:
-            rows = torch.stack([torch.stack([loss.float(), n.float(), t.float()]) for _, loss, n, t in self.pending]).tolist()
-            for (step, *_), (loss, norm, tokens) in zip(self.pending, rows):
+            rows = torch.stack([torch.cat([torch.stack([loss.float(), n.float(), t.float()]), *([] if m is None else [m])])
+                                for _, loss, n, t, m in self.pending]).tolist()
+            for (step, *_), (loss, norm, tokens, *values) in zip(self.pending, rows):
                 if not (math.isfinite(loss) and math.isfinite(norm)):
                     self._diverged(step, loss, norm)
                 self.window.append(loss)
+                self.metric_window += [values] if values else []
                 self.tokens += tokens
             self.pending = []
         step = self.step
         if self.window and (step == 1 or step % self.training.logging.every == 0 or step == self.phase.steps or final):
             record = {"step": self.offset + step, "phase": self.name, "loss": sum(self.window) / len(self.window),
                       "lr": float(self.lr), "tokens_per_s": self.tokens / (time.perf_counter() - self.started)}
+            record.update({key: sum(col) / len(col) for key, col in zip(self.metric_names, zip(*self.metric_window))})
             self.history.append(record)
-            self.window = []
+            self.window, self.metric_window = [], []
             if self.on_log is not None:
                 self.on_log(record)
 
-    def report_validation(self, val_loss: float | None) -> None:
-        """A validation loss to ``on_log`` (live tracking), at the step the weights have reached."""
-        if val_loss is not None and self.on_log is not None:
-            self.on_log({"step": self.offset + self.step, "phase": self.name, f"{self.name}_val_loss": val_loss})
+    def report_validation(self, values: dict[str, float]) -> None:
+        """Validation values (:func:`evaluate`) to ``on_log`` (live tracking), at the step the weights have reached."""
+        if values and self.on_log is not None:
+            self.on_log({"step": self.offset + self.step, "phase": self.name,
+                         **{f"{self.name}_{key}": value for key, value in values.items()}})
 
     def _diverged(self, step: int, loss: float, norm: float) -> None:
         name, phase, training = self.name, self.phase, self.training
@@ -211,11 +231,12 @@ class _PhaseRun:
             f"training.{name}.warmup_steps, or clip harder (training.optimizer.grad_clip, now "
             f"{training.optimizer.grad_clip:g})")
 
-    def validate(self, val_loss: float | None, model: torch.nn.Module) -> bool:
-        """Record a validation loss; True when early stopping ends the phase (best weights restored)."""
+    def validate(self, values: dict[str, float], model: torch.nn.Module) -> bool:
+        """Record a validation (:func:`evaluate`); True when early stopping ends the phase (best weights restored)."""
+        val_loss = values.get("val_loss")
         if val_loss is None:
             return False
-        self.report_validation(val_loss)
+        self.report_validation(values)
         patience = self.training.validation.early_stopping_patience
         if val_loss < self.best_val:
             self.best_val, self.bad_evals = val_loss, 0
@@ -239,7 +260,8 @@ class _PhaseRun:
         groups = {"model": ckpt.trainable_state(model), "optimizer": opt_tensors, "rng": rng_tensors}
         if self.best_state is not None:
             groups["best"] = self.best_state
-        state = {"step": self.step, "lr": float(self.lr), "window": self.window, "history": self.history,
+        state = {"step": self.step, "lr": float(self.lr), "window": self.window, "metric_window": self.metric_window,
+                 "history": self.history,
                  "metrics": self.metrics, "best_val": self.best_val, "bad_evals": self.bad_evals,
                  "optimizer": opt_meta, "schedule": schedule.state_dict(), "rng": rng_meta}
         return groups, state
@@ -252,6 +274,7 @@ class _PhaseRun:
         schedule.load_state_dict(state["schedule"])  # its peak rate is then the phase's (rebase_schedule)
         ckpt.set_rng_state(saved.tensors["rng"], state["rng"])
         self.step, self.lr, self.window = state["step"], state["lr"], list(state["window"])
+        self.metric_window = list(state.get("metric_window", []))
         self.history, self.metrics = list(state["history"]), dict(state["metrics"])
         self.best_val, self.bad_evals, self.best_state = state["best_val"], state["bad_evals"], saved.tensors.get("best")
         self.last_checkpoint = saved.path
@@ -279,11 +302,6 @@ def rebase_schedule(optimizer: torch.optim.Optimizer, schedule, phase: PhaseConf
                          for g in optimizer.param_groups]
 
 
-def _targets(micro: list[Tensors]) -> int:
-    """Predicted (non-ignored, shifted) label positions in these micro-batches."""
-    return sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-
-
 def model_inputs(batch: Tensors, device: torch.device) -> Tensors:
     """Device tensors for the objective, without an attention mask where causality makes it moot.
 
@@ -291,8 +309,10 @@ def model_inputs(batch: Tensors, device: torch.device) -> Tensors:
     attention never lets them see: dropping the mask keeps SDPA on its flash-attention path.
     """
     inputs = {"input_ids": batch["input_ids"], "labels": batch["labels"]}
+    if "reference_logps" in batch:  # preference pairs: DPO's reference scores (lmforge.train.preference_data)
+        inputs["reference_logps"] = batch["reference_logps"]
     mask = batch.get("attention_mask")
-    if mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):
+    if mask is not None and bool((mask[..., 1:] > mask[..., :-1]).any()):
         inputs["attention_mask"] = mask
     return {k: to_device(v, device) for k, v in inputs.items()}
 
@@ -311,22 +331,27 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_loss(objective: CausalLMObjective, batches: list[Tensors], device: torch.device) -> float | None:
-    """Mean next-token loss per predicted token over all ranks' batches; None when there are none."""
+def evaluate(objective: CausalLMObjective | PreferenceObjective, batches: list[Tensors],
+             device: torch.device) -> dict[str, float]:
+    """``{"val_loss", "val_<metric>" ...}``: the mean loss (and metrics) per unit (predicted token, or
+    pair) over all ranks' batches; empty when there are none."""
     was_training = objective.training
     objective.eval()
-    totals = torch.zeros(2, device=device, dtype=torch.float64)  # [summed loss, predicted tokens]
+    names = ("val_loss", *(f"val_{m}" for m in objective.metric_names))
+    totals = torch.zeros(len(names) + 1, device=device, dtype=torch.float64)  # [summed loss, units, summed metrics]
     for batch in batches:
         if device.type == "cuda":  # under training.speed.cuda_graphs, an evaluation is a graph step of its own
             torch.compiler.cudagraph_mark_step_begin()
         with autocast(device):
-            loss_sum = objective(**model_inputs(batch, device))
-        targets = to_device(torch.tensor(_targets([batch]), dtype=torch.float64), device)  # as in a step
-        totals += torch.stack([loss_sum.double(), targets])
+            out = objective(**model_inputs(batch, device)).double().reshape(-1)
+        units = to_device(torch.tensor([objective.units([batch])], dtype=torch.float64), device)  # as in a step
+        totals += torch.cat([out[:1], units, out[1:]])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     objective.train(was_training)
-    return (totals[0] / totals[1]).item() if totals[1] > 0 else None
+    if not totals[1] > 0:
+        return {}
+    return dict(zip(names, (torch.cat([totals[:1], totals[2:]]) / totals[1]).tolist()))
 
 
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,

@@ -27,7 +27,14 @@ CHUNK_BYTES = 1 << 29  # float32 logits of one chunk: 512 MiB bounds the loss's 
 
 
 class CausalLMObjective(torch.nn.Module):
-    """``forward(input_ids, labels, attention_mask=None) -> summed loss`` of a causal LM."""
+    """``forward(input_ids, labels, attention_mask=None) -> summed loss`` of a causal LM.
+
+    The loop divides the sum by :meth:`units` of the step (its target tokens); an objective with
+    ``metric_names`` (:class:`lmforge.train.preference.PreferenceObjective`) returns a vector instead,
+    the summed loss first, then one summed value per name, each divided by the same units.
+    """
+
+    metric_names: tuple[str, ...] = ()
 
     def __init__(self, model: CausalLM, label_smoothing: float = 0.0, fused: bool = True,
                  compile_chunks: bool = False, kernel: str = "torch") -> None:
@@ -35,7 +42,7 @@ class CausalLMObjective(torch.nn.Module):
         self.model = model
         self.label_smoothing = label_smoothing
         self.kernel = kernel
-        self.fused = fused and _hidden_and_head(model) is not None
+        self.fused = fused and hidden_and_head(model) is not None
         self.chunk_fn = torch.compile(chunk_loss_and_grad, dynamic=False) if compile_chunks else chunk_loss_and_grad
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -43,7 +50,7 @@ class CausalLMObjective(torch.nn.Module):
         # Targets shifted left by one (the last position predicts nothing): the hidden states
         # keep their layout, so nothing of batch x length x width is copied.
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        parts = _hidden_and_head(self.model) if self.fused else None  # never None when fused (see __init__)
+        parts = hidden_and_head(self.model) if self.fused else None  # never None when fused (see __init__)
         if parts is not None:
             decoder, head = parts
             # No KV cache in training: building one per step also makes every block's compiled graph
@@ -62,6 +69,12 @@ class CausalLMObjective(torch.nn.Module):
         return LogitsCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(), self.label_smoothing)
 
 
+    @staticmethod
+    def units(micro: list[dict[str, torch.Tensor]]) -> int:
+        """Predicted (non-ignored, shifted) label positions in these micro-batches."""
+        return sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+
+
 def _liger_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
     """The same summed loss through Liger kernels' Triton fused linear cross-entropy (CUDA only)."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
@@ -70,7 +83,7 @@ def _liger_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
                                             label_smoothing=smoothing, reduction="sum")
 
 
-def _hidden_and_head(model: CausalLM) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+def hidden_and_head(model: CausalLM) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
     """(decoder returning hidden states, output layer) of a plain or weight-adapted HF causal LM."""
     inner: torch.nn.Module = model
     if hasattr(model, "peft_config"):
@@ -181,3 +194,87 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         grad_w = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
         return grad_h, grad_w, None, None, None, None
+
+
+def sequence_logps(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None, chunk_fns: tuple | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each row's labelled tokens, how many there are), float32, shape (rows,).
+
+    Preference losses score whole answers. Through the output layer in chunks
+    (:class:`TokenLogProbs`) where the model has one plain head, else from its logits (prompt-learning
+    methods, whose logits start with their virtual tokens). ``chunk_fns`` are the compiled
+    (forward, backward) chunk functions, if any.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    parts = hidden_and_head(model)
+    if parts is not None:
+        decoder, head = parts
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        if torch.is_autocast_enabled(hidden.device.type):
+            hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
+        forward, backward = chunk_fns or (token_logps, token_logps_grad)
+        per_token = TokenLogProbs.apply(hidden.flatten(0, 1), head.weight, targets.flatten(), forward, backward)
+        per_token = per_token.view_as(targets)
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = logits[:, logits.shape[1] - labels.shape[1]:].float()
+        picked = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+        per_token = torch.where(targets != IGNORE_INDEX, picked, 0.0)
+    return per_token.sum(-1), (targets != IGNORE_INDEX).sum(-1).float()
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) of each row of float32 ``logits``; 0 where the target is ignored."""
+    picked = logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    return torch.where(targets != IGNORE_INDEX, picked, 0.0)
+
+
+def token_logps_grad(logits: torch.Tensor, targets: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """d(sum of grad_out * log p(target)) / d logits: (one-hot - softmax) * grad_out, 0 on ignored rows."""
+    grad = (logits - torch.logsumexp(logits, dim=-1, keepdim=True)).exp_().neg_()
+    grad.scatter_add_(1, targets.clamp(min=0)[:, None], torch.ones_like(grad[:, :1]))
+    return grad.mul_(torch.where(targets != IGNORE_INDEX, grad_out, 0.0)[:, None])
+
+
+class TokenLogProbs(torch.autograd.Function):
+    """log p(target) of each row of ``hidden @ weight.T``, never holding the logits of all rows.
+
+    Unlike the summed loss (:class:`FusedLinearCrossEntropy`), each row's gradient is scaled by a
+    weight known only after the whole batch is scored (a pair's preference loss), so the gradient
+    cannot be formed in the forward; the backward recomputes each chunk's logits instead (one more
+    output-layer product, about 2% of a 1B model's step) rather than keeping them all.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, forward_fn, backward_fn):
+        w = weight.to(hidden.dtype)
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        rows = _chunk_rows(weight)
+        for start in range(0, hidden.shape[0], rows):
+            out[start:start + rows] = forward_fn((hidden[start:start + rows] @ w.T).float(), targets[start:start + rows])
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.backward_fn = backward_fn
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(hidden.dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        rows = _chunk_rows(weight)
+        for start in range(0, hidden.shape[0], rows):
+            h = hidden[start:start + rows]
+            grad = ctx.backward_fn((h @ w.T).float(), targets[start:start + rows], grad_out[start:start + rows])
+            grad = grad.to(hidden.dtype)
+            if grad_h is not None:
+                grad_h[start:start + rows] = grad @ w
+            if grad_w is not None:
+                grad_w += (grad.T @ h).float()
+        return grad_h, grad_w.to(weight.dtype) if grad_w is not None else None, None, None, None
+
+
+def _chunk_rows(weight: torch.Tensor) -> int:
+    return max(128, CHUNK_BYTES // (4 * weight.shape[0]) // 128 * 128)

@@ -4,7 +4,9 @@
 Train worker. Pretraining trains all weights; the fine-tuning phase trains what ``training.method``
 says (:mod:`lmforge.train.methods.catalog`). Before an adapter phase the base it adapts is written to the
 run's checkpoint directory, so that a resumed run, QLoRA's 4-bit reload and the final merge all
-start from exactly those weights. Each phase's rows come from :func:`lmforge.train.data.phase_rows`.
+start from exactly those weights. Each phase's rows come from :func:`lmforge.train.data.phase_rows`;
+with ``training.preference.loss`` the fine-tuning phase trains on preference pairs instead
+(:mod:`lmforge.train.preference_data`; DPO's reference scored once, before its first step).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from lmforge.train.accel import flash4, fp8, speed
 from lmforge.train.data import batch_stream, fixed_batches, phase_rows
 from lmforge.train.loop import train_phase
 from lmforge.train.methods import catalog as methods
+from lmforge.train.preference_data import REFERENCE_FILE, attach_reference, preference_rows
 
 
 def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, device: torch.device,
@@ -63,8 +66,14 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
         if methods.method_info(method).adapts:
             model = _adapted(model, tokenizer, training, root / "base", device, resumed=here is not None, rank=rank)
         params[f"params_trainable_{name}"] = count_parameters(model, trainable_only=True)
-        train_rows, val_rows, params[f"data_{name}"] = phase_rows(name, tokenizer, ws, phase,
-                                                                  finetune_heldout_fraction)
+        pairs = name == "finetune" and training.preference_tuning
+        train_rows, val_rows, params[f"data_{name}"] = (preference_rows if pairs else phase_rows)(
+            name, tokenizer, ws, phase, finetune_heldout_fraction)
+        if pairs and training.preference.loss == "dpo":
+            scored = attach_reference(model, {"train": train_rows, **({"validation": val_rows} if val_rows else {})},
+                                      phase.batch_size, device, root / REFERENCE_FILE if training.checkpointing.every
+                                      else None, resumed=here is not None)
+            train_rows, val_rows = scored["train"], scored.get("validation")
         params[f"data_{name}_validation_rows"] = len(val_rows["input_ids"]) if val_rows else 0
         batches = batch_stream(train_rows, phase.batch_size, seed=training.seed + index, rank=rank,
                                world_size=world, skip=here.state["loop"]["step"] * phase.grad_accum if here else 0)
@@ -158,6 +167,8 @@ def _identity(training: TrainingConfig, model_cfg: ModelConfig) -> dict:
     section = {"lora": "lora", "qlora": "lora", "adapter": "adapter", "ia3": "ia3"}.get(training.method, "prompt_learning")
     identity = {"model": model_cfg.model_dump(mode="json"), "method": training.method,
                 "method_config": getattr(training, section).model_dump(mode="json"), "seed": training.seed}
+    if training.preference_tuning:  # a DPO checkpoint resumed as plain SFT (or ORPO) would train another objective
+        identity["preference"] = training.preference.model_dump(mode="json")
     if training.speed.fp8:  # FP8 training checkpoints GPT-2's layers as nn.Linear (transposed): another layout
         identity["fp8"] = True
     return identity
