@@ -54,8 +54,9 @@ def _workspace_mlflow(monkeypatch):
 
 @pytest.fixture(scope="module")
 def registry(tokenized_workspace):
-    """A workspace whose registry holds NAME: version 1 (trained in full, alias champion) and version 2
-    (a LoRA fine-tune of it: registered merged, alias lora) and version 3 (a prefix-tuning adapter, alias prefix)."""
+    """A workspace whose registry holds NAME: version 1 (trained in full, alias champion), version 2
+    (a LoRA fine-tune of it: registered merged, alias lora) and version 3 (a prefix-tuning adapter beside
+    its base weights, unmergeable, alias prefix)."""
     home = tokenized_workspace("champion-home", CHAMPION_MODEL)
     platform = PlatformConfig(mlflow_tracking_uri=home.mlflow_tracking_uri, mlflow_system_metrics_interval_s=0)
     client = mlflow_client(home, platform)
@@ -70,7 +71,8 @@ def registry(tokenized_workspace):
                            model_dir=result.model_dir, params={}, metrics={"eval_loss": 1.0}, history=[],
                            dataset_inputs=[], tags={})
         client.set_registered_model_alias(NAME, alias, version.version)
-    return {"home": home, "platform": platform, "client": client, "champion": champion, "lora": lora}
+    return {"home": home, "platform": platform, "client": client, "champion": champion, "lora": lora,
+            "prefix": prefix}
 
 
 @pytest.fixture()
@@ -125,6 +127,33 @@ def test_a_lora_champion_is_continued_from_its_merged_weights(registry, fresh):
     assert not _same(merged, _weights(registry["champion"].model_dir))  # the adapter is in them
 
 
+def test_an_unmergeable_adapter_champion_keeps_training_its_adapter(registry, fresh):
+    platform = registry["platform"]
+    model = ModelConfig(base_model=f"models:/{NAME}@prefix")
+    tokenize(TokenizeConfig(build_datasets=False), model, NO_STEPS, fresh, platform=platform)
+    # One step at a vanishing learning rate: what is saved is what the adapter started from. Prefix tuning
+    # is saved as the prefixes its MLP made (peft keeps no MLP), so P-tuning v2 trains them on directly.
+    still = PHASE.model_copy(update={"steps": 1, "learning_rate": 1e-12, "warmup_steps": 0})
+    prefix = NO_STEPS.model_copy(update={"method": "ptuning_v2", "finetune": still})
+    result = train(prefix, model, fresh, platform=platform)
+    champion = registry["prefix"].model_dir
+    started = load_file(str(result.model_dir / "adapter" / "adapter_model.safetensors"))
+    theirs = load_file(str(champion / "adapter" / "adapter_model.safetensors"))
+    assert started.keys() == theirs.keys() and all(torch.allclose(started[k], theirs[k], atol=1e-6) for k in theirs)
+    assert _same(_weights(result.model_dir), _weights(champion))  # the same frozen base under it
+
+    # Any other method would train the champion's base without the adapter that makes it the champion.
+    for method in ("lora", "prefix", "pretrain"):
+        with pytest.raises(ConfigError, match="unmergeable adapter") as info:
+            train(prefix.model_copy(update={"method": method}), model, fresh, platform=platform)
+        assert "training.method: ptuning_v2" in info.value.fix
+    # The same method with other settings cannot take the saved tensors: refused, not silently fresh.
+    wider = prefix.model_copy(update={"prompt_learning": prefix.prompt_learning.model_copy(
+        update={"num_virtual_tokens": prefix.prompt_learning.num_virtual_tokens + 2})})
+    with pytest.raises(ConfigError, match="does not fit"):
+        train(wider, model, fresh, platform=platform)
+
+
 def test_what_cannot_be_continued_is_refused_with_the_fix(registry, fresh):
     platform = registry["platform"]
     with pytest.raises(RegistryError, match="no alias 'nope'") as info:
@@ -134,9 +163,6 @@ def test_what_cannot_be_continued_is_refused_with_the_fix(registry, fresh):
         resolve_base(ModelConfig(base_model=f"models:/{NAME}/9"), fresh, platform)
     with pytest.raises(RegistryError, match="no registered model 'other'"):
         resolve_base(ModelConfig(base_model="models:/other@champion"), fresh, platform)
-    with pytest.raises(ConfigError, match="unmergeable adapter") as info:
-        resolve_base(ModelConfig(base_model=f"models:/{NAME}@prefix"), fresh, platform)
-    assert "lora" in info.value.fix
 
     started = time.monotonic()
     with pytest.raises(RegistryError, match="cannot reach the MLflow registry") as info:

@@ -17,13 +17,17 @@ used, whatever ``model.chat_template`` says (see :func:`_effective_template`).
 
 Adapters. A registered version is a run's ``model/`` directory (:mod:`lmforge.train.artifacts`).
 For LoRA, QLoRA and IA3 that directory already is the adapter merged into its base (float32, from
-the saved files), so continuing from it needs nothing more: the merged weights are the new base,
-and a new adapter (or a full fine-tune) trains on top of exactly the function the champion
-computes. The unmergeable methods (bottleneck adapters, prefix/prompt tuning) leave base weights
-plus ``model/adapter/`` and a marker; loading that directory as a base would silently drop the
-adapter, i.e. start from the champion's *base*, not from the champion. Such a champion is refused
-with the fix (:func:`_refuse_unmergeable`): continuing it would mean training its adapter further,
-which the training engine does not offer yet.
+the saved files), so continuing needs nothing more: the merged weights are the new base, and any
+method trains on top of exactly the function the champion computes (merging is chosen over
+reloading base + adapter because it is what was registered, it is exact, and it leaves every
+training method free). The unmergeable methods (bottleneck adapters, prefix and prompt tuning)
+cannot be folded into weights: their ``model/`` holds base weights plus ``model/adapter/`` and a
+marker, and loading it as a plain base would silently drop the adapter. For those the base is the
+champion's base weights and the fine-tuning phase's adapter starts from the champion's adapter
+(:func:`lmforge.train.artifacts.load_adapter_weights`): the method that trains its saved tensors
+(the same one; ``ptuning_v2`` for prefix tuning and ``prompt`` for p-tuning, which peft saves without
+their reparameterization network) keeps training it; :func:`check_continuable` refuses any other
+method before a worker starts.
 
 :func:`choose_base` is the scheduled-retraining rule (the pipeline flow's ``continue_from``).
 """
@@ -40,6 +44,7 @@ from lmforge.config.model import ModelConfig
 from lmforge.config.pipeline import PipelineConfig
 from lmforge.config.platform import PlatformConfig
 from lmforge.config.registry import RegistryConfig
+from lmforge.config.training import TrainingConfig
 from lmforge.core.errors import ConfigError, RegistryError
 from lmforge.core.workspace import Workspace
 from lmforge.model.prompt import TEMPLATES
@@ -62,6 +67,7 @@ class BaseModel:
     uri: str | None = None
     name: str | None = None
     version: str | None = None
+    adapter: Path | None = None  # the unmergeable adapter beside the base weights, to keep training
 
     @property
     def path(self) -> Path | None:
@@ -88,9 +94,8 @@ def resolve_base(model: ModelConfig, ws: Workspace, platform: PlatformConfig | N
 
     _require_reachable(ws, platform)
     local, name, version = _registry_call(lambda: resolve_model(uri, ws, platform), ws, platform)
-    _refuse_unmergeable(local, uri, version)
     resolved = model.model_copy(update={"base_model": str(local), "chat_template": _effective_template(local, model)})
-    return BaseModel(resolved, uri, name, version)
+    return BaseModel(resolved, uri, name, version, _marked_adapter(local))
 
 
 def check_base_tokenizer(base: BaseModel, tokenizer_dir: Path) -> None:
@@ -109,6 +114,26 @@ def check_base_tokenizer(base: BaseModel, tokenizer_dir: Path) -> None:
             f"(version {base.version})",
             "rerun `lmforge tokenize CONFIG`: with a registered base it copies that model's tokenizer and chat "
             "template (and rebuilds the tokenized datasets with them)")
+
+
+def check_continuable(base: BaseModel, training: TrainingConfig) -> None:
+    """An unmergeable adapter base is continued only by fine-tuning that adapter, with the method that
+    trains its saved tensors: anything else would train the champion's base without the adapter that
+    makes it the champion."""
+    if base.adapter is None:
+        return
+    from lmforge.train.artifacts import adapter_kind, continuing_method
+
+    method = continuing_method(base.adapter)
+    if training.finetunes and training.method == method:
+        return
+    raise ConfigError(
+        f"base_model {base.uri} (version {base.version}) is an unmergeable adapter ({adapter_kind(base.adapter)}) "
+        f"beside its base weights, and training.method {training.method} (finetune.steps "
+        f"{training.finetune.steps}) would not keep training it",
+        f"set training.method: {method} (with the adapter's settings) and finetune.steps above 0; prefix tuning and "
+        "p-tuning are saved without their reparameterization network, so ptuning_v2 and prompt continue them. Or "
+        "continue from a version trained with full, lora, qlora or ia3 (registered merged)")
 
 
 def choose_base(configured: str | None, continue_from: ContinueFrom, scheduled: bool,
@@ -170,18 +195,11 @@ def _effective_template(local: Path, model: ModelConfig) -> str:
     return label if label in TEMPLATES else model.chat_template
 
 
-def _refuse_unmergeable(local: Path, uri: str, version: str) -> None:
+def _marked_adapter(local: Path) -> Path | None:
     # Imported here: it brings torch, and the pipeline flow imports this module for ContinueFrom alone.
-    from lmforge.train.artifacts import MARKER, marked_adapter_dir
+    from lmforge.train.artifacts import marked_adapter_dir
 
-    adapter = marked_adapter_dir(local)
-    if adapter is None:
-        return
-    raise ConfigError(
-        f"base_model {uri} (version {version}) is an unmergeable adapter ({adapter.relative_to(local)} beside base "
-        f"weights, marked by {MARKER}); loaded as a base its adapter would be dropped",
-        "continue from a version trained with lora, qlora, ia3 or full fine-tuning (their registered weights "
-        "are complete), or train that adapter method anew from the champion's own base_model")
+    return marked_adapter_dir(local)
 
 
 def _require_reachable(ws: Workspace, platform: PlatformConfig | None) -> None:

@@ -24,7 +24,7 @@ from lmforge.config.platform import PlatformConfig
 from lmforge.config.tokenize import TokenizeConfig
 from lmforge.config.training import TrainingConfig
 from lmforge.core.workspace import Workspace, atomic_write_json
-from lmforge.stages.base_model import check_base_tokenizer, resolve_base
+from lmforge.stages.base_model import check_base_tokenizer, check_continuable, resolve_base
 from lmforge.tracking.live import LiveRun, mark_failed
 from lmforge.tracking.mlflow_tracker import mlflow_client, mlflow_uris
 from lmforge.train.launch import check_inputs, fit
@@ -77,10 +77,12 @@ def train(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, run_n
     try:
         base = resolve_base(model_cfg, ws, platform)
         check_base_tokenizer(base, ws.tokenizer_dir)
+        check_continuable(base, training)
         check_inputs(training, base.model, ws)
         job = {"training": training.model_dump(mode="json"), "model": base.model.model_dump(mode="json"),
                "home": str(ws.home), "run_id": run_id, "resume": bool(resume),
-               "finetune_heldout_fraction": finetune_heldout_fraction}
+               "finetune_heldout_fraction": finetune_heldout_fraction,
+               "base_adapter": str(base.adapter) if base.adapter else None}
         # The config as written (a models:/ URI, never the download's path) plus the version it named.
         config_params = {**_flatten({"training": job["training"], "model": model_cfg.model_dump(mode="json")}),
                          **base.lineage()}

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
+from lmforge.core.errors import ConfigError
 from lmforge.core.workspace import atomic_write_json
 from lmforge.model.prompt import format_prompt
 from lmforge.train.methods import bottleneck as adapters
@@ -120,6 +121,57 @@ def apply_adapter(model: PreTrainedModel, adapter_dir: Path) -> CausalLM:
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, adapter_dir)
+
+
+@torch.no_grad()
+def load_adapter_weights(model: CausalLM, adapter_dir: Path) -> None:
+    """Start the adapter just applied to ``model`` from the weights saved in ``adapter_dir`` (continuing a
+    registered unmergeable adapter). Every saved tensor must find its twin by name and shape: another
+    method or other adapter settings would silently train something else, so they are refused."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    if adapters.is_bottleneck_adapter(adapter_dir):
+        saved = load_file(str(adapter_dir / adapters.WEIGHTS_FILE))
+        own = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    else:
+        from peft import PeftModel, get_peft_model_state_dict, load_peft_weights
+
+        saved = load_peft_weights(str(adapter_dir), device="cpu")
+        own = get_peft_model_state_dict(model) if isinstance(model, PeftModel) else {}
+    shapes = {k: tuple(v.shape) for k, v in saved.items()}
+    if shapes != {k: tuple(v.shape) for k, v in own.items()}:
+        raise ConfigError(
+            f"the adapter in {adapter_dir} ({adapter_kind(adapter_dir)}) does not fit the one training.method "
+            "applies (other tensors or shapes)", "set training.method and its settings (lora, adapter or "
+            "prompt_learning section) to those the base's adapter was trained with")
+    if adapters.is_bottleneck_adapter(adapter_dir):
+        for name, tensor in saved.items():
+            own[name].copy_(tensor)
+    else:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, saved)  # type: ignore[arg-type]  # a PeftModel, checked above
+
+
+# peft saves the virtual tokens of prefix tuning and p-tuning as they come out of their reparameterization
+# network, which it does not keep: what can go on training them is the method that trains them directly.
+_CONTINUED_BY = {"PREFIX_TUNING": "ptuning_v2", "PROMPT_TUNING": "prompt", "P_TUNING": "prompt",
+                 "ADAPTION_PROMPT": "adapter"}
+
+
+def continuing_method(adapter_dir: Path) -> str:
+    """The ``training.method`` that keeps training the unmergeable adapter saved in ``adapter_dir``."""
+    if adapters.is_bottleneck_adapter(adapter_dir):
+        return "adapter"
+    peft_type = json.loads((Path(adapter_dir) / adapters.CONFIG_FILE).read_text()).get("peft_type")
+    return _CONTINUED_BY.get(str(peft_type), str(peft_type).lower())
+
+
+def adapter_kind(adapter_dir: Path) -> str:
+    """What trained the adapter in ``adapter_dir``: peft's ``peft_type`` (PREFIX_TUNING, ...) or our adapters' kind."""
+    config = json.loads((Path(adapter_dir) / adapters.CONFIG_FILE).read_text())
+    return str(config.get("peft_type") or config.get("kind") or "unknown kind")
 
 
 @torch.no_grad()

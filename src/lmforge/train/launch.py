@@ -92,7 +92,8 @@ def run_worker(job: dict, on_log: Callable[[dict], None] | None = None) -> dict:
         with atomic_dir(run_dir) if rank == 0 else nullcontext() as out:
             outcome = run_phases(training, model_cfg, ws, device, out, run_dir, job["run_id"],
                                  on_log if rank == 0 else None, job["finetune_heldout_fraction"],
-                                 resume=job.get("resume", False))
+                                 resume=job.get("resume", False),
+                                 base_adapter=Path(job["base_adapter"]) if job.get("base_adapter") else None)
     except BaseException:
         if rank == 0 and not (root / ckpt.LATEST).exists():
             shutil.rmtree(root, ignore_errors=True)  # nothing to resume from: only a saved base

@@ -37,8 +37,11 @@ from lmforge.train.preference_data import REFERENCE_FILE, attach_reference, pref
 
 def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, device: torch.device,
                out: Path | None, run_dir: Path, run_id: str, on_log: Callable[[dict], None] | None,
-               finetune_heldout_fraction: float, resume: bool = False) -> dict:
+               finetune_heldout_fraction: float, resume: bool = False, base_adapter: Path | None = None) -> dict:
     """Train and (on rank 0, ``out`` set) save; return ``{"history", "metrics", "params"}``.
+
+    ``base_adapter`` is the adapter of an unmergeable base (a registered champion trained with prefix
+    tuning, say): the fine-tuning phase's adapter starts from its weights instead of fresh ones.
 
     ``finetune_heldout_fraction`` (``tokenize.finetune_heldout_fraction``) is the share of SFT train
     records held out for validation when the phase tokenizes on the fly (:func:`phase_rows`).
@@ -64,7 +67,8 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
         here = saved if saved and saved.state["phase_index"] == index else None
         method = phase_method
         if methods.method_info(method).adapts:
-            model = _adapted(model, tokenizer, training, root / "base", device, resumed=here is not None, rank=rank)
+            model = _adapted(model, tokenizer, training, root / "base", device, resumed=here is not None, rank=rank,
+                             base_adapter=base_adapter)
         params[f"params_trainable_{name}"] = count_parameters(model, trainable_only=True)
         pairs = name == "finetune" and training.preference_tuning
         train_rows, val_rows, params[f"data_{name}"] = (preference_rows if pairs else phase_rows)(
@@ -118,7 +122,7 @@ def _prepared(model, tokenizer, device: torch.device, training: TrainingConfig):
 
 
 def _adapted(model, tokenizer, training: TrainingConfig, base_dir: Path, device: torch.device, resumed: bool,
-             rank: int):
+             rank: int, base_adapter: Path | None = None):
     """The fine-tuning model: the method applied to the base, which is saved first (or reloaded)."""
     if resumed:
         from transformers import AutoModelForCausalLM
@@ -132,6 +136,8 @@ def _adapted(model, tokenizer, training: TrainingConfig, base_dir: Path, device:
     if dist.is_initialized():
         dist.barrier()  # QLoRA reloads the base on every rank
     model = methods.apply_method(model, training, base_dir, device)
+    if base_adapter is not None and not resumed:  # a resumed run's checkpoint holds the adapter already
+        artifacts.load_adapter_weights(model, base_adapter)
     if training.method == "qlora":  # a new model (the base reloaded in 4 bits): prepare it as the base was
         speed.apply_settings(model, training.speed, device)
     llama_adapter = training.method == "adapter" and training.adapter.variant == "llama_adapter"
