@@ -30,14 +30,14 @@ run: install
 # Two pytest workers: most tests wait on subprocesses and servers, so two overlap well even on a
 # busy 2-core machine; the tests that share the pipeline run stay on one worker (tests/conftest.py).
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2
 
 # tests/unit only: fast, no servers and no CLI subprocesses.
 test-unit: install
 	$(BIN)/python -m pytest -q tests/unit
 
 test-all: install
-	LMFORGE_SLOW=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	LMFORGE_SLOW=1 $(BIN)/python -m pytest -q -n 2
 
 # ruff (rules in pyproject.toml) over the code and its tests, then mypy over src/, flows/, tasks/.
 lint: install
