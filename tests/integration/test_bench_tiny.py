@@ -236,3 +236,20 @@ def test_curate_datatrove_tiny(tmp_path):
     got = records(tmp_path, "curate_datatrove", "bench.data.curate_datatrove")
     assert {"dedup_docs_per_s_per_core", "full_docs_per_s_per_core", "dedup_unique_docs_kept"} <= set(got)
     assert got["dedup_near_dup_recall"]["value"] >= 0.8
+
+
+def test_train_dpo_gpu_tiny(tmp_path):
+    """Our DPO + LoRA and, when trl is installed (the `bench` extra), TRL's DPOTrainer on the same pairs."""
+    import importlib.util
+
+    proc = bench("bench.train.dpo_gpu", out=tmp_path)
+    raw = {r["row"]: r for r in map(json.loads, (tmp_path / "train_dpo_gpu_raw.jsonl").read_text().splitlines())}
+    assert "error" not in raw["lmforge"] and raw["lmforge"]["tokens_per_s"] > 0, raw
+    assert raw["lmforge"]["reference_s"] > 0  # DPO's reference pass is timed with our run
+    got = records(tmp_path, "train_dpo_gpu", "bench.train.dpo_gpu")
+    figure = got["tiny_llama_dpo_lora_b2_s64_tokens_per_s"]
+    if importlib.util.find_spec("trl") is None:
+        assert "TRL baseline skipped" in proc.stdout and figure["baseline_value"] is None
+    else:
+        assert "error" not in raw["trl_plain"], raw["trl_plain"]
+        assert figure["baseline_value"] == raw["trl_plain"]["tokens_per_s"] > 0
