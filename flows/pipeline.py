@@ -52,7 +52,7 @@ def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen, 
         record_failure(config.platform, trained, "evaluate", exc)
         raise
     registered = register_task(config, trained, evaluated, run_id)
-    # With registry.policy.approval.required, the run pauses here for a person's answer (a Prefect form).
+    # With registry.policy.approval.enabled, the run pauses here for a person's answer (a Prefect form).
     decision = promote_with_approval(config.registry, config.platform, registered["version"])
     deployed = None
     if deploy and decision["champion_version"]:  # a rejected first version leaves no champion to serve

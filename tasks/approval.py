@@ -2,7 +2,7 @@
 
 :func:`promote_with_approval` is the flow's promote step; it calls :func:`request_approval` (in the
 flow body, not a task) when the promote task left the candidate ``pending``
-(``registry.policy.approval.required``). It uses Prefect's own mechanism: ``pause_flow_run`` with
+(``registry.policy.approval.enabled``). It uses Prefect's own mechanism: ``pause_flow_run`` with
 ``wait_for_input`` saves :class:`ApprovalInput`'s JSON schema on the flow run, the Prefect UI shows
 it as a form on the paused run (or a script resumes it through the API, ``POST
 /flow_runs/{id}/resume`` with ``{"run_input": {"approve": true, "comment": "..."}}``), and the
@@ -37,7 +37,7 @@ class ApprovalInput(RunInput):
 
 def promote_with_approval(cfg: RegistryConfig, platform: PlatformConfig, version: str) -> dict[str, Any]:
     """The promote step of a flow: apply the policy and, when it leaves the version pending
-    (``registry.policy.approval.required``), pause for a person's answer and record it."""
+    (``registry.policy.approval.enabled``), pause for a person's answer and record it."""
     decision = promote_task(cfg, platform, version)
     if decision["decision"] == "pending":
         answer = request_approval(decision, cfg.policy.approval.timeout_s)

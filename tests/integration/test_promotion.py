@@ -200,7 +200,7 @@ def _final_state(api: str, run_name: str) -> str:
 @pytest.mark.parametrize("approve", [True, False])
 def test_approval_pauses_the_flow_and_records_the_answer(ws, base_model, prefect_server, approve):
     name = f"approval-{str(approve).lower()}"
-    cfg = _registry(name, GUARDED.model_copy(update={"approval": ApprovalConfig(required=True, timeout_s=120)}))
+    cfg = _registry(name, GUARDED.model_copy(update={"approval": ApprovalConfig(enabled=True, timeout_s=120)}))
     v1 = _register(ws, base_model, name, GOOD)
     settle_approval(cfg, PLATFORM, ws, v1, approved=True, comment="bootstrap")  # the first champion, by hand
     v2 = _register(ws, base_model, name, {**GOOD, "eval_perplexity": 90.0})
@@ -229,7 +229,7 @@ def test_approval_pauses_the_flow_and_records_the_answer(ws, base_model, prefect
 
 def test_approval_timeout_rejects(ws, base_model, prefect_server):
     name = "approval-timeout"
-    cfg = _registry(name, PolicyConfig(approval=ApprovalConfig(required=True, timeout_s=2)))
+    cfg = _registry(name, PolicyConfig(approval=ApprovalConfig(enabled=True, timeout_s=2)))
     v1 = _register(ws, base_model, name, GOOD)
     run_name = f"{name}-{uuid.uuid4().hex[:6]}"
     thread, out = _run_flow(prefect_server, cfg, v1, run_name)
@@ -244,7 +244,7 @@ def test_approval_timeout_rejects(ws, base_model, prefect_server):
 
 def test_approval_outside_a_flow_leaves_a_candidate_until_the_cli_answers(ws, base_model):
     name = "approval-cli"
-    cfg = _registry(name, PolicyConfig(approval=ApprovalConfig(required=True)))
+    cfg = _registry(name, PolicyConfig(approval=ApprovalConfig(enabled=True)))
     v1 = _register(ws, base_model, name, GOOD)
     pending = promote(cfg, PLATFORM, ws, v1)
     assert pending.decision == "pending" and f"--approve {v1}" in pending.reason
@@ -252,7 +252,7 @@ def test_approval_outside_a_flow_leaves_a_candidate_until_the_cli_answers(ws, ba
     assert not client.get_registered_model(name).aliases
     config = ws.home / f"{name}.yaml"
     config.write_text(f"registry:\n  model_name: {name}\n  experiment: promotion-tests\n"
-                      "  policy:\n    approval: {required: true}\n")
+                      "  policy:\n    approval: {enabled: true}\n")
     answered = run_cli(["promote", str(config), "--approve", v1, "--comment", "ok", "--json"], ws.home)
     assert answered.returncode == 0, answered.stderr
     result = json.loads(answered.stdout.strip().splitlines()[-1])

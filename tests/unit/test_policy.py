@@ -80,7 +80,7 @@ def test_policy_config_and_moved_keys():
     config = parse_config({"registry": {"policy": {
         "metric": "eval_bits_per_byte", "margin": 0.02,
         "guardrails": [{"metric": "eval_rouge_l", "direction": "max", "max_regression": 0.01}],
-        "approval": {"required": True, "timeout_s": 600}}}})
+        "approval": {"enabled": True, "timeout_s": 600}}}})
     policy = config.registry.policy
     assert policy.guardrails[0].kind == "relative" and policy.approval.timeout_s == 600
     with pytest.raises(ConfigError) as err:
@@ -91,7 +91,7 @@ def test_policy_config_and_moved_keys():
         parse_config({"registry": {"policy": {"guardrails": [{"metric": "a"}, {"metric": "a"}]}}})
     with pytest.raises(ConfigError, match=r"guardrails\.0\.kind"):
         parse_config({"registry": {"policy": {"guardrails": [{"metric": "a", "kind": "percent"}]}}})
-    assert load_config().registry.policy.approval.required is False
+    assert load_config().registry.policy.approval.enabled is False
 
 
 def test_model_card_shows_lineage_training_metrics_tasks_and_decision():

@@ -35,7 +35,9 @@ class Guardrail(Section):
 class ApprovalConfig(Section):
     """A human decides after the rules pass (a Prefect input form in a flow; the CLI otherwise)."""
 
-    required: bool = Field(False, description="Wait for a person to approve a candidate the rules would promote.")
+    # Not `required`: Prefect validates flow parameters against their JSON schema, where a property
+    # of that name is read as the schema keyword and the deployment is refused.
+    enabled: bool = Field(False, description="Wait for a person to approve a candidate the rules would promote.")
     timeout_s: int = Field(
         3600, ge=1,
         description="Seconds the paused flow waits for an answer in the Prefect UI; no answer rejects the candidate.",

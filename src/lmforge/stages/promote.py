@@ -2,7 +2,7 @@
 
 Run it with ``lmforge promote CONFIG [VERSION]``; ``lmforge run`` promotes after registering. The
 policy (:mod:`lmforge.tracking.policy`) is the deciding metric with its margin plus guardrails. When
-``registry.policy.approval.required`` is on, a candidate the rules pass is left *pending*: in the
+``registry.policy.approval.enabled`` is on, a candidate the rules pass is left *pending*: in the
 pipeline flow the flow run pauses with an input form in the Prefect UI (``tasks/approval.py``);
 outside a flow it stays a candidate until ``lmforge promote CONFIG --approve VERSION`` (or
 ``--reject VERSION``), which :func:`settle_approval` records. Every decision is written on the
@@ -60,7 +60,7 @@ def promote(cfg: RegistryConfig, platform: PlatformConfig | None, ws: Workspace,
     """Apply ``cfg.policy`` to ``version``: promote it, reject it, or leave it pending approval."""
     client = mlflow_client(ws, platform)
     policy, verdict, facts = _judge(client, cfg, ws, platform, str(version))
-    if verdict.passed and cfg.policy.approval.required:
+    if verdict.passed and cfg.policy.approval.enabled:
         how = (f"approve it in the Prefect UI (the paused flow run), or with `lmforge promote CONFIG --approve "
                f"{version}` (`--reject {version}` to reject)")
         return _record(client, cfg, ws, facts, policy, verdict, PENDING, f"{verdict.reason}; waiting for approval: {how}",
@@ -79,7 +79,7 @@ def settle_approval(cfg: RegistryConfig, platform: PlatformConfig | None, ws: Wo
     """
     client = mlflow_client(ws, platform)
     policy, verdict, facts = _judge(client, cfg, ws, platform, str(version))
-    approval = {"required": cfg.policy.approval.required, "approved": approved, "comment": comment,
+    approval = {"required": cfg.policy.approval.enabled, "approved": approved, "comment": comment,
                 "by": by or _user(), "via": via, "at": now(), "timed_out": timed_out}
     if not approved:
         why = "no answer before the approval timeout" if timed_out else f"rejected by {approval['by']} ({via})"
