@@ -1,6 +1,6 @@
 """The whole pipeline on a user's own fine-tuning data, as `lmforge run` runs it: a chat file
 (multi-turn, system prompts, a tool call and its result, one malformed line) and an Alpaca file read
-through the `datasets` json loader, then a preference set tuned with `method: dpo`. Real Prefect
+through the `datasets` json loader, then a preference set tuned with `method: dpo` (LoRA). Real Prefect
 server, MLflow on SQLite; training in-process and short, so each run takes well under a minute."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import builtins
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import REPO, TINY, run_cli
 
@@ -94,3 +95,15 @@ def test_pipeline_fine_tunes_on_a_users_chat_and_alpaca_files(tmp_path, prefect_
     assert summary["version"] == "1" and summary["metrics"]["eval_num_examples"] > 0
     assert summary["metrics"]["finetune_loss"] > 0
 
+
+
+def test_pipeline_tunes_on_a_users_preference_set_with_dpo(tmp_path, prefect_server):
+    summary = _run(tmp_path, "dpo", prefect_server)
+    assert summary["preferences"]["sources"] == {"local[0]": {"read": 40, "skipped": 0}}
+    assert summary["preferences"]["train"] + summary["preferences"]["test"] == 40
+    m = summary["metrics"]
+    # DPO starts at log(2) with no margin (policy = reference) and learns to prefer the chosen answers.
+    assert m["finetune_val_loss_start"] == pytest.approx(0.693147, abs=1e-4)
+    assert m["finetune_val_reward_margin"] > m["finetune_val_reward_margin_start"] == 0
+    assert m["finetune_val_loss"] < m["finetune_val_loss_start"]
+    assert summary["promote"]["decision"] == "promoted" and summary["promote"]["rule"] == "first_version"
