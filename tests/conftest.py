@@ -38,16 +38,18 @@ PIPELINE_FILES = ("tests/e2e/test_pipeline.py", "tests/e2e/test_readme.py")
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """Under pytest-xdist (`make test` runs two workers) the pipeline-sharing files go to one worker,
-    so the pipeline runs once; every other test is scheduled on its own. (xdist's `loadgroup` marks
-    do not group under pytest 9: they rename a node id pytest no longer reads.)"""
+    """Under pytest-xdist (`make test` runs two workers) each test file runs on one worker, so its
+    module fixtures (servers, trained models) are built once, and the pipeline-sharing files run on
+    the same worker, so the pipeline runs once. (xdist's `loadgroup` marks do not group under
+    pytest 9: they rename a node id pytest no longer reads.)"""
     from xdist.scheduler import LoadScopeScheduling
 
-    class PipelineTogether(LoadScopeScheduling):
+    class ByFile(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "pipeline" if nodeid.split("::")[0] in PIPELINE_FILES else nodeid
+            path = nodeid.split("::")[0]
+            return "pipeline" if path in PIPELINE_FILES else path
 
-    return PipelineTogether(config, log)
+    return ByFile(config, log)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,7 +12,9 @@ form); the run's MLflow experiment shows up in the MLflow UI. Ctrl-C stops all t
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +33,8 @@ DEPLOYMENT_NAME = "lmforge"
 def run_ui(config: PipelineConfig, ws: Workspace, prefect_port: int = 4200, mlflow_port: int = 5000,
            config_path: str | None = None) -> None:
     children: list[subprocess.Popen] = []
+    # SIGTERM (a service manager, `kill`) stops the UI as Ctrl-C does, so the servers below stop too.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         prefect_api = os.environ.get("PREFECT_API_URL")
         if not prefect_api:
@@ -57,13 +61,24 @@ def run_ui(config: PipelineConfig, ws: Workspace, prefect_port: int = 4200, mlfl
                        parameters={"config": config.model_dump(mode="json"), "continue_from": "auto"},
                        tags=["lmforge"], print_starting_message=False)
     finally:
+        _stop(children)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop(children: list[subprocess.Popen]) -> None:
+    """Stop each server with its whole process group: each runs in its own session, and the servers
+    fork workers that outlive a parent stopped alone."""
+    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
         for child in children:
-            child.terminate()
+            if child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, sig)
         for child in children:
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=wait_s)
 
 
 def _start_prefect(ws: Workspace, port: int) -> subprocess.Popen:

@@ -39,6 +39,10 @@ def ui(tmp_path_factory):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        # Ctrl-C stops the servers it started too (they run in their own sessions).
+        for url in (f"{api}/health", f"http://127.0.0.1:{mlflow_port}/health"):
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(url, timeout=2)
 
 
 def _wait_deployment(api: str, proc: subprocess.Popen, timeout: float = 120) -> dict:
