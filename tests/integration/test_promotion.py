@@ -182,7 +182,18 @@ def _answer(api: str, run: dict, answer: dict) -> dict:
     assert schema["properties"]["approve"]["type"] == "boolean" and "approve" in schema["required"]
     description = httpx.get(f"{api}/flow_runs/{run['id']}/input/{keyset['description']}").json()
     assert "eval_perplexity" in description
-    return httpx.post(f"{api}/flow_runs/{run['id']}/resume", json={"run_input": answer}).json()
+    return _resume(api, run, answer)
+
+
+def _resume(api: str, run: dict, answer: dict) -> dict:
+    """POST the answer; the SQLite-backed test server can answer 5xx while busy writing, so retry."""
+    for _ in range(5):
+        reply = httpx.post(f"{api}/flow_runs/{run['id']}/resume", json={"run_input": answer}, timeout=30)
+        if reply.status_code < 500:
+            break
+        time.sleep(2)
+    assert reply.status_code < 500, reply.text[:2000]
+    return reply.json()
 
 
 def _finish(thread: threading.Thread, out: dict) -> dict:
@@ -210,7 +221,7 @@ def test_approval_pauses_the_flow_and_records_the_answer(ws, base_model, prefect
     run = _paused_run(prefect_server, run_name, out)
     client = mlflow_client(ws, PLATFORM)
     assert client.get_model_version(name, v2).tags["lmforge.promotion.decision"] == "pending"
-    refused = httpx.post(f"{prefect_server}/flow_runs/{run['id']}/resume", json={"run_input": {"comment": "?"}}).json()
+    refused = _resume(prefect_server, run, {"comment": "?"})
     assert refused["status"] == "REJECT"  # the form needs an answer: approve is required
     comment = "looks right" if approve else "not yet"
     assert _answer(prefect_server, run, {"approve": approve, "comment": comment})["status"] == "ACCEPT"

@@ -31,10 +31,9 @@ def test_read_sft_accepts_pairs_and_chats_and_names_the_bad_line(tmp_path):
     pair = json.dumps({"instruction": "What does `abs` do?", "response": "Absolute value."})
     chat = json.dumps({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                                     {"role": "assistant", "content": "Hello"}]})
-    no_answer = json.dumps({"messages": [{"role": "user", "content": "Hi"}]})
     path = _write(tmp_path / "train.jsonl", [pair, "", chat, pair])
     assert len(read_sft(path)) == 3 and len(read_sft(path, limit=1)) == 1
-    for bad in ('{"instruction": "no response"}', "[1, 2]", "{not json", no_answer):
+    for bad in ('{"instruction": "no response"}', "[1, 2]", "{not json", '{"messages": []}'):
         with pytest.raises(DataError, match=re.escape("train.jsonl:2")) as info:
             read_sft(_write(tmp_path / "train.jsonl", [pair, bad]))
         assert "lmforge collect" in info.value.fix

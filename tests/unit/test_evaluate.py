@@ -133,6 +133,8 @@ def test_a_chat_is_answered_at_its_last_assistant_turn_with_every_turn_before_as
     # An answer that is only a tool call is scored against the call.
     calls = {"id": "call", "messages": CHAT["messages"][:3]}
     assert json.loads(answer_prompt(tokenizer, calls)[1]) == [{"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}]
+    with pytest.raises(DataError, match="no assistant turn"):
+        answer_prompt(tokenizer, {"id": "q", "messages": CHAT["messages"][:2]})
 
 
 def test_evaluate_scores_multi_turn_chats(model_dir, ws):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import torch.nn.functional as F
 
+from lmforge.core.errors import DataError
 from lmforge.model.chat import Message, conversation, render_chat, stop_token_ids
 from lmforge.train.artifacts import load_trained
 
@@ -72,7 +73,11 @@ def answer_prompt(tokenizer: PreTrainedTokenizerBase, record: Mapping[str, Any])
     text); the question is the last user turn, for the report.
     """
     messages, tools = conversation(record)
-    last = max(i for i, message in enumerate(messages) if message.get("role") == "assistant")
+    answers = [i for i, message in enumerate(messages) if message.get("role") == "assistant"]
+    if not answers:  # the validate stage's record suite stops such a set before training
+        raise DataError(f"held-out record {record.get('id')!r} has no assistant turn to score",
+                        "fix the SFT test set (every record needs an answer), then rerun `lmforge collect`")
+    last = answers[-1]
     users = [m for m in messages[:last] if m.get("role") == "user"]
     question = str(users[-1].get("content") or "") if users else ""
     prompt = render_chat(tokenizer, messages[:last], tools, add_generation_prompt=True)

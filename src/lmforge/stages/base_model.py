@@ -47,7 +47,13 @@ from lmforge.config.registry import RegistryConfig
 from lmforge.config.training import TrainingConfig
 from lmforge.core.errors import ConfigError, RegistryError
 from lmforge.core.workspace import Workspace
+from lmforge.evaluation.frozen import tokenizer_fingerprint
+from lmforge.model.chat import template_label
 from lmforge.model.prompt import TEMPLATES
+from lmforge.tokenizer.build import load_tokenizer
+from lmforge.tracking.mlflow_tracker import mlflow_client, mlflow_uris
+from lmforge.tracking.model_uris import resolve_model, version_by_alias
+from lmforge.train.artifacts import adapter_kind, continuing_method, marked_adapter_dir
 
 REGISTRY_PREFIX = "models:/"
 TAG_URI = "lmforge.base_model_uri"
@@ -89,7 +95,6 @@ def resolve_base(model: ModelConfig, ws: Workspace, platform: PlatformConfig | N
     uri = model.base_model
     if uri is None or not is_registry_uri(uri):
         return BaseModel(model)
-    from lmforge.tracking.model_uris import resolve_model
 
     _require_reachable(ws, platform)
     local, name, version = _registry_call(lambda: resolve_model(uri, ws, platform), ws, platform)
@@ -102,9 +107,6 @@ def check_base_tokenizer(base: BaseModel, tokenizer_dir: Path) -> None:
     earlier run would feed the champion ids its embeddings never learned)."""
     if base.path is None or not (tokenizer_dir / "tokenizer_config.json").exists():
         return  # no tokenizer at all: the training engine's own check names that fix
-    from lmforge.evaluation.frozen import tokenizer_fingerprint
-    from lmforge.model.chat import template_label
-    from lmforge.tokenizer.build import load_tokenizer
 
     ours, theirs = load_tokenizer(tokenizer_dir), load_tokenizer(base.path)
     if (tokenizer_fingerprint(ours), template_label(ours)) != (tokenizer_fingerprint(theirs), template_label(theirs)):
@@ -121,7 +123,6 @@ def check_continuable(base: BaseModel, training: TrainingConfig) -> None:
     makes it the champion."""
     if base.adapter is None:
         return
-    from lmforge.train.artifacts import adapter_kind, continuing_method
 
     method = continuing_method(base.adapter)
     if training.finetunes and training.method == method:
@@ -172,8 +173,6 @@ def continued(config: PipelineConfig, continue_from: ContinueFrom, scheduled: bo
 
 def champion_uri(registry: RegistryConfig, ws: Workspace, platform: PlatformConfig | None = None) -> str | None:
     """``models:/NAME@ALIAS`` when a version of ``registry.model_name`` holds ``registry.alias``, else None."""
-    from lmforge.tracking.mlflow_tracker import mlflow_client
-    from lmforge.tracking.model_uris import version_by_alias
 
     _require_reachable(ws, platform)
     found = _registry_call(lambda: version_by_alias(mlflow_client(ws, platform), registry.model_name, registry.alias),
@@ -187,8 +186,6 @@ def champion_uri(registry: RegistryConfig, ws: Workspace, platform: PlatformConf
 def _effective_template(local: Path, model: ModelConfig) -> str:
     """The named template the registered model's tokenizer carries (it is the one kept and used), so the
     engines' check of ``model.chat_template`` against the tokenizer agrees with what a base means."""
-    from lmforge.model.chat import template_label
-    from lmforge.tokenizer.build import load_tokenizer
 
     label = template_label(load_tokenizer(local))
     return label if label in TEMPLATES else model.chat_template
@@ -196,7 +193,6 @@ def _effective_template(local: Path, model: ModelConfig) -> str:
 
 def _marked_adapter(local: Path) -> Path | None:
     # Imported here: it brings torch, and the pipeline flow imports this module for ContinueFrom alone.
-    from lmforge.train.artifacts import marked_adapter_dir
 
     return marked_adapter_dir(local)
 
@@ -205,7 +201,6 @@ def _require_reachable(ws: Workspace, platform: PlatformConfig | None) -> None:
     """Fail in seconds, naming the server, when an MLflow tracking server does not answer at all."""
     import httpx
 
-    from lmforge.tracking.mlflow_tracker import mlflow_uris
 
     registry = mlflow_uris(ws, platform)[1]
     if urlparse(registry).scheme not in ("http", "https"):
@@ -220,7 +215,6 @@ def _registry_call(call, ws: Workspace, platform: PlatformConfig | None):
     """``call()``, with a registry that fails mid-way reported as unreachable rather than a traceback."""
     from mlflow.exceptions import MlflowException
 
-    from lmforge.tracking.mlflow_tracker import mlflow_uris
 
     try:
         return call()

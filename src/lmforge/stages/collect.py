@@ -33,6 +33,7 @@ from lmforge.collection.runner import SourceReport, new_reports, run_sources
 from lmforge.collection.shards import FORMAT, RawStore, exclusive, iter_live_documents, load_manifest
 from lmforge.collection.types import Source, now_iso
 from lmforge.config.data import DataConfig, source_labels
+from lmforge.config.loader import load_config
 from lmforge.core.errors import DataError
 from lmforge.core.workspace import Workspace, atomic_dir, atomic_write_json
 from lmforge.data.splits import hash_split
@@ -181,8 +182,6 @@ def write_record_sets(sets: RecordSets, ws: Workspace) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lmforge.config.loader import load_config
-
     args = sys.argv[1:] if argv is None else argv
     cfg = load_config(args[0] if args else None)
     result = collect(cfg.data, Workspace.from_env().ensure())

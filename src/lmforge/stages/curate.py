@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from lmforge.config.curation import CurationConfig
+from lmforge.config.loader import load_config
 from lmforge.core.errors import DataError
 from lmforge.core.workspace import Workspace, atomic_dir, atomic_write_json
 from lmforge.curation.base import Context
@@ -55,6 +56,7 @@ from lmforge.curation.records import eval_texts_of
 from lmforge.curation.report import Tally
 from lmforge.data.documents import read_texts
 from lmforge.data.splits import heldout_ids
+from lmforge.stages.collect import raw_shard_paths
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,6 @@ class CurateResult:
 
 
 def raw_units(ws: Workspace) -> list[Unit]:
-    from lmforge.stages.collect import raw_shard_paths  # the shards collect's manifest commits, live rows only
-
     shards = raw_shard_paths(ws)
     if not shards and not (ws.raw_dir / "manifest.json").exists():
         # No manifest: shards written by hand (or by an older collect) count in name order.
@@ -242,8 +242,6 @@ def _empty_error(documents_in: int, removed: dict[str, int], cfg: CurationConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lmforge.config.loader import load_config
-
     args = sys.argv[1:] if argv is None else argv
     cfg = load_config(args[0] if args else None)
     print(json.dumps(curate(cfg.curation, Workspace.from_env().ensure()).as_dict(), sort_keys=True))

@@ -41,6 +41,7 @@ from lmforge.data.packing import Rows, pack_documents
 from lmforge.data.sft import read_sft, sft_file, split_finetune
 from lmforge.data.tokenized import PHASES, file_sha256, save_tokenized
 from lmforge.stages.base_model import resolve_base
+from lmforge.tokenizer.build import load_tokenizer, train_tokenizer
 from lmforge.train.data import encode_sft
 
 
@@ -63,7 +64,6 @@ def tokenize(cfg: TokenizeConfig, model: ModelConfig, training: TrainingConfig, 
     A registered ``model.base_model`` (``models:/NAME@champion``) is resolved in ``platform``'s
     registry first: its own tokenizer and chat template are copied, none is trained.
     """
-    from lmforge.tokenizer.build import load_tokenizer, train_tokenizer
 
     model = resolve_base(model, ws, platform).model
     tokenizer = load_tokenizer(train_tokenizer(model, ws))

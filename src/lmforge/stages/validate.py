@@ -20,10 +20,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 
+from lmforge.config.loader import load_config
 from lmforge.config.validation import ValidationConfig
 from lmforge.core.errors import ValidationFailed
 from lmforge.core.workspace import Workspace, atomic_write_json
 from lmforge.tracking.tracker import Tracker
+from lmforge.validation import corpus, records, tokenized
+from lmforge.validation.gx_suite import data_docs_index, run_suite
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,6 @@ def validate(cfg: ValidationConfig, ws: Workspace, tracker: Tracker | None = Non
         report = ValidationReport(success=True, skipped=True)
         atomic_write_json(ws.validation_dir / "result.json", report.as_dict())
         return report
-    from lmforge.validation import corpus, records
 
     frame = corpus.load_frame(ws)
     report = _run(cfg, ws, "curated_documents", frame, lambda: corpus.expectations(cfg, len(frame)), "id", tracker)
@@ -82,7 +84,6 @@ def validate_tokenized(cfg: ValidationConfig, ws: Workspace, tracker: Tracker | 
     """Run the tokenized-dataset suite on the latest tokenized datasets."""
     if not cfg.enabled:
         return ValidationReport(success=True, skipped=True, suite="tokenized_datasets")
-    from lmforge.validation import tokenized
 
     frame, manifest = tokenized.load_frame(ws)
     return _gate(cfg, ws, "tokenized_datasets", frame, lambda: tokenized.expectations(cfg, manifest), "row",
@@ -100,7 +101,6 @@ def _gate(cfg: ValidationConfig, ws: Workspace, suite: str, frame, build, index_
 def _run(cfg: ValidationConfig, ws: Workspace, suite: str, frame, build, index_column: str,
          tracker: Tracker | None) -> ValidationReport:
     """Run one suite; write ``<suite>.json`` and log it (the caller decides whether the gate fails)."""
-    from lmforge.validation.gx_suite import data_docs_index, run_suite
 
     started = time.perf_counter()
     named = build()  # imports GX
@@ -141,8 +141,6 @@ def _log(tracker: Tracker, report: ValidationReport, ws: Workspace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lmforge.config.loader import load_config
-
     args = sys.argv[1:] if argv is None else argv
     cfg = load_config(args[0] if args else None)
     report = validate(cfg.validation, Workspace.from_env().ensure())
