@@ -18,7 +18,6 @@ checks before later stages read the curated set instead of the collected one.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from lmforge.curation.dedup import EXACT, KEEP, NEAR, NEAR_PREVIOUS, MinHasher, 
 from lmforge.curation.records import RecordLength, RecordStep, ScrubRecord, dump_records, record_text
 from lmforge.curation.report import Tally
 from lmforge.curation.text import text_key, tokens, word_hashes
+from lmforge.data.preferences import read_preferences
 from lmforge.data.sft import CURATED_INPUTS, read_sft, stream_sha256
 
 SPLITS = ("train", "test")
@@ -95,23 +95,6 @@ def load_sets(ws: Workspace, cfg: CurationConfig) -> list[RecordSet]:
         sets.append(RecordSet(name, collected, curated, section, records, inputs, Tally(cfg.samples_per_reason),
                               {split: len(rows) for split, rows in records.items()}))
     return sets
-
-
-def read_preferences(path: Path) -> list[dict]:
-    """The records of a preference JSONL file; a line that is not a preference record names file and line."""
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number} is not JSON ({exc.msg})", "regenerate it with `lmforge collect`") from None
-        if not (isinstance(record, dict) and all(isinstance(record.get(k), list) for k in ("prompt", "chosen", "rejected"))):
-            raise DataError(f"{path}:{number} is not a preference record (lists `prompt`, `chosen`, `rejected`)",
-                            "regenerate it with `lmforge collect`")
-        records.append(record)
-    return records
 
 
 def clean_set(rs: RecordSet, cfg: CurationConfig) -> None:

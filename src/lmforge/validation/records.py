@@ -18,9 +18,9 @@ from typing import Any
 from lmforge.config.validation import RecordChecks
 from lmforge.core.workspace import Workspace
 from lmforge.curation.pii import find_pii
-from lmforge.curation.record_sets import read_preferences
 from lmforge.curation.records import content_chars, conversations, record_text, turn_text, turns
 from lmforge.curation.text import text_key
+from lmforge.data.preferences import read_preferences
 from lmforge.data.sft import preference_file, read_sft, sft_file
 
 SUITES = {"instructions": "instruction_records", "preferences": "preference_records"}
