@@ -7,11 +7,14 @@ loopback port (SQLite in a temp dir), which the pipeline tests and CLI subproces
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -83,26 +86,36 @@ def wait_http(url: str, timeout: float = 120, proc: subprocess.Popen | None = No
     raise TimeoutError(url)
 
 
+@contextmanager
+def server_process(command: list[str], health: str, log_path: Path, env: dict[str, str] | None = None,
+                   timeout: float = 180) -> Iterator[subprocess.Popen]:
+    """A server started as a user starts it, in its own session, ready once ``health`` answers 200;
+    stopped with its whole process group (servers fork workers)."""
+    with open(log_path, "wb") as log:  # the server keeps its own descriptor
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(health, timeout=timeout, proc=proc)
+        yield proc
+    finally:
+        for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """A real Prefect server on loopback for the whole session; yields its API URL."""
     port = free_port()
-    home = _SESSION_TMP / "prefect-server"
-    env = dict(os.environ, PREFECT_HOME=str(home))
-    with open(_SESSION_TMP / "prefect-server.log", "wb") as log:  # the server keeps its own descriptor
-        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                 "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    env = dict(os.environ, PREFECT_HOME=str(_SESSION_TMP / "prefect-server"))
     api = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_http(f"{api}/health", timeout=180, proc=proc)
+    command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with server_process(command, f"{api}/health", _SESSION_TMP / "prefect-server.log", env=env):
         yield api
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def run_cli(args: list[str], home: Path, env: dict[str, str] | None = None,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import BIN, free_port, run_cli, wait_http
+from conftest import BIN, free_port, run_cli, server_process
 from prefect import flow
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from readme import argv, readme_command
@@ -50,21 +50,12 @@ def mlflow_server(tmp_path_factory):
     """`mlflow server` on a free loopback port, SQLite backend; artifacts written straight to its root."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    with open(root / "server.log", "wb") as log:
-        proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                                 "--default-artifact-root", str(root / "artifacts"), "--no-serve-artifacts",
-                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", timeout=120, proc=proc)
+    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+               "--default-artifact-root", str(root / "artifacts"), "--no-serve-artifacts",
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with server_process(command, f"{url}/health", root / "server.log", timeout=120):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(autouse=True)

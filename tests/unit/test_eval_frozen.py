@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from tiny_assets import build_model_dir, build_tokenizer, write_workspace_data
+from tiny_assets import build_tokenizer
 
 from lmforge.config.evaluation import EvaluationConfig
 from lmforge.core.errors import DataError
@@ -18,18 +18,6 @@ from lmforge.evaluation.frozen import HELDOUT_FILE
 from lmforge.stages.evaluate import evaluate
 
 CFG = EvaluationConfig(max_batches=1, batch_size=4, block_size=32, max_examples=2, max_new_tokens=4)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model_dir(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture()
-def ws(tmp_path):
-    ws = Workspace(tmp_path / "home").ensure()
-    write_workspace_data(ws)
-    return ws
 
 
 def _new_data_version(ws: Workspace) -> None:

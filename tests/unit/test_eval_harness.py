@@ -8,11 +8,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from tiny_assets import build_model_dir, write_workspace_data
 
 from lmforge.config.evaluation import EvaluationConfig
 from lmforge.core.errors import ConfigError
-from lmforge.core.workspace import Workspace
 from lmforge.evaluation.harness import scores_from_results, task_metrics
 from lmforge.stages.evaluate import evaluate
 
@@ -45,18 +43,6 @@ def write_task(folder, name="tiny_mc"):
         metadata: {{version: 1.0}}
         """))
     return task
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model_dir(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture()
-def ws(tmp_path):
-    ws = Workspace(tmp_path / "home").ensure()
-    write_workspace_data(ws)
-    return ws
 
 
 def test_task_scores_reach_result_metrics_and_table(model_dir, ws, tmp_path):

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from tiny_assets import build_model_dir, write_workspace_data
+from tiny_assets import write_workspace_data
 
 from lmforge.config.evaluation import EvaluationConfig
 from lmforge.core.errors import DataError
@@ -16,18 +16,6 @@ from lmforge.core.workspace import Workspace
 from lmforge.stages.evaluate import evaluate
 
 CFG = EvaluationConfig(max_batches=2, batch_size=4, block_size=32, max_examples=3, max_new_tokens=6)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model_dir(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture()
-def ws(tmp_path):
-    ws = Workspace(tmp_path / "home").ensure()
-    write_workspace_data(ws)
-    return ws
 
 
 @pytest.fixture(scope="module")
