@@ -166,3 +166,24 @@ def pipeline(tmp_path_factory, prefect_server):
     summary = next(line for line in reversed(result.stdout.splitlines()) if line.startswith("{"))
     yield {"home": home, "summary": json.loads(summary), "stdout": result.stdout}
     run_cli(["deploy", TINY, "--stop"], home)
+
+
+# The evaluation tests' tiny model and workspace (test files that need other ones define their own).
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama (and its tokenizer) saved as the pipeline saves models; read-only."""
+    from tiny_assets import build_model_dir
+
+    return build_model_dir(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture()
+def ws(tmp_path):
+    """A fresh workspace with curated/validation.parquet and sft/{train,test}.jsonl."""
+    from tiny_assets import write_workspace_data
+
+    from lmforge.core.workspace import Workspace
+
+    ws = Workspace(tmp_path / "home").ensure()
+    write_workspace_data(ws)
+    return ws
