@@ -3,6 +3,7 @@
     PYTHONPATH=src python -m bench.train.dpo_gpu [--batch 4] [--seq 1024] [--warmup 3] [--steps 10] [--out DIR]
     PYTHONPATH=src python -m bench.train.dpo_gpu --trl plain compile checkpointing    # more TRL rows
     PYTHONPATH=src python -m bench.train.dpo_gpu --attention fa4    # ours with FlashAttention-4 (lmforge[gpu])
+    PYTHONPATH=src python -m bench.train.dpo_gpu --checkpointing --trl checkpointing   # both recompute activations
     python -m bench.train.dpo_gpu --tiny    # a CPU check of this script in seconds
 
 Needs torch, transformers, peft and pydantic; the baseline also trl and datasets (``pip install
@@ -59,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--attention", default="auto", choices=("auto", "flash", "cudnn", "efficient", "fa4"),
                         help="ours: training.speed.attention_backend")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="ours with training.speed.gradient_checkpointing (compared with TRL's checkpointing row)")
     parser.add_argument("--trl", nargs="*", default=["plain"], help=f"TRL rows to measure: {' '.join(TRL_ROWS)}")
     add_common_arguments(parser, "a tiny Llama on the CPU, seq 64, batch 2, 1 + 2 steps: a check of this script")
     args = parser.parse_args(argv)
@@ -95,7 +98,8 @@ def pair_rows(pairs: list[tuple[list[int], list[int], list[int]]]) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids), "seq": seq}
 
 
-def ours(cfg: dict, pairs: list, batch: int, warmup: int, steps: int, device, attention: str = "auto") -> dict:
+def ours(cfg: dict, pairs: list, batch: int, warmup: int, steps: int, device, attention: str = "auto",
+         checkpointing: bool = False) -> dict:
     """lmforge's DPO + LoRA row: the reference pass for the timed pairs plus the timed steps."""
     import torch
 
@@ -111,7 +115,8 @@ def ours(cfg: dict, pairs: list, batch: int, warmup: int, steps: int, device, at
     training = TrainingConfig.model_validate({
         "method": "dpo", "preference": {"beta": BETA}, "lora": {"r": 16, "alpha": 32, "dropout": 0.0,
                                                                "target_modules": LINEAR},
-        "placement": {"use_gpu": cuda, "use_ray": False}, "speed": {"compile": cuda, "attention_backend": attention},
+        "placement": {"use_gpu": cuda, "use_ray": False}, "speed": {"compile": cuda, "attention_backend": attention,
+                                                                 "gradient_checkpointing": checkpointing},
         "optimizer": {"weight_decay": 0.0}, "logging": LoggingConfig(every=warmup)})
     torch.manual_seed(0)
     with device:
@@ -142,7 +147,8 @@ def ours(cfg: dict, pairs: list, batch: int, warmup: int, steps: int, device, at
     train_phase(model, "finetune", phase, training, batches(), [], device,
                 on_log=lambda r: marks.__setitem__(r["step"], time.perf_counter()))
     train_s = marks[warmup + steps] - marks[warmup]
-    return {"row": "lmforge" if attention == "auto" else f"lmforge[{attention}]", "reference_s": round(reference_s, 3),
+    options = [o for o in (attention if attention != "auto" else "", "checkpointing" if checkpointing else "") if o]
+    return {"row": f"lmforge[{','.join(options)}]" if options else "lmforge", "reference_s": round(reference_s, 3),
             "train_s": round(train_s, 3), "elapsed_s": round(reference_s + train_s, 3)}
 
 
@@ -238,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = make_pairs((args.warmup + args.steps) * args.batch, cfg["vocab_size"], args.seq)
     common = (cfg, pairs, args.batch, args.warmup, args.steps, device)
     timed_tokens = args.steps * 2 * args.batch * args.seq  # chosen and rejected, no padding
-    rows = [measure("lmforge", lambda: ours(*common, args.attention), device, timed_tokens)]
+    rows = [measure("lmforge", lambda: ours(*common, args.attention, args.checkpointing), device, timed_tokens)]
     if importlib.util.find_spec("trl") is None or importlib.util.find_spec("datasets") is None:
         print("TRL baseline skipped: trl (and datasets) not installed: pip install 'lmforge[bench]'", flush=True)
     else:
@@ -255,10 +261,14 @@ def write_figures(rows: list[dict], out: Path, shape: str, args: argparse.Namesp
     mine = rows[0]
     if "error" in mine:
         return
-    baseline = next((r for r in rows[1:] if "error" not in r), None)
+    ran = [r for r in rows[1:] if "error" not in r]
+    # Like with like: our checkpointing row against TRL's, else the first TRL row that ran.
+    baseline = next((r for r in ran if r["row"] == "trl_checkpointing"), None) if args.checkpointing else None
+    baseline = baseline or (ran[0] if ran else None)
     label = (f"TRL DPOTrainer {baseline['row'].removeprefix('trl_')} (peft LoRA, bf16 base), same job"
              if baseline else "TRL DPOTrainer (not run)")
-    tag = f"{shape}_dpo_lora_b{args.batch}_s{args.seq}" + ("" if args.attention == "auto" else f"_{args.attention}")
+    tag = (f"{shape}_dpo_lora_b{args.batch}_s{args.seq}" + ("" if args.attention == "auto" else f"_{args.attention}")
+           + ("_checkpointing" if args.checkpointing else ""))
     record(BENCH, f"{tag}_tokens_per_s", mine["tokens_per_s"], "tokens/s", label,
            baseline["tokens_per_s"] if baseline else None, out_dir=out)
     if "peak_gib" in mine:
