@@ -13,6 +13,7 @@ form); the run's MLflow experiment shows up in the MLflow UI. Ctrl-C stops all t
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -64,6 +65,13 @@ def run_ui(config: PipelineConfig, ws: Workspace, prefect_port: int = 4200, mlfl
         _stop(children)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): SIGTERM when `lmforge ui` dies, even killed with SIGKILL,
+    so a server in its own session never outlives the UI that started it."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -88,7 +96,8 @@ def _start_prefect(ws: Workspace, port: int) -> subprocess.Popen:
     env.pop("PREFECT_API_URL", None)
     log = _log_file(ws, "prefect-server.log")
     cmd = [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_die_with_parent)
 
 
 def _start_mlflow(ws: Workspace, config: PipelineConfig, port: int) -> subprocess.Popen:
@@ -98,7 +107,8 @@ def _start_mlflow(ws: Workspace, config: PipelineConfig, port: int) -> subproces
     cmd = [_bin("mlflow"), "server", "--backend-store-uri", _tracking_uri(ws, config),
            "--default-artifact-root", ws.mlflow_artifacts_uri, "--no-serve-artifacts",
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_die_with_parent)
 
 
 def _tracking_uri(ws: Workspace, config: PipelineConfig) -> str:

@@ -36,13 +36,23 @@ def ui(tmp_path_factory):
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-        # Ctrl-C stops the servers it started too (they run in their own sessions).
+        # The servers it started (in their own sessions) stop with it, also when it had to be killed.
         for url in (f"{api}/health", f"http://127.0.0.1:{mlflow_port}/health"):
-            with pytest.raises(httpx.HTTPError):
-                httpx.get(url, timeout=2)
+            _wait_closed(url)
+
+
+def _wait_closed(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=2)
+        except httpx.HTTPError:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{url} still answers after lmforge ui stopped")
 
 
 def _wait_deployment(api: str, proc: subprocess.Popen, timeout: float = 120) -> dict:
