@@ -11,10 +11,11 @@ A record is the canonical form of :mod:`lmforge.data.preference_formats`::
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import cast
 
 from lmforge.core.errors import DataError
+from lmforge.data.jsonl import json_lines
 
 _FIX = "regenerate the preference set with `lmforge collect` (data.preferences.sources)"
 
@@ -25,18 +26,11 @@ def read_preferences(path: Path) -> list[dict]:
         raise DataError(f"no preference pairs at {path}", "list your preference data under data.preferences.sources "
                         "and run `lmforge collect`")
     records: list[dict] = []
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number} is not JSON ({exc})", _FIX) from exc
-            problem = _problem(record)
-            if problem:
-                raise DataError(f"{path}:{number} is not a preference record: {problem}", _FIX)
-            records.append(record)
+    for number, record in json_lines(path, _FIX):
+        problem = _problem(record)
+        if problem:
+            raise DataError(f"{path}:{number} is not a preference record: {problem}", _FIX)
+        records.append(cast(dict, record))
     return records
 
 

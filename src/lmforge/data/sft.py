@@ -15,9 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import cast
 
 from lmforge.core.errors import DataError
 from lmforge.core.workspace import Workspace
+from lmforge.data.jsonl import json_lines
 from lmforge.data.splits import split_by_key
 
 # Makes the validation cut independent of collect's unsalted train/test cut (see split_finetune).
@@ -65,23 +67,15 @@ def read_sft(path: Path, limit: int | None = None) -> list[dict]:
     """
     if not path.exists():
         raise DataError(f"no SFT examples at {path}", "run the collect stage first (`lmforge collect`)")
+    fix = "regenerate the SFT set with `lmforge collect`"
     records: list[dict] = []
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if limit is not None and len(records) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number} is not JSON ({exc})",
-                                "regenerate the SFT set with `lmforge collect`") from exc
-            if not _well_formed(record):
-                raise DataError(f"{path}:{number} is not a JSON object with `messages` or string `instruction` and "
-                                "`response`",
-                                "regenerate the SFT set with `lmforge collect`")
-            records.append(record)
+    for number, record in json_lines(path, fix):
+        if limit is not None and len(records) >= limit:
+            break
+        if not _well_formed(record):
+            raise DataError(f"{path}:{number} is not a JSON object with `messages` or string `instruction` and "
+                            "`response`", fix)
+        records.append(cast(dict, record))
     return records
 
 

@@ -8,7 +8,6 @@ naming the newest digest. The rows are those of :mod:`lmforge.data.packing`; the
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -17,13 +16,14 @@ import torch
 
 from lmforge.core.errors import DataError
 from lmforge.core.workspace import Workspace, atomic_dir, atomic_write_json
+from lmforge.data.sft import stream_sha256
 
 PHASES = {"pretrain": ("train", "validation"), "finetune": ("train", "validation", "test")}
 
 
 def file_sha256(path: Path) -> str:
     """The hex SHA-256 of a file's bytes, or "" when it does not exist."""
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
+    return stream_sha256(path) if path.exists() else ""
 
 
 def save_tokenized(ws: Workspace, digest: str, tables: dict[str, dict[str, dict]], manifest: dict) -> Path:

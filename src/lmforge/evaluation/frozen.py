@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmforge.core.errors import DataError
 from lmforge.core.workspace import atomic_dir
+from lmforge.data.jsonl import json_lines
 from lmforge.data.sft import read_sft
 
 if TYPE_CHECKING:
@@ -123,17 +124,10 @@ def load_frozen_set(path: Path, expected_digest: str | None = None) -> FrozenSet
 
 
 def _read_texts(path: Path) -> list[str]:
+    fix = 'write one {"text": ...} object per line'
     texts = []
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number} is not JSON ({exc})", 'write one {"text": ...} object per line') from exc
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"]:
-                raise DataError(f"{path}:{number} is not an object with a non-empty string `text`",
-                                'write one {"text": ...} object per line')
-            texts.append(row["text"])
+    for number, row in json_lines(path, fix):
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"]:
+            raise DataError(f"{path}:{number} is not an object with a non-empty string `text`", fix)
+        texts.append(row["text"])
     return texts
