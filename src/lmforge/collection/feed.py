@@ -20,7 +20,7 @@ from lmforge.collection.html import visible_text
 from lmforge.collection.parallel import bounded_map
 from lmforge.collection.types import Fingerprint, SourceContext, Unit, make_document
 from lmforge.collection.urls import normalize_url
-from lmforge.collection.web import fetch_unit
+from lmforge.collection.web import fetch_unit, without_credentials
 from lmforge.config.data import FeedSource
 from lmforge.core.errors import DataError
 
@@ -74,7 +74,9 @@ class Feeds:
         fetcher = Fetcher(self.cfg.fetch, self.cfg.allow_private, self.cfg.allow_networks)
         failed = expected = 0
         with ThreadPoolExecutor(max_workers=self.cfg.fetch.concurrency, thread_name_prefix="feed") as pool:
-            for feed_url in self.cfg.urls:
+            feed_urls = without_credentials(self.cfg.urls, ctx)
+            failed += len(self.cfg.urls) - len(feed_urls)
+            for feed_url in feed_urls:
                 entries = self._entries(fetcher, feed_url, ctx)
                 if entries is None:
                     failed += 1

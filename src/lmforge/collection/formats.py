@@ -4,10 +4,13 @@ Formats are chosen by file name: ``.txt .text .md .markdown .html .htm .xhtml`` 
 file; HTML reduced to its main text), ``.jsonl .ndjson .json .csv .tsv .parquet`` (one document per
 record, text and metadata from the configured fields), ``.pdf .epub`` (one document per book).
 Compression and archives around any of them are undone first (:mod:`lmforge.collection.archives`).
-Record files stream, so a large JSONL, CSV or Parquet file never sits in memory whole. Problems
-with one item (a malformed JSONL line, a record without the text field, a binary file with a text
-extension, an oversized member) are counted in the tally with where they happened; the rest of the
-file is kept.
+Record files stream, so a large JSONL, CSV or Parquet file never sits in memory whole, and no
+document larger than ``max_document_bytes`` is ever held whole: a longer text file or line is
+skipped (``too_large``) after reading at most that much of it. Problems with one item (a malformed
+JSONL line, a record without the text field, a binary file with a text extension, an oversized
+member) are counted in the tally with where they happened; the rest of the file is kept. A file
+that breaks its parser (JSON nested past the interpreter's stack, a corrupt PDF, any library error)
+is one skipped file with the error as its reason, never the end of its source.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from lmforge.collection import archives, books
 from lmforge.collection.html import main_text
@@ -37,6 +42,8 @@ CONTENT_TYPES = {
     "pdf": "application/pdf", "epub": "application/epub+zip",
 }
 _MAX_NESTING = 2  # an archive inside an archive is read; deeper nesting is skipped
+_ONE_DOCUMENT = ("text", "markdown", "html")  # the whole file is one document's text
+_FIRST_LINE = re.compile(r"\s*([^\n]*)")  # the first non-blank line, without copying the rest of the text
 
 
 @dataclass(frozen=True)
@@ -46,10 +53,12 @@ class FormatOptions:
     title_field: str | None = "title"
     meta_fields: tuple[str, ...] = ()
     max_bytes: int = 256 * 2**20
+    max_document_bytes: int = 16 * 2**20
 
     @classmethod
     def of(cls, cfg: Any) -> FormatOptions:
-        return cls(cfg.type, cfg.text_field, cfg.title_field, tuple(cfg.meta_fields), cfg.max_file_bytes)
+        return cls(cfg.type, cfg.text_field, cfg.title_field, tuple(cfg.meta_fields), cfg.max_file_bytes,
+                   cfg.max_document_bytes)
 
 
 def format_of(name: str) -> str | None:
@@ -64,9 +73,14 @@ def is_supported(name: str) -> bool:
     return format_of(name[: -len(suffix)] if suffix else name) is not None
 
 
+def open_file(path: Path) -> BinaryIO:
+    """``path`` opened for reading, refusing a symbolic link (OSError) even one swapped in after listing."""
+    return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
+
+
 def documents_from_path(path: Path, uri: str, opts: FormatOptions, tally: Tally) -> Iterator[dict]:
     """Documents of one file on disk; record formats and archives stream from the file."""
-    with path.open("rb") as fh:
+    with open_file(path) as fh:
         yield from documents_from_stream(path.name, fh, uri, opts, tally)
 
 
@@ -95,7 +109,9 @@ def documents_from_stream(name: str, stream: IO[bytes], uri: str, opts: FormatOp
         yield from _read_format(fmt, inner, body, uri, opts, tally, depth)
     except archives.TooLarge as exc:
         tally.skip("too_large", uri, f"{exc} (max_file_bytes)")
-    except (OSError, EOFError, ValueError) as exc:  # corrupt compression, truncated file
+    except RecursionError:
+        tally.skip("unreadable", uri, "RecursionError: nested deeper than the parser's stack allows")
+    except Exception as exc:  # noqa: BLE001 - corrupt compression, a truncated file, any parser's own error: one file's skip, named, never its source's end
         tally.skip("unreadable", uri, f"{type(exc).__name__}: {exc}")
 
 
@@ -107,6 +123,15 @@ def _read_format(fmt: str, name: str, body: IO[bytes], uri: str, opts: FormatOpt
         yield from _csv(body, uri, opts, tally, "\t" if name.lower().endswith(".tsv") else ",")
     elif fmt == "parquet":
         yield from _parquet(body, uri, opts, tally)
+    elif fmt in _ONE_DOCUMENT:
+        limit = min(opts.max_bytes, opts.max_document_bytes)
+        try:
+            data = archives.read_bounded(body, limit)
+        except archives.TooLarge:
+            tally.skip("too_large", uri, f"a {fmt} file is one document, and this one is over {limit} bytes "
+                       "(max_document_bytes, max_file_bytes)")
+            return
+        yield from _whole_file(fmt, name, data, uri, opts, tally)
     else:
         data = archives.read_bounded(body, opts.max_bytes)
         yield from _whole_file(fmt, name, data, uri, opts, tally)
@@ -132,14 +157,15 @@ def _whole_file(fmt: str, name: str, data: bytes, uri: str, opts: FormatOptions,
         title = title or stem
     else:
         title = _heading(text) or stem
-    if not text.strip():
+    if not text or text.isspace():
         tally.skip("empty", uri, "no text")
         return
     yield make_document(text, source=opts.source, uri=uri, title=title, content_type=CONTENT_TYPES[fmt])
 
 
 def _heading(text: str) -> str | None:
-    first = text.lstrip().split("\n", 1)[0].strip()
+    match = _FIRST_LINE.match(text)
+    first = match.group(1).strip() if match else ""
     return first.lstrip("#").strip() or None if first.startswith("#") else None
 
 
@@ -158,7 +184,7 @@ def _archive(kind: str, name: str, stream: IO[bytes], uri: str, opts: FormatOpti
             yield from documents_from_bytes(member, data, f"{uri}!/{member}", opts, tally, depth + 1)
     except archives.TooLarge as exc:
         tally.skip("too_large", uri, str(exc))
-    except (OSError, EOFError, ValueError) as exc:  # zipfile.BadZipFile, tarfile.ReadError are these
+    except Exception as exc:  # noqa: BLE001 - zipfile.BadZipFile, tarfile.ReadError (not an OSError), zstd errors: the archive's skip
         tally.skip("unreadable", uri, f"{type(exc).__name__}: {exc}")
 
 
@@ -177,6 +203,10 @@ def record_document(record: Any, uri: str, opts: FormatOptions, tally: Tally, co
     if not text.strip():
         tally.skip("empty", uri, f"field '{opts.text_field}' is empty")
         return None
+    if len(text) > opts.max_document_bytes:  # characters: a lower bound of its bytes, and no copy to count them
+        tally.skip("too_large", uri, f"field '{opts.text_field}' holds more than max_document_bytes "
+                   f"{opts.max_document_bytes}")
+        return None
     title = record.get(opts.title_field) if opts.title_field else None
     keep = opts.meta_fields or [k for k in record if k not in (opts.text_field, opts.title_field)]
     meta = {k: record[k] for k in keep if k in record}
@@ -184,8 +214,30 @@ def record_document(record: Any, uri: str, opts: FormatOptions, tally: Tally, co
                          title=str(title) if title is not None else "", content_type=content_type, meta=meta)
 
 
+def bounded_lines(body: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line) of a binary stream; None for a line longer than ``limit`` bytes, which is
+    read past in small pieces and never held whole."""
+    number = 0
+    while line := body.readline(limit + 1):
+        number += 1
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield number, line
+            continue
+        del line  # the head of the long line goes before its rest is read
+        while (piece := body.readline(1 << 16)) and not piece.endswith(b"\n"):
+            pass
+        yield number, None
+
+
+def _too_long(tally: Tally, where: str, number: int, limit: int) -> None:
+    tally.skip("too_large", where, f"line {number} is longer than max_document_bytes {limit}")
+
+
 def _jsonl(body: IO[bytes], uri: str, opts: FormatOptions, tally: Tally) -> Iterator[dict]:
-    for number, raw in enumerate(body, start=1):
+    for number, raw in bounded_lines(body, opts.max_document_bytes):
+        if raw is None:
+            _too_long(tally, f"{uri}#L{number}", number, opts.max_document_bytes)
+            continue
         line = decode_line(raw, tally).strip()
         if not line:
             continue
@@ -193,6 +245,10 @@ def _jsonl(body: IO[bytes], uri: str, opts: FormatOptions, tally: Tally) -> Iter
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             tally.skip("malformed_line", f"{uri}#L{number}", f"line {number} is not JSON: {exc.msg}")
+            continue
+        except RecursionError:
+            tally.skip("malformed_line", f"{uri}#L{number}", f"line {number} nests deeper than the JSON parser "
+                       "allows (RecursionError)")
             continue
         doc = record_document(record, f"{uri}#L{number}", opts, tally, CONTENT_TYPES["jsonl"])
         if doc is not None:
@@ -205,6 +261,9 @@ def _json(text: str, uri: str, opts: FormatOptions, tally: Tally) -> Iterator[di
     except json.JSONDecodeError as exc:
         tally.skip("malformed_json", uri, f"line {exc.lineno}: {exc.msg}")
         return
+    except RecursionError:
+        tally.skip("malformed_json", uri, "nested deeper than the JSON parser allows (RecursionError)")
+        return
     records = data if isinstance(data, list) else [data]
     for index, record in enumerate(records):
         where = f"{uri}#{index}" if isinstance(data, list) else uri
@@ -214,10 +273,17 @@ def _json(text: str, uri: str, opts: FormatOptions, tally: Tally) -> Iterator[di
 
 
 def _csv(body: IO[bytes], uri: str, opts: FormatOptions, tally: Tally, delimiter: str) -> Iterator[dict]:
-    csv.field_size_limit(max(opts.max_bytes, 131072))
-    lines = (decode_line(raw, tally).lstrip("\ufeff") if n == 0 else decode_line(raw, tally)
-             for n, raw in enumerate(body))
-    reader = csv.DictReader(lines, delimiter=delimiter)
+    limit = opts.max_document_bytes
+    csv.field_size_limit(max(limit, 131072))  # a longer field is that row's csv.Error, counted below
+
+    def lines() -> Iterator[str]:
+        for number, raw in bounded_lines(body, limit):
+            if raw is None:
+                _too_long(tally, f"{uri}#line={number}", number, limit)
+            else:
+                yield decode_line(raw, tally).lstrip("\ufeff") if number == 1 else decode_line(raw, tally)
+
+    reader = csv.DictReader(lines(), delimiter=delimiter)
     try:
         columns = reader.fieldnames or []
     except csv.Error as exc:

@@ -27,6 +27,7 @@ from lmforge.collection.archives import BoundedReader, TooLarge, compression_of,
 from lmforge.collection.fetch import Fetcher, FetchError
 from lmforge.collection.local import LocalFiles
 from lmforge.collection.types import Tally
+from lmforge.collection.urls import redact_url
 from lmforge.config.base import Section
 from lmforge.config.data import HFSource, LocalSource, S3Source
 from lmforge.config.instructions import HFRecords, LocalRecords, RecordSource, S3Records, WebRecords
@@ -38,7 +39,8 @@ from lmforge.data.stdlib_docs import build_instruction_pairs
 RECORD_FILES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
 _SPOOL_BYTES = 16 * 2**20  # S3 objects up to this size stay in memory, larger ones spill to a temp file
 # What a broken file raises while it is read: bad compression, truncation, a bound passed.
-_UNREADABLE = (TooLarge, OSError, EOFError, zlib.error)
+# RecursionError: JSON nested deeper than the parser's stack (`[` x 200,000).
+_UNREADABLE = (TooLarge, OSError, EOFError, zlib.error, RecursionError)
 
 Opened = tuple[str, Iterator[Item]]  # (uri, its items)
 
@@ -171,7 +173,7 @@ def _web(src: WebRecords) -> Iterator[Opened]:
         try:
             response = fetcher.get(url)
         except FetchError as exc:
-            raise DataError(f"{url} could not be fetched ({exc.reason}: {exc.detail})",
+            raise DataError(f"{redact_url(url)} could not be fetched ({exc.reason}: {exc.detail})",
                             "check the URL; a private address needs allow_networks (or allow_private)") from None
         name = PurePosixPath(urlsplit(response.url).path).name or "records.json"
         yield url, file_items(name, io.BytesIO(response.body), url, src.fetch.max_bytes)

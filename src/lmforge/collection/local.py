@@ -5,6 +5,12 @@ stat changed is hashed, and only a changed hash re-reads it. Many files are spli
 read in parallel (:mod:`lmforge.collection.parallel`); a file larger than a shard streams in the
 source's own thread, so memory stays bounded by the shard size.
 
+Nothing outside the configured paths is read: a file symlink whose target resolves outside the
+directory it was found in is skipped and counted (``symlink_outside_source``); one whose target
+stays inside is read (under the link's URI; the same text twice is one document). Directory links
+are not descended. Files are opened without following a final symlink, so a file swapped for a
+link after the listing is refused too.
+
     >>> from lmforge.config.data import LocalSource
     >>> source = LocalFiles(LocalSource(paths=["corpus/"], include=["*.md", "*.pdf"]))
 """
@@ -18,7 +24,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.collection.formats import FormatOptions, documents_from_bytes, documents_from_path, is_supported
+from lmforge.collection.formats import (
+    FormatOptions,
+    documents_from_bytes,
+    documents_from_path,
+    is_supported,
+    open_file,
+)
 from lmforge.collection.parallel import choose_backend, chunked, run_chunks
 from lmforge.collection.types import Fingerprint, SourceContext, Tally, Unit
 from lmforge.config.data import LocalSource
@@ -27,8 +39,8 @@ from lmforge.core.errors import DataError
 
 @dataclass(frozen=True)
 class FileTask:
-    path: str
-    uri: str
+    path: str  # the file itself, symlinks resolved
+    uri: str  # the path it was listed under
     size: int
     mtime_ns: int
     prior_hash: str
@@ -36,7 +48,7 @@ class FileTask:
 
 def file_hash(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open_file(path) as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -50,8 +62,9 @@ def read_small_files(job: tuple[FormatOptions, list[FileTask]]) -> tuple[list[Un
     for task in tasks:
         path = Path(task.path)
         try:
-            data = path.read_bytes()
-        except OSError as exc:  # vanished or unreadable since listing
+            with open_file(path) as fh:
+                data = fh.read()
+        except OSError as exc:  # vanished, unreadable or swapped for a link since listing
             tally.skip("unreadable", task.uri, f"{type(exc).__name__}: {exc}")
             continue
         fingerprint = Fingerprint(hashlib.sha256(data).hexdigest(), size=task.size, mtime_ns=task.mtime_ns)
@@ -107,22 +120,24 @@ class LocalFiles:
         tasks = []
         for path in self.files(ctx.tally):
             try:
-                info = path.stat()
-            except OSError as exc:
-                ctx.tally.skip("unreadable", str(path), f"{type(exc).__name__}: {exc}")
+                target = path.resolve(strict=True)
+                info = target.stat()
+            except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+                ctx.tally.skip("unreadable", path.as_uri(), f"{type(exc).__name__}: {exc}")
                 continue
-            tasks.append(FileTask(str(path), path.as_uri(), info.st_size, info.st_mtime_ns, ""))
+            tasks.append(FileTask(str(target), path.as_uri(), info.st_size, info.st_mtime_ns, ""))
         return tasks
 
     def files(self, tally: Tally) -> list[Path]:
-        """The files the config selects, sorted; those no reader knows are counted in ``tally``."""
+        """The files the config selects, sorted, as listed (a link inside its directory stays a link);
+        those no reader knows, and links out of their directory, are counted in ``tally``."""
         files: list[Path] = []
         for raw in self.cfg.paths:
             root = Path(raw).expanduser().resolve()
             if root.is_file():
                 candidates = [(root, root.name)]
             elif root.is_dir():
-                candidates = list(self._walk(root))
+                candidates = list(self._walk(root, tally))
             else:
                 raise DataError(f"local source path {raw} does not exist",
                                 "fix or remove it in data.sources[].paths (relative paths are resolved from "
@@ -134,7 +149,7 @@ class LocalFiles:
                     files.append(path)
         return sorted(set(files))
 
-    def _walk(self, root: Path) -> Iterator[tuple[Path, str]]:
+    def _walk(self, root: Path, tally: Tally) -> Iterator[tuple[Path, str]]:
         for folder, dirs, names in os.walk(root):
             if not self.cfg.hidden:
                 dirs[:] = [d for d in dirs if not d.startswith(".")]
@@ -144,8 +159,19 @@ class LocalFiles:
                     continue
                 path = Path(folder) / name
                 relative = path.relative_to(root).as_posix()
-                if self._included(name, relative) and path.is_file():
+                if self._included(name, relative) and path.is_file() and self._inside(path, root, tally):
                     yield path, relative
+
+    @staticmethod
+    def _inside(path: Path, root: Path, tally: Tally) -> bool:
+        """False (counted) for a symlink whose target lies outside ``root``, the resolved source directory."""
+        if not path.is_symlink():
+            return True
+        target = path.resolve()
+        if target.is_relative_to(root):
+            return True
+        tally.skip("symlink_outside_source", path.as_uri(), f"a link to {target}, outside {root}")
+        return False
 
     def _included(self, name: str, relative: str) -> bool:
         def matches(patterns: list[str]) -> bool:

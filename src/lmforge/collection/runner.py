@@ -22,6 +22,7 @@ from typing import Any
 
 from lmforge.collection.shards import Interrupted, RawStore
 from lmforge.collection.types import Source, SourceContext, Tally
+from lmforge.collection.urls import redact_urls
 from lmforge.core.errors import LmforgeError
 from lmforge.core.progress import bar
 
@@ -104,6 +105,8 @@ def _collect_one(label: str, source: Source, store: RawStore, report: SourceRepo
         report.error = {"source": label, "error": f"{type(exc).__name__}: {exc}",
                         "fix": "unexpected error (traceback on stderr); please report it with the config"}
     finally:
+        if report.error is not None:  # errors name URLs; none may carry its credentials into the manifest
+            report.error = redact_urls(report.error)
         report.seconds = time.monotonic() - started
         report.done = True
 

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from lmforge.collection.urls import redact_url
 from lmforge.data.documents import text_id
 
 MAX_EXAMPLES = 20  # skipped items listed by name per source; the rest are only counted
@@ -31,7 +32,7 @@ def now_iso() -> str:
 def make_document(text: str, *, source: str, uri: str, title: str, content_type: str,
                   meta: dict[str, Any] | None = None) -> dict:
     """One raw document row; ``meta`` is stored as sorted JSON so equal inputs give equal rows."""
-    return {"id": text_id(text), "text": text, "source": source, "uri": uri, "title": title or "",
+    return {"id": text_id(text), "text": text, "source": source, "uri": redact_url(uri), "title": title or "",
             "fetched_at": now_iso(), "content_type": content_type,
             "meta": json.dumps(meta or {}, sort_keys=True, ensure_ascii=False, default=str)}
 
@@ -82,10 +83,12 @@ class Tally:
         self._lock = threading.Lock()
 
     def skip(self, reason: str, where: str, detail: str = "") -> None:
+        """Count one skipped item; ``where`` and ``detail`` are kept with credentials in URLs redacted."""
         with self._lock:
             self.skipped[reason] += 1
             if len(self.examples) < MAX_EXAMPLES:
-                self.examples.append({"reason": reason, "where": where, "detail": detail[:300]})
+                self.examples.append({"reason": reason, "where": redact_url(where),
+                                      "detail": redact_url(detail[:4000])[:300]})
 
     def repair(self, kind: str) -> None:
         with self._lock:

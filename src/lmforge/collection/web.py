@@ -6,7 +6,9 @@ same crawl whatever the timing. Limits: ``max_pages`` requests, ``max_depth`` li
 fetcher's bytes per page; links stay on the seeds' sites unless ``same_site`` is off. URLs are
 deduplicated in normal form (:mod:`urls`), and pages by their ``<link rel=canonical>``. A page seen
 before is asked for with its ETag/Last-Modified; a 304 or an unchanged body keeps its documents,
-and its recorded links keep the crawl going without parsing it again.
+and its recorded links keep the crawl going without parsing it again. A seed or sitemap URL with a
+user name or password is dropped and counted (``credentials_in_url``), never fetched or recorded
+with them (:func:`lmforge.collection.urls.redact_urls`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from lmforge.collection.html import main_text, parse_page
 from lmforge.collection.parallel import bounded_map
 from lmforge.collection.textdecode import decode_text
 from lmforge.collection.types import Fingerprint, SourceContext, Unit, make_document
-from lmforge.collection.urls import normalize_url, site_of
+from lmforge.collection.urls import has_credentials, normalize_url, site_of
 from lmforge.config.data import WebSource
 from lmforge.core.errors import DataError
 
@@ -104,6 +106,22 @@ def fetch_unit(fetcher: Fetcher, url: str, ctx: SourceContext, accept: tuple[str
     return Page(Unit(url, fingerprint, docs, links, canonical), links, canonical)
 
 
+def without_credentials(urls: list[str], ctx: SourceContext) -> list[str]:
+    """``urls`` less those naming a user or password, each counted as ``credentials_in_url``.
+
+    Such a URL is dropped, not fetched without its credentials: the page behind it needs them, and
+    fetching it anyway would only record a refusal. The skip names the URL with ``***`` for them.
+    """
+    kept = []
+    for url in urls:
+        if has_credentials(url):
+            ctx.tally.skip("credentials_in_url", url, "URLs with a user name or password are not fetched, so that "
+                           "no credential is sent or recorded; crawl pages that need no login")
+        else:
+            kept.append(url)
+    return kept
+
+
 def interleave_hosts(urls: list[str]) -> list[str]:
     """Round-robin over hosts, so pool threads waiting for one host's pace never starve the others."""
     queues: dict[str, list[str]] = {}
@@ -124,8 +142,8 @@ class WebCrawl:
         cfg = self.cfg
         fetcher = Fetcher(cfg.fetch, cfg.allow_private, cfg.allow_networks)
         ctx.expect(cfg.max_pages)
-        level = [u for u in (normalize_url(s) for s in cfg.seeds) if u]
-        for sitemap in cfg.sitemaps:
+        level = [u for u in (normalize_url(s) for s in without_credentials(cfg.seeds, ctx)) if u]
+        for sitemap in without_credentials(cfg.sitemaps, ctx):
             level.extend(self._sitemap_urls(fetcher, sitemap, ctx, 0))
         visited: set[str] = set()
         canonicals: set[str] = set()

@@ -41,6 +41,11 @@ class _FileFields(FileSelection):
     meta_fields: list[str] = Field(
         default_factory=list, description="Record fields kept as metadata; empty keeps every other field."
     )
+    max_document_bytes: int = Field(
+        16 * 2**20, gt=0,
+        description="Largest document: a .txt/.md/.html file, a JSONL/CSV line or a record's text; larger "
+        "ones are skipped and counted (`too_large`) before they are held in memory whole.",
+    )
 
 
 class LocalSource(_FileFields, LocalPaths):

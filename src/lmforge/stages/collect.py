@@ -32,6 +32,7 @@ from lmforge.collection.instructions import read_record_sources
 from lmforge.collection.runner import SourceReport, new_reports, run_sources
 from lmforge.collection.shards import FORMAT, RawStore, exclusive, iter_live_documents, load_manifest
 from lmforge.collection.types import Source, now_iso
+from lmforge.collection.urls import redact_urls
 from lmforge.config.data import DataConfig, source_labels
 from lmforge.config.loader import load_config
 from lmforge.core.errors import DataError
@@ -104,7 +105,8 @@ def collect(cfg: DataConfig, ws: Workspace, progress: Progress | None = None) ->
     written: dict[str, dict] = {}
 
     def run_info() -> dict:
-        return {"last_run": _last_run(started, reports, labels), "sources": [s.model_dump(mode="json") for s in cfg.sources],
+        return {"last_run": _last_run(started, reports, labels),
+                "sources": redact_urls([s.model_dump(mode="json") for s in cfg.sources]),
                 "python": sys.version.split()[0], "sft": written.get("instructions", {}),
                 "preferences": written.get("preferences", {})}
 

@@ -18,15 +18,25 @@ Outputs: ws.curated_dir/train.parquet, validation.parquet (document columns) and
 (counts by reason, per-step rows, PII replaced, a sample of removed documents per reason);
 ws.curated_sft_dir and ws.curated_preferences_dir (train.jsonl, test.jsonl, report.json), which
 later stages read through :func:`lmforge.data.sft.sft_file`.
+
+Scratch space is ``ws.data_dir/.curate-work-*``, owned by the run through an flock on its
+``owner.lock`` (the kernel releases it when the process dies, kill -9 included). A run first removes
+the work directories no live process owns: a free lock, or (left by an older version) no lock file
+and no change for an hour.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import shutil
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -95,12 +105,57 @@ def curate(cfg: CurationConfig, ws: Workspace) -> CurateResult:
     units = raw_units(ws)
     total = sum(pq.ParquetFile(u.path).metadata.num_rows for u in units)
     use_ray = bool(cfg.ray_min_documents) and total >= cfg.ray_min_documents and len(units) > 1
-    ws.data_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=ws.data_dir, prefix=".curate-work-"))
-    try:
+    with owned_work_dir(ws.data_dir) as work:
         return _curate(cfg, ws, units, work, use_ray)
+
+
+WORK_PREFIX = ".curate-work-"
+_NEW_PREFIX = ".curate-new-"  # a work directory before its lock is held: never judged by its lock
+_OWNER = "owner.lock"
+_UNOWNED_AGE_S = 3600.0
+
+
+@contextlib.contextmanager
+def owned_work_dir(data_dir: Path) -> Iterator[Path]:
+    """A scratch directory under ``data_dir`` held by this process, removed afterwards; the work
+    directories of killed runs are removed first (:func:`remove_stale_work_dirs`)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_work_dirs(data_dir)
+    fresh = Path(tempfile.mkdtemp(dir=data_dir, prefix=_NEW_PREFIX))
+    work = data_dir / (WORK_PREFIX + fresh.name[len(_NEW_PREFIX):])
+    try:
+        with open(fresh / _OWNER, "w") as owner:
+            fcntl.flock(owner, fcntl.LOCK_EX)
+            # Renamed only once locked: a directory under WORK_PREFIX with a free lock is always a dead run's.
+            os.rename(fresh, work)
+            yield work
     finally:
+        shutil.rmtree(fresh, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def remove_stale_work_dirs(data_dir: Path) -> list[Path]:
+    """Remove the work directories no live process owns; returns them."""
+    removed = []
+    for path in [*data_dir.glob(WORK_PREFIX + "*"), *data_dir.glob(_NEW_PREFIX + "*")]:
+        lock = path / _OWNER
+        if path.name.startswith(WORK_PREFIX) and lock.exists():
+            try:
+                with open(lock, "a") as fh:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    shutil.rmtree(path, ignore_errors=True)
+            except OSError:  # BlockingIOError: a running curate holds it; else it was removed meanwhile
+                continue
+        else:
+            try:
+                idle = time.time() - path.stat().st_mtime
+            except OSError:
+                continue  # removed meanwhile
+            if idle < _UNOWNED_AGE_S:
+                continue  # an older version's run (no lock file) may still be using it
+            shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def _curate(cfg: CurationConfig, ws: Workspace, units: list[Unit], work: Path, use_ray: bool) -> CurateResult:
