@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="ours: training.speed.attention_backend")
     parser.add_argument("--checkpointing", action="store_true",
                         help="ours with training.speed.gradient_checkpointing (compared with TRL's checkpointing row)")
+    parser.add_argument("--logprob-chunk-mib", type=int, default=None,
+                        help="ours: float32 logits per answer log-prob chunk (default: the engine's LOGPROB_CHUNK_BYTES)")
     parser.add_argument("--trl", nargs="*", default=["plain"], help=f"TRL rows to measure: {' '.join(TRL_ROWS)}")
     add_common_arguments(parser, "a tiny Llama on the CPU, seq 64, batch 2, 1 + 2 steps: a check of this script")
     args = parser.parse_args(argv)
@@ -236,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
+    if args.logprob_chunk_mib:
+        from lmforge.train import objective
+
+        objective.LOGPROB_CHUNK_BYTES = args.logprob_chunk_mib << 20
+
     out = out_dir(args)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not args.tiny:
@@ -268,7 +275,8 @@ def write_figures(rows: list[dict], out: Path, shape: str, args: argparse.Namesp
     label = (f"TRL DPOTrainer {baseline['row'].removeprefix('trl_')} (peft LoRA, bf16 base), same job"
              if baseline else "TRL DPOTrainer (not run)")
     tag = (f"{shape}_dpo_lora_b{args.batch}_s{args.seq}" + ("" if args.attention == "auto" else f"_{args.attention}")
-           + ("_checkpointing" if args.checkpointing else ""))
+           + ("_checkpointing" if args.checkpointing else "")
+           + (f"_chunk{args.logprob_chunk_mib}mib" if args.logprob_chunk_mib else ""))
     record(BENCH, f"{tag}_tokens_per_s", mine["tokens_per_s"], "tokens/s", label,
            baseline["tokens_per_s"] if baseline else None, out_dir=out)
     if "peak_gib" in mine:

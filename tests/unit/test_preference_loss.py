@@ -70,7 +70,7 @@ def test_orpo_loss_and_rewards_equal_the_hand_computed_values():
 def test_chunked_answer_logps_match_log_softmax_in_value_and_gradient(monkeypatch):
     import lmforge.train.objective as objective
 
-    monkeypatch.setattr(objective, "CHUNK_BYTES", 4 * 50 * 128)  # 128-row chunks: 300 rows take three
+    monkeypatch.setattr(objective, "LOGPROB_CHUNK_BYTES", 4 * 50 * 128)  # 128-row chunks: 300 rows take three
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(300, 16, generator=gen, requires_grad=True)
     weight = torch.randn(50, 16, generator=gen, requires_grad=True)

@@ -24,6 +24,11 @@ if TYPE_CHECKING:
     from lmforge.model.types import CausalLM
 
 CHUNK_BYTES = 1 << 29  # float32 logits of one chunk: 512 MiB bounds the loss's working memory
+# Answer log-probabilities (preference losses) recompute each chunk in the backward and hold its
+# float32 logits, their gradient and a bf16 copy at once: about 2.5x a chunk. With gradient
+# checkpointing that was the largest single buffer of a 1B model's DPO step, so these chunks are
+# four times smaller; at 1024+ rows each, the output-layer products stay large enough to run at speed.
+LOGPROB_CHUNK_BYTES = 1 << 27
 
 
 class CausalLMObjective(torch.nn.Module):
@@ -173,7 +178,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        rows = max(128, CHUNK_BYTES // (4 * weight.shape[0]) // 128 * 128)
+        rows = _chunk_rows(weight, CHUNK_BYTES)
         for start in range(0, hidden.shape[0], rows):
             h = hidden[start:start + rows]
             loss, grad = chunk_fn((h @ w.T).float(), targets[start:start + rows], smoothing, need_h or need_w)
@@ -250,7 +255,7 @@ class TokenLogProbs(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, forward_fn, backward_fn):
         w = weight.to(hidden.dtype)
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        rows = _chunk_rows(weight)
+        rows = _chunk_rows(weight, LOGPROB_CHUNK_BYTES)
         for start in range(0, hidden.shape[0], rows):
             out[start:start + rows] = forward_fn((hidden[start:start + rows] @ w.T).float(), targets[start:start + rows])
         ctx.save_for_backward(hidden, weight, targets)
@@ -264,7 +269,7 @@ class TokenLogProbs(torch.autograd.Function):
         w = weight.to(hidden.dtype)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        rows = _chunk_rows(weight)
+        rows = _chunk_rows(weight, LOGPROB_CHUNK_BYTES)
         for start in range(0, hidden.shape[0], rows):
             h = hidden[start:start + rows]
             grad = ctx.backward_fn((h @ w.T).float(), targets[start:start + rows], grad_out[start:start + rows])
@@ -276,5 +281,6 @@ class TokenLogProbs(torch.autograd.Function):
         return grad_h, grad_w.to(weight.dtype) if grad_w is not None else None, None, None, None
 
 
-def _chunk_rows(weight: torch.Tensor) -> int:
-    return max(128, CHUNK_BYTES // (4 * weight.shape[0]) // 128 * 128)
+def _chunk_rows(weight: torch.Tensor, chunk_bytes: int) -> int:
+    """Rows per chunk whose float32 logits over ``weight``'s vocabulary fit ``chunk_bytes`` (multiples of 128)."""
+    return max(128, chunk_bytes // (4 * weight.shape[0]) // 128 * 128)
