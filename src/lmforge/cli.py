@@ -170,10 +170,10 @@ def cmd_deploy(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
-    from lmforge.serving.api import parse_adapters, serve_model
+    from lmforge.serving.api import api_key_from, parse_adapters, serve_model
 
     serve_model(args.model, parse_adapters(args.adapter, config.serving), ws, host=args.host, port=args.port,
-                api_key=args.api_key)
+                api_key=api_key_from(args.api_key, args.api_key_file))
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> None:
@@ -288,7 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="pipeline config YAML (its serving section)")
     serve.add_argument("--host", help="bind address (default from config: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default from config; 0 picks a free one)")
-    serve.add_argument("--api-key", help="require this Bearer token (or set LMFORGE_API_KEY)")
+    serve.add_argument("--api-key", help="require this Bearer token; it shows in the process list, so prefer "
+                       "--api-key-file or the LMFORGE_API_KEY environment variable (comma-separated for several)")
+    serve.add_argument("--api-key-file", type=Path, metavar="PATH",
+                       help="require the Bearer token on the first line of this file")
     serve.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                        help="serve this LoRA adapter unmerged beside the base as model NAME (repeatable)")
     serve.set_defaults(handler=cmd_serve)

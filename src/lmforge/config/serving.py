@@ -2,8 +2,9 @@
 
 Grouped by the part of the server that reads it: ``server`` (the HTTP process: bind address,
 timeouts, exposure), ``scheduler`` (the running batch, the waiting queue, chunked prefill),
-``kv_cache`` (the paged cache's budget, block size and dtype) and ``runtime`` (which backend, on
-which device, with how many threads, graphs and quantization). Request defaults (``max_new_tokens``),
+``kv_cache`` (the paged cache's budget, block size and dtype), ``runtime`` (which backend, on
+which device, with how many threads, graphs and quantization) and ``limits`` (what one request may
+ask: body bytes, prompt tokens, stop strings, logprobs). Request defaults (``max_new_tokens``),
 ``adapters`` and the deploy stage's ``probe_prompt`` stay at the top. Every field is also valid in
 the ``--serving-config`` file of ``python -m lmforge.serving``; the flat keys of older files are
 listed in ``ServingConfig.moved_keys``.
@@ -94,6 +95,32 @@ class RuntimeConfig(Section):
     )
 
 
+class LimitsConfig(Section):
+    """What one request may ask of the server, checked before any work is done for it.
+
+    Each refusal is an OpenAI-shaped 4xx naming the key to raise; none of them grows the server's memory.
+    """
+
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, le=1024**3,
+        description="Largest request body in bytes; a larger one gets 413 from its Content-Length, or as soon as "
+        "that many bytes have arrived, before it is parsed.",
+    )
+    max_prompt_tokens: int | None = Field(
+        None, gt=0, le=10_000_000, description="Most prompt tokens (a completion's prompt or a rendered chat); "
+        "default the context window (scheduler.max_model_len or the model's).",
+    )
+    max_chars_per_token: int = Field(
+        32, ge=1, le=1_000_000, description="A prompt longer than max_prompt_tokens x this many characters is "
+        "refused before it is tokenized (tokenizing megabytes takes seconds): no token of ordinary text is that long.",
+    )
+    max_stop: int = Field(4, ge=0, le=64, description="Most `stop` strings per request (OpenAI allows 4).")
+    max_stop_chars: int = Field(256, ge=1, le=100_000, description="Longest `stop` string, in characters.")
+    max_logprobs: int = Field(
+        20, ge=0, le=20, description="Most alternatives per token: completions `logprobs`, chat `top_logprobs`."
+    )
+
+
 class ServingConfig(Section):
     """The serve and deploy stages' section: request defaults, served adapters, and one group per server part."""
 
@@ -109,6 +136,7 @@ class ServingConfig(Section):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
     # The flat keys of files written before the groups, and where each lives now.
     moved_keys: ClassVar[Mapping[str, str]] = {

@@ -2,15 +2,17 @@
 
     python -m lmforge.serving MODEL [--host 127.0.0.1] [--port 0] [--model-name NAME]
                                     [--ready-file PATH] [--serving-config PATH] [--adapter NAME=DIR ...]
+                                    [--api-key-file PATH]
 
 MODEL is a local model directory or a registry URI ``models:/NAME@ALIAS`` (resolved in the
 workspace named by ``LMFORGE_HOME``). ``--ready-file`` receives ``{"url", "pid"}`` once the server
 accepts connections (the deploy stage waits for it). ``--serving-config`` is a JSON or YAML file of
 ``ServingConfig`` fields. ``--adapter NAME=DIR`` (repeatable) serves a LoRA adapter unmerged beside
 the base: requests whose ``model`` is NAME use it (``serving.adapters``). API keys, if wanted, come
-from the ``LMFORGE_API_KEY`` environment variable (comma-separated for several) rather than a flag,
-so they never show in the process list. Binding beyond loopback without a key is refused unless
-``serving.server.allow_unauthenticated_remote`` is set. The work is done by ``serving/api/`` (``serve.py``).
+from the ``LMFORGE_API_KEY`` environment variable (comma-separated for several) or the first line of
+``--api-key-file PATH`` rather than a flag, so they never show in the process list. Binding beyond
+loopback without a key is refused unless ``serving.server.allow_unauthenticated_remote`` is set. The
+work is done by ``serving/api/`` (``serve.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from lmforge.core.errors import LmforgeError
 from lmforge.core.workspace import Workspace
-from lmforge.serving.api import load_serving_config, parse_adapters, serve_model
+from lmforge.serving.api import api_key_from, load_serving_config, parse_adapters, serve_model
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -36,6 +38,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--serving-config", type=Path, default=None, help="JSON/YAML file of ServingConfig fields")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                         help="serve this LoRA adapter beside the base as model NAME (repeatable)")
+    parser.add_argument("--api-key-file", type=Path, default=None, metavar="PATH",
+                        help="require the Bearer token on this file's first line (default: LMFORGE_API_KEY)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser.parse_args(argv)
 
@@ -45,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_adapters(args.adapter, load_serving_config(args.serving_config))
         serve_model(args.model, cfg, Workspace.from_env(), host=args.host, port=args.port,
-                    model_name=args.model_name, ready_file=args.ready_file, log_level=args.log_level)
+                    api_key=api_key_from(None, args.api_key_file), model_name=args.model_name,
+                    ready_file=args.ready_file, log_level=args.log_level)
     except LmforgeError as exc:
         print(f"error: {exc.cause}\nfix: {exc.fix}", file=sys.stderr, flush=True)
         return exc.exit_code

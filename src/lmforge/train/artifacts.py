@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
-from lmforge.core.errors import ConfigError
+from lmforge.core.errors import ConfigError, DataError
 from lmforge.core.workspace import atomic_write_json
 from lmforge.model.prompt import format_prompt
 from lmforge.train.methods import bottleneck as adapters
@@ -41,6 +41,9 @@ PROBE_FILE = "lmforge_probe.json"
 PROBE_INSTRUCTION = "What does `json.dumps` do?"
 PROBE_TOKENS = 8
 MARKER = "lmforge_adapter.json"
+MARKER_MAX_BYTES = 64 * 1024  # a marker is a few lines of JSON
+# Weight files peft's loader falls back to when adapter_model.safetensors is absent: pickles, which torch.load runs.
+PICKLED_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
 
 
 def save_full(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
@@ -107,11 +110,51 @@ def load_trained(model_dir: Path, dtype: torch.dtype = torch.float32, device: st
 
 
 def marked_adapter_dir(model_dir: Path) -> Path | None:
-    """The unmergeable adapter's directory that ``model_dir``'s marker names, or None without a marker."""
-    marker = Path(model_dir) / MARKER
-    if not marker.exists():
+    """The unmergeable adapter's directory that ``model_dir``'s marker names, or None without a marker.
+
+    A model directory may come from anyone (a registry, a download), and its marker decides what is
+    loaded: the adapter must lie inside ``model_dir`` (no ``..``, absolute path or symlink out) and hold
+    its weights as safetensors only (a pickled ``adapter_model.bin`` could run code in ``torch.load``).
+    Anything else is a :class:`DataError`, raised before any weight is read.
+    """
+    root = Path(model_dir).resolve()
+    marker = root / MARKER
+    if not marker.exists() and not marker.is_symlink():
         return None
-    return Path(model_dir) / json.loads(marker.read_text())["adapter"]
+    fix = ("serve or load the model/ directory a training run wrote (lmforge_adapter.json names its own adapter/ "
+           "subdirectory, with adapter_model.safetensors), or delete lmforge_adapter.json to use the base alone")
+    _require_inside(marker, root, marker, fix)
+    if not marker.is_file() or marker.stat().st_size > MARKER_MAX_BYTES:
+        raise DataError(f"{marker} is not a small JSON file", fix)
+    try:
+        named = json.loads(marker.read_text(encoding="utf-8")).get("adapter")
+    except (ValueError, AttributeError) as exc:  # not JSON, not UTF-8, or not an object
+        raise DataError(f"{marker} is not valid JSON holding an object: {exc}", fix) from exc
+    if not isinstance(named, str) or not named.strip():
+        raise DataError(f"{marker} names no adapter directory (its 'adapter' is {named!r})", fix)
+    if Path(named).is_absolute() or ".." in Path(named).parts:
+        raise DataError(f"{marker} points outside {root}: {named!r}", fix)
+    adapter_dir = _require_inside(root / named, root, marker, fix)
+    if not adapter_dir.is_dir():
+        raise DataError(f"{marker} names {named!r}, which is not a directory in {root}", fix)
+    pickled = [name for name in PICKLED_WEIGHTS if (adapter_dir / name).exists()]
+    if pickled:
+        raise DataError(f"the adapter in {adapter_dir} holds pickled weights ({', '.join(pickled)}), which are never "
+                        "loaded (unpickling can run code)", "save the adapter with safetensors only (peft's "
+                        f"save_pretrained does by default) and delete {', '.join(pickled)}")
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise DataError(f"the adapter in {adapter_dir} has no adapter_model.safetensors", fix)
+    _require_inside(weights, root, marker, fix)
+    return adapter_dir
+
+
+def _require_inside(path: Path, root: Path, marker: Path, fix: str) -> Path:
+    """``path`` with its symlinks resolved, if that stays inside ``root``; a DataError naming the marker if not."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):
+        raise DataError(f"{marker} leads outside {root}: {path} is {resolved}", fix)
+    return resolved
 
 
 def apply_adapter(model: PreTrainedModel, adapter_dir: Path) -> CausalLM:

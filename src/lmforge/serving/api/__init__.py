@@ -1,10 +1,16 @@
 """The serving API: what the rest of lmforge (CLI, stages) uses of serving, and the HTTP server.
 
 ``serve.py`` is the public face (:func:`resolve_model_dir`, :func:`serve_model`,
-:func:`parse_adapters`, :func:`load_serving_config`, re-exported here); ``launch.py`` binds the
+:func:`parse_adapters`, :func:`load_serving_config`, :func:`api_key_from`, re-exported here); ``launch.py`` binds the
 socket and runs the app of ``server.py``, whose request and response bodies are in ``protocol.py``.
 """
 
-from lmforge.serving.api.serve import load_serving_config, parse_adapters, resolve_model_dir, serve_model
+from lmforge.serving.api.serve import (
+    api_key_from,
+    load_serving_config,
+    parse_adapters,
+    resolve_model_dir,
+    serve_model,
+)
 
-__all__ = ["load_serving_config", "parse_adapters", "resolve_model_dir", "serve_model"]
+__all__ = ["api_key_from", "load_serving_config", "parse_adapters", "resolve_model_dir", "serve_model"]

@@ -3,56 +3,77 @@
 Requests validate their ranges here, at the edge, so the engine only ever sees sane values.
 Fields OpenAI defines but this server cannot honor (``n`` > 1, penalties) are accepted only at
 their neutral value and refused otherwise, and unknown fields are refused, so a client never
-silently gets something other than what it asked for. ``echo`` (completions) returns the prompt
+silently gets something other than what it asked for. Types are strict, as in OpenAI's API
+(``"stream": "yes"`` or ``"max_tokens": "5"`` is refused, not coerced), and text must be Unicode:
+JSON can spell a lone UTF-16 surrogate (``"\\ud800"``), which no tokenizer or UTF-8 encoder takes,
+so it is refused here by name. The limits the server's config sets (``serving.limits``: stop
+strings, logprobs, prompt length) are checked by ``limits.py``. ``echo`` (completions) returns the prompt
 before the completion and, with ``logprobs``, the prompt's log-probabilities (the first token's is
 null, as in OpenAI's API); ``max_tokens: 0`` with ``echo`` scores a prompt without generating.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lmforge.serving.engine.sampling import SamplingParams, TokenLogprob
 
 # ---------------------------------------------------------------- requests
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unicode(value: str) -> str:
+    # JSON decoding joins a valid surrogate pair into one character: any surrogate left is a lone one.
+    found = _SURROGATE.search(value)
+    if found is not None:
+        raise ValueError(f"holds a lone UTF-16 surrogate ({found.group()!r} at character {found.start()}), which is "
+                         "not text; send valid Unicode (a \\ud800-\\udbff escape must be followed by a "
+                         "\\udc00-\\udfff one)")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+"""A string of Unicode text: refused with a 400 if it holds a lone surrogate."""
+
+# OpenAI's API refuses "5" for an integer and "yes" for a boolean; so do we (no coercion).
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     include_usage: bool = Field(False, description="Send a last chunk with token usage before [DONE].")
 
 
 class _SamplingRequest(BaseModel):
     """Fields shared by both endpoints."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
-    model: str | None = Field(None, description="Must name the served model when given.")
+    model: Text | None = Field(None, description="Must name the served model when given.")
     max_tokens: int | None = Field(None, ge=0, description="Tokens to generate; default serving.max_new_tokens.")
     temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1, description="Keep only the k most likely tokens; 0 or -1 is off.")
-    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the completion.")
+    stop: Text | list[Text] | None = Field(None, description="Strings that end the completion (serving.limits.max_stop).")
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, description="Makes sampling reproducible.")
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
     presence_penalty: float = Field(0.0, ge=0, le=0, description="Not supported; must be 0.")
     frequency_penalty: float = Field(0.0, ge=0, le=0, description="Not supported; must be 0.")
-    user: str | None = None
+    user: Text | None = None
     ignore_eos: bool = Field(False, description="lmforge (and vLLM) extension: generate max_tokens even past EOS.")
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> list[str]:
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4:
-            raise ValueError(f"at most 4 stop strings are allowed, got {len(stops)}")
-        return stops
+        return [value] if isinstance(value, str) else list(value or [])
 
     def sampling(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         return SamplingParams(
@@ -68,6 +89,11 @@ class _SamplingRequest(BaseModel):
         )
 
     @property
+    def stops(self) -> list[str]:
+        """The ``stop`` strings as a list (the validator already made it one; the field's type cannot say so)."""
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
@@ -75,7 +101,7 @@ class _SamplingRequest(BaseModel):
 class CompletionRequest(_SamplingRequest):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str] = Field(..., description="One prompt (a list of exactly one is accepted).")
+    prompt: Text | list[Text] = Field(..., description="One prompt (a list of exactly one is accepted).")
     logprobs: int | None = Field(None, ge=0, le=20, description="Top alternatives reported per token.")
     echo: bool = Field(False, description="Return the prompt (and its logprobs) before the completion.")
 
@@ -102,14 +128,24 @@ class CompletionRequest(_SamplingRequest):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"] = "text"
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
+
+    @property
+    def chars(self) -> int:
+        """Characters the message puts in the prompt (its name and text; the template adds a few more)."""
+        parts = [self.content] if isinstance(self.content, str) else [p.text for p in self.content]
+        return len(self.name or "") + sum(len(p) for p in parts)
 
     def as_template_input(self) -> dict[str, str]:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)

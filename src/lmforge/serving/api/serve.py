@@ -3,8 +3,9 @@
 :func:`resolve_model_dir` turns what a user names (a model directory, or a registry URI
 ``models:/NAME@ALIAS`` resolved in the workspace) into a local directory and a default model name;
 the CLI's ``serve`` and ``export-onnx`` commands and the server use it. :func:`serve_model` serves
-it until interrupted; :func:`parse_adapters` and :func:`load_serving_config` read the command-line
-forms of ``serving.adapters`` and of a serving-config file.
+it until interrupted; :func:`parse_adapters`, :func:`load_serving_config` and :func:`api_key_from`
+read the command-line forms of ``serving.adapters``, of a serving-config file and of the API key.
+A path that is no model directory is refused here, before anything heavy is imported or loaded.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import yaml
 
 from lmforge.config.loader import parse_section
 from lmforge.config.serving import ServingConfig
-from lmforge.core.errors import ConfigError
+from lmforge.core.errors import ConfigError, ServingError
 from lmforge.core.workspace import Workspace, atomic_write_json
 
 
@@ -48,6 +49,29 @@ def parse_adapters(values: list[str], cfg: ServingConfig) -> ServingConfig:
     return cfg.model_copy(update={"adapters": adapters}) if values else cfg
 
 
+def api_key_from(flag: str | None, key_file: Path | None) -> str | None:
+    """The API key(s) to require: ``--api-key``, else the first line of ``--api-key-file``, else the
+    ``LMFORGE_API_KEY`` environment variable (comma-separated for several); None for none.
+
+    A key on the command line shows in the process list; a file or the environment does not."""
+    if flag and key_file is not None:
+        raise ConfigError("both --api-key and --api-key-file are given", "give the key one way: --api-key-file PATH "
+                          "(or LMFORGE_API_KEY), which keeps it out of the process list")
+    if flag:
+        return flag
+    if key_file is not None:
+        try:
+            lines = Path(key_file).expanduser().read_text(encoding="utf-8").splitlines()
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the API key file {key_file}: {exc}",
+                              "pass --api-key-file a readable UTF-8 file whose first line is the key") from exc
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ConfigError(f"the API key file {key_file} is empty", "write the key on its first line")
+        return key
+    return os.environ.get("LMFORGE_API_KEY") or None
+
+
 def resolve_model_dir(model: str, ws: Workspace) -> tuple[Path, str]:
     """(local directory, default model name) for a directory or a registry URI ``models:/NAME@ALIAS``."""
     if model.startswith("models:/"):
@@ -56,6 +80,12 @@ def resolve_model_dir(model: str, ws: Workspace) -> tuple[Path, str]:
         path, name, _version = resolve_model(model, ws)
         return Path(path), name
     path = Path(model).expanduser().resolve()
+    # Checked before torch and the model load: a typo should fail in a fraction of a second.
+    if not ((path / "config.json").is_file() or (path / "model.onnx").is_file()):
+        reason = "does not exist" if not path.exists() else "holds no config.json"
+        raise ServingError(f"{path} is not a model directory (it {reason})",
+                           "pass a directory written by training (config.json, model.safetensors, tokenizer files), "
+                           "one written by `lmforge export-onnx`, or a registry URI such as models:/NAME@champion")
     return path, path.name
 
 
@@ -75,9 +105,8 @@ def serve_model(
     ``api_key`` defaults to the ``LMFORGE_API_KEY`` environment variable; ``ready_file`` receives
     ``{"url", "pid"}`` once the server accepts connections.
     """
-    from lmforge.serving.api.launch import run_server  # heavy imports only once arguments are known good
-
     model_dir, default_name = resolve_model_dir(model, ws)
+    from lmforge.serving.api.launch import run_server  # heavy imports only once arguments are known good
 
     def ready(url: str) -> None:
         if ready_file is not None:

@@ -5,7 +5,10 @@ server-sent events ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /healt
 ``GET /metrics`` (Prometheus). Every error is a JSON body ``{"error": {"message", "type", "param",
 "code"}}`` as OpenAI clients expect; a full queue answers 429 (with ``Retry-After``), a server
 shutting down 503. A client that disconnects, streaming or not, has its request cancelled at once,
-which frees its batch row and KV cache at the engine's next step.
+which frees its batch row and KV cache at the engine's next step. What one request may ask is
+bounded by ``serving.limits`` (``limits.py``: body bytes, prompt characters and tokens, stop strings,
+logprobs); prompts are rendered and tokenized in a worker thread, so a long one never stalls the
+event loop (``/health`` and every other stream keep answering).
 
 ``launch.py`` binds the socket and runs this app (``python -m lmforge.serving MODEL``).
 """
@@ -17,21 +20,23 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.to_thread
 from fastapi import Depends, FastAPI, Header, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from jinja2 import TemplateError
 from pydantic import BaseModel
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge import __version__
 from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
+from lmforge.serving.api.errors import ApiError, install_error_handlers
+from lmforge.serving.api.limits import BodyLimit, RequestLimits
 from lmforge.serving.api.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -51,72 +56,20 @@ from lmforge.serving.api.protocol import (
     Usage,
     new_id,
 )
-from lmforge.serving.engine.engine import Engine, EngineBusy, GenerationStream, RequestError
+from lmforge.serving.engine.engine import Engine, GenerationStream
 from lmforge.serving.engine.requests import Completion
 
 log = logging.getLogger(__name__)
 
 
-class ApiError(Exception):
-    """An error answered as an OpenAI error body with ``status``."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
-
-
-def _error(status: int, message: str, param: str | None = None, code: str | None = None,
-           type_: str = "invalid_request_error", headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api(_: Request, exc: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return _error(exc.status, exc.message, exc.param, exc.code, exc.type, headers)
-
-    @app.exception_handler(RequestError)
-    async def _request(_: Request, exc: RequestError) -> JSONResponse:
-        return _error(400, f"{exc.cause}; {exc.fix}", exc.param, exc.code)
-
-    @app.exception_handler(EngineBusy)
-    async def _busy(_: Request, exc: EngineBusy) -> JSONResponse:
-        code = "rate_limit_exceeded" if exc.status == 429 else "server_shutting_down"
-        return _error(exc.status, f"{exc.cause}; {exc.fix}", code=code, type_="server_overloaded",
-                      headers={"Retry-After": "1"})
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = list(exc.errors())
-        if any(e.get("type") == "json_invalid" for e in errors):
-            detail = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
-            return _error(400, f"the request body is not valid JSON ({detail})", code="invalid_json")
-        fields = [[str(p) for p in e.get("loc", ()) if p != "body"] for e in errors]
-        message = "; ".join(f"{'.'.join(f) or 'body'}: {e.get('msg')}" for f, e in zip(fields, errors))
-        param = fields[0][0] if fields and fields[0] else _param_in(message)
-        return _error(400, message, param, "invalid_value")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), code=str(exc.status_code))
-
-
-def _param_in(message: str) -> str | None:
-    """A whole-body validator names its field as 'Value error, FIELD: ...'."""
-    head = message.split("Value error, ", 1)[-1]
-    return head.split(":", 1)[0] if ":" in head and " " not in head.split(":", 1)[0] else None
-
-
 @dataclass(frozen=True)
 class _Served:
-    """What the routes share: the engine, the public model name and the serving config."""
+    """What the routes share: the engine, the public model name, the serving config and its limits."""
 
     engine: Engine
     model_name: str
     cfg: ServingConfig
+    limits: RequestLimits
 
     def check_model(self, name: str | None) -> tuple[str, str | None]:
         """The model name to answer with, and the LoRA adapter to decode with (None: the base)."""
@@ -134,6 +87,19 @@ class _Served:
                            "ask for fewer tokens or raise serving.max_new_tokens", param="max_tokens")
         return self.engine.token_budget(len(prompt_ids), max_tokens, self.cfg.max_new_tokens)
 
+    async def tokenize(self, chars: int, param: str, render: Callable[[], list[int]]) -> list[int]:
+        """``render()``'s prompt ids, computed in a worker thread once the prompt's ``chars`` could fit.
+
+        Off the event loop: tokenizing a long prompt takes long enough to stall every other request."""
+        self.limits.check_chars(chars, param)
+        try:
+            ids = await anyio.to_thread.run_sync(render)
+        except TemplateError as exc:  # e.g. a template that insists on alternating user/assistant turns
+            raise ApiError(400, f"the model's chat template refused these messages: {exc}",
+                           param="messages", code="invalid_value") from exc
+        self.limits.check_tokens(len(ids), param)
+        return ids
+
 
 def create_app(engine: Engine, model_name: str, cfg: ServingConfig,
                api_key: str | Sequence[str] | None = None) -> FastAPI:
@@ -144,16 +110,19 @@ def create_app(engine: Engine, model_name: str, cfg: ServingConfig,
                            "rename the adapter (--adapter NAME=DIR) or the model (--model-name)")
     errors: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503)}
     app = FastAPI(title="lmforge inference server", version=__version__, responses=errors)
-    _install_error_handlers(app)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=cfg.limits.max_body_bytes)
     created = int(time.time())
     keys = [api_key] if isinstance(api_key, str) else [k for k in (api_key or []) if k]
 
     async def authorize(authorization: str | None = Header(None)) -> None:
         if not keys:
             return
-        sent = (authorization or "").encode()
+        # The scheme is case-insensitive (RFC 9110 section 11.1): "bearer KEY" is as good as "Bearer KEY".
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        sent = token.strip().encode() if scheme.lower() == "bearer" else b""
         # compare_digest against every key, without stopping early, so timing says nothing about which.
-        if not any([hmac.compare_digest(sent, f"Bearer {key}".encode()) for key in keys]):
+        if not any([hmac.compare_digest(sent, key.encode()) for key in keys]):
             raise ApiError(401, "missing or incorrect API key; send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
@@ -176,7 +145,7 @@ def create_app(engine: Engine, model_name: str, cfg: ServingConfig,
             cards.append(ModelCard(id=adapter, created=created, max_model_len=engine.context_window, parent=model_name))
         return ModelList(data=cards)
 
-    served = _Served(engine, model_name, cfg)
+    served = _Served(engine, model_name, cfg, RequestLimits(cfg.limits, engine.context_window))
     _add_completions(app, served, authorize)
     _add_chat(app, served, authorize)
     return app
@@ -188,7 +157,9 @@ def _add_completions(app: FastAPI, served: _Served, authorize) -> None:
     @app.post("/v1/completions", dependencies=[Depends(authorize)], response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> CompletionResponse | Response:
         model_name, adapter = served.check_model(body.model)
-        prompt_ids = engine.encode(body.prompt_text)
+        served.limits.check_sampling(body.stops, body.logprobs, "logprobs")
+        text = body.prompt_text
+        prompt_ids = await served.tokenize(len(text), "prompt", lambda: engine.encode(text))
         echo = body.prompt_text if body.echo else ""
         max_tokens = served.budget(prompt_ids, body.max_tokens)
         rid = new_id("cmpl")
@@ -214,9 +185,11 @@ def _add_chat(app: FastAPI, served: _Served, authorize) -> None:
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)], response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | Response:
         model_name, adapter = served.check_model(body.model)
-        prompt = engine.render_chat([m.as_template_input() for m in body.messages])
+        served.limits.check_sampling(body.stops, body.top_logprobs, "top_logprobs")
+        messages = [m.as_template_input() for m in body.messages]
         # The template writes any special tokens itself; adding them again would double a BOS.
-        prompt_ids = engine.encode(prompt, add_special_tokens=False)
+        prompt_ids = await served.tokenize(sum(m.chars for m in body.messages), "messages",
+                                           lambda: engine.encode(engine.render_chat(messages), add_special_tokens=False))
         params = body.sampling(served.budget(prompt_ids, body.max_tokens), body.logprobs_n)
         stream = engine.stream(prompt_ids, params, adapter)
         rid = new_id("chatcmpl")
