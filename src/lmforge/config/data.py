@@ -139,7 +139,7 @@ class ParallelConfig(Section):
         description="`auto`: serial below `min_files`, Ray when an address is set and the input reaches "
         "`ray_min_files`, else a local process pool.",
     )
-    workers: int = Field(0, ge=0, description="Parallel workers; 0 uses every CPU of this machine.")
+    workers: int = Field(0, ge=0, le=1024, description="Parallel workers; 0 uses every CPU of this machine.")
     # A worker process costs about a second to start (imports, parser warm-up) while a small file
     # takes about half a millisecond to read: a pool pays off from a few thousand files on.
     min_files: int = Field(2000, ge=1, description="Fewer files than this are read in the source's own thread.")
@@ -159,7 +159,7 @@ class DataConfig(Section):
     )
     instructions: InstructionConfig = Field(default_factory=InstructionConfig)
     preferences: PreferenceConfig = Field(default_factory=PreferenceConfig)
-    source_concurrency: int = Field(4, ge=1, description="Sources collected at the same time.")
+    source_concurrency: int = Field(4, ge=1, le=256, description="Sources collected at the same time.")
     shard_max_documents: int = Field(10_000, gt=0, description="Documents per raw Parquet shard (a commit point).")
     shard_max_bytes: int = Field(64 * 2**20, gt=0, description="Text bytes per raw Parquet shard (a commit point).")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)

@@ -13,13 +13,14 @@ class EvaluationConfig(Section):
     ROUGE-L on instructions, and lm-evaluation-harness tasks."""
 
     max_batches: int = Field(
-        20, gt=0, description="Held-out text budget when a set is frozen: max_batches x batch_size x block_size tokens."
+        20, gt=0, le=1_000_000,
+        description="Held-out text budget when a set is frozen: max_batches x batch_size x block_size tokens."
     )
-    max_examples: int = Field(40, gt=0, description="Held-out instructions for exact match and ROUGE-L.")
-    max_new_tokens: int = Field(32, gt=0, description="Tokens generated per held-out instruction.")
-    batch_size: int = Field(8, gt=0, description="Sequences per forward pass (perplexity windows, prompts, tasks).")
+    max_examples: int = Field(40, gt=0, le=1_000_000, description="Held-out instructions for exact match and ROUGE-L.")
+    max_new_tokens: int = Field(32, gt=0, le=65_536, description="Tokens generated per held-out instruction.")
+    batch_size: int = Field(8, gt=0, le=65_536, description="Sequences per forward pass (perplexity windows, prompts, tasks).")
     block_size: int = Field(
-        128, ge=8, description="Tokens per held-out scoring window; capped at the model's context window."
+        128, ge=8, le=1 << 21, description="Tokens per held-out scoring window; capped at the model's context window."
     )
     frozen_set: str = Field(
         "auto",

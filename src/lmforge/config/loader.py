@@ -10,15 +10,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from lmforge.config.base import Section
 from lmforge.config.pipeline import PipelineConfig
+from lmforge.config.yaml_file import read_config_file, shorten
 from lmforge.core.errors import ConfigError
 
 # Discriminated-union tags pydantic puts into error locations; they are noise for a user.
 SOURCE_TAGS = ("stdlib", "local", "web", "feed", "s3", "hf")
+# Errors of a bounded field, which get the field's allowed range appended.
+BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+# A hostile file can hold thousands of bad keys; the first ones are enough to act on.
+MAX_PROBLEMS = 20
 
 S = TypeVar("S", bound=Section)
 
@@ -29,7 +34,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     where = "the built-in defaults"
     if path is not None:
         where = str(path)
-        raw = _read_yaml(Path(path))
+        raw = read_config_file(Path(path))
     if overrides:
         raw = _deep_merge(raw, overrides)
     return parse_config(raw, where)
@@ -60,42 +65,34 @@ def parse_section(model: type[S], raw: Any, where: str) -> S:
 
 def moved_key(model: type[Section], loc: list[str | int]) -> str | None:
     """Where the unknown key at ``loc`` (inside ``model``) lives now, dotted, or None if it never moved."""
+    section = _section_at(model, loc[:-1])
+    new = section.moved_keys.get(str(loc[-1])) if section else None
+    return ".".join([*map(str, loc[:-1]), new]) if new else None
+
+
+def _section_at(model: type[Section], loc: list[str | int]) -> type[Section] | None:
+    """The group at ``loc`` inside ``model``, or None where the path leaves the groups (a list, a dict)."""
     section: type[Section] = model
-    for part in loc[:-1]:
+    for part in loc:
         field = section.model_fields.get(part) if isinstance(part, str) else None
         kind = field.annotation if field is not None else None
         if not (isinstance(kind, type) and issubclass(kind, Section)):
             return None
         section = kind
-    new = section.moved_keys.get(str(loc[-1]))
-    return ".".join([*map(str, loc[:-1]), new]) if new else None
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise ConfigError(f"config file {path} does not exist",
-                          "pass an existing YAML file, e.g. configs/default.yaml, or omit it to use the defaults")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"config file {path} is not valid YAML{at}: {getattr(exc, 'problem', exc)}",
-                          "fix the YAML syntax (indentation, colons, quotes) at that spot") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}",
-                          "write sections such as `training:` and `model:` at the top level")
-    return data
+    return section
 
 
 def _describe(exc: ValidationError, model: type[Section]) -> tuple[list[str], list[tuple[str, str]]]:
-    """One line per error, and (old key, new key) for each unknown key that moved."""
+    """One line per error (the first MAX_PROBLEMS), and (old key, new key) for each unknown key that moved.
+
+    Keys, values and messages are shortened: a hostile file's value may be megabytes long.
+    """
     lines, moves = [], []
-    for err in exc.errors():
-        loc = [p for p in err["loc"] if p not in SOURCE_TAGS]
-        key = ".".join(str(p) for p in loc)
+    errors = exc.errors()
+    for err in errors[:MAX_PROBLEMS]:
+        # A union's tag follows a list index (data.sources.0.local.paths); elsewhere it is a user's key.
+        loc = [p for i, p in enumerate(err["loc"]) if not (p in SOURCE_TAGS and i and isinstance(err["loc"][i - 1], int))]
+        key = shorten(".".join(str(p) for p in loc))
         if err["type"] == "extra_forbidden":
             new = moved_key(model, loc)
             lines.append(f"unknown key '{key}'" + (f" (moved to '{new}')" if new else ""))
@@ -105,9 +102,24 @@ def _describe(exc: ValidationError, model: type[Section]) -> tuple[list[str], li
             lines.append(f"missing required key '{key}'")
         else:
             value = err.get("input")
-            shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
-            lines.append(f"invalid value for '{key}'{shown}: {err['msg']}")
+            shown = f" (got {shorten(repr(value))})" if value is not None and not isinstance(value, dict) else ""
+            section = _section_at(model, loc[:-1]) if loc else None
+            field = section.model_fields.get(str(loc[-1])) if section else None
+            allowed = f" (allowed: {_allowed(field)})" if field and err["type"] in BOUND_ERRORS else ""
+            lines.append(f"invalid value for '{key}'{shown}: {shorten(err['msg'], 300)}{allowed}")
+    if len(errors) > MAX_PROBLEMS:
+        lines.append(f"and {len(errors) - MAX_PROBLEMS} more")
     return lines, moves
+
+
+def _allowed(field: FieldInfo) -> str:
+    """A field's bounds in words: 'from 1 to 1024', 'above 0, at most 1', 'at least 0'."""
+    bounds = {type(m).__name__: getattr(m, type(m).__name__.lower()) for m in field.metadata
+              if type(m).__name__ in ("Ge", "Gt", "Le", "Lt")}
+    if "Ge" in bounds and "Le" in bounds:
+        return f"from {bounds['Ge']:,} to {bounds['Le']:,}"
+    words = {"Ge": "at least", "Gt": "above", "Le": "at most", "Lt": "below"}
+    return ", ".join(f"{words[name]} {bound:,}" for name, bound in bounds.items())
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -92,15 +92,15 @@ class FetchConfig(Section):
     user_agent: str = Field("lmforge-collect/0.1", min_length=1,
                             description="User-Agent sent and matched in robots.txt.")
     requests_per_second: float = Field(1.0, gt=0, description="Most requests started per second to one host.")
-    concurrency: int = Field(4, ge=1, description="Requests in flight across all hosts.")
-    concurrency_per_host: int = Field(2, ge=1, description="Requests in flight to one host.")
+    concurrency: int = Field(4, ge=1, le=1024, description="Requests in flight across all hosts.")
+    concurrency_per_host: int = Field(2, ge=1, le=256, description="Requests in flight to one host.")
     timeout_s: float = Field(15.0, gt=0, description="Connect and read timeout of one request.")
     total_timeout_s: float = Field(60.0, gt=0, description="Most time one response may take to arrive whole.")
-    retries: int = Field(2, ge=0, description="Retries after a connection error, HTTP 429 or 5xx.")
+    retries: int = Field(2, ge=0, le=100, description="Retries after a connection error, HTTP 429 or 5xx.")
     backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubled for each next one.")
     max_backoff_s: float = Field(30.0, ge=0, description="Cap on one wait, also on a server's Retry-After.")
     max_bytes: int = Field(5 * 2**20, gt=0, description="Largest response body; larger pages are skipped.")
-    max_redirects: int = Field(5, ge=0)
+    max_redirects: int = Field(5, ge=0, le=100)
 
 
 class NetworkFields(Section):

@@ -13,6 +13,14 @@ from lmforge.config.base import Section
 
 # The templates of lmforge.model.prompt.TEMPLATES (a unit test keeps the two lists equal).
 ChatTemplateName = Literal["lmforge", "chatml", "llama3"]
+# Architecture bounds a few times past the largest published models (Llama 3 405B: 126 layers,
+# width 16,384, feed-forward 53,248, 128 heads; vocabularies up to 256k): a typo such as
+# hidden_size: 2**20 fails here instead of asking for terabytes later.
+MAX_WIDTH = 65_536
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_VOCAB = 1 << 21
+MAX_CONTEXT = 1 << 21
 
 
 class ModelConfig(Section):
@@ -28,25 +36,25 @@ class ModelConfig(Section):
         "or a registered model, models:/NAME@champion (the current champion; any alias works) or models:/NAME/VERSION, "
         "which also brings its tokenizer and chat template (the version used is recorded on the training run).",
     )
-    vocab_size: int = Field(2048, ge=256, description="Size of the byte-level BPE tokenizer to train.")
+    vocab_size: int = Field(2048, ge=256, le=MAX_VOCAB, description="Size of the byte-level BPE tokenizer to train.")
     chat_template: ChatTemplateName = Field(
         "lmforge", description="Chat format of a model built from config (or of a base_model whose tokenizer has "
         "none; a base's own template is always kept): lmforge (### Instruction / ### Response), chatml "
         "(<|im_start|>role ... <|im_end|>) or llama3 (<|start_header_id|>role<|end_header_id|> ... <|eot_id|>). "
         "Its special tokens join the trained tokenizer; the template is saved with the model and used by serving.",
     )
-    hidden_size: int = Field(128, gt=0)
-    num_layers: int = Field(2, gt=0)
-    num_heads: int = Field(4, gt=0)
-    num_kv_heads: int = Field(2, gt=0, description="Grouped-query attention: key/value heads.")
-    intermediate_size: int = Field(384, gt=0)
-    max_seq_len: int = Field(256, ge=16, description="Context window in tokens.")
+    hidden_size: int = Field(128, gt=0, le=MAX_WIDTH)
+    num_layers: int = Field(2, gt=0, le=MAX_LAYERS)
+    num_heads: int = Field(4, gt=0, le=MAX_HEADS)
+    num_kv_heads: int = Field(2, gt=0, le=MAX_HEADS, description="Grouped-query attention: key/value heads.")
+    intermediate_size: int = Field(384, gt=0, le=4 * MAX_WIDTH)
+    max_seq_len: int = Field(256, ge=16, le=MAX_CONTEXT, description="Context window in tokens.")
     dropout: float = Field(0.0, ge=0, lt=1)
     tie_embeddings: bool = Field(
         True, description="Share the input embedding and output layer weights (most of a small model's parameters)."
     )
     vocab_multiple: int = Field(
-        1, ge=1, description="Round the embedding rows up to a multiple of this (64 speeds up GPU matrix "
+        1, ge=1, le=4096, description="Round the embedding rows up to a multiple of this (64 speeds up GPU matrix "
         "products); the extra rows are never a target, so training pushes their logits down.",
     )
 

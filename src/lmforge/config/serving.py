@@ -25,8 +25,8 @@ class ServerConfig(Section):
 
     host: str = Field("127.0.0.1", description="Bind address; loopback by default.")
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port.")
-    startup_timeout_s: float = Field(120, gt=0, description="How long the deploy stage waits for the server to start.")
-    drain_timeout_s: float = Field(30, ge=0, description="On shutdown, how long running requests may finish.")
+    startup_timeout_s: float = Field(120, gt=0, le=86_400, description="How long the deploy stage waits for the server to start.")
+    drain_timeout_s: float = Field(30, ge=0, le=86_400, description="On shutdown, how long running requests may finish.")
     allow_unauthenticated_remote: bool = Field(
         False,
         description="Allow binding beyond loopback without an API key (LMFORGE_API_KEY). Off: such a bind is refused.",
@@ -36,15 +36,15 @@ class ServerConfig(Section):
 class SchedulerConfig(Section):
     """Which requests run together: the running batch, the waiting queue and chunked prefill."""
 
-    max_batch_size: int = Field(8, gt=0, description="Most requests decoded together (the running batch).")
+    max_batch_size: int = Field(8, gt=0, le=4096, description="Most requests decoded together (the running batch).")
     max_queue: int = Field(
-        64, ge=0, description="Requests that may wait for a batch slot; beyond it the server answers 429."
+        64, ge=0, le=1_000_000, description="Requests that may wait for a batch slot; beyond it the server answers 429."
     )
     max_prefill_tokens: int = Field(
-        2048, ge=16, description="Prompt tokens prefilled per engine step (chunked prefill keeps streams moving)."
+        2048, ge=16, le=1 << 21, description="Prompt tokens prefilled per engine step (chunked prefill keeps streams moving)."
     )
     max_model_len: int | None = Field(
-        None, gt=0, description="Cap on prompt + completion tokens; default the model's context window."
+        None, gt=0, le=1 << 21, description="Cap on prompt + completion tokens; default the model's context window."
     )
 
 
@@ -54,6 +54,7 @@ class KVCacheConfig(Section):
     memory_mb: float | None = Field(
         None,
         gt=0,
+        le=1 << 24,  # 16 TiB
         description="KV cache memory budget in MiB (paged engine). Default: on CUDA half the device memory "
         "free after loading the weights; on CPU room for scheduler.max_batch_size full-length sequences, at "
         "most 1024.",
@@ -77,10 +78,10 @@ class RuntimeConfig(Section):
     )
     device: str | None = Field(None, description="'cuda', 'cuda:1' or 'cpu'; default CUDA when present.")
     cpu_threads: int | None = Field(
-        None, ge=1, description="torch threads of the engine on a CPU; default one for small models (hidden size "
+        None, ge=1, le=4096, description="torch threads of the engine on a CPU; default one for small models (hidden size "
         "under 1024, where waking threads costs more than they save) and one per core otherwise.",
     )
-    onnx_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads; default one per core.")
+    onnx_threads: int | None = Field(None, ge=1, le=4096, description="ONNX Runtime intra-op threads; default one per core.")
     cuda_graphs: bool = Field(True, description="Capture the decode step as CUDA graphs (paged engine on CUDA).")
     overlap_decode: bool = Field(
         True, description="Launch the next decode step before the previous step's tokens are turned into text "
@@ -124,7 +125,7 @@ class LimitsConfig(Section):
 class ServingConfig(Section):
     """The serve and deploy stages' section: request defaults, served adapters, and one group per server part."""
 
-    max_new_tokens: int = Field(64, gt=0, description="Default and cap for a request's max_tokens.")
+    max_new_tokens: int = Field(64, gt=0, le=1 << 21, description="Default and cap for a request's max_tokens.")
     adapters: dict[str, str] = Field(
         default_factory=dict,
         description="Unmerged LoRA adapters served beside the base: served name -> directory (a peft LoRA adapter "

@@ -16,4 +16,4 @@ class TokenizeConfig(Section):
         "attention inside each document.")
     finetune_heldout_fraction: float = Field(0.05, gt=0, lt=0.5, description="Share of SFT train records "
                                              "(by hash) held out as the finetune validation split.")
-    batch_size: int = Field(1000, gt=0, description="Records tokenized per batch.")
+    batch_size: int = Field(1000, gt=0, le=1_000_000, description="Records tokenized per batch.")

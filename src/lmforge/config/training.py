@@ -27,17 +27,24 @@ Method = Literal["pretrain", "full", "lora", "qlora", "adapter", "prefix", "ptun
 PREFERENCE_LOSSES = ("dpo", "orpo")
 # The old key `finetune_method` still loads: lora and full mean the same, none is pretraining only.
 _LEGACY_METHODS = {"lora": "lora", "full": "full", "none": "pretrain"}
+# Bounds far beyond any real run, which stop a typo (or 1e20) before it allocates or loops for ever:
+# Llama 3 405B trained for about 1.2M steps; 64k sequences per worker per micro-batch fill any device.
+MAX_STEPS = 100_000_000
+MAX_BATCH = 65_536
+MAX_SEQ_LEN = 1 << 21
 
 
 class PhaseConfig(Section):
     """One optimization phase (pretraining or fine-tuning)."""
 
-    steps: int = Field(..., ge=0, description="Optimizer steps; 0 skips the phase.")
-    learning_rate: float = Field(..., gt=0, description="Peak learning rate, reached at the end of the warm-up.")
-    batch_size: int = Field(8, gt=0, description="Sequences per worker per micro-batch.")
-    seq_len: int = Field(128, ge=8, description="Tokens per training sequence.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    warmup_steps: int = Field(10, ge=0, description="Steps of linear warm-up to learning_rate.")
+    steps: int = Field(..., ge=0, le=MAX_STEPS, description="Optimizer steps; 0 skips the phase.")
+    # Loose on purpose: a learning rate far too high is how a divergence is provoked (and tested).
+    learning_rate: float = Field(..., gt=0, le=1e6, description="Peak learning rate, reached at the end of the "
+                                 "warm-up.")
+    batch_size: int = Field(8, gt=0, le=MAX_BATCH, description="Sequences per worker per micro-batch.")
+    seq_len: int = Field(128, ge=8, le=MAX_SEQ_LEN, description="Tokens per training sequence.")
+    grad_accum: int = Field(1, ge=1, le=MAX_BATCH, description="Micro-batches per optimizer step.")
+    warmup_steps: int = Field(10, ge=0, le=MAX_STEPS, description="Steps of linear warm-up to learning_rate.")
     schedule: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="After the warm-up: cosine or linear decay to a tenth of learning_rate, or constant."
     )
@@ -46,8 +53,8 @@ class PhaseConfig(Section):
 class LoraConfig(Section):
     """LoRA and QLoRA: low-rank updates of the chosen linear layers."""
 
-    r: int = Field(16, gt=0, description="LoRA rank.")
-    alpha: int = Field(32, gt=0, description="LoRA scaling numerator: updates are scaled by alpha / r.")
+    r: int = Field(16, gt=0, le=65_536, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, le=1 << 20, description="LoRA scaling numerator: updates are scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -62,22 +69,22 @@ class AdapterConfig(Section):
         "houlsby", description="houlsby: bottleneck MLPs after each attention and feed-forward block; "
         "llama_adapter: gated adaption prompts in the top layers' attention (llama, mistral, gpt2).",
     )
-    bottleneck: int = Field(16, gt=0, description="Houlsby: hidden width of each adapter.")
+    bottleneck: int = Field(16, gt=0, le=65_536, description="Houlsby: hidden width of each adapter.")
     target_modules: list[str] = Field(
         default_factory=list, description="Houlsby: output projections to follow with an adapter, by name "
         "suffix; empty means the architecture's attention and feed-forward output projections.",
     )
     train_norms: bool = Field(True, description="Houlsby: also train the layer norms, as the paper does.")
-    adapter_len: int = Field(10, gt=0, description="llama_adapter: adaption prompt length.")
-    adapter_layers: int = Field(2, gt=0, description="llama_adapter: number of top layers that get prompts.")
+    adapter_len: int = Field(10, gt=0, le=65_536, description="llama_adapter: adaption prompt length.")
+    adapter_layers: int = Field(2, gt=0, le=4096, description="llama_adapter: number of top layers that get prompts.")
 
 
 class PromptLearningConfig(Section):
     """Virtual-token methods: prefix, ptuning_v2, prompt, ptuning."""
 
-    num_virtual_tokens: int = Field(16, gt=0, description="Virtual tokens learned in front of every sequence.")
+    num_virtual_tokens: int = Field(16, gt=0, le=65_536, description="Virtual tokens learned in front of every sequence.")
     encoder_hidden_size: int = Field(
-        128, gt=0, description="prefix: width of the reparameterization MLP; ptuning: of the prompt encoder."
+        128, gt=0, le=65_536, description="prefix: width of the reparameterization MLP; ptuning: of the prompt encoder."
     )
     encoder: Literal["MLP", "LSTM"] = Field("MLP", description="ptuning: prompt encoder type.")
 
@@ -108,7 +115,7 @@ class PreferenceTuningConfig(Section):
         "for a base without a separate SFT phase; null: plain SFT on the instruction set.",
     )
     beta: float = Field(
-        0.1, gt=0, description="dpo: scale of the implicit reward (the strength of the pull toward the reference); "
+        0.1, gt=0, le=1000, description="dpo: scale of the implicit reward (the strength of the pull toward the reference); "
         "orpo: weight of the odds-ratio term beside the NLL (the paper's lambda). Rewards are logged on this scale.",
     )
 
@@ -116,8 +123,9 @@ class PreferenceTuningConfig(Section):
 class PlacementConfig(Section):
     """Where the workers run: Ray Train's DDP ranks (or one process in-line), their CPUs and GPUs."""
 
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks).")
-    cpus_per_worker: float = Field(0.5, gt=0, description="Logical CPUs each worker reserves in Ray.")
+    # A cap for the one-host and small-cluster runs lmforge launches; beyond it a typo is likelier.
+    num_workers: int = Field(2, ge=1, le=1024, description="Ray Train workers (DDP ranks).")
+    cpus_per_worker: float = Field(0.5, gt=0, le=1024, description="Logical CPUs each worker reserves in Ray.")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend, bf16 autocast.")
     use_ray: bool = Field(True, description="Launch through Ray Train; false runs one process in-line.")
 
@@ -126,9 +134,9 @@ class OptimizerConfig(Section):
     """AdamW's settings beside the phase's learning rate and schedule."""
 
     weight_decay: float = Field(
-        0.01, ge=0, description="AdamW weight decay of the weight matrices (biases and norms get none)."
+        0.01, ge=0, le=10, description="AdamW weight decay of the weight matrices (biases and norms get none)."
     )
-    grad_clip: float = Field(1.0, gt=0, description="Largest global gradient norm; larger gradients are scaled down.")
+    grad_clip: float = Field(1.0, gt=0, le=1e6, description="Largest global gradient norm; larger gradients are scaled down.")
 
 
 class LossConfig(Section):
@@ -194,10 +202,10 @@ class SpeedConfig(Section):
 class TrainValidationConfig(Section):
     """The validation loss on held-out batches during a phase, and early stopping on it."""
 
-    every: int = Field(0, ge=0, description="Steps between validation losses; 0: only at the end of a phase.")
-    batches: int = Field(8, gt=0, description="Held-out batches per worker for each validation loss.")
+    every: int = Field(0, ge=0, le=MAX_STEPS, description="Steps between validation losses; 0: only at the end of a phase.")
+    batches: int = Field(8, gt=0, le=MAX_BATCH, description="Held-out batches per worker for each validation loss.")
     early_stopping_patience: int = Field(
-        0, ge=0, description="Stop a phase after this many validations without a better loss (and keep the "
+        0, ge=0, le=MAX_STEPS, description="Stop a phase after this many validations without a better loss (and keep the "
         "best weights); 0 never stops early. Needs every.",
     )
 
@@ -211,14 +219,14 @@ class TrainValidationConfig(Section):
 class CheckpointingConfig(Section):
     """Checkpoints a run can resume from (``lmforge train --resume RUN_ID``)."""
 
-    every: int = Field(0, ge=0, description="Steps between checkpoints; 0 writes none.")
-    keep: int = Field(2, ge=1, description="Checkpoints kept per run (older ones are deleted).")
+    every: int = Field(0, ge=0, le=MAX_STEPS, description="Steps between checkpoints; 0 writes none.")
+    keep: int = Field(2, ge=1, le=1000, description="Checkpoints kept per run (older ones are deleted).")
 
 
 class LoggingConfig(Section):
     """The metrics the loop logs (history, progress lines, the tracker)."""
 
-    every: int = Field(10, gt=0, description="Steps between logged metrics (and NaN checks).")
+    every: int = Field(10, gt=0, le=MAX_STEPS, description="Steps between logged metrics (and NaN checks).")
 
 
 class TrainingConfig(Section):
@@ -246,9 +254,9 @@ class TrainingConfig(Section):
     prompt_learning: PromptLearningConfig = Field(default_factory=PromptLearningConfig)
     ia3: IA3Config = Field(default_factory=IA3Config)
     preference: PreferenceTuningConfig = Field(default_factory=PreferenceTuningConfig)
-    seed: int = Field(0, description="Seed of the weights' initialization, the data order and dropout.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the weights' initialization, the data order and dropout.")
     cpu_threads: int = Field(
-        0, ge=0,
+        0, ge=0, le=4096,
         description="torch threads per worker when training on CPU; 0 shares the node's cores among its workers.",
     )
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
@@ -280,11 +288,13 @@ class TrainingConfig(Section):
             legacy = data.pop("finetune_method")
             if "method" in data:
                 raise ValueError("give training.method only (finetune_method is its old name)")
-            if legacy not in _LEGACY_METHODS:
+            if not isinstance(legacy, str) or legacy not in _LEGACY_METHODS:
                 raise ValueError(f"finetune_method must be one of {sorted(_LEGACY_METHODS)}, got {legacy!r}")
             data["method"] = _LEGACY_METHODS[legacy]
         if isinstance(data, dict) and data.get("method") in PREFERENCE_LOSSES:
             data, loss = dict(data), data["method"]
+            if not isinstance(data.get("preference") or {}, dict):
+                return data  # the preference group's own validation names what is wrong with it
             preference = dict(data.get("preference") or {})
             if preference.get("loss") not in (None, loss):
                 raise ValueError(f"method: {loss} asks for {loss}, but preference.loss is {preference['loss']!r}: give "
