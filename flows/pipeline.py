@@ -14,6 +14,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from lmforge.config import PipelineConfig
+from lmforge.model.preflight import preflight
 from lmforge.stages.base_model import ContinueFrom
 from tasks.approval import promote_with_approval
 from tasks.data import collect_task, curate_task, validate_task
@@ -38,6 +39,10 @@ def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen, 
             model.base_model; fails when no version holds the alias. scratch: exactly the config.
     """
     run_id = flow_run.get_id()
+    # Before any work: a config far beyond this machine's memory fails here, naming the key to change.
+    checked = preflight(config)
+    for warning in checked.warnings if checked else []:
+        print(f"warning: {warning}")
     config = choose_base_task(config, continue_from, _scheduled())
     collected = collect_task(config.data)
     curated = curate_task(config.curation)

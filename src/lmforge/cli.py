@@ -99,6 +99,7 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
+    _preflight(config)
     from lmforge.stages.base_model import resolve_base
     from lmforge.stages.train import train
     from lmforge.tokenizer.build import train_tokenizer
@@ -228,6 +229,15 @@ def cmd_config_show(args: argparse.Namespace) -> None:
 
 def cmd_config_schema(args: argparse.Namespace) -> None:
     print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
+
+
+def _preflight(config: PipelineConfig) -> None:
+    """Refuse a config far beyond this machine's memory before any work; warn when it is close."""
+    from lmforge.model.preflight import preflight
+
+    result = preflight(config)
+    for warning in result.warnings if result else []:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- parser

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,13 +30,56 @@ import torch
 from lmforge.config.model import ModelConfig
 from lmforge.config.training import PhaseConfig, TrainingConfig
 from lmforge.core.errors import ConfigError
-from lmforge.model.build import count_parameters, model_config
+from lmforge.model.build import count_parameters, model_config, padded_vocab
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedModel
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (datasheet), the MFU denominator
 GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The dimensions the arithmetic below reads, from a transformers config or from a ModelConfig alone."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config: PreTrainedConfig) -> Shape:
+        heads = config.num_attention_heads
+        inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
+        return cls(layers=config.num_hidden_layers, hidden=config.hidden_size, heads=heads,
+                   kv_heads=getattr(config, "num_key_value_heads", None) or heads, intermediate=inter,
+                   vocab=config.vocab_size)
+
+    @classmethod
+    def from_config(cls, model_cfg: ModelConfig, vocab_size: int | None = None) -> Shape:
+        """A model built from ``model_cfg`` (no base_model), without importing transformers."""
+        return cls(layers=model_cfg.num_layers, hidden=model_cfg.hidden_size, heads=model_cfg.num_heads,
+                   kv_heads=model_cfg.num_kv_heads, intermediate=model_cfg.intermediate_size,
+                   vocab=padded_vocab(model_cfg, vocab_size or model_cfg.vocab_size))
+
+
+def estimate_parameters(model_cfg: ModelConfig, vocab_size: int | None = None) -> int:
+    """Parameters of a model built from ``model_cfg`` in closed form (no model built; the pre-flight check).
+
+    Exact for llama (q, k, v, o; gate, up, down; two norms per layer) and gpt2 (biases, two layer
+    norms, learned positions); other model types are counted as llama is, which is close.
+    """
+    shape = Shape.from_config(model_cfg, vocab_size)
+    h, kv = shape.hidden, shape.hidden * shape.kv_heads // shape.heads
+    embeddings = shape.vocab * h * (1 if model_cfg.tie_embeddings else 2)
+    if model_cfg.architecture == "gpt2":
+        per_layer = (h * 3 * h + 3 * h) + (h * h + h) + 2 * (h * shape.intermediate) + shape.intermediate + h + 4 * h
+        return embeddings + model_cfg.max_seq_len * h + shape.layers * per_layer + 2 * h
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * shape.intermediate + 2 * h
+    return embeddings + shape.layers * per_layer + h
 
 
 class MemoryEstimateWarning(UserWarning):
@@ -98,9 +142,10 @@ def describe(model_cfg: ModelConfig, training: TrainingConfig, vocab_size: int |
     if training.method != "pretrain":
         phases.append(("finetune", training.finetune, training.method))
     phases = [p for p in phases if p[1].steps > 0] or phases[:1]
-    device, budget = _device_budget(training.placement.use_gpu)
-    memory = [_phase_memory(name, phase, method, config, total, total if method in ("pretrain", "full") else trainable,
-                            training, on_gpu=training.placement.use_gpu) for name, phase, method in phases]
+    device, budget = device_budget(training.placement.use_gpu)
+    memory = [phase_memory(name, phase, method, Shape.of(config), total,
+                           total if method in ("pretrain", "full") else trainable, training,
+                           on_gpu=training.placement.use_gpu) for name, phase, method in phases]
     return ModelInfo(
         architecture=config.model_type, layers=layers, hidden=hidden, vocab=config.vocab_size, params_total=total,
         params_trainable_finetune=trainable,
@@ -141,21 +186,21 @@ def _size(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
 
 
-def _phase_memory(name: str, phase: PhaseConfig, method: str, config: PreTrainedConfig, total: int,
-                  trainable: int, training: TrainingConfig, on_gpu: bool) -> PhaseMemory:
+def phase_memory(name: str, phase: PhaseConfig, method: str, shape: Shape, total: int,
+                 trainable: int, training: TrainingConfig, on_gpu: bool) -> PhaseMemory:
+    """One worker's training memory for ``phase`` (the module docstring gives the formula)."""
     tokens = phase.batch_size * phase.seq_len
     frozen = total - trainable
     frozen_bytes = {"qlora": 0.55}.get(method, 2.0 if on_gpu and method in ("lora", "ia3", "adapter") else 4.0)
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    kv = hidden * getattr(config, "num_key_value_heads", config.num_attention_heads) // config.num_attention_heads
-    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    hidden, layers, inter = shape.hidden, shape.layers, shape.intermediate
+    kv = hidden * shape.kv_heads // shape.heads
     per_layer = 2 * (6 * hidden + 2 * kv + 4 * inter) + 8 * hidden
     if training.speed.gradient_checkpointing:
         act = tokens * (layers * 4 * hidden + per_layer)
     else:
         act = tokens * layers * per_layer
-    logits = min(tokens, (1 << 29) // (4 * config.vocab_size)) * config.vocab_size * 8 if training.loss.fused \
-        else tokens * config.vocab_size * 10
+    vocab = shape.vocab
+    logits = min(tokens, (1 << 29) // (4 * vocab)) * vocab * 8 if training.loss.fused else tokens * vocab * 10
     return PhaseMemory(phase=name, method=method, batch_tokens=tokens, weights=int(4 * trainable + frozen_bytes * frozen),
                        gradients=4 * trainable, optimizer=8 * trainable, activations=int(act + logits))
 
@@ -185,14 +230,28 @@ def _trainable_after_method(model: PreTrainedModel, training: TrainingConfig) ->
     return count_parameters(adapted, trainable_only=True)
 
 
-def _device_budget(use_gpu: bool) -> tuple[str, int]:
+def device_budget(use_gpu: bool) -> tuple[str, int]:
+    """(name, bytes) of the memory one worker here trains in: GPU 0's, or the host's; 0 when unknown."""
     if use_gpu:
         if not torch.cuda.is_available():
             return "GPU (none visible here: no fit check)", 0
         props = torch.cuda.get_device_properties(0)
         return props.name, props.total_memory
     try:
-        return "host (CPU) memory", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         warnings.warn("cannot read the host's memory size; no fit check", MemoryEstimateWarning, stacklevel=2)
         return "host (CPU) memory", 0
+    limit = _cgroup_memory_limit()
+    if limit and limit < physical:  # a container sees the host's RAM but is killed at its own limit
+        return "container memory limit", limit
+    return "host (CPU) memory", physical
+
+
+def _cgroup_memory_limit() -> int | None:
+    """The cgroup v2 memory limit of this process, in bytes (None when unlimited or unknown)."""
+    try:
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
