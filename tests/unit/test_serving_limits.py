@@ -203,6 +203,33 @@ def test_a_body_past_the_limit_is_a_413(engine: Engine) -> None:
     assert client.post(COMPLETIONS, json={"prompt": "x" * 100, "max_tokens": 1}).status_code == 200
 
 
+
+@pytest.mark.parametrize(("path", "item", "where"), [
+    (CHAT, '{"role": "user", "content": ""}', "in 2000 messages"),  # valid, each a turn of the template
+    (CHAT, '{"role": "nobody"}', "at most 2048 items"),
+    (CHAT, "1", "at most 2048 items"),
+    (COMPLETIONS, '""', "at most 2048 items"),
+])
+def test_a_body_of_many_small_items_is_refused_cheaply(client: TestClient, path: str, item: str,
+                                                       where: str) -> None:
+    count = {"1": 1_000_000, '""': 1_000_000}.get(item, 2000 if "content" in item else 300_000)
+    key = "messages" if path == CHAT else "prompt"
+    body = '{"%s": [%s]}' % (key, ",".join([item] * count))  # noqa: UP031 - a brace-heavy JSON template
+    reply = _raw(client, path, body)
+    error = _error(reply)
+    # One short answer, not one error per item (a million items made a 350 MB body after two minutes).
+    assert where in error["message"] and len(reply.content) < 2048, error["message"][:300]
+
+
+def test_an_object_of_many_keys_is_refused_as_a_whole(client: TestClient) -> None:
+    keys = ",".join(f'"k{i}": 0' for i in range(300_000))
+    for body in ['{"prompt": "a", %s}' % keys, '{"prompt": "a", "stream_options": {%s}}' % keys]:  # noqa: UP031 - as above
+        reply = _raw(client, COMPLETIONS, body)
+        error = _error(reply)
+        assert "300001 keys" in error["message"] or "300000 keys" in error["message"]
+        assert len(reply.content) < 2048
+
+
 def test_a_chat_template_that_refuses_the_messages_is_a_400(client: TestClient, engine: Engine) -> None:
     template = engine.tokenizer.chat_template
     engine.tokenizer.chat_template = "{{ raise_exception('roles must alternate user/assistant') }}"

@@ -37,6 +37,9 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+_SHOWN = 5  # validation errors quoted in one answer
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Answer the API's own errors, the engine's refusals, invalid bodies and HTTP errors as JSON."""
 
@@ -61,14 +64,22 @@ def install_error_handlers(app: FastAPI) -> None:
         if any(e.get("type") == "json_invalid" for e in errors):
             detail = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
             return error_response(400, f"the request body is not valid JSON ({detail})", code="invalid_json")
-        fields = [[str(p) for p in e.get("loc", ()) if p != "body"] for e in errors]
+        fields = [[str(p) for p in e.get("loc", ()) if p != "body" and not _type_tag(p)] for e in errors[:_SHOWN]]
         message = "; ".join(f"{'.'.join(f) or 'body'}: {e.get('msg')}" for f, e in zip(fields, errors))
+        if len(errors) > _SHOWN:  # a body of a million bad items must not get a message a hundred MB long
+            message += f"; and {len(errors) - _SHOWN} more errors"
         param = fields[0][0] if fields and fields[0] else _param_in(message)
         return error_response(400, message, param, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), code=str(exc.status_code))
+
+
+def _type_tag(part: object) -> bool:
+    """pydantic names the member of a union a value failed (``str``, ``list[...]``, ``function-after[...]``) in
+    an error's location; a client wants the field's path alone."""
+    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool", "list", "dict"})
 
 
 def _param_in(message: str) -> str | None:

@@ -106,14 +106,15 @@ class RequestLimits:
                            "alternatives per token (serving.limits.max_logprobs)", param=logprobs_param,
                            code="invalid_value")
 
-    def check_chars(self, chars: int, param: str) -> None:
-        """Refuse a prompt too long to fit before paying for its tokenization."""
-        most = self.max_prompt_tokens * self.cfg.max_chars_per_token
-        if chars > most:
-            raise ApiError(400, f"the prompt has {chars} characters, more than {self.max_prompt_tokens} tokens (this "
-                           f"server's limit) can hold at {self.cfg.max_chars_per_token} characters per token "
-                           "(serving.limits.max_chars_per_token); shorten the prompt", param=param,
-                           code="context_length_exceeded")
+    def check_chars(self, chars: int, param: str, turns: int = 0) -> None:
+        """Refuse a prompt too long to fit before paying for its rendering and tokenization. A chat's
+        ``turns`` count a token each at least (the template marks every message's role)."""
+        if chars / self.cfg.max_chars_per_token + turns > self.max_prompt_tokens:
+            in_turns = f" in {turns} messages" if turns else ""
+            raise ApiError(400, f"the prompt has {chars} characters{in_turns}, more than {self.max_prompt_tokens} "
+                           f"tokens (this server's limit) can hold at {self.cfg.max_chars_per_token} characters per "
+                           "token (serving.limits.max_chars_per_token) and one per message; shorten the prompt",
+                           param=param, code="context_length_exceeded")
 
     def check_tokens(self, tokens: int, param: str) -> None:
         """The configured prompt-token cap (the context window itself is the engine's check)."""

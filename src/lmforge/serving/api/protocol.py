@@ -41,12 +41,33 @@ def _unicode(value: str) -> str:
 Text = Annotated[str, AfterValidator(_unicode)]
 """A string of Unicode text: refused with a 400 if it holds a lone surrogate."""
 
+# No list in a request may hold more: validating each item costs time on the event loop before any
+# limit of serving.limits can be checked (an 8 MiB body can hold millions of empty messages).
+MAX_ITEMS = 2048
+MAX_STOP = 64  # serving.limits.max_stop's own bound
+
 # OpenAI's API refuses "5" for an integer and "yes" for a boolean; so do we (no coercion).
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
 
+MAX_KEYS = 64  # in one request object: a few dozen fields exist
+
+
+def few_keys(data: Any) -> Any:
+    """``data`` unless it is an object of more than MAX_KEYS keys, which is refused as a whole: one
+    "extra inputs" error per unknown key of a 700,000-key object took seconds to build."""
+    if isinstance(data, dict) and len(data) > MAX_KEYS:
+        raise ValueError(f"the object has {len(data)} keys; a request object has at most {MAX_KEYS}")
+    return data
+
+
 class StreamOptions(BaseModel):
     model_config = _STRICT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _few_keys(cls, data: Any) -> Any:
+        return few_keys(data)
     include_usage: bool = Field(False, description="Send a last chunk with token usage before [DONE].")
 
 
@@ -55,12 +76,18 @@ class _SamplingRequest(BaseModel):
 
     model_config = _STRICT
 
+    @model_validator(mode="before")
+    @classmethod
+    def _few_keys(cls, data: Any) -> Any:
+        return few_keys(data)
+
     model: Text | None = Field(None, description="Must name the served model when given.")
     max_tokens: int | None = Field(None, ge=0, description="Tokens to generate; default serving.max_new_tokens.")
     temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1, description="Keep only the k most likely tokens; 0 or -1 is off.")
-    stop: Text | list[Text] | None = Field(None, description="Strings that end the completion (serving.limits.max_stop).")
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP)] | None = Field(
+        None, description="Strings that end the completion (serving.limits.max_stop).")
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, description="Makes sampling reproducible.")
@@ -101,7 +128,8 @@ class _SamplingRequest(BaseModel):
 class CompletionRequest(_SamplingRequest):
     """``POST /v1/completions``."""
 
-    prompt: Text | list[Text] = Field(..., description="One prompt (a list of exactly one is accepted).")
+    prompt: Text | Annotated[list[Text], Field(max_length=MAX_ITEMS)] = Field(
+        ..., description="One prompt (a list of exactly one is accepted).")
     logprobs: int | None = Field(None, ge=0, le=20, description="Top alternatives reported per token.")
     echo: bool = Field(False, description="Return the prompt (and its logprobs) before the completion.")
 
@@ -138,7 +166,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True)
 
     role: Literal["system", "user", "assistant"]
-    content: Text | list[TextPart]
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_ITEMS)]
     name: Text | None = None
 
     @property
@@ -155,7 +183,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingRequest):
     """``POST /v1/chat/completions``."""
 
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_ITEMS)
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens.")
     logprobs: bool = Field(False, description="Report the log-probability of each generated token.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token (needs logprobs).")

@@ -87,11 +87,12 @@ class _Served:
                            "ask for fewer tokens or raise serving.max_new_tokens", param="max_tokens")
         return self.engine.token_budget(len(prompt_ids), max_tokens, self.cfg.max_new_tokens)
 
-    async def tokenize(self, chars: int, param: str, render: Callable[[], list[int]]) -> list[int]:
-        """``render()``'s prompt ids, computed in a worker thread once the prompt's ``chars`` could fit.
+    async def tokenize(self, chars: int, param: str, render: Callable[[], list[int]], turns: int = 0) -> list[int]:
+        """``render()``'s prompt ids, computed in a worker thread once the prompt's ``chars`` (and a chat's
+        ``turns``) could fit.
 
         Off the event loop: tokenizing a long prompt takes long enough to stall every other request."""
-        self.limits.check_chars(chars, param)
+        self.limits.check_chars(chars, param, turns)
         try:
             ids = await anyio.to_thread.run_sync(render)
         except TemplateError as exc:  # e.g. a template that insists on alternating user/assistant turns
@@ -189,7 +190,8 @@ def _add_chat(app: FastAPI, served: _Served, authorize) -> None:
         messages = [m.as_template_input() for m in body.messages]
         # The template writes any special tokens itself; adding them again would double a BOS.
         prompt_ids = await served.tokenize(sum(m.chars for m in body.messages), "messages",
-                                           lambda: engine.encode(engine.render_chat(messages), add_special_tokens=False))
+                                           lambda: engine.encode(engine.render_chat(messages), add_special_tokens=False),
+                                           turns=len(messages))
         params = body.sampling(served.budget(prompt_ids, body.max_tokens), body.logprobs_n)
         stream = engine.stream(prompt_ids, params, adapter)
         rid = new_id("chatcmpl")
