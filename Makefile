@@ -4,6 +4,8 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
+# The extras `make install` installs; requirements.lock pins them with the runtime dependencies.
+LOCK_EXTRAS := test onnx eval
 # `make run CONFIG=my.yaml` runs the pipeline on a config file; empty: the embedded defaults.
 CONFIG ?=
 # Flags for `lmforge run` (e.g. RUN_FLAGS=--json: the summary as one JSON line).
@@ -13,16 +15,32 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-unit test-all lint clean
+.PHONY: install lock run test test-unit test-all lint clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# torch first (TORCH_SPEC), then the exact versions CI tested (requirements.lock, less its torch: a GPU
+# machine keeps the CUDA build it chose), then lmforge itself, editable, adding nothing the lock lacks.
+$(STAMP): pyproject.toml requirements.lock Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test,onnx,eval]"
+	sed '/^torch==/d' requirements.lock > $(VENV)/requirements-without-torch.lock
+	$(BIN)/python -m pip install -q -r $(VENV)/requirements-without-torch.lock
+	$(BIN)/python -m pip install -q --no-deps -e .
 	@touch $(STAMP)
+
+# Regenerates requirements.lock for Python 3.11 on Linux x86_64: the runtime dependencies and LOCK_EXTRAS,
+# with the CPU build of TORCH_SPEC found in TORCH_WHEELS (uv reads no pip configuration, and PyPI's torch
+# is a CUDA build). Versions already locked stay while pyproject.toml allows them; UPGRADE=1 takes the newest.
+UV_SPEC ?= uv==0.13.9
+TORCH_WHEELS ?= /opt/wheels
+lock:
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(UV_SPEC)"
+	echo "$(TORCH_SPEC)" | $(BIN)/uv pip compile pyproject.toml - $(foreach extra,$(LOCK_EXTRAS),--extra $(extra)) \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --find-links $(TORCH_WHEELS) \
+	  --custom-compile-command "make lock" $(if $(UPGRADE),--upgrade) --quiet -o requirements.lock
 
 run: install
 	$(BIN)/lmforge run $(CONFIG) $(RUN_FLAGS)
