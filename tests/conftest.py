@@ -27,6 +27,7 @@ os.environ.update({
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "LMFORGE_HOME": str(_SESSION_TMP / "home"),
+    "LMFORGE_CACHE": str(_SESSION_TMP / "cache"),  # the storage layer's read cache: never the user's
     "RAY_DEDUP_LOGS": "1",
 })
 for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):

@@ -3,21 +3,43 @@
 ``LMFORGE_HOME`` (default ``./.lmforge``) is resolved once; two homes never share a path, so two
 runs with two homes never interfere. All writers go through :func:`atomic_write` or
 :func:`atomic_dir` so that a crash leaves either the old output or the new one, never half of it.
+
+``LMFORGE_HOME`` may also be a URL (``s3://bucket/prefix``, ``gs://``, ``az://``, ``memory://``...):
+then :attr:`Workspace.url` holds it, every output goes through :mod:`lmforge.core.storage`, and
+:attr:`Workspace.home` is only this machine's side of it (Ray's temp dir, logs), under the cache.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from lmforge.core.errors import ConfigError
 
 DEFAULT_HOME = ".lmforge"
+CACHE_ENV = "LMFORGE_CACHE"
+# scheme://... ; one letter before ':' is a Windows drive, not a scheme.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+://")
+
+
+def is_url(location: str) -> bool:
+    """True when ``location`` names a filesystem by scheme (``s3://``...) rather than a local path."""
+    return _URL.match(location) is not None and not location.lower().startswith("file://")
+
+
+def cache_root() -> Path:
+    """This machine's cache (``LMFORGE_CACHE``, default ``~/.cache/lmforge``): copies of remote data, never outputs."""
+    return Path(os.environ.get(CACHE_ENV) or "~/.cache/lmforge").expanduser().resolve()
 
 
 def _umask() -> int:
@@ -31,11 +53,34 @@ class Workspace:
     """Named locations inside one home directory. Creating it touches nothing on disk."""
 
     home: Path
+    # The home as a URL when it is on an object store; ``home`` is then this machine's side of it.
+    url: str | None = None
 
     @classmethod
     def from_env(cls, home: str | os.PathLike[str] | None = None) -> Workspace:
-        chosen = home or os.environ.get("LMFORGE_HOME") or DEFAULT_HOME
+        chosen = str(home or os.environ.get("LMFORGE_HOME") or DEFAULT_HOME)
+        if is_url(chosen):
+            url = chosen.rstrip("/")
+            if "@" in urlsplit(url).netloc:  # never keep a secret where reprs and logs can show it
+                raise ConfigError(
+                    "LMFORGE_HOME holds credentials in its URL (user:password@)",
+                    "remove them from LMFORGE_HOME and use the store's standard credential chain "
+                    "(for S3: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role)")
+            local = cache_root() / "homes" / hashlib.sha256(url.encode()).hexdigest()[:16]
+            return cls(local, url)
+        if chosen.lower().startswith("file://"):
+            chosen = chosen[len("file://"):]
         return cls(Path(chosen).expanduser().resolve())
+
+    @property
+    def is_remote(self) -> bool:
+        """True when the workspace lives on an object store (outputs go through lmforge.core.storage)."""
+        return self.url is not None
+
+    @property
+    def location(self) -> str:
+        """The workspace as a user names it: its URL, or its home directory."""
+        return self.url or str(self.home)
 
     # Data, in the order the pipeline produces it.
     @property
