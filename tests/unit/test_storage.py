@@ -186,3 +186,15 @@ def _all_paths(store) -> list[str]:
 
     infos = store.fs.get_file_info(pafs.FileSelector(store.location.root, recursive=True, allow_not_found=True))
     return [info.path for info in infos]
+
+
+def test_a_store_sent_to_a_worker_reopens_with_the_workers_cache(cache, monkeypatch, tmp_path):
+    import pickle
+
+    store = open_store(f"memory://lmforge-{uuid.uuid4().hex[:8]}/ws")
+    store.atomic_write_text("state/x.json", "{}")
+    payload = pickle.dumps(store)
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "worker-cache"))
+    there = pickle.loads(payload)
+    assert there.location == store.location and there.read_text("state/x.json") == "{}"
+    assert there.cache.root == (tmp_path / "worker-cache").resolve()

@@ -43,9 +43,9 @@ import uuid
 import pyarrow.fs as pafs
 
 from lmforge.core.storage.cache import ReadCache, Stats
-from lmforge.core.storage.location import SETTING, Location, StorageError, filesystem, parse, translated
-from lmforge.core.storage.store import MARKER, Store, is_hidden
-from lmforge.core.workspace import Workspace, cache_root
+from lmforge.core.storage.location import SETTING, Location, StorageError, parse, translated
+from lmforge.core.storage.store import MARKER, Store, is_hidden, open_store
+from lmforge.core.workspace import Workspace
 
 __all__ = [
     "MARKER",
@@ -60,13 +60,6 @@ __all__ = [
     "open_store",
     "parse",
 ]
-
-
-def open_store(where: Workspace | str | os.PathLike[str] | None = None, setting: str = SETTING) -> Store:
-    """The store of a workspace, a URL or a path (default: the workspace ``LMFORGE_HOME`` names)."""
-    ws = where if isinstance(where, Workspace) else Workspace.from_env(where)
-    location = parse(ws.url or ws.home, setting)
-    return Store(location, filesystem(location, setting), ReadCache(cache_root()), anchor=ws.home)
 
 
 def check(where: Workspace | str | os.PathLike[str] | None = None, setting: str = SETTING) -> Store:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import posixpath
 import shutil
 import uuid
@@ -18,11 +19,18 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from lmforge.core.storage.cache import ReadCache, Stats, object_id, sha256_file
-from lmforge.core.storage.location import Location, translated
-from lmforge.core.workspace import atomic_dir, atomic_write_bytes
+from lmforge.core.storage.location import SETTING, Location, filesystem, parse, translated
+from lmforge.core.workspace import Workspace, atomic_dir, atomic_write_bytes, cache_root
 
 MARKER = "_COMMITTED"
 TMP_SUFFIX = ".tmp"
+
+
+def open_store(where: Workspace | str | os.PathLike[str] | None = None, setting: str = SETTING) -> Store:
+    """The store of a workspace, a URL or a path (default: the workspace ``LMFORGE_HOME`` names)."""
+    ws = where if isinstance(where, Workspace) else Workspace.from_env(where)
+    location = parse(ws.url or ws.home, setting)
+    return Store(location, filesystem(location, setting), ReadCache(cache_root()), anchor=ws.home)
 
 
 def is_hidden(name: str) -> bool:
@@ -45,6 +53,11 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self.location.url!r})"
+
+    def __reduce__(self):
+        # Sent to a Ray worker, a store reopens there by its location: the worker's own
+        # credentials chain, cache (LMFORGE_CACHE) and local side, never the driver's paths.
+        return (open_store, (self.location.url,))
 
     # Names.
     def key(self, where: str | PurePath) -> str:
