@@ -143,3 +143,16 @@ def test_an_unreachable_endpoint_fails_the_preflight(cache, monkeypatch):
     with pytest.raises(StorageError, match="cannot be reached") as caught:
         check(f"s3://{BUCKET}/ws")
     assert "AWS_ENDPOINT_URL" in caught.value.fix
+
+
+def test_concurrent_cold_readers_share_one_whole_cache_entry(s3, cache, request):
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = f"s3://{BUCKET}/ws-{request.node.name[:20]}"
+    with open_store(url).atomic_dir("models/base") as tmp:
+        (tmp / "model.safetensors").write_bytes(os.urandom(300_000))
+        (tmp / "config.json").write_text("{}")
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: open_store(url).cached_dir("models/base"), range(4)))
+    assert len(set(paths)) == 1 and (paths[0] / "model.safetensors").stat().st_size == 300_000
+    assert not list((cache / "tmp").iterdir())  # every download was renamed into place or removed
