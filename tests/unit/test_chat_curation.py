@@ -8,12 +8,13 @@ import json
 from pathlib import Path
 
 from lmforge.config.curation import CurationConfig, DecontaminationConfig, RecordCurationConfig
+from lmforge.core.hashing import sha256_file
 from lmforge.core.workspace import Workspace
 from lmforge.curation.decontaminate import EvalIndex, eval_texts, record_contaminated
 from lmforge.curation.record_sets import RecordSet, clean_set, decontaminate_set
 from lmforge.curation.records import content_chars, record_text
 from lmforge.curation.report import Tally
-from lmforge.data.sft import CURATED_INPUTS, sft_file, stream_sha256
+from lmforge.data.sft import CURATED_INPUTS, sft_file
 from lmforge.validation.records import empty_turns, features, role_order
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant who answers questions about the sea and ships."}
@@ -132,7 +133,7 @@ def test_later_stages_read_the_curated_set_only_while_it_matches_the_collected_o
     collected.write_text(json.dumps(chat("a", "Hi", "Hello")) + "\n")
     assert sft_file(ws, "train") == collected  # nothing curated yet
     (ws.curated_sft_dir / "train.jsonl").write_text(collected.read_text())
-    (ws.curated_sft_dir / "report.json").write_text(json.dumps({CURATED_INPUTS: {"train.jsonl": stream_sha256(collected)}}))
+    (ws.curated_sft_dir / "report.json").write_text(json.dumps({CURATED_INPUTS: {"train.jsonl": sha256_file(collected)}}))
     assert sft_file(ws, "train") == ws.curated_sft_dir / "train.jsonl"
     assert sft_file(ws, "test") == ws.sft_dir / "test.jsonl"  # no curated test split
     collected.write_text(json.dumps(chat("b", "Bye", "Goodbye")) + "\n")  # a new collect: the curated set is stale

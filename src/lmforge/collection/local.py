@@ -35,6 +35,7 @@ from lmforge.collection.parallel import choose_backend, chunked, run_chunks
 from lmforge.collection.types import Fingerprint, SourceContext, Tally, Unit
 from lmforge.config.data import LocalSource
 from lmforge.core.errors import DataError
+from lmforge.core.hashing import sha256_stream
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,9 @@ class FileTask:
     prior_hash: str
 
 
-def file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open_file(path) as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _file_sha256(path: Path) -> str:
+    with open_file(path) as fh:  # never through a link swapped in since listing (open_file's O_NOFOLLOW)
+        return sha256_stream(fh)
 
 
 def read_small_files(job: tuple[FormatOptions, list[FileTask]]) -> tuple[list[Unit], Tally]:
@@ -107,7 +105,7 @@ class LocalFiles:
         """A file bigger than a work shard: hash it in one pass, then stream its documents."""
         path = Path(task.path)
         try:
-            fingerprint = Fingerprint(file_hash(path), size=task.size, mtime_ns=task.mtime_ns)
+            fingerprint = Fingerprint(_file_sha256(path), size=task.size, mtime_ns=task.mtime_ns)
         except OSError as exc:
             ctx.tally.skip("unreadable", task.uri, f"{type(exc).__name__}: {exc}")
             return

@@ -26,6 +26,7 @@ import numpy as np
 
 from lmforge.config.curation import CurationConfig, RecordCurationConfig
 from lmforge.core.errors import DataError
+from lmforge.core.hashing import sha256_file
 from lmforge.core.workspace import Workspace, atomic_dir, atomic_write_json
 from lmforge.curation.decontaminate import EvalIndex, record_contaminated
 from lmforge.curation.dedup import EXACT, KEEP, NEAR, NEAR_PREVIOUS, MinHasher, find_duplicates
@@ -33,7 +34,7 @@ from lmforge.curation.records import RecordLength, RecordStep, ScrubRecord, dump
 from lmforge.curation.report import Tally
 from lmforge.curation.text import text_key, tokens, word_hashes
 from lmforge.data.preferences import read_preferences
-from lmforge.data.sft import CURATED_INPUTS, read_sft, stream_sha256
+from lmforge.data.sft import CURATED_INPUTS, read_sft
 
 SPLITS = ("train", "test")
 _REASONS = {EXACT: ("exact_dedup", "exact_duplicate"), NEAR: ("near_dedup", "near_duplicate"),
@@ -91,7 +92,7 @@ def load_sets(ws: Workspace, cfg: CurationConfig) -> list[RecordSet]:
             path = collected / f"{split}.jsonl"
             records[split] = (read_sft(path) if name == "instructions" else read_preferences(path)) if path.exists() else []
             if path.exists():
-                inputs[path.name] = stream_sha256(path)
+                inputs[path.name] = sha256_file(path)
         sets.append(RecordSet(name, collected, curated, section, records, inputs, Tally(cfg.samples_per_reason),
                               {split: len(rows) for split, rows in records.items()}))
     return sets

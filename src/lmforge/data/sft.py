@@ -12,12 +12,12 @@ curated from the collected file now in ``ws.sft_dir``, else the collected file i
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import cast
 
 from lmforge.core.errors import DataError
+from lmforge.core.hashing import sha256_file
 from lmforge.core.workspace import Workspace
 from lmforge.data.jsonl import json_lines
 from lmforge.data.splits import split_by_key
@@ -46,17 +46,8 @@ def record_file(collected: Path, curated: Path, split: str) -> Path:
     name = f"{split}.jsonl"
     source, report = collected / name, curated / "report.json"
     fresh = (source.exists() and (curated / name).exists() and report.exists()
-             and json.loads(report.read_text(encoding="utf-8")).get(CURATED_INPUTS, {}).get(name) == stream_sha256(source))
+             and json.loads(report.read_text(encoding="utf-8")).get(CURATED_INPUTS, {}).get(name) == sha256_file(source))
     return curated / name if fresh else source
-
-
-def stream_sha256(path: Path) -> str:
-    """The hex SHA-256 of a file read in blocks (an SFT set may be large; this module imports no torch)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_sft(path: Path, limit: int | None = None) -> list[dict]:

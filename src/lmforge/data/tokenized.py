@@ -15,15 +15,15 @@ import numpy as np
 import torch
 
 from lmforge.core.errors import DataError
+from lmforge.core.hashing import sha256_file
 from lmforge.core.workspace import Workspace, atomic_dir, atomic_write_json
-from lmforge.data.sft import stream_sha256
 
 PHASES = {"pretrain": ("train", "validation"), "finetune": ("train", "validation", "test")}
 
 
 def file_sha256(path: Path) -> str:
     """The hex SHA-256 of a file's bytes, or "" when it does not exist."""
-    return stream_sha256(path) if path.exists() else ""
+    return sha256_file(path) if path.exists() else ""
 
 
 def save_tokenized(ws: Workspace, digest: str, tables: dict[str, dict[str, dict]], manifest: dict) -> Path:
