@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lmforge.core import hashing
+
 
 @dataclass
 class Stats:
@@ -110,8 +112,5 @@ class ReadCache:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256-" + digest.hexdigest()
+    """The file's digest as the manifests and cache keys spell it: ``sha256-<hex>``."""
+    return "sha256-" + hashing.sha256_file(path)
