@@ -128,6 +128,19 @@ class PlacementConfig(Section):
     cpus_per_worker: float = Field(0.5, gt=0, le=1024, description="Logical CPUs each worker reserves in Ray.")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend, bf16 autocast.")
     use_ray: bool = Field(True, description="Launch through Ray Train; false runs one process in-line.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each worker reserves besides its CPUs and GPU, e.g. "
+        "{node2: 1} to place the workers on nodes started with `ray start --resources='{\"node2\": 1}'`.",
+    )
+
+    @model_validator(mode="after")
+    def _custom_resources_only(self) -> PlacementConfig:
+        # CPU and GPU have their own keys; the same amount under two keys would be ambiguous.
+        for name, amount in self.resources.items():
+            if name in ("CPU", "GPU") or amount <= 0:
+                raise ValueError(f"resources.{name}: {amount} is not a custom resource amount; CPUs and GPUs are set by "
+                                 "cpus_per_worker and use_gpu, custom amounts are above 0")
+        return self
 
 
 class OptimizerConfig(Section):

@@ -130,7 +130,8 @@ def _fit_with_ray(job: dict, training: TrainingConfig, ws: Workspace, address: s
         _ray_worker,  # type: ignore[arg-type]  # v1's stub wants a loop returning None
         train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=training.placement.num_workers, use_gpu=training.placement.use_gpu,
-                                     resources_per_worker={"CPU": training.placement.cpus_per_worker}),
+                                     resources_per_worker={"CPU": training.placement.cpus_per_worker,
+                                                           **training.placement.resources}),
         run_config=RunConfig(storage_path=str(ws.ray_dir / "train"), name=job["run_id"]),
     )
     try:
