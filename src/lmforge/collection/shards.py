@@ -13,6 +13,11 @@ moment (kill -9 included) leaves the previous commit intact, and the next run re
 units already committed are recognised as unchanged, nothing is lost and nothing is doubled.
 Documents of a unit whose collection was interrupted may sit in a committed shard without being
 live; readers skip them, and the re-run's unit makes them live without writing them again.
+
+Every file goes through the workspace's :class:`~lmforge.core.storage.Store`: on a local workspace
+the steps above exactly; on an object store each shard, delta and manifest is written at a
+temporary key and then moved into place (one whole object), so the manifest's publish is still the
+commit point and a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -26,12 +31,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from lmforge.collection.state import LiveSet, read_units, write_units
 from lmforge.collection.types import Fingerprint, Unit, UnitState, now_iso
 from lmforge.core.errors import DataError
-from lmforge.core.workspace import atomic_write_json
+from lmforge.core.storage import Store
 from lmforge.data.documents import read_documents, write_documents
 
 MANIFEST = "manifest.json"
@@ -43,32 +46,36 @@ class Interrupted(Exception):
     """Raised in source threads after :meth:`RawStore.stop`; never reported as a source error."""
 
 
-def load_manifest(raw_dir: Path) -> dict:
+def load_manifest(store: Store, raw_dir: Path) -> dict:
     path = raw_dir / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else {}
+    return json.loads(store.read_bytes(path)) if store.exists(path) else {}
 
 
-def iter_live_documents(raw_dir: Path) -> Iterator[dict]:
+def iter_live_documents(store: Store, raw_dir: Path) -> Iterator[dict]:
     """Every live document of the committed corpus, one shard in memory at a time."""
-    manifest = load_manifest(raw_dir)
+    manifest = load_manifest(store, raw_dir)
     shards = [raw_dir / s["path"] for s in manifest.get("shards", [])]
     live: set[str] | None = None
     if manifest.get("format") == FORMAT:
-        states = read_units(raw_dir / name for name in manifest.get("units", []))
+        states = read_units(store, (raw_dir / name for name in manifest.get("units", [])))
         live = {doc_id for state in states.values() for doc_id in state.doc_ids}
     emitted: set[str] = set()
     for shard in shards:
-        for row in read_documents(shard):
+        for row in read_documents(shard, store):
             if (live is None or row["id"] in live) and row["id"] not in emitted:
                 emitted.add(row["id"])
                 yield row
 
 
 @contextlib.contextmanager
-def exclusive(raw_dir: Path) -> Iterator[None]:
-    """Hold the workspace's collect lock (released by the kernel even on kill -9)."""
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    with open(raw_dir / ".collect.lock", "w") as fh:
+def exclusive(lock: Path, raw_dir: str) -> Iterator[None]:
+    """Hold the workspace's collect lock file ``lock`` (released by the kernel even on kill -9).
+
+    It is a local file: on an object-store workspace it guards this machine's runs only (the store
+    has no lock; two machines collecting into one workspace are not arbitrated).
+    """
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -80,8 +87,9 @@ def exclusive(raw_dir: Path) -> Iterator[None]:
 class RawStore:
     """Adds units to the corpus from many source threads; commits every shard's worth of documents."""
 
-    def __init__(self, raw_dir: Path, max_documents: int, max_bytes: int,
+    def __init__(self, store: Store, raw_dir: Path, max_documents: int, max_bytes: int,
                  run_info: Callable[[], dict] = dict) -> None:
+        self.store = store
         self.raw_dir, self.max_documents, self.max_bytes = raw_dir, max_documents, max_bytes
         self.run_info = run_info  # the in-progress run's statistics, written into every manifest
         self._lock = threading.RLock()
@@ -93,21 +101,21 @@ class RawStore:
         try:
             self._open()
         except (OSError, ValueError, KeyError) as exc:  # pyarrow's errors are ValueError/OSError
-            raise DataError(f"the raw corpus in {raw_dir} is unreadable ({type(exc).__name__}: {exc})",
-                            f"delete {raw_dir} to collect from scratch") from None
+            raise DataError(f"the raw corpus in {store.uri(raw_dir)} is unreadable ({type(exc).__name__}: {exc})",
+                            f"delete {store.uri(raw_dir)} to collect from scratch") from None
 
     def _open(self) -> None:
-        manifest = load_manifest(self.raw_dir)
+        manifest = load_manifest(self.store, self.raw_dir)
         self.shards: list[dict] = list(manifest.get("shards", []))
         self.unit_files: list[str] = list(manifest.get("units", []))
         self._remove_leftovers()
-        self.units = read_units(self.raw_dir / name for name in self.unit_files)
+        self.units = read_units(self.store, (self.raw_dir / name for name in self.unit_files))
         if manifest and manifest.get("format") != FORMAT:
             self._adopt_legacy()
         self.live = LiveSet(self.units.values())
         self.location: dict[str, str] = {}  # id -> shard holding it ("" while buffered)
         for shard in self.shards:
-            ids = pq.read_table(self.raw_dir / shard["path"], columns=["id"]).column("id").to_pylist()
+            ids = self.store.read_table(self.raw_dir / shard["path"], columns=["id"]).column("id").to_pylist()
             self.location.update(dict.fromkeys(ids, shard["path"]))
         self._seq = 1 + max([_seq_of(n) for n in [s["path"] for s in self.shards] + self.unit_files] or [-1])
 
@@ -188,21 +196,22 @@ class RawStore:
                 self._write_shard(self._buffer, self._buffer_bytes)
             if self._pending:
                 name = f"units-{self._seq:05d}.parquet"
-                write_units(self.raw_dir / name, self._pending.values())
+                write_units(self.store, self.raw_dir / name, self._pending.values())
                 self.unit_files.append(name)
                 self._seq += 1
             self._buffer, self._buffer_bytes, self._pending = [], 0, {}
             obsolete = [*self._compact_units(), *self._compact_shards()] if final else []
             manifest = self.manifest(complete=final)
-            atomic_write_json(self.raw_dir / MANIFEST, manifest)
+            self.store.atomic_write_json(self.raw_dir / MANIFEST, manifest)
             for name in obsolete:
-                (self.raw_dir / name).unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    self.store.remove(self.raw_dir / name)
             return manifest
 
     def _write_shard(self, rows: list[dict], size: int) -> None:
         name = f"docs-{self._seq:05d}.parquet"
         self._seq += 1
-        write_documents(self.raw_dir / name, rows)
+        write_documents(self.raw_dir / name, rows, self.store)
         self.shards.append({"path": name, "documents": len(rows), "bytes": size})
         for row in rows:
             self.location[row["id"]] = name
@@ -222,7 +231,7 @@ class RawStore:
         rows: list[dict] = []
         size = 0
         for shard in old:
-            for row in read_documents(self.raw_dir / shard["path"]):
+            for row in read_documents(self.raw_dir / shard["path"], self.store):
                 if self.location.get(row["id"]) == shard["path"]:
                     rows.append(row)
                     size += len(row["text"].encode("utf-8"))
@@ -237,7 +246,7 @@ class RawStore:
         if len(self.unit_files) <= _COMPACT_UNIT_FILES:
             return []
         name = f"units-{self._seq:05d}.parquet"
-        write_units(self.raw_dir / name, self.units.values())
+        write_units(self.store, self.raw_dir / name, self.units.values())
         self._seq += 1
         obsolete, self.unit_files = self.unit_files, [name]
         return obsolete
@@ -267,16 +276,20 @@ class RawStore:
 
     def _remove_leftovers(self) -> None:
         named = {s["path"] for s in self.shards} | set(self.unit_files)
-        for path in [*self.raw_dir.glob("docs-*.parquet"), *self.raw_dir.glob("units-*.parquet")]:
-            if path.name not in named:
+        for key in self.store.list_files(self.raw_dir):
+            name = key.rsplit("/", 1)[-1]
+            if name.startswith(("docs-", "units-")) and name.endswith(".parquet") and name not in named:
+                self.store.remove(key)
+        if self.store.location.is_local:
+            # A killed run's local temporaries; on an object store they are invisible keys, which
+            # the store never lists or reads.
+            for path in self.raw_dir.glob(".*.tmp"):
                 path.unlink()
-        for path in self.raw_dir.glob(".*.tmp"):
-            path.unlink()
 
     def _adopt_legacy(self) -> None:
         """A manifest from before unit states: every document of its shards stays live."""
         for shard in self.shards:
-            table = pq.read_table(self.raw_dir / shard["path"], columns=["id", "text"])
+            table = self.store.read_table(self.raw_dir / shard["path"], columns=["id", "text"])
             ids = table.column("id").to_pylist()
             sizes = [len(t.encode("utf-8")) for t in table.column("text").to_pylist()]
             uri = f"legacy:{shard['path']}"

@@ -5,21 +5,20 @@ manifest order so a later row for a URI replaces an earlier one. A document is *
 least one unit's latest state lists it: a changed file replaces its old documents, and the same
 text reached through two URIs is one document referenced twice. The corpus digest is the SHA-256
 of the sorted live ids, so it names the exact set of documents whatever the order of collection.
+The deltas are read and written on the workspace's store (lmforge.core.storage).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lmforge.collection.types import Fingerprint, UnitState
-from lmforge.core.workspace import atomic_write_bytes
+from lmforge.core.storage import Store
 
 UNIT_SCHEMA = pa.schema([
     ("uri", pa.string()), ("source", pa.string()), ("hash", pa.string()), ("etag", pa.string()),
@@ -29,22 +28,20 @@ UNIT_SCHEMA = pa.schema([
 ])
 
 
-def write_units(path: Path, states: Iterable[UnitState]) -> int:
+def write_units(store: Store, path: Path, states: Iterable[UnitState]) -> int:
     rows = [{"uri": s.uri, "source": s.source, "hash": s.fingerprint.hash, "etag": s.fingerprint.etag,
              "last_modified": s.fingerprint.last_modified, "size": s.fingerprint.size,
              "mtime_ns": s.fingerprint.mtime_ns, "doc_ids": list(s.doc_ids), "doc_bytes": list(s.doc_bytes),
              "links": list(s.links), "canonical": s.canonical} for s in states]
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=UNIT_SCHEMA), buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    store.write_table(path, pa.Table.from_pylist(rows, schema=UNIT_SCHEMA))
     return len(rows)
 
 
-def read_units(paths: Iterable[Path]) -> dict[str, UnitState]:
+def read_units(store: Store, paths: Iterable[Path]) -> dict[str, UnitState]:
     """Latest state per URI over the delta files, in order."""
     states: dict[str, UnitState] = {}
     for path in paths:
-        for row in pq.read_table(path, schema=UNIT_SCHEMA).to_pylist():
+        for row in store.read_table(path).cast(UNIT_SCHEMA).to_pylist():
             fingerprint = Fingerprint(row["hash"] or "", row["etag"], row["last_modified"], row["size"], row["mtime_ns"])
             states[row["uri"]] = UnitState(row["uri"], row["source"], fingerprint, tuple(row["doc_ids"] or ()),
                                            tuple(row["doc_bytes"] or ()), tuple(row["links"] or ()),

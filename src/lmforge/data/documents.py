@@ -3,6 +3,8 @@
 A document's ``id`` is the SHA-256 of its text, so the same text from two places is stored once.
 Collection writes these rows, curation and validation read them, and tokenizing, training and
 evaluation read their texts (:func:`iter_texts`); this module is the one place the columns are named.
+With a ``store`` (:mod:`lmforge.core.storage`), a shard is written and read by pyarrow on the
+workspace's store (a local directory or an object store); ``path`` then names it under ``ws.home``.
 """
 
 from __future__ import annotations
@@ -11,12 +13,16 @@ import hashlib
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lmforge.core.errors import DataError
 from lmforge.core.workspace import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from lmforge.core.storage import Store
 
 DOCUMENT_SCHEMA = pa.schema([
     ("id", pa.string()), ("text", pa.string()), ("source", pa.string()), ("uri", pa.string()),
@@ -30,16 +36,21 @@ def text_id(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def write_documents(path: Path, rows: list[dict]) -> None:
-    """Write rows with the document columns to a Parquet file atomically."""
+def write_documents(path: Path, rows: list[dict], store: Store | None = None) -> None:
+    """Write rows with the document columns to a Parquet file atomically (on ``store`` when given)."""
     table = pa.Table.from_pylist([{c: row[c] for c in DOCUMENT_COLUMNS} for row in rows], schema=DOCUMENT_SCHEMA)
+    if store is not None:
+        store.write_table(path, table)
+        return
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def read_documents(path: Path) -> list[dict]:
-    """Every row of one Parquet file with the document columns."""
+def read_documents(path: Path, store: Store | None = None) -> list[dict]:
+    """Every row of one Parquet file with the document columns (read on ``store`` when given)."""
+    if store is not None:
+        return store.read_table(path, columns=list(DOCUMENT_COLUMNS)).cast(DOCUMENT_SCHEMA).to_pylist()
     return pq.read_table(path, schema=DOCUMENT_SCHEMA).to_pylist()
 
 

@@ -17,6 +17,9 @@ Outputs (the contract with later stages):
   ws.sft_dir/report.json         per source and file: records read and skipped, why and where
   ws.preferences_dir/...         the same three files for data.preferences.sources, when it has any
 Read the documents with :func:`read_raw_documents` (only the live ones of committed shards).
+Every output goes through the workspace's store (``open_store(ws)``, lmforge.core.storage), so with
+``LMFORGE_HOME=s3://bucket/prefix`` they are objects in the bucket; only scratch (downloads, the
+collect lock) stays on this machine.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from lmforge.collection.urls import redact_urls
 from lmforge.config.data import DataConfig, source_labels
 from lmforge.config.loader import load_config
 from lmforge.core.errors import DataError
-from lmforge.core.workspace import Workspace, atomic_dir, atomic_write_json
+from lmforge.core.storage import Store, open_store
+from lmforge.core.workspace import Workspace, atomic_write_json
 from lmforge.data.splits import hash_split
 
 __all__ = ["CollectResult", "collect", "raw_shard_paths", "read_raw_documents"]
@@ -44,22 +48,24 @@ __all__ = ["CollectResult", "collect", "raw_shard_paths", "read_raw_documents"]
 Progress = Callable[[str, int, int], None]
 
 
-def raw_shard_paths(ws: Workspace) -> list[Path]:
-    """The committed raw shards, in order. After a finished collect every row of them is live.
+def raw_shard_paths(ws: Workspace, store: Store | None = None) -> list[Path]:
+    """The committed raw shards, in order, named under ``ws.raw_dir`` (read them through the
+    workspace's store). After a finished collect every row of them is live.
 
     Raises when the last collect was interrupted: its committed shards may hold documents of units
     it did not finish; running collect again completes them.
     """
-    manifest = load_manifest(ws.raw_dir)
+    store = store or open_store(ws)
+    manifest = load_manifest(store, ws.raw_dir)
     if manifest.get("format") == FORMAT and not manifest.get("complete", False):
-        raise DataError(f"the last collect into {ws.raw_dir} did not finish",
+        raise DataError(f"the last collect into {store.uri(ws.raw_dir)} did not finish",
                         "run `lmforge collect CONFIG` again; it resumes where the interrupted run stopped")
     return [ws.raw_dir / shard["path"] for shard in manifest.get("shards", [])]
 
 
 def iter_raw_documents(ws: Workspace) -> Iterator[dict]:
     """The collected corpus, document by document: live rows of the shards the manifest commits."""
-    return iter_live_documents(ws.raw_dir)
+    return iter_live_documents(open_store(ws), ws.raw_dir)
 
 
 def read_raw_documents(ws: Workspace) -> list[dict]:
@@ -115,8 +121,11 @@ def collect(cfg: DataConfig, ws: Workspace, progress: Progress | None = None) ->
         if progress is not None:
             progress(label, len(finished), len(labels))
 
-    with exclusive(ws.raw_dir):
-        store = RawStore(ws.raw_dir, cfg.shard_max_documents, cfg.shard_max_bytes, run_info)
+    files = open_store(ws)
+    # Locally the lock sits beside the corpus as before; for a remote workspace on this machine's side.
+    lock = ws.raw_dir / ".collect.lock" if not ws.is_remote else ws.home / "locks" / "collect.lock"
+    with exclusive(lock, files.uri(ws.raw_dir)):
+        store = RawStore(files, ws.raw_dir, cfg.shard_max_documents, cfg.shard_max_bytes, run_info)
         scratch = ws.collect_cache_dir
         try:
             run_sources(sources, store, reports, scratch, cfg.parallel, cfg.source_concurrency,
@@ -130,13 +139,13 @@ def collect(cfg: DataConfig, ws: Workspace, progress: Progress | None = None) ->
             fixes = "; ".join(f"{e['source']}: {e['fix']}" for e in errors)
             raise DataError(f"no documents were collected ({failures})",
                             fixes or "add a source with text, e.g. `- type: stdlib` under data.sources")
-        written.update(write_record_sets(sets, ws))
+        written.update(write_record_sets(sets, ws, files))
         manifest = store.commit(final=True) or {}
     per_source = {label: reports[label].summary() for label in labels}
     sft = written.get("instructions", {})
     return CollectResult(len(store.live), store.new_documents(), store.live.total_bytes(), per_source, errors,
                          store.live.digest(), sft.get("train", 0), sft.get("test", 0), sft,
-                         written.get("preferences", {}), len(store.shards), str(ws.raw_dir), manifest)
+                         written.get("preferences", {}), len(store.shards), files.uri(ws.raw_dir), manifest)
 
 
 def _last_run(started: str, reports: dict[str, SourceReport], labels: list[str]) -> dict:
@@ -164,17 +173,19 @@ def read_record_sets(cfg: DataConfig, ws: Workspace) -> RecordSets:
     return sets
 
 
-def write_record_sets(sets: RecordSets, ws: Workspace) -> dict[str, dict]:
-    """Write each set's train/test JSONL (hash split by id) and report.json, all three in one rename.
+def write_record_sets(sets: RecordSets, ws: Workspace, store: Store | None = None) -> dict[str, dict]:
+    """Write each set's train/test JSONL (hash split by id) and report.json, all three committed at
+    once (one rename locally; a committed directory on an object store).
 
     Returns, per set, ``{"train", "test", "sources"}``: the counts written and the report per source.
     """
+    store = store or open_store(ws)
     written = {}
     for name, (records, reports, fraction) in sets.items():
         train, test = hash_split(records, fraction)
         final = ws.sft_dir if name == "instructions" else ws.preferences_dir
         summary = {"train": len(train), "test": len(test), "sources": reports}
-        with atomic_dir(final) as tmp:
+        with store.atomic_dir(final) as tmp:
             for file, part in (("train.jsonl", train), ("test.jsonl", test)):
                 (tmp / file).write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in part),
                                         encoding="utf-8")
