@@ -26,6 +26,9 @@ import pytest
 from conftest import REPO, TINY, free_port, wait_http
 from readme import argv, python_snippet, readme_command, readme_commands
 
+KUBERNETES = ("not here: needs a Kubernetes cluster with the KubeRay operator; tests/integration/test_infra_manifests.py "
+              "validates these manifests offline against KubeRay's CRD schemas")
+
 # How each README command runs here: "run" executes it in this file (placeholders filled), a test
 # file's name: that file runs it, "dry-run" asks make what it would do, "not here" says why this
 # machine cannot run it at all.
@@ -50,6 +53,15 @@ COMMANDS = {
     "lmforge serve onnx-model": "run",
     "python: openai client": "run",
     "lmforge rollback [MODEL] [--json]": "tests/integration/test_promotion.py",
+    # A Ray cluster: two real nodes on this machine, token auth on, lmforge train pinned to node 2.
+    "export RAY_AUTH_MODE=token": "tests/integration/test_ray_cluster.py",
+    "ray get-auth-token --generate": "tests/integration/test_ray_cluster.py",
+    "ray start --head --port=6379": "tests/integration/test_ray_cluster.py",
+    "ray start --address=HEAD_IP:6379 [--resources='{\"node2\": 1}']": "tests/integration/test_ray_cluster.py",
+    "RAY_ADDRESS=HEAD_IP:6379 lmforge train CONFIG": "tests/integration/test_ray_cluster.py",
+    "kubectl apply -f infra/kuberay/secrets.yaml": KUBERNETES,
+    "kubectl apply -f infra/kuberay/raycluster.yaml": KUBERNETES,
+    "kubectl apply -f infra/kuberay/rayjob.yaml": KUBERNETES,
 }
 
 

@@ -1,0 +1,227 @@
+"""A real 2-node Ray cluster on this machine, started with README.md's commands ("A Ray cluster").
+
+``ray start --head`` and ``ray start --address=HEAD_IP:6379 --resources='{"node2": 1}'`` run as a
+user runs them, with token authentication (``RAY_AUTH_MODE=token``, the token that
+``ray get-auth-token --generate`` writes to ``~/.ray/auth_token``, under a HOME of the test's own).
+Two nodes share one machine here, so each gets its own temp dir and free ports (and never the ports
+or the processes of another Ray on this machine): the flags :func:`node_flags` adds to the README's
+words. Teardown stops exactly these nodes, by their process groups; never ``ray stop``, which stops
+every Ray of the machine. One cluster serves the whole module (a node start is ~10 s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from contextlib import suppress
+from pathlib import Path
+
+import pytest
+from conftest import BIN, REPO, free_port
+from readme import argv, readme_command
+
+from lmforge.config.model import ModelConfig
+
+pytest.importorskip("ray")
+
+MODEL = ModelConfig(vocab_size=384, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    intermediate_size=64, max_seq_len=64)
+
+
+def command_env(command: str, **fill: str) -> tuple[dict[str, str], str]:
+    """A README shell line's variable assignments (``export A=b``, or ``A=b cmd``), placeholders
+    filled, and the command after them."""
+    words = shlex.split(command)
+    if words[0] == "export":
+        words = words[1:]
+    env = {}
+    while words and "=" in words[0] and not words[0].startswith("-"):
+        name, _, value = words.pop(0).partition("=")
+        for placeholder, real in fill.items():
+            value = value.replace(placeholder, real)
+        env[name] = value
+    return env, shlex.join(words)
+
+
+def ray_argv(command: str, **fill: str) -> list[str]:
+    words = argv(command, **fill)
+    return [str(BIN / "ray"), *words[1:]] if words[0] == "ray" else words
+
+
+def node_flags(temp_dir: Path) -> list[str]:
+    """What two nodes on one machine must not share: a temp dir (sockets, logs, session) and every
+    port a node listens on. One CPU each and a small object store: this machine is shared."""
+    ports = ("--node-manager-port", "--object-manager-port", "--metrics-export-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port")
+    return ["--num-cpus=1", f"--temp-dir={temp_dir}", f"--object-store-memory={200 * 2**20}", "--disable-usage-stats",
+            *(f"{flag}={free_port()}" for flag in ports)]
+
+
+def start_node(command: list[str], env: dict[str, str], log: Path) -> int:
+    """Run ``ray start`` (it returns once the node is up, leaving the node's processes running) in a
+    process group of its own, whose id is returned: the node's processes stay in it."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        code = proc.wait(timeout=180)
+    except subprocess.TimeoutExpired:
+        stop_group(proc.pid)
+        raise
+    if code != 0:
+        stop_group(proc.pid)
+        raise RuntimeError(f"{shlex.join(command)} exited with {code}:\n{log.read_text()[-3000:]}")
+    return proc.pid
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_group(pgid: int) -> None:
+    # A node's GCS and raylet can take 20 s and more to exit on SIGTERM; these nodes' state is
+    # thrown away with their temp dir, so a short grace is enough.
+    for sig, grace_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
+        with suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + grace_s
+        while group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not group_alive(pgid):
+            return
+
+
+def processes_using(root: Path) -> list[int]:
+    """Processes whose command line names ``root``: only this cluster's (the directory is new)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        with suppress(psutil.Error):
+            if str(root) in " ".join(proc.info["cmdline"] or ()):
+                found.append(proc.info["pid"])
+    return found
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[dict]:
+    # A short path: Ray's unix sockets live under the temp dir and their paths must stay under 107 bytes.
+    root = Path(tempfile.mkdtemp(prefix="lmf-ray-", dir="/tmp"))
+    home = root / "home"
+    home.mkdir()
+    auth_env, _ = command_env(readme_command("export RAY_AUTH_MODE=token"))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env.update(auth_env, HOME=str(home))
+    token = subprocess.run(ray_argv(readme_command("ray get-auth-token --generate")), env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert token.returncode == 0, token.stderr[-3000:]
+    assert (home / ".ray" / "auth_token").read_text().strip() == token.stdout.strip()
+    port = str(free_port())
+    groups = []
+    try:
+        head = [*ray_argv(readme_command("ray start --head --port=6379"), **{"6379": port}), *node_flags(root / "head"),
+                f"--ray-client-server-port={free_port()}", f"--dashboard-port={free_port()}"]
+        groups.append(start_node(head, env, root / "head.log"))
+        node2 = ray_argv(readme_command("ray start --address=HEAD_IP:6379"), HEAD_IP="127.0.0.1", **{"6379": port})
+        groups.append(start_node([*node2, *node_flags(root / "node2")], env, root / "node2.log"))
+        yield {"address": f"127.0.0.1:{port}", "env": env, "root": root, "port": port}
+    finally:
+        for pgid in reversed(groups):
+            stop_group(pgid)
+        # Anything of ours that left its group (none should): found by our own temp dir.
+        for pid in processes_using(root):
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run_driver(script: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_a_task_asking_for_node2_runs_on_the_second_node(cluster):
+    result = run_driver(f"""
+        import json, ray
+        ray.init(address="{cluster['address']}", logging_level="ERROR")
+
+        @ray.remote(num_cpus=0, resources={{"node2": 1}})
+        def where():
+            return ray.get_runtime_context().get_node_id()
+
+        nodes = {{n["NodeID"]: sorted(n["Resources"]) for n in ray.nodes() if n["Alive"]}}
+        print(json.dumps({{"nodes": nodes, "task": ray.get(where.remote())}}))
+    """, cluster["env"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    facts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(facts["nodes"]) == 2
+    head = next(node for node, resources in facts["nodes"].items() if "node:__internal_head__" in resources)
+    second = next(node for node, resources in facts["nodes"].items() if "node2" in resources)
+    assert facts["task"] == second != head
+
+
+def test_a_driver_without_the_token_is_refused(cluster, tmp_path):
+    # Ray retries a refused connection for ~20 s by default (the seconds it waits for a GCS to come up).
+    env = {**cluster["env"], "HOME": str(tmp_path), "RAY_AUTH_TOKEN": "not-the-token", "RAY_gcs_server_port_wait_time_s": "2"}
+    result = run_driver(f"""
+        import ray
+        ray.init(address="{cluster['address']}")
+    """, env, timeout=60)
+    assert result.returncode != 0
+    assert "InvalidAuthToken" in result.stderr, result.stderr[-3000:]
+
+
+def node_logs_mention(temp_dir: Path, text: str) -> bool:
+    return any(text in path.read_text(errors="replace") for path in temp_dir.glob("session_*/logs/worker-*"))
+
+
+def test_lmforge_train_runs_on_the_cluster_pinned_to_node2(cluster, tokenized_workspace, tmp_path):
+    ws = tokenized_workspace("cluster-train", MODEL)
+    config = tmp_path / "cluster.yaml"
+    config.write_text(textwrap.dedent(f"""
+        model: {json.dumps(MODEL.model_dump(include={'vocab_size', 'hidden_size', 'num_layers', 'num_heads',
+                                                       'num_kv_heads', 'intermediate_size', 'max_seq_len'}))}
+        training:
+          method: pretrain
+          pretrain: {{steps: 6, learning_rate: 0.01, batch_size: 4, seq_len: 32, warmup_steps: 1}}
+          placement: {{num_workers: 1, cpus_per_worker: 0.5, resources: {{node2: 1}}}}
+          validation: {{batches: 1}}
+          logging: {{every: 2}}
+          cpu_threads: 1
+    """))
+    assignments, command = command_env(readme_command("RAY_ADDRESS=HEAD_IP:6379 lmforge train CONFIG"),
+                                       HEAD_IP="127.0.0.1", **{"6379": cluster["port"]})
+    assert assignments == {"RAY_ADDRESS": cluster["address"]}
+    env = {**cluster["env"], **assignments, "LMFORGE_HOME": str(ws.home)}
+    result = subprocess.run([*argv(command, CONFIG=str(config)), "--json"], env=env, cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    facts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert Path(facts["model_dir"], "config.json").is_file()
+    # The Ray Train worker (an actor) logged on node 2, not on the head.
+    root = cluster["root"]
+    assert node_logs_mention(root / "node2", "RayTrainWorker")
+    assert not node_logs_mention(root / "head", "RayTrainWorker")
+
+
+def test_placement_resources_are_custom_ones_only():
+    from lmforge.config.loader import parse_config
+    from lmforge.core.errors import ConfigError
+
+    placement = parse_config({"training": {"placement": {"resources": {"node2": 1}}}}).training.placement
+    assert placement.resources == {"node2": 1.0}
+    for bad in ({"CPU": 2}, {"node2": 0}):
+        with pytest.raises(ConfigError, match=r"training\.placement"):
+            parse_config({"training": {"placement": {"resources": bad}}})
