@@ -25,7 +25,8 @@ from tasks.training import choose_base_task, record_failure, tokenize_task, trai
 
 @flow(name="lmforge-pipeline", log_prints=True, description=__doc__)
 def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen, so one shared default is safe
-             deploy: bool = True, continue_from: ContinueFrom = "auto") -> dict[str, Any]:
+             deploy: bool = True, continue_from: ContinueFrom = "auto",
+             resume_training: str | None = None) -> dict[str, Any]:
     """The whole lifecycle on one config. Each stage stops the flow on failure, so a failed run
     registers no model version and moves no alias.
 
@@ -37,6 +38,8 @@ def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen, 
             model.base_model is empty; any other run trains as the config says. champion: always
             continue from the champion (its weights, tokenizer and chat template), replacing
             model.base_model; fails when no version holds the alias. scratch: exactly the config.
+        resume_training: Continue a stopped training run from its latest checkpoint instead of
+            training anew: its run id, or `latest` for the newest run that left a checkpoint.
     """
     run_id = flow_run.get_id()
     # Before any work: a config far beyond this machine's memory fails here, naming the key to change.
@@ -49,7 +52,7 @@ def pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen, 
     validated = validate_task(config.validation)
     tokenize_task(config.tokenize, config.model, config.training, config.validation, config.platform)
     trained = train_task(config.training, config.model, config.platform, config.tokenize.finetune_heldout_fraction,
-                         config.registry.experiment)
+                         config.registry.experiment, resume_training)
     try:
         evaluated = evaluate_task(config.evaluation, trained["model_dir"], config.registry.model_name, config.platform)
     except Exception as exc:

@@ -39,14 +39,16 @@ def tokenize_task(cfg: TokenizeConfig, model: ModelConfig, training: TrainingCon
 # No retries: a diverged run is not fixed by running it again with the same settings.
 @task(name="train", cache_policy=NO_CACHE, timeout_seconds=6 * 3600)
 def train_task(training: TrainingConfig, model: ModelConfig, platform: PlatformConfig,
-               finetune_heldout_fraction: float, experiment: str | None = None) -> dict[str, Any]:
-    """``experiment`` (``registry.experiment``): the MLflow experiment that tracks the run live."""
+               finetune_heldout_fraction: float, experiment: str | None = None,
+               resume: str | None = None) -> dict[str, Any]:
+    """``experiment`` (``registry.experiment``): the MLflow experiment that tracks the run live.
+    ``resume``: a stopped run's id (or ``latest``) to continue from its latest checkpoint instead of training anew."""
     announce("train", "pretraining, then fine-tuning")
     from lmforge.stages.train import train
 
     result = train(training, model, Workspace.from_env(), ray_address=platform.ray_address,
                    finetune_heldout_fraction=finetune_heldout_fraction, experiment=experiment,
-                   platform=platform).as_dict()
+                   platform=platform, resume=resume).as_dict()
     summary = {k: v for k, v in result.items() if k != "history"}
     publish("train", summary, f"model at {result['model_dir']}")
     return result

@@ -19,6 +19,7 @@ from lmforge.core.errors import LmforgeError
 from lmforge.core.report import console, emit, run_summary
 from lmforge.core.runtime import prepare_environment
 from lmforge.core.workspace import Workspace
+from lmforge.train.recovery import LATEST_RUN
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         train_tokenizer(resolve_base(config.model, ws, config.platform).model, ws)
     result = train(config.training, config.model, ws, ray_address=config.platform.ray_address,
                    finetune_heldout_fraction=config.tokenize.finetune_heldout_fraction,
-                   experiment=config.registry.experiment, platform=config.platform).as_dict()
+                   experiment=config.registry.experiment, platform=config.platform, resume=args.resume).as_dict()
     emit("train", {k: v for k, v in result.items() if k != "history"}, args.json)
 
 
@@ -281,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-deploy", action="store_true", help="stop after promotion")
     for name, (handler, help_text) in _STAGES.items():
         p = command(name, handler, help_text)
+        if name == "train":
+            p.add_argument("--resume", nargs="?", const=LATEST_RUN, metavar="RUN_ID",
+                           help="continue a stopped run from its latest checkpoint (default: the newest such run)")
         if name == "evaluate":
             p.add_argument("--model", help="model directory (default: the latest trained model)")
         if name == "deploy":

@@ -230,10 +230,26 @@ class TrainValidationConfig(Section):
 
 
 class CheckpointingConfig(Section):
-    """Checkpoints a run can resume from (``lmforge train --resume RUN_ID``)."""
+    """Checkpoints a run resumes from: after a worker dies (Ray Train restarts it) or by
+    ``lmforge train --resume [RUN_ID]``. On by default, by time (``every_minutes``)."""
 
-    every: int = Field(0, ge=0, le=MAX_STEPS, description="Steps between checkpoints; 0 writes none.")
+    every: int = Field(0, ge=0, le=MAX_STEPS, description="Steps between checkpoints; 0: by time only (every_minutes).")
+    # Ten minutes bounds the work a dead worker costs, while writing a checkpoint (seconds even
+    # for large models) stays a small share of the run; tiny runs end long before, writing none.
+    every_minutes: float = Field(
+        10.0, ge=0, le=7 * 24 * 60, description="Minutes of training between checkpoints (checked at logged steps, "
+        "logging.every); 0: by steps only. With every and every_minutes both 0, no checkpoint is written.",
+    )
     keep: int = Field(2, ge=1, le=1000, description="Checkpoints kept per run (older ones are deleted).")
+    max_failures: int = Field(
+        2, ge=0, le=1000, description="Worker failures (a killed process, a lost node) Ray Train recovers from by "
+        "restarting the workers from the latest checkpoint before the run fails; 0 fails at the first. Under Ray only.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """True when the loop writes checkpoints (by steps, by time or both)."""
+        return bool(self.every or self.every_minutes)
 
 
 class LoggingConfig(Section):

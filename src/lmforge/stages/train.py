@@ -29,6 +29,7 @@ from lmforge.tracking.live import LiveRun, mark_failed
 from lmforge.tracking.mlflow_tracker import mlflow_client, mlflow_uris
 from lmforge.train.launch import check_inputs, fit
 from lmforge.train.methods.catalog import method_info
+from lmforge.train.recovery import resolve_resume
 
 DEFAULT_HELDOUT_FRACTION: float = TokenizeConfig.model_fields["finetune_heldout_fraction"].default
 
@@ -44,6 +45,8 @@ class TrainResult:
     duration_s: float = 0.0
     mlflow_run_id: str | None = None  # the MLflow run that tracked training live (None: untracked)
     mlflow_tracking_uri: str | None = None
+    restarts: int = 0  # how often Ray Train restarted the workers after a failure (from the latest checkpoint)
+    resumed_from_step: int = 0  # the step the final attempt resumed after (--resume or a restart); 0: from the start
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -61,7 +64,8 @@ def train(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, run_n
     ``progress`` receives each history row as it is made (in-line and under Ray).
     Env ``RAY_ADDRESS`` (else ``ray_address``, i.e. ``platform.ray_address``) names an existing
     cluster; otherwise a local Ray is started when ``training.placement.use_ray`` is set. ``resume`` names
-    an earlier run whose latest checkpoint this run continues exactly (same model and method).
+    an earlier run whose latest checkpoint this run continues exactly (same model and method);
+    ``"latest"`` names the newest run that left a checkpoint (:func:`lmforge.train.recovery.resolve_resume`).
     ``finetune_heldout_fraction`` is the pipeline's ``tokenize.finetune_heldout_fraction``: when
     no tokenized datasets fit, fine-tuning holds out those SFT records itself, as tokenize would.
     ``experiment`` (``registry.experiment``) opens an MLflow run in it (at ``platform``'s tracking URI)
@@ -72,6 +76,7 @@ def train(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, run_n
     keep the URI, and the version it named is recorded as ``lmforge.base_model_*`` tags and params.
     """
     started = time.perf_counter()
+    resume = resolve_resume(ws, resume)
     run_id = resume or _new_run_id(run_name)
     live = LiveRun.open(ws, platform, experiment, run_id, resume=bool(resume)) if experiment else None
     try:
@@ -105,7 +110,8 @@ def train(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, run_n
                          params={**config_params, **outcome["params"]},
                          duration_s=round(time.perf_counter() - started, 3),
                          mlflow_run_id=live.run_id if live else None,
-                         mlflow_tracking_uri=live.tracking_uri if live else None)
+                         mlflow_tracking_uri=live.tracking_uri if live else None,
+                         restarts=outcome["restarts"], resumed_from_step=outcome["resumed_from_step"])
     atomic_write_json(run_dir / "train_result.json", result.as_dict())
     ws.write_state("train", result.as_dict())
     return result

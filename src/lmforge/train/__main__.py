@@ -1,9 +1,10 @@
-"""Train standalone, without Prefect, MLflow or Ray: ``python -m lmforge.train [CONFIG] [--ray] [--resume RUN_ID]``.
+"""Train standalone, without Prefect, MLflow or Ray: ``python -m lmforge.train [CONFIG] [--ray] [--resume [RUN_ID]]``.
 
 Trains the tokenizer when the workspace (``LMFORGE_HOME``) has none, then runs both training
 phases in this process (``--ray`` launches Ray Train workers as the config says instead).
-``--resume RUN_ID`` continues a run that wrote checkpoints (``training.checkpointing.every``) from
-its latest one, exactly. Prints a summary and, as the last line, one JSON object with the run's facts.
+``--resume RUN_ID`` continues a run that wrote checkpoints (``training.checkpointing``) from its
+latest one, exactly (without an id: the newest run that left one). Prints a summary and, as the
+last line, one JSON object with the run's facts.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from lmforge.config.loader import load_config
 from lmforge.core.errors import LmforgeError
 from lmforge.core.workspace import Workspace
+from lmforge.train.recovery import LATEST_RUN
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", nargs="?", help="pipeline YAML file (default: built-in defaults)")
     parser.add_argument("--ray", action="store_true", help="launch through Ray Train (training.placement.use_ray)")
     parser.add_argument("--run-name", default=None, help="prefix of the run id")
-    parser.add_argument("--resume", default=None, metavar="RUN_ID", help="continue this run from its latest checkpoint")
+    parser.add_argument("--resume", default=None, nargs="?", const=LATEST_RUN, metavar="RUN_ID",
+                        help="continue this run (default: the newest stopped one) from its latest checkpoint")
     parser.add_argument("--home", default=None, help="workspace directory (default: $LMFORGE_HOME)")
     args = parser.parse_args(argv)
     try:

@@ -4,9 +4,11 @@
 function, :func:`run_worker`, runs in this process (``training.placement.use_ray: false``, world
 size 1) or under Ray Train's ``TorchTrainer`` as DDP ranks; Ray is imported only on that path, so
 the engine runs where only torch, transformers and peft are installed. Rank 0 writes
-``ws.runs_dir/<run_id>/`` in one atomic rename (layout: :mod:`lmforge.train.artifacts`); checkpoints
-go to ``ws.checkpoints_dir/<run_id>/`` and are removed once the run succeeds. The stage adds
-``train_result.json`` and the ``train`` state hand-off. """
+``ws.runs_dir/<run_id>/`` in one atomic rename (layout: :mod:`lmforge.train.artifacts`). In-line,
+checkpoints go to ``ws.checkpoints_dir/<run_id>/``; under Ray they are reported to Ray Train's
+storage (:mod:`lmforge.train.ray_checkpoint`), and a worker that dies is restarted from the latest
+one up to ``training.checkpointing.max_failures`` times. Either kind is removed once the run
+succeeds. The stage adds ``train_result.json`` and the ``train`` state hand-off. """
 
 from __future__ import annotations
 
@@ -33,10 +35,13 @@ from lmforge.core.workspace import Workspace, atomic_dir
 from lmforge.data.sft import preference_file
 from lmforge.tokenizer.build import check_chat_template, load_tokenizer
 from lmforge.train import checkpoint as ckpt
+from lmforge.train import ray_checkpoint, recovery
 from lmforge.train.loop import is_history_row
 from lmforge.train.methods.catalog import check_method
 from lmforge.train.relay import RecordRelay
-from lmforge.train.worker import run_phases
+from lmforge.train.worker import Publish, run_phases
+
+START = "start"  # the note rank 0 sends the driver as each attempt starts
 
 
 def fit(job: dict, training: TrainingConfig, ws: Workspace, ray_address: str | None = None,
@@ -47,10 +52,11 @@ def fit(job: dict, training: TrainingConfig, ws: Workspace, ray_address: str | N
     cluster; otherwise a local Ray is started when ``training.placement.use_ray`` is set. ``progress``
     receives each history row, ``report`` every record (history rows and validation losses, see
     :func:`lmforge.train.loop.train_phase`; the train stage's MLflow sink); both in this process, as
-    rank 0 makes them (under Ray through :mod:`lmforge.train.relay`). Returns rank 0's outcome.
+    rank 0 makes them (under Ray through :mod:`lmforge.train.relay`). Returns rank 0's outcome, with
+    ``restarts`` (how often Ray restarted the workers after a failure) and ``resumed_from_step``.
     """
     if not training.placement.use_ray:
-        return run_worker(job, on_log=fan_out(progress or progress_printer(training), report))
+        return {**run_worker(job, on_log=fan_out(progress or progress_printer(training), report)), "restarts": 0}
     # Rank 0 prints its own progress lines; Ray forwards them to this process.
     return _fit_with_ray(job, training, ws, ray_address,
                          fan_out(progress, report) if progress or report else None)
@@ -68,9 +74,13 @@ def fan_out(progress: Callable[[dict], None] | None, report: Callable[[dict], No
     return deliver
 
 
-def run_worker(job: dict, on_log: Callable[[dict], None] | None = None) -> dict:
+def run_worker(job: dict, on_log: Callable[[dict], None] | None = None, root: Path | None = None,
+               publish: Publish | None = None) -> dict:
     """One rank's whole run: build, pretrain, fine-tune; rank 0 also saves. Returns rank 0's
-    ``{"history", "metrics", "params"}`` (every rank computes the same, all-reduced)."""
+    ``{"history", "metrics", "params", "resumed_from_step"}`` (every rank computes the same, all-reduced).
+
+    ``root`` and ``publish``: a node's own checkpoint scratch and what reports each checkpoint
+    (:func:`lmforge.train.worker.run_phases`); the caller then owns the scratch and its removal."""
     training = TrainingConfig.model_validate(job["training"])
     model_cfg = ModelConfig.model_validate(job["model"])
     ws = Workspace(Path(job["home"]))
@@ -87,20 +97,22 @@ def run_worker(job: dict, on_log: Callable[[dict], None] | None = None) -> dict:
 
         enable_tf32()
     run_dir = ws.runs_dir / job["run_id"]
-    root = ckpt.checkpoint_root(ws, job["run_id"])
+    owned = root is None  # the workspace's checkpoint directory, which rank 0 cleans up
+    root = root or ckpt.checkpoint_root(ws, job["run_id"])
     try:
         with atomic_dir(run_dir) if rank == 0 else nullcontext() as out:
             outcome = run_phases(training, model_cfg, ws, device, out, run_dir, job["run_id"],
                                  on_log if rank == 0 else None, job["finetune_heldout_fraction"],
                                  resume=job.get("resume", False),
-                                 base_adapter=Path(job["base_adapter"]) if job.get("base_adapter") else None)
+                                 base_adapter=Path(job["base_adapter"]) if job.get("base_adapter") else None,
+                                 root=None if owned else root, publish=publish)
     except BaseException:
-        if rank == 0 and not (root / ckpt.LATEST).exists():
+        if owned and rank == 0 and not (root / ckpt.LATEST).exists():
             shutil.rmtree(root, ignore_errors=True)  # nothing to resume from: only a saved base
         raise
     finally:
         torch.set_num_threads(threads)  # in-line runs share this process with their caller
-    if rank == 0:
+    if owned and rank == 0:
         shutil.rmtree(root, ignore_errors=True)  # the run is complete: checkpoints served their purpose
     return outcome
 
@@ -108,7 +120,7 @@ def run_worker(job: dict, on_log: Callable[[dict], None] | None = None) -> dict:
 def _fit_with_ray(job: dict, training: TrainingConfig, ws: Workspace, address: str | None,
                   deliver: Callable[[dict], None] | None) -> dict:
     import ray
-    from ray.train import RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
@@ -121,9 +133,10 @@ def _fit_with_ray(job: dict, training: TrainingConfig, ws: Workspace, address: s
             ray.init(num_cpus=max(4, need, os.cpu_count() or 1), include_dashboard=False,
                      _temp_dir=_ray_temp_dir(ws),
                      runtime_env={"worker_process_setup_hook": "lmforge.train.launch.quiet_ray_worker"})
-    relay = RecordRelay(deliver) if deliver is not None else None
-    if relay is not None:
-        job = {**job, "report_to": relay.sink}
+    starts: list[dict] = []
+    relay = RecordRelay(_counting_starts(starts, deliver))
+    job = {**job, "report_to": relay.sink}
+    checkpointing = training.checkpointing
     # ray.train.torch.TorchTrainer is Ray Train v2's at runtime (RAY_TRAIN_V2_ENABLED, on by default): the
     # worker's return value comes back as Result.return_value. The names' static types are v1's.
     trainer = TorchTrainer(
@@ -132,44 +145,42 @@ def _fit_with_ray(job: dict, training: TrainingConfig, ws: Workspace, address: s
         scaling_config=ScalingConfig(num_workers=training.placement.num_workers, use_gpu=training.placement.use_gpu,
                                      resources_per_worker={"CPU": training.placement.cpus_per_worker,
                                                            **training.placement.resources}),
-        run_config=RunConfig(storage_path=str(ws.ray_dir / "train"), name=job["run_id"]),
+        # A trainer named after a run that reported checkpoints there resumes it (Ray's own snapshot):
+        # that is --resume under Ray. A dead worker restarts the group from the latest one.
+        run_config=RunConfig(storage_path=recovery.ray_storage(ws), name=job["run_id"],
+                             failure_config=FailureConfig(max_failures=checkpointing.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=checkpointing.keep)),
     )
     try:
         outcome = trainer.fit().return_value  # type: ignore[attr-defined]  # v2's Result (see above)
     except BaseException as exc:
-        if relay is not None:
-            relay.close(raise_error=False)  # the records of a failed run still arrive; its error is the one raised
+        relay.close(raise_error=False)  # the records of a failed run still arrive; its error is the one raised
         if isinstance(exc, TrainingFailedError):
-            _raise_carried(exc)
+            raise LmforgeError(
+                f"training run {job['run_id']} failed on its Ray workers after {max(0, len(starts) - 1)} restarts "
+                f"(training.checkpointing.max_failures: {checkpointing.max_failures}): {str(exc).splitlines()[0]}",
+                f"fix what the worker's error says, then continue the run from its latest checkpoint: "
+                f"lmforge train CONFIG --resume {job['run_id']}") from exc
         raise
-    if relay is not None:
-        relay.close()
-    return outcome
+    relay.close()
+    if "error" in outcome:  # one of ours, returned rather than raised: Ray would retry it, to the same end
+        name, cause, fix = outcome["error"]
+        kind = getattr(errors, name, None)
+        raise (kind if isinstance(kind, type) and issubclass(kind, LmforgeError) else LmforgeError)(cause, fix)
+    recovery.delete_ray_run(ws, job["run_id"])  # complete: its checkpoints served their purpose
+    return {**outcome, "restarts": max(0, len(starts) - 1)}
 
 
-def _raise_carried(exc: Exception) -> None:
-    """Show the user our own error (cause + fix), not Ray's wrapper around a worker traceback.
+def _counting_starts(starts: list[dict], deliver: Callable[[dict], None] | None) -> Callable[[dict], None]:
+    """The relay's delivery: each attempt's start note (rank 0 sends one per start) counted, the rest delivered."""
 
-    Returns when no worker failed with one of ours (the caller re-raises Ray's error)."""
-    for failure in getattr(exc, "worker_failures", {}).values():
-        carried = getattr(failure, "_base_exc", failure)
-        if isinstance(carried, _CarriedError):
-            name, cause, fix = carried.args
-            kind = getattr(errors, name, None)
-            if not (isinstance(kind, type) and issubclass(kind, LmforgeError)):
-                kind = LmforgeError
-            raise kind(cause, fix) from None
+    def receive(record: dict) -> None:
+        if record.get("event") == START:
+            starts.append(record)
+        elif deliver is not None:
+            deliver(record)
 
-
-class _CarriedError(Exception):
-    """An LmforgeError on its way from a Ray worker to the driver.
-
-    LmforgeError takes (cause, fix) but keeps only ``cause`` in ``args``, so it cannot survive
-    the two pickling hops (worker, controller, driver); plain string args always do.
-    """
-
-    def __init__(self, name: str, cause: str, fix: str) -> None:
-        super().__init__(name, cause, fix)
+    return receive
 
 
 def progress_printer(training: TrainingConfig) -> Callable[[dict], None]:
@@ -180,14 +191,33 @@ def progress_printer(training: TrainingConfig) -> Callable[[dict], None]:
 
 
 def _ray_worker(job: dict) -> dict:
-    sink = job.get("report_to")  # a QueueSink when the driver wants rank 0's records live
+    """One Ray Train worker, on every (re)start: restore the latest reported checkpoint, then train.
+
+    Our own errors are returned, not raised: Ray restarts the workers after any raised error, and a
+    diverged loss or a wrong setting would only fail again (every rank returns the same one)."""
+    from ray import train
+
+    sink = job["report_to"]  # a QueueSink: rank 0's records go live to the driver
+    rank = train.get_context().get_world_rank()
     try:
-        return run_worker(job, on_log=fan_out(progress_printer(TrainingConfig.model_validate(job["training"])), sink))
+        root, restored = ray_checkpoint.prepare(job["run_id"])
+        if rank == 0:
+            sink({"event": START, "restored": restored})
+        if job.get("resume") and not restored:
+            # A run stopped in-line (or before Ray kept any checkpoint): the workspace's checkpoints, as before.
+            return run_worker(job, on_log=_worker_log(job, sink), publish=ray_checkpoint.report)
+        outcome = run_worker({**job, "resume": restored}, on_log=_worker_log(job, sink), root=root,
+                             publish=ray_checkpoint.report)
+        ray_checkpoint.remove_scratch(root)
+        return outcome
     except LmforgeError as exc:
-        raise _CarriedError(type(exc).__name__, exc.cause, exc.fix) from exc
+        return {"error": [type(exc).__name__, exc.cause, exc.fix]}
     finally:
-        if sink is not None:
-            sink.flush()  # before the driver hears that this worker is done
+        sink.flush()  # before the driver hears that this worker is done
+
+
+def _worker_log(job: dict, sink: Callable[[dict], None]) -> Callable[[dict], None]:
+    return fan_out(progress_printer(TrainingConfig.model_validate(job["training"])), sink)
 
 
 def quiet_ray_worker() -> None:

@@ -25,6 +25,7 @@ from lmforge.config.training import PhaseConfig, TrainingConfig
 from lmforge.core.errors import ConfigError, TrainingDiverged
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.accel import speed
+from lmforge.train.cadence import CheckpointCadence
 from lmforge.train.objective import CausalLMObjective
 from lmforge.train.preference import PreferenceObjective
 
@@ -65,6 +66,7 @@ def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: Traini
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, phase))
     update = _update(model, optimizer, training, graphs)
     run = _PhaseRun(name, phase, training, step_offset, on_log, objective.metric_names)
+    cadence = CheckpointCadence(training.checkpointing, training.logging.every, ddp, device) if save else None
     if resume is not None:
         run.restore(resume, model, optimizer, schedule)
     else:
@@ -106,7 +108,7 @@ def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: Traini
         optimizer.zero_grad(set_to_none=True)
         run.step = step
         evaluating = training.validation.every and step % training.validation.every == 0 and step < phase.steps
-        saving = save is not None and training.checkpointing.every and step % training.checkpointing.every == 0
+        saving = cadence is not None and cadence.due(step)
         if step == 1 or step % training.logging.every == 0 or step == phase.steps or evaluating or saving:
             run.check_and_log()  # one synchronization; raises TrainingDiverged
         if evaluating and run.validate(evaluate(objective, val_batches, device), model):
@@ -224,7 +226,7 @@ class _PhaseRun:
     def _diverged(self, step: int, loss: float, norm: float) -> None:
         name, phase, training = self.name, self.phase, self.training
         kept = (f"the last good checkpoint is {self.last_checkpoint} (resume from it with --resume)"
-                if self.last_checkpoint else "no checkpoint was written before it (training.checkpointing.every)")
+                if self.last_checkpoint else "no checkpoint was written before it (training.checkpointing)")
         raise TrainingDiverged(
             f"{name} step {step}: loss {loss}, gradient norm {norm} (not finite); {kept}",
             f"lower training.{name}.learning_rate (now {phase.learning_rate:g}), raise "

@@ -11,6 +11,7 @@ with ``training.preference.loss`` the fine-tuning phase trains on preference pai
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -34,11 +35,20 @@ from lmforge.train.loop import train_phase
 from lmforge.train.methods import catalog as methods
 from lmforge.train.preference_data import REFERENCE_FILE, attach_reference, preference_rows
 
+# After each checkpoint, on every rank: (checkpoint root, the checkpoint written or None, {step, phase}).
+Publish = Callable[[Path, Path | None, dict[str, Any]], None]
+
 
 def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, device: torch.device,
                out: Path | None, run_dir: Path, run_id: str, on_log: Callable[[dict], None] | None,
-               finetune_heldout_fraction: float, resume: bool = False, base_adapter: Path | None = None) -> dict:
-    """Train and (on rank 0, ``out`` set) save; return ``{"history", "metrics", "params"}``.
+               finetune_heldout_fraction: float, resume: bool = False, base_adapter: Path | None = None,
+               root: Path | None = None, publish: Publish | None = None) -> dict:
+    """Train and (on rank 0, ``out`` set) save; return ``{"history", "metrics", "params", "resumed_from_step"}``.
+
+    ``root`` holds the run's checkpoints (default: the workspace's ``checkpoints/<run_id>/``, shared
+    by the ranks); given, it is a node's own scratch (:mod:`lmforge.train.ray_checkpoint`), so each
+    node's local rank 0 writes the base there. ``publish`` is called on every rank after each
+    checkpoint with (root, the checkpoint written or None on other ranks, ``{step, phase}``).
 
     ``base_adapter`` is the adapter of an unmergeable base (a registered champion trained with prefix
     tuning, say): the fine-tuning phase's adapter starts from its weights instead of fresh ones.
@@ -48,8 +58,11 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     tokenizer = load_tokenizer(ws.tokenizer_dir)
-    root = ckpt.checkpoint_root(ws, run_id)
+    # Who writes the base beside the checkpoints: rank 0 in a shared root, each node's first rank in its own.
+    scratch_writer = (rank if root is None else int(os.environ.get("LOCAL_RANK", "0"))) == 0
+    root = root or ckpt.checkpoint_root(ws, run_id)
     saved = _saved_checkpoint(root, training, model_cfg) if resume else None
+    resumed_after = resumed_from_step(saved)  # now: the history below grows inside saved.state
     torch.manual_seed(training.seed)
     model = _prepared(build_model(model_cfg, len(tokenizer)), tokenizer, device, training)
     history: list[dict] = saved.state["history"] if saved else []
@@ -67,15 +80,15 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
         here = saved if saved and saved.state["phase_index"] == index else None
         method = phase_method
         if methods.method_info(method).adapts:
-            model = _adapted(model, tokenizer, training, root / "base", device, resumed=here is not None, rank=rank,
-                             base_adapter=base_adapter)
+            model = _adapted(model, tokenizer, training, root / "base", device, resumed=here is not None,
+                             writer=scratch_writer, base_adapter=base_adapter)
         params[f"params_trainable_{name}"] = count_parameters(model, trainable_only=True)
         pairs = name == "finetune" and training.preference_tuning
         train_rows, val_rows, params[f"data_{name}"] = (preference_rows if pairs else phase_rows)(
             name, tokenizer, ws, phase, finetune_heldout_fraction)
         if pairs and training.preference.loss == "dpo":
             scored = attach_reference(model, {"train": train_rows, **({"validation": val_rows} if val_rows else {})},
-                                      phase.batch_size, device, root / REFERENCE_FILE if training.checkpointing.every
+                                      phase.batch_size, device, root / REFERENCE_FILE if training.checkpointing.enabled
                                       else None, resumed=here is not None)
             train_rows, val_rows = scored["train"], scored.get("validation")
         params[f"data_{name}_validation_rows"] = len(val_rows["input_ids"]) if val_rows else 0
@@ -87,16 +100,18 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
         # Defaults bind this phase's values now (the closure outlives the loop iteration).
         def save(step: int, tensors: dict, loop_state: dict, index=index, name=name,
                  before=list(history), done=dict(metrics)):  # noqa: B006 - snapshots taken at definition, on purpose
-            if rank != 0:
-                return None
-            state = {"phase_index": index, "phase": name, "loop": loop_state, "history": before, "metrics": done,
-                     "params": params, "identity": _identity(training, model_cfg)}
-            return ckpt.save(root, f"{name}-{step:07d}", tensors, state, training.checkpointing.keep)
+            written = None
+            if rank == 0:
+                state = {"phase_index": index, "phase": name, "loop": loop_state, "history": before, "metrics": done,
+                         "params": params, "identity": _identity(training, model_cfg)}
+                written = ckpt.save(root, f"{name}-{step:07d}", tensors, state, training.checkpointing.keep)
+            if publish is not None:
+                publish(root, written, {"step": _last_step(before) + step, "phase": name})
+            return written
 
         phase_history, phase_metrics = train_phase(
             model, name, phase, training, batches, val, device, on_log=on_log,
-            step_offset=history[-1]["step"] if history else 0,
-            save=save if training.checkpointing.every else None, resume=here)
+            step_offset=_last_step(history), save=save if training.checkpointing.enabled else None, resume=here)
         history += phase_history
         metrics.update(phase_metrics)
     if out is not None:
@@ -105,7 +120,16 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
         flash4.restore(model)
         speed.restore_residual(model)
         _save_outputs(model, tokenizer, methods.method_info(method), root / "base", out, run_dir)
-    return {"history": history, "metrics": metrics, "params": params}
+    return {"history": history, "metrics": metrics, "params": params, "resumed_from_step": resumed_after}
+
+
+def resumed_from_step(saved: ckpt.Checkpoint | None) -> int:
+    """The run's step (counted across phases, as history is) that a checkpoint resumes after; 0 for none."""
+    return _last_step(saved.state["history"]) + saved.state["loop"]["step"] if saved else 0
+
+
+def _last_step(history: list[dict]) -> int:
+    return int(history[-1]["step"]) if history else 0
 
 
 def _prepared(model, tokenizer, device: torch.device, training: TrainingConfig):
@@ -122,14 +146,14 @@ def _prepared(model, tokenizer, device: torch.device, training: TrainingConfig):
 
 
 def _adapted(model, tokenizer, training: TrainingConfig, base_dir: Path, device: torch.device, resumed: bool,
-             rank: int, base_adapter: Path | None = None):
+             writer: bool, base_adapter: Path | None = None):
     """The fine-tuning model: the method applied to the base, which is saved first (or reloaded)."""
     if resumed:
         from transformers import AutoModelForCausalLM
 
         model = _prepared(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True),
                           tokenizer, device, training)
-    elif rank == 0:
+    elif writer:
         if base_dir.exists():
             shutil.rmtree(base_dir)
         artifacts.save_base(model, tokenizer, base_dir)

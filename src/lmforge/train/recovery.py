@@ -1,0 +1,85 @@
+"""Where a stopped training run can be resumed from, seen from the process that launches training.
+
+Two kinds of checkpoint exist. An in-line run (``training.placement.use_ray: false``) writes its own
+to ``checkpoints/<run_id>/`` (:mod:`lmforge.train.checkpoint`). A Ray Train run reports them through
+``ray.train.report`` to Ray's storage, :func:`ray_storage`, under ``<storage>/<run_id>/``; Ray Train
+restores them itself when a trainer of the same name starts there (its checkpoint manager snapshot),
+which is how ``lmforge train --resume RUN_ID`` continues one. ``--resume`` without an id picks the
+newest run of either kind (:func:`resolve_resume`).
+
+The storage is read through pyarrow's filesystems, never as a local directory, so that
+:func:`ray_storage` can become a URL (an object store) without changing its readers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmforge.core.errors import ConfigError
+from lmforge.core.workspace import Workspace
+
+LATEST_RUN = "latest"  # the value of --resume without a run id
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train writes it when it registers a checkpoint
+
+
+def ray_storage(ws: Workspace) -> str:
+    """Ray Train's ``storage_path`` for this workspace: the one place that names it."""
+    return str((ws.ray_dir / "train").resolve())
+
+
+def ray_run_checkpointed(ws: Workspace, run_id: str) -> bool:
+    """True when Ray Train holds at least one reported checkpoint of ``run_id``."""
+    return _ray_snapshot_times(ws).get(run_id) is not None
+
+
+def delete_ray_run(ws: Workspace, run_id: str) -> None:
+    """Remove a finished run's Ray checkpoints (their purpose is served, as for in-line ones)."""
+    fs, base = _storage(ws)
+    from pyarrow import fs as pafs
+
+    path = f"{base}/{run_id}"
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def resolve_resume(ws: Workspace, resume: str | None) -> str | None:
+    """The run id ``resume`` names: itself, or the newest resumable run for :data:`LATEST_RUN`."""
+    if resume != LATEST_RUN:
+        return resume
+    runs = {**_local_times(ws), **{k: v for k, v in _ray_snapshot_times(ws).items() if v is not None}}
+    if not runs:
+        raise ConfigError(f"--resume without a run id, but no run in {ws.home} left a checkpoint to resume from "
+                          f"(looked in {ws.checkpoints_dir} and {ray_storage(ws)})",
+                          "train anew without --resume, or give the run id (lmforge train CONFIG --resume RUN_ID)")
+    return max(runs, key=lambda run: runs[run])
+
+
+def _local_times(ws: Workspace) -> dict[str, float]:
+    from lmforge.train.checkpoint import LATEST  # torch, imported only when a run is looked for
+
+    if not ws.checkpoints_dir.is_dir():
+        return {}
+    latest = (run / LATEST for run in ws.checkpoints_dir.iterdir())
+    return {path.parent.name: path.stat().st_mtime for path in latest if path.is_file()}
+
+
+def _ray_snapshot_times(ws: Workspace) -> dict[str, float | None]:
+    """Every run directory in Ray's storage: the time of its snapshot, None when it has none."""
+    from pyarrow import fs as pafs
+
+    fs, base = _storage(ws)
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        return {}
+    runs = [info for info in fs.get_file_info(pafs.FileSelector(base)) if info.type == pafs.FileType.Directory]
+    snapshots = fs.get_file_info([f"{run.path}/{RAY_SNAPSHOT}" for run in runs])
+    return {run.base_name: snap.mtime.timestamp() if snap.type == pafs.FileType.File and snap.mtime else None
+            for run, snap in zip(runs, snapshots)}
+
+
+def _storage(ws: Workspace):
+    from pyarrow import fs as pafs
+
+    uri = ray_storage(ws)
+    if "://" not in uri:
+        uri = Path(uri).as_posix()
+    return pafs.FileSystem.from_uri(uri)
