@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
 def _setup(args: argparse.Namespace) -> tuple[PipelineConfig, Workspace]:
     config = load_config(getattr(args, "config", None))
     ws = Workspace.from_env(getattr(args, "home", None))
+    # The workspace's store is checked before any work: a wrong LMFORGE_HOME (unknown scheme, missing
+    # bucket, refused credentials) fails here with its fix, not halfway through a stage.
+    from lmforge.core.storage import check
+
+    check(ws)
     prepare_environment(ws)
     return config, ws
 

@@ -35,7 +35,9 @@ def prepare_environment(ws: Workspace) -> None:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
-    os.environ["LMFORGE_HOME"] = str(ws.home)
+    # The URL of a remote workspace, not its local side: processes started from here (Prefect tasks,
+    # Ray workers) must open the same store.
+    os.environ["LMFORGE_HOME"] = ws.location
 
 
 def code_version() -> str:

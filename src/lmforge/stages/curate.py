@@ -19,6 +19,11 @@ Outputs: ws.curated_dir/train.parquet, validation.parquet (document columns) and
 ws.curated_sft_dir and ws.curated_preferences_dir (train.jsonl, test.jsonl, report.json), which
 later stages read through :func:`lmforge.data.sft.sft_file`.
 
+Inputs and outputs go through the workspace's store (lmforge.core.storage): raw shards are read as
+local files (``store.cached_path``: the shard itself locally, a cached copy of an object), the
+curated directory is committed with ``store.atomic_dir`` and the dedup versions are published
+beside it, so with ``LMFORGE_HOME=s3://...`` every output is in the bucket.
+
 Scratch space is ``ws.data_dir/.curate-work-*``, owned by the run through an flock on its
 ``owner.lock`` (the kernel releases it when the process dies, kill -9 included). A run first removes
 the work directories no live process owns: a free lock, or (left by an older version) no lock file
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import hashlib
 import json
 import os
@@ -46,7 +52,8 @@ import pyarrow.parquet as pq
 from lmforge.config.curation import CurationConfig
 from lmforge.config.loader import load_config
 from lmforge.core.errors import DataError
-from lmforge.core.workspace import Workspace, atomic_dir, atomic_write_json
+from lmforge.core.storage import Store, open_store
+from lmforge.core.workspace import Workspace, atomic_write_json
 from lmforge.curation.base import Context
 from lmforge.curation.clean import boilerplate_lines
 from lmforge.curation.decontaminate import EvalIndex, eval_texts
@@ -90,23 +97,28 @@ class CurateResult:
         return data
 
 
-def raw_units(ws: Workspace) -> list[Unit]:
-    shards = raw_shard_paths(ws)
-    if not shards and not (ws.raw_dir / "manifest.json").exists():
+def raw_shards(ws: Workspace, store: Store) -> list[Path]:
+    """The raw shards to curate, named under ``ws.raw_dir`` (read them through ``store``)."""
+    shards = raw_shard_paths(ws, store)
+    if not shards and not store.exists(ws.raw_dir / "manifest.json"):
         # No manifest: shards written by hand (or by an older collect) count in name order.
-        shards = sorted(ws.raw_dir.glob("docs-*.parquet"))
+        names = [key.rsplit("/", 1)[-1] for key in store.list_files(ws.raw_dir)]
+        shards = [ws.raw_dir / name for name in sorted(fnmatch.filter(names, "docs-*.parquet"))]
     if not shards:
-        raise DataError(f"no raw documents in {ws.raw_dir}", "run `lmforge collect CONFIG` first")
-    return [Unit(i, str(path)) for i, path in enumerate(shards)]
+        raise DataError(f"no raw documents in {store.uri(ws.raw_dir)}", "run `lmforge collect CONFIG` first")
+    return shards
 
 
 def curate(cfg: CurationConfig, ws: Workspace) -> CurateResult:
     """Run every step over the raw shards and write the train/validation split with its report."""
-    units = raw_units(ws)
+    store = open_store(ws)
+    shards = raw_shards(ws, store)
+    # Each unit is a local file (the shard itself locally, a cached copy of an object).
+    units = [Unit(i, str(store.cached_path(path))) for i, path in enumerate(shards)]
     total = sum(pq.ParquetFile(u.path).metadata.num_rows for u in units)
     use_ray = bool(cfg.ray_min_documents) and total >= cfg.ray_min_documents and len(units) > 1
     with owned_work_dir(ws.data_dir) as work:
-        return _curate(cfg, ws, units, work, use_ray)
+        return _curate(cfg, ws, store, units, [path.name for path in shards], work, use_ray)
 
 
 WORK_PREFIX = ".curate-work-"
@@ -158,7 +170,8 @@ def remove_stale_work_dirs(data_dir: Path) -> list[Path]:
     return removed
 
 
-def _curate(cfg: CurationConfig, ws: Workspace, units: list[Unit], work: Path, use_ray: bool) -> CurateResult:
+def _curate(cfg: CurationConfig, ws: Workspace, store: Store, units: list[Unit], shard_names: list[str], work: Path,
+            use_ray: bool) -> CurateResult:
     tally = Tally(cfg.samples_per_reason)
     sets = load_sets(ws, cfg)
     for record_set in sets:
@@ -179,7 +192,8 @@ def _curate(cfg: CurationConfig, ws: Workspace, units: list[Unit], work: Path, u
         tally.merge(part["tally"])
         documents_in += 0 if cleaned else part["documents_in"]
 
-    keys, signatures, previous, used = _dedup_inputs(cfg, ws, units, work)
+    versions_in, versions_out = version_stores(ws, store, work, "near_dedup" in cfg.steps)
+    keys, signatures, previous, used = _dedup_inputs(cfg, versions_in, units, work)
     codes = find_duplicates(keys, signatures, previous, cfg.near_dedup if signatures is not None else None,
                             exact="exact_dedup" in cfg.steps)
     ids = finish_units(units, cfg, work, codes, tally)
@@ -190,7 +204,7 @@ def _curate(cfg: CurationConfig, ws: Workspace, units: list[Unit], work: Path, u
     heldout = heldout_ids(ids, cfg.heldout_fraction)
     digest = digest_of_ids(ids, heldout)
     pii = {k.split(".", 1)[1]: n for k, n in sorted(tally.changed.items()) if k.startswith("pii.")}
-    with atomic_dir(ws.curated_dir) as out:
+    with store.atomic_dir(ws.curated_dir) as out:
         write_splits(units, work, out, heldout)
         # The sets are written first: one that curation empties stops the stage before the documents commit.
         record_sets = _finish_sets(ws, sets, cfg, out / "validation.parquet")
@@ -198,13 +212,48 @@ def _curate(cfg: CurationConfig, ws: Workspace, units: list[Unit], work: Path, u
                               dict(sorted(tally.changed.items())), tuple(tally.steps(list(cfg.steps))), tuple(used),
                               record_sets)
         report = {**result.as_dict(), "samples": tally.samples, "config": cfg.model_dump(mode="json"),
-                  "raw_shards": [Path(u.path).name for u in units], "ray": use_ray}
+                  "raw_shards": shard_names, "ray": use_ray}
         atomic_write_json(out / "report.json", report)
     if signatures is not None:
         kept = np.flatnonzero(codes == KEEP)
-        VersionStore(ws.curated_versions_dir).save(digest, keys[previous:][kept],
-                                                   np.asarray(signatures[previous:][kept]), cfg.near_dedup)
+        versions_out.save(digest, keys[previous:][kept], np.asarray(signatures[previous:][kept]), cfg.near_dedup)
+        publish_version(ws, store, versions_out, digest)
     return result
+
+
+def version_stores(ws: Workspace, store: Store, work: Path, needed: bool) -> tuple[VersionStore, VersionStore]:
+    """(where earlier versions' dedup keys are read, where this version's are saved).
+
+    Locally both are ``ws.curated_versions_dir`` itself. On an object store the earlier versions are
+    read from cached copies and this version is saved in ``work``, then published by
+    :func:`publish_version` (cached entries are read-only and shared: never written in place).
+    """
+    if store.location.is_local:
+        versions = VersionStore(ws.curated_versions_dir)
+        return versions, versions
+    read_root, save_root = work / "versions-in", work / "versions-out"
+    read_root.mkdir()
+    save_root.mkdir()
+    index = ws.curated_versions_dir / "versions.json"
+    if needed and store.exists(index):
+        data = store.read_bytes(index)
+        (read_root / "versions.json").write_bytes(data)
+        (save_root / "versions.json").write_bytes(data)
+        for entry in json.loads(data)["versions"]:
+            folder = ws.curated_versions_dir / entry["digest"]
+            if store.is_committed(folder):
+                (read_root / entry["digest"]).symlink_to(store.cached_dir(folder))
+    return VersionStore(read_root), VersionStore(save_root)
+
+
+def publish_version(ws: Workspace, store: Store, saved: VersionStore, digest: str) -> None:
+    """Put the version :func:`version_stores` saved in scratch on the store: its folder, then the index."""
+    if store.location.is_local:
+        return
+    with store.atomic_dir(ws.curated_versions_dir / digest) as out:
+        for name in ("keys.npy", "signatures.npy"):
+            shutil.copyfile(saved.root / digest / name, out / name)
+    store.atomic_write_bytes(ws.curated_versions_dir / "versions.json", (saved.root / "versions.json").read_bytes())
 
 
 def _test_texts(ws: Workspace, sets: list[RecordSet], cfg: CurationConfig, names: tuple[str, ...]) -> list[str]:
@@ -237,13 +286,12 @@ def _finish_sets(ws: Workspace, sets: list[RecordSet], cfg: CurationConfig, held
     return summaries
 
 
-def _dedup_inputs(cfg: CurationConfig, ws: Workspace, units: list[Unit], work: Path):
+def _dedup_inputs(cfg: CurationConfig, store: VersionStore, units: list[Unit], work: Path):
     """(keys, signatures or None, rows from earlier versions, their digests) for find_duplicates."""
     keys = read_keys(work, units)
     if "near_dedup" not in cfg.steps:
         return keys, None, 0, []
     near = cfg.near_dedup
-    store = VersionStore(ws.curated_versions_dir)
     prev_keys, prev_sigs, used = store.previous(near) if near.previous_versions else (
         np.empty(0, dtype=np.uint64), np.empty((0, near.num_perm), dtype=np.uint32), [])
     signatures = stack_signatures(work, units, prev_sigs, near.num_perm)

@@ -11,18 +11,26 @@ masking, disjoint splits). Each writes ``ws.validation_dir/<suite>.json`` (the c
 ``result.json``), updates the Data Docs in ``ws.validation_dir/gx``, logs to a tracker when one is
 given, and raises :class:`ValidationFailed` naming every failed expectation, its observed value
 and sample rows, so a flow stops before spending compute.
+
+On an object-store workspace (``LMFORGE_HOME=s3://...``) :func:`validate` runs the suites on a local
+view (:func:`local_view`: cached copies of the curated and collected sets in a scratch home) and
+commits ``ws.validation_dir`` to the store at the end, a failing run's results included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 
 from lmforge.config.loader import load_config
 from lmforge.config.validation import ValidationConfig
 from lmforge.core.errors import ValidationFailed
+from lmforge.core.storage import open_store
 from lmforge.core.workspace import Workspace, atomic_write_json
 from lmforge.tracking.tracker import Tracker
 from lmforge.validation import corpus, records, tokenized
@@ -60,6 +68,43 @@ class ValidationReport:
 
 def validate(cfg: ValidationConfig, ws: Workspace, tracker: Tracker | None = None) -> ValidationReport:
     """Run the curated-corpus suite; raise ValidationFailed on any failure."""
+    with local_view(ws) as view:
+        try:
+            return _validate(cfg, view, tracker)
+        except ValidationFailed as exc:
+            if view is not ws:  # name the results where they are kept, not the scratch view's copies
+                exc.fix = exc.fix.replace(str(view.validation_dir), open_store(ws).uri(ws.validation_dir))
+            raise
+
+
+@contextlib.contextmanager
+def local_view(ws: Workspace) -> Iterator[Workspace]:
+    """``ws`` as local files for the suites: ``ws`` itself when it is local. For an object store, a
+    scratch home whose inputs link to cached copies (the GX suites and pandas read local files); its
+    validation folder is committed to the store at the end, also when a suite failed."""
+    if not ws.is_remote:
+        yield ws
+        return
+    store = open_store(ws)
+    scratch = store.cache.scratch()
+    view = Workspace(scratch)
+    try:
+        for where in (ws.curated_dir, ws.sft_dir, ws.preferences_dir, ws.curated_sft_dir, ws.curated_preferences_dir):
+            if store.is_committed(where):
+                link = view.home / where.relative_to(ws.home)
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(store.cached_dir(where))
+        try:
+            yield view
+        finally:
+            if view.validation_dir.exists():
+                with store.atomic_dir(ws.validation_dir) as out:
+                    shutil.copytree(view.validation_dir, out, dirs_exist_ok=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _validate(cfg: ValidationConfig, ws: Workspace, tracker: Tracker | None) -> ValidationReport:
     if not cfg.enabled:
         report = ValidationReport(success=True, skipped=True)
         atomic_write_json(ws.validation_dir / "result.json", report.as_dict())

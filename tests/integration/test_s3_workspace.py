@@ -1,0 +1,95 @@
+"""A workspace on an S3-compatible server (moto on loopback, found through AWS_ENDPOINT_URL as a
+user's MinIO would be): `lmforge collect`, `curate` and `validate` run as a user runs them, from a
+directory that is not the workspace, and every output is a committed object in the bucket while
+nothing of the workspace lands on local disk outside the cache; a wrong LMFORGE_HOME fails first."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import BIN
+from fixtures.collect.s3 import SECRET, client, s3_server
+
+from lmforge.core.storage import MARKER
+from lmforge.core.workspace import Workspace
+
+BUCKET = "lmforge-stages"
+PREFIX = "team/ws"
+CONFIG = {"data": {"sources": [{"type": "stdlib", "max_bytes": 40000}], "instructions": {"source": "none"},
+                   "progress_interval_s": 0},
+          "validation": {"min_documents": 5}}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server() as endpoint:
+        s3c = client(endpoint)
+        s3c.create_bucket(Bucket=BUCKET)
+        yield endpoint, s3c
+
+
+def _lmforge(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "lmforge"), *args], env={**os.environ, **env}, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _keys(s3c, prefix: str) -> list[str]:
+    listed = s3c.list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return sorted(i["Key"][len(prefix) + 1:] for i in listed.get("Contents", []) if not i["Key"].endswith("/"))
+
+
+def test_collect_curate_validate_on_s3_leave_outputs_only_in_the_bucket(s3, tmp_path, monkeypatch):
+    endpoint, s3c = s3
+    cwd, cache = tmp_path / "elsewhere", tmp_path / "cache"
+    cwd.mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    url = f"s3://{BUCKET}/{PREFIX}"
+    env = {"LMFORGE_HOME": url, "LMFORGE_CACHE": str(cache), "AWS_ENDPOINT_URL": endpoint}
+    for stage in ("collect", "curate", "validate"):
+        done = _lmforge([stage, str(config), "--json"], cwd, env)
+        assert done.returncode == 0, f"{stage}: {done.stderr[-3000:]}"
+        assert SECRET not in done.stdout + done.stderr
+
+    keys = _keys(s3c, PREFIX)
+    raw = json.loads(s3c.get_object(Bucket=BUCKET, Key=f"{PREFIX}/data/raw/manifest.json")["Body"].read())
+    assert raw["complete"] and raw["shards"]
+    assert {f"data/raw/{s['path']}" for s in raw["shards"]} | {f"data/raw/{u}" for u in raw["units"]} <= set(keys)
+    for committed in ("data/curated", "data/validation"):
+        assert f"{committed}/{MARKER}" in keys  # the marker is written last: the directory is whole
+    assert {"data/curated/train.parquet", "data/curated/validation.parquet", "data/curated/report.json",
+            "data/validation/result.json", "data/validation/curated_documents.json"} <= set(keys)
+    assert json.loads(s3c.get_object(Bucket=BUCKET, Key=f"{PREFIX}/data/validation/result.json")["Body"].read())["success"]
+    assert not any(".tmp" in k for k in keys)  # no temporary survived a publish
+
+    # Locally: nothing in the working directory; under the cache only its own entries (copies keyed
+    # by digest) and the workspace's side, which holds no output.
+    assert list(cwd.iterdir()) == []
+    monkeypatch.setenv("LMFORGE_CACHE", str(cache))
+    side = Workspace.from_env(url).home
+    assert side.is_relative_to(cache)
+    left = [p.relative_to(side).as_posix() for p in side.rglob("*") if p.is_file()] if side.exists() else []
+    assert set(left) <= {"locks/collect.lock"}, left  # collect's lock guards this machine's runs
+    assert not any(p.suffix in (".parquet", ".json") for p in cache.rglob("*") if p.is_file()
+                   and "objects" not in p.parts and "dirs" not in p.parts and "prefect" not in p.parts)
+
+
+@pytest.mark.parametrize(("home", "words"), [
+    ("s3://no-such-bucket-here/ws", "does not exist"),
+    ("ftp2://host/ws", "unknown storage scheme"),
+])
+def test_bad_storage_settings_fail_before_any_work(s3, tmp_path, home, words):
+    endpoint, _ = s3
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    done = _lmforge(["collect", str(config)], tmp_path,
+                    {"LMFORGE_HOME": home, "LMFORGE_CACHE": str(tmp_path / "cache"), "AWS_ENDPOINT_URL": endpoint})
+    assert done.returncode == 2
+    assert done.stderr.startswith("error:") and "Traceback" not in done.stderr
+    assert "LMFORGE_HOME" in done.stderr and words in done.stderr and "fix:" in done.stderr
+    assert not (tmp_path / "cache" / "homes").exists()  # failed before the workspace was touched
