@@ -6,7 +6,10 @@ user runs them, with token authentication (``RAY_AUTH_MODE=token``, the token th
 Two nodes share one machine here, so each gets its own temp dir and free ports (and never the ports
 or the processes of another Ray on this machine): the flags :func:`node_flags` adds to the README's
 words. Teardown stops exactly these nodes, by their process groups; never ``ray stop``, which stops
-every Ray of the machine. One cluster serves the whole module (a node start is ~10 s).
+every Ray of the machine. One cluster serves the whole module (a node start is ~10 s). The tests:
+a Ray task that asks for ``node2`` runs there; ``lmforge train`` with ``RAY_ADDRESS`` trains on the
+cluster, its worker pinned to node 2 by ``training.placement.resources``; with a wrong token it
+fails with lmforge's error naming the token settings (:mod:`lmforge.core.ray_cluster`).
 """
 
 from __future__ import annotations
@@ -172,24 +175,15 @@ def test_a_task_asking_for_node2_runs_on_the_second_node(cluster):
     assert facts["task"] == second != head
 
 
-def test_a_driver_without_the_token_is_refused(cluster, tmp_path):
-    # Ray retries a refused connection for ~20 s by default (the seconds it waits for a GCS to come up).
-    env = {**cluster["env"], "HOME": str(tmp_path), "RAY_AUTH_TOKEN": "not-the-token", "RAY_gcs_server_port_wait_time_s": "2"}
-    result = run_driver(f"""
-        import ray
-        ray.init(address="{cluster['address']}")
-    """, env, timeout=60)
-    assert result.returncode != 0
-    assert "InvalidAuthToken" in result.stderr, result.stderr[-3000:]
-
-
 def node_logs_mention(temp_dir: Path, text: str) -> bool:
     return any(text in path.read_text(errors="replace") for path in temp_dir.glob("session_*/logs/worker-*"))
 
 
-def test_lmforge_train_runs_on_the_cluster_pinned_to_node2(cluster, tokenized_workspace, tmp_path):
+@pytest.fixture(scope="module")
+def pinned(tokenized_workspace, tmp_path_factory) -> dict:
+    """A workspace ready for training and a tiny config whose one Ray Train worker asks for node2."""
     ws = tokenized_workspace("cluster-train", MODEL)
-    config = tmp_path / "cluster.yaml"
+    config = tmp_path_factory.mktemp("cluster-config") / "cluster.yaml"
     config.write_text(textwrap.dedent(f"""
         model: {json.dumps(MODEL.model_dump(include={'vocab_size', 'hidden_size', 'num_layers', 'num_heads',
                                                        'num_kv_heads', 'intermediate_size', 'max_seq_len'}))}
@@ -201,12 +195,21 @@ def test_lmforge_train_runs_on_the_cluster_pinned_to_node2(cluster, tokenized_wo
           logging: {{every: 2}}
           cpu_threads: 1
     """))
+    return {"ws": ws, "config": config}
+
+
+def readme_train(cluster: dict, pinned: dict, **env: str) -> subprocess.CompletedProcess:
+    """README's `RAY_ADDRESS=HEAD_IP:6379 lmforge train CONFIG` (with --json) against this cluster."""
     assignments, command = command_env(readme_command("RAY_ADDRESS=HEAD_IP:6379 lmforge train CONFIG"),
                                        HEAD_IP="127.0.0.1", **{"6379": cluster["port"]})
     assert assignments == {"RAY_ADDRESS": cluster["address"]}
-    env = {**cluster["env"], **assignments, "LMFORGE_HOME": str(ws.home)}
-    result = subprocess.run([*argv(command, CONFIG=str(config)), "--json"], env=env, cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
+    full_env = {**cluster["env"], **assignments, "LMFORGE_HOME": str(pinned["ws"].home), **env}
+    return subprocess.run([*argv(command, CONFIG=str(pinned["config"])), "--json"], env=full_env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_lmforge_train_runs_on_the_cluster_pinned_to_node2(cluster, pinned):
+    result = readme_train(cluster, pinned)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     facts = json.loads(result.stdout.strip().splitlines()[-1])
     assert Path(facts["model_dir"], "config.json").is_file()
@@ -214,6 +217,16 @@ def test_lmforge_train_runs_on_the_cluster_pinned_to_node2(cluster, tokenized_wo
     root = cluster["root"]
     assert node_logs_mention(root / "node2", "RayTrainWorker")
     assert not node_logs_mention(root / "head", "RayTrainWorker")
+
+
+def test_lmforge_without_the_token_says_which_setting_to_fix(cluster, pinned, tmp_path):
+    # Ray retries a refused connection for ~20 s by default (the seconds it waits for a GCS to come up).
+    result = readme_train(cluster, pinned, HOME=str(tmp_path), RAY_AUTH_TOKEN="not-the-token",
+                          RAY_gcs_server_port_wait_time_s="2")
+    assert result.returncode == 2, (result.stdout[-3000:], result.stderr[-3000:])
+    assert f"error: the Ray cluster at {cluster['address']} refused this process" in result.stderr
+    assert "fix:" in result.stderr and "RAY_AUTH_TOKEN" in result.stderr
+    assert "Traceback" not in result.stderr and "not-the-token" not in result.stderr + result.stdout
 
 
 def test_placement_resources_are_custom_ones_only():

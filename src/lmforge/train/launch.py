@@ -30,6 +30,7 @@ from lmforge.config.training import TrainingConfig
 from lmforge.core import errors
 from lmforge.core.errors import ConfigError, DataError, LmforgeError
 from lmforge.core.progress import step_printer
+from lmforge.core.ray_cluster import join_cluster
 from lmforge.core.runtime import cpu_count
 from lmforge.core.workspace import Workspace, atomic_dir
 from lmforge.data.sft import preference_file
@@ -126,7 +127,7 @@ def _fit_with_ray(job: dict, training: TrainingConfig, ws: Workspace, address: s
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or address
         if address:
-            ray.init(address=address)
+            join_cluster(address)
         else:
             # Fractional workers on a small machine: reserve logical CPUs generously (PITFALLS).
             need = math.ceil(training.placement.num_workers * training.placement.cpus_per_worker) + 1

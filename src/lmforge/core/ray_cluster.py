@@ -1,0 +1,46 @@
+"""Joining an existing Ray cluster (``RAY_ADDRESS``, else ``platform.ray_address``), with the
+failures a user causes (a wrong address, a missing or wrong token) as a ConfigError that names the
+setting and the fix instead of Ray's traceback.
+
+Ray reads its token settings itself, in this process as in any driver: ``RAY_AUTH_MODE=token`` and
+the token from ``RAY_AUTH_TOKEN``, the file named by ``RAY_AUTH_TOKEN_PATH``, or
+``~/.ray/auth_token``. Nothing here touches the token, so it never reaches a config or a log.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmforge.core.errors import ConfigError
+
+TOKEN_FIX = ("give this process the cluster's token: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or the file that "
+             "RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token); `ray get-auth-token` prints it on a cluster node")
+
+
+def join_cluster(address: str, **init_kwargs: Any) -> None:
+    """``ray.init(address=address, **init_kwargs)``; raises ConfigError when the cluster cannot be
+    reached or refuses this process's token."""
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    try:
+        ray.init(address=address, **init_kwargs)
+    except (ConnectionError, AuthenticationError) as exc:
+        if _refused_token(exc):
+            raise ConfigError(f"the Ray cluster at {address} refused this process: its Ray token is missing or "
+                              "not the cluster's", TOKEN_FIX) from exc
+        raise ConfigError(f"cannot reach a Ray cluster at {address} (RAY_ADDRESS, else platform.ray_address)",
+                          "start the cluster (`ray start --head`) or correct the address; unset both for a local Ray") from exc
+
+
+def _refused_token(exc: BaseException) -> bool:
+    # ray.init wraps the refusal (ConnectionError from a RuntimeError), and the RuntimeError carries
+    # the AuthenticationError only as the text of its last attempt's traceback.
+    from ray.exceptions import AuthenticationError
+
+    link: BaseException | None = exc
+    while link is not None:
+        if isinstance(link, AuthenticationError) or "InvalidAuthToken" in str(link):
+            return True
+        link = link.__cause__ or link.__context__
+    return False
