@@ -20,7 +20,7 @@ from lmforge.core.workspace import Workspace
 
 BUCKET = "lmforge-stages"
 PREFIX = "team/ws"
-CONFIG = {"data": {"sources": [{"type": "stdlib", "max_bytes": 40000}], "instructions": {"source": "none"},
+CONFIG = {"data": {"sources": [{"type": "stdlib", "max_bytes": 40000}], "instructions": {"max_records": 60},
                    "progress_interval_s": 0},
           "validation": {"min_documents": 5}}
 
@@ -63,7 +63,11 @@ def test_collect_curate_validate_on_s3_leave_outputs_only_in_the_bucket(s3, tmp_
     for committed in ("data/curated", "data/validation"):
         assert f"{committed}/{MARKER}" in keys  # the marker is written last: the directory is whole
     assert {"data/curated/train.parquet", "data/curated/validation.parquet", "data/curated/report.json",
-            "data/validation/result.json", "data/validation/curated_documents.json"} <= set(keys)
+            "data/validation/result.json", "data/validation/curated_documents.json",
+            "data/sft/train.jsonl", "data/curated-sft/train.jsonl", "data/curated-sft/report.json",
+            "data/validation/instruction_records.json"} <= set(keys)  # the SFT set went through every stage too
+    for committed in ("data/sft", "data/curated-sft"):
+        assert f"{committed}/{MARKER}" in keys
     assert json.loads(s3c.get_object(Bucket=BUCKET, Key=f"{PREFIX}/data/validation/result.json")["Body"].read())["success"]
     assert not any(".tmp" in k for k in keys)  # no temporary survived a publish
 

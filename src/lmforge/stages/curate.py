@@ -22,7 +22,8 @@ later stages read through :func:`lmforge.data.sft.sft_file`.
 Inputs and outputs go through the workspace's store (lmforge.core.storage): raw shards are read as
 local files (``store.cached_path``: the shard itself locally, a cached copy of an object), the
 curated directory is committed with ``store.atomic_dir`` and the dedup versions are published
-beside it, so with ``LMFORGE_HOME=s3://...`` every output is in the bucket.
+beside it; the record sets are curated on a local view (lmforge.stages.local_view) whose curated
+sets are committed to the store; so with ``LMFORGE_HOME=s3://...`` every output is in the bucket.
 
 Scratch space is ``ws.data_dir/.curate-work-*``, owned by the run through an flock on its
 ``owner.lock`` (the kernel releases it when the process dies, kill -9 included). A run first removes
@@ -74,6 +75,7 @@ from lmforge.curation.report import Tally
 from lmforge.data.documents import read_texts
 from lmforge.data.splits import heldout_ids
 from lmforge.stages.collect import raw_shard_paths
+from lmforge.stages.local_view import local_view
 
 
 @dataclass(frozen=True)
@@ -117,8 +119,10 @@ def curate(cfg: CurationConfig, ws: Workspace) -> CurateResult:
     units = [Unit(i, str(store.cached_path(path))) for i, path in enumerate(shards)]
     total = sum(pq.ParquetFile(u.path).metadata.num_rows for u in units)
     use_ray = bool(cfg.ray_min_documents) and total >= cfg.ray_min_documents and len(units) > 1
-    with owned_work_dir(ws.data_dir) as work:
-        return _curate(cfg, ws, store, units, [path.name for path in shards], work, use_ray)
+    # The record sets' engine reads and writes JSONL by path: on an object store it works on a local view.
+    with owned_work_dir(ws.data_dir) as work, local_view(ws, (ws.sft_dir, ws.preferences_dir),
+                                                         (ws.curated_sft_dir, ws.curated_preferences_dir)) as sets_ws:
+        return _curate(cfg, ws, sets_ws, store, units, [path.name for path in shards], work, use_ray)
 
 
 WORK_PREFIX = ".curate-work-"
@@ -170,13 +174,13 @@ def remove_stale_work_dirs(data_dir: Path) -> list[Path]:
     return removed
 
 
-def _curate(cfg: CurationConfig, ws: Workspace, store: Store, units: list[Unit], shard_names: list[str], work: Path,
-            use_ray: bool) -> CurateResult:
+def _curate(cfg: CurationConfig, ws: Workspace, sets_ws: Workspace, store: Store, units: list[Unit],
+            shard_names: list[str], work: Path, use_ray: bool) -> CurateResult:
     tally = Tally(cfg.samples_per_reason)
-    sets = load_sets(ws, cfg)
+    sets = load_sets(sets_ws, cfg)
     for record_set in sets:
         clean_set(record_set, cfg)  # first: documents are decontaminated against the curated test splits
-    ctx = Context(eval_index=EvalIndex(_test_texts(ws, sets, cfg, ("instructions", "preferences")),
+    ctx = Context(eval_index=EvalIndex(_test_texts(sets_ws, sets, cfg, ("instructions", "preferences")),
                                        cfg.decontaminate) if "decontaminate" in cfg.steps else None)
     cleaned = "boilerplate" in cfg.steps
     documents_in = 0
@@ -207,7 +211,7 @@ def _curate(cfg: CurationConfig, ws: Workspace, store: Store, units: list[Unit],
     with store.atomic_dir(ws.curated_dir) as out:
         write_splits(units, work, out, heldout)
         # The sets are written first: one that curation empties stops the stage before the documents commit.
-        record_sets = _finish_sets(ws, sets, cfg, out / "validation.parquet")
+        record_sets = _finish_sets(sets_ws, sets, cfg, out / "validation.parquet")
         result = CurateResult(documents_in, len(ids), removed, digest, len(ids) - len(heldout), len(heldout), pii,
                               dict(sorted(tally.changed.items())), tuple(tally.steps(list(cfg.steps))), tuple(used),
                               record_sets)

@@ -19,12 +19,9 @@ commits ``ws.validation_dir`` to the store at the end, a failing run's results i
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 
 from lmforge.config.loader import load_config
@@ -32,6 +29,7 @@ from lmforge.config.validation import ValidationConfig
 from lmforge.core.errors import ValidationFailed
 from lmforge.core.storage import open_store
 from lmforge.core.workspace import Workspace, atomic_write_json
+from lmforge.stages.local_view import local_view
 from lmforge.tracking.tracker import Tracker
 from lmforge.validation import corpus, records, tokenized
 from lmforge.validation.gx_suite import data_docs_index, run_suite
@@ -68,40 +66,14 @@ class ValidationReport:
 
 def validate(cfg: ValidationConfig, ws: Workspace, tracker: Tracker | None = None) -> ValidationReport:
     """Run the curated-corpus suite; raise ValidationFailed on any failure."""
-    with local_view(ws) as view:
+    inputs = (ws.curated_dir, ws.sft_dir, ws.preferences_dir, ws.curated_sft_dir, ws.curated_preferences_dir)
+    with local_view(ws, inputs, [ws.validation_dir]) as view:
         try:
             return _validate(cfg, view, tracker)
         except ValidationFailed as exc:
             if view is not ws:  # name the results where they are kept, not the scratch view's copies
                 exc.fix = exc.fix.replace(str(view.validation_dir), open_store(ws).uri(ws.validation_dir))
             raise
-
-
-@contextlib.contextmanager
-def local_view(ws: Workspace) -> Iterator[Workspace]:
-    """``ws`` as local files for the suites: ``ws`` itself when it is local. For an object store, a
-    scratch home whose inputs link to cached copies (the GX suites and pandas read local files); its
-    validation folder is committed to the store at the end, also when a suite failed."""
-    if not ws.is_remote:
-        yield ws
-        return
-    store = open_store(ws)
-    scratch = store.cache.scratch()
-    view = Workspace(scratch)
-    try:
-        for where in (ws.curated_dir, ws.sft_dir, ws.preferences_dir, ws.curated_sft_dir, ws.curated_preferences_dir):
-            if store.is_committed(where):
-                link = view.home / where.relative_to(ws.home)
-                link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to(store.cached_dir(where))
-        try:
-            yield view
-        finally:
-            if view.validation_dir.exists():
-                with store.atomic_dir(ws.validation_dir) as out:
-                    shutil.copytree(view.validation_dir, out, dirs_exist_ok=True)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _validate(cfg: ValidationConfig, ws: Workspace, tracker: Tracker | None) -> ValidationReport:
