@@ -55,6 +55,8 @@ def test_collect_curate_validate_on_s3_leave_outputs_only_in_the_bucket(s3, tmp_
         done = _lmforge([stage, str(config), "--json"], cwd, env)
         assert done.returncode == 0, f"{stage}: {done.stderr[-3000:]}"
         assert SECRET not in done.stdout + done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])  # validate's: Data Docs named in the bucket
+    assert summary["success"] and summary["data_docs"].startswith(f"{url}/data/validation/gx/")
 
     keys = _keys(s3c, PREFIX)
     raw = json.loads(s3c.get_object(Bucket=BUCKET, Key=f"{PREFIX}/data/raw/manifest.json")["Body"].read())

@@ -69,27 +69,30 @@ def validate(cfg: ValidationConfig, ws: Workspace, tracker: Tracker | None = Non
     inputs = (ws.curated_dir, ws.sft_dir, ws.preferences_dir, ws.curated_sft_dir, ws.curated_preferences_dir)
     with local_view(ws, inputs, [ws.validation_dir]) as view:
         try:
-            return _validate(cfg, view, tracker)
+            # Reports name the Data Docs where they are kept, not the view's scratch copy.
+            docs_at = open_store(ws).uri(ws.validation_dir) if view is not ws else None
+            return _validate(cfg, view, tracker, docs_at)
         except ValidationFailed as exc:
             if view is not ws:  # name the results where they are kept, not the scratch view's copies
                 exc.fix = exc.fix.replace(str(view.validation_dir), open_store(ws).uri(ws.validation_dir))
             raise
 
 
-def _validate(cfg: ValidationConfig, ws: Workspace, tracker: Tracker | None) -> ValidationReport:
+def _validate(cfg: ValidationConfig, ws: Workspace, tracker: Tracker | None, docs_at: str | None) -> ValidationReport:
     if not cfg.enabled:
         report = ValidationReport(success=True, skipped=True)
         atomic_write_json(ws.validation_dir / "result.json", report.as_dict())
         return report
 
     frame = corpus.load_frame(ws)
-    report = _run(cfg, ws, "curated_documents", frame, lambda: corpus.expectations(cfg, len(frame)), "id", tracker)
+    report = _run(cfg, ws, "curated_documents", frame, lambda: corpus.expectations(cfg, len(frame)), "id", tracker,
+                  docs_at)
     sets = []
     for name, suite in records.SUITES.items():
         rows = records.load_frame(ws, name)
         if rows is not None:
             sets.append(_run(cfg, ws, suite, rows, lambda rows=rows, name=name: records.expectations(
-                cfg.records, len(rows), name == "preferences"), "record", tracker))
+                cfg.records, len(rows), name == "preferences"), "record", tracker, docs_at))
     report = replace(report, record_sets=sets)
     atomic_write_json(ws.validation_dir / "result.json", report.as_dict())
     _raise_failed(ws, report, [report, *sets], "fix the sources or curation settings (or relax the validation "
@@ -116,7 +119,7 @@ def _gate(cfg: ValidationConfig, ws: Workspace, suite: str, frame, build, index_
 
 
 def _run(cfg: ValidationConfig, ws: Workspace, suite: str, frame, build, index_column: str,
-         tracker: Tracker | None) -> ValidationReport:
+         tracker: Tracker | None, docs_at: str | None = None) -> ValidationReport:
     """Run one suite; write ``<suite>.json`` and log it (the caller decides whether the gate fails)."""
 
     started = time.perf_counter()
@@ -128,11 +131,18 @@ def _run(cfg: ValidationConfig, ws: Workspace, suite: str, frame, build, index_c
     report = ValidationReport(
         success=all(r["success"] for r in results), results=results, documents=len(frame),
         timings={"gx_import_s": round(imported - started, 3), "gx_run_s": round(finished - imported, 3)},
-        suite=suite, data_docs=str(docs) if docs else None)
+        suite=suite, data_docs=_shown(docs, ws, docs_at))
     atomic_write_json(ws.validation_dir / f"{suite}.json", report.as_dict())
     if tracker is not None:
         _log(tracker, report, ws)
     return report
+
+
+def _shown(docs, ws: Workspace, docs_at: str | None) -> str | None:
+    """Where the user finds the Data Docs: the local file, or its URL under ``docs_at`` on a store."""
+    if docs is None:
+        return None
+    return str(docs) if docs_at is None else f"{docs_at}/{docs.relative_to(ws.validation_dir).as_posix()}"
 
 
 def _raise_failed(ws: Workspace, report: ValidationReport, suites: list[ValidationReport], fix: str) -> None:
