@@ -11,14 +11,17 @@ kills are this test's own (descendants of this process, which started Ray), neve
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import run_cli
+from conftest import REPO
+from readme import argv, readme_command
 
 from lmforge.config.base import updated
 from lmforge.config.model import ModelConfig
@@ -36,12 +39,13 @@ from lmforge.train.recovery import RAY_SNAPSHOT, ray_storage
 
 MODEL = ModelConfig(vocab_size=384, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=64, max_seq_len=64, dropout=0.1)  # dropout: the RNG must resume too
-# Long enough (a few seconds) that the kill lands well before the end; a checkpoint every 10 steps.
+# Long enough (a few seconds) that the kill lands well before the end. Few checkpoints: Ray Train registers
+# each one in about a second on a busy machine, and the run waits for the last registrations before it ends.
 TRAINING = TrainingConfig(
     pretrain=PhaseConfig(steps=160, learning_rate=1e-2, batch_size=16, seq_len=64, warmup_steps=5),
     method="pretrain", placement=PlacementConfig(use_ray=True, num_workers=1, cpus_per_worker=1),
     logging=LoggingConfig(every=10), cpu_threads=1, validation=TrainValidationConfig(batches=2),
-    checkpointing=CheckpointingConfig(every=10, max_failures=2),
+    checkpointing=CheckpointingConfig(every=40, max_failures=2),
 )
 
 
@@ -121,24 +125,30 @@ def _crash_at(step: int):
     return progress
 
 
-def test_lmforge_train_resume_without_a_run_id_continues_the_newest_stopped_run(ws, uninterrupted, tmp_path):
+def test_lmforge_train_resume_without_a_run_id_continues_the_newest_stopped_run(ws, uninterrupted, tmp_path, capsys):
     inline = updated(TRAINING, placement={"use_ray": False})
     with pytest.raises(Crash):
-        train(inline, MODEL, ws, run_name="crashed", progress=_crash_at(35))
+        train(inline, MODEL, ws, run_name="crashed", progress=_crash_at(90))
     (stopped,) = [p.name for p in ws.checkpoints_dir.glob("crashed-*")]
 
     config = tmp_path / "run.yaml"
     config.write_text(json.dumps({"model": MODEL.model_dump(mode="json"), "training": inline.model_dump(mode="json")}))
-    done = run_cli(["train", str(config), "--resume", "--json"], ws.home)
+    # README's words, without a run id (the newest stopped run); --json for the facts.
+    command = [*argv(readme_command("lmforge train CONFIG --resume"), CONFIG=str(config), RUN_ID=""), "--json"]
+    done = subprocess.run(command, cwd=REPO, env=dict(os.environ, LMFORGE_HOME=str(ws.home)), capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     facts = json.loads(done.stdout.strip().splitlines()[-1])
     assert facts["run_id"] == stopped
-    assert facts["restarts"] == 0 and facts["resumed_from_step"] == 30  # the checkpoint before the crash
+    assert facts["restarts"] == 0 and facts["resumed_from_step"] == 80  # the checkpoint before the crash
     history = json.loads((ws.runs_dir / stopped / "train_result.json").read_text())["history"]
     _assert_same_curve(history, uninterrupted.history)
 
-    again = run_cli(["train", str(config), "--resume"], ws.home)  # nothing left to resume: a clear error
-    assert again.returncode != 0 and "no run" in again.stderr and "Traceback" not in again.stderr
+    from lmforge.cli import main
+
+    assert main(["--home", str(ws.home), "train", str(config), "--resume"]) != 0  # nothing left to resume
+    err = capsys.readouterr().err
+    assert "no run" in err and "--resume RUN_ID" in err and "Traceback" not in err
 
 
 @pytest.mark.slow  # a second Ray Train run (a minute on a busy 2-core machine)

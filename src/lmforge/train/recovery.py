@@ -27,11 +27,6 @@ def ray_storage(ws: Workspace) -> str:
     return str((ws.ray_dir / "train").resolve())
 
 
-def ray_run_checkpointed(ws: Workspace, run_id: str) -> bool:
-    """True when Ray Train holds at least one reported checkpoint of ``run_id``."""
-    return _ray_snapshot_times(ws).get(run_id) is not None
-
-
 def delete_ray_run(ws: Workspace, run_id: str) -> None:
     """Remove a finished run's Ray checkpoints (their purpose is served, as for in-line ones)."""
     fs, base = _storage(ws)
