@@ -73,6 +73,24 @@ def test_collect_curate_validate_on_s3_leave_outputs_only_in_the_bucket(s3, tmp_
     assert json.loads(s3c.get_object(Bucket=BUCKET, Key=f"{PREFIX}/data/validation/result.json")["Body"].read())["success"]
     assert not any(".tmp" in k for k in keys)  # no temporary survived a publish
 
+    # A second collect reads its state back from the bucket: nothing is new, no shard is rewritten.
+    again = _lmforge(["collect", str(config), "--json"], cwd, env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    result = json.loads(again.stdout.strip().splitlines()[-1])
+    assert result["documents_new"] == 0 and result["documents_total"] == raw["documents_total"]
+    assert result["raw_dir"] == f"{url}/data/raw"
+    assert [k for k in _keys(s3c, PREFIX) if k.startswith("data/raw/docs-")] == \
+        [k for k in keys if k.startswith("data/raw/docs-")]
+
+    # A failing gate keeps its results too, committed in the bucket, and the fix names them there.
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(yaml.safe_dump({**CONFIG, "validation": {"min_documents": 100000}}))
+    failed = _lmforge(["validate", str(strict)], cwd, env)
+    assert failed.returncode != 0 and "Traceback" not in failed.stderr
+    assert f"{url}/data/validation/curated_documents.json" in failed.stderr
+    result_key = f"{PREFIX}/data/validation/result.json"
+    assert json.loads(s3c.get_object(Bucket=BUCKET, Key=result_key)["Body"].read())["success"] is False
+
     # Locally: nothing in the working directory; under the cache only its own entries (copies keyed
     # by digest) and the workspace's side, which holds no output.
     assert list(cwd.iterdir()) == []
