@@ -121,11 +121,11 @@ def collect(cfg: DataConfig, ws: Workspace, progress: Progress | None = None) ->
         if progress is not None:
             progress(label, len(finished), len(labels))
 
-    files = open_store(ws)
+    ws_store = open_store(ws)
     # Locally the lock sits beside the corpus as before; for a remote workspace on this machine's side.
     lock = ws.raw_dir / ".collect.lock" if not ws.is_remote else ws.home / "locks" / "collect.lock"
-    with exclusive(lock, files.uri(ws.raw_dir)):
-        store = RawStore(files, ws.raw_dir, cfg.shard_max_documents, cfg.shard_max_bytes, run_info)
+    with exclusive(lock, ws_store.uri(ws.raw_dir)):
+        store = RawStore(ws_store, ws.raw_dir, cfg.shard_max_documents, cfg.shard_max_bytes, run_info)
         scratch = ws.collect_cache_dir
         try:
             run_sources(sources, store, reports, scratch, cfg.parallel, cfg.source_concurrency,
@@ -139,13 +139,13 @@ def collect(cfg: DataConfig, ws: Workspace, progress: Progress | None = None) ->
             fixes = "; ".join(f"{e['source']}: {e['fix']}" for e in errors)
             raise DataError(f"no documents were collected ({failures})",
                             fixes or "add a source with text, e.g. `- type: stdlib` under data.sources")
-        written.update(write_record_sets(sets, ws, files))
+        written.update(write_record_sets(sets, ws, ws_store))
         manifest = store.commit(final=True) or {}
     per_source = {label: reports[label].summary() for label in labels}
     sft = written.get("instructions", {})
     return CollectResult(len(store.live), store.new_documents(), store.live.total_bytes(), per_source, errors,
                          store.live.digest(), sft.get("train", 0), sft.get("test", 0), sft,
-                         written.get("preferences", {}), len(store.shards), files.uri(ws.raw_dir), manifest)
+                         written.get("preferences", {}), len(store.shards), ws_store.uri(ws.raw_dir), manifest)
 
 
 def _last_run(started: str, reports: dict[str, SourceReport], labels: list[str]) -> dict:
