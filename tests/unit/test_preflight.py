@@ -86,3 +86,21 @@ def test_lmforge_train_refuses_before_any_work(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "Traceback" not in err and "model.hidden_size" in err
     assert not (home / "tokenizer").exists()
+
+
+def test_a_run_longer_than_any_plan_names_the_steps_key():
+    # A small model that fits, asked for 1e8 steps of 64 x 512 tokens: years even at the CPUs' peak rate.
+    config = parse_config({"model": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4,
+                                     "intermediate_size": 512, "max_seq_len": 512},
+                           "training": {"pretrain": {"steps": 100_000_000, "batch_size": 64, "seq_len": 512}}})
+    with pytest.raises(ConfigError) as err:
+        preflight(config, HOST_64G)
+    assert "training.pretrain.steps is 100,000,000" in err.value.cause and "hours" in err.value.cause
+    assert "lower training.pretrain.steps" in err.value.fix
+
+
+def test_the_time_estimate_is_a_lower_bound_that_grows_with_steps():
+    short = preflight(parse_config({"training": {"pretrain": {"steps": 10}}}), HOST_64G)
+    long = preflight(parse_config({"training": {"pretrain": {"steps": 1000}}}), HOST_64G)
+    assert short is not None and long is not None and 0 < short.train_hours < long.train_hours
+    assert not any("hours" in w for w in long.warnings)  # the shipped model at 1000 steps is minutes

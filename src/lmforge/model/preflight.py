@@ -10,20 +10,39 @@ host's (or the container's limit), shared by every local CPU worker. Far beyond 
 to change; close to it (:data:`WARN_FACTOR`) is a warning. A ``model.base_model`` is not read here
 (its size is known once it is loaded; the train stage's ``fit_warning`` checks it then), and a run on
 a Ray cluster (``platform.ray_address``) is checked per worker against nothing local.
+
+Time is estimated the same way: the training FLOPs of every phase (6·N + 12·L·h·S per token, times
+the tokens its steps see) over an optimistic rate for this machine (:func:`peak_flops`: the GPU's
+datasheet peak, or every core at full vector speed), so the estimate is a lower bound: a run that
+would take more than :data:`MAX_HOURS` even then (``steps: 1e8`` on a CPU) is refused, naming the
+steps key, before anything starts; more than :data:`WARN_HOURS` is a warning.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from lmforge.config.pipeline import PipelineConfig
 from lmforge.config.training import PhaseConfig
 from lmforge.core.errors import ConfigError
-from lmforge.model.info import GIB, PhaseMemory, Shape, device_budget, estimate_parameters, phase_memory
+from lmforge.model.info import (
+    GIB,
+    H100_BF16_PEAK,
+    PhaseMemory,
+    Shape,
+    device_budget,
+    estimate_parameters,
+    phase_memory,
+    train_flops_per_token,
+)
 
 FAIL_FACTOR = 4.0  # the estimate is within a factor of two of measured peaks (bench/train_gpu.py)
 WARN_FACTOR = 0.8
 CPU_KV_CAP = 1 << 30  # serving's default KV cache on a CPU is at most 1 GiB (serving.kv_cache.memory_mb)
+MAX_HOURS = 24 * 90  # a lower bound past a quarter of a year is a typo (steps: 1e8), not a plan
+WARN_HOURS = 24 * 7
+CPU_CORE_PEAK = 2e11  # FLOP/s of one core at full AVX-512 FMA rate: faster than any real training step
 
 
 @dataclass(frozen=True)
@@ -36,6 +55,7 @@ class Preflight:
     serve_bytes: int
     device: str
     device_bytes: int
+    train_hours: float = 0.0  # a lower bound: every phase's FLOPs at this machine's peak rate
     warnings: list[str] = field(default_factory=list)
 
 
@@ -60,12 +80,18 @@ def preflight(config: PipelineConfig, budget: tuple[str, int] | None = None) -> 
     local_workers = 1 if training.placement.use_gpu or config.platform.ray_address else \
         (training.placement.num_workers if training.placement.use_ray else 1)
     device, available = budget or device_budget(training.placement.use_gpu)
+    flops = {name: phase.steps * phase.batch_size * phase.grad_accum * phase.seq_len * local_workers
+             * train_flops_per_token(params, shape.layers, shape.hidden, phase.seq_len) for name, phase, _ in phases}
+    hours = sum(flops.values()) / peak_flops(training.placement.use_gpu, local_workers) / 3600
     result = Preflight(params=params, train_phase=worst, train_bytes=worst.total * local_workers,
-                       serve_bytes=_serving_bytes(config, params, shape), device=device, device_bytes=available)
+                       serve_bytes=_serving_bytes(config, params, shape), device=device, device_bytes=available,
+                       train_hours=hours)
     if available and not config.platform.ray_address:
         _check_training(config, result, local_workers)
     if available:
         _check_serving(config, result)
+    if not config.platform.ray_address:
+        _check_time(config, result, flops)
     return result
 
 
@@ -129,6 +155,29 @@ def _check_serving(config: PipelineConfig, result: Preflight) -> None:
     if need > FAIL_FACTOR * have:
         raise ConfigError(cause, fix)
     result.warnings.append(f"{cause}: close to the limit; {fix}")
+
+
+def peak_flops(use_gpu: bool, workers: int) -> float:
+    """An optimistic FLOP/s of this machine for ``workers`` training workers: the datasheet bf16 peak of an
+    H100 per GPU worker (the fastest card we measure), or every CPU core at :data:`CPU_CORE_PEAK`."""
+    if use_gpu:
+        return H100_BF16_PEAK * workers
+    return CPU_CORE_PEAK * (os.cpu_count() or 1)
+
+
+def _check_time(config: PipelineConfig, result: Preflight, flops: dict[str, float]) -> None:
+    training = config.training
+    if result.train_hours <= WARN_HOURS:
+        return
+    name = max(flops, key=lambda n: flops[n])
+    steps = (training.pretrain if name == "pretrain" else training.finetune).steps
+    where = "GPU" if training.placement.use_gpu else f"{os.cpu_count() or 1} CPU cores"
+    cause = (f"training would take at least {result.train_hours:,.0f} hours on this machine's {where} even at their "
+             f"peak rate (training.{name}.steps is {steps:,}, {flops[name]:.2g} FLOPs)")
+    fix = f"lower training.{name}.steps, batch_size or seq_len, or train a smaller model"
+    if result.train_hours > MAX_HOURS:
+        raise ConfigError(cause, fix)
+    result.warnings.append(f"{cause}; if that is not what you meant: {fix}")
 
 
 def _gib(n: float) -> str:
