@@ -170,6 +170,9 @@ class Store:
                 if self.location.is_local:
                     self.fs.create_dir(posixpath.dirname(tmp), recursive=True)
                 pq.write_table(table, tmp, filesystem=self.fs, **options)
+                if self.location.is_local:  # on disk before the rename, as core.workspace's atomic writes
+                    with open(tmp, "rb") as fh:
+                        os.fsync(fh.fileno())
             self._publish(tmp, key)
 
     def read_table(self, where: str | PurePath, columns: list[str] | None = None) -> pa.Table:
