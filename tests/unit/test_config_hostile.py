@@ -54,6 +54,16 @@ def test_a_billion_laughs_fails_fast_with_little_memory(tmp_path):
     assert str(path) in error.cause and "alias" in error.cause and "anchors" in error.fix
 
 
+def test_a_serving_config_file_gets_the_same_reader(tmp_path):
+    from lmforge.serving.api import load_serving_config
+
+    for text, cause in ((BILLION_LAUGHS, "alias"), (b"port: 8000\nhost: caf\xe9\n", "not UTF-8"),
+                        ("port: 1\nport: 2\n", "port"), ("- 1\n- 2\n", "mapping")):
+        with pytest.raises(ConfigError) as err:
+            load_serving_config(_write(tmp_path, text, "serving.yaml"))
+        assert cause in err.value.cause, err.value.cause
+
+
 def test_a_recursive_alias_and_deep_nesting_are_refused(tmp_path):
     assert "recursive" in _refused(_write(tmp_path, "training: &t\n  seed: *t\n")).cause
     assert "nested" in _refused(_write(tmp_path, "training: " + "[" * 100_000 + "\n")).cause

@@ -29,7 +29,7 @@ _ANCHORS_FIX = ("write the values out, or use fewer anchors (&name) and aliases 
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """The mapping of sections in the YAML file ``path`` ({} for an empty file)."""
-    data = parse_yaml(_read_text(path), f"config file {path}")
+    data = parse_yaml(read_text(path), f"config file {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -58,7 +58,8 @@ def parse_yaml(text: str, where: str) -> Any:
             loader.dispose()
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """A config file's text: at most MAX_BYTES, UTF-8 (a byte-order mark allowed), errors naming the fix."""
     try:
         with path.open("rb") as handle:
             data = handle.read(MAX_BYTES + 1)

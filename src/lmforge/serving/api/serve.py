@@ -14,10 +14,9 @@ import json
 import os
 from pathlib import Path
 
-import yaml
-
 from lmforge.config.loader import parse_section
 from lmforge.config.serving import ServingConfig
+from lmforge.config.yaml_file import parse_yaml, read_text
 from lmforge.core.errors import ConfigError, ServingError
 from lmforge.core.workspace import Workspace, atomic_write_json
 
@@ -26,12 +25,19 @@ def load_serving_config(path: Path | None) -> ServingConfig:
     """The ``ServingConfig`` in a JSON or YAML file (defaults without one); a bad or moved key is named."""
     if path is None:
         return ServingConfig()
-    try:
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot use serving config {path}: {exc}",
-                          "pass a JSON/YAML file of ServingConfig fields") from exc
+    # The pipeline config's reader: bounded size, UTF-8 checked, no alias bombs, duplicate keys named.
+    text = read_text(path)
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"serving config {path} is not valid JSON: {exc}",
+                              "pass a JSON/YAML file of ServingConfig fields") from None
+    else:
+        data = parse_yaml(text, f"serving config {path}")
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"serving config {path} must hold a mapping of ServingConfig fields, not "
+                          f"{type(data).__name__}", "write fields such as `port:` and `scheduler:` at the top level")
     return parse_section(ServingConfig, data or {}, f"serving config {path}")
 
 
