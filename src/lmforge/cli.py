@@ -57,6 +57,18 @@ def _setup(args: argparse.Namespace) -> tuple[PipelineConfig, Workspace]:
     return config, ws
 
 
+def redacted_for_flow(config: PipelineConfig) -> PipelineConfig:
+    """``config`` with every data-source URL's user name and password replaced by ``***``: Prefect stores a
+    flow run's parameters, and collect drops URLs with credentials anyway (``credentials_in_url``)."""
+    from lmforge.collection.urls import redact_urls
+
+    data = config.data.model_dump(mode="json")
+    redacted = redact_urls(data)
+    if redacted == data:
+        return config
+    return config.model_copy(update={"data": type(config.data).model_validate(redacted)})
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
     from flows.pipeline import pipeline
@@ -65,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     out = console(args.json)
     out.print(f"[bold]lmforge run[/bold]: workspace {ws.home}")
     try:
-        result = pipeline(config=config, deploy=not args.no_deploy)
+        result = pipeline(config=redacted_for_flow(config), deploy=not args.no_deploy)
     except Exception as exc:  # noqa: BLE001 - Prefect re-raises the stage's own exception, unwrapped here
         raise _unwrap(exc) from None
     emit("lmforge run", run_summary(result, mlflow_uris(ws, config.platform)[0]), args.json)

@@ -151,3 +151,18 @@ def test_curate_removes_work_directories_of_killed_runs_but_not_live_ones(tmp_pa
         assert live.exists()
     assert not killed.exists() and not legacy.exists()
     assert sorted(p.name for p in ws.data_dir.glob(".curate-work-*")) == [".curate-work-live"]
+
+
+def test_lmforge_run_hands_prefect_a_config_without_url_passwords():
+    # Prefect stores a flow run's parameters; collect drops such URLs anyway, so nothing is lost.
+    from lmforge.cli import redacted_for_flow
+    from lmforge.config import parse_config
+
+    config = parse_config({"data": {"sources": [
+        {"type": "web", "seeds": ["https://alice:s3cret@example.org/a", "https://example.org/b"]},
+        {"type": "feed", "urls": ["https://bob:t0ken@example.org/feed.xml"]}]}})
+    flowed = redacted_for_flow(config)
+    assert "s3cret" not in flowed.model_dump_json() and "t0ken" not in flowed.model_dump_json()
+    assert flowed.data.sources[0].seeds == ["https://***@example.org/a", "https://example.org/b"]
+    assert flowed.model_copy(update={"data": config.data}) == config  # only the URLs changed
+    assert redacted_for_flow(parse_config({})) is not None
