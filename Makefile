@@ -15,7 +15,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install lock run test test-unit test-all lint clean
+.PHONY: install lock run test test-unit test-all test-slow lint clean
 
 install: $(STAMP)
 
@@ -56,6 +56,11 @@ test-unit: install
 
 test-all: install
 	LMFORGE_SLOW=1 $(BIN)/python -m pytest -q -n 2
+
+# Only the tests marked slow (a real 2-node Ray cluster, a killed Ray worker, whole benchmark groups...): CI runs
+# them after `make test`, within its own time budget, so `make test` stays under 10 minutes.
+test-slow: install
+	LMFORGE_SLOW=1 $(BIN)/python -m pytest -q -n 2 -m slow
 
 # ruff (rules in pyproject.toml) over the code and its tests, then mypy over src/, flows/, tasks/.
 lint: install

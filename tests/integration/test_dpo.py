@@ -22,6 +22,7 @@ PREFS = [{"prompt": f"Name a prime above {n}.", "chosen": f"{p} is a prime.", "r
          for n, p in ((1, 2), (4, 5), (6, 7), (10, 11), (12, 13), (16, 17), (18, 19), (22, 23), (28, 29), (30, 31))]
 
 
+@pytest.mark.slow  # tests/e2e/test_own_data.py runs the same stages through the pipeline in make test
 def test_collect_curate_and_train_dpo_through_the_cli(tmp_path):
     (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PREFS))
     config = tmp_path / "dpo.yaml"

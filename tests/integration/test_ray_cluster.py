@@ -118,6 +118,11 @@ def processes_using(root: Path) -> list[int]:
     return found
 
 
+# Two ray start nodes and the runs on them take one to two minutes on a busy 2-core machine: the slow tier
+# (make test-slow, which CI runs after make test).
+CLUSTER = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[dict]:
     # A short path: Ray's unix sockets live under the temp dir and their paths must stay under 107 bytes.
@@ -155,6 +160,7 @@ def run_driver(script: str, env: dict[str, str], timeout: float = 120) -> subpro
                           text=True, timeout=timeout)
 
 
+@CLUSTER
 def test_a_task_asking_for_node2_runs_on_the_second_node(cluster):
     result = run_driver(f"""
         import json, ray
@@ -208,6 +214,7 @@ def readme_train(cluster: dict, pinned: dict, **env: str) -> subprocess.Complete
                           capture_output=True, text=True, timeout=600)
 
 
+@CLUSTER
 def test_lmforge_train_runs_on_the_cluster_pinned_to_node2(cluster, pinned):
     result = readme_train(cluster, pinned)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
@@ -219,6 +226,7 @@ def test_lmforge_train_runs_on_the_cluster_pinned_to_node2(cluster, pinned):
     assert not node_logs_mention(root / "head", "RayTrainWorker")
 
 
+@CLUSTER
 def test_lmforge_without_the_token_says_which_setting_to_fix(cluster, pinned, tmp_path):
     # Ray retries a refused connection for ~20 s by default (the seconds it waits for a GCS to come up).
     result = readme_train(cluster, pinned, HOME=str(tmp_path), RAY_AUTH_TOKEN="not-the-token",

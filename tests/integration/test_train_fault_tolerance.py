@@ -97,6 +97,7 @@ def _assert_same_curve(got: list[dict], expected: list[dict]) -> None:
         assert row["lr"] == pytest.approx(want["lr"], rel=1e-9), row["step"]
 
 
+@pytest.mark.slow  # Ray start, a kill and Ray's restart: about a minute on a busy 2-core machine (CI: make test-slow)
 def test_a_killed_ray_worker_is_restarted_and_the_run_ends_like_an_uninterrupted_one(ws, uninterrupted, ray_session):
     killed: list[int] = []
     watcher = _kill_after_first_checkpoint(ws, "killed", killed)
