@@ -28,7 +28,6 @@ import torch.nn.functional as F
 
 from bench.common.cli import add_common_arguments, choose, out_dir, run
 from bench.common.record import command_line, record
-from lmforge.train.accel import flash4
 
 SHAPES = {"gpt2": (16, 1024, 12, 12, 64), "llama": (8, 2048, 32, 4, 64)}  # batch, seq, heads, kv heads, dim
 TINY_SHAPES = {"gpt2": (2, 64, 4, 4, 16), "llama": (2, 64, 4, 2, 16)}
@@ -53,10 +52,9 @@ def sdpa(backend):
 
 
 def fa4(q, k, v):
-    """FlashAttention-4: SDPA's flash backend while :func:`lmforge.train.accel.flash4.activate` is on (main)."""
-    if not q.is_cuda:  # its kernels replace SDPA's on CUDA only: on the CPU this would time SDPA's own
-        raise RuntimeError("FlashAttention-4 needs a Hopper or Blackwell GPU")
-    return sdpa("flash")(q, k, v)
+    from lmforge.train.accel.flash4 import fa4_forward
+
+    return fa4_forward(q, k, v, True, q.shape[-1] ** -0.5)[0]
 
 
 def inputs(shape, device: str, dtype=torch.bfloat16, seed=0):
@@ -128,15 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             row = {"shape": shape_name, "kernel": name}
             try:
-                if name == "fa4" and where == "cuda":
-                    flash4.activate()  # process-wide, so only for this row: the flash row measures SDPA's own
                 row["max_rel_err_out_dq_dk_dv"] = errors(kernels[name], shape, where)
                 row["fwd_bwd_ms"] = round(timing_ms(kernels[name], shape, where, reps=3 if args.tiny else 20), 3)
                 row["tflops"] = round(flops / row["fwd_bwd_ms"] / 1e9, 1)
             except Exception as exc:  # noqa: BLE001 - one kernel refusing a shape must not cost the others
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            finally:
-                flash4.deactivate()
             rows[(shape_name, name)] = row
             print(json.dumps(row), flush=True)
         for name, baseline, label in TINY_COMPARED if args.tiny else COMPARED:

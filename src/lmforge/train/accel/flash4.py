@@ -1,21 +1,23 @@
 """FlashAttention-4 for training: ``training.speed.attention_backend: fa4`` (Hopper and Blackwell GPUs).
 
 FlashAttention-4 (the ``flash-attn-4`` package, kernels written in CUTLASS's CuTe DSL) has a Hopper
-forward and backward that run head dimension 64, GPT-2's, much faster than SDPA's own kernels
-(``bench/train/attention.py`` measures them side by side). PyTorch ships the binding: its flash
-attention registry (``torch.nn.attention.activate_flash_attention_impl("FA4")``) routes the CUDA
-flash-attention kernels behind ``scaled_dot_product_attention`` to FlashAttention-4's forward and
-backward. Through SDPA the compiler sees one aten op per attention call and keeps one graph (FA4's
-own Python entry point is an ``autograd.Function`` full of kernel-compilation code that
-``torch.compile`` cannot trace). :func:`attention` is registered as a transformers attention
+forward and backward that run head dimension 64, GPT-2's, much faster than SDPA's kernels
+(``bench/attention_gpu.py`` measures them side by side). Its Python entry point is an
+``autograd.Function`` full of kernel-compilation code that ``torch.compile`` cannot trace, so a
+whole-model graph would break at every layer. Here the forward and the backward kernels are
+wrapped as two torch custom ops with shape-only fake versions: the compiler sees one opaque node
+per attention call and keeps one graph. The ops are registered as a transformers attention
 function (:data:`ATTENTION_NAME`), which any model that dispatches through transformers'
-``AttentionInterface`` (GPT-2, Llama, Qwen, Mistral, ...) then uses; it pins SDPA to the flash
-backend, so a shape FlashAttention-4 refuses fails loudly instead of falling back to a slower kernel.
+``AttentionInterface`` (GPT-2, Llama, Qwen, Mistral, ...) then uses.
 
-The registry is process-wide: :func:`activate` switches every CUDA flash-attention call of the
-process, :func:`deactivate` switches back. Nothing here imports ``flash_attn`` until
-:func:`activate`, so the module loads on any machine; :func:`check_available` refuses the backend,
-with the fix, where it cannot run.
+PyTorch's own binding (``torch.nn.attention.activate_flash_attention_impl("FA4")``, which routes
+SDPA's flash kernels to the same two functions) would avoid importing FA4's private entry points,
+but on an H100 it failed with flash-attn-4 4.0.0b40: torch 2.11's binding unpacks two values from
+``_flash_attn_fwd``, which now returns more (``ValueError: too many values to unpack``, 2026-12-06).
+The ops below take ``out, lse, *_`` and keep working across those releases.
+
+Nothing here imports ``flash_attn`` until a kernel runs, so the module loads on any machine;
+:func:`check_available` refuses the backend, with the fix, where it cannot run.
 """
 
 from __future__ import annotations
@@ -23,8 +25,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmforge.core.errors import ConfigError
 from lmforge.train.accel.devices import require_gpu
@@ -35,23 +35,54 @@ if TYPE_CHECKING:
 ATTENTION_NAME = "lmforge_fa4"
 _BEFORE = "_lmforge_attn_before_fa4"  # the model's attention before use_flash4 (on the module: never saved)
 INSTALL = "pip install 'flash-attn-4' 'nvidia-cutlass-dsl[cu13]' (the cu13 extra for CUDA 13 builds of torch)"
-IMPL = "FA4"  # the name of FlashAttention-4 in torch.nn.attention's registry
 
 
-def activate() -> None:
-    """Route SDPA's CUDA flash-attention kernels to FlashAttention-4, for the whole process."""
-    from torch.nn.attention import activate_flash_attention_impl, current_flash_attention_impl
+@torch.library.custom_op("lmforge::fa4_forward", mutates_args=())
+def fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output [B, S, H, D], log-sum-exp [B, H, S] float32) of attention over [B, S, H(kv), D] inputs."""
+    from flash_attn.cute.interface import _flash_attn_fwd
 
-    if current_flash_attention_impl() != IMPL:
-        activate_flash_attention_impl(IMPL)
+    out, lse, *_ = _flash_attn_fwd(q, k, v, softmax_scale=scale, causal=causal, return_lse=True)
+    # The fake below promises contiguous results; the compiler plans memory on that promise.
+    return out.contiguous(), lse.contiguous()
 
 
-def deactivate() -> None:
-    """SDPA's own flash-attention kernels again (after training, before evaluation or serving in-process)."""
-    from torch.nn.attention import current_flash_attention_impl, restore_flash_attention_impl
+@fa4_forward.register_fake
+def _fa4_forward_fake(q, k, v, causal, scale):
+    batch, seq, heads, _ = q.shape
+    return q.new_empty(batch, seq, heads, v.shape[-1]), q.new_empty(batch, heads, seq, dtype=torch.float32)
 
-    if current_flash_attention_impl() == IMPL:
-        restore_flash_attention_impl()
+
+@torch.library.custom_op("lmforge::fa4_backward", mutates_args=())
+def fa4_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of :func:`fa4_forward`, from its saved output and log-sum-exp."""
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, grad_out, lse, scale, causal)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@fa4_backward.register_fake
+def _fa4_backward_fake(grad_out, q, k, v, out, lse, causal, scale):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = fa4_backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+fa4_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -74,21 +105,21 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
         raise ConfigError(f"training.speed.attention_backend: fa4 runs plain causal attention; this model asks for "
                           f"{', '.join(unsupported)}",
                           "set training.speed.attention_backend: auto for this architecture")
-    # One dtype for all three: rotary embeddings in float32 leave q and k wider than v.
+    # SDPA is on autocast's list and gets one dtype for all three; a custom op is not, and rotary
+    # embeddings in float32 leave q and k wider than v, so cast as autocast would have.
     kind = query.device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else value.dtype
     if dtype not in (torch.bfloat16, torch.float16):
         raise ConfigError(f"training.speed.attention_backend: fa4 runs in bf16 or fp16, but attention got {dtype}",
                           "train on the GPU with autocast (the engine's default there), or set "
                           "training.speed.attention_backend: auto")
-    q, k, v = (t.to(dtype) for t in (query, key, value))
+    # [B, H, S, D] -> [B, S, H, D] is a view: the kernels read strided rows, nothing is copied.
+    q, k, v = (t.transpose(1, 2).to(dtype) for t in (query, key, value))
+    scale = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        # Grouped-query heads go in as they are: the kernel reads each KV head for its group.
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scaling,
-                                             enable_gqa=k.shape[1] != q.shape[1])
-    return out.transpose(1, 2).contiguous(), None
+    out, _ = fa4_forward(q, k, v, causal, scale)
+    return out, None
 
 
 def dropout_error(p: float) -> ConfigError:
@@ -117,8 +148,7 @@ def check_available(device: torch.device) -> None:
 
 
 def use_flash4(model: CausalLM) -> None:
-    """Make ``model`` (a transformers model) run its attention through :func:`attention` (with
-    :func:`activate`, FlashAttention-4's kernels)."""
+    """Make ``model`` (a transformers model) run its attention through the FlashAttention-4 ops."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
@@ -132,8 +162,6 @@ def use_flash4(model: CausalLM) -> None:
 
 
 def restore(model: CausalLM) -> None:
-    """The attention the model had before :func:`use_flash4` (saved models and serving use it), and
-    SDPA's own flash kernels again (:func:`deactivate`)."""
+    """The attention the model had before :func:`use_flash4` (saved models and serving use it)."""
     if getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME:
         model.set_attn_implementation(getattr(model, _BEFORE, None) or "sdpa")
-    deactivate()

@@ -114,7 +114,6 @@ def set_attention_backend(model: CausalLM, backend: str, device: torch.device) -
     dropout = [p for key in ("attn_pdrop", "attention_dropout") if (p := getattr(model.config, key, 0.0))]
     if dropout:
         raise flash4.dropout_error(dropout[0])
-    flash4.activate()
     flash4.use_flash4(model)
 
 
