@@ -145,6 +145,16 @@ def tokenized_workspace(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="module")
+def ray_session():
+    """Ray is started by the module's first Ray run (by ``train``, in this process) and stopped after its
+    last test, so each test module that trains on Ray starts it once."""
+    ray = pytest.importorskip("ray")
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 TINY = "configs/tiny.yaml"
 
 

@@ -57,14 +57,6 @@ def test_collect_curate_and_train_dpo_through_the_cli(tmp_path):
     assert client.get_run(summary["mlflow_run_id"]).data.metrics["finetune_val_reward_accuracy"] >= 0
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
-
-
 @pytest.mark.slow  # starting Ray takes most of a minute on a 2-core machine; test_train.py covers Ray in the default run
 def test_ray_ddp_dpo_two_workers_match_one_worker_with_the_same_global_batch(tokenized_workspace, ray_session):
     ws = tokenized_workspace("dpo-ray", MODEL)

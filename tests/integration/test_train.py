@@ -53,15 +53,6 @@ def lora_run(ws):
     return train(TRAINING, MODEL, ws, run_name="lora", progress=rows.append), rows
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    """Ray is started by the first Ray run in this module (by ``train``) and stopped at the end."""
-    ray = pytest.importorskip("ray")
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
-
-
 # ---------------------------------------------------------------- model and data
 
 

@@ -59,15 +59,6 @@ def uninterrupted(ws):
     return train(updated(TRAINING, placement={"use_ray": False}), MODEL, ws, run_name="whole")
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    """Ray is started by the first Ray run here (by ``train``, in this process) and stopped at the end."""
-    ray = pytest.importorskip("ray")
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
-
-
 def _kill_after_first_checkpoint(ws, run_name: str, killed: list[int]) -> threading.Thread:
     """Start a thread that SIGKILLs this process's Ray Train workers once the run has a checkpoint."""
     storage = Path(ray_storage(ws))

@@ -74,14 +74,14 @@ def test_every_engine_package_is_in_the_distribution():
 
 # ---------------------------------------------------------------- install drift (issue 20, item 10)
 
-_PAGE = """<html><head><title>Tides</title></head><body>
-<nav><a href="/">Home</a> | <a href="/about">About</a></nav>
-<article><h1>How tides work</h1>
-<p>The moon's gravity pulls the ocean toward it, raising a bulge of water on the side of the earth that faces it.</p>
-<p>A second bulge forms on the far side, where the moon pulls the earth away from the water, so most coasts see
-two high tides and two low tides every lunar day of about twenty-four hours and fifty minutes.</p>
-<p>When the sun and the moon line up, at new and full moon, their pulls add and the tides run highest.</p>
-</article><footer>Copyright 2026. All rights reserved.</footer></body></html>"""
+def _check_script_constant(name: str):
+    """A literal constant of .ci/plain_install_check.py (read, not imported: the script runs a venv build)."""
+    import ast
+
+    tree = ast.parse((REPO / ".ci" / "plain_install_check.py").read_text())
+    (value,) = [ast.literal_eval(node.value) for node in tree.body
+                if isinstance(node, ast.AnnAssign | ast.Assign) and ast.unparse(node).startswith(name)]
+    return value
 
 
 def _pyproject() -> dict:
@@ -142,7 +142,8 @@ def test_a_plain_install_brings_everything_html_extraction_imports():
     code = ("import json, sys; before = set(sys.modules); from lmforge.collection.html import main_text; "
             "text = main_text(sys.stdin.read())[1]; "
             "print(json.dumps({'text': text, 'loaded': sorted({m.split('.')[0] for m in set(sys.modules) - before})}))")
-    out = subprocess.run([sys.executable, "-c", code], input=_PAGE, capture_output=True, text=True, timeout=120)
+    page = _check_script_constant("PAGE")  # the page the CI check extracts in its fresh venv
+    out = subprocess.run([sys.executable, "-c", code], input=page, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert "two high tides" in result["text"] and "Copyright" not in result["text"], result["text"]
@@ -216,11 +217,7 @@ def test_ci_checks_a_plain_install_between_lint_and_tests():
 
 def test_the_plain_install_check_names_real_modules_and_what_they_need():
     """Modules the check skips are listed with what they need; a stale entry would hide a real failure."""
-    import ast
-
-    tree = ast.parse((REPO / ".ci" / "plain_install_check.py").read_text())
-    (needs,) = [ast.literal_eval(node.value) for node in tree.body
-                if isinstance(node, ast.AnnAssign | ast.Assign) and "NEEDS" in ast.unparse(node)]
+    needs = _check_script_constant("NEEDS")
     extras = set(_pyproject()["project"]["optional-dependencies"])
     for module, need in needs.items():
         path = REPO / "src" / (module.replace(".", "/") + ".py")
