@@ -3,13 +3,13 @@
 ``training.method`` chooses how the fine-tuning phase trains, and the method's own group (``lora``,
 ``adapter``, ``prompt_learning``, ``ia3``) holds its settings. The rest is grouped by the part of
 the engine that reads it, one small documented class per group (as torchtitan's job config is):
-``preference`` turns the fine-tuning phase into preference tuning (DPO or ORPO on the preference set,
-``training.method`` still naming what trains; ``method: dpo`` / ``method: orpo`` are short for LoRA
-with that loss). ``placement`` (Ray workers and GPUs: :mod:`lmforge.train.launch`), ``optimizer`` and ``loss`` (the
-loop and its objective), ``speed`` (switches that make a step faster without changing what it
-learns; :mod:`lmforge.train.accel.speed` receives only this group), and the loop's periodic work,
-each with its ``every``: ``validation``, ``checkpointing``, ``logging``. A rule that spans groups
-lives on :class:`TrainingConfig`; the flat keys of older files are in ``TrainingConfig.moved_keys``.
+``preference`` turns the fine-tuning phase into preference tuning (DPO or ORPO on the preference set, ``training.method``
+still naming what trains; ``method: dpo`` / ``method: orpo`` are short for LoRA with that loss). ``placement`` (Ray workers
+and GPUs: :mod:`lmforge.train.launch`), ``parallel`` (replicas or shards: :mod:`lmforge.config.parallel`), ``optimizer`` and
+``loss`` (the loop and its objective), ``speed`` (switches that make a step faster without changing what it learns;
+:mod:`lmforge.train.accel.speed` receives only this group), and the loop's periodic work, each with its ``every``:
+``validation``, ``checkpointing``, ``logging``. A rule that spans groups lives on :class:`TrainingConfig`; the flat keys of
+older files are in ``TrainingConfig.moved_keys``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from lmforge.config.base import Section
+from lmforge.config.parallel import ParallelConfig
 
 METHODS = ("pretrain", "full", "lora", "qlora", "adapter", "prefix", "ptuning_v2", "prompt", "ptuning", "ia3")
 Method = Literal["pretrain", "full", "lora", "qlora", "adapter", "prefix", "ptuning_v2", "prompt", "ptuning", "ia3"]
@@ -289,6 +290,7 @@ class TrainingConfig(Section):
         description="torch threads per worker when training on CPU; 0 shares the node's cores among its workers.",
     )
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
@@ -341,6 +343,7 @@ class TrainingConfig(Section):
                              "placement.use_gpu: true, or speed.residual_dtype: float32")
         if self.preference_tuning:
             self._check_preference()
+        self.parallel.check(self.method, self.placement.use_ray, speed.model_dump())
         if speed.fp8 and self.method not in ("pretrain", "full"):
             raise ValueError(f"speed.fp8 trains all weights in FP8 matrix products; method {self.method!r} freezes "
                              "them: use fp8 with method pretrain or full, or set speed.fp8: false")

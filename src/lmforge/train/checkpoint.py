@@ -24,6 +24,7 @@ import torch
 
 from lmforge.core.errors import ConfigError
 from lmforge.core.workspace import Workspace, atomic_write_json
+from lmforge.train.parallel import local_shard
 
 LATEST = "latest.json"
 
@@ -112,7 +113,7 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
                           "resume with the same model and training.method as the run that wrote it")
     with torch.no_grad():
         for name, param in expected.items():
-            param.copy_(state[name])
+            param.copy_(local_shard(state[name], param))  # a sharded run's checkpoint holds full tensors
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -135,9 +136,12 @@ _IMPLEMENTATION = ("fused", "foreach", "capturable")  # AdamW flags that pick it
 
 def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state: dict[int, dict[str, Any]] = {}
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the order state indices count in
     for flat, value in [*tensors.items(), *meta["scalars"].items()]:
         index, key = flat.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
+        # Full tensors (as written) cut to this worker's shards where the parameters are sharded (FSDP2).
+        full = isinstance(value, torch.Tensor) and value.shape == params[int(index)].shape
+        state.setdefault(int(index), {})[key] = local_shard(value, params[int(index)]) if full else value
     current = optimizer.param_groups
     groups = []
     for i, saved in enumerate(meta["param_groups"]):

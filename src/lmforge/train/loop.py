@@ -1,11 +1,11 @@
 """The training loop: one explicit function, used for every phase, method and scale.
 
-:func:`train_phase` is the whole of optimization; read it top to bottom. It runs in-line or as one
-of several DDP ranks (it notices only ``torch.distributed.is_initialized()``). The loss of a step is
-the mean over the target tokens of all its micro-batches on all ranks, so gradient accumulation
-and more workers give the gradient of one large batch. Losses stay on the device and are read
-(one synchronization) only at log, validation and checkpoint steps: that is also where a NaN or
-infinite loss is caught, before a checkpoint could keep it, with the exact step it first appeared.
+:func:`train_phase` is the whole of optimization; read it top to bottom. It runs in-line or as one of several DDP ranks, or
+FSDP2 ones (:mod:`lmforge.train.parallel`); it notices only ``torch.distributed.is_initialized()``. The loss of a step is
+the mean over the target tokens of all its micro-batches on all ranks, so gradient accumulation and more workers give the
+gradient of one large batch. Losses stay on the device and are read (one synchronization) only at log, validation and
+checkpoint steps: that is also where a NaN or infinite loss is caught, before a checkpoint could keep it, with the exact
+step it first appeared.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lmforge.config.training import PhaseConfig, TrainingConfig
 from lmforge.core.errors import ConfigError, TrainingDiverged
 from lmforge.train import checkpoint as ckpt
+from lmforge.train import parallel
 from lmforge.train.accel import speed
 from lmforge.train.cadence import CheckpointCadence
 from lmforge.train.objective import CausalLMObjective
@@ -58,8 +59,9 @@ def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: Traini
     ddp = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     world = dist.get_world_size() if ddp else 1
     objective, graphs = _objective(model, name, phase, training, device, ddp)
+    sharded = parallel.shard(objective, model, training, device)  # FSDP2 or DDP; the optimizer below gets the shards
     ddp_net = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None) \
-        if ddp else None
+        if ddp and not sharded else None
     net: torch.nn.Module = ddp_net if ddp_net is not None else objective
     optimizer = adamw(model, phase.learning_rate, training.optimizer.weight_decay, device,
                       training.speed.compile_optimizer)
@@ -162,9 +164,10 @@ def _update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, training: 
     gaps remain between them).
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    clip = parallel.clip_grad_norm_ if parallel.sharding(training) else torch.nn.utils.clip_grad_norm_
 
     def update() -> torch.Tensor:
-        norm = torch.nn.utils.clip_grad_norm_(params, training.optimizer.grad_clip)
+        norm = clip(params, training.optimizer.grad_clip)
         optimizer.step()
         return norm
 
@@ -244,7 +247,7 @@ class _PhaseRun:
             self.best_val, self.bad_evals = val_loss, 0
             self.metrics[f"{self.name}_val_loss_best"] = val_loss
             if patience:
-                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in ckpt.trainable_state(model).items()}
+                self.best_state = parallel.full_state(ckpt.trainable_state(model))  # host copies (gathered shards)
             return False
         self.bad_evals += 1
         if not patience or self.bad_evals < patience:
@@ -259,7 +262,9 @@ class _PhaseRun:
                  schedule: torch.optim.lr_scheduler.LRScheduler) -> tuple[dict[str, Tensors], dict[str, Any]]:
         opt_tensors, opt_meta = ckpt.optimizer_state(optimizer)
         rng_tensors, rng_meta = ckpt.rng_state()
-        groups = {"model": ckpt.trainable_state(model), "optimizer": opt_tensors, "rng": rng_tensors}
+        keep = not dist.is_initialized() or dist.get_rank() == 0  # full tensors (shards gathered), on the writer
+        groups = {"model": parallel.full_state(ckpt.trainable_state(model), keep),
+                  "optimizer": parallel.full_state(opt_tensors, keep), "rng": rng_tensors}
         if self.best_state is not None:
             groups["best"] = self.best_state
         state = {"step": self.step, "lr": float(self.lr), "window": self.window, "metric_window": self.metric_window,

@@ -27,7 +27,7 @@ from lmforge.core.workspace import Workspace
 from lmforge.model.build import build_model, count_parameters
 from lmforge.model.chat import stop_token_ids, template_label
 from lmforge.tokenizer.build import load_tokenizer
-from lmforge.train import artifacts
+from lmforge.train import artifacts, parallel
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.accel import flash4, fp8, speed
 from lmforge.train.data import batch_stream, fixed_batches, phase_rows
@@ -69,6 +69,7 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
     metrics: dict[str, float] = dict(saved.state["metrics"]) if saved else {}
     # The chat template the model is trained on (saved with its tokenizer) goes on record with the run.
     params: dict[str, Any] = {"params_total": count_parameters(model), "world_size": world,
+                              "strategy": training.parallel.strategy,
                               "chat_template": template_label(tokenizer)}
     phases = [("pretrain", training.pretrain, "pretrain")]
     if training.method != "pretrain":
@@ -114,6 +115,11 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
             step_offset=_last_step(history), save=save if training.checkpointing.enabled else None, resume=here)
         history += phase_history
         metrics.update(phase_metrics)
+        params[f"param_bytes_per_worker_{name}"] = parallel.local_parameter_bytes(model)  # its shards under fsdp
+        if parallel.sharding(training):  # the next phase, the base it adapts and the saved model start from plain weights
+            model = _unsharded(model, method, tokenizer, training, model_cfg, root / "base", device)
+    if device.type == "cuda":
+        params["peak_memory_per_worker_bytes"] = torch.cuda.max_memory_allocated(device)
     if out is not None:
         # Back to the layers, attention and dtypes that transformers saves and serves (after fp8, fa4, bf16 residual).
         fp8.restore_layout(model)
@@ -142,6 +148,19 @@ def _prepared(model, tokenizer, device: torch.device, training: TrainingConfig):
     model.generation_config.eos_token_id = stops if len(stops) > 1 else tokenizer.eos_token_id
     model.to(device)
     speed.apply_settings(model, training.speed, device)
+    return model
+
+
+def _unsharded(sharded, method: str, tokenizer, training: TrainingConfig, model_cfg: ModelConfig, base_dir: Path,
+               device: torch.device):
+    """A plain copy of a model FSDP2 sharded (:mod:`lmforge.train.parallel`), on every rank: built as the
+    phase's model was (the base reloaded and the method applied, for adapters), then given the gathered weights."""
+    full = parallel.full_state(sharded.state_dict())
+    if methods.method_info(method).adapts:
+        model = _adapted(None, tokenizer, training, base_dir, device, resumed=True, writer=False)
+    else:
+        model = _prepared(build_model(model_cfg, len(tokenizer)), tokenizer, device, training)
+    model.load_state_dict(full)
     return model
 
 
