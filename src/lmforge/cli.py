@@ -118,13 +118,10 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
     _preflight(config)
-    from lmforge.stages.base_model import resolve_base
+    from lmforge.stages.tokenize import ensure_tokenizer
     from lmforge.stages.train import train
-    from lmforge.tokenizer.build import train_tokenizer
 
-    if not (ws.tokenizer_dir / "tokenizer.json").exists():
-        # A models:/ base is resolved (downloaded) first: its own tokenizer is copied, none trained.
-        train_tokenizer(resolve_base(config.model, ws, config.platform).model, ws)
+    ensure_tokenizer(config.model, ws, config.platform)
     result = train(config.training, config.model, ws, ray_address=config.platform.ray_address,
                    finetune_heldout_fraction=config.tokenize.finetune_heldout_fraction,
                    experiment=config.registry.experiment, platform=config.platform, resume=args.resume).as_dict()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -43,11 +44,14 @@ def _keys(s3c, prefix: str) -> list[str]:
     return sorted(i["Key"][len(prefix) + 1:] for i in listed.get("Contents", []) if not i["Key"].endswith("/"))
 
 
-def test_collect_curate_validate_on_s3_leave_outputs_only_in_the_bucket(s3, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def staged(s3, tmp_path_factory):
+    """collect, curate and validate run once into the bucket, as a user runs them from elsewhere."""
     endpoint, s3c = s3
-    cwd, cache = tmp_path / "elsewhere", tmp_path / "cache"
+    tmp = tmp_path_factory.mktemp("s3ws")
+    cwd, cache = tmp / "elsewhere", tmp / "cache"
     cwd.mkdir()
-    config = tmp_path / "config.yaml"
+    config = tmp / "config.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
     url = f"s3://{BUCKET}/{PREFIX}"
     env = {"LMFORGE_HOME": url, "LMFORGE_CACHE": str(cache), "AWS_ENDPOINT_URL": endpoint}
@@ -55,6 +59,12 @@ def test_collect_curate_validate_on_s3_leave_outputs_only_in_the_bucket(s3, tmp_
         done = _lmforge([stage, str(config), "--json"], cwd, env)
         assert done.returncode == 0, f"{stage}: {done.stderr[-3000:]}"
         assert SECRET not in done.stdout + done.stderr
+    return {"url": url, "env": env, "cwd": cwd, "cache": cache, "config": config, "tmp": tmp, "last": done}
+
+
+def test_collect_curate_validate_on_s3_leave_outputs_only_in_the_bucket(s3, staged, tmp_path, monkeypatch):
+    endpoint, s3c = s3
+    url, env, cwd, cache, config, done = (staged[k] for k in ("url", "env", "cwd", "cache", "config", "last"))
     summary = json.loads(done.stdout.strip().splitlines()[-1])  # validate's: Data Docs named in the bucket
     assert summary["success"] and summary["data_docs"].startswith(f"{url}/data/validation/gx/")
 
@@ -117,3 +127,54 @@ def test_bad_storage_settings_fail_before_any_work(s3, tmp_path, home, words):
     assert done.stderr.startswith("error:") and "Traceback" not in done.stderr
     assert "LMFORGE_HOME" in done.stderr and words in done.stderr and "fix:" in done.stderr
     assert not (tmp_path / "cache" / "homes").exists()  # failed before the workspace was touched
+
+
+TRAIN = {"model": {"vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                   "intermediate_size": 128, "max_seq_len": 64},
+         "training": {"method": "lora", "placement": {"use_ray": False}, "cpu_threads": 1,
+                      "pretrain": {"steps": 150, "learning_rate": 3e-3, "batch_size": 4, "seq_len": 64},
+                      "finetune": {"steps": 4, "learning_rate": 1e-3, "batch_size": 2, "seq_len": 64},
+                      "checkpointing": {"every": 10, "every_minutes": 0}, "logging": {"every": 10}}}
+
+
+def test_tokenize_and_train_on_s3_commit_to_the_bucket_and_resume_from_it(s3, staged, tmp_path):
+    """tokenize and an in-line train read the bucket through the cache and commit there; a run killed
+    after its first checkpoint reached the bucket resumes from it (`lmforge train --resume`)."""
+    _, s3c = s3
+    url, env, cwd = staged["url"], staged["env"], staged["cwd"]
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, **{k: v for k, v in TRAIN.items() if v}}))
+    done = _lmforge(["tokenize", str(config), "--json"], cwd, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tokenized = json.loads(done.stdout.strip().splitlines()[-1])
+    keys = _keys(s3c, PREFIX)
+    digest = json.loads(s3c.get_object(Bucket=BUCKET, Key=f"{PREFIX}/data/tokenized/latest.json")["Body"].read())["digest"]
+    assert {f"tokenizer/{MARKER}", "tokenizer/tokenizer.json", f"data/tokenized/{digest}/{MARKER}",
+            f"data/tokenized/{digest}/manifest.json"} <= set(keys)
+    assert any(k.startswith(f"data/tokenized/{digest}/pretrain/train/") for k in keys)
+    assert url in json.dumps(tokenized)
+
+    # Killed once its first checkpoint is committed in the bucket: nothing of the run is published.
+    proc = subprocess.Popen([str(BIN / "lmforge"), "train", str(config)], env={**os.environ, **env}, cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(k.startswith("checkpoints/") and k.endswith(MARKER) for k in _keys(s3c, PREFIX)):
+            assert proc.poll() is None, f"train ended before its first checkpoint: {proc.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint reached the bucket"
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not any(k.startswith("runs/") and "/model/" in k for k in _keys(s3c, PREFIX))
+
+    done = _lmforge(["train", str(config), "--resume", "--json"], cwd, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 0 < result["resumed_from_step"] < 150
+    keys = _keys(s3c, PREFIX)
+    run = result["run_id"]
+    assert {f"runs/{run}/{MARKER}", f"runs/{run}/model/config.json", f"runs/{run}/adapter/adapter_config.json",
+            f"runs/{run}/train_result.json"} <= set(keys)
+    assert not any(k.startswith(f"checkpoints/{run}/") for k in keys)  # complete: its checkpoint served its purpose
+    assert list(cwd.iterdir()) == []

@@ -82,6 +82,12 @@ class Workspace:
         """The workspace as a user names it: its URL, or its home directory."""
         return self.url or str(self.home)
 
+    def shown(self, path: Path) -> str:
+        """How a user finds ``path`` (under ``home``): its URL on an object store, else the path itself."""
+        if self.url is None:
+            return str(path)
+        return f"{self.url}/{path.relative_to(self.home).as_posix()}"
+
     # Data, in the order the pipeline produces it.
     @property
     def data_dir(self) -> Path:

@@ -16,7 +16,8 @@ import torch
 
 from lmforge.core.errors import DataError
 from lmforge.core.hashing import sha256_file
-from lmforge.core.workspace import Workspace, atomic_dir, atomic_write_json
+from lmforge.core.storage import open_store
+from lmforge.core.workspace import Workspace, atomic_write_json
 
 PHASES = {"pretrain": ("train", "validation"), "finetune": ("train", "validation", "test")}
 
@@ -27,20 +28,33 @@ def file_sha256(path: Path) -> str:
 
 
 def save_tokenized(ws: Workspace, digest: str, tables: dict[str, dict[str, dict]], manifest: dict) -> Path:
-    """Store ``tables`` (phase -> split -> column -> rows) as the dataset ``digest``, once, and mark it latest."""
+    """Store ``tables`` (phase -> split -> column -> rows) as the dataset ``digest``, once, and mark it latest.
+
+    Through the workspace's store: on an object store the version is a committed directory and
+    ``latest.json`` an object, written after it (a reader never sees a name without its data)."""
     import datasets  # only the tokenize stage writes datasets; a training worker may not have the library
 
+    store = open_store(ws)
     target = ws.tokenized_dir / digest
-    if not (target / "manifest.json").exists():
+    if not store.exists(target / "manifest.json"):
         datasets.disable_progress_bars()
-        with atomic_dir(target) as tmp:
+        with store.atomic_dir(target) as tmp:
             for phase, splits in tables.items():
                 for split, cols in splits.items():
                     data = {name: array.tolist() for name, array in cols.items()}
                     datasets.Dataset.from_dict(data).save_to_disk(str(tmp / phase / split))
             atomic_write_json(tmp / "manifest.json", manifest)
-    atomic_write_json(ws.tokenized_dir / "latest.json", {"digest": digest})
+    store.atomic_write_json(ws.tokenized_dir / "latest.json", {"digest": digest})
     return target
+
+
+def stored_inputs(ws: Workspace) -> list[Path]:
+    """What a reader of the latest tokenized datasets needs from the store: ``latest.json`` and its version."""
+    store = open_store(ws)
+    latest = ws.tokenized_dir / "latest.json"
+    if not store.exists(latest):
+        return []
+    return [latest, ws.tokenized_dir / store.read_json(latest)["digest"]]
 
 
 def latest_manifest(ws: Workspace) -> dict:

@@ -22,7 +22,7 @@ later stages read through :func:`lmforge.data.sft.sft_file`.
 Inputs and outputs go through the workspace's store (lmforge.core.storage): raw shards are read as
 local files (``store.cached_path``: the shard itself locally, a cached copy of an object), the
 curated directory is committed with ``store.atomic_dir`` and the dedup versions are published
-beside it; the record sets are curated on a local view (lmforge.stages.local_view) whose curated
+beside it; the record sets are curated on a local view (lmforge.core.storage.view) whose curated
 sets are committed to the store; so with ``LMFORGE_HOME=s3://...`` every output is in the bucket.
 
 Scratch space is ``ws.data_dir/.curate-work-*``, owned by the run through an flock on its
@@ -54,6 +54,7 @@ from lmforge.config.curation import CurationConfig
 from lmforge.config.loader import load_config
 from lmforge.core.errors import DataError
 from lmforge.core.storage import Store, open_store
+from lmforge.core.storage.view import local_view
 from lmforge.core.workspace import Workspace, atomic_write_json
 from lmforge.curation.base import Context
 from lmforge.curation.clean import boilerplate_lines
@@ -75,7 +76,6 @@ from lmforge.curation.report import Tally
 from lmforge.data.documents import read_texts
 from lmforge.data.splits import heldout_ids
 from lmforge.stages.collect import raw_shard_paths
-from lmforge.stages.local_view import local_view
 
 
 @dataclass(frozen=True)

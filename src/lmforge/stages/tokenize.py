@@ -3,7 +3,8 @@
 Run it with ``lmforge tokenize CONFIG`` after validate. It trains the byte-level BPE (or copies a
 pretrained base's tokenizer, see :mod:`lmforge.tokenizer.build`), checks that its vocabulary fits the
 model, and builds with ``datasets`` (Arrow, in ``ws.tokenized_dir``, layout in
-:mod:`lmforge.data.tokenized`):
+:mod:`lmforge.data.tokenized`; on an object-store workspace everything is read from and committed to
+the store, see :mod:`lmforge.core.storage.view`):
 
   pretrain/{train,validation}        curated documents, each ended by EOS, packed into rows of
                                      ``training.pretrain.seq_len`` tokens (optionally with
@@ -35,6 +36,8 @@ from lmforge.config.platform import PlatformConfig
 from lmforge.config.tokenize import TokenizeConfig
 from lmforge.config.training import TrainingConfig
 from lmforge.core.errors import ConfigError
+from lmforge.core.storage import open_store
+from lmforge.core.storage.view import local_view
 from lmforge.core.workspace import Workspace
 from lmforge.data.documents import iter_texts
 from lmforge.data.packing import Rows, pack_documents
@@ -66,24 +69,39 @@ def tokenize(cfg: TokenizeConfig, model: ModelConfig, training: TrainingConfig, 
     """
 
     model = resolve_base(model, ws, platform).model
-    tokenizer = load_tokenizer(train_tokenizer(model, ws))
-    check_vocab(len(tokenizer), model)
-    if not cfg.build_datasets:
-        return TokenizeResult(str(ws.tokenizer_dir), len(tokenizer))
-    seq_lens = {"pretrain": training.pretrain.seq_len, "finetune": training.finetune.seq_len}
-    tables = {"pretrain": _pretrain_rows(ws, tokenizer, seq_lens["pretrain"], cfg)}
-    if sft_file(ws, "train").exists():
-        tables["finetune"] = _finetune_rows(ws, tokenizer, seq_lens["finetune"], cfg)
-    digest = _digest(tables, ws.tokenizer_dir / "tokenizer.json", seq_lens, cfg)
-    rows = {phase: {split: len(cols["input_ids"]) for split, cols in splits.items()}
-            for phase, splits in tables.items()}
-    target = save_tokenized(ws, digest, tables, {
-        "digest": digest, "rows": rows, "seq_len": seq_lens, "vocab_size": len(tokenizer),
-        "tokenizer_sha256": file_sha256(ws.tokenizer_dir / "tokenizer.json"),
-        "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-        "unk_token_id": tokenizer.unk_token_id, "config": cfg.model_dump(mode="json"),
-        "curated_digest": _curated_digest(ws)})
-    return TokenizeResult(str(ws.tokenizer_dir), len(tokenizer), digest, str(target), rows)
+    # On an object store: the curated text and SFT records are read from cached copies, the tokenizer
+    # is committed to the store when the view closes, and the datasets after it (save_tokenized).
+    inputs = (ws.curated_dir, ws.sft_dir, ws.curated_sft_dir)
+    with local_view(ws, inputs, [ws.tokenizer_dir]) as view:
+        tokenizer = load_tokenizer(train_tokenizer(model, view))
+        check_vocab(len(tokenizer), model)
+        if not cfg.build_datasets:
+            return TokenizeResult(ws.shown(ws.tokenizer_dir), len(tokenizer))
+        seq_lens = {"pretrain": training.pretrain.seq_len, "finetune": training.finetune.seq_len}
+        tables = {"pretrain": _pretrain_rows(view, tokenizer, seq_lens["pretrain"], cfg)}
+        if sft_file(view, "train").exists():
+            tables["finetune"] = _finetune_rows(view, tokenizer, seq_lens["finetune"], cfg)
+        digest = _digest(tables, view.tokenizer_dir / "tokenizer.json", seq_lens, cfg)
+        rows = {phase: {split: len(cols["input_ids"]) for split, cols in splits.items()}
+                for phase, splits in tables.items()}
+        manifest = {
+            "digest": digest, "rows": rows, "seq_len": seq_lens, "vocab_size": len(tokenizer),
+            "tokenizer_sha256": file_sha256(view.tokenizer_dir / "tokenizer.json"),
+            "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "unk_token_id": tokenizer.unk_token_id, "config": cfg.model_dump(mode="json"),
+            "curated_digest": _curated_digest(view)}
+    target = save_tokenized(ws, digest, tables, manifest)  # once the tokenizer it names is in place
+    return TokenizeResult(ws.shown(ws.tokenizer_dir), len(tokenizer), digest, ws.shown(target), rows)
+
+
+def ensure_tokenizer(model: ModelConfig, ws: Workspace, platform: PlatformConfig | None = None) -> None:
+    """Give the workspace a tokenizer when it has none yet (``lmforge train`` without a tokenize run):
+    trained on its data, or a registered base's copied (the base is resolved, downloaded, first)."""
+    if open_store(ws).exists(ws.tokenizer_dir / "tokenizer.json"):
+        return
+    model = resolve_base(model, ws, platform).model
+    with local_view(ws, (ws.curated_dir, ws.sft_dir, ws.curated_sft_dir), [ws.tokenizer_dir]) as view:
+        train_tokenizer(model, view)
 
 
 def check_vocab(tokens: int, model: ModelConfig) -> None:

@@ -23,11 +23,13 @@ from lmforge.config.model import ModelConfig
 from lmforge.config.platform import PlatformConfig
 from lmforge.config.tokenize import TokenizeConfig
 from lmforge.config.training import TrainingConfig
-from lmforge.core.workspace import Workspace, atomic_write_json
+from lmforge.core.storage import open_store
+from lmforge.core.storage.view import local_view
+from lmforge.core.workspace import Workspace
 from lmforge.stages.base_model import check_base_tokenizer, check_continuable, resolve_base
 from lmforge.tracking.live import LiveRun, mark_failed
 from lmforge.tracking.mlflow_tracker import mlflow_client, mlflow_uris
-from lmforge.train.launch import check_inputs, fit
+from lmforge.train.launch import check_inputs, fit, training_inputs
 from lmforge.train.methods.catalog import method_info
 from lmforge.train.recovery import resolve_resume
 
@@ -81,11 +83,13 @@ def train(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, run_n
     live = LiveRun.open(ws, platform, experiment, run_id, resume=bool(resume)) if experiment else None
     try:
         base = resolve_base(model_cfg, ws, platform)
-        check_base_tokenizer(base, ws.tokenizer_dir)
-        check_continuable(base, training)
-        check_inputs(training, base.model, ws)
+        # On an object store the checks read cached copies of the inputs (the workers read the same cache here).
+        with local_view(ws, training_inputs(ws) if ws.is_remote else ()) as view:
+            check_base_tokenizer(base, view.tokenizer_dir)
+            check_continuable(base, training)
+            check_inputs(training, base.model, view)
         job = {"training": training.model_dump(mode="json"), "model": base.model.model_dump(mode="json"),
-               "home": str(ws.home), "run_id": run_id, "resume": bool(resume),
+               "home": ws.location, "run_id": run_id, "resume": bool(resume),
                "finetune_heldout_fraction": finetune_heldout_fraction,
                "base_adapter": str(base.adapter) if base.adapter else None}
         # The config as written (a models:/ URI, never the download's path) plus the version it named.
@@ -112,7 +116,7 @@ def train(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, run_n
                          mlflow_run_id=live.run_id if live else None,
                          mlflow_tracking_uri=live.tracking_uri if live else None,
                          restarts=outcome["restarts"], resumed_from_step=outcome["resumed_from_step"])
-    atomic_write_json(run_dir / "train_result.json", result.as_dict())
+    open_store(ws).atomic_write_json(run_dir / "train_result.json", result.as_dict())
     ws.write_state("train", result.as_dict())
     return result
 

@@ -28,8 +28,9 @@ from lmforge.config.loader import load_config
 from lmforge.config.validation import ValidationConfig
 from lmforge.core.errors import ValidationFailed
 from lmforge.core.storage import open_store
+from lmforge.core.storage.view import local_view
 from lmforge.core.workspace import Workspace, atomic_write_json
-from lmforge.stages.local_view import local_view
+from lmforge.data.tokenized import stored_inputs
 from lmforge.tracking.tracker import Tracker
 from lmforge.validation import corpus, records, tokenized
 from lmforge.validation.gx_suite import data_docs_index, run_suite
@@ -105,10 +106,18 @@ def validate_tokenized(cfg: ValidationConfig, ws: Workspace, tracker: Tracker | 
     if not cfg.enabled:
         return ValidationReport(success=True, skipped=True, suite="tokenized_datasets")
 
-    frame, manifest = tokenized.load_frame(ws)
-    return _gate(cfg, ws, "tokenized_datasets", frame, lambda: tokenized.expectations(cfg, manifest), "row",
-                 tracker, fix="check the tokenizer and seq_len settings (model, training.*.seq_len), then "
-                 "rerun `lmforge tokenize CONFIG`")
+    # On an object store: cached copies of the datasets, and the suite's results added to the stored ones.
+    inputs = [ws.tokenizer_dir, *stored_inputs(ws), ws.validation_dir] if ws.is_remote else []
+    with local_view(ws, inputs, [ws.validation_dir]) as view:
+        frame, manifest = tokenized.load_frame(view)
+        try:
+            return _gate(cfg, view, "tokenized_datasets", frame, lambda: tokenized.expectations(cfg, manifest),
+                         "row", tracker, fix="check the tokenizer and seq_len settings (model, training.*.seq_len), "
+                         "then rerun `lmforge tokenize CONFIG`")
+        except ValidationFailed as exc:
+            if view is not ws:
+                exc.fix = exc.fix.replace(str(view.validation_dir), open_store(ws).uri(ws.validation_dir))
+            raise
 
 
 def _gate(cfg: ValidationConfig, ws: Workspace, suite: str, frame, build, index_column: str,

@@ -4,11 +4,13 @@
 function, :func:`run_worker`, runs in this process (``training.placement.use_ray: false``, world
 size 1) or under Ray Train's ``TorchTrainer`` as DDP ranks; Ray is imported only on that path, so
 the engine runs where only torch, transformers and peft are installed. Rank 0 writes
-``ws.runs_dir/<run_id>/`` in one atomic rename (layout: :mod:`lmforge.train.artifacts`). In-line,
-checkpoints go to ``ws.checkpoints_dir/<run_id>/``; under Ray they are reported to Ray Train's
-storage (:mod:`lmforge.train.ray_checkpoint`), and a worker that dies is restarted from the latest
-one up to ``training.checkpointing.max_failures`` times. Either kind is removed once the run
-succeeds. The stage adds ``train_result.json`` and the ``train`` state hand-off. """
+``ws.runs_dir/<run_id>/`` in one atomic step (layout: :mod:`lmforge.train.artifacts`). A worker
+never assumes the driver's disk: on an object-store workspace it reads cached copies of the inputs
+(:mod:`lmforge.core.storage.view`) and commits the run to the store. In-line, checkpoints go to
+``ws.checkpoints_dir/<run_id>/`` (mirrored to the store: :mod:`lmforge.train.store_checkpoint`);
+under Ray they are reported to Ray Train's storage (:mod:`lmforge.train.ray_checkpoint`), and a
+worker that dies is restarted from the latest one up to ``training.checkpointing.max_failures``
+times. Either kind is removed once the run succeeds. The stage adds ``train_result.json`` and the ``train`` state hand-off. """
 
 from __future__ import annotations
 
@@ -32,11 +34,14 @@ from lmforge.core.errors import ConfigError, DataError, LmforgeError
 from lmforge.core.progress import step_printer
 from lmforge.core.ray_cluster import join_cluster
 from lmforge.core.runtime import cpu_count
-from lmforge.core.workspace import Workspace, atomic_dir
+from lmforge.core.storage import open_store
+from lmforge.core.storage.view import local_view
+from lmforge.core.workspace import Workspace
 from lmforge.data.sft import preference_file
+from lmforge.data.tokenized import stored_inputs
 from lmforge.tokenizer.build import check_chat_template, load_tokenizer
 from lmforge.train import checkpoint as ckpt
-from lmforge.train import ray_checkpoint, recovery
+from lmforge.train import ray_checkpoint, recovery, store_checkpoint
 from lmforge.train.loop import is_history_row
 from lmforge.train.methods.catalog import check_method
 from lmforge.train.relay import RecordRelay
@@ -84,7 +89,7 @@ def run_worker(job: dict, on_log: Callable[[dict], None] | None = None, root: Pa
     (:func:`lmforge.train.worker.run_phases`); the caller then owns the scratch and its removal."""
     training = TrainingConfig.model_validate(job["training"])
     model_cfg = ModelConfig.model_validate(job["model"])
-    ws = Workspace(Path(job["home"]))
+    ws = Workspace.from_env(job["home"])  # a path, or the store's URL: this node's own side of it
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = _device(training)
     threads = torch.get_num_threads()
@@ -97,16 +102,27 @@ def run_worker(job: dict, on_log: Callable[[dict], None] | None = None, root: Pa
         from lmforge.train.accel.speed import enable_tf32
 
         enable_tf32()
-    run_dir = ws.runs_dir / job["run_id"]
+    run_id = job["run_id"]
+    run_dir = ws.runs_dir / run_id
+    store = open_store(ws)
     owned = root is None  # the workspace's checkpoint directory, which rank 0 cleans up
-    root = root or ckpt.checkpoint_root(ws, job["run_id"])
+    root = root or ckpt.checkpoint_root(ws, run_id)
+    if owned and ws.is_remote:  # this node's side of the workspace: the store holds the run's checkpoint
+        if job.get("resume") and int(os.environ.get("LOCAL_RANK", "0")) == 0 and not (root / ckpt.LATEST).exists():
+            store_checkpoint.restore(ws, run_id, root)
+        if dist.is_initialized():
+            dist.barrier()  # every rank of the node reads the restored checkpoint once it is complete
+        publish = publish or store_checkpoint.publisher(ws, run_id)
     try:
-        with atomic_dir(run_dir) if rank == 0 else nullcontext() as out:
-            outcome = run_phases(training, model_cfg, ws, device, out, run_dir, job["run_id"],
+        # The inputs are local paths on any node (cached copies on an object store); rank 0 commits the run's
+        # outputs to the workspace's store in one step (locally one rename).
+        with local_view(ws, training_inputs(ws) if ws.is_remote else ()) as view, \
+                store.atomic_dir(run_dir) if rank == 0 else nullcontext() as out:
+            outcome = run_phases(training, model_cfg, view, device, out, run_dir, run_id,
                                  on_log if rank == 0 else None, job["finetune_heldout_fraction"],
                                  resume=job.get("resume", False),
                                  base_adapter=Path(job["base_adapter"]) if job.get("base_adapter") else None,
-                                 root=None if owned else root, publish=publish)
+                                 root=None if owned and not ws.is_remote else root, publish=publish)
     except BaseException:
         if owned and rank == 0 and not (root / ckpt.LATEST).exists():
             shutil.rmtree(root, ignore_errors=True)  # nothing to resume from: only a saved base
@@ -115,7 +131,15 @@ def run_worker(job: dict, on_log: Callable[[dict], None] | None = None, root: Pa
         torch.set_num_threads(threads)  # in-line runs share this process with their caller
     if owned and rank == 0:
         shutil.rmtree(root, ignore_errors=True)  # the run is complete: checkpoints served their purpose
+        if ws.is_remote:
+            store_checkpoint.remove(ws, run_id)
     return outcome
+
+
+def training_inputs(ws: Workspace) -> list[Path]:
+    """What training reads from an object-store workspace: tokenizer, data sets, latest tokenized datasets."""
+    return [ws.tokenizer_dir, ws.curated_dir, ws.sft_dir, ws.curated_sft_dir, ws.preferences_dir,
+            ws.curated_preferences_dir, *stored_inputs(ws)]
 
 
 def _fit_with_ray(job: dict, training: TrainingConfig, ws: Workspace, address: str | None,
@@ -148,7 +172,7 @@ def _fit_with_ray(job: dict, training: TrainingConfig, ws: Workspace, address: s
                                                            **training.placement.resources}),
         # A trainer named after a run that reported checkpoints there resumes it (Ray's own snapshot):
         # that is --resume under Ray. A dead worker restarts the group from the latest one.
-        run_config=RunConfig(storage_path=recovery.ray_storage(ws), name=job["run_id"],
+        run_config=RunConfig(**recovery.ray_storage_args(ws), name=job["run_id"],
                              failure_config=FailureConfig(max_failures=checkpointing.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=checkpointing.keep)),
     )

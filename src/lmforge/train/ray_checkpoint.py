@@ -73,16 +73,22 @@ def report(root: Path, written: Path | None, metrics: dict[str, Any]) -> None:
     # possibly after the run has ended and the scratch is gone (the links keep the files alive).
     staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}-report-"))
     try:
-        _link(written, staging / written.name)
-        for name in BESIDE:
-            if (root / name).exists():
-                _link(root / name, staging / name)
-        atomic_write_json(staging / ckpt.LATEST, {"tag": written.name, "history": [written.name]})
+        stage_latest(root, written, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     train.report(metrics, checkpoint=train.Checkpoint.from_directory(str(staging)),
                  checkpoint_upload_mode=train.CheckpointUploadMode.ASYNC)
+
+
+def stage_latest(root: Path, written: Path, staging: Path) -> None:
+    """Fill ``staging`` with what resuming needs: the checkpoint ``written`` (in ``root``), what lies
+    beside it, and a ``latest.json`` naming it; as hard links where the filesystem allows."""
+    _link(written, staging / written.name)
+    for name in BESIDE:
+        if (root / name).exists():
+            _link(root / name, staging / name)
+    atomic_write_json(staging / ckpt.LATEST, {"tag": written.name, "history": [written.name]})
 
 
 def remove_scratch(root: Path) -> None:
