@@ -128,6 +128,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     emit("train", {k: v for k, v in result.items() if k != "history"}, args.json)
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    config, ws = _setup(args)
+    from lmforge.stages.tune import tune
+
+    result = tune(config, ws).as_dict()
+    emit("tune", {k: v for k, v in result.items() if k != "trial_outcomes"}, args.json)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
     from lmforge.stages.evaluate import evaluate
@@ -274,6 +282,7 @@ _STAGES: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "validate": (cmd_validate, "run the Great Expectations data gate on the curated corpus"),
     "tokenize": (cmd_tokenize, "train the tokenizer and build the validated tokenized datasets"),
     "train": (cmd_train, "pretrain and fine-tune the model (Ray Train)"),
+    "tune": (cmd_tune, "hyperparameter search over training and model keys (Ray Tune, ASHA; tune section)"),
     "evaluate": (cmd_evaluate, "held-out perplexity, exact match and ROUGE-L"),
     "promote": (cmd_promote, "register the latest model in MLflow and move the alias by rule"),
     "deploy": (cmd_deploy, "serve the champion from the registry and send one request"),

@@ -21,7 +21,7 @@ MAX_LINES = 400
 LAYERS = [
     ("core",),
     ("config", "data"),
-    ("collection", "curation", "validation", "tokenizer", "model", "train", "serving", "tracking", "evaluation"),
+    ("collection", "curation", "validation", "tokenizer", "model", "train", "serving", "tracking", "evaluation", "tune"),
     ("stages",),
     ("cli", "ui", "__main__", "__init__"),
 ]

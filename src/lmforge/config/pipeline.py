@@ -21,6 +21,7 @@ from lmforge.config.registry import RegistryConfig
 from lmforge.config.serving import ServingConfig
 from lmforge.config.tokenize import TokenizeConfig
 from lmforge.config.training import TrainingConfig
+from lmforge.config.tune import TuneConfig
 from lmforge.config.validation import ValidationConfig
 
 
@@ -33,6 +34,7 @@ class PipelineConfig(Section):
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)  # lmforge tune: a search over training and model
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)

@@ -60,7 +60,8 @@ class TrainResult:
 def train(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, run_name: str | None = None,
           progress: Callable[[dict], None] | None = None, ray_address: str | None = None,
           resume: str | None = None, finetune_heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
-          experiment: str | None = None, platform: PlatformConfig | None = None) -> TrainResult:
+          experiment: str | None = None, platform: PlatformConfig | None = None,
+          report: Callable[[dict], None] | None = None, hand_off: bool = True) -> TrainResult:
     """Train a model from ``ws``'s tokenizer and data; return where it is and how it went.
 
     ``progress`` receives each history row as it is made (in-line and under Ray).
@@ -76,6 +77,9 @@ def train(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, run_n
     A registered ``model.base_model`` (``models:/NAME@champion``) is resolved here, in ``platform``'s
     registry (:mod:`lmforge.stages.base_model`): the workers load its downloaded directory, the params
     keep the URI, and the version it named is recorded as ``lmforge.base_model_*`` tags and params.
+    ``report`` receives every record the loop makes (history rows and validation values: a tune trial
+    reports its validation loss to Ray Tune from it); ``hand_off`` false leaves the ``train`` state
+    hand-off as it is (a tune trial is not the workspace's trained model).
     """
     started = time.perf_counter()
     resume = resolve_resume(ws, resume)
@@ -98,7 +102,8 @@ def train(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, run_n
         if live is not None:
             live.tracker.set_tags(base.lineage())
             live.log_params(config_params)
-        outcome = fit(job, training, ws, ray_address, progress, report=live.report if live else None)
+        outcome = fit(job, training, ws, ray_address, progress,
+                      report=_both(live.report if live else None, report))
         if live is not None:
             final_step = max((int(row["step"]) for row in outcome["history"]), default=0)
             live.finish(outcome["params"], outcome["metrics"], final_step)
@@ -117,7 +122,8 @@ def train(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, run_n
                          mlflow_tracking_uri=live.tracking_uri if live else None,
                          restarts=outcome["restarts"], resumed_from_step=outcome["resumed_from_step"])
     open_store(ws).atomic_write_json(run_dir / "train_result.json", result.as_dict())
-    ws.write_state("train", result.as_dict())
+    if hand_off:
+        ws.write_state("train", result.as_dict())
     return result
 
 
@@ -134,6 +140,18 @@ def record_failure(trained: dict[str, Any], platform: PlatformConfig | None, ws:
     run_id = tracked_run(trained, platform, ws)
     if run_id is not None:
         mark_failed(mlflow_client(ws, platform), run_id, stage, error)
+
+
+def _both(first: Callable[[dict], None] | None, second: Callable[[dict], None] | None) -> Callable[[dict], None] | None:
+    """One record sink that feeds both (either may be None)."""
+    if first is None or second is None:
+        return first or second
+
+    def deliver(record: dict) -> None:
+        first(record)
+        second(record)
+
+    return deliver
 
 
 def _new_run_id(run_name: str | None) -> str:
