@@ -94,7 +94,7 @@ class LocalFiles:
         chunks = chunked(small, [t.size for t in small], ctx.parallel.chunk_files, limit)
         backend = choose_backend(ctx.parallel, len(small))
         for units, tally in run_chunks(read_small_files, [(self.opts, c) for c in chunks], backend,
-                                       ctx.parallel.workers, ctx.parallel.ray_address):
+                                       ctx.parallel.workers, ctx.parallel.ray_address, local=True):
             ctx.tally.merge(tally)
             yield from units
         for task in changed:

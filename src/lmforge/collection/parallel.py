@@ -9,7 +9,9 @@ duplicated text is recorded under) does not depend on timing.
 The backend follows :class:`lmforge.config.data.ParallelConfig`: ``auto`` reads small inputs
 serially, uses Ray when a cluster address is configured (``parallel.ray_address`` or
 ``RAY_ADDRESS``) and the input reaches ``ray_min_files``, and a local process pool otherwise. On
-Ray, files must be reachable from the workers (S3, or a shared filesystem).
+Ray, chunks of objects (S3) run on any node; chunks of this machine's files run with ``local=True``,
+pinned to this machine's node (:func:`lmforge.core.ray_cluster.on_this_node`): no worker is assumed
+to see the driver's disk.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any, TypeVar
 
+from lmforge.core.ray_cluster import join_cluster, on_this_node
 from lmforge.core.runtime import cpu_count
 
 T = TypeVar("T")
@@ -56,8 +59,10 @@ def chunked(items: Sequence[T], sizes: Sequence[int], max_items: int, max_bytes:
 
 
 def run_chunks(fn: Callable[[T], R], chunks: Iterable[T], backend: str, workers: int = 0,
-               ray_address: str | None = None) -> Iterator[R]:
-    """``fn(chunk)`` for every chunk, results in chunk order; ``fn`` must be a picklable top-level function."""
+               ray_address: str | None = None, local: bool = False) -> Iterator[R]:
+    """``fn(chunk)`` for every chunk, results in chunk order; ``fn`` must be a picklable top-level function.
+
+    ``local``: the chunks name files on this machine's disk (on Ray, run them on this node only)."""
     workers = workers or cpu_count()
     if backend == "serial" or (backend == "processes" and workers == 1):
         for chunk in chunks:
@@ -65,7 +70,7 @@ def run_chunks(fn: Callable[[T], R], chunks: Iterable[T], backend: str, workers:
     elif backend == "processes":
         yield from _in_processes(fn, chunks, workers)
     elif backend == "ray":
-        yield from _on_ray(fn, chunks, workers, ray_address)
+        yield from _on_ray(fn, chunks, workers, ray_address, local)
     else:
         raise ValueError(f"unknown parallel backend {backend!r}")
 
@@ -96,20 +101,21 @@ def _in_processes(fn: Callable[[T], R], chunks: Iterable[T], workers: int) -> It
             yield window.popleft().result()
 
 
-def _on_ray(fn: Callable[[T], R], chunks: Iterable[T], workers: int, address: str | None) -> Iterator[R]:
+def _on_ray(fn: Callable[[T], R], chunks: Iterable[T], workers: int, address: str | None,
+            local: bool) -> Iterator[R]:
     import ray
 
     started = not ray.is_initialized()
     if started:
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, ignore_reinit_error=True)
+            join_cluster(address, ignore_reinit_error=True)
         else:
             # Ray's unix sockets live under its temp dir; keep that path short (PITFALLS).
             ray.init(num_cpus=workers, include_dashboard=False, ignore_reinit_error=True,
                      _temp_dir=os.path.join(tempfile.gettempdir(), f"lmforge-ray-collect-{os.getpid()}"))
     try:
-        remote = ray.remote(num_cpus=1)(fn)
+        remote = ray.remote(num_cpus=1, **(on_this_node() if local else {}))(fn)
         window: deque = deque()
         for chunk in chunks:
             window.append(remote.remote(chunk))

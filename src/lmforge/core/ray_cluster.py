@@ -33,6 +33,15 @@ def join_cluster(address: str, **init_kwargs: Any) -> None:
                           "start the cluster (`ray start --head`) or correct the address; unset both for a local Ray") from exc
 
 
+def on_this_node() -> dict[str, Any]:
+    """``ray.remote`` options that keep a task on this process's node: for tasks that read or write
+    this machine's disk (a cluster's other nodes cannot see it). Call with Ray initialized."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+
+
 def _refused_token(exc: BaseException) -> bool:
     # ray.init wraps the refusal (ConnectionError from a RuntimeError), and the RuntimeError carries
     # the AuthenticationError only as the text of its last attempt's traceback.

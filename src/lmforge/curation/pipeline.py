@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from lmforge.config.curation import CurationConfig
 from lmforge.core.errors import DataError
+from lmforge.core.ray_cluster import join_cluster, on_this_node
 from lmforge.curation.base import Context, build_steps, steps_of_phase
 from lmforge.curation.clean import count_lines
 from lmforge.curation.dedup import EXACT, KEEP, NEAR, NEAR_PREVIOUS, REASONS, MinHasher
@@ -133,7 +134,10 @@ def filter_unit(unit: Unit, cfg: CurationConfig, work: Path, ctx: Context, clean
 
 
 def run_map(fn: Callable[..., dict], units: list[Unit], args: tuple, use_ray: bool) -> list[dict]:
-    """``fn(unit, *args)`` for every unit, in order; as Ray tasks when ``use_ray``."""
+    """``fn(unit, *args)`` for every unit, in order; as Ray tasks when ``use_ray``.
+
+    The units read and write this machine's work directory, so on a cluster the tasks run on this
+    machine's node only (:func:`lmforge.core.ray_cluster.on_this_node`), never on one that cannot see it."""
     if not use_ray:
         return [fn(unit, *args) for unit in units]
     import os
@@ -141,9 +145,12 @@ def run_map(fn: Callable[..., dict], units: list[Unit], args: tuple, use_ray: bo
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                 ignore_reinit_error=True, log_to_driver=False)
-    remote = ray.remote(num_cpus=1)(fn)
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            join_cluster(address, ignore_reinit_error=True, log_to_driver=False)
+        else:
+            ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    remote = ray.remote(num_cpus=1, **on_this_node())(fn)
     shared = [ray.put(arg) for arg in args]
     return ray.get([remote.remote(unit, *shared) for unit in units])
 
