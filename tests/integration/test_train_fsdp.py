@@ -152,3 +152,35 @@ def test_fsdp_checkpoint_resumes_on_another_number_of_workers(sharded, tmp_path)
 def test_bad_parallel_settings_fail_at_config_time(settings, needle):
     with pytest.raises(ValueError, match=needle):
         TrainingConfig.model_validate(settings)
+
+
+# ---------------------------------------------------------------- the train stage on Ray
+
+
+# A local Ray and two Ray Train workers, twice (fsdp, then ddp): minutes on a busy 2-core machine.
+@pytest.mark.slow
+def test_ray_fsdp_run_saves_the_model_a_ddp_run_saves(tokenized_workspace, ray_session):
+    """Pretraining then LoRA on 2 Ray Train workers: fsdp and ddp save the same plain transformers model."""
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.stages.train import train
+
+    model_cfg = MODEL.model_copy(update={"vocab_size": 384, "max_seq_len": 64})
+    ws = tokenized_workspace("fsdp", model_cfg)
+    base = _training("lora", "fsdp").model_copy(update={
+        "pretrain": PHASE.model_copy(update={"steps": 8, "seq_len": 32}),
+        "finetune": PHASE.model_copy(update={"steps": 4, "seq_len": 64}),
+        "placement": PlacementConfig(use_ray=True, num_workers=WORLD, cpus_per_worker=0.5)})
+    sharded = train(base, model_cfg, ws, run_name="fsdp")
+    assert (sharded.params["strategy"], sharded.params["world_size"]) == ("fsdp", WORLD)
+    replicated = train(base.model_copy(update={"parallel": ParallelConfig()}), model_cfg, ws, run_name="ddp")
+    assert replicated.params["strategy"] == "ddp"
+    for phase in ("pretrain", "finetune"):
+        ratio = sharded.params[f"param_bytes_per_worker_{phase}"] / replicated.params[f"param_bytes_per_worker_{phase}"]
+        assert ratio == pytest.approx(1 / WORLD, rel=0.05), phase
+    for fsdp_row, ddp_row in zip(sharded.history, replicated.history, strict=True):
+        assert fsdp_row["loss"] == pytest.approx(ddp_row["loss"], rel=1e-4), fsdp_row
+    fsdp_model, ddp_model = (AutoModelForCausalLM.from_pretrained(r.model_dir) for r in (sharded, replicated))
+    ddp_weights = ddp_model.state_dict()
+    for name, weight in fsdp_model.state_dict().items():
+        torch.testing.assert_close(weight, ddp_weights[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -156,10 +156,13 @@ def _unsharded(sharded, method: str, tokenizer, training: TrainingConfig, model_
     """A plain copy of a model FSDP2 sharded (:mod:`lmforge.train.parallel`), on every rank: built as the
     phase's model was (the base reloaded and the method applied, for adapters), then given the gathered weights."""
     full = parallel.full_state(sharded.state_dict())
-    if methods.method_info(method).adapts:
-        model = _adapted(None, tokenizer, training, base_dir, device, resumed=True, writer=False)
-    else:
-        model = _prepared(build_model(model_cfg, len(tokenizer)), tokenizer, device, training)
+    # The new model's random initialization (overwritten below) must not move the generators: the next
+    # phase's fresh weights (LoRA's A matrices, say) are then drawn as an unsharded run draws them.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if methods.method_info(method).adapts:
+            model = _adapted(None, tokenizer, training, base_dir, device, resumed=True, writer=False)
+        else:
+            model = _prepared(build_model(model_cfg, len(tokenizer)), tokenizer, device, training)
     model.load_state_dict(full)
     return model
 
