@@ -139,9 +139,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
     from lmforge.stages.evaluate import evaluate
-    from lmforge.stages.lineage import latest_model_dir
+    from lmforge.stages.lineage import latest_model
 
-    model_dir = Path(args.model) if args.model else latest_model_dir(ws)
+    model_dir = args.model or latest_model(ws)
     result = evaluate(config.evaluation, model_dir, ws, model_name=config.registry.model_name, platform=config.platform)
     emit("evaluate", {**result.metrics, "frozen_set": result.frozen_set["digest"], "tasks": result.tasks}, args.json)
 

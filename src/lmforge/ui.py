@@ -104,11 +104,23 @@ def _start_mlflow(ws: Workspace, config: PipelineConfig, port: int) -> subproces
     _require_free(port, "--mlflow-port")
     ws.mlflow_dir.mkdir(parents=True, exist_ok=True)
     log = _log_file(ws, "mlflow-server.log")
-    cmd = [_bin("mlflow"), "server", "--backend-store-uri", _tracking_uri(ws, config),
-           "--default-artifact-root", ws.mlflow_artifacts_uri, "--no-serve-artifacts",
+    cmd = [_bin("mlflow"), "server", "--backend-store-uri", _tracking_uri(ws, config), *artifact_flags(ws, config),
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             preexec_fn=_die_with_parent)
+
+
+def artifact_flags(ws: Workspace, config: PipelineConfig) -> list[str]:
+    """Artifacts on a store (platform.mlflow_artifacts, or an object-store workspace) are served by
+    the server (``mlflow-artifacts:/`` URIs), so a client on another machine needs only the server's
+    URL, not the store's credentials; the server reads them from its environment's standard chain.
+    A local workspace keeps its artifact directory, which clients read directly."""
+    from lmforge.tracking.mlflow_tracker import artifacts_destination
+
+    destination = artifacts_destination(ws, config.platform)
+    if destination == ws.mlflow_artifacts_uri:
+        return ["--default-artifact-root", destination, "--no-serve-artifacts"]
+    return ["--artifacts-destination", destination, "--serve-artifacts"]
 
 
 def _tracking_uri(ws: Workspace, config: PipelineConfig) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import re
+
+from pydantic import Field, field_validator
 
 from lmforge.config.base import Section
 
@@ -13,10 +15,30 @@ class PlatformConfig(Section):
     mlflow_tracking_uri: str | None = Field(
         None, description="MLflow server URI; default sqlite in the workspace (env MLFLOW_TRACKING_URI wins)."
     )
+    mlflow_artifacts: str | None = Field(
+        None, description="Where MLflow keeps model and run artifacts, as a URL (s3://bucket/mlflow, gs://, ...): "
+        "the MLflow server lmforge starts serves them (--artifacts-destination with --serve-artifacts) and "
+        "experiments lmforge creates in a SQLite/file store write there. Default: <LMFORGE_HOME>/mlflow-artifacts "
+        "for an object-store workspace, else the workspace's mlflow/artifacts directory. Credentials come from "
+        "the store's standard chain (AWS_ENDPOINT_URL or MLFLOW_S3_ENDPOINT_URL for S3-compatible servers), "
+        "never from here. With an object-store workspace the default tracking store (SQLite) stays on this "
+        "machine: fine for one machine; a team shares an MLflow server (platform.mlflow_tracking_uri).")
     mlflow_system_metrics_interval_s: float = Field(
         10.0, ge=0, description="Seconds between MLflow system metrics samples (CPU, memory, GPU) of a training "
         "run; 0 turns them off (env MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL wins).")
     mlflow_flush_every_s: float = Field(
         5.0, gt=0, description="Seconds training metrics wait in memory before one batched write to MLflow.")
+    @field_validator("mlflow_artifacts")
+    @classmethod
+    def _artifacts_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.match(r"^(file:///|[A-Za-z][A-Za-z0-9+.\-]+://[^/])", value):
+            raise ValueError(f"{value!r} is not a URL: set platform.mlflow_artifacts to one such as s3://bucket/mlflow")
+        if "@" in value.split("://", 1)[1].split("/", 1)[0]:  # never keep a secret in a config
+            raise ValueError("platform.mlflow_artifacts holds credentials (user:password@): remove them and use "
+                             "the store's standard credential chain (environment, profile or instance role)")
+        return value.rstrip("/")
+
     ray_address: str | None = Field(None, description="Existing Ray cluster; default a local Ray (env RAY_ADDRESS).")
     schedule_cron: str = Field("0 3 * * 0", description="Retraining schedule of the `lmforge ui` deployment.")

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from lmforge.core.errors import ConfigError
@@ -202,17 +202,46 @@ class Workspace:
         self.home.mkdir(parents=True, exist_ok=True)
         return self
 
-    # Stage hand-offs as small JSON documents.
+    # Stage hand-offs as small JSON documents; on an object store they are objects under ``state/``.
     def write_state(self, name: str, payload: dict[str, Any]) -> Path:
         path = self.state_dir / f"{name}.json"
-        atomic_write_json(path, payload)
+        if self.is_remote:
+            _remote_state().write(self, path, payload)
+        else:
+            atomic_write_json(path, payload)
         return path
 
     def read_state(self, name: str) -> dict[str, Any] | None:
         path = self.state_dir / f"{name}.json"
+        if self.is_remote:
+            return _remote_state().read(self, path)
         if not path.exists():
             return None
         return json.loads(path.read_text())
+
+
+class RemoteState(Protocol):
+    """How hand-offs of an object-store workspace are read and written (lmforge.core.storage)."""
+
+    def write(self, ws: Workspace, path: Path, payload: dict[str, Any]) -> None: ...
+
+    def read(self, ws: Workspace, path: Path) -> dict[str, Any] | None: ...
+
+
+# The storage layer imports this module, so this one cannot import it: it installs its RemoteState
+# here when it is imported, as every stage that works on a remote workspace does.
+_REMOTE_STATE: list[RemoteState] = []
+
+
+def install_remote_state(io: RemoteState) -> None:
+    """Called once by lmforge.core.storage: hand-offs of a remote workspace go through its store."""
+    _REMOTE_STATE[:] = [io]
+
+
+def _remote_state() -> RemoteState:
+    if not _REMOTE_STATE:
+        raise RuntimeError("import lmforge.core.storage before using an object-store workspace's state")
+    return _REMOTE_STATE[0]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -8,11 +8,15 @@ The registry holds a model name's set as an artifact of the run of its first reg
 (``evaluation.frozen_set: auto``, :func:`resolve_frozen_set`) asks the registry first, then the
 workspace's pointer (a set frozen by an earlier evaluate that was not registered yet), and only then
 freezes a new set from the workspace's data.
+
+The workspace's sets and pointers go through its store (:mod:`lmforge.core.storage`): on an
+object-store workspace a set is a committed directory ``eval/frozen/<digest>`` in the bucket (read as a
+cached copy) and a pointer an object, so an evaluate on one machine and a register on another see
+the same set. A set downloaded from the registry is only a cache: it stays on this machine.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import uuid
 from collections.abc import Callable
@@ -21,7 +25,9 @@ from typing import Any
 
 from lmforge.config.platform import PlatformConfig
 from lmforge.core.errors import RegistryError
-from lmforge.core.workspace import Workspace, atomic_write_json
+from lmforge.core.storage import open_store
+from lmforge.core.storage.recorded import recorded_dir, recorded_file
+from lmforge.core.workspace import Workspace
 from lmforge.evaluation.frozen import FrozenSet, load_frozen_set, set_digest
 from lmforge.tracking.mlflow_tracker import mlflow_client, mlflow_uris
 
@@ -46,26 +52,32 @@ def resolve_frozen_set(ws: Workspace, platform: PlatformConfig | None, model_nam
     if registered is not None:
         digest, uri = registered
         return load_frozen_set(_fetch(ws, platform, model_name, digest, uri), expected_digest=digest), "registry"
+    store = open_store(ws)
     pointer = _pointer(ws, model_name)
-    if pointer.is_file():
-        digest = json.loads(pointer.read_text())["digest"]
-        cached = sets_dir(ws) / digest[:16]
-        if cached.is_dir():
-            return load_frozen_set(cached, expected_digest=digest), "workspace"
+    if store.exists(pointer):
+        digest = store.read_json(pointer)["digest"]
+        kept = sets_dir(ws) / digest[:16]
+        if store.is_committed(kept):
+            return load_frozen_set(store.cached_dir(kept), expected_digest=digest), "workspace"
     fresh = freeze_into_cache(ws, freeze)
-    atomic_write_json(pointer, {"model_name": model_name, "digest": fresh.digest})
+    store.atomic_write_json(pointer, {"model_name": model_name, "digest": fresh.digest})
     return fresh, "new"
 
 
 def freeze_into_cache(ws: Workspace, freeze: Callable[[Path], FrozenSet]) -> FrozenSet:
-    """Run ``freeze`` into a staging directory and keep the result in the cache under its digest."""
-    staging = sets_dir(ws) / f".staging-{uuid.uuid4().hex[:8]}"
+    """Run ``freeze`` into a scratch directory and keep the result in the workspace under its digest
+    (a set already kept there stays: the same digest is the same files)."""
+    store = open_store(ws)
+    staging = sets_dir(ws) / f".staging-{uuid.uuid4().hex[:8]}"  # this machine's side of the workspace
     try:
         fresh = freeze(staging)
-        final = _keep(staging, sets_dir(ws), fresh.digest)
+        kept = sets_dir(ws) / fresh.digest[:16]
+        if not store.is_committed(kept):
+            with store.atomic_dir(kept) as out:
+                shutil.copytree(staging, out, dirs_exist_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return load_frozen_set(final, expected_digest=fresh.digest)
+    return load_frozen_set(store.cached_dir(kept), expected_digest=fresh.digest)
 
 
 def registered_set(ws: Workspace, platform: PlatformConfig | None, model_name: str) -> tuple[str, str] | None:
@@ -96,12 +108,19 @@ def publish_evaluation(ws: Workspace, platform: PlatformConfig | None, model_nam
     """
     client = mlflow_client(ws, platform)
     for key in ("report_path", "tasks_table"):
-        if evaluated.get(key) and Path(evaluated[key]).is_file():
-            client.log_artifact(run_id, evaluated[key], "evaluation")
+        if evaluated.get(key):
+            try:  # a path, or the report's URL on an object-store workspace
+                report = recorded_file(ws, evaluated[key])
+            except FileNotFoundError:
+                continue
+            if not report.is_file():
+                continue
+            # By the report's own name: a cached copy is named by its digest.
+            client.log_text(run_id, report.read_text(), f"evaluation/{Path(evaluated[key]).name}")
     frozen = evaluated.get("frozen_set") or {}
     if frozen.get("source") in (None, "off") or registered_set(ws, platform, model_name) is not None:
         return False
-    client.log_artifacts(run_id, frozen["path"], ARTIFACT_PATH)
+    client.log_artifacts(run_id, str(recorded_dir(ws, frozen["path"])), ARTIFACT_PATH)
     client.set_registered_model_tag(model_name, TAG_URI, f"runs:/{run_id}/{ARTIFACT_PATH}")
     # The digest tag last: a reader that sees it finds the URI and the files already there.
     client.set_registered_model_tag(model_name, TAG_DIGEST, frozen["digest"])

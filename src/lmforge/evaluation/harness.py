@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmforge.core.errors import ConfigError, DataError
-from lmforge.core.workspace import atomic_write_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -107,7 +106,7 @@ def task_metrics(scores: TaskScores) -> dict[str, float]:
             for task, metrics in scores.items() for metric, value in metrics.items()}
 
 
-def write_task_table(path: Path, scores: TaskScores) -> Path:
+def task_table(scores: TaskScores) -> str:
     """One CSV row per (task, metric, value): the table artifact beside the eval report."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -115,8 +114,7 @@ def write_task_table(path: Path, scores: TaskScores) -> Path:
     for task, metrics in scores.items():
         for metric, value in metrics.items():
             writer.writerow([task, metric, repr(value)])
-    atomic_write_text(path, buffer.getvalue())
-    return path
+    return buffer.getvalue()
 
 
 def run_endpoint_tasks(base_url: str, model: str, tokenizer_dir: Path, paths: Sequence[str], *, max_length: int,

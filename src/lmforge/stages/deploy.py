@@ -8,7 +8,9 @@ The server is a detached ``python -m lmforge.serving`` process (its own session,
 the caller and can be stopped as a process group); it keeps running after :func:`deploy` returns,
 because it is the deployment. ``ws.serving_dir`` holds ``server.json`` (pid, endpoint, model), the
 server's ``server.log`` and the ready file the server writes once it accepts connections. A new
-deployment stops the previous one first.
+deployment stops the previous one first. These are this machine's (a process id means nothing
+elsewhere): on an object-store workspace they stay in its local side under the cache, while the
+``deploy`` state hand-off (endpoint, model) is written to the store like every other stage's.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def deploy(cfg: ServingConfig, model_ref: str, ws: Workspace, model_name: str) -
         sys.executable, "-m", "lmforge.serving", model_ref,
         "--model-name", model_name, "--ready-file", str(ready), "--serving-config", str(config_path),
     ]
-    env = {**os.environ, "LMFORGE_HOME": str(ws.home)}
+    env = {**os.environ, "LMFORGE_HOME": ws.location}  # the server opens the same workspace (URL or path)
     with open(serving / LOG, "wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)
@@ -79,7 +81,9 @@ def deploy(cfg: ServingConfig, model_ref: str, ws: Workspace, model_name: str) -
         stop(ws)
         raise
     atomic_write_json(serving / RECORD, {**record, "endpoint": url})
-    return DeployResult(url, model_name, proc.pid, cfg.probe_prompt, response, latency, model_ref)
+    result = DeployResult(url, model_name, proc.pid, cfg.probe_prompt, response, latency, model_ref)
+    ws.write_state("deploy", result.as_dict())
+    return result
 
 
 def stop(ws: Workspace) -> bool:

@@ -4,6 +4,9 @@
 stores the model directory as an MLflow 3 LoggedModel and registers it as a new version. ``lmforge
 run`` registers (through :func:`register_trained`). When the train stage tracked the run live
 (``mlflow_run_id`` in its hand-off), all of it goes onto that same run, which the version links to.
+On an object-store workspace the model and the data reports are read through the store (cached
+copies), and the files MLflow keeps go where ``platform.mlflow_artifacts`` says (by default beside
+the workspace, ``<LMFORGE_HOME>/mlflow-artifacts``), so the version is reachable from any machine.
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ from typing import Any
 from lmforge.config import PipelineConfig, config_hash
 from lmforge.config.platform import PlatformConfig
 from lmforge.config.registry import RegistryConfig
+from lmforge.core.storage import open_store
+from lmforge.core.storage.recorded import recorded_dir, recorded_key
+from lmforge.core.storage.view import local_view
 from lmforge.core.workspace import Workspace
 from lmforge.evaluation.frozen_store import publish_evaluation
-from lmforge.stages.lineage import data_reports, dataset_inputs, lineage_tags
+from lmforge.stages.lineage import data_reports, dataset_inputs, lineage_tags, report_inputs
 from lmforge.stages.train import tracked_run
 from lmforge.tracking.live import log_new_params, mark_failed
 from lmforge.tracking.mlflow_tracker import MlflowTracker, mlflow_client
@@ -54,6 +60,7 @@ def register(
     tags: dict[str, str],
     reports: Sequence[Path] = (),
     run_id: str | None = None,
+    model_location: str | None = None,
 ) -> RegisteredVersion:
     """One MLflow run with everything that produced ``model_dir``, and a new registered version.
 
@@ -62,13 +69,15 @@ def register(
     any half-made LoggedModel are marked FAILED and no model version remains (one created just
     before the failure is deleted again). The error text is kept as the run's ``lmforge.error`` tag.
     ``run_id`` names the run that tracked training live: it receives all this instead of a new run
-    (its params and history are there already; only new params are added).
+    (its params and history are there already; only new params are added). ``model_location`` is
+    where the model lives for the ``lmforge.model_dir`` tag when ``model_dir`` is a local copy of it
+    (the URL on an object-store workspace).
     """
     from mlflow.entities import LoggedModelOutput
 
     model_dir = Path(model_dir)
     lineage = {str(k): str(v) for k, v in tags.items()}
-    run_tags = {**lineage, "lmforge.model_dir": str(model_dir.resolve())}
+    run_tags = {**lineage, "lmforge.model_dir": model_location or str(model_dir.resolve())}
     reused = run_id is not None
     if run_id is None:
         tracker = MlflowTracker.start(
@@ -118,6 +127,12 @@ def register(
     return result
 
 
+def _location(ws: Workspace, model_dir: str) -> str:
+    """Where a trained model lives, as a user finds it: its URL on an object store, else its path."""
+    key = recorded_key(ws, model_dir) if ws.is_remote else None
+    return open_store(ws).uri(key) if key is not None else str(Path(model_dir).resolve())
+
+
 def _create_version(client: Any, name: str, source: str, run_id: str, model_id: str, tags: dict[str, str]):
     """A new version of ``name`` whose files are the LoggedModel's, linked both ways.
 
@@ -160,12 +175,14 @@ def register_trained(config: PipelineConfig, ws: Workspace, trained: dict[str, A
     params = {**trained.get("params", {}), "config_hash": config_hash(config)}
     tags = lineage_tags(config, ws, flow_run_id) | {"lmforge.train_run_id": str(trained.get("run_id", ""))}
     tags |= evaluated.get("tags", {})  # the frozen set's digest and the tokenizer's fingerprint (promotion reads them)
-    version = register(
-        config.registry, config.platform, ws,
-        model_dir=Path(trained["model_dir"]), params=params, metrics=metrics,
-        history=trained.get("history", []), dataset_inputs=dataset_inputs(ws), tags=tags,
-        reports=data_reports(ws), run_id=tracked_run(trained, config.platform, ws),
-    )
+    with local_view(ws, report_inputs(ws)) as view:  # the reports under their own names, on any store
+        version = register(
+            config.registry, config.platform, ws,
+            model_dir=recorded_dir(ws, trained["model_dir"]), params=params, metrics=metrics,
+            history=trained.get("history", []), dataset_inputs=dataset_inputs(ws), tags=tags,
+            reports=data_reports(view), run_id=tracked_run(trained, config.platform, ws),
+            model_location=_location(ws, trained["model_dir"]),
+        )
     publish_evaluation(ws, config.platform, config.registry.model_name, version.run_id, evaluated)
     result = version.as_dict() | {"train_run_id": str(trained.get("run_id", ""))}
     ws.write_state("register", result)

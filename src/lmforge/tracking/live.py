@@ -96,7 +96,7 @@ class LiveRun:
         """Start (or, for a resumed training run, reopen) the MLflow run of ``train_run_id``."""
         platform = platform or PlatformConfig()
         client = mlflow_client(ws, platform)
-        experiment_id = ensure_experiment(client, experiment, ws)
+        experiment_id = ensure_experiment(client, experiment, ws, platform)
         found = _run_of(client, experiment_id, train_run_id) if resume else None
         if found is not None:
             client.update_run(found, status="RUNNING")

@@ -6,6 +6,11 @@ functions: the engine imports without it.
 
 Where MLflow lives, first match wins: env ``MLFLOW_TRACKING_URI``, ``platform.mlflow_tracking_uri``,
 else SQLite at ``<LMFORGE_HOME>/mlflow/mlflow.db`` with artifacts under ``<LMFORGE_HOME>/mlflow``.
+Artifacts go where :func:`artifacts_destination` says: ``platform.mlflow_artifacts``, else
+``<workspace URL>/mlflow-artifacts`` for an object-store workspace (so a registered model is in the
+bucket, reachable from any machine), else the workspace's own directory. On an object-store
+workspace the SQLite file itself is this machine's (under the cache): one machine is fine; a team
+points ``platform.mlflow_tracking_uri`` at a shared MLflow server.
 """
 
 from __future__ import annotations
@@ -40,6 +45,18 @@ def mlflow_uris(ws: Workspace, platform: PlatformConfig | None = None) -> tuple[
     return tracking, registry
 
 
+def artifacts_destination(ws: Workspace, platform: PlatformConfig | None = None) -> str:
+    """Where MLflow artifacts live: ``platform.mlflow_artifacts``, else beside an object-store
+    workspace (``<LMFORGE_HOME>/mlflow-artifacts``: what MLflow stores must be reachable from other
+    machines), else the local workspace's ``mlflow/artifacts`` directory (a file: URI)."""
+    platform = platform or PlatformConfig()
+    if platform.mlflow_artifacts:
+        return platform.mlflow_artifacts
+    if ws.url is not None:
+        return f"{ws.url}/mlflow-artifacts"
+    return ws.mlflow_artifacts_uri
+
+
 def is_local_store(uri: str) -> bool:
     """True for stores this process writes directly (SQLite, files), false for a tracking server."""
     return urlparse(uri).scheme in ("", "file", "sqlite")
@@ -57,18 +74,20 @@ def mlflow_client(ws: Workspace, platform: PlatformConfig | None = None) -> Mlfl
     return MlflowClient(tracking_uri=tracking, registry_uri=registry)
 
 
-def ensure_experiment(client: MlflowClient, name: str, ws: Workspace) -> str:
+def ensure_experiment(client: MlflowClient, name: str, ws: Workspace, platform: PlatformConfig | None = None) -> str:
     """The id of experiment ``name``, created on first use.
 
-    For a local store the artifact root goes inside the workspace; left to MLflow it would be
-    ``./mlruns`` relative to whatever directory the process started in. A tracking server keeps its
-    own artifact root (``--artifacts-destination``).
+    For a local store the artifact root is :func:`artifacts_destination` (the workspace, or the
+    object store); left to MLflow it would be ``./mlruns`` relative to whatever directory the process
+    started in. A tracking server keeps its own artifact root (``--artifacts-destination``), so
+    clients on other machines reach the files through it. An experiment keeps the root it was
+    created with.
     """
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        location = ws.mlflow_artifacts_uri if is_local_store(client.tracking_uri) else None
+        location = artifacts_destination(ws, platform) if is_local_store(client.tracking_uri) else None
         try:
             return client.create_experiment(name, artifact_location=location)
         except MlflowException as exc:
@@ -140,7 +159,7 @@ class MlflowTracker:
     ) -> MlflowTracker:
         """Open a new run in ``experiment``; call :meth:`finish` when done."""
         client = mlflow_client(ws, platform)
-        experiment_id = ensure_experiment(client, experiment, ws)
+        experiment_id = ensure_experiment(client, experiment, ws, platform)
         run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
         return cls(client, run.info.run_id)
 

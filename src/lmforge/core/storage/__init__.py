@@ -33,19 +33,24 @@ Design note, for the stage code that moves onto it:
 - pyarrow's S3 filesystem keeps an empty ``<dir>/`` object for a parent left empty by a delete or a
   move; it is not a file: ``list_files`` and the manifests never show it.
 - Two writers publishing the same directory at once are not arbitrated (stages own their outputs).
+- **State.** ``ws.write_state`` / ``ws.read_state`` (the stages' JSON hand-offs) of a remote workspace
+  are objects ``state/<name>.json`` on its store: this package installs :class:`StoreState` into
+  core.workspace when it is imported (core.workspace cannot import it: this package imports it).
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 
 from lmforge.core.storage.cache import ReadCache, Stats
 from lmforge.core.storage.location import SETTING, Location, StorageError, parse, translated
 from lmforge.core.storage.store import MARKER, Store, is_hidden, open_store
-from lmforge.core.workspace import Workspace
+from lmforge.core.workspace import Workspace, install_remote_state
 
 __all__ = [
     "MARKER",
@@ -55,6 +60,7 @@ __all__ = [
     "Stats",
     "StorageError",
     "Store",
+    "StoreState",
     "check",
     "is_hidden",
     "open_store",
@@ -93,3 +99,20 @@ def check(where: Workspace | str | os.PathLike[str] | None = None, setting: str 
         raise StorageError(f"{setting}={location.url} is not writable: {exc.strerror}",
                            f"choose a directory you may write for {setting}") from None
     return store
+
+
+class StoreState:
+    """The stages' hand-offs on a remote workspace's store (installed into core.workspace below)."""
+
+    def write(self, ws: Workspace, path: Path, payload: dict[str, Any]) -> None:
+        open_store(ws).atomic_write_json(path, payload)
+
+    def read(self, ws: Workspace, path: Path) -> dict[str, Any] | None:
+        store = open_store(ws)
+        try:
+            return store.read_json(path)
+        except FileNotFoundError:
+            return None
+
+
+install_remote_state(StoreState())
