@@ -123,3 +123,38 @@ def test_evaluate_and_promote_on_s3_keep_outputs_and_the_registered_model_in_the
     left = {p.relative_to(side).parts[0] for p in side.rglob("*") if p.is_file()}
     assert left <= {"mlflow", "serving"}, left
     assert not any(p.suffix in (".json", ".safetensors") for p in (side / "mlflow").rglob("*"))
+
+
+def test_mlflow_server_of_lmforge_ui_keeps_versions_in_the_bucket_and_serves_them(s3, model_dir, tmp_path, monkeypatch):
+    """The MLflow server as `lmforge ui` starts it with platform.mlflow_artifacts on the store: a version
+    registered through it lands in the bucket, and a client without any store credentials downloads
+    it through the server (what another machine does)."""
+    from conftest import free_port, server_process
+
+    from lmforge.config import PipelineConfig
+    from lmforge.config.registry import RegistryConfig
+    from lmforge.stages.register import register
+    from lmforge.tracking.model_uris import resolve_model
+    from lmforge.ui import artifact_flags
+
+    endpoint, s3c = s3
+    ws = Workspace(tmp_path / "home").ensure()
+    config = PipelineConfig.model_validate({"platform": {"mlflow_artifacts": f"s3://{BUCKET}/mlflow"}})
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+               *artifact_flags(ws, config), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    with server_process(command, f"{url}/health", tmp_path / "server.log",
+                        env={**os.environ, "AWS_ENDPOINT_URL": endpoint}, timeout=120):
+        registered = register(RegistryConfig(model_name="served-tiny", experiment="served-tiny"), config.platform, ws,
+                              model_dir=model_dir, params={}, metrics={"eval_perplexity": 9.0}, history=[],
+                              dataset_inputs=[], tags={})
+        assert registered.source.startswith("mlflow-artifacts:/"), registered.source  # proxied, not s3:// itself
+        keys = _keys(s3c, "mlflow")
+        assert any(k.endswith("/model.safetensors") for k in keys) and any(k.endswith("/config.json") for k in keys)
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+            monkeypatch.delenv(key, raising=False)
+        served, _, version = resolve_model("models:/served-tiny/1", ws)
+        assert version == "1" and (served / "model.safetensors").is_file()
