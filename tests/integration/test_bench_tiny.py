@@ -253,3 +253,34 @@ def test_train_dpo_gpu_tiny(tmp_path):
     else:
         assert "error" not in raw["trl_plain"], raw["trl_plain"]
         assert figure["baseline_value"] == raw["trl_plain"]["tokens_per_s"] > 0
+
+
+# ---------------------------------------------------------------- platform
+
+
+@pytest.mark.slow
+def test_platform_overhead_tiny(tmp_path, monkeypatch, prefect_server):
+    """The train task in a flow run on the session's Prefect server, on Ray with MLflow tracking, and
+    the bare in-line loop on the same tokenized data: both timed from their history rows. About a
+    minute on a 2-core machine (a local Ray and its worker start), so it runs in make test-slow."""
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server)
+    proc = bench("bench.platform.overhead", out=tmp_path, timeout=600)
+    runs = {r["run"]: r for r in map(json.loads, (line for line in proc.stdout.splitlines() if '"run"' in line))}
+    assert set(runs) == {"bare", "prefect+ray+mlflow"}
+    assert all(r["steps_timed"] == 4 and r["steady_s_per_step"] > 0 for r in runs.values()), runs  # 6 steps, 1 skipped
+    got = records(tmp_path, "platform_overhead", "bench.platform.overhead")
+    assert set(got) == {"steady_s_per_step", "fixed_s", "added_fixed_s", "outside_steps_s", "added_outside_steps_s",
+                        "wall_s"}
+    assert got["steady_s_per_step"]["baseline_value"] > 0 and got["wall_s"]["value"] > 0
+    assert got["added_fixed_s"]["value"] == pytest.approx(got["fixed_s"]["value"] - got["fixed_s"]["baseline_value"],
+                                                          abs=1e-3)
+
+
+def test_platform_storage_tiny(tmp_path):
+    """Tokenized shards read from local disk and from moto's S3 server through the read cache, cold and warm."""
+    bench("bench.platform.storage", out=tmp_path)
+    got = records(tmp_path, "platform_storage", "bench.platform.storage")
+    kinds = ("local", "store_cold", "store_warm")
+    assert set(got) == {f"{kind}_{unit}_per_s" for kind in kinds for unit in ("MB", "rows")}
+    assert all(r["value"] > 0 for r in got.values())
+    assert got["store_cold_rows_per_s"]["baseline_value"] == got["local_rows_per_s"]["value"]
