@@ -43,8 +43,9 @@ def test_mlflow_server_serves_artifacts_on_a_store_and_keeps_a_local_workspace_a
 @pytest.mark.parametrize(("value", "words"), [("/tmp/artifacts", "is not a URL"),
                                               ("s3://key:secret@bucket/mlflow", "credentials")])
 def test_bad_mlflow_artifacts_settings_are_named(value, words):
-    with pytest.raises(ValidationError, match=words):
+    with pytest.raises(ValidationError, match=words) as caught:
         PlatformConfig(mlflow_artifacts=value)
+    assert "secret" not in str(caught.value)  # the error never repeats a credential
 
 
 def test_state_of_a_remote_workspace_is_on_its_store(tmp_path, monkeypatch):

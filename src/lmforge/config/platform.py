@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from lmforge.config.base import Section
 
@@ -35,10 +37,17 @@ class PlatformConfig(Section):
             return None
         if not re.match(r"^(file:///|[A-Za-z][A-Za-z0-9+.\-]+://[^/])", value):
             raise ValueError(f"{value!r} is not a URL: set platform.mlflow_artifacts to one such as s3://bucket/mlflow")
-        if "@" in value.split("://", 1)[1].split("/", 1)[0]:  # never keep a secret in a config
+        return value.rstrip("/")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: Any) -> Any:
+        # A section-level check, so the error shows the section, never the value holding the secret.
+        value = data.get("mlflow_artifacts") if isinstance(data, Mapping) else None
+        if isinstance(value, str) and "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
             raise ValueError("platform.mlflow_artifacts holds credentials (user:password@): remove them and use "
                              "the store's standard credential chain (environment, profile or instance role)")
-        return value.rstrip("/")
+        return data
 
     ray_address: str | None = Field(None, description="Existing Ray cluster; default a local Ray (env RAY_ADDRESS).")
     schedule_cron: str = Field("0 3 * * 0", description="Retraining schedule of the `lmforge ui` deployment.")
