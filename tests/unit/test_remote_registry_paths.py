@@ -8,7 +8,9 @@ import pytest
 from pydantic import ValidationError
 
 from lmforge.config import PipelineConfig
+from lmforge.config.loader import parse_config
 from lmforge.config.platform import PlatformConfig
+from lmforge.core.errors import ConfigError
 from lmforge.core.storage.recorded import recorded_key
 from lmforge.core.workspace import Workspace
 from lmforge.tracking.mlflow_tracker import artifacts_destination
@@ -43,9 +45,11 @@ def test_mlflow_server_serves_artifacts_on_a_store_and_keeps_a_local_workspace_a
 @pytest.mark.parametrize(("value", "words"), [("/tmp/artifacts", "is not a URL"),
                                               ("s3://key:secret@bucket/mlflow", "credentials")])
 def test_bad_mlflow_artifacts_settings_are_named(value, words):
-    with pytest.raises(ValidationError, match=words) as caught:
+    with pytest.raises(ValidationError, match=words):
         PlatformConfig(mlflow_artifacts=value)
-    assert "secret" not in str(caught.value)  # the error never repeats a credential
+    with pytest.raises(ConfigError, match=words) as caught:  # as a user sees it from a config file
+        parse_config({"platform": {"mlflow_artifacts": value}}, "config.yaml")
+    assert "secret" not in str(caught.value.cause)  # the error never repeats a credential
 
 
 def test_state_of_a_remote_workspace_is_on_its_store(tmp_path, monkeypatch):
