@@ -72,10 +72,14 @@ def redacted_for_flow(config: PipelineConfig) -> PipelineConfig:
 def cmd_run(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
     from flows.pipeline import pipeline
+    from flows.prefect_api import ensure_api
     from lmforge.tracking.mlflow_tracker import mlflow_uris
 
     out = console(args.json)
     out.print(f"[bold]lmforge run[/bold]: workspace {ws.home}")
+    # Prefect's temporary server (no PREFECT_API_URL) is started here, with the time a busy machine needs
+    # and a clear error, not inside the flow's first client call.
+    ensure_api()
     try:
         result = pipeline(config=redacted_for_flow(config), deploy=not args.no_deploy)
     except Exception as exc:  # noqa: BLE001 - Prefect re-raises the stage's own exception, unwrapped here

@@ -55,3 +55,7 @@ class ServingError(LmforgeError):
 
 class RegistryError(LmforgeError):
     """The model registry refused an operation or holds nothing to act on."""
+
+
+class OrchestrationError(LmforgeError):
+    """A Prefect server (or another platform service) could not start or answer."""
