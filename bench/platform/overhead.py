@@ -51,6 +51,7 @@ from lmforge.config.model import ModelConfig
 from lmforge.config.tokenize import TokenizeConfig
 from lmforge.config.training import LoggingConfig, PhaseConfig, PlacementConfig, TrainingConfig, TrainValidationConfig
 from lmforge.core.errors import ConfigError
+from lmforge.core.runtime import prepare_environment
 from lmforge.core.workspace import Workspace
 
 BENCH = "platform_overhead"
@@ -136,7 +137,6 @@ def orchestrated_run(ws: Workspace, config: PipelineConfig) -> tuple[list[dict],
         return train_task(config.training, config.model, config.platform, config.tokenize.finetune_heldout_fraction,
                           config.registry.experiment)
 
-    os.environ["LMFORGE_HOME"] = str(ws.home)  # the task opens Workspace.from_env(), as in the pipeline
     started = time.perf_counter()
     result = train_stage(config)
     wall = time.perf_counter() - started
@@ -203,7 +203,10 @@ def main() -> None:
     command = (f".venv/bin/python -m bench.platform.overhead --steps {args.steps} --skip {args.skip}"
                + (" --tiny" if args.tiny else ""))
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-overhead-") as tmp:
-        ws = Workspace(Path(tmp) / "home").ensure()
+        ws = Workspace(Path(tmp) / "home")
+        # What the CLI sets before `lmforge run` (MLflow's synchronous logging, LMFORGE_HOME for the
+        # task's Workspace.from_env(), ...), for both runs alike.
+        prepare_environment(ws)
         bare_cfg = training_config(args.steps, args.tiny, use_ray=False)
         digest = prepare(ws, model, bare_cfg, CORPUS_MB[size])
         load = os.getloadavg()
