@@ -191,8 +191,11 @@ class Bench:
             s = self.shapes[shape]
             cfg = s["model"].model_copy(update={"vocab_multiple": spec.vocab_multiple})
             settings = spec.training_fields()
+            sharded = settings.get("parallel", {}).get("strategy") == "fsdp"
+            if sharded:
+                _one_rank_group(self.device)  # what a Ray Train worker has: FSDP2 shards over its process group
             training = TrainingConfig.model_validate({
-                "method": method, "placement": {"use_gpu": self.device.type == "cuda", "use_ray": False},
+                "method": method, "placement": {"use_gpu": self.device.type == "cuda", "use_ray": sharded},
                 "logging": {"every": 10**6}, "optimizer": {"weight_decay": 0.01},
                 "lora": LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=LINEAR), **settings})
             torch.manual_seed(0)  # the same initial weights in every row: loss_last is comparable
@@ -245,6 +248,22 @@ class Bench:
             run_steps.phase = phase
             return run_steps, model
         return build
+
+
+def _one_rank_group(device: torch.device) -> None:
+    """A process group of this process alone (kept for the rest of the run: later rows see world size 1,
+    which the loop treats as one process)."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
 
 
 def _random_batches(s: dict, n: int, device: torch.device) -> list[torch.Tensor]:

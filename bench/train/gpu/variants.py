@@ -27,6 +27,7 @@ WORDS: dict[str, tuple[str, object]] = {
     "fp8": ("speed.fp8", True),
     "bf16res": ("speed.residual_dtype", "bfloat16"),
     "opt": ("speed.compile_optimizer", True),
+    "fsdp": ("parallel.strategy", "fsdp"),  # FSDP2 over a one-rank process group (the runner makes one)
 }
 PAGEABLE = "+pageable"
 
@@ -164,6 +165,8 @@ def groups(s: Steps) -> dict[str, list[Variant]]:
                       llama("llama_lora/lmforge[fa4]", engine("lora", "fa4"))],
         "llama_fp8": [llama("llama_full/lmforge[fa4,fp8]", engine("full", "fa4,fp8"))],
         "llama_full": [full_plain, llama("llama_full/lmforge", engine("full"))],
+        # Our loop as DDP runs it on one GPU (no wrapper), then sharded by FSDP2 over one rank: its overhead.
+        "llama_fsdp": [llama("llama_full/lmforge", engine("full")), llama("llama_full/lmforge[fsdp]", engine("full", "fsdp"))],
         "llama_full_model": [llama("llama_full/lmforge[model]", engine("full", "model"))],
         "llama_lora": [peft, llama("llama_lora/lmforge", engine("lora"))],
         "llama_lora_model": [llama("llama_lora/lmforge[model]", engine("lora", "model"))],
