@@ -2,16 +2,20 @@
 pipeline runs it (a Prefect flow run on a real Prefect server, Ray Train with one worker, MLflow
 tracking on SQLite) against the bare in-line loop (no Prefect, no Ray, no MLflow), in one job.
 
-    .venv/bin/python -m bench.platform.overhead [--steps 60] [--skip 10] [--tiny] [--out DIR]
+    .venv/bin/python -m bench.platform.overhead [--steps 100] [--skip 10] [--log-every 10] [--pairs 2] [--tiny] [--out DIR]
 
 Both runs train the same model for the same steps on the same tokenized datasets (stdlib text,
 tokenized once by the tokenize stage), with the same training config but for
-``training.placement.use_ray``; a history row every step. Reported, each against the bare loop:
+``training.placement.use_ray``; a history row every ``--log-every`` steps (the pipeline's default
+10, so MLflow gets as many rows as in a pipeline run). The two paths run alternately ``--pairs``
+times and each figure is a path's best: the machine is shared and its load only adds time.
+Reported, each against the bare loop:
 
-* **steady step time**: the median of the per-step times after the first ``--skip`` steps. The
-  times come from the history rows, as the worker made them (a row's ``tokens_per_s`` is the
-  phase's tokens so far over its time so far, and every step has ``batch_size x seq_len`` tokens),
-  so the relay's delay to the driver does not count. Goal: at most 5% slower.
+* **steady step time**: the median, over the intervals between history rows after step ``--skip``,
+  of an interval's seconds per step. The times come from the rows as the worker made them (a row's
+  ``tokens_per_s`` is the phase's tokens so far over its time so far, and every step has
+  ``batch_size x seq_len`` tokens), so the relay's delay to the driver does not count. Goal: at
+  most 5% slower.
 * **fixed start-up**: wall time minus steps x steady step time: what a run costs beyond its steps
   (building the model, validation, saving; and for the orchestrated run the flow and task runs,
   starting Ray and its worker, opening and closing the MLflow run). The figure held to the goal
@@ -64,14 +68,14 @@ BATCH = {"full": (8, 128), "tiny": (4, 32)}  # batch size, sequence length
 CORPUS_MB = {"full": 3.0, "tiny": 0.1}
 
 
-def training_config(steps: int, tiny: bool, use_ray: bool) -> TrainingConfig:
-    """The two runs' config: equal but for ``use_ray``; a history row (and NaN check) every step."""
+def training_config(steps: int, tiny: bool, use_ray: bool, log_every: int) -> TrainingConfig:
+    """The two runs' config: equal but for ``use_ray``; a history row every ``log_every`` steps."""
     batch, seq = BATCH["tiny" if tiny else "full"]
     return TrainingConfig(method="pretrain",
                           pretrain=PhaseConfig(steps=steps, learning_rate=1e-3, batch_size=batch, seq_len=seq,
                                                warmup_steps=min(10, steps // 2)),
                           placement=PlacementConfig(use_ray=use_ray, num_workers=1, cpus_per_worker=1),
-                          logging=LoggingConfig(every=1), validation=TrainValidationConfig(batches=2))
+                          logging=LoggingConfig(every=log_every), validation=TrainValidationConfig(batches=2))
 
 
 def prepare(ws: Workspace, model: ModelConfig, training: TrainingConfig, megabytes: float) -> str:
@@ -85,28 +89,35 @@ def prepare(ws: Workspace, model: ModelConfig, training: TrainingConfig, megabyt
     return result.digest
 
 
-def step_times(history: list[dict], tokens_per_step: int) -> list[float]:
-    """Seconds of each step after the first, from rows logged every step (see the module docstring)."""
+def elapsed(history: list[dict], tokens_per_step: int) -> list[tuple[int, float]]:
+    """(step, seconds since the phase began) of each history row (see the module docstring)."""
     rows = sorted((int(r["step"]), r["tokens_per_s"]) for r in history if r.get("phase") == "pretrain")
-    elapsed = [(step, step * tokens_per_step / rate) for step, rate in rows]
-    return [(b - a) / (sb - sa) for (sa, a), (sb, b) in itertools.pairwise(elapsed)]
+    return [(step, step * tokens_per_step / rate) for step, rate in rows]
 
 
 def summary(name: str, history: list[dict], wall_s: float, steps: int, skip: int, tokens_per_step: int) -> dict:
-    """A run's figures. ``fixed_s`` is wall time minus ``steps`` x the steady (median) step time; on a
-    busy machine it also holds every step slowed by the load. ``outside_steps_s`` leaves that out:
-    wall time minus the measured time of steps 2..N minus one steady step (for step 1, whose row's
-    time also holds the validation before it)."""
-    every = step_times(history, tokens_per_step)
-    times = every[skip:]
+    """A run's figures. The steady step time is the median, over the intervals between history rows
+    that start at or after step ``skip``, of an interval's seconds per step. ``fixed_s`` is wall time
+    minus ``steps`` x that; on a busy machine it also holds every step the load slowed.
+    ``outside_steps_s`` leaves those out: wall time minus the measured time from the first row to the
+    last, minus the steady time of the steps up to the first row (whose time also holds the
+    validation before it)."""
+    marks = elapsed(history, tokens_per_step)
+    times = [(b - a) / (sb - sa) for (sa, a), (sb, b) in itertools.pairwise(marks) if sa >= skip]
     if len(times) < 2:
-        raise ConfigError(f"the {name} run logged {len(times)} steps after the first {skip}",
-                          "raise --steps or lower --skip")
+        raise ConfigError(f"the {name} run logged {len(times)} intervals after step {skip}",
+                          "raise --steps, or lower --skip or --log-every")
     steady = statistics.median(times)
     return {"run": name, "wall_s": round(wall_s, 3), "steady_s_per_step": steady,
-            "step_s_p10": _quantile(times, 0.1), "step_s_p90": _quantile(times, 0.9),
-            "fixed_s": wall_s - steps * steady, "outside_steps_s": wall_s - sum(every) - steady,
-            "steps_timed": len(times)}
+            "interval_s_per_step_min": min(times), "interval_s_per_step_max": max(times),
+            "fixed_s": wall_s - steps * steady,
+            "outside_steps_s": wall_s - (marks[-1][1] - marks[0][1]) - marks[0][0] * steady,
+            "intervals_timed": len(times)}
+
+
+def best(runs: list[dict]) -> dict:
+    """Each figure's best (lowest) over a path's runs: the machine is shared, and load only adds time."""
+    return {key: min(r[key] for r in runs) for key in ("wall_s", "steady_s_per_step", "fixed_s", "outside_steps_s")}
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -186,40 +197,52 @@ def prefect_api(home: Path) -> Iterator[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=None, help="steps of each run (default 60; 6 with --tiny)")
+    parser.add_argument("--steps", type=int, default=None, help="steps of each run (default 100; 6 with --tiny)")
     parser.add_argument("--skip", type=int, default=None, help="first steps left out of the steady step time "
                         "(default 10; 1 with --tiny)")
+    parser.add_argument("--log-every", type=int, default=None, help="training.logging.every of both runs "
+                        "(default 10, the pipeline's; 1 with --tiny)")
+    parser.add_argument("--pairs", type=int, default=None, help="runs of each path, alternating, best kept "
+                        "(default 2; 1 with --tiny)")
     add_common_arguments(parser, "a tiny model and 6 steps: a check of this script")
     args = parser.parse_args()
-    args.steps = args.steps or (6 if args.tiny else 60)
+    args.steps = args.steps or (6 if args.tiny else 100)
     args.skip = (1 if args.tiny else 10) if args.skip is None else args.skip
-    if args.steps < args.skip + 3:
-        raise ConfigError(f"--steps {args.steps} leaves fewer than 3 steps after --skip {args.skip}",
-                          "raise --steps or lower --skip")
+    args.log_every = args.log_every or (1 if args.tiny else 10)
+    args.pairs = args.pairs or (1 if args.tiny else 2)
+    if args.steps < args.skip + 2 * args.log_every:
+        raise ConfigError(f"--steps {args.steps} leaves fewer than 2 logged intervals after --skip {args.skip}",
+                          "raise --steps, or lower --skip or --log-every")
     out = out_dir(args)
     size = "tiny" if args.tiny else "full"
     model = TINY_MODEL if args.tiny else MODEL
     batch, seq = BATCH[size]
-    command = (f".venv/bin/python -m bench.platform.overhead --steps {args.steps} --skip {args.skip}"
-               + (" --tiny" if args.tiny else ""))
+    command = (f".venv/bin/python -m bench.platform.overhead --steps {args.steps} --skip {args.skip} "
+               f"--log-every {args.log_every} --pairs {args.pairs}" + (" --tiny" if args.tiny else ""))
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-overhead-") as tmp:
         ws = Workspace(Path(tmp) / "home")
         # What the CLI sets before `lmforge run` (MLflow's synchronous logging, LMFORGE_HOME for the
         # task's Workspace.from_env(), ...), for both runs alike.
         prepare_environment(ws)
-        bare_cfg = training_config(args.steps, args.tiny, use_ray=False)
+        bare_cfg = training_config(args.steps, args.tiny, use_ray=False, log_every=args.log_every)
         digest = prepare(ws, model, bare_cfg, CORPUS_MB[size])
+        config = PipelineConfig(model=model, training=training_config(args.steps, args.tiny, use_ray=True,
+                                                                      log_every=args.log_every))
         load = os.getloadavg()
-        bare = summary("bare", *bare_run(ws, model, bare_cfg), args.steps, args.skip, batch * seq)
-        print(json.dumps(bare), flush=True)
-        config = PipelineConfig(model=model, training=training_config(args.steps, args.tiny, use_ray=True))
+        runs: dict[str, list[dict]] = {"bare": [], "prefect+ray+mlflow": []}
         with prefect_api(Path(tmp)):
-            orchestrated = summary("prefect+ray+mlflow", *orchestrated_run(ws, config), args.steps, args.skip,
-                                   batch * seq)
-        print(json.dumps(orchestrated), flush=True)
-        _stop_ray()
+            for _ in range(args.pairs):
+                runs["bare"].append(summary("bare", *bare_run(ws, model, bare_cfg), args.steps, args.skip,
+                                            batch * seq))
+                print(json.dumps(runs["bare"][-1]), flush=True)
+                runs["prefect+ray+mlflow"].append(summary("prefect+ray+mlflow", *orchestrated_run(ws, config),
+                                                          args.steps, args.skip, batch * seq))
+                print(json.dumps(runs["prefect+ray+mlflow"][-1]), flush=True)
+                _stop_ray()  # each orchestrated run starts its own Ray, as a run of the pipeline does
+        load_end = os.getloadavg()
+    bare, orchestrated = best(runs["bare"]), best(runs["prefect+ray+mlflow"])
     baseline = (f"bare in-line train stage (no Prefect, Ray or MLflow), same job, same tokenized data "
-                f"{digest[:12]}, {args.steps} steps of {batch}x{seq} tokens")
+                f"{digest[:12]}, {args.steps} steps of {batch}x{seq} tokens, best of {args.pairs} alternating runs")
     figures = [
         ("steady_s_per_step", orchestrated["steady_s_per_step"], "s/step", bare["steady_s_per_step"]),
         ("fixed_s", orchestrated["fixed_s"], "s", bare["fixed_s"]),
@@ -238,8 +261,8 @@ def main() -> None:
     print(f"steady step {orchestrated['steady_s_per_step']:.4f}s vs bare {bare['steady_s_per_step']:.4f}s "
           f"({slower:+.1%}; goal at most +5%: {'met' if slower <= 0.05 else 'NOT met'}); fixed start-up "
           f"{orchestrated['fixed_s']:.1f}s vs bare {bare['fixed_s']:.1f}s (+{added:.1f}s; goal at most 30 s: "
-          f"{'met' if added <= 30 else 'NOT met'}); outside the steps +{added_outside:.1f}s; load average at the "
-          f"start {load[0]:.2f}", file=sys.stderr)
+          f"{'met' if added <= 30 else 'NOT met'}); outside the steps +{added_outside:.1f}s; best of {args.pairs} "
+          f"runs each; load average (1 min) {load[0]:.2f} before the runs, {load_end[0]:.2f} after", file=sys.stderr)
 
 
 def _stop_ray() -> None:
