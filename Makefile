@@ -4,6 +4,10 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
+# Where that torch comes from: PyTorch's CPU wheel index (the default index's torch is a CUDA build, several GB).
+# A torch already installed that satisfies TORCH_SPEC (a GPU machine's CUDA build) or a wheel the machine holds
+# (pip's find-links, e.g. an offline wheelhouse) is taken first, without asking any index.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # The extras `make install` installs; requirements.lock pins them with the runtime dependencies.
 LOCK_EXTRAS := test onnx eval
 # `make run CONFIG=my.yaml` runs the pipeline on a config file; empty: the embedded defaults.
@@ -15,20 +19,31 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install lock run test test-unit test-all test-slow lint clean
+.PHONY: install install-torch lock run test test-unit test-all test-slow lint clean
 
 install: $(STAMP)
 
 # torch first (TORCH_SPEC), then the exact versions CI tested (requirements.lock, less its torch: a GPU
 # machine keeps the CUDA build it chose), then lmforge itself, editable, adding nothing the lock lacks.
+# pip's own output is the progress (each package it collects, a bar per download); the quiet steps are short.
 $(STAMP): pyproject.toml requirements.lock Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "make install 1/4: pip"
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	@$(MAKE) --no-print-directory install-torch
+	@echo "make install 3/4: the locked dependencies (requirements.lock, about 280 packages)"
 	sed '/^torch==/d' requirements.lock > $(VENV)/requirements-without-torch.lock
-	$(BIN)/python -m pip install -q -r $(VENV)/requirements-without-torch.lock
+	$(BIN)/python -m pip install --progress-bar on -r $(VENV)/requirements-without-torch.lock
+	@echo "make install 4/4: lmforge (editable)"
 	$(BIN)/python -m pip install -q --no-deps -e .
 	@touch $(STAMP)
+
+# TORCH_SPEC into $(VENV): installed or held locally (no index asked, hence the quiet first try), else from
+# TORCH_INDEX. .ci/plain_install_check installs its fresh venv's torch through this target too.
+install-torch:
+	@echo "make install 2/4: $(TORCH_SPEC) (the CPU build unless one that satisfies it is installed)"
+	@$(BIN)/python -m pip install -q --no-index --no-deps "$(TORCH_SPEC)" 2>/dev/null \
+	  || $(BIN)/python -m pip install --progress-bar on --index-url "$(TORCH_INDEX)" "$(TORCH_SPEC)"
 
 # Regenerates requirements.lock for Python 3.11 on Linux x86_64: the runtime dependencies and LOCK_EXTRAS,
 # with the CPU build of TORCH_SPEC found in TORCH_WHEELS (uv reads no pip configuration, and PyPI's torch
