@@ -65,7 +65,8 @@ def write_records(bench: Bench, device: str | None = None) -> None:
               ("llama_1.1b_qlora_r16_compiled_tokens_per_s", "llama_qlora/lmforge[blocks]", "llama_lora/peft")]
     pairs += [(f"gpt2_124m_{flag}_alone_tokens_per_s", f"gpt2/plain+{flag}", "gpt2/plain") for flag in ABLATIONS]
     pairs += [("llama_1.1b_lora_bf16_base_alone_tokens_per_s", "llama_lora/peft+bf16_base", "llama_lora/peft"),
-              ("llama_1.1b_full_fused_loss_alone_tokens_per_s", "llama_full/plain+fused_loss", "llama_full/plain")]
+              ("llama_1.1b_full_fused_loss_alone_tokens_per_s", "llama_full/plain+fused_loss", "llama_full/plain"),
+              ("llama_1.1b_full_ft_fsdp_one_gpu_tokens_per_s", "llama_full/lmforge[fsdp]", "llama_full/lmforge")]
     device = device or (torch.cuda.get_device_name(0) if bench.device.type == "cuda" else "cpu (--tiny check)")
     for metric, ours, base in pairs:
         if "tokens_per_s" in rows.get(ours, {}) and "tokens_per_s" in rows.get(base, {}):
@@ -83,6 +84,8 @@ def write_records(bench: Bench, device: str | None = None) -> None:
                                ("llama_1.1b_qlora_checkpointing_peak_gib_vs_lora", "llama_qlora/lmforge+checkpointing",
                                 "llama_lora/lmforge"),
                                ("llama_1.1b_full_checkpointing_peak_gib", "llama_full/lmforge+checkpointing",
+                                "llama_full/lmforge"),
+                               ("llama_1.1b_full_ft_fsdp_one_gpu_peak_gib", "llama_full/lmforge[fsdp]",
                                 "llama_full/lmforge")]:
         if "peak_gib" in rows.get(ours, {}) and "peak_gib" in rows.get(base, {}):
             record(BENCH, metric, rows[ours]["peak_gib"], "GiB", base, rows[base]["peak_gib"], device=device,

@@ -263,7 +263,8 @@ def _one_rank_group(device: torch.device) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
+                            rank=0, world_size=1,
+                            device_id=torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else None)
 
 
 def _random_batches(s: dict, n: int, device: torch.device) -> list[torch.Tensor]:
