@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lmforge.serving.api.response_format import ResponseFormatRequest
 from lmforge.serving.engine.sampling import SamplingParams, TokenLogprob
 
 # ---------------------------------------------------------------- requests
@@ -96,6 +97,19 @@ class _SamplingRequest(BaseModel):
     frequency_penalty: float = Field(0.0, ge=0, le=0, description="Not supported; must be 0.")
     user: Text | None = None
     ignore_eos: bool = Field(False, description="lmforge (and vLLM) extension: generate max_tokens even past EOS.")
+    response_format: ResponseFormatRequest | None = Field(
+        None, description="Constrain the output to JSON: {type: json_object} or {type: json_schema, json_schema: "
+        "{name, schema, strict}}.")
+
+    @model_validator(mode="after")
+    def _format_alone(self) -> _SamplingRequest:
+        if self.response_format is not None and self.response_format.type != "text":
+            # A stop string could cut the JSON short; the grammar itself ends the output.
+            if self.stop:
+                raise ValueError("stop: cannot be combined with response_format (the grammar ends the output)")
+            if self.ignore_eos:
+                raise ValueError("ignore_eos: cannot be combined with response_format (the grammar ends the output)")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -113,6 +127,7 @@ class _SamplingRequest(BaseModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             ignore_eos=self.ignore_eos,
+            response_format=self.response_format.spec() if self.response_format is not None else None,
         )
 
     @property

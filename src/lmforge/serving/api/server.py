@@ -58,6 +58,7 @@ from lmforge.serving.api.protocol import (
 )
 from lmforge.serving.engine.engine import Engine, GenerationStream
 from lmforge.serving.engine.requests import Completion
+from lmforge.serving.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,12 @@ class _Served:
                            param="messages", code="invalid_value") from exc
         self.limits.check_tokens(len(ids), param)
         return ids
+
+    async def constrain(self, params: SamplingParams) -> None:
+        """Compile ``params.response_format`` in a worker thread (a new schema takes milliseconds to
+        seconds), refusing a bad one with a 400; the engine then finds the grammar cached."""
+        if params.response_format is not None:
+            await anyio.to_thread.run_sync(self.engine.grammar_for, params)
 
 
 def create_app(engine: Engine, model_name: str, cfg: ServingConfig,
@@ -167,7 +174,9 @@ def _add_completions(app: FastAPI, served: _Served, authorize) -> None:
         if max_tokens == 0 and body.logprobs is None:  # echo alone: nothing to compute
             choice = CompletionChoice(text=echo, finish_reason="length")
             return CompletionResponse(id=rid, model=model_name, choices=[choice], usage=Usage.of(len(prompt_ids), 0))
-        stream = engine.stream(prompt_ids, body.sampling(max_tokens, body.logprobs, body.prompt_logprobs), adapter)
+        params = body.sampling(max_tokens, body.logprobs, body.prompt_logprobs)
+        await served.constrain(params)
+        stream = engine.stream(prompt_ids, params, adapter)
         if body.stream:
             chunks = _completion_chunks(stream, rid, model_name, body.logprobs is not None, body.include_usage, echo)
             return _sse(chunks, stream)
@@ -193,6 +202,7 @@ def _add_chat(app: FastAPI, served: _Served, authorize) -> None:
                                            lambda: engine.encode(engine.render_chat(messages), add_special_tokens=False),
                                            turns=len(messages))
         params = body.sampling(served.budget(prompt_ids, body.max_tokens), body.logprobs_n)
+        await served.constrain(params)
         stream = engine.stream(prompt_ids, params, adapter)
         rid = new_id("chatcmpl")
         if body.stream:

@@ -53,11 +53,13 @@ from lmforge.serving.engine.requests import (
 from lmforge.serving.engine.sampling import SamplingParams, TokenLogprob, choose_tokens, token_logprobs
 from lmforge.serving.engine.scheduler import Scheduler
 from lmforge.serving.engine.sequence import Sequence, prompt_logprobs
+from lmforge.serving.engine.structured import Grammars, accept_tokens, mask_logits
 from lmforge.serving.model.loading import eos_ids, load_model
 from lmforge.serving.model.types import ServedModel
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedTokenizerBase
+    from xgrammar import CompiledGrammar
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,7 @@ class Engine:
         # An nn.Embedding (torch types its attributes Tensor | Module), or OnnxCausalLM's stand-in.
         self.vocab_size = cast(int, model.get_input_embeddings().num_embeddings)
         self.backend = make_backend(model, cfg, self.context_window)
+        self.grammars = Grammars(tokenizer, self.vocab_size, self.eos_ids)  # response_format (structured.py)
         self.adapters = self.backend.adapter_slots  # LoRA name -> slot
         self.metrics = metrics or NullMetrics()
         self.metrics.bind(lambda: self.queue_depth, lambda: self.active, lambda: self.cache_usage)
@@ -209,7 +212,8 @@ class Engine:
         """Low level: queue a request; ``sink`` receives deltas (or an exception) on the engine thread.
         Raises :class:`EngineBusy` when the queue is full or the engine is shutting down."""
         self.check(prompt_ids, params)
-        request = Request(list(prompt_ids), params, sink, adapter=slot_of(self.adapters, adapter))
+        request = Request(list(prompt_ids), params, sink, adapter=slot_of(self.adapters, adapter),
+                          grammar=self.grammar_for(params))
         with self._cv:
             if self._closed or self._draining:
                 self.metrics.rejected(503)
@@ -233,6 +237,7 @@ class Engine:
             raise RequestError(f"the prompt must be 1 or more token ids in [0, {self.vocab_size})",
                                "send a non-empty prompt of valid token ids", param="prompt")
         self.token_budget(len(prompt_ids), params.max_tokens, params.max_tokens)
+        self.grammar_for(params)
         need = len(prompt_ids) + params.max_tokens
         if not self.backend.fits_ever(need):
             need += self.backend.virtual_tokens  # a prompt-learning adapter's, before the prompt
@@ -240,6 +245,11 @@ class Engine:
                                "server's cache holds for one request",
                                "ask for fewer tokens, or raise serving.kv_cache.memory_mb", param="max_tokens",
                                code="kv_cache_too_small")
+
+    def grammar_for(self, params: SamplingParams) -> CompiledGrammar | None:
+        """``params.response_format`` compiled for this model (cached), None when unconstrained;
+        :class:`RequestError` when it cannot be. Slow the first time: call it off an event loop."""
+        return self.grammars.compile(params.response_format) if params.response_format is not None else None
 
     def close(self, drain_timeout_s: float = 0.0) -> None:
         """Stop the engine thread. New requests are refused at once; running and queued ones get up to
@@ -338,11 +348,15 @@ class Engine:
         computes while Python detokenizes. A sequence that then stops on a stop string wastes that
         one step; its result is dropped (its cache write lands in its own reserved blocks).
         """
-        tokens = choose_tokens(logits, [s.params for s in seqs], [s.rng for s in seqs])
+        grammars, raw = [s.grammar for s in seqs], logits
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if any(grammars):  # logprobs report the model's own distribution, as without a grammar
+            raw = logits.clone() if wanted else logits
+            mask_logits(logits, grammars)
+        tokens = choose_tokens(logits, [s.params for s in seqs], [s.rng for s in seqs])
         entries: dict[int, TokenLogprob] = {}
         if wanted:
-            found = token_logprobs(logits[wanted], [tokens[i] for i in wanted],
+            found = token_logprobs(raw[wanted], [tokens[i] for i in wanted],
                                    [seqs[i].params.logprobs or 0 for i in wanted], self.tokenizer)
             entries = dict(zip(wanted, found))
         if ahead:  # logits are consumed: the next launch may now reuse their buffer
@@ -352,6 +366,7 @@ class Engine:
                 self._ahead = (nxt, self.backend.decode([s.row for s in nxt],
                                                         [len(s.prompt) + len(s.token_ids) for s in nxt],
                                                         [tokens[i] for i in go_on]))
+        accept_tokens(grammars, tokens)  # next masks: on the CPU while the step launched above runs
         self.scheduler.update(seqs, tokens, entries)
 
     def _continues(self, seq: Sequence, token: int) -> bool:

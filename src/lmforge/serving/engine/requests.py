@@ -13,10 +13,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from lmforge.core.errors import ServingError
 from lmforge.serving.engine.sampling import SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    from xgrammar import CompiledGrammar
 
 
 class RequestError(ServingError):
@@ -78,6 +81,7 @@ class Request:
     finished: bool = False  # set once the final delta or an error was sent; later sends are dropped
     arrived: float = field(default_factory=time.perf_counter)  # for time-to-first-token
     adapter: int = 0  # LoRA adapter slot (adapters/lora_slots.py); 0 is the plain base
+    grammar: CompiledGrammar | None = None  # params.response_format compiled (engine/structured.py)
 
 
 class GenerationStream:

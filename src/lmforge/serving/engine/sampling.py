@@ -13,12 +13,21 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """A request's output constraint (OpenAI's ``response_format``): any JSON object, or JSON that
+    follows ``schema`` (JSON text). ``engine/structured.py`` compiles it into a grammar."""
+
+    type: Literal["json_object", "json_schema"]
+    schema: str | None = None  # JSON text of the schema, for json_schema
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives to report per token; None = no logprobs
     prompt_logprobs: int | None = None  # likewise for the prompt's tokens (the completions API's echo)
     ignore_eos: bool = False  # keep going past EOS until max_tokens (benchmarks)
+    response_format: ResponseFormat | None = None  # constrained decoding (engine/structured.py)
 
     def __post_init__(self) -> None:
         # Accept a list (as the HTTP layer passes it) but store a tuple so the params stay hashable.
@@ -46,6 +56,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be within (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be 0 (off) or positive, got {self.top_k}")
+        if self.response_format is not None and (self.stop or self.ignore_eos):
+            # A stop string could cut the JSON short, and the grammar ends the output with EOS.
+            raise ValueError("response_format cannot be combined with stop strings or ignore_eos")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 20:

@@ -40,6 +40,7 @@ from lmforge.serving.engine.metrics import EngineMetrics, NullMetrics
 from lmforge.serving.engine.requests import Request, send
 from lmforge.serving.engine.sampling import TextTracker, TokenLogprob, make_rng
 from lmforge.serving.engine.sequence import Sequence, emit, send_delta
+from lmforge.serving.engine.structured import GrammarState
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -133,7 +134,8 @@ class Scheduler:
                 else:
                     self.waiting.popleft()
                     seq = Sequence(request, row, TextTracker(self.tokenizer, request.params.stop),
-                                   make_rng(request.params.seed))
+                                   make_rng(request.params.seed),
+                                   grammar=GrammarState(request.grammar) if request.grammar is not None else None)
                 seq.admitted, self._admissions = self._admissions, self._admissions + 1
                 self.prefilling.append(seq)
 

@@ -20,6 +20,8 @@ from lmforge.serving.engine.sampling import SamplingParams, TextTracker, TokenLo
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from lmforge.serving.engine.structured import GrammarState
+
 
 @dataclass(eq=False)  # a sequence is itself: lists of them are searched by identity, never by content
 class Sequence:
@@ -39,6 +41,7 @@ class Sequence:
     first_token_at: float | None = None
     last_token_at: float = 0.0
     prompt_sent: bool = False
+    grammar: GrammarState | None = None  # a response_format's matcher (engine/structured.py)
 
     @property
     def params(self) -> SamplingParams:
