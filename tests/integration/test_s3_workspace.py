@@ -47,7 +47,7 @@ def _keys(s3c, prefix: str) -> list[str]:
 @pytest.fixture(scope="module")
 def staged(s3, tmp_path_factory):
     """collect, curate and validate run once into the bucket, as a user runs them from elsewhere."""
-    endpoint, s3c = s3
+    endpoint, _ = s3
     tmp = tmp_path_factory.mktemp("s3ws")
     cwd, cache = tmp / "elsewhere", tmp / "cache"
     cwd.mkdir()
@@ -63,7 +63,7 @@ def staged(s3, tmp_path_factory):
 
 
 def test_collect_curate_validate_on_s3_leave_outputs_only_in_the_bucket(s3, staged, tmp_path, monkeypatch):
-    endpoint, s3c = s3
+    _, s3c = s3
     url, env, cwd, cache, config, done = (staged[k] for k in ("url", "env", "cwd", "cache", "config", "last"))
     summary = json.loads(done.stdout.strip().splitlines()[-1])  # validate's: Data Docs named in the bucket
     assert summary["success"] and summary["data_docs"].startswith(f"{url}/data/validation/gx/")
@@ -177,4 +177,31 @@ def test_tokenize_and_train_on_s3_commit_to_the_bucket_and_resume_from_it(s3, st
     assert {f"runs/{run}/{MARKER}", f"runs/{run}/model/config.json", f"runs/{run}/adapter/adapter_config.json",
             f"runs/{run}/train_result.json"} <= set(keys)
     assert not any(k.startswith(f"checkpoints/{run}/") for k in keys)  # complete: its checkpoint served its purpose
+    assert list(cwd.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_tune_on_s3_keeps_its_results_and_ray_state_in_the_bucket(s3, staged, tmp_path):
+    """`lmforge tune` on an s3:// workspace: trials (Ray Tune actors) open the workspace by its URL and
+    train in-line from cached copies; best.yaml, result.json and Ray Tune's state land in the bucket."""
+    _, s3c = s3
+    env, cwd = staged["env"], staged["cwd"]
+    config = tmp_path / "tune.yaml"
+    tune = {"space": {"training.pretrain.learning_rate": {"choice": [1.0e-3, 3.0e-3]}}, "max_trials": 2,
+            "max_concurrent": 1, "scheduler": "none", "resources": {"cpus": 1}}
+    training = {**TRAIN["training"], "method": "pretrain", "checkpointing": {"every_minutes": 0},
+                "pretrain": {**TRAIN["training"]["pretrain"], "steps": 6}, "validation": {"every": 3, "batches": 1}}
+    config.write_text(yaml.safe_dump({**CONFIG, "model": TRAIN["model"], "training": training, "tune": tune}))
+    if f"tokenizer/{MARKER}" not in _keys(s3c, PREFIX):
+        done = _lmforge(["tokenize", str(config)], cwd, env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    done = _lmforge(["tune", str(config), "--json"], cwd, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["trials"] == 2 and summary["completed"] == 2
+    tune_id = summary["tune_id"]
+    assert summary["best_config"] == f"{staged['url']}/tune/{tune_id}/best.yaml"
+    keys = _keys(s3c, PREFIX)
+    assert {f"tune/{tune_id}/best.yaml", f"tune/{tune_id}/result.json"} <= set(keys)
+    assert any(k.startswith(f"ray/tune/{tune_id}/") for k in keys)  # Ray Tune's experiment state
     assert list(cwd.iterdir()) == []

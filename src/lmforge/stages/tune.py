@@ -13,6 +13,8 @@ train, evaluate and register stages. The trials' models stay in ``runs/<tune_id>
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -25,12 +27,13 @@ import yaml
 from lmforge.config.loader import parse_config
 from lmforge.config.pipeline import PipelineConfig
 from lmforge.core.errors import ConfigError, LmforgeError
-from lmforge.core.workspace import Workspace, atomic_write_json, atomic_write_text
+from lmforge.core.storage import open_store
+from lmforge.core.workspace import Workspace
 from lmforge.stages.train import train
 from lmforge.tracking.live import mark_failed
 from lmforge.tracking.mlflow_tracker import flatten_params
-from lmforge.train.checkpoint import LATEST, checkpoint_root
 from lmforge.train.loop import is_history_row
+from lmforge.train.recovery import has_checkpoint, ray_storage_args
 from lmforge.tune.runs import COMPLETED, COMPLETED_KEY, FAILED, STOPPED_EARLY, open_parent, outcome_of, trial_runs
 from lmforge.tune.search import check_searcher, run_search, start_ray
 from lmforge.tune.space import default_metric, validations, with_values
@@ -70,22 +73,24 @@ def tune(config: PipelineConfig, ws: Workspace) -> TuneResult:
     metric = settings.metric or default_metric(config.training)
     horizon = check_space(raw)
     tune_id = f"tune-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    out_dir = ws.home / TUNE_DIR / tune_id
+    out_dir = ws.home / TUNE_DIR / tune_id  # written through the workspace's store (an object store too)
+    store = open_store(ws)
     start_ray(settings, config.platform.ray_address)
     parent = open_parent(ws, config.platform, config.registry.experiment, tune_id,
                          {"tune": config.tune.model_dump(mode="json")})
     try:
         callback = trial_runs(parent, tune_id, (metric, TRAIN_LOSS),
                               lambda sampled: _flat(parse_config(with_values(raw, sampled), "the trial's config")))
-        grid = run_search(run_trial, {"base": raw, "home": str(ws.home), "tune_id": tune_id, "metric": metric},
-                          settings, metric, horizon, ws.ray_dir / "tune", tune_id, [callback])
+        grid = run_search(run_trial, {"base": raw, "home": ws.location, "tune_id": tune_id, "metric": metric},
+                          settings, metric, horizon, ray_storage_args(ws, "tune"), tune_id, [callback])
         outcomes = [{"trial_id": (r.metrics or {}).get("trial_id") or Path(r.path).name, "outcome": outcome_of(r),
                      "params": dict(r.config or {}), "metric": (r.metrics or {}).get(metric),
                      "error": str(r.error).splitlines()[0] if r.error is not None else None}
                     for r in (grid[i] for i in range(len(grid)))]  # ResultGrid indexes; its stub has no __iter__
         best = _best(grid, metric, settings.mode, tune_id)
         best_config = parse_config(with_values(raw, best["params"]), "the best trial's config")
-        atomic_write_text(out_dir / "best.yaml", yaml.safe_dump(best_config.model_dump(mode="json"), sort_keys=False))
+        best_yaml = yaml.safe_dump(best_config.model_dump(mode="json"), sort_keys=False)
+        store.atomic_write_text(out_dir / "best.yaml", best_yaml)
         parent.log_metrics({f"best_{metric}": best["metric"]})
         parent.set_tags({"lmforge.tune.best_trial": best["trial_id"]})
         parent.log_params({f"best.{k}": v for k, v in best["params"].items()})
@@ -95,14 +100,17 @@ def tune(config: PipelineConfig, ws: Workspace) -> TuneResult:
     count = {kind: sum(o["outcome"] == kind for o in outcomes) for kind in (COMPLETED, STOPPED_EARLY, FAILED)}
     result = TuneResult(tune_id=tune_id, metric=metric, trials=len(outcomes), completed=count[COMPLETED],
                         stopped_early=count[STOPPED_EARLY], failed=count[FAILED], best=best,
-                        mlflow_run_id=parent.run_id, best_config=str(out_dir / "best.yaml"), trial_outcomes=outcomes,
-                        duration_s=round(time.perf_counter() - started, 3))
-    atomic_write_json(out_dir / "result.json", result.as_dict())
-    parent.log_artifacts(out_dir, "tune")
+                        mlflow_run_id=parent.run_id, best_config=ws.shown(out_dir / "best.yaml"),
+                        trial_outcomes=outcomes, duration_s=round(time.perf_counter() - started, 3))
+    store.atomic_write_json(out_dir / "result.json", result.as_dict())
+    with tempfile.TemporaryDirectory() as copies:  # MLflow logs local files: the same two, on the parent run
+        (Path(copies) / "best.yaml").write_text(best_yaml)
+        (Path(copies) / "result.json").write_text(json.dumps(result.as_dict(), indent=2, default=str))
+        parent.log_artifacts(Path(copies), "tune")
     parent.finish()
     if settings.register_best:
         result = TuneResult(**{**result.as_dict(), "registered": register_best(best_config, ws)})
-        atomic_write_json(out_dir / "result.json", result.as_dict())
+        store.atomic_write_json(out_dir / "result.json", result.as_dict())
     return result
 
 
@@ -133,9 +141,9 @@ def run_trial(sampled: dict[str, Any], base: dict[str, Any], home: str, tune_id:
     placed = {**sampled, "training.placement.use_ray": False, "training.placement.use_gpu": gpus > 0,
               "training.cpu_threads": max(1, int(base["tune"]["resources"]["cpus"]))}
     config = parse_config(with_values(base, placed), f"tune trial {trial_id}'s config")
-    ws = Workspace(Path(home))
+    ws = Workspace.from_env(home)  # a path, or the store's URL: the trial may run on any node
     run_id = f"{tune_id}-{trial_id}"
-    resume = run_id if (checkpoint_root(ws, run_id) / LATEST).exists() else None
+    resume = run_id if has_checkpoint(ws, run_id) else None
     latest: dict[str, float] = {}
     reported: list[float] = []
 

@@ -28,20 +28,30 @@ LATEST_RUN = "latest"  # the value of --resume without a run id
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train writes it when it registers a checkpoint
 
 
-def ray_storage(ws: Workspace) -> str:
-    """Where Ray Train keeps this workspace's runs, as a user names it: the one place that names it."""
+def ray_storage(ws: Workspace, kind: str = "train") -> str:
+    """Where Ray Train (``kind`` train) or Ray Tune (``tune``) keeps this workspace's runs, as a user
+    names it: the one place that names it."""
     if ws.is_remote:
-        return open_store(ws).uri(ws.ray_dir / "train")
-    return str((ws.ray_dir / "train").resolve())
+        return open_store(ws).uri(ws.ray_dir / kind)
+    return str((ws.ray_dir / kind).resolve())
 
 
-def ray_storage_args(ws: Workspace) -> dict:
+def ray_storage_args(ws: Workspace, kind: str = "train") -> dict:
     """``RunConfig`` keywords for :func:`ray_storage`: the store's own filesystem on an object store,
     so Ray's uploads use the workspace's endpoint and credentials chain (AWS_ENDPOINT_URL included)."""
     if not ws.is_remote:
-        return {"storage_path": ray_storage(ws)}
+        return {"storage_path": ray_storage(ws, kind)}
     store = open_store(ws)
-    return {"storage_path": store.path(ws.ray_dir / "train"), "storage_filesystem": store.fs}
+    return {"storage_path": store.path(ws.ray_dir / kind), "storage_filesystem": store.fs}
+
+
+def has_checkpoint(ws: Workspace, run_id: str) -> bool:
+    """Whether an in-line run left a checkpoint to continue from (on an object store: its mirrored copy)."""
+    from lmforge.train.checkpoint import LATEST, checkpoint_root  # torch, imported only when a run is looked for
+
+    if ws.is_remote:
+        return open_store(ws).is_committed(ws.checkpoints_dir / run_id)
+    return (checkpoint_root(ws, run_id) / LATEST).exists()
 
 
 def delete_ray_run(ws: Workspace, run_id: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmforge.config.tune import TuneConfig
@@ -47,11 +46,13 @@ def start_ray(settings: TuneConfig, ray_address: str | None) -> None:
 
 
 def run_search(trial: Callable[..., None], trial_args: dict[str, Any], settings: TuneConfig, metric: str,
-               horizon: int, storage: Path, name: str, callbacks: Sequence[Callback]) -> ResultGrid:
+               horizon: int, storage: dict[str, Any], name: str, callbacks: Sequence[Callback]) -> ResultGrid:
     """Run ``settings.max_trials`` trials of ``trial(sampled, **trial_args)``; Ray Tune's results.
 
-    ``horizon`` is the most reports (validations) a trial makes, ASHA's ``max_t``; ``storage/name`` is
-    the experiment's directory (Ray Tune's own state, for ``Tuner.restore``).
+    ``horizon`` is the most reports (validations) a trial makes, ASHA's ``max_t``; ``storage`` is the
+    ``RunConfig`` keywords of the workspace's Ray storage (:func:`lmforge.train.recovery.ray_storage_args`:
+    a path, or the object store's path and filesystem), under which ``name`` is the experiment's
+    directory (Ray Tune's own state, for ``Tuner.restore``).
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -69,7 +70,7 @@ def run_search(trial: Callable[..., None], trial_args: dict[str, Any], settings:
                                     max_concurrent_trials=settings.max_concurrent if settings.searcher != "random"
                                     else None, scheduler=scheduler, search_alg=_searcher(settings),
                                     reuse_actors=False),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=list(callbacks), verbose=0,
+        run_config=tune.RunConfig(name=name, **storage, callbacks=list(callbacks), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
     )
     return tuner.fit()
