@@ -13,7 +13,8 @@ request arrives, so a server that never sees one never loads it. Three parts:
 - :class:`GrammarState`: one request's matcher and its next-token bitmask.
 - :func:`mask_logits` before sampling (every constrained row of the step in one kernel call, on the
   logits' device, after the forward: the paged backend's CUDA graphs capture the forward alone) and
-  :func:`accept_tokens` after it (each matcher takes its token and fills its next mask at once).
+  :func:`accept_tokens` after it (each matcher takes its token; then the next masks of the batch are
+  filled together, on xgrammar's thread pool).
 
 Off the critical path: with overlapped decoding (the paged backend), the engine calls
 :func:`accept_tokens` after it has launched the next decode step, so the masks of step k+1 are
@@ -170,12 +171,12 @@ class GrammarState:
             self.matcher.fill_next_token_bitmask(self.mask, 0)
             self.filled = True
 
-    def accept(self, token: int) -> None:
-        """Advance past ``token`` and fill the next mask (unless the grammar has ended)."""
+    def accept(self, token: int, fill: bool = True) -> None:
+        """Advance past ``token`` and (with ``fill``) fill the next mask unless the grammar has ended."""
         if not self.matcher.accept_token(token):  # cannot happen for a token sampled under the mask
             raise ServingError(f"the grammar refused token {token} chosen under its own mask", "report this bug")
         self.filled = False
-        if not self.matcher.is_terminated():
+        if fill and not self.matcher.is_terminated():
             self.fill()
 
 
@@ -200,7 +201,23 @@ def mask_logits(logits: torch.Tensor, states: Sequence[GrammarState | None]) -> 
 
 
 def accept_tokens(states: Sequence[GrammarState | None], tokens: Sequence[int]) -> None:
-    """Each grammar takes its row's chosen token and fills its mask for the next step."""
+    """Each grammar takes its row's chosen token and fills its mask for the next step (several masks
+    at once on xgrammar's thread pool)."""
+    going = []
     for state, token in zip(states, tokens):
         if state is not None:
-            state.accept(token)
+            state.accept(token, fill=False)
+            if not state.matcher.is_terminated():
+                going.append(state)
+    if len(going) == 1:
+        going[0].fill()
+    elif going:
+        masks = _xgrammar().allocate_token_bitmask(len(going), going[0].vocab_size)
+        _batch_matcher().batch_fill_next_token_bitmask([s.matcher for s in going], masks)
+        for i, state in enumerate(going):
+            state.mask, state.filled = masks[i : i + 1], True
+
+
+@functools.cache
+def _batch_matcher() -> Any:
+    return _xgrammar().BatchGrammarMatcher(max_threads=max(1, min(8, cpu_count() // 2)))
