@@ -11,11 +11,13 @@ import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import jsonschema
 import openai
 import pytest
 from helpers import make_tiny_model_dir, running
+from pydantic import BaseModel
 
 from lmforge.config.serving import ServingConfig
 from lmforge.serving.engine import Engine, SamplingParams
@@ -179,3 +181,16 @@ def test_both_backends_mask_in_a_mixed_batch(model_dir: Path, backend: str) -> N
             jsonschema.validate(json.loads(result.text), SCHEMAS["object_required"])
     assert any(r.finish_reason == "stop" for r in results[:4])
     assert results[4].text == alone.text
+
+
+def test_openai_parse_with_a_pydantic_model(client: openai.OpenAI) -> None:
+    """The client's own structured-output helper: it sends the model's strict schema and parses the reply."""
+
+    class Pick(BaseModel):
+        color: Literal["red", "green"]
+        ok: bool
+        n: int | None
+
+    reply = client.chat.completions.parse(model="tiny", messages=MESSAGES, response_format=Pick, max_tokens=60, seed=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Pick)

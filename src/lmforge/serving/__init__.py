@@ -9,7 +9,8 @@ Where things are, top to bottom (each layer imports only the ones below it):
 - ``engine/``: the :class:`Engine` thread (``engine.py``, one step = schedule -> execute -> update),
   the scheduler (``scheduler.py``: admission, chunked prefill, preemption, finishing), requests and
   results (``requests.py``), per-sequence state (``sequence.py``), sampling and text
-  (``sampling.py``), Prometheus metrics (``metrics.py``).
+  (``sampling.py``), structured output (``structured.py``: ``response_format`` as xgrammar masks),
+  Prometheus metrics (``metrics.py``).
 - ``backends/``: the ``Backend`` protocol (``base.py``) and its implementations: ``paged.py`` (our
   Llama runner, paged KV cache, CUDA graphs), ``hf.py`` (any causal LM's own forward, dense
   cache), ``onnx.py`` (the HF one over ONNX Runtime); ``choose.py`` picks one for a model.

@@ -134,8 +134,13 @@ class Grammars:
         with self._lock:  # the tokenizer's info is built once, by the first constrained request
             if self._compiler is None:
                 xgr = _xgrammar()
-                info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self._vocab_size,
-                                                          stop_token_ids=self._stop_ids)
+                try:
+                    info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self._vocab_size,
+                                                              stop_token_ids=self._stop_ids)
+                except (ValueError, RuntimeError, TypeError) as exc:  # a tokenizer xgrammar cannot read
+                    raise RequestError(f"this model's tokenizer cannot drive a grammar: {exc}",
+                                       "send no response_format to this model", param=PARAM,
+                                       code="unsupported") from exc
                 self._compiler = xgr.GrammarCompiler(info, max_threads=min(8, cpu_count()))
             return self._compiler
 
