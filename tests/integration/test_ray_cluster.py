@@ -9,7 +9,9 @@ words. Teardown stops exactly these nodes, by their process groups; never ``ray 
 every Ray of the machine. One cluster serves the whole module (a node start is ~10 s). The tests:
 a Ray task that asks for ``node2`` runs there; ``lmforge train`` with ``RAY_ADDRESS`` trains on the
 cluster, its worker pinned to node 2 by ``training.placement.resources``; with a wrong token it
-fails with lmforge's error naming the token settings (:mod:`lmforge.core.ray_cluster`).
+fails with lmforge's error naming the token settings (:mod:`lmforge.core.ray_cluster`); and the whole
+pipeline, ``lmforge run`` with ``LMFORGE_HOME=s3://...`` on an S3-compatible server (moto), run from
+a directory that is not the workspace, trains on node 2 and leaves every output in the bucket.
 """
 
 from __future__ import annotations
@@ -29,13 +31,17 @@ from contextlib import suppress
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import BIN, REPO, free_port
+from fixtures.collect.s3 import SECRET, client, s3_server
 from readme import argv, readme_command
 
 from lmforge.config.model import ModelConfig
+from lmforge.core.storage import MARKER
 
 pytest.importorskip("ray")
 
+BUCKET = "lmforge-cluster"
 MODEL = ModelConfig(vocab_size=384, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=64, max_seq_len=64)
 
@@ -124,14 +130,23 @@ CLUSTER = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[dict]:
+def s3() -> Iterator[str]:
+    """An S3-compatible server (moto on loopback) for the module; its fake credentials are in the
+    environment the nodes start with, as a real cluster's nodes have theirs (an instance role, env)."""
+    with s3_server() as endpoint:
+        client(endpoint).create_bucket(Bucket=BUCKET)
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def cluster(s3) -> Iterator[dict]:
     # A short path: Ray's unix sockets live under the temp dir and their paths must stay under 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="lmf-ray-", dir="/tmp"))
     home = root / "home"
     home.mkdir()
     auth_env, _ = command_env(readme_command("export RAY_AUTH_MODE=token"))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-    env.update(auth_env, HOME=str(home))
+    env.update(auth_env, HOME=str(home), AWS_ENDPOINT_URL=s3)
     token = subprocess.run(ray_argv(readme_command("ray get-auth-token --generate")), env=env, capture_output=True, text=True,
                            timeout=120)
     assert token.returncode == 0, token.stderr[-3000:]
@@ -235,6 +250,43 @@ def test_lmforge_without_the_token_says_which_setting_to_fix(cluster, pinned, tm
     assert f"error: the Ray cluster at {cluster['address']} refused this process" in result.stderr
     assert "fix:" in result.stderr and "RAY_AUTH_TOKEN" in result.stderr
     assert "Traceback" not in result.stderr and "not-the-token" not in result.stderr + result.stdout
+
+
+@CLUSTER
+def test_lmforge_run_on_s3_trains_on_node2_and_keeps_every_output_in_the_bucket(cluster, s3, tmp_path,
+                                                                                 prefect_server):
+    cwd, cache = tmp_path / "elsewhere", tmp_path / "cache"
+    cwd.mkdir()
+    config = tmp_path / "cluster-s3.yaml"
+    tiny = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    tiny["training"]["placement"] = {"num_workers": 1, "cpus_per_worker": 0.5, "resources": {"node2": 1}}
+    config.write_text(yaml.safe_dump(tiny))
+    url = f"s3://{BUCKET}/team"
+    env = {**cluster["env"], "RAY_ADDRESS": cluster["address"], "LMFORGE_HOME": url, "LMFORGE_CACHE": str(cache),
+           "PREFECT_API_URL": prefect_server}
+    try:
+        done = subprocess.run([str(BIN / "lmforge"), "run", str(config), "--json"], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+        assert SECRET not in done.stdout + done.stderr
+        summary = json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{")))
+        assert summary["version"] == "1"
+        s3c = client(s3)
+        keys = {i["Key"][len("team/"):] for page in s3c.get_paginator("list_objects_v2").paginate(Bucket=BUCKET,
+                                                                                                 Prefix="team/")
+                for i in page.get("Contents", []) if not i["Key"].endswith("/")}
+        run = json.loads(s3c.get_object(Bucket=BUCKET, Key="team/state/train.json")["Body"].read())["run_id"]
+        for committed in ("data/curated", "data/validation", "tokenizer", f"runs/{run}"):
+            assert f"{committed}/{MARKER}" in keys, committed
+        assert {f"runs/{run}/model/config.json", "state/evaluate.json", "state/register.json"} <= keys
+        assert not any(k.startswith("ray/train/") for k in keys)  # the run's Ray checkpoints, removed once it ended
+        assert list(cwd.iterdir()) == []
+        # The Ray Train worker ran on node 2 (its own cache, no view of the driver's disk), not on the head.
+        assert node_logs_mention(cluster["root"] / "node2", "RayTrainWorker")
+        assert not node_logs_mention(cluster["root"] / "head", "RayTrainWorker")
+    finally:
+        subprocess.run([str(BIN / "lmforge"), "deploy", str(config), "--stop"], cwd=cwd, env=env, capture_output=True,
+                       timeout=120)
 
 
 def test_placement_resources_are_custom_ones_only():
