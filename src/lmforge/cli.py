@@ -229,6 +229,13 @@ def cmd_ui(args: argparse.Namespace) -> None:
            config_path=args.config)
 
 
+def cmd_stack(args: argparse.Namespace) -> None:
+    config, ws = _setup(args)
+    from lmforge.stack.commands import run_stack
+
+    run_stack(args, config, ws)
+
+
 def cmd_model_info(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     from lmforge.model.info import describe, fit_warning, info_lines
@@ -356,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     ui = command("ui", cmd_ui, "start the Prefect and MLflow UIs with the pipeline deployed")
     ui.add_argument("--prefect-port", type=int, default=4200)
     ui.add_argument("--mlflow-port", type=int, default=5000)
+
+    from lmforge.stack.commands import add_stack_parser
+
+    add_stack_parser(sub, cmd_stack)
 
     model = sub.add_parser("model", help="facts about the configured model")
     model_sub = model.add_subparsers(dest="model_command")

@@ -21,7 +21,8 @@ MAX_LINES = 400
 LAYERS = [
     ("core",),
     ("config", "data"),
-    ("collection", "curation", "validation", "tokenizer", "model", "train", "serving", "tracking", "evaluation", "tune"),
+    ("collection", "curation", "validation", "tokenizer", "model", "train", "serving", "tracking", "evaluation", "tune",
+     "stack"),
     ("stages",),
     ("cli", "ui", "__main__", "__init__"),
 ]
