@@ -162,8 +162,13 @@ def test_stop_with_a_format_is_refused(client: openai.OpenAI) -> None:
     assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "stop"
 
 
-@pytest.mark.parametrize("backend", ["hf", "paged"])
-def test_both_backends_mask_in_a_mixed_batch(model_dir: Path, backend: str) -> None:
+@pytest.mark.parametrize("backend", ["hf", "paged", "onnx"])
+def test_every_backend_masks_in_a_mixed_batch(model_dir: Path, tmp_path: Path, backend: str) -> None:
+    if backend == "onnx":  # the HF backend's batching over ONNX Runtime: an export of the same model
+        from lmforge.serving.export import export_onnx
+
+        export_onnx(model_dir, tmp_path / "onnx")
+        model_dir = tmp_path / "onnx"
     engine = Engine.load(model_dir, device="cpu", cfg=ServingConfig(runtime={"engine": backend}))
     try:
         assert engine.backend.name == backend
