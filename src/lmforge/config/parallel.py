@@ -3,7 +3,10 @@
 ``strategy: ddp`` (the default) keeps a full replica of weights, gradients and optimizer state on
 every worker; ``fsdp`` shards all three over the workers (PyTorch FSDP2, ``fully_shard`` per
 Transformer block and on the root: :mod:`lmforge.train.parallel`), so the per-worker memory of the
-model falls with the number of workers. A group of :class:`lmforge.config.training.TrainingConfig`,
+model falls with the number of workers. ``tensor_parallel: N`` splits every Transformer block's matrices
+over groups of N workers (PyTorch DTensor, Megatron's column/row plan: :mod:`lmforge.train.tensor_parallel`), with
+``sequence_parallel`` also its norms and residual stream along the sequence; with ``fsdp`` the workers form a 2-D mesh
+(``data_parallel_shard x tensor_parallel``). A group of :class:`lmforge.config.training.TrainingConfig`,
 in a module of its own; its rules that span other groups are :meth:`ParallelConfig.check`.
 """
 
@@ -20,6 +23,11 @@ PLANNED = ("deepspeed",)
 # Methods FSDP2 shards as it shards full fine-tuning (their extra weights are ordinary parameters of the blocks
 # or of the root); qlora's 4-bit weights (bitsandbytes Params4bit) cannot be DTensor shards.
 FSDP_METHODS = ("pretrain", "full", "lora", "adapter", "prefix", "ptuning_v2", "prompt", "ptuning", "ia3")
+# Tensor parallelism splits the blocks' nn.Linear layers by their llama names (q/k/v/o, gate/up/down);
+# an adapter method wraps those layers in its own modules, which the column/row plans cannot split.
+TP_METHODS = ("pretrain", "full")
+# Model types whose blocks are llama's (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, RMSNorms, heads reshaped by -1).
+TP_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
 class FsdpConfig(Section):
@@ -49,6 +57,17 @@ class ParallelConfig(Section):
         "optimizer state sharded over the workers (PyTorch FSDP2), gathered block by block as they run.",
     )
     fsdp: FsdpConfig = Field(default_factory=FsdpConfig)
+    tensor_parallel: int = Field(
+        1, ge=1, le=1024, description="Split each Transformer block's attention heads and MLP columns over groups of "
+        "this many workers (DTensor: q/k/v and gate/up column-wise, o and down row-wise); the heads and key/value "
+        "heads must divide by it, and placement.num_workers must be a multiple of it (with strategy ddp, equal to it; "
+        "with fsdp the other factor shards over the groups). Llama-type models (llama, mistral, qwen2) only.",
+    )
+    sequence_parallel: bool = Field(
+        False, description="With tensor_parallel > 1: the blocks' norms and residual stream are also split, along the "
+        "sequence, over the tensor-parallel group (less activation memory; sequences are gathered for attention "
+        "and the MLP and scattered after them).",
+    )
 
     @field_validator("strategy", mode="before")
     @classmethod
@@ -58,10 +77,13 @@ class ParallelConfig(Section):
                              "gradients and optimizer state, as ZeRO-3) or ddp")
         return value
 
-    def check(self, method: str, use_ray: bool, speed: dict[str, Any]) -> None:
+    def check(self, method: str, use_ray: bool, speed: dict[str, Any], num_workers: int | None = None) -> None:
         """Raise ValueError (the cause and the fix) for a setting of another group FSDP2 cannot run with.
 
-        ``speed`` is ``training.speed`` as a dict (this module cannot import its class: it imports us)."""
+        ``speed`` is ``training.speed`` as a dict (this module cannot import its class: it imports us);
+        ``num_workers`` is ``placement.num_workers`` (None: not checked here)."""
+        if self.tensor_parallel > 1 or self.sequence_parallel:
+            self._check_tensor_parallel(method, use_ray, speed, num_workers)
         if self.strategy != "fsdp":
             return
         if not use_ray:
@@ -78,3 +100,53 @@ class ParallelConfig(Section):
             if on:
                 raise ValueError(f"parallel.strategy: fsdp does not run with speed.{name} yet: turn it off (compile "
                                  "with compile_scope: blocks works with fsdp), or use parallel.strategy: ddp")
+
+    def _check_tensor_parallel(self, method: str, use_ray: bool, speed: dict[str, Any], num_workers: int | None) -> None:
+        tp = self.tensor_parallel
+        if tp == 1:
+            raise ValueError("parallel.sequence_parallel splits the sequence over the tensor-parallel group, and "
+                             "tensor_parallel is 1: set parallel.tensor_parallel: 2 (or more), or sequence_parallel: false")
+        if not use_ray:
+            raise ValueError(f"parallel.tensor_parallel: {tp} splits the blocks over the Ray Train workers' process "
+                             "group, and placement.use_ray is false: set placement.use_ray: true with num_workers: "
+                             f"{tp}, or tensor_parallel: 1")
+        if method not in TP_METHODS:
+            raise ValueError(f"parallel.tensor_parallel splits the blocks' plain linear layers, and method {method!r} "
+                             "wraps them in its own: use method pretrain or full with tensor_parallel, or "
+                             "tensor_parallel: 1 (parallel.strategy: fsdp shards adapter methods)")
+        if num_workers is not None and (num_workers % tp or (self.strategy == "ddp" and num_workers != tp)):
+            raise ValueError(tensor_parallel_workers_message(num_workers, tp, self.strategy))
+        unsupported = {"cuda_graphs": speed.get("cuda_graphs"), "compile_optimizer": speed.get("compile_optimizer"),
+                       "fp8": speed.get("fp8"), "compile": speed.get("compile")}
+        for name, on in unsupported.items():
+            if on:
+                raise ValueError(f"parallel.tensor_parallel does not run with speed.{name} yet: turn it off, or set "
+                                 "tensor_parallel: 1")
+
+    def model_problem(self, architecture: str, num_heads: int, num_kv_heads: int) -> tuple[str, str] | None:
+        """(cause, fix) when the tensor-parallel plan cannot split this model, else None: checked before the run
+        (:func:`lmforge.train.launch.check_inputs`) and on each worker (a base_model's heads are known there)."""
+        tp = self.tensor_parallel
+        if tp == 1:
+            return None
+        if architecture not in TP_ARCHITECTURES:
+            return (f"parallel.tensor_parallel splits llama-type blocks ({', '.join(TP_ARCHITECTURES)}), and the model "
+                    f"is {architecture!r}", "use one of those architectures, or tensor_parallel: 1 with "
+                    "parallel.strategy: fsdp (which shards any model)")
+        for name, heads in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+            if heads % tp:
+                fits = [str(n) for n in range(2, num_heads + 1) if num_heads % n == 0 and num_kv_heads % n == 0]
+                return (f"parallel.tensor_parallel {tp} does not divide the model's {name} ({heads}): each worker "
+                        "computes whole attention heads", f"set parallel.tensor_parallel to a number that divides "
+                        f"num_heads ({num_heads}) and num_kv_heads ({num_kv_heads})"
+                        + (f": {', '.join(fits)}" if fits else " (none above 1 does: use tensor_parallel: 1)"))
+        return None
+
+def tensor_parallel_workers_message(workers: int, tp: int, strategy: str) -> str:
+    """Why ``workers`` workers cannot form groups of ``tp``, and the fix (config time and the worker's start)."""
+    if strategy == "ddp":
+        return (f"parallel.tensor_parallel: {tp} with strategy ddp runs one tensor-parallel group, and there are "
+                f"{workers} workers (placement.num_workers): set placement.num_workers: {tp}, or parallel.strategy: "
+                f"fsdp to shard over several groups of {tp}")
+    return (f"parallel.tensor_parallel: {tp} does not divide the {workers} workers (placement.num_workers) into "
+            f"groups: set placement.num_workers to a multiple of {tp} (data_parallel_shard x tensor_parallel)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lmforge.config.base import Section
 from lmforge.config.curation import CurationConfig
@@ -39,6 +39,16 @@ class PipelineConfig(Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     platform: PlatformConfig = Field(default_factory=PlatformConfig)
+
+    @model_validator(mode="after")
+    def _tensor_parallel_fits_the_model(self) -> PipelineConfig:
+        # Spans two sections; a base_model's head counts are checked by the training workers, which read its config.
+        model = self.model
+        problem = None if model.base_model else self.training.parallel.model_problem(
+            model.architecture, model.num_heads, model.num_kv_heads)
+        if problem is not None:
+            raise ValueError(": ".join(problem))
+        return self
 
 
 def config_hash(config: PipelineConfig) -> str:

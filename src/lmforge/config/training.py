@@ -343,7 +343,7 @@ class TrainingConfig(Section):
                              "placement.use_gpu: true, or speed.residual_dtype: float32")
         if self.preference_tuning:
             self._check_preference()
-        self.parallel.check(self.method, self.placement.use_ray, speed.model_dump())
+        self.parallel.check(self.method, self.placement.use_ray, speed.model_dump(), self.placement.num_workers)
         if speed.fp8 and self.method not in ("pretrain", "full"):
             raise ValueError(f"speed.fp8 trains all weights in FP8 matrix products; method {self.method!r} freezes "
                              "them: use fp8 with method pretrain or full, or set speed.fp8: false")

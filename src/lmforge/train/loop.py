@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lmforge.config.training import PhaseConfig, TrainingConfig
 from lmforge.core.errors import ConfigError, TrainingDiverged
 from lmforge.train import checkpoint as ckpt
-from lmforge.train import parallel
+from lmforge.train import parallel, tensor_parallel
 from lmforge.train.accel import speed
 from lmforge.train.cadence import CheckpointCadence
 from lmforge.train.objective import CausalLMObjective
@@ -67,6 +67,7 @@ def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: Traini
                       training.speed.compile_optimizer)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, phase))
     update = _update(model, optimizer, training, graphs)
+    copies = tensor_parallel.degree(training)
     run = _PhaseRun(name, phase, training, step_offset, on_log, objective.metric_names)
     cadence = CheckpointCadence(training.checkpointing, training.logging.every, ddp, device) if save else None
     if resume is not None:
@@ -81,9 +82,9 @@ def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: Traini
     net.train()
     for step in range(run.step + 1, phase.steps + 1):
         micro = [next(batches) for _ in range(phase.grad_accum)]
-        # [summed loss, tokens seen, target tokens (pairs)]; the target count must be global before backward.
-        stats = to_device(torch.tensor([0.0, sum(b["input_ids"].numel() for b in micro), objective.units(micro)]),
-                          device)
+        # [summed loss, tokens seen (once per tensor-parallel group), target tokens (pairs)]; targets global before backward.
+        seen = sum(b["input_ids"].numel() for b in micro) / copies
+        stats = to_device(torch.tensor([0.0, seen, objective.units(micro)]), device)
         sums = torch.zeros(len(objective.metric_names), device=device) if objective.metric_names else None
         if ddp:
             dist.all_reduce(stats[2:])

@@ -12,6 +12,10 @@ A sharded run's checkpoints and saved model hold full (gathered) tensors: :func:
 them one tensor at a time (only one full tensor is on the device at once), :func:`local_shard` cuts
 a full tensor back into this worker's shard. So a checkpoint resumes on any number of workers, and
 with either strategy; the saved model is a plain transformers directory, as under DDP.
+
+``training.parallel.tensor_parallel`` first splits the blocks over a 2-D mesh's second dimension
+(:mod:`lmforge.train.tensor_parallel`); FSDP2 then shards over its first, or (strategy ddp, one
+tensor-parallel group) nothing more is done. The functions below handle those DTensors as FSDP2's.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from lmforge.train import tensor_parallel
 from lmforge.train.accel.speed import transformer_blocks
 
 if TYPE_CHECKING:
@@ -28,13 +33,17 @@ if TYPE_CHECKING:
 
 
 def sharding(training: TrainingConfig) -> bool:
-    """Whether this run's loop shards with FSDP2 (strategy fsdp, inside a process group)."""
-    return training.parallel.strategy == "fsdp" and dist.is_available() and dist.is_initialized()
+    """Whether this run's loop shards with FSDP2 or tensor parallelism (strategy fsdp or tensor_parallel > 1,
+    inside a process group): then its parameters are DTensors, and no DDP wraps the model."""
+    split = training.parallel.strategy == "fsdp" or training.parallel.tensor_parallel > 1
+    return split and dist.is_available() and dist.is_initialized()
 
 
 def shard(objective: torch.nn.Module, model: torch.nn.Module, training: TrainingConfig, device: torch.device) -> bool:
     """With :func:`sharding`, ``fully_shard`` each of ``model``'s Transformer blocks, then ``objective``
     (which holds ``model``) as the root, in place; returns whether it did (False: nothing to do).
+    With ``tensor_parallel`` the blocks are split over the mesh's tensor-parallel dimension first, and
+    FSDP2 (strategy fsdp) shards over its data-parallel dimension.
 
     Blocks compiled by ``training.speed`` stay compiled (FSDP2's hooks run outside their graphs), and
     gradient checkpointing recomputes a block inside its own gather.
@@ -44,7 +53,15 @@ def shard(objective: torch.nn.Module, model: torch.nn.Module, training: Training
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("data_parallel_shard",))
+    if tensor_parallel.degree(training) > 1:
+        tensor_parallel.check_group(training)
+        grid = tensor_parallel.mesh(training, device)
+        tensor_parallel.parallelize(model, grid[tensor_parallel.TP], training.parallel.sequence_parallel)
+        if training.parallel.strategy != "fsdp":
+            return True
+        mesh = grid[tensor_parallel.DP]
+    else:
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=(tensor_parallel.DP,))
     # bf16 gathers and compute halve the all-gather and the matrix products' cost; gradients are
     # reduced and kept in float32, as are the shards the optimizer updates. CPUs compute in float32.
     fsdp = training.parallel.fsdp
@@ -69,15 +86,28 @@ def _reshard_without_grad(module: torch.nn.Module, args: object, output: object)
 
 def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` for plain and sharded (DTensor) gradients; returns the global
-    norm before clipping as a plain tensor (a sharded one comes back as a DTensor: gathered here)."""
+    norm before clipping as a plain tensor (a sharded one comes back as a DTensor: gathered here).
+
+    Under tensor parallelism the gradients mix plain tensors (replicated weights), DTensors of the
+    tensor-parallel mesh and, with FSDP2, of the 2-D and the data-parallel mesh: one norm per kind
+    (a foreach norm takes one), then their root sum of squares."""
     from torch.distributed.tensor import DTensor
 
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
+    groups: dict[object, list[torch.nn.Parameter]] = {}
+    for p in params:
+        if p.grad is not None:
+            key = (p.grad.device_mesh, p.grad.placements) if isinstance(p.grad, DTensor) else None
+            groups.setdefault(key, []).append(p)
+    norms = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group if p.grad is not None])
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if not norms:
+        return torch.tensor(0.0)
+    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    for group in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
 
 
 def full_state(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from lmforge.core.workspace import Workspace
 from lmforge.model.build import build_model, count_parameters
 from lmforge.model.chat import stop_token_ids, template_label
 from lmforge.tokenizer.build import load_tokenizer
-from lmforge.train import artifacts, parallel
+from lmforge.train import artifacts, parallel, tensor_parallel
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.accel import flash4, fp8, speed
 from lmforge.train.data import batch_stream, fixed_batches, phase_rows
@@ -57,6 +57,8 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
     records held out for validation when the phase tokenizes on the fly (:func:`phase_rows`).
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    tensor_parallel.check_group(training)  # before any work: the group that exists, not the configured count
+    data_rank, data_world = tensor_parallel.data_rank(training)  # a tensor-parallel group reads one shard
     tokenizer = load_tokenizer(ws.tokenizer_dir)
     # Who writes the base beside the checkpoints: rank 0 in a shared root, each node's first rank in its own.
     scratch_writer = (rank if root is None else int(os.environ.get("LOCAL_RANK", "0"))) == 0
@@ -65,6 +67,7 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
     resumed_after = resumed_from_step(saved)  # now: the history below grows inside saved.state
     torch.manual_seed(training.seed)
     model = _prepared(build_model(model_cfg, len(tokenizer)), tokenizer, device, training)
+    tensor_parallel.check_model(training, model.config)  # a base_model's heads are known only now
     history: list[dict] = saved.state["history"] if saved else []
     metrics: dict[str, float] = dict(saved.state["metrics"]) if saved else {}
     # The chat template the model is trained on (saved with its tokenizer) goes on record with the run.
@@ -93,10 +96,10 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
                                       else None, resumed=here is not None)
             train_rows, val_rows = scored["train"], scored.get("validation")
         params[f"data_{name}_validation_rows"] = len(val_rows["input_ids"]) if val_rows else 0
-        batches = batch_stream(train_rows, phase.batch_size, seed=training.seed + index, rank=rank,
-                               world_size=world, skip=here.state["loop"]["step"] * phase.grad_accum if here else 0)
-        val = fixed_batches(val_rows, phase.batch_size, training.validation.batches, rank=rank,
-                            world_size=world) if val_rows else []
+        batches = batch_stream(train_rows, phase.batch_size, seed=training.seed + index, rank=data_rank,
+                               world_size=data_world, skip=here.state["loop"]["step"] * phase.grad_accum if here else 0)
+        val = fixed_batches(val_rows, phase.batch_size, training.validation.batches, rank=data_rank,
+                            world_size=data_world) if val_rows else []
 
         # Defaults bind this phase's values now (the closure outlives the loop iteration).
         def save(step: int, tensors: dict, loop_state: dict, index=index, name=name,
