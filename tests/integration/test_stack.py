@@ -121,3 +121,35 @@ def test_down_leaves_no_process(stack):
     assert not Path(ray_dir).exists()
     status = _json(run_cli(STATUS, stack["home"], timeout=120))
     assert {r["state"] for r in status["roles"].values()} == {"stopped"}
+
+
+def test_a_role_that_fails_stops_what_up_started(tmp_path):
+    """MLflow refuses its store: `up` names the role and its log, and the Prefect server it started is stopped."""
+    from lmforge.config import PipelineConfig
+    from lmforge.core.errors import OrchestrationError
+    from lmforge.core.workspace import Workspace
+    from lmforge.stack import control
+    from lmforge.stack.roles import Options
+
+    ws = Workspace(tmp_path / "home")
+    options = Options(prefect_port=0, mlflow_port=0, mlflow_db="bogus://nowhere", roles=("prefect-server", "mlflow"))
+    with pytest.raises(OrchestrationError) as err:
+        control.up(ws, PipelineConfig(), options)
+    assert "mlflow exited with code" in err.value.cause
+    assert "mlflow.log" in err.value.fix and "bogus://nowhere" in err.value.fix
+    assert list((ws.home / "stack").glob("*.json")) == []
+    assert {s.state for s in control.status(ws).values()} == {"stopped"}
+    assert _processes_with_env("PREFECT_HOME", str(ws.prefect_dir)) == []
+
+
+def _processes_with_env(name: str, value: str) -> list[int]:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get(name) == value:
+                found.append(proc.info["pid"])
+        except psutil.Error:
+            continue  # gone meanwhile, or another user's
+    return found

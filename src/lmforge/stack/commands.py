@@ -38,13 +38,25 @@ def run_stack(args: argparse.Namespace, config: PipelineConfig, ws: Workspace) -
     from lmforge.stack import control, summary
     from lmforge.stack.roles import Options
 
+    if args.stack_command == "down":
+        emit("lmforge stack down", {"stopped": control.down(ws)}, args.json)
+        return
     if args.stack_command == "up":
         options = Options(prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, ray_port=args.ray_port,
                           s3_port=args.s3_port, s3=args.s3, mlflow_db=args.mlflow_db, ray_cpus=args.ray_cpus,
                           timeout=args.timeout)
         states, started = control.up(ws, config, options)
-        emit("lmforge stack up", summary(states, started), args.json)
-    elif args.stack_command == "down":
-        emit("lmforge stack down", {"stopped": control.down(ws)}, args.json)
+        facts = summary(states, started)
     else:
-        emit("lmforge stack status", summary(control.status(ws)), args.json)
+        facts = summary(control.status(ws))
+    if args.json:
+        emit(f"lmforge stack {args.stack_command}", facts, True)
+        return
+    # One line per role, then the variables a client sets, ready to paste into a shell.
+    for role, state in facts["roles"].items():
+        started_now = " (started now)" if role in facts.get("started", ()) else ""
+        print(f"{role:15} {state['state']:9} {state['url'] or '':32} pid {state['pid'] or '-'}{started_now}")
+    for name, value in facts["env"].items():
+        print(f"export {name}={value}")
+    if "prefect_ui" in facts:
+        print(f"Prefect UI: {facts['prefect_ui']}   logs: {ws.home / 'stack' / 'logs'}")

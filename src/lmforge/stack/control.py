@@ -137,10 +137,10 @@ def _start_all(ws: Workspace, specs: list[Spec], options: Options) -> list[Recor
             records.append(record)
     except BaseException:
         done = {r.role for r in records}
-        for spec, proc in launched:  # the ones not recorded yet: records are stopped by the caller
+        for spec, proc in launched:  # the ones not recorded yet, as if they were
             if spec.role not in done:
-                processes.stop(Record(spec.role, proc.pid, proc.pid, spec.port, spec.url, "", spec.command,
-                                      spec.marker, spec.extra), grace_s=5)
+                _stop_role(ws, Record(spec.role, proc.pid, proc.pid, spec.port, spec.url, "", spec.command,
+                                      spec.marker, spec.extra))
         for record in records:
             _stop_role(ws, record)
         raise

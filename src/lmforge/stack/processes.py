@@ -142,13 +142,14 @@ def wait_until(check: Callable[[], bool], proc: subprocess.Popen | None, what: s
                              f"read its log, {log} (a busy machine may need a longer --timeout): {tail(log)}")
 
 
-def tail(log: Path, chars: int = 400) -> str:
-    """The end of ``log`` on one line, for an error message."""
+def tail(log: Path, lines: int = 3, chars: int = 600) -> str:
+    """The last lines of ``log`` joined on one line (at most ``chars``), for an error message."""
     try:
-        text = log.read_text(errors="replace")[-chars:]
+        text = log.read_text(errors="replace")
     except OSError:
         return "(no log)"
-    return " | ".join(line.strip() for line in text.splitlines() if line.strip()) or "(empty)"
+    last = " | ".join([line.strip() for line in text.splitlines() if line.strip()][-lines:])
+    return (last[-chars:] if len(last) > chars else last) or "(empty)"
 
 
 def http_ok(url: str, timeout: float = 3) -> bool:
