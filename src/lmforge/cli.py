@@ -2,7 +2,8 @@
 
 ``lmforge run [CONFIG]`` runs the whole pipeline as a Prefect flow; ``lmforge STAGE CONFIG`` runs
 one stage alone from what earlier stages left in the workspace; ``lmforge serve MODEL`` starts the
-inference server; ``lmforge ui`` starts the Prefect and MLflow UIs with the pipeline deployed.
+inference server; ``lmforge ui`` starts the Prefect and MLflow UIs with the pipeline deployed;
+``lmforge stack up|down|status`` runs the platform's services as local processes.
 Expected errors print as ``error:`` / ``fix:`` lines without a traceback (exit code 2).
 """
 
