@@ -20,6 +20,7 @@ Gradient checkpointing keeps 4h per token per layer plus one layer's activations
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,42 +29,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmforge.config.model import ModelConfig
-from lmforge.config.training import PhaseConfig, TrainingConfig
+from lmforge.config.training import TrainingConfig
 from lmforge.core.errors import ConfigError
-from lmforge.model.build import count_parameters, model_config, padded_vocab
+from lmforge.model.build import count_parameters, model_config
+from lmforge.model.memory import PhaseMemory, Shape, phase_memory
+from lmforge.model.parallel_memory import DEFAULT_GPU, TENSOR_DEGREES, Layout, StrategyMemory, advice, strategy_table
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedConfig, PreTrainedModel
+    from transformers import PreTrainedModel
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (datasheet), the MFU denominator
 GIB = 1024 ** 3
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The dimensions the arithmetic below reads, from a transformers config or from a ModelConfig alone."""
-
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-
-    @classmethod
-    def of(cls, config: PreTrainedConfig) -> Shape:
-        heads = config.num_attention_heads
-        inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
-        return cls(layers=config.num_hidden_layers, hidden=config.hidden_size, heads=heads,
-                   kv_heads=getattr(config, "num_key_value_heads", None) or heads, intermediate=inter,
-                   vocab=config.vocab_size)
-
-    @classmethod
-    def from_config(cls, model_cfg: ModelConfig, vocab_size: int | None = None) -> Shape:
-        """A model built from ``model_cfg`` (no base_model), without importing transformers."""
-        return cls(layers=model_cfg.num_layers, hidden=model_cfg.hidden_size, heads=model_cfg.num_heads,
-                   kv_heads=model_cfg.num_kv_heads, intermediate=model_cfg.intermediate_size,
-                   vocab=padded_vocab(model_cfg, vocab_size or model_cfg.vocab_size))
 
 
 def estimate_parameters(model_cfg: ModelConfig, vocab_size: int | None = None) -> int:
@@ -87,21 +63,6 @@ class MemoryEstimateWarning(UserWarning):
 
 
 @dataclass(frozen=True)
-class PhaseMemory:
-    phase: str
-    method: str
-    batch_tokens: int
-    weights: int
-    gradients: int
-    optimizer: int
-    activations: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations
-
-
-@dataclass(frozen=True)
 class ModelInfo:
     architecture: str
     layers: int
@@ -114,11 +75,14 @@ class ModelInfo:
     memory: list[PhaseMemory]
     device: str
     device_bytes: int
+    strategies: list[StrategyMemory]  # per worker, by phase: ddp, fsdp, fsdp with tensor_parallel
+    advice: list[str]  # by phase: the strategy a GPU of the visible (or an 80 GB) size needs
 
     def as_dict(self) -> dict:
         out = asdict(self)
-        for row, phase in zip(out["memory"], self.memory):
-            row["total"] = phase.total
+        for key in ("memory", "strategies"):
+            for row, item in zip(out[key], getattr(self, key)):
+                row["total"] = item.total
         return out
 
 
@@ -151,7 +115,32 @@ def describe(model_cfg: ModelConfig, training: TrainingConfig, vocab_size: int |
         params_trainable_finetune=trainable,
         train_flops_per_token={n: train_flops_per_token(total, layers, hidden, p.seq_len) for n, p, _ in phases},
         forward_flops_per_token={n: 2.0 * total + 4.0 * layers * hidden * p.seq_len for n, p, _ in phases},
-        memory=memory, device=device, device_bytes=budget)
+        memory=memory, device=device, device_bytes=budget,
+        **_strategies(model, training, phases, total, trainable, (device, budget)))
+
+
+def _strategies(model: PreTrainedModel, training: TrainingConfig, phases: list, total: int, trainable: int,
+                device: tuple[str, int]) -> dict:
+    """``strategies`` and ``advice`` of :class:`ModelInfo` (:mod:`lmforge.model.parallel_memory`)."""
+    config, shape, parallel = model.config, Shape.of(model.config), training.parallel
+    # Parameters under a numbered module (layers.3., h.3.) are the blocks', which tensor parallelism splits.
+    blocks = sum(p.numel() for name, p in model.named_parameters() if re.search(r"\.\d+\.", name))
+    degrees = tuple(t for t in TENSOR_DEGREES if parallel.model_copy(update={"tensor_parallel": t}).model_problem(
+        config.model_type, shape.heads, shape.kv_heads) is None)
+    tp = parallel.tensor_parallel if parallel.tensor_parallel > 1 else (degrees[0] if degrees else 1)
+    gpu = device if training.placement.use_gpu and device[1] else DEFAULT_GPU
+    rows, sentences = [], []
+    for name, phase, method in phases:
+        own = total if method in ("pretrain", "full") else trainable
+        layout = Layout(shape, blocks / total, training.speed.gradient_checkpointing, training.loss.fused,
+                        training.placement.use_gpu)
+        rows += strategy_table(phase_memory(name, phase, method, shape, total, own, training,
+                                            on_gpu=training.placement.use_gpu), layout,
+                               training.placement.num_workers, tp, parallel.sequence_parallel)
+        on_gpu = phase_memory(name, phase, method, shape, total, own, training, on_gpu=True)  # the advice is for GPUs
+        sentences.append(advice(on_gpu, Layout(shape, blocks / total, layout.checkpointing, layout.fused_loss, True),
+                                gpu, degrees))
+    return {"strategies": rows, "advice": sentences}
 
 
 def fit_warning(model_cfg: ModelConfig, training: TrainingConfig, vocab_size: int | None = None) -> str | None:
@@ -179,30 +168,15 @@ def info_lines(info: ModelInfo) -> list[str]:
                      f"gradients {_size(m.gradients)}, optimizer {_size(m.optimizer)}, activations "
                      f"{_size(m.activations)}, total {_size(m.total)}")
     lines.append(f"device: {info.device}, {_size(info.device_bytes)}")
+    for s in info.strategies:
+        lines.append(f"{s.phase} per worker, {s.label}: weights {_size(s.weights)}, gradients {_size(s.gradients)}, "
+                     f"optimizer {_size(s.optimizer)}, activations {_size(s.activations)}, total {_size(s.total)}")
+    lines += info.advice
     return lines
 
 
 def _size(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
-
-
-def phase_memory(name: str, phase: PhaseConfig, method: str, shape: Shape, total: int,
-                 trainable: int, training: TrainingConfig, on_gpu: bool) -> PhaseMemory:
-    """One worker's training memory for ``phase`` (the module docstring gives the formula)."""
-    tokens = phase.batch_size * phase.seq_len
-    frozen = total - trainable
-    frozen_bytes = {"qlora": 0.55}.get(method, 2.0 if on_gpu and method in ("lora", "ia3", "adapter") else 4.0)
-    hidden, layers, inter = shape.hidden, shape.layers, shape.intermediate
-    kv = hidden * shape.kv_heads // shape.heads
-    per_layer = 2 * (6 * hidden + 2 * kv + 4 * inter) + 8 * hidden
-    if training.speed.gradient_checkpointing:
-        act = tokens * (layers * 4 * hidden + per_layer)
-    else:
-        act = tokens * layers * per_layer
-    vocab = shape.vocab
-    logits = min(tokens, (1 << 29) // (4 * vocab)) * vocab * 8 if training.loss.fused else tokens * vocab * 10
-    return PhaseMemory(phase=name, method=method, batch_tokens=tokens, weights=int(4 * trainable + frozen_bytes * frozen),
-                       gradients=4 * trainable, optimizer=8 * trainable, activations=int(act + logits))
 
 
 def _meta_model(model_cfg: ModelConfig, vocab_size: int) -> PreTrainedModel:

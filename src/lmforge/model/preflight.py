@@ -26,16 +26,8 @@ from dataclasses import dataclass, field
 from lmforge.config.pipeline import PipelineConfig
 from lmforge.config.training import PhaseConfig
 from lmforge.core.errors import ConfigError
-from lmforge.model.info import (
-    GIB,
-    H100_BF16_PEAK,
-    PhaseMemory,
-    Shape,
-    device_budget,
-    estimate_parameters,
-    phase_memory,
-    train_flops_per_token,
-)
+from lmforge.model.info import GIB, H100_BF16_PEAK, device_budget, estimate_parameters, train_flops_per_token
+from lmforge.model.memory import PhaseMemory, Shape, phase_memory
 
 FAIL_FACTOR = 4.0  # the estimate is within a factor of two of measured peaks (bench/train_gpu.py)
 WARN_FACTOR = 0.8

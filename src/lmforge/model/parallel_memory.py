@@ -1,0 +1,127 @@
+"""Per-worker training memory under each way of sharing the model, and the least a GPU of a given size needs.
+
+``lmforge model info`` shows it beside the one-replica estimate (:func:`lmforge.model.memory.phase_memory`),
+which is what ``ddp`` costs each worker. The other strategies (``training.parallel``: :mod:`lmforge.config.parallel`)
+divide its parts:
+
+- ``fsdp`` over D workers: weights, gradients and AdamW states / D; each worker also holds the full
+  weights of two blocks while they run (the one computing and the one prefetched), in bf16 on GPUs.
+  Activations are a worker's own micro-batch's, unchanged.
+- ``tensor_parallel`` T (under fsdp over D = N / T groups): the blocks' weights, gradients and states
+  / (T·D), the rest (embeddings, final norm, output layer) / D; the blocks' activations as
+  :func:`lmforge.model.info.layer_activations` splits them (whole norms and residual without
+  ``sequence_parallel``); the logits stay whole on each worker.
+
+An estimate, like the one-replica figure: no allocator slack, no communication buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmforge.model.memory import PhaseMemory, Shape, layer_activations, logit_bytes
+
+GB = 10 ** 9
+DEFAULT_GPU = ("80 GB GPU", 80 * GB)  # an H100 or A100 80 GB: the sentence's GPU when none is visible here
+WORKER_COUNTS = tuple(2 ** k for k in range(1, 11))  # fsdp tried on 2, 4, ... 1024 workers
+TENSOR_DEGREES = (2, 4, 8)  # within one 8-GPU node, where tensor parallelism's per-block all-reduces belong
+
+
+@dataclass(frozen=True)
+class StrategyMemory:
+    """One worker's memory for one phase under one strategy."""
+
+    phase: str
+    strategy: str  # ddp | fsdp
+    workers: int
+    tensor_parallel: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    @property
+    def label(self) -> str:
+        if self.strategy == "ddp":
+            return "ddp"
+        tp = f", tensor_parallel {self.tensor_parallel}" if self.tensor_parallel > 1 else ""
+        return f"fsdp, {self.workers} workers{tp}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What :func:`per_worker` needs of the model and the run besides the one-replica estimate."""
+
+    shape: Shape
+    block_fraction: float  # share of the parameters in the Transformer blocks (what tensor parallelism splits)
+    checkpointing: bool
+    fused_loss: bool
+    on_gpu: bool
+
+
+def per_worker(m: PhaseMemory, layout: Layout, strategy: str, workers: int = 1, tensor_parallel: int = 1,
+               sequence_parallel: bool = False) -> StrategyMemory:
+    """``m`` (one replica's memory) as each of ``workers`` workers holds it under ``strategy``."""
+    if strategy == "ddp":
+        return StrategyMemory(m.phase, "ddp", workers, 1, m.weights, m.gradients, m.optimizer, m.activations)
+    groups = workers // tensor_parallel
+    f = layout.block_fraction
+
+    def shard(x: int) -> int:
+        return int(x * (f / (tensor_parallel * groups) + (1 - f) / groups))
+
+    # Two blocks gathered at once (FSDP2 prefetches the next), each as one tensor-parallel shard, bf16 on GPUs.
+    block_weights = m.weights * f / layout.shape.layers / tensor_parallel
+    gathered = int(2 * block_weights * (0.5 if layout.on_gpu else 1.0)) if groups > 1 else 0
+    if tensor_parallel > 1:
+        tokens = m.batch_tokens
+        activations = int(layer_activations(layout.shape, tokens, layout.checkpointing, tensor_parallel,
+                                            sequence_parallel) + logit_bytes(layout.shape, tokens, layout.fused_loss))
+    else:
+        activations = m.activations
+    return StrategyMemory(m.phase, "fsdp", workers, tensor_parallel, shard(m.weights) + gathered,
+                          shard(m.gradients), shard(m.optimizer), activations)
+
+
+def strategy_table(m: PhaseMemory, layout: Layout, workers: int, tensor_parallel: int,
+                   sequence_parallel: bool) -> list[StrategyMemory]:
+    """ddp, fsdp over ``workers`` (at least 2), and fsdp with ``tensor_parallel`` (0: no row) over as many or more."""
+    workers = max(workers, 2)
+    rows = [per_worker(m, layout, "ddp"), per_worker(m, layout, "fsdp", workers)]
+    if tensor_parallel > 1:
+        tp_workers = workers if workers % tensor_parallel == 0 else workers * tensor_parallel
+        rows.append(per_worker(m, layout, "fsdp", tp_workers, tensor_parallel, sequence_parallel))
+    return rows
+
+
+def least_that_fits(m: PhaseMemory, layout: Layout, budget: int, tensor_degrees: tuple[int, ...]) -> StrategyMemory | None:
+    """The cheapest way to fit ``budget`` bytes per worker: ddp, else fsdp on the fewest workers, else fsdp with
+    the smallest tensor-parallel degree of ``tensor_degrees`` (with sequence parallelism); None if nothing does."""
+    candidates = [per_worker(m, layout, "ddp")]
+    candidates += [per_worker(m, layout, "fsdp", n) for n in WORKER_COUNTS]
+    candidates += [per_worker(m, layout, "fsdp", n, t, True) for t in tensor_degrees for n in WORKER_COUNTS if n >= t]
+    return next((c for c in candidates if c.total <= budget), None)
+
+
+def advice(m: PhaseMemory, layout: Layout, gpu: tuple[str, int], tensor_degrees: tuple[int, ...]) -> str:
+    """One sentence: which strategy ``m``'s phase needs on GPUs of ``gpu`` (name, bytes)."""
+    name, budget = gpu
+    what = {"pretrain": "pretraining", "full": "full fine-tuning"}.get(m.method, f"{m.method} fine-tuning")
+    size = f"{budget / GB:.0f} GB"
+    fit = least_that_fits(m, layout, budget, tensor_degrees)
+    if fit is None:
+        return (f"{what} of this model does not fit {size} GPUs with up to {WORKER_COUNTS[-1]} workers at "
+                f"{m.batch_tokens} tokens per micro-batch: lower the batch_size (raise grad_accum), or set "
+                "training.speed.gradient_checkpointing: true")
+    amount = f"{fit.total / GB:.1f} GB" if fit.total >= GB / 10 else f"{fit.total / 1e6:.1f} MB"
+    about = f"(about {amount} per worker on the {name})"
+    if fit.strategy == "ddp":
+        return f"{what} of this model fits one {size} GPU per worker with ddp {about}"
+    if fit.tensor_parallel == 1:
+        return f"{what} of this model needs fsdp with >= {fit.workers} workers of {size} {about}"
+    return (f"{what} of this model needs fsdp with tensor_parallel {fit.tensor_parallel} (sequence_parallel) and "
+            f">= {fit.workers} workers of {size} {about}")

@@ -1,0 +1,89 @@
+"""Per-worker memory by strategy (``lmforge model info``): ddp is the one-replica estimate, fsdp divides the model
+states by the workers, tensor parallelism the blocks' states and activations; the advice names the least that fits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmforge.cli import main
+from lmforge.config.model import ModelConfig
+from lmforge.config.training import PhaseConfig, TrainingConfig
+from lmforge.model.info import describe
+from lmforge.model.memory import PhaseMemory, Shape, layer_activations
+from lmforge.model.parallel_memory import GB, Layout, advice, least_that_fits, per_worker
+
+LLAMA_7B = ModelConfig(architecture="llama", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
+                       num_kv_heads=32, intermediate_size=11008, max_seq_len=4096, tie_embeddings=False)
+PHASE = PhaseConfig(steps=10, learning_rate=1e-5, batch_size=1, seq_len=2048)
+SHAPE = Shape(layers=4, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=256)
+ONE = PhaseMemory(phase="finetune", method="full", batch_tokens=1024, weights=4000, gradients=4000, optimizer=8000,
+                  activations=int(layer_activations(SHAPE, 1024, False)) + 5000)
+
+
+def _layout(on_gpu: bool = False) -> Layout:
+    return Layout(SHAPE, block_fraction=0.75, checkpointing=False, fused_loss=False, on_gpu=on_gpu)
+
+
+def test_ddp_is_one_replica_and_fsdp_divides_the_model_states():
+    assert per_worker(ONE, _layout(), "ddp").total == ONE.total
+    fsdp = per_worker(ONE, _layout(), "fsdp", workers=4)
+    assert (fsdp.gradients, fsdp.optimizer) == (1000, 2000)
+    # A quarter of the weights, plus two blocks gathered at once (4000 * 0.75 / 4 layers each, in float32 on a CPU).
+    assert fsdp.weights == 1000 + 2 * 750
+    assert per_worker(ONE, _layout(on_gpu=True), "fsdp", workers=4).weights == 1000 + 750  # bf16 gathers
+    assert fsdp.activations == ONE.activations
+
+
+def test_tensor_parallel_divides_the_blocks_and_their_activations():
+    tp = per_worker(ONE, _layout(), "fsdp", workers=4, tensor_parallel=2)
+    # Blocks' states over 2 x 2 workers, the rest over the 2 data-parallel groups.
+    assert tp.gradients == int(4000 * (0.75 / 4 + 0.25 / 2))
+    assert tp.optimizer == int(8000 * (0.75 / 4 + 0.25 / 2))
+    # Per layer and token: the heads' and MLP columns' tensors halve; norms and residual stay whole without
+    # sequence parallelism; the logits (no fused loss: 10 bytes per vocabulary entry and token) stay whole.
+    h, kv, inter, logits = 64, 32, 128, 1024 * 256 * 10
+    split, whole = 2 * (3 * h + 2 * kv + 4 * inter), 2 * 3 * h + 8 * h
+    assert tp.activations == int(1024 * 4 * (split / 2 + whole)) + logits
+    sp = per_worker(ONE, _layout(), "fsdp", workers=4, tensor_parallel=2, sequence_parallel=True)
+    assert sp.activations == int(1024 * 4 * (split / 2 + whole / 2)) + logits
+
+
+def test_advice_names_the_least_that_fits():
+    assert least_that_fits(ONE, _layout(), ONE.total, (2,)).strategy == "ddp"
+    fit = least_that_fits(ONE, _layout(), ONE.total - 6500, (2,))  # half the states (8000) less two blocks (1500)
+    assert (fit.strategy, fit.workers, fit.tensor_parallel) == ("fsdp", 2, 1)
+    # Activations no fsdp count can divide: tensor parallelism (with sequence parallelism) is the way left.
+    tight = per_worker(ONE, _layout(), "fsdp", 1024).total - 1
+    fit = least_that_fits(ONE, _layout(), tight, (2,))
+    assert fit.tensor_parallel == 2
+    assert "does not fit" in advice(ONE, _layout(), ("GPU", 1000), (2,))
+
+
+def test_full_fine_tuning_of_a_7b_llama_needs_fsdp_on_80_gb():
+    training = TrainingConfig(method="full", finetune=PHASE, placement={"use_gpu": True, "num_workers": 4})
+    info = describe(LLAMA_7B, training, 32000)
+    ddp, fsdp, tp = [s for s in info.strategies if s.phase == "finetune"]
+    params = info.params_total  # 6.7 billion: 16 bytes each as one replica (weights, gradients, AdamW states)
+    assert ddp.weights + ddp.gradients + ddp.optimizer == 16 * params
+    assert (fsdp.workers, tp.workers, tp.tensor_parallel) == (4, 4, 2)
+    assert fsdp.gradients == pytest.approx(4 * params / 4, rel=1e-6)
+    assert tp.total < fsdp.total < ddp.total
+    sentence = info.advice[-1]
+    # 16 x 6.7e9 / N + activations + two bf16 blocks fit 80 GB from N = 2.
+    assert sentence.startswith("full fine-tuning of this model needs fsdp with >= 2 workers of 80 GB"), sentence
+
+
+def test_model_info_prints_the_strategies_and_the_advice(capsys, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("training:\n  method: full\n")
+    main(["model", "info", str(config)])
+    out = capsys.readouterr().out
+    assert "per worker, ddp" in out and "per worker, fsdp, 2 workers" in out
+    assert "tensor_parallel 2" in out and "full fine-tuning of this model fits one 80 GB GPU per worker" in out
+    main(["model", "info", str(config), "--json"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {row["strategy"] for row in report["strategies"]} == {"ddp", "fsdp"}
+    assert all(row["total"] > 0 for row in report["strategies"]) and report["advice"]
+    assert report["strategies"][0]["total"] < 1 * GB
