@@ -215,6 +215,28 @@ def test_serve_load_tiny(tmp_path):
     assert got["http_20rps_output_tok_s"]["value"] > 0 and got["http_20rps_ttft_p50"]["value"] > 0
 
 
+def test_serve_structured_tiny(tmp_path):
+    """Constrained (json_schema, json_object) against free decoding on the same engine, and every
+    finished constrained response validated in the run (an invalid one would exit 1)."""
+    pytest.importorskip("xgrammar")
+    proc = bench("bench.serve.structured", out=tmp_path)
+    got = records(tmp_path, "serve_structured", "bench.serve.structured")
+    for tag in ("4_streams", "json_object_4_streams"):
+        assert got[f"serve_structured_{tag}_tokens_per_s"]["baseline_value"] > 0
+        assert got[f"serve_structured_{tag}_tokens_per_s_vs_same_lengths"]["baseline_value"] > 0
+        assert got[f"serve_structured_{tag}_decode_step_ms"]["value"] > 0
+        assert got[f"serve_structured_{tag}_invalid_responses"]["value"] == 0
+        stops, lengths = (got[f"serve_structured_{tag}_{v}_responses"]["value"] for v in ("stop", "length"))
+        assert stops + lengths == 4
+    # The schema bounds every string and number: even random weights reach the grammar's end.
+    assert got["serve_structured_4_streams_stop_responses"]["value"] == 4
+    assert got["serve_structured_4_streams_mask_fill_ms"]["value"] > 0
+    assert got["serve_structured_4_streams_mask_apply_ms"]["value"] > 0
+    assert got["serve_structured_1_stream_tokens_per_s"]["value"] > 0
+    assert got["serve_structured_1_stream_invalid_responses"]["value"] == 0
+    assert "INVALID" not in proc.stdout
+
+
 # ---------------------------------------------------------------- data
 
 

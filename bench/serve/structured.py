@@ -1,0 +1,307 @@
+"""Structured-output benchmark: decoding under a ``response_format`` grammar (xgrammar) against the
+same engine unconstrained, in one job, with every finished response checked against its schema.
+
+    PYTHONPATH=src python -m bench.serve.structured            # Llama-1.1B shape, bf16, one GPU
+    python -m bench.serve.structured --tiny                     # a 2-layer model on the CPU (a check)
+
+The model has random weights, so a constrained response ends as soon as the grammar lets it (EOS
+after the closing brace) while a free one runs its whole ``max_tokens``: tokens/s of the generated
+tokens (prefill included, as ``bench.serve.gpu`` measures) then favour the long free run. Three
+figures make the comparison fair: the free run at the constrained run's own lengths (each stream's
+``max_tokens`` set to what its constrained twin produced), the decode-step time with and without
+masks (the median inter-token gap of the steps that ran the whole batch, read from the engine's
+metrics hook), and the CPU and device cost of the masks alone: accepting a step's tokens and filling
+the next bitmasks of every stream (``structured.accept_tokens``, the work the engine overlaps with
+the next forward), and applying them to the logits (``structured.mask_logits``, on the critical path).
+
+Rows: ``json_schema`` (an order-history object of 7 fields: integers, numbers and strings with
+bounds or patterns, an enum, a boolean, an array of objects) on all N streams and on one stream,
+and ``json_object`` on N streams. Correctness in the same run: every ``finish_reason: stop`` response
+must parse and validate (jsonschema); the counts of stop, length and invalid are recorded, and an
+invalid one fails the run (exit 1) after the records are written.
+
+The tokenizer is a byte-level BPE of the model's vocabulary size trained here on the Python standard
+library's own sources (no hub, a few seconds), so xgrammar sees a realistic vocabulary of 32,000
+multi-byte tokens, not a word list that cannot spell JSON. Needs torch, transformers, triton,
+pydantic, xgrammar and jsonschema only (no Ray, MLflow or Prefect on this path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sysconfig
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jsonschema
+import torch
+
+from bench.common.cli import add_common_arguments, out_dir, run
+from bench.common.record import record
+from bench.common.serve import LLAMA_1B, LLAMA_TINY, random_llama, random_prompts
+from lmforge.config.serving import SchedulerConfig, ServingConfig
+from lmforge.core.errors import ServingError
+from lmforge.serving.engine import Completion, Engine, SamplingParams
+from lmforge.serving.engine.metrics import NullMetrics
+from lmforge.serving.engine.sampling import ResponseFormat
+from lmforge.serving.engine.structured import GrammarState, accept_tokens, mask_logits
+
+BENCH = "serve_structured"
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer", "minimum": 1, "maximum": 99999},
+        "name": {"type": "string", "pattern": "^[A-Z][a-z]{1,11}$"},
+        "email": {"type": "string", "pattern": "^[a-z]{1,8}@[a-z]{1,8}\\.(com|org)$"},
+        "status": {"enum": ["active", "suspended", "closed"]},
+        "score": {"type": "number", "minimum": 0, "maximum": 100},
+        "verified": {"type": "boolean"},
+        "orders": {"type": "array", "minItems": 1, "maxItems": 3, "items": {
+            "type": "object",
+            "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
+                           "quantity": {"type": "integer", "minimum": 1, "maximum": 20},
+                           "price": {"type": "number", "minimum": 0, "maximum": 10000}},
+            "required": ["sku", "quantity", "price"], "additionalProperties": False}},
+    },
+    "required": ["id", "name", "email", "status", "score", "verified", "orders"],
+    "additionalProperties": False,
+}
+FORMATS = {"json_schema": ResponseFormat("json_schema", json.dumps(SCHEMA)),
+           "json_object": ResponseFormat("json_object")}
+CHECKERS = {kind: jsonschema.Draft202012Validator(schema)
+            for kind, schema in (("json_schema", SCHEMA), ("json_object", {"type": "object"}))}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The model's shape, the requests, the timed repeats and the tokenizer's training text."""
+
+    shape: dict
+    prompt: int
+    new: int
+    concurrent: int
+    repeats: int
+    corpus_bytes: int
+
+    @property
+    def vocab(self) -> int:
+        return self.shape["vocab_size"]
+
+
+FULL = Workload(LLAMA_1B, prompt=256, new=256, concurrent=64, repeats=3, corpus_bytes=12_000_000)
+TINY = Workload(LLAMA_TINY, prompt=16, new=256, concurrent=4, repeats=1, corpus_bytes=400_000)
+
+
+def bpe_tokenizer(vocab_size: int, corpus_bytes: int):
+    """A byte-level BPE of ``vocab_size`` entries (``<pad>``, ``<s>``, ``</s>`` are ids 0, 1, 2, as
+    :func:`random_llama` configures) trained on the first ``corpus_bytes`` of the stdlib's sources."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    def texts() -> Iterable[str]:
+        seen = 0
+        for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+            if {"site-packages", "test", "tests"} & set(path.parts):
+                continue
+            text = path.read_text(errors="replace")
+            yield text
+            seen += len(text)
+            if seen >= corpus_bytes:
+                return
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+class StepClock(NullMetrics):
+    """The engine's metrics hook, keeping what decode-step time needs: per step, the rows that got a
+    token and their inter-token gaps (a null object otherwise: nothing else is collected)."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, list[float], bool]] = []
+
+    def tokens(self, first_token_latencies: Iterable[float], gaps: Iterable[float], count: int) -> None:
+        self.steps.append((count, list(gaps), bool(list(first_token_latencies))))
+
+    def step_ms(self) -> float:
+        """Median gap of the pure decode steps (no stream's first token) that ran the widest batch:
+        the same batch size with and without masks, whatever the lengths."""
+        decode = [(count, gaps) for count, gaps, first in self.steps if not first and gaps]
+        if not decode:
+            return float("nan")
+        widest = max(count for count, _ in decode)
+        return 1000 * statistics.median(g for count, gaps in decode if count == widest for g in gaps)
+
+
+@dataclass
+class Timed:
+    """A timed run's output tokens/s (median of the repeats), decode-step ms and last completions."""
+
+    tokens_per_s: float
+    step_ms: float
+    completions: list[Completion] = field(default_factory=list)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [c.completion_tokens for c in self.completions]
+
+
+def timed(engine: Engine, clock: StepClock, prompts: list[list[int]], params: Sequence[SamplingParams],
+          repeats: int) -> Timed:
+    """All ``prompts`` submitted at once, ``repeats`` times after an untimed warm-up (it compiles the
+    grammar once; the engine caches it)."""
+    engine.generate(prompts[:1], params[:1])
+    rates, steps, results = [], [], []
+    for _ in range(repeats):
+        clock.steps.clear()
+        _sync()
+        start = time.perf_counter()
+        results = engine.generate(prompts, params)
+        _sync()
+        rates.append(sum(r.completion_tokens for r in results) / (time.perf_counter() - start))
+        steps.append(clock.step_ms())
+    return Timed(statistics.median(rates), statistics.median(steps), results)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def verdicts(kind: str, completions: list[Completion]) -> dict[str, int]:
+    """Counts of ``stop`` and ``length`` endings, and of stop responses that fail to parse or validate."""
+    invalid = 0
+    for completion in completions:
+        if completion.finish_reason != "stop":
+            continue
+        try:
+            CHECKERS[kind].validate(json.loads(completion.text))
+        except (ValueError, jsonschema.ValidationError) as exc:
+            invalid += 1
+            print(f"INVALID {kind} response ({exc.__class__.__name__}): {completion.text[:300]!r}", flush=True)
+    reasons = [c.finish_reason for c in completions]
+    return {"stop": reasons.count("stop"), "length": reasons.count("length"), "invalid": invalid}
+
+
+def mask_costs(engine: Engine, completions: list[Completion], device: str) -> dict[str, float]:
+    """The masks' own cost, replaying the constrained completions' tokens through fresh matchers:
+    per step, accepting every stream's token and filling its next mask on the CPU (the engine's
+    ``accept_tokens``), and applying the masks to a step's logits on the device (``mask_logits``).
+    Medians over the steps at which every stream is still going."""
+    grammar = engine.grammar_for(SamplingParams(max_tokens=1, response_format=FORMATS["json_schema"]))
+    assert grammar is not None
+    states: list[GrammarState | None] = [GrammarState(grammar) for _ in completions]
+    logits = torch.randn(len(completions), engine.vocab_size, device=device)
+    fill, apply = [], []
+    for step in range(min(len(c.token_ids) for c in completions) - 1):  # the last token ends the grammar
+        _sync()
+        t0 = time.perf_counter()
+        mask_logits(logits, states)  # the first step fills its masks here, as the engine's prefill does
+        _sync()
+        t1 = time.perf_counter()
+        accept_tokens(states, [c.token_ids[step] for c in completions])
+        t2 = time.perf_counter()
+        if step:
+            apply.append(t1 - t0)
+            fill.append(t2 - t1)
+    if not fill:
+        return {}
+    return {"fill_ms": 1000 * statistics.median(fill), "apply_ms": 1000 * statistics.median(apply)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(parser, "a 2-layer model and a 512-token BPE on the CPU, 4 streams: a check of this script")
+    args = parser.parse_args()
+    out = out_dir(args)
+    w = TINY if args.tiny else FULL
+    dev, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.bfloat16)
+    device = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu (--tiny check)"
+    command = "PYTHONPATH=src python -m bench.serve.structured" + (" --tiny" if args.tiny else "")
+    n = w.concurrent
+
+    def put(metric: str, value: float, unit: str, baseline: str = "", baseline_value: float | None = None,
+            higher_is_better: bool = True) -> None:
+        record(BENCH, metric, value, unit, baseline, baseline_value, device=device, command=command,
+               higher_is_better=higher_is_better, out_dir=out)
+        print(json.dumps({"metric": metric, "value": round(value, 4), "baseline": baseline,
+                          "baseline_value": None if baseline_value is None else round(baseline_value, 4)}),
+              flush=True)
+
+    started = time.perf_counter()
+    tokenizer = bpe_tokenizer(w.vocab, w.corpus_bytes)
+    print(f"tokenizer: {len(tokenizer)} tokens in {time.perf_counter() - started:.1f} s", flush=True)
+    model = random_llama(w.shape, dev, dtype)
+    clock = StepClock()
+    engine = Engine(model, tokenizer, ServingConfig(scheduler=SchedulerConfig(max_batch_size=n, max_queue=4096),
+                                                    max_new_tokens=w.new), metrics=clock)
+    try:
+        failures = measure(engine, clock, w, dev, put)
+    finally:
+        engine.close()
+    print(f"total {time.perf_counter() - started:.0f} s; records in {out}")
+    if failures:
+        raise ServingError(f"{failures} constrained response(s) ended with finish_reason stop but do not validate "
+                           "(printed above as INVALID)", "a grammar let invalid JSON through: report this bug")
+
+
+def measure(engine: Engine, clock: StepClock, w: Workload, dev: str, put) -> int:
+    """Every row of the benchmark; returns the number of finished responses that failed validation."""
+    n = w.concurrent
+    free = SamplingParams(max_tokens=w.new, temperature=0, ignore_eos=True)
+    many = random_prompts(n, w.prompt, w.vocab, seed=2)
+    failures = 0
+    base = timed(engine, clock, many, [free] * n, w.repeats)
+    same_engine = "unconstrained, same engine (same job)"
+    for kind, fmt in FORMATS.items():
+        constrained = SamplingParams(max_tokens=w.new, temperature=0, response_format=fmt)
+        got = timed(engine, clock, many, [constrained] * n, w.repeats)
+        tag = f"{n}_streams" if kind == "json_schema" else f"{kind}_{n}_streams"
+        put(f"{BENCH}_{tag}_tokens_per_s", got.tokens_per_s, f"output tok/s ({kind}, up to {w.new} new)",
+            f"{same_engine}, {w.new} new tokens", base.tokens_per_s)
+        put(f"{BENCH}_{tag}_decode_step_ms", got.step_ms, "ms per decode step (full batch)",
+            f"{same_engine}: decode step ms", base.step_ms, higher_is_better=False)
+        put(f"{BENCH}_{tag}_mean_new_tokens", statistics.mean(got.lengths), f"tokens per response (of {w.new})")
+        lengths = [SamplingParams(max_tokens=k, temperature=0, ignore_eos=True) for k in got.lengths]
+        matched = timed(engine, clock, many, lengths, w.repeats)
+        put(f"{BENCH}_{tag}_tokens_per_s_vs_same_lengths", got.tokens_per_s, f"output tok/s ({kind})",
+            f"{same_engine}, each stream as long as its constrained twin", matched.tokens_per_s)
+        counts = verdicts(kind, got.completions)
+        for verdict, count in counts.items():
+            put(f"{BENCH}_{tag}_{verdict}_responses", count, f"responses of {n} (finish_reason stop that "
+                "fail json.loads or jsonschema)" if verdict == "invalid" else f"responses of {n}")
+        failures += counts["invalid"]
+        if kind == "json_schema":
+            costs = mask_costs(engine, got.completions, dev)
+            if costs:
+                put(f"{BENCH}_{n}_streams_mask_fill_ms", costs["fill_ms"],
+                    f"ms per step on the CPU: accept {n} tokens + fill {n} bitmasks (xgrammar, overlapped)",
+                    "decode step with masks (same job)", got.step_ms, higher_is_better=False)
+                put(f"{BENCH}_{n}_streams_mask_apply_ms", costs["apply_ms"],
+                    f"ms per step on {dev}: copy {n} bitmasks + apply to the logits (critical path)",
+                    "decode step with masks (same job)", got.step_ms, higher_is_better=False)
+    one = random_prompts(1, w.prompt, w.vocab)
+    base1 = timed(engine, clock, one, [free], w.repeats)
+    got1 = timed(engine, clock, one, [SamplingParams(max_tokens=w.new, temperature=0,
+                                                     response_format=FORMATS["json_schema"])], w.repeats)
+    put(f"{BENCH}_1_stream_tokens_per_s", got1.tokens_per_s, "output tok/s (json_schema)",
+        f"{same_engine}, {w.new} new tokens", base1.tokens_per_s)
+    put(f"{BENCH}_1_stream_decode_step_ms", got1.step_ms, "ms per decode step", f"{same_engine}: decode step ms",
+        base1.step_ms, higher_is_better=False)
+    counts = verdicts("json_schema", got1.completions)
+    failures += counts["invalid"]
+    put(f"{BENCH}_1_stream_invalid_responses", counts["invalid"], "responses of 1 (finish_reason stop, not valid)")
+    return failures
+
+
+if __name__ == "__main__":
+    run(main)
