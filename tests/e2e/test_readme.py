@@ -29,6 +29,9 @@ from readme import argv, python_snippet, readme_command, readme_commands
 KUBERNETES = ("not here: needs a Kubernetes cluster with the KubeRay operator; tests/integration/test_infra_manifests.py "
               "validates these manifests offline against KubeRay's CRD schemas")
 
+DOCKER = ("not here: needs a Docker engine with the compose plugin; tests/integration/test_compose.py validates "
+          "docker-compose.yml and docker/Dockerfile offline (the Compose schema, hadolint, the same commands as lmforge stack)")
+
 # How each README command runs here: "run" executes it in this file (placeholders filled), a test
 # file's name: that file runs it, "dry-run" asks make what it would do, "not here" says why this
 # machine cannot run it at all.
@@ -64,6 +67,12 @@ COMMANDS = {
     "ray start --head --port=6379": "tests/integration/test_ray_cluster.py",
     "ray start --address=HEAD_IP:6379 [--resources='{\"node2\": 1}']": "tests/integration/test_ray_cluster.py",
     "RAY_ADDRESS=HEAD_IP:6379 lmforge train CONFIG": "tests/integration/test_ray_cluster.py",
+    # The container stack: this machine has no Docker engine; the file, the images and the commands are checked
+    # offline, and the same roles run as processes in tests/integration/test_stack.py.
+    "cp .env.example .env": "tests/integration/test_compose.py",
+    "docker compose up -d": DOCKER,
+    "docker compose --profile serve up -d serve": DOCKER,
+    "docker compose down": DOCKER,
     "kubectl apply -f infra/kuberay/secrets.yaml": KUBERNETES,
     "kubectl apply -f infra/kuberay/raycluster.yaml": KUBERNETES,
     "kubectl apply -f infra/kuberay/rayjob.yaml": KUBERNETES,
