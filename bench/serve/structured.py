@@ -16,9 +16,11 @@ the next forward), and applying them to the logits (``structured.mask_logits``, 
 
 Rows: ``json_schema`` (an order-history object of 7 fields: integers, numbers and strings with
 bounds or patterns, an enum, a boolean, an array of objects) on all N streams and on one stream,
-and ``json_object`` on N streams. Correctness in the same run: every ``finish_reason: stop`` response
-must parse and validate (jsonschema); the counts of stop, length and invalid are recorded, and an
-invalid one fails the run (exit 1) after the records are written.
+and ``json_object`` on N streams (each with its mask costs). Every timed run has prompts of its own,
+so the prefix cache never skips a prefill one run shares with another. Correctness in the same run:
+every ``finish_reason: stop`` response of every timed run must parse and validate (jsonschema); the
+counts of stop, length and invalid are recorded, and an invalid one fails the run (exit 1) after the
+records are written.
 
 The tokenizer is a byte-level BPE of the model's vocabulary size trained here on the Python standard
 library's own sources (no hub, a few seconds), so xgrammar sees a realistic vocabulary of 32,000
@@ -29,11 +31,12 @@ pydantic, xgrammar and jsonschema only (no Ray, MLflow or Prefect on this path).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sysconfig
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,32 +147,39 @@ class StepClock(NullMetrics):
 
 @dataclass
 class Timed:
-    """A timed run's output tokens/s (median of the repeats), decode-step ms and last completions."""
+    """Timed runs: output tokens/s and decode-step ms (medians of the repeats), every run's completions."""
 
     tokens_per_s: float
     step_ms: float
-    completions: list[Completion] = field(default_factory=list)
+    runs: list[list[Completion]] = field(default_factory=list)
+
+    @property
+    def completions(self) -> list[Completion]:
+        return [c for run in self.runs for c in run]
 
     @property
     def lengths(self) -> list[int]:
-        return [c.completion_tokens for c in self.completions]
+        """The last run's tokens per stream."""
+        return [c.completion_tokens for c in self.runs[-1]]
 
 
-def timed(engine: Engine, clock: StepClock, prompts: list[list[int]], params: Sequence[SamplingParams],
-          repeats: int) -> Timed:
-    """All ``prompts`` submitted at once, ``repeats`` times after an untimed warm-up (it compiles the
-    grammar once; the engine caches it)."""
-    engine.generate(prompts[:1], params[:1])
-    rates, steps, results = [], [], []
+def timed(engine: Engine, clock: StepClock, prompts: Callable[[], list[list[int]]],
+          params: Sequence[SamplingParams], repeats: int) -> Timed:
+    """One set of ``prompts()`` per run (as many as ``params``), all submitted at once, ``repeats``
+    times after an untimed warm-up (it compiles the grammar once; the engine caches it). Each run has
+    prompts of its own: the prefix cache must not skip a prefill it saw in an earlier run."""
+    engine.generate(prompts()[:1], params[:1])
+    rates, steps, runs = [], [], []
     for _ in range(repeats):
         clock.steps.clear()
+        batch = prompts()
         _sync()
         start = time.perf_counter()
-        results = engine.generate(prompts, params)
+        runs.append(engine.generate(batch, params))
         _sync()
-        rates.append(sum(r.completion_tokens for r in results) / (time.perf_counter() - start))
+        rates.append(sum(r.completion_tokens for r in runs[-1]) / (time.perf_counter() - start))
         steps.append(clock.step_ms())
-    return Timed(statistics.median(rates), statistics.median(steps), results)
+    return Timed(statistics.median(rates), statistics.median(steps), runs)
 
 
 def _sync() -> None:
@@ -192,30 +202,39 @@ def verdicts(kind: str, completions: list[Completion]) -> dict[str, int]:
     return {"stop": reasons.count("stop"), "length": reasons.count("length"), "invalid": invalid}
 
 
-def mask_costs(engine: Engine, completions: list[Completion], device: str) -> dict[str, float]:
-    """The masks' own cost, replaying the constrained completions' tokens through fresh matchers:
-    per step, accepting every stream's token and filling its next mask on the CPU (the engine's
+def mask_costs(engine: Engine, fmt: ResponseFormat, completions: list[Completion], device: str) -> dict[str, float]:
+    """The masks' own cost, replaying the constrained completions' tokens through matchers: per
+    step, accepting every stream's token and filling its next mask on the CPU (the engine's
     ``accept_tokens``), and applying the masks to a step's logits on the device (``mask_logits``).
-    Medians over the steps at which every stream is still going."""
-    grammar = engine.grammar_for(SamplingParams(max_tokens=1, response_format=FORMATS["json_schema"]))
+    A stream that reaches its completion's end starts it again with a new matcher (a finished request
+    replaced by a new one), so every step has all the streams, as many steps as the longest
+    completion; medians over the steps (a new matcher's first mask, filled once per request as the
+    engine does at prefill, is left out)."""
+    grammar = engine.grammar_for(SamplingParams(max_tokens=1, response_format=fmt))
     assert grammar is not None
     states: list[GrammarState | None] = [GrammarState(grammar) for _ in completions]
+    done = [0] * len(completions)  # tokens of its completion each stream has replayed
     logits = torch.randn(len(completions), engine.vocab_size, device=device)
     fill, apply = [], []
-    for step in range(min(len(c.token_ids) for c in completions) - 1):  # the last token ends the grammar
+    for _ in range(max(len(c.token_ids) for c in completions)):
+        for state in states:
+            assert state is not None
+            state.fill()  # a no-op but for a new matcher
         _sync()
         t0 = time.perf_counter()
-        mask_logits(logits, states)  # the first step fills its masks here, as the engine's prefill does
+        mask_logits(logits, states)
         _sync()
         t1 = time.perf_counter()
-        accept_tokens(states, [c.token_ids[step] for c in completions])
-        t2 = time.perf_counter()
-        if step:
-            apply.append(t1 - t0)
-            fill.append(t2 - t1)
-    if not fill:
-        return {}
-    return {"fill_ms": 1000 * statistics.median(fill), "apply_ms": 1000 * statistics.median(apply)}
+        accept_tokens(states, [c.token_ids[k] for c, k in zip(completions, done)])
+        fill.append(time.perf_counter() - t1)
+        apply.append(t1 - t0)
+        for i, c in enumerate(completions):
+            done[i] += 1
+            if done[i] == len(c.token_ids):
+                states[i], done[i] = GrammarState(grammar), 0
+    apply[0] = statistics.median(apply)  # the first apply compiles xgrammar's Triton kernel on a GPU
+    return {"fill_ms": 1000 * statistics.median(fill), "apply_ms": 1000 * statistics.median(apply),
+            "steps": len(fill)}
 
 
 def main() -> None:
@@ -258,7 +277,14 @@ def measure(engine: Engine, clock: StepClock, w: Workload, dev: str, put) -> int
     """Every row of the benchmark; returns the number of finished responses that failed validation."""
     n = w.concurrent
     free = SamplingParams(max_tokens=w.new, temperature=0, ignore_eos=True)
-    many = random_prompts(n, w.prompt, w.vocab, seed=2)
+    seeds = itertools.count(2)
+
+    def many() -> list[list[int]]:
+        return random_prompts(n, w.prompt, w.vocab, seed=next(seeds))
+
+    def one() -> list[list[int]]:
+        return random_prompts(1, w.prompt, w.vocab, seed=next(seeds))
+
     failures = 0
     base = timed(engine, clock, many, [free] * n, w.repeats)
     same_engine = "unconstrained, same engine (same job)"
@@ -275,21 +301,20 @@ def measure(engine: Engine, clock: StepClock, w: Workload, dev: str, put) -> int
         matched = timed(engine, clock, many, lengths, w.repeats)
         put(f"{BENCH}_{tag}_tokens_per_s_vs_same_lengths", got.tokens_per_s, f"output tok/s ({kind})",
             f"{same_engine}, each stream as long as its constrained twin", matched.tokens_per_s)
-        counts = verdicts(kind, got.completions)
+        counts = verdicts(kind, got.completions)  # every timed run's
+        of = f"responses of {len(got.completions)} ({w.repeats} runs)"
         for verdict, count in counts.items():
-            put(f"{BENCH}_{tag}_{verdict}_responses", count, f"responses of {n} (finish_reason stop that "
-                "fail json.loads or jsonschema)" if verdict == "invalid" else f"responses of {n}")
+            put(f"{BENCH}_{tag}_{verdict}_responses", count,
+                f"{of}: finish_reason stop that fail json.loads or jsonschema" if verdict == "invalid" else of)
         failures += counts["invalid"]
-        if kind == "json_schema":
-            costs = mask_costs(engine, got.completions, dev)
-            if costs:
-                put(f"{BENCH}_{n}_streams_mask_fill_ms", costs["fill_ms"],
-                    f"ms per step on the CPU: accept {n} tokens + fill {n} bitmasks (xgrammar, overlapped)",
-                    "decode step with masks (same job)", got.step_ms, higher_is_better=False)
-                put(f"{BENCH}_{n}_streams_mask_apply_ms", costs["apply_ms"],
-                    f"ms per step on {dev}: copy {n} bitmasks + apply to the logits (critical path)",
-                    "decode step with masks (same job)", got.step_ms, higher_is_better=False)
-    one = random_prompts(1, w.prompt, w.vocab)
+        costs = mask_costs(engine, fmt, got.runs[-1], dev)
+        steps = f"median of {costs['steps']} steps"
+        put(f"{BENCH}_{tag}_mask_fill_ms", costs["fill_ms"],
+            f"ms per step on the CPU: accept {n} tokens + fill {n} bitmasks (xgrammar, overlapped; {steps})",
+            "decode step with masks (same job)", got.step_ms, higher_is_better=False)
+        put(f"{BENCH}_{tag}_mask_apply_ms", costs["apply_ms"],
+            f"ms per step on {dev}: copy {n} bitmasks + apply to the logits (critical path; {steps})",
+            "decode step with masks (same job)", got.step_ms, higher_is_better=False)
     base1 = timed(engine, clock, one, [free], w.repeats)
     got1 = timed(engine, clock, one, [SamplingParams(max_tokens=w.new, temperature=0,
                                                      response_format=FORMATS["json_schema"])], w.repeats)
@@ -299,7 +324,8 @@ def measure(engine: Engine, clock: StepClock, w: Workload, dev: str, put) -> int
         base1.step_ms, higher_is_better=False)
     counts = verdicts("json_schema", got1.completions)
     failures += counts["invalid"]
-    put(f"{BENCH}_1_stream_invalid_responses", counts["invalid"], "responses of 1 (finish_reason stop, not valid)")
+    put(f"{BENCH}_1_stream_invalid_responses", counts["invalid"],
+        f"responses of {w.repeats} ({counts['stop']} stop): finish_reason stop that fail json.loads or jsonschema")
     return failures
 
 
