@@ -173,8 +173,11 @@ def test_completion_matches_engine_and_schema(url: str, engine: Engine) -> None:
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     assert body["choices"][0]["text"] == expected.text
     assert body["choices"][0]["finish_reason"] == expected.finish_reason
+    cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]  # prefix cache hits: earlier tests' prompts
+    assert 0 <= cached < expected.prompt_tokens
     assert body["usage"] == {"prompt_tokens": expected.prompt_tokens, "completion_tokens": expected.completion_tokens,
-                             "total_tokens": expected.prompt_tokens + expected.completion_tokens}
+                             "total_tokens": expected.prompt_tokens + expected.completion_tokens,
+                             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def test_concurrent_http_requests_batch_and_match(url: str, engine: Engine) -> None:

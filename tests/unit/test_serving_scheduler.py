@@ -63,10 +63,10 @@ class FakeBackend:
     def fits_ever(self, tokens: int) -> bool:
         return math.ceil(tokens / BLOCK) <= self.blocks
 
-    def can_reserve(self, tokens: int) -> bool:
+    def can_reserve(self, tokens: int, prompt: object = (), adapter: int = 0) -> bool:
         return bool(self.free_rows) and self.free >= (math.ceil(tokens / BLOCK) if self.upfront else 1)
 
-    def reserve(self, tokens: int) -> int:
+    def reserve(self, tokens: int, prompt: object = (), adapter: int = 0) -> int:
         row = self.free_rows.pop(0)
         take = math.ceil(tokens / BLOCK) if self.upfront else 1
         self.free -= take
@@ -89,6 +89,9 @@ class FakeBackend:
 
     def set_adapter(self, row: int, slot: int) -> None:
         assert slot == 0
+
+    def cached_tokens(self, row: int) -> int:
+        return 0
 
     @property
     def cache_usage(self) -> float:

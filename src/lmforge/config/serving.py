@@ -49,7 +49,7 @@ class SchedulerConfig(Section):
 
 
 class KVCacheConfig(Section):
-    """The paged engine's KV cache: its memory budget, block size and storage dtype."""
+    """The paged engine's KV cache: its memory budget, block size, storage dtype and prefix caching."""
 
     memory_mb: float | None = Field(
         None,
@@ -64,6 +64,12 @@ class KVCacheConfig(Section):
         "auto",
         description="KV cache storage (paged engine): 'auto' the model's dtype; 'fp8' float8 e4m3 (half the bytes "
         "of bf16, so twice the tokens in the same memory_mb; CPU, or CUDA with compute capability >= 8.9).",
+    )
+    prefix_caching: bool = Field(
+        True,
+        description="Automatic prefix caching (paged engine): full KV blocks of prompts are kept by content "
+        "(per adapter) and reused by later requests that start with the same tokens, until the cache needs the "
+        "room; false recomputes every prompt (for A/B benchmarks).",
     )
 
 

@@ -22,6 +22,7 @@ Used by ``model/loading.py``; tested by ``pytest tests/integration/test_serving_
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,15 +152,28 @@ class PagedPrefix:
     def fits_ever(self, tokens: int) -> bool:
         return self.cache.fits_ever(self.length + tokens, len(self.shared))
 
-    def can_reserve(self, tokens: int) -> bool:
-        return self.cache.can_reserve(self.length + tokens, len(self.shared))
+    def can_reserve(self, tokens: int, hashes: list[bytes] | None = None) -> bool:
+        return self.cache.can_reserve(self.length + tokens, len(self.shared), hashes)
 
-    def reserve(self, tokens: int) -> int:
-        row = self.cache.reserve(self.length + tokens, self.shared)
+    def reserve(self, tokens: int, hashes: list[bytes] | None = None) -> int:
+        """A row for ``tokens`` after the prefix; ``hashes``: its full prompt blocks' (prefix caching)."""
+        row = self.cache.reserve(self.length + tokens, self.shared, hashes)
         start = len(self.shared) * self.cache.block_size
-        if start < self.length:  # the prefix's partial last block: this sequence's own copy
+        # The prefix's partial last block: this sequence's own copy, unless that block is a cached one
+        # (shared, so never written; it already holds the copy).
+        if start < self.length and not self.cache.hits(row):
             self._write(self.cache.slots(row, start, self.length), start)
         return row
+
+    @property
+    def digest(self) -> str:
+        """Identity of the prefix's content (prefix caching keys blocks by it): a hash of its keys and values."""
+        if self.prefix is None:
+            return ""
+        data = hashlib.sha256()
+        for t in (self.prefix.keys, self.prefix.values):
+            data.update(t.detach().float().cpu().numpy().tobytes())
+        return f"{self.prefix.peft_type}:{self.length}:{data.hexdigest()}"
 
     def _write(self, slots: list[int], start: int) -> None:
         if not slots or self.prefix is None:  # slots come only with a prefix

@@ -185,8 +185,8 @@ def _add_completions(app: FastAPI, served: _Served, authorize) -> None:
         if result.logprobs is not None or result.prompt_logprobs is not None:
             logprobs = CompletionLogprobs.of((result.prompt_logprobs or ()) + (result.logprobs or ()))
         choice = CompletionChoice(text=echo + result.text, finish_reason=result.finish_reason, logprobs=logprobs)
-        return CompletionResponse(id=rid, model=model_name, choices=[choice],
-                                  usage=Usage.of(result.prompt_tokens, result.completion_tokens))
+        usage = Usage.of(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
+        return CompletionResponse(id=rid, model=model_name, choices=[choice], usage=usage)
 
 
 def _add_chat(app: FastAPI, served: _Served, authorize) -> None:
@@ -211,8 +211,8 @@ def _add_chat(app: FastAPI, served: _Served, authorize) -> None:
         logprobs = ChatLogprobs.of(result.logprobs) if result.logprobs is not None else None
         choice = ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason,
                             logprobs=logprobs)
-        return ChatCompletionResponse(id=rid, model=model_name, choices=[choice],
-                                      usage=Usage.of(result.prompt_tokens, result.completion_tokens))
+        usage = Usage.of(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
+        return ChatCompletionResponse(id=rid, model=model_name, choices=[choice], usage=usage)
 
 
 async def _result_unless_gone(stream: GenerationStream, request: Request) -> Completion:
@@ -242,7 +242,8 @@ async def _completion_chunks(stream: GenerationStream, rid: str, model: str, log
         prefix = ""
         yield CompletionResponse(id=rid, created=created, model=model, choices=[choice])
         if delta.completion is not None and include_usage:
-            usage = Usage.of(delta.completion.prompt_tokens, delta.completion.completion_tokens)
+            usage = Usage.of(delta.completion.prompt_tokens, delta.completion.completion_tokens,
+                             delta.completion.cached_tokens)
             yield CompletionResponse(id=rid, created=created, model=model, choices=[], usage=usage)
 
 
@@ -256,7 +257,8 @@ async def _chat_chunks(stream: GenerationStream, rid: str, model: str, logprobs:
         choice = ChatChunkChoice(delta=ChatDelta(content=delta.text), finish_reason=delta.finish_reason, logprobs=lp)
         yield ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
         if delta.completion is not None and include_usage:
-            usage = Usage.of(delta.completion.prompt_tokens, delta.completion.completion_tokens)
+            usage = Usage.of(delta.completion.prompt_tokens, delta.completion.completion_tokens,
+                             delta.completion.cached_tokens)
             yield ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
 
 

@@ -11,7 +11,7 @@ forward with a dense cache, every other causal LM) or the same HF backend over O
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,12 +42,19 @@ class Backend(Protocol):
         """Whether a sequence of ``tokens`` (prompt plus max_tokens) could be admitted into an empty cache."""
         ...
 
-    def can_reserve(self, tokens: int) -> bool:
-        """Whether :meth:`reserve` for ``tokens`` would succeed now."""
+    def can_reserve(self, tokens: int, prompt: Sequence[int] = (), adapter: int = 0) -> bool:
+        """Whether :meth:`reserve` with the same arguments would succeed now."""
         ...
 
-    def reserve(self, tokens: int) -> int:
-        """A row for a sequence of up to ``tokens``; its cache holds at least the first prefill chunk."""
+    def reserve(self, tokens: int, prompt: Sequence[int] = (), adapter: int = 0) -> int:
+        """A row for a sequence of up to ``tokens``; its cache holds at least the first prefill chunk.
+        ``prompt`` (with LoRA slot ``adapter``): tokens whose cached prefix the row may reuse (prefix
+        caching; empty: none), see :meth:`cached_tokens`."""
+        ...
+
+    def cached_tokens(self, row: int) -> int:
+        """Leading prompt tokens ``row``'s cache already held at :meth:`reserve` (prefix cache hits): the
+        prefill starts after them. Always fewer than the prompt (0 for a backend without prefix caching)."""
         ...
 
     def grow(self, row: int, tokens: int) -> bool:

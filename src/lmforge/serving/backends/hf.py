@@ -14,6 +14,7 @@ Invariant: every layer's cache holds exactly ``mask.shape[1]`` columns.
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from typing import cast
 
 import torch
@@ -150,13 +151,16 @@ class HFBackend:
     def fits_ever(self, tokens: int) -> bool:
         return self.context_window <= 0 or self.virtual_tokens + tokens <= self.context_window
 
-    def can_reserve(self, tokens: int) -> bool:
+    def can_reserve(self, tokens: int, prompt: Seq[int] = (), adapter: int = 0) -> bool:
         return len(self._live) < self.max_rows
 
-    def reserve(self, tokens: int) -> int:
+    def reserve(self, tokens: int, prompt: Seq[int] = (), adapter: int = 0) -> int:
         self._next_row += 1
         self._live.add(self._next_row)
         return self._next_row
+
+    def cached_tokens(self, row: int) -> int:
+        return 0  # a dense cache per batch: no prefix caching
 
     def grow(self, row: int, tokens: int) -> bool:
         return True

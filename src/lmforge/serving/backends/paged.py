@@ -3,11 +3,18 @@
 On CUDA with a bf16/fp16 model and Triton importable, the layer's small ops are the fused Triton
 kernels and decode steps replay captured graphs; elsewhere (CPU, float32) the same runner uses the
 PyTorch ops, eagerly. Prefill chunks always run eagerly (their shapes vary).
+
+Prefix caching (``serving.kv_cache.prefix_caching``, ``model/block_pool.py``): a request's prompt
+blocks are hashed from a root that holds its LoRA adapter, the prompt-learning prefix and the KV
+storage, and the cached ones are reused; its prefill then starts at an offset, which is the
+chunked-prefill path (a query block at any position attends to the cache before it), so CUDA graphs,
+which capture decode only, are untouched.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 
@@ -16,6 +23,7 @@ from lmforge.core.errors import ServingError
 from lmforge.serving.adapters.lora_slots import LoraSlots, attach, load_slots
 from lmforge.serving.adapters.virtual_tokens import PagedPrefix, prefix_of
 from lmforge.serving.backends.base import PrefillItem
+from lmforge.serving.model.block_pool import chain_hashes, root_hash
 from lmforge.serving.model.graphs import DecodeGraphs
 from lmforge.serving.model.kv_cache import CacheShape, PagedKVCache, blocks_for_budget
 from lmforge.serving.model.ops import Ops, StepLayout, TritonOps
@@ -76,6 +84,13 @@ class PagedBackend:
         group = self.runner.heads // self.runner.kv_heads
         # A prefill query block holds up to 128 (token, head) rows of the attention kernel.
         self.prefill_block = max(1, 128 // group)
+        self.prefix_caching = cfg.kv_cache.prefix_caching
+        # Everything besides the tokens that a block's keys and values depend on; per LoRA slot (0: the base).
+        root = root_hash("kv", str(shape.dtype), self.ops.kv_scale, shape.block_size, self.prefix.digest)
+        names = {slot: name for name, slot in self.adapter_slots.items()}
+        self._roots = {slot: root_hash(root, name, cfg.adapters.get(name) if name else None)
+                       for slot, name in {0: None, **names}.items()}
+        self._cached: dict[int, int] = {}  # row -> prompt tokens its cache held at admission
         self.graphs = None
         if cfg.runtime.cuda_graphs and self.device.type == "cuda" and isinstance(self.ops, TritonOps):
             self.graphs = DecodeGraphs(self.runner, cfg.scheduler.max_batch_size)
@@ -95,16 +110,33 @@ class PagedBackend:
     def fits_ever(self, tokens: int) -> bool:
         return self.prefix.fits_ever(tokens)
 
-    def can_reserve(self, tokens: int) -> bool:
-        return self.prefix.can_reserve(tokens)
+    def can_reserve(self, tokens: int, prompt: Sequence[int] = (), adapter: int = 0) -> bool:
+        return self.prefix.can_reserve(tokens, self._hashes(prompt, adapter))
 
-    def reserve(self, tokens: int) -> int:
-        return self.prefix.reserve(tokens)
+    def reserve(self, tokens: int, prompt: Sequence[int] = (), adapter: int = 0) -> int:
+        row = self.prefix.reserve(tokens, self._hashes(prompt, adapter))
+        hits = self.cache.hits(row)
+        # The cached blocks follow the prefix's whole blocks and cover positions up to their end.
+        self._cached[row] = (len(self.prefix.shared) + hits) * self.cache.block_size - self.virtual_tokens if hits else 0
+        return row
+
+    def cached_tokens(self, row: int) -> int:
+        return self._cached.get(row, 0)
+
+    def _hashes(self, prompt: Sequence[int], adapter: int) -> list[bytes]:
+        """Content hashes of the full blocks of ``prompt`` but its last token (always recomputed: its
+        logits choose the first token), on the chain of ``adapter``'s root."""
+        if not self.prefix_caching or len(prompt) < 2:
+            return []
+        size = self.cache.block_size
+        first = size - self.virtual_tokens % size  # the prefix's partial block fills the start of the first
+        return chain_hashes(self._roots[adapter], prompt[:-1], first, size)
 
     def grow(self, row: int, tokens: int) -> bool:
         return True  # admission reserved the sequence's worst case
 
     def release(self, row: int) -> None:
+        self._cached.pop(row, None)
         self.cache.release(row)
 
     def set_adapter(self, row: int, slot: int) -> None:
@@ -133,7 +165,10 @@ class PagedBackend:
         shift = self.virtual_tokens  # the engine counts positions from the prompt's first token
         layout = StepLayout.build([(i.row, shift + i.start, i.ids) for i in items], self.device, self.prefill_block,
                                   wanted)
-        return list(self.runner.forward(layout).split(sizes))
+        logits = list(self.runner.forward(layout).split(sizes))
+        for item in items:  # their blocks are written now (same stream): reusable by later requests
+            self.cache.commit(item.row, shift + item.start + len(item.ids))
+        return logits
 
     def decode(self, rows: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
         if self.virtual_tokens:

@@ -1,7 +1,8 @@
 """Prometheus metrics of the inference server, served at ``GET /metrics``.
 
 Gauges are read from the engine when scraped (queue depth, running batch, KV cache use, output
-tokens per second over the last 10 s); counters and histograms (time to first token, inter-token
+tokens per second over the last 10 s, the prefix cache's hit rate); counters (tokens, requests,
+prompt tokens looked up in the prefix cache and those found there) and histograms (time to first token, inter-token
 latency, request duration) are fed by the engine thread once per step. The histograms are a small
 collector of our own so a step adds all its rows' latencies under one lock instead of taking the
 client library's lock per token. Each server has its own registry, so several servers in one
@@ -37,6 +38,9 @@ class NullMetrics:
         pass
 
     def rejected(self, status: int) -> None:
+        pass
+
+    def prefix_cache(self, queried: int, cached: int) -> None:
         pass
 
 
@@ -84,6 +88,11 @@ class EngineMetrics:
         self.generation_tokens = Counter("lmforge_generation_tokens", "Tokens generated.", registry=self.registry)
         self.requests = Counter("lmforge_requests", "Finished or refused requests by outcome.", ["outcome"],
                                 registry=self.registry)
+        self.prefix_queried = Counter("lmforge_prefix_cache_queried_tokens", "Prompt tokens of admitted requests "
+                                      "looked up in the prefix cache.", registry=self.registry)
+        self.prefix_cached = Counter("lmforge_prefix_cache_cached_tokens", "Prompt tokens found in the prefix "
+                                     "cache (their prefill was skipped).", registry=self.registry)
+        self._prefix = [0, 0]  # queried, cached: for the hit-rate gauge
         self.registry.register(self)
 
     def bind(self, queue_depth: Callable[[], float], running: Callable[[], float],
@@ -95,6 +104,8 @@ class EngineMetrics:
                                              kv_cache_usage),
             "lmforge_generation_tokens_per_second": ("Output tokens per second over the last 10 s.",
                                                      self._tokens_per_second),
+            "lmforge_prefix_cache_hit_rate": ("Fraction of the prompt tokens looked up in the prefix cache that "
+                                              "were found there, since the server started.", self._prefix_hit_rate),
         }
 
     # ------------------------------------------------------------ fed by the engine thread
@@ -118,6 +129,13 @@ class EngineMetrics:
     def rejected(self, status: int) -> None:
         self.requests.labels(outcome=f"rejected_{status}").inc()
 
+    def prefix_cache(self, queried: int, cached: int) -> None:
+        with self._lock:
+            self._prefix[0] += queried
+            self._prefix[1] += cached
+        self.prefix_queried.inc(queried)
+        self.prefix_cached.inc(cached)
+
     # ------------------------------------------------------------ scraped
 
     def _tokens_per_second(self) -> float:
@@ -125,6 +143,11 @@ class EngineMetrics:
         with self._lock:
             total = sum(count for t, count in self._recent if t >= now - _RATE_WINDOW_S)
         return total / _RATE_WINDOW_S
+
+    def _prefix_hit_rate(self) -> float:
+        with self._lock:
+            queried, cached = self._prefix
+        return cached / queried if queried else 0.0
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily

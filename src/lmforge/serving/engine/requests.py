@@ -53,6 +53,7 @@ class Completion:
     completion_tokens: int
     logprobs: tuple[TokenLogprob, ...] | None = None
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # one per prompt token (echo)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not recomputed)
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@ One engine step (``engine/engine.py``) is two rounds of schedule -> execute -> u
 
 1. Prefill. :meth:`Scheduler.schedule_prefill` admits waiting requests while the running batch has
    a free row and the backend can reserve the request's worst case (prompt plus ``max_tokens``),
-   first come first served; drops requests whose client went away, freeing their rows and cache at
-   once; and picks up to ``serving.scheduler.max_prefill_tokens`` prompt tokens to prefill (a long prompt is
+   first come first served (with prefix caching, a request's prefill starts after the prompt tokens
+   the backend found cached: ``Backend.cached_tokens``); drops requests whose client went away,
+   freeing their rows and cache at once; and picks up to ``serving.scheduler.max_prefill_tokens`` prompt tokens to prefill (a long prompt is
    split into chunks over several steps, so it never stalls the running streams for long). The
    engine runs the chunks; :meth:`Scheduler.prefilled` counts them in and returns the sequences
    whose prompt is now whole: they get their first token (:meth:`Scheduler.update`) and join the
@@ -123,9 +124,11 @@ class Scheduler:
                     self.waiting.popleft()
                     continue
                 need = len(request.prompt_ids) + request.params.max_tokens
-                if not self.backend.can_reserve(need):
+                reuse = self._reusable(request, resumed)
+                if not self.backend.can_reserve(need, reuse, request.adapter):
                     break  # first come, first served: later requests wait behind this one
-                row = self.backend.reserve(need)
+                row = self.backend.reserve(need, reuse, request.adapter)
+                cached = self.backend.cached_tokens(row)
                 if self.backend.adapter_slots:  # the row may have served another adapter before
                     self.backend.set_adapter(row, request.adapter)
                 if resumed is not None:
@@ -137,7 +140,20 @@ class Scheduler:
                                    make_rng(request.params.seed),
                                    grammar=GrammarState(request.grammar) if request.grammar is not None else None)
                 seq.admitted, self._admissions = self._admissions, self._admissions + 1
+                seq.prefilled = cached  # prefix cache hits: the prefill starts after them
+                if resumed is None and reuse:
+                    seq.cached_tokens = cached
+                    self.metrics.prefix_cache(len(reuse), cached)
                 self.prefilling.append(seq)
+
+    @staticmethod
+    def _reusable(request: Request, resumed: Sequence | None) -> list[int]:
+        """The tokens whose cached prefix a newly admitted sequence may reuse (prefix caching): its
+        prompt (and, resumed, the tokens it had generated); none when its echo scores the prompt,
+        which needs the logits of every prompt token."""
+        if resumed is not None:
+            return [] if resumed.params.prompt_logprobs is not None and not resumed.token_ids else resumed.prefill_ids
+        return [] if request.params.prompt_logprobs is not None else request.prompt_ids
 
     def _drop_cancelled(self) -> None:
         for group in (self.prefilling, self.running):

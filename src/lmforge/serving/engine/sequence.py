@@ -32,6 +32,7 @@ class Sequence:
     admitted: int = 0  # admission order (the most recently admitted is preempted first)
     preemptions: int = 0  # times its cache was taken back and recomputed
     prefilled: int = 0  # tokens of ``prefill_ids`` already in the cache
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission (usage's cached_tokens)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -95,6 +96,7 @@ def send_delta(seq: Sequence, text: str, finish: str | None) -> None:
             finish_reason=finish,
             prompt_tokens=len(seq.prompt),
             completion_tokens=len(seq.token_ids),
+            cached_tokens=seq.cached_tokens,
             logprobs=tuple(seq.logprobs) if seq.params.logprobs is not None else None,
             prompt_logprobs=tuple(seq.prompt_entries) if seq.prompt_entries is not None else None,
         )

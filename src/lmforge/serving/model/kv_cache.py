@@ -17,6 +17,11 @@ free their blocks.
 Blocks taken out of the pool with :meth:`PagedKVCache.pin` hold what every sequence starts with (a
 prompt-learning adapter's prefix, ``adapters/virtual_tokens.py``): a reservation may begin its
 table with them (``lead``), read-only and shared, so each sequence owns only the blocks after them.
+
+Prefix caching (``model/block_pool.py``): a reservation may name the content hashes of its prompt's
+full blocks; the longest cached run of them is shared into its table after the lead (the sequence's
+prefill starts after them, :meth:`PagedKVCache.hits`), and the rest are published as the prefill
+writes them (:meth:`PagedKVCache.commit`). Released blocks with a hash stay cached until evicted.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.core.errors import ServingError
+from lmforge.serving.model.block_pool import BlockPool
 
 
 @dataclass(frozen=True)
@@ -69,9 +75,12 @@ class PagedKVCache:
         # One row more than sequences: the last row points only at block 0, for padded graph rows.
         self.table = torch.zeros((max_rows + 1, self.max_blocks_per_seq), dtype=torch.int32, device=device)
         self.scratch_row = max_rows
-        self._free_blocks = list(range(num_blocks - 1, 0, -1))  # block 0 is the scratch block
+        self.pool = BlockPool(num_blocks)  # block 0 is the scratch block
         self._free_rows = list(range(max_rows - 1, -1, -1))
-        self._owned: dict[int, list[int]] = {}  # row -> its blocks
+        self._owned: dict[int, list[int]] = {}  # row -> its blocks after the lead (shared hits, then its own)
+        self._hits: dict[int, int] = {}  # row -> cached blocks its table reuses
+        # row -> (table index, block, hash) of its full prompt blocks not yet published
+        self._pending: dict[int, list[tuple[int, int, bytes]]] = {}
         self._pinned = 0  # blocks taken out of the pool for good (shared prefixes)
 
     # ------------------------------------------------------------ capacity
@@ -88,13 +97,17 @@ class PagedKVCache:
         need = self.blocks_needed(tokens)
         return need <= self.max_blocks_per_seq and need - lead <= self.usable_blocks
 
-    def can_reserve(self, tokens: int, lead: int = 0) -> bool:
-        return bool(self._free_rows) and self.blocks_needed(tokens) - lead <= len(self._free_blocks)
+    def can_reserve(self, tokens: int, lead: int = 0, hashes: list[bytes] | None = None) -> bool:
+        """Whether :meth:`reserve` with the same arguments would succeed now."""
+        if not self._free_rows:
+            return False
+        hits = self.pool.lookup(hashes or [])
+        return self.blocks_needed(tokens) - lead - len(hits) <= self.pool.available - self.pool.idle(hits)
 
     @property
     def usage(self) -> float:
-        """Fraction of the usable blocks reserved by admitted sequences."""
-        return 1.0 - len(self._free_blocks) / self.usable_blocks
+        """Fraction of the usable blocks held by admitted sequences (cached idle blocks count as free)."""
+        return 1.0 - self.pool.available / self.usable_blocks
 
     @property
     def rows_in_use(self) -> int:
@@ -102,34 +115,53 @@ class PagedKVCache:
 
     # ------------------------------------------------------------ reserve / release
 
-    def reserve(self, tokens: int, lead: list[int] | None = None) -> int:
+    def reserve(self, tokens: int, lead: list[int] | None = None, hashes: list[bytes] | None = None) -> int:
         """Reserve blocks for ``tokens`` and a row; returns the row. Call :meth:`can_reserve` first.
-        ``lead``: pinned blocks the sequence's table starts with (they hold its first positions)."""
-        lead = lead or []
-        n = self.blocks_needed(tokens) - len(lead)
-        if not self.can_reserve(tokens, len(lead)):
+        ``lead``: pinned blocks the sequence's table starts with (they hold its first positions).
+        ``hashes``: content hashes of the full prompt blocks after the lead (empty: no prefix caching)."""
+        lead, hashes = lead or [], hashes or []
+        if not self.can_reserve(tokens, len(lead), hashes):
             raise ServingError(f"no room for {tokens} tokens in the KV cache", "call can_reserve() first")
+        hits = self.pool.lookup(hashes)
+        self.pool.share(hits)
+        blocks = hits + self.pool.take(self.blocks_needed(tokens) - len(lead) - len(hits))
         row = self._free_rows.pop()
-        blocks = [self._free_blocks.pop() for _ in range(n)]
-        self._owned[row] = blocks
+        self._owned[row], self._hits[row] = blocks, len(hits)
+        self._pending[row] = [(len(lead) + i, blocks[i], h) for i, h in enumerate(hashes) if i >= len(hits)]
         entry = torch.zeros(self.max_blocks_per_seq, dtype=torch.int32)
-        entry[: len(lead) + n] = torch.tensor(lead + blocks, dtype=torch.int32)
+        entry[: len(lead) + len(blocks)] = torch.tensor(lead + blocks, dtype=torch.int32)
         self.table[row].copy_(entry)
         return row
 
+    def hits(self, row: int) -> int:
+        """Blocks of ``row``'s table after its lead that were already cached at reservation."""
+        return self._hits.get(row, 0)
+
+    def commit(self, row: int, written: int) -> None:
+        """Positions ``0..written-1`` of ``row`` now hold their keys and values: publish its full blocks among them."""
+        pending = self._pending.get(row)
+        if not pending:
+            return
+        done = written // self.block_size  # table entries wholly written
+        while pending and pending[0][0] < done:
+            _, block, h = pending.pop(0)
+            self.pool.publish(block, h)
+
     def pin(self, n: int) -> list[int]:
         """Take ``n`` blocks out of the pool for good (content shared by every sequence)."""
-        if n > len(self._free_blocks) - 1:
+        if n > len(self.pool.free) - 1:
             raise ServingError(f"the KV cache has {self.num_blocks} blocks, too few to keep {n} for a shared prefix "
                                "and serve", "raise serving.kv_cache.memory_mb")
         self._pinned += n
-        return [self._free_blocks.pop() for _ in range(n)]
+        return [self.pool.free.pop() for _ in range(n)]
 
     def release(self, row: int) -> None:
         blocks = self._owned.pop(row, None)
         if blocks is None:
             return
-        self._free_blocks.extend(reversed(blocks))
+        self._hits.pop(row, None)
+        self._pending.pop(row, None)
+        self.pool.release(blocks)
         self._free_rows.append(row)
 
     def slots(self, row: int, start: int, end: int) -> list[int]:
