@@ -6,8 +6,9 @@ One engine step (``engine/engine.py``) is two rounds of schedule -> execute -> u
    a free row and the backend can reserve the request's worst case (prompt plus ``max_tokens``),
    first come first served (with prefix caching, a request's prefill starts after the prompt tokens
    the backend found cached: ``Backend.cached_tokens``); drops requests whose client went away,
-   freeing their rows and cache at once; and picks up to ``serving.scheduler.max_prefill_tokens`` prompt tokens to prefill (a long prompt is
-   split into chunks over several steps, so it never stalls the running streams for long). The
+   freeing their rows and cache at once; and picks up to ``serving.scheduler.max_prefill_tokens``
+   prompt tokens to prefill (a long prompt is split into chunks over several steps, so it never
+   stalls the running streams for long). The
    engine runs the chunks; :meth:`Scheduler.prefilled` counts them in and returns the sequences
    whose prompt is now whole: they get their first token (:meth:`Scheduler.update`) and join the
    running batch, in time for the decode round of the same step.
