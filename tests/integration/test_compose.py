@@ -18,15 +18,21 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, free_port, wait_http
+from fixtures.collect.s3 import client, s3_server
 from readme import readme_command
 
 from lmforge.cli import build_parser
@@ -358,3 +364,97 @@ def test_join_ray_needs_the_head_address():
     result = subprocess.run(["sh", str(REPO / "docker" / "join-ray.sh"), "true"], env=env, capture_output=True,
                             text=True)
     assert result.returncode != 0 and "RAY_ADDRESS names the Ray head" in result.stderr
+
+
+# ---------------------------------------------------------------- the services' commands, run as processes
+
+
+@contextmanager
+def postgres(user: str, password: str) -> Iterator[int]:
+    """A real PostgreSQL on a loopback port, set up as the postgres image sets up the compose service:
+    POSTGRES_USER with a password, POSTGRES_DB, then docker/postgres-init.sql. Runs as ``nobody`` when this
+    process is root (PostgreSQL refuses root), in a short directory of /tmp that user can reach (pytest's
+    are private to root; the server's unix socket path must stay under 107 bytes)."""
+    bins = {name: shutil.which(name) for name in ("initdb", "pg_ctl", "psql")}
+    if not all(bins.values()):
+        pytest.skip(f"PostgreSQL's programs are not installed here ({', '.join(n for n, b in bins.items() if not b)})")
+    as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    root = Path(tempfile.mkdtemp(prefix="lmf-pg-"))
+    (root / "pw").write_text(password)
+    if as_user:
+        shutil.chown(root, "nobody")
+        shutil.chown(root / "pw", "nobody")
+    port = free_port()
+    data = root / "data"
+    try:
+        for step in ([bins["initdb"], "-D", str(data), "-U", user, f"--pwfile={root / 'pw'}", "-A", "scram-sha-256"],
+                     [bins["pg_ctl"], "-D", str(data), "-w", "-l", str(root / "log"), "-o",
+                      f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"]):
+            done = subprocess.run([*as_user, *step], capture_output=True, text=True)
+            assert done.returncode == 0, done.stdout + done.stderr
+        psql = [bins["psql"], "-h", "127.0.0.1", "-p", str(port), "-U", user, "-v", "ON_ERROR_STOP=1", "-q"]
+        env = dict(os.environ, PGPASSWORD=password)
+        postgres_db = compose()["services"]["postgres"]["environment"]["POSTGRES_DB"]
+        subprocess.run([*psql, "-d", "postgres", "-c", f"CREATE DATABASE {postgres_db};"], env=env, check=True)
+        subprocess.run([*psql, "-d", "postgres", "-f", str(REPO / "docker" / "postgres-init.sql")], env=env, check=True)
+        yield port
+    finally:
+        if (data / "postmaster.pid").exists():
+            subprocess.run([*as_user, bins["pg_ctl"], "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def as_process(service: dict, addresses: dict[str, str], port: int) -> tuple[list[str], dict[str, str]]:
+    """A compose service's command and environment for this machine: the other services' ``name:port`` as
+    ``addresses`` says, loopback for 0.0.0.0, ``port`` for its --port, the programs of this environment."""
+
+    def here(text: str) -> str:
+        for address, local in addresses.items():
+            text = text.replace(address, local)
+        return text
+
+    argv = [here(word) for word in service["command"]]
+    argv[0] = str(Path(sys.executable).with_name(argv[0]))
+    argv[argv.index("--host") + 1] = "127.0.0.1"
+    argv[argv.index("--port") + 1] = str(port)
+    return argv, {**os.environ, **{key: here(str(value)) for key, value in service["environment"].items()}}
+
+
+def test_mlflow_and_prefect_services_run_on_postgresql_and_s3(tmp_path):
+    """The compose file's MLflow and Prefect server commands, with their environments, against a real
+    PostgreSQL made as the compose file makes it and an S3 server: both start healthy, Prefect's tables and
+    MLflow's runs land in their databases, an artifact logged through MLflow lands in the bucket."""
+    services = interpolate(compose(), env_example())["services"]
+    user, password = services["postgres"]["environment"]["POSTGRES_USER"], services["postgres"]["environment"][
+        "POSTGRES_PASSWORD"]
+    procs = []
+    with postgres(user, password) as pg_port, s3_server() as endpoint:
+        client(endpoint).create_bucket(Bucket="mlflow")
+        addresses = {"postgres:5432": f"127.0.0.1:{pg_port}", "http://minio:9000": endpoint}
+        ports = {"mlflow": free_port(), "prefect-server": free_port()}
+        try:
+            for name, port in ports.items():
+                argv, env = as_process(services[name], addresses, port)
+                env["PREFECT_HOME"] = str(tmp_path / "prefect")
+                if name == "mlflow":  # the Host header a client of this port sends (compose's: 127.0.0.1:5000)
+                    env["MLFLOW_SERVER_ALLOWED_HOSTS"] += f",127.0.0.1:{port}"
+                procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
+            wait_http(f"http://127.0.0.1:{ports['mlflow']}/health", 120, procs[0])
+            wait_http(f"http://127.0.0.1:{ports['prefect-server']}/api/health", 120, procs[1])
+            (tmp_path / "note.txt").write_text("stored on S3 through the server")
+            logged = subprocess.run(
+                [sys.executable, "-c", "import mlflow\nwith mlflow.start_run():\n    mlflow.log_artifact('note.txt')"],
+                cwd=tmp_path, env=dict(os.environ, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{ports['mlflow']}"),
+                capture_output=True, text=True)
+            assert logged.returncode == 0, logged.stderr[-2000:]
+            keys = [o["Key"] for o in client(endpoint).list_objects_v2(Bucket="mlflow")["Contents"]]
+            assert any(key.startswith("artifacts/") and key.endswith("/note.txt") for key in keys), keys
+            psql = ["psql", "-h", "127.0.0.1", "-p", str(pg_port), "-U", user, "-tAc"]
+            count = partial(subprocess.check_output, env=dict(os.environ, PGPASSWORD=password), text=True)
+            assert int(count([*psql, "select count(*) from runs", "-d", "mlflow"])) == 1
+            assert int(count([*psql, "select count(*) from flow", "-d", "prefect"])) == 0  # its schema, migrated
+        finally:
+            for proc in procs:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
