@@ -22,11 +22,15 @@ Prefix caching (``model/block_pool.py``): a reservation may name the content has
 full blocks; the longest cached run of them is shared into its table after the lead (the sequence's
 prefill starts after them, :meth:`PagedKVCache.hits`), and the rest are published as the prefill
 writes them (:meth:`PagedKVCache.commit`). Released blocks with a hash stay cached until evicted.
+A request whose next uncached block is being computed by an admitted sequence right now waits for
+it (:meth:`PagedKVCache.can_reserve` says no): a burst of requests with one long shared prefix then
+prefills it once, not once per request admitted in the same step.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +85,7 @@ class PagedKVCache:
         self._hits: dict[int, int] = {}  # row -> cached blocks its table reuses
         # row -> (table index, block, hash) of its full prompt blocks not yet published
         self._pending: dict[int, list[tuple[int, int, bytes]]] = {}
+        self._in_flight: Counter[bytes] = Counter()  # hashes of the pending blocks of all rows
         self._pinned = 0  # blocks taken out of the pool for good (shared prefixes)
 
     # ------------------------------------------------------------ capacity
@@ -101,7 +106,10 @@ class PagedKVCache:
         """Whether :meth:`reserve` with the same arguments would succeed now."""
         if not self._free_rows:
             return False
-        hits = self.pool.lookup(hashes or [])
+        hashes = hashes or []
+        hits = self.pool.lookup(hashes)
+        if len(hits) < len(hashes) and self._in_flight[hashes[len(hits)]]:
+            return False  # its next block is being computed by another sequence: reuse it next step
         return self.blocks_needed(tokens) - lead - len(hits) <= self.pool.available - self.pool.idle(hits)
 
     @property
@@ -128,6 +136,7 @@ class PagedKVCache:
         row = self._free_rows.pop()
         self._owned[row], self._hits[row] = blocks, len(hits)
         self._pending[row] = [(len(lead) + i, blocks[i], h) for i, h in enumerate(hashes) if i >= len(hits)]
+        self._in_flight.update(h for _, _, h in self._pending[row])
         entry = torch.zeros(self.max_blocks_per_seq, dtype=torch.int32)
         entry[: len(lead) + len(blocks)] = torch.tensor(lead + blocks, dtype=torch.int32)
         self.table[row].copy_(entry)
@@ -146,6 +155,7 @@ class PagedKVCache:
         while pending and pending[0][0] < done:
             _, block, h = pending.pop(0)
             self.pool.publish(block, h)
+            self._landed(h)
 
     def pin(self, n: int) -> list[int]:
         """Take ``n`` blocks out of the pool for good (content shared by every sequence)."""
@@ -160,9 +170,17 @@ class PagedKVCache:
         if blocks is None:
             return
         self._hits.pop(row, None)
-        self._pending.pop(row, None)
+        for _, _, h in self._pending.pop(row, []):
+            self._landed(h)
         self.pool.release(blocks)
         self._free_rows.append(row)
+
+    def _landed(self, h: bytes) -> None:
+        """One pending block with hash ``h`` was written or given up (zero counts are dropped: no growth)."""
+        if self._in_flight[h] <= 1:
+            del self._in_flight[h]
+        else:
+            self._in_flight[h] -= 1
 
     def slots(self, row: int, start: int, end: int) -> list[int]:
         """Cache slots of positions ``start..end-1`` of the sequence in ``row`` (host-side)."""
