@@ -5,7 +5,7 @@ engine with caching on must give the same greedy tokens as with it off for reque
 system prompt (in several orders, one at a time and batched, with chunked prefill, a small cache
 that must evict, an fp8 cache, LoRA adapters and a prompt-learning prefix), report the reused
 tokens in ``Completion.cached_tokens``, and give every block back when requests finish or are
-cancelled. The HTTP side (``usage``, ``/metrics``) is in tests/integration/test_serving_prefix_cache.py.
+cancelled. The HTTP side (``usage``, ``/metrics``) is in tests/integration/test_serving_prefix_cache_http.py.
 """
 
 from __future__ import annotations
@@ -130,9 +130,10 @@ def test_a_request_whose_prefix_is_being_prefilled_waits_for_it(model_dir: Path)
     plain = _engine(model_dir, caching=False)
     try:
         first = SYSTEM * 2 + [5]
-        # short and first take rows at step 1, which prefills short and 13 tokens of first (3 full blocks);
-        # the next two share first's 4th block, still unwritten: they wait for first's whole prefill
-        # (reusing 3 blocks and writing the 4th themselves would be correct too, but computes it twice).
+        # short and first take rows at step 1, which prefills short and 13 tokens of first (3 full blocks).
+        # The third shares first's 4th block, still unwritten: it waits until first has written it (reusing
+        # 3 blocks and writing the 4th itself would be correct too, but computes it twice); the fourth
+        # waits behind it (first come, first served) and reuses the 3 blocks it shares.
         prompts = [[1, 2, 3], first, [*first[:16], 7, 8, 9, 10, 11], [*first[:14], 6, 6, 6]]
         params = [SamplingParams(max_tokens=1, temperature=0), GREEDY, GREEDY, GREEDY]
         collector = CompletionCollector(len(prompts))
