@@ -130,3 +130,40 @@ def test_fsdp_over_tensor_parallel_groups_on_a_2d_mesh_matches_one_worker(single
                                          rel=0.02)
     for key, weight in single["weights"].items():
         torch.testing.assert_close(got["weights"][key], weight, rtol=1e-4, atol=1e-5, msg=key)
+
+
+# ---------------------------------------------------------------- the train stage on Ray
+
+
+# A local Ray with two Ray Train workers, then one: a minute or more on a busy 2-core machine.
+@pytest.mark.slow
+def test_ray_tensor_parallel_run_saves_the_model_one_worker_saves(tokenized_workspace, ray_session):
+    """Pretraining then full fine-tuning, split over 2 Ray Train workers (sequence parallel): the worker's batch
+    stream gives both the whole batch, and the saved model is the plain transformers model one worker saves."""
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.stages.train import train
+
+    model_cfg = MODEL.model_copy(update={"vocab_size": 384, "max_seq_len": 64})
+    ws = tokenized_workspace("tp", model_cfg)
+    phase = {"steps": 4, "learning_rate": 3e-3, "batch_size": 4, "warmup_steps": 2}
+    base = TrainingConfig.model_validate({
+        "method": "full", "cpu_threads": 1, "logging": {"every": 1}, "validation": {"batches": 1},
+        "pretrain": {**phase, "seq_len": 32}, "finetune": {**phase, "seq_len": 64},
+        "parallel": {"tensor_parallel": WORLD, "sequence_parallel": True},
+        "placement": {"use_ray": True, "num_workers": WORLD, "cpus_per_worker": 0.5}})
+    split_run = train(base, model_cfg, ws, run_name="tp")
+    assert split_run.params["mesh"] == {"data_parallel_shard": 1, "tensor_parallel": WORLD}
+    one = train(base.model_copy(update={"parallel": base.parallel.model_copy(update={
+        "tensor_parallel": 1, "sequence_parallel": False}), "placement": base.placement.model_copy(update={
+            "num_workers": 1})}), model_cfg, ws, run_name="one")
+    assert split_run.params["param_bytes_per_worker_finetune"] < one.params["param_bytes_per_worker_finetune"]
+    for tp_row, one_row in zip(split_run.history, one.history, strict=True):
+        assert tp_row["loss"] == pytest.approx(one_row["loss"], rel=1e-4), tp_row
+    tp_model, one_model = (AutoModelForCausalLM.from_pretrained(r.model_dir) for r in (split_run, one))
+    one_weights = one_model.state_dict()
+    # The row-wise products sum in another order, and AdamW's first steps (a gradient over its own magnitude) magnify
+    # the last bits of weights whose gradients are nearly zero: equal as tensors (1e-3 of their norm), not per element.
+    for key, weight in tp_model.state_dict().items():
+        assert float((weight - one_weights[key]).norm()) <= 1e-3 * float(one_weights[key].norm()), key
+    assert split_run.metrics["finetune_val_loss"] == pytest.approx(one.metrics["finetune_val_loss"], rel=1e-4)

@@ -73,6 +73,7 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
     # The chat template the model is trained on (saved with its tokenizer) goes on record with the run.
     params: dict[str, Any] = {"params_total": count_parameters(model), "world_size": world,
                               "strategy": training.parallel.strategy,
+                              "mesh": {"data_parallel_shard": data_world, "tensor_parallel": world // data_world},
                               "chat_template": template_label(tokenizer)}
     phases = [("pretrain", training.pretrain, "pretrain")]
     if training.method != "pretrain":
