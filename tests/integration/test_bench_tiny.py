@@ -237,6 +237,20 @@ def test_serve_structured_tiny(tmp_path):
     assert "INVALID" not in proc.stdout
 
 
+def test_serve_prefix_tiny(tmp_path):
+    """Prefix caching on against off in one run: a burst sharing a prefix, cold and warm, same tokens."""
+    bench("bench.serve.prefix", out=tmp_path)
+    got = records(tmp_path, "serve_prefix", "bench.serve.prefix")
+    for case in ("cold", "warm"):
+        ttft = got[f"prefix_32x128_{case}_mean_ttft_ms"]
+        assert ttft["baseline"] == "prefix_caching off" and ttft["value"] > 0 and ttft["baseline_value"] > 0
+        assert got[f"prefix_32x128_{case}_output_tok_s"]["baseline_value"] > 0
+    # Cold: all but the first of 32 requests reuse the 128-token prefix (of 136 prompt tokens); warm: all.
+    assert got["prefix_32x128_cold_hit_rate"]["value"] == pytest.approx(31 * 128 / (32 * 136))
+    assert got["prefix_32x128_warm_hit_rate"]["value"] == pytest.approx(128 / 136)
+    assert got["prefix_32x128_greedy_identical"]["value"] == 1.0
+
+
 # ---------------------------------------------------------------- data
 
 
