@@ -380,7 +380,7 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=torch.tensor(lr, device=device),
                                  betas=(0.9, 0.95), foreach=cuda, capturable=cuda)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95),
-                             fused=device.type == "cuda")
+                             **parallel.adamw_kernels(params, device))
 
 
 def lr_factor(step: int, phase: PhaseConfig) -> float:

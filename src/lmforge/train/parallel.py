@@ -20,7 +20,7 @@ tensor-parallel group) nothing more is done. The functions below handle those DT
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -108,6 +108,19 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.
     for group in groups.values():
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
+
+
+def adamw_kernels(params: list[torch.nn.Parameter], device: torch.device) -> dict[str, Any]:
+    """AdamW's kernel flags for ``params``: fused on CUDA, unless plain tensors and DTensors mix.
+
+    A fused (or foreach) step is one call over all parameters, and DTensor refuses plain tensors in it;
+    tensor parallelism without FSDP2 leaves the embeddings and norms plain. Those runs step one tensor at
+    a time (FSDP2 makes every parameter a DTensor: meshes may differ, kinds do not mix)."""
+    from torch.distributed.tensor import DTensor
+
+    kinds = {isinstance(p, DTensor) for p in params}
+    fast = device.type == "cuda" and len(kinds) <= 1
+    return {"fused": fast, "foreach": None if fast else False}
 
 
 def full_state(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
