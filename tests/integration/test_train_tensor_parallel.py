@@ -9,6 +9,7 @@ checkpoints must agree: the plan changes where the matrices live, never what the
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from conftest import free_port
 from lmforge.config.model import ModelConfig
 from lmforge.config.training import TrainingConfig
 from lmforge.model.build import build_model
+from lmforge.train import checkpoint as ckpt
 from lmforge.train import parallel, tensor_parallel
 from lmforge.train.loop import train_phase
 
@@ -38,7 +40,7 @@ def _training(parallel_settings: dict, workers: int = WORLD) -> TrainingConfig:
         "validation": {"batches": 1}, "checkpointing": {"every": SAVE_AT, "every_minutes": 0}})
 
 
-def _run(parallel_settings: dict, rank: int, workers: int = WORLD) -> dict:
+def _run(parallel_settings: dict, rank: int, workers: int = WORLD, resume: ckpt.Checkpoint | None = None) -> dict:
     """train_phase on this rank over its data-parallel share of each global batch (a tensor-parallel group's
     ranks share one); its history, checkpoint, bytes and gathered weights."""
     training = _training(parallel_settings, workers)
@@ -53,10 +55,11 @@ def _run(parallel_settings: dict, rank: int, workers: int = WORLD) -> dict:
     saved: dict[int, dict] = {}
 
     def save(step: int, tensors: dict, state: dict) -> None:
-        saved[step] = tensors
+        saved[step] = {"tensors": tensors, "state": copy.deepcopy(state)}  # the loop's lists grow on after it
 
-    history, metrics = train_phase(model, "pretrain", training.pretrain, training, iter(steps[:STEPS]), steps[STEPS:],
-                                   torch.device("cpu"), save=save)
+    done = resume.state["loop"]["step"] if resume else 0
+    history, metrics = train_phase(model, "pretrain", training.pretrain, training, iter(steps[done:STEPS]),
+                                   steps[STEPS:], torch.device("cpu"), save=save, resume=resume)
     split = {name: (p.to_local() if hasattr(p, "to_local") else p).nbytes
              for name, p in model.named_parameters() if name.endswith("_proj.weight")}
     return {"history": history, "metrics": metrics, "saved": saved, "proj_bytes": sum(split.values()),
@@ -69,6 +72,13 @@ def _worker(rank: int, port: int, out: Path, workers: int, settings: dict) -> No
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=workers)
     try:
         results = {name: _run(one, rank, workers) for name, one in settings.items()}
+        if "tp_sp" in settings:  # its step-3 checkpoint (full tensors, as files), resumed by the same split group
+            root = out.parent / "ckpt"
+            if rank == 0:
+                written = results["tp_sp"]["saved"][SAVE_AT]
+                ckpt.save(root, f"pretrain-{SAVE_AT}", written["tensors"], {"loop": written["state"]}, keep=1)
+            dist.barrier()
+            results["tp_sp_resumed"] = _run(settings["tp_sp"], rank, workers, resume=ckpt.load_latest(root))
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -107,10 +117,19 @@ def test_tensor_parallel_matches_one_worker_and_splits_the_blocks(name, split, s
         torch.testing.assert_close(got["weights"][key], weight, rtol=1e-4, atol=1e-5, msg=key)
     # Checkpoints hold full tensors in the unsplit layout, so any strategy or worker count resumes them.
     for group in ("model", "optimizer"):
-        mine, want = got["saved"][SAVE_AT][group], single["saved"][SAVE_AT][group]
+        mine, want = got["saved"][SAVE_AT]["tensors"][group], single["saved"][SAVE_AT]["tensors"][group]
         assert mine.keys() == want.keys()
         for key in want:
             torch.testing.assert_close(mine[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_full_checkpoint_resumes_into_the_split_model(split):
+    """The step-3 checkpoint's full tensors, cut into each worker's columns and rows on load, end where the run did."""
+    resumed, run = split["tp_sp_resumed"], split["tp_sp"]
+    assert [r["step"] for r in resumed["history"]] == list(range(1, STEPS + 1))  # the history before it comes back
+    assert resumed["history"][-1]["loss"] == pytest.approx(run["history"][-1]["loss"], rel=1e-5)
+    for key, weight in run["weights"].items():
+        torch.testing.assert_close(resumed["weights"][key], weight, rtol=1e-4, atol=1e-5, msg=key)
 
 
 # Four processes on a busy 2-core machine: about half a minute more than the test above.
