@@ -87,3 +87,21 @@ def test_model_info_prints_the_strategies_and_the_advice(capsys, tmp_path):
     assert {row["strategy"] for row in report["strategies"]} == {"ddp", "fsdp"}
     assert all(row["total"] > 0 for row in report["strategies"]) and report["advice"]
     assert report["strategies"][0]["total"] < 1 * GB
+
+
+def test_one_tensor_parallel_group_splits_only_the_blocks():
+    alone = per_worker(ONE, _layout(), "ddp", workers=2, tensor_parallel=2)
+    assert alone.label == "ddp, tensor_parallel 2"
+    assert alone.gradients == int(4000 * (0.75 / 2 + 0.25))
+    assert alone.weights == int(4000 * (0.75 / 2 + 0.25))  # nothing gathered: FSDP2 shards nothing here
+
+
+def test_the_configured_strategy_is_what_the_fit_check_reads():
+    phase = {"finetune": PHASE, "method": "full"}
+    replicas = describe(LLAMA_7B, TrainingConfig(**phase, placement={"num_workers": 8}), 32000)
+    sharded = describe(LLAMA_7B, TrainingConfig(**phase, placement={"num_workers": 8},
+                                                 parallel={"strategy": "fsdp", "tensor_parallel": 2}), 32000)
+    (one,), (split,) = ([c for c in i.configured if c.phase == "finetune"] for i in (replicas, sharded))
+    assert (one.label, split.label) == ("ddp", "fsdp, 8 workers, tensor_parallel 2")
+    assert one.total == next(m for m in replicas.memory if m.phase == "finetune").total
+    assert split.optimizer < one.optimizer / 7

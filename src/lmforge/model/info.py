@@ -33,7 +33,15 @@ from lmforge.config.training import TrainingConfig
 from lmforge.core.errors import ConfigError
 from lmforge.model.build import count_parameters, model_config
 from lmforge.model.memory import PhaseMemory, Shape, phase_memory
-from lmforge.model.parallel_memory import DEFAULT_GPU, TENSOR_DEGREES, Layout, StrategyMemory, advice, strategy_table
+from lmforge.model.parallel_memory import (
+    DEFAULT_GPU,
+    TENSOR_DEGREES,
+    Layout,
+    StrategyMemory,
+    advice,
+    per_worker,
+    strategy_table,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -76,11 +84,12 @@ class ModelInfo:
     device: str
     device_bytes: int
     strategies: list[StrategyMemory]  # per worker, by phase: ddp, fsdp, fsdp with tensor_parallel
+    configured: list[StrategyMemory]  # per worker, by phase, under the config's own training.parallel
     advice: list[str]  # by phase: the strategy a GPU of the visible (or an 80 GB) size needs
 
     def as_dict(self) -> dict:
         out = asdict(self)
-        for key in ("memory", "strategies"):
+        for key in ("memory", "strategies", "configured"):
             for row, item in zip(out[key], getattr(self, key)):
                 row["total"] = item.total
         return out
@@ -129,30 +138,33 @@ def _strategies(model: PreTrainedModel, training: TrainingConfig, phases: list, 
         config.model_type, shape.heads, shape.kv_heads) is None)
     tp = parallel.tensor_parallel if parallel.tensor_parallel > 1 else (degrees[0] if degrees else 1)
     gpu = device if training.placement.use_gpu and device[1] else DEFAULT_GPU
-    rows, sentences = [], []
+    rows, sentences, configured = [], [], []
     for name, phase, method in phases:
         own = total if method in ("pretrain", "full") else trainable
         layout = Layout(shape, blocks / total, training.speed.gradient_checkpointing, training.loss.fused,
                         training.placement.use_gpu)
-        rows += strategy_table(phase_memory(name, phase, method, shape, total, own, training,
-                                            on_gpu=training.placement.use_gpu), layout,
-                               training.placement.num_workers, tp, parallel.sequence_parallel)
+        mem = phase_memory(name, phase, method, shape, total, own, training, on_gpu=training.placement.use_gpu)
+        rows += strategy_table(mem, layout, training.placement.num_workers, tp, parallel.sequence_parallel)
+        configured.append(per_worker(mem, layout, parallel.strategy, training.placement.num_workers,
+                                     parallel.tensor_parallel, parallel.sequence_parallel))
         on_gpu = phase_memory(name, phase, method, shape, total, own, training, on_gpu=True)  # the advice is for GPUs
         sentences.append(advice(on_gpu, Layout(shape, blocks / total, layout.checkpointing, layout.fused_loss, True),
                                 gpu, degrees))
-    return {"strategies": rows, "advice": sentences}
+    return {"strategies": rows, "advice": sentences, "configured": configured}
 
 
 def fit_warning(model_cfg: ModelConfig, training: TrainingConfig, vocab_size: int | None = None) -> str | None:
-    """A message when a phase's estimated memory exceeds the device's, else None."""
+    """A message when a phase's estimated memory per worker (under the configured ``training.parallel``)
+    exceeds the device's, else None."""
     info = describe(model_cfg, training, vocab_size)
-    for phase in info.memory:
+    for phase in info.configured:
         if info.device_bytes and phase.total > info.device_bytes:
-            return (f"the {phase.phase} phase needs about {phase.total / GIB:.1f} GiB per worker "
+            return (f"the {phase.phase} phase needs about {phase.total / GIB:.1f} GiB per worker ({phase.label}) "
                     f"(weights {phase.weights / GIB:.1f}, gradients {phase.gradients / GIB:.1f}, optimizer "
                     f"{phase.optimizer / GIB:.1f}, activations {phase.activations / GIB:.1f}) but the {info.device} "
                     f"has {info.device_bytes / GIB:.1f} GiB: lower the batch_size (raise grad_accum to keep the "
-                    f"batch), set training.speed.gradient_checkpointing: true, or use an adapter method")
+                    f"batch), set training.speed.gradient_checkpointing: true, use an adapter method, or share the "
+                    f"model over more workers (training.parallel: `lmforge model info` says which fits)")
     return None
 
 

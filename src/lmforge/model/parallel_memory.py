@@ -46,9 +46,9 @@ class StrategyMemory:
 
     @property
     def label(self) -> str:
-        if self.strategy == "ddp":
-            return "ddp"
         tp = f", tensor_parallel {self.tensor_parallel}" if self.tensor_parallel > 1 else ""
+        if self.strategy == "ddp":
+            return f"ddp{tp}"
         return f"fsdp, {self.workers} workers{tp}"
 
 
@@ -65,10 +65,11 @@ class Layout:
 
 def per_worker(m: PhaseMemory, layout: Layout, strategy: str, workers: int = 1, tensor_parallel: int = 1,
                sequence_parallel: bool = False) -> StrategyMemory:
-    """``m`` (one replica's memory) as each of ``workers`` workers holds it under ``strategy``."""
-    if strategy == "ddp":
+    """``m`` (one replica's memory) as each of ``workers`` workers holds it under ``strategy`` (ddp with
+    ``tensor_parallel``: one tensor-parallel group, nothing else sharded)."""
+    if strategy == "ddp" and tensor_parallel == 1:
         return StrategyMemory(m.phase, "ddp", workers, 1, m.weights, m.gradients, m.optimizer, m.activations)
-    groups = workers // tensor_parallel
+    groups = workers // tensor_parallel if strategy == "fsdp" else 1
     f = layout.block_fraction
 
     def shard(x: int) -> int:
@@ -83,7 +84,7 @@ def per_worker(m: PhaseMemory, layout: Layout, strategy: str, workers: int = 1, 
                                             sequence_parallel) + logit_bytes(layout.shape, tokens, layout.fused_loss))
     else:
         activations = m.activations
-    return StrategyMemory(m.phase, "fsdp", workers, tensor_parallel, shard(m.weights) + gathered,
+    return StrategyMemory(m.phase, strategy, workers, tensor_parallel, shard(m.weights) + gathered,
                           shard(m.gradients), shard(m.optimizer), activations)
 
 
