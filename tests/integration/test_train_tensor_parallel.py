@@ -132,6 +132,20 @@ def test_a_full_checkpoint_resumes_into_the_split_model(split):
         torch.testing.assert_close(resumed["weights"][key], weight, rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_a_group_that_does_not_split_fails_at_the_workers_start():
+    """Config time checks placement.num_workers; a worker checks the group that exists (here one process)."""
+    from lmforge.core.errors import ConfigError
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        for strategy, needle in (("ddp", "set placement.num_workers: 2"), ("fsdp", "a multiple of 2")):
+            with pytest.raises(ConfigError, match=needle) as caught:
+                tensor_parallel.check_group(_training({"strategy": strategy, "tensor_parallel": WORLD}))
+            assert "1 workers (placement.num_workers)" in caught.value.cause
+    finally:
+        dist.destroy_process_group()
+
+
 # Four processes on a busy 2-core machine: about half a minute more than the test above.
 @pytest.mark.slow
 def test_fsdp_over_tensor_parallel_groups_on_a_2d_mesh_matches_one_worker(single, tmp_path):
