@@ -105,3 +105,21 @@ def test_the_configured_strategy_is_what_the_fit_check_reads():
     assert (one.label, split.label) == ("ddp", "fsdp, 8 workers, tensor_parallel 2")
     assert one.total == next(m for m in replicas.memory if m.phase == "finetune").total
     assert split.optimizer < one.optimizer / 7
+
+
+def test_the_preflight_check_reads_one_workers_share():
+    from lmforge.config.pipeline import PipelineConfig
+    from lmforge.core.errors import ConfigError
+    from lmforge.model.preflight import preflight
+
+    big = LLAMA_7B.model_copy(update={"hidden_size": 8192, "num_layers": 80, "num_heads": 64, "num_kv_heads": 8,
+                                      "intermediate_size": 28672})
+    training = {"method": "full", "finetune": PHASE.model_dump(), "pretrain": {"steps": 0},
+                "speed": {"gradient_checkpointing": True}, "placement": {"use_gpu": True, "num_workers": 64}}
+    replicas = PipelineConfig.model_validate({"model": big.model_dump(), "training": training})
+    with pytest.raises(ConfigError, match="shard it over more GPU workers"):
+        preflight(replicas, budget=("GPU", 80 * GB))
+    sharded = replicas.model_copy(update={"training": replicas.training.model_copy(update={
+        "parallel": replicas.training.parallel.model_copy(update={"strategy": "fsdp"})})})
+    result = preflight(sharded, budget=("GPU", 80 * GB))
+    assert result is not None and result.train_bytes < 80 * GB  # 70B's 16 bytes a parameter over 64 workers

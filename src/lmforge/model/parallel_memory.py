@@ -17,9 +17,13 @@ An estimate, like the one-replica figure: no allocator slack, no communication b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from lmforge.model.memory import PhaseMemory, Shape, layer_activations, logit_bytes
+
+if TYPE_CHECKING:
+    from lmforge.config.training import TrainingConfig
 
 GB = 10 ** 9
 DEFAULT_GPU = ("80 GB GPU", 80 * GB)  # an H100 or A100 80 GB: the sentence's GPU when none is visible here
@@ -126,3 +130,21 @@ def advice(m: PhaseMemory, layout: Layout, gpu: tuple[str, int], tensor_degrees:
         return f"{what} of this model needs fsdp with >= {fit.workers} workers of {size} {about}"
     return (f"{what} of this model needs fsdp with tensor_parallel {fit.tensor_parallel} (sequence_parallel) and "
             f">= {fit.workers} workers of {size} {about}")
+
+
+def block_fraction(shape: Shape, params: int) -> float:
+    """The share of ``params`` in the Transformer blocks, in closed form (llama's block: the pre-flight check
+    builds no model; other architectures come out close)."""
+    h, kv = shape.hidden, shape.hidden * shape.kv_heads // shape.heads
+    return min(1.0, shape.layers * (2 * h * h + 2 * h * kv + 3 * h * shape.intermediate + 2 * h) / params)
+
+
+def configured_memory(m: PhaseMemory, shape: Shape, params: int, training: TrainingConfig) -> PhaseMemory:
+    """``m`` (one replica) as one worker holds it under ``training.parallel`` with ``placement.num_workers``."""
+    parallel = training.parallel
+    layout = Layout(shape, block_fraction(shape, params), training.speed.gradient_checkpointing, training.loss.fused,
+                    training.placement.use_gpu)
+    mine = per_worker(m, layout, parallel.strategy, training.placement.num_workers, parallel.tensor_parallel,
+                      parallel.sequence_parallel)
+    return replace(m, weights=mine.weights, gradients=mine.gradients, optimizer=mine.optimizer,
+                   activations=mine.activations)

@@ -28,6 +28,7 @@ from lmforge.config.training import PhaseConfig
 from lmforge.core.errors import ConfigError
 from lmforge.model.info import GIB, H100_BF16_PEAK, device_budget, estimate_parameters, train_flops_per_token
 from lmforge.model.memory import PhaseMemory, Shape, phase_memory
+from lmforge.model.parallel_memory import configured_memory
 
 FAIL_FACTOR = 4.0  # the estimate is within a factor of two of measured peaks (bench/train_gpu.py)
 WARN_FACTOR = 0.8
@@ -66,8 +67,10 @@ def preflight(config: PipelineConfig, budget: tuple[str, int] | None = None) -> 
     if training.method != "pretrain":
         phases.append(("finetune", training.finetune, training.method))
     phases = [p for p in phases if p[1].steps > 0] or phases[:1]
-    memories = [phase_memory(name, phase, method, shape, params, _trainable(config, params, method), training,
-                             on_gpu=training.placement.use_gpu) for name, phase, method in phases]
+    # One worker's share under training.parallel (ddp: a whole replica; fsdp, tensor parallel: its shards).
+    memories = [configured_memory(phase_memory(name, phase, method, shape, params, _trainable(config, params, method),
+                                               training, on_gpu=training.placement.use_gpu), shape, params, training)
+                for name, phase, method in phases]
     worst = max(memories, key=lambda m: m.total)
     local_workers = 1 if training.placement.use_gpu or config.platform.ray_address else \
         (training.placement.num_workers if training.placement.use_ray else 1)
@@ -128,6 +131,8 @@ def _check_training(config: PipelineConfig, result: Preflight, workers: int) -> 
     else:
         fix = (f"train a smaller model: lower model.hidden_size (now {config.model.hidden_size}) or model.num_layers "
                f"(now {config.model.num_layers}), or train an adapter (training.method: lora)")
+        if config.training.placement.use_gpu:
+            fix += ", or shard it over more GPU workers (training.parallel: `lmforge model info` names what fits)"
     if workers > 1:
         fix += f", or fewer training.placement.num_workers (now {workers})"
     if need > FAIL_FACTOR * have:
