@@ -75,7 +75,7 @@ def test_cli_config_show_and_schema(tmp_path):
     assert schema.returncode == 0
     props = json.loads(schema.stdout)["properties"]
     assert set(props) == {"data", "curation", "validation", "tokenize", "model", "training", "evaluation",
-                          "registry", "serving", "platform"}
+                          "registry", "serving", "platform", "tune"}
 
 
 def test_cli_config_error_has_no_traceback(tmp_path):

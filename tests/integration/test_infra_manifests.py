@@ -166,8 +166,9 @@ def test_the_rayjob_runs_the_pipeline_on_the_cluster_with_an_object_store_worksp
         assert job["spec"]["clusterSelector"]["ray.io/cluster"] in clusters
         command = shlex.split(job["spec"]["entrypoint"])
         assert command[:2] == ["lmforge", "run"]
-        # The image copies the repository's configs/ under its WORKDIR: the config named must load.
-        workdir = re.search(r"^WORKDIR (\S+)$", (REPO / "docker" / "Dockerfile").read_text(), re.M).group(1)
+        # The image copies the repository's configs/ under its (runtime stage's, the last) WORKDIR: the config
+        # named must load.
+        workdir = re.findall(r"^WORKDIR (\S+)$", (REPO / "docker" / "Dockerfile").read_text(), re.M)[-1]
         config = Path(command[2])
         assert config.is_relative_to(workdir), (config, workdir)
         load_config(REPO / config.relative_to(workdir))

@@ -125,6 +125,7 @@ def test_evaluate_and_promote_on_s3_keep_outputs_and_the_registered_model_in_the
     assert not any(p.suffix in (".json", ".safetensors") for p in (side / "mlflow").rglob("*"))
 
 
+@pytest.mark.slow  # an MLflow server start and a registration through it: about 40 s on a busy machine
 def test_mlflow_server_of_lmforge_ui_keeps_versions_in_the_bucket_and_serves_them(s3, model_dir, tmp_path, monkeypatch):
     """The MLflow server as `lmforge ui` starts it with platform.mlflow_artifacts on the store: a version
     registered through it lands in the bucket, and a client without any store credentials downloads

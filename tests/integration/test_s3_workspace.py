@@ -137,6 +137,7 @@ TRAIN = {"model": {"vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_h
                       "checkpointing": {"every": 10, "every_minutes": 0}, "logging": {"every": 10}}}
 
 
+@pytest.mark.slow  # tokenize, a killed and a resumed training run: about two minutes on a busy 2-core machine
 def test_tokenize_and_train_on_s3_commit_to_the_bucket_and_resume_from_it(s3, staged, tmp_path):
     """tokenize and an in-line train read the bucket through the cache and commit there; a run killed
     after its first checkpoint reached the bucket resumes from it (`lmforge train --resume`)."""
