@@ -70,6 +70,7 @@ def _stage_trained_run(ws: Workspace, model_dir: Path, scratch: Path) -> None:
                              "params": {"training.method": "pretrain"}, "mlflow_run_id": None})
 
 
+@pytest.mark.slow  # a staged run, evaluate and promote on moto S3: about 50 s (lmforge run on S3 covers them too)
 def test_evaluate_and_promote_on_s3_keep_outputs_and_the_registered_model_in_the_bucket(
         s3, model_dir, tmp_path, monkeypatch):
     endpoint, s3c = s3

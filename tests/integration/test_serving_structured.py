@@ -162,7 +162,7 @@ def test_stop_with_a_format_is_refused(client: openai.OpenAI) -> None:
     assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "stop"
 
 
-@pytest.mark.parametrize("backend", ["hf", "paged", "onnx"])
+@pytest.mark.parametrize("backend", ["hf", "paged", pytest.param("onnx", marks=pytest.mark.slow)])  # onnx: an export
 def test_every_backend_masks_in_a_mixed_batch(model_dir: Path, tmp_path: Path, backend: str) -> None:
     if backend == "onnx":  # the HF backend's batching over ONNX Runtime: an export of the same model
         from lmforge.serving.export import export_onnx

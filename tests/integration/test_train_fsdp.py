@@ -109,6 +109,7 @@ def sharded(tmp_path_factory) -> dict:
     return torch.load(out, weights_only=False)
 
 
+@pytest.mark.slow  # two (or more) gloo processes: tens of seconds on a busy 2-core machine (make test-slow)
 @pytest.mark.parametrize("method", METHODS)
 def test_fsdp_two_workers_match_one_worker_and_hold_half_the_parameters(method, sharded):
     sharded = sharded[method]
@@ -130,6 +131,7 @@ def test_fsdp_two_workers_match_one_worker_and_hold_half_the_parameters(method, 
             torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow  # two (or more) gloo processes: tens of seconds on a busy 2-core machine (make test-slow)
 def test_fsdp_checkpoint_resumes_on_another_number_of_workers(sharded, tmp_path):
     """The 2-worker sharded run's step-3 checkpoint, resumed by one unsharded worker, ends where the run did."""
     sharded = sharded["pretrain"]

@@ -100,6 +100,7 @@ def single() -> dict:
     return _run({}, 0)
 
 
+@pytest.mark.slow  # two (or more) gloo processes: tens of seconds on a busy 2-core machine (make test-slow)
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_tensor_parallel_matches_one_worker_and_splits_the_blocks(name, split, single):
     got = split[name]
@@ -123,6 +124,7 @@ def test_tensor_parallel_matches_one_worker_and_splits_the_blocks(name, split, s
             torch.testing.assert_close(mine[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+@pytest.mark.slow  # two (or more) gloo processes: tens of seconds on a busy 2-core machine (make test-slow)
 def test_a_full_checkpoint_resumes_into_the_split_model(split):
     """The step-3 checkpoint's full tensors, cut into each worker's columns and rows on load, end where the run did."""
     resumed, run = split["tp_sp_resumed"], split["tp_sp"]
