@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 from conftest import BIN, REPO
-from fixtures.collect.s3 import SECRET, client, s3_server
+from fixtures.collect.s3 import SECRET, bucket_keys, client, s3_server
 
 from lmforge.core.storage import MARKER
 from lmforge.core.workspace import Workspace
@@ -26,10 +26,7 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 
 
 def _keys(s3c) -> set[str]:
-    keys: set[str] = set()
-    for page in s3c.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=PREFIX):
-        keys |= {i["Key"][len(PREFIX) + 1:] for i in page.get("Contents", []) if not i["Key"].endswith("/")}
-    return keys
+    return set(bucket_keys(s3c, BUCKET, PREFIX))
 
 
 @pytest.mark.slow

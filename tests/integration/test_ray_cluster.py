@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import BIN, REPO, free_port
-from fixtures.collect.s3 import SECRET, client, s3_server
+from fixtures.collect.s3 import SECRET, bucket_keys, client, s3_server
 from readme import argv, readme_command
 
 from lmforge.config.model import ModelConfig
@@ -272,9 +272,7 @@ def test_lmforge_run_on_s3_trains_on_node2_and_keeps_every_output_in_the_bucket(
         summary = json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{")))
         assert summary["version"] == "1"
         s3c = client(s3)
-        keys = {i["Key"][len("team/"):] for page in s3c.get_paginator("list_objects_v2").paginate(Bucket=BUCKET,
-                                                                                                 Prefix="team/")
-                for i in page.get("Contents", []) if not i["Key"].endswith("/")}
+        keys = set(bucket_keys(s3c, BUCKET, "team"))
         run = json.loads(s3c.get_object(Bucket=BUCKET, Key="team/state/train.json")["Body"].read())["run_id"]
         for committed in ("data/curated", "data/validation", "tokenizer", f"runs/{run}"):
             assert f"{committed}/{MARKER}" in keys, committed

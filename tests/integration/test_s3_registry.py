@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import BIN
-from fixtures.collect.s3 import SECRET, client, s3_server
+from fixtures.collect.s3 import SECRET, bucket_keys, client, s3_server
 from tiny_assets import write_workspace_data
 
 from lmforge.core.storage import MARKER, open_store
@@ -44,13 +44,7 @@ def _lmforge(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Comp
 
 
 def _keys(s3c, prefix: str) -> list[str]:
-    keys, token = [], None
-    while True:
-        page = s3c.list_objects_v2(Bucket=BUCKET, Prefix=prefix, **({"ContinuationToken": token} if token else {}))
-        keys += [i["Key"][len(prefix) + 1:] for i in page.get("Contents", []) if not i["Key"].endswith("/")]
-        token = page.get("NextContinuationToken")
-        if not token:
-            return sorted(keys)
+    return bucket_keys(s3c, BUCKET, prefix)
 
 
 def _stage_trained_run(ws: Workspace, model_dir: Path, scratch: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import BIN
-from fixtures.collect.s3 import SECRET, client, s3_server
+from fixtures.collect.s3 import SECRET, bucket_keys, client, s3_server
 
 from lmforge.core.storage import MARKER
 from lmforge.core.workspace import Workspace
@@ -40,8 +40,7 @@ def _lmforge(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Comp
 
 
 def _keys(s3c, prefix: str) -> list[str]:
-    listed = s3c.list_objects_v2(Bucket=BUCKET, Prefix=prefix)
-    return sorted(i["Key"][len(prefix) + 1:] for i in listed.get("Contents", []) if not i["Key"].endswith("/"))
+    return bucket_keys(s3c, BUCKET, prefix)
 
 
 @pytest.fixture(scope="module")
