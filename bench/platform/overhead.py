@@ -36,7 +36,6 @@ import argparse
 import itertools
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,6 +56,7 @@ from lmforge.config.training import LoggingConfig, PhaseConfig, PlacementConfig,
 from lmforge.core.errors import ConfigError
 from lmforge.core.runtime import prepare_environment
 from lmforge.core.workspace import Workspace
+from lmforge.stack.processes import free_port
 
 BENCH = "platform_overhead"
 # About 3M parameters: a step takes about half a second on two quiet cores, long against per-step overheads.
@@ -163,9 +163,7 @@ def prefect_api(home: Path) -> Iterator[str]:
     if os.environ.get("PREFECT_API_URL"):
         yield os.environ["PREFECT_API_URL"]
         return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     log = (home / "prefect-server.log").open("wb")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",

@@ -253,16 +253,13 @@ class Bench:
 def _one_rank_group(device: torch.device) -> None:
     """A process group of this process alone (kept for the rest of the run: later rows see world size 1,
     which the loop treats as one process)."""
-    import socket
-
     import torch.distributed as dist
+
+    from lmforge.stack.processes import free_port
 
     if dist.is_initialized():
         return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
                             rank=0, world_size=1,
                             device_id=torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else None)
 
