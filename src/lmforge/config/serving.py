@@ -4,7 +4,8 @@ Grouped by the part of the server that reads it: ``server`` (the HTTP process: b
 timeouts, exposure), ``scheduler`` (the running batch, the waiting queue, chunked prefill),
 ``kv_cache`` (the paged cache's budget, block size and dtype), ``runtime`` (which backend, on
 which device, with how many threads, graphs and quantization) and ``limits`` (what one request may
-ask: body bytes, prompt tokens, stop strings, logprobs). Request defaults (``max_new_tokens``),
+ask: body bytes, prompt tokens, stop strings, logprobs), ``speculative`` (proposed tokens verified in one
+forward: n-gram lookup or a draft model). Request defaults (``max_new_tokens``),
 ``adapters`` and the deploy stage's ``probe_prompt`` stay at the top. Every field is also valid in
 the ``--serving-config`` file of ``python -m lmforge.serving``; the flat keys of older files are
 listed in ``ServingConfig.moved_keys``.
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from lmforge.config.base import Section
 
@@ -128,6 +129,36 @@ class LimitsConfig(Section):
     )
 
 
+class SpeculativeConfig(Section):
+    """Speculative decoding (paged engine): cheap proposals of the next tokens, verified by the model in one
+    forward with exact rejection sampling, so outputs keep the model's distribution (greedy: the same tokens)."""
+
+    method: Literal["none", "ngram", "draft"] = Field(
+        "none",
+        description="'ngram': propose the tokens that followed the latest earlier match of the last n tokens in the "
+        "prompt and output so far (no model; pays off when the output copies the prompt, as code edits do); "
+        "'draft': a small model sharing the tokenizer (draft_model) proposes them; 'none': off.",
+    )
+    num_tokens: int = Field(4, ge=1, le=16, description="Tokens proposed per step (k); one forward verifies k + 1.")
+    ngram_min: int = Field(1, ge=1, le=32, description="Shortest suffix (tokens) the n-gram proposer matches.")
+    ngram_max: int = Field(4, ge=1, le=32, description="Longest suffix (tokens) the n-gram proposer matches; the "
+                           "longest match found is used.")
+    draft_model: str | None = Field(
+        None, description="The draft model for method 'draft': a model directory or models:/NAME@ALIAS (a Llama-family "
+        "model with the same tokenizer as the served one).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SpeculativeConfig:
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"ngram_min ({self.ngram_min}) must not exceed ngram_max ({self.ngram_max})")
+        if self.method == "draft" and not self.draft_model:
+            raise ValueError("method 'draft' needs draft_model: a model directory or models:/NAME@ALIAS")
+        if self.method != "draft" and self.draft_model:
+            raise ValueError(f"draft_model is set but method is {self.method!r}: set method: draft, or drop draft_model")
+        return self
+
+
 class ServingConfig(Section):
     """The serve and deploy stages' section: request defaults, served adapters, and one group per server part."""
 
@@ -144,6 +175,7 @@ class ServingConfig(Section):
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
 
     # The flat keys of files written before the groups, and where each lives now.
     moved_keys: ClassVar[Mapping[str, str]] = {

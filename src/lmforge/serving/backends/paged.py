@@ -170,6 +170,16 @@ class PagedBackend:
             self.cache.commit(item.row, shift + item.start + len(item.ids))
         return logits
 
+    def verify(self, rows: list[int], positions: list[int], runs: list[list[int]]) -> list[torch.Tensor]:
+        """Logits of every token of each ``runs[i]``, fed from ``positions[i]`` on in ``rows[i]``: one
+        forward for speculative decoding's k + 1 positions per sequence (``engine/speculative.py``).
+        The chunked-prefill path (eager; CUDA graphs stay with the plain decode step). Nothing is
+        committed to the prefix cache: only prompt blocks are ever hashed, and these are generated."""
+        shift = self.virtual_tokens
+        layout = StepLayout.build([(r, shift + p, ids) for r, p, ids in zip(rows, positions, runs)], self.device,
+                                  self.prefill_block, None)
+        return list(self.runner.forward(layout).split([len(ids) for ids in runs]))
+
     def decode(self, rows: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
         if self.virtual_tokens:
             positions = [self.virtual_tokens + p for p in positions]

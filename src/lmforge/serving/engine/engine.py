@@ -53,6 +53,7 @@ from lmforge.serving.engine.requests import (
 from lmforge.serving.engine.sampling import SamplingParams, TokenLogprob, choose_tokens, token_logprobs
 from lmforge.serving.engine.scheduler import Scheduler
 from lmforge.serving.engine.sequence import Sequence, prompt_logprobs
+from lmforge.serving.engine.speculative import make_speculator
 from lmforge.serving.engine.structured import Grammars, accept_tokens, mask_logits
 from lmforge.serving.model.loading import eos_ids, load_model
 from lmforge.serving.model.types import ServedModel
@@ -106,6 +107,8 @@ class Engine:
         self.adapters = self.backend.adapter_slots  # LoRA name -> slot
         self.metrics = metrics or NullMetrics()
         self.metrics.bind(lambda: self.queue_depth, lambda: self.active, lambda: self.cache_usage)
+        self.speculator = make_speculator(  # serving.speculative (engine/speculative.py); None when off
+            cfg, self.backend, model, tokenizer, self.context_window, self.metrics)
         self._cv = threading.Condition()
         self.scheduler = Scheduler(self.backend, tokenizer, self.eos_ids, max_batch_size=cfg.scheduler.max_batch_size,
                                    max_prefill_tokens=cfg.scheduler.max_prefill_tokens, metrics=self.metrics,
@@ -314,6 +317,10 @@ class Engine:
             self._advance(whole, torch.cat([last[id(seq)] for seq in whole]))
 
     def _decode(self, running: list[Sequence]) -> None:
+        if self.speculator is not None:  # its sequences take their own step; the rest decode below
+            running = self.speculator.run(running, self.scheduler)
+            if not running:
+                return
         seqs, parts = self._take_ahead(running)
         have = {id(s) for s in seqs}
         rest = [s for s in running if id(s) not in have]  # joined since, or not launched ahead
@@ -324,7 +331,8 @@ class Engine:
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         self.stats["decode_steps"] += 1
         self.stats["peak_batch"] = max(self.stats["peak_batch"], len(seqs))
-        self._advance(seqs, logits, ahead=self.backend.overlap and self.cfg.runtime.overlap_decode)
+        # No step ahead beside speculation (its sequences must see their tokens first).
+        self._advance(seqs, logits, ahead=self.backend.overlap and self.cfg.runtime.overlap_decode and not self.speculator)
 
     def _take_ahead(self, running: list[Sequence]) -> tuple[list[Sequence], list[torch.Tensor]]:
         """The still-running sequences of the step launched ahead, and (a copy of) their logits."""

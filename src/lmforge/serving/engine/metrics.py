@@ -1,9 +1,10 @@
 """Prometheus metrics of the inference server, served at ``GET /metrics``.
 
 Gauges are read from the engine when scraped (queue depth, running batch, KV cache use, output
-tokens per second over the last 10 s, the prefix cache's hit rate); counters (tokens, requests,
-prompt tokens looked up in the prefix cache and those found there) and histograms (time to first token, inter-token
-latency, request duration) are fed by the engine thread once per step. The histograms are a small
+tokens per second over the last 10 s, the prefix cache's hit rate, speculative decoding's
+acceptance rate); counters (tokens, requests, prompt tokens looked up in the prefix cache and
+those found there, tokens proposed and accepted by speculative decoding) and histograms (time to
+first token, inter-token latency, request duration) are fed by the engine thread once per step. The histograms are a small
 collector of our own so a step adds all its rows' latencies under one lock instead of taking the
 client library's lock per token. Each server has its own registry, so several servers in one
 process (tests) never share series. Without ``prometheus_client`` nothing is collected
@@ -41,6 +42,9 @@ class NullMetrics:
         pass
 
     def prefix_cache(self, queried: int, cached: int) -> None:
+        pass
+
+    def speculative(self, proposed: int, accepted: int) -> None:
         pass
 
 
@@ -93,6 +97,11 @@ class EngineMetrics:
         self.prefix_cached = Counter("lmforge_prefix_cache_cached_tokens", "Prompt tokens found in the prefix "
                                      "cache (their prefill was skipped).", registry=self.registry)
         self._prefix = [0, 0]  # queried, cached: for the hit-rate gauge
+        self.spec_proposed = Counter("lmforge_spec_decode_proposed_tokens", "Tokens proposed by speculative "
+                                     "decoding (n-gram or draft model).", registry=self.registry)
+        self.spec_accepted = Counter("lmforge_spec_decode_accepted_tokens", "Proposed tokens the model accepted.",
+                                     registry=self.registry)
+        self._spec = [0, 0]  # proposed, accepted: for the acceptance-rate gauge
         self.registry.register(self)
 
     def bind(self, queue_depth: Callable[[], float], running: Callable[[], float],
@@ -106,6 +115,8 @@ class EngineMetrics:
                                                      self._tokens_per_second),
             "lmforge_prefix_cache_hit_rate": ("Fraction of the prompt tokens looked up in the prefix cache that "
                                               "were found there, since the server started.", self._prefix_hit_rate),
+            "lmforge_spec_decode_acceptance_rate": ("Fraction of the speculatively proposed tokens that were accepted, "
+                                                    "since the server started.", self._acceptance_rate),
         }
 
     # ------------------------------------------------------------ fed by the engine thread
@@ -136,6 +147,13 @@ class EngineMetrics:
         self.prefix_queried.inc(queried)
         self.prefix_cached.inc(cached)
 
+    def speculative(self, proposed: int, accepted: int) -> None:
+        with self._lock:
+            self._spec[0] += proposed
+            self._spec[1] += accepted
+        self.spec_proposed.inc(proposed)
+        self.spec_accepted.inc(accepted)
+
     # ------------------------------------------------------------ scraped
 
     def _tokens_per_second(self) -> float:
@@ -148,6 +166,11 @@ class EngineMetrics:
         with self._lock:
             queried, cached = self._prefix
         return cached / queried if queried else 0.0
+
+    def _acceptance_rate(self) -> float:
+        with self._lock:
+            proposed, accepted = self._spec
+        return accepted / proposed if proposed else 0.0
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily

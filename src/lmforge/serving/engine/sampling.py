@@ -93,6 +93,31 @@ def choose_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], rngs: 
 
 
 def _sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[float]) -> torch.Tensor:
+    scores, order = _filtered_scores(logits, params)
+    cdf = torch.softmax(scores, dim=-1).cumsum(-1)
+    u = torch.tensor(uniforms, device=logits.device, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
+    pick = torch.searchsorted(cdf, u).clamp(max=logits.shape[-1] - 1)
+    return order.gather(1, pick).squeeze(1)
+
+
+def filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """The distribution each row of ``logits`` is sampled from under its parameters ([rows, vocab], float32,
+    vocabulary order): what :func:`choose_tokens` draws from, a point mass on the argmax for greedy rows.
+    Speculative decoding's rejection sampling (``engine/speculative.py``) compares these."""
+    probs = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+    if greedy:
+        probs[greedy] = probs[greedy].scatter(1, logits[greedy].argmax(dim=-1, keepdim=True), 1.0)
+    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    if sampled:
+        scores, order = _filtered_scores(logits[sampled], [params[i] for i in sampled])
+        probs[sampled] = probs[sampled].scatter(1, order, torch.softmax(scores, dim=-1))
+    return probs
+
+
+def _filtered_scores(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature-scaled scores sorted in descending order, -inf beyond each row's top-k and top-p, and
+    the sort order (vocabulary ids)."""
     device = logits.device
     vocab = logits.shape[-1]
     temps = torch.tensor([p.temperature for p in params], device=device)[:, None]
@@ -104,10 +129,7 @@ def _sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[f
     top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
     # Drop a token once the mass before it already reaches top_p; the first token always stays.
     scores = scores.masked_fill((probs.cumsum(-1) - probs) >= top_p, float("-inf"))
-    cdf = torch.softmax(scores, dim=-1).cumsum(-1)
-    u = torch.tensor(uniforms, device=device, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
-    pick = torch.searchsorted(cdf, u).clamp(max=vocab - 1)
-    return order.gather(1, pick).squeeze(1)
+    return scores, order
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], top_n: Sequence[int],
