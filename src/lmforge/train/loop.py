@@ -261,26 +261,20 @@ class _PhaseRun:
 
     def snapshot(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  schedule: torch.optim.lr_scheduler.LRScheduler) -> tuple[dict[str, Tensors], dict[str, Any]]:
-        opt_tensors, opt_meta = ckpt.optimizer_state(optimizer)
-        rng_tensors, rng_meta = ckpt.rng_state()
-        keep = not dist.is_initialized() or dist.get_rank() == 0  # full tensors (shards gathered), on the writer
-        groups = {"model": parallel.full_state(ckpt.trainable_state(model), keep),
-                  "optimizer": parallel.full_state(opt_tensors, keep), "rng": rng_tensors}
+        groups, meta = ckpt.capture(model, optimizer, ckpt.writes_sharded(self.training))  # meta: optimizer, rng
         if self.best_state is not None:
             groups["best"] = self.best_state
         state = {"step": self.step, "lr": float(self.lr), "window": self.window, "metric_window": self.metric_window,
                  "history": self.history,
                  "metrics": self.metrics, "best_val": self.best_val, "bad_evals": self.bad_evals,
-                 "optimizer": opt_meta, "schedule": schedule.state_dict(), "rng": rng_meta}
+                 "schedule": schedule.state_dict(), **meta}
         return groups, state
 
     def restore(self, saved: ckpt.Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 schedule: torch.optim.lr_scheduler.LRScheduler) -> None:
         state = saved.state["loop"]
-        ckpt.load_trainable(model, saved.tensors["model"])
-        ckpt.load_optimizer(optimizer, saved.tensors["optimizer"], state["optimizer"])
+        ckpt.restore(saved, model, optimizer)  # either format, into this run's layout
         schedule.load_state_dict(state["schedule"])  # its peak rate is then the phase's (rebase_schedule)
-        ckpt.set_rng_state(saved.tensors["rng"], state["rng"])
         self.step, self.lr, self.window = state["step"], state["lr"], list(state["window"])
         self.metric_window = list(state.get("metric_window", []))
         self.history, self.metrics = list(state["history"]), dict(state["metrics"])

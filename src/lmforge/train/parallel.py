@@ -8,10 +8,12 @@ the fused loss reads the output layer's weight inside the objective's forward, o
 model's own, so the root's weights (embeddings, final norm, output layer) must be gathered there.
 The optimizer is built on the sharded parameters (DTensors) afterwards, so its state is sharded too.
 
-A sharded run's checkpoints and saved model hold full (gathered) tensors: :func:`full_state` gathers
-them one tensor at a time (only one full tensor is on the device at once), :func:`local_shard` cuts
-a full tensor back into this worker's shard. So a checkpoint resumes on any number of workers, and
-with either strategy; the saved model is a plain transformers directory, as under DDP.
+A sharded run's saved model holds full (gathered) tensors: :func:`full_state` gathers them one tensor
+at a time (only one full tensor is on the device at once), so it is a plain transformers directory,
+as under DDP. Its checkpoints are sharded, each worker writing its own shards
+(:mod:`lmforge.train.sharded_checkpoint`); a full checkpoint (DDP's, one worker's) resumes into it
+through :func:`local_shard`, which cuts a full tensor into this worker's shard. So a checkpoint resumes
+on any number of workers, and with either strategy.
 
 ``training.parallel.tensor_parallel`` first splits the blocks over a 2-D mesh's second dimension
 (:mod:`lmforge.train.tensor_parallel`); FSDP2 then shards over its first, or (strategy ddp, one

@@ -9,6 +9,13 @@ newest one (``latest.json``, the ``<phase>-<step>/`` tensors and state) plus wha
 beside it (the adapter phase's ``base/``, DPO's reference log-probabilities). When Ray restarts the
 workers after a failure, or ``--resume`` starts a trainer of the same name, :func:`prepare` copies
 the latest reported checkpoint into every node's scratch before the loop reads it.
+
+A sharded checkpoint (``strategy: fsdp``, :func:`lmforge.train.checkpoint.save_sharded`) is written by
+every rank, each into its node's scratch: then every rank reports, rank 0 the checkpoint without the
+other ranks' shard files, each other rank only its own shard files, and Ray Train uploads all of them
+into the one checkpoint directory it names for that report (Train V2 agrees on the name across ranks).
+Ray registers the checkpoint once every rank's upload is done, so a checkpoint missing a shard is
+never the one restored; :func:`prepare` then gives every node the whole of it, for any worker count.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch.distributed as dist
 
 from lmforge.core.workspace import atomic_write_json
 from lmforge.train import checkpoint as ckpt
+from lmforge.train import sharded_checkpoint
 from lmforge.train.preference_data import REFERENCE_FILE
 
 # Saved next to the checkpoints by the phases (lmforge.train.worker), needed to resume them.
@@ -59,7 +67,8 @@ def prepare(run_id: str) -> tuple[Path, bool]:
 
 
 def report(root: Path, written: Path | None, metrics: dict[str, Any]) -> None:
-    """Every rank, after each checkpoint: rank 0 (``written`` set) reports it, the others report none.
+    """Every rank, after each checkpoint: each rank that wrote part of it (``written`` set) reports its part
+    (rank 0 the whole of a full checkpoint), the others report none.
 
     Ray's report is a barrier across ranks, so every rank calls it at every checkpoint. The upload is
     asynchronous: training goes on while Ray copies, and Ray deletes the linked directory afterwards.
@@ -73,7 +82,7 @@ def report(root: Path, written: Path | None, metrics: dict[str, Any]) -> None:
     # possibly after the run has ended and the scratch is gone (the links keep the files alive).
     staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}-report-"))
     try:
-        stage_latest(root, written, staging)
+        stage_latest(root, written, staging, rank=dist.get_rank() if dist.is_initialized() else 0)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -81,10 +90,23 @@ def report(root: Path, written: Path | None, metrics: dict[str, Any]) -> None:
                  checkpoint_upload_mode=train.CheckpointUploadMode.ASYNC)
 
 
-def stage_latest(root: Path, written: Path, staging: Path) -> None:
+def stage_latest(root: Path, written: Path, staging: Path, rank: int | None = None) -> None:
     """Fill ``staging`` with what resuming needs: the checkpoint ``written`` (in ``root``), what lies
-    beside it, and a ``latest.json`` naming it; as hard links where the filesystem allows."""
+    beside it, and a ``latest.json`` naming it; as hard links where the filesystem allows.
+
+    ``rank``: only what that rank owns of a sharded checkpoint (rank 0: all but the other ranks' shard
+    files; another rank: its shard files alone), for a report that Ray merges with the other ranks'."""
+    shards = written / sharded_checkpoint.DCP_DIR
+    if rank is not None and rank > 0:
+        for path in sharded_checkpoint.rank_files(shards, rank):
+            _link(path, staging / written.name / sharded_checkpoint.DCP_DIR / path.name)
+        return
     _link(written, staging / written.name)
+    if rank == 0 and shards.is_dir():
+        mine = {path.name for path in sharded_checkpoint.rank_files(shards, 0)}
+        for path in (staging / written.name / sharded_checkpoint.DCP_DIR).iterdir():
+            if path.name not in mine:
+                path.unlink()  # a link: the scratch's file stays; its own rank reports it
     for name in BESIDE:
         if (root / name).exists():
             _link(root / name, staging / name)
@@ -108,6 +130,7 @@ def _link(source: Path, target: Path) -> None:
 
 
 def _link_file(source: str, target: str) -> None:
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(source, target)
     except OSError:  # another filesystem, or links not allowed there

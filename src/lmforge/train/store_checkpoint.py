@@ -8,6 +8,12 @@ the local directory is this machine's side of the workspace, so after each check
 :func:`lmforge.train.ray_checkpoint.stage_latest`) to ``<home>/checkpoints/<run_id>/`` as one
 committed directory, and :func:`restore` brings it back before a resumed run reads it, on this
 machine or another. The upload is synchronous: the loop waits for it, as it waits for the local write.
+
+A sharded checkpoint (every rank wrote its shards: :func:`lmforge.train.checkpoint.save_sharded`) is
+committed the same way, by rank 0 alone: the ranks share this directory, the save ended in a barrier
+after the last rank's file was on disk, so rank 0 commits the whole of it as one directory (a crash
+before the commit leaves the previous one on the store). Runs of several nodes report to Ray Train
+instead (:mod:`lmforge.train.ray_checkpoint`), where each rank uploads its own files.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 from typing import Any
+
+import torch.distributed as dist
 
 from lmforge.core.storage import open_store
 from lmforge.core.workspace import Workspace
@@ -27,8 +35,8 @@ def publisher(ws: Workspace, run_id: str) -> Publish:
     store = open_store(ws)
 
     def publish(root: Path, written: Path | None, metrics: dict[str, Any]) -> None:
-        if written is None:
-            return
+        if written is None or (dist.is_initialized() and dist.get_rank() != 0):
+            return  # other ranks' shards are in root already (a shared directory): rank 0 commits them all
         with store.atomic_dir(ws.checkpoints_dir / run_id) as out:
             stage_latest(root, written, out)
 

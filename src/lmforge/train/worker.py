@@ -105,11 +105,11 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
         # Defaults bind this phase's values now (the closure outlives the loop iteration).
         def save(step: int, tensors: dict, loop_state: dict, index=index, name=name,
                  before=list(history), done=dict(metrics)):  # noqa: B006 - snapshots taken at definition, on purpose
-            written = None
-            if rank == 0:
-                state = {"phase_index": index, "phase": name, "loop": loop_state, "history": before, "metrics": done,
-                         "params": params, "identity": _identity(training, model_cfg)}
-                written = ckpt.save(root, f"{name}-{step:07d}", tensors, state, training.checkpointing.keep)
+            # Every rank: a full checkpoint is rank 0's, a sharded one (fsdp) every rank's part (None where none).
+            state = {"phase_index": index, "phase": name, "loop": loop_state, "history": before, "metrics": done,
+                     "params": params, "identity": _identity(training, model_cfg)}
+            written = ckpt.save(root, f"{name}-{step:07d}", tensors, state, training.checkpointing.keep,
+                                writer=scratch_writer)
             if publish is not None:
                 publish(root, written, {"step": _last_step(before) + step, "phase": name})
             return written
