@@ -12,6 +12,15 @@ from lmforge.config import CurationConfig, DataConfig, ValidationConfig
 from lmforge.core.workspace import Workspace
 from tasks._publish import announce, publish
 
+# The event a collect run emits when new documents arrived; the stack's retrain deployment is triggered by it
+# (flows/deployments.py).
+DATA_COLLECTED = "lmforge.data.collected"
+
+
+def workspace_resource(ws: Workspace) -> str:
+    """The Prefect resource id of a workspace: the events of one workspace trigger only its own retraining."""
+    return f"lmforge.workspace.{ws.home}"
+
 
 @task(name="collect", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def collect_task(cfg: DataConfig) -> dict[str, Any]:
@@ -22,10 +31,10 @@ def collect_task(cfg: DataConfig) -> dict[str, Any]:
     result = collect(cfg, ws).as_dict()
     publish("collect", result, f"{result['documents_new']} new of {result['documents_total']} documents")
     if result["documents_new"]:
-        # A later issue triggers retraining on this event.
+        # Only when something arrived: a collect that found nothing new must not start a retrain.
         emit_event(
-            "lmforge.data.collected",
-            resource={"prefect.resource.id": f"lmforge.workspace.{ws.home}"},
+            DATA_COLLECTED,
+            resource={"prefect.resource.id": workspace_resource(ws)},
             payload={k: result[k] for k in ("documents_total", "documents_new", "bytes", "digest")},
         )
     return result

@@ -232,6 +232,10 @@ def cmd_ui(args: argparse.Namespace) -> None:
 
 def cmd_stack(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
+    if args.stack_command == "deploy":  # registering flows needs Prefect and flows/: above the stack engine
+        from flows.deployments import register_on_stack
+        emit("lmforge stack deploy", register_on_stack(config, ws), args.json)
+        return
     from lmforge.stack.commands import run_stack
 
     run_stack(args, config, ws)

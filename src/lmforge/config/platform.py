@@ -50,4 +50,20 @@ class PlatformConfig(Section):
         return data
 
     ray_address: str | None = Field(None, description="Existing Ray cluster; default a local Ray (env RAY_ADDRESS).")
-    schedule_cron: str = Field("0 3 * * 0", description="Retraining schedule of the `lmforge ui` deployment.")
+    schedule_cron: str = Field("0 3 * * 0", description="Retraining schedule: of the `lmforge ui` deployment and "
+                               "of the stack's `lmforge-pipeline/retrain` (`lmforge stack deploy`), which continues "
+                               "from the champion.")
+    # Data-arrival retraining (`lmforge stack deploy`): off by default, since a retrain costs compute and
+    # moves the champion only by the promotion policy, but a user should opt in to unattended training.
+    retrain_on_new_data: bool = Field(
+        False, description="Retrain from the champion when new documents arrive: the stack's "
+        "`lmforge-collect/watch` deployment collects every platform.watch_interval_s seconds and emits "
+        "`lmforge.data.collected` only when new documents arrived; that event starts `lmforge-pipeline/retrain`, "
+        "at most once per platform.retrain_debounce_s.")
+    watch_interval_s: int = Field(
+        300, ge=10, description="Seconds between the collect runs of `lmforge-collect/watch` (with "
+        "platform.retrain_on_new_data).")
+    retrain_debounce_s: int = Field(
+        3600, ge=1, description="Debounce window of data-arrival retraining: the first `lmforge.data.collected` "
+        "starts a retrain, later ones within this many seconds start none (the retrain's own collect reads "
+        "whatever arrived before it started; data arriving later waits for the next event or schedule).")

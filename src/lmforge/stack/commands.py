@@ -27,6 +27,10 @@ def add_stack_parser(sub: Any, handler: Callable[[argparse.Namespace], None]) ->
                     "workspace's SQLite)")
     up.add_argument("--ray-cpus", type=int, help="CPUs the Ray head offers (default: all)")
     up.add_argument("--timeout", type=float, default=180, help="seconds each role may take to become healthy")
+    deploy = stack_sub.add_parser("deploy", help="register the pipeline, retrain, tune, deploy and collect-watch "
+                                  "deployments on the stack's work pool (again: updates them, never doubles)")
+    deploy.add_argument("--config", help="pipeline config YAML: the deployments' parameters, and the platform "
+                        "section's schedule_cron, retrain_on_new_data, watch_interval_s, retrain_debounce_s")
     stack_sub.add_parser("down", help="stop every role of the stack; no process is left")
     stack_sub.add_parser("status", help="each role: running, unhealthy or stopped, its pid and URL")
     for parser in stack_sub.choices.values():

@@ -8,6 +8,7 @@ each role as running, unhealthy or stopped. ``down`` stops every role, worker fi
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -50,6 +51,20 @@ def role_state(ws: Workspace, role: str) -> RoleState:
 
 def status(ws: Workspace) -> dict[str, RoleState]:
     return {role: role_state(ws, role) for role in ORDER}
+
+
+def prefect_api(ws: Workspace) -> str:
+    """The Prefect API that `lmforge stack deploy` registers on: this stack's server when it runs, else
+    PREFECT_API_URL (a server started otherwise, such as the compose stack's)."""
+    state = role_state(ws, "prefect-server")
+    if state.state == "running" and state.url:
+        return state.url
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    raise OrchestrationError(f"no Prefect server to register deployments on (the stack's is {state.state}, and "
+                             "PREFECT_API_URL is not set)",
+                             "start the stack with `lmforge stack up` (same LMFORGE_HOME), or set PREFECT_API_URL "
+                             "to a running Prefect server")
 
 
 def up(ws: Workspace, config: PipelineConfig, options: Options) -> tuple[dict[str, RoleState], list[str]]:
