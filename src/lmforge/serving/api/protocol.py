@@ -14,33 +14,18 @@ null, as in OpenAI's API); ``max_tokens: 0`` with ``echo`` scores a prompt witho
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lmforge.serving.api.response_format import ResponseFormatRequest
+from lmforge.serving.api.text import Text
+from lmforge.serving.api.tool_protocol import MAX_TOOLS, FunctionTool, ToolCall, ToolCallDelta, ToolChoice
 from lmforge.serving.engine.sampling import SamplingParams, TokenLogprob
 
 # ---------------------------------------------------------------- requests
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _unicode(value: str) -> str:
-    # JSON decoding joins a valid surrogate pair into one character: any surrogate left is a lone one.
-    found = _SURROGATE.search(value)
-    if found is not None:
-        raise ValueError(f"holds a lone UTF-16 surrogate ({found.group()!r} at character {found.start()}), which is "
-                         "not text; send valid Unicode (a \\ud800-\\udbff escape must be followed by a "
-                         "\\udc00-\\udfff one)")
-    return value
-
-
-Text = Annotated[str, AfterValidator(_unicode)]
-"""A string of Unicode text: refused with a 400 if it holds a lone surrogate."""
 
 # No list in a request may hold more: validating each item costs time on the event loop before any
 # limit of serving.limits can be checked (an 8 MiB body can hold millions of empty messages).
@@ -180,19 +165,41 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True)
 
-    role: Literal["system", "user", "assistant"]
-    content: Text | Annotated[list[TextPart], Field(max_length=MAX_ITEMS)]
+    role: Literal["system", "user", "assistant", "tool"]
+    # None only in an assistant turn that holds tool_calls (the validator checks).
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_ITEMS)] | None = None
     name: Text | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_ITEMS)] | None = None  # assistant turns
+    tool_call_id: Text | None = None  # tool turns: the call this result answers
+
+    @model_validator(mode="after")
+    def _fields_of_role(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content: is required (only an assistant message with tool_calls may omit it)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls: only an assistant message holds tool_calls, not a {self.role} message")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("tool_call_id: a tool message needs one (the id of the call it answers), no other has one")
+        return self
 
     @property
     def chars(self) -> int:
-        """Characters the message puts in the prompt (its name and text; the template adds a few more)."""
-        parts = [self.content] if isinstance(self.content, str) else [p.text for p in self.content]
-        return len(self.name or "") + sum(len(p) for p in parts)
+        """Characters the message puts in the prompt (its name, text and calls; the template adds a few more)."""
+        calls = sum(len(c.function.name) + len(c.function.arguments) for c in self.tool_calls or ())
+        return len(self.name or "") + len(self.text) + calls
 
-    def as_template_input(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": self.role, "content": text}
+    @property
+    def text(self) -> str:
+        content = self.content or ""
+        return content if isinstance(content, str) else "".join(p.text for p in content)
+
+    def as_template_input(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": self.text}
+        if self.tool_calls:
+            out["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -202,6 +209,11 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens.")
     logprobs: bool = Field(False, description="Report the log-probability of each generated token.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token (needs logprobs).")
+    tools: Annotated[list[FunctionTool], Field(max_length=MAX_TOOLS)] | None = Field(
+        None, description="Functions the model may call (api/tools.py checks them against tool_choice and messages).")
+    tool_choice: ToolChoice | None = Field(None, description="none, auto (the default with tools), required, or "
+                                           "{type: function, function: {name}}: a forced call follows its schema.")
+    parallel_tool_calls: bool = Field(True, description="Allow several calls in one answer; false keeps the first.")
 
     @model_validator(mode="after")
     def _merge_names(self) -> ChatCompletionRequest:
@@ -314,13 +326,14 @@ class CompletionResponse(_Response):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     logprobs: ChatLogprobs | None = None
 
 
@@ -333,12 +346,13 @@ class ChatCompletionResponse(_Response):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     logprobs: ChatLogprobs | None = None
 
 

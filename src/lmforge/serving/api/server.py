@@ -56,6 +56,7 @@ from lmforge.serving.api.protocol import (
     Usage,
     new_id,
 )
+from lmforge.serving.api.tools import ToolOutput, ToolPlan
 from lmforge.serving.engine.engine import Engine, GenerationStream
 from lmforge.serving.engine.requests import Completion
 from lmforge.serving.engine.sampling import SamplingParams
@@ -196,21 +197,24 @@ def _add_chat(app: FastAPI, served: _Served, authorize) -> None:
     async def chat(body: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | Response:
         model_name, adapter = served.check_model(body.model)
         served.limits.check_sampling(body.stops, body.top_logprobs, "top_logprobs")
+        tools = ToolPlan.of(body)  # tools, tool_choice and the history's calls (api/tools.py)
         messages = [m.as_template_input() for m in body.messages]
         # The template writes any special tokens itself; adding them again would double a BOS.
-        prompt_ids = await served.tokenize(sum(m.chars for m in body.messages), "messages",
-                                           lambda: engine.encode(engine.render_chat(messages), add_special_tokens=False),
+        prompt_ids = await served.tokenize(sum(m.chars for m in body.messages) + tools.chars, "messages",
+                                           lambda: engine.encode(tools.render(engine, messages), add_special_tokens=False),
                                            turns=len(messages))
-        params = body.sampling(served.budget(prompt_ids, body.max_tokens), body.logprobs_n)
+        params = tools.constrain(body.sampling(served.budget(prompt_ids, body.max_tokens), body.logprobs_n))
         await served.constrain(params)
         stream = engine.stream(prompt_ids, params, adapter)
         rid = new_id("chatcmpl")
+        calls = tools.output()
         if body.stream:
-            return _sse(_chat_chunks(stream, rid, model_name, body.logprobs, body.include_usage), stream)
+            return _sse(_chat_chunks(stream, rid, model_name, body.logprobs, body.include_usage, calls), stream)
         result = await _result_unless_gone(stream, request)
         logprobs = ChatLogprobs.of(result.logprobs) if result.logprobs is not None else None
-        choice = ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason,
-                            logprobs=logprobs)
+        message = calls.message(result.text) if calls is not None else AssistantMessage(content=result.text)
+        finish = calls.finish_reason(result.finish_reason) if calls is not None else result.finish_reason
+        choice = ChatChoice(message=message, finish_reason=finish, logprobs=logprobs)
         usage = Usage.of(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
         return ChatCompletionResponse(id=rid, model=model_name, choices=[choice], usage=usage)
 
@@ -248,14 +252,24 @@ async def _completion_chunks(stream: GenerationStream, rid: str, model: str, log
 
 
 async def _chat_chunks(stream: GenerationStream, rid: str, model: str, logprobs: bool,
-                       include_usage: bool) -> AsyncIterator[BaseModel]:
+                       include_usage: bool, calls: ToolOutput | None = None) -> AsyncIterator[BaseModel]:
     created = int(time.time())
     first = ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))
     yield ChatCompletionChunk(id=rid, created=created, model=model, choices=[first])
     async for delta in stream:
         lp = ChatLogprobs.of(delta.logprobs) if logprobs else None
-        choice = ChatChunkChoice(delta=ChatDelta(content=delta.text), finish_reason=delta.finish_reason, logprobs=lp)
-        yield ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
+        if calls is None:
+            pieces, finish = [ChatDelta(content=delta.text)], delta.finish_reason
+        else:  # content and whole tool calls (api/tools.py); text that may open a call waits
+            pieces = calls.deltas(delta.text, done=delta.completion is not None)
+            finish = calls.finish_reason(delta.finish_reason)
+            if not pieces and (lp is not None or finish is not None):
+                pieces = [ChatDelta(content="")]
+        for i, piece in enumerate(pieces):  # logprobs ride on the first chunk, the finish on the last
+            last = i == len(pieces) - 1
+            choice = ChatChunkChoice(delta=piece, finish_reason=finish if last else None,
+                                     logprobs=lp if i == 0 else None)
+            yield ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
         if delta.completion is not None and include_usage:
             usage = Usage.of(delta.completion.prompt_tokens, delta.completion.completion_tokens,
                              delta.completion.cached_tokens)

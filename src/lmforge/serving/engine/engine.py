@@ -26,7 +26,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -159,13 +159,13 @@ class Engine:
             ids = [start if start is not None else min(self.eos_ids, default=0)]
         return ids
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """The prompt text for a chat, rendered by the tokenizer's chat template."""
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt text for a chat (and the ``tools`` it may call), rendered by the tokenizer's chat template."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise RequestError("this model's tokenizer has no chat template", "use /v1/completions with a "
                                "formatted prompt, or save the tokenizer with a chat_template", param="messages")
         # The one rendering function training and evaluation use, with the template saved with the model.
-        return render_chat(self.tokenizer, messages, add_generation_prompt=True)
+        return render_chat(self.tokenizer, messages, tools, add_generation_prompt=True)
 
     def token_budget(self, prompt_tokens: int, max_tokens: int | None, default: int) -> int:
         """The max_tokens to use: the request's (checked against the context window) or the default

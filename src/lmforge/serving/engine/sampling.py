@@ -24,10 +24,11 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class ResponseFormat:
     """A request's output constraint (OpenAI's ``response_format``): any JSON object, or JSON that
-    follows ``schema`` (JSON text). ``engine/structured.py`` compiles it into a grammar."""
+    follows ``schema`` (JSON text); or a ``structural_tag`` (xgrammar's JSON form, in ``schema``), as a
+    forced tool call is constrained. ``engine/structured.py`` compiles it into a grammar."""
 
-    type: Literal["json_object", "json_schema"]
-    schema: str | None = None  # JSON text of the schema, for json_schema
+    type: Literal["json_object", "json_schema", "structural_tag"]
+    schema: str | None = None  # JSON text of the schema (json_schema) or of the structural tag
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 PARAM = "response_format"
 SCHEMA_PARAM = "response_format.json_schema.schema"
+TOOLS_PARAM = "tools"
 
 # JSON Schema keywords xgrammar 0.2.9 compiles without enforcing (its output can break them), so a
 # response ending in "stop" could fail the schema: refused instead, with the reason.
@@ -149,6 +150,8 @@ class Grammars:
         if fmt.type == "json_object":
             # Not strict: an object may hold any properties (strict mode would allow only {}).
             return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+        if fmt.type == "structural_tag":
+            return self._compile_tag(compiler, fmt.schema or "")
         if fmt.schema is None:
             raise RequestError("response_format json_schema has no schema", "send json_schema.schema",
                                param=SCHEMA_PARAM)
@@ -159,6 +162,17 @@ class Grammars:
             reason = _NOISE.sub("", str(exc).strip().splitlines()[0])
             raise RequestError(f"the JSON schema cannot be compiled into a grammar: {reason}",
                                "fix or simplify the schema", param=SCHEMA_PARAM, code="unsupported_schema") from exc
+
+    @staticmethod
+    def _compile_tag(compiler: Any, tag: str) -> CompiledGrammar:
+        # Structural tags come from forced tool calls (api/tools.py), which checked each function's
+        # schema first; what xgrammar still refuses is named against the tools.
+        try:
+            return compiler.compile_structural_tag(tag)
+        except (RuntimeError, ValueError) as exc:
+            reason = _NOISE.sub("", str(exc).strip().splitlines()[0])
+            raise RequestError(f"the tools' parameter schemas cannot be compiled into a grammar: {reason}",
+                               "fix or simplify the schemas", param=TOOLS_PARAM, code="unsupported_schema") from exc
 
 
 class GrammarState:
