@@ -251,6 +251,17 @@ def test_serve_prefix_tiny(tmp_path):
     assert got["prefix_32x128_greedy_identical"]["value"] == 1.0
 
 
+def test_serve_speculative_tiny(tmp_path):
+    """n-gram speculation against plain decoding in one run: the same tokens, guesses accepted, a speedup recorded."""
+    bench("bench.serve.speculative", out=tmp_path)
+    got = records(tmp_path, "serve_speculative", "bench.serve.speculative")
+    tok_s = got["ngram_copy_64_ngram_k4_tok_s"]
+    assert tok_s["baseline"] == "plain decoding, same job" and tok_s["value"] > 0 and tok_s["baseline_value"] > 0
+    assert got["ngram_copy_64_ngram_k4_greedy_identical"]["value"] == 1.0
+    assert got["ngram_copy_64_ngram_k4_acceptance"]["value"] > 0
+    assert got["ngram_copy_64_ngram_k4_tokens_per_verify"]["value"] > 1
+
+
 # ---------------------------------------------------------------- data
 
 
