@@ -55,7 +55,9 @@ def _run(parallel_settings: dict, rank: int, workers: int = WORLD, resume: ckpt.
     saved: dict[int, dict] = {}
 
     def save(step: int, tensors: dict, state: dict) -> None:
-        saved[step] = {"tensors": tensors, "state": copy.deepcopy(state)}  # the loop's lists grow on after it
+        # The loop's lists grow on after it; a sharded checkpoint's shards (fsdp: DTensors) gathered (collective).
+        saved[step] = {"tensors": {stem: parallel.full_state(group) for stem, group in tensors.items()},
+                       "state": copy.deepcopy(state)}
 
     done = resume.state["loop"]["step"] if resume else 0
     history, metrics = train_phase(model, "pretrain", training.pretrain, training, iter(steps[done:STEPS]),
