@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from lmforge.config import PipelineConfig
-from lmforge.core.errors import OrchestrationError
+from lmforge.core.errors import ConfigError, OrchestrationError
 from lmforge.core.workspace import Workspace
 from lmforge.stack.roles import POOL
 from tasks.data import DATA_COLLECTED, workspace_resource
@@ -62,6 +62,12 @@ def plan(config: PipelineConfig, ws: Workspace) -> list[Planned]:
     from prefect.schedules import Cron, Interval
 
     platform = config.platform
+    try:
+        weekly = Cron(platform.schedule_cron)
+    except ValueError:
+        raise ConfigError(f"platform.schedule_cron {platform.schedule_cron!r} is not a cron expression",
+                          "give five fields, minute hour day-of-month month day-of-week, such as '0 3 * * 0' "
+                          "(Sundays at 03:00)") from None
     whole = {"config": config.model_dump(mode="json")}
     watching = platform.retrain_on_new_data
     # Reactive with threshold 1: the first event fires at once; Prefect's next window opens when this one ends
@@ -75,7 +81,7 @@ def plan(config: PipelineConfig, ws: Workspace) -> list[Planned]:
         Planned(PIPELINE, "retrain", {**whole, "continue_from": "champion"},
                 "Retraining from the champion: on platform.schedule_cron, and when new documents arrive "
                 "(platform.retrain_on_new_data).",
-                schedules=[Cron(platform.schedule_cron)], triggers=[on_new_data], concurrency=(1, "ENQUEUE")),
+                schedules=[weekly], triggers=[on_new_data], concurrency=(1, "ENQUEUE")),
         Planned("flows/tune.py:tune_flow", "tune", whole, "Hyperparameter search over tune.space."),
         Planned("flows/deploy.py:deploy_flow", "deploy", whole, "Serve the registry's champion (or an alias)."),
         Planned("flows/collect.py:collect_flow", "watch", {"data": config.data.model_dump(mode="json")},
@@ -95,6 +101,7 @@ def register_on_stack(config: PipelineConfig, ws: Workspace) -> dict[str, Any]:
 def register(config: PipelineConfig, ws: Workspace, api_url: str, source: Path = ROOT) -> list[dict[str, Any]]:
     """Create or update every planned deployment on the Prefect server at ``api_url``, in the work pool
     ``lmforge`` (created if no worker made it yet); returns what each one is, as the server now has it."""
+    import httpx
     from prefect import flow
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -107,7 +114,7 @@ def register(config: PipelineConfig, ws: Workspace, api_url: str, source: Path =
             flows = {entrypoint: cast("Flow[..., Any]", flow.from_source(source=str(source), entrypoint=entrypoint))
                      for entrypoint in dict.fromkeys(p.entrypoint for p in planned)}
             ids = {(p.entrypoint, p.name): _apply(p, flows[p.entrypoint]) for p in planned}
-        except OSError as exc:  # httpx's connection errors are OSErrors underneath
+        except httpx.TransportError as exc:  # Prefect's client lets connection errors through as they are
             raise OrchestrationError(f"the Prefect server at {api_url} does not answer ({exc})",
                                      "start it with `lmforge stack up` (or point PREFECT_API_URL at a running "
                                      "server) and run `lmforge stack deploy` again") from None

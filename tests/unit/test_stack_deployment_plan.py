@@ -78,3 +78,10 @@ def test_infra_prefect_yaml_registers_the_same_deployments_in_the_image(tmp_path
         assert [s.get("active", True) for s in d.get("schedules", [])] == [s.active for s in p.schedules]
         assert [(t["expect"], t["enabled"], t["threshold"], t["posture"]) for t in d.get("triggers", [])] == [
             (sorted(t.expect), t.enabled, t.threshold, t.posture) for t in p.triggers]
+
+
+def test_a_bad_cron_names_the_key_and_the_form(tmp_path):
+    config = PipelineConfig(platform=PlatformConfig(schedule_cron="every sunday"))
+    with pytest.raises(ConfigError) as err:
+        plan(config, Workspace(tmp_path / "home"))
+    assert "platform.schedule_cron 'every sunday'" in err.value.cause and "'0 3 * * 0'" in err.value.fix
