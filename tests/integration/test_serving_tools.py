@@ -2,7 +2,7 @@
 
 A real uvicorn server on loopback in front of a tiny random Llama on CPU. A random model never
 chooses to call a tool on its own (``auto`` is checked on crafted outputs in
-tests/unit/test_serving_tools.py), but a forced call (``required`` or a named function) is
+tests/unit/test_serving_tool_parsing.py), but a forced call (``required`` or a named function) is
 constrained by the grammar: it always comes back as ``tool_calls`` whose arguments validate
 against the function's schema, whole or streamed. Every refusal is a 400 naming the field.
 """
