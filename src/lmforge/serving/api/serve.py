@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+from lmforge.config.base import updated
 from lmforge.config.loader import parse_section
 from lmforge.config.serving import ServingConfig
 from lmforge.config.yaml_file import parse_yaml, read_text
@@ -112,6 +113,9 @@ def serve_model(
     ``{"url", "pid"}`` once the server accepts connections.
     """
     model_dir, default_name = resolve_model_dir(model, ws)
+    draft = cfg.speculative.draft_model
+    if draft:  # speculative decoding's draft model: a directory or a registry URI, resolved like the model
+        cfg = updated(cfg, speculative={"draft_model": str(resolve_model_dir(draft, ws)[0])})
     from lmforge.serving.api.launch import run_server  # heavy imports only once arguments are known good
 
     def ready(url: str) -> None:
