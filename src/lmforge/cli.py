@@ -137,7 +137,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     config, ws = _setup(args)
     from lmforge.stages.tune import tune
 
-    result = tune(config, ws).as_dict()
+    result = tune(config, ws, resume=args.resume).as_dict()
     emit("tune", {k: v for k, v in result.items() if k != "trial_outcomes"}, args.json)
 
 
@@ -324,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--resume", nargs="?", const=LATEST_RUN, metavar="RUN_ID",
                            help="continue a stopped run from its latest checkpoint (default: the newest such run)")
+        if name == "tune":
+            p.add_argument("--resume", nargs="?", const=LATEST_RUN, metavar="TUNE_ID",
+                           help="continue a stopped search (its finished trials kept; default: the newest stopped one)")
         if name == "evaluate":
             p.add_argument("--model", help="model directory (default: the latest trained model)")
         if name == "deploy":

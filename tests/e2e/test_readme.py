@@ -48,6 +48,7 @@ COMMANDS = {
     "python -m lmforge.train CONFIG --resume RUN_ID": "run",
     "lmforge train CONFIG --resume [RUN_ID]": "tests/integration/test_train_fault_tolerance.py",
     "lmforge tune CONFIG [--json]": "tests/integration/test_tune.py",
+    "lmforge tune CONFIG --resume [TUNE_ID] [--json]": "tests/integration/test_tune_resume.py",
     "lmforge config show configs/tiny.yaml": "run",
     "lmforge config schema": "run",
     "lmforge ui [CONFIG] [--prefect-port 4200] [--mlflow-port 5000]": "tests/e2e/test_ui.py",

@@ -1,6 +1,7 @@
 """Joining an existing Ray cluster (``RAY_ADDRESS``, else ``platform.ray_address``), with the
 failures a user causes (a wrong address, a missing or wrong token) as a ConfigError that names the
-setting and the fix instead of Ray's traceback.
+setting and the fix instead of Ray's traceback; and starting a local Ray on a busy machine
+(:func:`start_local`).
 
 Ray reads its token settings itself, in this process as in any driver: ``RAY_AUTH_MODE=token`` and
 the token from ``RAY_AUTH_TOKEN``, the file named by ``RAY_AUTH_TOKEN_PATH``, or
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmforge.core.errors import ConfigError
+from lmforge.core.errors import ConfigError, OrchestrationError
 
 TOKEN_FIX = ("give this process the cluster's token: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or the file that "
              "RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token); `ray get-auth-token` prints it on a cluster node")
@@ -31,6 +32,31 @@ def join_cluster(address: str, **init_kwargs: Any) -> None:
                               "not the cluster's", TOKEN_FIX) from exc
         raise ConfigError(f"cannot reach a Ray cluster at {address} (RAY_ADDRESS, else platform.ray_address)",
                           "start the cluster (`ray start --head`) or correct the address; unset both for a local Ray") from exc
+
+
+# Ray gives a new local node's raylet 30 s (a constant in ray/_private/node.py) to register with its GCS; on a
+# machine whose cores are all busy that can pass, and a second try (the processes' imports now cached) passes.
+START_TRIES = 3
+
+
+def start_local(**init_kwargs: Any) -> None:
+    """``ray.init(**init_kwargs)`` for a Ray of this process's own, tried again when the node's start timed
+    out (a busy machine); raises OrchestrationError, with the fix, when every try did."""
+    import ray
+
+    for attempt in range(1, START_TRIES + 1):
+        try:
+            ray.init(**init_kwargs)
+            return
+        except Exception as exc:  # Ray raises a bare Exception for this timeout; every other one is re-raised
+            if "timed out during startup" not in str(exc):
+                raise
+            ray.shutdown()
+            if attempt == START_TRIES:
+                raise OrchestrationError(f"a local Ray did not start: its node did not register within Ray's 30 s, "
+                                         f"{START_TRIES} times (the machine's cores are busy)",
+                                         "run again when the machine is less busy, or start Ray once with "
+                                         "`ray start --head` and set RAY_ADDRESS=auto so every command joins it") from exc
 
 
 def on_this_node() -> dict[str, Any]:

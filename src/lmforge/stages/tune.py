@@ -7,7 +7,8 @@ starts; then each trial trains the config with its sampled values in-line inside
 each validation so ASHA can stop it. One parent MLflow run (in ``registry.experiment``) holds one
 nested run per trial (:mod:`lmforge.tune.runs`). The best trial's config goes to
 ``tune/<tune_id>/best.yaml`` (a pipeline config: ``lmforge train tune/<tune_id>/best.yaml``) beside
-``result.json``; with ``tune.register_best`` it is trained, evaluated and registered through the
+``result.json`` and the ``search.json`` written at the start (``lmforge tune CONFIG --resume`` continues a
+stopped search: :mod:`lmforge.tune.resume`); with ``tune.register_best`` it is trained, evaluated and registered through the
 train, evaluate and register stages. The trials' models stay in ``runs/<tune_id>-<trial_id>/``.
 """
 
@@ -34,6 +35,7 @@ from lmforge.tracking.live import mark_failed
 from lmforge.tracking.mlflow_tracker import flatten_params
 from lmforge.train.loop import is_history_row
 from lmforge.train.recovery import has_checkpoint, ray_storage_args
+from lmforge.tune.resume import record_start, reopen_parent, resumable
 from lmforge.tune.runs import COMPLETED, COMPLETED_KEY, FAILED, STOPPED_EARLY, open_parent, outcome_of, trial_runs
 from lmforge.tune.search import check_searcher, run_search, start_ray
 from lmforge.tune.space import default_metric, validations, with_values
@@ -61,8 +63,10 @@ class TuneResult:
         return asdict(self)
 
 
-def tune(config: PipelineConfig, ws: Workspace) -> TuneResult:
-    """Search ``config.tune.space``; record every trial; write (and with register_best, register) the best."""
+def tune(config: PipelineConfig, ws: Workspace, resume: str | None = None) -> TuneResult:
+    """Search ``config.tune.space``; record every trial; write (and with register_best, register) the best.
+
+    ``resume``: a stopped search's id (or ``latest``) to continue instead (:mod:`lmforge.tune.resume`)."""
     started = time.perf_counter()
     settings = config.tune
     if not settings.space:
@@ -72,17 +76,23 @@ def tune(config: PipelineConfig, ws: Workspace) -> TuneResult:
     raw = config.model_dump(mode="json")
     metric = settings.metric or default_metric(config.training)
     horizon = check_space(raw)
-    tune_id = f"tune-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    if resume:
+        tune_id = resumable(ws, ws.home / TUNE_DIR, resume, raw)
+    else:
+        tune_id = f"tune-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     out_dir = ws.home / TUNE_DIR / tune_id  # written through the workspace's store (an object store too)
     store = open_store(ws)
+    if not resume:
+        record_start(ws, out_dir, tune_id, raw)
     start_ray(settings, config.platform.ray_address)
-    parent = open_parent(ws, config.platform, config.registry.experiment, tune_id,
-                         {"tune": config.tune.model_dump(mode="json")})
+    parent = reopen_parent(ws, config.platform, tune_id) if resume else open_parent(
+        ws, config.platform, config.registry.experiment, tune_id, {"tune": config.tune.model_dump(mode="json")})
     try:
         callback = trial_runs(parent, tune_id, (metric, TRAIN_LOSS),
                               lambda sampled: _flat(parse_config(with_values(raw, sampled), "the trial's config")))
         grid = run_search(run_trial, {"base": raw, "home": ws.location, "tune_id": tune_id, "metric": metric},
-                          settings, metric, horizon, ray_storage_args(ws, "tune"), tune_id, [callback])
+                          settings, metric, horizon, ray_storage_args(ws, "tune"), tune_id, [callback],
+                          restore=bool(resume))
         outcomes = [{"trial_id": (r.metrics or {}).get("trial_id") or Path(r.path).name, "outcome": outcome_of(r),
                      "params": dict(r.config or {}), "metric": (r.metrics or {}).get(metric),
                      "error": str(r.error).splitlines()[0] if r.error is not None else None}

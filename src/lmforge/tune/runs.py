@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag (the UI folds the trials under the parent)
 TUNE_TAG = "lmforge.tune_id"
 OUTCOME_TAG = "lmforge.tune.outcome"
+TRIAL_TAG = "lmforge.tune.trial_id"
 COMPLETED, STOPPED_EARLY, FAILED = "completed", "stopped_early", "failed"
 COMPLETED_KEY = "trial_completed"  # in a trial's last report once its training returned (see stages/tune.py)
 
@@ -50,7 +51,12 @@ def trial_runs(parent: MlflowTracker, tune_id: str, metrics: tuple[str, ...],
         def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
             if trial.trial_id in self.runs:  # a retried trial goes on in its run
                 return
-            tags = {PARENT_TAG: parent.run_id, TUNE_TAG: tune_id, "lmforge.tune.trial_id": trial.trial_id}
+            earlier = _nested_run(parent, trial.trial_id)  # a resumed search's trial goes on in the run it had
+            if earlier is not None:
+                self.runs[trial.trial_id] = MlflowTracker(parent.client, earlier)
+                parent.client.update_run(earlier, status="RUNNING")
+                return
+            tags = {PARENT_TAG: parent.run_id, TUNE_TAG: tune_id, TRIAL_TAG: trial.trial_id}
             run = parent.client.create_run(_experiment_of(parent), run_name=f"{tune_id}-{trial.trial_id}", tags=tags)
             tracker = self.runs[trial.trial_id] = MlflowTracker(parent.client, run.info.run_id)
             sampled = dict(trial.config)
@@ -85,6 +91,13 @@ def outcome_of(trial_result: Any) -> str:
     if trial_result.error is not None:
         return FAILED
     return COMPLETED if (trial_result.metrics or {}).get(COMPLETED_KEY) else STOPPED_EARLY
+
+
+def _nested_run(parent: MlflowTracker, trial_id: str) -> str | None:
+    """The run id a trial got under ``parent`` before the search was stopped, if any."""
+    runs = parent.client.search_runs([_experiment_of(parent)],
+                                     f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{parent.run_id}'")
+    return runs[0].info.run_id if runs else None
 
 
 def _experiment_of(parent: MlflowTracker) -> str:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmforge.config.tune import TuneConfig
 from lmforge.core.errors import ConfigError
-from lmforge.core.ray_cluster import join_cluster
+from lmforge.core.ray_cluster import join_cluster, start_local
 from lmforge.core.runtime import cpu_count
 from lmforge.tune.space import samplers
 
@@ -42,28 +42,41 @@ def start_ray(settings: TuneConfig, ray_address: str | None) -> None:
         return
     # Logical CPUs: max_concurrent trials fit side by side even where the machine has fewer cores.
     need = int(settings.max_concurrent * settings.resources.cpus + 0.999)
-    ray.init(num_cpus=max(need, cpu_count()), include_dashboard=False, log_to_driver=False)
+    start_local(num_cpus=max(need, cpu_count()), include_dashboard=False, log_to_driver=False)
 
 
 def run_search(trial: Callable[..., None], trial_args: dict[str, Any], settings: TuneConfig, metric: str,
-               horizon: int, storage: dict[str, Any], name: str, callbacks: Sequence[Callback]) -> ResultGrid:
+               horizon: int, storage: dict[str, Any], name: str, callbacks: Sequence[Callback],
+               restore: bool = False) -> ResultGrid:
     """Run ``settings.max_trials`` trials of ``trial(sampled, **trial_args)``; Ray Tune's results.
 
     ``horizon`` is the most reports (validations) a trial makes, ASHA's ``max_t``; ``storage`` is the
     ``RunConfig`` keywords of the workspace's Ray storage (:func:`lmforge.train.recovery.ray_storage_args`:
     a path, or the object store's path and filesystem), under which ``name`` is the experiment's
-    directory (Ray Tune's own state, for ``Tuner.restore``).
+    directory (Ray Tune's own state). ``restore``: continue that experiment (``Tuner.restore``: its scheduler,
+    searcher and finished trials as saved; unfinished and errored trials start again; the callbacks are the
+    ones the search started with, saved in its state).
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    resources = {"cpu": settings.resources.cpus, "gpu": settings.resources.gpus}
+    trainable = tune.with_resources(tune.with_parameters(trial, **trial_args), resources)
+    if restore:
+        path = f"{storage['storage_path'].rstrip('/')}/{name}"
+        filesystem = storage.get("storage_filesystem")
+        if not tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+            raise ConfigError(f"--resume {name}: Ray Tune saved no state of that search at {path} (it was stopped "
+                              "before its first trial started)", "start a new search without --resume")
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                  param_space=samplers(settings.space), storage_filesystem=filesystem).fit()
 
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(horizon, settings.asha.grace_period),
                               grace_period=settings.asha.grace_period,
                               reduction_factor=settings.asha.reduction_factor) \
         if settings.scheduler == "asha" else FIFOScheduler()
-    resources = {"cpu": settings.resources.cpus, "gpu": settings.resources.gpus}
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trial, **trial_args), resources),
+        trainable,
         param_space=samplers(settings.space),
         tune_config=tune.TuneConfig(metric=metric, mode=settings.mode, num_samples=settings.max_trials,
                                     # The random searcher limits concurrency itself (Tune ignores this with it).
