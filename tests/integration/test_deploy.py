@@ -1,4 +1,4 @@
-"""The deploy stage: a real detached server process for a local model directory, probed and stopped."""
+"""The deploy stage: a real proxy and server process for a local model directory, probed, kept, rolled, stopped."""
 
 from __future__ import annotations
 
@@ -26,24 +26,42 @@ def _running(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_deploy_probes_records_redeploys_and_stops(tmp_path: Path) -> None:
+def test_deploy_probes_records_keeps_its_port_and_stops(tmp_path: Path) -> None:
     model_dir = make_tiny_model_dir(tmp_path / "model")
     ws = Workspace(tmp_path / "home")
     try:
         first = deploy(CFG, str(model_dir), ws, "tiny")
+        assert first.action == "deployed" and first.version == "local"
         assert first.endpoint.startswith("http://127.0.0.1:") and first.model_name == "tiny"
         assert first.probe_prompt == CFG.probe_prompt and isinstance(first.probe_response, str)
         assert first.latency_s > 0 and first.as_dict()["pid"] == first.pid
-        assert _running(first.pid)  # it outlives deploy(): it is the deployment
-        assert read_deployment(ws)["pid"] == first.pid and read_deployment(ws)["endpoint"] == first.endpoint
-        assert httpx.get(f"{first.endpoint}/v1/models").json()["data"][0]["id"] == "tiny"
-        assert "lmforge-serve listening on" in (ws.serving_dir / "server.log").read_text()
+        assert _running(first.pid) and _running(first.proxy_pid)  # they outlive deploy(): they are the deployment
+        record = read_deployment(ws)
+        assert record["pid"] == first.pid and record["endpoint"] == first.endpoint
+        models = httpx.get(f"{first.endpoint}/v1/models").json()["data"][0]
+        assert models["id"] == "tiny" and models["metadata"]["source"] == str(model_dir)
+        assert httpx.get(f"{first.endpoint}/health").json()["version"] == "local"
+        assert "lmforge-serve listening on" in Path(record["log"]).read_text()
 
-        second = deploy(CFG, str(model_dir), ws, "tiny")  # replaces the first
-        assert second.pid != first.pid and not _running(first.pid) and _running(second.pid)
+        same = deploy(CFG, str(model_dir), ws, "tiny")  # nothing moved: nothing restarts
+        assert (same.action, same.pid, same.endpoint) == ("unchanged", first.pid, first.endpoint)
+
+        # Another serving config rolls: the new server takes over the same port, then the old one stops.
+        rolled = deploy(CFG.model_copy(update={"max_new_tokens": 6}), str(model_dir), ws, "tiny")
+        assert rolled.action == "rolled" and rolled.endpoint == first.endpoint and rolled.proxy_pid == first.proxy_pid
+        assert rolled.pid != first.pid and not _running(first.pid) and _running(rolled.pid)
+
+        # A new version that cannot start leaves the running one serving.
+        not_a_model = tmp_path / "empty"
+        not_a_model.mkdir()
+        with pytest.raises(ServingError):
+            deploy(CFG, str(not_a_model), ws, "tiny")
+        assert read_deployment(ws)["pid"] == rolled.pid
+        answer = httpx.post(f"{rolled.endpoint}/v1/completions", json={"prompt": "a", "max_tokens": 2}, timeout=60)
+        assert answer.status_code == 200
     finally:
         stopped = stop(ws)
-    assert stopped and not _running(second.pid)
+    assert stopped and not _running(rolled.pid) and not _running(rolled.proxy_pid)
     assert read_deployment(ws) is None and stop(ws) is False
 
 

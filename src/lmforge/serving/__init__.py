@@ -5,7 +5,8 @@
 Where things are, top to bottom (each layer imports only the ones below it):
 
 - ``api/``: what the rest of lmforge uses (``resolve_model_dir``, ``serve_model``), the HTTP server
-  (``server.py``, ``protocol.py``) and its process (``launch.py``).
+  (``server.py``, ``protocol.py``), its process (``launch.py``) and the front proxy a local deployment
+  keeps on its stable port while servers roll behind it (``proxy.py``).
 - ``engine/``: the :class:`Engine` thread (``engine.py``, one step = schedule -> execute -> update),
   the scheduler (``scheduler.py``: admission, chunked prefill, preemption, finishing), requests and
   results (``requests.py``), per-sequence state (``sequence.py``), sampling and text

@@ -2,7 +2,7 @@
 
     python -m lmforge.serving MODEL [--host 127.0.0.1] [--port 0] [--model-name NAME]
                                     [--ready-file PATH] [--serving-config PATH] [--adapter NAME=DIR ...]
-                                    [--api-key-file PATH]
+                                    [--api-key-file PATH] [--release-file PATH]
 
 MODEL is a local model directory or a registry URI ``models:/NAME@ALIAS`` (resolved in the
 workspace named by ``LMFORGE_HOME``). ``--ready-file`` receives ``{"url", "pid"}`` once the server
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from lmforge.core.errors import LmforgeError
 from lmforge.core.workspace import Workspace
-from lmforge.serving.api import api_key_from, load_serving_config, parse_adapters, serve_model
+from lmforge.serving.api import api_key_from, load_serving_config, parse_adapters, read_release, serve_model
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -40,6 +40,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="serve this LoRA adapter beside the base as model NAME (repeatable)")
     parser.add_argument("--api-key-file", type=Path, default=None, metavar="PATH",
                         help="require the Bearer token on this file's first line (default: LMFORGE_API_KEY)")
+    parser.add_argument("--release-file", type=Path, default=None, metavar="PATH",
+                        help="JSON of what the deploy stage serves (registered name, version, alias, run id), "
+                             "reported by /health and /v1/models")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser.parse_args(argv)
 
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_adapters(args.adapter, load_serving_config(args.serving_config))
         serve_model(args.model, cfg, Workspace.from_env(), host=args.host, port=args.port,
                     api_key=api_key_from(None, args.api_key_file), model_name=args.model_name,
-                    ready_file=args.ready_file, log_level=args.log_level)
+                    ready_file=args.ready_file, log_level=args.log_level, release=read_release(args.release_file))
     except LmforgeError as exc:
         print(f"error: {exc.cause}\nfix: {exc.fix}", file=sys.stderr, flush=True)
         return exc.exit_code

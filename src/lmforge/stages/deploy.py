@@ -1,224 +1,276 @@
-"""Deploy stage: run a model as a local inference server process, probe it, record it.
+"""Deploy stage: serve a model on a stable local endpoint, rolling to a new version without a failed request.
 
     from lmforge.stages.deploy import deploy, stop
     result = deploy(cfg.serving, "models:/lmforge-demo@champion", ws, "lmforge-demo")
+    result.action  # "deployed" (first start), "rolled", "moved" (new port), or "unchanged"
     stop(ws)
 
-The server is a detached ``python -m lmforge.serving`` process (its own session, so it outlives
-the caller and can be stopped as a process group); it keeps running after :func:`deploy` returns,
-because it is the deployment. ``ws.serving_dir`` holds ``server.json`` (pid, endpoint, model), the
-server's ``server.log`` and the ready file the server writes once it accepts connections. A new
-deployment stops the previous one first. These are this machine's (a process id means nothing
-elsewhere): on an object-store workspace they stay in its local side under the cache, while the
-``deploy`` state hand-off (endpoint, model) is written to the store like every other stage's.
+The endpoint is a small front proxy (``python -m lmforge.serving.api.proxy``) on a stable port
+(``serving.server.port``; 0 picks a free one on the first deploy, and later deploys keep it). The
+model server behind it (``python -m lmforge.serving``) listens on a loopback port of its own. A
+deploy resolves what to serve first (the version the alias names now, see
+:mod:`lmforge.tracking.deployment`); when that and the serving config equal what runs, it does
+nothing. Otherwise it rolls: start the new server, probe it, switch the proxy to it, wait until no
+request is in flight on the old one, stop the old one (``stages/rollout.py`` has the steps; the
+proxy's docstring says why a proxy). A new server that fails its probe is stopped and the old one
+keeps serving. The served version is tagged in MLflow (``lmforge.deploy.deployed_at``, ``.endpoint``)
+and reported by ``/health`` and ``/v1/models``.
+
+Both processes are detached (their own sessions) and outlive the caller: they are the deployment.
+``ws.serving_dir`` holds ``server.json`` (pids, URLs, release, logs), the logs and ready files.
+These are this machine's (a process id means nothing elsewhere): on an object-store workspace they
+stay in its local side under the cache, while the ``deploy`` state hand-off is written to the store.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
 from lmforge.core.workspace import Workspace, atomic_write_json
-from lmforge.model.prompt import format_prompt
+from lmforge.serving.ray_serve import deploy_app, read_app, stop_app
+from lmforge.stages import rollout
+from lmforge.tracking.deployment import mark_deployed, resolve_release, retire, same_release
 
 RECORD = "server.json"
-READY = "ready.json"
-LOG = "server.log"
+CONFIG = "serving_config.json"
+SERVER, PROXY = "lmforge.serving", "lmforge.serving.api.proxy"
 
 
 @dataclass(frozen=True)
 class DeployResult:
-    """A running deployment and the answer to its probe request."""
+    """A running deployment, what changed, and the answer to its probe request."""
 
-    endpoint: str  # base URL, e.g. http://127.0.0.1:41234 (OpenAI routes live under /v1)
+    endpoint: str  # the stable base URL, e.g. http://127.0.0.1:41234 (OpenAI routes live under /v1)
     model_name: str
-    pid: int
+    pid: int  # the model server's process (behind the proxy)
     probe_prompt: str
-    probe_response: str
-    latency_s: float  # wall time of the probe request
+    probe_response: str  # "" when unchanged: nothing new was started, so nothing was probed
+    latency_s: float  # wall time of the probe request (of the health check when unchanged)
     model_ref: str = ""
+    action: str = "deployed"  # deployed | rolled | moved | unchanged
+    version: str = ""  # the registry version served ("local" for a model directory)
+    proxy_pid: int = 0
+    release: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def deploy(cfg: ServingConfig, model_ref: str, ws: Workspace, model_name: str) -> DeployResult:
-    """Start a server for ``model_ref`` (directory or ``models:/NAME@ALIAS``), probe it, record it."""
-    serving = ws.serving_dir
-    serving.mkdir(parents=True, exist_ok=True)
-    stop(ws)
-    ready = serving / READY
-    ready.unlink(missing_ok=True)
-    config_path = serving / "serving_config.json"
-    atomic_write_json(config_path, cfg.model_dump(mode="json"))
-    command = [
-        sys.executable, "-m", "lmforge.serving", model_ref,
-        "--model-name", model_name, "--ready-file", str(ready), "--serving-config", str(config_path),
-    ]
-    env = {**os.environ, "LMFORGE_HOME": ws.location}  # the server opens the same workspace (URL or path)
-    with open(serving / LOG, "wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
-    # Recorded before it is ready, so a caller interrupted while waiting can still stop it.
-    record = {"pid": proc.pid, "endpoint": None, "model_name": model_name, "model_ref": model_ref,
-              "ready_file": str(ready), "log": str(serving / LOG), "started_at": time.time()}
-    atomic_write_json(serving / RECORD, record)
-    try:
-        url = _wait_ready(proc, ready, serving / LOG, cfg.server.startup_timeout_s)
-        response, latency = _probe(url, model_name, cfg.probe_prompt)
-    except BaseException:
-        stop(ws)
-        raise
-    atomic_write_json(serving / RECORD, {**record, "endpoint": url})
-    result = DeployResult(url, model_name, proc.pid, cfg.probe_prompt, response, latency, model_ref)
+    """Serve ``model_ref`` (directory or ``models:/NAME@ALIAS``) at the stable endpoint; roll if it changed."""
+    ws.serving_dir.mkdir(parents=True, exist_ok=True)
+    release = resolve_release(model_ref, ws)
+    if cfg.platform == "ray":  # replicas behind Ray Serve's proxy, rolled by Serve (serving/ray_serve)
+        return _deploy_on_ray(cfg, release, ws, model_name)
+    record = read_deployment(ws)
+    proxy = _live(record, "proxy")
+    digest = _digest(cfg, model_name)
+    if (proxy and _live(record, "server") and record and same_release(record.get("release"), release)
+            and record.get("config_digest") == digest and _keeps_port(cfg, proxy)):
+        return _unchanged(record, cfg, ws)
+    atomic_write_json(ws.serving_dir / CONFIG, cfg.model_dump(mode="json"))
+    generation = int((record or {}).get("generation", 0)) + 1
+    base = {"generation": generation, "model_name": model_name, "model_ref": model_ref, "release": release,
+            "config_digest": digest}
+    new = _start_server(cfg, ws, release, model_name, generation, record, base)
+    if proxy and _keeps_port(cfg, proxy) and record:
+        action, proxy = "rolled", _switch(cfg, ws, record, proxy, new, base)
+    else:
+        action = "moved" if proxy else "deployed"
+        port = cfg.server.port or int(((record or {}).get("proxy") or {}).get("port", 0))  # keep the recorded port
+        if record:
+            _stop_record(record)  # a proxy on another port, or leftovers of a crashed deployment
+        proxy = _start_proxy(cfg, ws, new, port)
+        atomic_write_json(ws.serving_dir / RECORD, {**base, **new, "proxy": proxy, "endpoint": proxy["endpoint"]})
+    served = rollout.health(proxy["endpoint"])
+    if served.get("version") != release["version"]:
+        raise ServingError(f"after the switch {proxy['endpoint']} serves version {served.get('version')!r}, "
+                           f"not {release['version']!r}", "read the proxy's and the servers' logs, then deploy again")
+    mark_deployed(ws, release, proxy["endpoint"], previous=(record or {}).get("release"))
+    _prune(ws.serving_dir, generation)
+    result = DeployResult(proxy["endpoint"], model_name, new["pid"], cfg.probe_prompt, new["probe_response"],
+                          new["latency_s"], model_ref, action, release["version"], proxy["pid"], release)
     ws.write_state("deploy", result.as_dict())
     return result
 
 
 def stop(ws: Workspace) -> bool:
-    """Stop the server recorded in ``ws``; True when a live server of ours was stopped."""
-    path = ws.serving_dir / RECORD
-    if not path.exists():
+    """Stop the deployment recorded in ``ws`` (proxy and servers); True when a live process of ours was stopped."""
+    app = read_app(ws)
+    if app is not None:  # serving.platform: ray: delete the Serve application
+        deleted = stop_app(ws)
+        retire(ws, app.get("release"))
+        return deleted
+    record = read_deployment(ws)
+    if record is None:
         return False
-    try:
-        record = json.loads(path.read_text())
-        pid, ready_file = int(record["pid"]), str(record["ready_file"])
-    except (ValueError, KeyError, TypeError):
-        path.unlink(missing_ok=True)  # unreadable record: nothing we can safely signal
-        return False
-    stopped = False
-    # The pid may have been reused by an unrelated process since; only signal our own server.
-    if _alive(pid) and _is_our_server(pid, ready_file):
-        _terminate(pid)
-        stopped = True
-    path.unlink(missing_ok=True)
-    (ws.serving_dir / READY).unlink(missing_ok=True)
+    stopped = _stop_record(record)
+    (ws.serving_dir / RECORD).unlink(missing_ok=True)
+    retire(ws, record.get("release"))
     return stopped
 
 
 def read_deployment(ws: Workspace) -> dict[str, Any] | None:
-    """The recorded deployment (pid, endpoint, model_name, ...) or None."""
+    """The recorded deployment (pid, endpoint, model_name, release, proxy, ...) or None."""
     path = ws.serving_dir / RECORD
-    return json.loads(path.read_text()) if path.exists() else None
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except ValueError:
+        path.unlink(missing_ok=True)  # unreadable record: nothing we can safely signal
+        return None
 
 
 def redeploy(ws: Workspace) -> DeployResult | None:
-    """Start the running deployment again from its recorded model reference and serving config, so a
-    ``models:/NAME@ALIAS`` deployment serves the version the alias names now (rollback uses this).
+    """Deploy the running deployment's model reference again with its serving config, so a
+    ``models:/NAME@ALIAS`` deployment rolls to the version the alias names now (rollback uses this).
     None when no server of ours is running."""
+    app = read_app(ws)
+    if app is not None:  # a Ray Serve application: Serve rolls it (it starts it again if it was lost)
+        return deploy(ServingConfig.model_validate(app["serving_config"]), app["model_ref"], ws, app["model_name"])
     record = read_deployment(ws)
-    if record is None or not (_alive(int(record["pid"])) and _is_our_server(int(record["pid"]), record["ready_file"])):
+    if record is None or not _live(record, "server"):
         return None
-    cfg = ServingConfig.model_validate_json((ws.serving_dir / "serving_config.json").read_text())
+    cfg = ServingConfig.model_validate_json((ws.serving_dir / CONFIG).read_text())
     return deploy(cfg, str(record["model_ref"]), ws, str(record["model_name"]))
 
 
-def _wait_ready(proc: subprocess.Popen, ready: Path, log: Path, timeout_s: float) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if ready.exists():
-            info = json.loads(ready.read_text())
-            if info.get("pid") == proc.pid:
-                return str(info["url"])
-        code = proc.poll()
-        if code is not None:
-            raise ServingError(
-                f"the server exited with code {code} before it was ready; end of {log}:\n{_tail(log)}",
-                f"fix the problem the log shows (model path, port, config) and deploy again; full log: {log}",
-            )
-        time.sleep(0.1)
-    raise ServingError(
-        f"the server did not become ready within {timeout_s:.0f} s; end of {log}:\n{_tail(log)}",
-        "raise serving.server.startup_timeout_s if the model is large, or read the log for the hang",
-    )
+def _deploy_on_ray(cfg: ServingConfig, release: dict[str, str], ws: Workspace, model_name: str) -> DeployResult:
+    """``serving.platform: ray``: Serve rolls the application; then the same probe, version check and tags as here."""
+    previous = (read_app(ws) or {}).get("release")
+    app = deploy_app(cfg, release, ws, model_name)
+    response, latency = ("", 0.0) if app.action == "unchanged" else rollout.probe(app.endpoint, model_name,
+                                                                                  cfg.probe_prompt)
+    served = rollout.health(app.endpoint)
+    if served.get("version") != release["version"]:
+        raise ServingError(f"{app.endpoint} serves version {served.get('version')!r}, not {release['version']!r}",
+                           "another Serve application may hold the route: `serve status`; then deploy again")
+    if app.action != "unchanged":
+        mark_deployed(ws, release, app.endpoint, previous=previous)
+    result = DeployResult(app.endpoint, model_name, 0, cfg.probe_prompt, response, latency, release["model_ref"],
+                          app.action, release["version"], 0, release)
+    ws.write_state("deploy", {**result.as_dict(), "platform": "ray", "app_name": app.app_name})
+    return result
 
 
-def _probe(url: str, model_name: str, instruction: str) -> tuple[str, float]:
-    """One greedy completion of the probe instruction, in the fine-tuning prompt format."""
-    headers = {}
-    keys = [k.strip() for k in os.environ.get("LMFORGE_API_KEY", "").split(",") if k.strip()]
-    if keys:  # the server accepts any of several comma-separated keys; the probe uses the first
-        headers["Authorization"] = f"Bearer {keys[0]}"
-    body = {"model": model_name, "prompt": format_prompt(instruction), "temperature": 0}
+def _start_server(cfg: ServingConfig, ws: Workspace, release: dict[str, str], model_name: str, generation: int,
+                  record: dict[str, Any] | None, base: dict[str, Any]) -> dict[str, Any]:
+    """Start, wait for and probe the new server; recorded as pending meanwhile, stopped if it fails."""
+    serving = ws.serving_dir
+    ready, log, rel = (serving / f"{stem}-{generation}{ext}"
+                       for stem, ext in (("ready", ".json"), ("server", ".log"), ("release", ".json")))
+    ready.unlink(missing_ok=True)
+    atomic_write_json(rel, release)
+    proc = rollout.spawn(rollout.server_command(release["source"], model_name, ready, serving / CONFIG, rel), log, ws)
+    pending = {"pid": proc.pid, "ready_file": str(ready), "log": str(log), "started_at": time.time()}
+    # Recorded before it is ready, so a caller interrupted while waiting can still stop it.
+    atomic_write_json(serving / RECORD, {**(record or base), "pending": pending})
+    try:
+        url = rollout.wait_ready(proc, ready, log, cfg.server.startup_timeout_s, "server")
+        response, latency = rollout.probe(url, model_name, cfg.probe_prompt)
+    except BaseException:
+        rollout.terminate(proc.pid)
+        if record:
+            atomic_write_json(serving / RECORD, record)
+        else:
+            (serving / RECORD).unlink(missing_ok=True)
+        raise
+    return {**pending, "server_url": url, "probe_response": response, "latency_s": latency}
+
+
+def _switch(cfg: ServingConfig, ws: Workspace, record: dict[str, Any], proxy: dict[str, Any],
+            new: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Point the proxy at the new server, then drain and stop the old one."""
+    token = _token(ws)
+    rollout.admin(proxy["endpoint"], token, "switch", {"upstream": new["server_url"]})
+    atomic_write_json(ws.serving_dir / RECORD, {**base, **new, "proxy": proxy, "endpoint": proxy["endpoint"]})
+    old_url = record.get("server_url")
+    if old_url and old_url != new["server_url"]:
+        drain_s = cfg.server.drain_timeout_s
+        rollout.admin(proxy["endpoint"], token, "drain", {"upstream": old_url, "timeout_s": drain_s}, timeout_s=drain_s)
+    if _live(record, "server"):
+        rollout.terminate(int(record["pid"]), grace_s=cfg.server.drain_timeout_s + 5)
+    Path(record["ready_file"]).unlink(missing_ok=True)
+    return proxy
+
+
+def _start_proxy(cfg: ServingConfig, ws: Workspace, new: dict[str, Any], port: int) -> dict[str, Any]:
+    serving = ws.serving_dir
+    ready, log, token_file = serving / "proxy-ready.json", serving / "proxy.log", serving / "proxy.token"
+    ready.unlink(missing_ok=True)
+    rollout.new_token(token_file)
+    command = rollout.proxy_command(new["server_url"], cfg.server.host, port, ready, serving / CONFIG, token_file)
+    proc = rollout.spawn(command, log, ws)
+    try:
+        endpoint = rollout.wait_ready(proc, ready, log, cfg.server.startup_timeout_s, "proxy")
+    except BaseException:
+        rollout.terminate(proc.pid)
+        rollout.terminate(new["pid"])
+        raise
+    return {"pid": proc.pid, "ready_file": str(ready), "log": str(log), "endpoint": endpoint,
+            "host": cfg.server.host, "port": int(endpoint.rsplit(":", 1)[1])}
+
+
+def _unchanged(record: dict[str, Any], cfg: ServingConfig, ws: Workspace) -> DeployResult:
+    endpoint = record["endpoint"]
     started = time.perf_counter()
-    try:
-        reply = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=120)
-    except httpx.HTTPError as exc:
-        raise ServingError(f"the probe request to {url} failed: {exc}",
-                           "read server.log in the workspace's serving directory") from exc
-    latency = time.perf_counter() - started
-    if reply.status_code != 200:
-        raise ServingError(
-            f"the probe request to {url} answered {reply.status_code}: {reply.text[:500]}",
-            "check serving.probe_prompt and the model's context window (serving.max_new_tokens)",
-        )
-    return reply.json()["choices"][0]["text"], latency
+    rollout.health(endpoint)
+    release = record["release"]
+    result = DeployResult(endpoint, record["model_name"], int(record["pid"]), cfg.probe_prompt, "",
+                          time.perf_counter() - started, record["model_ref"], "unchanged", release["version"],
+                          int(record["proxy"]["pid"]), release)
+    ws.write_state("deploy", result.as_dict())
+    return result
 
 
-def _tail(log: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
+def _live(record: dict[str, Any] | None, part: str) -> dict[str, Any] | None:
+    """The record's proxy, server or pending server when that process is alive and ours; else None."""
+    if record is None:
+        return None
+    entry = record if part == "server" else record.get(part)
+    if not isinstance(entry, dict) or "pid" not in entry:
+        return None
+    module = PROXY if part == "proxy" else SERVER
+    return entry if rollout.ours(int(entry["pid"]), module, str(entry.get("ready_file", ""))) else None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        # Our own child that already exited stays a zombie until reaped; reap it here.
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie of another parent is not running either
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+def _stop_record(record: dict[str, Any]) -> bool:
+    """Stop every live process of ``record``: the proxy first (no new requests), then the servers."""
+    stopped = False
+    for part in ("proxy", "server", "pending"):
+        entry = _live(record, part)
+        if entry is not None:
+            rollout.terminate(int(entry["pid"]))
+            Path(str(entry["ready_file"])).unlink(missing_ok=True)
+            stopped = True
+    return stopped
 
 
-def _is_our_server(pid: int, ready_file: str) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:  # no /proc (macOS): ask ps
-        out = subprocess.run(["ps", "-p", str(pid), "-o", "command="], capture_output=True, text=True)
-        cmdline = out.stdout
-    return "lmforge.serving" in cmdline and ready_file in cmdline
+def _keeps_port(cfg: ServingConfig, proxy: dict[str, Any]) -> bool:
+    """Whether the running proxy listens where ``cfg`` asks (port 0: wherever it already is)."""
+    return cfg.server.port in (0, int(proxy["port"])) and cfg.server.host == proxy["host"]
 
 
-def _terminate(pid: int, grace_s: float = 10.0) -> None:
-    """SIGTERM the server's process group (graceful uvicorn shutdown), SIGKILL after ``grace_s``."""
-    def signal_group(sig: int) -> None:
-        try:
-            if os.getpgid(pid) == pid:
-                os.killpg(pid, sig)
-            else:
-                os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
+def _digest(cfg: ServingConfig, model_name: str) -> str:
+    """The serving config as the server sees it; the port is the proxy's business, compared on its own."""
+    data = cfg.model_dump(mode="json")
+    data["server"].pop("port", None)
+    return hashlib.sha256(json.dumps([data, model_name], sort_keys=True).encode()).hexdigest()[:16]
 
-    signal_group(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            return
-        time.sleep(0.05)
-    signal_group(signal.SIGKILL)
-    while _alive(pid) and time.monotonic() < deadline + 5:
-        time.sleep(0.05)
+
+def _token(ws: Workspace) -> str:
+    return (ws.serving_dir / "proxy.token").read_text().strip()
+
+
+def _prune(serving: Path, generation: int) -> None:
+    """Keep the files of this generation and the one before (its log explains a roll); older ones go."""
+    for path in serving.glob("*-*.*"):
+        stem, _, number = path.stem.rpartition("-")
+        if stem in ("server", "ready", "release") and number.isdigit() and int(number) < generation - 1:
+            path.unlink(missing_ok=True)

@@ -4,7 +4,8 @@ Run it with ``lmforge rollback [MODEL] [--json]``. The previous holder comes fro
 that every promotion writes on the registered model (:mod:`lmforge.tracking.alias_history`); the
 rollback is recorded on both versions (``lmforge.rollback.*`` tags and their model cards) and pops
 the history, so a second rollback goes one further back. If this workspace's deployment serves
-``models:/MODEL@ALIAS``, it is redeployed so the server answers with the restored version.
+``models:/MODEL@ALIAS``, it rolls to the restored version the way ``lmforge deploy`` rolls (start the
+new server, probe, switch the stable endpoint, drain and stop the old one: ``stages/deploy.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from lmforge.config.platform import PlatformConfig
 from lmforge.config.registry import RegistryConfig
 from lmforge.core.errors import RegistryError
 from lmforge.core.workspace import Workspace
+from lmforge.serving.ray_serve import read_app
 from lmforge.stages.deploy import read_deployment, redeploy
 from lmforge.tracking.alias_history import history_tag, now, read_history, write_history
 from lmforge.tracking.card import publish_card
@@ -85,7 +87,7 @@ def _exists(client: Any, name: str, version: str) -> bool:
 def _follow(ws: Workspace, name: str, alias: str) -> dict[str, Any]:
     """Redeploy this workspace's server when it serves the alias; say why not otherwise."""
     uri = f"models:/{name}@{alias}"
-    record = read_deployment(ws)
+    record = read_deployment(ws) or read_app(ws)  # a local deployment, or a Ray Serve application
     if record is None:
         return {"action": "none", "detail": "no deployment in this workspace"}
     if record.get("model_ref") != uri:
@@ -93,4 +95,6 @@ def _follow(ws: Workspace, name: str, alias: str) -> dict[str, Any]:
     deployed = redeploy(ws)
     if deployed is None:
         return {"action": "none", "detail": f"the deployment of {uri} is not running; `lmforge deploy` starts it"}
-    return {"action": "redeployed", "endpoint": deployed.endpoint, "pid": deployed.pid}
+    # "rolled": the new version started, passed its probe and took over the same endpoint before the old stopped.
+    return {"action": "redeployed", "rollout": deployed.action, "endpoint": deployed.endpoint, "pid": deployed.pid,
+            "version": deployed.version}

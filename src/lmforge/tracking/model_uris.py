@@ -106,6 +106,17 @@ def resolve_model(uri: str, ws: Workspace, platform: PlatformConfig | None = Non
     return target, name, version
 
 
+def registered_version(uri: str, ws: Workspace, platform: PlatformConfig | None = None) -> tuple[str, str] | None:
+    """(name, version) that ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names now, without downloading
+    anything; None for anything else (a local directory). The deploy stage compares it with what it serves."""
+    match = _MODELS_URI.match(uri)
+    if match is None:
+        return None
+    name = match["name"]
+    client = mlflow_client(ws, platform)
+    return name, _resolve_version(client, ws, platform, name, match["alias"], match["version"])
+
+
 def _resolve_version(
     client: MlflowClient, ws: Workspace, platform: PlatformConfig | None, name: str, alias: str | None,
     version: str | None,

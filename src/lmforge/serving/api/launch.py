@@ -76,7 +76,8 @@ def parse_keys(value: str | Sequence[str] | None) -> list[str]:
 
 def run_server(model_dir: Path, cfg: ServingConfig, model_name: str, host: str | None = None,
                port: int | None = None, *, api_key: str | Sequence[str] | None = None,
-               on_ready: Callable[[str], None] | None = None, log_level: str = "info") -> None:
+               on_ready: Callable[[str], None] | None = None, log_level: str = "info",
+               release: dict[str, str] | None = None) -> None:
     """Load ``model_dir`` and serve it until interrupted (SIGINT/SIGTERM drain, then stop).
 
     Once uvicorn accepts connections, prints ``lmforge-serve listening on URL`` and calls ``on_ready(URL)``.
@@ -96,7 +97,7 @@ def run_server(model_dir: Path, cfg: ServingConfig, model_name: str, host: str |
     stop_at: list[float] = []
     try:
         engine = Engine.load(Path(model_dir), cfg=cfg, metrics=_metrics())
-        app = create_app(engine, model_name, cfg, api_key=keys)
+        app = create_app(engine, model_name, cfg, api_key=keys, release=release)
         drain_s = max(cfg.server.drain_timeout_s, 0.1)
         config = uvicorn.Config(
             app, log_level=log_level,

@@ -369,6 +369,8 @@ class ModelCard(BaseModel):
     owned_by: str = "lmforge"
     max_model_len: int
     parent: str | None = None  # a LoRA adapter's base model (serving.adapters)
+    # What the deploy stage serves (registered_name, version, alias, run_id, model_ref); None when unknown.
+    metadata: dict[str, str] | None = None
 
 
 class ModelList(BaseModel):

@@ -79,6 +79,17 @@ def api_key_from(flag: str | None, key_file: Path | None) -> str | None:
     return os.environ.get("LMFORGE_API_KEY") or None
 
 
+def read_release(path: Path | None) -> dict[str, str] | None:
+    """The release the deploy stage wrote for this server (``--release-file``), or None."""
+    if path is None:
+        return None
+    try:
+        data = json.loads(read_text(path))
+    except ValueError as exc:
+        raise ConfigError(f"release file {path} is not valid JSON: {exc}", "deploy again; the stage writes it") from None
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else None
+
+
 def resolve_model_dir(model: str, ws: Workspace) -> tuple[Path, str]:
     """(local directory, default model name) for a directory or a registry URI ``models:/NAME@ALIAS``."""
     if model.startswith("models:/"):
@@ -106,6 +117,7 @@ def serve_model(
     model_name: str | None = None,
     ready_file: Path | None = None,
     log_level: str = "info",
+    release: dict[str, str] | None = None,
 ) -> None:
     """Serve ``model`` (directory or ``models:/NAME@ALIAS`` in ``ws``) until interrupted.
 
@@ -123,4 +135,5 @@ def serve_model(
             atomic_write_json(ready_file, {"url": url, "pid": os.getpid()})
 
     run_server(model_dir, cfg, model_name or default_name, host=host, port=port,
-               api_key=api_key or os.environ.get("LMFORGE_API_KEY") or None, on_ready=ready, log_level=log_level)
+               api_key=api_key or os.environ.get("LMFORGE_API_KEY") or None, on_ready=ready, log_level=log_level,
+               release=release)

@@ -111,9 +111,10 @@ class _Served:
 
 
 def create_app(engine: Engine, model_name: str, cfg: ServingConfig,
-               api_key: str | Sequence[str] | None = None) -> FastAPI:
+               api_key: str | Sequence[str] | None = None, release: dict[str, str] | None = None) -> FastAPI:
     """The FastAPI app serving ``engine`` as ``model_name``; ``api_key`` (one or several) enables
-    Bearer auth on /v1 and /metrics."""
+    Bearer auth on /v1 and /metrics. ``release`` (what the deploy stage serves: registered name,
+    version, alias, run id) is reported by /health and as the base model's metadata in /v1/models."""
     if model_name in engine.adapters:
         raise ServingError(f"the adapter name {model_name!r} is also the base model's served name",
                            "rename the adapter (--adapter NAME=DIR) or the model (--model-name)")
@@ -136,8 +137,9 @@ def create_app(engine: Engine, model_name: str, cfg: ServingConfig,
                            code="invalid_api_key")
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok", "model": model_name}
+    async def health() -> dict[str, Any]:
+        served = {"version": release.get("version", ""), "release": release} if release else {}
+        return {"status": "ok", "model": model_name, **served}
 
     @app.get("/metrics", dependencies=[Depends(authorize)])
     async def metrics() -> Response:
@@ -149,7 +151,7 @@ def create_app(engine: Engine, model_name: str, cfg: ServingConfig,
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> ModelList:
-        cards = [ModelCard(id=model_name, created=created, max_model_len=engine.context_window)]
+        cards = [ModelCard(id=model_name, created=created, max_model_len=engine.context_window, metadata=release)]
         for adapter in engine.adapters:  # served LoRA adapters (serving.adapters), each over the base
             cards.append(ModelCard(id=adapter, created=created, max_model_len=engine.context_window, parent=model_name))
         return ModelList(data=cards)
