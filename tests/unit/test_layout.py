@@ -151,9 +151,11 @@ def test_no_private_name_is_imported_from_another_module():
     assert borrowed == []
 
 
-# What the rest of lmforge may use of serving: its API (resolve, serve, adapters), the ONNX export
-# and the engine's front (Engine, SamplingParams). Everything else is serving's own business.
-SERVING_PUBLIC = ("lmforge.serving", "lmforge.serving.api", "lmforge.serving.export", "lmforge.serving.engine")
+# What the rest of lmforge may use of serving: its API (resolve, serve, adapters), the ONNX export,
+# the engine's front (Engine, SamplingParams) and the Ray Serve platform's deploy/stop (the deploy stage's
+# serving.platform: ray). Everything else is serving's own business.
+SERVING_PUBLIC = ("lmforge.serving", "lmforge.serving.api", "lmforge.serving.export", "lmforge.serving.engine",
+                  "lmforge.serving.ray_serve")
 
 
 def test_nothing_outside_serving_imports_its_internals():

@@ -103,6 +103,60 @@ class RuntimeConfig(Section):
     )
 
 
+class RayAutoscalingConfig(Section):
+    """Ray Serve autoscaling on queue depth: replicas follow the requests in flight per replica."""
+
+    min_replicas: int = Field(1, ge=1, le=1024, description="Fewest replicas (at least one, so the route always answers).")
+    max_replicas: int = Field(4, ge=1, le=1024, description="Most replicas.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, le=100_000, description="Requests in flight (running and queued) per replica that Serve aims for: "
+        "more than this on average adds replicas, fewer removes them.",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> RayAutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})")
+        return self
+
+
+class RayServeConfig(Section):
+    """The Ray Serve platform (``serving.platform: ray``): replicas of our server behind Serve's HTTP proxy.
+
+    Each replica runs the same engine and OpenAI-compatible app as ``lmforge serve``; the proxy listens on
+    ``serving.server.host`` at ``http_port``, which stays the same while a new model version rolls out."""
+
+    address: str | None = Field(
+        None, description="Ray cluster to deploy on ('host:port' or ray://...); default RAY_ADDRESS, else the Ray head "
+        "of `lmforge stack up` in this workspace. The cluster must outlive the deploy command: it keeps the replicas.",
+    )
+    app_name: str = Field("lmforge", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="The Serve application's name.")
+    http_port: int = Field(8000, ge=1, le=65535, description="The Serve HTTP proxy's port: the stable endpoint. Fixed "
+                           "when Serve first starts on the cluster.")
+    num_replicas: int = Field(1, ge=1, le=1024, description="Replicas when autoscaling is not set.")
+    autoscaling: RayAutoscalingConfig | None = Field(
+        None, description="Scale replicas on queue depth between min_replicas and max_replicas instead of num_replicas.",
+    )
+    num_cpus: float = Field(1.0, ge=0, le=4096, description="CPUs Ray reserves per replica.")
+    num_gpus: float = Field(0.0, ge=0, le=64, description="GPUs Ray reserves per replica (fractions share one GPU).")
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, le=100_000, description="Requests Serve sends one replica at a time; default "
+        "scheduler.max_batch_size, so the rest wait in Serve's queue, which autoscaling reads.",
+    )
+    max_surge_percent: int = Field(
+        100, ge=1, le=100, description="During a roll, new replicas Serve may start beyond the target (percent of it, "
+        "rounded up): old replicas keep serving until their replacements loaded and passed the health check.",
+    )
+    health_check_period_s: float = Field(2.0, gt=0, le=3600, description="Seconds between Serve's replica health checks.")
+    health_check_timeout_s: float = Field(30.0, gt=0, le=3600, description="A health check slower than this fails.")
+
+    @model_validator(mode="after")
+    def _one_way_to_size(self) -> RayServeConfig:
+        if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError("set either num_replicas (a fixed count) or autoscaling (min/max replicas), not both")
+        return self
+
+
 class LimitsConfig(Section):
     """What one request may ask of the server, checked before any work is done for it.
 
@@ -170,6 +224,11 @@ class ServingConfig(Section):
         "batched with requests for the base and other adapters (paged engine).",
     )
     probe_prompt: str = Field("What does `json.dumps` do?", description="Request the deploy stage sends.")
+    platform: Literal["local", "ray"] = Field(
+        "local", description="Where `lmforge deploy` runs the server: 'local' one process on this machine; 'ray' a Ray "
+        "Serve application (serving.ray: replicas, autoscaling, a rolling update when the served version changes).",
+    )
+    ray: RayServeConfig = Field(default_factory=RayServeConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
