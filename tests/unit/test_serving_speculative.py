@@ -11,6 +11,7 @@ is in tests/integration/test_serving_speculative_http.py.
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import shutil
 from pathlib import Path
@@ -24,6 +25,7 @@ from lmforge.config.serving import ServingConfig, SpeculativeConfig
 from lmforge.core.errors import ConfigError
 from lmforge.serving.engine import Engine, SamplingParams
 from lmforge.serving.engine.proposers import DraftProposer, Proposal, ngram_lookup
+from lmforge.serving.engine.sampling import ResponseFormat
 from lmforge.serving.engine.speculative import accept_run
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
@@ -231,3 +233,20 @@ def test_sampled_output_follows_the_model(model_dir: Path, draft_dir: Path, meth
     # 8 outcomes, 300 draws: sampling error alone gives TV ~0.05 (hardly ever 0.1); a wrong acceptance rule
     # (e.g. accepting every guess) is far off.
     assert tv < 0.15, f"TV distance {tv:.3f} from the model's distribution"
+
+
+def test_structured_requests_decode_plainly_beside_speculated_ones(model_dir: Path) -> None:
+    """A response_format request (its grammar's mask is per step) is not speculated: it gets plain
+    decoding's tokens, valid JSON, while the request beside it is speculated."""
+    fmt = ResponseFormat("json_schema", json.dumps({"enum": ["yes", "no"]}))
+    params = [SamplingParams(max_tokens=16, temperature=0, response_format=fmt), GREEDY]
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    want = _tokens(_engine(model_dir), prompts, params)
+    engine = _engine(model_dir, method="ngram", num_tokens=3)
+    try:
+        got = engine.generate(prompts, params)
+    finally:
+        engine.close()
+    assert [c.token_ids for c in got] == want
+    assert json.loads(got[0].text) in ("yes", "no")
+    assert engine.speculator is not None and engine.speculator.stats["proposed"] > 0
