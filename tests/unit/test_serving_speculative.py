@@ -94,6 +94,12 @@ def test_draft_with_another_tokenizer_is_refused(model_dir: Path, tmp_path: Path
         _engine(model_dir, method="draft", draft_model=str(other))
 
 
+def test_speculation_needs_the_paged_engine(model_dir: Path) -> None:
+    cfg = ServingConfig(runtime={"engine": "hf"}, speculative={"method": "ngram"})
+    with pytest.raises(ConfigError, match="paged engine"):
+        Engine.load(model_dir, device="cpu", cfg=cfg)
+
+
 # ---------------------------------------------------------------- proposals
 
 
