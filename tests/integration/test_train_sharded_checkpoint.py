@@ -10,9 +10,13 @@ DDP checkpoint resumed by 2 FSDP2 workers. Each rank of the 2-worker run wrote o
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -34,6 +38,7 @@ from lmforge.model.build import build_model
 from lmforge.train import checkpoint as ckpt
 from lmforge.train import parallel, sharded_checkpoint
 from lmforge.train.loop import train_phase
+from lmforge.train.recovery import RAY_SNAPSHOT
 
 VOCAB, STEPS, SAVE_AT, GLOBAL_ROWS = 256, 6, 3, 8
 MODEL = ModelConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
@@ -171,3 +176,65 @@ def _full_shapes() -> dict[str, tuple[int, ...]]:
         for key in ("exp_avg", "exp_avg_sq"):
             shapes[f"{sharded_checkpoint.OPTIMIZER}{name}.{key}"] = tuple(p.shape)
     return shapes
+
+
+# ---------------------------------------------------------------- the train stage on Ray
+
+
+def _kill_workers_after_first_checkpoint(storage: Path, run_name: str, killed: list[int]) -> threading.Thread:
+    """SIGKILL this process's Ray Train workers once Ray has registered the run's first checkpoint (its
+    snapshot file appears): only this test's own processes (descendants of this one, which started Ray)."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        while not killed and time.monotonic() < deadline:
+            if any(storage.glob(f"{run_name}-*/{RAY_SNAPSHOT}")):
+                for proc in psutil.Process().children(recursive=True):
+                    with contextlib.suppress(psutil.Error):  # gone already, or not ours to read
+                        if "RayTrainWorker" in " ".join(proc.cmdline()):
+                            proc.send_signal(signal.SIGKILL)
+                            killed.append(proc.pid)
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=watch, name="kill-ray-workers", daemon=True)
+    thread.start()
+    return thread
+
+
+# A local Ray, two fsdp workers killed after a checkpoint, one resuming: minutes on a busy 2-core machine.
+@pytest.mark.slow
+def test_ray_fsdp_run_stopped_on_two_workers_resumes_on_one(tokenized_workspace, ray_session):
+    """Each of the 2 Ray Train workers reports its own shards into the one Ray checkpoint; after the
+    workers are killed, ``--resume`` on 1 worker (twice the per-worker batch: the same global batch)
+    restores it and ends on the uninterrupted run's curve."""
+    from lmforge.config.base import updated
+    from lmforge.core.errors import LmforgeError
+    from lmforge.stages.train import train
+    from lmforge.train.recovery import ray_storage
+
+    model_cfg = MODEL.model_copy(update={"vocab_size": 384, "max_seq_len": 64})
+    ws = tokenized_workspace("sharded_ray", model_cfg)
+    two = _training("fsdp", 2).model_copy(update={
+        "pretrain": PHASE.model_copy(update={"steps": 90, "batch_size": 4, "warmup_steps": 5}),
+        "method": "pretrain", "logging": LoggingConfig(every=10),
+        "placement": PlacementConfig(use_ray=True, num_workers=2, cpus_per_worker=0.5),
+        "checkpointing": CheckpointingConfig(every=30, every_minutes=0, max_failures=0)})
+    one = updated(two, placement={"num_workers": 1}, pretrain={"batch_size": 8})
+    whole = train(updated(one, placement={"use_ray": False}, parallel={"strategy": "ddp"}), model_cfg, ws,
+                  run_name="whole")
+
+    storage, killed = Path(ray_storage(ws)), []
+    watcher = _kill_workers_after_first_checkpoint(storage, "sharded", killed)
+    with pytest.raises(LmforgeError):
+        train(two, model_cfg, ws, run_name="sharded")
+    watcher.join(timeout=1)
+    assert killed
+    (run_dir,) = storage.glob("sharded-*")
+    shards = sorted(p.name for p in run_dir.glob(f"checkpoint_*/pretrain-*/{sharded_checkpoint.DCP_DIR}/*"))
+    assert shards and {name.split("-")[1] for name in shards} == {"00001", "00002"}, shards  # both ranks' files
+
+    resumed = train(one, model_cfg, ws, resume=run_dir.name)
+    assert resumed.run_id == run_dir.name and 0 < resumed.resumed_from_step < 90
+    assert [r["step"] for r in resumed.history] == [r["step"] for r in whole.history]
+    for got, want in zip(resumed.history, whole.history, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4), got
