@@ -151,15 +151,21 @@ def test_template_with_tools_renders_them() -> None:
     assert '"name": "get_weather"' in text and '{"city": "Oslo"}' in text and "rain, 9 C" in text
 
 
+PLAIN = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+         "{% if add_generation_prompt %}assistant: {% endif %}")  # renders no tools, calls or tool ids
+
+
 def test_template_without_tools_gets_the_fallback() -> None:
     tokenizer = copy.deepcopy(build_tokenizer())
-    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    tokenizer.chat_template = PLAIN
     assert not renders_tools(tokenizer)
+    tokenizer.chat_template = None
+    assert not renders_tools(tokenizer)  # no template: the engine refuses the chat itself, by name
     messages = fallback_messages(HermesParser(NAMES), HISTORY, TOOLS)
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     assert '"name": "set_alarm"' in messages[0]["content"] and "<tool_call>" in messages[0]["content"]
     assert messages[2]["content"] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
     assert messages[3]["content"] == "<tool_response>\nrain, 9 C\n</tool_response>"
+    tokenizer.chat_template = PLAIN
     text = render_chat(tokenizer, messages, add_generation_prompt=True)
     assert "rain, 9 C" in text and text.endswith("assistant: ")

@@ -172,7 +172,9 @@ _SUPPORT: dict[str, bool] = {}  # by template source: whether it renders tools, 
 
 def renders_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether the tokenizer's chat template renders a tool list, an assistant's calls and a tool's result."""
-    source = str(getattr(tokenizer, "chat_template", None))
+    source = getattr(tokenizer, "chat_template", None)
+    if not isinstance(source, str) or not source:
+        return False  # no template at all: Engine.render_chat refuses the chat with a 400
     if source not in _SUPPORT:  # a race renders the probe twice, harmlessly
         from lmforge.model.chat import render_chat
 
