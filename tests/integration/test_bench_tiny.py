@@ -215,6 +215,16 @@ def test_serve_load_tiny(tmp_path):
     assert got["http_20rps_output_tok_s"]["value"] > 0 and got["http_20rps_ttft_p50"]["value"] > 0
 
 
+def test_serve_roll_tiny(tmp_path):
+    """The local deploy rolls to a second copy of the tiny model under load: same endpoint, no failed request."""
+    proc = bench("bench.serve.roll", "--clients", "2", out=tmp_path, timeout=600)
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('{"platform"')))
+    assert (result["action"], result["same_endpoint"], result["failed_total"]) == ("rolled", True, 0)
+    got = records(tmp_path, "serve_roll", "bench.serve.roll")
+    assert got["local_p50_latency_during_roll_ms"]["baseline_value"] > 0
+    assert got["local_failed_requests_during_roll"]["value"] == 0
+
+
 def test_serve_structured_tiny(tmp_path):
     """Constrained (json_schema, json_object) against free decoding on the same engine, and every
     finished constrained response validated in the run (an invalid one would exit 1)."""
