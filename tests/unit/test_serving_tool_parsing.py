@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import get_args
 
 import pytest
 from tiny_assets import build_tokenizer
 
+from lmforge.config.serving import ServingConfig
 from lmforge.model.chat import render_chat
 from lmforge.serving.api.errors import ApiError
 from lmforge.serving.api.protocol import ChatCompletionRequest
-from lmforge.serving.api.tool_parsers import HermesParser, ParsedCall
+from lmforge.serving.api.tool_parsers import DEFAULT_PARSER, PARSERS, HermesParser, ParsedCall
 from lmforge.serving.api.tools import ToolOutput, ToolPlan, fallback_messages, renders_tools
 
 NAMES = ["get_weather", "set_alarm"]
@@ -52,6 +54,12 @@ def test_hermes_parser_on_crafted_outputs(text: str, expected: list) -> None:
         pieces = _parse(text, step)
         assert [p for p in pieces if isinstance(p, ParsedCall)] == [p for p in expected if isinstance(p, ParsedCall)]
         assert "".join(p for p in pieces if isinstance(p, str)) == "".join(p for p in expected if isinstance(p, str))
+
+
+def test_every_configurable_parser_exists() -> None:
+    """serving.tool_parser offers exactly the registered formats, the default among them."""
+    assert set(get_args(ServingConfig.model_fields["tool_parser"].annotation)) == set(PARSERS)
+    assert ServingConfig().tool_parser == DEFAULT_PARSER
 
 
 def _reassembled(text: str, step: int, parallel: bool = True) -> tuple[str, list[dict], str | None]:

@@ -224,6 +224,11 @@ class ServingConfig(Section):
         "batched with requests for the base and other adapters (paged engine).",
     )
     probe_prompt: str = Field("What does `json.dumps` do?", description="Request the deploy stage sends.")
+    tool_parser: Literal["hermes"] = Field(
+        "hermes", description="How chat tool calls are read from the model's output (and forced): 'hermes' is "
+        "<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>, the format of lmforge's chat templates "
+        "and of many open models (lmforge.serving.api.tool_parsers).",
+    )
     platform: Literal["local", "ray"] = Field(
         "local", description="Where `lmforge deploy` runs the server: 'local' one process on this machine; 'ray' a Ray "
         "Serve application (serving.ray: replicas, autoscaling, a rolling update when the served version changes).",

@@ -199,7 +199,7 @@ def _add_chat(app: FastAPI, served: _Served, authorize) -> None:
     async def chat(body: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | Response:
         model_name, adapter = served.check_model(body.model)
         served.limits.check_sampling(body.stops, body.top_logprobs, "top_logprobs")
-        tools = ToolPlan.of(body)  # tools, tool_choice and the history's calls (api/tools.py)
+        tools = ToolPlan.of(body, served.cfg.tool_parser)  # tools, tool_choice, the history's calls (api/tools.py)
         messages = [m.as_template_input() for m in body.messages]
         # The template writes any special tokens itself; adding them again would double a BOS.
         prompt_ids = await served.tokenize(sum(m.chars for m in body.messages) + tools.chars, "messages",
