@@ -75,7 +75,7 @@ def deploy_app(cfg: ServingConfig, release: dict[str, str], ws: Workspace, model
     if record is not None and record.get("digest") == digest and running == "RUNNING":
         return RayApp(**{**record["app"], "action": "unchanged"})
     serve.start(http_options={"host": cfg.server.host, "port": cfg.ray.http_port})
-    application = _deployment(cfg).bind(release, model_name, cfg.model_dump(mode="json"), ws.location,
+    application = serve_deployment(cfg).bind(release, model_name, cfg.model_dump(mode="json"), ws.location,
                                         _tracking_uri(ws, release), keys)
     serve.run_many([serve.RunTarget(application, name=cfg.ray.app_name, route_prefix="/")],
                    wait_for_applications_running=False)
@@ -168,7 +168,8 @@ def _tracking_uri(ws: Workspace, release: dict[str, str]) -> str | None:
     return mlflow_uris(ws)[0]
 
 
-def _deployment(cfg: ServingConfig) -> Any:
+def serve_deployment(cfg: ServingConfig) -> Any:
+    """The Serve deployment of :data:`~lmforge.serving.ray_serve.replica.ModelServer` as ``cfg.ray`` sizes it."""
     from ray import serve
 
     from lmforge.serving.ray_serve.replica import ModelServer
