@@ -6,7 +6,9 @@ timeouts, exposure), ``scheduler`` (the running batch, the waiting queue, chunke
 which device, with how many threads, graphs and quantization) and ``limits`` (what one request may
 ask: body bytes, prompt tokens, stop strings, logprobs), ``speculative`` (proposed tokens verified in one
 forward: n-gram lookup or a draft model). Request defaults (``max_new_tokens``),
-``adapters`` and the deploy stage's ``probe_prompt`` stay at the top. Every field is also valid in
+``adapters`` and the deploy stage's ``probe_prompt`` and ``platform`` stay at the top; ``ray`` sizes the
+Ray Serve application of ``platform: ray`` (replicas or autoscaling, resources per replica, the proxy's
+port, the cluster). Every field is also valid in
 the ``--serving-config`` file of ``python -m lmforge.serving``; the flat keys of older files are
 listed in ``ServingConfig.moved_keys``.
 """
