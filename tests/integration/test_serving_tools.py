@@ -114,6 +114,18 @@ def test_history_with_calls_and_results_renders(client: openai.OpenAI) -> None:
         assert reply.usage is not None and reply.usage.prompt_tokens > 40  # the tools and the result are in the prompt
 
 
+def test_agent_round_trip(client: openai.OpenAI) -> None:
+    """A forced call's message, sent back as the client library returns it, with the tool's result."""
+    kwargs = {"model": "tiny", "tools": TOOLS, "max_tokens": 120, "seed": 0}
+    called = client.chat.completions.create(messages=MESSAGES, tool_choice="required", parallel_tool_calls=False,
+                                            **kwargs).choices[0].message
+    assert called.tool_calls
+    history = [*MESSAGES, called.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": called.tool_calls[0].id, "content": "sunny"}]
+    reply = client.chat.completions.create(messages=history, **{**kwargs, "max_tokens": 5})
+    assert reply.choices[0].finish_reason in {"stop", "length", "tool_calls"}
+
+
 BAD = [
     ({"tool_choice": "auto"}, "tool_choice", "no tools"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "'nope'"),
