@@ -103,18 +103,17 @@ def deploy(cfg: ServingConfig, model_ref: str, ws: Workspace, model_name: str) -
 
 def stop(ws: Workspace) -> bool:
     """Stop the deployment recorded in ``ws`` (proxy and servers); True when a live process of ours was stopped."""
-    app = read_app(ws)
-    if app is not None:  # serving.platform: ray: delete the Serve application
+    app, deleted = read_app(ws), False
+    if app is not None:  # serving.platform: ray: delete the Serve application (and any local one below)
         deleted = stop_app(ws)
         retire(ws, app.get("release"))
-        return deleted
     record = read_deployment(ws)
     if record is None:
-        return False
+        return deleted
     stopped = _stop_record(record)
     (ws.serving_dir / RECORD).unlink(missing_ok=True)
     retire(ws, record.get("release"))
-    return stopped
+    return stopped or deleted
 
 
 def read_deployment(ws: Workspace) -> dict[str, Any] | None:
