@@ -147,7 +147,7 @@ def test_fsdp_checkpoint_resumes_on_another_number_of_workers(sharded, tmp_path)
 
 
 @pytest.mark.parametrize("settings,needle", [
-    ({"parallel": {"strategy": "deepspeed"}}, "not built yet"),
+    ({"parallel": {"strategy": "deepspeed"}, "placement": {"use_ray": False}}, "use_ray"),
     ({"parallel": {"strategy": "fsdp"}, "placement": {"use_ray": False}}, "use_ray"),
     ({"parallel": {"strategy": "fsdp"}, "method": "qlora"}, "4-bit"),
     ({"parallel": {"strategy": "fsdp"}, "speed": {"compile": True, "compile_scope": "model"}}, "compile_scope"),

@@ -17,6 +17,8 @@ from lmforge.model.info import describe
 
 BENCH = "train_gpu"
 CPU = PlacementConfig(use_gpu=False)  # memory estimates assume no GPU placement
+# DeepSpeed's rows of llama_zero3 / llama_zero2 (metric word, row settings), each against the uncompiled loop.
+ZERO_ROWS = (("zero3", "deepspeed"), ("zero3_offload_optimizer", "deepspeed,offload"), ("zero2", "deepspeed,stage2"))
 
 
 def write_records(bench: Bench, device: str | None = None) -> None:
@@ -67,6 +69,8 @@ def write_records(bench: Bench, device: str | None = None) -> None:
     pairs += [("llama_1.1b_lora_bf16_base_alone_tokens_per_s", "llama_lora/peft+bf16_base", "llama_lora/peft"),
               ("llama_1.1b_full_fused_loss_alone_tokens_per_s", "llama_full/plain+fused_loss", "llama_full/plain"),
               ("llama_1.1b_full_ft_fsdp_one_gpu_tokens_per_s", "llama_full/lmforge[fsdp]", "llama_full/lmforge")]
+    pairs += [(f"llama_1.1b_full_ft_{what}_one_gpu_tokens_per_s", f"llama_full/lmforge-compile[{row}]",
+               "llama_full/lmforge-compile") for what, row in ZERO_ROWS]
     device = device or (torch.cuda.get_device_name(0) if bench.device.type == "cuda" else "cpu (--tiny check)")
     for metric, ours, base in pairs:
         if "tokens_per_s" in rows.get(ours, {}) and "tokens_per_s" in rows.get(base, {}):
@@ -86,7 +90,9 @@ def write_records(bench: Bench, device: str | None = None) -> None:
                                ("llama_1.1b_full_checkpointing_peak_gib", "llama_full/lmforge+checkpointing",
                                 "llama_full/lmforge"),
                                ("llama_1.1b_full_ft_fsdp_one_gpu_peak_gib", "llama_full/lmforge[fsdp]",
-                                "llama_full/lmforge")]:
+                                "llama_full/lmforge")] + [
+            (f"llama_1.1b_full_ft_{what}_one_gpu_peak_gib", f"llama_full/lmforge-compile[{row}]",
+             "llama_full/lmforge-compile") for what, row in ZERO_ROWS]:
         if "peak_gib" in rows.get(ours, {}) and "peak_gib" in rows.get(base, {}):
             record(BENCH, metric, rows[ours]["peak_gib"], "GiB", base, rows[base]["peak_gib"], device=device,
                    command=command, higher_is_better=False, out_dir=out)

@@ -191,9 +191,9 @@ class Bench:
             s = self.shapes[shape]
             cfg = s["model"].model_copy(update={"vocab_multiple": spec.vocab_multiple})
             settings = spec.training_fields()
-            sharded = settings.get("parallel", {}).get("strategy") == "fsdp"
+            sharded = settings.get("parallel", {}).get("strategy") in ("fsdp", "deepspeed")
             if sharded:
-                _one_rank_group(self.device)  # what a Ray Train worker has: FSDP2 shards over its process group
+                _one_rank_group(self.device)  # what a Ray Train worker has: FSDP2 or ZeRO over its process group
             training = TrainingConfig.model_validate({
                 "method": method, "placement": {"use_gpu": self.device.type == "cuda", "use_ray": sharded},
                 "logging": {"every": 10**6}, "optimizer": {"weight_decay": 0.01},

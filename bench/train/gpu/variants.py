@@ -28,6 +28,10 @@ WORDS: dict[str, tuple[str, object]] = {
     "bf16res": ("speed.residual_dtype", "bfloat16"),
     "opt": ("speed.compile_optimizer", True),
     "fsdp": ("parallel.strategy", "fsdp"),  # FSDP2 over a one-rank process group (the runner makes one)
+    # DeepSpeed ZeRO (stage 3 unless stage2) over the same one-rank group; torch's AdamW, no compiled DeepSpeed op.
+    "deepspeed": ("parallel.strategy", "deepspeed"),
+    "stage2": ("parallel.deepspeed.stage", 2),
+    "offload": ("parallel.deepspeed.offload_optimizer", True),  # AdamW's state and step on the host
 }
 PAGEABLE = "+pageable"
 
@@ -105,8 +109,11 @@ class EngineRun:
             fields["speed.gradient_checkpointing"] = True
         groups: dict[str, dict[str, object]] = {}
         for key, value in {**fields, **self.settings.overrides()}.items():
-            group, name = key.split(".")
-            groups.setdefault(group, {})[name] = value
+            *path, name = key.split(".")  # group.field, or group.subgroup.field (parallel.deepspeed.stage)
+            into: dict = groups
+            for part in path:
+                into = into.setdefault(part, {})
+            into[name] = value
         return groups
 
 
@@ -167,6 +174,14 @@ def groups(s: Steps) -> dict[str, list[Variant]]:
         "llama_full": [full_plain, llama("llama_full/lmforge", engine("full"))],
         # Our loop as DDP runs it on one GPU (no wrapper), then sharded by FSDP2 over one rank: its overhead.
         "llama_fsdp": [llama("llama_full/lmforge", engine("full")), llama("llama_full/lmforge[fsdp]", engine("full", "fsdp"))],
+        # ZeRO-3 (and 2, and 3 with the optimizer offloaded) against the same loop without DeepSpeed, uncompiled
+        # both (strategy deepspeed refuses speed.compile: DeepSpeed's engine owns the step and its hooks).
+        "llama_zero3": [llama("llama_full/lmforge-compile", engine("full", compile=False)),
+                        llama("llama_full/lmforge-compile[deepspeed]", engine("full", "deepspeed", compile=False)),
+                        llama("llama_full/lmforge-compile[deepspeed,offload]",
+                              engine("full", "deepspeed,offload", compile=False))],
+        "llama_zero2": [llama("llama_full/lmforge-compile", engine("full", compile=False)),
+                        llama("llama_full/lmforge-compile[deepspeed,stage2]", engine("full", "deepspeed,stage2", compile=False))],
         "llama_full_model": [llama("llama_full/lmforge[model]", engine("full", "model"))],
         "llama_lora": [peft, llama("llama_lora/lmforge", engine("lora"))],
         "llama_lora_model": [llama("llama_lora/lmforge[model]", engine("lora", "model"))],

@@ -19,7 +19,9 @@ from pydantic import Field, field_validator
 from lmforge.config.base import Section
 
 # Strategies named by the issue that are not built yet: refused with a message, not a bare enum error.
-PLANNED = ("deepspeed",)
+PLANNED: tuple[str, ...] = ()
+# Methods DeepSpeed ZeRO partitions (their trainable weights are ordinary parameters); qlora's 4-bit weights are not.
+DEEPSPEED_METHODS = ("pretrain", "full", "lora", "adapter", "prefix", "ptuning_v2", "prompt", "ptuning", "ia3")
 # Methods FSDP2 shards as it shards full fine-tuning (their extra weights are ordinary parameters of the blocks
 # or of the root); qlora's 4-bit weights (bitsandbytes Params4bit) cannot be DTensor shards.
 FSDP_METHODS = ("pretrain", "full", "lora", "adapter", "prefix", "ptuning_v2", "prompt", "ptuning", "ia3")
@@ -49,14 +51,40 @@ class FsdpConfig(Section):
     )
 
 
-class ParallelConfig(Section):
-    """How the workers share the model: ``ddp`` replicas or ``fsdp`` shards."""
+class DeepSpeedConfig(Section):
+    """DeepSpeed ZeRO's settings (used when ``strategy: deepspeed``); the DeepSpeed JSON is generated from these and
+    the phase (:func:`lmforge.train.zero.deepspeed_config`), never written by hand."""
 
-    strategy: Literal["ddp", "fsdp"] = Field(
+    stage: Literal[2, 3] = Field(
+        3, description="2: gradients and optimizer state partitioned over the workers, weights replicated; 3: the "
+        "weights too, gathered layer by layer as they run (least memory).",
+    )
+    offload_optimizer: bool = Field(
+        False, description="Keep the optimizer state (and its step) in host memory: torch's AdamW steps on the CPU "
+        "(no compiled DeepSpeed op needed; much slower, for models that do not fit otherwise).",
+    )
+    offload_params: bool = Field(
+        False, description="Stage 3 only: keep the weight partitions in host memory, on the GPU only while a layer runs.",
+    )
+    overlap_comm: bool = Field(
+        True, description="Overlap the gradients' reduction with the backward pass (more memory for buckets).",
+    )
+    bucket_size: int = Field(
+        200_000_000, ge=1_000_000, le=10**10, description="Elements per gradient reduce bucket (and, stage 3, per "
+        "prefetch): larger buckets mean fewer, larger messages and more memory.",
+    )
+
+
+class ParallelConfig(Section):
+    """How the workers share the model: ``ddp`` replicas, ``fsdp`` shards or DeepSpeed ZeRO partitions."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp", description="ddp: a full replica per worker, gradients all-reduced; fsdp: weights, gradients and "
-        "optimizer state sharded over the workers (PyTorch FSDP2), gathered block by block as they run.",
+        "optimizer state sharded over the workers (PyTorch FSDP2), gathered block by block as they run; deepspeed: "
+        "DeepSpeed ZeRO stage 2 or 3 (parallel.deepspeed; needs pip install 'lmforge[deepspeed]').",
     )
     fsdp: FsdpConfig = Field(default_factory=FsdpConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     tensor_parallel: int = Field(
         1, ge=1, le=1024, description="Split each Transformer block's attention heads and MLP columns over groups of "
         "this many workers (DTensor: q/k/v and gate/up column-wise, o and down row-wise); the heads and key/value "
@@ -84,6 +112,8 @@ class ParallelConfig(Section):
         ``num_workers`` is ``placement.num_workers`` (None: not checked here)."""
         if self.tensor_parallel > 1 or self.sequence_parallel:
             self._check_tensor_parallel(method, use_ray, speed, num_workers)
+        if self.strategy == "deepspeed":
+            self._check_deepspeed(method, use_ray, speed)
         if self.strategy != "fsdp":
             return
         if not use_ray:
@@ -100,6 +130,29 @@ class ParallelConfig(Section):
             if on:
                 raise ValueError(f"parallel.strategy: fsdp does not run with speed.{name} yet: turn it off (compile "
                                  "with compile_scope: blocks works with fsdp), or use parallel.strategy: ddp")
+
+    def _check_deepspeed(self, method: str, use_ray: bool, speed: dict[str, Any]) -> None:
+        ds = self.deepspeed
+        if not use_ray:
+            raise ValueError("parallel.strategy: deepspeed partitions over the Ray Train workers' process group, and "
+                             "placement.use_ray is false: set placement.use_ray: true (num_workers: 1 runs ZeRO on one "
+                             "device), or parallel.strategy: ddp")
+        if method not in DEEPSPEED_METHODS:
+            raise ValueError(f"parallel.strategy: deepspeed cannot partition method {method!r}'s 4-bit weights: use "
+                             "method: lora (ZeRO-3 partitions the base, so it needs no 4-bit copy to fit), or "
+                             "parallel.strategy: ddp")
+        if ds.offload_params and ds.stage != 3:
+            raise ValueError("parallel.deepspeed.offload_params moves the weight partitions to host memory, which only "
+                             "ZeRO stage 3 has: set parallel.deepspeed.stage: 3, or offload_params: false")
+        if self.tensor_parallel > 1:
+            raise ValueError("parallel.tensor_parallel does not compose with strategy deepspeed: use strategy fsdp with "
+                             "tensor_parallel (a 2-D mesh), or tensor_parallel: 1")
+        unsupported = {"cuda_graphs": speed.get("cuda_graphs"), "compile_optimizer": speed.get("compile_optimizer"),
+                       "fp8": speed.get("fp8"), "compile": speed.get("compile")}
+        for name, on in unsupported.items():
+            if on:
+                raise ValueError(f"parallel.strategy: deepspeed does not run with speed.{name} (DeepSpeed's engine owns "
+                                 "the step and its hooks): turn it off, or use parallel.strategy: fsdp")
 
     def _check_tensor_parallel(self, method: str, use_ray: bool, speed: dict[str, Any], num_workers: int | None) -> None:
         tp = self.tensor_parallel

@@ -41,7 +41,7 @@ from lmforge.data.sft import preference_file
 from lmforge.data.tokenized import stored_inputs
 from lmforge.tokenizer.build import check_chat_template, load_tokenizer
 from lmforge.train import checkpoint as ckpt
-from lmforge.train import ray_checkpoint, recovery, store_checkpoint
+from lmforge.train import ray_checkpoint, recovery, store_checkpoint, zero
 from lmforge.train.loop import is_history_row
 from lmforge.train.methods.catalog import check_method
 from lmforge.train.relay import RecordRelay
@@ -279,6 +279,7 @@ ABSOLUTE_POSITIONS = ("gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt")
 
 def check_inputs(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace) -> None:
     """Fail before any worker starts, with the stage or setting that fixes it."""
+    zero.require(training)  # strategy deepspeed: the package, on the driver too
     if not (ws.tokenizer_dir / "tokenizer_config.json").exists():
         raise DataError(f"no tokenizer at {ws.tokenizer_dir}",
                         "train one first: `python -m lmforge.train` does it, or the pipeline's tokenize stage")

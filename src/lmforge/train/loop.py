@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lmforge.config.training import PhaseConfig, TrainingConfig
 from lmforge.core.errors import ConfigError, TrainingDiverged
 from lmforge.train import checkpoint as ckpt
-from lmforge.train import parallel, tensor_parallel
+from lmforge.train import parallel, tensor_parallel, zero
 from lmforge.train.accel import speed
 from lmforge.train.cadence import CheckpointCadence
 from lmforge.train.objective import CausalLMObjective
@@ -61,12 +61,12 @@ def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: Traini
     objective, graphs = _objective(model, name, phase, training, device, ddp)
     sharded = parallel.shard(objective, model, training, device)  # FSDP2 or DDP; the optimizer below gets the shards
     ddp_net = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None) \
-        if ddp and not sharded else None
+        if ddp and not sharded and not zero.enabled(training) else None
     net: torch.nn.Module = ddp_net if ddp_net is not None else objective
     optimizer = adamw(model, phase.learning_rate, training.optimizer.weight_decay, device,
                       training.speed.compile_optimizer)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, phase))
-    update = _update(model, optimizer, training, graphs)
+    net, update = zero.wrap(net, optimizer, phase, training, device) or (net, _update(model, optimizer, training, graphs))
     copies = tensor_parallel.degree(training)
     run = _PhaseRun(name, phase, training, step_offset, on_log, objective.metric_names)
     cadence = CheckpointCadence(training.checkpointing, training.logging.every, ddp, device) if save else None
@@ -96,7 +96,7 @@ def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: Traini
                 with autocast(device), speed.attention_kernels(training.speed.attention_backend, device):
                     out = net(**model_inputs(batch, device))
                 loss_sum = out[0] if out.dim() else out  # a vector: the loss, then the objective's metrics
-                (loss_sum * world / stats[2]).backward()
+                zero.backward(net, loss_sum * world / stats[2])
             stats[0] += loss_sum.detach()
             if sums is not None:
                 sums += out[1:].detach()
@@ -248,7 +248,7 @@ class _PhaseRun:
             self.best_val, self.bad_evals = val_loss, 0
             self.metrics[f"{self.name}_val_loss_best"] = val_loss
             if patience:
-                self.best_state = parallel.full_state(ckpt.trainable_state(model))  # host copies (gathered shards)
+                self.best_state = parallel.full_state(zero.trainable_state(model))  # host copies (gathered shards)
             return False
         self.bad_evals += 1
         if not patience or self.bad_evals < patience:
@@ -261,7 +261,7 @@ class _PhaseRun:
 
     def snapshot(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  schedule: torch.optim.lr_scheduler.LRScheduler) -> tuple[dict[str, Tensors], dict[str, Any]]:
-        groups, meta = ckpt.capture(model, optimizer, ckpt.writes_sharded(self.training))  # meta: optimizer, rng
+        groups, meta = zero.capture(model, optimizer, ckpt.writes_sharded(self.training))  # meta: optimizer, rng
         if self.best_state is not None:
             groups["best"] = self.best_state
         state = {"step": self.step, "lr": float(self.lr), "window": self.window, "metric_window": self.metric_window,
@@ -273,7 +273,7 @@ class _PhaseRun:
     def restore(self, saved: ckpt.Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 schedule: torch.optim.lr_scheduler.LRScheduler) -> None:
         state = saved.state["loop"]
-        ckpt.restore(saved, model, optimizer)  # either format, into this run's layout
+        zero.restore(saved, model, optimizer)  # either format, into this run's layout
         schedule.load_state_dict(state["schedule"])  # its peak rate is then the phase's (rebase_schedule)
         self.step, self.lr, self.window = state["step"], state["lr"], list(state["window"])
         self.metric_window = list(state.get("metric_window", []))

@@ -27,7 +27,7 @@ from lmforge.core.workspace import Workspace
 from lmforge.model.build import build_model, count_parameters
 from lmforge.model.chat import stop_token_ids, template_label
 from lmforge.tokenizer.build import load_tokenizer
-from lmforge.train import artifacts, parallel, tensor_parallel
+from lmforge.train import artifacts, parallel, tensor_parallel, zero
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.accel import flash4, fp8, speed
 from lmforge.train.data import batch_stream, fixed_batches, phase_rows
@@ -119,8 +119,9 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
             step_offset=_last_step(history), save=save if training.checkpointing.enabled else None, resume=here)
         history += phase_history
         metrics.update(phase_metrics)
-        params[f"param_bytes_per_worker_{name}"] = parallel.local_parameter_bytes(model)  # its shards under fsdp
-        if parallel.sharding(training):  # the next phase, the base it adapts and the saved model start from plain weights
+        params[f"param_bytes_per_worker_{name}"] = zero.local_parameter_bytes(model)  # its shards under fsdp, ZeRO-3
+        # The next phase, the base it adapts and the saved model start from plain weights (shards gathered).
+        if parallel.sharding(training) or zero.enabled(training):
             model = _unsharded(model, method, tokenizer, training, model_cfg, root / "base", device)
     if device.type == "cuda":
         params["peak_memory_per_worker_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -159,7 +160,7 @@ def _unsharded(sharded, method: str, tokenizer, training: TrainingConfig, model_
                device: torch.device):
     """A plain copy of a model FSDP2 sharded (:mod:`lmforge.train.parallel`), on every rank: built as the
     phase's model was (the base reloaded and the method applied, for adapters), then given the gathered weights."""
-    full = parallel.full_state(sharded.state_dict())
+    full = zero.full_model_state(sharded)  # FSDP2's shards or ZeRO's partitions gathered
     # The new model's random initialization (overwritten below) must not move the generators: the next
     # phase's fresh weights (LoRA's A matrices, say) are then drawn as an unsharded run draws them.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
