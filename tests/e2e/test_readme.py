@@ -55,6 +55,7 @@ COMMANDS = {
     "lmforge stack up [--s3] [--json]": "tests/integration/test_stack.py",
     "lmforge stack status [--json]": "tests/integration/test_stack.py",
     "lmforge stack down [--json]": "tests/integration/test_stack.py",
+    "lmforge stack deploy --config CONFIG [--json]": "tests/integration/test_stack_deployments.py",
     "lmforge serve models:/lmforge-demo@champion [--host 127.0.0.1] [--port 8000]": "run",
     "lmforge serve path/to/model_dir": "run",
     "lmforge serve path/to/base --adapter sql=runs/sql-lora --adapter docs=path/to/peft_adapter": "run",
