@@ -123,3 +123,11 @@ def test_the_preflight_check_reads_one_workers_share():
         "parallel": replicas.training.parallel.model_copy(update={"strategy": "fsdp"})})})
     result = preflight(sharded, budget=("GPU", 80 * GB))
     assert result is not None and result.train_bytes < 80 * GB  # 70B's 16 bytes a parameter over 64 workers
+
+
+def test_pipeline_parallel_divides_the_blocks_states_over_its_stages():
+    pp = per_worker(ONE, _layout(), "ddp", workers=2, pipeline_parallel=2)
+    # 0.75 of each state is in the blocks (half of it on each stage); the embeddings or output layer stay whole.
+    assert (pp.weights, pp.gradients, pp.optimizer) == (2500, 2500, 5000)
+    assert pp.activations == ONE.activations  # an upper bound
+    assert pp.label == "ddp, pipeline_parallel 2"

@@ -45,7 +45,7 @@ class PipelineConfig(Section):
         # Spans two sections; a base_model's head counts are checked by the training workers, which read its config.
         model = self.model
         problem = None if model.base_model else self.training.parallel.model_problem(
-            model.architecture, model.num_heads, model.num_kv_heads)
+            model.architecture, model.num_heads, model.num_kv_heads, model.num_layers)
         if problem is not None:
             raise ValueError(": ".join(problem))
         return self

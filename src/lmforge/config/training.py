@@ -344,6 +344,8 @@ class TrainingConfig(Section):
         if self.preference_tuning:
             self._check_preference()
         self.parallel.check(self.method, self.placement.use_ray, speed.model_dump(), self.placement.num_workers)
+        for name, phase in (("pretrain", self.pretrain), ("finetune", self.finetune)):
+            self.parallel.check_pipeline_rows(name, phase.batch_size * phase.grad_accum)
         if speed.fp8 and self.method not in ("pretrain", "full"):
             raise ValueError(f"speed.fp8 trains all weights in FP8 matrix products; method {self.method!r} freezes "
                              "them: use fp8 with method pretrain or full, or set speed.fp8: false")

@@ -146,7 +146,7 @@ def _strategies(model: PreTrainedModel, training: TrainingConfig, phases: list, 
         mem = phase_memory(name, phase, method, shape, total, own, training, on_gpu=training.placement.use_gpu)
         rows += strategy_table(mem, layout, training.placement.num_workers, tp, parallel.sequence_parallel)
         configured.append(per_worker(mem, layout, parallel.strategy, training.placement.num_workers,
-                                     parallel.tensor_parallel, parallel.sequence_parallel))
+                                     parallel.tensor_parallel, parallel.sequence_parallel, parallel.pipeline_parallel))
         on_gpu = phase_memory(name, phase, method, shape, total, own, training, on_gpu=True)  # the advice is for GPUs
         sentences.append(advice(on_gpu, Layout(shape, blocks / total, layout.checkpointing, layout.fused_loss, True),
                                 gpu, degrees))

@@ -11,6 +11,10 @@ divide its parts:
   / (T·D), the rest (embeddings, final norm, output layer) / D; the blocks' activations as
   :func:`lmforge.model.info.layer_activations` splits them (whole norms and residual without
   ``sequence_parallel``); the logits stay whole on each worker.
+- ``pipeline_parallel`` P (ddp replicas of each stage): the blocks' weights, gradients and states / P, the rest
+  (embeddings on the first stage, the output layer on the last) whole on the stage that holds it; activations at
+  most one replica's (the first stage keeps P micro-batches in flight, each a fraction of the batch, over 1/P of
+  the blocks): an upper bound.
 
 An estimate, like the one-replica figure: no allocator slack, no communication buffers.
 """
@@ -43,6 +47,7 @@ class StrategyMemory:
     gradients: int
     optimizer: int
     activations: int
+    pipeline_parallel: int = 1
 
     @property
     def total(self) -> int:
@@ -51,6 +56,7 @@ class StrategyMemory:
     @property
     def label(self) -> str:
         tp = f", tensor_parallel {self.tensor_parallel}" if self.tensor_parallel > 1 else ""
+        tp += f", pipeline_parallel {self.pipeline_parallel}" if self.pipeline_parallel > 1 else ""
         if self.strategy == "ddp":
             return f"ddp{tp}"
         return f"fsdp, {self.workers} workers{tp}"
@@ -68,9 +74,17 @@ class Layout:
 
 
 def per_worker(m: PhaseMemory, layout: Layout, strategy: str, workers: int = 1, tensor_parallel: int = 1,
-               sequence_parallel: bool = False) -> StrategyMemory:
+               sequence_parallel: bool = False, pipeline_parallel: int = 1) -> StrategyMemory:
     """``m`` (one replica's memory) as each of ``workers`` workers holds it under ``strategy`` (ddp with
-    ``tensor_parallel``: one tensor-parallel group, nothing else sharded)."""
+    ``tensor_parallel``: one tensor-parallel group, nothing else sharded; with ``pipeline_parallel``: the
+    busiest stage's worker)."""
+    if pipeline_parallel > 1:  # the config allows it with ddp and no tensor parallelism only
+
+        def stage(x: int) -> int:
+            return int(x * (layout.block_fraction / pipeline_parallel + 1 - layout.block_fraction))
+
+        return StrategyMemory(m.phase, "ddp", workers, 1, stage(m.weights), stage(m.gradients), stage(m.optimizer),
+                              m.activations, pipeline_parallel)
     if strategy == "ddp" and tensor_parallel == 1:
         return StrategyMemory(m.phase, "ddp", workers, 1, m.weights, m.gradients, m.optimizer, m.activations)
     groups = workers // tensor_parallel if strategy == "fsdp" else 1
@@ -145,6 +159,6 @@ def configured_memory(m: PhaseMemory, shape: Shape, params: int, training: Train
     layout = Layout(shape, block_fraction(shape, params), training.speed.gradient_checkpointing, training.loss.fused,
                     training.placement.use_gpu)
     mine = per_worker(m, layout, parallel.strategy, training.placement.num_workers, parallel.tensor_parallel,
-                      parallel.sequence_parallel)
+                      parallel.sequence_parallel, parallel.pipeline_parallel)
     return replace(m, weights=mine.weights, gradients=mine.gradients, optimizer=mine.optimizer,
                    activations=mine.activations)
