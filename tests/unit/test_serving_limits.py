@@ -184,8 +184,8 @@ def test_configured_limits_are_enforced(engine: Engine) -> None:
         (CHAT, {**chat, "logprobs": True, "top_logprobs": 4}, "top_logprobs", "serving.limits.max_logprobs"),
         (COMPLETIONS, {"prompt": "the quick brown fox jumps over the lazy dog"}, "prompt",
          "serving.limits.max_prompt_tokens"),
-        (COMPLETIONS, {"prompt": "hi", "n": 2}, "n", None),
-        (COMPLETIONS, {"prompt": "hi", "n": 10**30}, "n", None),
+        (COMPLETIONS, {"prompt": "hi", "n": 9}, "n", "serving.limits.max_n"),
+        (COMPLETIONS, {"prompt": "hi", "n": 10**30}, "n", "serving.limits.max_n"),
     ]
     for path, body, param, key in cases:
         error = _error(client.post(path, json={"max_tokens": 1, **body}))

@@ -183,6 +183,10 @@ class LimitsConfig(Section):
     max_logprobs: int = Field(
         20, ge=0, le=20, description="Most alternatives per token: completions `logprobs`, chat `top_logprobs`."
     )
+    max_n: int = Field(
+        8, ge=1, le=128, description="Most sequences one request may have decoded: its `n` choices, and on completions "
+        "its `best_of` candidates (each is a row of the batch; the prompt's full KV blocks are shared).",
+    )
 
 
 class SpeculativeConfig(Section):

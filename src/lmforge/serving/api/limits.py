@@ -3,7 +3,7 @@
 :class:`BodyLimit` (ASGI middleware) answers 413 to a body past ``max_body_bytes``: from its
 Content-Length before a byte of it is read, or as soon as that many bytes have arrived (a chunked
 upload), so a 50 MB request never reaches the JSON parser and leaves no memory behind.
-:class:`RequestLimits` checks a parsed request: its ``stop`` strings and logprobs, and its prompt
+:class:`RequestLimits` checks a parsed request: its ``stop`` strings and logprobs, its ``n`` and ``best_of``, and its prompt
 twice, by characters before tokenizing (a prompt of more than max_prompt_tokens x
 max_chars_per_token characters cannot fit, and tokenizing megabytes takes seconds) and by tokens after.
 """
@@ -104,6 +104,21 @@ class RequestLimits:
         if logprobs is not None and logprobs > self.cfg.max_logprobs:
             raise ApiError(400, f"{logprobs_param} is {logprobs}; this server reports at most {self.cfg.max_logprobs} "
                            "alternatives per token (serving.limits.max_logprobs)", param=logprobs_param,
+                           code="invalid_value")
+
+    def check_choices(self, n: int, best_of: int | None = None) -> None:
+        """``n`` choices and ``best_of`` candidates: each is a sequence decoded, so both are capped by ``max_n``."""
+        most = self.cfg.max_n
+        if n > most:
+            raise ApiError(400, f"n is {n}; this server returns at most {most} choices per request "
+                           "(serving.limits.max_n); ask for fewer, or raise serving.limits.max_n", param="n",
+                           code="invalid_value")
+        if best_of is not None and best_of < n:
+            raise ApiError(400, f"best_of ({best_of}) is less than n ({n}): the n choices are picked among best_of "
+                           "candidates; send best_of >= n, or leave it out", param="best_of", code="invalid_value")
+        if best_of is not None and best_of > most:
+            raise ApiError(400, f"best_of is {best_of}; this server generates at most {most} candidates per request "
+                           "(serving.limits.max_n); ask for fewer, or raise serving.limits.max_n", param="best_of",
                            code="invalid_value")
 
     def check_chars(self, chars: int, param: str, turns: int = 0) -> None:

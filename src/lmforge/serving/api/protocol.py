@@ -1,7 +1,7 @@
 """Request and response shapes of the OpenAI-compatible HTTP API (completions and chat).
 
 Requests validate their ranges here, at the edge, so the engine only ever sees sane values.
-Fields OpenAI defines but this server cannot honor (``n`` > 1, penalties) are accepted only at
+Fields OpenAI defines but this server cannot honor (penalties) are accepted only at
 their neutral value and refused otherwise, and unknown fields are refused, so a client never
 silently gets something other than what it asked for. Types are strict, as in OpenAI's API
 (``"stream": "yes"`` or ``"max_tokens": "5"`` is refused, not coerced), and text must be Unicode:
@@ -77,7 +77,7 @@ class _SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, description="Makes sampling reproducible.")
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    n: int = Field(1, ge=1, description="Choices to return, each sampled on its own (serving.limits.max_n).")
     presence_penalty: float = Field(0.0, ge=0, le=0, description="Not supported; must be 0.")
     frequency_penalty: float = Field(0.0, ge=0, le=0, description="Not supported; must be 0.")
     user: Text | None = None
@@ -132,6 +132,8 @@ class CompletionRequest(_SamplingRequest):
         ..., description="One prompt (a list of exactly one is accepted).")
     logprobs: int | None = Field(None, ge=0, le=20, description="Top alternatives reported per token.")
     echo: bool = Field(False, description="Return the prompt (and its logprobs) before the completion.")
+    best_of: int | None = Field(None, ge=1, description="Candidates to generate; the n of highest mean token "
+                                "logprob are returned (api/choices.py; serving.limits.max_n; not with stream).")
 
     @field_validator("prompt")
     @classmethod

@@ -35,16 +35,15 @@ from pydantic import BaseModel
 from lmforge import __version__
 from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
+from lmforge.serving.api.choices import Choices, best, candidates, usage_of
+from lmforge.serving.api.chunks import chat_chunks, completion_chunks
 from lmforge.serving.api.errors import ApiError, install_error_handlers
 from lmforge.serving.api.limits import BodyLimit, RequestLimits
 from lmforge.serving.api.protocol import (
     AssistantMessage,
     ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatDelta,
     ChatLogprobs,
     CompletionChoice,
     CompletionLogprobs,
@@ -56,8 +55,8 @@ from lmforge.serving.api.protocol import (
     Usage,
     new_id,
 )
-from lmforge.serving.api.tools import ToolOutput, ToolPlan
-from lmforge.serving.engine.engine import Engine, GenerationStream
+from lmforge.serving.api.tools import ToolPlan
+from lmforge.serving.engine.engine import Engine
 from lmforge.serving.engine.requests import Completion
 from lmforge.serving.engine.sampling import SamplingParams
 
@@ -169,27 +168,33 @@ def _add_completions(app: FastAPI, served: _Served, authorize) -> None:
     async def completions(body: CompletionRequest, request: Request) -> CompletionResponse | Response:
         model_name, adapter = served.check_model(body.model)
         served.limits.check_sampling(body.stops, body.logprobs, "logprobs")
+        served.limits.check_choices(body.n, body.best_of)
+        count = candidates(body.n, body.best_of, body.stream)  # sequences to generate (api/choices.py)
         text = body.prompt_text
         prompt_ids = await served.tokenize(len(text), "prompt", lambda: engine.encode(text))
         echo = body.prompt_text if body.echo else ""
         max_tokens = served.budget(prompt_ids, body.max_tokens)
         rid = new_id("cmpl")
         if max_tokens == 0 and body.logprobs is None:  # echo alone: nothing to compute
-            choice = CompletionChoice(text=echo, finish_reason="length")
-            return CompletionResponse(id=rid, model=model_name, choices=[choice], usage=Usage.of(len(prompt_ids), 0))
-        params = body.sampling(max_tokens, body.logprobs, body.prompt_logprobs)
+            echoed = [CompletionChoice(index=i, text=echo, finish_reason="length") for i in range(body.n)]
+            return CompletionResponse(id=rid, model=model_name, choices=echoed, usage=Usage.of(len(prompt_ids), 0))
+        # best_of ranks candidates by their sampled tokens' logprobs: recorded even when not asked for.
+        wanted = body.logprobs if body.logprobs is not None or count == body.n else 0
+        params = body.sampling(max_tokens, wanted, body.prompt_logprobs)
         await served.constrain(params)
-        stream = engine.stream(prompt_ids, params, adapter)
+        group = Choices.submit(engine, prompt_ids, params, adapter, count)
         if body.stream:
-            chunks = _completion_chunks(stream, rid, model_name, body.logprobs is not None, body.include_usage, echo)
-            return _sse(chunks, stream)
-        result = await _result_unless_gone(stream, request)
-        logprobs = None
-        if result.logprobs is not None or result.prompt_logprobs is not None:
-            logprobs = CompletionLogprobs.of((result.prompt_logprobs or ()) + (result.logprobs or ()))
-        choice = CompletionChoice(text=echo + result.text, finish_reason=result.finish_reason, logprobs=logprobs)
-        usage = Usage.of(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
-        return CompletionResponse(id=rid, model=model_name, choices=[choice], usage=usage)
+            chunks = completion_chunks(group, rid, model_name, body.logprobs is not None, body.include_usage, echo)
+            return _sse(chunks, group)
+        results = await _result_unless_gone(group, request)
+        choices = []
+        for i, result in enumerate(best(results, body.n) if count > body.n else results):
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = CompletionLogprobs.of((result.prompt_logprobs or ()) + (result.logprobs or ()))
+            choices.append(CompletionChoice(index=i, text=echo + result.text, finish_reason=result.finish_reason,
+                                            logprobs=logprobs))
+        return CompletionResponse(id=rid, model=model_name, choices=choices, usage=usage_of(results))
 
 
 def _add_chat(app: FastAPI, served: _Served, authorize) -> None:
@@ -199,6 +204,7 @@ def _add_chat(app: FastAPI, served: _Served, authorize) -> None:
     async def chat(body: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | Response:
         model_name, adapter = served.check_model(body.model)
         served.limits.check_sampling(body.stops, body.top_logprobs, "top_logprobs")
+        served.limits.check_choices(body.n)
         tools = ToolPlan.of(body, served.cfg.tool_parser)  # tools, tool_choice, the history's calls (api/tools.py)
         messages = [m.as_template_input() for m in body.messages]
         # The template writes any special tokens itself; adding them again would double a BOS.
@@ -207,75 +213,35 @@ def _add_chat(app: FastAPI, served: _Served, authorize) -> None:
                                            turns=len(messages))
         params = tools.constrain(body.sampling(served.budget(prompt_ids, body.max_tokens), body.logprobs_n))
         await served.constrain(params)
-        stream = engine.stream(prompt_ids, params, adapter)
+        group = Choices.submit(engine, prompt_ids, params, adapter, body.n)
         rid = new_id("chatcmpl")
-        calls = tools.output()
+        calls = [tools.output() for _ in range(body.n)]  # each choice's calls are parsed on their own
         if body.stream:
-            return _sse(_chat_chunks(stream, rid, model_name, body.logprobs, body.include_usage, calls), stream)
-        result = await _result_unless_gone(stream, request)
-        logprobs = ChatLogprobs.of(result.logprobs) if result.logprobs is not None else None
-        message = calls.message(result.text) if calls is not None else AssistantMessage(content=result.text)
-        finish = calls.finish_reason(result.finish_reason) if calls is not None else result.finish_reason
-        choice = ChatChoice(message=message, finish_reason=finish, logprobs=logprobs)
-        usage = Usage.of(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
-        return ChatCompletionResponse(id=rid, model=model_name, choices=[choice], usage=usage)
+            return _sse(chat_chunks(group, rid, model_name, body.logprobs, body.include_usage, calls), group)
+        results = await _result_unless_gone(group, request)
+        choices = []
+        for i, (result, output) in enumerate(zip(results, calls, strict=True)):
+            logprobs = ChatLogprobs.of(result.logprobs) if result.logprobs is not None else None
+            message = output.message(result.text) if output is not None else AssistantMessage(content=result.text)
+            finish = output.finish_reason(result.finish_reason) if output is not None else result.finish_reason
+            choices.append(ChatChoice(index=i, message=message, finish_reason=finish, logprobs=logprobs))
+        return ChatCompletionResponse(id=rid, model=model_name, choices=choices, usage=usage_of(results))
 
 
-async def _result_unless_gone(stream: GenerationStream, request: Request) -> Completion:
-    """The request's result; if the client disconnects first, the request is cancelled at once."""
-    task = asyncio.ensure_future(stream.result())
+async def _result_unless_gone(group: Choices, request: Request) -> list[Completion]:
+    """The request's results; if the client disconnects first, the request is cancelled at once."""
+    task = asyncio.ensure_future(group.results())
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.2)
             if done:
                 return task.result()
             if await request.is_disconnected():
-                stream.cancel()
+                group.cancel()
                 raise ApiError(499, "the client closed the connection", code="client_closed_request")
     finally:
         if not task.done():
             task.cancel()
-
-
-async def _completion_chunks(stream: GenerationStream, rid: str, model: str, logprobs: bool,
-                             include_usage: bool, echo: str) -> AsyncIterator[BaseModel]:
-    created, offset, prefix = int(time.time()), 0, echo
-    async for delta in stream:
-        entries = (delta.prompt_logprobs or ()) + delta.logprobs
-        lp = CompletionLogprobs.of(entries, offset) if logprobs else None
-        offset += sum(len(e.token) for e in entries)
-        choice = CompletionChoice(text=prefix + delta.text, finish_reason=delta.finish_reason, logprobs=lp)
-        prefix = ""
-        yield CompletionResponse(id=rid, created=created, model=model, choices=[choice])
-        if delta.completion is not None and include_usage:
-            usage = Usage.of(delta.completion.prompt_tokens, delta.completion.completion_tokens,
-                             delta.completion.cached_tokens)
-            yield CompletionResponse(id=rid, created=created, model=model, choices=[], usage=usage)
-
-
-async def _chat_chunks(stream: GenerationStream, rid: str, model: str, logprobs: bool,
-                       include_usage: bool, calls: ToolOutput | None = None) -> AsyncIterator[BaseModel]:
-    created = int(time.time())
-    first = ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))
-    yield ChatCompletionChunk(id=rid, created=created, model=model, choices=[first])
-    async for delta in stream:
-        lp = ChatLogprobs.of(delta.logprobs) if logprobs else None
-        if calls is None:
-            pieces, finish = [ChatDelta(content=delta.text)], delta.finish_reason
-        else:  # content and whole tool calls (api/tools.py); text that may open a call waits
-            pieces = calls.deltas(delta.text, done=delta.completion is not None)
-            finish = calls.finish_reason(delta.finish_reason)
-            if not pieces and (lp is not None or finish is not None):
-                pieces = [ChatDelta(content="")]
-        for i, piece in enumerate(pieces):  # logprobs ride on the first chunk, the finish on the last
-            last = i == len(pieces) - 1
-            choice = ChatChunkChoice(delta=piece, finish_reason=finish if last else None,
-                                     logprobs=lp if i == 0 else None)
-            yield ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
-        if delta.completion is not None and include_usage:
-            usage = Usage.of(delta.completion.prompt_tokens, delta.completion.completion_tokens,
-                             delta.completion.cached_tokens)
-            yield ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
 
 
 class _EventStream(StreamingResponse):
@@ -297,7 +263,7 @@ class _EventStream(StreamingResponse):
             group.cancel_scope.cancel()
 
 
-def _sse(chunks: AsyncIterator[BaseModel], stream: GenerationStream) -> StreamingResponse:
+def _sse(chunks: AsyncIterator[BaseModel], group: Choices) -> StreamingResponse:
     async def body() -> AsyncIterator[str]:
         try:
             async for chunk in chunks:
@@ -307,7 +273,7 @@ def _sse(chunks: AsyncIterator[BaseModel], stream: GenerationStream) -> Streamin
             error = {"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}}
             yield f"data: {json.dumps(error)}\n\n"
         finally:
-            stream.cancel()  # also runs when the client disconnects mid-stream
+            group.cancel()  # also runs when the client disconnects mid-stream
         yield "data: [DONE]\n\n"
 
     return _EventStream(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
