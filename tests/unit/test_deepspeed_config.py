@@ -58,3 +58,13 @@ def test_missing_package_is_a_config_error_naming_the_extra(monkeypatch):
         zero.require(_training())
     assert "pip install 'lmforge[deepspeed]'" in caught.value.fix
     zero.require(TrainingConfig())  # ddp needs no deepspeed
+
+
+def test_early_stopping_is_refused_before_the_engine_starts():
+    import torch
+
+    training = _training().model_copy(update={"validation": _training().validation.model_copy(
+        update={"early_stopping_patience": 2})})
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ConfigError, match="early_stopping_patience"):
+        zero.wrap(model, torch.optim.AdamW(model.parameters()), PHASE, training, torch.device("cpu"))

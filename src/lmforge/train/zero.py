@@ -101,6 +101,10 @@ def wrap(net: torch.nn.Module, optimizer: torch.optim.Optimizer, phase: PhaseCon
     if not enabled(training):
         return None
     require(training)
+    if training.validation.early_stopping_patience:  # its best weights would go back into the module, not ZeRO's masters
+        raise ConfigError("training.validation.early_stopping_patience restores the best weights, which is not built "
+                          "for parallel.strategy: deepspeed yet", "set early_stopping_patience: 0, or use "
+                          "parallel.strategy: fsdp")
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
