@@ -5,7 +5,8 @@ timeouts, exposure), ``scheduler`` (the running batch, the waiting queue, chunke
 ``kv_cache`` (the paged cache's budget, block size and dtype), ``runtime`` (which backend, on
 which device, with how many threads, graphs and quantization) and ``limits`` (what one request may
 ask: body bytes, prompt tokens, stop strings, logprobs), ``speculative`` (proposed tokens verified in one
-forward: n-gram lookup or a draft model). Request defaults (``max_new_tokens``),
+forward: n-gram lookup or a draft model), ``lora`` (LoRA adapters loaded while serving: device slots, the CPU
+pool, allowed roots). Request defaults (``max_new_tokens``),
 ``adapters`` and the deploy stage's ``probe_prompt`` and ``platform`` stay at the top; ``ray`` sizes the
 Ray Serve application of ``platform: ray`` (replicas or autoscaling, resources per replica, the proxy's
 port, the cluster). Every field is also valid in
@@ -33,6 +34,12 @@ class ServerConfig(Section):
     allow_unauthenticated_remote: bool = Field(
         False,
         description="Allow binding beyond loopback without an API key (LMFORGE_API_KEY). Off: such a bind is refused.",
+    )
+    admin_key_env: str = Field(
+        "LMFORGE_ADMIN_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable holding the admin key that POST /v1/load_lora_adapter and "
+        "/v1/unload_lora_adapter require ('Authorization: Bearer <key>'); unset, those routes are refused. "
+        "The API key does not open them: it is every client's key, and loading reads the server's disk.",
     )
 
 
@@ -219,6 +226,40 @@ class SpeculativeConfig(Section):
         return self
 
 
+_LORA_MODULES = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_ALL_LORA_MODULES: list[_LORA_MODULES] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LoraServingConfig(Section):
+    """LoRA adapters loaded and unloaded while serving (paged engine): device slots, the CPU pool, what fits."""
+
+    max_loras: int | None = Field(
+        None, ge=1, le=256, description="Adapters resident on the device at once (the slots one batch may mix). "
+        "Set, adapters may be loaded at run time (POST /v1/load_lora_adapter); unset, one slot per start-up "
+        "adapter (serving.adapters) and no run-time loading.",
+    )
+    max_cpu_loras: int | None = Field(
+        None, ge=1, le=4096, description="Adapters loaded in all (resident or waiting in CPU memory, swapped into "
+        "the least recently used idle slot when a request needs one); default max_loras.",
+    )
+    max_rank: int = Field(16, ge=1, le=1024, description="Largest LoRA rank a run-time load may bring (the slots' "
+                          "width per module; compute grows with it).")
+    target_modules: list[_LORA_MODULES] = Field(
+        default_factory=lambda: list(_ALL_LORA_MODULES),
+        min_length=1, description="Projections the slots adapt; a run-time adapter may target these only.",
+    )
+    adapter_roots: list[str] = Field(
+        default_factory=list, description="Directories a run-time load may read adapters from (lora_path must "
+        "resolve inside one, symlinks followed); empty: registry URIs (models:/NAME@ALIAS) only.",
+    )
+
+    @model_validator(mode="after")
+    def _pool(self) -> LoraServingConfig:
+        if self.max_cpu_loras is not None and (self.max_loras is None or self.max_cpu_loras < self.max_loras):
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) needs max_loras set and at most max_cpu_loras")
+        return self
+
+
 class ServingConfig(Section):
     """The serve and deploy stages' section: request defaults, served adapters, and one group per server part."""
 
@@ -246,6 +287,7 @@ class ServingConfig(Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
+    lora: LoraServingConfig = Field(default_factory=LoraServingConfig)
 
     # The flat keys of files written before the groups, and where each lives now.
     moved_keys: ClassVar[Mapping[str, str]] = {

@@ -21,6 +21,11 @@ Which adapter a token uses comes from ``row_slot``, a device tensor indexed by t
 row (the same row the block table uses): the scheduler sets a row's slot when it admits a request
 (0 = the base, 1..n = the adapters) and the scratch row of padded graph rows stays 0, so a captured
 graph reads the current slots without any new input.
+
+Which adapter sits in which slot is ``adapters/runtime.py``'s: start-up adapters get one slot each, exactly
+as wide as they need; with ``serving.lora.max_loras`` the slots are ``serving.lora.max_rank`` wide on every
+module of ``serving.lora.target_modules``, and adapters loaded while serving are written into them in place
+(:meth:`LoraSlots.write`), so the tensors a captured graph reads stay the same.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import torch
 
 from lmforge.core.errors import ServingError
 from lmforge.serving.model.runner import LlamaRunner
-from lmforge.serving.model.types import LlamaCausalLM, LlamaLayer
+from lmforge.serving.model.types import LlamaCausalLM
 from lmforge.train.artifacts import marked_adapter_dir
 
 # The runner's fused layer groups and the model modules each one runs, in output order.
@@ -144,48 +149,68 @@ class _Stack:
     a: torch.Tensor  # [in, n * rank]
     b: torch.Tensor  # [n * rank, out of the fused group]
     rank: int  # R: columns per adapter
+    widths: tuple[int, ...]  # each module's share of R (its largest rank), in GROUPS order
+    outs: tuple[int, ...]  # each module's output features inside the fused output
+
+
+def widest_ranks(adapters: list[LoraAdapter]) -> dict[tuple[int, str], int]:
+    """Per (layer, module), the largest rank any of ``adapters`` uses there: slots exactly as wide as they need."""
+    ranks: dict[tuple[int, str], int] = {}
+    for adapter in adapters:
+        for key, (a, _b) in adapter.weights.items():
+            ranks[key] = max(ranks.get(key, 0), a.shape[0])
+    return ranks
 
 
 class LoraSlots:
-    """The adapters' stacked weights on the model's device, and each cache row's adapter slot."""
+    """``count`` device slots of stacked adapter weights (``ranks`` wide per layer and module), and each cache
+    row's slot. The stacks are written in place (:meth:`write`), so captured CUDA graphs stay valid."""
 
-    def __init__(self, adapters: list[LoraAdapter], model: LlamaCausalLM, max_rows: int) -> None:
+    def __init__(self, ranks: Mapping[tuple[int, str], int], count: int, model: LlamaCausalLM, max_rows: int) -> None:
         weight = model.get_input_embeddings().weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.slots = {adapter.name: i + 1 for i, adapter in enumerate(adapters)}
-        self.count = len(adapters)
+        self.count = count
         # One entry per cache row plus the scratch row of padded graph rows, which stays 0 (the base).
         self.row_slot = torch.zeros(max_rows + 1, dtype=torch.long, device=self.device)
         self._ids = torch.arange(1, self.count + 1, device=self.device)
         self.mask = torch.zeros((0, self.count), dtype=self.dtype, device=self.device)
         self.stacks: dict[tuple[int, str], _Stack] = {}
-        for layer_index, layer in enumerate(model.model.layers):
+        for index, layer in enumerate(model.model.layers):
             for group, modules in GROUPS.items():
-                stack = self._stack(adapters, layer, layer_index, modules)
-                if stack is not None:
-                    self.stacks[(layer_index, group)] = stack
+                widths = tuple(ranks.get((index, m), 0) for m in modules)
+                if sum(widths):
+                    targets = [getattr(getattr(layer, _PARENT[m]), m) for m in modules]
+                    outs = tuple(t.out_features for t in targets)
+                    total = sum(widths)
+                    a = torch.zeros(targets[0].in_features, count * total, device=self.device, dtype=self.dtype)
+                    b = torch.zeros(count * total, sum(outs), device=self.device, dtype=self.dtype)
+                    self.stacks[(index, group)] = _Stack(a, b, total, widths, outs)
 
-    def _stack(self, adapters: list[LoraAdapter], layer: LlamaLayer, index: int,
-               modules: tuple[str, ...]) -> _Stack | None:
-        targets = [getattr(getattr(layer, _PARENT[m]), m) for m in modules]
-        ranks = [max((ad.weights[(index, m)][0].shape[0] for ad in adapters if (index, m) in ad.weights), default=0)
-                 for m in modules]
-        total = sum(ranks)
-        if total == 0:
-            return None
-        a_all = torch.zeros(targets[0].in_features, self.count * total)
-        b_all = torch.zeros(self.count * total, sum(t.out_features for t in targets))
-        for j, adapter in enumerate(adapters):
-            col, out = j * total, 0
-            for module, rank, target in zip(modules, ranks, targets):
-                if (index, module) in adapter.weights:
-                    a, b = adapter.weights[(index, module)]
-                    r = a.shape[0]  # a smaller rank leaves zero padding up to the module's largest
-                    a_all[:, col : col + r] = a.t()
-                    b_all[col : col + r, out : out + target.out_features] = b.t()
-                col, out = col + rank, out + target.out_features
-        return _Stack(a_all.to(device=self.device, dtype=self.dtype), b_all.to(device=self.device, dtype=self.dtype),
-                      total)
+    def misfit(self, adapter: LoraAdapter) -> str | None:
+        """Why ``adapter`` cannot sit in these slots (a module they do not adapt, or a larger rank), else None."""
+        for (layer, module), (a, _b) in sorted(adapter.weights.items()):
+            group = next(g for g, modules in GROUPS.items() if module in modules)
+            stack = self.stacks.get((layer, group))
+            width = stack.widths[GROUPS[group].index(module)] if stack is not None else 0
+            if a.shape[0] > width:
+                return (f"adapter {adapter.name!r} has rank {a.shape[0]} at layer {layer} {module}, where the "
+                        f"served slots hold rank {width}")
+        return None
+
+    def write(self, slot: int, adapter: LoraAdapter) -> None:
+        """Put ``adapter`` into ``slot`` (1..count), overwriting whatever was there (checked by :meth:`misfit`)."""
+        for (layer, group), stack in self.stacks.items():
+            col = (slot - 1) * stack.rank
+            stack.a[:, col : col + stack.rank].zero_()
+            stack.b[col : col + stack.rank].zero_()
+            out = 0
+            for module, width, features in zip(GROUPS[group], stack.widths, stack.outs):
+                if (layer, module) in adapter.weights:
+                    a, b = adapter.weights[(layer, module)]
+                    r = a.shape[0]  # a smaller rank leaves zero padding up to the module's width
+                    stack.a[:, col : col + r].copy_(a.t())
+                    stack.b[col : col + r, out : out + features].copy_(b.t())
+                col, out = col + width, out + features
 
     def set_row(self, row: int, slot: int) -> None:
         """Decode cache row ``row`` with adapter ``slot`` (0: the base) from now on."""
@@ -207,11 +232,6 @@ class LoraSlots:
             return torch.addmm(base(x), h.view(-1, self.count * stack.rank), stack.b)
 
         return adapted
-
-
-def load_slots(adapters: Mapping[str, str], model: LlamaCausalLM, max_rows: int) -> LoraSlots:
-    """Read every adapter of ``serving.adapters`` (name -> directory) and stack them for ``model``."""
-    return LoraSlots([read_adapter(name, Path(path), model) for name, path in adapters.items()], model, max_rows)
 
 
 def attach(slots: LoraSlots, runner: LlamaRunner) -> None:

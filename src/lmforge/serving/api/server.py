@@ -37,6 +37,7 @@ from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
 from lmforge.serving.api.choices import Choices, best, candidates, usage_of
 from lmforge.serving.api.chunks import chat_chunks, completion_chunks
+from lmforge.serving.api.admin import add_admin_routes
 from lmforge.serving.api.errors import ApiError, install_error_handlers
 from lmforge.serving.api.limits import BodyLimit, RequestLimits
 from lmforge.serving.api.protocol import (
@@ -158,6 +159,7 @@ def create_app(engine: Engine, model_name: str, cfg: ServingConfig,
     served = _Served(engine, model_name, cfg, RequestLimits(cfg.limits, engine.context_window))
     _add_completions(app, served, authorize)
     _add_chat(app, served, authorize)
+    add_admin_routes(app, engine, model_name, cfg)  # LoRA adapters loaded while serving (api/admin.py)
     return app
 
 

@@ -20,7 +20,7 @@ import torch
 
 from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
-from lmforge.serving.adapters.lora_slots import LoraSlots, attach, load_slots
+from lmforge.serving.adapters.runtime import AdapterPool, make_pool
 from lmforge.serving.adapters.virtual_tokens import PagedPrefix, prefix_of
 from lmforge.serving.backends.base import PrefillItem
 from lmforge.serving.model.block_pool import chain_hashes, root_hash
@@ -68,11 +68,10 @@ class PagedBackend:
                                   self.device)
         self.ops = ops or pick_ops(self.device, dtype)
         self.runner = LlamaRunner(model, self.cache, self.ops, max_len)
-        self.lora: LoraSlots | None = None
-        if cfg.adapters:  # unmerged LoRA adapters chosen per request (adapters/lora_slots.py); attached before capture
-            self.lora = load_slots(cfg.adapters, model, cfg.scheduler.max_batch_size)
-            attach(self.lora, self.runner)
-        self.adapter_slots = dict(self.lora.slots) if self.lora is not None else {}
+        # Unmerged LoRA adapters chosen per request, at start-up or loaded while serving (adapters/runtime.py);
+        # attached before capture. adapter_slots is the pool's live name -> id map.
+        self.lora: AdapterPool | None = make_pool(cfg, model, self.runner)
+        self.adapter_slots: dict[str, int] = self.lora.ids if self.lora is not None else {}
         # A prompt-learning adapter's prefix fills every sequence's first positions (adapters/virtual_tokens.py).
         self.prefix = PagedPrefix(prefix_of(model), self.cache, self.ops.kv_scale)
         self.virtual_tokens = self.prefix.length
@@ -85,11 +84,8 @@ class PagedBackend:
         # A prefill query block holds up to 128 (token, head) rows of the attention kernel.
         self.prefill_block = max(1, 128 // group)
         self.prefix_caching = cfg.kv_cache.prefix_caching
-        # Everything besides the tokens that a block's keys and values depend on; per LoRA slot (0: the base).
-        root = root_hash("kv", str(shape.dtype), self.ops.kv_scale, shape.block_size, self.prefix.digest)
-        names = {slot: name for name, slot in self.adapter_slots.items()}
-        self._roots = {slot: root_hash(root, name, cfg.adapters.get(name) if name else None)
-                       for slot, name in {0: None, **names}.items()}
+        # Everything besides the tokens that a block's keys and values depend on; per LoRA adapter load below.
+        self._root = root_hash("kv", str(shape.dtype), self.ops.kv_scale, shape.block_size, self.prefix.digest)
         self._cached: dict[int, int] = {}  # row -> prompt tokens its cache held at admission
         self.graphs = None
         if cfg.runtime.cuda_graphs and self.device.type == "cuda" and isinstance(self.ops, TritonOps):
@@ -111,6 +107,8 @@ class PagedBackend:
         return self.prefix.fits_ever(tokens)
 
     def can_reserve(self, tokens: int, prompt: Sequence[int] = (), adapter: int = 0) -> bool:
+        if self.lora is not None and not self.lora.can_place(adapter):
+            return False  # every LoRA slot is busy with running sequences: wait for one (adapters/runtime.py)
         return self.prefix.can_reserve(tokens, self._hashes(prompt, adapter))
 
     def reserve(self, tokens: int, prompt: Sequence[int] = (), adapter: int = 0) -> int:
@@ -130,7 +128,9 @@ class PagedBackend:
             return []
         size = self.cache.block_size
         first = size - self.virtual_tokens % size  # the prefix's partial block fills the start of the first
-        return chain_hashes(self._roots[adapter], prompt[:-1], first, size)
+        # An adapter's chain starts from its load's identity, never reused: no block of other weights is met.
+        root = root_hash(self._root, self.lora.identity(adapter)) if adapter and self.lora is not None else self._root
+        return chain_hashes(root, prompt[:-1], first, size)
 
     def grow(self, row: int, tokens: int) -> bool:
         return True  # admission reserved the sequence's worst case
@@ -138,11 +138,13 @@ class PagedBackend:
     def release(self, row: int) -> None:
         self._cached.pop(row, None)
         self.cache.release(row)
+        if self.lora is not None:
+            self.lora.release_row(row)
 
     def set_adapter(self, row: int, slot: int) -> None:
-        """Decode ``row`` with LoRA adapter ``slot`` of ``adapter_slots`` (0: the plain base)."""
+        """Decode ``row`` with LoRA adapter ``slot`` (an id of ``adapter_slots``; 0: the plain base)."""
         if self.lora is not None:
-            self.lora.set_row(row, slot)
+            self.lora.place_row(row, slot)
         elif slot:
             raise ServingError(f"adapter slot {slot} asked for, but no LoRA adapters are served",
                                "name the adapters in serving.adapters (lmforge serve BASE --adapter NAME=DIR)")

@@ -215,9 +215,9 @@ class Engine:
         """Low level: queue a request; ``sink`` receives deltas (or an exception) on the engine thread.
         Raises :class:`EngineBusy` when the queue is full or the engine is shutting down."""
         self.check(prompt_ids, params)
-        request = Request(list(prompt_ids), params, sink, adapter=slot_of(self.adapters, adapter),
-                          grammar=self.grammar_for(params))
-        with self._cv:
+        with self._cv:  # the adapter's id is looked up under the lock that guards loads and unloads
+            request = Request(list(prompt_ids), params, sink, adapter=slot_of(self.adapters, adapter),
+                              grammar=self.grammar_for(params))
             if self._closed or self._draining:
                 self.metrics.rejected(503)
                 raise EngineBusy("the server is shutting down", "retry against a running server", status=503)
