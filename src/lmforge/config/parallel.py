@@ -6,7 +6,10 @@ Transformer block and on the root: :mod:`lmforge.train.parallel`), so the per-wo
 model falls with the number of workers. ``tensor_parallel: N`` splits every Transformer block's matrices
 over groups of N workers (PyTorch DTensor, Megatron's column/row plan: :mod:`lmforge.train.tensor_parallel`), with
 ``sequence_parallel`` also its norms and residual stream along the sequence; with ``fsdp`` the workers form a 2-D mesh
-(``data_parallel_shard x tensor_parallel``). A group of :class:`lmforge.config.training.TrainingConfig`,
+(``data_parallel_shard x tensor_parallel``). ``pipeline_parallel: N`` cuts the model's blocks into N stages, one
+per worker of a pipeline (``torch.distributed.pipelining``: :mod:`lmforge.train.pipeline`), the micro-batches
+flowing through them by ``pipeline_schedule``; the workers form ``data_parallel x pipeline_parallel``.
+A group of :class:`lmforge.config.training.TrainingConfig`,
 in a module of its own; its rules that span other groups are :meth:`ParallelConfig.check`.
 """
 
@@ -30,6 +33,11 @@ FSDP_METHODS = ("pretrain", "full", "lora", "adapter", "prefix", "ptuning_v2", "
 TP_METHODS = ("pretrain", "full")
 # Model types whose blocks are llama's (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, RMSNorms, heads reshaped by -1).
 TP_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# Pipeline stages run the blocks of the full fine-tuning model themselves (llama's decoder layers, rotary positions);
+# an adapter method's wrapped model and a sharded or split block are other layouts the stage split does not cut.
+PP_METHODS = ("pretrain", "full")
+PP_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
+VIRTUAL_STAGES = {"1f1b": 1, "gpipe": 1, "interleaved_1f1b": 2}  # stages per worker (interleaved: two, looped)
 
 
 class FsdpConfig(Section):
@@ -96,6 +104,22 @@ class ParallelConfig(Section):
         "sequence, over the tensor-parallel group (less activation memory; sequences are gathered for attention "
         "and the MLP and scattered after them).",
     )
+    pipeline_parallel: int = Field(
+        1, ge=1, le=256, description="Cut the model's Transformer blocks into this many stages, one per worker of "
+        "a pipeline (embeddings on the first, final norm, output layer and loss on the last); micro-batches flow "
+        "through them by pipeline_schedule. placement.num_workers must be a multiple of it (the other factor: "
+        "data-parallel replicas of each stage). Llama-type models, methods pretrain and full, with at least as many "
+        "blocks as stages.",
+    )
+    pipeline_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = Field(
+        "1f1b", description="1f1b: each stage alternates one forward and one backward once the pipeline is full "
+        "(activations of at most pipeline_parallel micro-batches held); interleaved_1f1b: two stages per worker "
+        "(looped), a smaller bubble, twice the blocks needed; gpipe: all forwards, then all backwards.",
+    )
+    pipeline_microbatches: int = Field(
+        0, ge=0, le=4096, description="Micro-batches each optimizer step's rows (batch_size x grad_accum per "
+        "pipeline) are cut into for the schedule; 0: 2 x the pipeline's stages. Must divide batch_size x grad_accum.",
+    )
 
     @field_validator("strategy", mode="before")
     @classmethod
@@ -112,6 +136,8 @@ class ParallelConfig(Section):
         ``num_workers`` is ``placement.num_workers`` (None: not checked here)."""
         if self.tensor_parallel > 1 or self.sequence_parallel:
             self._check_tensor_parallel(method, use_ray, speed, num_workers)
+        if self.pipeline_parallel > 1:
+            self._check_pipeline(method, use_ray, speed, num_workers)
         if self.strategy == "deepspeed":
             self._check_deepspeed(method, use_ray, speed)
         if self.strategy != "fsdp":
@@ -176,9 +202,63 @@ class ParallelConfig(Section):
                 raise ValueError(f"parallel.tensor_parallel does not run with speed.{name} yet: turn it off, or set "
                                  "tensor_parallel: 1")
 
-    def model_problem(self, architecture: str, num_heads: int, num_kv_heads: int) -> tuple[str, str] | None:
-        """(cause, fix) when the tensor-parallel plan cannot split this model, else None: checked before the run
-        (:func:`lmforge.train.launch.check_inputs`) and on each worker (a base_model's heads are known there)."""
+    def _check_pipeline(self, method: str, use_ray: bool, speed: dict[str, Any], num_workers: int | None) -> None:
+        pp = self.pipeline_parallel
+        if not use_ray:
+            raise ValueError(f"parallel.pipeline_parallel: {pp} runs its stages on the Ray Train workers, and "
+                             f"placement.use_ray is false: set placement.use_ray: true with num_workers: {pp}, or "
+                             "pipeline_parallel: 1")
+        if self.strategy != "ddp" or self.tensor_parallel > 1:
+            other = "strategy fsdp" if self.strategy != "ddp" else "tensor_parallel"
+            raise ValueError(f"parallel.pipeline_parallel does not compose with {other} yet (each stage is replicated, "
+                             "not sharded): use pipeline_parallel alone (strategy ddp, "
+                             "tensor_parallel 1), or pipeline_parallel: 1")
+        if method not in PP_METHODS:
+            raise ValueError(f"parallel.pipeline_parallel runs the plain model's blocks in stages, and method {method!r} "
+                             "wraps the model in its own: use method pretrain or full with pipeline_parallel, or "
+                             "pipeline_parallel: 1 (parallel.strategy: fsdp shards adapter methods)")
+        if num_workers is not None and num_workers % pp:
+            raise ValueError(f"parallel.pipeline_parallel: {pp} does not divide the {num_workers} workers "
+                             f"(placement.num_workers) into pipelines: set placement.num_workers to a multiple of {pp} "
+                             "(data_parallel x pipeline_parallel)")
+        n = self.microbatches()
+        if n < pp or (self.pipeline_schedule == "interleaved_1f1b" and n % pp):
+            raise ValueError(f"parallel.pipeline_microbatches: {n} leaves stages of the {self.pipeline_schedule} "
+                             f"schedule without work: set it to a multiple of pipeline_parallel ({pp}), at least "
+                             f"{2 * pp} (or 0: two per stage)")
+        unsupported = {"cuda_graphs": speed.get("cuda_graphs"), "compile_optimizer": speed.get("compile_optimizer"),
+                       "fp8": speed.get("fp8"), "compile": speed.get("compile")}
+        for name, on in unsupported.items():
+            if on:
+                raise ValueError(f"parallel.pipeline_parallel does not run with speed.{name} yet: turn it off, or "
+                                 "set pipeline_parallel: 1")
+
+    def check_pipeline_rows(self, phase: str, rows: int) -> None:
+        """ValueError unless a step's ``rows`` (``batch_size x grad_accum`` of ``phase``) cut into the schedule's
+        micro-batches evenly: every micro-batch a stage sends must have one shape."""
+        if self.pipeline_parallel > 1 and rows % self.microbatches():
+            raise ValueError(f"parallel.pipeline_parallel cuts each step's {rows} rows of {phase} (batch_size x "
+                             f"grad_accum) into {self.microbatches()} micro-batches, unevenly: set "
+                             f"parallel.pipeline_microbatches to a divisor of {rows} (2 or more per stage keeps the "
+                             f"stages busy), or {phase}.batch_size to a multiple of {self.microbatches()}")
+
+    def pipeline_stages(self) -> int:
+        """How many stages the model is cut into: pipeline_parallel, twice that for the interleaved schedule."""
+        return self.pipeline_parallel * VIRTUAL_STAGES[self.pipeline_schedule]
+
+    def microbatches(self) -> int:
+        """Micro-batches per step of the pipeline schedule (``pipeline_microbatches``, or 2 per stage)."""
+        return self.pipeline_microbatches or 2 * self.pipeline_stages()
+
+    def model_problem(self, architecture: str, num_heads: int, num_kv_heads: int,
+                      num_layers: int | None = None) -> tuple[str, str] | None:
+        """(cause, fix) when the tensor-parallel plan or the pipeline's stages cannot split this model, else None:
+        checked before the run (:func:`lmforge.train.launch.check_inputs`) and on each worker (a base_model's
+        heads and layers are known there). ``num_layers`` None: the pipeline is not checked."""
+        if self.pipeline_parallel > 1 and num_layers is not None:
+            problem = self._pipeline_model_problem(architecture, num_layers)
+            if problem is not None:
+                return problem
         tp = self.tensor_parallel
         if tp == 1:
             return None
@@ -194,6 +274,21 @@ class ParallelConfig(Section):
                         f"num_heads ({num_heads}) and num_kv_heads ({num_kv_heads})"
                         + (f": {', '.join(fits)}" if fits else " (none above 1 does: use tensor_parallel: 1)"))
         return None
+
+    def _pipeline_model_problem(self, architecture: str, num_layers: int) -> tuple[str, str] | None:
+        stages = self.pipeline_stages()
+        if architecture not in TP_ARCHITECTURES:
+            return (f"parallel.pipeline_parallel cuts llama-type models ({', '.join(TP_ARCHITECTURES)}) into stages, "
+                    f"and the model is {architecture!r}", "use one of those architectures, or pipeline_parallel: 1 "
+                    "with parallel.strategy: fsdp (which shards any model)")
+        if num_layers < stages:
+            schedule = f" ({self.pipeline_schedule}: two per worker)" if stages > self.pipeline_parallel else ""
+            return (f"parallel.pipeline_parallel {self.pipeline_parallel} needs {stages} stages{schedule}, and the "
+                    f"model has {num_layers} layers: each stage runs at least one", "set parallel.pipeline_parallel "
+                    f"to at most {num_layers // (stages // self.pipeline_parallel)}, or give the model more layers "
+                    "(model.num_layers)")
+        return None
+
 
 def tensor_parallel_workers_message(workers: int, tp: int, strategy: str) -> str:
     """Why ``workers`` workers cannot form groups of ``tp``, and the fix (config time and the worker's start)."""

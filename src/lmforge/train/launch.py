@@ -285,7 +285,7 @@ def check_inputs(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace
                         "train one first: `python -m lmforge.train` does it, or the pipeline's tokenize stage")
     check_chat_template(load_tokenizer(ws.tokenizer_dir), model_cfg, ws.tokenizer_dir)
     tp_problem = None if model_cfg.base_model else training.parallel.model_problem(  # a base's heads: on the workers
-        model_cfg.architecture, model_cfg.num_heads, model_cfg.num_kv_heads)
+        model_cfg.architecture, model_cfg.num_heads, model_cfg.num_kv_heads, model_cfg.num_layers)
     if tp_problem is not None:
         raise ConfigError(*tp_problem)
     finetuning = training.finetunes

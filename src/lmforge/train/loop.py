@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lmforge.config.training import PhaseConfig, TrainingConfig
 from lmforge.core.errors import ConfigError, TrainingDiverged
 from lmforge.train import checkpoint as ckpt
-from lmforge.train import parallel, tensor_parallel, zero
+from lmforge.train import parallel, pipeline, tensor_parallel, zero
 from lmforge.train.accel import speed
 from lmforge.train.cadence import CheckpointCadence
 from lmforge.train.objective import CausalLMObjective
@@ -59,16 +59,17 @@ def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: Traini
     ddp = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     world = dist.get_world_size() if ddp else 1
     objective, graphs = _objective(model, name, phase, training, device, ddp)
-    sharded = parallel.shard(objective, model, training, device)  # FSDP2 or DDP; the optimizer below gets the shards
+    objective, pipe = pipeline.split(objective, model, training, phase, device)  # pipeline_parallel: this worker's stages
+    sharded = pipe is not None or parallel.shard(objective, model, training, device)  # FSDP2 or DDP; the optimizer gets shards
     ddp_net = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None) \
         if ddp and not sharded and not zero.enabled(training) else None
     net: torch.nn.Module = ddp_net if ddp_net is not None else objective
     optimizer = adamw(model, phase.learning_rate, training.optimizer.weight_decay, device,
                       training.speed.compile_optimizer)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, phase))
-    net, update = zero.wrap(net, optimizer, phase, training, device) or (net, _update(model, optimizer, training, graphs))
-    copies = tensor_parallel.degree(training)
-    run = _PhaseRun(name, phase, training, step_offset, on_log, objective.metric_names)
+    net, update = zero.wrap(net, optimizer, phase, training, device) or (net, _update(model, optimizer, training, graphs, pipe))
+    copies = tensor_parallel.degree(training) * pipeline.degree(training)
+    run = _PhaseRun(name, phase, training, step_offset, on_log, objective.metric_names, pipe)
     cadence = CheckpointCadence(training.checkpointing, training.logging.every, ddp, device) if save else None
     if resume is not None:
         run.restore(resume, model, optimizer, schedule)
@@ -88,7 +89,9 @@ def train_phase(model: CausalLM, name: str, phase: PhaseConfig, training: Traini
         sums = torch.zeros(len(objective.metric_names), device=device) if objective.metric_names else None
         if ddp:
             dist.all_reduce(stats[2:])
-        for i, batch in enumerate(micro):
+        if pipe is not None:  # the schedule runs all the step's micro-batches through the stages
+            stats[0] += pipe.step(micro, stats[2])
+        for i, batch in enumerate(micro if pipe is None else []):
             if graphs:  # a new step: the graphs' previous outputs (loss, gradients) are consumed by now
                 torch.compiler.cudagraph_mark_step_begin()
             # Gradients are all-reduced only on the last micro-batch of an accumulated step.
@@ -157,7 +160,7 @@ def _objective(model: CausalLM, name: str, phase: PhaseConfig, training: Trainin
 
 
 def _update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, training: TrainingConfig,
-            graphs: bool) -> Callable[[], torch.Tensor]:
+            graphs: bool, pipe: pipeline.Pipeline | None = None) -> Callable[[], torch.Tensor]:
     """The step's update: clip the gradients, step the optimizer; return the norm before clipping.
 
     With ``training.speed.compile_optimizer`` it is one compiled graph (the foreach AdamW and the norm
@@ -166,6 +169,7 @@ def _update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, training: 
     """
     params = [p for p in model.parameters() if p.requires_grad]
     clip = parallel.clip_grad_norm_ if parallel.sharding(training) else torch.nn.utils.clip_grad_norm_
+    clip = clip if pipe is None else pipe.clip_grad_norm_  # the norm over all stages' gradients
 
     def update() -> torch.Tensor:
         norm = clip(params, training.optimizer.grad_clip)
@@ -186,9 +190,10 @@ class _PhaseRun:
     """What the loop remembers between steps: pending losses, history, validation record."""
 
     def __init__(self, name: str, phase: PhaseConfig, training: TrainingConfig, step_offset: int,
-                 on_log: Callable[[dict], None] | None, metric_names: tuple[str, ...] = ()) -> None:
+                 on_log: Callable[[dict], None] | None, metric_names: tuple[str, ...] = (),
+                 pipe: pipeline.Pipeline | None = None) -> None:
         self.name, self.phase, self.training, self.offset, self.on_log = name, phase, training, step_offset, on_log
-        self.metric_names = metric_names
+        self.metric_names, self.pipe = metric_names, pipe  # a pipeline gathers and cuts state over its stages
         self.metric_window: list[list[float]] = []  # the objective's metrics per step, as window holds the loss
         self.step, self.tokens, self.started = 0, 0.0, time.perf_counter()
         self.lr: float | torch.Tensor = 0.0  # a tensor under training.speed.compile_optimizer
@@ -248,20 +253,20 @@ class _PhaseRun:
             self.best_val, self.bad_evals = val_loss, 0
             self.metrics[f"{self.name}_val_loss_best"] = val_loss
             if patience:
-                self.best_state = parallel.full_state(zero.trainable_state(model))  # host copies (gathered shards)
+                self.best_state = (self.pipe or parallel).full_state(zero.trainable_state(model))  # host copies, gathered
             return False
         self.bad_evals += 1
         if not patience or self.bad_evals < patience:
             return False
         # None only when no loss was ever finite, or a resumed checkpoint kept no best weights (patience was 0).
         if self.best_state is not None:
-            ckpt.load_trainable(model, self.best_state)
+            (self.pipe or ckpt).load_trainable(model, self.best_state)
         self.metrics[f"{self.name}_stopped_early_at"] = float(self.offset + self.step)
         return True
 
     def snapshot(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  schedule: torch.optim.lr_scheduler.LRScheduler) -> tuple[dict[str, Tensors], dict[str, Any]]:
-        groups, meta = zero.capture(model, optimizer, ckpt.writes_sharded(self.training))  # meta: optimizer, rng
+        groups, meta = (self.pipe or zero).capture(model, optimizer, ckpt.writes_sharded(self.training))  # meta: optimizer, rng
         if self.best_state is not None:
             groups["best"] = self.best_state
         state = {"step": self.step, "lr": float(self.lr), "window": self.window, "metric_window": self.metric_window,
@@ -273,7 +278,7 @@ class _PhaseRun:
     def restore(self, saved: ckpt.Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 schedule: torch.optim.lr_scheduler.LRScheduler) -> None:
         state = saved.state["loop"]
-        zero.restore(saved, model, optimizer)  # either format, into this run's layout
+        (self.pipe or zero).restore(saved, model, optimizer)  # either format, into this run's layout
         schedule.load_state_dict(state["schedule"])  # its peak rate is then the phase's (rebase_schedule)
         self.step, self.lr, self.window = state["step"], state["lr"], list(state["window"])
         self.metric_window = list(state.get("metric_window", []))

@@ -27,7 +27,7 @@ from lmforge.core.workspace import Workspace
 from lmforge.model.build import build_model, count_parameters
 from lmforge.model.chat import stop_token_ids, template_label
 from lmforge.tokenizer.build import load_tokenizer
-from lmforge.train import artifacts, parallel, tensor_parallel, zero
+from lmforge.train import artifacts, parallel, pipeline, tensor_parallel, zero
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.accel import flash4, fp8, speed
 from lmforge.train.data import batch_stream, fixed_batches, phase_rows
@@ -58,7 +58,9 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     tensor_parallel.check_group(training)  # before any work: the group that exists, not the configured count
-    data_rank, data_world = tensor_parallel.data_rank(training)  # a tensor-parallel group reads one shard
+    pipeline.check_group(training)
+    # A tensor-parallel group, or a pipeline, reads one shard of the batch stream.
+    data_rank, data_world = (pipeline if training.parallel.pipeline_parallel > 1 else tensor_parallel).data_rank(training)
     tokenizer = load_tokenizer(ws.tokenizer_dir)
     # Who writes the base beside the checkpoints: rank 0 in a shared root, each node's first rank in its own.
     scratch_writer = (rank if root is None else int(os.environ.get("LOCAL_RANK", "0"))) == 0
@@ -73,7 +75,8 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
     # The chat template the model is trained on (saved with its tokenizer) goes on record with the run.
     params: dict[str, Any] = {"params_total": count_parameters(model), "world_size": world,
                               "strategy": training.parallel.strategy,
-                              "mesh": {"data_parallel_shard": data_world, "tensor_parallel": world // data_world},
+                              "mesh": {"data_parallel_shard": data_world, "tensor_parallel": tensor_parallel.degree(training),
+                                       "pipeline_parallel": pipeline.degree(training)},
                               "chat_template": template_label(tokenizer)}
     phases = [("pretrain", training.pretrain, "pretrain")]
     if training.method != "pretrain":
@@ -121,7 +124,7 @@ def run_phases(training: TrainingConfig, model_cfg: ModelConfig, ws: Workspace, 
         metrics.update(phase_metrics)
         params[f"param_bytes_per_worker_{name}"] = zero.local_parameter_bytes(model)  # its shards under fsdp, ZeRO-3
         # The next phase, the base it adapts and the saved model start from plain weights (shards gathered).
-        if parallel.sharding(training) or zero.enabled(training):
+        if parallel.sharding(training) or zero.enabled(training) or pipeline.degree(training) > 1:
             model = _unsharded(model, method, tokenizer, training, model_cfg, root / "base", device)
     if device.type == "cuda":
         params["peak_memory_per_worker_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -160,7 +163,8 @@ def _unsharded(sharded, method: str, tokenizer, training: TrainingConfig, model_
                device: torch.device):
     """A plain copy of a model FSDP2 sharded (:mod:`lmforge.train.parallel`), on every rank: built as the
     phase's model was (the base reloaded and the method applied, for adapters), then given the gathered weights."""
-    full = zero.full_model_state(sharded)  # FSDP2's shards or ZeRO's partitions gathered
+    # FSDP2's shards, ZeRO's partitions or the pipeline's stages gathered.
+    full = pipeline.full_model_state(sharded, training) if pipeline.degree(training) > 1 else zero.full_model_state(sharded)
     # The new model's random initialization (overwritten below) must not move the generators: the next
     # phase's fresh weights (LoRA's A matrices, say) are then drawn as an unsharded run draws them.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
