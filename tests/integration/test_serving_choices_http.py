@@ -4,18 +4,20 @@ The official ``openai`` client against uvicorn in front of the tiny random Llama
 CPU (paged backend, 4-token blocks so a short prompt fills several): n choices with their indexes,
 seeded sampling reproducible, streams that reassemble into the same texts, usage summed, best_of
 picking the candidates of highest mean token logprob (checked against the candidates' own logprobs),
-the siblings reusing the first one's prompt blocks (``/metrics``), structured output per choice, and
-the 400s naming the field.
+the siblings reusing the first one's prompt blocks (``/metrics``), structured output and forced tool
+calls per choice, and the 400s naming the field.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from helpers import running
@@ -29,9 +31,13 @@ MESSAGES = [{"role": "user", "content": "Name a color."}]
 
 
 @pytest.fixture(scope="module")
-def url(model_dir: Path) -> Iterator[str]:
-    cfg = ServingConfig(max_new_tokens=12, kv_cache={"block_size": 4})
-    engine = Engine.load(model_dir, device="cpu", cfg=cfg, metrics=EngineMetrics())
+def url(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    # A longer context for the tool list (rotary positions have no weights: the same model).
+    served = Path(shutil.copytree(model_dir, tmp_path_factory.mktemp("choices") / "tiny"))
+    config = json.loads((served / "config.json").read_text())
+    (served / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512}))
+    cfg = ServingConfig(max_new_tokens=120, kv_cache={"block_size": 4})
+    engine = Engine.load(served, device="cpu", cfg=cfg, metrics=EngineMetrics())
     try:
         with running(engine, cfg) as (base, _):
             yield base
@@ -127,6 +133,25 @@ def test_each_choice_follows_the_response_format(client: openai.OpenAI) -> None:
     for choice in reply.choices:
         if choice.finish_reason == "stop":
             assert json.loads(choice.message.content or "")["color"] in {"red", "green", "blue"}
+
+
+def test_each_choice_has_its_own_forced_tool_call(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"on": {"type": "boolean"}}, "required": ["on"],
+              "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "set_alarm", "description": "alarm", "parameters": schema}}]
+    ask = {"model": "tiny", "messages": MESSAGES, "tools": tools, "max_tokens": 120, "seed": 2, "n": 2,
+           "tool_choice": {"type": "function", "function": {"name": "set_alarm"}}, "parallel_tool_calls": False}
+    reply = client.chat.completions.create(**ask)
+    ids = set()
+    for choice in reply.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice
+        (call,) = choice.message.tool_calls
+        jsonschema.validate(json.loads(call.function.arguments), schema)
+        ids.add(call.id)
+    assert len(ids) == 2
+    finishes = [(c.index, c.finish_reason) for chunk in client.chat.completions.create(stream=True, **ask)
+                for c in chunk.choices if c.finish_reason]
+    assert sorted(finishes) == [(0, "tool_calls"), (1, "tool_calls")]
 
 
 @pytest.mark.parametrize(("ask", "param"), [

@@ -8,7 +8,8 @@ shutting down 503. A client that disconnects, streaming or not, has its request 
 which frees its batch row and KV cache at the engine's next step. What one request may ask is
 bounded by ``serving.limits`` (``limits.py``: body bytes, prompt characters and tokens, stop strings,
 logprobs); prompts are rendered and tokenized in a worker thread, so a long one never stalls the
-event loop (``/health`` and every other stream keep answering).
+event loop (``/health`` and every other stream keep answering). ``n`` choices and ``best_of`` are
+``choices.py``'s, the streamed chunks of every choice ``chunks.py``'s.
 
 ``launch.py`` binds the socket and runs this app (``python -m lmforge.serving MODEL``).
 """

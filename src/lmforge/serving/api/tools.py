@@ -25,6 +25,7 @@ not parse. With ``parallel_tool_calls: false`` only the first call of an auto an
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -102,7 +103,9 @@ class ToolPlan:
         return dataclasses.replace(params, response_format=self.forced) if self.forced is not None else params
 
     def output(self) -> ToolOutput | None:
-        return ToolOutput(self.parser, self.parallel) if self.parser is not None else None
+        """A new response's calls. A parser keeps state as it reads, so each response (each of ``n``
+        choices) reads with its own copy; the plan's own parser is never fed."""
+        return ToolOutput(copy.deepcopy(self.parser), self.parallel) if self.parser is not None else None
 
 
 def _check_history(messages: list[ChatMessage]) -> None:
