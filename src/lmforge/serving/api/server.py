@@ -36,9 +36,9 @@ from pydantic import BaseModel
 from lmforge import __version__
 from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
+from lmforge.serving.api.admin import add_admin_routes
 from lmforge.serving.api.choices import Choices, best, candidates, usage_of
 from lmforge.serving.api.chunks import chat_chunks, completion_chunks
-from lmforge.serving.api.admin import add_admin_routes
 from lmforge.serving.api.errors import ApiError, install_error_handlers
 from lmforge.serving.api.limits import BodyLimit, RequestLimits
 from lmforge.serving.api.protocol import (
