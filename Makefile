@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # (pip's find-links, e.g. an offline wheelhouse) is taken first, without asking any index.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # The extras `make install` installs; requirements.lock pins them with the runtime dependencies.
-LOCK_EXTRAS := test onnx eval structured stack deepspeed
+LOCK_EXTRAS := test onnx eval structured stack deepspeed tune
 # `make run CONFIG=my.yaml` runs the pipeline on a config file; empty: the embedded defaults.
 CONFIG ?=
 # Flags for `lmforge run` (e.g. RUN_FLAGS=--json: the summary as one JSON line).
