@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +37,7 @@ def url(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
     served = Path(shutil.copytree(model_dir, tmp_path_factory.mktemp("choices") / "tiny"))
     config = json.loads((served / "config.json").read_text())
     (served / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512}))
-    cfg = ServingConfig(max_new_tokens=120, kv_cache={"block_size": 4})
+    cfg = ServingConfig(max_new_tokens=400, kv_cache={"block_size": 4})
     engine = Engine.load(served, device="cpu", cfg=cfg, metrics=EngineMetrics())
     try:
         with running(engine, cfg) as (base, _):
@@ -152,6 +153,19 @@ def test_each_choice_has_its_own_forced_tool_call(client: openai.OpenAI) -> None
     finishes = [(c.index, c.finish_reason) for chunk in client.chat.completions.create(stream=True, **ask)
                 for c in chunk.choices if c.finish_reason]
     assert sorted(finishes) == [(0, "tool_calls"), (1, "tool_calls")]
+
+
+def test_a_client_gone_mid_stream_frees_every_choice(url: str) -> None:
+    generated = _metric(url, "lmforge_generation_tokens_total")
+    body = {"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "n": 3, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as reply:
+        lines = reply.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+    deadline = time.monotonic() + 10
+    while _metric(url, "lmforge_running_requests") + _metric(url, "lmforge_queue_depth") > 0:
+        assert time.monotonic() < deadline, "the choices of a closed stream are still decoding"
+        time.sleep(0.05)
+    assert _metric(url, "lmforge_generation_tokens_total") - generated < 3 * 400  # stopped, not run out
 
 
 @pytest.mark.parametrize(("ask", "param"), [

@@ -64,6 +64,9 @@ class Choices:
 
     def __init__(self, streams: list[GenerationStream]) -> None:
         self.streams = streams
+        # merged()'s reads in progress, by choice index: cancel() ends them too, so a stream whose client
+        # left leaves no task waiting for deltas that will never come (a cancelled request sends none).
+        self._reads: dict[asyncio.Future[Delta], int] = {}
 
     @classmethod
     def submit(cls, engine: Engine, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
@@ -86,6 +89,8 @@ class Choices:
     def cancel(self) -> None:
         for stream in self.streams:
             stream.cancel()
+        for read in self._reads:
+            read.cancel()
 
     async def results(self) -> list[Completion]:
         """Every choice's completion, in index order (cancelling them all if waiting is interrupted)."""
@@ -100,7 +105,8 @@ class Choices:
             async for delta in self.streams[0]:
                 yield 0, delta
             return
-        pending = {asyncio.ensure_future(anext(stream)): i for i, stream in enumerate(self.streams)}
+        pending = self._reads
+        pending.update({asyncio.ensure_future(anext(stream)): i for i, stream in enumerate(self.streams)})
         try:
             while pending:
                 done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -113,6 +119,7 @@ class Choices:
         finally:
             for task in pending:
                 task.cancel()
+            pending.clear()
 
 
 def mean_logprob(completion: Completion) -> float:
