@@ -222,7 +222,7 @@ def test_errors_are_openai_shaped(url: str) -> None:
     assert too_long.json()["error"]["code"] == "context_length_exceeded"
     over_cap = post({"prompt": "hi", "max_tokens": CFG.max_new_tokens + 1})
     assert over_cap.status_code == 400 and over_cap.json()["error"]["param"] == "max_tokens"
-    for field, value in [("n", 2), ("top_p", 0), ("max_tokens", 0), ("bogus", 1)]:
+    for field, value in [("n", 99), ("top_p", 0), ("max_tokens", 0), ("bogus", 1)]:  # n past serving.limits.max_n
         reply = post({"prompt": "hi", field: value})
         assert reply.status_code == 400 and reply.json()["error"]["param"] == field, reply.text
     assert set(unknown.json()["error"]) == {"message", "type", "param", "code"}
