@@ -336,7 +336,7 @@ ADVERSARIAL = st.sampled_from([
 ])
 FIELDS = ["prompt", "messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p",
           "top_k", "stop", "stream", "stream_options", "seed", "n", "logprobs", "top_logprobs", "echo", "user",
-          "ignore_eos", "presence_penalty", "frequency_penalty"]
+          "ignore_eos", "presence_penalty", "frequency_penalty", "best_of"]
 
 
 def _body(fields: dict[str, str]) -> str:
