@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
-from collections import Counter
 
 import httpx
 import pytest
 from conftest import free_port
 from helpers import make_tiny_model_dir
+from stack_runs import SteadyLoad
 
 from lmforge.config.platform import PlatformConfig
 from lmforge.config.registry import RegistryConfig
@@ -72,31 +71,6 @@ def _served_version(endpoint: str) -> str:
     return str(card["metadata"]["version"])
 
 
-class _SteadyLoad:
-    """One client sending completions back to back; every status code (or exception) is kept."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.endpoint, self.outcomes, self._stop = endpoint, Counter[str](), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        body = {"model": NAME, "prompt": "The quick", "max_tokens": 4, "temperature": 0}
-        with httpx.Client(timeout=60) as client:
-            while not self._stop.is_set():
-                try:
-                    self.outcomes[str(client.post(f"{self.endpoint}/v1/completions", json=body).status_code)] += 1
-                except httpx.HTTPError as exc:
-                    self.outcomes[type(exc).__name__] += 1
-
-    def __enter__(self) -> _SteadyLoad:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=120)
-
-
 def test_two_replicas_roll_to_a_moved_alias_without_a_failed_request(ray_cluster, registry) -> None:
     ws, client = registry
     cfg = ServingConfig.model_validate({
@@ -122,7 +96,7 @@ def test_two_replicas_roll_to_a_moved_alias_without_a_failed_request(ray_cluster
 
         client.set_registered_model_alias(NAME, "champion", "2")
         record_move(client, NAME, "champion", "2", "1", by="test")
-        with _SteadyLoad(first.endpoint) as load:
+        with SteadyLoad(first.endpoint, NAME) as load:
             time.sleep(1)
             rolled = deploy(cfg, URI, ws, NAME)
             time.sleep(1)

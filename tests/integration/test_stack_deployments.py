@@ -12,37 +12,16 @@ import json
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 from conftest import REPO, TINY, run_cli
 from readme import argv, readme_command
+from stack_runs import deploy, events, finished, last_json, processes_of, runs, stack_config, start, wait, write_docs
 
 DEPLOY = readme_command("lmforge stack deploy --config CONFIG")
 NAMES = ["lmforge-pipeline/pipeline", "lmforge-pipeline/retrain", "lmforge-tune/tune", "lmforge-deploy/deploy",
          "lmforge-collect/watch"]
-
-
-def _json(result: subprocess.CompletedProcess) -> dict:
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def _config(tmp_path: Path, name: str, watched: Path, **platform: object) -> str:
-    """The tiny config plus a `local` source on ``watched`` and the given platform keys."""
-    config = yaml.safe_load((REPO / TINY).read_text())
-    config["data"]["sources"].append({"type": "local", "paths": [str(watched)]})
-    config["platform"] = platform
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
-def _deploy(config: str, home: Path, env: dict[str, str] | None = None) -> dict[str, dict]:
-    facts = _json(run_cli(argv(DEPLOY, CONFIG=config)[1:], home, env=env, timeout=300))
-    return {d["name"]: d for d in facts["deployments"]}
 
 
 def test_deploy_lists_the_deployments_and_updates_them_in_place(prefect_server, tmp_path):
@@ -53,7 +32,7 @@ def test_deploy_lists_the_deployments_and_updates_them_in_place(prefect_server, 
     from lmforge.core.workspace import Workspace
 
     ws = Workspace(tmp_path / "home")
-    on = _config(tmp_path, "on", tmp_path, retrain_on_new_data=True, watch_interval_s=60, retrain_debounce_s=600)
+    on = stack_config(tmp_path, "on", tmp_path, retrain_on_new_data=True, watch_interval_s=60, retrain_debounce_s=600)
     first = {d["name"]: d for d in register(load_config(on), ws, prefect_server)}
     assert list(first) == NAMES
     assert {d["work_pool"] for d in first.values()} == {"lmforge"}
@@ -63,7 +42,7 @@ def test_deploy_lists_the_deployments_and_updates_them_in_place(prefect_server, 
          "within_s": 600.0}]
     assert first["lmforge-collect/watch"]["schedules"] == [{"schedule": "every 60 s", "active": True}]
 
-    off = _config(tmp_path, "off", tmp_path)
+    off = stack_config(tmp_path, "off", tmp_path)
     again = {d["name"]: d for d in register(load_config(off), ws, prefect_server)}
     assert {n: d["id"] for n, d in again.items()} == {n: d["id"] for n, d in first.items()}
     assert again["lmforge-pipeline/retrain"]["triggers"][0]["enabled"] is False
@@ -85,74 +64,24 @@ def test_deploy_without_a_server_names_the_fix(tmp_path):
     assert "lmforge stack up" in result.stderr and "Traceback" not in result.stderr
 
 
-def _write_docs(directory: Path, batch: str, count: int) -> None:
-    """``count`` new text files, each moved in whole (a collect never sees half a file)."""
-    for i in range(count):
-        text = f"Batch {batch}, note {i}: " + " ".join(f"the {batch}{i} pipeline retrains word{j}" for j in range(60))
-        tmp = directory.parent / f".{batch}{i}.tmp"
-        tmp.write_text(text)
-        tmp.rename(directory / f"{batch}-{i}.txt")
-
-
-def _runs(api: str, deployment_id: str) -> list[dict]:
-    """The deployment's runs that something started (its cron's future runs, created ahead, left out)."""
-    body = {"deployments": {"id": {"any_": [deployment_id]}}}
-    return [r for r in httpx.post(f"{api}/flow_runs/filter", json=body, timeout=30).json() if not r["auto_scheduled"]]
-
-
-def _start(api: str, deployment_id: str, parameters: dict) -> dict:
-    """A run of the deployment; a SQLite server on a loaded machine may answer 5xx for a moment: asked again."""
-    for _ in range(5):
-        reply = httpx.post(f"{api}/deployments/{deployment_id}/create_flow_run", json={"parameters": parameters},
-                           timeout=60)
-        if reply.status_code < 500:
-            break
-        time.sleep(5)
-    assert reply.status_code == 201, reply.text
-    return reply.json()
-
-
-def _events(api: str, resource: str) -> list[dict]:
-    body = {"filter": {"event": {"name": ["lmforge.data.collected"]}, "resource": {"id": [resource]}}, "limit": 50}
-    return httpx.post(f"{api}/events/filter", json=body, timeout=30).json()["events"]
-
-
-def _wait(what: str, check, timeout: float, every: float = 3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(every)
-    raise AssertionError(f"not within {timeout:.0f} s: {what}")
-
-
-def _finished(api: str, run_id: str, timeout: float) -> dict:
-    def final():
-        run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=30).json()
-        return run if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
-    return _wait(f"flow run {run_id} to finish", final, timeout, every=5)
-
-
 @pytest.mark.slow
 def test_new_files_start_one_retrain_per_window_on_the_worker(tmp_path):
     """About 8 minutes on a busy 2-core machine: the stack, two trainings through the worker, the watcher."""
-    import psutil
     from mlflow import MlflowClient
 
     home, watched = tmp_path / "home", tmp_path / "incoming"
     watched.mkdir()
-    _write_docs(watched, "a", 3)
-    off = _config(tmp_path, "off", watched)
-    on = _config(tmp_path, "on", watched, retrain_on_new_data=True, watch_interval_s=15, retrain_debounce_s=1800)
+    write_docs(watched, "a", 3)
+    off = stack_config(tmp_path, "off", watched)
+    on = stack_config(tmp_path, "on", watched, retrain_on_new_data=True, watch_interval_s=15, retrain_debounce_s=1800)
     up = ["stack", "up", "--json", "--ray-cpus", "2", "--prefect-port", "0", "--mlflow-port", "0", "--ray-port", "0"]
-    facts = _json(run_cli(up, home, timeout=400))
+    facts = last_json(run_cli(up, home, timeout=400))
     api, records = facts["env"]["PREFECT_API_URL"], [json.loads(p.read_text()) for p in (home / "stack").glob("*.json")]
     try:
         # The first version: the pipeline deployment, run by the worker (no PREFECT_API_URL: this home's stack).
-        deployments = _deploy(off, home)
-        first = _start(api, deployments["lmforge-pipeline/pipeline"]["id"], {"deploy": False})
-        assert _finished(api, first["id"], 600)["state"]["type"] == "COMPLETED"
+        deployments = deploy(DEPLOY, off, home)
+        first = start(api, deployments["lmforge-pipeline/pipeline"]["id"], {"deploy": False})
+        assert finished(api, first["id"], 600)["state"]["type"] == "COMPLETED"
         mlflow = MlflowClient(tracking_uri=facts["env"]["MLFLOW_TRACKING_URI"])
 
         def versions() -> list[str]:
@@ -160,35 +89,28 @@ def test_new_files_start_one_retrain_per_window_on_the_worker(tmp_path):
         assert versions() == ["1"]
 
         # Turn the watcher on (the same deployments, updated), then drop files: one retrain, a new version.
-        assert {n: d["id"] for n, d in _deploy(on, home).items()} == {n: d["id"] for n, d in deployments.items()}
+        assert {n: d["id"] for n, d in deploy(DEPLOY, on, home).items()} == {n: d["id"] for n, d in deployments.items()}
         retrain_id = deployments["lmforge-pipeline/retrain"]["id"]
         resource = f"lmforge.workspace.{home}"
-        before = {e["id"] for e in _events(api, resource)}  # the pipeline's first collect, before the trigger
-        _write_docs(watched, "b", 3)
-        (retrain,) = _wait("a retraining run", lambda: _runs(api, retrain_id), 300)
+        before = {e["id"] for e in events(api, resource)}  # the pipeline's first collect, before the trigger
+        write_docs(watched, "b", 3)
+        (retrain,) = wait("a retraining run", lambda: runs(api, retrain_id), 300)
         assert retrain["parameters"]["continue_from"] == "champion"
-        assert _finished(api, retrain["id"], 600)["state"]["type"] == "COMPLETED"
+        assert finished(api, retrain["id"], 600)["state"]["type"] == "COMPLETED"
         assert versions() == ["1", "2"]
-        seen = _events(api, resource)
+        seen = events(api, resource)
         assert sum(e["payload"]["documents_new"] for e in seen if e["id"] not in before) == 3
 
         # More files within the debounce window: collected, the event emitted, no second retrain.
-        _write_docs(watched, "c", 2)
-        _wait("the second batch's event", lambda: len(_events(api, resource)) > len(seen), 180)
+        write_docs(watched, "c", 2)
+        wait("the second batch's event", lambda: len(events(api, resource)) > len(seen), 180)
         time.sleep(15)  # the trigger acts within a second or two of an event
-        assert len(_runs(api, retrain_id)) == 1
+        assert len(runs(api, retrain_id)) == 1
     finally:
         run_cli(["deploy", off, "--stop"], home, timeout=120)  # a promoted retrain served its champion
-        down = _json(run_cli(["stack", "down", "--json"], home, timeout=200))
+        down = last_json(run_cli(["stack", "down", "--json"], home, timeout=200))
     assert sorted(down["stopped"]) == sorted(r["role"] for r in records)
     for record in records:
         with pytest.raises(ProcessLookupError):
             os.killpg(record["pgid"], 0)
-    left = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if proc.environ().get("LMFORGE_HOME") == str(home):
-                left.append(proc.info["pid"])
-        except psutil.Error:
-            continue
-    assert left == []
+    assert processes_of(home) == []
