@@ -46,6 +46,7 @@ from lmforge.serving.api.launch import check_exposure, parse_keys
 from lmforge.stack import roles
 
 COMPOSE = REPO / "docker-compose.yml"
+GPU_OVERRIDE = REPO / "docker-compose.gpu.yml"
 ENV_EXAMPLE = REPO / ".env.example"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 SCHEMA = REPO / "infra" / "schemas" / "compose-spec.json"
@@ -88,7 +89,9 @@ def interpolate(node, env: dict[str, str]):
 
 
 def references() -> set[str]:
-    return {m["name"] for m in REFERENCE.finditer(COMPOSE.read_text()) if m["name"]}
+    """The variables the compose files use (the stack's and the GPU override's)."""
+    text = COMPOSE.read_text() + GPU_OVERRIDE.read_text()
+    return {m["name"] for m in REFERENCE.finditer(text) if m["name"]}
 
 
 def ours(services: dict) -> dict:
@@ -106,6 +109,24 @@ def test_compose_file_matches_the_compose_specification():
     filled = interpolate(compose(), env_example())
     errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(filled)]
     assert not errors, errors
+
+
+def test_gpu_override_reserves_gpus_for_training_and_serving():
+    """docker-compose.gpu.yml alone and merged onto the stack is valid; it reserves NVIDIA GPUs for the Ray
+    worker and the inference server and changes nothing else (its variable in .env.example: the test below)."""
+    validator = jsonschema.Draft7Validator(yaml.safe_load(SCHEMA.read_text()))
+    override = yaml.safe_load(GPU_OVERRIDE.read_text())
+    base = compose()
+    assert set(override["services"]) == {"ray-worker", "serve"} <= set(base["services"])
+    merged = {**base, "services": {name: {**service, **override["services"].get(name, {})}
+                                   for name, service in base["services"].items()}}
+    for document in (override, merged, interpolate(merged, env_example())):
+        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]
+        assert not errors, errors
+    for name, service in interpolate(override, env_example())["services"].items():
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device == {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}, name
+        assert set(service) == {"deploy"}, f"{name}: the override adds GPUs and nothing else"
 
 
 def test_readme_env_copy_gives_every_variable_compose_needs(tmp_path):
@@ -284,9 +305,10 @@ def test_docker_compose_config_accepts_the_file(tmp_path):
     if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
         pytest.skip("the docker compose plugin is not installed here; the schema test validates the file offline")
     shutil.copy(ENV_EXAMPLE, tmp_path / ".env")
-    result = subprocess.run([docker, "compose", "-f", str(COMPOSE), "--env-file", str(tmp_path / ".env"), "config",
-                             "--quiet"], capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr
+    for files in (["-f", str(COMPOSE)], ["-f", str(COMPOSE), "-f", str(GPU_OVERRIDE)]):
+        result = subprocess.run([docker, "compose", *files, "--env-file", str(tmp_path / ".env"), "config",
+                                 "--quiet"], capture_output=True, text=True, cwd=REPO)
+        assert result.returncode == 0, result.stderr
 
 
 # ---------------------------------------------------------------- the images
