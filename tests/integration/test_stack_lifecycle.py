@@ -3,7 +3,7 @@ deployment run by the worker trains version 1, promotes it and deploys it as a R
 replicas on the stack's Ray head; files dropped into a watched directory start one retrain that registers
 version 2, promotes it and rolls the application while a client sends requests without pause (every answer a
 200); `lmforge rollback` rolls it back to version 1 under the same load; `lmforge stack down` leaves no process,
-Serve's replicas included. Slow (about 12 minutes on the shared 2-core machine): two trainings and two rolls
+Serve's replicas included. Slow (4.5 to 5.5 minutes on the shared 2-core machine): two trainings and two rolls
 of replicas that import torch.
 """
 
@@ -31,6 +31,20 @@ def _served(endpoint: str) -> str:
     health = httpx.get(f"{endpoint}/health", timeout=30).json()
     assert card["id"] == MODEL and str(card["metadata"]["version"]) == str(health["version"]), (card, health)
     return str(health["version"])
+
+
+def _replicas(home: Path) -> list[int]:
+    """This stack's Serve replica processes (Ray titles each ``ray::ServeReplica:APP:DEPLOYMENT``)."""
+    import psutil
+
+    found = []
+    for pid in processes_of(home):
+        try:
+            if "ServeReplica:lmforge:server" in " ".join(psutil.Process(pid).cmdline()):
+                found.append(pid)
+        except psutil.Error:
+            continue
+    return found
 
 
 def test_stack_serves_on_ray_retrains_on_new_data_rolls_under_load_and_rolls_back(tmp_path: Path) -> None:
@@ -69,7 +83,7 @@ def test_stack_serves_on_ray_retrains_on_new_data_rolls_under_load_and_rolls_bac
         assert app["serving_config"]["ray"]["num_replicas"] == 2
         state = json.loads((home / "state" / "deploy.json").read_text())
         assert (state["platform"], state["action"], state["version"]) == ("ray", "deployed", "1")
-        assert _served(endpoint) == "1"
+        assert _served(endpoint) == "1" and len(_replicas(home)) == 2
         mlflow = MlflowClient(tracking_uri=facts["env"]["MLFLOW_TRACKING_URI"])
 
         # New files with the watcher on: one retrain registers version 2, promotes it and rolls the application
@@ -86,6 +100,8 @@ def test_stack_serves_on_ray_retrains_on_new_data_rolls_under_load_and_rolls_bac
         assert (state["platform"], state["action"], state["version"]) == ("ray", "rolled", "2")
         assert set(load.outcomes) == {"200"} and load.outcomes["200"] > 10, load.outcomes
         assert _served(endpoint) == "2"
+        # Two new replicas serve; the old two drained and exited (a process may take a moment to go).
+        wait("the old replicas to exit", lambda: len(_replicas(home)) == 2, 60, every=1)
 
         # `lmforge rollback` (with the variables `stack up` printed): the alias and the application go back.
         with SteadyLoad(endpoint, MODEL, pause=0.05) as load:
