@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -102,6 +103,7 @@ class Bench:
             row["error"] = f"out of memory: {str(exc)[:120]}"
         except Exception as exc:  # noqa: BLE001 - one broken variant must not cost the job's other rows
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            traceback.print_exc()  # the row keeps the message; the log gets where it came from
         finally:
             run_steps = model = None  # free the variant before the next one
             gc.collect()

@@ -151,8 +151,8 @@ def _step(engine: Any) -> Callable[[], torch.Tensor]:
 
     def update() -> torch.Tensor:
         engine.step()
-        norm = engine.get_global_grad_norm()
-        return torch.as_tensor(0.0 if norm is None else norm, dtype=torch.float32)
+        norm = engine.get_global_grad_norm()  # a float with the optimizer offloaded, a device tensor without
+        return torch.as_tensor(0.0 if norm is None else norm, dtype=torch.float32).to(engine.device)
 
     return update
 
