@@ -12,7 +12,7 @@ from lmforge.config.model import ModelConfig
 from lmforge.config.training import PhaseConfig, TrainingConfig
 from lmforge.model.info import describe
 from lmforge.model.memory import PhaseMemory, Shape, layer_activations
-from lmforge.model.parallel_memory import GB, Layout, advice, least_that_fits, per_worker
+from lmforge.model.parallel_memory import GB, Layout, Zero, advice, least_that_fits, per_worker, strategy_table
 
 LLAMA_7B = ModelConfig(architecture="llama", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
                        num_kv_heads=32, intermediate_size=11008, max_seq_len=4096, tie_embeddings=False)
@@ -64,12 +64,13 @@ def test_advice_names_the_least_that_fits():
 def test_full_fine_tuning_of_a_7b_llama_needs_fsdp_on_80_gb():
     training = TrainingConfig(method="full", finetune=PHASE, placement={"use_gpu": True, "num_workers": 4})
     info = describe(LLAMA_7B, training, 32000)
-    ddp, fsdp, tp = [s for s in info.strategies if s.phase == "finetune"]
+    ddp, fsdp, zero2, zero3, tp = [s for s in info.strategies if s.phase == "finetune"]
     params = info.params_total  # 6.7 billion: 16 bytes each as one replica (weights, gradients, AdamW states)
     assert ddp.weights + ddp.gradients + ddp.optimizer == 16 * params
     assert (fsdp.workers, tp.workers, tp.tensor_parallel) == (4, 4, 2)
     assert fsdp.gradients == pytest.approx(4 * params / 4, rel=1e-6)
     assert tp.total < fsdp.total < ddp.total
+    assert zero3.total == fsdp.total and fsdp.total < zero2.total < ddp.total  # ZeRO-2 keeps the whole weights
     sentence = info.advice[-1]
     # 16 x 6.7e9 / N + activations + two bf16 blocks fit 80 GB from N = 2.
     assert sentence.startswith("full fine-tuning of this model needs fsdp with >= 2 workers of 80 GB"), sentence
@@ -81,10 +82,12 @@ def test_model_info_prints_the_strategies_and_the_advice(capsys, tmp_path):
     main(["model", "info", str(config)])
     out = capsys.readouterr().out
     assert "per worker, ddp" in out and "per worker, fsdp, 2 workers" in out
+    assert "per worker, deepspeed ZeRO-2, 2 workers" in out and "per worker, deepspeed ZeRO-3, 2 workers" in out
     assert "tensor_parallel 2" in out and "full fine-tuning of this model fits one 80 GB GPU per worker" in out
     main(["model", "info", str(config), "--json"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert {row["strategy"] for row in report["strategies"]} == {"ddp", "fsdp"}
+    assert {row["strategy"] for row in report["strategies"]} == {"ddp", "fsdp", "deepspeed"}
+    assert {row["zero_stage"] for row in report["strategies"] if row["strategy"] == "deepspeed"} == {2, 3}
     assert all(row["total"] > 0 for row in report["strategies"]) and report["advice"]
     assert report["strategies"][0]["total"] < 1 * GB
 
@@ -131,3 +134,27 @@ def test_pipeline_parallel_divides_the_blocks_states_over_its_stages():
     assert (pp.weights, pp.gradients, pp.optimizer) == (2500, 2500, 5000)
     assert pp.activations == ONE.activations  # an upper bound
     assert pp.label == "ddp, pipeline_parallel 2"
+
+
+def test_deepspeed_stage_3_divides_like_fsdp_and_stage_2_keeps_the_weights():
+    fsdp = per_worker(ONE, _layout(), "fsdp", workers=4)
+    zero3 = per_worker(ONE, _layout(), "deepspeed", workers=4, zero=Zero(stage=3))
+    assert (zero3.weights, zero3.gradients, zero3.optimizer) == (fsdp.weights, fsdp.gradients, fsdp.optimizer)
+    assert zero3.label == "deepspeed ZeRO-3, 4 workers"
+    zero2 = per_worker(ONE, _layout(), "deepspeed", workers=4, zero=Zero(stage=2))
+    assert (zero2.weights, zero2.gradients, zero2.optimizer) == (4000, 1000, 2000)
+    # Offloaded: AdamW's states leave the device; with offload_params (stage 3) the weight shards too.
+    offloaded = per_worker(ONE, _layout(), "deepspeed", workers=4, zero=Zero(3, True, True))
+    assert (offloaded.optimizer, offloaded.weights) == (0, fsdp.weights - 1000)
+    rows = strategy_table(ONE, _layout(), 4, 0, False)
+    assert [r.label for r in rows] == ["ddp", "fsdp, 4 workers", "deepspeed ZeRO-2, 4 workers",
+                                       "deepspeed ZeRO-3, 4 workers"]
+
+
+def test_the_configured_deepspeed_run_is_what_the_fit_check_reads():
+    from lmforge.model.parallel_memory import configured_memory
+
+    training = TrainingConfig(placement={"use_ray": True, "num_workers": 4},
+                              parallel={"strategy": "deepspeed", "deepspeed": {"stage": 2, "offload_optimizer": True}})
+    mine = configured_memory(ONE, SHAPE, 10_000, training)
+    assert (mine.weights, mine.gradients, mine.optimizer) == (ONE.weights, 1000, 0)

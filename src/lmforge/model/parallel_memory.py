@@ -11,6 +11,9 @@ divide its parts:
   / (T·D), the rest (embeddings, final norm, output layer) / D; the blocks' activations as
   :func:`lmforge.model.info.layer_activations` splits them (whole norms and residual without
   ``sequence_parallel``); the logits stay whole on each worker.
+- ``deepspeed`` over N workers: ZeRO stage 3 as fsdp (weights, gradients and AdamW states / N, the running blocks
+  gathered); stage 2 keeps the whole weights and divides gradients and AdamW states / N. ``offload_optimizer``
+  moves the AdamW states to the host (none on the device), ``offload_params`` (stage 3) the weight shards too.
 - ``pipeline_parallel`` P (ddp replicas of each stage): the blocks' weights, gradients and states / P, the rest
   (embeddings on the first stage, the output layer on the last) whole on the stage that holds it; activations at
   most one replica's (the first stage keeps P micro-batches in flight, each a fraction of the batch, over 1/P of
@@ -48,6 +51,7 @@ class StrategyMemory:
     optimizer: int
     activations: int
     pipeline_parallel: int = 1
+    zero_stage: int = 0  # deepspeed's ZeRO stage (2 or 3); 0 for the other strategies
 
     @property
     def total(self) -> int:
@@ -59,6 +63,8 @@ class StrategyMemory:
         tp += f", pipeline_parallel {self.pipeline_parallel}" if self.pipeline_parallel > 1 else ""
         if self.strategy == "ddp":
             return f"ddp{tp}"
+        if self.strategy == "deepspeed":
+            return f"deepspeed ZeRO-{self.zero_stage}, {self.workers} workers"
         return f"fsdp, {self.workers} workers{tp}"
 
 
@@ -74,10 +80,12 @@ class Layout:
 
 
 def per_worker(m: PhaseMemory, layout: Layout, strategy: str, workers: int = 1, tensor_parallel: int = 1,
-               sequence_parallel: bool = False, pipeline_parallel: int = 1) -> StrategyMemory:
+               sequence_parallel: bool = False, pipeline_parallel: int = 1, zero: Zero | None = None) -> StrategyMemory:
     """``m`` (one replica's memory) as each of ``workers`` workers holds it under ``strategy`` (ddp with
     ``tensor_parallel``: one tensor-parallel group, nothing else sharded; with ``pipeline_parallel``: the
-    busiest stage's worker)."""
+    busiest stage's worker; deepspeed with ``zero``'s stage and offloads, stage 3 by default)."""
+    if strategy == "deepspeed":
+        return _deepspeed(m, layout, workers, zero or Zero())
     if pipeline_parallel > 1:  # the config allows it with ddp and no tensor parallelism only
 
         def stage(x: int) -> int:
@@ -108,13 +116,36 @@ def per_worker(m: PhaseMemory, layout: Layout, strategy: str, workers: int = 1, 
 
 def strategy_table(m: PhaseMemory, layout: Layout, workers: int, tensor_parallel: int,
                    sequence_parallel: bool) -> list[StrategyMemory]:
-    """ddp, fsdp over ``workers`` (at least 2), and fsdp with ``tensor_parallel`` (0: no row) over as many or more."""
+    """ddp, fsdp and deepspeed ZeRO-2 and ZeRO-3 over ``workers`` (at least 2), and fsdp with ``tensor_parallel``
+    (0: no row) over as many or more."""
     workers = max(workers, 2)
-    rows = [per_worker(m, layout, "ddp"), per_worker(m, layout, "fsdp", workers)]
+    rows = [per_worker(m, layout, "ddp"), per_worker(m, layout, "fsdp", workers),
+            per_worker(m, layout, "deepspeed", workers, zero=Zero(stage=2)),
+            per_worker(m, layout, "deepspeed", workers, zero=Zero(stage=3))]
     if tensor_parallel > 1:
         tp_workers = workers if workers % tensor_parallel == 0 else workers * tensor_parallel
         rows.append(per_worker(m, layout, "fsdp", tp_workers, tensor_parallel, sequence_parallel))
     return rows
+
+
+@dataclass(frozen=True)
+class Zero:
+    """deepspeed's settings that change a worker's memory (``training.parallel.deepspeed``)."""
+
+    stage: int = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+def _deepspeed(m: PhaseMemory, layout: Layout, workers: int, zero: Zero) -> StrategyMemory:
+    if zero.stage == 3:  # partitions like fsdp's, gathered block by block
+        fsdp = per_worker(m, layout, "fsdp", workers)
+        weights = fsdp.weights - (int(m.weights / workers) if zero.offload_params else 0)
+    else:
+        weights = m.weights
+    optimizer = 0 if zero.offload_optimizer else int(m.optimizer / workers)
+    return StrategyMemory(m.phase, "deepspeed", workers, 1, weights, int(m.gradients / workers), optimizer,
+                          m.activations, zero_stage=zero.stage)
 
 
 def least_that_fits(m: PhaseMemory, layout: Layout, budget: int, tensor_degrees: tuple[int, ...]) -> StrategyMemory | None:
@@ -158,7 +189,9 @@ def configured_memory(m: PhaseMemory, shape: Shape, params: int, training: Train
     parallel = training.parallel
     layout = Layout(shape, block_fraction(shape, params), training.speed.gradient_checkpointing, training.loss.fused,
                     training.placement.use_gpu)
+    ds = parallel.deepspeed
     mine = per_worker(m, layout, parallel.strategy, training.placement.num_workers, parallel.tensor_parallel,
-                      parallel.sequence_parallel, parallel.pipeline_parallel)
+                      parallel.sequence_parallel, parallel.pipeline_parallel,
+                      Zero(ds.stage, ds.offload_optimizer, ds.offload_params))
     return replace(m, weights=mine.weights, gradients=mine.gradients, optimizer=mine.optimizer,
                    activations=mine.activations)
