@@ -4,7 +4,8 @@ Two real processes (torch.multiprocessing, a gloo process group on loopback, no 
 :func:`lmforge.train.loop.train_phase` through DeepSpeed's engine (its CPU accelerator, our torch AdamW, no
 compiled op) on a tiny Llama built from config; this process runs the same steps on one plain worker with the
 global batch. Their losses, final weights and checkpoints must agree: ZeRO changes where the state lives, never
-what the step computes. A checkpoint written under ZeRO holds full tensors and resumes under ddp.
+what the step computes. A checkpoint written under ZeRO holds full tensors and resumes under ddp, and one in that
+layout resumes into ZeRO (either stage, any number of workers).
 """
 
 from __future__ import annotations
@@ -86,7 +87,15 @@ def _worker(rank: int, port: int, out: Path) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        results = {stage: _run("deepspeed", rank, WORLD, stage) for stage in STAGES}
+        results: dict = {stage: _run("deepspeed", rank, WORLD, stage) for stage in STAGES}
+        # Each stage's step-3 checkpoint (full tensors, as a ddp run's) resumed under the other stage.
+        for stage in STAGES:
+            root = out.parent / f"ckpt-zero{stage}"
+            written = results[stage]["saved"][SAVE_AT]
+            ckpt.save(root, f"pretrain-{SAVE_AT}", written["tensors"], {"loop": written["state"]}, keep=1)
+            dist.barrier()
+            other = STAGES[1] if stage == STAGES[0] else STAGES[0]
+            results[f"resumed_into_{other}"] = _run("deepspeed", rank, WORLD, other, resume=ckpt.load_latest(root))
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -140,6 +149,19 @@ def test_zero3_checkpoint_resumes_under_ddp_on_one_worker(partitioned, tmp_path)
     resumed = _run("ddp", 0, 1, resume=ckpt.load_latest(path.parent))
     assert resumed["history"][-1]["loss"] == pytest.approx(ours["history"][-1]["loss"], rel=1e-5)
     for name, weight in ours["weights"].items():
+        torch.testing.assert_close(resumed["weights"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow  # the same two processes (make test-slow)
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_checkpoint_resumes_into_zero_and_ends_where_the_run_did(stage, partitioned, single):
+    """A full-tensor checkpoint (the other stage's, in a ddp run's layout) loaded into ZeRO's partitions: the
+    weights, fp32 masters, AdamW moments and step go on as the uninterrupted one-worker run did."""
+    resumed = partitioned[f"resumed_into_{stage}"]
+    assert [r["step"] for r in resumed["history"]][-(STEPS - SAVE_AT):] == list(range(SAVE_AT + 1, STEPS + 1))
+    for got, want in zip(resumed["history"][-(STEPS - SAVE_AT):], single["history"][SAVE_AT:], strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), got
+    for name, weight in single["weights"].items():
         torch.testing.assert_close(resumed["weights"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
 
 

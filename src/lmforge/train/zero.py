@@ -193,6 +193,19 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
     return tensors, {"param_groups": groups, "scalars": {}}
 
 
+def _start_states(optimizer: torch.optim.Optimizer) -> None:
+    # AdamW makes its states at its first step, which a resumed run has not taken yet: made here for each of ZeRO's
+    # fp32 partitions as torch's AdamW would (the step count on the partition's device where the step is fused).
+    zero_optimizer = _ZERO[optimizer]
+    flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None) or zero_optimizer.single_partition_of_fp32_groups
+    on_device = any(group.get("fused") or group.get("capturable") for group in optimizer.param_groups)
+    for flat in flats:
+        state = optimizer.state[flat]
+        if "exp_avg" not in state:
+            state.update(step=torch.zeros((), dtype=torch.float32, device=flat.device if on_device else "cpu"),
+                         exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+
+
 def _link_moments(zero_optimizer: Any) -> None:
     # ZeRO 1/2 (0.19) links each parameter to its AdamW moments once, after the first param group's first step,
     # so the moments of the other groups (our no-decay vectors) stay unlinked: linked again here, all groups stepped.
@@ -226,12 +239,55 @@ def capture(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def restore(saved: ckpt.Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """:func:`lmforge.train.checkpoint.restore`; resuming into a ZeRO engine is refused with the strategies that can."""
-    if optimizer in _PARAMS:
-        raise ConfigError("resuming a run under parallel.strategy: deepspeed is not built yet (its checkpoints hold "
-                          "full tensors, which ZeRO's partitions are not loaded from)",
-                          "resume it with parallel.strategy: ddp or fsdp (any number of workers), or start anew")
-    ckpt.restore(saved, model, optimizer)
+    """:func:`lmforge.train.checkpoint.restore`, also into a ZeRO engine: a full-tensor checkpoint (written under
+    ddp, deepspeed or pipeline parallelism, on any number of workers) is cut into this run's partitions: the
+    weights ZeRO computes with, its fp32 masters, AdamW's moments and step. Every rank calls it."""
+    if optimizer not in _PARAMS:
+        ckpt.restore(saved, model, optimizer)
+        return
+    if saved.sharded:
+        raise ConfigError("this checkpoint is sharded (written under parallel.strategy: fsdp), and deepspeed loads "
+                          "full-tensor checkpoints only", "resume it with parallel.strategy: fsdp (any number of "
+                          "workers) or ddp; a deepspeed run resumes from checkpoints of ddp or deepspeed runs")
+    _load_weights(model, saved.tensors["model"])
+    _load_moments(optimizer, saved.tensors["optimizer"])
+    ckpt.set_rng_state(saved.tensors["rng"], saved.state["loop"]["rng"])
+
+
+def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    expected = ckpt.trainable_state(model)
+    shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in expected.items()}  # ZeRO-3's are empty
+    if set(expected) != set(state) or any(tuple(state[k].shape) != shape for k, shape in shapes.items()):
+        raise ConfigError("the checkpoint's weights do not fit this model (other names or shapes)",
+                          "resume with the same model and training.method as the run that wrote it")
+    partitioned = [p for p in expected.values() if hasattr(p, "ds_id")]
+    # ZeRO-3 gathers each weight, every rank writes the same values and rank 0's go back into the partitions;
+    # stage 2's weights are whole replicas, written in place.
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0), torch.no_grad():
+        for name, param in expected.items():
+            param.data.copy_(state[name].to(param.dtype))
+    for name, param in expected.items():  # the fp32 masters the optimizer steps (its own copies)
+        safe_set_full_fp32_param(param, state[name].float())
+
+
+def _load_moments(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    """AdamW's moments by parameter (the checkpoint's indices count over our param groups, as ddp's do) into
+    ZeRO's flat partitions, and the step count into each of them."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    _start_states(optimizer)
+    _link_moments(_ZERO[optimizer])
+    params = [p for group in _PARAMS[optimizer] for p in group]
+    for index, param in enumerate(params):
+        for key in MOMENTS:
+            safe_set_full_optimizer_state(param, tensors[f"{index}.{key}"].float(), key)
+    step = float(tensors["0.step"]) if "0.step" in tensors else 0.0
+    for state in optimizer.state.values():
+        if "step" in state:
+            state["step"] = torch.tensor(step, dtype=state["step"].dtype, device=state["step"].device)
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
