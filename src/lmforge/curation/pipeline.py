@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from lmforge.config.curation import CurationConfig
 from lmforge.core.errors import DataError
-from lmforge.core.ray_cluster import join_cluster, on_this_node
+from lmforge.core.ray_cluster import join_cluster, on_this_node, start_local
 from lmforge.curation.base import Context, build_steps, steps_of_phase
 from lmforge.curation.clean import count_lines
 from lmforge.curation.dedup import EXACT, KEEP, NEAR, NEAR_PREVIOUS, REASONS, MinHasher
@@ -149,7 +149,7 @@ def run_map(fn: Callable[..., dict], units: list[Unit], args: tuple, use_ray: bo
         if address:
             join_cluster(address, ignore_reinit_error=True, log_to_driver=False)
         else:
-            ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+            start_local(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     remote = ray.remote(num_cpus=1, **on_this_node())(fn)
     shared = [ray.put(arg) for arg in args]
     return ray.get([remote.remote(unit, *shared) for unit in units])
