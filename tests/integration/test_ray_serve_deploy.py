@@ -39,7 +39,10 @@ URI = f"models:/{NAME}@champion"
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
-    # 4 logical CPUs: two replicas plus two surge replicas during a roll, one CPU each.
+    # 4 logical CPUs: two replicas plus two surge replicas during a roll, one CPU each. A Ray an earlier test
+    # module of this worker process left running (its stage started it in-process) is stopped first.
+    if ray.is_initialized():
+        ray.shutdown()
     ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     yield
     from ray import serve

@@ -190,7 +190,7 @@ def test_ray_tensor_parallel_run_saves_the_model_one_worker_saves(tokenized_work
         "parallel": {"tensor_parallel": WORLD, "sequence_parallel": True},
         "placement": {"use_ray": True, "num_workers": WORLD, "cpus_per_worker": 0.5}})
     split_run = train(base, model_cfg, ws, run_name="tp")
-    assert split_run.params["mesh"] == {"data_parallel_shard": 1, "tensor_parallel": WORLD}
+    assert split_run.params["mesh"] == {"data_parallel_shard": 1, "tensor_parallel": WORLD, "pipeline_parallel": 1}
     one = train(base.model_copy(update={"parallel": base.parallel.model_copy(update={
         "tensor_parallel": 1, "sequence_parallel": False}), "placement": base.placement.model_copy(update={
             "num_workers": 1})}), model_cfg, ws, run_name="one")
