@@ -31,7 +31,10 @@ def readme_commands() -> list[str]:
 def readme_command(prefix: str) -> str:
     """The one README command starting with ``prefix`` (so a test runs the README's exact words)."""
     commands = readme_commands()
-    found = [c for c in commands if c == prefix] or [c for c in commands if c.startswith(prefix)]
+    # Exactly, else without its optional [...] arguments (`lmforge tune CONFIG` is not `lmforge tune CONFIG --resume`),
+    # else as a prefix.
+    found = ([c for c in commands if c == prefix] or [c for c in commands if c.split(" [")[0] == prefix]
+             or [c for c in commands if c.startswith(prefix)])
     assert len(found) == 1, f"README.md has {len(found)} commands starting with {prefix!r}: {found}"
     return found[0]
 

@@ -39,7 +39,7 @@ def test_tune_six_trials_asha_nested_runs(tokenized_workspace, tmp_path):
     path.write_text(yaml.safe_dump(CONFIG))
     ws = tokenized_workspace("tune", load_config(path).model)
     # The README's command, its words as written: `lmforge tune CONFIG [--json]`.
-    result = subprocess.run(argv(readme_command("lmforge tune CONFIG [--json]"), CONFIG=str(path)), cwd=REPO, text=True,
+    result = subprocess.run(argv(readme_command("lmforge tune CONFIG"), CONFIG=str(path)), cwd=REPO, text=True,
                             env=dict(os.environ, LMFORGE_HOME=str(ws.home)), capture_output=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])

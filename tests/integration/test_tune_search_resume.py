@@ -62,7 +62,7 @@ def test_a_killed_search_resumes_into_the_same_parent_run(tokenized_workspace, t
     ws = tokenized_workspace("tune-resume", config.model)
     # Ray Tune saves its experiment's state every second (default: adaptive, ten seconds or more).
     env = dict(os.environ, LMFORGE_HOME=str(ws.home), TUNE_GLOBAL_CHECKPOINT_S="1")
-    first = subprocess.Popen(argv(readme_command("lmforge tune CONFIG [--json]"), CONFIG=str(path)), cwd=REPO,
+    first = subprocess.Popen(argv(readme_command("lmforge tune CONFIG"), CONFIG=str(path)), cwd=REPO,
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     client = MlflowClient(ws.mlflow_tracking_uri)
     deadline = time.monotonic() + 420
@@ -115,7 +115,7 @@ def test_optuna_search_registers_the_best_config(tokenized_workspace, tmp_path):
     ws = tokenized_workspace("tune-optuna", config.model)
     # The evaluate stage scores held-out instructions as well: a few of the corpus's SFT records.
     (ws.sft_dir / "test.jsonl").write_text("".join((ws.sft_dir / "train.jsonl").read_text().splitlines(True)[:4]))
-    result = subprocess.run(argv(readme_command("lmforge tune CONFIG [--json]"), CONFIG=str(path)), cwd=REPO,
+    result = subprocess.run(argv(readme_command("lmforge tune CONFIG"), CONFIG=str(path)), cwd=REPO,
                             text=True, env=dict(os.environ, LMFORGE_HOME=str(ws.home)), capture_output=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
