@@ -215,6 +215,8 @@ def test_serve_load_tiny(tmp_path):
     assert got["http_20rps_output_tok_s"]["value"] > 0 and got["http_20rps_ttft_p50"]["value"] > 0
 
 
+# Two server starts and a roll under load: 35 s of a make-test worker; the roll itself is test_rollout.py's (fast tier).
+@pytest.mark.slow
 def test_serve_roll_tiny(tmp_path):
     """The local deploy rolls to a second copy of the tiny model under load: same endpoint, no failed request."""
     proc = bench("bench.serve.roll", "--clients", "2", out=tmp_path, timeout=600)
