@@ -9,6 +9,7 @@ against the function's schema, whole or streamed. Every refusal is a 400 naming 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 
@@ -18,7 +19,12 @@ import pytest
 from helpers import make_tiny_model_dir, running
 
 from lmforge.config.serving import ServingConfig
+from lmforge.serving.api.protocol import ChatCompletionRequest
+from lmforge.serving.api.tool_parsers import HermesParser
+from lmforge.serving.api.tools import ToolOutput, ToolPlan
 from lmforge.serving.engine import Engine
+from lmforge.serving.engine.requests import Completion, GenerationStream
+from lmforge.serving.engine.sampling import SamplingParams
 
 WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo", "Lima"]},
                                             "days": {"type": "integer", "minimum": 1, "maximum": 7}},
@@ -31,7 +37,7 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     model_dir = make_tiny_model_dir(tmp_path_factory.mktemp("tiny-tools"))
     # The tool list takes some 600 tokens of the tiny vocabulary: a longer context (rotary positions
     # have no weights, so the model is the same).
@@ -40,10 +46,15 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     cfg = ServingConfig(max_new_tokens=200)
     engine = Engine.load(model_dir, device="cpu", cfg=cfg)
     try:
-        with running(engine, cfg) as (base, _):
-            yield base
+        yield engine
     finally:
         engine.close()
+
+
+@pytest.fixture(scope="module")
+def url(engine: Engine) -> Iterator[str]:
+    with running(engine, engine.cfg) as (base, _):
+        yield base
 
 
 @pytest.fixture()
@@ -90,13 +101,77 @@ def test_forced_call_streamed_reassembles(client: openai.OpenAI) -> None:
     jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER)
 
 
+LONG = {"type": "object", "additionalProperties": False, "required": [f"step_{i}" for i in range(4)],
+        "properties": {f"step_{i}": {"enum": ["oven", "eggs", "flour"]} for i in range(4)}}
+
+
+def test_long_call_streams_its_arguments_in_fragments(client: openai.OpenAI) -> None:
+    """The id and name come first, then the arguments in many chunks as the model writes them, which
+    concatenate to the whole answer's arguments (same seed) and to JSON that validates."""
+    tools = [{"type": "function", "function": {"name": "plan_recipe", "parameters": LONG}}]
+    kwargs = {"model": "tiny", "messages": MESSAGES, "tools": tools, "max_tokens": 200, "seed": 3,
+              "parallel_tool_calls": False, "tool_choice": {"type": "function", "function": {"name": "plan_recipe"}}}
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.tool_calls
+    fragments: list[str] = []
+    named_first = None
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for piece in chunk.choices[0].delta.tool_calls or ():
+            assert piece.index == 0 and piece.function is not None
+            if named_first is None:
+                named_first = piece.id is not None and piece.function.name == "plan_recipe"
+            else:
+                assert piece.id is None and piece.function.name is None  # the id and name come once
+            if piece.function.arguments:
+                fragments.append(piece.function.arguments)
+    arguments = "".join(fragments)
+    assert named_first and len(fragments) > 10, fragments  # dozens of tokens of arguments, not one chunk
+    assert arguments == whole.message.tool_calls[0].function.arguments
+    jsonschema.validate(json.loads(arguments), LONG)
+
+
+def test_first_call_ends_the_output_when_calls_are_not_parallel(engine: Engine) -> None:
+    """``parallel_tool_calls: false`` under ``auto``: the engine stops once the first call is whole.
+
+    A random model writes no call by itself, so the output is driven by the grammar of ``required``
+    with parallel calls (one or more blocks): left alone it goes on past the first call's arguments
+    (the block's end, maybe more calls); with the hook of a non-parallel answer it ends right at the
+    arguments' closing brace, finish ``stop`` (``tool_calls`` for the client), fewer tokens."""
+    body = ChatCompletionRequest.model_validate({"messages": MESSAGES, "tools": TOOLS, "tool_choice": "required"})
+    plan = ToolPlan.of(body)  # parallel_tool_calls true: the grammar allows several calls
+    prompt = engine.encode(plan.render(engine, [m.as_template_input() for m in body.messages]),
+                           add_special_tokens=False)
+    params = plan.constrain(SamplingParams(max_tokens=200, temperature=1.0, seed=5))
+    free = engine.generate([prompt], params)[0]
+    output = ToolOutput(HermesParser(list(SCHEMAS)), parallel=False)
+    stream = asyncio.run(_stream_with(engine, prompt, params, output.ends_output()))
+    assert stream.finish_reason == "stop" and stream.completion_tokens < free.completion_tokens
+    assert free.text.startswith(stream.text) and "</tool_call>" in free.text[len(stream.text):]
+    message = output.message(stream.text)
+    assert output.finish_reason(stream.finish_reason) == "tool_calls"
+    assert message.tool_calls is not None and len(message.tool_calls) == 1
+    _valid(message.tool_calls, set(SCHEMAS))
+    # It ended in the token that closed the arguments: at most the start of the block's end follows them.
+    after = stream.text[stream.text.index(message.tool_calls[0].function.arguments)
+                        + len(message.tool_calls[0].function.arguments):]
+    assert "}\n</tool_call>".startswith(after) and not after.endswith(">"), after
+
+
+async def _stream_with(engine: Engine, prompt: list[int], params: SamplingParams, ends) -> Completion:
+    with engine.admission_held():  # the hook is set before the engine can admit the request
+        stream = GenerationStream(engine.submit, prompt, params, ends)
+    return await stream.result()
+
+
 def test_parallel_required_calls_each_validate(client: openai.OpenAI) -> None:
     complete = 0
     for seed in range(2):
         choice = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="required",
                                                 max_tokens=200, seed=seed).choices[0]
-        assert choice.message.tool_calls, choice  # the first call is always whole within 200 tokens
-        _valid(choice.message.tool_calls, set(SCHEMAS))
+        calls = choice.message.tool_calls
+        assert calls, choice  # the first call is always whole within 200 tokens
+        # A reply cut by max_tokens may end inside its last call's arguments (sent as written, as OpenAI's are).
+        _valid(calls if choice.finish_reason == "tool_calls" else calls[:-1] or calls, set(SCHEMAS))
         complete += choice.finish_reason == "tool_calls"
     assert complete  # some answer ended by itself, not cut by max_tokens
 

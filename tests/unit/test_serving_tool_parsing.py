@@ -14,8 +14,9 @@ from tiny_assets import build_tokenizer
 from lmforge.config.serving import ServingConfig
 from lmforge.model.chat import render_chat
 from lmforge.serving.api.errors import ApiError
+from lmforge.serving.api.json_prefix import JsonPrefix
 from lmforge.serving.api.protocol import ChatCompletionRequest
-from lmforge.serving.api.tool_parsers import DEFAULT_PARSER, PARSERS, HermesParser, ParsedCall
+from lmforge.serving.api.tool_parsers import DEFAULT_PARSER, PARSERS, CallArguments, CallEnd, CallStart, HermesParser
 from lmforge.serving.api.tools import ToolOutput, ToolPlan, fallback_messages, renders_tools
 
 NAMES = ["get_weather", "set_alarm"]
@@ -26,34 +27,85 @@ TOOLS = [{"type": "function", "function": {"name": name, "parameters": {"type": 
 
 
 def _parse(text: str, step: int | None = None) -> list:
+    """The parser's pieces for ``text`` fed ``step`` characters at a time, each call's events folded
+    into one ``(name, arguments)`` and neighbouring content joined."""
     parser, step = HermesParser(NAMES), step or len(text)
     pieces = []
     for i in range(0, len(text), step):
         pieces += parser.feed(text[i:i + step])
-    return pieces + parser.finish()
+    folded: list = []
+    for piece in pieces + parser.finish():
+        if isinstance(piece, CallStart):
+            folded.append((piece.name, ""))
+        elif isinstance(piece, CallArguments):
+            folded[-1] = (folded[-1][0], folded[-1][1] + piece.text)
+        elif isinstance(piece, str) and folded and isinstance(folded[-1], str):
+            folded[-1] += piece
+        elif not isinstance(piece, CallEnd):
+            folded.append(piece)
+    return folded
 
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("Just text, no call.", ["Just text, no call."]),
-    (WEATHER, [ParsedCall("get_weather", '{"city": "Paris"}')]),
-    ("Let me check. " + WEATHER, ["Let me check. ", ParsedCall("get_weather", '{"city": "Paris"}')]),
-    (WEATHER + "\n" + ALARM, [ParsedCall("get_weather", '{"city": "Paris"}'), "\n",
-                              ParsedCall("set_alarm", '{"on": true}')]),
+    (WEATHER, [("get_weather", '{"city": "Paris"}')]),
+    ("Let me check. " + WEATHER, ["Let me check. ", ("get_weather", '{"city": "Paris"}')]),
+    (WEATHER + "\n" + ALARM, [("get_weather", '{"city": "Paris"}'), "\n", ("set_alarm", '{"on": true}')]),
+    # Streamed arguments are the model's own text, spacing and escapes included.
+    ('<tool_call>{ "name" :"set_alarm","arguments":{"on":true, "at": [7, -0.5e1], "note": "a\\"b\\u00e9"}}</tool_call>',
+     [("set_alarm", '{"on":true, "at": [7, -0.5e1], "note": "a\\"b\\u00e9"}')]),
     # Arguments as a JSON string (as OpenAI sends them), and a last block ended by end-of-turn alone.
-    ('<tool_call>{"name": "set_alarm", "arguments": "{\\"on\\": false}"}', [ParsedCall("set_alarm", '{"on": false}')]),
+    ('<tool_call>{"name": "set_alarm", "arguments": "{\\"on\\": false}"}', [("set_alarm", '{"on": false}')]),
+    # Keys in the other order: read whole at the closing tag.
+    ('<tool_call>{"arguments": {"on": true}, "name": "set_alarm"}</tool_call>', [("set_alarm", '{"on": true}')]),
     # Not a call this request offers, not JSON, arguments not an object: the text stays content.
     ('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', ['<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>']),
-    ("<tool_call>not json</tool_call> after", ["<tool_call>not json</tool_call>", " after"]),
+    ("<tool_call>not json</tool_call> after", ["<tool_call>not json</tool_call> after"]),
     ('<tool_call>{"name": "set_alarm", "arguments": [1]}</tool_call>',
      ['<tool_call>{"name": "set_alarm", "arguments": [1]}</tool_call>']),
-    ("a < b and <tool_c", ["a < b and ", "<tool_c"]),
+    ('<tool_call>{"name": "set_al', ['<tool_call>{"name": "set_al']),  # ended before it could be a call
+    ("a < b and <tool_c", ["a < b and <tool_c"]),
+    # A streamed call's arguments end where their JSON breaks, or where the output does.
+    ('<tool_call>{"name": "set_alarm", "arguments": {"on": tru e}}</tool_call> ok', [("set_alarm", '{"on": tru'), " ok"]),
+    ('<tool_call>{"name": "get_weather", "arguments": {"city": "Pa', [("get_weather", '{"city": "Pa')]),
 ])
 def test_hermes_parser_on_crafted_outputs(text: str, expected: list) -> None:
-    assert _parse(text) == expected
-    for step in (1, 3, 7):  # fed in pieces, as a stream is: the same content and calls
-        pieces = _parse(text, step)
-        assert [p for p in pieces if isinstance(p, ParsedCall)] == [p for p in expected if isinstance(p, ParsedCall)]
-        assert "".join(p for p in pieces if isinstance(p, str)) == "".join(p for p in expected if isinstance(p, str))
+    for step in (None, 1, 3, 7):  # fed in pieces, as a stream is: the same content and calls
+        assert _parse(text, step) == expected
+
+
+def test_streamed_call_starts_once_named_and_sends_arguments_as_written() -> None:
+    """The name goes out as soon as it is written, the arguments piece by piece, nothing held to the end."""
+    parser = HermesParser(NAMES)
+    assert parser.feed('Sure. <tool_call>\n{"name": "get_weath') == ["Sure. "]
+    assert parser.feed('er", "arguments": ') == []  # the arguments' brace not written yet
+    assert parser.feed('{"city": "Pa') == [CallStart("get_weather"), CallArguments('{"city": "Pa')]
+    assert parser.feed('ris", "days": 1') == [CallArguments('ris", "days": 1')]
+    assert parser.feed('2}}\n</tool_') == [CallArguments("2}"), CallEnd()]
+    assert parser.feed("call>\nDone.") == ["\nDone."]
+    assert parser.finish() == []
+
+
+@pytest.mark.parametrize("text", ['{"a": 1}', '{"a": [true, false, null, {"b": "\\u00e9\\n"}], "c": -0.5E+3}', "{ }",
+                                  '{"s": "x\\"}"}'])
+def test_json_prefix_reads_valid_objects_to_their_end(text: str) -> None:
+    for step in (1, 2, len(text)):
+        scan = JsonPrefix()
+        for i in range(0, len(text), step):
+            scan.feed(text[i:i + step])
+        assert scan.done and not scan.failed and scan.read == len(text)
+    scan = JsonPrefix()
+    assert scan.feed(text + "} tail") == len(text) and scan.done  # nothing after the object is read
+
+
+@pytest.mark.parametrize(("text", "valid"), [
+    ('{"a": 01}', '{"a": 0'), ('{"a": 1.}', '{"a": 1.'), ('{"a": -}', '{"a": -'), ('{"a": tx}', '{"a": t'),
+    ('{"a": "\\x"}', '{"a": "\\'), ('{"a": "\\u12g4"}', '{"a": "\\u12'), ('{"a" 1}', '{"a" '),
+    ('{"a": 1,}', '{"a": 1,'), ("[1]", ""), ('{"a": "x\ny"}', '{"a": "x'), ('{"a": 1 2}', '{"a": 1 '),
+])
+def test_json_prefix_stops_at_the_first_impossible_character(text: str, valid: str) -> None:
+    scan = JsonPrefix()
+    assert scan.feed(text) == len(valid) and scan.failed and not scan.done
 
 
 def test_every_configurable_parser_exists() -> None:
@@ -69,9 +121,11 @@ def _reassembled(text: str, step: int, parallel: bool = True) -> tuple[str, list
         for delta in out.deltas(text[i:i + step], done=i + step >= len(text)):
             content += delta.content or ""
             for piece in delta.tool_calls or ():
-                call = calls.setdefault(piece.index, {"id": piece.id, "name": "", "arguments": ""})
+                call = calls.setdefault(piece.index, {"id": piece.id, "name": "", "arguments": "", "fragments": 0})
+                assert piece.function.name is None or piece.id is not None  # the name comes with the id, once
                 call["name"] += piece.function.name or ""
                 call["arguments"] += piece.function.arguments or ""
+                call["fragments"] += bool(piece.function.arguments)
     return content, [calls[i] for i in sorted(calls)], out.finish_reason("stop")
 
 
@@ -87,6 +141,8 @@ def test_whole_and_streamed_answers_agree() -> None:
         assert [(c["name"], c["arguments"]) for c in calls] == [
             ("get_weather", '{"city": "Paris"}'), ("set_alarm", '{"on": true}')]
         assert all(c["id"].startswith("call_") for c in calls)
+        if step == 1:  # one fragment per piece of output: '{"city": "Paris"}' is 17 pieces
+            assert calls[0]["fragments"] == len('{"city": "Paris"}')
 
 
 def test_no_call_keeps_text_and_finish() -> None:
@@ -94,12 +150,24 @@ def test_no_call_keeps_text_and_finish() -> None:
     assert out.message("plain <b>answer</b>").model_dump() == {"role": "assistant", "content": "plain <b>answer</b>",
                                                                "tool_calls": None}
     assert out.finish_reason("stop") == "stop" and out.finish_reason("length") == "length"
+    assert out.ends_output() is None  # parallel calls: the engine is never told to stop
 
 
 def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
-    message = ToolOutput(HermesParser(NAMES), parallel=False).message(WEATHER + "\n" + ALARM)
-    assert [c.function.name for c in message.tool_calls or ()] == ["get_weather"]
-    assert _reassembled(WEATHER + "\n" + ALARM, 4, parallel=False)[1][0]["name"] == "get_weather"
+    message = ToolOutput(HermesParser(NAMES), parallel=False).message(WEATHER + "\nmore text\n" + ALARM)
+    assert [c.function.name for c in message.tool_calls or ()] == ["get_weather"] and message.content is None
+    content, calls, _ = _reassembled(WEATHER + "\nmore text\n" + ALARM, 4, parallel=False)
+    assert [c["name"] for c in calls] == ["get_weather"] and content == ""
+
+
+def test_parallel_tool_calls_false_ends_the_output_after_the_first_call() -> None:
+    """The engine's hook says stop on the piece that closes the first call's arguments, not before."""
+    ends = ToolOutput(HermesParser(NAMES), parallel=False).ends_output()
+    assert ends is not None
+    text = "Let me see. " + WEATHER + "\n" + ALARM
+    closing = text.index('"Paris"}') + len('"Paris"}')  # the arguments' closing brace
+    fired = [i for i in range(len(text)) if ends(text[i])]
+    assert fired[0] == closing - 1  # (the engine ends the output there; later calls would fire again)
 
 
 def test_forced_format_is_a_structural_tag_of_the_rendered_form() -> None:

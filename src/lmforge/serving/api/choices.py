@@ -28,7 +28,7 @@ import asyncio
 import dataclasses
 import functools
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from lmforge.serving.api.errors import ApiError
@@ -70,16 +70,17 @@ class Choices:
 
     @classmethod
     def submit(cls, engine: Engine, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
-               count: int = 1) -> Choices:
+               count: int = 1, ends_output: list[Callable[[str], bool] | None] | None = None) -> Choices:
         """Queue ``count`` requests of ``prompt_ids`` (seeds per :func:`choice_seed`), admitted together;
-        if one is refused, those already queued are cancelled and the refusal raised."""
+        if one is refused, those already queued are cancelled and the refusal raised. ``ends_output[i]``:
+        choice ``i``'s ``Request.ends_output`` hook."""
         streams: list[GenerationStream] = []
         try:
             with engine.admission_held():
                 for i in range(count):
                     own = params if params.seed is None else dataclasses.replace(params, seed=choice_seed(params.seed, i))
                     submit = functools.partial(engine.submit, adapter=adapter, bounded=i == 0)
-                    streams.append(GenerationStream(submit, prompt_ids, own))
+                    streams.append(GenerationStream(submit, prompt_ids, own, ends_output[i] if ends_output else None))
         except BaseException:
             for stream in streams:
                 stream.cancel()

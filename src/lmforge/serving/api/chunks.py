@@ -60,7 +60,7 @@ async def chat_chunks(choices: Choices, rid: str, model: str, logprobs: bool,
         output = calls[index]
         if output is None:
             pieces, finish = [ChatDelta(content=delta.text)], delta.finish_reason
-        else:  # content and whole tool calls (api/tools.py); text that may open a call waits
+        else:  # content and tool-call deltas (api/tools.py); text that may open a call waits
             pieces = output.deltas(delta.text, done=delta.completion is not None)
             finish = output.finish_reason(delta.finish_reason)
             if not pieces and (lp is not None or finish is not None):

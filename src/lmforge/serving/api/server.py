@@ -216,9 +216,10 @@ def _add_chat(app: FastAPI, served: _Served, authorize) -> None:
                                            turns=len(messages))
         params = tools.constrain(body.sampling(served.budget(prompt_ids, body.max_tokens), body.logprobs_n))
         await served.constrain(params)
-        group = Choices.submit(engine, prompt_ids, params, adapter, body.n)
-        rid = new_id("chatcmpl")
         calls = [tools.output() for _ in range(body.n)]  # each choice's calls are parsed on their own
+        ends = [output.ends_output() if output is not None else None for output in calls]
+        group = Choices.submit(engine, prompt_ids, params, adapter, body.n, ends)
+        rid = new_id("chatcmpl")
         if body.stream:
             return _sse(chat_chunks(group, rid, model_name, body.logprobs, body.include_usage, calls), group)
         results = await _result_unless_gone(group, request)

@@ -18,9 +18,12 @@ xgrammar to call blocks of the parser's format whose arguments follow each funct
 structural tag; one call, or with ``parallel_tool_calls`` one or more), so a forced call always
 parses. ``auto`` leaves the model free and parses the calls it writes; ``none`` renders the tools
 but never parses. :class:`ToolOutput` turns the text into ``message.tool_calls`` (and
-``finish_reason: tool_calls``), or into stream deltas: a call is sent once its block is complete,
-as two deltas (its id and name, then its arguments), so a client never receives a call that does
-not parse. With ``parallel_tool_calls: false`` only the first call of an auto answer is kept.
+``finish_reason: tool_calls``), or into stream deltas: a call's id and name go out as soon as the
+model has written its name, then its arguments as fragments while the model writes them (each a
+valid continuation of the JSON object so far, ``tool_parsers.py``); their concatenation is the
+whole answer's ``arguments``. With ``parallel_tool_calls: false`` the first call is the answer: the
+engine stops the output once it is whole (:meth:`ToolOutput.ends_output`, the request's
+``ends_output`` hook), and nothing after it is sent.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +39,7 @@ from jinja2 import TemplateError
 
 from lmforge.serving.api.errors import ApiError
 from lmforge.serving.api.protocol import AssistantMessage, ChatCompletionRequest, ChatDelta, ChatMessage
-from lmforge.serving.api.tool_parsers import DEFAULT_PARSER, PARSERS, ParsedCall, ToolParser
+from lmforge.serving.api.tool_parsers import DEFAULT_PARSER, PARSERS, CallArguments, CallEnd, CallStart, ToolParser
 from lmforge.serving.api.tool_protocol import (
     FunctionCall,
     FunctionCallDelta,
@@ -221,19 +225,39 @@ class ToolOutput:
 
     def __init__(self, parser: ToolParser, parallel: bool) -> None:
         self._parser, self._parallel = parser, parallel
+        # The engine's copy reads the same text on the engine thread (ends_output), before any is fed here.
+        self._engine_parser = copy.deepcopy(parser) if not parallel else None
         self.calls: list[ToolCall] = []
+        self._over = False  # parallel_tool_calls false and the first call is whole: the rest is not the answer
 
-    def pieces(self, text: str, done: bool) -> list[str | ToolCall]:
-        """Content and new calls that ``text`` completes (all that is left, when ``done``)."""
+    def ends_output(self) -> Callable[[str], bool] | None:
+        """With ``parallel_tool_calls`` false, the engine's hook that ends the output once its first call is
+        whole (``Request.ends_output``: fed each piece of text on the engine thread); None otherwise."""
+        parser = self._engine_parser
+        if parser is None:
+            return None
+        return lambda text: any(isinstance(piece, CallEnd) for piece in parser.feed(text))
+
+    def pieces(self, text: str, done: bool) -> list[str | ToolCallDelta]:
+        """Content and call deltas that ``text`` adds (all that is left, when ``done``); ``calls`` grows with them."""
         found = self._parser.feed(text) + (self._parser.finish() if done else [])
-        out: list[str | ToolCall] = []
+        out: list[str | ToolCallDelta] = []
         for piece in found:
-            if isinstance(piece, ParsedCall):
-                if self.calls and not self._parallel:
-                    continue  # parallel_tool_calls false: the first call only
-                call = ToolCall(id=call_id(), function=FunctionCall(name=piece.name, arguments=piece.arguments))
+            if self._over:
+                break
+            if isinstance(piece, CallStart):
+                call = ToolCall(id=call_id(), function=FunctionCall(name=piece.name, arguments=""))
                 self.calls.append(call)
-                out.append(call)
+                out.append(ToolCallDelta(index=len(self.calls) - 1, id=call.id, type="function",
+                                         function=FunctionCallDelta(name=piece.name, arguments="")))
+            elif isinstance(piece, CallArguments):
+                self.calls[-1].function.arguments += piece.text
+                if out and isinstance(out[-1], ToolCallDelta) and out[-1].id is None:  # one delta per feed
+                    out[-1].function.arguments = (out[-1].function.arguments or "") + piece.text
+                else:
+                    out.append(ToolCallDelta(index=len(self.calls) - 1, function=FunctionCallDelta(arguments=piece.text)))
+            elif isinstance(piece, CallEnd):
+                self._over = not self._parallel
             elif not (self.calls and piece.isspace()):  # the newlines between call blocks are the format's
                 out.append(piece)
         return out
@@ -248,16 +272,7 @@ class ToolOutput:
         return AssistantMessage(content=content.strip() or None, tool_calls=self.calls)
 
     def deltas(self, text: str, done: bool) -> list[ChatDelta]:
-        """Stream deltas for ``text``: content as it is known not to open a call, each call once whole."""
-        out: list[ChatDelta] = []
-        for piece in self.pieces(text, done):
-            if isinstance(piece, str):
-                out.append(ChatDelta(content=piece))
-                continue
-            index = next(i for i, call in enumerate(self.calls) if call.id == piece.id)
-            out.append(ChatDelta(tool_calls=[ToolCallDelta(index=index, id=piece.id, type="function",
-                                                            function=FunctionCallDelta(name=piece.function.name,
-                                                                                       arguments=""))]))
-            out.append(ChatDelta(tool_calls=[ToolCallDelta(index=index,
-                                                           function=FunctionCallDelta(arguments=piece.function.arguments))]))
-        return out
+        """Stream deltas for ``text``: content as it is known not to open a call, a call's id and name
+        once written, its arguments as they come."""
+        return [ChatDelta(content=p) if isinstance(p, str) else ChatDelta(tool_calls=[p])
+                for p in self.pieces(text, done)]

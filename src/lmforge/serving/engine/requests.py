@@ -83,17 +83,23 @@ class Request:
     arrived: float = field(default_factory=time.perf_counter)  # for time-to-first-token
     adapter: int = 0  # LoRA adapter slot (adapters/lora_slots.py); 0 is the plain base
     grammar: CompiledGrammar | None = None  # params.response_format compiled (engine/structured.py)
+    # Fed each piece of output text on the engine thread; True ends the output there, finish "stop"
+    # (a tool call with parallel_tool_calls false: api/tools.py). Set before the request can be admitted.
+    ends_output: Callable[[str], bool] | None = None
 
 
 class GenerationStream:
     """Async iterator over one request's deltas; the request is queued on creation."""
 
-    def __init__(self, submit: Callable[..., Request], prompt_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, submit: Callable[..., Request], prompt_ids: list[int], params: SamplingParams,
+                 ends_output: Callable[[str], bool] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
         self._done = False
         self.prompt_tokens = len(prompt_ids)
         self._request = submit(prompt_ids, params, self._deliver)
+        # Race-free when submitted under Engine.admission_held (as Choices.submit does): not yet admitted.
+        self._request.ends_output = ends_output
 
     def _deliver(self, item: Delta | BaseException) -> None:
         # Runs on the engine thread: hand over to the event loop that owns the queue.

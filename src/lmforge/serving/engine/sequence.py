@@ -77,6 +77,9 @@ def emit(seq: Sequence, token: int, entry: TokenLogprob | None, eos_ids: set[int
         text, finish = seq.tracker.flush(), "stop"
     else:
         text = seq.tracker.add(token)
+        ends = seq.request.ends_output
+        if text and ends is not None and ends(text):
+            seq.tracker.stopped = True  # ended as by a stop string (the scheduler counts it "stop")
         if seq.tracker.stopped:
             finish = "stop"
         elif len(seq.token_ids) >= params.max_tokens:
