@@ -202,8 +202,8 @@ class HFBackend:
             return list(logits.split(1))
         return [logits[i, -len(item.ids):] if item.all_logits else logits[i, -1:] for i, item in enumerate(items)]
 
-    def decode(self, rows: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
+    def decode(self, rows: list[int], positions: list[int], tokens: list[int] | torch.Tensor) -> torch.Tensor:
         self._keep(rows)
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device)
+        ids = torch.as_tensor(tokens, dtype=torch.long, device=self.model.device)
         batch = cast(DecodeBatch, self._batch)  # the rows decoded are running: their prefill made the batch
         return batch.decode(self.model, ids)

@@ -13,6 +13,7 @@ which capture decode only, are untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -182,10 +183,13 @@ class PagedBackend:
                                   self.prefill_block, None)
         return list(self.runner.forward(layout).split([len(ids) for ids in runs]))
 
-    def decode(self, rows: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
+    def decode(self, rows: list[int], positions: list[int], tokens: list[int] | torch.Tensor) -> torch.Tensor:
         if self.virtual_tokens:
             positions = [self.virtual_tokens + p for p in positions]
         if self.graphs is not None and self.graphs.fits(len(rows)):
             return self.graphs.run(tokens, positions, rows)
-        layout = StepLayout.build([(r, p, [t]) for r, p, t in zip(rows, positions, tokens)], self.device, 1, None)
+        ids = [0] * len(rows) if isinstance(tokens, torch.Tensor) else tokens
+        layout = StepLayout.build([(r, p, [t]) for r, p, t in zip(rows, positions, ids)], self.device, 1, None)
+        if isinstance(tokens, torch.Tensor):  # still on the device: fed in stream order, not read here
+            layout = dataclasses.replace(layout, tokens=tokens)
         return self.runner.forward(layout)

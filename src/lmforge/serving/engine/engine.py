@@ -1,13 +1,13 @@
 """The inference engine: loads a model and decodes requests with continuous batching.
 
-One background thread owns the model and runs steps. A step is a prefill round and a decode round,
-each schedule -> execute -> update: the scheduler (``engine/scheduler.py``) says which sequences
-run (admission while the batch has a free row and the KV cache can take the request, dropping
-requests whose client went away, prompt chunks within ``serving.scheduler.max_prefill_tokens``, preemption
-when the cache runs short); the engine runs them on its backend (``backends/``: the paged one, our
-Llama runner with a paged KV cache and CUDA graphs, or the HF one for every other causal LM),
-chooses the next tokens (``engine/sampling.py``), and hands them back to the scheduler, which
-sends the text and finishes the done sequences. Requests join and leave the batch at every step.
+One background thread owns the model and runs steps (``engine/steps.py``). A step is a prefill round
+and a decode round, each schedule -> execute -> update: the scheduler (``engine/scheduler.py``) says
+which sequences run (admission while the batch has a free row and the KV cache can take the request,
+dropping requests whose client went away, prompt chunks within ``serving.scheduler.max_prefill_tokens``,
+preemption when the cache runs short); the step runs them on the engine's backend (``backends/``: the
+paged one, our Llama runner with a paged KV cache and CUDA graphs, or the HF one for every other
+causal LM), chooses the next tokens (``engine/sampling.py``), and hands them back to the scheduler,
+which sends the text and finishes the done sequences. Requests join and leave the batch at every step.
 The waiting queue is bounded (``serving.scheduler.max_queue``): beyond it :meth:`Engine.submit` raises
 :class:`EngineBusy` (HTTP 429), and while shutting down it refuses with 503.
 
@@ -36,7 +36,6 @@ from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
 from lmforge.core.runtime import cpu_count
 from lmforge.model.chat import render_chat
-from lmforge.serving.backends.base import PrefillItem
 from lmforge.serving.backends.choose import make_backend
 from lmforge.serving.engine.metrics import EngineMetrics, NullMetrics
 from lmforge.serving.engine.requests import (
@@ -50,11 +49,11 @@ from lmforge.serving.engine.requests import (
     slot_of,
     token_budget,
 )
-from lmforge.serving.engine.sampling import SamplingParams, TokenLogprob, choose_tokens, token_logprobs
+from lmforge.serving.engine.sampling import SamplingParams, TokenLogprob
 from lmforge.serving.engine.scheduler import Scheduler
-from lmforge.serving.engine.sequence import Sequence, prompt_logprobs
 from lmforge.serving.engine.speculative import make_speculator
-from lmforge.serving.engine.structured import Grammars, accept_tokens, mask_logits
+from lmforge.serving.engine.steps import Steps
+from lmforge.serving.engine.structured import Grammars
 from lmforge.serving.model.loading import eos_ids, load_model
 from lmforge.serving.model.types import ServedModel
 
@@ -113,12 +112,12 @@ class Engine:
         self.scheduler = Scheduler(self.backend, tokenizer, self.eos_ids, max_batch_size=cfg.scheduler.max_batch_size,
                                    max_prefill_tokens=cfg.scheduler.max_prefill_tokens, metrics=self.metrics,
                                    lock=self._cv)
-        # A decode step launched before the previous step's text was processed (see _advance).
-        self._ahead: tuple[list[Sequence], torch.Tensor] | None = None
         self._closed = False
         self._draining = False
         # Counters for benchmarks and tests: forward passes and the most rows decoded together.
         self.stats = {"prefills": 0, "merges": 0, "decode_steps": 0, "peak_batch": 0}
+        self.steps = Steps(self.scheduler, self.backend, tokenizer, self.speculator, cfg.runtime.overlap_decode,
+                           self.stats)
         self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
         self._thread.start()
         _LIVE.add(self)
@@ -280,11 +279,11 @@ class Engine:
         while self._wait_for_work():
             try:
                 with torch.inference_mode(), sdpa_kernel(_ATTENTION_BACKENDS):
-                    self._step()
+                    self.steps.step()
             except Exception as exc:
                 log.exception("engine step failed; failing %d request(s)", self.scheduler.active)
                 self.scheduler.fail_active(exc)
-                self._ahead = None
+                self.steps.reset()
         self.scheduler.close(ServingError("the engine shut down before the request finished",
                                           "retry against a running server"))
 
@@ -293,98 +292,6 @@ class Engine:
             while not self._closed and not self.scheduler.has_work():
                 self._cv.wait()
             return not self._closed
-
-    def _step(self) -> None:
-        """One step: a prefill round, then a decode round, each schedule -> execute -> update."""
-        chunks = self.scheduler.schedule_prefill()
-        if chunks:
-            self._prefill(chunks)
-        seqs = self.scheduler.schedule_decode()
-        if seqs:
-            self._decode(seqs)
-
-    def _prefill(self, chunks: list[tuple[Sequence, PrefillItem]]) -> None:
-        logits = self.backend.prefill([item for _, item in chunks])
-        self.stats["prefills"] += 1
-        self.stats["merges"] += bool(self.scheduler.running)
-        last: dict[int, torch.Tensor] = {}
-        for (seq, item), rows in zip(chunks, logits):
-            if item.all_logits:
-                prompt_logprobs(seq, item.start, rows, self.tokenizer)
-            last[id(seq)] = rows[-1:]
-        whole = self.scheduler.prefilled(chunks)
-        if whole:
-            self._advance(whole, torch.cat([last[id(seq)] for seq in whole]))
-
-    def _decode(self, running: list[Sequence]) -> None:
-        if self.speculator is not None:  # its sequences take their own step; the rest decode below
-            running = self.speculator.run(running, self.scheduler)
-            if not running:
-                return
-        seqs, parts = self._take_ahead(running)
-        have = {id(s) for s in seqs}
-        rest = [s for s in running if id(s) not in have]  # joined since, or not launched ahead
-        if rest:
-            parts.append(self.backend.decode([s.row for s in rest], [s.position for s in rest],
-                                             [s.next_token for s in rest]))
-            seqs = seqs + rest
-        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
-        self.stats["decode_steps"] += 1
-        self.stats["peak_batch"] = max(self.stats["peak_batch"], len(seqs))
-        # No step ahead beside speculation (its sequences must see their tokens first).
-        self._advance(seqs, logits, ahead=self.backend.overlap and self.cfg.runtime.overlap_decode and not self.speculator)
-
-    def _take_ahead(self, running: list[Sequence]) -> tuple[list[Sequence], list[torch.Tensor]]:
-        """The still-running sequences of the step launched ahead, and (a copy of) their logits."""
-        if self._ahead is None:
-            return [], []
-        seqs, logits = self._ahead
-        self._ahead = None
-        live = {id(s) for s in running}
-        keep = [i for i, s in enumerate(seqs) if id(s) in live]
-        if not keep:
-            return [], []
-        # A copy, taken before any other launch: the logits live in a CUDA graph's output buffer.
-        return [seqs[i] for i in keep], [logits[torch.tensor(keep, device=logits.device)]]
-
-    def _advance(self, seqs: list[Sequence], logits: torch.Tensor, ahead: bool = False) -> None:
-        """Choose each sequence's next token and hand the tokens to the scheduler (which sends the
-        text, finishes the done sequences and keeps the others running).
-
-        With ``ahead``, the next decode step is launched for every sequence that will surely go on
-        (no EOS, under max_tokens) *before* the text of this step is decoded and sent, so the GPU
-        computes while Python detokenizes. A sequence that then stops on a stop string wastes that
-        one step; its result is dropped (its cache write lands in its own reserved blocks).
-        """
-        grammars, raw = [s.grammar for s in seqs], logits
-        wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        if any(grammars):  # logprobs report the model's own distribution, as without a grammar
-            raw = logits.clone() if wanted else logits
-            mask_logits(logits, grammars)
-        tokens = choose_tokens(logits, [s.params for s in seqs], [s.rng for s in seqs])
-        entries: dict[int, TokenLogprob] = {}
-        if wanted:
-            found = token_logprobs(raw[wanted], [tokens[i] for i in wanted],
-                                   [seqs[i].params.logprobs or 0 for i in wanted], self.tokenizer)
-            entries = dict(zip(wanted, found))
-        if ahead:  # logits are consumed: the next launch may now reuse their buffer
-            go_on = [i for i, s in enumerate(seqs) if self._continues(s, tokens[i])]
-            if go_on:
-                nxt = [seqs[i] for i in go_on]
-                self._ahead = (nxt, self.backend.decode([s.row for s in nxt],
-                                                        [len(s.prompt) + len(s.token_ids) for s in nxt],
-                                                        [tokens[i] for i in go_on]))
-        accept_tokens(grammars, tokens)  # next masks: on the CPU while the step launched above runs
-        self.scheduler.update(seqs, tokens, entries)
-
-    def _continues(self, seq: Sequence, token: int) -> bool:
-        """Whether ``seq`` surely needs another step after ``token`` (stop strings aside), with cache room for it."""
-        if seq.request.cancelled.is_set() or len(seq.token_ids) + 1 >= seq.params.max_tokens:
-            return False
-        if not (seq.params.ignore_eos or token not in self.eos_ids):
-            return False
-        backend = self.backend
-        return backend.reserves_worst_case or backend.grow(seq.row, len(seq.prompt) + len(seq.token_ids) + 1)
 
 
 # Engines still running at interpreter exit are closed first: a daemon thread killed inside a

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 
+from lmforge.serving.model.transfer import to_device
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -86,17 +88,27 @@ def make_rng(seed: int | None) -> random.Random:
 
 def choose_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], rngs: Sequence[random.Random]) -> list[int]:
     """The next token of every row of ``logits`` ([rows, vocab]) under that row's parameters."""
+    return pick_tokens(logits, params, rngs).tolist()
+
+
+def pick_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], rngs: Sequence[random.Random]) -> torch.Tensor:
+    """:func:`choose_tokens` left on the logits' device ([rows] int64), queued without waiting for
+    the device: the engine launches the next decode step from them before they reach the host."""
     tokens = logits.argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    if len(sampled) == len(params):
+        return _sample(logits, list(params), [rng.random() for rng in rngs])
     if sampled:
-        tokens[sampled] = _sample(logits[sampled], [params[i] for i in sampled], [rngs[i].random() for i in sampled])
-    return tokens.tolist()
+        index = to_device(sampled, torch.long, logits.device)
+        picks = _sample(logits.index_select(0, index), [params[i] for i in sampled], [rngs[i].random() for i in sampled])
+        tokens.index_copy_(0, index, picks)
+    return tokens
 
 
 def _sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[float]) -> torch.Tensor:
     scores, order = _filtered_scores(logits, params)
     cdf = torch.softmax(scores, dim=-1).cumsum(-1)
-    u = torch.tensor(uniforms, device=logits.device, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
+    u = to_device(uniforms, cdf.dtype, logits.device)[:, None] * cdf[:, -1:]
     pick = torch.searchsorted(cdf, u).clamp(max=logits.shape[-1] - 1)
     return order.gather(1, pick).squeeze(1)
 
@@ -121,13 +133,13 @@ def _filtered_scores(logits: torch.Tensor, params: Sequence[SamplingParams]) -> 
     the sort order (vocabulary ids)."""
     device = logits.device
     vocab = logits.shape[-1]
-    temps = torch.tensor([p.temperature for p in params], device=device)[:, None]
+    temps = to_device([p.temperature for p in params], torch.float32, device)[:, None]
     scores, order = torch.sort(logits.float() / temps, dim=-1, descending=True)
     ranks = torch.arange(vocab, device=device)[None, :]
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)[:, None]
+    top_k = to_device([p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.long, device)[:, None]
     scores = scores.masked_fill(ranks >= top_k, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+    top_p = to_device([p.top_p for p in params], torch.float32, device)[:, None]
     # Drop a token once the mass before it already reaches top_p; the first token always stays.
     scores = scores.masked_fill((probs.cumsum(-1) - probs) >= top_p, float("-inf"))
     return scores, order

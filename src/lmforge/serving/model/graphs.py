@@ -3,9 +3,10 @@
 A decode step of a 1B model is a few hundred small kernels; launched one by one from Python the
 GPU idles between them, replayed from a graph it does not. The step's inputs (token, position and
 cache row of each sequence) live in one static device buffer ``[3, max_bucket]``; a step copies its
-values in with one host-to-device copy and replays the graph of the smallest bucket that fits,
-padding the extra rows with the cache's scratch row (which points only at the scratch block, so
-padded rows never touch a real sequence's cache). All graphs share one memory pool and are
+values in with one asynchronous host-to-device copy (the tokens may come straight from the device)
+and replays the graph of the smallest bucket that fits, padding the extra rows with the cache's
+scratch row (which points only at the scratch block, so padded rows never touch a real sequence's
+cache). All graphs share one memory pool and are
 captured largest first, so together they need about the memory of the largest.
 """
 
@@ -15,6 +16,7 @@ import torch
 
 from lmforge.serving.model.ops import StepLayout
 from lmforge.serving.model.runner import LlamaRunner
+from lmforge.serving.model.transfer import pinned
 
 
 def buckets(max_batch: int) -> list[int]:
@@ -67,13 +69,23 @@ class DecodeGraphs:
     def fits(self, n: int) -> bool:
         return n <= self.buckets[-1]
 
-    def run(self, tokens: list[int], positions: list[int], rows: list[int]) -> torch.Tensor:
-        """Logits ``[n, vocab]`` of one decode step; valid until the next call."""
-        n = len(tokens)
+    def run(self, tokens: list[int] | torch.Tensor, positions: list[int], rows: list[int]) -> torch.Tensor:
+        """Logits ``[n, vocab]`` of one decode step; valid until the next call.
+
+        ``tokens`` may be a device tensor (the previous step's choice, still being computed): it is
+        copied on the device, in stream order, so the step is launched without waiting for it. The
+        host values go through pinned memory (``model/transfer.py``): no call here waits for the GPU."""
+        n = len(rows)
         b = next(size for size in self.buckets if size >= n)
         pad = b - n
-        host = torch.tensor([tokens + [self._pad[0]] * pad, positions + [self._pad[1]] * pad,
-                             rows + [self._pad[2]] * pad], dtype=torch.long)
-        self.inputs[:, :b].copy_(host)
+        device = self.inputs.device
+        if isinstance(tokens, torch.Tensor):
+            self.inputs[0, :n].copy_(tokens)  # padded rows keep earlier ids: valid tokens, in the scratch row
+            host = pinned([positions + [self._pad[1]] * pad, rows + [self._pad[2]] * pad], torch.long, device)
+            self.inputs[1:, :b].copy_(host, non_blocking=True)
+        else:
+            host = pinned([tokens + [self._pad[0]] * pad, positions + [self._pad[1]] * pad,
+                           rows + [self._pad[2]] * pad], torch.long, device)
+            self.inputs[:, :b].copy_(host, non_blocking=True)
         self.graphs[b].replay()
         return self.outputs[b][:n]

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lmforge.serving.model.transfer import to_device
+
 
 @dataclass
 class StepLayout:
@@ -54,10 +56,10 @@ class StepLayout:
                 blocks.append((row, first + b, min(tokens_per_block, len(ids) - b)))
 
         def t64(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+            return to_device(values, torch.long, device)
 
-        # Columns made contiguous: a kernel sees only a tensor's data pointer, not its strides.
-        blk = torch.tensor(blocks, dtype=torch.int32).reshape(-1, 3).t().contiguous().to(device)
+        # One row per column (contiguous: a kernel sees only a tensor's data pointer, not its strides).
+        blk = to_device([list(column) for column in zip(*blocks)], torch.int32, device)
         return cls(t64(tokens), t64(positions), t64(rows), blk[0], blk[1], blk[2], tokens_per_block,
                    None if logit_index is None else t64(logit_index), plan)
 
