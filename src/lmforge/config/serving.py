@@ -210,6 +210,13 @@ class SpeculativeConfig(Section):
     ngram_min: int = Field(1, ge=1, le=32, description="Shortest suffix (tokens) the n-gram proposer matches.")
     ngram_max: int = Field(4, ge=1, le=32, description="Longest suffix (tokens) the n-gram proposer matches; the "
                            "longest match found is used.")
+    backoff_acceptance: float = Field(
+        0.25, ge=0.0, le=1.0, description="When a sequence's moving average of accepted / proposed guesses falls "
+        "below this, it stops speculating for backoff_steps decode steps (plain decoding, CUDA graphs included), then "
+        "tries again; 0 never backs off.",
+    )
+    backoff_steps: int = Field(8, ge=1, le=4096, description="Plain decode steps of a sequence's first back-off; each "
+                               "back-off in a row doubles it, up to 8 times as many.")
     draft_model: str | None = Field(
         None, description="The draft model for method 'draft': a model directory or models:/NAME@ALIAS (a Llama-family "
         "model with the same tokenizer as the served one).",

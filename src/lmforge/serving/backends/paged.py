@@ -30,6 +30,7 @@ from lmforge.serving.model.kv_cache import CacheShape, PagedKVCache, blocks_for_
 from lmforge.serving.model.ops import Ops, StepLayout, TritonOps
 from lmforge.serving.model.runner import LlamaRunner, head_dim
 from lmforge.serving.model.types import LlamaCausalLM
+from lmforge.serving.model.verify_graphs import VerifyGraphs
 from lmforge.serving.quant.quantize import check_options, kv_cache_dtype
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,16 @@ class PagedBackend:
         self.graphs = None
         if cfg.runtime.cuda_graphs and self.device.type == "cuda" and isinstance(self.ops, TritonOps):
             self.graphs = DecodeGraphs(self.runner, cfg.scheduler.max_batch_size)
+        # Speculative decoding's verify forward (k + 1 tokens per sequence) as graphs too (model/verify_graphs.py),
+        # when one query block of the attention kernel holds them (up to 128 (token, head) rows, as in prefill).
+        self.verify_graphs: VerifyGraphs | None = None
+        width = cfg.speculative.num_tokens + 1
+        if self.graphs is not None and cfg.speculative.method != "none":
+            if width <= self.prefill_block:
+                self.verify_graphs = VerifyGraphs(self.runner, cfg.scheduler.max_batch_size, width)
+            else:
+                log.info("speculative verify runs eagerly: %d tokens per sequence exceed one attention block of %d",
+                         width, self.prefill_block)
         log.info("paged KV cache: %d blocks of %d tokens (%.0f MiB), ops=%s, cuda_graphs=%s",
                  self.cache.num_blocks, shape.block_size, self.cache.num_blocks * shape.bytes_per_block() / 2**20,
                  self.ops.name, self.graphs is not None)
@@ -175,10 +186,13 @@ class PagedBackend:
 
     def verify(self, rows: list[int], positions: list[int], runs: list[list[int]]) -> list[torch.Tensor]:
         """Logits of every token of each ``runs[i]``, fed from ``positions[i]`` on in ``rows[i]``: one
-        forward for speculative decoding's k + 1 positions per sequence (``engine/speculative.py``).
-        The chunked-prefill path (eager; CUDA graphs stay with the plain decode step). Nothing is
-        committed to the prefix cache: only prompt blocks are ever hashed, and these are generated."""
+        forward for speculative decoding's up to k + 1 positions per sequence (``engine/speculative.py``).
+        A captured graph's replay where captured (``model/verify_graphs.py``: its output is valid until
+        the next verify), else the chunked-prefill path, eagerly. Nothing is committed to the prefix
+        cache: only prompt blocks are ever hashed, and these are generated."""
         shift = self.virtual_tokens
+        if self.verify_graphs is not None and self.verify_graphs.fits(runs):
+            return self.verify_graphs.run(rows, [shift + p for p in positions], runs)
         layout = StepLayout.build([(r, shift + p, ids) for r, p, ids in zip(rows, positions, runs)], self.device,
                                   self.prefill_block, None)
         return list(self.runner.forward(layout).split([len(ids) for ids in runs]))

@@ -44,7 +44,7 @@ class NullMetrics:
     def prefix_cache(self, queried: int, cached: int) -> None:
         pass
 
-    def speculative(self, proposed: int, accepted: int) -> None:
+    def speculative(self, proposed: int, accepted: int, backoffs: int = 0, paused: int = 0) -> None:
         pass
 
 
@@ -102,6 +102,11 @@ class EngineMetrics:
         self.spec_accepted = Counter("lmforge_spec_decode_accepted_tokens", "Proposed tokens the model accepted.",
                                      registry=self.registry)
         self._spec = [0, 0]  # proposed, accepted: for the acceptance-rate gauge
+        self.spec_backoffs = Counter("lmforge_spec_decode_backoffs", "Times a sequence stopped speculating because "
+                                     "its guesses kept failing (serving.speculative.backoff_acceptance).",
+                                     registry=self.registry)
+        self.spec_paused = Counter("lmforge_spec_decode_paused_steps", "Decode steps sequences took without "
+                                   "guesses while backed off.", registry=self.registry)
         self.registry.register(self)
 
     def bind(self, queue_depth: Callable[[], float], running: Callable[[], float],
@@ -147,12 +152,14 @@ class EngineMetrics:
         self.prefix_queried.inc(queried)
         self.prefix_cached.inc(cached)
 
-    def speculative(self, proposed: int, accepted: int) -> None:
+    def speculative(self, proposed: int, accepted: int, backoffs: int = 0, paused: int = 0) -> None:
         with self._lock:
             self._spec[0] += proposed
             self._spec[1] += accepted
         self.spec_proposed.inc(proposed)
         self.spec_accepted.inc(accepted)
+        self.spec_backoffs.inc(backoffs)
+        self.spec_paused.inc(paused)
 
     # ------------------------------------------------------------ scraped
 

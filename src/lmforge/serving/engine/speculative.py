@@ -22,14 +22,24 @@ end the run where they occur (``Scheduler.update_runs``).
 
 Not speculated (decoded plainly in the same step, correct either way): requests with
 ``logprobs`` (their entries come from the plain step) and requests with a ``response_format``
-(the grammar's mask would have to advance through and roll back over the guesses). When no
-sequence has a guess, the round is one plain decode step (CUDA graphs included).
+(the grammar's mask would have to advance through and roll back over the guesses).
+
+What a round costs: the verify forward replays a CUDA graph where the backend captured one
+(``model/verify_graphs.py``), else it runs eagerly. When no sequence has a guess, the round is the
+engine's plain decode step (its CUDA graph); when some have, the others ride along in the verify
+with their pending token alone (one forward, not two). Back-off: a sequence whose moving average of
+accepted / proposed falls below ``backoff_acceptance`` (its output stopped copying, or the draft
+stopped agreeing) makes no guesses for ``backoff_steps`` decode steps, then probes again with a
+fresh average; each failed probe doubles the pause (up to 8x). Whether a step is speculated
+depends only on what came before it, so each emitted token's distribution is unchanged (greedy:
+the same tokens).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -54,6 +64,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Back-off: the weight of the latest verify in a sequence's moving acceptance (a few verifies decide), and the
+# longest pause as a multiple of backoff_steps (a sequence that stopped copying still probes now and then).
+_EMA_WEIGHT = 0.5
+_MAX_PAUSE_FACTOR = 8
+
 
 def accept_run(target: torch.Tensor, proposal: Proposal, rng: random.Random) -> tuple[list[int], int]:
     """The tokens to emit after verifying ``proposal`` against ``target`` ([m + 1, vocab]: the model's
@@ -77,45 +92,90 @@ def accept_run(target: torch.Tensor, proposal: Proposal, rng: random.Random) -> 
     return [*guesses, draw(target[len(guesses)][None], [rng])[0]], len(guesses)
 
 
+@dataclass
+class Backoff:
+    """One sequence's back-off state (``serving.speculative.backoff_acceptance`` / ``backoff_steps``)."""
+
+    rate: float | None = None  # moving average of accepted / proposed; None until its first verify (or probe)
+    pause: int = 0  # decode steps left without guesses
+    length: int = 0  # the next pause's length
+    probing: bool = False  # the next verify starts the average afresh (what was seen before the pause is stale)
+
+
 class Speculator:
     """Runs the speculative decode round for the sequences it applies to."""
 
     def __init__(self, cfg: SpeculativeConfig, backend: PagedBackend, proposer: Proposer,
                  metrics: EngineMetrics | NullMetrics) -> None:
         self.k = cfg.num_tokens
+        self.threshold, self.base_pause = cfg.backoff_acceptance, cfg.backoff_steps
         self.backend = backend
         self.proposer = proposer
         self.metrics = metrics
-        self.stats = {"proposed": 0, "accepted": 0, "verify_steps": 0}
+        self.backoff: dict[int, Backoff] = {}  # id(seq) -> its state, for the running sequences
+        # verify_steps: forwards that verified guesses; backoffs: pauses begun; paused_steps: sequence-steps
+        # decoded without guesses while paused; plain_rounds: rounds left to the engine's plain decode step.
+        self.stats = {"proposed": 0, "accepted": 0, "verify_steps": 0, "backoffs": 0, "paused_steps": 0,
+                      "plain_rounds": 0}
 
     @staticmethod
     def eligible(seq: Sequence) -> bool:
         return seq.grammar is None and seq.params.logprobs is None
 
     def run(self, running: list[Sequence], scheduler: Scheduler) -> list[Sequence]:
-        """Step the eligible ones of ``running`` and hand their runs to ``scheduler``; the others are returned."""
+        """Step the sequences of ``running`` that take a verify forward this round and hand their runs
+        to ``scheduler``; the others are returned, for the engine's plain decode step.
+
+        When no eligible sequence has a guess (none found, or all backed off), the round is a plain
+        decode step (a CUDA graph's replay), which costs less than a verify forward: taken here when
+        every running sequence is eligible (so a finished one's draft cache row is released at once),
+        else left to the engine with the others, in one forward. When some have guesses, the other
+        eligible sequences ride along in the verify with their pending token alone (plain decoding
+        for them) rather than pay a second forward."""
         seqs = [s for s in running if self.eligible(s)]
-        if seqs:
-            scheduler.update_runs(seqs, self.step(seqs))
-            self.proposer.retain(scheduler.running)  # the finished ones give their draft cache back now
+        if not seqs:
+            return running
+        live = {id(s) for s in running}
+        self.backoff = {key: state for key, state in self.backoff.items() if key in live}
+        self.proposer.retain(seqs)
+        proposals = self._propose(seqs)
+        if not any(p.tokens for p in proposals):
+            self.stats["plain_rounds"] += 1
+            if len(seqs) < len(running):
+                return running  # draft rows of sequences this step finishes are released next round
+        scheduler.update_runs(seqs, self.step(seqs, proposals))
+        self.proposer.retain(scheduler.running)  # the finished ones give their draft cache back now
         return [s for s in running if not self.eligible(s)]
 
-    def step(self, seqs: list[Sequence]) -> list[list[int]]:
-        """Propose, verify in one forward, accept: the run of tokens each of ``seqs`` emits this step."""
-        self.proposer.retain(seqs)
+    def _propose(self, seqs: list[Sequence]) -> list[Proposal]:
+        """Guesses for the sequences not backed off (their pauses count down here); empty for the others."""
         # Never guess past max_tokens: the last of a run is the correction or bonus token.
         limits = [max(0, min(self.k, s.params.max_tokens - len(s.token_ids) - 1)) for s in seqs]
-        proposals = self.proposer.propose(seqs, limits)
+        paused = 0
+        for i, seq in enumerate(seqs):
+            state = self.backoff.setdefault(id(seq), Backoff(length=self.base_pause))
+            if state.pause:
+                state.pause -= 1
+                limits[i] = 0
+                paused += 1
+        self.stats["paused_steps"] += paused
+        if paused:
+            self.metrics.speculative(0, 0, paused=paused)
+        return self.proposer.propose(seqs, limits)
+
+    def step(self, seqs: list[Sequence], proposals: list[Proposal]) -> list[list[int]]:
+        """Verify ``proposals`` in one forward and accept: the run of tokens each of ``seqs`` emits
+        (without any guess, the forward is a plain decode step)."""
+        cache_rows, positions = [s.row for s in seqs], [s.position for s in seqs]
         if any(p.tokens for p in proposals):
             runs = [[s.next_token, *p.tokens] for s, p in zip(seqs, proposals)]
-            logits = self.backend.verify([s.row for s in seqs], [s.position for s in seqs], runs)
+            logits = self.backend.verify(cache_rows, positions, runs)
             self.stats["verify_steps"] += 1
-        else:  # nothing to verify: one plain decode step (CUDA graphs where captured)
-            logits = list(self.backend.decode([s.row for s in seqs], [s.position for s in seqs],
-                                              [s.next_token for s in seqs])[:, None])
+        else:
+            logits = list(self.backend.decode(cache_rows, positions, [s.next_token for s in seqs])[:, None])
         out: list[list[int]] = []
         counts: list[int] = []
-        for seq, proposal, rows in zip(seqs, proposals, self._targets(seqs, proposals, logits)):
+        for seq, proposal, rows in zip(seqs, proposals, self._targets(seqs, logits)):
             if isinstance(rows, list):  # greedy: accepted while each guess is the model's argmax
                 n = next((i for i, x in enumerate(proposal.tokens) if x != rows[i]), len(proposal.tokens))
                 run = [*proposal.tokens[:n], rows[n]]
@@ -124,18 +184,35 @@ class Speculator:
             out.append(run)
             counts.append(n)
         self.proposer.accepted(seqs, counts)
+        backoffs = sum(self._observe(seq, len(p.tokens), n) for seq, p, n in zip(seqs, proposals, counts) if p.tokens)
         proposed, accepted = sum(len(p.tokens) for p in proposals), sum(counts)
         self.stats["proposed"] += proposed
         self.stats["accepted"] += accepted
+        self.stats["backoffs"] += backoffs
         if proposed:
-            self.metrics.speculative(proposed, accepted)
+            self.metrics.speculative(proposed, accepted, backoffs=backoffs)
         return out
 
+    def _observe(self, seq: Sequence, proposed: int, accepted: int) -> bool:
+        """Fold one verify's acceptance into ``seq``'s average; True when that starts a pause."""
+        state = self.backoff.setdefault(id(seq), Backoff(length=self.base_pause))
+        rate = accepted / proposed
+        if state.rate is not None and not state.probing:
+            rate = _EMA_WEIGHT * rate + (1 - _EMA_WEIGHT) * state.rate
+        state.rate = rate
+        state.probing = False
+        if state.rate >= self.threshold:
+            state.length = self.base_pause  # a later slump starts from the shortest pause again
+            return False
+        state.pause, state.probing = state.length, True
+        state.length = min(2 * state.length, _MAX_PAUSE_FACTOR * self.base_pause)
+        return True
+
     @staticmethod
-    def _targets(seqs: list[Sequence], proposals: list[Proposal],
-                 logits: list[torch.Tensor]) -> list[list[int] | torch.Tensor]:
+    def _targets(seqs: list[Sequence], logits: list[torch.Tensor]) -> list[list[int] | torch.Tensor]:
         """Per sequence, the model's argmax tokens (greedy) or its sampling distributions on the CPU
-        ([m + 1, vocab]); one device sync for all of them."""
+        ([m + 1, vocab]); one device sync for all of them. ``torch.cat`` copies the logits out of the
+        verify graph's output buffer before anything else runs."""
         flat = torch.cat(logits)
         sizes = [len(rows) for rows in logits]
         greedy = flat.argmax(dim=-1).tolist()
