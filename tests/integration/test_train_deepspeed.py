@@ -10,14 +10,12 @@ layout resumes into ZeRO (either stage, any number of workers).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port
+from gloo import spawn_gloo
 
 from lmforge.config.model import ModelConfig
 from lmforge.config.training import (
@@ -83,33 +81,24 @@ def _run(strategy: str, rank: int, world: int, stage: int = 3, resume: ckpt.Chec
             "weights": zero.full_model_state(model)}
 
 
-def _worker(rank: int, port: int, out: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        results: dict = {stage: _run("deepspeed", rank, WORLD, stage) for stage in STAGES}
-        # Each stage's step-3 checkpoint (full tensors, as a ddp run's) resumed under the other stage.
-        for stage in STAGES:
-            root = out.parent / f"ckpt-zero{stage}"
-            written = results[stage]["saved"][SAVE_AT]
-            ckpt.save(root, f"pretrain-{SAVE_AT}", written["tensors"], {"loop": written["state"]}, keep=1)
-            dist.barrier()
-            other = STAGES[1] if stage == STAGES[0] else STAGES[0]
-            results[f"resumed_into_{other}"] = _run("deepspeed", rank, WORLD, other, resume=ckpt.load_latest(root))
-        if rank == 0:
-            torch.save(results, out)
-    finally:
-        dist.destroy_process_group()
+def _zero_runs(rank: int, world: int, tmp: Path) -> dict:
+    results: dict = {stage: _run("deepspeed", rank, world, stage) for stage in STAGES}
+    # Each stage's step-3 checkpoint (full tensors, as a ddp run's) resumed under the other stage.
+    for stage in STAGES:
+        root = tmp / f"ckpt-zero{stage}"
+        written = results[stage]["saved"][SAVE_AT]
+        ckpt.save(root, f"pretrain-{SAVE_AT}", written["tensors"], {"loop": written["state"]}, keep=1)
+        dist.barrier()
+        other = STAGES[1] if stage == STAGES[0] else STAGES[0]
+        results[f"resumed_into_{other}"] = _run("deepspeed", rank, world, other, resume=ckpt.load_latest(root))
+    return results
 
 
 @pytest.fixture(scope="module")
 def partitioned(tmp_path_factory) -> dict:
     """Rank 0's results of the 2-process ZeRO runs, by stage (one spawn: the processes' start is the cost)."""
-    out = tmp_path_factory.mktemp("zero") / "results.pt"
-    started = time.perf_counter()
-    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD)
-    print(f"\n2 gloo processes, deepspeed ZeRO {STAGES}: {time.perf_counter() - started:.1f} s")
-    return torch.load(out, weights_only=False)
+    tmp = tmp_path_factory.mktemp("zero")
+    return spawn_gloo(_zero_runs, WORLD, tmp / "results.pt", tmp, label=f"deepspeed ZeRO {STAGES}")
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,9 @@ weights live, never what the step computes. The whole train stage under Ray is t
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port
+from gloo import spawn_gloo
 
 from lmforge.config.model import ModelConfig
 from lmforge.config.parallel import ParallelConfig
@@ -89,25 +84,15 @@ def _run(method: str, strategy: str, rank: int, world: int, resume: ckpt.Checkpo
             "weights": parallel.full_state(model.state_dict(), keep=rank == 0)}
 
 
-def _worker(rank: int, port: int, out: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        results = {method: _run(method, "fsdp", rank, WORLD) for method in METHODS}
-        if rank == 0:
-            torch.save(results, out)
-    finally:
-        dist.destroy_process_group()
+def _sharded_runs(rank: int, world: int) -> dict:
+    return {method: _run(method, "fsdp", rank, world) for method in METHODS}
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> dict:
     """Rank 0's results of the 2-process sharded runs, by method (one spawn: the processes' start is the cost)."""
     out = tmp_path_factory.mktemp("fsdp") / "results.pt"
-    started = time.perf_counter()
-    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD)
-    print(f"\n2 gloo processes, fsdp, {' and '.join(METHODS)}: {time.perf_counter() - started:.1f} s")
-    return torch.load(out, weights_only=False)
+    return spawn_gloo(_sharded_runs, WORLD, out, label=f"fsdp, {' and '.join(METHODS)}")
 
 
 @pytest.mark.slow  # two (or more) gloo processes: tens of seconds on a busy 2-core machine (make test-slow)

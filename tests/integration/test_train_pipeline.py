@@ -11,14 +11,11 @@ checkpoint of either resumes in the other, and the gathered stages load as a pla
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port
+from gloo import spawn_gloo
 
 from lmforge.config.model import ModelConfig
 from lmforge.config.training import TrainingConfig
@@ -76,17 +73,11 @@ def _written(result: dict, root: Path) -> ckpt.Checkpoint:
     return loaded
 
 
-def _worker(rank: int, port: int, out: Path, single_root: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        results = {kind: _run({"pipeline_parallel": WORLD, "pipeline_schedule": kind}, rank) for kind in SCHEDULES}
-        # The one-worker run's checkpoint (written by the parent) resumed by the pipeline.
-        results["resumed_from_single"] = _run({"pipeline_parallel": WORLD}, rank, resume=ckpt.load_latest(single_root))
-        if rank == 0:
-            torch.save(results, out)
-    finally:
-        dist.destroy_process_group()
+def _pipeline_runs(rank: int, world: int, single_root: Path) -> dict:
+    results = {kind: _run({"pipeline_parallel": world, "pipeline_schedule": kind}, rank) for kind in SCHEDULES}
+    # The one-worker run's checkpoint (written by the parent) resumed by the pipeline.
+    results["resumed_from_single"] = _run({"pipeline_parallel": world}, rank, resume=ckpt.load_latest(single_root))
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +90,8 @@ def piped(tmp_path_factory, single) -> dict:
     """Rank 0's results of the 2-process pipeline runs, by schedule (one spawn: the processes' start is the cost)."""
     tmp = tmp_path_factory.mktemp("pp")
     _written(single, tmp / "single")
-    started = time.perf_counter()
-    mp.spawn(_worker, args=(free_port(), tmp / "results.pt", tmp / "single"), nprocs=WORLD)
-    print(f"\n2 gloo processes, pipeline parallel, {' and '.join(SCHEDULES)}: {time.perf_counter() - started:.1f} s")
-    return torch.load(tmp / "results.pt", weights_only=False)
+    return spawn_gloo(_pipeline_runs, WORLD, tmp / "results.pt", tmp / "single",
+                      label=f"pipeline parallel, {' and '.join(SCHEDULES)}")
 
 
 @pytest.mark.slow  # two gloo processes: tens of seconds on a busy 2-core machine (make test-slow)

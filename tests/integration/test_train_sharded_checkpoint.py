@@ -20,8 +20,7 @@ import psutil
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port
+from gloo import spawn_gloo
 from safetensors import safe_open
 
 from lmforge.config.model import ModelConfig
@@ -87,24 +86,14 @@ def _run(strategy: str, root: Path | None, resume_from: Path | None = None) -> d
     return {"history": history, "weights": parallel.full_state(model.state_dict(), keep=rank == 0)}
 
 
-def _worker(rank: int, world: int, port: int, out: Path, jobs: list[tuple[str, str, str | None, str | None]]) -> None:
-    """Each job: (name, strategy, checkpoint root to write, checkpoint root to resume from); rank 0 saves results."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        results = {name: _run(strategy, Path(root) if root else None, Path(source) if source else None)
-                   for name, strategy, root, source in jobs}
-        if rank == 0:
-            torch.save(results, out)
-    finally:
-        dist.destroy_process_group()
+def _jobs(rank: int, world: int, jobs: list[tuple[str, str, str | None, str | None]]) -> dict:
+    """Each job: (name, strategy, checkpoint root to write, checkpoint root to resume from); results by name."""
+    return {name: _run(strategy, Path(root) if root else None, Path(source) if source else None)
+            for name, strategy, root, source in jobs}
 
 
 def _spawn(world: int, out: Path, jobs: list[tuple[str, str, str | None, str | None]]) -> dict:
-    started = time.perf_counter()
-    mp.spawn(_worker, args=(world, free_port(), out, jobs), nprocs=world)
-    print(f"\n{world} gloo process(es), {[job[0] for job in jobs]}: {time.perf_counter() - started:.1f} s")
-    return torch.load(out, weights_only=False)
+    return spawn_gloo(_jobs, world, out, jobs, label=str([job[0] for job in jobs]))
 
 
 def _assert_same_end(resumed: dict, whole: dict) -> None:

@@ -10,14 +10,13 @@ checkpoints must agree: the plan changes where the matrices live, never what the
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import free_port
+from gloo import gloo_group, spawn_gloo
 
 from lmforge.config.model import ModelConfig
 from lmforge.config.training import TrainingConfig
@@ -69,32 +68,24 @@ def _run(parallel_settings: dict, rank: int, workers: int = WORLD, resume: ckpt.
             "weights": parallel.full_state(model.state_dict(), keep=rank == 0)}
 
 
-def _worker(rank: int, port: int, out: Path, workers: int, settings: dict) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=workers)
-    try:
-        results = {name: _run(one, rank, workers) for name, one in settings.items()}
-        if "tp_sp" in settings:  # its step-3 checkpoint (full tensors, as files), resumed by the same split group
-            root = out.parent / "ckpt"
-            if rank == 0:
-                written = results["tp_sp"]["saved"][SAVE_AT]
-                ckpt.save(root, f"pretrain-{SAVE_AT}", written["tensors"], {"loop": written["state"]}, keep=1)
-            dist.barrier()
-            results["tp_sp_resumed"] = _run(settings["tp_sp"], rank, workers, resume=ckpt.load_latest(root))
+def _split_runs(rank: int, workers: int, settings: dict, tmp: Path) -> dict:
+    results = {name: _run(one, rank, workers) for name, one in settings.items()}
+    if "tp_sp" in settings:  # its step-3 checkpoint (full tensors, as files), resumed by the same split group
+        root = tmp / "ckpt"
         if rank == 0:
-            torch.save(results, out)
-    finally:
-        dist.destroy_process_group()
+            written = results["tp_sp"]["saved"][SAVE_AT]
+            ckpt.save(root, f"pretrain-{SAVE_AT}", written["tensors"], {"loop": written["state"]}, keep=1)
+        dist.barrier()
+        results["tp_sp_resumed"] = _run(settings["tp_sp"], rank, workers, resume=ckpt.load_latest(root))
+    return results
 
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory) -> dict:
     """Rank 0's results of the 2-process tensor-parallel runs, by setting (one spawn: the start is the cost)."""
-    out = tmp_path_factory.mktemp("tp") / "results.pt"
-    started = time.perf_counter()
-    mp.spawn(_worker, args=(free_port(), out, WORLD, SETTINGS), nprocs=WORLD)
-    print(f"\n2 gloo processes, tensor parallel, {' and '.join(SETTINGS)}: {time.perf_counter() - started:.1f} s")
-    return torch.load(out, weights_only=False)
+    tmp = tmp_path_factory.mktemp("tp")
+    return spawn_gloo(_split_runs, WORLD, tmp / "results.pt", SETTINGS, tmp,
+                      label=f"tensor parallel, {' and '.join(SETTINGS)}")
 
 
 @pytest.fixture(scope="module")
@@ -140,24 +131,19 @@ def test_a_group_that_does_not_split_fails_at_the_workers_start():
     """Config time checks placement.num_workers; a worker checks the group that exists (here one process)."""
     from lmforge.core.errors import ConfigError
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
+    with gloo_group(0, 1, free_port()):
         for strategy, needle in (("ddp", "set placement.num_workers: 2"), ("fsdp", "a multiple of 2")):
             with pytest.raises(ConfigError, match=needle) as caught:
                 tensor_parallel.check_group(_training({"strategy": strategy, "tensor_parallel": WORLD}))
             assert "1 workers (placement.num_workers)" in caught.value.cause
-    finally:
-        dist.destroy_process_group()
 
 
 # Four processes on a busy 2-core machine: about half a minute more than the test above.
 @pytest.mark.slow
 def test_fsdp_over_tensor_parallel_groups_on_a_2d_mesh_matches_one_worker(single, tmp_path):
     """4 workers, a 2 x 2 mesh: FSDP2 shards over 2 tensor-parallel groups, each reading half of every batch."""
-    out, settings = tmp_path / "results.pt", {"fsdp_tp_sp": {"strategy": "fsdp", "tensor_parallel": 2,
-                                                             "sequence_parallel": True}}
-    mp.spawn(_worker, args=(free_port(), out, 4, settings), nprocs=4)
-    got = torch.load(out, weights_only=False)["fsdp_tp_sp"]
+    settings = {"fsdp_tp_sp": {"strategy": "fsdp", "tensor_parallel": 2, "sequence_parallel": True}}
+    got = spawn_gloo(_split_runs, 4, tmp_path / "results.pt", settings, tmp_path, label="fsdp over tp")["fsdp_tp_sp"]
     assert got["data_rank"] == (0, 2)
     for row, one_row in zip(got["history"], single["history"], strict=True):
         assert row["loss"] == pytest.approx(one_row["loss"], rel=1e-5), row
