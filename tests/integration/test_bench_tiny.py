@@ -165,11 +165,28 @@ def _checks(out: Path) -> dict[str, dict]:
     return {line["check"]: line for line in lines[1:]}
 
 
+@pytest.mark.slow  # every check: about 75 s on 2 busy cores
 def test_serve_gpu_check_tiny(tmp_path):
     proc = bench("bench.serve.gpu_check", out=tmp_path)
     checks = _checks(tmp_path)
-    assert len(checks) == 9 and all(c["ok"] for c in checks.values()), checks
+    assert len(checks) == 16 and all(c["ok"] for c in checks.values()), checks
     assert checks["multi_lora"]["paths"]["backend"] == "paged"
+    assert checks["fp8_kv"]["verdict"] == "pass" and checks["fp8_kv_prefix_refused"]["verdict"] == "refused"
+    assert "all checks passed on" in proc.stderr
+
+
+def test_serve_gpu_check_new_paths_tiny(tmp_path):
+    """The checks of issue 19's serving paths, in make test (the whole run is in the slow tier)."""
+    proc = bench("bench.serve.gpu_check", "--only", "fp8_kv_prefix_refused", "prefix_cache_lora", "structured_graphs",
+                 "speculative_ngram", "runtime_adapters", out=tmp_path)
+    checks = _checks(tmp_path)
+    assert all(c["ok"] for c in checks.values()) and len(checks) == 5, checks
+    assert checks["fp8_kv_prefix_refused"]["verdict"] == "refused"  # an expected refusal, never called a pass
+    assert "serving.kv_cache.dtype: bf16" in checks["fp8_kv_prefix_refused"]["fix"]
+    assert all(n > 0 for n in checks["prefix_cache_lora"]["cached_tokens"])  # the second run hit the cache
+    assert checks["structured_graphs"]["constrained"] == 10 and not checks["structured_graphs"]["invalid"]
+    assert checks["speculative_ngram"]["speculator"]["verify_steps"] > 0
+    assert checks["runtime_adapters"]["reloaded"]["ok"] and checks["runtime_adapters"]["one_slot"]["ok"]
     assert "all checks passed on" in proc.stderr
 
 

@@ -28,6 +28,9 @@ from bench.serve.gpu_check.engine import (
 )
 from bench.serve.gpu_check.models import (
     FULL,
+    METHODS,
+    MIXED,
+    PROMPTS,
     Out,
     Scale,
     build_base,
@@ -39,21 +42,13 @@ from bench.serve.gpu_check.models import (
     train_lora,
     train_prompt,
 )
+from bench.serve.gpu_check.paths import PathChecks
 from lmforge.config.base import updated
 from lmforge.serving.engine import Engine
 
-METHODS = ("prefix", "ptuning_v2", "prompt", "ptuning")
-# Distinct first tokens: a prefill chunk that starts at 0 names its prompt (Recorder.prefill).
-PROMPTS = [
-    "def encode(self, o):",
-    "class JSONEncoder(object):",
-    "x",
-    "    Return a JSON string representation of a Python data structure. If skipkeys is true then dict "
-    "keys that are not basic types will be skipped instead of raising a TypeError, and the items",
-    "import re",
-]
-
-MIXED = [(p, name) for p in range(len(PROMPTS)) for name in (None, "a", "b")]  # 15 requests on 8 rows
+# The prefix cache is checked under LoRA adapters (with the base in the same batch) and under a prefix
+# and a prompt-tuning adapter (virtual tokens before the prompt's blocks).
+PREFIX_CACHE = ("lora", "prefix", "prompt")
 
 
 class Checks:
@@ -64,6 +59,7 @@ class Checks:
         self.cuda = device.startswith("cuda")
         self.tol = TOLERANCES["bfloat16" if self.cuda else "float32"]
         self.memo: dict[str, object] = {}
+        self.paths = PathChecks(self)
 
     def once(self, key: str, make: Callable):
         if key not in self.memo:
@@ -101,6 +97,19 @@ class Checks:
         return self.once(f"dir-{method}", lambda: train_prompt(s["base"], self.root / method, self.device, method,
                                                                 corpus()[1][4], 10 + METHODS.index(method),
                                                                 self.scale.adapter_steps))
+
+    def adapter_path(self, name: str | None) -> Path | None:
+        """LoRA adapter ``name``'s peft directory (an lmforge run keeps it in adapter/); None: the base."""
+        if name is None:
+            return None
+        adapter = Path(self.setup()["adapters"][name])
+        return adapter / "adapter" if (adapter / "adapter").is_dir() else adapter
+
+    def fp8_skip(self) -> str | None:
+        """Why the fp8 KV cache cannot run on this device, None when it can."""
+        if self.cuda and torch.cuda.get_device_capability(self.device) < (8, 9):
+            return "fp8 KV cache needs compute capability >= 8.9"
+        return None
 
     def requests(self, engine: Engine, requests: list[tuple[int, str | None]]) -> list[Out]:
         """Greedy completions of ``requests`` ((prompt index, adapter)), every step's logits kept."""
@@ -143,9 +152,7 @@ class Checks:
         result: dict = {"paths": paths}
         refs = {}
         for name in (None, "a", "b"):
-            adapter = Path(s["adapters"][name]) if name else None
-            if adapter is not None and (adapter / "adapter").is_dir():
-                adapter = adapter / "adapter"
+            adapter = self.adapter_path(name)
             mine = [o for o, (_, n) in zip(outs, MIXED) if n == name]
             # Greedy: the merged adapter served alone. Forced: the merged HF model on the engine's tokens.
             refs[name] = self.base_alone() if name is None else with_engine(
@@ -206,16 +213,18 @@ class Checks:
         result["ok"] = judged(result) and result["effect_ok"] and self.paths_ok(paths, graphs=True)
         return result
 
-    def fp8_kv_prefix(self) -> dict:
-        if self.cuda and torch.cuda.get_device_capability(self.device) < (8, 9):
-            return {"ok": True, "skipped": "fp8 KV cache needs compute capability >= 8.9"}
-        every = [(p, None) for p in range(len(PROMPTS))]
-        make = self.load(self.prompt_dir("prefix"), kv_cache={"dtype": "fp8"})
-        outs, paths = with_engine(make, lambda e: self.requests(e, every))
+    def fp8_kv(self) -> dict:
+        """fp8 KV cache with the base and both LoRA adapters (a prefix adapter is refused: fp8_kv_prefix_refused)."""
+        skip = self.fp8_skip()
+        if skip:
+            return {"ok": True, "verdict": "skipped", "skipped": skip}
+        s = self.setup()
+        make = self.load(s["base"], adapters=s["adapters"], kv_cache={"dtype": "fp8"})
+        outs, paths = with_engine(make, lambda e: self.requests(e, MIXED))
         with torch_ops():
-            ref, _ = with_engine(make, lambda e: self.requests(e, every))
+            ref, _ = with_engine(make, lambda e: self.requests(e, MIXED))
         result = compare(outs, ref, TOLERANCES["fp8_kv"])
-        unquantized, _ = self.prompt_served("prefix")
+        unquantized, _ = self.unmerged()
         result["vs_unquantized"] = compare(outs, unquantized, TOLERANCES["fp8_kv_vs_unquantized"])
         result["paths"] = paths
         result["ok"] = result["ok"] and result["vs_unquantized"]["ok"] and self.paths_ok(paths, graphs=True)
@@ -225,10 +234,15 @@ class Checks:
     def names() -> list[str]:
         """The checks in the order they run (``--only`` is checked against these before any work)."""
         return ["multi_lora", "int8_multi_lora", "graphs_vs_eager_lora", *(f"prompt_{m}" for m in METHODS),
-                "fp8_kv_prefix", "graphs_vs_eager_prefix"]
+                "fp8_kv", "fp8_kv_prefix_refused", "graphs_vs_eager_prefix",
+                *(f"prefix_cache_{w}" for w in PREFIX_CACHE), "structured_graphs", "speculative_ngram",
+                "runtime_adapters"]
 
     def all(self) -> list[tuple[str, Callable[[], dict]]]:
+        new = self.paths
         checks = [self.multi_lora, self.int8_multi_lora, lambda: self.graphs_vs_eager("lora")]
         checks += [lambda m=m: self.prompt_adapter(m) for m in METHODS]
-        checks += [self.fp8_kv_prefix, lambda: self.graphs_vs_eager("prefix")]
+        checks += [self.fp8_kv, new.fp8_kv_prefix_refused, lambda: self.graphs_vs_eager("prefix")]
+        checks += [lambda w=w: new.prefix_cache(w) for w in PREFIX_CACHE]
+        checks += [new.structured_graphs, new.speculative_ngram, new.runtime_adapters]
         return list(zip(self.names(), checks, strict=True))

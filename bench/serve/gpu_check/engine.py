@@ -6,6 +6,7 @@ import contextlib
 import gc
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -14,77 +15,93 @@ from lmforge.config.serving import KVCacheConfig, SchedulerConfig, ServingConfig
 from lmforge.serving.engine import Engine, SamplingParams
 from lmforge.serving.engine.requests import CompletionCollector
 
+T = TypeVar("T")
+
 CFG = ServingConfig(scheduler=SchedulerConfig(max_batch_size=8, max_prefill_tokens=32, max_queue=64),
                     kv_cache=KVCacheConfig(block_size=16, memory_mb=64), max_new_tokens=64)
 
 
 class Recorder:
-    """Keeps the logits of every prefill end and decode step of ``engine``'s backend, per request.
+    """Keeps the logits of every prefill end, decode step and speculative verify of ``engine``'s
+    backend, per request (the order of ``prompts``: one prompt per submitted request).
 
     Wraps the backend's own methods on the instance (restored by :meth:`detach`); clones stay on the
-    device until the end, so recording adds no host sync to the decode loop."""
+    device until the end, so recording adds no host sync to the decode loop. A cache row belongs to
+    the request of the k-th ``reserve`` call: the scheduler admits first come, first served, in
+    submission order (prompts may then repeat, and a prefill may start after prefix-cache hits)."""
 
     def __init__(self, engine: Engine, prompts: list[list[int]]) -> None:
         self.backend, self.prompts = engine.backend, prompts
-        self.slot: dict[int, int] = {}  # cache row -> LoRA slot
-        self.owner: dict[int, tuple[int, int]] = {}  # cache row -> (slot, prompt index)
-        self.steps: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
-        prefill, decode, set_adapter = self.backend.prefill, self.backend.decode, self.backend.set_adapter
+        self.owner: dict[int, int] = {}  # cache row -> request index
+        self.reserved = 0
+        self.steps: dict[int, dict[int, torch.Tensor]] = {i: {} for i in range(len(prompts))}
+        reserve, prefill, decode = self.backend.reserve, self.backend.prefill, self.backend.decode
+        verify = getattr(self.backend, "verify", None)
 
-        def on_set_adapter(row: int, slot: int) -> None:
-            self.slot[row] = slot
-            set_adapter(row, slot)
+        def on_reserve(*args, **kwargs):
+            row = reserve(*args, **kwargs)
+            self.owner[row], self.reserved = self.reserved, self.reserved + 1
+            return row
 
         def on_prefill(items):
             outs = prefill(items)
             for item, rows in zip(items, outs):
-                if item.start == 0:
-                    index = next(j for j, p in enumerate(prompts) if p[: len(item.ids)] == item.ids)
-                    self.owner[item.row] = (self.slot.get(item.row, 0), index)
-                key = self.owner[item.row]
-                if item.start + len(item.ids) == len(prompts[key[1]]):
-                    self.steps.setdefault(key, {})[0] = rows[-1].float().clone()
+                index = self.owner[item.row]
+                if item.start + len(item.ids) == len(prompts[index]):
+                    self.steps[index][0] = rows[-1].float().clone()
             return outs
+
+        def keep(rows, positions, logits) -> None:
+            # Row j of a run fed at position p predicts the token after p + j. A speculative step's rows
+            # past its accepted guesses are rewritten by the next step, which starts there.
+            for row, position, block in zip(rows, positions, logits):
+                index = self.owner[row]
+                for j in range(block.shape[0]):
+                    self.steps[index][position + j - len(prompts[index]) + 1] = block[j]
 
         def on_decode(rows, positions, tokens):
             out = decode(rows, positions, tokens)
-            copy = out.float().clone()
-            for i, (row, position) in enumerate(zip(rows, positions)):
-                key = self.owner[row]
-                self.steps[key][position - len(prompts[key[1]]) + 1] = copy[i]
+            keep(rows, positions, out.float().clone()[:, None])
             return out
 
-        self.backend.prefill, self.backend.decode, self.backend.set_adapter = on_prefill, on_decode, on_set_adapter
+        def on_verify(rows, positions, runs):
+            outs = verify(rows, positions, runs)
+            keep(rows, positions, [o.float().clone() for o in outs])
+            return outs
+
+        self.backend.reserve, self.backend.prefill, self.backend.decode = on_reserve, on_prefill, on_decode
+        self.wrapped = ["reserve", "prefill", "decode"]
+        if verify is not None:
+            self.backend.verify = on_verify
+            self.wrapped.append("verify")
 
     def detach(self) -> None:
-        for name in ("prefill", "decode", "set_adapter"):
+        for name in self.wrapped:
             delattr(self.backend, name)
 
-    def logits(self, slot: int, index: int) -> list[torch.Tensor]:
-        steps = self.steps[(slot, index)]
-        return [steps[k].cpu() for k in range(len(steps))]
+    def logits(self, index: int, count: int) -> list[torch.Tensor]:
+        steps = self.steps[index]
+        return [steps[k].cpu() for k in range(count)]
 
 
 def serve(engine: Engine, prompts: list[list[int]], requests: list[tuple[int, str | None]],
-          new: int = NEW) -> list[Out]:
-    """Greedy completions of ``requests`` ((prompt index, adapter name or None)), ``new`` tokens each,
-    with every step's logits."""
+          new: int = NEW, params: list[SamplingParams] | None = None) -> list[Out]:
+    """Completions of ``requests`` ((prompt index, adapter name or None)) with every step's logits:
+    greedy, ``new`` tokens each past EOS, unless ``params`` gives each request its own."""
     greedy = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
-    recorder = Recorder(engine, prompts)
+    recorder = Recorder(engine, [prompts[index] for index, _ in requests])
     collector = CompletionCollector(len(requests))
     try:
         # Admitted all at once, in this order, so a run's schedule does not depend on thread timing.
         with engine.admission_held():
             for i, (index, adapter) in enumerate(requests):
-                engine.submit(prompts[index], greedy, collector.sink(i), bounded=False, adapter=adapter)
+                engine.submit(prompts[index], params[i] if params else greedy, collector.sink(i), bounded=False,
+                              adapter=adapter)
         results = collector.wait(timeout_s=300)
     finally:
         recorder.detach()
-    outs = []
-    for result, (index, adapter) in zip(results, requests):
-        slot = engine.adapters.get(adapter, 0) if adapter else 0
-        outs.append(Out(list(result.token_ids), recorder.logits(slot, index)))
-    return outs
+    return [Out(list(r.token_ids), recorder.logits(i, len(r.token_ids)), r.cached_tokens, r.finish_reason, r.text)
+            for i, r in enumerate(results)]
 
 
 def engine_paths(engine: Engine) -> dict:
@@ -95,7 +112,7 @@ def engine_paths(engine: Engine) -> dict:
             "peak_batch": engine.stats["peak_batch"], "prefills": engine.stats["prefills"]}
 
 
-def with_engine(make: Callable[[], Engine], run: Callable[[Engine], list[Out]]) -> tuple[list[Out], dict]:
+def with_engine(make: Callable[[], Engine], run: Callable[[Engine], T]) -> tuple[T, dict]:
     engine = make()
     try:
         return run(engine), engine_paths(engine)

@@ -12,8 +12,23 @@ from pathlib import Path
 
 import torch
 
-NEW = 24  # tokens generated per request (Scale.new)
+# Tokens generated per request (Scale.new): 32 steps of every request enter each comparison, so the
+# largest-distance statistics of the engine and of the bf16 reference are taken over the same many steps.
+NEW = 32
 VIRTUAL = 20  # with 16-token blocks: one block shared by every sequence, 4 tokens copied into each
+
+METHODS = ("prefix", "ptuning_v2", "prompt", "ptuning")  # the prompt-learning adapters checked
+PROMPTS = [
+    "def encode(self, o):",
+    "class JSONEncoder(object):",
+    "x",
+    "    Return a JSON string representation of a Python data structure. If skipkeys is true then dict "
+    "keys that are not basic types will be skipped instead of raising a TypeError, and the items",
+    "import re",
+]
+
+# The base and LoRA adapters a and b mixed in one batch: 15 requests on 8 rows.
+MIXED: list[tuple[int, str | None]] = [(p, name) for p in range(len(PROMPTS)) for name in (None, "a", "b")]
 
 
 @dataclass(frozen=True)
@@ -126,6 +141,9 @@ def train_prompt(base: Path, out: Path, device: str, method: str, text: str, see
 class Out:
     tokens: list[int]
     logits: list[torch.Tensor]  # one float32 row per generated token: the logits it was chosen from
+    cached_tokens: int = 0  # prompt tokens the engine found in its prefix cache
+    finish_reason: str = "length"
+    text: str = ""
 
 
 def serving_dtype(device: str) -> torch.dtype:

@@ -78,10 +78,12 @@ class PagedBackend:
         self.prefix = PagedPrefix(prefix_of(model), self.cache, self.ops.kv_scale)
         self.virtual_tokens = self.prefix.length
         if self.virtual_tokens and shape.dtype == torch.float8_e4m3fn:
-            # Measured (bench/serve_gpu_check.py): prefix keys are ~4x larger than ordinary ones, and with
-            # fp8 storage the logits moved 11-32% (rel. L2) against a bf16 cache, 1-4% without a prefix.
-            log.warning("fp8 KV cache with a %d-token prompt-learning prefix: expect a large quality loss; "
-                        "set serving.kv_cache.dtype: bf16 for this model", self.virtual_tokens)
+            # Measured on an H100 (python -m bench.serve.gpu_check): prefix keys are ~4x larger than ordinary
+            # ones, and with fp8 storage (one scale) the logits moved 11-32% (rel. L2) against a bf16 cache,
+            # 1-4% without a prefix. Refused until scales calibrated on the virtual tokens are measured to hold.
+            raise ServingError(f"an fp8 KV cache (serving.kv_cache.dtype: fp8) cannot hold this model's "
+                               f"{self.virtual_tokens}-token prompt-learning prefix without a large quality loss "
+                               "(logits 11-32% off)", "set serving.kv_cache.dtype: bf16 (or auto) for this model")
         group = self.runner.heads // self.runner.kv_heads
         # A prefill query block holds up to 128 (token, head) rows of the attention kernel.
         self.prefill_block = max(1, 128 // group)
