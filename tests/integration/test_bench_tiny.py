@@ -159,6 +159,16 @@ def test_serve_quant_tiny(tmp_path):
     assert got["quant_w_int8_kv_bf16_4_tok_s"]["value"] > 0
 
 
+@pytest.mark.slow  # ~5 s of CPU in the interpreter, 30 s on a busy 2-core machine
+def test_serve_attention_tiny(tmp_path):
+    """The split-K decode attention and the one-pass kernel in Triton's interpreter (the benchmark sets
+    TRITON_INTERPRET=1 for --tiny) agree with the PyTorch attention; timing is GPU-only."""
+    bench("bench.serve.attention", out=tmp_path)
+    got = records(tmp_path, "serve_attention", "bench.serve.attention")
+    assert set(got) == {"decode_attn_b1_ctx37_rel_err", "decode_attn_b3_ctx37_rel_err"}
+    assert all(r["value"] < 1e-5 and r["baseline_value"] < 1e-5 for r in got.values()), got
+
+
 def _checks(out: Path) -> dict[str, dict]:
     lines = [json.loads(line) for line in (out / "serve_gpu_check.jsonl").read_text().splitlines()]
     assert lines[0]["check"] == "setup" and lines[0]["device"] == "cpu"

@@ -12,6 +12,8 @@ costs ~2 us however small it is):
   decode (one token per sequence) and chunked prefill (many) alike. A program takes up to ``TOK``
   consecutive tokens of one sequence times the ``GROUP`` query heads that share one KV head, so the
   keys and values of each cache tile are read once for the whole group (grouped-query attention).
+  A pure decode step with few sequences takes the split-K path of ``decode_attention.py`` instead
+  (``model/ops.py``: ``TritonOps.attention`` chooses).
 
 Rounding follows the PyTorch ops they replace where it is cheap (the residual sum and the norm are
 rounded to the model dtype exactly where Llama rounds them); the rotary product is computed in
@@ -27,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -140,9 +142,10 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _attend_tile(q, KC, VC, TABLE, row, kvh, start, kv_len, pos, d, dm, qk_scale, m_i, l_i, acc,
+def attend_tile(q, KC, VC, TABLE, row, kvh, start, kv_len, pos, d, dm, qk_scale, m_i, l_i, acc,
                  stride_ks, stride_kh, stride_table, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One tile of BLOCK_N cache positions: online-softmax update of (max, sum, accumulator)."""
+    """One tile of BLOCK_N cache positions below ``kv_len``: online-softmax update of (max, sum, accumulator).
+    Shared with the split-K decode kernel (``decode_attention.py``), which passes its chunk's end as ``kv_len``."""
     n = start + tl.arange(0, BLOCK_N)
     nm = n < kv_len
     page = tl.load(TABLE + row * stride_table + n // PAGE, mask=nm, other=0).to(tl.int64)
@@ -189,12 +192,12 @@ def _paged_attention_kernel(Q, KC, VC, OUT, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N,
     if LOOP_WHILE:  # the CPU interpreter cannot take a loaded scalar as a range() bound
         start = 0
         while start < kv_len:
-            m_i, l_i, acc = _attend_tile(q, KC, VC, TABLE, row, kvh, start, kv_len, pos, d, dm, qk_scale, m_i, l_i,
+            m_i, l_i, acc = attend_tile(q, KC, VC, TABLE, row, kvh, start, kv_len, pos, d, dm, qk_scale, m_i, l_i,
                                          acc, stride_ks, stride_kh, stride_table, PAGE, BLOCK_N)
             start += BLOCK_N
     else:
         for start in range(0, kv_len, BLOCK_N):
-            m_i, l_i, acc = _attend_tile(q, KC, VC, TABLE, row, kvh, start, kv_len, pos, d, dm, qk_scale, m_i, l_i,
+            m_i, l_i, acc = attend_tile(q, KC, VC, TABLE, row, kvh, start, kv_len, pos, d, dm, qk_scale, m_i, l_i,
                                          acc, stride_ks, stride_kh, stride_table, PAGE, BLOCK_N)
     out = acc * kv_scale / l_i[:, None]
     tl.store(OUT + (t0 + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
@@ -214,7 +217,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q, k_cache, v_cache, out, table, positions, blk_row, blk_tok, blk_n, scale, kv_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         table.stride(0), GROUP=group, TOK=tokens_per_block, M=m, D=head_dim,
-        DP=max(16, triton.next_power_of_2(head_dim)), PAGE=block_size, BLOCK_N=64, LOOP_WHILE=_INTERPRETED,
+        DP=max(16, triton.next_power_of_2(head_dim)), PAGE=block_size, BLOCK_N=64, LOOP_WHILE=INTERPRETED,
         num_warps=4 if m <= 64 else 8,
     )
     return out

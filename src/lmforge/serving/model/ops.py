@@ -14,11 +14,15 @@ kernel takes one at a time.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from lmforge.serving.model.transfer import to_device
+
+if TYPE_CHECKING:
+    from lmforge.serving.kernels.decode_attention import SplitPolicy  # imports triton
 
 
 @dataclass
@@ -116,14 +120,20 @@ class Ops:
 
 
 class TritonOps(Ops):
-    """The same ops as fused Triton kernels (CUDA); the PyTorch attention needs a host plan, these don't."""
+    """The same ops as fused Triton kernels (CUDA); the PyTorch attention needs a host plan, these don't.
+    A decode step's attention takes the split-K kernel when ``split`` (a ``SplitPolicy``) says its batch
+    is small enough to leave the GPU idle otherwise."""
 
     name = "triton"
 
-    def __init__(self) -> None:
+    def __init__(self, split: SplitPolicy | None = None) -> None:
+        from lmforge.serving.kernels import decode_attention
         from lmforge.serving.kernels import layer as kernels  # imports triton
 
         self._k = kernels
+        self._decode = decode_attention
+        # When a pure decode step splits its contexts (flash-decoding); None: the default policy.
+        self.split = split or decode_attention.SplitPolicy()
 
     # Each method has the contract of the same method of Ops.
 
@@ -142,6 +152,14 @@ class TritonOps(Ops):
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
                   layout: StepLayout, block_size: int, scale: float) -> torch.Tensor:
+        if layout.tokens_per_block == 1:  # a decode step (graphs.py captures these): few programs unless split
+            # Host shapes only (the step may be captured): the batch and the longest context the table can hold.
+            splits = self.split.splits(layout.blk_row.shape[0], k_cache.shape[1], table.shape[1] * block_size,
+                                       self._decode.multiprocessors(q.device))
+            if splits > 1:
+                return self._decode.split_decode_attention(q, k_cache, v_cache, table, layout.positions,
+                                                           layout.blk_row, layout.blk_tok, splits, block_size,
+                                                           scale, self.kv_scale, self.split)
         return self._k.paged_attention(q, k_cache, v_cache, table, layout.positions, layout.blk_row,
                                        layout.blk_tok, layout.blk_n, layout.tokens_per_block, block_size, scale,
                                        self.kv_scale)

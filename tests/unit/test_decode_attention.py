@@ -1,0 +1,151 @@
+"""The split-K decode attention (``kernels/decode_attention.py``) against the PyTorch attention.
+
+The kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, read when Triton compiles a
+kernel, so it must be set before the process imports one): the tests that launch them are skipped
+otherwise, and ``test_interpreter_tests_run`` runs them (and the paged engine's interpreter test)
+in a subprocess with it set (a slow test: CI's ``make test-slow`` runs it). Compiled mode, which the
+interpreter does not check, is covered by compiling the kernels for sm_90 without a GPU. Contexts cross cache pages (4
+positions), tiles (16) and split boundaries; grouped-query heads; bf16-sized and fp8 caches.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+pytest.importorskip("triton")  # the imports below load Triton (not a CPU dependency)
+
+from lmforge.core.errors import ConfigError
+from lmforge.serving.kernels.decode_attention import SplitPolicy, split_decode_attention
+from lmforge.serving.kernels.layer import paged_attention
+from lmforge.serving.model.ops import Ops, StepLayout, TritonOps
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="launches Triton kernels: needs TRITON_INTERPRET=1")
+PAGE, MAX_BLOCKS = 4, 20  # cache rows hold up to 80 positions
+POLICY = SplitPolicy(block_n=16)
+
+
+def _step(contexts: list[int], heads: int, kv_heads: int, cache_dtype: torch.dtype, seed: int):
+    """A decode step of one token per sequence at position ``context - 1``, over random caches whose
+    rows use shuffled pages (row ``i`` of ``len(contexts) + 1``; the extra row is never read)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = len(contexts) + 1
+    head_dim = 16
+    table = torch.randperm(rows * MAX_BLOCKS + 1, generator=gen)[: rows * MAX_BLOCKS].reshape(rows, MAX_BLOCKS)
+    slots = (rows * MAX_BLOCKS + 1) * PAGE
+    k_cache, v_cache = (torch.randn(slots, kv_heads, head_dim, generator=gen).to(cache_dtype) for _ in range(2))
+    q = torch.randn(len(contexts), heads, head_dim, generator=gen)
+    layout = StepLayout.build([(i, n - 1, [7]) for i, n in enumerate(contexts)], torch.device("cpu"), 1, None)
+    return q, k_cache, v_cache, table.int(), layout
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+CASES = [  # (contexts, heads, kv_heads): one page, page and tile edges, 2 and 4 query heads per KV head, plain MHA
+    ([37], 4, 2),
+    ([1, 16, 47], 8, 2),
+    ([1, 2, 15, 16, 17, 31, 33, 80], 4, 2),
+    ([5, 64, 79], 2, 2),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("cache_dtype,kv_scale", [(torch.float32, 1.0), (torch.float8_e4m3fn, 0.5)],
+                         ids=["fp32-cache", "fp8-cache"])
+@pytest.mark.parametrize("contexts,heads,kv_heads", CASES, ids=[f"b{len(c[0])}-h{c[1]}-kv{c[2]}" for c in CASES])
+def test_split_decode_matches_torch_attention(contexts, heads, kv_heads, cache_dtype, kv_scale) -> None:
+    q, k_cache, v_cache, table, layout = _step(contexts, heads, kv_heads, cache_dtype, seed=len(contexts))
+    ref_ops = Ops()
+    ref_ops.kv_scale = kv_scale
+    ref = ref_ops.attention(q, k_cache, v_cache, table, layout, PAGE, 0.25)
+    one_pass = paged_attention(q, k_cache, v_cache, table, layout.positions, layout.blk_row, layout.blk_tok,
+                               layout.blk_n, 1, PAGE, 0.25, kv_scale)
+    assert _rel(one_pass, ref) < 1e-5
+    # 1: the merge of one partial; 8 x 16-position tiles > 80: most sequences leave splits empty; the ops'
+    # heuristic below picks 4 (80 positions are 5 tiles).
+    for splits in (1, 2, 8) if len(contexts) == 1 else (2, 8):
+        out = split_decode_attention(q, k_cache, v_cache, table, layout.positions, layout.blk_row, layout.blk_tok,
+                                     splits, PAGE, 0.25, kv_scale, POLICY)
+        assert _rel(out, ref) < 1e-5, f"{splits} splits"
+    ops = TritonOps(POLICY)
+    ops.kv_scale = kv_scale
+    assert POLICY.splits(len(contexts), kv_heads, MAX_BLOCKS * PAGE, 132) == 4  # the ops take the split path
+    assert _rel(ops.attention(q, k_cache, v_cache, table, layout, PAGE, 0.25), ref) < 1e-5
+
+
+@needs_interpreter
+def test_padded_graph_rows_and_the_one_pass_fallback() -> None:
+    """Rows padded as graphs.py pads them (position 0 on the scratch row) stay finite, and a batch the
+    policy does not split (waves so low it wants one program per KV head) takes the one-pass kernel."""
+    q, k_cache, v_cache, table, layout = _step([23, 1, 1], 4, 2, torch.float32, seed=3)
+    ref = Ops().attention(q, k_cache, v_cache, table, layout, PAGE, 0.25)
+    unsplit = SplitPolicy(waves=0.01, block_n=16)
+    assert unsplit.splits(3, 2, MAX_BLOCKS * PAGE, 132) == 1
+    for ops in (TritonOps(POLICY), TritonOps(unsplit)):
+        out = ops.attention(q, k_cache, v_cache, table, layout, PAGE, 0.25)
+        assert torch.isfinite(out).all() and _rel(out, ref) < 1e-5
+
+
+def test_split_policy_depends_on_host_shapes_only() -> None:
+    policy = SplitPolicy()  # waves 2, at most 32 splits, 32-position tiles
+    assert policy.splits(1, 4, 4096, 132) == 32  # one sequence: as many as allowed
+    assert policy.splits(8, 4, 4096, 132) == 8  # 264 programs wanted over 32 (sequence, KV head) pairs
+    assert policy.splits(64, 4, 4096, 132) == 1  # 256 pairs already fill the GPU: the one-pass kernel
+    assert policy.splits(1, 4, 64, 132) == 2  # a 64-position cache has two tiles to split between
+    assert SplitPolicy(waves=4).splits(64, 4, 4096, 132) == 2
+    for bad in ({"block_n": 8}, {"max_splits": 12}, {"waves": 0}):
+        with pytest.raises(ConfigError):
+            SplitPolicy(**bad)
+
+
+@pytest.mark.slow  # about a minute and a half on 2 busy cores (the interpreter runs each program in numpy)
+@pytest.mark.skipif(INTERPRETED, reason="already running in the interpreter")
+def test_interpreter_tests_run() -> None:
+    """The interpreter-only tests (this file's and the paged engine's whole-model check) in a
+    subprocess with ``TRITON_INTERPRET=1``: every one of them must run and pass, none be skipped."""
+    tests = [f"{__file__}", "tests/unit/test_serving_paged.py::test_triton_kernels_match_the_model_in_the_interpreter"]
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *tests], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    # 8 split-vs-torch cases, the padded rows, the policy, the whole model; skipped only: this test and the
+    # compile checks, which need the compiler the interpreter replaces.
+    assert lines and lines[-1].startswith("11 passed, 3 skipped"), proc.stdout[-4000:]
+    skips = [line for line in lines if line.startswith("SKIPPED")]
+    assert len(skips) == 2 and all("interpreter" in line for line in skips), skips  # -rs groups the two compiles
+
+
+@pytest.mark.slow  # four ahead-of-time compiles through ptxas: ~5 s of CPU, more on a busy machine
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter replaces the compiler")
+@pytest.mark.parametrize("cache,splits", [("bf16", 16), ("fp8e4nv", 1)])
+def test_kernels_compile_for_an_h100(cache: str, splits: int) -> None:
+    """Compiled mode differs from the interpreter (loaded scalars as loop bounds, int64 offsets, fp8
+    loads): both kernels go through Triton's compiler and ptxas for sm_90 (no GPU needed), on the
+    Llama-1.1B shape."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lmforge.serving.kernels import decode_attention as kernels
+
+    types = {"Q": "*bf16", "KC": f"*{cache}", "VC": f"*{cache}", "TABLE": "*i32", "POS": "*i64", "BLK_ROW": "*i64",
+             "BLK_TOK": "*i32", "PM": "*fp32", "PL": "*fp32", "PACC": "*fp32", "OUT": "*bf16", "qk_scale": "fp32",
+             "kv_scale": "fp32"}
+    split_consts = {"H": 32, "GROUP": 8, "M": 16, "D": 64, "DP": 64, "PAGE": 16, "BLOCK_N": 32, "SPLITS": splits,
+                    "LOOP_WHILE": False}
+    for fn, consts, warps in ((kernels.split_kernel, split_consts, 4),
+                              (kernels.merge_kernel, {"H": 32, "D": 64, "DP": 64, "SPLITS": splits}, 1)):
+        names = fn.arg_names
+        signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
+        src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in consts.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        assert ".entry" in compiled.asm["ptx"] and compiled.asm["cubin"]
