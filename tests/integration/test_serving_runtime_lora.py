@@ -70,7 +70,7 @@ def server(dirs: dict[str, Path]) -> Iterator[tuple[Engine, str]]:
         app = create_app(engine, "base", cfg, api_key="user-key")
     finally:
         del os.environ["LMFORGE_ADMIN_KEY"]
-    with serve(app) as url:
+    with serve(app) as (url, _):
         yield engine, url
     engine.close()
 
@@ -117,18 +117,21 @@ def test_load_answers_like_startup_is_listed_and_unload_frees_it(clean, dirs, ex
         out = greedy(url, "sql", prompt)
         assert out.model == "sql" and out.choices[0].text == text_of(engine, expected["a"][i])
     assert expected["a"] != expected["base"]
-    # Two adapters fill the CPU pool (max_cpu_loras 2): a third is refused until one is unloaded.
+    # CPU memory holds two adapters' weights (max_cpu_loras 2): a third load drops the least recently used
+    # one off the device (b; sql sits in the slot), which is read again from its directory when asked for.
     assert admin(url, "load_lora_adapter", lora_name="b", lora_path=str(dirs["b"])).status_code == 200
-    full = admin(url, "load_lora_adapter", lora_name="c", lora_path=str(dirs["a"]))
-    assert full.status_code == 400 and full.json()["error"]["param"] == "lora_name"
-    assert "max_cpu_loras" in full.json()["error"]["message"]
+    assert admin(url, "load_lora_adapter", lora_name="c", lora_path=str(dirs["a"])).status_code == 200
+    pool = engine.backend.lora
+    assert len(pool.in_memory) == 2 and pool.loaded[engine.adapters["b"]].weights == {}
+    rereads = pool.rereads
+    assert greedy(url, "b", PROMPTS[1]).choices[0].text == text_of(engine, expected["b"][1])
+    assert pool.rereads == rereads + 1 and len(pool.in_memory) == 2
     gone = admin(url, "unload_lora_adapter", lora_name="sql")
     assert gone.status_code == 200 and gone.json()["loaded"] is False
-    assert [m.id for m in client(url).models.list().data] == ["base", "b"]
+    assert [m.id for m in client(url).models.list().data] == ["base", "b", "c"]
     with pytest.raises(openai.NotFoundError) as refused:
         greedy(url, "sql", PROMPTS[0])
     assert refused.value.code == "model_not_found"
-    assert admin(url, "load_lora_adapter", lora_name="c", lora_path=str(dirs["a"])).status_code == 200
     again = admin(url, "unload_lora_adapter", lora_name="nope")
     assert again.status_code == 404 and again.json()["error"]["param"] == "lora_name"
 
@@ -148,6 +151,26 @@ def test_two_adapters_over_one_slot_swap_lru_and_keep_their_outputs(clean, dirs,
     results = engine.generate([PROMPTS[1]] * len(names), GREEDY, adapters=names)
     for name, result in zip(names, results):
         assert list(result.token_ids) == expected[name or "base"][1], name
+
+
+def test_weights_changed_at_their_source_are_not_read_again(clean, dirs) -> None:
+    """An adapter dropped from CPU memory whose directory now holds other weights answers 503 naming model
+    (the prefix cache keys blocks by the load); loaded again, it serves the new weights."""
+    engine, url = clean
+    moving = dirs["allowed"] / "moving"
+    shutil.copytree(dirs["a"], moving)
+    for name, path in (("m", moving), ("a", dirs["a"]), ("b", dirs["b"])):  # m is dropped: least recently used
+        assert admin(url, "load_lora_adapter", lora_name=name, lora_path=str(path)).status_code == 200
+    assert engine.backend.lora.loaded[engine.adapters["m"]].weights == {}
+    shutil.rmtree(moving)
+    shutil.copytree(dirs["b"], moving)
+    with pytest.raises(openai.APIStatusError) as changed:
+        greedy(url, "m", PROMPTS[1])
+    error = changed.value.body
+    assert changed.value.status_code == 503 and isinstance(error, dict), error
+    assert error["param"] == "model" and error["code"] == "adapter_unavailable" and "changed" in error["message"]
+    assert engine.adapters and "m" in engine.adapters  # still loaded: unload and load it again to take the new weights
+    shutil.rmtree(moving)
 
 
 def test_unload_of_an_adapter_in_use_is_refused_naming_lora_name(clean, dirs) -> None:
@@ -225,7 +248,7 @@ def test_auth_roots_and_fit_refusals(clean, dirs, tmp_path: Path) -> None:
     assert admin(url, "load_lora_adapter", lora_name="base", lora_path=str(dirs["a"])).status_code == 400
     assert engine.adapters == {}
     # A server without an admin key refuses the routes, naming the variable to set.
-    with serve(create_app(engine, "base", engine.cfg)) as other:
+    with serve(create_app(engine, "base", engine.cfg)) as (other, _):
         off = admin(other, "load_lora_adapter", **body)
     assert off.status_code == 403 and "LMFORGE_ADMIN_KEY" in off.json()["error"]["message"]
 

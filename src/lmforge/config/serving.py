@@ -246,8 +246,10 @@ class LoraServingConfig(Section):
         "adapter (serving.adapters) and no run-time loading.",
     )
     max_cpu_loras: int | None = Field(
-        None, ge=1, le=4096, description="Adapters loaded in all (resident or waiting in CPU memory, swapped into "
-        "the least recently used idle slot when a request needs one); default max_loras.",
+        None, ge=1, le=4096, description="Adapters whose weights CPU memory holds (swapped from there into the "
+        "least recently used idle slot when a request needs one); beyond it, the least recently used adapter "
+        "that is off the device and unused is dropped and read again from its source when asked for; default "
+        "max_loras.",
     )
     max_rank: int = Field(16, ge=1, le=1024, description="Largest LoRA rank a run-time load may bring (the slots' "
                           "width per module; compute grows with it).")

@@ -40,8 +40,9 @@ def inside_roots(lora_path: str, roots: list[str]) -> Path:
     return adapter_dir
 
 
-def from_registry(uri: str, ws: Workspace) -> Path:
-    """The adapter directory of registry version ``uri`` (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``)."""
+def from_registry(uri: str, ws: Workspace) -> tuple[Path, str]:
+    """The adapter directory of registry version ``uri`` (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``),
+    and the version's own URI (``models:/NAME/VERSION``: what an alias names now)."""
     import mlflow.artifacts
 
     from lmforge.tracking.mlflow_tracker import mlflow_client, mlflow_uris
@@ -65,7 +66,7 @@ def from_registry(uri: str, ws: Workspace) -> Path:
             (tmp / marker.name).write_text(json.dumps({"download_uri": download_uri, "name": name,
                                                        "version": version}))
     try:
-        return find_adapter_dir(target)
+        return find_adapter_dir(target), f"models:/{name}/{version}"
     except ServingError as exc:
         raise ServingError(f"version {version} of {name!r} holds no LoRA adapter: {exc.cause}",
                            "register a run's peft adapter directory (adapter_config.json, adapter_model.safetensors)"

@@ -9,12 +9,20 @@ request uses it); its name then answers 404 ``model_not_found``. Both need the a
 ``LMFORGE_ADMIN_KEY`` by default): the API key is every client's, and a load reads the server's disk, so
 without an admin key the routes answer 403 naming the fix. Which adapters sit on the device, and the swaps,
 are ``serving/adapters/runtime.py``'s.
+
+A loaded adapter's weights may leave CPU memory (``serving.lora.max_cpu_loras``, least recently used
+first); :func:`adapter_held`, around the queueing of a request, reads them again from the source recorded
+at load: its directory, or the registry *version* an alias named then (an alias moved since is not
+followed: the adapter is what was loaded). A source gone or changed answers 503 naming ``model``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hmac
 import os
+from collections.abc import AsyncIterator, Callable
 from typing import cast
 
 import anyio.to_thread
@@ -96,7 +104,7 @@ def add_admin_routes(app: FastAPI, engine: Engine, model_name: str, cfg: Serving
             except LmforgeError as exc:
                 raise _refused(exc, "lora_name") from None
         try:  # reading (or downloading) the weights takes a while: off the event loop, outside the engine's lock
-            adapter = await anyio.to_thread.run_sync(_read, body, cfg, engine)
+            adapter, source = await anyio.to_thread.run_sync(_read, body, cfg, engine)
         except LmforgeError as exc:
             raise _refused(exc, "lora_path") from None
         misfit = adapters.slots.misfit(adapter)
@@ -105,7 +113,7 @@ def add_admin_routes(app: FastAPI, engine: Engine, model_name: str, cfg: Serving
                            "target_modules, or raise those (a restart)", param="lora_path", code="adapter_does_not_fit")
         with engine.admission_held():
             try:
-                adapters.add(adapter)
+                adapters.add(adapter, source, queued_ids(engine))
             except LmforgeError as exc:  # another load of the same name, or the pool filled, meanwhile
                 raise _refused(exc, "lora_name") from None
         return LoraAdapterStatus(id=name, parent=model_name, loaded=True)
@@ -119,9 +127,7 @@ def add_admin_routes(app: FastAPI, engine: Engine, model_name: str, cfg: Serving
             if adapter_id is None:
                 raise ApiError(404, f"no LoRA adapter named {name!r} is loaded (loaded: {sorted(adapters.ids) or 'none'})",
                                param="lora_name", code="model_not_found")
-            queued = [r.adapter for r in engine.scheduler.waiting]
-            queued += [s.request.adapter for s in engine.scheduler.preempted]
-            using = adapters.queued_or_running(adapter_id, queued)
+            using = adapters.queued_or_running(adapter_id, queued_ids(engine))
             if using:
                 raise ApiError(400, f"LoRA adapter {name!r} is in use by {using} running or waiting request(s); "
                                "unload it once they finish", param="lora_name", code="adapter_in_use")
@@ -129,11 +135,59 @@ def add_admin_routes(app: FastAPI, engine: Engine, model_name: str, cfg: Serving
         return LoraAdapterStatus(id=name, parent=model_name, loaded=False)
 
 
-def _read(body: LoadLoraAdapterRequest, cfg: ServingConfig, engine: Engine) -> LoraAdapter:
-    """The adapter ``body`` names, read and checked against the served base (a worker thread)."""
+def queued_ids(engine: Engine) -> list[int]:
+    """The adapter ids of the requests waiting for admission (hold the engine's admission lock)."""
+    return [r.adapter for r in engine.scheduler.waiting] + [s.request.adapter for s in engine.scheduler.preempted]
+
+
+@contextlib.asynccontextmanager
+async def adapter_held(engine: Engine, name: str | None) -> AsyncIterator[None]:
+    """Queue requests of LoRA adapter ``name`` inside this block: its weights are in CPU memory (read again
+    from their source, in a worker thread, if they were dropped) and stay there until the block ends, by
+    when the requests are queued (a queued adapter's weights are never dropped). 503 naming ``model`` when
+    the source is gone or holds other weights now."""
+    pool = engine.backend.lora if isinstance(engine.backend, PagedBackend) else None
+    if name is None or pool is None or not pool.runtime:
+        yield
+        return
+    with engine.admission_held():
+        adapter_id = pool.ids.get(name)
+        if adapter_id is None:  # unloaded meanwhile: the submit answers model_not_found
+            must_read = False
+        else:
+            must_read = pool.pin(adapter_id)
+    try:
+        if must_read and adapter_id is not None:
+            try:
+                adapter = await anyio.to_thread.run_sync(pool.sources[adapter_id])
+                with engine.admission_held():
+                    pool.restore(adapter_id, adapter, queued_ids(engine))
+            except LmforgeError as exc:
+                raise _refused(exc, "model", status=503, code="adapter_unavailable") from None
+        yield
+    finally:
+        if adapter_id is not None:
+            with engine.admission_held():
+                pool.unpin(adapter_id)
+
+
+def _read(body: LoadLoraAdapterRequest, cfg: ServingConfig, engine: Engine) -> tuple[LoraAdapter, Callable[[], LoraAdapter]]:
+    """The adapter ``body`` names, read and checked against the served base (a worker thread), and how to read
+    it again: from the same directory, or from the registry version the URI resolved to now."""
+    # The paged backend (checked by the caller) serves Llama-family models only.
+    model = cast(LlamaCausalLM, engine.model)
     if body.lora_path.startswith("models:/"):
-        adapter_dir = from_registry(body.lora_path, Workspace.from_env())
+        ws = Workspace.from_env()
+        adapter_dir, pinned = from_registry(body.lora_path, ws)
+
+        def source() -> LoraAdapter:
+            return read_adapter(body.lora_name, from_registry(pinned, ws)[0], model)
     else:
         adapter_dir = inside_roots(body.lora_path, cfg.lora.adapter_roots)
-    # The paged backend (checked by the caller) serves Llama-family models only.
-    return read_adapter(body.lora_name, adapter_dir, cast(LlamaCausalLM, engine.model))
+        source = functools.partial(_reread_dir, body.lora_name, body.lora_path, cfg, model)
+    return read_adapter(body.lora_name, adapter_dir, model), source
+
+
+def _reread_dir(name: str, lora_path: str, cfg: ServingConfig, model: LlamaCausalLM) -> LoraAdapter:
+    """A directory adapter read again, checked against the roots again (a link may have moved since)."""
+    return read_adapter(name, inside_roots(lora_path, cfg.lora.adapter_roots), model)

@@ -36,7 +36,7 @@ from pydantic import BaseModel
 from lmforge import __version__
 from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
-from lmforge.serving.api.admin import add_admin_routes
+from lmforge.serving.api.admin import adapter_held, add_admin_routes
 from lmforge.serving.api.choices import Choices, best, candidates, usage_of
 from lmforge.serving.api.chunks import chat_chunks, completion_chunks
 from lmforge.serving.api.errors import ApiError, install_error_handlers
@@ -185,7 +185,8 @@ def _add_completions(app: FastAPI, served: _Served, authorize) -> None:
         wanted = body.logprobs if body.logprobs is not None or count == body.n else 0
         params = body.sampling(max_tokens, wanted, body.prompt_logprobs)
         await served.constrain(params)
-        group = Choices.submit(engine, prompt_ids, params, adapter, count)
+        async with adapter_held(engine, adapter):  # its weights in CPU memory until queued (adapters/runtime.py)
+            group = Choices.submit(engine, prompt_ids, params, adapter, count)
         if body.stream:
             chunks = completion_chunks(group, rid, model_name, body.logprobs is not None, body.include_usage, echo)
             return _sse(chunks, group)
@@ -218,7 +219,8 @@ def _add_chat(app: FastAPI, served: _Served, authorize) -> None:
         await served.constrain(params)
         calls = [tools.output() for _ in range(body.n)]  # each choice's calls are parsed on their own
         ends = [output.ends_output() if output is not None else None for output in calls]
-        group = Choices.submit(engine, prompt_ids, params, adapter, body.n, ends)
+        async with adapter_held(engine, adapter):
+            group = Choices.submit(engine, prompt_ids, params, adapter, body.n, ends)
         rid = new_id("chatcmpl")
         if body.stream:
             return _sse(chat_chunks(group, rid, model_name, body.logprobs, body.include_usage, calls), group)
