@@ -1,8 +1,9 @@
 """Helpers shared by test modules (test modules import from here, never from each other).
 
-A tiny random Llama model directory and the sentences and prompts it is built and checked on; two
-ways to run an ASGI app under uvicorn on loopback; the stdlib-docstring workspace corpus; the tiny
-model, base training and per-method cases that the fine-tuning tests share.
+A tiny random Llama model directory and the sentences and prompts it is built and checked on; uvicorn on
+loopback in front of an ASGI app, an engine or a model directory, with the client and metrics read there; the
+stdlib-docstring workspace corpus; the tiny model, base training and per-method cases that the fine-tuning
+tests share.
 """
 
 from __future__ import annotations
@@ -83,10 +84,11 @@ def make_tiny_model_dir(path: Path) -> Path:
 # ---------------------------------------------------------------- uvicorn on loopback
 
 @contextlib.contextmanager
-def serve(app) -> Iterator[str]:
-    """Run ``app`` under uvicorn on a free loopback port in a thread; yield its base URL."""
+def serve(app, drain_s: float = 5) -> Iterator[tuple[str, uvicorn.Server]]:
+    """Run ``app`` under uvicorn (graceful-shutdown drain ``drain_s``) on a free loopback port in a thread;
+    yield its base URL and the server (``server.should_exit = True`` is what SIGTERM does)."""
     sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=drain_s))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -94,32 +96,42 @@ def serve(app) -> Iterator[str]:
         time.sleep(0.02)
     assert server.started, "uvicorn did not start"
     try:
-        yield url_for(sock)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
-@contextlib.contextmanager
-def running(engine: Engine, cfg: ServingConfig, api_key=None,
-            drain_s: float = 5) -> Iterator[tuple[str, uvicorn.Server]]:
-    """Serve ``engine`` (keys, graceful-shutdown drain) on a free loopback port in a thread; yield URL and server."""
-    sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny", cfg, api_key=api_key), log_level="warning",
-                                           timeout_graceful_shutdown=drain_s))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started
-    try:
         yield url_for(sock), server
     finally:
         server.should_exit = True
         thread.join(timeout=15)
         sock.close()
+
+
+def running(engine: Engine, cfg: ServingConfig, api_key=None,
+            drain_s: float = 5) -> contextlib.AbstractContextManager[tuple[str, uvicorn.Server]]:
+    """Serve ``engine`` (as model "tiny", with keys) on loopback (:func:`serve`)."""
+    return serve(create_app(engine, "tiny", cfg, api_key=api_key), drain_s)
+
+
+@contextlib.contextmanager
+def served(model_dir: Path, cfg: ServingConfig, api_key=None, drain_s: float = 5,
+           **load) -> Iterator[tuple[str, Engine, uvicorn.Server]]:
+    """``Engine.load(model_dir, device="cpu", cfg=cfg, **load)`` served on loopback (:func:`running`); yields
+    URL, engine and server, and closes the engine after the server stopped."""
+    engine = Engine.load(model_dir, device="cpu", cfg=cfg, **load)
+    try:
+        with running(engine, cfg, api_key, drain_s) as (url, server):
+            yield url, engine, server
+    finally:
+        engine.close()
+
+
+def openai_client(url: str, **options):
+    """The official ``openai`` client on a loopback server's ``/v1`` (no retries: a failure shows at once)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=options.pop("api_key", "unused"), max_retries=0, **options)
+
+
+def metric(text: str, name: str) -> float:
+    """The value of the unlabelled Prometheus sample ``name`` in a ``/metrics`` page."""
+    return float(next(line for line in text.splitlines() if line.startswith(name + " ")).split()[-1])
 
 # ---------------------------------------------------------------- a workspace corpus
 

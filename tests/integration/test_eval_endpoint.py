@@ -7,7 +7,7 @@ import json
 import textwrap
 
 import pytest
-from helpers import running
+from helpers import served as serving_on_loopback
 from tiny_assets import build_model_dir
 
 from lmforge.config.evaluation import EvaluationConfig
@@ -17,7 +17,6 @@ from lmforge.config.serving import ServingConfig
 from lmforge.core.workspace import Workspace
 from lmforge.evaluation.harness import run_tasks
 from lmforge.evaluation.scoring import load_model
-from lmforge.serving.engine import Engine
 from lmforge.serving.engine.metrics import EngineMetrics
 from lmforge.stages.evaluate import evaluate_endpoint
 from lmforge.stages.register import register
@@ -67,9 +66,7 @@ def test_endpoint_tasks_match_in_process_and_reach_mlflow(tmp_path):
                           history=[], dataset_inputs=[], tags={})
     model_dir, _, _ = resolve_model(registered.model_uri, ws)
     cfg = EvaluationConfig(tasks=[str(task)], batch_size=2)
-    serving = ServingConfig()
-    engine = Engine.load(model_dir, device="cpu", cfg=serving, metrics=EngineMetrics())
-    with running(engine, serving) as (url, _):
+    with serving_on_loopback(model_dir, ServingConfig(), metrics=EngineMetrics()) as (url, _, _):
         deployed = {"endpoint": url, "model_name": "tiny", "model_ref": registered.model_uri}
         served = evaluate_endpoint(cfg, deployed, ws)
 

@@ -43,7 +43,7 @@ def engine(model_dir: Path) -> Iterator[Engine]:
 
 @pytest.fixture(scope="module")
 def url(engine: Engine) -> Iterator[str]:
-    with serve(create_app(engine, "tiny", CFG)) as base:
+    with serve(create_app(engine, "tiny", CFG)) as (base, _):
         yield base
 
 
@@ -237,7 +237,7 @@ def test_aborted_stream_leaves_the_server_healthy(url: str) -> None:
 
 
 def test_api_key_is_required_when_set(engine: Engine) -> None:
-    with serve(create_app(engine, "tiny", CFG, api_key="s3cret")) as base:
+    with serve(create_app(engine, "tiny", CFG, api_key="s3cret")) as (base, _):
         payload = {"prompt": "hi", "max_tokens": 2}
         missing = httpx.post(f"{base}/v1/completions", json=payload)
         wrong = httpx.post(f"{base}/v1/completions", json=payload, headers={"Authorization": "Bearer nope"})

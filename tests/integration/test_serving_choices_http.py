@@ -21,10 +21,9 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from helpers import running
+from helpers import metric, openai_client, served
 
 from lmforge.config.serving import ServingConfig
-from lmforge.serving.engine import Engine
 from lmforge.serving.engine.metrics import EngineMetrics
 
 PROMPT = "def add(a, b):"
@@ -34,21 +33,17 @@ MESSAGES = [{"role": "user", "content": "Name a color."}]
 @pytest.fixture(scope="module")
 def url(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # A longer context for the tool list (rotary positions have no weights: the same model).
-    served = Path(shutil.copytree(model_dir, tmp_path_factory.mktemp("choices") / "tiny"))
-    config = json.loads((served / "config.json").read_text())
-    (served / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512}))
-    cfg = ServingConfig(max_new_tokens=400, kv_cache={"block_size": 4})
-    engine = Engine.load(served, device="cpu", cfg=cfg, metrics=EngineMetrics())
-    try:
-        with running(engine, cfg) as (base, _):
-            yield base
-    finally:
-        engine.close()
+    model = Path(shutil.copytree(model_dir, tmp_path_factory.mktemp("choices") / "tiny"))
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512}))
+    with served(model, ServingConfig(max_new_tokens=400, kv_cache={"block_size": 4}),
+                metrics=EngineMetrics()) as (base, _, _):
+        yield base
 
 
 @pytest.fixture(scope="module")
 def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    return openai_client(url)
 
 
 def test_n_choices_are_indexed_reproducible_and_streamed_alike(client: openai.OpenAI) -> None:
@@ -105,8 +100,7 @@ def test_best_of_returns_the_candidates_of_highest_mean_logprob(client: openai.O
 
 
 def _metric(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics").text
-    return float(next(line for line in text.splitlines() if line.startswith(name + " ")).split()[-1])
+    return metric(httpx.get(f"{url}/metrics").text, name)
 
 
 def test_siblings_reuse_the_first_choices_prompt_blocks(client: openai.OpenAI, url: str) -> None:

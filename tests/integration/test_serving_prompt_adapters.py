@@ -191,7 +191,7 @@ def test_openai_client_against_a_prompt_tuned_model(trained):
     tokenizer = load_tokenizer(model_dir)
     engine = _engine(model_dir)
     try:
-        with serve(create_app(engine, "ptuned", ServingConfig(max_new_tokens=engine.context_window))) as url:
+        with serve(create_app(engine, "ptuned", ServingConfig(max_new_tokens=engine.context_window))) as (url, _):
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
             out = client.completions.create(model="ptuned", prompt=PROMPTS[0], max_tokens=NEW_TOKENS,
                                              temperature=0, echo=True, logprobs=0)

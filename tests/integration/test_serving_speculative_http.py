@@ -10,12 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
-from helpers import make_tiny_model_dir, running
+from helpers import make_tiny_model_dir, metric, openai_client, served
 
 from lmforge.config.serving import ServingConfig
-from lmforge.serving.engine import Engine
 from lmforge.serving.engine.metrics import EngineMetrics
 
 # A prompt whose greedy continuation repeats tokens, so n-gram guesses get accepted.
@@ -27,24 +25,15 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-spec-http"))
 
 
-def _metric(text: str, name: str) -> float:
-    return float(next(line for line in text.splitlines() if line.startswith(name + " ")).split()[-1])
-
-
 def _texts(model_dir: Path, cfg: ServingConfig) -> tuple[list[str], list[str], str]:
-    engine = Engine.load(model_dir, device="cpu", cfg=cfg, metrics=EngineMetrics())
-    try:
-        with running(engine, cfg) as (url, _):
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-            plain = [client.completions.create(model="tiny", prompt=p, max_tokens=24, temperature=0).choices[0].text
-                     for p in PROMPTS]
-            stream = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=24, temperature=0,
-                                               stream=True)
-            streamed = ["".join(chunk.choices[0].text for chunk in stream if chunk.choices)]
-            metrics = httpx.get(f"{url}/metrics").text
-        return plain, streamed, metrics
-    finally:
-        engine.close()
+    with served(model_dir, cfg, metrics=EngineMetrics()) as (url, _, _):
+        client = openai_client(url)
+        plain = [client.completions.create(model="tiny", prompt=p, max_tokens=24, temperature=0).choices[0].text
+                 for p in PROMPTS]
+        stream = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=24, temperature=0,
+                                           stream=True)
+        streamed = ["".join(chunk.choices[0].text for chunk in stream if chunk.choices)]
+        return plain, streamed, httpx.get(f"{url}/metrics").text
 
 
 def test_greedy_text_equals_plain_and_metrics_report_acceptance(model_dir: Path) -> None:
@@ -53,7 +42,7 @@ def test_greedy_text_equals_plain_and_metrics_report_acceptance(model_dir: Path)
     spec = ServingConfig(kv_cache={"block_size": 4}, speculative={"method": "ngram", "num_tokens": 4})
     got, got_streamed, metrics = _texts(model_dir, spec)
     assert got == want and got_streamed == want_streamed
-    proposed = _metric(metrics, "lmforge_spec_decode_proposed_tokens_total")
-    accepted = _metric(metrics, "lmforge_spec_decode_accepted_tokens_total")
+    proposed = metric(metrics, "lmforge_spec_decode_proposed_tokens_total")
+    accepted = metric(metrics, "lmforge_spec_decode_accepted_tokens_total")
     assert proposed > 0 and 0 <= accepted <= proposed
-    assert _metric(metrics, "lmforge_spec_decode_acceptance_rate") == pytest.approx(accepted / proposed)
+    assert metric(metrics, "lmforge_spec_decode_acceptance_rate") == pytest.approx(accepted / proposed)

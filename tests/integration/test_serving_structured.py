@@ -16,7 +16,7 @@ from typing import Literal
 import jsonschema
 import openai
 import pytest
-from helpers import make_tiny_model_dir, running
+from helpers import make_tiny_model_dir, openai_client, served
 from pydantic import BaseModel
 
 from lmforge.config.serving import ServingConfig
@@ -51,18 +51,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def url(model_dir: Path) -> Iterator[str]:
-    cfg = ServingConfig(max_new_tokens=80)
-    engine = Engine.load(model_dir, device="cpu", cfg=cfg)
-    try:
-        with running(engine, cfg) as (base, _):
-            yield base
-    finally:
-        engine.close()
+    with served(model_dir, ServingConfig(max_new_tokens=80)) as (base, _, _):
+        yield base
 
 
 @pytest.fixture()
 def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+    return openai_client(url, timeout=30)
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
