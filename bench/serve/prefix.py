@@ -5,11 +5,14 @@ throughput with ``serving.kv_cache.prefix_caching`` on against off, the same eng
     python -m bench.serve.prefix --tiny                   # a 2-layer model on the CPU (a check)
 
 Each request is the shared prefix plus a suffix of its own (32 tokens), then 128 greedy tokens; the
-32 are submitted at once (one burst, the engine's running batch holds them all). Two cases:
+32 are submitted at once (one burst under ``Engine.admission_held``: admitted at the same step, the
+engine's running batch holds them all, so the schedule does not depend on thread timing). Two cases:
 
 - ``cold``: the prefix is new to the server (a fresh random prefix for every timed run). With
-  caching, the first request prefills it and the others, which wait one step for its blocks
-  (``model/kv_cache.py``), prefill only their suffixes; without, every request prefills it all.
+  caching, the first request prefills it and the others borrow its blocks while they are written
+  (``model/kv_cache.py``) and prefill only their suffixes, in the same forward when the step's
+  token budget (``serving.scheduler.max_prefill_tokens``) holds them; without, every request
+  prefills it all.
 - ``warm``: one earlier request carried the prefix (a system prompt the server has seen), so with
   caching every request of the burst finds it cached.
 
@@ -18,8 +21,10 @@ metrics hook); throughput is output tokens over the burst's wall time. Correctne
 the greedy tokens with caching on are compared with those with it off (the fraction of requests
 whose tokens are identical is recorded: 1.0 on the CPU; on a GPU the two runs batch their prefills
 differently, so bf16 rounding may flip a near-tie of a random-weight model), and the fraction of
-prompt tokens found in the cache is recorded. Rows go to ``OUT/serve_prefix.jsonl``. Needs only
-torch, transformers, triton and pydantic.
+prompt tokens found in the cache is recorded, as is the number of prefill forwards a burst took (a
+count, the same on any machine: why the TTFT moves; on a busy CPU the ``--tiny`` times are noisy,
+so they are medians of several bursts). Rows go to ``OUT/serve_prefix.jsonl``. Needs only torch,
+transformers, triton and pydantic.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from bench.common.serve import LLAMA_1B, LLAMA_TINY, random_llama, random_prompt
 from lmforge.config.serving import KVCacheConfig, SchedulerConfig, ServingConfig
 from lmforge.serving.engine import Completion, Engine, SamplingParams
 from lmforge.serving.engine.metrics import NullMetrics
+from lmforge.serving.engine.requests import CompletionCollector
 
 BENCH = "serve_prefix"
 
@@ -66,7 +72,7 @@ class Workload:
 
 # 32 x (1,024 + 32 + 128) tokens need ~0.85 GB of bf16 cache for this shape: 4 GB is room to spare.
 FULL = Workload(LLAMA_1B, requests=32, prefix=1024, suffix=32, new=128, repeats=3, memory_mb=4096)
-TINY = Workload(LLAMA_TINY, requests=32, prefix=128, suffix=8, new=4, repeats=1, memory_mb=None)
+TINY = Workload(LLAMA_TINY, requests=32, prefix=128, suffix=8, new=4, repeats=5, memory_mb=None)
 
 
 class FirstTokens(NullMetrics):
@@ -90,6 +96,7 @@ class Case:
 
     ttft_s: list[float] = field(default_factory=list)
     tokens_per_s: list[float] = field(default_factory=list)
+    prefills: list[int] = field(default_factory=list)  # prefill forwards per burst
     completions: list[Completion] = field(default_factory=list)
     queried: int = 0
     cached: int = 0
@@ -108,12 +115,17 @@ def burst_prompts(w: Workload, seed: int) -> list[list[int]]:
 def timed_burst(engine: Engine, clock: FirstTokens, prompts: list[list[int]], params: SamplingParams,
                 case: Case) -> None:
     clock.ttft.clear()
-    queried, cached = clock.queried, clock.cached
+    queried, cached, prefills = clock.queried, clock.cached, engine.stats["prefills"]
+    collector = CompletionCollector(len(prompts))
     _sync()
     start = time.perf_counter()
-    case.completions += engine.generate(prompts, params)
+    with engine.admission_held():  # one burst: admitted together, whatever the threads' timing
+        for i, prompt in enumerate(prompts):
+            engine.submit(prompt, params, collector.sink(i), bounded=False)
+    case.completions += collector.wait()
     _sync()
     wall = time.perf_counter() - start
+    case.prefills.append(engine.stats["prefills"] - prefills)
     case.ttft_s.append(statistics.fmean(clock.ttft))
     case.tokens_per_s.append(sum(c.completion_tokens for c in case.completions[-len(prompts):]) / wall)
     case.queried += clock.queried - queried
@@ -128,7 +140,8 @@ def measure(model, tokenizer, w: Workload, caching: bool) -> dict[str, Case]:
     engine = Engine(model, tokenizer, cfg, metrics=clock)
     params = SamplingParams(max_tokens=w.new, temperature=0, ignore_eos=True)
     try:
-        engine.generate(burst_prompts(w, seed=1)[:4], params)  # warm-up: kernels, allocator (its own prefix)
+        # Warm-up: kernels, allocator and a burst's shapes (on the CPU the first burst took 5x longer), own prefix.
+        timed_burst(engine, clock, burst_prompts(w, seed=1), params, Case())
         cases = {"cold": Case(), "warm": Case()}
         for r in range(w.repeats):
             timed_burst(engine, clock, burst_prompts(w, seed=100 + r), params, cases["cold"])
@@ -174,6 +187,8 @@ def main() -> int:
         put(f"{w.tag}_{name}_output_tok_s", statistics.median(ours.tokens_per_s), f"output tokens/s, {what}",
             "prefix_caching off", statistics.median(base.tokens_per_s))
         put(f"{w.tag}_{name}_hit_rate", ours.hit_rate, "fraction of prompt tokens found in the prefix cache")
+        put(f"{w.tag}_{name}_prefill_forwards", statistics.median(ours.prefills), f"prefill forwards per burst, {what}",
+            "prefix_caching off", statistics.median(base.prefills), higher_is_better=False)
     pairs = [(a.token_ids, b.token_ids) for name in ("cold", "warm") for a, b in zip(on[name].completions,
                                                                                      off[name].completions)]
     put(f"{w.tag}_greedy_identical", sum(a == b for a, b in pairs) / len(pairs),

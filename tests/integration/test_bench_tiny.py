@@ -288,6 +288,11 @@ def test_serve_prefix_tiny(tmp_path):
     assert got["prefix_32x128_cold_hit_rate"]["value"] == pytest.approx(31 * 128 / (32 * 136))
     assert got["prefix_32x128_warm_hit_rate"]["value"] == pytest.approx(128 / 136)
     assert got["prefix_32x128_greedy_identical"]["value"] == 1.0
+    # A burst admitted together prefills in one forward with caching (the others borrow the first one's
+    # blocks as it writes them), in 3 without (32 x 136 tokens, 2,048 a forward).
+    for case in ("cold", "warm"):
+        forwards = got[f"prefix_32x128_{case}_prefill_forwards"]
+        assert (forwards["value"], forwards["baseline_value"]) == (1, 3)
 
 
 def test_serve_speculative_tiny(tmp_path):

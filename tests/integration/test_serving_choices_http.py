@@ -111,7 +111,7 @@ def test_siblings_reuse_the_first_choices_prompt_blocks(client: openai.OpenAI, u
     # Every full 4-token block before the prompt's last token (which is always recomputed).
     reusable = (first.prompt_tokens - 1) // 4 * 4
     assert reusable >= 8
-    # The first choice computed the prompt; the other two, admitted a step later, found its blocks.
+    # The first choice computed the prompt; the other two, admitted with it, borrowed its blocks.
     assert _metric(url, "lmforge_prefix_cache_cached_tokens_total") - cached_before == 2 * reusable
     assert first.prompt_tokens_details.cached_tokens == 0  # the prompt, counted once, was computed once
     again = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0, n=3).usage

@@ -115,7 +115,7 @@ def test_concurrent_chunked_and_repeated_prompts_match_without_caching(model_dir
     try:
         results = engine.generate(PROMPTS + PROMPTS[::-1], GREEDY)  # 8 requests, 3 rows: later ones hit
         assert [list(r.token_ids) for r in results] == expected + expected[::-1]
-        # The first computes the system prompt; the others, admitted with it, wait a step and reuse it.
+        # The first computes the system prompt; the others, admitted with it, borrow its blocks as it writes them.
         assert results[0].cached_tokens == 0 and all(r.cached_tokens >= 20 for r in results[1:])
         # The same prompt again: everything but its last token's block is cached (24 of 26 tokens here).
         (again,) = engine.generate([PROMPTS[0]], GREEDY)
@@ -130,10 +130,9 @@ def test_a_request_whose_prefix_is_being_prefilled_waits_for_it(model_dir: Path)
     plain = _engine(model_dir, caching=False)
     try:
         first = SYSTEM * 2 + [5]
-        # short and first take rows at step 1, which prefills short and 13 tokens of first (3 full blocks).
-        # The third shares first's 4th block, still unwritten: it waits until first has written it (reusing
-        # 3 blocks and writing the 4th itself would be correct too, but computes it twice); the fourth
-        # waits behind it (first come, first served) and reuses the 3 blocks it shares.
+        # short, first and the third take rows at step 1, which prefills short and 13 tokens of first (3 full
+        # blocks). The third borrows first's first 4 blocks, the 4th still unwritten: its prefill waits until
+        # first has written it (model/kv_cache.py); the fourth, admitted when short leaves, reuses the 3 it shares.
         prompts = [[1, 2, 3], first, [*first[:16], 7, 8, 9, 10, 11], [*first[:14], 6, 6, 6]]
         params = [SamplingParams(max_tokens=1, temperature=0), GREEDY, GREEDY, GREEDY]
         collector = CompletionCollector(len(prompts))

@@ -93,6 +93,9 @@ class FakeBackend:
     def cached_tokens(self, row: int) -> int:
         return 0
 
+    def prefill_waits(self, row: int) -> list[tuple[int, int]]:
+        return []
+
     @property
     def cache_usage(self) -> float:
         return 1 - self.free / self.blocks

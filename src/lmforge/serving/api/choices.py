@@ -3,8 +3,8 @@
 A request of ``n`` choices becomes ``n`` engine requests of the same prompt, queued together (under
 :meth:`Engine.admission_held`, in order) so they are admitted together. They share the prompt's KV
 through the prefix cache (``model/block_pool.py``): the first sibling prefills the prompt, and the
-others, finding its full blocks being computed, wait a step (``PagedKVCache.can_reserve``) and then
-reuse them, prefilling only the prompt's last, partial block. The queue bound
+others borrow its full blocks while it writes them (``model/kv_cache.py``), prefilling only the
+prompt's last, partial block, in the same forward. The queue bound
 (``serving.scheduler.max_queue``) counts requests, not choices: only the first sibling is bounded,
 so one request's choices are refused or queued as a whole.
 

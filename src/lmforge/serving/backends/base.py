@@ -53,8 +53,16 @@ class Backend(Protocol):
         ...
 
     def cached_tokens(self, row: int) -> int:
-        """Leading prompt tokens ``row``'s cache already held at :meth:`reserve` (prefix cache hits): the
-        prefill starts after them. Always fewer than the prompt (0 for a backend without prefix caching)."""
+        """Leading prompt tokens ``row``'s cache holds or is having written by other rows (prefix cache hits,
+        :meth:`prefill_waits`): the prefill starts after them. Fixed from ``row``'s first prefill chunk on;
+        before it, it may shrink (a row writing them went away). Always fewer than the prompt (0 for a
+        backend without prefix caching)."""
+        ...
+
+    def prefill_waits(self, row: int) -> Sequence[tuple[int, int]]:
+        """(row, prompt tokens) pairs: ``row``'s next prefill chunk may run only in a forward after which each
+        such row has prefilled that many tokens (it shares cache blocks they are writing; prefix caching).
+        Empty: it may run now (always, for a backend without prefix caching)."""
         ...
 
     def grow(self, row: int, tokens: int) -> bool:

@@ -162,6 +162,9 @@ class HFBackend:
     def cached_tokens(self, row: int) -> int:
         return 0  # a dense cache per batch: no prefix caching
 
+    def prefill_waits(self, row: int) -> list[tuple[int, int]]:
+        return []  # no prefix caching: no row shares another's blocks
+
     def grow(self, row: int, tokens: int) -> bool:
         return True
 

@@ -6,9 +6,10 @@ PyTorch ops, eagerly. Prefill chunks always run eagerly (their shapes vary).
 
 Prefix caching (``serving.kv_cache.prefix_caching``, ``model/block_pool.py``): a request's prompt
 blocks are hashed from a root that holds its LoRA adapter, the prompt-learning prefix and the KV
-storage, and the cached ones are reused; its prefill then starts at an offset, which is the
-chunked-prefill path (a query block at any position attends to the cache before it), so CUDA graphs,
-which capture decode only, are untouched.
+storage, and the cached ones, and those another admitted request is about to write, are reused
+(``model/kv_cache.py``); its prefill then starts at an offset, which is the chunked-prefill path
+(a query block at any position attends to the cache before it), so CUDA graphs, which capture
+decode only, are untouched.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class PagedBackend:
         self.prefix_caching = cfg.kv_cache.prefix_caching
         # Everything besides the tokens that a block's keys and values depend on; per LoRA adapter load below.
         self._root = root_hash("kv", str(shape.dtype), self.ops.kv_scale, shape.block_size, self.prefix.digest)
-        self._cached: dict[int, int] = {}  # row -> prompt tokens its cache held at admission
+        self._last_hashes: tuple[tuple[bytes, tuple[int, ...]] | None, list[bytes]] = (None, [])  # (root, prompt), hashes
         self.graphs = None
         if cfg.runtime.cuda_graphs and self.device.type == "cuda" and isinstance(self.ops, TritonOps):
             self.graphs = DecodeGraphs(self.runner, cfg.scheduler.max_batch_size)
@@ -126,14 +127,16 @@ class PagedBackend:
         return self.prefix.can_reserve(tokens, self._hashes(prompt, adapter))
 
     def reserve(self, tokens: int, prompt: Sequence[int] = (), adapter: int = 0) -> int:
-        row = self.prefix.reserve(tokens, self._hashes(prompt, adapter))
-        hits = self.cache.hits(row)
-        # The cached blocks follow the prefix's whole blocks and cover positions up to their end.
-        self._cached[row] = (len(self.prefix.shared) + hits) * self.cache.block_size - self.virtual_tokens if hits else 0
-        return row
+        return self.prefix.reserve(tokens, self._hashes(prompt, adapter))
 
     def cached_tokens(self, row: int) -> int:
-        return self._cached.get(row, 0)
+        hits = self.cache.hits(row)  # shrinks if a writer it borrowed from left first (model/kv_cache.py)
+        # The shared blocks follow the prefix's whole blocks and cover positions up to their end.
+        return (len(self.prefix.shared) + hits) * self.cache.block_size - self.virtual_tokens if hits else 0
+
+    def prefill_waits(self, row: int) -> list[tuple[int, int]]:
+        shift = self.virtual_tokens  # the cache counts positions from the prefix's first, the engine from the prompt's
+        return [(writer, end - shift) for writer, end in self.cache.waits(row)]
 
     def _hashes(self, prompt: Sequence[int], adapter: int) -> list[bytes]:
         """Content hashes of the full blocks of ``prompt`` but its last token (always recomputed: its
@@ -144,13 +147,15 @@ class PagedBackend:
         first = size - self.virtual_tokens % size  # the prefix's partial block fills the start of the first
         # An adapter's chain starts from its load's identity, never reused: no block of other weights is met.
         root = root_hash(self._root, self.lora.identity(adapter)) if adapter and self.lora is not None else self._root
-        return chain_hashes(root, prompt[:-1], first, size)
+        key = (root, tuple(prompt))
+        if self._last_hashes[0] != key:  # admission asks can_reserve, then reserve: hash a long prompt once
+            self._last_hashes = (key, chain_hashes(root, prompt[:-1], first, size))
+        return self._last_hashes[1]
 
     def grow(self, row: int, tokens: int) -> bool:
         return True  # admission reserved the sequence's worst case
 
     def release(self, row: int) -> None:
-        self._cached.pop(row, None)
         self.cache.release(row)
         if self.lora is not None:
             self.lora.release_row(row)

@@ -5,7 +5,8 @@ One engine step (``engine/engine.py``) is two rounds of schedule -> execute -> u
 1. Prefill. :meth:`Scheduler.schedule_prefill` admits waiting requests while the running batch has
    a free row and the backend can reserve the request's worst case (prompt plus ``max_tokens``),
    first come first served (with prefix caching, a request's prefill starts after the prompt tokens
-   the backend found cached: ``Backend.cached_tokens``); drops requests whose client went away,
+   the backend found cached or being written by an admitted request: ``Backend.cached_tokens``; it
+   runs only in a forward that writes them, ``Backend.prefill_waits``); drops requests whose client went away,
    freeing their rows and cache at once; and picks up to ``serving.scheduler.max_prefill_tokens``
    prompt tokens to prefill (a long prompt is split into chunks over several steps, so it never
    stalls the running streams for long). The
@@ -69,6 +70,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.preemptions = 0
         self._admissions = 0
+        # row -> prompt tokens looked up in the prefix cache, for rows admitted but not yet given a prefill chunk:
+        # their cached start is final (and counted) only then (``Backend.cached_tokens``).
+        self._unstarted: dict[int, int] = {}
 
     # ------------------------------------------------------------ queue
 
@@ -142,9 +146,7 @@ class Scheduler:
                                    grammar=GrammarState(request.grammar) if request.grammar is not None else None)
                 seq.admitted, self._admissions = self._admissions, self._admissions + 1
                 seq.prefilled = cached  # prefix cache hits: the prefill starts after them
-                if resumed is None and reuse:
-                    seq.cached_tokens = cached
-                    self.metrics.prefix_cache(len(reuse), cached)
+                self._unstarted[row] = len(reuse) if resumed is None else 0
                 self.prefilling.append(seq)
 
     @staticmethod
@@ -168,9 +170,17 @@ class Scheduler:
     def _prefill_chunks(self) -> list[tuple[Sequence, PrefillItem]]:
         budget = self.max_prefill_tokens if self.backend.chunked_prefill else None
         chunks: list[tuple[Sequence, PrefillItem]] = []
+        # Prompt tokens each row seen so far will have prefilled after this step's forward. A row that
+        # shares blocks another is writing comes after it (it was admitted later), so its writer is here.
+        through: dict[int, int] = {}
         for seq in list(self.prefilling):
             if seq.row < 0:
                 continue  # preempted just now, to make room for an earlier sequence
+            if seq.row in self._unstarted:  # less than at admission if a row writing its shared blocks went away
+                seq.prefilled = self.backend.cached_tokens(seq.row)
+            through[seq.row] = seq.prefilled
+            if any(through.get(row, 0) < n for row, n in self.backend.prefill_waits(seq.row)):
+                continue  # its shared blocks are not all written by the end of this forward: wait for them
             ids = seq.prefill_ids
             left = len(ids) - seq.prefilled
             take = left if budget is None else min(left, budget)
@@ -178,6 +188,10 @@ class Scheduler:
                 break
             echo = seq.params.prompt_logprobs is not None and not seq.token_ids  # a resumed one has its entries
             chunks.append((seq, PrefillItem(seq.row, seq.prefilled, ids[seq.prefilled : seq.prefilled + take], echo)))
+            through[seq.row] = seq.prefilled + take
+            if queried := self._unstarted.pop(seq.row, 0):  # a new request: its prefix-cache hits are final now
+                seq.cached_tokens = seq.prefilled
+                self.metrics.prefix_cache(queried, seq.prefilled)
             if budget is not None:
                 budget -= take
         return chunks
@@ -263,6 +277,7 @@ class Scheduler:
         """Release ``seq``'s cache and count it; ``outcome`` "finished" becomes "stop" or "length"."""
         if seq.row >= 0:
             self.backend.release(seq.row)
+            self._unstarted.pop(seq.row, None)
         if outcome == "finished":
             outcome = "stop" if seq.tracker.stopped or (seq.token_ids and seq.token_ids[-1] in self.eos_ids) else "length"
         self.metrics.finished(outcome, len(seq.prompt), len(seq.token_ids), time.perf_counter() - seq.request.arrived)

@@ -34,10 +34,12 @@ def root_hash(*parts: object) -> bytes:
 def chain_hashes(root: bytes, tokens: Sequence[int], first: int, block_size: int) -> list[bytes]:
     """Hashes of the *full* blocks of ``tokens``: the first block holds ``first`` of them (fewer than
     ``block_size`` when virtual tokens fill its start), every later one ``block_size``."""
+    ids = array("q", tokens)
+    data, width = ids.tobytes(), ids.itemsize  # converted once: per block it cost a fifth of the time
     hashes: list[bytes] = []
     previous, start, size = root, 0, first
     while size > 0 and start + size <= len(tokens):
-        previous = hashlib.sha256(previous + array("q", tokens[start : start + size]).tobytes()).digest()
+        previous = hashlib.sha256(previous + data[start * width : (start + size) * width]).digest()
         hashes.append(previous)
         start, size = start + size, block_size
     return hashes

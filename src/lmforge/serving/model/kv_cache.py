@@ -22,15 +22,22 @@ Prefix caching (``model/block_pool.py``): a reservation may name the content has
 full blocks; the longest cached run of them is shared into its table after the lead (the sequence's
 prefill starts after them, :meth:`PagedKVCache.hits`), and the rest are published as the prefill
 writes them (:meth:`PagedKVCache.commit`). Released blocks with a hash stay cached until evicted.
-A request whose next uncached block is being computed by an admitted sequence right now waits for
-it (:meth:`PagedKVCache.can_reserve` says no): a burst of requests with one long shared prefix then
-prefills it once, not once per request admitted in the same step.
+
+Blocks still being written are shared too (*borrowed*): a reservation whose chain goes on into
+blocks that an admitted sequence (the *writer*) has reserved but not yet written maps those same
+blocks, so a burst of requests with one new long prefix prefills it once, and their suffixes can
+run in the very forward that writes it (the runner stores every token's keys and values before any
+attention reads the cache, layer by layer: ``model/runner.py``). A borrower's prefill may run only
+in a forward that brings each writer past the borrowed blocks (:meth:`PagedKVCache.waits`; the
+scheduler checks it), so it never reads an unwritten block. A writer that leaves before writing
+them (cancelled, failed, preempted) hands them to its earliest borrower, which has run nothing yet
+(by that rule) and now writes them itself: its prefill starts back at them (:meth:`PagedKVCache.hits`
+shrinks).
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -81,11 +88,13 @@ class PagedKVCache:
         self.scratch_row = max_rows
         self.pool = BlockPool(num_blocks)  # block 0 is the scratch block
         self._free_rows = list(range(max_rows - 1, -1, -1))
-        self._owned: dict[int, list[int]] = {}  # row -> its blocks after the lead (shared hits, then its own)
-        self._hits: dict[int, int] = {}  # row -> cached blocks its table reuses
-        # row -> (table index, block, hash) of its full prompt blocks not yet published
+        self._owned: dict[int, list[int]] = {}  # row -> its blocks after the lead (shared ones, then its own)
+        self._shared: dict[int, int] = {}  # row -> blocks after its lead that it did not compute (cached or borrowed)
+        # row -> (table index, block, hash) of the full prompt blocks it writes and has not written yet
         self._pending: dict[int, list[tuple[int, int, bytes]]] = {}
-        self._in_flight: Counter[bytes] = Counter()  # hashes of the pending blocks of all rows
+        self._writer: dict[bytes, tuple[int, int, int]] = {}  # pending hash -> (writing row, table index, block)
+        self._borrowed: dict[int, dict[bytes, tuple[int, int]]] = {}  # row -> unwritten shared hash -> (index, block)
+        self._readers: dict[bytes, list[int]] = {}  # pending hash -> rows borrowing it, in reservation order
         self._pinned = 0  # blocks taken out of the pool for good (shared prefixes)
 
     # ------------------------------------------------------------ capacity
@@ -106,11 +115,22 @@ class PagedKVCache:
         """Whether :meth:`reserve` with the same arguments would succeed now."""
         if not self._free_rows:
             return False
-        hashes = hashes or []
+        hits, borrowed = self._match(hashes or [])
+        # Borrowed blocks are held by their writer: taking them costs no available block.
+        return self.blocks_needed(tokens) - lead - len(hits) - len(borrowed) <= self.pool.available - self.pool.idle(hits)
+
+    def _match(self, hashes: list[bytes]) -> tuple[list[int], list[tuple[bytes, int]]]:
+        """The cached blocks of the longest run of ``hashes``, then the (hash, block) of those after it
+        that admitted sequences are writing (a chain's blocks are written in order, so that run stops
+        at the first block nobody has or writes)."""
         hits = self.pool.lookup(hashes)
-        if len(hits) < len(hashes) and self._in_flight[hashes[len(hits)]]:
-            return False  # its next block is being computed by another sequence: reuse it next step
-        return self.blocks_needed(tokens) - lead - len(hits) <= self.pool.available - self.pool.idle(hits)
+        borrowed: list[tuple[bytes, int]] = []
+        for h in hashes[len(hits):]:
+            writing = self._writer.get(h)
+            if writing is None:
+                break
+            borrowed.append((h, writing[2]))
+        return hits, borrowed
 
     @property
     def usage(self) -> float:
@@ -130,21 +150,40 @@ class PagedKVCache:
         lead, hashes = lead or [], hashes or []
         if not self.can_reserve(tokens, len(lead), hashes):
             raise ServingError(f"no room for {tokens} tokens in the KV cache", "call can_reserve() first")
-        hits = self.pool.lookup(hashes)
-        self.pool.share(hits)
-        blocks = hits + self.pool.take(self.blocks_needed(tokens) - len(lead) - len(hits))
+        hits, borrowed = self._match(hashes)
+        shared = hits + [block for _, block in borrowed]
+        self.pool.share(shared)
+        blocks = shared + self.pool.take(self.blocks_needed(tokens) - len(lead) - len(shared))
         row = self._free_rows.pop()
-        self._owned[row], self._hits[row] = blocks, len(hits)
-        self._pending[row] = [(len(lead) + i, blocks[i], h) for i, h in enumerate(hashes) if i >= len(hits)]
-        self._in_flight.update(h for _, _, h in self._pending[row])
+        self._owned[row], self._shared[row] = blocks, len(shared)
+        first = len(lead) + len(hits)  # table index of the first borrowed block
+        self._borrowed[row] = {h: (first + i, block) for i, (h, block) in enumerate(borrowed)}
+        for h in self._borrowed[row]:
+            self._readers.setdefault(h, []).append(row)
+        self._pending[row] = []
+        for i in range(len(shared), len(hashes)):
+            index, h = len(lead) + i, hashes[i]
+            if h not in self._writer:  # else another row writes the same content (a race): this copy stays private
+                self._writer[h] = (row, index, blocks[i])
+                self._pending[row].append((index, blocks[i], h))
         entry = torch.zeros(self.max_blocks_per_seq, dtype=torch.int32)
         entry[: len(lead) + len(blocks)] = torch.tensor(lead + blocks, dtype=torch.int32)
         self.table[row].copy_(entry)
         return row
 
     def hits(self, row: int) -> int:
-        """Blocks of ``row``'s table after its lead that were already cached at reservation."""
-        return self._hits.get(row, 0)
+        """Blocks of ``row``'s table after its lead that it does not compute: cached at reservation, or
+        borrowed from a writer (fewer once a writer that left handed its blocks to ``row``)."""
+        return self._shared.get(row, 0)
+
+    def waits(self, row: int) -> list[tuple[int, int]]:
+        """(writer row, cache positions) pairs: ``row``'s prefill may run only in a forward after which
+        each writer has written its first that many positions (empty: it may run now)."""
+        need: dict[int, int] = {}
+        for h, (index, _) in self._borrowed.get(row, {}).items():
+            writer = self._writer[h][0]
+            need[writer] = max(need.get(writer, 0), (index + 1) * self.block_size)
+        return list(need.items())
 
     def commit(self, row: int, written: int) -> None:
         """Positions ``0..written-1`` of ``row`` now hold their keys and values: publish its full blocks among them."""
@@ -155,7 +194,9 @@ class PagedKVCache:
         while pending and pending[0][0] < done:
             _, block, h = pending.pop(0)
             self.pool.publish(block, h)
-            self._landed(h)
+            del self._writer[h]
+            for reader in self._readers.pop(h, []):
+                del self._borrowed[reader][h]
 
     def pin(self, n: int) -> list[int]:
         """Take ``n`` blocks out of the pool for good (content shared by every sequence)."""
@@ -169,18 +210,40 @@ class PagedKVCache:
         blocks = self._owned.pop(row, None)
         if blocks is None:
             return
-        self._hits.pop(row, None)
-        for _, _, h in self._pending.pop(row, []):
-            self._landed(h)
+        self._shared.pop(row, None)
+        for h in self._borrowed.pop(row, {}):
+            self._unread(h, row)
+        self._hand_over(row, self._pending.pop(row, []))
         self.pool.release(blocks)
         self._free_rows.append(row)
 
-    def _landed(self, h: bytes) -> None:
-        """One pending block with hash ``h`` was written or given up (zero counts are dropped: no growth)."""
-        if self._in_flight[h] <= 1:
-            del self._in_flight[h]
-        else:
-            self._in_flight[h] -= 1
+    def _hand_over(self, row: int, unwritten: list[tuple[int, int, bytes]]) -> None:
+        """``row`` leaves without writing ``unwritten``: the earliest borrower of each such block writes it
+        instead, with the writer's later blocks it borrowed too (borrowers run only in or after the forward
+        that writes what they borrow, so it has run nothing yet); a block nobody borrows is dropped."""
+        for index, _, h in unwritten:
+            if self._writer[h][0] != row:
+                continue  # handed over with an earlier block
+            readers = self._readers.get(h)
+            if not readers:
+                del self._writer[h]
+                continue
+            heir = readers[0]
+            borrowed = self._borrowed[heir]
+            # Its borrowed blocks from here on are all this writer's: another writer of them would have borrowed h.
+            moved = [(i, block, g) for g, (i, block) in borrowed.items() if i >= index]
+            for i, block, g in moved:
+                del borrowed[g]
+                self._writer[g] = (heir, i, block)
+                self._unread(g, heir)
+            self._pending[heir] = moved + self._pending[heir]
+            self._shared[heir] -= len(moved)
+
+    def _unread(self, h: bytes, row: int) -> None:
+        readers = self._readers[h]
+        readers.remove(row)
+        if not readers:
+            del self._readers[h]
 
     def slots(self, row: int, start: int, end: int) -> list[int]:
         """Cache slots of positions ``start..end-1`` of the sequence in ``row`` (host-side)."""
