@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any, TypeVar
 
-from lmforge.core.ray_cluster import join_cluster, on_this_node, start_local
+from lmforge.core.ray_cluster import connect_ray, on_this_node
 from lmforge.core.runtime import cpu_count
 
 T = TypeVar("T")
@@ -105,15 +105,9 @@ def _on_ray(fn: Callable[[T], R], chunks: Iterable[T], workers: int, address: st
             local: bool) -> Iterator[R]:
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            join_cluster(address, ignore_reinit_error=True)
-        else:
-            # Ray's unix sockets live under its temp dir; keep that path short (PITFALLS).
-            start_local(num_cpus=workers, include_dashboard=False, ignore_reinit_error=True,
-                     _temp_dir=os.path.join(tempfile.gettempdir(), f"lmforge-ray-collect-{os.getpid()}"))
+    # Ray's unix sockets live under its temp dir; keep that path short (PITFALLS).
+    started = connect_ray(address, num_cpus=workers,
+                          _temp_dir=os.path.join(tempfile.gettempdir(), f"lmforge-ray-collect-{os.getpid()}"))
     try:
         remote = ray.remote(num_cpus=1, **(on_this_node() if local else {}))(fn)
         window: deque = deque()

@@ -1,6 +1,7 @@
-"""Joining an existing Ray cluster (``RAY_ADDRESS``, else ``platform.ray_address``), with the
-failures a user causes (a wrong address, a missing or wrong token) as a ConfigError that names the
-setting and the fix instead of Ray's traceback; and starting a local Ray on a busy machine
+"""This process's Ray: :func:`connect_ray` joins an existing cluster (``RAY_ADDRESS``, else the stage's
+``ray_address`` setting) or starts a local Ray, the one choice every stage that uses Ray makes here.
+Joining turns the failures a user causes (a wrong address, a missing or wrong token) into a ConfigError
+that names the setting and the fix instead of Ray's traceback; a local start survives a busy machine
 (:func:`start_local`).
 
 Ray reads its token settings itself, in this process as in any driver: ``RAY_AUTH_MODE=token`` and
@@ -10,12 +11,31 @@ the token from ``RAY_AUTH_TOKEN``, the file named by ``RAY_AUTH_TOKEN_PATH``, or
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from lmforge.core.errors import ConfigError, OrchestrationError
 
 TOKEN_FIX = ("give this process the cluster's token: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or the file that "
              "RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token); `ray get-auth-token` prints it on a cluster node")
+
+
+def connect_ray(address: str | None = None, *, log_to_driver: bool = True, **local: Any) -> bool:
+    """Connect this process to Ray unless it already is: the cluster at ``RAY_ADDRESS``, else at ``address``
+    (the stage's ``ray_address`` setting), else a local Ray of its own, started with ``local``'s
+    ``ray.init`` keywords and no dashboard (PITFALLS). ``log_to_driver``: whether workers' output reaches
+    this process. Returns True when this call connected: the caller then owns ``ray.shutdown()``."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # The environment wins over the config: the cluster a deployment's environment names is where it runs.
+    address = os.environ.get("RAY_ADDRESS") or address
+    if address:
+        join_cluster(address, log_to_driver=log_to_driver)
+    else:
+        start_local(include_dashboard=False, log_to_driver=log_to_driver, **local)
+    return True
 
 
 def join_cluster(address: str, **init_kwargs: Any) -> None:

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from lmforge.config.curation import CurationConfig
 from lmforge.core.errors import DataError
-from lmforge.core.ray_cluster import join_cluster, on_this_node, start_local
+from lmforge.core.ray_cluster import connect_ray, on_this_node
 from lmforge.curation.base import Context, build_steps, steps_of_phase
 from lmforge.curation.clean import count_lines
 from lmforge.curation.dedup import EXACT, KEEP, NEAR, NEAR_PREVIOUS, REASONS, MinHasher
@@ -140,16 +140,9 @@ def run_map(fn: Callable[..., dict], units: list[Unit], args: tuple, use_ray: bo
     machine's node only (:func:`lmforge.core.ray_cluster.on_this_node`), never on one that cannot see it."""
     if not use_ray:
         return [fn(unit, *args) for unit in units]
-    import os
-
     import ray
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            join_cluster(address, ignore_reinit_error=True, log_to_driver=False)
-        else:
-            start_local(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    connect_ray(log_to_driver=False)
     remote = ray.remote(num_cpus=1, **on_this_node())(fn)
     shared = [ray.put(arg) for arg in args]
     return ray.get([remote.remote(unit, *shared) for unit in units])

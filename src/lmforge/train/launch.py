@@ -32,7 +32,7 @@ from lmforge.config.training import TrainingConfig
 from lmforge.core import errors
 from lmforge.core.errors import ConfigError, DataError, LmforgeError
 from lmforge.core.progress import step_printer
-from lmforge.core.ray_cluster import join_cluster, start_local
+from lmforge.core.ray_cluster import connect_ray
 from lmforge.core.runtime import cpu_count
 from lmforge.core.storage import open_store
 from lmforge.core.storage.view import local_view
@@ -144,20 +144,13 @@ def training_inputs(ws: Workspace) -> list[Path]:
 
 def _fit_with_ray(job: dict, training: TrainingConfig, ws: Workspace, address: str | None,
                   deliver: Callable[[dict], None] | None) -> dict:
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or address
-        if address:
-            join_cluster(address)
-        else:
-            # Fractional workers on a small machine: reserve logical CPUs generously (PITFALLS).
-            need = math.ceil(training.placement.num_workers * training.placement.cpus_per_worker) + 1
-            start_local(num_cpus=max(4, need, os.cpu_count() or 1), include_dashboard=False,
-                     _temp_dir=_ray_temp_dir(ws),
-                     runtime_env={"worker_process_setup_hook": "lmforge.train.launch.quiet_ray_worker"})
+    # Fractional workers on a small machine: reserve logical CPUs generously (PITFALLS).
+    need = math.ceil(training.placement.num_workers * training.placement.cpus_per_worker) + 1
+    connect_ray(address, num_cpus=max(4, need, os.cpu_count() or 1), _temp_dir=_ray_temp_dir(ws),
+                runtime_env={"worker_process_setup_hook": "lmforge.train.launch.quiet_ray_worker"})
     starts: list[dict] = []
     relay = RecordRelay(_counting_starts(starts, deliver))
     job = {**job, "report_to": relay.sink}

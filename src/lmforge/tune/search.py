@@ -9,13 +9,12 @@ function resumes from its own checkpoint) and then recorded as failed; the searc
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lmforge.config.tune import TuneConfig
 from lmforge.core.errors import ConfigError
-from lmforge.core.ray_cluster import join_cluster, start_local
+from lmforge.core.ray_cluster import connect_ray
 from lmforge.core.runtime import cpu_count
 from lmforge.tune.space import samplers
 
@@ -32,17 +31,9 @@ def check_searcher(settings: TuneConfig) -> None:
 
 def start_ray(settings: TuneConfig, ray_address: str | None) -> None:
     """Join ``RAY_ADDRESS`` (else ``ray_address``) or start a local Ray with room for the concurrent trials."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS") or ray_address
-    if address:
-        join_cluster(address)
-        return
     # Logical CPUs: max_concurrent trials fit side by side even where the machine has fewer cores.
     need = int(settings.max_concurrent * settings.resources.cpus + 0.999)
-    start_local(num_cpus=max(need, cpu_count()), include_dashboard=False, log_to_driver=False)
+    connect_ray(ray_address, log_to_driver=False, num_cpus=max(need, cpu_count()))
 
 
 def run_search(trial: Callable[..., None], trial_args: dict[str, Any], settings: TuneConfig, metric: str,
