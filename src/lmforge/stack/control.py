@@ -3,7 +3,8 @@ Docker and for tests.
 
 ``up`` starts what is not running yet (a running, healthy role is reported, not doubled), waits until every
 role is healthy and returns their URLs; a role that fails stops what this ``up`` started. ``status`` reports
-each role as running, unhealthy or stopped. ``down`` stops every role, worker first, and leaves no process.
+each role as running, unhealthy or stopped. ``down`` stops every role, worker first, and leaves no process
+(nor a record of a Serve application that died with the Ray head: its model version is tagged retired).
 """
 
 from __future__ import annotations
@@ -94,8 +95,13 @@ def up(ws: Workspace, config: PipelineConfig, options: Options) -> tuple[dict[st
 
 
 def down(ws: Workspace, only: tuple[str, ...] = ORDER) -> list[str]:
-    """Stop the roles (all by default), the worker first; returns those that were running."""
-    stopped = []
+    """Stop the roles (all by default), the worker first; returns those that were running.
+
+    The Serve application deployed on this stack's Ray head (``serving.platform: ray``) stops with the head:
+    its record goes and its model version is tagged retired, while the stack's MLflow still runs (it stops
+    after the head)."""
+    stopped: list[str] = []
+    untagged: OrchestrationError | None = None
     for role in reversed(ORDER):
         record = processes.load(record_path(ws, role))
         if role not in only or record is None:
@@ -103,7 +109,44 @@ def down(ws: Workspace, only: tuple[str, ...] = ORDER) -> list[str]:
         if processes.group_alive(record.pgid):
             stopped.append(role)
         _stop_role(ws, record)
+        if role == "ray-head":
+            try:
+                _retire_serve_app(ws, record)
+            except OrchestrationError as exc:  # the other roles still stop; the failure is raised once they have
+                untagged = exc
+    if untagged is not None:
+        raise untagged
     return stopped
+
+
+def _retire_serve_app(ws: Workspace, head: Record) -> None:
+    """Forget the Serve application recorded on ``head`` (a later deploy or rollback must not take it for
+    running) and tag its model version retired, in the stack's MLflow when it runs, else the workspace's."""
+    from lmforge.serving.ray_serve import read_app
+    from lmforge.serving.ray_serve.app import RECORD
+
+    app = read_app(ws)
+    if app is None or app["app"]["address"] != head.url:  # none, or on another cluster: not this head's to end
+        return
+    (ws.serving_dir / RECORD).unlink()
+    if not app["release"].get("registered_name"):
+        return  # a model directory: no registry version to tag
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from lmforge.tracking.deployment import mark_retired
+    from lmforge.tracking.mlflow_tracker import mlflow_client
+
+    mlflow = role_state(ws, "mlflow")
+    client = MlflowClient(mlflow.url, mlflow.url) if mlflow.state == "running" and mlflow.url else mlflow_client(ws)
+    name, version = app["release"]["registered_name"], app["release"]["version"]
+    try:
+        mark_retired(client, name, version)
+    except (MlflowException, OSError) as exc:
+        raise OrchestrationError(f"the stack stopped, but {name} version {version} (served on its Ray head) could "
+                                 f"not be tagged retired in MLflow at {client.tracking_uri}: {exc}",
+                                 "check that MLflow store, then tag the version lmforge.deploy.retired_at yourself "
+                                 "(the Serve application is gone with the head)") from exc
 
 
 def _stop_role(ws: Workspace, record: Record) -> None:
