@@ -7,7 +7,8 @@ writer has passed the blocks they share (a chunked writer). A writer cancelled b
 hands them to its earliest borrower, which computes them itself. In every case the greedy tokens
 equal those of an engine with caching off (float32 on CPU, a tiny random Llama), and every block
 is given back. Also here: ``n`` choices (``api/choices.py``) are such a burst. The cache's own
-bookkeeping is checked first, without a model.
+bookkeeping is checked without a model, first by hand, last under random bursts, chunks and
+cancellations (a check that fails if the hand-over or the wait rule is taken out).
 """
 
 from __future__ import annotations
@@ -189,3 +190,56 @@ def test_choices_share_the_prompt_blocks_as_a_burst(model_dir: Path, best_of: in
         _no_leak(engine)
     finally:
         engine.close()
+
+
+def test_random_bursts_read_only_written_blocks_and_leave_nothing_behind() -> None:
+    """Admissions, chunked prefills and cancellations at random, under the scheduler's rule (a row runs
+    only in a forward that brings its writers past what it shares): every block a chunk reads holds its
+    own chain's content by then, and once all rows have left, nothing is held or pending."""
+    import random
+
+    rng = random.Random(0)
+    cache = PagedKVCache(CacheShape(1, 1, 2, BLOCK, torch.float32), 200, 8, 64, torch.device("cpu"))
+    content: dict[int, bytes] = {}  # block -> the hash of what was written into it
+    rows: dict[int, tuple[list[int], list[bytes]]] = {}  # live row -> (prompt, its block hashes)
+    done: dict[int, int] = {}  # row -> prompt tokens prefilled (absent: not started)
+    for _ in range(300):
+        prefix = [rng.randrange(300) for _ in range(30)]  # new to the cache
+        for _ in range(rng.choice([0, 0, 1, 3, 5])):  # a burst sharing it, up to some point
+            prompt = prefix[: rng.randrange(5, 31)] + [rng.randrange(300) for _ in range(rng.randrange(1, 6))]
+            hashes = chain_hashes(root_hash("kv"), prompt[:-1], BLOCK, BLOCK)
+            if cache.can_reserve(len(prompt) + 2, hashes=hashes):
+                rows[cache.reserve(len(prompt) + 2, hashes=hashes)] = (prompt, hashes)
+        if rows and rng.random() < 0.3:  # a client leaves, started or not
+            gone = rng.choice(list(rows))
+            cache.release(gone)
+            del rows[gone]
+            done.pop(gone, None)
+        through: dict[int, int] = {}
+        chunks: list[tuple[int, int, int]] = []
+        for row in list(rows):  # reservation order, as the scheduler keeps it
+            start = done.get(row, cache.hits(row) * BLOCK)
+            through[row] = start
+            if start == len(rows[row][0]) or any(through.get(w, 0) < n for w, n in cache.waits(row)):
+                continue
+            end = min(len(rows[row][0]), start + rng.randrange(1, 10))
+            chunks.append((row, start, end))
+            through[row] = end
+        table = cache.table.tolist()
+        for row, start, end in chunks:  # the forward's writes (full blocks only carry a hash)
+            for index in range(start // BLOCK, end // BLOCK):
+                if index < len(rows[row][1]):
+                    content[table[row][index]] = rows[row][1][index]
+        for row, start, end in chunks:  # then its reads: every earlier full block holds this chain's content
+            for index in range(start // BLOCK):
+                assert content.get(table[row][index]) == rows[row][1][index], (row, index)
+            cache.commit(row, end)
+            done[row] = end
+        for row in [r for r in rows if done.get(r) == len(rows[r][0])]:  # prefilled: decode, then finish
+            cache.release(row)
+            del rows[row]
+            del done[row]
+    for row in list(rows):
+        cache.release(row)
+    assert not cache.pool.refs and cache.pool.available == 199
+    assert all(not cache.waits(row) and not cache.hits(row) for row in range(8))
