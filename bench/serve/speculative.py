@@ -1,61 +1,70 @@
 """Speculative decoding benchmark: n-gram prompt lookup against plain decoding, one stream, the same job.
 
-    PYTHONPATH=src python -m bench.serve.speculative          # Llama-1.1B shape, bf16, one GPU
-    python -m bench.serve.speculative --tiny                   # a 2-layer model on the CPU (a check)
+    PYTHONPATH=src:. python -m bench.serve.speculative --train-s 90   # Llama-1.1B shape, trained here, one GPU
+    PYTHONPATH=src:. python -m bench.serve.speculative --tiny          # a 2-layer model on the CPU (a check)
 
-The workload is code editing's: the output re-types a block the prompt holds. With random weights
-a model copies nothing it is asked to, so the block is made of the model's own greedy output: a
-random seed ``S`` (``seed`` tokens) and its greedy continuation ``G`` (``new`` tokens) form the
-block ``B = S + G``; the request is ``B + S`` ("here is the file; now write it again"), ``new``
-greedy tokens. A model that continues ``S`` as it did before re-types ``G``, as a real model asked
-to repeat or lightly edit a block re-types most of it. A random-weight model's greedy output also
-falls into loops of its own (``G`` then holds them too), so how much the output copies is recorded
-two ways: ``copied_fraction`` (tokens equal to ``G``'s at the same position) and
-``span_copied_fraction`` (tokens ending a 3-gram the prompt holds, at any offset), with the
-acceptance rate (accepted / proposed guesses) and the tokens emitted per target forward, so the
-speedup can be read against the copy rate that produced it. Both engines must emit the same
-tokens (``greedy_identical``: 1.0 on the CPU; on a GPU the verify forward batches k + 1 positions
-where plain decoding runs one, so bf16 rounding may flip a near-tie of a random-weight model).
+The workload is code editing's: the output re-types spans of the prompt. Random weights copy
+nothing, so a Llama of the 1.1B shape (``--layers`` changes only its depth) is first trained in
+this job for ``--train-s`` seconds on a copy-and-edit task (``bench/serve/copy_task.py``:
+``A SEP A'``, ``A'`` being ``A`` with a few tokens replaced); its teacher-forced copy accuracy is
+recorded, and printed plainly when it did not learn to copy. Then two workloads, each request one
+at a time (``max_batch_size`` 1), greedy, ``ignore_eos``:
 
-Both engines: one request at a time (``max_batch_size`` 1), ``ignore_eos``, CUDA graphs for the
-plain decode step (speculation keeps them for steps with no guess). Rows go to
+- ``copy``: prompt ``A SEP A[:lead]``, ``new`` tokens (the rest of ``A`` is longer): the output
+  should re-type ``A`` (``copy_copied_fraction``: output tokens equal to ``A``'s at the same position);
+- ``nocopy``: a prompt of random tokens from the whole vocabulary with no copy cue: n-gram guesses
+  mostly fail, which is what back-off (``serving.speculative.backoff_acceptance``) is for; its
+  speedup should stay near 1.
+
+For each k: output tok/s against plain decoding in the same job (same engine config otherwise,
+CUDA graphs for plain decode and, on a GPU, for the verify step), the acceptance rate (accepted /
+proposed guesses), tokens emitted per verify forward, back-offs, and whether the greedy outputs
+equal plain decoding's (``greedy_identical``: on a GPU the verify forward's matmuls have other
+shapes than the decode step's, so bf16 rounding may flip a near-tie). Rows go to
 ``OUT/serve_speculative.jsonl``. Needs only torch, transformers, triton and pydantic.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from bench.common.cli import add_common_arguments, out_dir, run
 from bench.common.record import record
 from bench.common.serve import LLAMA_1B, LLAMA_TINY, random_llama, random_prompts, word_tokenizer
+from bench.serve.copy_task import CopyTask, copy_accuracy, train_copier
 from lmforge.config.serving import ServingConfig
+from lmforge.core.errors import ConfigError
 from lmforge.serving.engine import Engine, SamplingParams
 
 BENCH = "serve_speculative"
+COPIES = 0.9  # teacher-forced copy accuracy above which the model is said to copy
 
 
 @dataclass(frozen=True)
-class Workload:
+class Scale:
     shape: dict
-    seed: int  # random tokens starting the block
-    new: int  # the block's greedy continuation, and the tokens asked for
-    requests: int  # timed requests (different seeds), one at a time
+    task: CopyTask
+    lead: int  # tokens of A given after SEP
+    new: int  # tokens asked for (fewer than span - lead: the output stays inside A)
+    requests: int  # timed requests per workload, one at a time
     num_tokens: tuple[int, ...]  # k values measured
+    batch: int  # training sequences per step
+    lr: float
+    train_s: float
+    train_steps: int | None = None  # a cap: the --tiny check trains the same model however busy the CPU is
 
-    @property
-    def tag(self) -> str:
-        return f"ngram_copy_{self.seed + self.new}"
 
-
-FULL = Workload(LLAMA_1B, seed=64, new=256, requests=3, num_tokens=(4, 8))
-TINY = Workload(LLAMA_TINY, seed=16, new=48, requests=3, num_tokens=(4,))
+FULL = Scale(LLAMA_1B, CopyTask(span=288, task_vocab=4096), lead=8, new=256, requests=3, num_tokens=(4, 8), batch=8,
+             lr=3e-4, train_s=90.0)
+TINY = Scale(LLAMA_TINY, CopyTask(span=32, task_vocab=64), lead=4, new=24, requests=3, num_tokens=(4,), batch=16,
+             lr=3e-3, train_s=40.0, train_steps=200)
 
 
 def _sync() -> None:
@@ -63,25 +72,12 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def workload(plain: Engine, w: Workload, seed: int) -> tuple[list[int], list[int]]:
-    """(the request's prompt ``S + G + S``, the block's continuation ``G``) for one random seed."""
-    start = random_prompts(1, w.seed, w.shape["vocab_size"], seed=seed)[0]
-    params = SamplingParams(max_tokens=w.new, temperature=0, ignore_eos=True)
-    block = list(plain.generate([start], params)[0].token_ids)
-    return start + block + start, block
-
-
-def span_copied(prompt: list[int], output: tuple[int, ...], n: int = 3) -> float:
-    """Fraction of ``output``'s tokens that end an ``n``-gram found in ``prompt``."""
-    grams = {tuple(prompt[i : i + n]) for i in range(len(prompt) - n + 1)}
-    text = [*prompt[-(n - 1) :], *output]
-    return sum(tuple(text[i : i + n]) in grams for i in range(len(output))) / max(1, len(output))
-
-
-def timed(engine: Engine, prompts: list[list[int]], new: int) -> tuple[float, list[tuple[int, ...]]]:
-    """Output tokens/s over ``prompts`` run one after the other, and their tokens."""
+def timed(engine: Engine, prompts: list[list[int]], new: int) -> tuple[float, list[tuple[int, ...]], dict[str, int]]:
+    """Output tokens/s over ``prompts`` run one after the other, their tokens, and what the engine's
+    speculator counted meanwhile (empty without one)."""
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
     engine.generate([prompts[0]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up
+    before = dict(engine.speculator.stats) if engine.speculator is not None else {}
     tokens, total = [], 0.0
     for prompt in prompts:
         _sync()
@@ -89,58 +85,93 @@ def timed(engine: Engine, prompts: list[list[int]], new: int) -> tuple[float, li
         tokens.append(engine.generate([prompt], params)[0].token_ids)
         _sync()
         total += time.perf_counter() - begin
-    return sum(len(t) for t in tokens) / total, tokens
+    after = engine.speculator.stats if engine.speculator is not None else {}
+    return sum(len(t) for t in tokens) / total, tokens, {key: after[key] - before[key] for key in after}
+
+
+def trained_model(sc: Scale, layers: int | None, dev: str, put) -> torch.nn.Module:
+    """The model of ``sc.shape`` (``layers`` deep when given) trained on the copy task, in the serving dtype."""
+    shape = dict(sc.shape, num_hidden_layers=layers) if layers else sc.shape
+    model = random_llama(shape, dev, torch.float32)  # float32 weights to train (bf16 autocast on CUDA)
+    put("model_params_m", sum(p.numel() for p in model.parameters()) / 1e6,
+        f"million parameters: hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
+        f"{shape['num_attention_heads']} heads, vocabulary {shape['vocab_size']}")
+    got = train_copier(model, sc.task, sc.train_s, sc.batch, sc.lr, dev, sc.train_steps)
+    put("train_steps", got.steps, f"steps of {sc.batch} sequences of {2 * sc.task.span + 1} tokens in {got.seconds:.0f} s")
+    put("train_loss", got.loss, "nats per token of the copy part, last step (edits make it > 0)")
+    accuracy = copy_accuracy(model, sc.task, 16, dev)
+    put("train_copy_accuracy", accuracy, "teacher-forced argmax equal to the copied token (no edits)")
+    if accuracy < COPIES:
+        print(f"THE MODEL DID NOT LEARN TO COPY: copy accuracy {accuracy:.3f} after {got.steps} steps; the speedup "
+              "below is not a copy workload's. Train longer (--train-s) or shallower (--layers)", flush=True)
+    model = model.to(torch.bfloat16 if dev == "cuda" else torch.float32)
+    gc.collect()
+    if dev == "cuda":
+        torch.cuda.empty_cache()  # the engines size their KV caches from the free memory
+    return model
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_arguments(parser, "a 2-layer model on the CPU, a 64-token block: a check of this script")
+    add_common_arguments(parser, "a 2-layer model on the CPU, trained 200 steps on a 32-token copy task: a check")
+    parser.add_argument("--train-s", type=float, default=None, help="seconds of training (default: 90; with --tiny "
+                        "200 steps, at most 40 s)")
+    parser.add_argument("--layers", type=int, default=None, help="layers of the trained model (default: the shape's, "
+                        "22 for the 1.1B); fewer only if the full depth does not learn to copy in the time box")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 3e-4; 3e-3 with --tiny)")
     args = parser.parse_args()
     out = out_dir(args)
-    w = TINY if args.tiny else FULL
-    dev, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.bfloat16)
+    sc = TINY if args.tiny else FULL
+    sc = replace(sc, train_s=args.train_s if args.train_s is not None else sc.train_s, lr=args.lr or sc.lr)
+    if args.layers is not None and args.layers < 1:
+        raise ConfigError(f"--layers {args.layers} is not a layer count", "give 1 or more (default: the shape's)")
+    if not args.tiny and not torch.cuda.is_available():
+        raise ConfigError("the full benchmark needs a CUDA GPU", "run it on a GPU machine, or pass --tiny for the check")
+    dev = "cpu" if args.tiny else "cuda"
+    if args.tiny:
+        torch.set_num_threads(1)  # a tiny model on a shared CPU: more threads only wait on each other
     device = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu (--tiny check)"
-    command = "PYTHONPATH=src python -m bench.serve.speculative" + (" --tiny" if args.tiny else "")
-    model, tokenizer = random_llama(w.shape, dev, dtype), word_tokenizer(w.shape["vocab_size"])
-    one = {"scheduler": {"max_batch_size": 1, "max_queue": 64}, "max_new_tokens": w.new}
-    plain = Engine(model, tokenizer, ServingConfig(**one))
-    try:
-        cases = [workload(plain, w, seed=10 + r) for r in range(w.requests)]
-        prompts = [prompt for prompt, _ in cases]
-        base_tok_s, base_tokens = timed(plain, prompts, w.new)
-    finally:
-        plain.close()
     figures: dict[str, float] = {}
 
     def put(metric: str, value: float, unit: str, baseline: str = "", baseline_value: float | None = None) -> None:
         figures[metric] = value
-        record(BENCH, metric, value, unit, baseline, baseline_value, device=device, command=command, out_dir=out)
+        record(BENCH, metric, value, unit, baseline, baseline_value, device=device, out_dir=out)
 
-    what = (f"one stream, prompt {len(prompts[0])} tokens (block of {w.seed}+{w.new}, then its {w.seed}-token "
-            f"start), {w.new} greedy tokens")
-    put(f"{w.tag}_plain_tok_s", base_tok_s, f"output tokens/s, {what}")
-    copied = [sum(a == b for a, b in zip(t, block)) / len(block) for t, (_, block) in zip(base_tokens, cases)]
-    put(f"{w.tag}_copied_fraction", statistics.fmean(copied), "fraction of output tokens equal to the block's "
-        "(same position)")
-    spans = [span_copied(prompt, t) for prompt, t in zip(prompts, base_tokens)]
-    put(f"{w.tag}_span_copied_fraction", statistics.fmean(spans), "fraction of output tokens ending a 3-gram "
-        "that the prompt holds (copied spans, at any offset)")
-    for k in w.num_tokens:
+    model = trained_model(sc, args.layers, dev, put)
+    tokenizer = word_tokenizer(sc.shape["vocab_size"])
+    cases = sc.task.prompts(sc.requests, sc.lead, seed=7)
+    workloads = {"copy": [prompt for prompt, _ in cases],
+                 "nocopy": random_prompts(sc.requests, len(cases[0][0]), sc.shape["vocab_size"], seed=8)}
+    one = {"scheduler": {"max_batch_size": 1, "max_queue": 64}, "max_new_tokens": sc.new}
+    plain = Engine(model, tokenizer, ServingConfig(**one))
+    try:
+        base = {name: timed(plain, prompts, sc.new) for name, prompts in workloads.items()}
+    finally:
+        plain.close()
+    what = f"one stream, prompt {len(cases[0][0])} tokens, {sc.new} greedy tokens"
+    for name, (tok_s, _, _) in base.items():
+        put(f"{name}_plain_tok_s", tok_s, f"output tokens/s, {what}")
+    copied = [sum(a == b for a, b in zip(t, rest)) / len(t) for t, (_, rest) in zip(base["copy"][1], cases)]
+    put("copy_copied_fraction", statistics.fmean(copied), "fraction of plain output tokens equal to A's (same position)")
+    for k in sc.num_tokens:
         spec = Engine(model, tokenizer, ServingConfig(**one, speculative={"method": "ngram", "num_tokens": k}))
         try:
-            tok_s, tokens = timed(spec, prompts, w.new)
-            stats = spec.speculator.stats if spec.speculator is not None else {}
+            results = {name: timed(spec, prompts, sc.new) for name, prompts in workloads.items()}
         finally:
             spec.close()
-        put(f"{w.tag}_ngram_k{k}_tok_s", tok_s, f"output tokens/s, {what}", "plain decoding, same job", base_tok_s)
-        put(f"{w.tag}_ngram_k{k}_speedup", tok_s / base_tok_s, "x plain decoding (same job)")
-        put(f"{w.tag}_ngram_k{k}_acceptance", stats["accepted"] / max(1, stats["proposed"]),
-            "accepted / proposed guesses")
-        put(f"{w.tag}_ngram_k{k}_tokens_per_verify",
-            (stats["accepted"] + stats["verify_steps"]) / max(1, stats["verify_steps"]),
-            "tokens emitted per verify forward (accepted guesses + 1)")
-        put(f"{w.tag}_ngram_k{k}_greedy_identical", sum(a == b for a, b in zip(tokens, base_tokens)) / len(tokens),
-            "fraction of requests with the same tokens as plain decoding")
+        for name, (tok_s, tokens, stats) in results.items():
+            base_tok_s, base_tokens, _ = base[name]
+            tag = f"{name}_ngram_k{k}"
+            put(f"{tag}_tok_s", tok_s, f"output tokens/s, {what}", "plain decoding, same job", base_tok_s)
+            put(f"{tag}_speedup", tok_s / base_tok_s, "x plain decoding (same job)")
+            put(f"{tag}_acceptance", stats["accepted"] / max(1, stats["proposed"]), "accepted / proposed guesses")
+            put(f"{tag}_tokens_per_verify", (stats["accepted"] + stats["verify_steps"]) / max(1, stats["verify_steps"]),
+                "tokens emitted per verify forward (accepted guesses + 1)")
+            put(f"{tag}_verify_share", stats["verify_steps"] / max(1, stats["verify_steps"] + stats["plain_rounds"]),
+                "decode rounds that ran a verify forward (the others: plain steps, no guess or backed off)")
+            put(f"{tag}_backoffs", stats["backoffs"], "times the sequence stopped guessing after failed guesses")
+            put(f"{tag}_greedy_identical", sum(a == b for a, b in zip(tokens, base_tokens)) / len(tokens),
+                "fraction of requests with the same tokens as plain decoding")
     print(json.dumps({k: round(v, 4) for k, v in figures.items()}, indent=1))
     print(f"records in {out}")
     return 0

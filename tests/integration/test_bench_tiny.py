@@ -296,14 +296,18 @@ def test_serve_prefix_tiny(tmp_path):
 
 
 def test_serve_speculative_tiny(tmp_path):
-    """n-gram speculation against plain decoding in one run: the same tokens, guesses accepted, a speedup recorded."""
+    """A model trained in the run to copy, then n-gram speculation against plain decoding: it copies, the
+    same tokens come out, most guesses are accepted on the copy workload, and back-off engages without a copy."""
     bench("bench.serve.speculative", out=tmp_path)
     got = records(tmp_path, "serve_speculative", "bench.serve.speculative")
-    tok_s = got["ngram_copy_64_ngram_k4_tok_s"]
+    assert got["train_copy_accuracy"]["value"] > 0.9 and got["copy_copied_fraction"]["value"] > 0.9
+    tok_s = got["copy_ngram_k4_tok_s"]
     assert tok_s["baseline"] == "plain decoding, same job" and tok_s["value"] > 0 and tok_s["baseline_value"] > 0
-    assert got["ngram_copy_64_ngram_k4_greedy_identical"]["value"] == 1.0
-    assert got["ngram_copy_64_ngram_k4_acceptance"]["value"] > 0
-    assert got["ngram_copy_64_ngram_k4_tokens_per_verify"]["value"] > 1
+    assert got["copy_ngram_k4_greedy_identical"]["value"] == 1.0
+    assert got["copy_ngram_k4_acceptance"]["value"] > 0.8
+    assert got["copy_ngram_k4_tokens_per_verify"]["value"] > 3
+    assert got["nocopy_ngram_k4_greedy_identical"]["value"] == 1.0
+    assert got["nocopy_ngram_k4_verify_share"]["value"] < 1  # failed guesses backed off, or none were found
 
 
 # ---------------------------------------------------------------- data
