@@ -12,6 +12,7 @@ the workspace, ``<LMFORGE_HOME>/mlflow-artifacts``), so the version is reachable
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -21,16 +22,27 @@ from typing import Any
 from lmforge.config import PipelineConfig, config_hash
 from lmforge.config.platform import PlatformConfig
 from lmforge.config.registry import RegistryConfig
+from lmforge.core.errors import RegistryError
 from lmforge.core.storage import open_store
 from lmforge.core.storage.recorded import recorded_dir, recorded_key
 from lmforge.core.storage.view import local_view
 from lmforge.core.workspace import Workspace
 from lmforge.evaluation.frozen_store import publish_evaluation
+from lmforge.stages.base_model import TAG_VERSION as BASE_VERSION_TAG
 from lmforge.stages.lineage import data_reports, dataset_inputs, lineage_tags, report_inputs
 from lmforge.stages.train import tracked_run
+from lmforge.tracking.adapter_base import (
+    ADAPTER_ARTIFACT,
+    BASE_FILE,
+    TAG_ADAPTER,
+    TAG_BASE,
+    TAG_BASE_DIGEST,
+    write_base_record,
+)
 from lmforge.tracking.live import log_new_params, mark_failed
 from lmforge.tracking.mlflow_tracker import MlflowTracker, mlflow_client
 from lmforge.tracking.model_uris import check_model_dir
+from lmforge.train.artifacts import adapter_kind
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,8 @@ def register(
     reports: Sequence[Path] = (),
     run_id: str | None = None,
     model_location: str | None = None,
+    adapter_dir: Path | None = None,
+    adapter_base: str | None = None,
 ) -> RegisteredVersion:
     """One MLflow run with everything that produced ``model_dir``, and a new registered version.
 
@@ -71,7 +85,8 @@ def register(
     ``run_id`` names the run that tracked training live: it receives all this instead of a new run
     (its params and history are there already; only new params are added). ``model_location`` is
     where the model lives for the ``lmforge.model_dir`` tag when ``model_dir`` is a local copy of it
-    (the URL on an object-store workspace).
+    (the URL on an object-store workspace). ``adapter_dir`` is a PEFT run's unmerged adapter (its ``base/`` beside
+    it), ``adapter_base`` where that base came from: see :func:`_log_adapter`.
     """
     from mlflow.entities import LoggedModelOutput
 
@@ -92,6 +107,9 @@ def register(
         if reused:
             tracker.set_tags(run_tags)
         check_model_dir(model_dir)
+        adapter_tags = _log_adapter(tracker, adapter_dir, adapter_base)
+        tracker.set_tags(adapter_tags)
+        lineage |= adapter_tags
         if reused:  # training streamed the history and logged the config already
             log_new_params(tracker, params)
         else:
@@ -125,6 +143,33 @@ def register(
     )
     ws.write_state("register", result.as_dict())
     return result
+
+
+def _log_adapter(tracker: MlflowTracker, adapter_dir: Path | None, base: str | None) -> dict[str, str]:
+    """Log a LoRA run's unmerged adapter as the run's ``adapter`` artifact, with the record of the base it was trained
+    on (``base/`` beside it), so a server of that base can load it at run time (``models:/NAME@ALIAS`` in
+    ``POST /v1/load_lora_adapter``); the tags that say so, for the run and the version.
+
+    Only LoRA (and QLoRA: peft's LORA too) is logged: the run-time pool serves LoRA alone
+    (``serving/adapters/lora_slots.py``). IA3 is served merged (the version's files); prefix, prompt and bottleneck
+    adapters are served with their base from the version's files, which hold them (``model/adapter/``). Those get
+    the ``lmforge.adapter`` tag with their kind and nothing more.
+    """
+    if adapter_dir is None:
+        return {}
+    kind = adapter_kind(adapter_dir).lower()
+    if kind != "lora":
+        return {TAG_ADAPTER: kind}
+    base_dir = Path(adapter_dir).parent / "base"
+    if not base_dir.is_dir():
+        raise RegistryError(f"the LoRA adapter in {adapter_dir} has no base/ beside it (the weights it was trained on)",
+                            "register the run directory the train stage wrote (adapter/, base/ and model/ side by side)")
+    with tempfile.TemporaryDirectory() as tmp:
+        record = Path(tmp) / BASE_FILE
+        digest = write_base_record(base_dir, record, base or str(base_dir))
+        tracker.log_artifacts(Path(adapter_dir), ADAPTER_ARTIFACT)
+        tracker.client.log_artifact(tracker.run_id, str(record), ADAPTER_ARTIFACT)
+    return {TAG_ADAPTER: "lora", TAG_BASE: base or str(base_dir), TAG_BASE_DIGEST: digest}
 
 
 def _location(ws: Workspace, model_dir: str) -> str:
@@ -168,6 +213,18 @@ def _undo(tracker: MlflowTracker, name: str, model_id: str | None, version: Any,
     mark_failed(tracker.client, tracker.run_id, "register", error)
 
 
+def _adapter_base(config: PipelineConfig, ws: Workspace, trained: dict[str, Any]) -> str | None:
+    """Where a PEFT run's base came from, as a user names it: ``model.base_model`` (with the registered version an
+    alias resolved to), else the run's own ``base/`` (pretrained in the run)."""
+    if not trained.get("adapter_dir"):
+        return None
+    params = trained.get("params", {})
+    version = params.get(BASE_VERSION_TAG)
+    if config.model.base_model:
+        return config.model.base_model + (f" (version {version})" if version else "")
+    return _location(ws, str(Path(trained["adapter_dir"]).parent / "base"))
+
+
 def register_trained(config: PipelineConfig, ws: Workspace, trained: dict[str, Any],
                      evaluated: dict[str, Any], flow_run_id: str | None) -> dict[str, Any]:
     """Register one trained-and-evaluated model in MLflow with its full lineage."""
@@ -182,6 +239,8 @@ def register_trained(config: PipelineConfig, ws: Workspace, trained: dict[str, A
             history=trained.get("history", []), dataset_inputs=dataset_inputs(ws), tags=tags,
             reports=data_reports(view), run_id=tracked_run(trained, config.platform, ws),
             model_location=_location(ws, trained["model_dir"]),
+            adapter_dir=recorded_dir(ws, trained["adapter_dir"]) if trained.get("adapter_dir") else None,
+            adapter_base=_adapter_base(config, ws, trained),
         )
     publish_evaluation(ws, config.platform, config.registry.model_name, version.run_id, evaluated)
     result = version.as_dict() | {"train_run_id": str(trained.get("run_id", ""))}

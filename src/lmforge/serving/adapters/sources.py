@@ -5,18 +5,29 @@ A ``lora_path`` comes from an HTTP client, so a directory is resolved (``..`` an
 must lie inside one of the allowed roots, and so must the adapter files found in it (a symlinked
 ``adapter_config.json`` or weights file pointing elsewhere is refused too). A registry version is
 downloaded once into ``<serving dir>/adapters/NAME-vVERSION`` (atomically) and must hold a peft LoRA
-adapter: at its top, in ``adapter/``, or named by an lmforge adapter marker.
+adapter: at its top, in ``adapter/``, or named by an lmforge adapter marker; a pipeline LoRA run's version
+(which holds the merged model) brings its run's unmerged ``adapter`` artifact instead, with the record of its
+base, which must be the served model (``lmforge.tracking.adapter_base``).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
-from lmforge.core.errors import ServingError
+from torch import nn
+
+from lmforge.core.errors import DataError, ServingError
 from lmforge.core.workspace import Workspace, atomic_dir
 from lmforge.serving.adapters.lora_slots import find_adapter_dir
+from lmforge.serving.model.types import LlamaCausalLM
+from lmforge.tracking.adapter_base import ADAPTER_ARTIFACT, BASE_FILE, TAG_ADAPTER, compare, read_base_record
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -40,34 +51,104 @@ def inside_roots(lora_path: str, roots: list[str]) -> Path:
     return adapter_dir
 
 
-def from_registry(uri: str, ws: Workspace) -> tuple[Path, str]:
+def from_registry(uri: str, ws: Workspace, model: LlamaCausalLM) -> tuple[Path, str]:
     """The adapter directory of registry version ``uri`` (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``),
-    and the version's own URI (``models:/NAME/VERSION``: what an alias names now)."""
-    import mlflow.artifacts
+    checked to fit the served ``model`` when it records its base, and the version's own URI (``models:/NAME/VERSION``:
+    what an alias names now).
 
-    from lmforge.tracking.mlflow_tracker import mlflow_client, mlflow_uris
+    A pipeline LoRA run's version (tag ``lmforge.adapter: lora``) holds the merged model; its unmerged adapter is the
+    run's ``adapter`` artifact, fetched through the version's ``run_id`` (never the merged weights). Any other
+    version's own files are fetched, and when they hold no adapter, its run's ``adapter`` artifact if it has one.
+    """
+    from lmforge.tracking.mlflow_tracker import mlflow_client
     from lmforge.tracking.model_uris import registered_version
 
     found = registered_version(uri, ws)
     if found is None:
         raise ServingError(f"lora_path {uri!r} is not a registry URI", "write models:/NAME@ALIAS or models:/NAME/VERSION")
     name, version = found
-    download_uri = mlflow_client(ws).get_model_version_download_uri(name, version)
+    client = mlflow_client(ws)
+    registered = client.get_model_version(name, version)
+    kind, run_id = (registered.tags or {}).get(TAG_ADAPTER), registered.run_id
     target = ws.serving_dir / "adapters" / f"{name}-v{version}"
-    marker = target / ".lmforge-source.json"
-    if not (marker.is_file() and json.loads(marker.read_text()).get("download_uri") == download_uri):
-        with atomic_dir(target) as tmp:
-            staging = tmp / ".download"
-            fetched = Path(mlflow.artifacts.download_artifacts(artifact_uri=download_uri, dst_path=str(staging),
-                                                               tracking_uri=mlflow_uris(ws)[0]))
-            for child in fetched.iterdir():  # MLflow nests a directory download under the URI's last segment
-                child.rename(tmp / child.name)
-            shutil.rmtree(staging)
-            (tmp / marker.name).write_text(json.dumps({"download_uri": download_uri, "name": name,
-                                                       "version": version}))
+    adapter_dir: Path | None
+    if kind == "lora" and run_id:
+        adapter_dir = _run_adapter(client, run_id, target)
+    else:
+        adapter_dir = _version_adapter(client, ws, name, version, target)
+        if adapter_dir is None and run_id and _has_run_adapter(client, run_id):
+            adapter_dir = _run_adapter(client, run_id, target.with_name(target.name + "-run"))
+    if adapter_dir is None:
+        what = f"is a {kind} run's (its adapter is no LoRA)" if kind else "holds no LoRA adapter"
+        raise ServingError(f"version {version} of {name!r} {what}: neither its files nor its run's "
+                           f"{ADAPTER_ARTIFACT!r} artifact hold adapter_config.json",
+                           f"load a version registered from a LoRA run (lmforge.adapter: lora), or serve this one on "
+                           f"its own (lmforge serve models:/{name}/{version})")
+    check_base(adapter_dir, cast(nn.Module, model), uri)  # a transformers model: a Module with a state_dict
+    return adapter_dir, f"models:/{name}/{version}"
+
+
+def _version_adapter(client: MlflowClient, ws: Workspace, name: str, version: str, target: Path) -> Path | None:
+    """The adapter in the version's own files (downloaded once), or None when they hold none."""
+    import mlflow.artifacts
+
+    from lmforge.tracking.mlflow_tracker import mlflow_uris
+
+    download_uri = client.get_model_version_download_uri(name, version)
+    _download_once(target, download_uri, lambda dst: mlflow.artifacts.download_artifacts(
+        artifact_uri=download_uri, dst_path=str(dst), tracking_uri=mlflow_uris(ws)[0]))
     try:
-        return find_adapter_dir(target), f"models:/{name}/{version}"
-    except ServingError as exc:
-        raise ServingError(f"version {version} of {name!r} holds no LoRA adapter: {exc.cause}",
-                           "register a run's peft adapter directory (adapter_config.json, adapter_model.safetensors)"
-                           ) from exc
+        return find_adapter_dir(target)
+    except ServingError:
+        return None
+
+
+def _has_run_adapter(client: MlflowClient, run_id: str) -> bool:
+    return any(Path(item.path).name == "adapter_config.json" for item in client.list_artifacts(run_id, ADAPTER_ARTIFACT))
+
+
+def _run_adapter(client: MlflowClient, run_id: str, target: Path) -> Path:
+    """The run's ``adapter`` artifact, downloaded once into ``target``."""
+    _download_once(target, f"runs:/{run_id}/{ADAPTER_ARTIFACT}",
+                   lambda dst: client.download_artifacts(run_id, ADAPTER_ARTIFACT, str(dst)))
+    return find_adapter_dir(target)
+
+
+def _download_once(target: Path, source: str, download: Callable[[Path], str]) -> None:
+    """``target`` = the files of ``source``, fetched by ``download`` (into a directory; it returns where they landed)
+    unless ``target`` already holds them, atomically."""
+    marker = target / ".lmforge-source.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("download_uri") == source:
+        return
+    with atomic_dir(target) as tmp:
+        staging = tmp / ".download"
+        fetched = Path(download(staging))
+        for child in fetched.iterdir():  # MLflow nests a directory download under the URI's last segment
+            child.rename(tmp / child.name)
+        shutil.rmtree(staging)
+        (tmp / marker.name).write_text(json.dumps({"download_uri": source}))
+
+
+def check_base(adapter_dir: Path, model: nn.Module, lora_path: str) -> None:
+    """Refuse (:class:`ServingError`) the adapter in ``adapter_dir`` (loaded as ``lora_path``) when the record of its
+    base says it was trained on other weights than ``model``'s (over another base, or over its own merged model, it
+    would answer fluently and wrongly). An adapter without a record is not checked (its shapes still are)."""
+    record_file = Path(adapter_dir) / BASE_FILE
+    if not record_file.is_file():
+        return
+    try:
+        base, expected = read_base_record(record_file)
+    except DataError as exc:
+        raise ServingError(f"lora_path {lora_path!r}: {exc.cause}", exc.fix) from exc
+    compared, differ = compare(expected, model)
+    fix = (f"serve the base this adapter was trained on ({base}) and load it there, or load an adapter trained on "
+           "the served model; a server of the run's merged model/ already holds this adapter: call it by the "
+           "served name instead")
+    if not compared:
+        raise ServingError(f"lora_path {lora_path!r} was trained on {base}, and the served model holds none of that "
+                           "base's weights in a form that can be compared (other names, or all quantized)", fix)
+    if differ:
+        shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+        raise ServingError(f"lora_path {lora_path!r} was trained on another base than the served model: "
+                           f"{len(differ)} of {len(compared)} weight tensors differ ({shown}); it was trained on "
+                           f"{base}", fix)

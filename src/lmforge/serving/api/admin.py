@@ -178,10 +178,10 @@ def _read(body: LoadLoraAdapterRequest, cfg: ServingConfig, engine: Engine) -> t
     model = cast(LlamaCausalLM, engine.model)
     if body.lora_path.startswith("models:/"):
         ws = Workspace.from_env()
-        adapter_dir, pinned = from_registry(body.lora_path, ws)
+        adapter_dir, pinned = from_registry(body.lora_path, ws, model)
 
         def source() -> LoraAdapter:
-            return read_adapter(body.lora_name, from_registry(pinned, ws)[0], model)
+            return read_adapter(body.lora_name, from_registry(pinned, ws, model)[0], model)
     else:
         adapter_dir = inside_roots(body.lora_path, cfg.lora.adapter_roots)
         source = functools.partial(_reread_dir, body.lora_name, body.lora_path, cfg, model)
