@@ -33,7 +33,7 @@ def _record(ws: Workspace, release: dict[str, str], address: str) -> None:
            "version": release["version"], "action": "deployed", "app_name": "lmforge", "address": address,
            "release": release}
     ws.serving_dir.mkdir(parents=True, exist_ok=True)
-    (ws.serving_dir / "ray_serve.json").write_text(json.dumps({
+    ws.serve_app_record.write_text(json.dumps({
         "platform": "ray", "app": app, "model_ref": release["model_ref"], "model_name": NAME,
         "endpoint": app["endpoint"], "release": release, "digest": "0" * 16, "serving_config": {}}))
 
@@ -61,7 +61,7 @@ def test_down_forgets_the_serve_app_on_its_head_and_retires_the_version(tmp_path
     finally:
         stopped = control.down(ws)
     assert stopped == ["ray-head"]
-    assert read_app(ws) is None and not (ws.serving_dir / "ray_serve.json").exists()
+    assert read_app(ws) is None and not ws.serve_app_record.exists()
     tags = client.get_model_version(NAME, str(version)).tags
     assert TAG_RETIRED_AT in tags and TAG_DEPLOYED_AT not in tags and TAG_ENDPOINT not in tags, tags
 

@@ -189,6 +189,12 @@ class Workspace:
         return self.home / "serving"
 
     @property
+    def serve_app_record(self) -> Path:
+        """The Ray Serve application deployed from this workspace (``serving/ray_serve``), which
+        ``lmforge stack down`` forgets when the stack's Ray head takes the application down with it."""
+        return self.serving_dir / "ray_serve.json"
+
+    @property
     def logs_dir(self) -> Path:
         """Logs of the services `lmforge ui` starts."""
         return self.home / "logs"

@@ -9,6 +9,7 @@ each role as running, unhealthy or stopped. ``down`` stops every role, worker fi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -122,13 +123,11 @@ def down(ws: Workspace, only: tuple[str, ...] = ORDER) -> list[str]:
 def _retire_serve_app(ws: Workspace, head: Record) -> None:
     """Forget the Serve application recorded on ``head`` (a later deploy or rollback must not take it for
     running) and tag its model version retired, in the stack's MLflow when it runs, else the workspace's."""
-    from lmforge.serving.ray_serve import read_app
-    from lmforge.serving.ray_serve.app import RECORD
-
-    app = read_app(ws)
+    path = ws.serve_app_record  # written by serving/ray_serve (which asks this module for the head: no import back)
+    app = json.loads(path.read_text()) if path.exists() else None
     if app is None or app["app"]["address"] != head.url:  # none, or on another cluster: not this head's to end
         return
-    (ws.serving_dir / RECORD).unlink()
+    path.unlink()
     if not app["release"].get("registered_name"):
         return  # a model directory: no registry version to tag
     from mlflow import MlflowClient

@@ -38,7 +38,6 @@ from lmforge.core.workspace import Workspace, atomic_write_json
 from lmforge.serving.api.launch import check_exposure, parse_keys
 from lmforge.serving.api.serve import resolve_model_dir
 
-RECORD = "ray_serve.json"
 DEPLOYMENT = "server"  # the Serve deployment's name inside the application
 
 
@@ -84,7 +83,7 @@ def deploy_app(cfg: ServingConfig, release: dict[str, str], ws: Workspace, model
     endpoint = f"http://[{host}]:{cfg.ray.http_port}" if ":" in host else f"http://{host}:{cfg.ray.http_port}"
     app = RayApp(endpoint, model_name, release["model_ref"], release["version"],
                  "rolled" if running is not None else "deployed", cfg.ray.app_name, address, release)
-    atomic_write_json(ws.serving_dir / RECORD, {
+    atomic_write_json(ws.serve_app_record, {
         "platform": "ray", "app": app.as_dict(), "model_ref": app.model_ref, "model_name": model_name,
         "endpoint": endpoint, "release": release, "digest": digest, "serving_config": cfg.model_dump(mode="json"),
         "deployed_at": time.time()})
@@ -105,14 +104,14 @@ def stop_app(ws: Workspace) -> bool:
         if _app_status(app["app_name"]) is not None:
             serve.delete(app["app_name"])
             deleted = True
-    (ws.serving_dir / RECORD).unlink(missing_ok=True)
+    (ws.serve_app_record).unlink(missing_ok=True)
     return deleted
 
 
 def read_app(ws: Workspace) -> dict[str, Any] | None:
     """The recorded application or None: ``model_ref``, ``model_name``, ``endpoint``, ``release`` (as the local
     deployment's record has them), ``app`` (:class:`RayApp`'s fields), ``serving_config`` and ``digest``."""
-    path = ws.serving_dir / RECORD
+    path = ws.serve_app_record
     return json.loads(path.read_text()) if path.exists() else None
 
 
