@@ -70,17 +70,20 @@ class Choices:
 
     @classmethod
     def submit(cls, engine: Engine, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
-               count: int = 1, ends_output: list[Callable[[str], bool] | None] | None = None) -> Choices:
+               count: int = 1, ends_output: list[Callable[[str], bool] | None] | None = None,
+               streamed: bool = True) -> Choices:
         """Queue ``count`` requests of ``prompt_ids`` (seeds per :func:`choice_seed`), admitted together;
         if one is refused, those already queued are cancelled and the refusal raised. ``ends_output[i]``:
-        choice ``i``'s ``Request.ends_output`` hook."""
+        choice ``i``'s ``Request.ends_output`` hook. ``streamed`` False: only :meth:`results` will be read
+        (the engine then sends no per-token deltas)."""
         streams: list[GenerationStream] = []
         try:
             with engine.admission_held():
                 for i in range(count):
                     own = params if params.seed is None else dataclasses.replace(params, seed=choice_seed(params.seed, i))
                     submit = functools.partial(engine.submit, adapter=adapter, bounded=i == 0)
-                    streams.append(GenerationStream(submit, prompt_ids, own, ends_output[i] if ends_output else None))
+                    streams.append(GenerationStream(submit, prompt_ids, own, ends_output[i] if ends_output else None,
+                                                    streamed))
         except BaseException:
             for stream in streams:
                 stream.cancel()

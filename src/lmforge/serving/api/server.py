@@ -186,7 +186,7 @@ def _add_completions(app: FastAPI, served: _Served, authorize) -> None:
         params = body.sampling(max_tokens, wanted, body.prompt_logprobs)
         await served.constrain(params)
         async with adapter_held(engine, adapter):  # its weights in CPU memory until queued (adapters/runtime.py)
-            group = Choices.submit(engine, prompt_ids, params, adapter, count)
+            group = Choices.submit(engine, prompt_ids, params, adapter, count, streamed=body.stream)
         if body.stream:
             chunks = completion_chunks(group, rid, model_name, body.logprobs is not None, body.include_usage, echo)
             return _sse(chunks, group)
@@ -220,7 +220,7 @@ def _add_chat(app: FastAPI, served: _Served, authorize) -> None:
         calls = [tools.output() for _ in range(body.n)]  # each choice's calls are parsed on their own
         ends = [output.ends_output() if output is not None else None for output in calls]
         async with adapter_held(engine, adapter):
-            group = Choices.submit(engine, prompt_ids, params, adapter, body.n, ends)
+            group = Choices.submit(engine, prompt_ids, params, adapter, body.n, ends, streamed=body.stream)
         rid = new_id("chatcmpl")
         if body.stream:
             return _sse(chat_chunks(group, rid, model_name, body.logprobs, body.include_usage, calls), group)

@@ -3,6 +3,8 @@
 The engine thread calls a request's ``sink`` for every :class:`Delta`; :class:`GenerationStream`
 is the sink that forwards them into an asyncio queue, so HTTP handlers can ``async for`` them, and
 :class:`CompletionCollector` the one that blocking callers (``Engine.generate``, benchmarks) wait on.
+A sink wrapped in :class:`FinalOnly` (the collector's, a stream that is not streamed) receives only
+the final delta: the engine then skips the per-token deltas and, without stop strings, the per-token text.
 :func:`token_budget` and :func:`slot_of` check what a request asks for (its length, its adapter).
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
@@ -71,6 +74,21 @@ class Delta:
         return self.completion.finish_reason if self.completion else None
 
 
+class FinalOnly:
+    """Marks a sink that reads only a request's final delta (the one with its :class:`Completion`) or
+    its error. The engine sends it nothing else, and decodes the text of such a request once, when it
+    finishes, unless a stop string or ``Request.ends_output`` needs the text token by token: the
+    :class:`Completion` is the same either way."""
+
+    __slots__ = ("deliver",)
+
+    def __init__(self, deliver: Callable[[Delta | BaseException], None]) -> None:
+        self.deliver = deliver
+
+    def __call__(self, item: Delta | BaseException) -> None:
+        self.deliver(item)
+
+
 @dataclass
 class Request:
     """One queued request as the engine thread sees it."""
@@ -86,24 +104,29 @@ class Request:
     # Fed each piece of output text on the engine thread; True ends the output there, finish "stop"
     # (a tool call with parallel_tool_calls false: api/tools.py). Set before the request can be admitted.
     ends_output: Callable[[str], bool] | None = None
+    streamed: bool = field(init=False)  # False: the sink is FinalOnly (no per-token deltas)
+
+    def __post_init__(self) -> None:
+        self.streamed = not isinstance(self.sink, FinalOnly)
 
 
 class GenerationStream:
-    """Async iterator over one request's deltas; the request is queued on creation."""
+    """Async iterator over one request's deltas; the request is queued on creation. ``streamed``
+    False: only :meth:`result` is read, so only the final delta comes (:class:`FinalOnly`)."""
 
     def __init__(self, submit: Callable[..., Request], prompt_ids: list[int], params: SamplingParams,
-                 ends_output: Callable[[str], bool] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
+                 ends_output: Callable[[str], bool] | None = None, streamed: bool = True) -> None:
+        self._inbox = _inbox(asyncio.get_running_loop())
         self._queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
         self._done = False
         self.prompt_tokens = len(prompt_ids)
-        self._request = submit(prompt_ids, params, self._deliver)
+        self._request = submit(prompt_ids, params, self._deliver if streamed else FinalOnly(self._deliver))
         # Race-free when submitted under Engine.admission_held (as Choices.submit does): not yet admitted.
         self._request.ends_output = ends_output
 
     def _deliver(self, item: Delta | BaseException) -> None:
         # Runs on the engine thread: hand over to the event loop that owns the queue.
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        self._inbox.put(self._queue, item)
 
     def __aiter__(self) -> GenerationStream:
         return self
@@ -142,13 +165,13 @@ class CompletionCollector:
         self.results: list[Completion | BaseException | None] = [None] * n
         self._finished = threading.Semaphore(0)
 
-    def sink(self, i: int) -> Callable[[Delta | BaseException], None]:
+    def sink(self, i: int) -> FinalOnly:
         def deliver(item: Delta | BaseException) -> None:
             if isinstance(item, BaseException) or item.completion is not None:
                 self.results[i] = item if isinstance(item, BaseException) else item.completion
                 self._finished.release()
 
-        return deliver
+        return FinalOnly(deliver)
 
     def wait(self, timeout_s: float | None = None) -> list[Completion]:
         for _ in self.results:
@@ -158,6 +181,55 @@ class CompletionCollector:
             if isinstance(result, BaseException):
                 raise result
         return cast(list[Completion], self.results)  # every request finished, none with an error
+
+
+class _Inbox:
+    """Deltas from the engine thread for the queues of one event loop, handed over in batches.
+
+    ``call_soon_threadsafe`` per delta costs the engine thread a handle and a write to the loop's
+    wake-up pipe, and the loop a wake-up, per token of every stream (64 each step at 64 streams). Here
+    the first delta of a batch schedules one hand-over and the deltas after it, until that runs, join
+    it: each queue still gets its deltas in order, and none later than it would have."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue[Delta | BaseException], Delta | BaseException]] = []
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue[Delta | BaseException], item: Delta | BaseException) -> None:
+        """Called on the engine thread; RuntimeError when the loop is closed (``send`` cancels then)."""
+        with self._lock:
+            self._items.append((queue, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._hand_over)
+        except RuntimeError:
+            with self._lock:  # the loop is gone: nothing will read these, and the next put raises too
+                self._items.clear()
+                self._scheduled = False
+            raise
+
+    def _hand_over(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+# One inbox per event loop (an HTTP server has one; tests may run several at once), dropped with its loop.
+_INBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox] = weakref.WeakKeyDictionary()
+_INBOXES_LOCK = threading.Lock()
+
+
+def _inbox(loop: asyncio.AbstractEventLoop) -> _Inbox:
+    with _INBOXES_LOCK:
+        inbox = _INBOXES.get(loop)
+        if inbox is None:
+            inbox = _INBOXES[loop] = _Inbox(loop)
+        return inbox
 
 
 def send(request: Request, item: Delta | BaseException) -> None:

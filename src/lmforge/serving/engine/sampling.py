@@ -10,8 +10,11 @@ only its own tokens and decodes incrementally (a few tokens per step, not the wh
 
 from __future__ import annotations
 
+import functools
 import random
-from collections.abc import Sequence
+import threading
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -168,67 +171,120 @@ def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], top_n: Sequen
 class TextTracker:
     """Turns a growing list of token ids into text deltas, honoring stop strings.
 
-    Decoding is incremental: each step decodes only the tokens since the last emitted text plus one
-    token of context before them (enough for tokenizers that put spaces between words), and emits
+    Decoding is incremental: each step decodes only the tokens since the last emitted text plus the
+    tokens of that text as context (enough for tokenizers that put spaces between words), and emits
     the text only once it no longer ends in an incomplete character (byte-level tokens can split
     one). Text that could still become a stop string is held back until it is decided, so a stream
-    never shows a stop string or half a character.
+    never shows a stop string or half a character. :meth:`defer` appends a token without decoding
+    it: a request nobody streams and nothing reads mid-way (no stop strings) is decoded in one go by
+    :meth:`flush`.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = ()) -> None:
         self.stop = stop
         self.token_ids: list[int] = []
         self.stopped = False
-        self.emitted = 0  # characters of the completion already handed out
-        self._text = ""
-        self._prefix = 0  # token offsets: context start, and end of the tokens already in _text
+        self._decoder = token_decoder(tokenizer)
+        self._done: list[str] = []  # text handed out (joined only once, by ``text``: no O(n) copy per token)
+        self._held = ""  # text decoded but not handed out: an incomplete stop string, or nothing
+        self._prefix = 0  # token offsets: context start, and end of the tokens already decoded
         self._read = 0
         self._longest_stop = max((len(s) for s in stop), default=0)
-        fast = getattr(tokenizer, "_tokenizer", None)  # the Rust tokenizer: no per-call Python overhead
-        if fast is not None:
-            self._decode = lambda ids: fast.decode(ids, skip_special_tokens=True)
-        else:
-            self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True,
-                                                        clean_up_tokenization_spaces=False)
 
     def add(self, token_id: int) -> str:
         """Append one token; return the newly safe text. Sets ``stopped`` when a stop string appears."""
         self.token_ids.append(token_id)
-        before = len(self._text)
-        self._catch_up(final=False)
-        if self.stop and len(self._text) > before:
-            search_from = max(0, before - self._longest_stop + 1)
-            hits = [i for i in (self._text.find(s, search_from) for s in self.stop) if i >= 0]
+        new = self._catch_up(final=False)
+        if not new:
+            return ""
+        held = self._held + new
+        if self.stop:
+            # A stop string can only start in the held text: an earlier start would have been held back.
+            search_from = max(0, len(self._held) - self._longest_stop + 1)
+            hits = [i for i in (held.find(s, search_from) for s in self.stop) if i >= 0]
             if hits:
                 self.stopped = True
-                self._text = self._text[: min(hits)]
-                return self._take(len(self._text))
-        return self._take(len(self._text) - _stop_prefix_len(self._text, self.stop))
+                self._held = held[: min(hits)]
+                return self._take(len(self._held))
+            self._held = held
+            return self._take(len(held) - _stop_prefix_len(held, self.stop))
+        self._held = held
+        return self._take(len(held))
 
-    def _catch_up(self, final: bool) -> None:
+    def defer(self, token_id: int) -> None:
+        """Append one token without decoding it; :meth:`flush` decodes every deferred token at once."""
+        self.token_ids.append(token_id)
+
+    def _catch_up(self, final: bool) -> str:
+        """Decode the tokens not yet decoded; return their text ("" while it ends in an incomplete
+        character, unless ``final``)."""
         ids = self.token_ids
         if self._read == len(ids):
-            return
-        context = self._decode(ids[self._prefix : self._read])
-        full = self._decode(ids[self._prefix :])
+            return ""
+        context = self._decoder.context(ids, self._prefix, self._read)
+        full = self._decoder.decode(ids[self._prefix :])
         if len(full) > len(context) and (final or not full.endswith("\ufffd")):
-            self._text += full[len(context) :]
             self._prefix, self._read = self._read, len(ids)
+            return full[len(context) :]
+        return ""
 
     def flush(self) -> str:
         """Everything not yet handed out; call once when the request finishes."""
         if not self.stopped:
-            self._catch_up(final=True)
-        return self._take(len(self._text))
+            self._held += self._catch_up(final=True)
+        return self._take(len(self._held))
 
     @property
     def text(self) -> str:
-        return self._text
+        """All text so far: what was handed out, then what is held back."""
+        return "".join(self._done) + self._held
 
     def _take(self, end: int) -> str:
-        delta = self._text[self.emitted : end] if end > self.emitted else ""
-        self.emitted = max(self.emitted, end)
+        delta, self._held = self._held[:end], self._held[end:]
+        if delta:
+            self._done.append(delta)
         return delta
+
+
+class TokenDecoder:
+    """A tokenizer's ``decode`` (special tokens skipped), and the text of each single token, cached:
+    an incremental decode's context is most often the one token emitted last, so with the cache a
+    generated token costs one call into the tokenizer, not two. Shared by every tracker of a tokenizer
+    (:func:`token_decoder`); the cache holds at most one string per vocabulary entry."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        fast = getattr(tokenizer, "_tokenizer", None)  # the Rust tokenizer: no per-call Python overhead
+        if fast is not None:  # a partial, not a lambda: one Python frame less per call
+            self.decode: Callable[[list[int]], str] = functools.partial(fast.decode, skip_special_tokens=True)
+        else:
+            self.decode = lambda ids: cast(str, tokenizer.decode(ids, skip_special_tokens=True,
+                                                                 clean_up_tokenization_spaces=False))
+        self._empty = self.decode([])
+        self._single: dict[int, str] = {}
+
+    def context(self, ids: list[int], start: int, end: int) -> str:
+        """The text of ``ids[start:end]``, as :attr:`decode` gives it."""
+        if end - start == 1:
+            token = ids[start]
+            text = self._single.get(token)
+            if text is None:
+                text = self._single[token] = self.decode([token])
+            return text
+        return self.decode(ids[start:end]) if end > start else self._empty
+
+
+# Decoders by tokenizer: an engine's trackers share one (and its cache), dropped with the tokenizer.
+_DECODERS: weakref.WeakKeyDictionary[Any, TokenDecoder] = weakref.WeakKeyDictionary()
+_DECODERS_LOCK = threading.Lock()  # trackers are made on the engine thread; tests and tools make them anywhere
+
+
+def token_decoder(tokenizer: PreTrainedTokenizerBase) -> TokenDecoder:
+    """The shared :class:`TokenDecoder` of ``tokenizer``."""
+    with _DECODERS_LOCK:
+        decoder = _DECODERS.get(tokenizer)
+        if decoder is None:
+            decoder = _DECODERS[tokenizer] = TokenDecoder(tokenizer)
+        return decoder
 
 
 def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:

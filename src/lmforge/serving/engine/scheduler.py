@@ -210,37 +210,53 @@ class Scheduler:
     def update(self, seqs: list[Sequence], tokens: list[int], entries: dict[int, TokenLogprob] | None = None) -> None:
         """Apply ``tokens[i]`` to running sequence ``seqs[i]`` (``entries``: logprobs by index): send its
         text, and finish the done sequences, which leave the running batch."""
-        entries = entries or {}
-        self.update_runs(seqs, [[token] for token in tokens], [[entries[i]] if i in entries else None
-                                                                for i in range(len(seqs))])
+        first_latencies, gaps = self._stamp(seqs)
+        eos_ids = self.eos_ids
+        done: set[int] = set()
+        for i, seq in enumerate(seqs):
+            if emit(seq, tokens[i], entries.get(i) if entries else None, eos_ids):
+                self._finished(seq, done)
+        self.metrics.tokens(first_latencies, gaps, len(seqs))
+        if done:
+            self.running = [s for s in self.running if id(s) not in done]
 
     def update_runs(self, seqs: list[Sequence], runs: list[list[int]],
                     entries: list[list[TokenLogprob] | None] | None = None) -> None:
         """Like :meth:`update` with several tokens per sequence (speculative decoding's accepted run):
         ``runs[i]`` is applied token by token until ``seqs[i]`` finishes (stop, EOS, max_tokens); the
         tokens after that are dropped."""
+        first_latencies, gaps = self._stamp(seqs)
+        count = 0
+        done: set[int] = set()
+        for i, seq in enumerate(seqs):
+            found = entries[i] if entries is not None else None
+            for j, token in enumerate(runs[i]):
+                count += 1
+                if emit(seq, token, found[j] if found is not None else None, self.eos_ids):
+                    self._finished(seq, done)
+                    break
+        self.metrics.tokens(first_latencies, gaps, count)
+        if done:
+            self.running = [s for s in self.running if id(s) not in done]
+
+    @staticmethod
+    def _stamp(seqs: list[Sequence]) -> tuple[list[float], list[float]]:
+        """Stamp ``seqs``' token times; return the first-token latencies and the gaps since their last token."""
         now = time.perf_counter()
         first_latencies: list[float] = []
         gaps: list[float] = []
-        done: set[int] = set()
-        count = 0
-        for i, seq in enumerate(seqs):
+        for seq in seqs:
             if seq.first_token_at is None:
                 seq.first_token_at = now
                 first_latencies.append(now - seq.request.arrived)
             else:
                 gaps.append(now - seq.last_token_at)
             seq.last_token_at = now
-            found = entries[i] if entries is not None else None
-            for j, token in enumerate(runs[i]):
-                count += 1
-                if emit(seq, token, found[j] if found is not None else None, self.eos_ids):
-                    self.finish(seq, "cancelled" if seq.request.cancelled.is_set() else "finished")
-                    done.add(id(seq))
-                    break
-        self.metrics.tokens(first_latencies, gaps, count)
-        if done:
-            self.running = [s for s in self.running if id(s) not in done]
+        return first_latencies, gaps
+
+    def _finished(self, seq: Sequence, done: set[int]) -> None:
+        self.finish(seq, "cancelled" if seq.request.cancelled.is_set() else "finished")
+        done.add(id(seq))
 
     # ------------------------------------------------------------ cache room
 

@@ -67,27 +67,39 @@ class Sequence:
 def emit(seq: Sequence, token: int, entry: TokenLogprob | None, eos_ids: set[int]) -> bool:
     """Apply ``token`` to ``seq`` and send its delta; True when the sequence is finished."""
     params = seq.params
+    request = seq.request
     seq.token_ids.append(token)
     seq.next_token = token
     if entry is not None:
         seq.logprobs.append(entry)
-        seq.unsent_logprobs.append(entry)
+        if request.streamed:
+            seq.unsent_logprobs.append(entry)
+    tracker = seq.tracker
     finish: str | None = None
     if token in eos_ids and not params.ignore_eos:
-        text, finish = seq.tracker.flush(), "stop"
+        text, finish = tracker.flush(), "stop"
+    elif not request.streamed and not params.stop and request.ends_output is None:
+        # Nobody reads this text before the end, and no rule needs it: decode it once, when it finishes.
+        tracker.defer(token)
+        if len(seq.token_ids) < params.max_tokens:
+            return request.cancelled.is_set()
+        text, finish = tracker.flush(), "length"
     else:
-        text = seq.tracker.add(token)
-        ends = seq.request.ends_output
+        text = tracker.add(token)
+        ends = request.ends_output
         if text and ends is not None and ends(text):
-            seq.tracker.stopped = True  # ended as by a stop string (the scheduler counts it "stop")
-        if seq.tracker.stopped:
+            tracker.stopped = True  # ended as by a stop string (the scheduler counts it "stop")
+        if tracker.stopped:
             finish = "stop"
         elif len(seq.token_ids) >= params.max_tokens:
-            text, finish = text + seq.tracker.flush(), "length"
-    if not text and finish is None and (seq.prompt_sent or seq.prompt_entries is None):
-        return False  # held back (incomplete character or possible stop string)
+            text, finish = text + tracker.flush(), "length"
+    if finish is None:
+        if not request.streamed:
+            return request.cancelled.is_set()  # its sink reads the final delta alone
+        if not text and (seq.prompt_sent or seq.prompt_entries is None):
+            return False  # held back (incomplete character or possible stop string)
     send_delta(seq, text, finish)
-    return finish is not None or seq.request.cancelled.is_set()
+    return finish is not None or request.cancelled.is_set()
 
 
 def send_delta(seq: Sequence, text: str, finish: str | None) -> None:
@@ -106,9 +118,12 @@ def send_delta(seq: Sequence, text: str, finish: str | None) -> None:
     prompt = None
     if seq.prompt_entries is not None and not seq.prompt_sent:
         prompt, seq.prompt_sent = tuple(seq.prompt_entries), True
-    delta = Delta(text, tuple(seq.unsent_logprobs), completion, prompt_logprobs=prompt)
-    seq.unsent_logprobs.clear()
-    send(seq.request, delta)
+    unsent = seq.unsent_logprobs
+    logprobs: tuple[TokenLogprob, ...] = ()
+    if unsent:
+        logprobs = tuple(unsent)
+        unsent.clear()
+    send(seq.request, Delta(text, logprobs, completion, prompt_logprobs=prompt))
 
 
 def prompt_logprobs(seq: Sequence, start: int, logits: torch.Tensor, tokenizer: PreTrainedTokenizerBase) -> None:
