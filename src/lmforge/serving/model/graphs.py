@@ -29,6 +29,30 @@ def buckets(max_batch: int) -> list[int]:
     return [*sizes, max_batch]
 
 
+@torch.inference_mode()
+def capture(runner: LlamaRunner, layouts: dict[int, StepLayout]) -> tuple[dict[int, torch.cuda.CUDAGraph],
+                                                                           dict[int, torch.Tensor]]:
+    """The runner's forward over each layout (by batch-size bucket) captured as a CUDA graph, and its output
+    buffer. Largest first, in one memory pool: the smaller graphs reuse the largest's memory."""
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    pool = None
+    side = torch.cuda.Stream()
+    for b in sorted(layouts, reverse=True):
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles, cuBLAS picks kernels
+            for _ in range(2):
+                runner.forward(layouts[b])
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs[b] = runner.forward(layouts[b])
+        pool = graph.pool()
+        graphs[b] = graph
+    torch.cuda.synchronize()
+    return graphs, outputs
+
+
 class DecodeGraphs:
     def __init__(self, runner: LlamaRunner, max_batch: int) -> None:
         self.runner = runner
@@ -40,31 +64,14 @@ class DecodeGraphs:
         self._blk_tok = torch.arange(largest, dtype=torch.int32, device=device)
         self._blk_n = torch.ones(largest, dtype=torch.int32, device=device)
         self._pad = [0, 0, runner.cache.scratch_row]
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        self._capture()
+        self.graphs, self.outputs = self._capture()
 
     def _layout(self, b: int) -> StepLayout:
         tokens, positions, rows = self.inputs[0, :b], self.inputs[1, :b], self.inputs[2, :b]
         return StepLayout(tokens, positions, rows, rows, self._blk_tok[:b], self._blk_n[:b], 1, None, None)
 
-    @torch.inference_mode()
-    def _capture(self) -> None:
-        pool = None
-        side = torch.cuda.Stream()
-        for b in reversed(self.buckets):
-            layout = self._layout(b)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles, cuBLAS picks kernels
-                for _ in range(2):
-                    self.runner.forward(layout)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[b] = self.runner.forward(layout)
-            pool = graph.pool()
-            self.graphs[b] = graph
-        torch.cuda.synchronize()
+    def _capture(self) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor]]:
+        return capture(self.runner, {b: self._layout(b) for b in self.buckets})
 
     def fits(self, n: int) -> bool:
         return n <= self.buckets[-1]

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.serving.model.graphs import buckets
+from lmforge.serving.model.graphs import buckets, capture
 from lmforge.serving.model.ops import StepLayout
 from lmforge.serving.model.runner import LlamaRunner
 
@@ -110,27 +110,11 @@ class VerifyGraphs:
     def __init__(self, runner: LlamaRunner, max_batch: int, width: int) -> None:
         self.runner = runner
         self.batch = VerifyBatch(max_batch, width, runner.cache.scratch_row, runner.embed.device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        self._capture()
+        self.graphs, self.outputs = self._capture()
 
-    @torch.inference_mode()
-    def _capture(self) -> None:
-        pool = None
-        side = torch.cuda.Stream()
-        for b in reversed(list(self.batch.layouts)):  # largest first: the smaller ones reuse its memory
-            layout = self.batch.layouts[b]
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles for TOK = width, cuBLAS picks
-                for _ in range(2):
-                    self.runner.forward(layout)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[b] = self.runner.forward(layout)
-            pool = graph.pool()
-            self.graphs[b] = graph
-        torch.cuda.synchronize()
+    def _capture(self) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor]]:
+        # Its own pool (see the module docstring); Triton compiles the attention for TOK = width in the warm-up.
+        return capture(self.runner, self.batch.layouts)
 
     def fits(self, runs: list[list[int]]) -> bool:
         return len(runs) <= self.batch.max_batch and all(1 <= len(run) <= self.batch.width for run in runs)
