@@ -125,7 +125,8 @@ def test_zero_two_workers_match_one_worker(stage, partitioned, single):
         got, want = ours["saved"][SAVE_AT]["tensors"][group], single["saved"][SAVE_AT]["tensors"][group]
         assert got.keys() == want.keys()
         for key in want:
-            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=key)
+            # atol as for the weights above: after 3 Adam steps 4 of 4,096 elements moved 2.4e-6 on one CPU type.
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 @pytest.mark.slow  # the same two processes (make test-slow)

@@ -226,4 +226,6 @@ def test_ray_fsdp_run_stopped_on_two_workers_resumes_on_one(tokenized_workspace,
     assert resumed.run_id == run_dir.name and 0 < resumed.resumed_from_step < 90
     assert [r["step"] for r in resumed.history] == [r["step"] for r in whole.history]
     for got, want in zip(resumed.history, whole.history, strict=True):
-        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4), got
+        # rel 3e-4: the reference ran in this process, the resumed run in a Ray worker (another thread count);
+        # over 90 steps their rounding drifted 1.1e-4 apart on one CPU type. A wrong restore is off by ~1e-2.
+        assert got["loss"] == pytest.approx(want["loss"], rel=3e-4), got

@@ -29,6 +29,10 @@ VOCAB, WORLD, STEPS, SAVE_AT, ROWS, SEQ = 256, 2, 5, 3, 8, 32
 MODEL = ModelConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
                     max_seq_len=SEQ)
 SETTINGS = {"tp": {"tensor_parallel": WORLD}, "tp_sp": {"tensor_parallel": WORLD, "sequence_parallel": True}}
+# Weights after a few Adam steps: its first steps magnify rounding in near-zero gradients (the split matmuls
+# sum in another order), so a handful of elements may move ~2e-5 on some CPU types (1 of 8,192 did, 1.7e-5);
+# a wrong split or a missing all-reduce moves them by ~1e-2. The loss curves are compared to rel 1e-5.
+WEIGHT_ATOL = 5e-5
 
 
 def _training(parallel_settings: dict, workers: int = WORLD) -> TrainingConfig:
@@ -108,13 +112,13 @@ def test_tensor_parallel_matches_one_worker_and_splits_the_blocks(name, split, s
     assert got["bytes"] == single["bytes"] - single["proj_bytes"] // WORLD
     assert got["weights"].keys() == single["weights"].keys()
     for key, weight in single["weights"].items():
-        torch.testing.assert_close(got["weights"][key], weight, rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(got["weights"][key], weight, rtol=1e-4, atol=WEIGHT_ATOL, msg=key)
     # Checkpoints hold full tensors in the unsplit layout, so any strategy or worker count resumes them.
     for group in ("model", "optimizer"):
         mine, want = got["saved"][SAVE_AT]["tensors"][group], single["saved"][SAVE_AT]["tensors"][group]
         assert mine.keys() == want.keys()
         for key in want:
-            torch.testing.assert_close(mine[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+            torch.testing.assert_close(mine[key], want[key], rtol=1e-4, atol=WEIGHT_ATOL, msg=key)
 
 
 @pytest.mark.slow  # two (or more) gloo processes: tens of seconds on a busy 2-core machine (make test-slow)
@@ -124,7 +128,7 @@ def test_a_full_checkpoint_resumes_into_the_split_model(split):
     assert [r["step"] for r in resumed["history"]] == list(range(1, STEPS + 1))  # the history before it comes back
     assert resumed["history"][-1]["loss"] == pytest.approx(run["history"][-1]["loss"], rel=1e-5)
     for key, weight in run["weights"].items():
-        torch.testing.assert_close(resumed["weights"][key], weight, rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(resumed["weights"][key], weight, rtol=1e-4, atol=WEIGHT_ATOL, msg=key)
 
 
 def test_a_group_that_does_not_split_fails_at_the_workers_start():
@@ -152,7 +156,7 @@ def test_fsdp_over_tensor_parallel_groups_on_a_2d_mesh_matches_one_worker(single
     assert got["bytes"] == pytest.approx(single["proj_bytes"] / 4 + (single["bytes"] - single["proj_bytes"]) / 2,
                                          rel=0.02)
     for key, weight in single["weights"].items():
-        torch.testing.assert_close(got["weights"][key], weight, rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(got["weights"][key], weight, rtol=1e-4, atol=WEIGHT_ATOL, msg=key)
 
 
 # ---------------------------------------------------------------- the train stage on Ray
