@@ -70,6 +70,7 @@ def records(out: Path, name: str, module: str) -> dict[str, dict]:
 # ---------------------------------------------------------------- train
 
 
+@pytest.mark.slow  # ~45 s: every train variant on the CPU (make test stays under 10 minutes; CI runs make test-slow)
 def test_train_gpu_tiny(tmp_path):
     bench("bench.train.gpu", "--only", "gpt2/plain", "gpt2/plain+fused_adamw", "gpt2/lmforge", "--gpt2-steps", "2",
           out=tmp_path)
@@ -112,6 +113,7 @@ def test_train_gpu_tiny_default_groups(tmp_path):
     assert "llama_1.1b_lora_r16_tokens_per_s" in records(tmp_path, "train_gpu", "bench.train.gpu")
 
 
+@pytest.mark.slow  # ~15 s (make test stays under 10 minutes; CI runs make test-slow)
 def test_train_gpu_engine_tiny(tmp_path):
     bench("bench.train.gpu_engine", out=tmp_path)
     report = json.loads((tmp_path / "train_gpu_engine.json").read_text())
@@ -185,6 +187,7 @@ def test_serve_gpu_check_tiny(tmp_path):
     assert "all checks passed on" in proc.stderr
 
 
+@pytest.mark.slow  # ~20 s; test_serve_gpu_check_tiny runs every check (make test stays under 10 minutes)
 def test_serve_gpu_check_new_paths_tiny(tmp_path):
     """The checks of issue 19's serving paths, in make test (the whole run is in the slow tier)."""
     proc = bench("bench.serve.gpu_check", "--only", "fp8_kv_prefix_refused", "prefix_cache_lora", "structured_graphs",
@@ -234,6 +237,7 @@ def test_serve_lora_cpu_tiny(tmp_path):
     assert all(r["value"] > 0 and r["baseline_value"] > 0 for r in got.values())
 
 
+@pytest.mark.slow  # ~14 s (make test stays under 10 minutes; CI runs make test-slow)
 def test_serve_load_tiny(tmp_path):
     proc = bench("bench.serve.load", out=tmp_path)
     result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('{"rate"')))
@@ -254,6 +258,7 @@ def test_serve_roll_tiny(tmp_path):
     assert got["local_failed_requests_during_roll"]["value"] == 0
 
 
+@pytest.mark.slow  # ~18 s (make test stays under 10 minutes; CI runs make test-slow)
 def test_serve_structured_tiny(tmp_path):
     """Constrained (json_schema, json_object) against free decoding on the same engine, and every
     finished constrained response validated in the run (an invalid one would exit 1)."""
@@ -295,6 +300,7 @@ def test_serve_prefix_tiny(tmp_path):
         assert (forwards["value"], forwards["baseline_value"]) == (1, 3)
 
 
+@pytest.mark.slow  # ~15 s: trains its copy model (make test stays under 10 minutes; CI runs make test-slow)
 def test_serve_speculative_tiny(tmp_path):
     """A model trained in the run to copy, then n-gram speculation against plain decoding: it copies, the
     same tokens come out, most guesses are accepted on the copy workload, and back-off engages without a copy."""
