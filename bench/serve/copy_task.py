@@ -15,12 +15,12 @@ Needs only torch and transformers.
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from bench.common.train import train_timed
 
 SEP = 3  # ids 0-2: pad, bos, eos (bench/common/serve.py: random_llama)
 FIRST = 4
@@ -63,27 +63,16 @@ def train_copier(model: torch.nn.Module, task: CopyTask, seconds: float, batch: 
     """Train ``model`` (in place, float32 weights) on ``task`` for ``seconds``, or ``max_steps`` steps if fewer."""
     cuda = device.startswith("cuda")
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0, fused=cuda)
     gen = torch.Generator(device=device).manual_seed(0)
-    warm, span = 30, task.span
-    start, step, loss = time.perf_counter(), 0, torch.tensor(0.0)
-    while time.perf_counter() - start < seconds and (max_steps is None or step < max_steps):
-        frac = min(1.0, (time.perf_counter() - start) / seconds)  # cosine over the time box, not a step count
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    span = task.span
+
+    def loss_of() -> torch.Tensor:
         seqs = task.batch(batch, gen, device)
-        with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
-            logits = model(seqs[:, :-1]).logits[:, span:]  # predictions of A' (from SEP on)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), seqs[:, span + 1 :].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-    took = time.perf_counter() - start
-    model.zero_grad(set_to_none=True)
-    del opt  # its moments are twice the weights: give them back before the engines size their caches
-    return Trained(model.eval(), step, took, float(loss.detach()))
+        logits = model(seqs[:, :-1]).logits[:, span:]  # predictions of A' (from SEP on)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), seqs[:, span + 1 :].reshape(-1))
+
+    step, took, loss = train_timed(model, loss_of, lr=lr, warm=30, seconds=seconds, cuda=cuda, max_steps=max_steps)
+    return Trained(model.eval(), step, took, loss)
 
 
 @torch.inference_mode()

@@ -30,7 +30,6 @@ import gc
 import json
 import math
 import sysconfig
-import time
 import traceback
 import zlib
 from collections.abc import Callable
@@ -50,6 +49,7 @@ from bench.common.serve import (
     random_prompts,
     word_tokenizer,
 )
+from bench.common.train import train_timed
 from lmforge.config.serving import KVCacheConfig, RuntimeConfig, SchedulerConfig, ServingConfig
 from lmforge.serving.backends.base import PrefillItem
 from lmforge.serving.backends.paged import PagedBackend
@@ -157,30 +157,20 @@ def train_small(text: bytes, seconds: float, put: Put, sc: Scale):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**sc.small)).to(dev).train()
     data = torch.frombuffer(bytearray(text), dtype=torch.uint8).to(dev).long()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
-    batch, steps_max, warm = sc.batch, 4000, 100
     gen = torch.Generator(device=dev).manual_seed(0)
-    start, step, loss = time.perf_counter(), 0, torch.tensor(0.0)
-    while step < steps_max and time.perf_counter() - start < seconds:
-        frac = (time.perf_counter() - start) / seconds  # cosine over the time box, not a step count
-        lr = 1e-3 * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        idx = torch.randint(0, data.numel() - seq - 1, (batch,), device=dev, generator=gen)
+
+    def loss_of() -> torch.Tensor:
+        idx = torch.randint(0, data.numel() - seq - 1, (sc.batch,), device=dev, generator=gen)
         seqs = data[idx[:, None] + torch.arange(seq + 1, device=dev)]
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
-            logits = model(seqs[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, 256), seqs[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-    took = time.perf_counter() - start
+        logits = model(seqs[:, :-1]).logits
+        return F.cross_entropy(logits.float().reshape(-1, 256), seqs[:, 1:].reshape(-1))
+
+    step, took, loss = train_timed(model, loss_of, lr=1e-3, warm=100, seconds=seconds, cuda=cuda, weight_decay=0.1,
+                                   max_steps=4000)
     params = sum(p.numel() for p in model.parameters())
     put("quant_ppl_model_params_m", params / 1e6, "million parameters (byte-level Llama)")
-    put("quant_ppl_train_steps", step, f"steps of {batch}x{seq} bytes in {took:.0f} s")
-    put("quant_ppl_train_loss", float(loss), "nats per byte, last step")
+    put("quant_ppl_train_steps", step, f"steps of {sc.batch}x{seq} bytes in {took:.0f} s")
+    put("quant_ppl_train_loss", loss, "nats per byte, last step")
     return model.eval().to(torch.bfloat16 if cuda else torch.float32)  # the serving dtype
 
 
