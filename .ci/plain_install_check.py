@@ -19,6 +19,7 @@ from pathlib import Path
 # (`pip install 'lmforge[NAME]'`) or "cuda" (a CUDA build of torch, which brings triton). Each is
 # imported only where that is present.
 NEEDS: dict[str, str] = {
+    "lmforge.serving.kernels.decode_attention": "cuda",
     "lmforge.serving.kernels.layer": "cuda",
     "lmforge.serving.kernels.quant": "cuda",
 }
