@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from lmforge.serving.api.protocol import ChatCompletionRequest
-from lmforge.serving.engine.requests import RequestError
+from lmforge.serving.engine.errors import RequestError
 from lmforge.serving.engine.sampling import ResponseFormat, SamplingParams
 from lmforge.serving.engine.structured import (
     Grammars,

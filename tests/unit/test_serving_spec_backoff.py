@@ -34,8 +34,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-backoff"))
 
 
-def _engine(model_dir: Path, **speculative) -> Engine:
-    return Engine.load(model_dir, device="cpu", cfg=ServingConfig(kv_cache={"block_size": 4}, speculative=speculative))
+def _engine(model_dir: Path, overlap: bool = True, **speculative) -> Engine:
+    cfg = ServingConfig(kv_cache={"block_size": 4}, speculative=speculative, runtime={"overlap_decode": overlap})
+    return Engine.load(model_dir, device="cpu", cfg=cfg)
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +77,9 @@ class ScriptedProposer:
         pass
 
 
-def _run(model_dir: Path, plain: dict, right_from: int | None, **speculative) -> tuple[list[tuple], dict, list[int]]:
-    engine = _engine(model_dir, method="ngram", num_tokens=3, **speculative)
+def _run(model_dir: Path, plain: dict, right_from: int | None, overlap: bool = True,
+         **speculative) -> tuple[list[tuple], dict, list[int]]:
+    engine = _engine(model_dir, overlap, method="ngram", num_tokens=3, **speculative)
     assert engine.speculator is not None
     proposer = ScriptedProposer(plain, engine.vocab_size, right_from)
     engine.speculator.proposer = proposer  # before any request: the engine thread is idle
@@ -85,7 +87,7 @@ def _run(model_dir: Path, plain: dict, right_from: int | None, **speculative) ->
         out = [c.token_ids for c in engine.generate(PROMPTS, PARAMS)]
     finally:
         engine.close()
-    return out, engine.speculator.stats, proposer.calls
+    return out, {**engine.speculator.stats, **engine.stats}, proposer.calls
 
 
 def test_backoff_engages_on_failing_guesses_and_disengages_when_they_succeed(model_dir: Path, plain: dict) -> None:
@@ -114,6 +116,25 @@ def test_sequences_without_guesses_pay_no_verify(model_dir: Path, plain: dict) -
     out, stats, _ = _run(model_dir, plain, right_from=None)
     assert out == [tuple(plain[tuple(p)]) for p in PROMPTS]
     assert stats["verify_steps"] == 0 and stats["plain_rounds"] == 39  # the prefill gives the first of 40 tokens
+
+
+def test_paused_rounds_are_launched_ahead_and_change_nothing(model_dir: Path, plain: dict) -> None:
+    # Guesses never right: every verify fails, so the sequences spend most rounds paused. Those rounds are
+    # plain steps launched ahead from the device's tokens (overlap); with overlap off, none is. Whether a
+    # round is speculated depends only on what came before it, so the speculator's counts and the tokens
+    # are the same either way.
+    runs = {overlap: _run(model_dir, plain, right_from=10**6, overlap=overlap, backoff_acceptance=0.5,
+                          backoff_steps=3) for overlap in (True, False)}
+    for out, _, _ in runs.values():
+        assert out == [tuple(plain[tuple(p)]) for p in PROMPTS]
+    (_, ahead, ahead_calls), (_, eager, eager_calls) = runs[True], runs[False]
+    assert ahead["launched_ahead"] > 0 and eager["launched_ahead"] == 0
+    counts = ("proposed", "accepted", "verify_steps", "backoffs", "paused_steps")
+    assert {k: ahead[k] for k in counts} == {k: eager[k] for k in counts}
+    assert ahead["paused_steps"] >= 2 * (3 + 6)  # both sequences paused at least twice (the pause doubles)
+    # Rounds launched ahead ask for no guesses: fewer proposer calls, the same ones with guesses.
+    assert len(ahead_calls) < len(eager_calls)
+    assert [c for c in ahead_calls if c] == [c for c in eager_calls if c]
 
 
 # ---------------------------------------------------------------- the verify graphs' layout

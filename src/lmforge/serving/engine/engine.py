@@ -37,15 +37,14 @@ from lmforge.core.errors import ServingError
 from lmforge.core.runtime import cpu_count
 from lmforge.model.chat import render_chat
 from lmforge.serving.backends.choose import make_backend
+from lmforge.serving.engine.errors import EngineBusy, RequestError
 from lmforge.serving.engine.metrics import EngineMetrics, NullMetrics
 from lmforge.serving.engine.requests import (
     Completion,
     CompletionCollector,
     Delta,
-    EngineBusy,
     GenerationStream,
     Request,
-    RequestError,
     slot_of,
     token_budget,
 )
@@ -53,7 +52,7 @@ from lmforge.serving.engine.sampling import SamplingParams, TokenLogprob
 from lmforge.serving.engine.scheduler import Scheduler
 from lmforge.serving.engine.speculative import make_speculator
 from lmforge.serving.engine.steps import Steps
-from lmforge.serving.engine.structured import Grammars
+from lmforge.serving.engine.structured import Grammars, GrammarState
 from lmforge.serving.model.loading import eos_ids, load_model
 from lmforge.serving.model.types import ServedModel
 
@@ -115,7 +114,7 @@ class Engine:
         self._closed = False
         self._draining = False
         # Counters for benchmarks and tests: forward passes and the most rows decoded together.
-        self.stats = {"prefills": 0, "merges": 0, "decode_steps": 0, "peak_batch": 0}
+        self.stats = {"prefills": 0, "merges": 0, "decode_steps": 0, "peak_batch": 0, "launched_ahead": 0}
         self.steps = Steps(self.scheduler, self.backend, tokenizer, self.speculator, cfg.runtime.overlap_decode,
                            self.stats)
         self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
@@ -214,9 +213,11 @@ class Engine:
         """Low level: queue a request; ``sink`` receives deltas (or an exception) on the engine thread.
         Raises :class:`EngineBusy` when the queue is full or the engine is shutting down."""
         self.check(prompt_ids, params)
+        # The grammar's first mask is filled here, on the caller's thread, not at admission on the engine's.
+        grammar = GrammarState.started(self.grammar_for(params))
         with self._cv:  # the adapter's id is looked up under the lock that guards loads and unloads
             request = Request(list(prompt_ids), params, sink, adapter=slot_of(self.adapters, adapter),
-                              grammar=self.grammar_for(params))
+                              grammar=grammar)
             if self._closed or self._draining:
                 self.metrics.rejected(503)
                 raise EngineBusy("the server is shutting down", "retry against a running server", status=503)

@@ -19,30 +19,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 from lmforge.core.errors import ServingError
+from lmforge.serving.engine.errors import RequestError
 from lmforge.serving.engine.sampling import SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
-    from xgrammar import CompiledGrammar
-
-
-class RequestError(ServingError):
-    """A request the engine cannot serve as asked; ``param`` names the request field at fault."""
-
-    def __init__(self, cause: str, fix: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(cause, fix)
-        self.param = param
-        self.code = code
-
-
-class EngineBusy(ServingError):
-    """The engine refuses new work for now: its queue is full (429) or it is shutting down (503)."""
-
-    def __init__(self, cause: str, fix: str, status: int = 429) -> None:
-        super().__init__(cause, fix)
-        self.status = status
-
-    def __reduce__(self):
-        return (type(self), (self.cause, self.fix, self.status))
+    from lmforge.serving.engine.structured import GrammarState
 
 
 @dataclass(frozen=True)
@@ -100,7 +81,8 @@ class Request:
     finished: bool = False  # set once the final delta or an error was sent; later sends are dropped
     arrived: float = field(default_factory=time.perf_counter)  # for time-to-first-token
     adapter: int = 0  # LoRA adapter slot (adapters/lora_slots.py); 0 is the plain base
-    grammar: CompiledGrammar | None = None  # params.response_format compiled (engine/structured.py)
+    # params.response_format's matcher, its first mask filled on the submitting thread (engine/structured.py)
+    grammar: GrammarState | None = None
     # Fed each piece of output text on the engine thread; True ends the output there, finish "stop"
     # (a tool call with parallel_tool_calls false: api/tools.py). Set before the request can be admitted.
     ends_output: Callable[[str], bool] | None = None

@@ -43,7 +43,6 @@ from lmforge.serving.engine.metrics import EngineMetrics, NullMetrics
 from lmforge.serving.engine.requests import Request, send
 from lmforge.serving.engine.sampling import TextTracker, TokenLogprob, make_rng
 from lmforge.serving.engine.sequence import Sequence, emit, send_delta
-from lmforge.serving.engine.structured import GrammarState
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -143,7 +142,7 @@ class Scheduler:
                     self.waiting.popleft()
                     seq = Sequence(request, row, TextTracker(self.tokenizer, request.params.stop),
                                    make_rng(request.params.seed),
-                                   grammar=GrammarState(request.grammar) if request.grammar is not None else None)
+                                   grammar=request.grammar)
                 seq.admitted, self._admissions = self._admissions, self._admissions + 1
                 seq.prefilled = cached  # prefix cache hits: the prefill starts after them
                 self._unstarted[row] = len(reuse) if resumed is None else 0

@@ -33,6 +33,12 @@ stopped agreeing) makes no guesses for ``backoff_steps`` decode steps, then prob
 fresh average; each failed probe doubles the pause (up to 8x). Whether a step is speculated
 depends only on what came before it, so each emitted token's distribution is unchanged (greedy:
 the same tokens).
+
+Plain rounds are the engine's own decode step, so they overlap as plain decoding does
+(``engine/steps.py``): a sequence whose next round is certainly plain (:meth:`Speculator.plain_next`:
+it is paused past this round, or never speculated) has that step launched ahead from its tokens on
+the device; the round after, :meth:`Speculator.run` counts its pause down without asking for guesses.
+A sequence that may guess next is not launched ahead: its proposer must see its latest token first.
 """
 
 from __future__ import annotations
@@ -122,57 +128,75 @@ class Speculator:
     def eligible(seq: Sequence) -> bool:
         return seq.grammar is None and seq.params.logprobs is None
 
-    def run(self, running: list[Sequence], scheduler: Scheduler) -> list[Sequence]:
-        """Step the sequences of ``running`` that take a verify forward this round and hand their runs
-        to ``scheduler``; the others are returned, for the engine's plain decode step.
+    def plain_next(self, seq: Sequence) -> bool:
+        """Whether ``seq``'s next decode round is certainly plain, decided now (after this round's
+        proposals): it is never speculated, or its pause lasts past this round. The engine may launch
+        that round's step ahead (see the module docstring)."""
+        if not self.eligible(seq):
+            return True
+        state = self.backoff.get(id(seq))
+        return state is not None and state.pause > 0
 
-        When no eligible sequence has a guess (none found, or all backed off), the round is a plain
-        decode step (a CUDA graph's replay), which costs less than a verify forward: taken here when
-        every running sequence is eligible (so a finished one's draft cache row is released at once),
-        else left to the engine with the others, in one forward. When some have guesses, the other
-        eligible sequences ride along in the verify with their pending token alone (plain decoding
-        for them) rather than pay a second forward."""
-        seqs = [s for s in running if self.eligible(s)]
-        if not seqs:
+    def run(self, running: list[Sequence], scheduler: Scheduler, launched: list[Sequence]) -> list[Sequence]:
+        """Step the sequences of ``running`` that take a verify forward this round and hand their runs
+        to ``scheduler``; the others are returned, for the engine's plain decode step. ``launched``:
+        those of ``running`` whose plain step was launched ahead (:meth:`plain_next` said so a round
+        ago); their pauses count down here, and nobody is asked for their guesses.
+
+        When no eligible sequence has a guess (none found, or all backed off), the round is the
+        engine's plain decode step (a CUDA graph's replay, launched ahead where it may be), which
+        costs less than a verify forward. When some have guesses, the other eligible sequences ride
+        along in the verify with their pending token alone (plain decoding for them) rather than pay
+        a second forward."""
+        eligible = [s for s in running if self.eligible(s)]
+        if not eligible:
             return running
         live = {id(s) for s in running}
         self.backoff = {key: state for key, state in self.backoff.items() if key in live}
-        self.proposer.retain(seqs)
-        proposals = self._propose(seqs)
+        self.proposer.retain(eligible)
+        ahead = {id(s) for s in launched}
+        self._count_paused([s for s in eligible if id(s) in ahead])
+        seqs = [s for s in eligible if id(s) not in ahead]
+        proposals = self._propose(seqs) if seqs else []
         if not any(p.tokens for p in proposals):
             self.stats["plain_rounds"] += 1
-            if len(seqs) < len(running):
-                return running  # draft rows of sequences this step finishes are released next round
+            return running
         scheduler.update_runs(seqs, self.step(seqs, proposals))
-        self.proposer.retain(scheduler.running)  # the finished ones give their draft cache back now
-        return [s for s in running if not self.eligible(s)]
+        self.release_finished(scheduler.running)
+        stepped = {id(s) for s in seqs}
+        return [s for s in running if id(s) not in stepped]
+
+    def release_finished(self, running: list[Sequence]) -> None:
+        """Give back the draft cache rows of sequences no longer running (after a step finished some)."""
+        self.proposer.retain(running)
 
     def _propose(self, seqs: list[Sequence]) -> list[Proposal]:
         """Guesses for the sequences not backed off (their pauses count down here); empty for the others."""
         # Never guess past max_tokens: the last of a run is the correction or bonus token.
         limits = [max(0, min(self.k, s.params.max_tokens - len(s.token_ids) - 1)) for s in seqs]
-        paused = 0
+        paused = self._count_paused(seqs)
+        limits = [0 if i in paused else k for i, k in enumerate(limits)]
+        return self.proposer.propose(seqs, limits)
+
+    def _count_paused(self, seqs: list[Sequence]) -> set[int]:
+        """Count down the pauses of ``seqs`` for this round; the indexes of those paused in it."""
+        paused = set()
         for i, seq in enumerate(seqs):
             state = self.backoff.setdefault(id(seq), Backoff(length=self.base_pause))
             if state.pause:
                 state.pause -= 1
-                limits[i] = 0
-                paused += 1
-        self.stats["paused_steps"] += paused
+                paused.add(i)
+        self.stats["paused_steps"] += len(paused)
         if paused:
-            self.metrics.speculative(0, 0, paused=paused)
-        return self.proposer.propose(seqs, limits)
+            self.metrics.speculative(0, 0, paused=len(paused))
+        return paused
 
     def step(self, seqs: list[Sequence], proposals: list[Proposal]) -> list[list[int]]:
-        """Verify ``proposals`` in one forward and accept: the run of tokens each of ``seqs`` emits
-        (without any guess, the forward is a plain decode step)."""
-        cache_rows, positions = [s.row for s in seqs], [s.position for s in seqs]
-        if any(p.tokens for p in proposals):
-            runs = [[s.next_token, *p.tokens] for s, p in zip(seqs, proposals)]
-            logits = self.backend.verify(cache_rows, positions, runs)
-            self.stats["verify_steps"] += 1
-        else:
-            logits = list(self.backend.decode(cache_rows, positions, [s.next_token for s in seqs])[:, None])
+        """Verify ``proposals`` (some with guesses) in one forward and accept: the run of tokens each
+        of ``seqs`` emits."""
+        runs = [[s.next_token, *p.tokens] for s, p in zip(seqs, proposals)]
+        logits = self.backend.verify([s.row for s in seqs], [s.position for s in seqs], runs)
+        self.stats["verify_steps"] += 1
         out: list[list[int]] = []
         counts: list[int] = []
         for seq, proposal, rows in zip(seqs, proposals, self._targets(seqs, logits)):

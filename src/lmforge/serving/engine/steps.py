@@ -12,6 +12,9 @@ alone, not for forward t+1), advances the grammars and fills step t+1's masks, a
 into text. A sequence that turns out to have finished at step t (EOS, a stop string, a grammar's
 end) wastes its row of forward t+1; that row is dropped, and its cache write landed in blocks the
 sequence reserved for itself (generated positions are never shared through the prefix cache).
+With speculative decoding, only sequences whose next round is certainly plain are launched ahead
+(``Speculator.plain_next``: paused, or never speculated); the others wait for their tokens, which
+their proposer reads.
 """
 
 from __future__ import annotations
@@ -43,8 +46,7 @@ class Steps:
         self.backend = backend
         self.tokenizer = tokenizer
         self.speculator = speculator
-        # No step ahead beside speculation: its sequences must see their tokens before proposing.
-        self.overlap = overlap and backend.overlap and speculator is None
+        self.overlap = overlap and backend.overlap
         self.stats = stats
         # The decode step launched ahead: its sequences and (the device buffer of) their logits.
         self._ahead: tuple[list[Sequence], torch.Tensor] | None = None
@@ -75,21 +77,24 @@ class Steps:
             self._advance(whole, torch.cat([last[id(seq)] for seq in whole]))
 
     def _decode(self, running: list[Sequence]) -> None:
-        if self.speculator is not None:  # its sequences take their own step; the rest decode below
-            running = self.speculator.run(running, self.scheduler)
-            if not running:
-                return
+        # The step launched ahead first: its logits are copied out of the graphs' output buffer (shared
+        # with the verify graphs) whenever another forward follows, here or in the speculator.
         seqs, logits = self._take_ahead(running)
         have = {id(s) for s in seqs}
+        if self.speculator is not None:  # its sequences take their own step; the rest decode below
+            running = self.speculator.run(running, self.scheduler, seqs)
         rest = [s for s in running if id(s) not in have]  # joined since, or not launched ahead
         if rest:  # (_take_ahead copied the step's logits: this launch may reuse the graphs' output buffer)
             fresh = self.backend.decode([s.row for s in rest], [s.position for s in rest], [s.next_token for s in rest])
             logits = fresh if logits is None else torch.cat([logits, fresh])
             seqs = seqs + rest
-        assert logits is not None  # running is not empty: the ahead step or the fresh launch covers it
+        if logits is None:  # the speculator stepped every sequence
+            return
         self.stats["decode_steps"] += 1
         self.stats["peak_batch"] = max(self.stats["peak_batch"], len(seqs))
         self._advance(seqs, logits, ahead=self.overlap)
+        if self.speculator is not None:
+            self.speculator.release_finished(self.scheduler.running)
 
     def _take_ahead(self, running: list[Sequence]) -> tuple[list[Sequence], torch.Tensor | None]:
         """The still-running sequences of the step launched ahead, and their logits: the launch's own
@@ -139,6 +144,7 @@ class Steps:
         if len(go_on) < len(seqs):
             picked = picked.index_select(0, to_device(go_on, torch.long, picked.device))
         nxt = [seqs[i] for i in go_on]
+        self.stats["launched_ahead"] += 1
         # Positions: the chosen token is not yet in token_ids, and is fed right after them.
         logits = self.backend.decode([s.row for s in nxt], [len(s.prompt) + len(s.token_ids) for s in nxt], picked)
         self._ahead = (nxt, logits)
@@ -147,6 +153,8 @@ class Steps:
         """Whether ``seq`` may need a step after this one (its token is not known yet: EOS and stop
         strings are decided when it is), with cache room for it."""
         if seq.request.cancelled.is_set() or len(seq.token_ids) + 1 >= seq.params.max_tokens:
+            return False
+        if self.speculator is not None and not self.speculator.plain_next(seq):
             return False
         backend = self.backend
         return backend.reserves_worst_case or backend.grow(seq.row, len(seq.prompt) + len(seq.token_ids) + 1)

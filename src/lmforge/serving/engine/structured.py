@@ -40,7 +40,7 @@ import torch
 
 from lmforge.core.errors import ServingError
 from lmforge.core.runtime import cpu_count
-from lmforge.serving.engine.requests import RequestError
+from lmforge.serving.engine.errors import RequestError
 from lmforge.serving.engine.sampling import ResponseFormat
 
 if TYPE_CHECKING:
@@ -205,6 +205,15 @@ class GrammarState:
         if self._own is None:
             self._own = _xgrammar().allocate_token_bitmask(1, self.vocab_size)
         return self._own
+
+    @classmethod
+    def started(cls, grammar: CompiledGrammar | None) -> GrammarState | None:
+        """A new request's state (None without a grammar), its first mask filled."""
+        if grammar is None:
+            return None
+        state = cls(grammar)
+        state.fill()
+        return state
 
     def fill(self) -> None:
         if not self.filled:
