@@ -35,12 +35,15 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
+from torch import nn
 
-from lmforge.core.errors import ServingError
+from lmforge.core.errors import DataError, ServingError
 from lmforge.serving.model.runner import LlamaRunner
 from lmforge.serving.model.types import LlamaCausalLM
+from lmforge.tracking.adapter_base import BASE_FILE, compare, read_base_record
 from lmforge.train.artifacts import marked_adapter_dir
 
 # The runner's fused layer groups and the model modules each one runs, in output order.
@@ -81,9 +84,11 @@ def find_adapter_dir(path: Path) -> Path:
                        "pass a peft LoRA adapter directory or the directory of an lmforge LoRA training run")
 
 
-def read_adapter(name: str, path: Path, model: LlamaCausalLM) -> LoraAdapter:
-    """Read and check the LoRA adapter in ``path`` against the served base ``model``."""
+def read_adapter(name: str, path: Path, model: LlamaCausalLM, source: str | None = None) -> LoraAdapter:
+    """Read and check the LoRA adapter in ``path`` against the served base ``model``: its shapes, and its base's
+    weights where it records them (:func:`check_base`). ``source``: what the client named (default ``path``)."""
     adapter_dir = find_adapter_dir(path)
+    check_base(adapter_dir, model, source or str(path))
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     _check_config(name, adapter_dir, config)
     weights_file = adapter_dir / "adapter_model.safetensors"
@@ -240,3 +245,28 @@ def attach(slots: LoraSlots, runner: LlamaRunner) -> None:
         for group in GROUPS:
             setattr(layer, group, slots.wrap(index, group, getattr(layer, group)))
     runner.lora = slots
+
+
+def check_base(adapter_dir: Path, model: LlamaCausalLM, lora_path: str) -> None:
+    """Refuse (:class:`ServingError`) the adapter in ``adapter_dir`` (loaded as ``lora_path``) when the record of its
+    base says it was trained on other weights than ``model``'s (over another base, or over its own merged model, it
+    would answer fluently and wrongly). An adapter without a record is not checked (its shapes still are)."""
+    record_file = Path(adapter_dir) / BASE_FILE
+    if not record_file.is_file():
+        return
+    try:
+        base, expected = read_base_record(record_file)
+    except DataError as exc:
+        raise ServingError(f"lora_path {lora_path!r}: {exc.cause}", exc.fix) from exc
+    compared, differ = compare(expected, cast(nn.Module, model))  # a transformers model: a Module with a state_dict
+    fix = (f"serve the base this adapter was trained on ({base}) and load it there, or load an adapter trained on "
+           "the served model; a server of the run's merged model/ already holds this adapter: call it by the "
+           "served name instead")
+    if not compared:
+        raise ServingError(f"lora_path {lora_path!r} was trained on {base}, and the served model holds none of that "
+                           "base's weights in a form that can be compared (other names, or all quantized)", fix)
+    if differ:
+        shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+        raise ServingError(f"lora_path {lora_path!r} was trained on another base than the served model: "
+                           f"{len(differ)} of {len(compared)} weight tensors differ ({shown}); it was trained on "
+                           f"{base}", fix)

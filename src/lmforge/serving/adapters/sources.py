@@ -7,7 +7,8 @@ must lie inside one of the allowed roots, and so must the adapter files found in
 downloaded once into ``<serving dir>/adapters/NAME-vVERSION`` (atomically) and must hold a peft LoRA
 adapter: at its top, in ``adapter/``, or named by an lmforge adapter marker; a pipeline LoRA run's version
 (which holds the merged model) brings its run's unmerged ``adapter`` artifact instead, with the record of its
-base, which must be the served model (``lmforge.tracking.adapter_base``).
+base, which must be the served model (``lmforge.tracking.adapter_base``; checked by ``lora_slots.read_adapter``
+for an adapter from anywhere that carries such a record).
 """
 
 from __future__ import annotations
@@ -16,15 +17,12 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from lmforge.core.errors import DataError, ServingError
+from lmforge.core.errors import ServingError
 from lmforge.core.workspace import Workspace, atomic_dir
 from lmforge.serving.adapters.lora_slots import find_adapter_dir
-from lmforge.serving.model.types import LlamaCausalLM
-from lmforge.tracking.adapter_base import ADAPTER_ARTIFACT, BASE_FILE, TAG_ADAPTER, compare, read_base_record
+from lmforge.tracking.adapter_base import ADAPTER_ARTIFACT, TAG_ADAPTER
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -51,10 +49,10 @@ def inside_roots(lora_path: str, roots: list[str]) -> Path:
     return adapter_dir
 
 
-def from_registry(uri: str, ws: Workspace, model: LlamaCausalLM) -> tuple[Path, str]:
-    """The adapter directory of registry version ``uri`` (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``),
-    checked to fit the served ``model`` when it records its base, and the version's own URI (``models:/NAME/VERSION``:
-    what an alias names now).
+def from_registry(uri: str, ws: Workspace) -> tuple[Path, str]:
+    """The adapter directory of registry version ``uri`` (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``) and the
+    version's own URI (``models:/NAME/VERSION``: what an alias names now). ``read_adapter`` checks the adapter against
+    the served model's weights when it records its base, as it does any adapter's.
 
     A pipeline LoRA run's version (tag ``lmforge.adapter: lora``) holds the merged model; its unmerged adapter is the
     run's ``adapter`` artifact, fetched through the version's ``run_id`` (never the merged weights). Any other
@@ -84,7 +82,6 @@ def from_registry(uri: str, ws: Workspace, model: LlamaCausalLM) -> tuple[Path, 
                            f"{ADAPTER_ARTIFACT!r} artifact hold adapter_config.json",
                            f"load a version registered from a LoRA run (lmforge.adapter: lora), or serve this one on "
                            f"its own (lmforge serve models:/{name}/{version})")
-    check_base(adapter_dir, cast(nn.Module, model), uri)  # a transformers model: a Module with a state_dict
     return adapter_dir, f"models:/{name}/{version}"
 
 
@@ -127,28 +124,3 @@ def _download_once(target: Path, source: str, download: Callable[[Path], str]) -
             child.rename(tmp / child.name)
         shutil.rmtree(staging)
         (tmp / marker.name).write_text(json.dumps({"download_uri": source}))
-
-
-def check_base(adapter_dir: Path, model: nn.Module, lora_path: str) -> None:
-    """Refuse (:class:`ServingError`) the adapter in ``adapter_dir`` (loaded as ``lora_path``) when the record of its
-    base says it was trained on other weights than ``model``'s (over another base, or over its own merged model, it
-    would answer fluently and wrongly). An adapter without a record is not checked (its shapes still are)."""
-    record_file = Path(adapter_dir) / BASE_FILE
-    if not record_file.is_file():
-        return
-    try:
-        base, expected = read_base_record(record_file)
-    except DataError as exc:
-        raise ServingError(f"lora_path {lora_path!r}: {exc.cause}", exc.fix) from exc
-    compared, differ = compare(expected, model)
-    fix = (f"serve the base this adapter was trained on ({base}) and load it there, or load an adapter trained on "
-           "the served model; a server of the run's merged model/ already holds this adapter: call it by the "
-           "served name instead")
-    if not compared:
-        raise ServingError(f"lora_path {lora_path!r} was trained on {base}, and the served model holds none of that "
-                           "base's weights in a form that can be compared (other names, or all quantized)", fix)
-    if differ:
-        shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
-        raise ServingError(f"lora_path {lora_path!r} was trained on another base than the served model: "
-                           f"{len(differ)} of {len(compared)} weight tensors differ ({shown}); it was trained on "
-                           f"{base}", fix)

@@ -178,16 +178,16 @@ def _read(body: LoadLoraAdapterRequest, cfg: ServingConfig, engine: Engine) -> t
     model = cast(LlamaCausalLM, engine.model)
     if body.lora_path.startswith("models:/"):
         ws = Workspace.from_env()
-        adapter_dir, pinned = from_registry(body.lora_path, ws, model)
+        adapter_dir, pinned = from_registry(body.lora_path, ws)
 
         def source() -> LoraAdapter:
-            return read_adapter(body.lora_name, from_registry(pinned, ws, model)[0], model)
+            return read_adapter(body.lora_name, from_registry(pinned, ws)[0], model, body.lora_path)
     else:
         adapter_dir = inside_roots(body.lora_path, cfg.lora.adapter_roots)
         source = functools.partial(_reread_dir, body.lora_name, body.lora_path, cfg, model)
-    return read_adapter(body.lora_name, adapter_dir, model), source
+    return read_adapter(body.lora_name, adapter_dir, model, body.lora_path), source
 
 
 def _reread_dir(name: str, lora_path: str, cfg: ServingConfig, model: LlamaCausalLM) -> LoraAdapter:
     """A directory adapter read again, checked against the roots again (a link may have moved since)."""
-    return read_adapter(name, inside_roots(lora_path, cfg.lora.adapter_roots), model)
+    return read_adapter(name, inside_roots(lora_path, cfg.lora.adapter_roots), model, lora_path)
