@@ -1,13 +1,16 @@
 """Decode attention micro-benchmark: the split-K kernel (``kernels/decode_attention.py``) against the
-one-pass paged kernel (``kernels/layer.py``) it replaces for decode steps, on the Llama-1.1B shape
-(32 heads, 4 KV heads, head_dim 64, bf16, 16-position pages), one query token per sequence.
+one-pass paged kernel (``kernels/layer.py``) it replaces for decode and verify steps, on the Llama-1.1B
+shape (32 heads, 4 KV heads, head_dim 64, bf16, 16-position pages), one query token per sequence, or
+``--tokens k+1`` (a speculative verify step: one query block of k + 1 tokens per sequence).
 
     PYTHONPATH=src:. python -m bench.serve.attention [--batches 1 8 64] [--contexts 128 256 512 1024 2048 4096]
-        [--max-len 4096] [--fp8] [--timer events|graph] [--waves 2] [--max-splits 32] [--block-n 32] [--out DIR]
+        [--tokens 1] [--max-len 4096] [--fp8] [--timer events|graph] [--waves 2] [--max-splits 32] [--block-n 32]
+        [--out DIR]
     PYTHONPATH=src:. python -m bench.serve.attention --tiny   # CPU check in Triton's interpreter, seconds
 
 For each batch size and context (every sequence at that length; the block table is ``--max-len``
-wide, as the engine's is the context window, since the split policy reads that width) it records:
+wide, as the engine's is the context window, since the split policy reads that width) it records
+(names with ``_t{N}`` after the context for ``--tokens N`` > 1):
 ``decode_attn_b{B}_ctx{C}_rel_err``, the split kernel's relative L2 error against the PyTorch
 attention (baseline: the one-pass kernel's); ``decode_attn_b{B}_ctx{C}_us``, the split-K path as
 ``TritonOps.attention`` takes it (the policy's split count, or the one-pass kernel where it says 1)
@@ -54,9 +57,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def decode_step(shape: Shape, batch: int, context: int, max_len: int, cache_dtype: torch.dtype, kv_scale: float,
-                dtype: torch.dtype, device: torch.device):
+                dtype: torch.dtype, device: torch.device, tokens: int = 1):
     """(q, keys, values, table, layout): ``batch`` sequences of ``context`` positions on shuffled pages,
-    a table ``max_len`` wide, one decode token each (at position ``context - 1``)."""
+    a table ``max_len`` wide, ``tokens`` query tokens each in one block (the last at position ``context - 1``)."""
     from lmforge.serving.model.ops import StepLayout, store_kv
 
     width = -(-max_len // shape.page)
@@ -71,8 +74,8 @@ def decode_step(shape: Shape, batch: int, context: int, max_len: int, cache_dtyp
         values = torch.randn(slots, shape.kv_heads, shape.head_dim, dtype=dtype, device=device)
         store_kv(cache, torch.arange(slots, device=device), values, kv_scale)  # as the runner writes (an fp8 view)
         caches.append(cache)
-    q = torch.randn(batch, shape.heads, shape.head_dim, dtype=dtype, device=device)
-    layout = StepLayout.build([(i, context - 1, [0]) for i in range(batch)], device, 1, None)
+    q = torch.randn(batch * tokens, shape.heads, shape.head_dim, dtype=dtype, device=device)
+    layout = StepLayout.build([(i, context - tokens, [0] * tokens) for i in range(batch)], device, tokens, None)
     return q, caches[0], caches[1], table, layout
 
 
@@ -108,7 +111,7 @@ def measure(args: argparse.Namespace, shape: Shape, device: torch.device, put: C
     for batch in args.batches:
         for context in args.contexts:
             q, kc, vc, table, layout = decode_step(shape, batch, context, args.max_len, cache_dtype, kv_scale, dtype,
-                                                   device)
+                                                   device, args.tokens)
             scale = shape.head_dim**-0.5
             chosen = policy.splits(batch, shape.kv_heads, args.max_len, sms)
             counts = sorted({*sweep, chosen} - {1})
@@ -116,10 +119,11 @@ def measure(args: argparse.Namespace, shape: Shape, device: torch.device, put: C
             step = (q, kc, vc, table, layout, shape.page, scale)
             one_pass, split_path = partial(one_pass_ops.attention, *step), partial(split_ops.attention, *step)
             fixed = {n: partial(split_decode_attention, q, kc, vc, table, layout.positions, layout.blk_row,
-                                layout.blk_tok, n, shape.page, scale, kv_scale, policy) for n in counts}
+                                layout.blk_tok, layout.blk_n, args.tokens, n, shape.page, scale, kv_scale, policy)
+                     for n in counts}
             ref = ref_ops.attention(q, kc, vc, table, layout, shape.page, scale)
             errors = [rel_err(fn(), ref) for fn in fixed.values()] + [rel_err(split_path(), ref)]
-            name = f"decode_attn_b{batch}_ctx{context}{tag}"
+            name = f"decode_attn_b{batch}_ctx{context}{f'_t{args.tokens}' if args.tokens > 1 else ''}{tag}"
             put(f"{name}_rel_err", max(errors), f"max relative L2 error vs PyTorch over splits {counts}",
                 "one-pass kernel", rel_err(one_pass(), ref))
             if not max(errors) <= tolerance:  # NaN fails too
@@ -142,6 +146,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096])
+    parser.add_argument("--tokens", type=int, default=1, help="query tokens per sequence (k + 1: a verify step)")
     parser.add_argument("--max-len", type=int, default=4096, help="the block table's width in positions")
     parser.add_argument("--fp8", action="store_true", help="an fp8 (e4m3) cache, kv_scale 0.5")
     parser.add_argument("--timer", choices=["events", "graph"], default="events")
@@ -160,6 +165,9 @@ def main() -> int:
         raise ConfigError("no CUDA device: the kernels are timed on a GPU", "run on a GPU machine, or add --tiny")
     else:
         shape, device = LLAMA_1B, torch.device("cuda")
+    if not 1 <= args.tokens <= min(args.contexts):
+        raise ConfigError(f"--tokens {args.tokens} is not between 1 and the shortest context ({min(args.contexts)})",
+                          "give --tokens 1 (decode) or k + 1 of a verify step, at most the shortest --contexts")
     if max(args.contexts) > args.max_len:
         raise ConfigError(f"a context of {max(args.contexts)} does not fit --max-len {args.max_len}",
                           "raise --max-len or drop the longer --contexts")

@@ -31,8 +31,10 @@ PAGE, MAX_BLOCKS = 4, 20  # cache rows hold up to 80 positions
 POLICY = SplitPolicy(block_n=16)
 
 
-def _step(contexts: list[int], heads: int, kv_heads: int, cache_dtype: torch.dtype, seed: int):
-    """A decode step of one token per sequence at position ``context - 1``, over random caches whose
+def _step(contexts: list[int], heads: int, kv_heads: int, cache_dtype: torch.dtype, seed: int, tokens: int = 1,
+          tokens_per_block: int = 1):
+    """A step of ``tokens`` new tokens per sequence (1: decode; k + 1: a verify; more: a prefill chunk) ending
+    at position ``context - 1``, cut into query blocks of ``tokens_per_block``, over random caches whose
     rows use shuffled pages (row ``i`` of ``len(contexts) + 1``; the extra row is never read)."""
     gen = torch.Generator().manual_seed(seed)
     rows = len(contexts) + 1
@@ -40,8 +42,10 @@ def _step(contexts: list[int], heads: int, kv_heads: int, cache_dtype: torch.dty
     table = torch.randperm(rows * MAX_BLOCKS + 1, generator=gen)[: rows * MAX_BLOCKS].reshape(rows, MAX_BLOCKS)
     slots = (rows * MAX_BLOCKS + 1) * PAGE
     k_cache, v_cache = (torch.randn(slots, kv_heads, head_dim, generator=gen).to(cache_dtype) for _ in range(2))
-    q = torch.randn(len(contexts), heads, head_dim, generator=gen)
-    layout = StepLayout.build([(i, n - 1, [7]) for i, n in enumerate(contexts)], torch.device("cpu"), 1, None)
+    runs = [min(tokens, n) for n in contexts]
+    q = torch.randn(sum(runs), heads, head_dim, generator=gen)
+    items = [(i, n - run, [7] * run) for i, (n, run) in enumerate(zip(contexts, runs))]
+    layout = StepLayout.build(items, torch.device("cpu"), tokens_per_block, None)
     return q, k_cache, v_cache, table.int(), layout
 
 
@@ -73,12 +77,38 @@ def test_split_decode_matches_torch_attention(contexts, heads, kv_heads, cache_d
     # heuristic below picks 4 (80 positions are 5 tiles).
     for splits in (1, 2, 8) if len(contexts) == 1 else (2, 8):
         out = split_decode_attention(q, k_cache, v_cache, table, layout.positions, layout.blk_row, layout.blk_tok,
-                                     splits, PAGE, 0.25, kv_scale, POLICY)
+                                     layout.blk_n, 1, splits, PAGE, 0.25, kv_scale, POLICY)
         assert _rel(out, ref) < 1e-5, f"{splits} splits"
     ops = TritonOps(POLICY)
     ops.kv_scale = kv_scale
     assert POLICY.splits(len(contexts), kv_heads, MAX_BLOCKS * PAGE, 132) == 4  # the ops take the split path
     assert _rel(ops.attention(q, k_cache, v_cache, table, layout, PAGE, 0.25), ref) < 1e-5
+
+
+MULTI = [  # (contexts, tokens per sequence, tokens per block): verify steps (k + 1 = 5, a context shorter than
+    # the run), and prefill chunks cut into blocks of 8 (the last block of a sequence partly filled)
+    ([37, 80, 3], 5, 5),
+    ([9, 64], 5, 5),
+    ([47, 21], 19, 8),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("contexts,tokens,per_block", MULTI, ids=[f"t{c[1]}-tpb{c[2]}" for c in MULTI])
+def test_split_attention_of_query_blocks_of_several_tokens(contexts, tokens, per_block) -> None:
+    """Verify steps and short prefill chunks split their contexts too: each row (token x query head)
+    masks the keys past its own position, also in chunks it sees none of."""
+    q, k_cache, v_cache, table, layout = _step(contexts, 8, 2, torch.float32, seed=tokens, tokens=tokens,
+                                               tokens_per_block=per_block)
+    ref = Ops().attention(q, k_cache, v_cache, table, layout, PAGE, 0.25)
+    one_pass = paged_attention(q, k_cache, v_cache, table, layout.positions, layout.blk_row, layout.blk_tok,
+                               layout.blk_n, per_block, PAGE, 0.25)
+    assert _rel(one_pass, ref) < 1e-5
+    for splits in (2, 8):
+        out = split_decode_attention(q, k_cache, v_cache, table, layout.positions, layout.blk_row, layout.blk_tok,
+                                     layout.blk_n, per_block, splits, PAGE, 0.25, 1.0, POLICY)
+        assert _rel(out, ref) < 1e-5, f"{splits} splits"
+    assert _rel(TritonOps(POLICY).attention(q, k_cache, v_cache, table, layout, PAGE, 0.25), ref) < 1e-5
 
 
 @needs_interpreter
@@ -117,17 +147,17 @@ def test_interpreter_tests_run() -> None:
                           env=env, capture_output=True, text=True, timeout=300)
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    # 8 split-vs-torch cases, the padded rows, the policy, the whole model; skipped only: this test and the
-    # compile checks, which need the compiler the interpreter replaces.
-    assert lines and lines[-1].startswith("11 passed, 3 skipped"), proc.stdout[-4000:]
+    # 8 split-vs-torch cases, 3 of blocks of several tokens, the padded rows, the policy, the whole model;
+    # skipped only: this test and the three compile checks, which need the compiler the interpreter replaces.
+    assert lines and lines[-1].startswith("14 passed, 4 skipped"), proc.stdout[-4000:]
     skips = [line for line in lines if line.startswith("SKIPPED")]
     assert len(skips) == 2 and all("interpreter" in line for line in skips), skips  # -rs groups the two compiles
 
 
-@pytest.mark.slow  # four ahead-of-time compiles through ptxas: ~5 s of CPU, more on a busy machine
+@pytest.mark.slow  # six ahead-of-time compiles through ptxas: ~8 s of CPU, more on a busy machine
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter replaces the compiler")
-@pytest.mark.parametrize("cache,splits", [("bf16", 16), ("fp8e4nv", 1)])
-def test_kernels_compile_for_an_h100(cache: str, splits: int) -> None:
+@pytest.mark.parametrize("cache,splits,tok", [("bf16", 16, 1), ("fp8e4nv", 1, 1), ("bf16", 8, 5)])
+def test_kernels_compile_for_an_h100(cache: str, splits: int, tok: int) -> None:
     """Compiled mode differs from the interpreter (loaded scalars as loop bounds, int64 offsets, fp8
     loads): both kernels go through Triton's compiler and ptxas for sm_90 (no GPU needed), on the
     Llama-1.1B shape."""
@@ -138,12 +168,12 @@ def test_kernels_compile_for_an_h100(cache: str, splits: int) -> None:
     from lmforge.serving.kernels import decode_attention as kernels
 
     types = {"Q": "*bf16", "KC": f"*{cache}", "VC": f"*{cache}", "TABLE": "*i32", "POS": "*i64", "BLK_ROW": "*i64",
-             "BLK_TOK": "*i32", "PM": "*fp32", "PL": "*fp32", "PACC": "*fp32", "OUT": "*bf16", "qk_scale": "fp32",
-             "kv_scale": "fp32"}
-    split_consts = {"H": 32, "GROUP": 8, "M": 16, "D": 64, "DP": 64, "PAGE": 16, "BLOCK_N": 32, "SPLITS": splits,
-                    "LOOP_WHILE": False}
-    for fn, consts, warps in ((kernels.split_kernel, split_consts, 4),
-                              (kernels.merge_kernel, {"H": 32, "D": 64, "DP": 64, "SPLITS": splits}, 1)):
+             "BLK_TOK": "*i32", "BLK_N": "*i32", "PM": "*fp32", "PL": "*fp32", "PACC": "*fp32", "OUT": "*bf16",
+             "qk_scale": "fp32", "kv_scale": "fp32"}
+    split_consts = {"H": 32, "GROUP": 8, "TOK": tok, "M": max(16, triton.next_power_of_2(8 * tok)), "D": 64, "DP": 64,
+                    "PAGE": 16, "BLOCK_N": 32, "SPLITS": splits, "LOOP_WHILE": False}
+    merge_consts = {"H": 32, "TOK": tok, "D": 64, "DP": 64, "SPLITS": splits}
+    for fn, consts, warps in ((kernels.split_kernel, split_consts, 4), (kernels.merge_kernel, merge_consts, 1)):
         names = fn.arg_names
         signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
         src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in consts.items()})

@@ -1,10 +1,14 @@
-"""Split-K ("flash-decoding") paged attention for pure decode steps (one query token per block).
+"""Split-K ("flash-decoding") paged attention for steps of few query blocks: decode steps (one query
+token per block), speculative verify steps (k + 1 tokens per block) and short prefill chunks over a
+long cached context.
 
 The one-pass kernel (``layer.py``: ``paged_attention``) runs one program per (query block, KV head)
 that walks its sequence's whole context: one decode sequence of a 4-KV-head model is 4 programs on
-a 132-SM GPU. Here each sequence's context is cut into ``splits`` chunks, one program per
-(sequence, KV head, chunk) writes its chunk's partial softmax state (max, sum, unnormalized output)
-to a scratch buffer, and a second kernel merges a sequence's partials per query head.
+a 132-SM GPU. Here each block's context is cut into ``splits`` chunks, one program per
+(block, KV head, chunk) writes its chunk's partial softmax state (max, sum, unnormalized output) for
+each (token, query head) row of the block to a scratch buffer, and a second kernel merges a row's
+partials. The rows of a block are its tokens x the KV head's query heads, as in the one-pass kernel;
+all share the chunk bounds (from the block's last token), and each masks keys past its own position.
 
 Decode steps are captured in CUDA graphs, so nothing here reads a device value on the host: the
 number of splits comes from host shapes only (:meth:`SplitPolicy.splits`: the batch size and the
@@ -79,30 +83,34 @@ def _chunk(kv_len, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def split_kernel(Q, KC, VC, TABLE, POS, BLK_ROW, BLK_TOK, PM, PL, PACC, qk_scale, stride_qt, stride_qh,
-                  stride_ks, stride_kh, stride_table, H: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr,
-                  D: tl.constexpr, DP: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+def split_kernel(Q, KC, VC, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N, PM, PL, PACC, qk_scale, stride_qt, stride_qh,
+                  stride_ks, stride_kh, stride_table, H: tl.constexpr, GROUP: tl.constexpr, TOK: tl.constexpr,
+                  M: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                   SPLITS: tl.constexpr, LOOP_WHILE: tl.constexpr):
     """Program (block b, KV head, split): the partial (max, sum, output) of one chunk of b's context
-    for the GROUP query heads of the KV head; partials are laid out [B, H, SPLITS] (and DP wide)."""
+    for the block's tokens x the GROUP query heads of the KV head (rows as in the one-pass kernel);
+    partials are laid out [B, TOK, H, SPLITS] (and DP wide)."""
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     row = tl.load(BLK_ROW + b).to(tl.int64)
-    t = tl.load(BLK_TOK + b).to(tl.int64)
+    t0 = tl.load(BLK_TOK + b).to(tl.int64)
+    nt = tl.load(BLK_N + b)
     r = tl.arange(0, M)
-    head = kvh * GROUP + r
-    valid = r < GROUP
+    tok = r // GROUP
+    head = kvh * GROUP + r % GROUP
+    valid = (tok < nt) & (r < TOK * GROUP)
     d = tl.arange(0, DP)
     dm = d < D
-    q = tl.load(Q + t * stride_qt + head[:, None] * stride_qh + d[None, :], mask=valid[:, None] & dm[None, :],
-                other=0.0)
-    p = tl.load(POS + t)
-    pos = tl.zeros([M], dtype=p.dtype) + p  # one query token: every row sees keys up to its position
-    kv_len = p + 1
+    q = tl.load(Q + (t0 + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=valid[:, None] & dm[None, :], other=0.0)
+    pos = tl.load(POS + t0 + tok, mask=valid, other=0)  # each row sees keys up to its own token's position
+    kv_len = tl.load(POS + t0 + nt - 1) + 1  # a block's tokens are consecutive: the last sees the most
     chunk = _chunk(kv_len, SPLITS, BLOCK_N)
     start = split * chunk
     end = tl.minimum(start + chunk, kv_len)  # start >= end: a split past the context, left neutral
+    # A row whose position lies before this chunk sees no key of it: its max stays -1e30 and the merge
+    # gives the split no weight (split 0 holds key 0, which every row sees).
     m_i = tl.full([M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([M], dtype=tl.float32)
     acc = tl.zeros([M, DP], dtype=tl.float32)
@@ -116,37 +124,43 @@ def split_kernel(Q, KC, VC, TABLE, POS, BLK_ROW, BLK_TOK, PM, PL, PACC, qk_scale
         for tile in range(start, end, BLOCK_N):
             m_i, l_i, acc = attend_tile(q, KC, VC, TABLE, row, kvh, tile, end, pos, d, dm, qk_scale, m_i, l_i, acc,
                                         stride_ks, stride_kh, stride_table, PAGE, BLOCK_N)
-    part = (b * H + head) * SPLITS + split
+    part = ((b * TOK + tok) * H + head) * SPLITS + split
     tl.store(PM + part, m_i, mask=valid)
     tl.store(PL + part, l_i, mask=valid)
     tl.store(PACC + part[:, None] * DP + d[None, :], acc, mask=valid[:, None])
 
 
 @triton.jit
-def merge_kernel(PM, PL, PACC, OUT, BLK_TOK, kv_scale, stride_ot, stride_oh, H: tl.constexpr, D: tl.constexpr,
-                  DP: tl.constexpr, SPLITS: tl.constexpr):
-    """Program (block b, query head): the softmax-weighted merge of the head's SPLITS partials."""
+def merge_kernel(PM, PL, PACC, OUT, BLK_TOK, BLK_N, kv_scale, stride_ot, stride_oh, H: tl.constexpr,
+                  TOK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, SPLITS: tl.constexpr):
+    """Program (block b, query head): for each of the block's tokens, the softmax-weighted merge of
+    the head's SPLITS partials (a block's tokens past its count are left alone, as the one-pass kernel does)."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    t = tl.load(BLK_TOK + b).to(tl.int64)
+    t0 = tl.load(BLK_TOK + b).to(tl.int64)
+    nt = tl.load(BLK_N + b)
     s = tl.arange(0, SPLITS)
-    part = (b * H + h) * SPLITS + s
     d = tl.arange(0, DP)
-    m = tl.load(PM + part)
-    l_s = tl.load(PL + part)
-    acc = tl.load(PACC + part[:, None] * DP + d[None, :])
-    w = tl.exp2(m - tl.max(m, 0))  # base 2, as the partials' max; a neutral split's weight is exp2(-1e30) = 0
-    total = tl.sum(w * l_s, 0)
-    out = tl.sum(acc * w[:, None], 0) * (kv_scale / total)  # keys and values are stored / kv_scale
-    tl.store(OUT + t * stride_ot + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < D)
+    for i in tl.static_range(TOK):
+        if i < nt:
+            part = ((b * TOK + i) * H + h) * SPLITS + s
+            m = tl.load(PM + part)
+            l_s = tl.load(PL + part)
+            acc = tl.load(PACC + part[:, None] * DP + d[None, :])
+            w = tl.exp2(m - tl.max(m, 0))  # base 2, as the partials' max; a neutral split's weight is exp2(-1e30) = 0
+            total = tl.sum(w * l_s, 0)
+            out = tl.sum(acc * w[:, None], 0) * (kv_scale / total)  # keys and values are stored / kv_scale
+            tl.store(OUT + (t0 + i) * stride_ot + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
 
 def split_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
-                           positions: torch.Tensor, blk_row: torch.Tensor, blk_tok: torch.Tensor, splits: int,
-                           block_size: int, scale: float, kv_scale: float = 1.0,
+                           positions: torch.Tensor, blk_row: torch.Tensor, blk_tok: torch.Tensor, blk_n: torch.Tensor,
+                           tokens_per_block: int, splits: int, block_size: int, scale: float, kv_scale: float = 1.0,
                            policy: SplitPolicy | None = None) -> torch.Tensor:
-    """Attention output ``[T, heads, head_dim]`` of a step whose query blocks hold one token each
-    (``tokens_per_block == 1``), each sequence's context cut into ``splits`` (a power of two) chunks."""
+    """Attention output ``[T, heads, head_dim]`` of a step described by its query blocks (as the one-pass
+    ``paged_attention``: up to ``tokens_per_block`` consecutive tokens of one sequence each; one for a
+    decode step, k + 1 for a speculative verify), each block's context cut into ``splits`` (a power of
+    two) chunks."""
     if splits < 1 or splits & (splits - 1):
         raise ConfigError(f"split_decode_attention got splits={splits}", "give a power of two (1, 2, 4, ...)")
     policy = policy or SplitPolicy()
@@ -154,19 +168,21 @@ def split_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     blocks = blk_row.shape[0]
+    m = max(16, triton.next_power_of_2(tokens_per_block * group))
     dp = max(16, triton.next_power_of_2(head_dim))
     # Scratch partials: fresh per call, so inside a captured graph they come from the graph's pool.
-    pm = torch.empty((blocks, heads, splits), dtype=torch.float32, device=q.device)
+    pm = torch.empty((blocks, tokens_per_block, heads, splits), dtype=torch.float32, device=q.device)
     pl = torch.empty_like(pm)
-    pacc = torch.empty((blocks, heads, splits, dp), dtype=torch.float32, device=q.device)
+    pacc = torch.empty((blocks, tokens_per_block, heads, splits, dp), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     qk_scale = scale * kv_scale * 1.4426950408889634  # base 2, as the one-pass kernel; keys are k / kv_scale
     split_kernel[(blocks, kv_heads, splits)](
-        q, k_cache, v_cache, table, positions, blk_row, blk_tok, pm, pl, pacc, qk_scale, q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), table.stride(0), H=heads, GROUP=group,
-        M=max(16, triton.next_power_of_2(group)), D=head_dim, DP=dp, PAGE=block_size, BLOCK_N=policy.block_n,
-        SPLITS=splits, LOOP_WHILE=INTERPRETED, num_warps=policy.num_warps,
+        q, k_cache, v_cache, table, positions, blk_row, blk_tok, blk_n, pm, pl, pacc, qk_scale, q.stride(0),
+        q.stride(1), k_cache.stride(0), k_cache.stride(1), table.stride(0), H=heads, GROUP=group,
+        TOK=tokens_per_block, M=m, D=head_dim, DP=dp, PAGE=block_size, BLOCK_N=policy.block_n, SPLITS=splits,
+        LOOP_WHILE=INTERPRETED, num_warps=policy.num_warps if m <= 64 else 2 * policy.num_warps,
     )
-    merge_kernel[(blocks, heads)](pm, pl, pacc, out, blk_tok, kv_scale, out.stride(0), out.stride(1), H=heads,
-                                   D=head_dim, DP=dp, SPLITS=splits, num_warps=1 if splits * dp <= 1024 else 2)
+    merge_kernel[(blocks, heads)](pm, pl, pacc, out, blk_tok, blk_n, kv_scale, out.stride(0), out.stride(1), H=heads,
+                                   TOK=tokens_per_block, D=head_dim, DP=dp, SPLITS=splits,
+                                   num_warps=1 if splits * dp <= 1024 else 2)
     return out

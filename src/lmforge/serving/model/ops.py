@@ -152,14 +152,15 @@ class TritonOps(Ops):
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
                   layout: StepLayout, block_size: int, scale: float) -> torch.Tensor:
-        if layout.tokens_per_block == 1:  # a decode step (graphs.py captures these): few programs unless split
-            # Host shapes only (the step may be captured): the batch and the longest context the table can hold.
-            splits = self.split.splits(layout.blk_row.shape[0], k_cache.shape[1], table.shape[1] * block_size,
-                                       self._decode.multiprocessors(q.device))
-            if splits > 1:
-                return self._decode.split_decode_attention(q, k_cache, v_cache, table, layout.positions,
-                                                           layout.blk_row, layout.blk_tok, splits, block_size,
-                                                           scale, self.kv_scale, self.split)
+        # Few query blocks (decode and verify steps, which graphs capture; a short prefill chunk) are few
+        # programs unless their contexts are split. Host shapes only (the step may be captured): the number of
+        # blocks and the longest context the table can hold.
+        splits = self.split.splits(layout.blk_row.shape[0], k_cache.shape[1], table.shape[1] * block_size,
+                                   self._decode.multiprocessors(q.device))
+        if splits > 1:
+            return self._decode.split_decode_attention(q, k_cache, v_cache, table, layout.positions, layout.blk_row,
+                                                       layout.blk_tok, layout.blk_n, layout.tokens_per_block, splits,
+                                                       block_size, scale, self.kv_scale, self.split)
         return self._k.paged_attention(q, k_cache, v_cache, table, layout.positions, layout.blk_row,
                                        layout.blk_tok, layout.blk_n, layout.tokens_per_block, block_size, scale,
                                        self.kv_scale)
