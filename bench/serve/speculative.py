@@ -74,10 +74,16 @@ def _sync() -> None:
 
 def timed(engine: Engine, prompts: list[list[int]], new: int) -> tuple[float, list[tuple[int, ...]], dict[str, int]]:
     """Output tokens/s over ``prompts`` run one after the other, their tokens, and what the engine's
-    speculator counted meanwhile (empty without one)."""
+    speculator counted meanwhile (empty without one), with the engine's decode steps launched ahead."""
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
     engine.generate([prompts[0]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up
-    before = dict(engine.speculator.stats) if engine.speculator is not None else {}
+
+    def counted() -> dict[str, int]:
+        if engine.speculator is None:
+            return {}
+        return {**engine.speculator.stats, "launched_ahead": engine.stats["launched_ahead"]}
+
+    before = counted()
     tokens, total = [], 0.0
     for prompt in prompts:
         _sync()
@@ -85,7 +91,7 @@ def timed(engine: Engine, prompts: list[list[int]], new: int) -> tuple[float, li
         tokens.append(engine.generate([prompt], params)[0].token_ids)
         _sync()
         total += time.perf_counter() - begin
-    after = engine.speculator.stats if engine.speculator is not None else {}
+    after = counted()
     return sum(len(t) for t in tokens) / total, tokens, {key: after[key] - before[key] for key in after}
 
 
@@ -170,6 +176,8 @@ def main() -> int:
             put(f"{tag}_verify_share", stats["verify_steps"] / max(1, stats["verify_steps"] + stats["plain_rounds"]),
                 "decode rounds that ran a verify forward (the others: plain steps, no guess or backed off)")
             put(f"{tag}_backoffs", stats["backoffs"], "times the sequence stopped guessing after failed guesses")
+            put(f"{tag}_launched_ahead", stats["launched_ahead"] / max(1, stats["verify_steps"] + stats["plain_rounds"]),
+                "decode rounds launched ahead of the one before (paused rounds, overlapped as plain decoding)")
             put(f"{tag}_greedy_identical", sum(a == b for a, b in zip(tokens, base_tokens)) / len(tokens),
                 "fraction of requests with the same tokens as plain decoding")
     print(json.dumps({k: round(v, 4) for k, v in figures.items()}, indent=1))

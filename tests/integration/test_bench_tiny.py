@@ -314,6 +314,7 @@ def test_serve_speculative_tiny(tmp_path):
     assert got["copy_ngram_k4_tokens_per_verify"]["value"] > 3
     assert got["nocopy_ngram_k4_greedy_identical"]["value"] == 1.0
     assert got["nocopy_ngram_k4_verify_share"]["value"] < 1  # failed guesses backed off, or none were found
+    assert got["nocopy_ngram_k4_launched_ahead"]["value"] > 0  # paused rounds overlap, as plain decoding
 
 
 # ---------------------------------------------------------------- data
