@@ -3,6 +3,7 @@ authentication, ports; and what it prints for a client."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -67,3 +68,20 @@ def test_summary_points_a_client_at_the_running_roles():
                             "RAY_AUTH_MODE": "token"}
     assert facts["prefect_ui"] == "http://127.0.0.1:4200"
     assert facts["roles"]["mlflow"] == {"state": "stopped", "pid": None, "url": None, "log": None}
+
+
+def test_stopping_a_role_this_process_started_does_not_wait_out_its_grace(tmp_path):
+    """`lmforge ui` starts its servers as children: one that exits on SIGTERM stays a zombie (a member of
+    its process group) until reaped, and the stop once waited the whole grace for each (~40 s to Ctrl-C)."""
+    import sys
+    import time
+
+    from lmforge.stack import processes
+
+    proc = processes.launch([sys.executable, "-c", "import time; time.sleep(600)"], tmp_path / "role.log",
+                            env={}, tied=True)
+    record = processes.Record("demo", proc.pid, os.getpgid(proc.pid), 0, "", str(tmp_path / "role.log"), [])
+    started = time.monotonic()
+    processes.stop(record, grace_s=60)
+    assert time.monotonic() - started < 30  # exits at once on SIGTERM; the bug waited the 60 s grace
+    assert not processes.group_alive(record.pgid)

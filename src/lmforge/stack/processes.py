@@ -106,13 +106,22 @@ def stop(record: Record, grace_s: float = 15) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(record.pgid, sig)
         deadline = time.monotonic() + wait_s
-        while group_alive(record.pgid) and time.monotonic() < deadline:
+        while _reaped_or_alive(record) and time.monotonic() < deadline:
             time.sleep(0.2)
         if not group_alive(record.pgid):
             break
     for pid in processes_naming(record.marker) if record.marker else []:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
+
+
+def _reaped_or_alive(record: Record) -> bool:
+    """Whether the role's group still has a process, after reaping its leader if it is this process's child
+    and has exited (`lmforge ui` started it): an exited child stays a zombie, which counts as a group member,
+    until its parent waits for it, and the stop would wait out its whole grace for nothing."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(record.pid, os.WNOHANG)
+    return group_alive(record.pgid)
 
 
 def processes_naming(marker: str) -> list[int]:
