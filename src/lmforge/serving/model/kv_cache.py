@@ -44,6 +44,7 @@ import torch
 
 from lmforge.core.errors import ServingError
 from lmforge.serving.model.block_pool import BlockPool
+from lmforge.serving.model.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class PagedKVCache:
         self.pool = BlockPool(num_blocks)  # block 0 is the scratch block
         self._free_rows = list(range(max_rows - 1, -1, -1))
         self._owned: dict[int, list[int]] = {}  # row -> its blocks after the lead (shared ones, then its own)
+        self._entries: dict[int, list[int]] = {}  # row -> its table entry (lead, then owned), kept on the host
         self._shared: dict[int, int] = {}  # row -> blocks after its lead that it did not compute (cached or borrowed)
         # row -> (table index, block, hash) of the full prompt blocks it writes and has not written yet
         self._pending: dict[int, list[tuple[int, int, bytes]]] = {}
@@ -166,9 +168,11 @@ class PagedKVCache:
             if h not in self._writer:  # else another row writes the same content (a race): this copy stays private
                 self._writer[h] = (row, index, blocks[i])
                 self._pending[row].append((index, blocks[i], h))
-        entry = torch.zeros(self.max_blocks_per_seq, dtype=torch.int32)
-        entry[: len(lead) + len(blocks)] = torch.tensor(lead + blocks, dtype=torch.int32)
-        self.table[row].copy_(entry)
+        # Written without waiting for the device's queued work (a plain copy from the host would synchronize
+        # the stream, stalling a decode step launched ahead at every admission).
+        self._entries[row] = lead + blocks
+        entry = lead + blocks + [0] * (self.max_blocks_per_seq - len(lead) - len(blocks))
+        self.table[row].copy_(to_device(entry, torch.int32, self.table.device))
         return row
 
     def hits(self, row: int) -> int:
@@ -210,6 +214,7 @@ class PagedKVCache:
         blocks = self._owned.pop(row, None)
         if blocks is None:
             return
+        del self._entries[row]
         self._shared.pop(row, None)
         for h in self._borrowed.pop(row, {}):
             self._unread(h, row)
@@ -247,5 +252,5 @@ class PagedKVCache:
 
     def slots(self, row: int, start: int, end: int) -> list[int]:
         """Cache slots of positions ``start..end-1`` of the sequence in ``row`` (host-side)."""
-        blocks = self.table[row].tolist()
+        blocks = self._entries[row]
         return [blocks[p // self.block_size] * self.block_size + p % self.block_size for p in range(start, end)]

@@ -34,6 +34,7 @@ import torch
 from lmforge.serving.model.graphs import buckets, capture
 from lmforge.serving.model.ops import StepLayout
 from lmforge.serving.model.runner import LlamaRunner
+from lmforge.serving.model.transfer import pinned
 
 
 def verify_inputs(rows: list[int], positions: list[int], runs: list[list[int]], width: int, bucket: int,
@@ -90,8 +91,9 @@ class VerifyBatch:
         """Copy a step's values into the buffers (two host-to-device copies); the layout of bucket ``b``."""
         ids, blocks = verify_inputs(rows, positions, runs, self.width, b, self.scratch_row)
         t = b * self.width
-        self.ids[:, :t].copy_(torch.tensor(ids, dtype=torch.long))
-        self.blocks[:, :b].copy_(torch.tensor(blocks, dtype=torch.int32))
+        # Pinned and asynchronous: a plain host copy would wait for a decode step launched ahead (transfer.py).
+        self.ids[:, :t].copy_(pinned(ids, torch.long, self.ids.device), non_blocking=True)
+        self.blocks[:, :b].copy_(pinned(blocks, torch.int32, self.blocks.device), non_blocking=True)
         layout = self.layouts[b]
         # The PyTorch ops' attention needs the host plan (Triton's does not, and a graph never reads it).
         layout.plan = [(row, i * self.width, len(run), start + len(run))
