@@ -52,8 +52,9 @@ class ScriptedProposer:
     """Guesses each sequence's next tokens from its plain greedy output: every guess off by one until
     the sequence has ``right_from`` tokens, the true tokens from then on; ``None``: never guesses."""
 
-    def __init__(self, plain: dict[tuple[int, ...], list[int]], vocab: int, right_from: int | None) -> None:
-        self.plain, self.vocab, self.right_from = plain, vocab, right_from
+    def __init__(self, plain: dict[tuple[int, ...], list[int]], vocab: int, right_from: int | None,
+                 now_and_then: tuple[tuple[int, ...], ...] = ()) -> None:
+        self.plain, self.vocab, self.right_from, self.now_and_then = plain, vocab, right_from, now_and_then
         self.calls: list[int] = []  # per call, how many sequences were asked for guesses (limit > 0)
 
     def propose(self, seqs: list[Sequence], limits: list[int]) -> list[Proposal]:
@@ -64,6 +65,8 @@ class ScriptedProposer:
             true = self.plain[tuple(seq.prompt)][n : n + k]
             if self.right_from is None:
                 out.append(Proposal([]))
+            elif tuple(seq.prompt) in self.now_and_then:  # after an odd count 2 right guesses (3 tokens), none after
+                out.append(Proposal(true[:2] if n % 2 else []))  # an even one (a plain round: 1 token): alternating
             elif n >= self.right_from:
                 out.append(Proposal(true))
             else:
@@ -78,10 +81,10 @@ class ScriptedProposer:
 
 
 def _run(model_dir: Path, plain: dict, right_from: int | None, overlap: bool = True,
-         **speculative) -> tuple[list[tuple], dict, list[int]]:
+         now_and_then: tuple[tuple[int, ...], ...] = (), **speculative) -> tuple[list[tuple], dict, list[int]]:
     engine = _engine(model_dir, overlap, method="ngram", num_tokens=3, **speculative)
     assert engine.speculator is not None
-    proposer = ScriptedProposer(plain, engine.vocab_size, right_from)
+    proposer = ScriptedProposer(plain, engine.vocab_size, right_from, now_and_then)
     engine.speculator.proposer = proposer  # before any request: the engine thread is idle
     try:
         out = [c.token_ids for c in engine.generate(PROMPTS, PARAMS)]
@@ -135,6 +138,22 @@ def test_paused_rounds_are_launched_ahead_and_change_nothing(model_dir: Path, pl
     # Rounds launched ahead ask for no guesses: fewer proposer calls, the same ones with guesses.
     assert len(ahead_calls) < len(eager_calls)
     assert [c for c in ahead_calls if c] == [c for c in eager_calls if c]
+
+
+def test_a_paused_sequence_rides_in_the_verify_of_one_that_guesses(model_dir: Path, plain: dict) -> None:
+    # The first prompt guesses right every other round and nothing in between; the second always wrong, so it
+    # pauses. After a round without guesses, the first may guess again: the paused
+    # second is then not launched ahead (a decode forward beside the first's verify) but rides along in that
+    # verify. Overlap never adds a forward: the counts are those of the run without it.
+    runs = {overlap: _run(model_dir, plain, right_from=10**6, overlap=overlap, now_and_then=(tuple(PROMPTS[0]),),
+                          backoff_acceptance=0.5, backoff_steps=3) for overlap in (True, False)}
+    for out, _, _ in runs.values():
+        assert out == [tuple(plain[tuple(p)]) for p in PROMPTS]
+    ahead, eager = runs[True][1], runs[False][1]
+    assert ahead["accepted"] > 0 and ahead["backoffs"] > 0 and ahead["plain_rounds"] > 0
+    forwards = ("verify_steps", "decode_steps")
+    assert {k: ahead[k] for k in forwards} == {k: eager[k] for k in forwards}
+    assert ahead["launched_ahead"] > 0  # once the first is done, the second alone is launched ahead while paused
 
 
 # ---------------------------------------------------------------- the verify graphs' layout

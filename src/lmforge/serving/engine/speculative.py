@@ -35,10 +35,11 @@ depends only on what came before it, so each emitted token's distribution is unc
 the same tokens).
 
 Plain rounds are the engine's own decode step, so they overlap as plain decoding does
-(``engine/steps.py``): a sequence whose next round is certainly plain (:meth:`Speculator.plain_next`:
-it is paused past this round, or never speculated) has that step launched ahead from its tokens on
-the device; the round after, :meth:`Speculator.run` counts its pause down without asking for guesses.
-A sequence that may guess next is not launched ahead: its proposer must see its latest token first.
+(``engine/steps.py``): when every running sequence's next round is certainly plain
+(:meth:`Speculator.plain_next`: paused past this round, or never speculated), that step is launched
+ahead from their tokens on the device, and the round after, :meth:`Speculator.run` counts their
+pauses down without asking for guesses. While any sequence may guess next, none is launched ahead:
+its proposer must see its latest token first, and the paused ones ride along in its verify.
 """
 
 from __future__ import annotations

@@ -12,9 +12,10 @@ alone, not for forward t+1), advances the grammars and fills step t+1's masks, a
 into text. A sequence that turns out to have finished at step t (EOS, a stop string, a grammar's
 end) wastes its row of forward t+1; that row is dropped, and its cache write landed in blocks the
 sequence reserved for itself (generated positions are never shared through the prefix cache).
-With speculative decoding, only sequences whose next round is certainly plain are launched ahead
-(``Speculator.plain_next``: paused, or never speculated); the others wait for their tokens, which
-their proposer reads.
+With speculative decoding, the next step is launched ahead only when every sequence's next round is
+certainly plain (``Speculator.plain_next``: paused, or never speculated): one that may guess must
+wait for its token, which its proposer reads, and the plain ones then ride along in its verify
+forward (one forward for the round, not a launched decode step and a verify).
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ class Steps:
     def _launch_ahead(self, seqs: list[Sequence], picked: torch.Tensor) -> None:
         """Launch the decode step after this one for every sequence that may go on, fed ``picked``."""
         go_on = [i for i, s in enumerate(seqs) if self._may_continue(s)]
-        if not go_on:
+        if not go_on or (self.speculator is not None and not all(self.speculator.plain_next(seqs[i]) for i in go_on)):
             return
         if len(go_on) < len(seqs):
             picked = picked.index_select(0, to_device(go_on, torch.long, picked.device))
@@ -153,8 +154,6 @@ class Steps:
         """Whether ``seq`` may need a step after this one (its token is not known yet: EOS and stop
         strings are decided when it is), with cache room for it."""
         if seq.request.cancelled.is_set() or len(seq.token_ids) + 1 >= seq.params.max_tokens:
-            return False
-        if self.speculator is not None and not self.speculator.plain_next(seq):
             return False
         backend = self.backend
         return backend.reserves_worst_case or backend.grow(seq.row, len(seq.prompt) + len(seq.token_ids) + 1)
