@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import free_port
-from gloo import gloo_group, spawn_gloo
+from gloo import WEIGHT_ATOL, gloo_group, spawn_gloo
 
 from lmforge.config.model import ModelConfig
 from lmforge.config.training import TrainingConfig
@@ -29,10 +29,6 @@ VOCAB, WORLD, STEPS, SAVE_AT, ROWS, SEQ = 256, 2, 5, 3, 8, 32
 MODEL = ModelConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
                     max_seq_len=SEQ)
 SETTINGS = {"tp": {"tensor_parallel": WORLD}, "tp_sp": {"tensor_parallel": WORLD, "sequence_parallel": True}}
-# Weights after a few Adam steps: its first steps magnify rounding in near-zero gradients (the split matmuls
-# sum in another order), so a handful of elements may move ~2e-5 on some CPU types (1 of 8,192 did, 1.7e-5);
-# a wrong split or a missing all-reduce moves them by ~1e-2. The loss curves are compared to rel 1e-5.
-WEIGHT_ATOL = 5e-5
 
 
 def _training(parallel_settings: dict, workers: int = WORLD) -> TrainingConfig:
