@@ -21,6 +21,7 @@ from lmforge.serving.backends.base import PrefillItem
 from lmforge.serving.backends.paged import PagedBackend
 from lmforge.serving.engine import Engine, SamplingParams
 from lmforge.serving.engine.proposers import Proposal
+from lmforge.serving.engine.requests import CompletionCollector
 from lmforge.serving.engine.sequence import Sequence
 from lmforge.serving.model.ops import Ops, TritonOps
 from lmforge.serving.model.verify_graphs import VerifyBatch, verify_inputs
@@ -80,17 +81,33 @@ class ScriptedProposer:
         pass
 
 
+def count_forwards(engine: Engine) -> dict[str, int]:
+    """Count the backend's decode and verify forwards (the real methods run; the speculator shares the backend)."""
+    counts = {"decode": 0, "verify": 0}
+    backend = engine.backend
+    for name in counts:
+        real = getattr(backend, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            counts[_name] += 1
+            return _real(*args, **kwargs)
+
+        setattr(backend, name, counted)
+    return counts
+
+
 def _run(model_dir: Path, plain: dict, right_from: int | None, overlap: bool = True,
          now_and_then: tuple[tuple[int, ...], ...] = (), **speculative) -> tuple[list[tuple], dict, list[int]]:
     engine = _engine(model_dir, overlap, method="ngram", num_tokens=3, **speculative)
     assert engine.speculator is not None
     proposer = ScriptedProposer(plain, engine.vocab_size, right_from, now_and_then)
     engine.speculator.proposer = proposer  # before any request: the engine thread is idle
+    forwards = count_forwards(engine)
     try:
         out = [c.token_ids for c in engine.generate(PROMPTS, PARAMS)]
     finally:
         engine.close()
-    return out, {**engine.speculator.stats, **engine.stats}, proposer.calls
+    return out, {**engine.speculator.stats, **engine.stats, "forwards": sum(forwards.values())}, proposer.calls
 
 
 def test_backoff_engages_on_failing_guesses_and_disengages_when_they_succeed(model_dir: Path, plain: dict) -> None:
@@ -151,9 +168,52 @@ def test_a_paused_sequence_rides_in_the_verify_of_one_that_guesses(model_dir: Pa
         assert out == [tuple(plain[tuple(p)]) for p in PROMPTS]
     ahead, eager = runs[True][1], runs[False][1]
     assert ahead["accepted"] > 0 and ahead["backoffs"] > 0 and ahead["plain_rounds"] > 0
-    forwards = ("verify_steps", "decode_steps")
-    assert {k: ahead[k] for k in forwards} == {k: eager[k] for k in forwards}
+    assert ahead["forwards"] == eager["forwards"] and ahead["verify_steps"] == eager["verify_steps"]
     assert ahead["launched_ahead"] > 0  # once the first is done, the second alone is launched ahead while paused
+
+
+class JoiningProposer(ScriptedProposer):
+    """The first prompt always guesses wrong (it backs off); once it has ``at`` tokens (counted at the start of
+    a round, the same round with overlap on or off), the second prompt is submitted from the engine's own
+    thread, so it joins at the next step; it guesses right every other round."""
+
+    def __init__(self, engine: Engine, plain: dict, collector: CompletionCollector, at: int) -> None:
+        super().__init__(plain, engine.vocab_size, right_from=10**6, now_and_then=(tuple(PROMPTS[1]),))
+        self.engine, self.collector, self.at, self.joined = engine, collector, at, False
+
+    def retain(self, seqs: list[Sequence]) -> None:
+        first = [s for s in seqs if s.prompt == PROMPTS[0]]
+        if not self.joined and first and len(first[0].token_ids) >= self.at:
+            self.joined = True
+            self.engine.submit(PROMPTS[1], PARAMS, self.collector.sink(1), bounded=False)
+
+
+JOIN_AT = 9  # the first prompt's tokens when the second joins: inside one of its pauses (launched ahead)
+
+
+def test_a_sequence_joining_a_paused_batch_stops_the_launches(model_dir: Path, plain: dict) -> None:
+    # The batch is one paused sequence, its steps launched ahead; a sequence that may guess joins. From then on
+    # the paused one rides along in the newcomer's verifies instead of being launched beside them: overlap
+    # adds no forward, and the tokens are plain decoding's.
+    counts = {}
+    for overlap in (True, False):
+        engine = _engine(model_dir, overlap, method="ngram", num_tokens=3, backoff_acceptance=0.5, backoff_steps=3)
+        assert engine.speculator is not None
+        collector = CompletionCollector(2)
+        proposer = JoiningProposer(engine, plain, collector, at=JOIN_AT)
+        engine.speculator.proposer = proposer  # before any request: the engine thread is idle
+        forwards = count_forwards(engine)
+        try:
+            engine.submit(PROMPTS[0], PARAMS, collector.sink(0), bounded=False)
+            out = [c.token_ids for c in collector.wait(timeout_s=120)]
+        finally:
+            engine.close()
+        assert proposer.joined and out == [tuple(plain[tuple(p)]) for p in PROMPTS]
+        counts[overlap] = {**engine.speculator.stats, **engine.stats, "forwards": sum(forwards.values())}
+    ahead, eager = counts[True], counts[False]
+    assert ahead["launched_ahead"] > 0 and ahead["accepted"] > 0 and ahead["verify_steps"] == eager["verify_steps"]
+    # One forward more at most: the round the newcomer joins, the paused one's step was launched before it came.
+    assert eager["forwards"] <= ahead["forwards"] <= eager["forwards"] + 1
 
 
 # ---------------------------------------------------------------- the verify graphs' layout

@@ -213,8 +213,7 @@ class Engine:
         """Low level: queue a request; ``sink`` receives deltas (or an exception) on the engine thread.
         Raises :class:`EngineBusy` when the queue is full or the engine is shutting down."""
         self.check(prompt_ids, params)
-        # The grammar's first mask is filled here, on the caller's thread, not at admission on the engine's.
-        grammar = GrammarState.started(self.grammar_for(params))
+        grammar = self.grammar_state(params)
         with self._cv:  # the adapter's id is looked up under the lock that guards loads and unloads
             request = Request(list(prompt_ids), params, sink, adapter=slot_of(self.adapters, adapter),
                               grammar=grammar)
@@ -250,9 +249,20 @@ class Engine:
                                code="kv_cache_too_small")
 
     def grammar_for(self, params: SamplingParams) -> CompiledGrammar | None:
-        """``params.response_format`` compiled for this model (cached), None when unconstrained;
-        :class:`RequestError` when it cannot be. Slow the first time: call it off an event loop."""
-        return self.grammars.compile(params.response_format) if params.response_format is not None else None
+        """``params.response_format`` compiled for this model (cached, with its first mask), None when
+        unconstrained; :class:`RequestError` when it cannot be. Slow the first time: call it off an event loop."""
+        if params.response_format is None:
+            return None
+        self.grammars.first_mask(params.response_format)
+        return self.grammars.compile(params.response_format)
+
+    def grammar_state(self, params: SamplingParams) -> GrammarState | None:
+        """A new request's grammar state (None when unconstrained), its first mask copied from the cache: a
+        matcher and a few kilobytes, cheap on any thread (also under the admission lock)."""
+        grammar = self.grammar_for(params)
+        if grammar is None or params.response_format is None:
+            return None
+        return GrammarState.started(grammar, self.grammars.first_mask(params.response_format))
 
     def close(self, drain_timeout_s: float = 0.0) -> None:
         """Stop the engine thread. New requests are refused at once; running and queued ones get up to

@@ -140,7 +140,7 @@ class Steps:
     def _launch_ahead(self, seqs: list[Sequence], picked: torch.Tensor) -> None:
         """Launch the decode step after this one for every sequence that may go on, fed ``picked``."""
         go_on = [i for i, s in enumerate(seqs) if self._may_continue(s)]
-        if not go_on or (self.speculator is not None and not all(self.speculator.plain_next(seqs[i]) for i in go_on)):
+        if not go_on or (self.speculator is not None and not self._all_plain_next()):
             return
         if len(go_on) < len(seqs):
             picked = picked.index_select(0, to_device(go_on, torch.long, picked.device))
@@ -149,6 +149,13 @@ class Steps:
         # Positions: the chosen token is not yet in token_ids, and is fed right after them.
         logits = self.backend.decode([s.row for s in nxt], [len(s.prompt) + len(s.token_ids) for s in nxt], picked)
         self._ahead = (nxt, logits)
+
+    def _all_plain_next(self) -> bool:
+        """Whether no sequence of the batch may guess in the next round: the ones stepped here, those the
+        speculator verified this round, and those about to join from their prefill."""
+        assert self.speculator is not None
+        scheduler = self.scheduler
+        return all(self.speculator.plain_next(s) for group in (scheduler.running, scheduler.prefilling) for s in group)
 
     def _may_continue(self, seq: Sequence) -> bool:
         """Whether ``seq`` may need a step after this one (its token is not known yet: EOS and stop

@@ -138,6 +138,9 @@ class Grammars:
         self._compiler: Any = None
         self._lock = threading.Lock()
         self.compile = functools.lru_cache(maxsize=cache_size)(self._compile)
+        # A fresh matcher's first mask depends on the grammar alone: filled once, copied into each new request's
+        # state (GrammarState.started), so no request fills it on the engine's thread or under its lock.
+        self.first_mask = functools.lru_cache(maxsize=cache_size)(self._first_mask)
 
     def _get_compiler(self) -> Any:
         with self._lock:  # the tokenizer's info is built once, by the first constrained request
@@ -170,6 +173,11 @@ class Grammars:
             reason = _NOISE.sub("", str(exc).strip().splitlines()[0])
             raise RequestError(f"the JSON schema cannot be compiled into a grammar: {reason}",
                                "fix or simplify the schema", param=SCHEMA_PARAM, code="unsupported_schema") from exc
+
+    def _first_mask(self, fmt: ResponseFormat) -> torch.Tensor:
+        state = GrammarState(self.compile(fmt))
+        state.fill()
+        return state.mask
 
     @staticmethod
     def _compile_tag(compiler: Any, tag: str) -> CompiledGrammar:
@@ -207,12 +215,10 @@ class GrammarState:
         return self._own
 
     @classmethod
-    def started(cls, grammar: CompiledGrammar | None) -> GrammarState | None:
-        """A new request's state (None without a grammar), its first mask filled."""
-        if grammar is None:
-            return None
+    def started(cls, grammar: CompiledGrammar, first_mask: torch.Tensor) -> GrammarState:
+        """A new request's state, its first mask a copy of ``first_mask`` (``Grammars.first_mask``)."""
         state = cls(grammar)
-        state.fill()
+        state._own, state.filled = first_mask.clone(), True
         return state
 
     def fill(self) -> None:
