@@ -119,7 +119,9 @@ class Speculator:
         self.backend = backend
         self.proposer = proposer
         self.metrics = metrics
-        self.backoff: dict[int, Backoff] = {}  # id(seq) -> its state, for the running sequences
+        # Keyed by the sequence itself (identity): an entry keeps its sequence alive, so a new sequence never
+        # takes over a finished one's state through a reused id() before the entry is pruned.
+        self.backoff: dict[Sequence, Backoff] = {}
         # verify_steps: forwards that verified guesses; backoffs: pauses begun; paused_steps: sequence-steps
         # decoded without guesses while paused; plain_rounds: rounds left to the engine's plain decode step.
         self.stats = {"proposed": 0, "accepted": 0, "verify_steps": 0, "backoffs": 0, "paused_steps": 0,
@@ -135,7 +137,7 @@ class Speculator:
         that round's step ahead (see the module docstring)."""
         if not self.eligible(seq):
             return True
-        state = self.backoff.get(id(seq))
+        state = self.backoff.get(seq)
         return state is not None and state.pause > 0
 
     def run(self, running: list[Sequence], scheduler: Scheduler, launched: list[Sequence]) -> list[Sequence]:
@@ -153,7 +155,7 @@ class Speculator:
         if not eligible:
             return running
         live = {id(s) for s in running}
-        self.backoff = {key: state for key, state in self.backoff.items() if key in live}
+        self.backoff = {seq: state for seq, state in self.backoff.items() if id(seq) in live}
         self.proposer.retain(eligible)
         ahead = {id(s) for s in launched}
         self._count_paused([s for s in eligible if id(s) in ahead])
@@ -183,7 +185,7 @@ class Speculator:
         """Count down the pauses of ``seqs`` for this round; the indexes of those paused in it."""
         paused = set()
         for i, seq in enumerate(seqs):
-            state = self.backoff.setdefault(id(seq), Backoff(length=self.base_pause))
+            state = self.backoff.setdefault(seq, Backoff(length=self.base_pause))
             if state.pause:
                 state.pause -= 1
                 paused.add(i)
@@ -220,7 +222,7 @@ class Speculator:
 
     def _observe(self, seq: Sequence, proposed: int, accepted: int) -> bool:
         """Fold one verify's acceptance into ``seq``'s average; True when that starts a pause."""
-        state = self.backoff.setdefault(id(seq), Backoff(length=self.base_pause))
+        state = self.backoff.setdefault(seq, Backoff(length=self.base_pause))
         rate = accepted / proposed
         if state.rate is not None and not state.probing:
             rate = _EMA_WEIGHT * rate + (1 - _EMA_WEIGHT) * state.rate
