@@ -259,10 +259,10 @@ class Engine:
     def grammar_state(self, params: SamplingParams) -> GrammarState | None:
         """A new request's grammar state (None when unconstrained), its first mask copied from the cache: a
         matcher and a few kilobytes, cheap on any thread (also under the admission lock)."""
-        grammar = self.grammar_for(params)
-        if grammar is None or params.response_format is None:
+        fmt = params.response_format
+        if fmt is None:
             return None
-        return GrammarState.started(grammar, self.grammars.first_mask(params.response_format))
+        return GrammarState.started(self.grammars.compile(fmt), self.grammars.first_mask(fmt))
 
     def close(self, drain_timeout_s: float = 0.0) -> None:
         """Stop the engine thread. New requests are refused at once; running and queued ones get up to
