@@ -151,7 +151,7 @@ def main() -> int:
     parser.add_argument("--fp8", action="store_true", help="an fp8 (e4m3) cache, kv_scale 0.5")
     parser.add_argument("--timer", choices=["events", "graph"], default="events")
     parser.add_argument("--waves", type=float, default=2.0, help="SplitPolicy.waves")
-    parser.add_argument("--max-splits", type=int, default=32, help="SplitPolicy.max_splits")
+    parser.add_argument("--max-splits", type=int, default=16, help="SplitPolicy.max_splits")
     parser.add_argument("--block-n", type=int, default=32, help="SplitPolicy.block_n")
     add_common_arguments(parser, "CPU: Triton's interpreter, a 4-head model, batches 1 and 3 at context 37 "
                                  "(2 to 4 splits, page and tile edges); agreement only, no timing")

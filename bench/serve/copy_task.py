@@ -81,3 +81,22 @@ def copy_accuracy(model: torch.nn.Module, task: CopyTask, n: int, device: str) -
     seqs = task.batch(n, torch.Generator(device=device).manual_seed(123), device, edits=False)
     logits = model(seqs[:, :-1]).logits[:, task.span :]
     return float((logits.argmax(-1) == seqs[:, task.span + 1 :]).float().mean())
+
+
+def deepen(model: torch.nn.Module, depth: int) -> torch.nn.Module:
+    """``model`` (a trained Llama) grown to ``depth`` layers by pass-through layers: copies of its last
+    layer with the attention output and MLP down projections zeroed, so each adds exactly nothing to the
+    residual stream while its forward reads and multiplies every weight a real layer of the shape does.
+    The model computes what it learned at the cost of the deeper shape (a deep model trained from
+    scratch does not learn to copy within a benchmark's time box)."""
+    import copy
+
+    layers = model.model.layers
+    for index in range(len(layers), depth):
+        layer = copy.deepcopy(layers[-1])
+        layer.self_attn.o_proj.weight.data.zero_()
+        layer.mlp.down_proj.weight.data.zero_()
+        layer.self_attn.layer_idx = index  # transformers' KV cache is indexed by it
+        layers.append(layer)
+    model.config.num_hidden_layers = len(layers)
+    return model

@@ -40,12 +40,14 @@ DEFAULT_SMS = 132
 
 @dataclass(frozen=True)
 class SplitPolicy:
-    """When and how finely a decode step splits each sequence's context. The defaults are a first
-    guess to be tuned from ``bench.serve.attention``'s sweep (it records the best split count per
-    batch size and context next to this policy's choice)."""
+    """When and how finely a decode step splits each sequence's context, tuned from
+    ``bench.serve.attention``'s sweep (the best split count per batch size and context, recorded next
+    to this policy's choice). On an H100 (bench/RESULTS.md), one sequence of 4 KV heads is fastest at
+    16 splits up to 1,024 positions (4.4-5.3 us against 5.3-5.7 at 32) and within 0.3 us of 32 at
+    2,048; only 4,096-position contexts gain from 32 (7.9 against 9.7 us)."""
 
     waves: float = 2.0  # programs wanted per step, in multiples of the GPU's SMs
-    max_splits: int = 32  # at most this many chunks per sequence (a power of two)
+    max_splits: int = 16  # at most this many chunks per sequence (a power of two)
     block_n: int = 32  # cache positions per tile (a power of two, >= 16: tl.dot's smallest side)
     num_warps: int = 4
 

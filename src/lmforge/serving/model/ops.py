@@ -68,12 +68,19 @@ class StepLayout:
                    None if logit_index is None else t64(logit_index), plan)
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
 class Ops:
     """PyTorch versions of the layer's small ops, rounding exactly like transformers' Llama."""
 
     name = "torch"
     # An fp8 KV cache holds key / kv_scale (quant/quantize.py); 1.0 keeps Llama keys and values far inside e4m3's range.
     kv_scale = 1.0
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """A dense linear layer (bf16/fp16/fp32 weights ``[N, K]``; quantized layers bring their own)."""
+        return F.linear(x, weight, bias)
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,9 +95,11 @@ class Ops:
                    head_dim: int) -> torch.Tensor:
         tokens = qkv.shape[0]
         q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-        c, s = cos[positions][:, None, :], sin[positions][:, None, :]
-        q = _rope(q.reshape(tokens, heads, head_dim), c, s)
-        k = _rope(k.reshape(tokens, kv_heads, head_dim), c, s)
+        c, s = cos[positions][:, None, :].float(), sin[positions][:, None, :].float()
+        # Rotated in float32 and rounded once, as the Triton kernel does: rounding to bf16 first and then to
+        # an fp8 cache's 3-bit mantissa moves ~3% of the stored keys by one fp8 step away from the kernel's.
+        q = _rope(q.reshape(tokens, heads, head_dim).float(), c, s).to(qkv.dtype)
+        k = _rope(k.reshape(tokens, kv_heads, head_dim).float(), c, s)
         store_kv(k_cache, slots, k, self.kv_scale)
         store_kv(v_cache, slots, v.reshape(tokens, kv_heads, head_dim), self.kv_scale)
         return q
@@ -122,20 +131,30 @@ class Ops:
 class TritonOps(Ops):
     """The same ops as fused Triton kernels (CUDA); the PyTorch attention needs a host plan, these don't.
     A decode step's attention takes the split-K kernel when ``split`` (a ``SplitPolicy``) says its batch
-    is small enough to leave the GPU idle otherwise."""
+    is small enough to leave the GPU idle otherwise; a linear layer over up to ``SMALL_ROWS`` rows takes
+    the Triton ``small_mm`` when ``small_matmul`` (``serving.runtime.small_matmul``), cuBLAS otherwise."""
 
     name = "triton"
 
-    def __init__(self, split: SplitPolicy | None = None) -> None:
-        from lmforge.serving.kernels import decode_attention
+    def __init__(self, split: SplitPolicy | None = None, small_matmul: bool = True) -> None:
+        from lmforge.serving.kernels import decode_attention, quant
         from lmforge.serving.kernels import layer as kernels  # imports triton
 
         self._k = kernels
         self._decode = decode_attention
+        self._quant = quant
         # When a pure decode step splits its contexts (flash-decoding); None: the default policy.
         self.split = split or decode_attention.SplitPolicy()
+        self.small_matmul = small_matmul
 
     # Each method has the contract of the same method of Ops.
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # Host shapes only: decode graphs capture one branch per bucket.
+        # Half-precision weights only: tl.dot would round float32 operands to tf32.
+        if self.small_matmul and x.shape[0] <= self._quant.SMALL_ROWS and weight.dtype == x.dtype in _HALF:
+            return self._quant.small_mm(x, weight, bias)
+        return F.linear(x, weight, bias)
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -68,9 +68,9 @@ def head_dim(config: PreTrainedConfig) -> int:
 class FusedLinear:
     """Several linear layers with one input, run as one matmul; the sources now view its storage."""
 
-    def __init__(self, mods: list[nn.Module]) -> None:
+    def __init__(self, mods: list[nn.Module], ops: Ops) -> None:
         if _all_dense(mods):
-            self.impl: Callable[[torch.Tensor], torch.Tensor] = _fuse_dense(mods)
+            self.impl: Callable[[torch.Tensor], torch.Tensor] = _fuse_dense(mods, ops)
         elif _all_one_quant_type(mods):
             self.impl = type(mods[0]).fuse(mods)
         else:
@@ -88,9 +88,10 @@ def _all_one_quant_type(mods: list[nn.Module]) -> TypeGuard[list[QuantLinear]]:
     return all(type(m) is type(mods[0]) and isinstance(m, QuantLinear) for m in mods)
 
 
-def _fuse_dense(mods: list[nn.Linear]) -> Callable[[torch.Tensor], torch.Tensor]:
+def _fuse_dense(mods: list[nn.Linear], ops: Ops) -> Callable[[torch.Tensor], torch.Tensor]:
     if len(mods) == 1:
-        return mods[0]
+        only = mods[0]
+        return lambda x: ops.linear(x, only.weight, only.bias)
     weight = torch.cat([m.weight.data for m in mods])
     has_bias = any(m.bias is not None for m in mods)
     bias = None
@@ -103,7 +104,7 @@ def _fuse_dense(mods: list[nn.Linear]) -> Callable[[torch.Tensor], torch.Tensor]
         if m.bias is not None and bias is not None:  # bias is set whenever any part has one
             m.bias = nn.Parameter(bias[start:end], requires_grad=False)
         start = end
-    return lambda x: F.linear(x, weight, bias)
+    return lambda x: ops.linear(x, weight, bias)
 
 
 class TokenAdapters(Protocol):
@@ -146,11 +147,11 @@ class LlamaRunner:
         self.layers = [
             _Layer(
                 ln1=layer.input_layernorm.weight,
-                qkv=FusedLinear([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
-                o=FusedLinear([layer.self_attn.o_proj]),
+                qkv=FusedLinear([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], ops),
+                o=FusedLinear([layer.self_attn.o_proj], ops),
                 ln2=layer.post_attention_layernorm.weight,
-                gate_up=FusedLinear([layer.mlp.gate_proj, layer.mlp.up_proj]),
-                down=FusedLinear([layer.mlp.down_proj]),
+                gate_up=FusedLinear([layer.mlp.gate_proj, layer.mlp.up_proj], ops),
+                down=FusedLinear([layer.mlp.down_proj], ops),
             )
             for layer in inner.layers
         ]
