@@ -1,8 +1,8 @@
 """Few-row matmul micro-benchmark: ``small_mm`` (``kernels/quant.py``), the Triton kernel the decode
-graphs take for dense half-precision weights at up to 16 rows, against cuBLAS (``F.linear``) on the
+graphs take for dense half-precision weights at up to 64 rows, against cuBLAS (``F.linear``) on the
 Llama-1.1B's decode shapes (bf16): QKV, attention output, gate/up, down and the output head.
 
-    PYTHONPATH=src:. python -m bench.serve.small_mm [--rows 1 8] [--out DIR]
+    PYTHONPATH=src:. python -m bench.serve.small_mm [--rows 1 8 64] [--out DIR]
 
 Each call is timed as the engine runs it, replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``),
 and over enough copies of the weight (one call each, the time divided by the copies) that they do
@@ -28,8 +28,13 @@ BENCH = "serve_small_mm"
 SHAPES = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632),
           "lm_head": (32000, 2048)}  # (N, K) of the 1.1B
 L2_BYTES = 50 * 2**20  # an H100's L2; the copies of a weight span at least three times it
-SWEEP = [dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
-         for n, k, w, s in itertools.product((16, 32), (128, 256, 512), (4,), (3, 4, 6))]
+
+
+def sweep(rows: int) -> list[dict[str, int]]:
+    """The configs tried at ``rows`` (some may not fit a GPU's shared memory: skipped)."""
+    block_m, ks = (16, (128, 256, 512)) if rows <= 16 else (64, (64, 128, 256))
+    return [dict(BLOCK_M=block_m, BLOCK_N=n, BLOCK_K=k, num_warps=4, num_stages=s)
+            for n, k, s in itertools.product((16, 32), ks, (3, 5))]
 
 
 def timed(fn, copies: int) -> float:
@@ -53,23 +58,28 @@ def measure(name: str, n: int, k: int, rows: int, gen: torch.Generator, device: 
     err = float((small_mm(x, weights[0]).float() - ref).norm() / ref.norm())
     cublas = timed(lambda i: F.linear(x, weights[i]), copies)
     ours = timed(lambda i: small_mm(x, weights[i]), copies)
-    sweep = {str(cfg): timed(lambda i, c=cfg: small_mm(x, weights[i], config=c), copies) for cfg in SWEEP}
-    best = min(sweep, key=sweep.__getitem__)
+    times = {}
+    for cfg in sweep(rows):
+        try:
+            times[str(cfg)] = timed(lambda i, c=cfg: small_mm(x, weights[i], config=c), copies)
+        except Exception as exc:  # noqa: BLE001 - a config past the GPU's shared memory is skipped, not fatal
+            print(f"  {name} m={rows} {cfg}: {type(exc).__name__}", flush=True)
+    best = min(times, key=times.__getitem__)
     gbps = n * k * 2 / ours / 1e3
     tag = f"small_mm_{name}_m{rows}"
-    record(BENCH, f"{tag}_us", ours, f"us ({gbps:.0f} GB/s; config {small_config(n, k)})", "cuBLAS F.linear", cublas,
+    record(BENCH, f"{tag}_us", ours, f"us ({gbps:.0f} GB/s; config {small_config(rows, n, k)})", "cuBLAS F.linear", cublas,
            device=device, higher_is_better=False, out_dir=out)
-    record(BENCH, f"{tag}_sweep_best_us", sweep[best], f"us ({best})", "default config", ours, device=device,
+    record(BENCH, f"{tag}_sweep_best_us", times[best], f"us ({best})", "default config", ours, device=device,
            higher_is_better=False, out_dir=out)
     record(BENCH, f"{tag}_rel_err", err, "relative L2 vs cuBLAS", "", None, device=device, out_dir=out)
     print(f"{name:8s} m={rows:2d}: cuBLAS {cublas:6.2f} us, small_mm {ours:6.2f} us ({gbps:4.0f} GB/s), "
-          f"best {sweep[best]:6.2f} us {best}, err {err:.1e}", flush=True)
+          f"best {times[best]:6.2f} us {best}, err {err:.1e}", flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser, "not available: this benchmark needs a CUDA GPU")
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64])
     args = parser.parse_args()
     out = out_dir(args)
     if args.tiny or not torch.cuda.is_available():

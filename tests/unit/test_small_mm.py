@@ -40,6 +40,15 @@ def test_small_mm_matches_linear(rows: int, n: int, k: int, bias: bool) -> None:
                                                    num_stages=1)).float() - ref).norm() / ref.norm()) < 2e-3
 
 
+@needs_interpreter
+def test_small_mm_default_config_of_a_batch() -> None:
+    """The default blocks of 17-64 rows (64-row blocks), 40 rows: one row block, masked."""
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(40, 200, generator=gen).half(), torch.randn(48, 200, generator=gen).half()
+    ref = F.linear(x.float(), w.float())
+    assert float((small_mm(x, w).float() - ref).norm() / ref.norm()) < 2e-3
+
+
 def test_linear_takes_small_mm_only_for_few_half_precision_rows() -> None:
     """Which path ``TritonOps.linear`` takes (by the host shape only, so a captured graph keeps one); float32
     and many rows stay on F.linear, which the CPU runs (no kernel is launched for these)."""
@@ -50,7 +59,7 @@ def test_linear_takes_small_mm_only_for_few_half_precision_rows() -> None:
     ops.small_matmul = False
     xb, wb = x[:2].bfloat16(), w.bfloat16()
     assert torch.equal(ops.linear(xb, wb, None), F.linear(xb, wb))  # switched off: F.linear
-    assert small_config(2048, 5632)["BLOCK_K"] == 512 and small_config(2560, 2048)["BLOCK_N"] == 16
+    assert small_config(1, 2048, 5632)["BLOCK_K"] == 512 and small_config(64, 2560, 2048)["BLOCK_M"] == 64
 
 
 @pytest.mark.slow  # an ahead-of-time compile through ptxas
@@ -62,7 +71,7 @@ def test_small_mm_compiles_for_an_h100() -> None:
 
     from lmforge.serving.kernels.quant import _weight_only_mm_kernel as kernel
 
-    cfg = small_config(2560, 2048)
+    cfg = small_config(1, 2560, 2048)
     consts = {"HAS_BIAS": False, "W_FP8": False, "SCALED": False, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
               "BLOCK_K": cfg["BLOCK_K"]}
     types = {"X": "*bf16", "W": "*bf16", "S": "*bf16", "B": "*bf16", "Y": "*bf16"}

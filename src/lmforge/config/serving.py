@@ -104,7 +104,7 @@ class RuntimeConfig(Section):
         "(where the backend can); off only to measure what the overlap is worth.",
     )
     small_matmul: bool = Field(
-        True, description="Decode steps of up to 16 sequences run the dense linear layers on a Triton kernel "
+        True, description="Decode steps of up to 64 sequences run the dense linear layers on a Triton kernel "
         "that spreads the weights over every multiprocessor (paged engine on CUDA); off: cuBLAS for every layer.",
     )
     quantization: Literal["none", "int8", "int4", "fp8"] = Field(

@@ -82,24 +82,28 @@ def weight_only_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
     return y
 
 
-# Rows up to which TritonOps.linear takes small_mm (the decode graphs' buckets up to 16 rows).
-SMALL_ROWS = 16
+# Rows up to which TritonOps.linear takes small_mm: decode steps of up to 64 sequences still read every
+# weight once per step at a few FLOPs per byte (memory-bound), where narrow blocks keep all SMs streaming.
+SMALL_ROWS = 64
 
 
-def small_config(n: int, k: int) -> dict[str, int]:
-    """Block shapes of ``small_mm`` for ``[<= 16, k] x [k, n]``: 16 output channels per program (2-byte weights:
-    half the channels of the int8 kernel's blocks for the same bytes per program)."""
-    return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256 if k < 4096 else 512, num_warps=4, num_stages=4)
+def small_config(m: int, n: int, k: int) -> dict[str, int]:
+    """Block shapes of ``small_mm`` for ``[m, k] x [k, n]`` (``m <= SMALL_ROWS``): 16 output channels per program
+    (2-byte weights: half the channels of the int8 kernel's blocks for the same bytes per program)."""
+    if m <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256 if k < 4096 else 512, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=4)
 
 
 def small_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
              config: dict[str, int] | None = None) -> torch.Tensor:
     """``x [M, K] @ weight.T + bias`` for few rows (``M <= SMALL_ROWS``), ``weight [N, K]`` in ``x``'s dtype."""
+    # (Only the block shapes depend on M; any M is computed correctly.)
     x = x if x.stride(1) == 1 else x.contiguous()  # the kernel steps along K by pointer increments
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    cfg = config or small_config(n, k)
+    cfg = config or small_config(m, n, k)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]))
     _weight_only_mm_kernel[grid](x, weight, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0),
                                  weight.stride(0), y.stride(0), HAS_BIAS=bias is not None, W_FP8=False, SCALED=False,

@@ -131,7 +131,7 @@ class Ops:
 class TritonOps(Ops):
     """The same ops as fused Triton kernels (CUDA); the PyTorch attention needs a host plan, these don't.
     A decode step's attention takes the split-K kernel when ``split`` (a ``SplitPolicy``) says its batch
-    is small enough to leave the GPU idle otherwise; a linear layer over up to ``SMALL_ROWS`` rows takes
+    is small enough to leave the GPU idle otherwise; a linear layer over up to ``SMALL_ROWS`` (64) rows takes
     the Triton ``small_mm`` when ``small_matmul`` (``serving.runtime.small_matmul``), cuBLAS otherwise."""
 
     name = "triton"
