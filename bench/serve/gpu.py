@@ -8,9 +8,8 @@ Phases: ``check`` (Triton kernels against the PyTorch ops on random inputs; the 
 greedy tokens against transformers), ``engine`` (our tokens/s), ``poisson`` (time-to-first-token
 and inter-token latency under Poisson arrivals, straight into the engine), ``hf`` (plain
 ``generate()``), ``compile`` (``generate()`` with a static cache, which transformers compiles with
-torch.compile; each time-boxed), ``nooverlap``, ``cublas`` and ``nographs`` (our engine without launching a
-decode step ahead, with cuBLAS for the decode steps' few-row matmuls (``serving.runtime.small_matmul``
-off), and without CUDA graphs), ``int8`` (weight-only
+torch.compile; each time-boxed), ``nooverlap`` and ``nographs`` (our engine without launching a
+decode step ahead, and without CUDA graphs), ``int8`` (weight-only
 int8: logits error and tokens/s), ``profile`` (top GPU kernels of a decode step, to profile.txt),
 ``quant`` (every quantization option's speed and held-out perplexity change: ``bench.serve.quant``).
 Each figure is appended to ``OUT/serve_gpu.jsonl`` (default ``bench/results``) as soon as it is
@@ -46,7 +45,7 @@ from bench.common.serve import (
 from lmforge.config.serving import RuntimeConfig, SchedulerConfig, ServingConfig
 from lmforge.serving.engine import Engine, SamplingParams
 
-PHASES = ("check", "engine", "poisson", "profile", "hf", "nooverlap", "cublas", "nographs", "compile", "int8", "quant")
+PHASES = ("check", "engine", "poisson", "profile", "hf", "nooverlap", "nographs", "compile", "int8", "quant")
 
 
 @dataclass(frozen=True)
@@ -227,13 +226,6 @@ def variant_phases(model, tokenizer, phases: set[str], put, one, many, ours: dic
         for n, prompts in pairs:
             put(f"engine_no_overlap_{n}_tok_s", engine_tokens_per_s(engine, prompts, w.new), "output tok/s",
                 "engine with overlap (same job)", ours.get(n))
-        engine.close()
-    if "cublas" in phases:  # the decode steps' few-row matmuls on cuBLAS instead of small_mm (kernels/quant.py)
-        engine = Engine(model, tokenizer, ServingConfig(scheduler=_batch(w.concurrent),
-                                                        runtime=RuntimeConfig(small_matmul=False)))
-        for n, prompts in pairs:
-            put(f"engine_cublas_{n}_tok_s", engine_tokens_per_s(engine, prompts, w.new), "output tok/s",
-                "engine with small_mm (same job)", ours.get(n))
         engine.close()
     if "int8" in phases:
         from lmforge.serving.quant.quantize import quantize_int8

@@ -256,7 +256,7 @@ def check(put: Put) -> None:
         exact = torch.cat([F.linear(x, p.weight) for p in parts], dim=-1)
         mods = [cls.from_linear(p) for p in parts]
         alone = torch.cat([m(x) for m in mods], dim=-1)
-        fused = FusedLinear(mods, Ops())(x)
+        fused = FusedLinear(mods)(x)
         after = torch.cat([m(x) for m in mods], dim=-1)  # the parts now view the fused storage
         put(f"quant_check_{cls.__name__}_m{rows}_rel_err", _rel(alone, exact), "relative L2 error vs bf16 weights")
         put(f"quant_check_{cls.__name__}_m{rows}_fused_rel_err", max(_rel(fused, alone), _rel(after, alone)),

@@ -103,10 +103,6 @@ class RuntimeConfig(Section):
         True, description="Launch the next decode step before the previous step's tokens are turned into text "
         "(where the backend can); off only to measure what the overlap is worth.",
     )
-    small_matmul: bool = Field(
-        True, description="Decode steps of up to 64 sequences run the dense linear layers on a Triton kernel "
-        "that spreads the weights over every multiprocessor (paged engine on CUDA); off: cuBLAS for every layer.",
-    )
     quantization: Literal["none", "int8", "int4", "fp8"] = Field(
         "none",
         description="Weights of the decoder's linear layers at load (lmforge.serving.quant): 'int8' weight-only "

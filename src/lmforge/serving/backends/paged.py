@@ -70,8 +70,6 @@ class PagedBackend:
         self.cache = PagedKVCache(shape, blocks_for_budget(shape, budget), cfg.scheduler.max_batch_size, max_len,
                                   self.device)
         self.ops = ops or pick_ops(self.device, dtype)
-        if isinstance(self.ops, TritonOps):
-            self.ops.small_matmul = cfg.runtime.small_matmul
         self.runner = LlamaRunner(model, self.cache, self.ops, max_len)
         # Unmerged LoRA adapters chosen per request, at start-up or loaded while serving (adapters/runtime.py);
         # attached before capture. adapter_slots is the pool's live name -> id map.

@@ -4,10 +4,6 @@
   e4m3 on Hopper) with one scale per output channel, reading the weights straight from memory (half
   the bytes of bf16; a decode step is bound by reading weights) and widening them to the activation
   dtype in registers. No allocation but the output, so it runs inside the captured decode graphs.
-- ``small_mm``: the same kernel over bf16/fp16 weights, no scale, for decode steps of few rows: cuBLAS
-  covers the 1.1B's QKV and output projections (N = 2,560 and 2,048) with 32-40 tiles at one row, a
-  third of an H100's multiprocessors (6 us each, 1.4-1.8 TB/s: ``bench.serve.gpu``'s profile phase);
-  narrow blocks put every SM to work (``python -m bench.serve.small_mm`` times both per shape).
 - ``quant_rows_fp8``: per-row dynamic quantization of activations to float8 e4m3 for
   ``torch._scaled_mm`` (one kernel instead of five PyTorch ops per linear layer; in a CUDA graph each
   kernel costs ~2 us however small), writing zero rows up to the padded row count that
@@ -29,7 +25,7 @@ import triton.language as tl
 
 @triton.jit
 def _weight_only_mm_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
-                           W_FP8: tl.constexpr, SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           W_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -50,8 +46,7 @@ def _weight_only_mm_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_
         acc += tl.dot(x, w.to(x.dtype))
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if SCALED:
-        acc = acc * tl.load(S + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
+    acc = acc * tl.load(S + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(B + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
@@ -78,36 +73,7 @@ def weight_only_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
     fp8 = qweight.dtype == torch.float8_e4m3fn
     raw = qweight.view(torch.int8) if fp8 else qweight
     _weight_only_mm_kernel[grid](x, raw, scale, bias if bias is not None else scale, y, m, n, k, x.stride(0),
-                                 raw.stride(0), y.stride(0), HAS_BIAS=bias is not None, W_FP8=fp8, SCALED=True, **cfg)
-    return y
-
-
-# Rows up to which TritonOps.linear takes small_mm: decode steps of up to 64 sequences still read every
-# weight once per step at a few FLOPs per byte (memory-bound), where narrow blocks keep all SMs streaming.
-SMALL_ROWS = 64
-
-
-def small_config(m: int, n: int, k: int) -> dict[str, int]:
-    """Block shapes of ``small_mm`` for ``[m, k] x [k, n]`` (``m <= SMALL_ROWS``): 16 output channels per program
-    (2-byte weights: half the channels of the int8 kernel's blocks for the same bytes per program)."""
-    if m <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256 if k < 4096 else 512, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=4)
-
-
-def small_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-             config: dict[str, int] | None = None) -> torch.Tensor:
-    """``x [M, K] @ weight.T + bias`` for few rows (``M <= SMALL_ROWS``), ``weight [N, K]`` in ``x``'s dtype."""
-    # (Only the block shapes depend on M; any M is computed correctly.)
-    x = x if x.stride(1) == 1 else x.contiguous()  # the kernel steps along K by pointer increments
-    m, k = x.shape
-    n = weight.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    cfg = config or small_config(m, n, k)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]))
-    _weight_only_mm_kernel[grid](x, weight, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0),
-                                 weight.stride(0), y.stride(0), HAS_BIAS=bias is not None, W_FP8=False, SCALED=False,
-                                 **cfg)
+                                 raw.stride(0), y.stride(0), HAS_BIAS=bias is not None, W_FP8=fp8, **cfg)
     return y
 
 

@@ -68,19 +68,13 @@ class StepLayout:
                    None if logit_index is None else t64(logit_index), plan)
 
 
-_HALF = (torch.bfloat16, torch.float16)
-
-
 class Ops:
-    """PyTorch versions of the layer's small ops, rounding exactly like transformers' Llama."""
+    """PyTorch versions of the layer's small ops, rounding exactly like transformers' Llama, except RoPE: rotated
+    in float32 and rounded once, as the Triton kernel does (the same for float32 models)."""
 
     name = "torch"
     # An fp8 KV cache holds key / kv_scale (quant/quantize.py); 1.0 keeps Llama keys and values far inside e4m3's range.
     kv_scale = 1.0
-
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """A dense linear layer (bf16/fp16/fp32 weights ``[N, K]``; quantized layers bring their own)."""
-        return F.linear(x, weight, bias)
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,30 +125,20 @@ class Ops:
 class TritonOps(Ops):
     """The same ops as fused Triton kernels (CUDA); the PyTorch attention needs a host plan, these don't.
     A decode step's attention takes the split-K kernel when ``split`` (a ``SplitPolicy``) says its batch
-    is small enough to leave the GPU idle otherwise; a linear layer over up to ``SMALL_ROWS`` (64) rows takes
-    the Triton ``small_mm`` when ``small_matmul`` (``serving.runtime.small_matmul``), cuBLAS otherwise."""
+    is small enough to leave the GPU idle otherwise."""
 
     name = "triton"
 
-    def __init__(self, split: SplitPolicy | None = None, small_matmul: bool = True) -> None:
-        from lmforge.serving.kernels import decode_attention, quant
+    def __init__(self, split: SplitPolicy | None = None) -> None:
+        from lmforge.serving.kernels import decode_attention
         from lmforge.serving.kernels import layer as kernels  # imports triton
 
         self._k = kernels
         self._decode = decode_attention
-        self._quant = quant
         # When a pure decode step splits its contexts (flash-decoding); None: the default policy.
         self.split = split or decode_attention.SplitPolicy()
-        self.small_matmul = small_matmul
 
     # Each method has the contract of the same method of Ops.
-
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # Host shapes only: decode graphs capture one branch per bucket.
-        # Half-precision weights only: tl.dot would round float32 operands to tf32.
-        if self.small_matmul and x.shape[0] <= self._quant.SMALL_ROWS and weight.dtype == x.dtype in _HALF:
-            return self._quant.small_mm(x, weight, bias)
-        return F.linear(x, weight, bias)
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -68,9 +68,9 @@ def head_dim(config: PreTrainedConfig) -> int:
 class FusedLinear:
     """Several linear layers with one input, run as one matmul; the sources now view its storage."""
 
-    def __init__(self, mods: list[nn.Module], ops: Ops) -> None:
+    def __init__(self, mods: list[nn.Module]) -> None:
         if _all_dense(mods):
-            self.impl: Callable[[torch.Tensor], torch.Tensor] = _fuse_dense(mods, ops)
+            self.impl: Callable[[torch.Tensor], torch.Tensor] = _fuse_dense(mods)
         elif _all_one_quant_type(mods):
             self.impl = type(mods[0]).fuse(mods)
         else:
@@ -88,10 +88,9 @@ def _all_one_quant_type(mods: list[nn.Module]) -> TypeGuard[list[QuantLinear]]:
     return all(type(m) is type(mods[0]) and isinstance(m, QuantLinear) for m in mods)
 
 
-def _fuse_dense(mods: list[nn.Linear], ops: Ops) -> Callable[[torch.Tensor], torch.Tensor]:
+def _fuse_dense(mods: list[nn.Linear]) -> Callable[[torch.Tensor], torch.Tensor]:
     if len(mods) == 1:
-        only = mods[0]
-        return lambda x: ops.linear(x, only.weight, only.bias)
+        return mods[0]
     weight = torch.cat([m.weight.data for m in mods])
     has_bias = any(m.bias is not None for m in mods)
     bias = None
@@ -104,7 +103,7 @@ def _fuse_dense(mods: list[nn.Linear], ops: Ops) -> Callable[[torch.Tensor], tor
         if m.bias is not None and bias is not None:  # bias is set whenever any part has one
             m.bias = nn.Parameter(bias[start:end], requires_grad=False)
         start = end
-    return lambda x: ops.linear(x, weight, bias)
+    return lambda x: F.linear(x, weight, bias)
 
 
 class TokenAdapters(Protocol):
@@ -147,11 +146,11 @@ class LlamaRunner:
         self.layers = [
             _Layer(
                 ln1=layer.input_layernorm.weight,
-                qkv=FusedLinear([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], ops),
-                o=FusedLinear([layer.self_attn.o_proj], ops),
+                qkv=FusedLinear([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                o=FusedLinear([layer.self_attn.o_proj]),
                 ln2=layer.post_attention_layernorm.weight,
-                gate_up=FusedLinear([layer.mlp.gate_proj, layer.mlp.up_proj], ops),
-                down=FusedLinear([layer.mlp.down_proj], ops),
+                gate_up=FusedLinear([layer.mlp.gate_proj, layer.mlp.up_proj]),
+                down=FusedLinear([layer.mlp.down_proj]),
             )
             for layer in inner.layers
         ]
