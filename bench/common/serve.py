@@ -126,6 +126,15 @@ async def _one(engine: Engine, prompt: list[int], params: SamplingParams, out: d
     out["tokens"] = out.get("tokens", 0) + params.max_tokens
 
 
+def stream_timing(engine: Engine, prompt: list[int], new_tokens: int) -> dict[str, float]:
+    """One request alone, streamed: its time to first token and its inter-token gaps (seconds), which
+    split a one-stream tokens/s figure into the prefill's share and the decode steps'."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    out: dict = {}
+    asyncio.run(_one(engine, prompt, params, out))
+    return {"ttft": out["ttft"][0], "itl_p50": percentile(out["itl"], 50), "itl_mean": statistics.fmean(out["itl"])}
+
+
 def poisson_engine(engine: Engine, rate: float, requests: int, prompt_len: int, new_tokens: int,
                    seed: int = 3) -> dict[str, float]:
     """Requests arriving as a Poisson process of ``rate`` per second, straight into the engine (no

@@ -5,7 +5,8 @@
     python -m bench.serve.gpu --tiny --phases check engine poisson hf nooverlap nographs int8   # CPU check
 
 Phases: ``check`` (Triton kernels against the PyTorch ops on random inputs; the engine's logits and
-greedy tokens against transformers), ``engine`` (our tokens/s), ``poisson`` (time-to-first-token
+greedy tokens against transformers), ``engine`` (our tokens/s; and one streamed request's time to first token
+and inter-token gap, which split the one-stream figure into prefill and decode), ``poisson`` (time-to-first-token
 and inter-token latency under Poisson arrivals, straight into the engine), ``hf`` (plain
 ``generate()``), ``compile`` (``generate()`` with a static cache, which transformers compiles with
 torch.compile; each time-boxed), ``nooverlap`` and ``nographs`` (our engine without launching a
@@ -40,6 +41,7 @@ from bench.common.serve import (
     poisson_engine,
     random_llama,
     random_prompts,
+    stream_timing,
     word_tokenizer,
 )
 from lmforge.config.serving import RuntimeConfig, SchedulerConfig, ServingConfig
@@ -178,6 +180,13 @@ def engine_phases(engine: Engine, model, phases: set[str], put, one, many, w: Wo
         ours[many_n] = engine_tokens_per_s(engine, many, w.new)
         put("engine_1_stream_tok_s", ours["1"], "output tok/s")
         put(f"engine_{many_n}_concurrent_tok_s", ours[many_n], "output tok/s")
+        # Where one stream's time goes: the prefill's share (time to first token) and a decode step (a fresh
+        # prompt of the same length: the timed ones are in the prefix cache by now).
+        fresh = random_prompts(1, len(one[0]), w.vocab, seed=99)[0]
+        timing = stream_timing(engine, fresh, w.new)
+        put("engine_1_stream_ttft_ms", 1e3 * timing["ttft"], f"ms to the first token of a {len(fresh)}-token prompt")
+        put("engine_1_stream_itl_p50_ms", 1e3 * timing["itl_p50"], "ms between tokens, median (streamed, one request)")
+        put("engine_1_stream_itl_mean_ms", 1e3 * timing["itl_mean"], "ms between tokens, mean")
     if "poisson" in phases:
         for rate in w.rates:
             res = poisson_engine(engine, rate, int(max(w.min_requests, rate * 6)), w.prompt, w.new)

@@ -146,6 +146,7 @@ def test_serve_gpu_tiny(tmp_path):
     assert got["greedy_full_matches"]["value"] == 4
     assert got["engine_4_concurrent_tok_s"]["value"] > 0 and got["poisson_20rps_output_tok_s"]["value"] > 0
     assert got["engine_1_tok_s_vs_generate"]["baseline_value"] > 0
+    assert got["engine_1_stream_itl_p50_ms"]["value"] > 0 and got["engine_1_stream_ttft_ms"]["value"] > 0
     assert {"engine_no_cuda_graphs_4_tok_s", "engine_no_overlap_4_tok_s", "engine_int8_4_tok_s"} <= set(got)
     assert got["int8_logits_rel_err"]["value"] < 0.05
 
