@@ -71,23 +71,44 @@ def test_ten_times_capacity_gets_only_200_429_503_then_serves_normally(model_dir
         engine.close()
 
 
+class PacedMetrics(EngineMetrics):
+    """The server's real metrics, whose per-step token hook can pace the engine thread (:meth:`slow`: 20 ms
+    a step, after the step's text is sent): a 120-token request then runs ~2.4 s, so it is certainly still
+    running while the test acts on its client. Unpaced, the tiny model may finish all 120 tokens (~40 ms)
+    before a busy test looks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pace = 0.0
+
+    def tokens(self, first_token_latencies, gaps, count: int) -> None:
+        super().tokens(first_token_latencies, gaps, count)
+        if self.pace:
+            time.sleep(self.pace)
+
+
 def test_client_disconnect_frees_the_slot_at_once(model_dir: Path) -> None:
-    engine, cfg = _engine(model_dir, scheduler={"max_batch_size": 1}, max_new_tokens=120)
+    config = ServingConfig(scheduler={"max_batch_size": 1}, max_new_tokens=120)
+    metrics = PacedMetrics()
+    engine = Engine.load(model_dir, device="cpu", cfg=config, metrics=metrics)
     try:
-        with running(engine, cfg) as (url, _):
+        with running(engine, config) as (url, _):
             body = {"prompt": "The quick", "max_tokens": 120, "stream": True, "temperature": 1.0,
                     "seed": 1}
+            metrics.pace = 0.02
             with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as reply:
                 assert next(reply.iter_lines()).startswith("data: ")
                 assert engine.active == 1
             # Closed mid-stream: the row and its KV cache blocks come back within a few steps.
             assert _wait_until(lambda: engine.active == 0 and engine.cache_usage == 0.0, 2.0)
             assert 'outcome="cancelled"' in httpx.get(f"{url}/metrics").text
-            # A non-streaming request whose client times out is cancelled too.
+            # A non-streaming request whose client times out is cancelled too (paced: it cannot finish first).
             with pytest.raises(httpx.ReadTimeout):
                 httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, timeout=0.05)
             assert _wait_until(lambda: engine.active == 0, 3.0)
+            metrics.pace = 0.0
             assert httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
+            assert 'lmforge_requests_total{outcome="cancelled"} 2.0' in httpx.get(f"{url}/metrics").text
     finally:
         engine.close()
 
