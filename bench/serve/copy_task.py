@@ -15,6 +15,7 @@ Needs only torch and transformers.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -89,8 +90,6 @@ def deepen(model: torch.nn.Module, depth: int) -> torch.nn.Module:
     residual stream while its forward reads and multiplies every weight a real layer of the shape does.
     The model computes what it learned at the cost of the deeper shape (a deep model trained from
     scratch does not learn to copy within a benchmark's time box)."""
-    import copy
-
     layers = model.model.layers
     for index in range(len(layers), depth):
         layer = copy.deepcopy(layers[-1])

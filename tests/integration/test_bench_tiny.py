@@ -303,11 +303,14 @@ def test_serve_prefix_tiny(tmp_path):
 
 @pytest.mark.slow  # ~15 s: trains its copy model (make test stays under 10 minutes; CI runs make test-slow)
 def test_serve_speculative_tiny(tmp_path):
-    """A model trained in the run to copy, then n-gram speculation against plain decoding: it copies, the
-    same tokens come out, most guesses are accepted on the copy workload, and back-off engages without a copy."""
-    bench("bench.serve.speculative", out=tmp_path)
+    """A model trained in the run to copy (2 layers, grown to 3 by a pass-through layer, as the GPU run grows 2
+    to 22), then n-gram speculation against plain decoding: it copies, the same tokens come out, most guesses
+    are accepted on the copy workload, and back-off engages without a copy."""
+    bench("bench.serve.speculative", "--layers", "3", "--train-layers", "2", out=tmp_path)
     got = records(tmp_path, "serve_speculative", "bench.serve.speculative")
+    assert got["trained_layers"]["value"] == 2
     assert got["train_copy_accuracy"]["value"] > 0.9 and got["copy_copied_fraction"]["value"] > 0.9
+    assert got["served_copy_accuracy"]["value"] == got["train_copy_accuracy"]["value"]  # the added layer changes nothing
     tok_s = got["copy_ngram_k4_tok_s"]
     assert tok_s["baseline"] == "plain decoding, same job" and tok_s["value"] > 0 and tok_s["baseline_value"] > 0
     assert got["copy_ngram_k4_greedy_identical"]["value"] == 1.0
