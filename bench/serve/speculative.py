@@ -149,9 +149,11 @@ def main() -> int:
     sc = TINY if args.tiny else FULL
     sc = replace(sc, train_s=args.train_s if args.train_s is not None else sc.train_s, lr=args.lr or sc.lr,
                  train_layers=sc.train_layers if args.train_layers is None else (args.train_layers or None))
-    for flag, value in (("--layers", args.layers), ("--train-layers", args.train_layers)):
-        if value is not None and value < (1 if flag == "--layers" else 0):
-            raise ConfigError(f"{flag} {value} is not a layer count", "give 1 or more (default: the shape's)")
+    if args.layers is not None and args.layers < 1:
+        raise ConfigError(f"--layers {args.layers} is not a layer count", "give 1 or more (default: the shape's)")
+    if args.train_layers is not None and args.train_layers < 0:
+        raise ConfigError(f"--train-layers {args.train_layers} is not a layer count",
+                          "give 1 or more, or 0 to train every layer (default: 2)")
     if not args.tiny and not torch.cuda.is_available():
         raise ConfigError("the full benchmark needs a CUDA GPU", "run it on a GPU machine, or pass --tiny for the check")
     dev = "cpu" if args.tiny else "cuda"

@@ -29,9 +29,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-server"))
 
 
-def _engine(model_dir: Path, **cfg) -> tuple[Engine, ServingConfig]:
+def _engine(model_dir: Path, metrics: EngineMetrics | None = None, **cfg) -> tuple[Engine, ServingConfig]:
     config = ServingConfig(**cfg)
-    return Engine.load(model_dir, device="cpu", cfg=config, metrics=EngineMetrics()), config
+    return Engine.load(model_dir, device="cpu", cfg=config, metrics=metrics or EngineMetrics()), config
 
 
 def _wait_until(condition, timeout: float = 5.0) -> bool:
@@ -72,8 +72,8 @@ def test_ten_times_capacity_gets_only_200_429_503_then_serves_normally(model_dir
 
 
 class PacedMetrics(EngineMetrics):
-    """The server's real metrics, whose per-step token hook can pace the engine thread (:meth:`slow`: 20 ms
-    a step, after the step's text is sent): a 120-token request then runs ~2.4 s, so it is certainly still
+    """The server's real metrics, whose per-step token hook can pace the engine thread (``pace`` seconds a
+    step, after the step's text is sent; the test sets 20 ms): a 120-token request then runs ~2.4 s, so it is certainly still
     running while the test acts on its client. Unpaced, the tiny model may finish all 120 tokens (~40 ms)
     before a busy test looks."""
 
@@ -88,11 +88,10 @@ class PacedMetrics(EngineMetrics):
 
 
 def test_client_disconnect_frees_the_slot_at_once(model_dir: Path) -> None:
-    config = ServingConfig(scheduler={"max_batch_size": 1}, max_new_tokens=120)
     metrics = PacedMetrics()
-    engine = Engine.load(model_dir, device="cpu", cfg=config, metrics=metrics)
+    engine, cfg = _engine(model_dir, metrics, scheduler={"max_batch_size": 1}, max_new_tokens=120)
     try:
-        with running(engine, config) as (url, _):
+        with running(engine, cfg) as (url, _):
             body = {"prompt": "The quick", "max_tokens": 120, "stream": True, "temperature": 1.0,
                     "seed": 1}
             metrics.pace = 0.02
