@@ -2,15 +2,16 @@
 256 new tokens, one stream and 64 concurrent, against transformers ``generate()`` in the same job.
 
     PYTHONPATH=src python -m bench.serve.gpu [--phases check engine poisson hf compile nographs int8 quant] [--out DIR]
-    python -m bench.serve.gpu --tiny --phases check engine poisson hf nooverlap nographs int8   # CPU check
+    python -m bench.serve.gpu --tiny --phases check engine poisson hf nooverlap nographs unfused int8   # CPU check
 
 Phases: ``check`` (Triton kernels against the PyTorch ops on random inputs; the engine's logits and
 greedy tokens against transformers), ``engine`` (our tokens/s; and one streamed request's time to first token
 and inter-token gap, which split the one-stream figure into prefill and decode), ``poisson`` (time-to-first-token
 and inter-token latency under Poisson arrivals, straight into the engine), ``hf`` (plain
 ``generate()``), ``compile`` (``generate()`` with a static cache, which transformers compiles with
-torch.compile; each time-boxed), ``nooverlap`` and ``nographs`` (our engine without launching a
-decode step ahead, and without CUDA graphs), ``int8`` (weight-only
+torch.compile; each time-boxed), ``nooverlap``, ``nographs`` and ``unfused`` (our engine without launching a
+decode step ahead, without CUDA graphs, and with rope_store and the split attention's merge as kernels of their
+own: ``serving.runtime.fused_attention`` off), ``int8`` (weight-only
 int8: logits error and tokens/s), ``profile`` (top GPU kernels of a decode step, to profile.txt),
 ``quant`` (every quantization option's speed and held-out perplexity change: ``bench.serve.quant``).
 Each figure is appended to ``OUT/serve_gpu.jsonl`` (default ``bench/results``) as soon as it is
@@ -47,7 +48,8 @@ from bench.common.serve import (
 from lmforge.config.serving import RuntimeConfig, SchedulerConfig, ServingConfig
 from lmforge.serving.engine import Engine, SamplingParams
 
-PHASES = ("check", "engine", "poisson", "profile", "hf", "nooverlap", "nographs", "compile", "int8", "quant")
+PHASES = ("check", "engine", "poisson", "profile", "hf", "nooverlap", "nographs", "unfused", "compile", "int8",
+          "quant")
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,13 @@ def variant_phases(model, tokenizer, phases: set[str], put, one, many, ours: dic
         for n, prompts in pairs:
             put(f"engine_no_overlap_{n}_tok_s", engine_tokens_per_s(engine, prompts, w.new), "output tok/s",
                 "engine with overlap (same job)", ours.get(n))
+        engine.close()
+    if "unfused" in phases:  # the split attention with rope_store and the merge apart: three kernels, not one
+        engine = Engine(model, tokenizer, ServingConfig(scheduler=_batch(w.concurrent),
+                                                        runtime=RuntimeConfig(fused_attention=False)))
+        for n, prompts in pairs:
+            put(f"engine_unfused_{n}_tok_s", engine_tokens_per_s(engine, prompts, w.new), "output tok/s",
+                "engine with fused attention (same job)", ours.get(n))
         engine.close()
     if "int8" in phases:
         from lmforge.serving.quant.quantize import quantize_int8

@@ -111,6 +111,73 @@ def test_split_attention_of_query_blocks_of_several_tokens(contexts, tokens, per
     assert _rel(TritonOps(POLICY).attention(q, k_cache, v_cache, table, layout, PAGE, 0.25), ref) < 1e-5
 
 
+ROPE_CASES = [  # (contexts, tokens per sequence, heads, kv_heads, cache dtype): decode steps and verify steps
+    ([37], 1, 4, 2, torch.float32),
+    ([1, 2, 15, 16, 17, 31, 33, 80], 1, 8, 2, torch.float32),
+    ([5, 64, 79], 1, 2, 2, torch.float8_e4m3fn),
+    ([37, 80, 3], 5, 8, 2, torch.float32),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("contexts,tokens,heads,kv_heads,cache_dtype", ROPE_CASES,
+                         ids=[f"b{len(c[0])}-t{c[1]}-h{c[2]}-{str(c[4])[6:]}" for c in ROPE_CASES])
+@pytest.mark.parametrize("merge", ["in_split", "apart"])
+def test_rotating_split_kernel_equals_rope_store_then_attention(contexts, tokens, heads, kv_heads, cache_dtype,
+                                                                merge) -> None:
+    """A decode or verify step's split kernel that rotates the queries and stores the new keys and values
+    itself (``Rope``) gives the attention and the cache of ``rope_store`` followed by ``attention``; the
+    partials merge in the last split program or in the merge kernel alike, and the counters end at zero."""
+    from lmforge.serving.kernels import decode_attention
+
+    _, k_cache, v_cache, table, layout = _step(contexts, heads, kv_heads, cache_dtype, seed=tokens + heads,
+                                               tokens=tokens, tokens_per_block=tokens)
+    assert layout.one_block_each
+    gen = torch.Generator().manual_seed(5)
+    head_dim, kv_scale = k_cache.shape[2], 0.5 if cache_dtype == torch.float8_e4m3fn else 1.0
+    qkv = torch.randn(layout.tokens.shape[0], (heads + 2 * kv_heads) * head_dim, generator=gen)
+    cos, sin = (torch.randn(MAX_BLOCKS * PAGE, head_dim // 2, generator=gen).repeat(1, 2) for _ in range(2))
+    policy = SplitPolicy(block_n=16, merge=merge)
+    ref_ops, ops = Ops(), TritonOps(policy)
+    ref_ops.kv_scale = ops.kv_scale = kv_scale
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    slots = table[layout.rows, layout.positions // PAGE].long() * PAGE + layout.positions % PAGE
+    # The rope_store kernel's caches: the interpreter rounds to fp8 its own way (ties away from zero), so an fp8
+    # cache is compared kernel to kernel; float32 keys agree with the PyTorch ops too.
+    q = ops.rope_store(qkv, cos, sin, layout.positions, slots, k_ref, v_ref, heads, kv_heads, head_dim)
+    if cache_dtype == torch.float32:
+        k_torch = k_cache.clone()
+        q_torch = ref_ops.rope_store(qkv, cos, sin, layout.positions, slots, k_torch, v_cache.clone(), heads,
+                                     kv_heads, head_dim)
+        assert torch.equal(q_torch, q) and torch.equal(k_torch, k_ref)
+    ref = ref_ops.attention(q, k_ref, v_ref, table, layout, PAGE, 0.25)
+    for splits in (2, 8):
+        k_out, v_out = k_cache.clone(), v_cache.clone()
+        out = split_decode_attention(decode_attention.Rope(qkv, cos, sin, heads), k_out, v_out, table,
+                                     layout.positions, layout.blk_row, layout.blk_tok, layout.blk_n, tokens, splits,
+                                     PAGE, 0.25, kv_scale, policy)
+        assert _rel(out, ref) < 1e-5, f"{splits} splits"
+        assert torch.equal(k_out.float(), k_ref.float()) and torch.equal(v_out.float(), v_ref.float())
+    assert not decode_attention.counters(torch.device("cpu")).any()
+    assert ops.rotates_in_attention(layout, table, PAGE, kv_heads)
+    k_out, v_out = k_cache.clone(), v_cache.clone()
+    out = ops.rope_attention(qkv, cos, sin, k_out, v_out, table, layout, PAGE, heads, 0.25)
+    assert _rel(out, ref) < 1e-5 and torch.equal(k_out.float(), k_ref.float())
+
+
+def test_only_steps_of_one_block_per_sequence_rotate_in_the_kernel() -> None:
+    """A prefill chunk cut into several blocks of one sequence keeps rope_store apart (a block reads the keys
+    an earlier block of the same step writes); the PyTorch ops never fuse."""
+    _, _, _, table, chunk = _step([47, 21], 8, 2, torch.float32, seed=1, tokens=19, tokens_per_block=8)
+    _, _, _, _, verify = _step([47, 21], 8, 2, torch.float32, seed=1, tokens=5, tokens_per_block=5)
+    assert not chunk.one_block_each and verify.one_block_each
+    assert not TritonOps(POLICY).rotates_in_attention(chunk, table, PAGE, 2)
+    assert TritonOps(POLICY).rotates_in_attention(verify, table, PAGE, 2)
+    assert not Ops().rotates_in_attention(verify, table, PAGE, 2)
+    unsplit = TritonOps(SplitPolicy(waves=0.01, block_n=16))  # the one-pass kernel: rope_store stays apart
+    assert not unsplit.rotates_in_attention(verify, table, PAGE, 2)
+
+
 @needs_interpreter
 def test_padded_graph_rows_and_the_one_pass_fallback() -> None:
     """Rows padded as graphs.py pads them (position 0 on the scratch row) stay finite, and a batch the
@@ -147,20 +214,22 @@ def test_interpreter_tests_run() -> None:
                           env=env, capture_output=True, text=True, timeout=300)
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    # 8 split-vs-torch cases, 3 of blocks of several tokens, the padded rows, the policy, the whole model;
+    # 8 split-vs-torch cases, 3 of blocks of several tokens, 8 rotating ones, the fusion rule, the padded rows, the
+    # policy, the whole model;
     # skipped only: this test and the three compile checks, which need the compiler the interpreter replaces.
-    assert lines and lines[-1].startswith("14 passed, 4 skipped"), proc.stdout[-4000:]
+    assert lines and lines[-1].startswith("23 passed, 5 skipped"), proc.stdout[-4000:]
     skips = [line for line in lines if line.startswith("SKIPPED")]
     assert len(skips) == 2 and all("interpreter" in line for line in skips), skips  # -rs groups the two compiles
 
 
 @pytest.mark.slow  # six ahead-of-time compiles through ptxas: ~8 s of CPU, more on a busy machine
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter replaces the compiler")
-@pytest.mark.parametrize("cache,splits,tok", [("bf16", 16, 1), ("fp8e4nv", 1, 1), ("bf16", 8, 5)])
-def test_kernels_compile_for_an_h100(cache: str, splits: int, tok: int) -> None:
+@pytest.mark.parametrize("cache,splits,tok,fused", [("bf16", 16, 1, True), ("fp8e4nv", 1, 1, False),
+                                                   ("bf16", 8, 5, False), ("fp8e4nv", 8, 5, True)])
+def test_kernels_compile_for_an_h100(cache: str, splits: int, tok: int, fused: bool) -> None:
     """Compiled mode differs from the interpreter (loaded scalars as loop bounds, int64 offsets, fp8
-    loads): both kernels go through Triton's compiler and ptxas for sm_90 (no GPU needed), on the
-    Llama-1.1B shape."""
+    loads, the atomic count): both kernels go through Triton's compiler and ptxas for sm_90 (no GPU
+    needed), on the Llama-1.1B shape; the split kernel rotating and merging itself (``fused``) or not."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -169,9 +238,11 @@ def test_kernels_compile_for_an_h100(cache: str, splits: int, tok: int) -> None:
 
     types = {"Q": "*bf16", "KC": f"*{cache}", "VC": f"*{cache}", "TABLE": "*i32", "POS": "*i64", "BLK_ROW": "*i64",
              "BLK_TOK": "*i32", "BLK_N": "*i32", "PM": "*fp32", "PL": "*fp32", "PACC": "*fp32", "OUT": "*bf16",
-             "qk_scale": "fp32", "kv_scale": "fp32"}
-    split_consts = {"H": 32, "GROUP": 8, "TOK": tok, "M": max(16, triton.next_power_of_2(8 * tok)), "D": 64, "DP": 64,
-                    "PAGE": 16, "BLOCK_N": 32, "SPLITS": splits, "LOOP_WHILE": False}
+             "COUNT": "*i32", "COS": "*bf16", "SIN": "*bf16", "qk_scale": "fp32", "kv_scale": "fp32",
+             "inv_kv_scale": "fp32"}
+    split_consts = {"H": 32, "KVH": 4, "GROUP": 8, "TOK": tok, "TOKP": triton.next_power_of_2(tok),
+                    "M": max(16, triton.next_power_of_2(8 * tok)), "D": 64, "DP": 64, "PAGE": 16, "BLOCK_N": 32,
+                    "SPLITS": splits, "LOOP_WHILE": False, "ROPE": fused, "MERGE": fused, "FP8": cache == "fp8e4nv"}
     merge_consts = {"H": 32, "TOK": tok, "D": 64, "DP": 64, "SPLITS": splits}
     for fn, consts, warps in ((kernels.split_kernel, split_consts, 4), (kernels.merge_kernel, merge_consts, 1)):
         names = fn.arg_names

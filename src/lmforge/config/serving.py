@@ -103,6 +103,11 @@ class RuntimeConfig(Section):
         True, description="Launch the next decode step before the previous step's tokens are turned into text "
         "(where the backend can); off only to measure what the overlap is worth.",
     )
+    fused_attention: bool = Field(
+        True, description="Decode and verify steps over few sequences rotate their queries, store their keys and "
+        "values and merge the split attention's partials inside one attention kernel per layer (paged engine on "
+        "CUDA), not three; off only to measure what the fusion is worth.",
+    )
     quantization: Literal["none", "int8", "int4", "fp8"] = Field(
         "none",
         description="Weights of the decoder's linear layers at load (lmforge.serving.quant): 'int8' weight-only "

@@ -40,12 +40,16 @@ _CPU_DEFAULT_MAX_MB = 1024.0
 _CUDA_FREE_FRACTION = 0.5
 
 
-def pick_ops(device: torch.device, dtype: torch.dtype) -> Ops:
+def pick_ops(device: torch.device, dtype: torch.dtype, fused_attention: bool = True) -> Ops:
     """Triton kernels on CUDA for half-precision models, the PyTorch ops otherwise."""
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return Ops()
     try:
-        return TritonOps()
+        if fused_attention:
+            return TritonOps()
+        from lmforge.serving.kernels.decode_attention import SplitPolicy  # imports triton
+
+        return TritonOps(SplitPolicy(merge="apart", rope=False))
     except ImportError:
         log.warning("triton is not installed: the paged engine runs PyTorch ops, without CUDA graphs")
         return Ops()
@@ -69,7 +73,7 @@ class PagedBackend:
         budget = cfg.kv_cache.memory_mb or self._default_budget_mb(shape, cfg.scheduler.max_batch_size, max_len)
         self.cache = PagedKVCache(shape, blocks_for_budget(shape, budget), cfg.scheduler.max_batch_size, max_len,
                                   self.device)
-        self.ops = ops or pick_ops(self.device, dtype)
+        self.ops = ops or pick_ops(self.device, dtype, cfg.runtime.fused_attention)
         self.runner = LlamaRunner(model, self.cache, self.ops, max_len)
         # Unmerged LoRA adapters chosen per request, at start-up or loaded while serving (adapters/runtime.py);
         # attached before capture. adapter_slots is the pool's live name -> id map.

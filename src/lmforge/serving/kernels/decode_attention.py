@@ -6,9 +6,17 @@ The one-pass kernel (``layer.py``: ``paged_attention``) runs one program per (qu
 that walks its sequence's whole context: one decode sequence of a 4-KV-head model is 4 programs on
 a 132-SM GPU. Here each block's context is cut into ``splits`` chunks, one program per
 (block, KV head, chunk) writes its chunk's partial softmax state (max, sum, unnormalized output) for
-each (token, query head) row of the block to a scratch buffer, and a second kernel merges a row's
-partials. The rows of a block are its tokens x the KV head's query heads, as in the one-pass kernel;
-all share the chunk bounds (from the block's last token), and each masks keys past its own position.
+each (token, query head) row of the block to a scratch buffer, and the last program of the
+(block, KV head) to finish merges the rows' partials (an atomic count of finished programs tells it
+that it is the last; a second kernel merges instead where the counters do not cover the grid). The
+rows of a block are its tokens x the KV head's query heads, as in the one-pass kernel; all share the
+chunk bounds (from the block's last token), and each masks keys past its own position.
+
+Where every sequence of a step is one query block (decode and verify steps), the kernel also does
+``rope_store``'s work (:class:`Rope`): each program rotates its query rows from the QKV output, and
+writes the keys and values of the new tokens that fall in its own chunk, which no other program
+reads. At one sequence on an H100 a layer's attention is then one kernel instead of three (each
+kernel of a captured step costs ~2 us however small).
 
 Decode steps are captured in CUDA graphs, so nothing here reads a device value on the host: the
 number of splits comes from host shapes only (:meth:`SplitPolicy.splits`: the batch size and the
@@ -26,13 +34,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import triton
 import triton.language as tl
 
 from lmforge.core.errors import ConfigError
-from lmforge.serving.kernels.layer import INTERPRETED, attend_tile
+from lmforge.serving.kernels.layer import INTERPRETED, attend_tile, to_cache
 
 # An H100 SXM's SMs: the count assumed where no CUDA device is asked (the CPU interpreter).
 DEFAULT_SMS = 132
@@ -50,6 +59,12 @@ class SplitPolicy:
     max_splits: int = 16  # at most this many chunks per sequence (a power of two)
     block_n: int = 32  # cache positions per tile (a power of two, >= 16: tl.dot's smallest side)
     num_warps: int = 4
+    # "in_split": the last split program of each (block, KV head) merges the partials; "apart": a second kernel
+    # does (one more kernel per layer, ~2.3 us at one sequence on an H100: bench.serve.attention compares them).
+    merge: Literal["in_split", "apart"] = "in_split"
+    # Steps whose every sequence is one query block rotate queries and store keys in the split kernel (Rope),
+    # not in rope_store before it (model/ops.py: TritonOps.rotates_in_attention).
+    rope: bool = True
 
     def __post_init__(self) -> None:
         for name, value, low in (("max_splits", self.max_splits, 1), ("block_n", self.block_n, 16)):
@@ -58,6 +73,8 @@ class SplitPolicy:
                                   f"give {name} as a power of two, at least {low}")
         if self.waves <= 0:
             raise ConfigError(f"SplitPolicy.waves is {self.waves}", "give waves > 0 (1 = one program per SM)")
+        if self.merge not in ("in_split", "apart"):
+            raise ConfigError(f"SplitPolicy.merge is {self.merge!r}", "give merge as 'in_split' or 'apart'")
 
     def splits(self, batch: int, kv_heads: int, max_len: int, sms: int) -> int:
         """Chunks per sequence (a power of two; 1: use the one-pass kernel) for ``batch`` decode tokens
@@ -85,13 +102,74 @@ def _chunk(kv_len, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def split_kernel(Q, KC, VC, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N, PM, PL, PACC, qk_scale, stride_qt, stride_qh,
-                  stride_ks, stride_kh, stride_table, H: tl.constexpr, GROUP: tl.constexpr, TOK: tl.constexpr,
-                  M: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  SPLITS: tl.constexpr, LOOP_WHILE: tl.constexpr):
+def _rotate(src, cs, sn, d, mask, HALF: tl.constexpr):
+    """Rows at ``src`` (pointers [R, 1]) rotated by the rope table rows ``cs``/``sn``, in float32 with
+    ``rope_store``'s arithmetic (the table's two halves repeat, so column d holds d's angle)."""
+    first = (d < HALF)[None, :]
+    partner = tl.where(d < HALF, d + HALF, d - HALF)[None, :]
+    x = tl.load(src + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(src + partner, mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(cs + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(sn + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    return x * c + tl.where(first, -xp, xp) * s
+
+
+@triton.jit
+def _store_new_kv(QKV, KC, VC, TABLE, POS, COS, SIN, row, t0, nt, kvh, start, end, d, dm, inv_kv_scale, stride_qt,
+                  stride_cos, stride_ks, stride_kh, stride_table, H: tl.constexpr, KVH: tl.constexpr,
+                  D: tl.constexpr, TOKP: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr):
+    """Rotate the keys of the block's new tokens whose positions fall in [start, end) and write them and
+    their values to the cache: only this program reads those positions, so it is the one that writes them."""
+    tk = tl.arange(0, TOKP)
+    tpos = tl.load(POS + t0 + tk, mask=tk < nt, other=-1)
+    mine = (tk < nt) & (tpos >= start) & (tpos < end)
+    page = tl.load(TABLE + row * stride_table + tpos // PAGE, mask=mine, other=0).to(tl.int64)
+    slot = page * PAGE + tpos % PAGE
+    mask = mine[:, None] & dm[None, :]
+    src = QKV + (t0 + tk)[:, None] * stride_qt
+    key = _rotate(src + (H + kvh) * D, COS + tpos[:, None] * stride_cos, SIN + tpos[:, None] * stride_cos, d, mask,
+                  D // 2)
+    value = tl.load(src + (H + KVH + kvh) * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    dst = slot[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+    tl.store(KC + dst, to_cache(key, inv_kv_scale, KC, FP8), mask=mask)
+    tl.store(VC + dst, to_cache(value, inv_kv_scale, VC, FP8), mask=mask)
+
+
+@triton.jit
+def _merge_rows(PM, PL, PACC, OUT, part0, t0, tok, head, valid, d, dm, kv_scale, stride_ot, stride_oh,
+                M: tl.constexpr, DP: tl.constexpr, SPLITS: tl.constexpr):
+    """Each row's SPLITS partials (at ``part0 + s``) merged by their softmax weights, written to OUT."""
+    top = tl.full([M], -1.0e30, dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        top = tl.maximum(top, tl.load(PM + part0 + s, mask=valid, other=-1.0e30, volatile=True))
+    total = tl.zeros([M], dtype=tl.float32)
+    acc = tl.zeros([M, DP], dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        # base 2, as the partials' max; a neutral split's weight is exp2(-1e30 - top) = 0
+        w = tl.exp2(tl.load(PM + part0 + s, mask=valid, other=-1.0e30, volatile=True) - top)
+        total += w * tl.load(PL + part0 + s, mask=valid, other=0.0, volatile=True)
+        acc += w[:, None] * tl.load(PACC + (part0 + s)[:, None] * DP + d[None, :], mask=valid[:, None], other=0.0,
+                                    volatile=True)
+    out = acc * (kv_scale / tl.where(valid, total, 1.0))[:, None]  # keys and values are stored / kv_scale
+    tl.store(OUT + (t0 + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+             out.to(OUT.dtype.element_ty), mask=valid[:, None] & dm[None, :])
+
+
+@triton.jit
+def split_kernel(Q, KC, VC, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N, PM, PL, PACC, OUT, COUNT, COS, SIN, qk_scale,
+                 kv_scale, inv_kv_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_ks, stride_kh,
+                 stride_table, stride_cos, H: tl.constexpr, KVH: tl.constexpr, GROUP: tl.constexpr,
+                 TOK: tl.constexpr, TOKP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                 PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, LOOP_WHILE: tl.constexpr,
+                 ROPE: tl.constexpr, MERGE: tl.constexpr, FP8: tl.constexpr):
     """Program (block b, KV head, split): the partial (max, sum, output) of one chunk of b's context
     for the block's tokens x the GROUP query heads of the KV head (rows as in the one-pass kernel);
-    partials are laid out [B, TOK, H, SPLITS] (and DP wide)."""
+    partials are laid out [B, TOK, H, SPLITS] (and DP wide).
+
+    ROPE: Q is the step's fused QKV output (``rope_store``'s input), and this program rotates its
+    query rows itself and writes the keys and values of the new tokens in its chunk (every sequence
+    must be one block, so no other program reads them). MERGE: the last program of (b, KV head) to
+    finish merges the partials into OUT (``COUNT`` counts the finished ones and is left at zero)."""
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -104,13 +182,21 @@ def split_kernel(Q, KC, VC, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N, PM, PL, PACC, q
     valid = (tok < nt) & (r < TOK * GROUP)
     d = tl.arange(0, DP)
     dm = d < D
-    q = tl.load(Q + (t0 + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=valid[:, None] & dm[None, :], other=0.0)
     pos = tl.load(POS + t0 + tok, mask=valid, other=0)  # each row sees keys up to its own token's position
     kv_len = tl.load(POS + t0 + nt - 1) + 1  # a block's tokens are consecutive: the last sees the most
     chunk = _chunk(kv_len, SPLITS, BLOCK_N)
     start = split * chunk
     end = tl.minimum(start + chunk, kv_len)  # start >= end: a split past the context, left neutral
+    q_rows = Q + (t0 + tok)[:, None] * stride_qt + head[:, None] * stride_qh
+    q_mask = valid[:, None] & dm[None, :]
+    if ROPE:
+        q = _rotate(q_rows, COS + pos[:, None] * stride_cos, SIN + pos[:, None] * stride_cos, d, q_mask,
+                    D // 2).to(Q.dtype.element_ty)  # rounded as rope_store rounds the query it writes
+        _store_new_kv(Q, KC, VC, TABLE, POS, COS, SIN, row, t0, nt, kvh, start, end, d, dm, inv_kv_scale, stride_qt,
+                      stride_cos, stride_ks, stride_kh, stride_table, H, KVH, D, TOKP, PAGE, FP8)
+        tl.debug_barrier()  # the program's threads read back the keys and values its other threads wrote
+    else:
+        q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)
     # A row whose position lies before this chunk sees no key of it: its max stays -1e30 and the merge
     # gives the split no weight (split 0 holds key 0, which every row sees).
     m_i = tl.full([M], -1.0e30, dtype=tl.float32)
@@ -126,17 +212,26 @@ def split_kernel(Q, KC, VC, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N, PM, PL, PACC, q
         for tile in range(start, end, BLOCK_N):
             m_i, l_i, acc = attend_tile(q, KC, VC, TABLE, row, kvh, tile, end, pos, d, dm, qk_scale, m_i, l_i, acc,
                                         stride_ks, stride_kh, stride_table, PAGE, BLOCK_N)
-    part = ((b * TOK + tok) * H + head) * SPLITS + split
-    tl.store(PM + part, m_i, mask=valid)
-    tl.store(PL + part, l_i, mask=valid)
-    tl.store(PACC + part[:, None] * DP + d[None, :], acc, mask=valid[:, None])
+    part0 = ((b * TOK + tok) * H + head) * SPLITS
+    tl.store(PM + part0 + split, m_i, mask=valid)
+    tl.store(PL + part0 + split, l_i, mask=valid)
+    tl.store(PACC + (part0 + split)[:, None] * DP + d[None, :], acc, mask=valid[:, None])
+    if MERGE:
+        # The finished-count's release publishes this program's partials, once all its threads stored them.
+        tl.debug_barrier()
+        counter = COUNT + b * KVH + kvh
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            tl.store(counter, 0)  # the next launch (a graph replays the same counters) starts from zero
+            _merge_rows(PM, PL, PACC, OUT, part0, t0, tok, head, valid, d, dm, kv_scale, stride_ot, stride_oh, M, DP,
+                        SPLITS)
 
 
 @triton.jit
 def merge_kernel(PM, PL, PACC, OUT, BLK_TOK, BLK_N, kv_scale, stride_ot, stride_oh, H: tl.constexpr,
-                  TOK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, SPLITS: tl.constexpr):
+                 TOK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, SPLITS: tl.constexpr):
     """Program (block b, query head): for each of the block's tokens, the softmax-weighted merge of
-    the head's SPLITS partials (a block's tokens past its count are left alone, as the one-pass kernel does)."""
+    the head's SPLITS partials (a block's tokens past its count are left alone, as the one-pass kernel does).
+    Used where the split kernel does not merge itself (grids beyond the counters, ``SplitPolicy.merge``)."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     t0 = tl.load(BLK_TOK + b).to(tl.int64)
@@ -155,36 +250,74 @@ def merge_kernel(PM, PL, PACC, OUT, BLK_TOK, BLK_N, kv_scale, stride_ot, stride_
             tl.store(OUT + (t0 + i) * stride_ot + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
 
-def split_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+# Finished-split counters of the merging split kernel, one per (query block, KV head): a split step has at most
+# ``waves * SMs`` programs' worth of pairs (a few hundred); larger grids (a bench's forced splits) merge apart.
+COUNTERS = 4096
+
+
+@functools.cache
+def counters(device: torch.device) -> torch.Tensor:
+    """The device's zeroed counters, allocated once (outside any graph capture: capture warms up first)
+    and shared by every launch, which leaves them at zero. Launches on one stream never overlap; the
+    engine runs every step on one stream."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("split attention's counters are allocated during a graph capture: run a step first")
+    return torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+
+
+@dataclass(frozen=True)
+class Rope:
+    """The query input of a split step that rotates in the kernel: the fused QKV output ``[T, (H + 2 KVH) * D]``
+    and the model's rope tables (``[positions, D]``, halves repeated); the keys and values go to the cache."""
+
+    qkv: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    heads: int
+
+
+def split_decode_attention(q: torch.Tensor | Rope, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
                            positions: torch.Tensor, blk_row: torch.Tensor, blk_tok: torch.Tensor, blk_n: torch.Tensor,
                            tokens_per_block: int, splits: int, block_size: int, scale: float, kv_scale: float = 1.0,
                            policy: SplitPolicy | None = None) -> torch.Tensor:
     """Attention output ``[T, heads, head_dim]`` of a step described by its query blocks (as the one-pass
     ``paged_attention``: up to ``tokens_per_block`` consecutive tokens of one sequence each; one for a
     decode step, k + 1 for a speculative verify), each block's context cut into ``splits`` (a power of
-    two) chunks."""
+    two) chunks. ``q``: the rotated queries ``[T, heads, head_dim]``, or a :class:`Rope` (every sequence
+    one block), whose new keys and values the kernel also writes to the cache."""
     if splits < 1 or splits & (splits - 1):
         raise ConfigError(f"split_decode_attention got splits={splits}", "give a power of two (1, 2, 4, ...)")
     policy = policy or SplitPolicy()
-    _, heads, head_dim = q.shape
-    kv_heads = k_cache.shape[1]
+    kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]
+    if isinstance(q, Rope):
+        heads, source, cos, sin = q.heads, q.qkv, q.cos, q.sin
+        q_strides = (source.stride(0), head_dim)
+    else:
+        heads, source, cos, sin = q.shape[1], q, q, q  # the tables are not read
+        q_strides = (q.stride(0), q.stride(1))
+    tokens, device = source.shape[0], source.device
     group = heads // kv_heads
     blocks = blk_row.shape[0]
     m = max(16, triton.next_power_of_2(tokens_per_block * group))
     dp = max(16, triton.next_power_of_2(head_dim))
     # Scratch partials: fresh per call, so inside a captured graph they come from the graph's pool.
-    pm = torch.empty((blocks, tokens_per_block, heads, splits), dtype=torch.float32, device=q.device)
+    pm = torch.empty((blocks, tokens_per_block, heads, splits), dtype=torch.float32, device=device)
     pl = torch.empty_like(pm)
-    pacc = torch.empty((blocks, tokens_per_block, heads, splits, dp), dtype=torch.float32, device=q.device)
-    out = torch.empty_like(q)
+    pacc = torch.empty((blocks, tokens_per_block, heads, splits, dp), dtype=torch.float32, device=device)
+    out = torch.empty((tokens, heads, head_dim), dtype=source.dtype, device=device)
+    merge = policy.merge == "in_split" and blocks * kv_heads <= COUNTERS
+    count = counters(device) if merge else pm  # not read when the kernel does not merge
     qk_scale = scale * kv_scale * 1.4426950408889634  # base 2, as the one-pass kernel; keys are k / kv_scale
     split_kernel[(blocks, kv_heads, splits)](
-        q, k_cache, v_cache, table, positions, blk_row, blk_tok, blk_n, pm, pl, pacc, qk_scale, q.stride(0),
-        q.stride(1), k_cache.stride(0), k_cache.stride(1), table.stride(0), H=heads, GROUP=group,
-        TOK=tokens_per_block, M=m, D=head_dim, DP=dp, PAGE=block_size, BLOCK_N=policy.block_n, SPLITS=splits,
-        LOOP_WHILE=INTERPRETED, num_warps=policy.num_warps if m <= 64 else 2 * policy.num_warps,
+        source, k_cache, v_cache, table, positions, blk_row, blk_tok, blk_n, pm, pl, pacc, out, count, cos, sin,
+        qk_scale, kv_scale, 1.0 / kv_scale, *q_strides, out.stride(0), out.stride(1), k_cache.stride(0),
+        k_cache.stride(1), table.stride(0), cos.stride(0), H=heads, KVH=kv_heads, GROUP=group, TOK=tokens_per_block,
+        TOKP=triton.next_power_of_2(tokens_per_block), M=m, D=head_dim, DP=dp, PAGE=block_size,
+        BLOCK_N=policy.block_n, SPLITS=splits, LOOP_WHILE=INTERPRETED, ROPE=isinstance(q, Rope), MERGE=merge,
+        FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=policy.num_warps if m <= 64 else 2 * policy.num_warps,
     )
-    merge_kernel[(blocks, heads)](pm, pl, pacc, out, blk_tok, blk_n, kv_scale, out.stride(0), out.stride(1), H=heads,
-                                   TOK=tokens_per_block, D=head_dim, DP=dp, SPLITS=splits,
-                                   num_warps=1 if splits * dp <= 1024 else 2)
+    if not merge:
+        merge_kernel[(blocks, heads)](pm, pl, pacc, out, blk_tok, blk_n, kv_scale, out.stride(0), out.stride(1),
+                                      H=heads, TOK=tokens_per_block, D=head_dim, DP=dp, SPLITS=splits,
+                                      num_warps=1 if splits * dp <= 1024 else 2)
     return out

@@ -87,18 +87,18 @@ def _rope_store_kernel(QKV, COS, SIN, POS, SLOTS, QOUT, KC, VC, stride_qkv, stri
         kh = h - H
         slot = tl.load(SLOTS + t).to(tl.int64)
         kdst = KC + slot * stride_ks + kh * stride_kh
-        tl.store(kdst + i, _to_cache(o1, inv_kv_scale, KC, FP8), mask=m)
-        tl.store(kdst + HALF + i, _to_cache(o2, inv_kv_scale, KC, FP8), mask=m)
+        tl.store(kdst + i, to_cache(o1, inv_kv_scale, KC, FP8), mask=m)
+        tl.store(kdst + HALF + i, to_cache(o2, inv_kv_scale, KC, FP8), mask=m)
         vsrc = QKV + t * stride_qkv + (H + KVH + kh) * D
         vdst = VC + slot * stride_ks + kh * stride_kh
         v1 = tl.load(vsrc + i, mask=m, other=0.0).to(tl.float32)
         v2 = tl.load(vsrc + HALF + i, mask=m, other=0.0).to(tl.float32)
-        tl.store(vdst + i, _to_cache(v1, inv_kv_scale, VC, FP8), mask=m)
-        tl.store(vdst + HALF + i, _to_cache(v2, inv_kv_scale, VC, FP8), mask=m)
+        tl.store(vdst + i, to_cache(v1, inv_kv_scale, VC, FP8), mask=m)
+        tl.store(vdst + HALF + i, to_cache(v2, inv_kv_scale, VC, FP8), mask=m)
 
 
 @triton.jit
-def _to_cache(x, inv_kv_scale, C, FP8: tl.constexpr):
+def to_cache(x, inv_kv_scale, C, FP8: tl.constexpr):
     """fp32 -> the cache dtype; an fp8 cache holds x / kv_scale, saturated to e4m3's finite range."""
     if FP8:
         x = tl.clamp(x * inv_kv_scale, -448.0, 448.0)

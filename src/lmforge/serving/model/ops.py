@@ -38,6 +38,9 @@ class StepLayout:
     tokens_per_block: int
     logit_index: torch.Tensor | None  # [K] int64 tokens whose logits are wanted; None = all
     plan: list[tuple[int, int, int, int]] | None = None  # host: (row, first token, tokens, kv length) per sequence
+    # Every sequence's tokens are one query block (decode and verify steps): no query block reads keys that
+    # another writes in the same step, which lets the attention kernel store them itself (TritonOps.rope_attention).
+    one_block_each: bool = False
     # The PyTorch attention's gather indices and mask: the same for every layer of a step, built once.
     dense: tuple[torch.Tensor, ...] | None = None
 
@@ -65,7 +68,8 @@ class StepLayout:
         # One row per column (contiguous: a kernel sees only a tensor's data pointer, not its strides).
         blk = to_device([list(column) for column in zip(*blocks)], torch.int32, device)
         return cls(t64(tokens), t64(positions), t64(rows), blk[0], blk[1], blk[2], tokens_per_block,
-                   None if logit_index is None else t64(logit_index), plan)
+                   None if logit_index is None else t64(logit_index), plan,
+                   one_block_each=len(blocks) == len(items))
 
 
 class Ops:
@@ -101,6 +105,17 @@ class Ops:
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def rotates_in_attention(self, layout: StepLayout, table: torch.Tensor, block_size: int, kv_heads: int) -> bool:
+        """Whether :meth:`rope_attention` takes this step (host shapes only: the step may be captured);
+        otherwise the runner calls :meth:`rope_store` and :meth:`attention`."""
+        return False
+
+    def rope_attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, table: torch.Tensor, layout: StepLayout, block_size: int, heads: int,
+                       scale: float) -> torch.Tensor:
+        """:meth:`rope_store` and :meth:`attention` in one kernel (only where :meth:`rotates_in_attention`)."""
+        raise NotImplementedError(f"the {self.name} ops rotate queries apart (rotates_in_attention is False)")
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
                   layout: StepLayout, block_size: int, scale: float) -> torch.Tensor:
@@ -153,13 +168,29 @@ class TritonOps(Ops):
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self._k.silu_mul(gate_up)
 
-    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
-                  layout: StepLayout, block_size: int, scale: float) -> torch.Tensor:
+    def _splits(self, layout: StepLayout, table: torch.Tensor, block_size: int, kv_heads: int) -> int:
         # Few query blocks (decode and verify steps, which graphs capture; a short prefill chunk) are few
         # programs unless their contexts are split. Host shapes only (the step may be captured): the number of
         # blocks and the longest context the table can hold.
-        splits = self.split.splits(layout.blk_row.shape[0], k_cache.shape[1], table.shape[1] * block_size,
-                                   self._decode.multiprocessors(q.device))
+        return self.split.splits(layout.blk_row.shape[0], kv_heads, table.shape[1] * block_size,
+                                 self._decode.multiprocessors(table.device))
+
+    def rotates_in_attention(self, layout: StepLayout, table: torch.Tensor, block_size: int, kv_heads: int) -> bool:
+        # The split kernel rotates and stores in its programs, when no block reads another's new keys.
+        return self.split.rope and layout.one_block_each and self._splits(layout, table, block_size, kv_heads) > 1
+
+    def rope_attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, table: torch.Tensor, layout: StepLayout, block_size: int, heads: int,
+                       scale: float) -> torch.Tensor:
+        splits = self._splits(layout, table, block_size, k_cache.shape[1])
+        rope = self._decode.Rope(qkv, cos, sin, heads)
+        return self._decode.split_decode_attention(rope, k_cache, v_cache, table, layout.positions, layout.blk_row,
+                                                   layout.blk_tok, layout.blk_n, layout.tokens_per_block, splits,
+                                                   block_size, scale, self.kv_scale, self.split)
+
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+                  layout: StepLayout, block_size: int, scale: float) -> torch.Tensor:
+        splits = self._splits(layout, table, block_size, k_cache.shape[1])
         if splits > 1:
             return self._decode.split_decode_attention(q, k_cache, v_cache, table, layout.positions, layout.blk_row,
                                                        layout.blk_tok, layout.blk_n, layout.tokens_per_block, splits,

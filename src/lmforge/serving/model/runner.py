@@ -164,7 +164,9 @@ class LlamaRunner:
         """Logits ``[K, vocab]`` of the tokens in ``layout.logit_index`` (all tokens when None)."""
         ops, cache, bs = self.ops, self.cache, self.cache.block_size
         positions = layout.positions
-        slots = cache.table[layout.rows, positions // bs].long() * bs + positions % bs
+        # Decode and verify steps may rotate and store keys inside the attention kernel (one kernel, not two).
+        fused = ops.rotates_in_attention(layout, cache.table, bs, self.kv_heads)
+        slots = None if fused else cache.table[layout.rows, positions // bs].long() * bs + positions % bs
         if self.lora is not None:  # which adapter each token's sequence uses, read by the adapted layers
             self.lora.select(layout.rows)
         x = F.embedding(layout.tokens, self.embed)
@@ -172,9 +174,14 @@ class LlamaRunner:
         residual = None
         for i, layer in enumerate(self.layers):
             h, residual = ops.add_rms_norm(x, residual, layer.ln1, self.eps)
-            q = ops.rope_store(layer.qkv(h), self.cos, self.sin, positions, slots, cache.keys[i], cache.values[i],
-                               self.heads, self.kv_heads, self.head_dim)
-            attn = ops.attention(q, cache.keys[i], cache.values[i], cache.table, layout, bs, self.scale)
+            if fused:
+                attn = ops.rope_attention(layer.qkv(h), self.cos, self.sin, cache.keys[i], cache.values[i], cache.table,
+                                          layout, bs, self.heads, self.scale)
+            else:
+                assert slots is not None  # set whenever the step is not fused
+                q = ops.rope_store(layer.qkv(h), self.cos, self.sin, positions, slots, cache.keys[i], cache.values[i],
+                                   self.heads, self.kv_heads, self.head_dim)
+                attn = ops.attention(q, cache.keys[i], cache.values[i], cache.table, layout, bs, self.scale)
             x = layer.o(attn.reshape(tokens, self.heads * self.head_dim))
             h, residual = ops.add_rms_norm(x, residual, layer.ln2, self.eps)
             x = layer.down(ops.silu_mul(layer.gate_up(h)))
