@@ -32,7 +32,7 @@ POLICY = SplitPolicy(block_n=16)
 
 
 def _step(contexts: list[int], heads: int, kv_heads: int, cache_dtype: torch.dtype, seed: int, tokens: int = 1,
-          tokens_per_block: int = 1):
+          tokens_per_block: int = 1, decode: bool = False):
     """A step of ``tokens`` new tokens per sequence (1: decode; k + 1: a verify; more: a prefill chunk) ending
     at position ``context - 1``, cut into query blocks of ``tokens_per_block``, over random caches whose
     rows use shuffled pages (row ``i`` of ``len(contexts) + 1``; the extra row is never read)."""
@@ -45,7 +45,7 @@ def _step(contexts: list[int], heads: int, kv_heads: int, cache_dtype: torch.dty
     runs = [min(tokens, n) for n in contexts]
     q = torch.randn(sum(runs), heads, head_dim, generator=gen)
     items = [(i, n - run, [7] * run) for i, (n, run) in enumerate(zip(contexts, runs))]
-    layout = StepLayout.build(items, torch.device("cpu"), tokens_per_block, None)
+    layout = StepLayout.build(items, torch.device("cpu"), tokens_per_block, None, decode)
     return q, k_cache, v_cache, table.int(), layout
 
 
@@ -123,16 +123,17 @@ ROPE_CASES = [  # (contexts, tokens per sequence, heads, kv_heads, cache dtype):
 @pytest.mark.parametrize("contexts,tokens,heads,kv_heads,cache_dtype", ROPE_CASES,
                          ids=[f"b{len(c[0])}-t{c[1]}-h{c[2]}-{str(c[4])[6:]}" for c in ROPE_CASES])
 @pytest.mark.parametrize("merge", ["in_split", "apart"])
-def test_rotating_split_kernel_equals_rope_store_then_attention(contexts, tokens, heads, kv_heads, cache_dtype,
-                                                                merge) -> None:
-    """A decode or verify step's split kernel that rotates the queries and stores the new keys and values
-    itself (``Rope``) gives the attention and the cache of ``rope_store`` followed by ``attention``; the
-    partials merge in the last split program or in the merge kernel alike, and the counters end at zero."""
+def test_rotating_kernels_equal_rope_store_then_attention(contexts, tokens, heads, kv_heads, cache_dtype,
+                                                          merge) -> None:
+    """A decode or verify step's attention kernels that rotate the queries and store the new keys and values
+    themselves (``Rope``) give the attention and the cache of ``rope_store`` followed by ``attention``: the
+    split kernel (partials merged in its last program or in the merge kernel alike; the counters end at
+    zero) and the one-pass kernel."""
     from lmforge.serving.kernels import decode_attention
 
     _, k_cache, v_cache, table, layout = _step(contexts, heads, kv_heads, cache_dtype, seed=tokens + heads,
-                                               tokens=tokens, tokens_per_block=tokens)
-    assert layout.one_block_each
+                                               tokens=tokens, tokens_per_block=tokens, decode=True)
+    assert layout.decode_step
     gen = torch.Generator().manual_seed(5)
     head_dim, kv_scale = k_cache.shape[2], 0.5 if cache_dtype == torch.float8_e4m3fn else 1.0
     qkv = torch.randn(layout.tokens.shape[0], (heads + 2 * kv_heads) * head_dim, generator=gen)
@@ -159,23 +160,33 @@ def test_rotating_split_kernel_equals_rope_store_then_attention(contexts, tokens
         assert _rel(out, ref) < 1e-5, f"{splits} splits"
         assert torch.equal(k_out.float(), k_ref.float()) and torch.equal(v_out.float(), v_ref.float())
     assert not decode_attention.counters(torch.device("cpu")).any()
-    assert ops.rotates_in_attention(layout, table, PAGE, kv_heads)
-    k_out, v_out = k_cache.clone(), v_cache.clone()
-    out = ops.rope_attention(qkv, cos, sin, k_out, v_out, table, layout, PAGE, heads, 0.25)
-    assert _rel(out, ref) < 1e-5 and torch.equal(k_out.float(), k_ref.float())
+    unsplit = TritonOps(SplitPolicy(waves=0.01, block_n=16))  # the one-pass kernel
+    for fused in (ops, unsplit):
+        fused.kv_scale = kv_scale
+        assert fused.rotates_in_attention(layout, table, PAGE, kv_heads)
+        k_out, v_out = k_cache.clone(), v_cache.clone()
+        out = fused.rope_attention(qkv, cos, sin, k_out, v_out, table, layout, PAGE, heads, 0.25)
+        assert _rel(out, ref) < 1e-5 and torch.equal(k_out.float(), k_ref.float())
+        assert torch.equal(v_out.float(), v_ref.float())
 
 
-def test_only_steps_of_one_block_per_sequence_rotate_in_the_kernel() -> None:
-    """A prefill chunk cut into several blocks of one sequence keeps rope_store apart (a block reads the keys
-    an earlier block of the same step writes); the PyTorch ops never fuse."""
-    _, _, _, table, chunk = _step([47, 21], 8, 2, torch.float32, seed=1, tokens=19, tokens_per_block=8)
-    _, _, _, _, verify = _step([47, 21], 8, 2, torch.float32, seed=1, tokens=5, tokens_per_block=5)
-    assert not chunk.one_block_each and verify.one_block_each
-    assert not TritonOps(POLICY).rotates_in_attention(chunk, table, PAGE, 2)
-    assert TritonOps(POLICY).rotates_in_attention(verify, table, PAGE, 2)
+def test_only_decode_and_verify_steps_rotate_in_the_kernel() -> None:
+    """Prefill chunks keep rope_store apart, even when each prompt is one block (a prompt may read the blocks
+    another prompt of the same forward writes); so do verify steps whose runs need several blocks, the
+    PyTorch ops, and the Triton ops with the fusion off (serving.runtime.fused_attention: false)."""
+    step = {"contexts": [47, 21], "heads": 8, "kv_heads": 2, "cache_dtype": torch.float32, "seed": 1}
+    table = _step(**step)[3]
+    prefill = _step(**step, tokens=5, tokens_per_block=8)[4]
+    verify = _step(**step, tokens=5, tokens_per_block=8, decode=True)[4]
+    long_verify = _step(**step, tokens=5, tokens_per_block=4, decode=True)[4]
+    assert not prefill.decode_step and verify.decode_step and not long_verify.decode_step
+    for policy in (POLICY, SplitPolicy(waves=0.01, block_n=16)):  # split, and the one-pass kernel
+        ops = TritonOps(policy)
+        assert ops.rotates_in_attention(verify, table, PAGE, 2)
+        assert not ops.rotates_in_attention(prefill, table, PAGE, 2)
+        assert not ops.rotates_in_attention(long_verify, table, PAGE, 2)
+        assert not TritonOps(policy, rope_in_attention=False).rotates_in_attention(verify, table, PAGE, 2)
     assert not Ops().rotates_in_attention(verify, table, PAGE, 2)
-    unsplit = TritonOps(SplitPolicy(waves=0.01, block_n=16))  # the one-pass kernel: rope_store stays apart
-    assert not unsplit.rotates_in_attention(verify, table, PAGE, 2)
 
 
 @needs_interpreter
@@ -215,7 +226,7 @@ def test_interpreter_tests_run() -> None:
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     # 8 split-vs-torch cases, 3 of blocks of several tokens, 8 rotating ones, the fusion rule, the padded rows, the
-    # policy, the whole model;
+    # policy, the whole model (its decode step rotates in the kernel);
     # skipped only: this test and the three compile checks, which need the compiler the interpreter replaces.
     assert lines and lines[-1].startswith("23 passed, 5 skipped"), proc.stdout[-4000:]
     skips = [line for line in lines if line.startswith("SKIPPED")]
@@ -228,23 +239,27 @@ def test_interpreter_tests_run() -> None:
                                                    ("bf16", 8, 5, False), ("fp8e4nv", 8, 5, True)])
 def test_kernels_compile_for_an_h100(cache: str, splits: int, tok: int, fused: bool) -> None:
     """Compiled mode differs from the interpreter (loaded scalars as loop bounds, int64 offsets, fp8
-    loads, the atomic count): both kernels go through Triton's compiler and ptxas for sm_90 (no GPU
-    needed), on the Llama-1.1B shape; the split kernel rotating and merging itself (``fused``) or not."""
+    loads, the atomic count): the split, merge and one-pass kernels go through Triton's compiler and ptxas
+    for sm_90 (no GPU needed), on the Llama-1.1B shape; rotating (and the split kernel merging) in the
+    kernel (``fused``) or not."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from lmforge.serving.kernels import decode_attention as kernels
+    from lmforge.serving.kernels import layer
 
     types = {"Q": "*bf16", "KC": f"*{cache}", "VC": f"*{cache}", "TABLE": "*i32", "POS": "*i64", "BLK_ROW": "*i64",
              "BLK_TOK": "*i32", "BLK_N": "*i32", "PM": "*fp32", "PL": "*fp32", "PACC": "*fp32", "OUT": "*bf16",
              "COUNT": "*i32", "COS": "*bf16", "SIN": "*bf16", "qk_scale": "fp32", "kv_scale": "fp32",
-             "inv_kv_scale": "fp32"}
+             "inv_kv_scale": "fp32", "scale": "fp32"}
     split_consts = {"H": 32, "KVH": 4, "GROUP": 8, "TOK": tok, "TOKP": triton.next_power_of_2(tok),
                     "M": max(16, triton.next_power_of_2(8 * tok)), "D": 64, "DP": 64, "PAGE": 16, "BLOCK_N": 32,
                     "SPLITS": splits, "LOOP_WHILE": False, "ROPE": fused, "MERGE": fused, "FP8": cache == "fp8e4nv"}
     merge_consts = {"H": 32, "TOK": tok, "D": 64, "DP": 64, "SPLITS": splits}
-    for fn, consts, warps in ((kernels.split_kernel, split_consts, 4), (kernels.merge_kernel, merge_consts, 1)):
+    one_pass_consts = {k: v for k, v in split_consts.items() if k not in ("SPLITS", "MERGE")} | {"BLOCK_N": 64}
+    for fn, consts, warps in ((kernels.split_kernel, split_consts, 4), (kernels.merge_kernel, merge_consts, 1),
+                              (layer._paged_attention_kernel, one_pass_consts, 4)):
         names = fn.arg_names
         signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
         src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in consts.items()})

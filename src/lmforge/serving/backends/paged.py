@@ -49,7 +49,7 @@ def pick_ops(device: torch.device, dtype: torch.dtype, fused_attention: bool = T
             return TritonOps()
         from lmforge.serving.kernels.decode_attention import SplitPolicy  # imports triton
 
-        return TritonOps(SplitPolicy(merge="apart", rope=False))
+        return TritonOps(SplitPolicy(merge="apart"), rope_in_attention=False)
     except ImportError:
         log.warning("triton is not installed: the paged engine runs PyTorch ops, without CUDA graphs")
         return Ops()
@@ -205,7 +205,7 @@ class PagedBackend:
         if self.verify_graphs is not None and self.verify_graphs.fits(runs):
             return self.verify_graphs.run(rows, [shift + p for p in positions], runs)
         layout = StepLayout.build([(r, shift + p, ids) for r, p, ids in zip(rows, positions, runs)], self.device,
-                                  self.prefill_block, None)
+                                  self.prefill_block, None, decode=True)
         return list(self.runner.forward(layout).split([len(ids) for ids in runs]))
 
     def decode(self, rows: list[int], positions: list[int], tokens: list[int] | torch.Tensor) -> torch.Tensor:
@@ -214,7 +214,8 @@ class PagedBackend:
         if self.graphs is not None and self.graphs.fits(len(rows)):
             return self.graphs.run(tokens, positions, rows)
         ids = [0] * len(rows) if isinstance(tokens, torch.Tensor) else tokens
-        layout = StepLayout.build([(r, p, [t]) for r, p, t in zip(rows, positions, ids)], self.device, 1, None)
+        layout = StepLayout.build([(r, p, [t]) for r, p, t in zip(rows, positions, ids)], self.device, 1, None,
+                                  decode=True)
         if isinstance(tokens, torch.Tensor):  # still on the device: fed in stream order, not read here
             layout = dataclasses.replace(layout, tokens=tokens)
         return self.runner.forward(layout)

@@ -12,11 +12,11 @@ that it is the last; a second kernel merges instead where the counters do not co
 rows of a block are its tokens x the KV head's query heads, as in the one-pass kernel; all share the
 chunk bounds (from the block's last token), and each masks keys past its own position.
 
-Where every sequence of a step is one query block (decode and verify steps), the kernel also does
-``rope_store``'s work (:class:`Rope`): each program rotates its query rows from the QKV output, and
-writes the keys and values of the new tokens that fall in its own chunk, which no other program
-reads. At one sequence on an H100 a layer's attention is then one kernel instead of three (each
-kernel of a captured step costs ~2 us however small).
+In decode and verify steps (``StepLayout.decode_step``) the kernel also does ``rope_store``'s work
+(``layer.py``: :class:`Rope`): each program rotates its query rows from the QKV output, and writes
+the keys and values of the new tokens that fall in its own chunk, which no other program reads. At
+one sequence on an H100 a layer's attention is then one kernel instead of three (each kernel of a
+captured step costs ~2 us however small).
 
 Decode steps are captured in CUDA graphs, so nothing here reads a device value on the host: the
 number of splits comes from host shapes only (:meth:`SplitPolicy.splits`: the batch size and the
@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from lmforge.core.errors import ConfigError
-from lmforge.serving.kernels.layer import INTERPRETED, attend_tile, to_cache
+from lmforge.serving.kernels.layer import INTERPRETED, Rope, attend_tile, query_source, rotate, store_new_kv
 
 # An H100 SXM's SMs: the count assumed where no CUDA device is asked (the CPU interpreter).
 DEFAULT_SMS = 132
@@ -62,9 +62,6 @@ class SplitPolicy:
     # "in_split": the last split program of each (block, KV head) merges the partials; "apart": a second kernel
     # does (one more kernel per layer, ~2.3 us at one sequence on an H100: bench.serve.attention compares them).
     merge: Literal["in_split", "apart"] = "in_split"
-    # Steps whose every sequence is one query block rotate queries and store keys in the split kernel (Rope),
-    # not in rope_store before it (model/ops.py: TritonOps.rotates_in_attention).
-    rope: bool = True
 
     def __post_init__(self) -> None:
         for name, value, low in (("max_splits", self.max_splits, 1), ("block_n", self.block_n, 16)):
@@ -102,40 +99,6 @@ def _chunk(kv_len, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _rotate(src, cs, sn, d, mask, HALF: tl.constexpr):
-    """Rows at ``src`` (pointers [R, 1]) rotated by the rope table rows ``cs``/``sn``, in float32 with
-    ``rope_store``'s arithmetic (the table's two halves repeat, so column d holds d's angle)."""
-    first = (d < HALF)[None, :]
-    partner = tl.where(d < HALF, d + HALF, d - HALF)[None, :]
-    x = tl.load(src + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    xp = tl.load(src + partner, mask=mask, other=0.0).to(tl.float32)
-    c = tl.load(cs + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(sn + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    return x * c + tl.where(first, -xp, xp) * s
-
-
-@triton.jit
-def _store_new_kv(QKV, KC, VC, TABLE, POS, COS, SIN, row, t0, nt, kvh, start, end, d, dm, inv_kv_scale, stride_qt,
-                  stride_cos, stride_ks, stride_kh, stride_table, H: tl.constexpr, KVH: tl.constexpr,
-                  D: tl.constexpr, TOKP: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr):
-    """Rotate the keys of the block's new tokens whose positions fall in [start, end) and write them and
-    their values to the cache: only this program reads those positions, so it is the one that writes them."""
-    tk = tl.arange(0, TOKP)
-    tpos = tl.load(POS + t0 + tk, mask=tk < nt, other=-1)
-    mine = (tk < nt) & (tpos >= start) & (tpos < end)
-    page = tl.load(TABLE + row * stride_table + tpos // PAGE, mask=mine, other=0).to(tl.int64)
-    slot = page * PAGE + tpos % PAGE
-    mask = mine[:, None] & dm[None, :]
-    src = QKV + (t0 + tk)[:, None] * stride_qt
-    key = _rotate(src + (H + kvh) * D, COS + tpos[:, None] * stride_cos, SIN + tpos[:, None] * stride_cos, d, mask,
-                  D // 2)
-    value = tl.load(src + (H + KVH + kvh) * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    dst = slot[:, None] * stride_ks + kvh * stride_kh + d[None, :]
-    tl.store(KC + dst, to_cache(key, inv_kv_scale, KC, FP8), mask=mask)
-    tl.store(VC + dst, to_cache(value, inv_kv_scale, VC, FP8), mask=mask)
-
-
-@triton.jit
 def _merge_rows(PM, PL, PACC, OUT, part0, t0, tok, head, valid, d, dm, kv_scale, stride_ot, stride_oh,
                 M: tl.constexpr, DP: tl.constexpr, SPLITS: tl.constexpr):
     """Each row's SPLITS partials (at ``part0 + s``) merged by their softmax weights, written to OUT."""
@@ -167,8 +130,8 @@ def split_kernel(Q, KC, VC, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N, PM, PL, PACC, O
     partials are laid out [B, TOK, H, SPLITS] (and DP wide).
 
     ROPE: Q is the step's fused QKV output (``rope_store``'s input), and this program rotates its
-    query rows itself and writes the keys and values of the new tokens in its chunk (every sequence
-    must be one block, so no other program reads them). MERGE: the last program of (b, KV head) to
+    query rows itself and writes the keys and values of the new tokens in its chunk (``Rope``: no
+    other program reads them). MERGE: the last program of (b, KV head) to
     finish merges the partials into OUT (``COUNT`` counts the finished ones and is left at zero)."""
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
@@ -190,9 +153,9 @@ def split_kernel(Q, KC, VC, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N, PM, PL, PACC, O
     q_rows = Q + (t0 + tok)[:, None] * stride_qt + head[:, None] * stride_qh
     q_mask = valid[:, None] & dm[None, :]
     if ROPE:
-        q = _rotate(q_rows, COS + pos[:, None] * stride_cos, SIN + pos[:, None] * stride_cos, d, q_mask,
+        q = rotate(q_rows, COS + pos[:, None] * stride_cos, SIN + pos[:, None] * stride_cos, d, q_mask,
                     D // 2).to(Q.dtype.element_ty)  # rounded as rope_store rounds the query it writes
-        _store_new_kv(Q, KC, VC, TABLE, POS, COS, SIN, row, t0, nt, kvh, start, end, d, dm, inv_kv_scale, stride_qt,
+        store_new_kv(Q, KC, VC, TABLE, POS, COS, SIN, row, t0, nt, kvh, start, end, d, dm, inv_kv_scale, stride_qt,
                       stride_cos, stride_ks, stride_kh, stride_table, H, KVH, D, TOKP, PAGE, FP8)
         tl.debug_barrier()  # the program's threads read back the keys and values its other threads wrote
     else:
@@ -265,17 +228,6 @@ def counters(device: torch.device) -> torch.Tensor:
     return torch.zeros(COUNTERS, dtype=torch.int32, device=device)
 
 
-@dataclass(frozen=True)
-class Rope:
-    """The query input of a split step that rotates in the kernel: the fused QKV output ``[T, (H + 2 KVH) * D]``
-    and the model's rope tables (``[positions, D]``, halves repeated); the keys and values go to the cache."""
-
-    qkv: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    heads: int
-
-
 def split_decode_attention(q: torch.Tensor | Rope, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
                            positions: torch.Tensor, blk_row: torch.Tensor, blk_tok: torch.Tensor, blk_n: torch.Tensor,
                            tokens_per_block: int, splits: int, block_size: int, scale: float, kv_scale: float = 1.0,
@@ -283,18 +235,13 @@ def split_decode_attention(q: torch.Tensor | Rope, k_cache: torch.Tensor, v_cach
     """Attention output ``[T, heads, head_dim]`` of a step described by its query blocks (as the one-pass
     ``paged_attention``: up to ``tokens_per_block`` consecutive tokens of one sequence each; one for a
     decode step, k + 1 for a speculative verify), each block's context cut into ``splits`` (a power of
-    two) chunks. ``q``: the rotated queries ``[T, heads, head_dim]``, or a :class:`Rope` (every sequence
-    one block), whose new keys and values the kernel also writes to the cache."""
+    two) chunks. ``q``: the rotated queries ``[T, heads, head_dim]``, or a :class:`Rope` (a decode or
+    verify step), whose new keys and values the kernel also writes to the cache."""
     if splits < 1 or splits & (splits - 1):
         raise ConfigError(f"split_decode_attention got splits={splits}", "give a power of two (1, 2, 4, ...)")
     policy = policy or SplitPolicy()
     kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]
-    if isinstance(q, Rope):
-        heads, source, cos, sin = q.heads, q.qkv, q.cos, q.sin
-        q_strides = (source.stride(0), head_dim)
-    else:
-        heads, source, cos, sin = q.shape[1], q, q, q  # the tables are not read
-        q_strides = (q.stride(0), q.stride(1))
+    heads, source, cos, sin, stride_qt, stride_qh = query_source(q)
     tokens, device = source.shape[0], source.device
     group = heads // kv_heads
     blocks = blk_row.shape[0]
@@ -310,7 +257,7 @@ def split_decode_attention(q: torch.Tensor | Rope, k_cache: torch.Tensor, v_cach
     qk_scale = scale * kv_scale * 1.4426950408889634  # base 2, as the one-pass kernel; keys are k / kv_scale
     split_kernel[(blocks, kv_heads, splits)](
         source, k_cache, v_cache, table, positions, blk_row, blk_tok, blk_n, pm, pl, pacc, out, count, cos, sin,
-        qk_scale, kv_scale, 1.0 / kv_scale, *q_strides, out.stride(0), out.stride(1), k_cache.stride(0),
+        qk_scale, kv_scale, 1.0 / kv_scale, stride_qt, stride_qh, out.stride(0), out.stride(1), k_cache.stride(0),
         k_cache.stride(1), table.stride(0), cos.stride(0), H=heads, KVH=kv_heads, GROUP=group, TOK=tokens_per_block,
         TOKP=triton.next_power_of_2(tokens_per_block), M=m, D=head_dim, DP=dp, PAGE=block_size,
         BLOCK_N=policy.block_n, SPLITS=splits, LOOP_WHILE=INTERPRETED, ROPE=isinstance(q, Rope), MERGE=merge,

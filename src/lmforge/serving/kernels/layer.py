@@ -15,6 +15,11 @@ costs ~2 us however small it is):
   A pure decode step with few sequences takes the split-K path of ``decode_attention.py`` instead
   (``model/ops.py``: ``TritonOps.attention`` chooses).
 
+In decode and verify steps, where no query block reads keys that another writes, the attention
+kernels also do ``rope_store``'s work (:class:`Rope`, ``rotate``, ``store_new_kv``): a program
+rotates its query rows from the QKV output and writes its new tokens' keys and values before it
+reads the cache, which saves a kernel per layer.
+
 Rounding follows the PyTorch ops they replace where it is cheap (the residual sum and the norm are
 rounded to the model dtype exactly where Llama rounds them); the rotary product is computed in
 fp32 and rounded once. ``model/ops.py`` holds the PyTorch versions (CPU, and the reference in tests:
@@ -24,6 +29,7 @@ fp32 and rounded once. ``model/ops.py`` holds the PyTorch versions (CPU, and the
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -121,6 +127,62 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position
 
 
 @triton.jit
+def rotate(src, cs, sn, d, mask, HALF: tl.constexpr):
+    """Rows at ``src`` (pointers [R, 1]) rotated by the rope table rows ``cs``/``sn``, in float32 with
+    ``rope_store``'s arithmetic (the table's two halves repeat, so column d holds d's angle)."""
+    first = (d < HALF)[None, :]
+    partner = tl.where(d < HALF, d + HALF, d - HALF)[None, :]
+    x = tl.load(src + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(src + partner, mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(cs + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(sn + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    return x * c + tl.where(first, -xp, xp) * s
+
+
+@triton.jit
+def store_new_kv(QKV, KC, VC, TABLE, POS, COS, SIN, row, t0, nt, kvh, start, end, d, dm, inv_kv_scale, stride_qt,
+                 stride_cos, stride_ks, stride_kh, stride_table, H: tl.constexpr, KVH: tl.constexpr,
+                 D: tl.constexpr, TOKP: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr):
+    """Rotate the keys of the block's new tokens whose positions fall in [start, end) and write them and
+    their values to the cache. Only this program reads those positions (the caller's rule), so no other
+    program waits for them; its own threads do, behind a barrier after this."""
+    tk = tl.arange(0, TOKP)
+    tpos = tl.load(POS + t0 + tk, mask=tk < nt, other=-1)
+    mine = (tk < nt) & (tpos >= start) & (tpos < end)
+    page = tl.load(TABLE + row * stride_table + tpos // PAGE, mask=mine, other=0).to(tl.int64)
+    slot = page * PAGE + tpos % PAGE
+    mask = mine[:, None] & dm[None, :]
+    src = QKV + (t0 + tk)[:, None] * stride_qt
+    key = rotate(src + (H + kvh) * D, COS + tpos[:, None] * stride_cos, SIN + tpos[:, None] * stride_cos, d, mask,
+                 D // 2)
+    value = tl.load(src + (H + KVH + kvh) * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    dst = slot[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+    tl.store(KC + dst, to_cache(key, inv_kv_scale, KC, FP8), mask=mask)
+    tl.store(VC + dst, to_cache(value, inv_kv_scale, VC, FP8), mask=mask)
+
+
+@dataclass(frozen=True)
+class Rope:
+    """The query input of an attention kernel that does ``rope_store``'s work itself: the fused QKV output
+    ``[T, (H + 2 KVH) * D]`` and the model's rope tables (``[positions, D]``, halves repeated). Only for steps
+    where every query block reads just the new keys it writes (``StepLayout.decode_step``)."""
+
+    qkv: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    heads: int
+
+
+
+def query_source(q: torch.Tensor | Rope) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """(query heads, the tensor the kernel reads queries from, cos, sin, its token and head strides): rotated
+    queries ``[T, H, D]``, or a :class:`Rope`'s QKV rows (the tables are then read; else not)."""
+    if isinstance(q, Rope):
+        return q.heads, q.qkv, q.cos, q.sin, q.qkv.stride(0), q.cos.shape[1]  # head h's columns: h * head_dim on
+    return q.shape[1], q, q, q, q.stride(0), q.stride(1)
+
+
+@triton.jit
 def _silu_mul_kernel(GU, OUT, stride_gu, stride_o, I, BLOCK: tl.constexpr):  # noqa: E741 - I: the MLP width, as in the kernel's math
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -165,11 +227,14 @@ def attend_tile(q, KC, VC, TABLE, row, kvh, start, kv_len, pos, d, dm, qk_scale,
 
 
 @triton.jit
-def _paged_attention_kernel(Q, KC, VC, OUT, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N, scale, kv_scale,
+def _paged_attention_kernel(Q, KC, VC, OUT, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N, COS, SIN, scale, kv_scale, inv_kv_scale,
                             stride_qt, stride_qh, stride_ot, stride_oh, stride_ks, stride_kh, stride_table,
-                            GROUP: tl.constexpr, TOK: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-                            DP: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                            LOOP_WHILE: tl.constexpr):
+                            stride_cos, H: tl.constexpr, KVH: tl.constexpr, GROUP: tl.constexpr, TOK: tl.constexpr,
+                            TOKP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                            PAGE: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_WHILE: tl.constexpr, ROPE: tl.constexpr,
+                            FP8: tl.constexpr):
+    """Program (query block, KV head) over the block's whole context. ROPE: Q is the fused QKV output, and
+    the program rotates its query rows and writes its new tokens' keys and values (``Rope``)."""
     bid = tl.program_id(0)
     kvh = tl.program_id(1)
     row = tl.load(BLK_ROW + bid).to(tl.int64)
@@ -182,9 +247,17 @@ def _paged_attention_kernel(Q, KC, VC, OUT, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N,
     pos = tl.load(POS + t0 + tok, mask=valid, other=0)
     d = tl.arange(0, DP)
     dm = d < D
-    q = tl.load(Q + (t0 + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=valid[:, None] & dm[None, :], other=0.0)
     kv_len = tl.load(POS + t0 + nt - 1) + 1  # a block's tokens are consecutive: the last sees the most
+    q_rows = Q + (t0 + tok)[:, None] * stride_qt + head[:, None] * stride_qh
+    q_mask = valid[:, None] & dm[None, :]
+    if ROPE:
+        q = rotate(q_rows, COS + pos[:, None] * stride_cos, SIN + pos[:, None] * stride_cos, d, q_mask,
+                   D // 2).to(Q.dtype.element_ty)  # rounded as rope_store rounds the query it writes
+        store_new_kv(Q, KC, VC, TABLE, POS, COS, SIN, row, t0, nt, kvh, 0, kv_len, d, dm, inv_kv_scale, stride_qt,
+                     stride_cos, stride_ks, stride_kh, stride_table, H, KVH, D, TOKP, PAGE, FP8)
+        tl.debug_barrier()  # the program's threads read back the keys and values its other threads wrote
+    else:
+        q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)
     qk_scale = scale * kv_scale * 1.4426950408889634  # base 2: exp2 is the cheap instruction; keys are k/kv_scale
     m_i = tl.full([M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([M], dtype=tl.float32)
@@ -204,20 +277,22 @@ def _paged_attention_kernel(Q, KC, VC, OUT, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N,
              out.to(OUT.dtype.element_ty), mask=valid[:, None] & dm[None, :])
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+def paged_attention(q: torch.Tensor | Rope, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
                     positions: torch.Tensor, blk_row: torch.Tensor, blk_tok: torch.Tensor, blk_n: torch.Tensor,
                     tokens_per_block: int, block_size: int, scale: float, kv_scale: float = 1.0) -> torch.Tensor:
-    """Attention output ``[T, heads, head_dim]`` for queries ``q`` described by the query blocks."""
-    _, heads, head_dim = q.shape
-    kv_heads = k_cache.shape[1]
+    """Attention output ``[T, heads, head_dim]`` for queries ``q`` described by the query blocks (or a
+    :class:`Rope`, whose new keys and values the kernel also writes to the cache)."""
+    kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]
+    heads, source, cos, sin, stride_qt, stride_qh = query_source(q)
     group = heads // kv_heads
     m = max(16, triton.next_power_of_2(tokens_per_block * group))
-    out = torch.empty_like(q)
+    out = torch.empty((source.shape[0], heads, head_dim), dtype=source.dtype, device=source.device)
     _paged_attention_kernel[(blk_row.shape[0], kv_heads)](
-        q, k_cache, v_cache, out, table, positions, blk_row, blk_tok, blk_n, scale, kv_scale,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
-        table.stride(0), GROUP=group, TOK=tokens_per_block, M=m, D=head_dim,
-        DP=max(16, triton.next_power_of_2(head_dim)), PAGE=block_size, BLOCK_N=64, LOOP_WHILE=INTERPRETED,
-        num_warps=4 if m <= 64 else 8,
+        source, k_cache, v_cache, out, table, positions, blk_row, blk_tok, blk_n, cos, sin, scale, kv_scale,
+        1.0 / kv_scale, stride_qt, stride_qh, out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+        table.stride(0), cos.stride(0), H=heads, KVH=kv_heads, GROUP=group, TOK=tokens_per_block,
+        TOKP=triton.next_power_of_2(tokens_per_block), M=m, D=head_dim, DP=max(16, triton.next_power_of_2(head_dim)),
+        PAGE=block_size, BLOCK_N=64, LOOP_WHILE=INTERPRETED, ROPE=isinstance(q, Rope),
+        FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=4 if m <= 64 else 8,
     )
     return out

@@ -69,7 +69,7 @@ class DecodeGraphs:
     def _layout(self, b: int) -> StepLayout:
         tokens, positions, rows = self.inputs[0, :b], self.inputs[1, :b], self.inputs[2, :b]
         return StepLayout(tokens, positions, rows, rows, self._blk_tok[:b], self._blk_n[:b], 1, None, None,
-                          one_block_each=True)
+                          decode_step=True)
 
     def _capture(self) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor]]:
         return capture(self.runner, {b: self._layout(b) for b in self.buckets})

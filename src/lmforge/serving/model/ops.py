@@ -23,6 +23,7 @@ from lmforge.serving.model.transfer import to_device
 
 if TYPE_CHECKING:
     from lmforge.serving.kernels.decode_attention import SplitPolicy  # imports triton
+    from lmforge.serving.kernels.layer import Rope
 
 
 @dataclass
@@ -38,16 +39,18 @@ class StepLayout:
     tokens_per_block: int
     logit_index: torch.Tensor | None  # [K] int64 tokens whose logits are wanted; None = all
     plan: list[tuple[int, int, int, int]] | None = None  # host: (row, first token, tokens, kv length) per sequence
-    # Every sequence's tokens are one query block (decode and verify steps): no query block reads keys that
-    # another writes in the same step, which lets the attention kernel store them itself (TritonOps.rope_attention).
-    one_block_each: bool = False
+    # A decode or verify step, every sequence one query block: no block reads keys that another writes in the
+    # same step (a prefill chunk may: a prompt sharing the blocks another prompt of the forward writes), so the
+    # attention kernel may rotate and store each block's keys itself (TritonOps.rope_attention).
+    decode_step: bool = False
     # The PyTorch attention's gather indices and mask: the same for every layer of a step, built once.
     dense: tuple[torch.Tensor, ...] | None = None
 
     @classmethod
     def build(cls, items: list[tuple[int, int, list[int]]], device: torch.device, tokens_per_block: int,
-              logit_index: list[int] | None) -> StepLayout:
-        """``items``: (cache row, position of the first token, token ids) per sequence."""
+              logit_index: list[int] | None, decode: bool = False) -> StepLayout:
+        """``items``: (cache row, position of the first token, token ids) per sequence; ``decode``: a decode or
+        verify step (a ``decode_step`` when each sequence's tokens fit one block)."""
         tokens: list[int] = []
         positions: list[int] = []
         rows: list[int] = []
@@ -69,7 +72,7 @@ class StepLayout:
         blk = to_device([list(column) for column in zip(*blocks)], torch.int32, device)
         return cls(t64(tokens), t64(positions), t64(rows), blk[0], blk[1], blk[2], tokens_per_block,
                    None if logit_index is None else t64(logit_index), plan,
-                   one_block_each=len(blocks) == len(items))
+                   decode_step=decode and len(blocks) == len(items))
 
 
 class Ops:
@@ -140,11 +143,12 @@ class Ops:
 class TritonOps(Ops):
     """The same ops as fused Triton kernels (CUDA); the PyTorch attention needs a host plan, these don't.
     A decode step's attention takes the split-K kernel when ``split`` (a ``SplitPolicy``) says its batch
-    is small enough to leave the GPU idle otherwise."""
+    is small enough to leave the GPU idle otherwise. ``rope_in_attention``: decode and verify steps rotate
+    and store keys inside the attention kernel (off: ``rope_store`` apart, to measure the difference)."""
 
     name = "triton"
 
-    def __init__(self, split: SplitPolicy | None = None) -> None:
+    def __init__(self, split: SplitPolicy | None = None, rope_in_attention: bool = True) -> None:
         from lmforge.serving.kernels import decode_attention
         from lmforge.serving.kernels import layer as kernels  # imports triton
 
@@ -152,6 +156,7 @@ class TritonOps(Ops):
         self._decode = decode_attention
         # When a pure decode step splits its contexts (flash-decoding); None: the default policy.
         self.split = split or decode_attention.SplitPolicy()
+        self.rope_in_attention = rope_in_attention
 
     # Each method has the contract of the same method of Ops.
 
@@ -176,20 +181,21 @@ class TritonOps(Ops):
                                  self._decode.multiprocessors(table.device))
 
     def rotates_in_attention(self, layout: StepLayout, table: torch.Tensor, block_size: int, kv_heads: int) -> bool:
-        # The split kernel rotates and stores in its programs, when no block reads another's new keys.
-        return self.split.rope and layout.one_block_each and self._splits(layout, table, block_size, kv_heads) > 1
+        # Both attention kernels can, where no query block reads keys another block writes.
+        return self.rope_in_attention and layout.decode_step
 
     def rope_attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, table: torch.Tensor, layout: StepLayout, block_size: int, heads: int,
                        scale: float) -> torch.Tensor:
-        splits = self._splits(layout, table, block_size, k_cache.shape[1])
-        rope = self._decode.Rope(qkv, cos, sin, heads)
-        return self._decode.split_decode_attention(rope, k_cache, v_cache, table, layout.positions, layout.blk_row,
-                                                   layout.blk_tok, layout.blk_n, layout.tokens_per_block, splits,
-                                                   block_size, scale, self.kv_scale, self.split)
+        return self._attend(self._k.Rope(qkv, cos, sin, heads), k_cache, v_cache, table, layout, block_size, scale)
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
                   layout: StepLayout, block_size: int, scale: float) -> torch.Tensor:
+        return self._attend(q, k_cache, v_cache, table, layout, block_size, scale)
+
+    def _attend(self, q: torch.Tensor | Rope, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+                layout: StepLayout, block_size: int, scale: float) -> torch.Tensor:
+        """The split-K kernel where the policy splits the step's contexts, else the one-pass kernel."""
         splits = self._splits(layout, table, block_size, k_cache.shape[1])
         if splits > 1:
             return self._decode.split_decode_attention(q, k_cache, v_cache, table, layout.positions, layout.blk_row,

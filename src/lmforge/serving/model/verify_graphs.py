@@ -82,7 +82,7 @@ class VerifyBatch:
     def _layout(self, b: int) -> StepLayout:
         t = b * self.width
         return StepLayout(self.ids[0, :t], self.ids[1, :t], self.ids[2, :t], self.blocks[0, :b], self.blk_tok[:b],
-                          self.blocks[1, :b], self.width, None, None, one_block_each=True)
+                          self.blocks[1, :b], self.width, None, None, decode_step=True)
 
     def bucket(self, n: int) -> int:
         return next(size for size in self.layouts if size >= n)
