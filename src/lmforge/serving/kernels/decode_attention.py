@@ -101,18 +101,19 @@ def _chunk(kv_len, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _merge_rows(PM, PL, PACC, OUT, part0, t0, tok, head, valid, d, dm, kv_scale, stride_ot, stride_oh,
                 M: tl.constexpr, DP: tl.constexpr, SPLITS: tl.constexpr):
-    """Each row's SPLITS partials (at ``part0 + s``) merged by their softmax weights, written to OUT."""
+    """Each row's SPLITS partials (at ``part0 + s``) merged by their softmax weights, written to OUT. The
+    partials are read from L2 (``.cg``), where the other programs wrote them: an SM's L1 is not coherent."""
     top = tl.full([M], -1.0e30, dtype=tl.float32)
     for s in tl.static_range(SPLITS):
-        top = tl.maximum(top, tl.load(PM + part0 + s, mask=valid, other=-1.0e30, volatile=True))
+        top = tl.maximum(top, tl.load(PM + part0 + s, mask=valid, other=-1.0e30, cache_modifier=".cg"))
     total = tl.zeros([M], dtype=tl.float32)
     acc = tl.zeros([M, DP], dtype=tl.float32)
     for s in tl.static_range(SPLITS):
         # base 2, as the partials' max; a neutral split's weight is exp2(-1e30 - top) = 0
-        w = tl.exp2(tl.load(PM + part0 + s, mask=valid, other=-1.0e30, volatile=True) - top)
-        total += w * tl.load(PL + part0 + s, mask=valid, other=0.0, volatile=True)
+        w = tl.exp2(tl.load(PM + part0 + s, mask=valid, other=-1.0e30, cache_modifier=".cg") - top)
+        total += w * tl.load(PL + part0 + s, mask=valid, other=0.0, cache_modifier=".cg")
         acc += w[:, None] * tl.load(PACC + (part0 + s)[:, None] * DP + d[None, :], mask=valid[:, None], other=0.0,
-                                    volatile=True)
+                                    cache_modifier=".cg")
     out = acc * (kv_scale / tl.where(valid, total, 1.0))[:, None]  # keys and values are stored / kv_scale
     tl.store(OUT + (t0 + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              out.to(OUT.dtype.element_ty), mask=valid[:, None] & dm[None, :])
