@@ -14,9 +14,7 @@ wide, as the engine's is the context window, since the split policy reads that w
 ``decode_attn_b{B}_ctx{C}_rel_err``, the split kernel's relative L2 error against the PyTorch
 attention (baseline: the one-pass kernel's); ``decode_attn_b{B}_ctx{C}_us``, the split-K path as
 ``TritonOps.attention`` takes it (the policy's split count, or the one-pass kernel where it says 1)
-against the one-pass kernel; ``decode_attn_b{B}_ctx{C}_merge_in_split_us``, that split path (its last
-program merging the partials) against the same split with a merge kernel of its own (``SplitPolicy.merge``);
-and ``decode_attn_b{B}_ctx{C}_sweep_best_us``, the fastest fixed split
+against the one-pass kernel; and ``decode_attn_b{B}_ctx{C}_sweep_best_us``, the fastest fixed split
 count (named in the unit) against the policy's choice: tune ``SplitPolicy`` until the two agree.
 ``--timer events`` is ``triton.testing.do_bench`` (L2 flushed before each call: a layer's cache is
 cold in a real step); ``graph`` times replays of a CUDA graph of the call, as the engine runs it
@@ -30,7 +28,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -99,8 +97,7 @@ def measure(args: argparse.Namespace, shape: Shape, device: torch.device, put: C
     dtype = torch.float32 if args.tiny else torch.bfloat16
     cache_dtype, kv_scale = (torch.float8_e4m3fn, 0.5) if args.fp8 else (dtype, 1.0)
     ref_ops, one_pass_ops, split_ops = Ops(), TritonOps(SplitPolicy(waves=1e-9)), TritonOps(policy)
-    apart_ops = TritonOps(replace(policy, merge="apart"))
-    for ops in (ref_ops, one_pass_ops, split_ops, apart_ops):
+    for ops in (ref_ops, one_pass_ops, split_ops):
         ops.kv_scale = kv_scale
     assert one_pass_ops.split.splits(1, shape.kv_heads, args.max_len, 10**6) == 1  # never splits
     time_us = None if args.tiny else timer(args.timer)
@@ -134,11 +131,8 @@ def measure(args: argparse.Namespace, shape: Shape, device: torch.device, put: C
             if time_us is None:
                 continue
             base_us = time_us(one_pass)
-            split_us = time_us(split_path)
-            put(f"{name}_us", split_us, f"us (policy: {chosen} splits)", "one-pass paged_attention", base_us)
-            if chosen > 1:  # the last split program merges; against a merge kernel of its own
-                put(f"{name}_merge_in_split_us", split_us, f"us ({chosen} splits)", "merge kernel apart",
-                    time_us(partial(apart_ops.attention, *step)))
+            put(f"{name}_us", time_us(split_path), f"us (policy: {chosen} splits)", "one-pass paged_attention",
+                base_us)
             swept = {n: time_us(fn) for n, fn in fixed.items()}
             best = min(swept, key=swept.__getitem__)
             put(f"{name}_sweep_best_us", swept[best], f"us ({best} splits)", f"policy's {chosen} splits",

@@ -10,8 +10,8 @@ and inter-token gap, which split the one-stream figure into prefill and decode),
 and inter-token latency under Poisson arrivals, straight into the engine), ``hf`` (plain
 ``generate()``), ``compile`` (``generate()`` with a static cache, which transformers compiles with
 torch.compile; each time-boxed), ``nooverlap``, ``nographs`` and ``unfused`` (our engine without launching a
-decode step ahead, without CUDA graphs, and with rope_store and the split attention's merge as kernels of their
-own: ``serving.runtime.fused_attention`` off), ``int8`` (weight-only
+decode step ahead, without CUDA graphs, and with rope_store as a kernel of its own in decode steps:
+``serving.runtime.fused_attention`` off), ``int8`` (weight-only
 int8: logits error and tokens/s), ``profile`` (top GPU kernels of a decode step, to profile.txt),
 ``quant`` (every quantization option's speed and held-out perplexity change: ``bench.serve.quant``).
 Each figure is appended to ``OUT/serve_gpu.jsonl`` (default ``bench/results``) as soon as it is
@@ -238,7 +238,7 @@ def variant_phases(model, tokenizer, phases: set[str], put, one, many, ours: dic
             put(f"engine_no_overlap_{n}_tok_s", engine_tokens_per_s(engine, prompts, w.new), "output tok/s",
                 "engine with overlap (same job)", ours.get(n))
         engine.close()
-    if "unfused" in phases:  # the split attention with rope_store and the merge apart: three kernels, not one
+    if "unfused" in phases:  # rope_store before the attention kernel, as prefill chunks run it
         engine = Engine(model, tokenizer, ServingConfig(scheduler=_batch(w.concurrent),
                                                         runtime=RuntimeConfig(fused_attention=False)))
         for n, prompts in pairs:

@@ -104,9 +104,8 @@ class RuntimeConfig(Section):
         "(where the backend can); off only to measure what the overlap is worth.",
     )
     fused_attention: bool = Field(
-        True, description="Decode and verify steps over few sequences rotate their queries, store their keys and "
-        "values and merge the split attention's partials inside one attention kernel per layer (paged engine on "
-        "CUDA), not three; off only to measure what the fusion is worth.",
+        True, description="Decode and verify steps rotate their queries and store their keys and values inside the "
+        "attention kernel (paged engine on CUDA), not in a kernel of their own; off only to measure what that is worth.",
     )
     quantization: Literal["none", "int8", "int4", "fp8"] = Field(
         "none",

@@ -45,11 +45,7 @@ def pick_ops(device: torch.device, dtype: torch.dtype, fused_attention: bool = T
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return Ops()
     try:
-        if fused_attention:
-            return TritonOps()
-        from lmforge.serving.kernels.decode_attention import SplitPolicy  # imports triton
-
-        return TritonOps(SplitPolicy(merge="apart"), rope_in_attention=False)
+        return TritonOps(rope_in_attention=fused_attention)
     except ImportError:
         log.warning("triton is not installed: the paged engine runs PyTorch ops, without CUDA graphs")
         return Ops()

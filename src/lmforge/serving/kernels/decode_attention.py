@@ -6,16 +6,16 @@ The one-pass kernel (``layer.py``: ``paged_attention``) runs one program per (qu
 that walks its sequence's whole context: one decode sequence of a 4-KV-head model is 4 programs on
 a 132-SM GPU. Here each block's context is cut into ``splits`` chunks, one program per
 (block, KV head, chunk) writes its chunk's partial softmax state (max, sum, unnormalized output) for
-each (token, query head) row of the block to a scratch buffer, and the last program of the
-(block, KV head) to finish merges the rows' partials (an atomic count of finished programs tells it
-that it is the last; a second kernel merges instead where the counters do not cover the grid). The
-rows of a block are its tokens x the KV head's query heads, as in the one-pass kernel; all share the
-chunk bounds (from the block's last token), and each masks keys past its own position.
+each (token, query head) row of the block to a scratch buffer, and a second kernel merges a row's
+partials. The rows of a block are its tokens x the KV head's query heads, as in the one-pass kernel;
+all share the chunk bounds (from the block's last token), and each masks keys past its own position.
+(Merging in the last split program to finish, counted with an atomic, measured slower at one sequence
+on an H100: bench/RESULTS.md.)
 
 In decode and verify steps (``StepLayout.decode_step``) the kernel also does ``rope_store``'s work
 (``layer.py``: :class:`Rope`): each program rotates its query rows from the QKV output, and writes
 the keys and values of the new tokens that fall in its own chunk, which no other program reads. At
-one sequence on an H100 a layer's attention is then one kernel instead of three (each kernel of a
+one sequence on an H100 a layer's attention is then two kernels instead of three (each kernel of a
 captured step costs ~2 us however small).
 
 Decode steps are captured in CUDA graphs, so nothing here reads a device value on the host: the
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import triton
@@ -59,9 +58,6 @@ class SplitPolicy:
     max_splits: int = 16  # at most this many chunks per sequence (a power of two)
     block_n: int = 32  # cache positions per tile (a power of two, >= 16: tl.dot's smallest side)
     num_warps: int = 4
-    # "in_split": the last split program of each (block, KV head) merges the partials; "apart": a second kernel
-    # does (one more kernel per layer, ~2.3 us at one sequence on an H100: bench.serve.attention compares them).
-    merge: Literal["in_split", "apart"] = "in_split"
 
     def __post_init__(self) -> None:
         for name, value, low in (("max_splits", self.max_splits, 1), ("block_n", self.block_n, 16)):
@@ -70,8 +66,6 @@ class SplitPolicy:
                                   f"give {name} as a power of two, at least {low}")
         if self.waves <= 0:
             raise ConfigError(f"SplitPolicy.waves is {self.waves}", "give waves > 0 (1 = one program per SM)")
-        if self.merge not in ("in_split", "apart"):
-            raise ConfigError(f"SplitPolicy.merge is {self.merge!r}", "give merge as 'in_split' or 'apart'")
 
     def splits(self, batch: int, kv_heads: int, max_len: int, sms: int) -> int:
         """Chunks per sequence (a power of two; 1: use the one-pass kernel) for ``batch`` decode tokens
@@ -99,41 +93,18 @@ def _chunk(kv_len, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _merge_rows(PM, PL, PACC, OUT, part0, t0, tok, head, valid, d, dm, kv_scale, stride_ot, stride_oh,
-                M: tl.constexpr, DP: tl.constexpr, SPLITS: tl.constexpr):
-    """Each row's SPLITS partials (at ``part0 + s``) merged by their softmax weights, written to OUT. The
-    partials are read from L2 (``.cg``), where the other programs wrote them: an SM's L1 is not coherent."""
-    top = tl.full([M], -1.0e30, dtype=tl.float32)
-    for s in tl.static_range(SPLITS):
-        top = tl.maximum(top, tl.load(PM + part0 + s, mask=valid, other=-1.0e30, cache_modifier=".cg"))
-    total = tl.zeros([M], dtype=tl.float32)
-    acc = tl.zeros([M, DP], dtype=tl.float32)
-    for s in tl.static_range(SPLITS):
-        # base 2, as the partials' max; a neutral split's weight is exp2(-1e30 - top) = 0
-        w = tl.exp2(tl.load(PM + part0 + s, mask=valid, other=-1.0e30, cache_modifier=".cg") - top)
-        total += w * tl.load(PL + part0 + s, mask=valid, other=0.0, cache_modifier=".cg")
-        acc += w[:, None] * tl.load(PACC + (part0 + s)[:, None] * DP + d[None, :], mask=valid[:, None], other=0.0,
-                                    cache_modifier=".cg")
-    out = acc * (kv_scale / tl.where(valid, total, 1.0))[:, None]  # keys and values are stored / kv_scale
-    tl.store(OUT + (t0 + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-             out.to(OUT.dtype.element_ty), mask=valid[:, None] & dm[None, :])
-
-
-@triton.jit
-def split_kernel(Q, KC, VC, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N, PM, PL, PACC, OUT, COUNT, COS, SIN, qk_scale,
-                 kv_scale, inv_kv_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_ks, stride_kh,
-                 stride_table, stride_cos, H: tl.constexpr, KVH: tl.constexpr, GROUP: tl.constexpr,
-                 TOK: tl.constexpr, TOKP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                 PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, LOOP_WHILE: tl.constexpr,
-                 ROPE: tl.constexpr, MERGE: tl.constexpr, FP8: tl.constexpr):
+def split_kernel(Q, KC, VC, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N, PM, PL, PACC, COS, SIN, qk_scale, inv_kv_scale,
+                 stride_qt, stride_qh, stride_ks, stride_kh, stride_table, stride_cos, H: tl.constexpr,
+                 KVH: tl.constexpr, GROUP: tl.constexpr, TOK: tl.constexpr, TOKP: tl.constexpr, M: tl.constexpr,
+                 D: tl.constexpr, DP: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+                 LOOP_WHILE: tl.constexpr, ROPE: tl.constexpr, FP8: tl.constexpr):
     """Program (block b, KV head, split): the partial (max, sum, output) of one chunk of b's context
     for the block's tokens x the GROUP query heads of the KV head (rows as in the one-pass kernel);
     partials are laid out [B, TOK, H, SPLITS] (and DP wide).
 
     ROPE: Q is the step's fused QKV output (``rope_store``'s input), and this program rotates its
     query rows itself and writes the keys and values of the new tokens in its chunk (``Rope``: no
-    other program reads them). MERGE: the last program of (b, KV head) to
-    finish merges the partials into OUT (``COUNT`` counts the finished ones and is left at zero)."""
+    other program reads them)."""
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -155,9 +126,9 @@ def split_kernel(Q, KC, VC, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N, PM, PL, PACC, O
     q_mask = valid[:, None] & dm[None, :]
     if ROPE:
         q = rotate(q_rows, COS + pos[:, None] * stride_cos, SIN + pos[:, None] * stride_cos, d, q_mask,
-                    D // 2).to(Q.dtype.element_ty)  # rounded as rope_store rounds the query it writes
+                   D // 2).to(Q.dtype.element_ty)  # rounded as rope_store rounds the query it writes
         store_new_kv(Q, KC, VC, TABLE, POS, COS, SIN, row, t0, nt, kvh, start, end, d, dm, inv_kv_scale, stride_qt,
-                      stride_cos, stride_ks, stride_kh, stride_table, H, KVH, D, TOKP, PAGE, FP8)
+                     stride_cos, stride_ks, stride_kh, stride_table, H, KVH, D, TOKP, PAGE, FP8)
         tl.debug_barrier()  # the program's threads read back the keys and values its other threads wrote
     else:
         q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)
@@ -176,26 +147,17 @@ def split_kernel(Q, KC, VC, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N, PM, PL, PACC, O
         for tile in range(start, end, BLOCK_N):
             m_i, l_i, acc = attend_tile(q, KC, VC, TABLE, row, kvh, tile, end, pos, d, dm, qk_scale, m_i, l_i, acc,
                                         stride_ks, stride_kh, stride_table, PAGE, BLOCK_N)
-    part0 = ((b * TOK + tok) * H + head) * SPLITS
-    tl.store(PM + part0 + split, m_i, mask=valid)
-    tl.store(PL + part0 + split, l_i, mask=valid)
-    tl.store(PACC + (part0 + split)[:, None] * DP + d[None, :], acc, mask=valid[:, None])
-    if MERGE:
-        # The finished-count's release publishes this program's partials, once all its threads stored them.
-        tl.debug_barrier()
-        counter = COUNT + b * KVH + kvh
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
-            tl.store(counter, 0)  # the next launch (a graph replays the same counters) starts from zero
-            _merge_rows(PM, PL, PACC, OUT, part0, t0, tok, head, valid, d, dm, kv_scale, stride_ot, stride_oh, M, DP,
-                        SPLITS)
+    part = ((b * TOK + tok) * H + head) * SPLITS + split
+    tl.store(PM + part, m_i, mask=valid)
+    tl.store(PL + part, l_i, mask=valid)
+    tl.store(PACC + part[:, None] * DP + d[None, :], acc, mask=valid[:, None])
 
 
 @triton.jit
 def merge_kernel(PM, PL, PACC, OUT, BLK_TOK, BLK_N, kv_scale, stride_ot, stride_oh, H: tl.constexpr,
                  TOK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, SPLITS: tl.constexpr):
     """Program (block b, query head): for each of the block's tokens, the softmax-weighted merge of
-    the head's SPLITS partials (a block's tokens past its count are left alone, as the one-pass kernel does).
-    Used where the split kernel does not merge itself (grids beyond the counters, ``SplitPolicy.merge``)."""
+    the head's SPLITS partials (a block's tokens past its count are left alone, as the one-pass kernel does)."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     t0 = tl.load(BLK_TOK + b).to(tl.int64)
@@ -212,21 +174,6 @@ def merge_kernel(PM, PL, PACC, OUT, BLK_TOK, BLK_N, kv_scale, stride_ot, stride_
             total = tl.sum(w * l_s, 0)
             out = tl.sum(acc * w[:, None], 0) * (kv_scale / total)  # keys and values are stored / kv_scale
             tl.store(OUT + (t0 + i) * stride_ot + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < D)
-
-
-# Finished-split counters of the merging split kernel, one per (query block, KV head): a split step has at most
-# ``waves * SMs`` programs' worth of pairs (a few hundred); larger grids (a bench's forced splits) merge apart.
-COUNTERS = 4096
-
-
-@functools.cache
-def counters(device: torch.device) -> torch.Tensor:
-    """The device's zeroed counters, allocated once (outside any graph capture: capture warms up first)
-    and shared by every launch, which leaves them at zero. Launches on one stream never overlap; the
-    engine runs every step on one stream."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("split attention's counters are allocated during a graph capture: run a step first")
-    return torch.zeros(COUNTERS, dtype=torch.int32, device=device)
 
 
 def split_decode_attention(q: torch.Tensor | Rope, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
@@ -253,19 +200,16 @@ def split_decode_attention(q: torch.Tensor | Rope, k_cache: torch.Tensor, v_cach
     pl = torch.empty_like(pm)
     pacc = torch.empty((blocks, tokens_per_block, heads, splits, dp), dtype=torch.float32, device=device)
     out = torch.empty((tokens, heads, head_dim), dtype=source.dtype, device=device)
-    merge = policy.merge == "in_split" and blocks * kv_heads <= COUNTERS
-    count = counters(device) if merge else pm  # not read when the kernel does not merge
     qk_scale = scale * kv_scale * 1.4426950408889634  # base 2, as the one-pass kernel; keys are k / kv_scale
     split_kernel[(blocks, kv_heads, splits)](
-        source, k_cache, v_cache, table, positions, blk_row, blk_tok, blk_n, pm, pl, pacc, out, count, cos, sin,
-        qk_scale, kv_scale, 1.0 / kv_scale, stride_qt, stride_qh, out.stride(0), out.stride(1), k_cache.stride(0),
-        k_cache.stride(1), table.stride(0), cos.stride(0), H=heads, KVH=kv_heads, GROUP=group, TOK=tokens_per_block,
-        TOKP=triton.next_power_of_2(tokens_per_block), M=m, D=head_dim, DP=dp, PAGE=block_size,
-        BLOCK_N=policy.block_n, SPLITS=splits, LOOP_WHILE=INTERPRETED, ROPE=isinstance(q, Rope), MERGE=merge,
-        FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=policy.num_warps if m <= 64 else 2 * policy.num_warps,
+        source, k_cache, v_cache, table, positions, blk_row, blk_tok, blk_n, pm, pl, pacc, cos, sin, qk_scale,
+        1.0 / kv_scale, stride_qt, stride_qh, k_cache.stride(0), k_cache.stride(1), table.stride(0), cos.stride(0),
+        H=heads, KVH=kv_heads, GROUP=group, TOK=tokens_per_block, TOKP=triton.next_power_of_2(tokens_per_block), M=m,
+        D=head_dim, DP=dp, PAGE=block_size, BLOCK_N=policy.block_n, SPLITS=splits, LOOP_WHILE=INTERPRETED,
+        ROPE=isinstance(q, Rope), FP8=k_cache.dtype == torch.float8_e4m3fn,
+        num_warps=policy.num_warps if m <= 64 else 2 * policy.num_warps,
     )
-    if not merge:
-        merge_kernel[(blocks, heads)](pm, pl, pacc, out, blk_tok, blk_n, kv_scale, out.stride(0), out.stride(1),
-                                      H=heads, TOK=tokens_per_block, D=head_dim, DP=dp, SPLITS=splits,
-                                      num_warps=1 if splits * dp <= 1024 else 2)
+    merge_kernel[(blocks, heads)](pm, pl, pacc, out, blk_tok, blk_n, kv_scale, out.stride(0), out.stride(1), H=heads,
+                                  TOK=tokens_per_block, D=head_dim, DP=dp, SPLITS=splits,
+                                  num_warps=1 if splits * dp <= 1024 else 2)
     return out
