@@ -2,7 +2,7 @@
 256 new tokens, one stream and 64 concurrent, against transformers ``generate()`` in the same job.
 
     PYTHONPATH=src python -m bench.serve.gpu [--phases check engine poisson hf compile nographs int8 quant] [--out DIR]
-    python -m bench.serve.gpu --tiny --phases check engine poisson hf nooverlap nographs unfused int8   # CPU check
+    python -m bench.serve.gpu --tiny --phases check engine poisson hf nooverlap nographs unfused eagerprefill int8
 
 Phases: ``check`` (Triton kernels against the PyTorch ops on random inputs; the engine's logits and
 greedy tokens against transformers), ``engine`` (our tokens/s; and one streamed request's time to first token
@@ -11,7 +11,8 @@ and inter-token latency under Poisson arrivals, straight into the engine), ``hf`
 ``generate()``), ``compile`` (``generate()`` with a static cache, which transformers compiles with
 torch.compile; each time-boxed), ``nooverlap``, ``nographs`` and ``unfused`` (our engine without launching a
 decode step ahead, without CUDA graphs, and with rope_store as a kernel of its own in decode steps:
-``serving.runtime.fused_attention`` off), ``int8`` (weight-only
+``serving.runtime.fused_attention`` off), ``eagerprefill`` (our engine with a lone prompt's prefill run
+eagerly, its prefill graphs dropped: time to first token and tokens/s), ``int8`` (weight-only
 int8: logits error and tokens/s), ``profile`` (top GPU kernels of a decode step, to profile.txt),
 ``quant`` (every quantization option's speed and held-out perplexity change: ``bench.serve.quant``).
 Each figure is appended to ``OUT/serve_gpu.jsonl`` (default ``bench/results``) as soon as it is
@@ -48,8 +49,8 @@ from bench.common.serve import (
 from lmforge.config.serving import RuntimeConfig, SchedulerConfig, ServingConfig
 from lmforge.serving.engine import Engine, SamplingParams
 
-PHASES = ("check", "engine", "poisson", "profile", "hf", "nooverlap", "nographs", "unfused", "compile", "int8",
-          "quant")
+PHASES = ("check", "engine", "poisson", "profile", "hf", "nooverlap", "nographs", "unfused", "eagerprefill", "compile",
+          "int8", "quant")
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,8 @@ def check_kernels() -> dict[str, float]:
 
 
 def check_logits(engine: Engine, model, vocab: int) -> dict[str, float]:
-    """The paged runner's logits against the model's own forward, for a prefill and one decode step."""
+    """The paged runner's logits against the model's own forward, for a prefill (eager, and the lone prompt's
+    graph: its last token) and one decode step."""
     from lmforge.serving.backends.base import PrefillItem
 
     prompt = random_prompts(1, 100, vocab, seed=12)[0]
@@ -123,7 +125,9 @@ def check_logits(engine: Engine, model, vocab: int) -> dict[str, float]:
     row = backend.reserve(128)
     try:
         with torch.inference_mode():
-            pre = backend.prefill([PrefillItem(row, 0, prompt, all_logits=True)])[0]
+            pre = backend.prefill([PrefillItem(row, 0, prompt, all_logits=True)])[0]  # eager (all logits)
+            # The lone prompt's prefill graph (last token only; padded to 128): it rewrites the same cache rows.
+            last = backend.prefill([PrefillItem(row, 0, prompt)])[0][-1:].clone()
             dec = backend.decode([row], [100], [7])[0:1].clone()
             ref = model(torch.tensor([[*prompt, 7]], device=model.device)).logits[0]
     finally:
@@ -133,6 +137,7 @@ def check_logits(engine: Engine, model, vocab: int) -> dict[str, float]:
         floor = rel_err(ref, exact(torch.tensor([[*prompt, 7]], device=model.device)).logits[0])
         del exact
     return {"logits_rel_err_prefill": rel_err(pre, ref[:100]), "logits_rel_err_decode": rel_err(dec, ref[100:]),
+            "logits_rel_err_prefill_graph_last": rel_err(last, ref[99:100]),
             "logits_rel_err_transformers_bf16_vs_fp32": floor}
 
 
@@ -186,6 +191,7 @@ def engine_phases(engine: Engine, model, phases: set[str], put, one, many, w: Wo
         # prompt of the same length: the timed ones are in the prefix cache by now).
         fresh = random_prompts(1, len(one[0]), w.vocab, seed=99)[0]
         timing = stream_timing(engine, fresh, w.new)
+        ours["ttft_ms"] = 1e3 * timing["ttft"]
         put("engine_1_stream_ttft_ms", 1e3 * timing["ttft"], f"ms to the first token of a {len(fresh)}-token prompt")
         put("engine_1_stream_itl_p50_ms", 1e3 * timing["itl_p50"], "ms between tokens, median (streamed, one request)")
         put("engine_1_stream_itl_mean_ms", 1e3 * timing["itl_mean"], "ms between tokens, mean")
@@ -244,6 +250,16 @@ def variant_phases(model, tokenizer, phases: set[str], put, one, many, ours: dic
         for n, prompts in pairs:
             put(f"engine_unfused_{n}_tok_s", engine_tokens_per_s(engine, prompts, w.new), "output tok/s",
                 "engine with fused attention (same job)", ours.get(n))
+        engine.close()
+    if "eagerprefill" in phases:  # diagnosis: what the lone prompt's prefill graphs are worth
+        engine = Engine(model, tokenizer, ServingConfig(scheduler=_batch(w.concurrent), max_new_tokens=w.new))
+        engine.backend.prefill_graphs = None  # type: ignore[attr-defined]  # the paged backend's; None: eager
+        fresh = random_prompts(1, w.prompt, w.vocab, seed=98)[0]
+        put("engine_eager_prefill_1_stream_ttft_ms", 1e3 * stream_timing(engine, fresh, w.new)["ttft"],
+            f"ms to the first token of a {w.prompt}-token prompt", "engine with prefill graphs (same job)",
+            ours.get("ttft_ms"), higher_is_better=False)
+        put("engine_eager_prefill_1_tok_s", engine_tokens_per_s(engine, one, w.new), "output tok/s",
+            "engine with prefill graphs (same job)", ours.get("1"))
         engine.close()
     if "int8" in phases:
         from lmforge.serving.quant.quantize import quantize_int8

@@ -139,16 +139,17 @@ def test_attention_tiny(tmp_path):
 
 def test_serve_gpu_tiny(tmp_path):
     proc = bench("bench.serve.gpu", "--phases", "check", "engine", "poisson", "hf", "nooverlap", "nographs", "unfused",
-                 "int8", out=tmp_path)
+                 "eagerprefill", "int8", out=tmp_path)
     assert "needs a GPU, skipped on the CPU" in proc.stdout
     got = records(tmp_path, "serve_gpu", "bench.serve.gpu")
     assert got["logits_rel_err_prefill"]["value"] < 1e-4 and got["logits_rel_err_decode"]["value"] < 1e-4
+    assert got["logits_rel_err_prefill_graph_last"]["value"] < 1e-4
     assert got["greedy_full_matches"]["value"] == 4
     assert got["engine_4_concurrent_tok_s"]["value"] > 0 and got["poisson_20rps_output_tok_s"]["value"] > 0
     assert got["engine_1_tok_s_vs_generate"]["baseline_value"] > 0
     assert got["engine_1_stream_itl_p50_ms"]["value"] > 0 and got["engine_1_stream_ttft_ms"]["value"] > 0
     assert {"engine_no_cuda_graphs_4_tok_s", "engine_no_overlap_4_tok_s", "engine_unfused_4_tok_s",
-            "engine_int8_4_tok_s"} <= set(got)
+            "engine_eager_prefill_1_tok_s", "engine_eager_prefill_1_stream_ttft_ms", "engine_int8_4_tok_s"} <= set(got)
     assert got["int8_logits_rel_err"]["value"] < 0.05
 
 

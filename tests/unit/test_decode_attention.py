@@ -210,18 +210,19 @@ def test_split_policy_depends_on_host_shapes_only() -> None:
 @pytest.mark.slow  # about a minute and a half on 2 busy cores (the interpreter runs each program in numpy)
 @pytest.mark.skipif(INTERPRETED, reason="already running in the interpreter")
 def test_interpreter_tests_run() -> None:
-    """The interpreter-only tests (this file's and the paged engine's whole-model check) in a
-    subprocess with ``TRITON_INTERPRET=1``: every one of them must run and pass, none be skipped."""
-    tests = [f"{__file__}", "tests/unit/test_serving_paged.py::test_triton_kernels_match_the_model_in_the_interpreter"]
+    """The interpreter-only tests (this file's, the paged engine's whole-model check, the prefill graphs'
+    layout) in a subprocess with ``TRITON_INTERPRET=1``: every one of them must run and pass, none be skipped."""
+    tests = [f"{__file__}", "tests/unit/test_serving_paged.py::test_triton_kernels_match_the_model_in_the_interpreter",
+             "tests/unit/test_serving_prefill_graphs.py::test_padded_prefill_layout_gives_the_eager_logits_and_cache"]
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *tests], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     # 8 split-vs-torch cases, 3 of blocks of several tokens, 4 rotating ones, the fusion rule, the padded rows, the
-    # policy, the whole model (its decode step rotates in the kernel);
+    # policy, the whole model (its decode step rotates in the kernel), the padded prefill layout (two ops);
     # skipped only: this test and the three compile checks, which need the compiler the interpreter replaces.
-    assert lines and lines[-1].startswith("19 passed, 5 skipped"), proc.stdout[-4000:]
+    assert lines and lines[-1].startswith("21 passed, 5 skipped"), proc.stdout[-4000:]
     skips = [line for line in lines if line.startswith("SKIPPED")]
     assert len(skips) == 2 and all("interpreter" in line for line in skips), skips  # -rs groups the two compiles
 

@@ -107,9 +107,11 @@ def serve(engine: Engine, prompts: list[list[int]], requests: list[tuple[int, st
 def engine_paths(engine: Engine) -> dict:
     backend = engine.backend
     graphs = getattr(backend, "graphs", None)
+    prefill_graphs = getattr(backend, "prefill_graphs", None)
     return {"backend": backend.name, "ops": getattr(getattr(backend, "ops", None), "name", None),
             "cuda_graph_buckets": graphs.buckets if graphs is not None else None,
-            "peak_batch": engine.stats["peak_batch"], "prefills": engine.stats["prefills"]}
+            "peak_batch": engine.stats["peak_batch"], "prefills": engine.stats["prefills"],
+            "prefill_graph_replays": prefill_graphs.replays if prefill_graphs is not None else None}
 
 
 def with_engine(make: Callable[[], Engine], run: Callable[[Engine], T]) -> tuple[T, dict]:

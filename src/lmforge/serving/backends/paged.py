@@ -2,14 +2,14 @@
 
 On CUDA with a bf16/fp16 model and Triton importable, the layer's small ops are the fused Triton
 kernels and decode steps replay captured graphs; elsewhere (CPU, float32) the same runner uses the
-PyTorch ops, eagerly. Prefill chunks always run eagerly (their shapes vary).
+PyTorch ops, eagerly. A lone prompt's short prefill chunk replays a captured graph too
+(``model/prefill_graphs.py``); other prefill chunks run eagerly (their shapes vary).
 
 Prefix caching (``serving.kv_cache.prefix_caching``, ``model/block_pool.py``): a request's prompt
 blocks are hashed from a root that holds its LoRA adapter, the prompt-learning prefix and the KV
 storage, and the cached ones, and those another admitted request is about to write, are reused
 (``model/kv_cache.py``); its prefill then starts at an offset, which is the chunked-prefill path
-(a query block at any position attends to the cache before it), so CUDA graphs, which capture
-decode only, are untouched.
+(a query block at any position attends to the cache before it), eager or captured alike.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from lmforge.serving.model.block_pool import chain_hashes, root_hash
 from lmforge.serving.model.graphs import DecodeGraphs
 from lmforge.serving.model.kv_cache import CacheShape, PagedKVCache, blocks_for_budget
 from lmforge.serving.model.ops import Ops, StepLayout, TritonOps
+from lmforge.serving.model.prefill_graphs import PrefillGraphs, prefill_buckets
 from lmforge.serving.model.runner import LlamaRunner, head_dim
 from lmforge.serving.model.types import LlamaCausalLM
 from lmforge.serving.model.verify_graphs import VerifyGraphs
@@ -93,8 +94,13 @@ class PagedBackend:
         self._root = root_hash("kv", str(shape.dtype), self.ops.kv_scale, shape.block_size, self.prefix.digest)
         self._last_hashes: tuple[tuple[bytes, tuple[int, ...]] | None, list[bytes]] = (None, [])  # (root, prompt), hashes
         self.graphs = None
+        self.prefill_graphs: PrefillGraphs | None = None
         if cfg.runtime.cuda_graphs and self.device.type == "cuda" and isinstance(self.ops, TritonOps):
             self.graphs = DecodeGraphs(self.runner, cfg.scheduler.max_batch_size)
+            # A lone prompt's short prefill too (model/prefill_graphs.py): launched eagerly, it is host-bound.
+            buckets = prefill_buckets(self.prefill_block, min(cfg.scheduler.max_prefill_tokens, max_len))
+            if buckets:
+                self.prefill_graphs = PrefillGraphs(self.runner, self.prefill_block, buckets)
         # Speculative decoding's verify forward (k + 1 tokens per sequence) as graphs too (model/verify_graphs.py),
         # when one query block of the attention kernel holds them (up to 128 (token, head) rows, as in prefill).
         self.verify_graphs: VerifyGraphs | None = None
@@ -175,6 +181,18 @@ class PagedBackend:
     # ------------------------------------------------------------ forward passes
 
     def prefill(self, items: list[PrefillItem]) -> list[torch.Tensor]:
+        shift = self.virtual_tokens  # the engine counts positions from the prompt's first token
+        lone = items[0] if len(items) == 1 and not items[0].all_logits else None
+        if self.prefill_graphs is not None and lone is not None and self.prefill_graphs.fits(len(lone.ids)):
+            # A view of the graph's output (valid until its next replay): the engine copies the rows it keeps.
+            logits = [self.prefill_graphs.run(lone.row, shift + lone.start, lone.ids)]
+        else:
+            logits = self._prefill_eagerly(items, shift)
+        for item in items:  # their blocks are written now (same stream): reusable by later requests
+            self.cache.commit(item.row, shift + item.start + len(item.ids))
+        return logits
+
+    def _prefill_eagerly(self, items: list[PrefillItem], shift: int) -> list[torch.Tensor]:
         wanted: list[int] = []
         sizes: list[int] = []
         first = 0
@@ -183,13 +201,9 @@ class PagedBackend:
             wanted.extend(range(first, first + n) if item.all_logits else [first + n - 1])
             sizes.append(n if item.all_logits else 1)
             first += n
-        shift = self.virtual_tokens  # the engine counts positions from the prompt's first token
         layout = StepLayout.build([(i.row, shift + i.start, i.ids) for i in items], self.device, self.prefill_block,
                                   wanted)
-        logits = list(self.runner.forward(layout).split(sizes))
-        for item in items:  # their blocks are written now (same stream): reusable by later requests
-            self.cache.commit(item.row, shift + item.start + len(item.ids))
-        return logits
+        return list(self.runner.forward(layout).split(sizes))
 
     def verify(self, rows: list[int], positions: list[int], runs: list[list[int]]) -> list[torch.Tensor]:
         """Logits of every token of each ``runs[i]``, fed from ``positions[i]`` on in ``rows[i]``: one

@@ -1,0 +1,79 @@
+"""The one-prompt prefill graphs' layout (``model/prefill_graphs.py``), on CPU with a tiny random Llama.
+
+Capturing needs CUDA; the static layout (the chunk's tokens, then padding tokens and query blocks
+of the cache's scratch row) runs here eagerly through the same runner, with the PyTorch ops and
+(in Triton's interpreter) the Triton kernels, and must give the eager prefill's logits and cache.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_tiny_model_dir
+
+from lmforge.config.serving import ServingConfig
+from lmforge.serving.backends.base import PrefillItem
+from lmforge.serving.backends.paged import PagedBackend
+from lmforge.serving.engine import Engine
+from lmforge.serving.model.ops import Ops, TritonOps
+from lmforge.serving.model.prefill_graphs import PrefillBatch, prefill_buckets, prefill_inputs
+
+
+def test_prefill_inputs_pad_with_the_scratch_row() -> None:
+    ids, blocks = prefill_inputs(row=3, start=10, ids=[50, 51, 52, 53, 54], bucket=8, block=2, scratch_row=9)
+    tokens, positions, rows = ids
+    assert tokens == [50, 51, 52, 53, 54, 0, 0, 0]
+    assert positions == [10, 11, 12, 13, 14, 0, 1, 2]
+    assert rows == [3] * 5 + [9] * 3
+    # Query blocks of 2 tokens: three of the chunk (the last holds one), one padding block of one scratch token.
+    assert blocks == [[3, 3, 3, 9], [2, 2, 1, 1]]
+    with pytest.raises(ValueError, match="does not fit a bucket of 4"):
+        prefill_inputs(0, 0, [1] * 5, bucket=4, block=2, scratch_row=9)
+    assert prefill_buckets(16, 2048) == [16, 32, 64, 128, 192, 256, 384, 512]
+    assert prefill_buckets(64, 300) == [64, 128, 192, 256]  # whole query blocks, at most the chunk size
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-prefill-graphs"))
+
+
+_OPS = [pytest.param(Ops, id="torch"),
+        pytest.param(TritonOps, id="triton", marks=pytest.mark.skipif(
+            os.environ.get("TRITON_INTERPRET") != "1", reason="needs triton and TRITON_INTERPRET=1"))]
+
+
+@pytest.mark.parametrize("ops", _OPS)
+def test_padded_prefill_layout_gives_the_eager_logits_and_cache(model_dir: Path, ops: type[Ops]) -> None:
+    """A prompt's second chunk (it attends to the first, cached) through the padded layout, in a row whose
+    first chunk matches another row's: the last token's logits and the chunk's keys equal the eager
+    prefill's in the other row, and the padding wrote only into the scratch block."""
+    engine = Engine.load(model_dir, device="cpu")
+    engine.close()  # only its model is needed
+    backend = PagedBackend(engine.model, ServingConfig(kv_cache={"block_size": 4}), engine.context_window, ops=ops())
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
+    first, second = prompt[:6], prompt[6:]
+    eager_row, graph_row = (backend.reserve(len(prompt) + 4) for _ in range(2))
+    with torch.inference_mode():
+        backend.prefill([PrefillItem(eager_row, 0, first), PrefillItem(graph_row, 0, first)])
+        want = backend.prefill([PrefillItem(eager_row, 6, second)])[0].clone()
+        keys = [k.clone() for k in backend.cache.keys]
+        batch = PrefillBatch([8, 16], 4, backend.cache.scratch_row, backend.device)
+        b = batch.bucket(len(second))
+        assert b == 8  # 5 tokens and 3 of padding: two query blocks of the chunk, no padding block
+        got = backend.runner.forward(batch.fill(graph_row, 6, second, b))
+        assert got.shape == (1, want.shape[-1])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        wide = backend.runner.forward(batch.fill(graph_row, 6, second, 16))  # two padding blocks as well
+        torch.testing.assert_close(wide, want, rtol=1e-5, atol=1e-5)
+    cache = backend.cache
+    eager_slots, graph_slots = cache.slots(eager_row, 6, 11), cache.slots(graph_row, 6, 11)
+    kept = torch.ones(cache.keys.shape[1], dtype=torch.bool)
+    kept[: cache.block_size] = False  # the scratch block
+    kept[graph_slots] = False
+    for before, after in zip(keys, cache.keys):
+        torch.testing.assert_close(after[graph_slots], after[eager_slots], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(after[kept], before[kept], rtol=0, atol=0)
