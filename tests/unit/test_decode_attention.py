@@ -156,7 +156,7 @@ def test_rotating_kernels_equal_rope_store_then_attention(contexts, tokens, head
     unsplit = TritonOps(SplitPolicy(waves=0.01, block_n=16))  # the one-pass kernel
     for fused in (ops, unsplit):
         fused.kv_scale = kv_scale
-        assert fused.rotates_in_attention(layout, table, PAGE, kv_heads)
+        assert fused.rotates_in_attention(layout)
         k_out, v_out = k_cache.clone(), v_cache.clone()
         out = fused.rope_attention(qkv, cos, sin, k_out, v_out, table, layout, PAGE, heads, 0.25)
         assert _rel(out, ref) < 1e-5 and torch.equal(k_out.float(), k_ref.float())
@@ -168,18 +168,17 @@ def test_only_decode_and_verify_steps_rotate_in_the_kernel() -> None:
     another prompt of the same forward writes); so do verify steps whose runs need several blocks, the
     PyTorch ops, and the Triton ops with the fusion off (serving.runtime.fused_attention: false)."""
     step = {"contexts": [47, 21], "heads": 8, "kv_heads": 2, "cache_dtype": torch.float32, "seed": 1}
-    table = _step(**step)[3]
     prefill = _step(**step, tokens=5, tokens_per_block=8)[4]
     verify = _step(**step, tokens=5, tokens_per_block=8, decode=True)[4]
     long_verify = _step(**step, tokens=5, tokens_per_block=4, decode=True)[4]
     assert not prefill.decode_step and verify.decode_step and not long_verify.decode_step
     for policy in (POLICY, SplitPolicy(waves=0.01, block_n=16)):  # split, and the one-pass kernel
         ops = TritonOps(policy)
-        assert ops.rotates_in_attention(verify, table, PAGE, 2)
-        assert not ops.rotates_in_attention(prefill, table, PAGE, 2)
-        assert not ops.rotates_in_attention(long_verify, table, PAGE, 2)
-        assert not TritonOps(policy, rope_in_attention=False).rotates_in_attention(verify, table, PAGE, 2)
-    assert not Ops().rotates_in_attention(verify, table, PAGE, 2)
+        assert ops.rotates_in_attention(verify)
+        assert not ops.rotates_in_attention(prefill)
+        assert not ops.rotates_in_attention(long_verify)
+        assert not TritonOps(policy, rope_in_attention=False).rotates_in_attention(verify)
+    assert not Ops().rotates_in_attention(verify)
 
 
 @needs_interpreter

@@ -173,12 +173,11 @@ class Rope:
     heads: int
 
 
-
 def query_source(q: torch.Tensor | Rope) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """(query heads, the tensor the kernel reads queries from, cos, sin, its token and head strides): rotated
     queries ``[T, H, D]``, or a :class:`Rope`'s QKV rows (the tables are then read; else not)."""
     if isinstance(q, Rope):
-        return q.heads, q.qkv, q.cos, q.sin, q.qkv.stride(0), q.cos.shape[1]  # head h's columns: h * head_dim on
+        return q.heads, q.qkv, q.cos, q.sin, q.qkv.stride(0), q.cos.shape[1]  # head h: columns h * head_dim on
     return q.shape[1], q, q, q, q.stride(0), q.stride(1)
 
 

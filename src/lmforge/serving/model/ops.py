@@ -109,8 +109,8 @@ class Ops:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    def rotates_in_attention(self, layout: StepLayout, table: torch.Tensor, block_size: int, kv_heads: int) -> bool:
-        """Whether :meth:`rope_attention` takes this step (host shapes only: the step may be captured);
+    def rotates_in_attention(self, layout: StepLayout) -> bool:
+        """Whether :meth:`rope_attention` takes this step (host values only: the step may be captured);
         otherwise the runner calls :meth:`rope_store` and :meth:`attention`."""
         return False
 
@@ -180,7 +180,7 @@ class TritonOps(Ops):
         return self.split.splits(layout.blk_row.shape[0], kv_heads, table.shape[1] * block_size,
                                  self._decode.multiprocessors(table.device))
 
-    def rotates_in_attention(self, layout: StepLayout, table: torch.Tensor, block_size: int, kv_heads: int) -> bool:
+    def rotates_in_attention(self, layout: StepLayout) -> bool:
         # Both attention kernels can, where no query block reads keys another block writes.
         return self.rope_in_attention and layout.decode_step
 

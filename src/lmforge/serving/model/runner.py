@@ -165,7 +165,7 @@ class LlamaRunner:
         ops, cache, bs = self.ops, self.cache, self.cache.block_size
         positions = layout.positions
         # Decode and verify steps may rotate and store keys inside the attention kernel (one kernel, not two).
-        fused = ops.rotates_in_attention(layout, cache.table, bs, self.kv_heads)
+        fused = ops.rotates_in_attention(layout)
         slots = None if fused else cache.table[layout.rows, positions // bs].long() * bs + positions % bs
         if self.lora is not None:  # which adapter each token's sequence uses, read by the adapted layers
             self.lora.select(layout.rows)
