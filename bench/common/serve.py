@@ -135,6 +135,15 @@ def stream_timing(engine: Engine, prompt: list[int], new_tokens: int) -> dict[st
     return {"ttft": out["ttft"][0], "itl_p50": percentile(out["itl"], 50), "itl_mean": statistics.fmean(out["itl"])}
 
 
+def median_stream_timing(engine: Engine, prompt_len: int, new_tokens: int, runs: int = 3,
+                         seed: int = 99) -> dict[str, float]:
+    """:func:`stream_timing` of ``runs`` fresh random prompts (none in the prefix cache), one after another:
+    the median of each figure (a single request's time to first token varies by milliseconds)."""
+    prompts = random_prompts(runs, prompt_len, engine.vocab_size, seed)
+    timings = [stream_timing(engine, prompt, new_tokens) for prompt in prompts]
+    return {key: statistics.median(t[key] for t in timings) for key in timings[0]}
+
+
 def poisson_engine(engine: Engine, rate: float, requests: int, prompt_len: int, new_tokens: int,
                    seed: int = 3) -> dict[str, float]:
     """Requests arriving as a Poisson process of ``rate`` per second, straight into the engine (no

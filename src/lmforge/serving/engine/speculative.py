@@ -290,6 +290,7 @@ def draft_backend(cfg: ServingConfig, model: ServedModel, tokenizer: PreTrainedT
     # Its own cache for every row of the batch at full length, no prefix caching (drafts are cheap to prefill).
     draft_cfg = updated(ServingConfig(), scheduler={"max_batch_size": cfg.scheduler.max_batch_size},
                         kv_cache={"block_size": cfg.kv_cache.block_size, "prefix_caching": False},
-                        runtime={"cuda_graphs": cfg.runtime.cuda_graphs})
+                        runtime={"cuda_graphs": cfg.runtime.cuda_graphs,
+                                 "fused_attention": cfg.runtime.fused_attention})
     log.info("speculative decoding with the draft model %s (%d tokens per step)", source, cfg.speculative.num_tokens)
     return PagedBackend(cast(LlamaCausalLM, draft), draft_cfg, context_window)  # unsupported() checked its shape
