@@ -2,7 +2,7 @@
 256 new tokens, one stream and 64 concurrent, against transformers ``generate()`` in the same job.
 
     PYTHONPATH=src python -m bench.serve.gpu [--phases check engine poisson hf compile nographs int8 quant] [--out DIR]
-    python -m bench.serve.gpu --tiny --phases check engine poisson hf nooverlap nographs unfused eagerprefill int8
+    python -m bench.serve.gpu --tiny --phases check engine poisson hf nooverlap nographs unfused eagerprefill int8  # CPU
 
 Phases: ``check`` (Triton kernels against the PyTorch ops on random inputs; the engine's logits and
 greedy tokens against transformers), ``engine`` (our tokens/s; and one streamed request's time to first token

@@ -220,13 +220,13 @@ def test_interpreter_tests_run() -> None:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     # 8 split-vs-torch cases, 3 of blocks of several tokens, 4 rotating ones, the fusion rule, the padded rows, the
     # policy, the whole model (its decode step rotates in the kernel), the padded prefill layout (two ops);
-    # skipped only: this test and the three compile checks, which need the compiler the interpreter replaces.
+    # skipped only: this test and the four compile checks, which need the compiler the interpreter replaces.
     assert lines and lines[-1].startswith("21 passed, 5 skipped"), proc.stdout[-4000:]
     skips = [line for line in lines if line.startswith("SKIPPED")]
     assert len(skips) == 2 and all("interpreter" in line for line in skips), skips  # -rs groups the two compiles
 
 
-@pytest.mark.slow  # six ahead-of-time compiles through ptxas: ~8 s of CPU, more on a busy machine
+@pytest.mark.slow  # twelve ahead-of-time compiles through ptxas: ~18 s of CPU, more on a busy machine
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter replaces the compiler")
 @pytest.mark.parametrize("cache,splits,tok,fused", [("bf16", 16, 1, True), ("fp8e4nv", 1, 1, False),
                                                    ("bf16", 8, 5, False), ("fp8e4nv", 8, 5, True)])

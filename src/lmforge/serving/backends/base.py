@@ -76,7 +76,10 @@ class Backend(Protocol):
         """Decode ``row`` with LoRA adapter ``slot`` of ``adapter_slots`` (0: the plain base)."""
         ...
 
-    def prefill(self, items: list[PrefillItem]) -> list[torch.Tensor]: ...
+    def prefill(self, items: list[PrefillItem]) -> list[torch.Tensor]:
+        """Logits of each item's last token (every token's with ``all_logits``). They may be views of a
+        captured graph's output, valid until the backend's next forward: a caller that keeps them copies."""
+        ...
 
     def decode(self, rows: list[int], positions: list[int], tokens: list[int] | torch.Tensor) -> torch.Tensor:
         """Logits ``[rows, vocab]`` after feeding ``tokens[i]`` at ``positions[i]`` of ``rows[i]``. ``tokens`` is a

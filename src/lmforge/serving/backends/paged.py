@@ -209,7 +209,8 @@ class PagedBackend:
         """Logits of every token of each ``runs[i]``, fed from ``positions[i]`` on in ``rows[i]``: one
         forward for speculative decoding's up to k + 1 positions per sequence (``engine/speculative.py``).
         A captured graph's replay where captured (``model/verify_graphs.py``: its output is valid until
-        the next verify), else the chunked-prefill path, eagerly. Nothing is committed to the prefix
+        the next verify), else eagerly, over a layout of query blocks of up to ``prefill_block`` tokens (a
+        decode step's layout when every run fits one block). Nothing is committed to the prefix
         cache: only prompt blocks are ever hashed, and these are generated."""
         shift = self.virtual_tokens
         if self.verify_graphs is not None and self.verify_graphs.fits(runs):

@@ -78,8 +78,8 @@ class Steps:
             self._advance(whole, torch.cat([last[id(seq)] for seq in whole]))
 
     def _decode(self, running: list[Sequence]) -> None:
-        # The step launched ahead first: its logits are copied out of the graphs' output buffer (shared
-        # with the verify graphs) whenever another forward follows, here or in the speculator.
+        # The step launched ahead first: its logits are copied out of the decode graphs' output buffer
+        # whenever another forward follows, here or in the speculator.
         seqs, logits = self._take_ahead(running)
         have = {id(s) for s in seqs}
         if self.speculator is not None:  # its sequences take their own step; the rest decode below

@@ -1,7 +1,7 @@
 """Triton kernels of the paged engine's forward pass on CUDA (imported only where Triton is present).
 
 Four kernels replace the ~35 small PyTorch ops of a Llama layer's non-matmul work, so a captured
-decode step is ~9 kernels per layer instead of dozens (on an H100 every kernel in a CUDA graph
+decode step is ~8-9 kernels per layer instead of dozens (on an H100 every kernel in a CUDA graph
 costs ~2 us however small it is):
 
 - ``add_rms_norm``: the residual add and the RMSNorm that follows it, one pass over the row;
@@ -13,7 +13,7 @@ costs ~2 us however small it is):
   consecutive tokens of one sequence times the ``GROUP`` query heads that share one KV head, so the
   keys and values of each cache tile are read once for the whole group (grouped-query attention).
   A pure decode step with few sequences takes the split-K path of ``decode_attention.py`` instead
-  (``model/ops.py``: ``TritonOps.attention`` chooses).
+  (``model/ops.py``: ``TritonOps._attend`` chooses).
 
 In decode and verify steps, where no query block reads keys that another writes, the attention
 kernels also do ``rope_store``'s work (:class:`Rope`, ``rotate``, ``store_new_kv``): a program

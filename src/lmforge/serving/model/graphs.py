@@ -32,8 +32,9 @@ def buckets(max_batch: int) -> list[int]:
 @torch.inference_mode()
 def capture(runner: LlamaRunner, layouts: dict[int, StepLayout]) -> tuple[dict[int, torch.cuda.CUDAGraph],
                                                                            dict[int, torch.Tensor]]:
-    """The runner's forward over each layout (by batch-size bucket) captured as a CUDA graph, and its output
-    buffer. Largest first, in one memory pool: the smaller graphs reuse the largest's memory."""
+    """The runner's forward over each layout (by bucket: a batch size, or a prefill's token count) captured
+    as a CUDA graph, and its output buffer. Largest first, in one memory pool: the smaller graphs reuse
+    the largest's memory."""
     graphs: dict[int, torch.cuda.CUDAGraph] = {}
     outputs: dict[int, torch.Tensor] = {}
     pool = None

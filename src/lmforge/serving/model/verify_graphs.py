@@ -12,7 +12,8 @@ width - 1`` and one attention query block (``tokens_per_block = width``) whose t
 (``blk_n``) is its run's real length. A run shorter than ``width`` (the proposer found fewer
 guesses, or a sequence rides along with its pending token only) fills the rest of its slots with
 padding tokens of the cache's scratch row at positions 0, 1, ...: their keys and values land in the
-scratch block, never in a real sequence's blocks (a real row's blocks past the reservation may
+scratch block (where ``rope_store`` writes them; an attention kernel that stores keys itself writes
+only a block's real tokens), never in a real sequence's blocks (a real row's blocks past the reservation may
 belong to another sequence), and the attention kernel skips them (beyond ``blk_n``). Batch slots
 beyond the sequences are whole padding blocks of the scratch row with one token each. Every slot's
 logits are computed; the caller gets views of the real ones.
