@@ -116,6 +116,7 @@ ROPE_CASES = [  # (contexts, tokens per sequence, heads, kv_heads, cache dtype):
     ([1, 2, 15, 16, 17, 31, 33, 80], 1, 8, 2, torch.float32),
     ([5, 64, 79], 1, 2, 2, torch.float8_e4m3fn),
     ([37, 80, 3], 5, 8, 2, torch.float32),
+    ([50], 5, 4, 2, torch.float32),  # at 8 splits, chunks of 16: the new positions 45-49 straddle two chunks
 ]
 
 
@@ -218,10 +219,10 @@ def test_interpreter_tests_run() -> None:
                           env=env, capture_output=True, text=True, timeout=300)
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    # 8 split-vs-torch cases, 3 of blocks of several tokens, 4 rotating ones, the fusion rule, the padded rows, the
+    # 8 split-vs-torch cases, 3 of blocks of several tokens, 5 rotating ones, the fusion rule, the padded rows, the
     # policy, the whole model (its decode step rotates in the kernel), the padded prefill layout (two ops);
     # skipped only: this test and the four compile checks, which need the compiler the interpreter replaces.
-    assert lines and lines[-1].startswith("21 passed, 5 skipped"), proc.stdout[-4000:]
+    assert lines and lines[-1].startswith("22 passed, 5 skipped"), proc.stdout[-4000:]
     skips = [line for line in lines if line.startswith("SKIPPED")]
     assert len(skips) == 2 and all("interpreter" in line for line in skips), skips  # -rs groups the two compiles
 

@@ -49,8 +49,8 @@ _OPS = [pytest.param(Ops, id="torch"),
 @pytest.mark.parametrize("ops", _OPS)
 def test_padded_prefill_layout_gives_the_eager_logits_and_cache(model_dir: Path, ops: type[Ops]) -> None:
     """A prompt's second chunk (it attends to the first, cached) through the padded layout, in a row whose
-    first chunk matches another row's: the last token's logits and the chunk's keys equal the eager
-    prefill's in the other row, and the padding wrote only into the scratch block."""
+    first chunk matches another row's: the last token's logits and the chunk's keys and values equal the
+    eager prefill's in the other row, and the padding wrote only into the scratch block."""
     engine = Engine.load(model_dir, device="cpu")
     engine.close()  # only its model is needed
     backend = PagedBackend(engine.model, ServingConfig(kv_cache={"block_size": 4}), engine.context_window, ops=ops())
@@ -61,6 +61,7 @@ def test_padded_prefill_layout_gives_the_eager_logits_and_cache(model_dir: Path,
         backend.prefill([PrefillItem(eager_row, 0, first), PrefillItem(graph_row, 0, first)])
         want = backend.prefill([PrefillItem(eager_row, 6, second)])[0].clone()
         keys = [k.clone() for k in backend.cache.keys]
+        values = [v.clone() for v in backend.cache.values]
         batch = PrefillBatch([8, 16], 4, backend.cache.scratch_row, backend.device)
         b = batch.bucket(len(second))
         assert b == 8  # 5 tokens and 3 of padding: two query blocks of the chunk, no padding block
@@ -74,6 +75,56 @@ def test_padded_prefill_layout_gives_the_eager_logits_and_cache(model_dir: Path,
     kept = torch.ones(cache.keys.shape[1], dtype=torch.bool)
     kept[: cache.block_size] = False  # the scratch block
     kept[graph_slots] = False
-    for before, after in zip(keys, cache.keys):
-        torch.testing.assert_close(after[graph_slots], after[eager_slots], rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(after[kept], before[kept], rtol=0, atol=0)
+    for store, before in ((cache.keys, keys), (cache.values, values)):
+        for layer_before, after in zip(before, store):
+            torch.testing.assert_close(after[graph_slots], after[eager_slots], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(after[kept], layer_before[kept], rtol=0, atol=0)
+
+
+class EagerPrefillGraphs:
+    """``PrefillGraphs`` without the capture (CUDA only): the same buckets and padded layout, run eagerly, so
+    ``PagedBackend.prefill``'s choice of it (a lone prompt's chunk, shifted positions, the cache commit) runs
+    on the CPU."""
+
+    def __init__(self, backend: PagedBackend, buckets: list[int]) -> None:
+        self.runner = backend.runner
+        self.batch = PrefillBatch(buckets, backend.prefill_block, backend.cache.scratch_row, backend.device)
+        self.replays = 0
+
+    def fits(self, tokens: int) -> bool:
+        return 1 <= tokens <= self.batch.buckets[-1]
+
+    def run(self, row: int, start: int, ids: list[int]) -> torch.Tensor:
+        self.replays += 1
+        return self.runner.forward(self.batch.fill(row, start, ids, self.batch.bucket(len(ids))))
+
+
+def test_lone_prompts_take_the_padded_prefill_and_decode_as_before(model_dir: Path) -> None:
+    """Requests one at a time, each prefilled through the padded layout (in chunks of 16 tokens, later
+    chunks starting at an offset; the second prompt shares the first's cached blocks): greedy tokens and
+    cached-token counts equal the engine's with eager prefills."""
+    from lmforge.serving.engine import SamplingParams
+
+    cfg = ServingConfig(kv_cache={"block_size": 4}, scheduler={"max_prefill_tokens": 16})
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [list(range(5, 45)), [*range(5, 25), *range(90, 100)]]  # 40 tokens; 30 sharing five blocks
+
+    def serve(padded: bool) -> list[tuple[list[int], int]]:
+        engine = Engine.load(model_dir, device="cpu", cfg=cfg)
+        try:
+            backend = engine.backend
+            assert isinstance(backend, PagedBackend) and backend.prefill_graphs is None  # CPU: none captured
+            if padded:
+                bucket = -(-16 // backend.prefill_block) * backend.prefill_block  # whole query blocks, >= a chunk
+                backend.prefill_graphs = EagerPrefillGraphs(backend, [bucket])  # type: ignore[assignment]
+            out = [engine.generate([p], params)[0] for p in prompts]
+            if padded:
+                assert backend.prefill_graphs.replays == 4  # three chunks of the first prompt, one of the second
+            return [(list(o.token_ids), o.cached_tokens) for o in out]
+        finally:
+            engine.close()
+
+    eager, padded = serve(False), serve(True)
+    assert padded == eager
+    assert eager[1][1] == 20  # the second prompt found the first's five full blocks cached
+
