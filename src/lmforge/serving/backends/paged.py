@@ -111,9 +111,11 @@ class PagedBackend:
             else:
                 log.info("speculative verify runs eagerly: %d tokens per sequence exceed one attention block of %d",
                          width, self.prefill_block)
-        log.info("paged KV cache: %d blocks of %d tokens (%.0f MiB), ops=%s, cuda_graphs=%s",
-                 self.cache.num_blocks, shape.block_size, self.cache.num_blocks * shape.bytes_per_block() / 2**20,
-                 self.ops.name, self.graphs is not None)
+        log.info("paged KV cache: %d blocks of %d tokens (%.0f MiB), ops=%s, cuda_graphs=%s, prefill graphs up to %s "
+                 "tokens, rope in attention=%s", self.cache.num_blocks, shape.block_size,
+                 self.cache.num_blocks * shape.bytes_per_block() / 2**20, self.ops.name, self.graphs is not None,
+                 self.prefill_graphs.batch.buckets[-1] if self.prefill_graphs is not None else None,
+                 getattr(self.ops, "rope_in_attention", False))
 
     def _default_budget_mb(self, shape: CacheShape, max_rows: int, max_len: int) -> float:
         useful = (max_rows * -(-max_len // shape.block_size) + 1) * shape.bytes_per_block() / 2**20
