@@ -116,7 +116,7 @@ def test_lone_prompts_take_the_padded_prefill_and_decode_as_before(model_dir: Pa
             assert isinstance(backend, PagedBackend) and backend.prefill_graphs is None  # CPU: none captured
             if padded:
                 bucket = -(-16 // backend.prefill_block) * backend.prefill_block  # whole query blocks, >= a chunk
-                backend.prefill_graphs = EagerPrefillGraphs(backend, [bucket])  # type: ignore[assignment]
+                backend.prefill_graphs = EagerPrefillGraphs(backend, [bucket])  # type: ignore[assignment] - duck-typed
             out = [engine.generate([p], params)[0] for p in prompts]
             if padded:
                 assert backend.prefill_graphs.replays == 4  # three chunks of the first prompt, one of the second
