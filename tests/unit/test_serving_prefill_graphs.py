@@ -30,10 +30,15 @@ def test_prefill_inputs_pad_with_the_scratch_row() -> None:
     assert rows == [3] * 5 + [9] * 3
     # Query blocks of 2 tokens: three of the chunk (the last holds one), one padding block of one scratch token.
     assert blocks == [[3, 3, 3, 9], [2, 2, 1, 1]]
+    # A bucket smaller than, or not a multiple of, the query block: the last block is partly outside the bucket.
+    ids, blocks = prefill_inputs(row=3, start=0, ids=[50, 51, 52], bucket=16, block=64, scratch_row=9)
+    assert ids[2] == [3] * 3 + [9] * 13 and blocks == [[3], [3]]
+    ids, blocks = prefill_inputs(row=3, start=0, ids=[50] * 70, bucket=192, block=128, scratch_row=9)
+    assert blocks == [[3, 9], [70, 1]]  # the padding block starts at slot 128, past the chunk
     with pytest.raises(ValueError, match="does not fit a bucket of 4"):
         prefill_inputs(0, 0, [1] * 5, bucket=4, block=2, scratch_row=9)
-    assert prefill_buckets(16, 2048) == [16, 32, 64, 128, 192, 256, 384, 512]
-    assert prefill_buckets(64, 300) == [64, 128, 192, 256]  # whole query blocks, at most the chunk size
+    assert prefill_buckets(2048) == [16, 32, 64, 128, 192, 256, 384, 512]
+    assert prefill_buckets(300) == [16, 32, 64, 128, 192, 256]  # at most the chunk size
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +120,7 @@ def test_lone_prompts_take_the_padded_prefill_and_decode_as_before(model_dir: Pa
             backend = engine.backend
             assert isinstance(backend, PagedBackend) and backend.prefill_graphs is None  # CPU: none captured
             if padded:
-                bucket = -(-16 // backend.prefill_block) * backend.prefill_block  # whole query blocks, >= a chunk
-                backend.prefill_graphs = EagerPrefillGraphs(backend, [bucket])  # type: ignore[assignment] - duck-typed
+                backend.prefill_graphs = EagerPrefillGraphs(backend, [16])  # type: ignore[assignment] - duck-typed
             out = [engine.generate([p], params)[0] for p in prompts]
             if padded:
                 assert backend.prefill_graphs.replays == 4  # three chunks of the first prompt, one of the second

@@ -98,7 +98,7 @@ class PagedBackend:
         if cfg.runtime.cuda_graphs and self.device.type == "cuda" and isinstance(self.ops, TritonOps):
             self.graphs = DecodeGraphs(self.runner, cfg.scheduler.max_batch_size)
             # A lone prompt's short prefill too (model/prefill_graphs.py): launched eagerly, it is host-bound.
-            buckets = prefill_buckets(self.prefill_block, min(cfg.scheduler.max_prefill_tokens, max_len))
+            buckets = prefill_buckets(min(cfg.scheduler.max_prefill_tokens, max_len))
             if buckets:
                 self.prefill_graphs = PrefillGraphs(self.runner, self.prefill_block, buckets)
         # Speculative decoding's verify forward (k + 1 tokens per sequence) as graphs too (model/verify_graphs.py),

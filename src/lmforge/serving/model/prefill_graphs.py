@@ -8,11 +8,11 @@ is a prefill of one prompt: that case is padded to the next bucket (:data:`BUCKE
 Longer chunks keep running eagerly; there the GPU's work outlasts the launches.
 
 The layout of bucket ``B`` (:class:`PrefillBatch`), with ``Q`` tokens per attention query block (the
-prefill block: ``B`` is a multiple of it): token slots ``0 .. B - 1``, the chunk's ``T`` tokens first
-at their positions in their cache row, then padding tokens of the cache's scratch row at positions
-0, 1, ... (their keys and values land in the scratch block, as the verify graphs' padding does);
-``B / Q`` query blocks, ``ceil(T / Q)`` of the chunk (the last holding ``T mod Q`` tokens, or ``Q``)
-and the rest padding blocks of one scratch token each. The graph's output is the logits of the
+prefill block): token slots ``0 .. B - 1``, the chunk's ``T`` tokens first at their positions in
+their cache row, then padding tokens of the cache's scratch row at positions 0, 1, ... (their keys
+and values land in the scratch block, as the verify graphs' padding does); ``ceil(B / Q)`` query
+blocks, ``ceil(T / Q)`` of the chunk (the last holding the rest of its tokens) and then padding
+blocks of one scratch token each (block ``j`` starts at slot ``j Q``, past the chunk). The graph's output is the logits of the
 chunk's last token only (``logit_index``, a device buffer), which is all a prompt's chunk needs
 unless the request echoes prompt logprobs (then it runs eagerly).
 
@@ -37,22 +37,22 @@ from lmforge.serving.model.transfer import pinned
 BUCKETS = (16, 32, 64, 128, 192, 256, 384, 512)
 
 
-def prefill_buckets(block: int, max_tokens: int) -> list[int]:
-    """The buckets a server captures: whole query blocks, at most ``max_tokens`` (its chunk size and context)."""
-    return [b for b in BUCKETS if b <= max_tokens and b % block == 0]
+def prefill_buckets(max_tokens: int) -> list[int]:
+    """The buckets a server captures: at most ``max_tokens`` (its chunk size and context window)."""
+    return [b for b in BUCKETS if b <= max_tokens]
 
 
 def prefill_inputs(row: int, start: int, ids: list[int], bucket: int, block: int,
                    scratch_row: int) -> tuple[list[list[int]], list[list[int]]]:
     """The host values of a bucket's static buffers: ``[tokens, positions, rows]`` of ``bucket`` token slots
-    and ``[blk_row, blk_n]`` of ``bucket / block`` query blocks, for ``ids`` fed from ``start`` in cache
-    row ``row`` (the rest padding, as the module docstring says)."""
+    and ``[blk_row, blk_n]`` of ``ceil(bucket / block)`` query blocks, for ``ids`` fed from ``start`` in
+    cache row ``row`` (the rest padding, as the module docstring says)."""
     n = len(ids)
-    if not 1 <= n <= bucket or bucket % block:
-        raise ValueError(f"a prefill chunk of {n} tokens does not fit a bucket of {bucket} (blocks of {block})")
+    if not 1 <= n <= bucket:
+        raise ValueError(f"a prefill chunk of {n} tokens does not fit a bucket of {bucket}")
     pad = bucket - n
     real = -(-n // block)
-    blocks = bucket // block
+    blocks = -(-bucket // block)
     tokens = [*ids, *[0] * pad]
     positions = [*range(start, start + n), *range(pad)]
     rows = [row] * n + [scratch_row] * pad
@@ -68,7 +68,7 @@ class PrefillBatch:
         self.buckets, self.block, self.scratch_row = buckets, block, scratch_row
         largest = buckets[-1]
         self.ids = torch.zeros((3, largest), dtype=torch.long, device=device)
-        self.blocks = torch.zeros((2, largest // block), dtype=torch.int32, device=device)
+        self.blocks = torch.zeros((2, -(-largest // block)), dtype=torch.int32, device=device)
         self.blk_tok = torch.arange(0, largest, block, dtype=torch.int32, device=device)
         self.logit_index = torch.zeros(1, dtype=torch.long, device=device)
         self.layouts = {b: self._layout(b) for b in buckets}
@@ -76,7 +76,7 @@ class PrefillBatch:
             self.fill(scratch_row, 0, [0], b)
 
     def _layout(self, b: int) -> StepLayout:
-        nb = b // self.block
+        nb = -(-b // self.block)
         return StepLayout(self.ids[0, :b], self.ids[1, :b], self.ids[2, :b], self.blocks[0, :nb], self.blk_tok[:nb],
                           self.blocks[1, :nb], self.block, self.logit_index, None)
 
@@ -89,7 +89,7 @@ class PrefillBatch:
         device = self.ids.device
         # Pinned and asynchronous: a plain host copy would wait for a decode step launched ahead (transfer.py).
         self.ids[:, :b].copy_(pinned(ids_rows, torch.long, device), non_blocking=True)
-        self.blocks[:, : b // self.block].copy_(pinned(blocks, torch.int32, device), non_blocking=True)
+        self.blocks[:, : -(-b // self.block)].copy_(pinned(blocks, torch.int32, device), non_blocking=True)
         self.logit_index.copy_(pinned([len(ids) - 1], torch.long, device), non_blocking=True)
         layout = self.layouts[b]
         # The PyTorch ops' attention needs the host plan (Triton's does not, and a graph never reads it).
