@@ -159,6 +159,9 @@ class LlamaRunner:
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
         # Per-request LoRA adapters (adapters/lora_slots.py: attach), when serving.adapters is set.
         self.lora: TokenAdapters | None = None
+        # Tensor parallelism (model/tensor_parallel.py: shard): sums the ranks' partial outputs of the
+        # row-parallel matmuls (attention output, down), in place.
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, layout: StepLayout) -> torch.Tensor:
         """Logits ``[K, vocab]`` of the tokens in ``layout.logit_index`` (all tokens when None)."""
@@ -183,8 +186,12 @@ class LlamaRunner:
                                    self.heads, self.kv_heads, self.head_dim)
                 attn = ops.attention(q, cache.keys[i], cache.values[i], cache.table, layout, bs, self.scale)
             x = layer.o(attn.reshape(tokens, self.heads * self.head_dim))
+            if self.reduce is not None:
+                x = self.reduce(x)
             h, residual = ops.add_rms_norm(x, residual, layer.ln2, self.eps)
             x = layer.down(ops.silu_mul(layer.gate_up(h)))
+            if self.reduce is not None:
+                x = self.reduce(x)
         # Every model has a layer, so the loop left the residual set: a cast, no per-step check.
         residual = cast(torch.Tensor, residual)
         if layout.logit_index is not None:
