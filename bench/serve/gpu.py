@@ -234,26 +234,21 @@ def baseline_phases(model, phases: set[str], put, one, many, ours: dict[str, flo
 def variant_phases(model, tokenizer, phases: set[str], put, one, many, ours: dict[str, float], w: Workload) -> None:
     """The engine without CUDA graphs, and with int8 weights (this last: it quantizes ``model``)."""
     pairs = (("1", one), (str(w.concurrent), many))
-    if "nographs" in phases:
-        eager = ServingConfig(scheduler=_batch(w.concurrent), runtime=RuntimeConfig(cuda_graphs=False))
-        engine = Engine(model, tokenizer, eager)
+    # The engine with one feature off: phase -> (runtime setting, record name, the feature, timed runs).
+    ablations = {
+        "nographs": ({"cuda_graphs": False}, "no_cuda_graphs", "CUDA graphs", 1),
+        # diagnosis: no decode launched ahead of the previous step's text handling
+        "nooverlap": ({"overlap_decode": False}, "no_overlap", "overlap", 3),
+        # rope_store before the attention kernel in decode steps, as prefill chunks run it
+        "unfused": ({"fused_attention": False}, "unfused", "fused attention", 3),
+    }
+    for phase, (runtime, name, feature, repeats) in ablations.items():
+        if phase not in phases:
+            continue
+        engine = Engine(model, tokenizer, ServingConfig(scheduler=_batch(w.concurrent), runtime=RuntimeConfig(**runtime)))
         for n, prompts in pairs:
-            put(f"engine_no_cuda_graphs_{n}_tok_s", engine_tokens_per_s(engine, prompts, w.new, repeats=1),
-                "output tok/s", "engine with CUDA graphs (same job)", ours.get(n))
-        engine.close()
-    if "nooverlap" in phases:  # diagnosis: no decode launched ahead of the previous step's text handling
-        engine = Engine(model, tokenizer, ServingConfig(scheduler=_batch(w.concurrent),
-                                                        runtime=RuntimeConfig(overlap_decode=False)))
-        for n, prompts in pairs:
-            put(f"engine_no_overlap_{n}_tok_s", engine_tokens_per_s(engine, prompts, w.new), "output tok/s",
-                "engine with overlap (same job)", ours.get(n))
-        engine.close()
-    if "unfused" in phases:  # rope_store before the attention kernel, as prefill chunks run it
-        engine = Engine(model, tokenizer, ServingConfig(scheduler=_batch(w.concurrent),
-                                                        runtime=RuntimeConfig(fused_attention=False)))
-        for n, prompts in pairs:
-            put(f"engine_unfused_{n}_tok_s", engine_tokens_per_s(engine, prompts, w.new), "output tok/s",
-                "engine with fused attention (same job)", ours.get(n))
+            put(f"engine_{name}_{n}_tok_s", engine_tokens_per_s(engine, prompts, w.new, repeats=repeats), "output tok/s",
+                f"engine with {feature} (same job)", ours.get(n))
         engine.close()
     if "eagerprefill" in phases:  # diagnosis: what the lone prompt's prefill graphs are worth
         engine = Engine(model, tokenizer, ServingConfig(scheduler=_batch(w.concurrent), max_new_tokens=w.new))
