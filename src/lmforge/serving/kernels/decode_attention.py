@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from lmforge.core.errors import ConfigError
-from lmforge.serving.kernels.layer import INTERPRETED, Rope, attend_tile, query_source, rotate, store_new_kv
+from lmforge.serving.kernels.layer import INTERPRETED, Rope, attend_tile, load_queries, query_source
 
 # An H100 SXM's SMs: the count assumed where no CUDA device is asked (the CPU interpreter).
 DEFAULT_SMS = 132
@@ -122,16 +122,9 @@ def split_kernel(Q, KC, VC, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N, PM, PL, PACC, C
     chunk = _chunk(kv_len, SPLITS, BLOCK_N)
     start = split * chunk
     end = tl.minimum(start + chunk, kv_len)  # start >= end: a split past the context, left neutral
-    q_rows = Q + (t0 + tok)[:, None] * stride_qt + head[:, None] * stride_qh
-    q_mask = valid[:, None] & dm[None, :]
-    if ROPE:
-        q = rotate(q_rows, COS + pos[:, None] * stride_cos, SIN + pos[:, None] * stride_cos, d, q_mask,
-                   D // 2).to(Q.dtype.element_ty)  # rounded as rope_store rounds the query it writes
-        store_new_kv(Q, KC, VC, TABLE, POS, COS, SIN, row, t0, nt, kvh, start, end, d, dm, inv_kv_scale, stride_qt,
-                     stride_cos, stride_ks, stride_kh, stride_table, H, KVH, D, TOKP, PAGE, FP8)
-        tl.debug_barrier()  # the program's threads read back the keys and values its other threads wrote
-    else:
-        q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)
+    q = load_queries(Q, KC, VC, TABLE, POS, COS, SIN, row, t0, nt, tok, head, valid, pos, kvh, start, end, d, dm,
+                     inv_kv_scale, stride_qt, stride_qh, stride_cos, stride_ks, stride_kh, stride_table, H, KVH, D,
+                     TOKP, PAGE, ROPE, FP8)
     # A row whose position lies before this chunk sees no key of it: its max stays -1e30 and the merge
     # gives the split no weight (split 0 holds key 0, which every row sees).
     m_i = tl.full([M], -1.0e30, dtype=tl.float32)

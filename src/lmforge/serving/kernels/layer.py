@@ -161,6 +161,27 @@ def store_new_kv(QKV, KC, VC, TABLE, POS, COS, SIN, row, t0, nt, kvh, start, end
     tl.store(VC + dst, to_cache(value, inv_kv_scale, VC, FP8), mask=mask)
 
 
+@triton.jit
+def load_queries(Q, KC, VC, TABLE, POS, COS, SIN, row, t0, nt, tok, head, valid, pos, kvh, start, end, d, dm,
+                 inv_kv_scale, stride_qt, stride_qh, stride_cos, stride_ks, stride_kh, stride_table, H: tl.constexpr,
+                 KVH: tl.constexpr, D: tl.constexpr, TOKP: tl.constexpr, PAGE: tl.constexpr, ROPE: tl.constexpr,
+                 FP8: tl.constexpr):
+    """An attention program's query rows [M, DP]. ROPE: Q is the fused QKV output (``Rope``); the rows are
+    rotated here, and the block's new keys and values with positions in [start, end), which only this
+    program reads, go to the cache before it reads the cache back (a barrier)."""
+    q_rows = Q + (t0 + tok)[:, None] * stride_qt + head[:, None] * stride_qh
+    q_mask = valid[:, None] & dm[None, :]
+    if ROPE:
+        q = rotate(q_rows, COS + pos[:, None] * stride_cos, SIN + pos[:, None] * stride_cos, d, q_mask,
+                   D // 2).to(Q.dtype.element_ty)  # rounded as rope_store rounds the query it writes
+        store_new_kv(Q, KC, VC, TABLE, POS, COS, SIN, row, t0, nt, kvh, start, end, d, dm, inv_kv_scale, stride_qt,
+                     stride_cos, stride_ks, stride_kh, stride_table, H, KVH, D, TOKP, PAGE, FP8)
+        tl.debug_barrier()  # the program's threads read back the keys and values its other threads wrote
+    else:
+        q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)
+    return q
+
+
 @dataclass(frozen=True)
 class Rope:
     """The query input of an attention kernel that does ``rope_store``'s work itself: the fused QKV output
@@ -247,16 +268,9 @@ def _paged_attention_kernel(Q, KC, VC, OUT, TABLE, POS, BLK_ROW, BLK_TOK, BLK_N,
     d = tl.arange(0, DP)
     dm = d < D
     kv_len = tl.load(POS + t0 + nt - 1) + 1  # a block's tokens are consecutive: the last sees the most
-    q_rows = Q + (t0 + tok)[:, None] * stride_qt + head[:, None] * stride_qh
-    q_mask = valid[:, None] & dm[None, :]
-    if ROPE:
-        q = rotate(q_rows, COS + pos[:, None] * stride_cos, SIN + pos[:, None] * stride_cos, d, q_mask,
-                   D // 2).to(Q.dtype.element_ty)  # rounded as rope_store rounds the query it writes
-        store_new_kv(Q, KC, VC, TABLE, POS, COS, SIN, row, t0, nt, kvh, 0, kv_len, d, dm, inv_kv_scale, stride_qt,
-                     stride_cos, stride_ks, stride_kh, stride_table, H, KVH, D, TOKP, PAGE, FP8)
-        tl.debug_barrier()  # the program's threads read back the keys and values its other threads wrote
-    else:
-        q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)
+    q = load_queries(Q, KC, VC, TABLE, POS, COS, SIN, row, t0, nt, tok, head, valid, pos, kvh, 0, kv_len, d, dm,
+                     inv_kv_scale, stride_qt, stride_qh, stride_cos, stride_ks, stride_kh, stride_table, H, KVH, D,
+                     TOKP, PAGE, ROPE, FP8)
     qk_scale = scale * kv_scale * 1.4426950408889634  # base 2: exp2 is the cheap instruction; keys are k/kv_scale
     m_i = tl.full([M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([M], dtype=tl.float32)

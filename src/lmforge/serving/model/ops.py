@@ -173,13 +173,6 @@ class TritonOps(Ops):
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self._k.silu_mul(gate_up)
 
-    def _splits(self, layout: StepLayout, table: torch.Tensor, block_size: int, kv_heads: int) -> int:
-        # Few query blocks (decode and verify steps, which graphs capture; a short prefill chunk) are few
-        # programs unless their contexts are split. Host shapes only (the step may be captured): the number of
-        # blocks and the longest context the table can hold.
-        return self.split.splits(layout.blk_row.shape[0], kv_heads, table.shape[1] * block_size,
-                                 self._decode.multiprocessors(table.device))
-
     def rotates_in_attention(self, layout: StepLayout) -> bool:
         # Both attention kernels can, where no query block reads keys another block writes.
         return self.rope_in_attention and layout.decode_step
@@ -196,7 +189,11 @@ class TritonOps(Ops):
     def _attend(self, q: torch.Tensor | Rope, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
                 layout: StepLayout, block_size: int, scale: float) -> torch.Tensor:
         """The split-K kernel where the policy splits the step's contexts, else the one-pass kernel."""
-        splits = self._splits(layout, table, block_size, k_cache.shape[1])
+        # Few query blocks (decode and verify steps, which graphs capture; a short prefill chunk) are few
+        # programs unless their contexts are split. Host shapes only (the step may be captured): the number of
+        # blocks and the longest context the table can hold.
+        splits = self.split.splits(layout.blk_row.shape[0], k_cache.shape[1], table.shape[1] * block_size,
+                                   self._decode.multiprocessors(table.device))
         if splits > 1:
             return self._decode.split_decode_attention(q, k_cache, v_cache, table, layout.positions, layout.blk_row,
                                                        layout.blk_tok, layout.blk_n, layout.tokens_per_block, splits,
