@@ -289,6 +289,11 @@ class ServingConfig(Section):
         "<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>, the format of lmforge's chat templates "
         "and of many open models (lmforge.serving.api.tool_parsers).",
     )
+    tensor_parallel: int = Field(
+        1, ge=1, le=64, description="GPUs one engine spreads each layer over (paged engine, Llama models): every GPU "
+        "holds 1/N of the heads, the MLP width and the KV cache, one worker process per GPU beside the server's. "
+        "The GPUs are the server's device and the N - 1 after it; on a CPU, N processes.",
+    )
     platform: Literal["local", "ray"] = Field(
         "local", description="Where `lmforge deploy` runs the server: 'local' one process on this machine; 'ray' a Ray "
         "Serve application (serving.ray: replicas, autoscaling, a rolling update when the served version changes).",
@@ -311,6 +316,25 @@ class ServingConfig(Section):
         **{key: f"runtime.{key}" for key in ("engine", "device", "cpu_threads", "onnx_threads", "cuda_graphs",
                                             "quantization")},
     }
+
+    @model_validator(mode="after")
+    def _tensor_parallel_fits(self) -> ServingConfig:
+        if self.tensor_parallel == 1:
+            return self
+        n = self.tensor_parallel
+        if self.runtime.engine in ("hf", "onnx"):
+            raise ValueError(f"tensor_parallel {n} needs the paged engine; runtime.engine is {self.runtime.engine!r}: "
+                             "set it to 'auto' or 'paged', or tensor_parallel to 1")
+        if self.adapters or self.lora.max_loras is not None:
+            raise ValueError(f"tensor_parallel {n} does not split unmerged LoRA adapters yet (adapters, "
+                             "lora.max_loras): serve each adapter merged as its own model, or set tensor_parallel to 1")
+        if self.runtime.quantization != "none":
+            raise ValueError(f"tensor_parallel {n} does not split quantized weights yet: set runtime.quantization "
+                             "to 'none', or tensor_parallel to 1")
+        if self.platform == "ray" and self.ray.num_gpus < n:
+            raise ValueError(f"tensor_parallel {n} needs {n} GPUs per Ray Serve replica; ray.num_gpus is "
+                             f"{self.ray.num_gpus:g}: set ray.num_gpus to {n}")
+        return self
 
     @field_validator("adapters")
     @classmethod

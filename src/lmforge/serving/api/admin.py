@@ -37,6 +37,7 @@ from lmforge.serving.adapters.runtime import AdapterPool, check_runtime
 from lmforge.serving.adapters.sources import from_registry, inside_roots
 from lmforge.serving.api.errors import ApiError
 from lmforge.serving.backends.paged import PagedBackend
+from lmforge.serving.backends.tensor_parallel import TensorParallelBackend
 from lmforge.serving.engine.engine import Engine
 from lmforge.serving.model.types import LlamaCausalLM
 
@@ -82,7 +83,7 @@ def add_admin_routes(app: FastAPI, engine: Engine, model_name: str, cfg: Serving
 
     def pool() -> AdapterPool:
         backend = engine.backend
-        if not isinstance(backend, PagedBackend):
+        if not isinstance(backend, (PagedBackend, TensorParallelBackend)):
             raise ApiError(400, f"LoRA adapters are served by the paged engine only, and this server runs the "
                            f"{backend.name} one; serve a Llama-family model with serving.runtime.engine: auto",
                            param="lora_name", code="lora_loading_off")
@@ -146,7 +147,7 @@ async def adapter_held(engine: Engine, name: str | None) -> AsyncIterator[None]:
     from their source, in a worker thread, if they were dropped) and stay there until the block ends, by
     when the requests are queued (a queued adapter's weights are never dropped). 503 naming ``model`` when
     the source is gone or holds other weights now."""
-    pool = engine.backend.lora if isinstance(engine.backend, PagedBackend) else None
+    pool = engine.backend.lora if isinstance(engine.backend, (PagedBackend, TensorParallelBackend)) else None
     if name is None or pool is None or not pool.runtime:
         yield
         return

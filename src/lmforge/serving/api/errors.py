@@ -1,7 +1,8 @@
 """Every error the HTTP API answers, as the JSON body OpenAI clients expect.
 
 ``{"error": {"message", "type", "param", "code"}}`` for refused requests (4xx), a full queue (429,
-``Retry-After``), a server shutting down (503), unknown routes and methods. :func:`error_response`
+``Retry-After``), a server shutting down or whose engine lost its backend (503), a request the engine
+failed after taking it (500), unknown routes and methods. :func:`error_response`
 is the one place such a body is built, so no error path can answer plain text.
 """
 
@@ -12,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmforge.core.errors import ServingError
+from lmforge.serving.backends.base import BackendLost
 from lmforge.serving.engine.engine import EngineBusy, RequestError
 
 
@@ -57,6 +60,13 @@ def install_error_handlers(app: FastAPI) -> None:
         code = "rate_limit_exceeded" if exc.status == 429 else "server_shutting_down"
         return error_response(exc.status, f"{exc.cause}; {exc.fix}", code=code, type_="server_overloaded",
                               headers={"Retry-After": "1"})
+
+    @app.exception_handler(ServingError)  # the subclasses above keep their own handlers
+    async def _failed(_: Request, exc: ServingError) -> JSONResponse:
+        # The engine took the request and then failed it: its step failed, it shut down, or it lost its backend.
+        lost = isinstance(exc, BackendLost)
+        return error_response(503 if lost else 500, f"{exc.cause}; {exc.fix}", code="engine_lost" if lost else
+                              "engine_error", type_="server_error")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -139,6 +139,8 @@ def create_app(engine: Engine, model_name: str, cfg: ServingConfig,
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
+        if engine.lost is not None:  # a supervisor (compose, Serve, a load balancer) restarts or routes around it
+            raise ApiError(503, f"the engine cannot serve: {engine.lost.cause}; {engine.lost.fix}", code="engine_lost")
         served = {"version": release.get("version", ""), "release": release} if release else {}
         return {"status": "ok", "model": model_name, **served}
 

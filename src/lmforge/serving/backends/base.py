@@ -17,6 +17,13 @@ from typing import Protocol
 
 import torch
 
+from lmforge.core.errors import ServingError
+
+
+class BackendLost(ServingError):
+    """The backend can run no step any more (a tensor-parallel worker died): the engine fails every request,
+    refuses new ones and reports itself unhealthy, so that a supervisor restarts the server."""
+
 
 @dataclass(frozen=True)
 class PrefillItem:
@@ -88,3 +95,8 @@ class Backend(Protocol):
 
     @property
     def cache_usage(self) -> float: ...
+
+    def close(self) -> None:
+        """Stop what the backend started beside this process (tensor-parallel workers); the engine thread calls
+        it once, after its last step."""
+        ...

@@ -180,6 +180,9 @@ class HFBackend:
     def cache_usage(self) -> float:
         return len(self._live) / self.max_rows
 
+    def close(self) -> None:
+        """Nothing to stop: the caches go with the object."""
+
     def _keep(self, rows: list[int]) -> None:
         """Reduce the batch to ``rows`` (a subsequence of the current order)."""
         if rows == self._order or self._batch is None:

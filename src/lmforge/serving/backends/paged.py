@@ -31,6 +31,7 @@ from lmforge.serving.model.kv_cache import CacheShape, PagedKVCache, blocks_for_
 from lmforge.serving.model.ops import Ops, StepLayout, TritonOps
 from lmforge.serving.model.prefill_graphs import PrefillGraphs, prefill_buckets
 from lmforge.serving.model.runner import LlamaRunner, head_dim
+from lmforge.serving.model.tensor_parallel import TensorParallel, drop_whole_layers, shard
 from lmforge.serving.model.types import LlamaCausalLM
 from lmforge.serving.model.verify_graphs import VerifyGraphs
 from lmforge.serving.quant.quantize import check_options, kv_cache_dtype
@@ -60,18 +61,27 @@ class PagedBackend:
     overlap = True  # the engine may launch a decode step before handling the previous one's text
     reserves_worst_case = True  # admission takes the blocks of prompt plus max_tokens (model/kv_cache.py)
 
-    def __init__(self, model: LlamaCausalLM, cfg: ServingConfig, max_len: int, ops: Ops | None = None) -> None:
+    def __init__(self, model: LlamaCausalLM, cfg: ServingConfig, max_len: int, ops: Ops | None = None,
+                 tp: TensorParallel | None = None) -> None:
+        """``tp``: this backend is one rank of a tensor-parallel group (``backends/tensor_parallel.py``), and
+        holds that rank's slice of every layer and of the KV cache's heads."""
         config = model.config
         weight = model.get_input_embeddings().weight
         self.device, dtype = weight.device, weight.dtype
         check_options("none", cfg.kv_cache.dtype, str(self.device))  # fp8 cache: CPU, or CUDA >= 8.9
-        shape = CacheShape(config.num_hidden_layers, config.num_key_value_heads or config.num_attention_heads,
-                           head_dim(config), cfg.kv_cache.block_size, kv_cache_dtype(cfg.kv_cache.dtype, dtype))
+        kv_heads = (config.num_key_value_heads or config.num_attention_heads) // (tp.world if tp else 1)
+        shape = CacheShape(config.num_hidden_layers, kv_heads, head_dim(config), cfg.kv_cache.block_size,
+                           kv_cache_dtype(cfg.kv_cache.dtype, dtype))
         budget = cfg.kv_cache.memory_mb or self._default_budget_mb(shape, cfg.scheduler.max_batch_size, max_len)
-        self.cache = PagedKVCache(shape, blocks_for_budget(shape, budget), cfg.scheduler.max_batch_size, max_len,
-                                  self.device)
+        blocks = blocks_for_budget(shape, budget)
+        if tp is not None:  # the ranks' allocators make the same choices only over the same number of blocks
+            blocks = tp.smallest(blocks, self.device)
+        self.cache = PagedKVCache(shape, blocks, cfg.scheduler.max_batch_size, max_len, self.device)
         self.ops = ops or pick_ops(self.device, dtype, cfg.runtime.fused_attention)
         self.runner = LlamaRunner(model, self.cache, self.ops, max_len)
+        if tp is not None:
+            shard(self.runner, model, tp)
+            drop_whole_layers(model)
         # Unmerged LoRA adapters chosen per request, at start-up or loaded while serving (adapters/runtime.py);
         # attached before capture. adapter_slots is the pool's live name -> id map.
         self.lora: AdapterPool | None = make_pool(cfg, model, self.runner)
@@ -179,6 +189,9 @@ class PagedBackend:
     @property
     def cache_usage(self) -> float:
         return self.cache.usage
+
+    def close(self) -> None:
+        """Nothing to stop: the cache and graphs go with the object."""
 
     # ------------------------------------------------------------ forward passes
 

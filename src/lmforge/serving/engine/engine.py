@@ -36,6 +36,7 @@ from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
 from lmforge.core.runtime import cpu_count
 from lmforge.model.chat import render_chat
+from lmforge.serving.backends.base import BackendLost
 from lmforge.serving.backends.choose import make_backend
 from lmforge.serving.engine.errors import EngineBusy, RequestError
 from lmforge.serving.engine.metrics import EngineMetrics, NullMetrics
@@ -105,14 +106,19 @@ class Engine:
         self.adapters = self.backend.adapter_slots  # LoRA name -> slot
         self.metrics = metrics or NullMetrics()
         self.metrics.bind(lambda: self.queue_depth, lambda: self.active, lambda: self.cache_usage)
-        self.speculator = make_speculator(  # serving.speculative (engine/speculative.py); None when off
-            cfg, self.backend, model, tokenizer, self.context_window, self.metrics)
+        try:
+            self.speculator = make_speculator(  # serving.speculative (engine/speculative.py); None when off
+                cfg, self.backend, model, tokenizer, self.context_window, self.metrics)
+        except BaseException:
+            self.backend.close()  # no engine thread will: stop the tensor-parallel workers here
+            raise
         self._cv = threading.Condition()
         self.scheduler = Scheduler(self.backend, tokenizer, self.eos_ids, max_batch_size=cfg.scheduler.max_batch_size,
                                    max_prefill_tokens=cfg.scheduler.max_prefill_tokens, metrics=self.metrics,
                                    lock=self._cv)
         self._closed = False
         self._draining = False
+        self.lost: BackendLost | None = None  # set when the backend can run no step any more (/health fails)
         # Counters for benchmarks and tests: forward passes and the most rows decoded together.
         self.stats = {"prefills": 0, "merges": 0, "decode_steps": 0, "peak_batch": 0, "launched_ahead": 0}
         self.steps = Steps(self.scheduler, self.backend, tokenizer, self.speculator, cfg.runtime.overlap_decode,
@@ -217,6 +223,9 @@ class Engine:
         with self._cv:  # the adapter's id is looked up under the lock that guards loads and unloads
             request = Request(list(prompt_ids), params, sink, adapter=slot_of(self.adapters, adapter),
                               grammar=grammar)
+            if self.lost is not None:
+                self.metrics.rejected(503)
+                raise EngineBusy(f"the server cannot serve: {self.lost.cause}", self.lost.fix, status=503)
             if self._closed or self._draining:
                 self.metrics.rejected(503)
                 raise EngineBusy("the server is shutting down", "retry against a running server", status=503)
@@ -291,12 +300,19 @@ class Engine:
             try:
                 with torch.inference_mode(), sdpa_kernel(_ATTENTION_BACKENDS):
                     self.steps.step()
+            except BackendLost as exc:  # no later step can run: fail everything and stop
+                log.error("the engine lost its backend, failing every request: %s", exc)
+                with self._cv:
+                    self.lost = exc
+                self.scheduler.close(exc)
+                break
             except Exception as exc:
                 log.exception("engine step failed; failing %d request(s)", self.scheduler.active)
                 self.scheduler.fail_active(exc)
                 self.steps.reset()
         self.scheduler.close(ServingError("the engine shut down before the request finished",
                                           "retry against a running server"))
+        self.backend.close()  # tensor-parallel workers stop once no step can need them
 
     def _wait_for_work(self) -> bool:
         with self._cv:

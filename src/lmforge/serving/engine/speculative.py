@@ -57,6 +57,7 @@ from lmforge.config.serving import ServingConfig, SpeculativeConfig
 from lmforge.core.errors import ConfigError
 from lmforge.serving.backends.base import Backend
 from lmforge.serving.backends.paged import PagedBackend
+from lmforge.serving.backends.tensor_parallel import TensorParallelBackend
 from lmforge.serving.engine.metrics import EngineMetrics, NullMetrics
 from lmforge.serving.engine.proposers import DraftProposer, NgramProposer, Proposal, Proposer, draw
 from lmforge.serving.engine.sampling import filtered_probs
@@ -112,7 +113,7 @@ class Backoff:
 class Speculator:
     """Runs the speculative decode round for the sequences it applies to."""
 
-    def __init__(self, cfg: SpeculativeConfig, backend: PagedBackend, proposer: Proposer,
+    def __init__(self, cfg: SpeculativeConfig, backend: PagedBackend | TensorParallelBackend, proposer: Proposer,
                  metrics: EngineMetrics | NullMetrics) -> None:
         self.k = cfg.num_tokens
         self.threshold, self.base_pause = cfg.backoff_acceptance, cfg.backoff_steps
@@ -261,7 +262,7 @@ def make_speculator(cfg: ServingConfig, backend: Backend, model: ServedModel, to
     spec = cfg.speculative
     if spec.method == "none":
         return None
-    if not isinstance(backend, PagedBackend):
+    if not isinstance(backend, (PagedBackend, TensorParallelBackend)):
         raise ConfigError(f"speculative decoding runs on the paged engine; this model is served by the {backend.name} "
                           "backend", "set serving.speculative.method: none, or serve a Llama-family model with "
                           "serving.runtime.engine: paged")

@@ -8,9 +8,9 @@ gives every rank the whole residual again: two per layer. The embedding, the nor
 stay whole on every rank (small next to the layers at the shapes served). A rank's KV cache holds its
 key/value heads only, so N ranks hold N times the tokens of one in the same memory per GPU.
 
-This is the runner's half of ``serving.tensor_parallel`` (issue 21): :func:`shard` cuts a runner that
-was built over the whole model. The engine's half (worker processes stepping in lockstep with the
-scheduler's rank, CUDA graphs with NCCL) is not built yet.
+This is the runner's half of ``serving.tensor_parallel``: :func:`shard` cuts a runner that was built
+over the whole model, and :func:`drop_whole_layers` then frees the model's own copy of the layers. The
+engine's half (worker processes making rank 0's calls in the same order) is ``backends/tensor_parallel.py``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,12 @@ class TensorParallel:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x, group=self.group)
         return x
+
+    def smallest(self, value: int, device: torch.device) -> int:
+        """The least of every rank's ``value`` (a collective: every rank calls it at the same point)."""
+        t = torch.tensor([value], dtype=torch.long, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return int(t.item())
 
 
 def unshardable(model: LlamaCausalLM, world: int) -> str | None:
@@ -81,6 +87,20 @@ def shard(runner: LlamaRunner, model: LlamaCausalLM, tp: TensorParallel) -> None
         mine.down = _row(mlp.down_proj, width, tp.rank)
     runner.heads, runner.kv_heads = heads, kv_heads
     runner.reduce = tp.all_reduce
+
+
+def drop_whole_layers(model: LlamaCausalLM) -> None:
+    """Free the model's own (whole) weights of the layers that :func:`shard` split: the runner holds its
+    slices, and keeping the whole ones would cost every rank the full model's memory. The model object
+    keeps its embedding, norms and head, but its layers can no longer run a forward of their own."""
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for module in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            mod = cast(nn.Linear, module)  # shard() refused any other type
+            weight = mod.weight
+            mod.weight = nn.Parameter(weight.new_empty((0, weight.shape[1])), requires_grad=False)
+            if mod.bias is not None:
+                mod.bias = nn.Parameter(weight.new_empty(0), requires_grad=False)
 
 
 def _column(parts: list[tuple[nn.Module, int]], rank: int) -> Callable[[torch.Tensor], torch.Tensor]:

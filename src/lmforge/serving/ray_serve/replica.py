@@ -5,8 +5,9 @@ workspace by its location (a path or an ``s3://`` URL) and resolves the release'
 (``models:/NAME/VERSION`` or a directory) there itself, never through the driver's disk; ``/health`` and
 ``/v1/models`` report the release (version, alias, run id) as the local server does. The app is built
 after the engine loads (Serve's late-bound ingress), so a replica counts as started, and takes traffic,
-only once its model is loaded. Serve's health check is its default (the actor answers): the engine
-thread outlives a failed step, failing only that step's requests.
+only once its model is loaded. Serve's health check fails only when the engine lost its backend (a
+tensor-parallel worker died: ``check_health``); the engine thread outlives any other failed step,
+failing only that step's requests.
 Imported on the replicas, by module path: keep it free of driver-side state.
 """
 
@@ -42,6 +43,11 @@ class _ModelServer:
         from lmforge.serving.api.server import create_app
 
         return create_app(self.engine, self.model_name, self.cfg, api_key=self.api_keys, release=self.release)
+
+    def check_health(self) -> None:
+        """Serve's health check: failing it makes Serve replace the replica."""
+        if self.engine.lost is not None:
+            raise RuntimeError(f"the engine cannot serve: {self.engine.lost}")
 
     def __del__(self) -> None:
         # Serve drains the replica's requests (graceful_shutdown_timeout_s) before it gets here.

@@ -1,0 +1,376 @@
+"""Tensor-parallel serving (``serving.tensor_parallel: N``): one engine over N devices, each with 1/N of every layer.
+
+The engine, its scheduler and its sampler stay in the server's process, which is rank 0. N - 1 worker
+processes, one per further GPU, each hold a :class:`PagedBackend` cut to their rank's heads, MLP width
+and KV-cache heads (``model/tensor_parallel.py``). Rank 0's :class:`TensorParallelBackend` is the
+engine's backend: every call that changes a backend (admission, release, a forward pass) runs on its
+own backend and is sent, in the same order, to each worker, which makes the same call on its own.
+The block allocator is deterministic, so the ranks' block tables stay equal without ever being sent,
+and their forward passes meet in the same all-reduces (NCCL on GPUs, CUDA graphs included; gloo on
+CPUs). Calls that only read (can_reserve, cached_tokens, cache_usage) are answered by rank 0 alone,
+and only rank 0's logits are sampled.
+
+A call goes to a worker as a pickled tuple on its pipe. The tokens of a decode step launched ahead
+(still being chosen on the device) go by a broadcast in stream order instead, so no rank waits for
+the GPU. The weights come from rank 0 too: each worker builds the model from its config on its own
+device and receives every tensor of rank 0's state dict by broadcast, so the workers serve whatever
+model object the engine was given (a loaded directory, merged adapters, a benchmark's random weights)
+without reading the disk again. Every rank then keeps its slices and frees the whole layers.
+
+A worker that fails sends its error on its pipe and exits; rank 0 raises it as :class:`BackendLost` at
+its next call (a dead worker is seen the same way, by its closed pipe), and the engine then fails every
+request and reports itself unhealthy: the group cannot go on without a rank, so the server must be
+restarted. A collective that a dead worker never joins fails after ``_COLLECTIVE_TIMEOUT``: gloo at
+once, NCCL by its watchdog, which ends the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lmforge.config.serving import ServingConfig
+from lmforge.core.errors import ServingError
+from lmforge.serving.adapters.virtual_tokens import prefix_of
+from lmforge.serving.backends.base import BackendLost, PrefillItem
+from lmforge.serving.backends.paged import PagedBackend
+from lmforge.serving.model.tensor_parallel import TensorParallel, unshardable
+from lmforge.serving.model.types import LlamaCausalLM
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+log = logging.getLogger(__name__)
+
+# How long a rank may wait in one collective for the others: far above the longest prefill chunk and the
+# first capture's Triton compiles, which every rank runs at the same point.
+_COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+_STOP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class _WorkerSpec:
+    """What a worker process needs to become rank ``rank``: pickled to it at spawn."""
+
+    rank: int
+    world: int
+    store_port: int  # rank 0's TCPStore on loopback, where the group meets
+    device: str
+    model_config: Any  # the model's PretrainedConfig: the worker builds the same model from it
+    dtype: torch.dtype
+    manifest: list[tuple[str, tuple[int, ...], str]]  # rank 0's state dict: name, shape, dtype of each tensor
+    cfg: ServingConfig
+    max_len: int
+
+
+def rank_devices(base: torch.device, world: int) -> list[torch.device]:
+    """Each rank's device: on CUDA, ``base`` and the ``world - 1`` GPUs after it; on a CPU, the CPU for all."""
+    if base.type != "cuda":
+        return [base] * world
+    first = base.index if base.index is not None else torch.cuda.current_device()
+    have = torch.cuda.device_count()
+    if first + world > have:
+        raise ServingError(f"serving.tensor_parallel {world} needs GPUs {first} to {first + world - 1}, and this "
+                           f"machine shows {have}", f"set serving.tensor_parallel to {max(1, have - first)} or less, "
+                           "or serve from an earlier GPU (serving.runtime.device)")
+    return [torch.device("cuda", first + rank) for rank in range(world)]
+
+
+def _manifest(model: LlamaCausalLM) -> list[tuple[str, tuple[int, ...], str]]:
+    return [(name, tuple(t.shape), str(t.dtype)) for name, t in model.state_dict().items()]
+
+
+def _group_backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+class TensorParallelBackend:
+    """Rank 0 of a tensor-parallel group: a :class:`PagedBackend` over its own slice, whose state-changing
+    calls every worker repeats (see the module docstring)."""
+
+    name = "paged"
+    chunked_prefill = True
+    overlap = True
+    reserves_worst_case = True
+    virtual_tokens = 0  # a prompt-learning prefix is refused below
+    lora = None  # unmerged LoRA adapters are refused by the config (not split yet)
+
+    def __init__(self, model: LlamaCausalLM, cfg: ServingConfig, max_len: int) -> None:
+        world = cfg.tensor_parallel
+        reason = unshardable(model, world)
+        if reason:
+            raise ServingError(f"serving.tensor_parallel {world} cannot split this model: {reason}",
+                               "set serving.tensor_parallel to a number that divides the model's attention heads, "
+                               "key/value heads and MLP width (1: no split)")
+        if prefix_of(model) is not None:
+            raise ServingError("serving.tensor_parallel does not split a prompt-learning adapter's prefix yet",
+                               "serve this model with serving.tensor_parallel: 1")
+        if dist.is_initialized():
+            raise ServingError("this process is already in a torch.distributed group, and the tensor-parallel "
+                               "engine needs the default group for its own ranks",
+                               "serve the model from a process of its own (lmforge serve)")
+        weight = model.get_input_embeddings().weight
+        devices = rank_devices(weight.device, world)
+        self._workers: list[_Worker] = []
+        self._failure: BackendLost | None = None
+        self._closed = False
+        # The group meets at a store on a port the OS picked: nothing to race for between choosing and binding.
+        store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=_COLLECTIVE_TIMEOUT,
+                              wait_for_workers=False)
+        manifest = _manifest(model)
+        ctx = mp.get_context("spawn")  # a fresh interpreter: CUDA cannot be forked once initialised
+        try:
+            for rank in range(1, world):
+                spec = _WorkerSpec(rank, world, store.port, str(devices[rank]), model.config, weight.dtype, manifest,
+                                   cfg, max_len)
+                mine, theirs = ctx.Pipe()
+                process = ctx.Process(target=serve_rank, args=(spec, theirs), name=f"lmforge-tp-rank{rank}",
+                                      daemon=True)
+                process.start()
+                theirs.close()
+                self._workers.append(_Worker(rank, process, mine))
+            for worker in self._workers:  # each built its model and checked the manifest: no rank joins to fail
+                worker.expect("built", cfg.server.startup_timeout_s)
+            dist.init_process_group(_group_backend(devices[0]), store=store, rank=0, world_size=world,
+                                    timeout=_COLLECTIVE_TIMEOUT,
+                                    device_id=devices[0] if devices[0].type == "cuda" else None)
+            with torch.no_grad():
+                for tensor in model.state_dict().values():
+                    dist.broadcast(tensor.contiguous(), src=0)
+            self.tp = TensorParallel(0, world)
+            self.local = PagedBackend(model, cfg, max_len, tp=self.tp)
+            for worker in self._workers:
+                worker.expect("ready", cfg.server.startup_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        self.prefix_caching = self.local.prefix_caching
+        log.info("tensor parallel over %d ranks (%s): %d KV cache blocks on each", world,
+                 ", ".join(str(d) for d in devices), self.local.cache.num_blocks)
+
+    # ------------------------------------------------------------ read by rank 0 alone
+
+    @property
+    def adapter_slots(self) -> Mapping[str, int]:
+        return {}
+
+    def fits_ever(self, tokens: int) -> bool:
+        return self.local.fits_ever(tokens)
+
+    def can_reserve(self, tokens: int, prompt: Sequence[int] = (), adapter: int = 0) -> bool:
+        return self.local.can_reserve(tokens, prompt, adapter)
+
+    def cached_tokens(self, row: int) -> int:
+        return self.local.cached_tokens(row)
+
+    def prefill_waits(self, row: int) -> Sequence[tuple[int, int]]:
+        return self.local.prefill_waits(row)
+
+    def grow(self, row: int, tokens: int) -> bool:
+        return True  # admission reserved the sequence's worst case, on every rank
+
+    def set_adapter(self, row: int, slot: int) -> None:
+        self.local.set_adapter(row, slot)  # slot 0 (no adapter) is all there is: nothing for the workers to do
+
+    @property
+    def cache_usage(self) -> float:
+        return self.local.cache_usage
+
+    # ------------------------------------------------------------ repeated by every worker
+
+    def reserve(self, tokens: int, prompt: Sequence[int] = (), adapter: int = 0) -> int:
+        row = self.local.reserve(tokens, prompt, adapter)
+        # The prompt matters to the allocator only through prefix caching's block hashes.
+        self._send("reserve", tokens, list(prompt) if self.prefix_caching else [], adapter, row)
+        return row
+
+    def release(self, row: int) -> None:
+        self.local.release(row)
+        if self._failure is None:  # once a worker is lost, releasing is rank 0's bookkeeping alone
+            self._send("release", row)
+
+    def prefill(self, items: list[PrefillItem]) -> list[torch.Tensor]:
+        self._send("prefill", items)  # first: the workers launch while this rank does
+        return self.local.prefill(items)
+
+    def decode(self, rows: list[int], positions: list[int], tokens: list[int] | torch.Tensor) -> torch.Tensor:
+        if isinstance(tokens, torch.Tensor):
+            self._send("decode", rows, positions, None)
+            # Still being chosen on the device: sent in stream order, after the sampling that writes them.
+            tokens = tokens.to(torch.long).contiguous()
+            dist.broadcast(tokens, src=0)
+        else:
+            self._send("decode", rows, positions, tokens)
+        return self.local.decode(rows, positions, tokens)
+
+    def verify(self, rows: list[int], positions: list[int], runs: list[list[int]]) -> list[torch.Tensor]:
+        self._send("verify", rows, positions, runs)
+        return self.local.verify(rows, positions, runs)
+
+    def _send(self, *call: Any) -> None:
+        if self._failure is not None:
+            raise BackendLost(self._failure.cause, self._failure.fix)  # a fresh one: no traceback piles up
+        for worker in self._workers:
+            failure = worker.failure() if worker.conn.poll() else None  # a worker speaks only to report a failure
+            if failure is None:
+                try:
+                    worker.conn.send(call)
+                    continue
+                except OSError:
+                    failure = worker.failure()
+            self._failure = failure
+            raise BackendLost(failure.cause, failure.fix)
+
+    # ------------------------------------------------------------ shutting down
+
+    def close(self) -> None:
+        """Stop the workers (they leave the group) and leave it; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for worker in self._workers:
+            with contextlib.suppress(OSError):  # already gone
+                worker.conn.send(("stop",))
+        deadline = time.monotonic() + _STOP_TIMEOUT_S
+        for worker in self._workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                log.warning("tensor-parallel rank %d did not stop in %.0f s: terminated", worker.rank, _STOP_TIMEOUT_S)
+                worker.process.terminate()
+                worker.process.join(5)
+            worker.conn.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@dataclass
+class _Worker:
+    """Rank 0's handle on one worker process."""
+
+    rank: int
+    process: BaseProcess
+    conn: Connection
+
+    def expect(self, word: str, timeout_s: float) -> None:
+        """Wait for the worker to report ``word``; its failure (an error it sent, its exit) as a ServingError."""
+        deadline = time.monotonic() + timeout_s
+        while not self.conn.poll(0.1):
+            if not self.process.is_alive():
+                raise self.failure()
+            if time.monotonic() > deadline:
+                raise ServingError(f"tensor-parallel rank {self.rank} did not start in {timeout_s:g} s",
+                                   "raise serving.server.startup_timeout_s, or look for the rank's error above")
+        message = self._receive()
+        if message != (word,):
+            raise self.failure(message)
+
+    def failure(self, message: tuple[Any, ...] | None = None) -> BackendLost:
+        """The error this worker reported (read from its pipe unless given), or the fact that it exited."""
+        if message is None and self.conn.poll():
+            message = self._receive()
+        if message is not None and message[0] == "error":
+            return BackendLost(f"tensor-parallel rank {self.rank} failed: {message[1]}",
+                                "fix the cause and restart the server; the rank's traceback is in its log")
+        self.process.join(1)
+        return BackendLost(f"tensor-parallel rank {self.rank} exited (exit code {self.process.exitcode})",
+                            "restart the server; look for the rank's error in its log (out of memory, a killed "
+                            "process)")
+
+    def _receive(self) -> tuple[Any, ...] | None:
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            return None
+
+
+# ------------------------------------------------------------ the worker process
+
+
+def serve_rank(spec: _WorkerSpec, conn: Connection) -> None:
+    """A worker's whole life: build the model, join the group, take the weights, then repeat rank 0's calls
+    until it says stop. Any failure is sent to rank 0 before the process exits."""
+    try:
+        torch.set_num_threads(1)  # a CPU rank is for tests and small models: one thread each, as the engine's
+        device = torch.device(spec.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        model = _build_model(spec, device)
+        conn.send(("built",))
+        store = dist.TCPStore("127.0.0.1", spec.store_port, spec.world, is_master=False,
+                              timeout=_COLLECTIVE_TIMEOUT)
+        dist.init_process_group(_group_backend(device), store=store, rank=spec.rank, world_size=spec.world,
+                                timeout=_COLLECTIVE_TIMEOUT, device_id=device if device.type == "cuda" else None)
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, src=0)  # into the model's own storage: the state dict views it
+        with torch.inference_mode():
+            backend = PagedBackend(model, spec.cfg, spec.max_len, tp=TensorParallel(spec.rank, spec.world))
+            conn.send(("ready",))
+            _follow(backend, conn, spec.cfg.scheduler.max_batch_size, device)
+    except (EOFError, KeyboardInterrupt):
+        pass  # rank 0 went away: nothing left to serve
+    except Exception as exc:  # noqa: BLE001 - any failure of a rank is told to rank 0, which raises it at its next call
+        traceback.print_exc()
+        with contextlib.suppress(OSError):
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        raise SystemExit(1) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _build_model(spec: _WorkerSpec, device: torch.device) -> LlamaCausalLM:
+    """The model rank 0 serves, built from its config on ``device`` (weights arrive by broadcast), checked to
+    have the same tensors as rank 0's, so that the broadcasts pair up."""
+    from transformers import AutoModelForCausalLM
+
+    with device:
+        model = AutoModelForCausalLM.from_config(spec.model_config, dtype=spec.dtype)
+    model.eval()
+    mine = _manifest(model)
+    if mine != spec.manifest:
+        differ = next((a, b) for a, b in zip([*mine, None], [*spec.manifest, None]) if a != b)
+        raise ValueError(f"the model built from the config differs from rank 0's: {differ[0]} here, {differ[1]} on "
+                         "rank 0 (a model changed after loading cannot be split)")
+    return model
+
+
+def _follow(backend: PagedBackend, conn: Connection, max_rows: int, device: torch.device) -> None:
+    """Repeat rank 0's calls, in its order, until it says stop."""
+    tokens = torch.empty(max_rows, dtype=torch.long, device=device)  # a decode step's tokens sent by broadcast
+    while True:
+        call = conn.recv()
+        kind = call[0]
+        if kind == "stop":
+            return
+        if kind == "reserve":
+            _, count, prompt, adapter, row = call
+            got = backend.reserve(count, prompt, adapter)
+            if got != row:
+                raise RuntimeError(f"this rank reserved cache row {got} where rank 0 reserved {row}: the ranks' "
+                                   "block tables diverged")
+        elif kind == "release":
+            backend.release(call[1])
+        elif kind == "prefill":
+            backend.prefill(call[1])
+        elif kind == "decode":
+            _, rows, positions, ids = call
+            if ids is None:
+                ids = tokens[:len(rows)]
+                dist.broadcast(ids, src=0)
+            backend.decode(rows, positions, ids)
+        elif kind == "verify":
+            backend.verify(*call[1:])
+        else:
+            raise RuntimeError(f"unknown call {kind!r} from rank 0")
