@@ -164,6 +164,17 @@ def test_serve_quant_tiny(tmp_path):
     assert got["quant_w_int8_kv_bf16_4_tok_s"]["value"] > 0
 
 
+@pytest.mark.slow  # a worker process that imports torch and transformers: ~20 s on a busy 2-core machine
+def test_serve_tp_tiny(tmp_path):
+    """The plain engine, the split machinery at one rank and two gloo ranks: the same greedy tokens."""
+    bench("bench.serve.tp", out=tmp_path)
+    got = records(tmp_path, "serve_tp", "bench.serve.tp")
+    for world in ("tp1", "tp2"):
+        assert got[f"tiny_{world}_greedy_agreement"]["value"] == 1.0
+        assert got[f"tiny_{world}_4streams_tok_s"]["value"] > 0
+        assert got[f"tiny_{world}_1stream_tok_s"]["baseline_value"] == got["tiny_plain_1stream_tok_s"]["value"]
+
+
 @pytest.mark.slow  # ~5 s of CPU in the interpreter, 30 s on a busy 2-core machine
 def test_serve_attention_tiny(tmp_path):
     """The split-K decode attention and the one-pass kernel in Triton's interpreter (the benchmark sets
