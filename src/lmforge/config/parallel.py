@@ -129,22 +129,24 @@ class ParallelConfig(Section):
                              "gradients and optimizer state, as ZeRO-3) or ddp")
         return value
 
-    def check(self, method: str, use_ray: bool, speed: dict[str, Any], num_workers: int | None = None) -> None:
+    def check(self, method: str, grouped: bool, speed: dict[str, Any], num_workers: int | None = None) -> None:
         """Raise ValueError (the cause and the fix) for a setting of another group FSDP2 cannot run with.
 
-        ``speed`` is ``training.speed`` as a dict (this module cannot import its class: it imports us);
-        ``num_workers`` is ``placement.num_workers`` (None: not checked here)."""
+        ``grouped``: the ranks form a process group (Ray Train's workers, or torchrun's ranks); ``speed`` is
+        ``training.speed`` as a dict (this module cannot import its class: it imports us); ``num_workers`` is
+        the ranks' count (``placement.num_workers``, or torchrun's; None: not checked here)."""
         if self.tensor_parallel > 1 or self.sequence_parallel:
-            self._check_tensor_parallel(method, use_ray, speed, num_workers)
+            self._check_tensor_parallel(method, grouped, speed, num_workers)
         if self.pipeline_parallel > 1:
-            self._check_pipeline(method, use_ray, speed, num_workers)
+            self._check_pipeline(method, grouped, speed, num_workers)
         if self.strategy == "deepspeed":
-            self._check_deepspeed(method, use_ray, speed)
+            self._check_deepspeed(method, grouped, speed)
         if self.strategy != "fsdp":
             return
-        if not use_ray:
-            raise ValueError("parallel.strategy: fsdp shards over the Ray Train workers' process group, and "
-                             "placement.use_ray is false: set placement.use_ray: true (num_workers: 1 shards on one "
+        if not grouped:
+            raise ValueError("parallel.strategy: fsdp shards over the workers' process group, and placement.use_ray "
+                             "is false (nor did torchrun start the ranks): set placement.use_ray: true (num_workers: 1 "
+                             "shards on one "
                              "device), or parallel.strategy: ddp")
         if method not in FSDP_METHODS:
             raise ValueError(f"parallel.strategy: fsdp cannot shard method {method!r}'s 4-bit weights: use method: lora "
@@ -157,11 +159,12 @@ class ParallelConfig(Section):
                 raise ValueError(f"parallel.strategy: fsdp does not run with speed.{name} yet: turn it off (compile "
                                  "with compile_scope: blocks works with fsdp), or use parallel.strategy: ddp")
 
-    def _check_deepspeed(self, method: str, use_ray: bool, speed: dict[str, Any]) -> None:
+    def _check_deepspeed(self, method: str, grouped: bool, speed: dict[str, Any]) -> None:
         ds = self.deepspeed
-        if not use_ray:
-            raise ValueError("parallel.strategy: deepspeed partitions over the Ray Train workers' process group, and "
-                             "placement.use_ray is false: set placement.use_ray: true (num_workers: 1 runs ZeRO on one "
+        if not grouped:
+            raise ValueError("parallel.strategy: deepspeed partitions over the workers' process group, and "
+                             "placement.use_ray is false (nor did torchrun start the ranks): set placement.use_ray: "
+                             "true (num_workers: 1 runs ZeRO on one "
                              "device), or parallel.strategy: ddp")
         if method not in DEEPSPEED_METHODS:
             raise ValueError(f"parallel.strategy: deepspeed cannot partition method {method!r}'s 4-bit weights: use "
@@ -180,14 +183,15 @@ class ParallelConfig(Section):
                 raise ValueError(f"parallel.strategy: deepspeed does not run with speed.{name} (DeepSpeed's engine owns "
                                  "the step and its hooks): turn it off, or use parallel.strategy: fsdp")
 
-    def _check_tensor_parallel(self, method: str, use_ray: bool, speed: dict[str, Any], num_workers: int | None) -> None:
+    def _check_tensor_parallel(self, method: str, grouped: bool, speed: dict[str, Any], num_workers: int | None) -> None:
         tp = self.tensor_parallel
         if tp == 1:
             raise ValueError("parallel.sequence_parallel splits the sequence over the tensor-parallel group, and "
                              "tensor_parallel is 1: set parallel.tensor_parallel: 2 (or more), or sequence_parallel: false")
-        if not use_ray:
-            raise ValueError(f"parallel.tensor_parallel: {tp} splits the blocks over the Ray Train workers' process "
-                             "group, and placement.use_ray is false: set placement.use_ray: true with num_workers: "
+        if not grouped:
+            raise ValueError(f"parallel.tensor_parallel: {tp} splits the blocks over the workers' process group, "
+                             "and placement.use_ray is false (nor did torchrun start the ranks): set "
+                             "placement.use_ray: true with num_workers: "
                              f"{tp}, or tensor_parallel: 1")
         if method not in TP_METHODS:
             raise ValueError(f"parallel.tensor_parallel splits the blocks' plain linear layers, and method {method!r} "
@@ -202,11 +206,12 @@ class ParallelConfig(Section):
                 raise ValueError(f"parallel.tensor_parallel does not run with speed.{name} yet: turn it off, or set "
                                  "tensor_parallel: 1")
 
-    def _check_pipeline(self, method: str, use_ray: bool, speed: dict[str, Any], num_workers: int | None) -> None:
+    def _check_pipeline(self, method: str, grouped: bool, speed: dict[str, Any], num_workers: int | None) -> None:
         pp = self.pipeline_parallel
-        if not use_ray:
-            raise ValueError(f"parallel.pipeline_parallel: {pp} runs its stages on the Ray Train workers, and "
-                             f"placement.use_ray is false: set placement.use_ray: true with num_workers: {pp}, or "
+        if not grouped:
+            raise ValueError(f"parallel.pipeline_parallel: {pp} runs its stages on the workers, and "
+                             "placement.use_ray is false (nor did torchrun start the ranks): set placement.use_ray: "
+                             f"true with num_workers: {pp}, or "
                              "pipeline_parallel: 1")
         if self.strategy != "ddp" or self.tensor_parallel > 1:
             other = "strategy fsdp" if self.strategy != "ddp" else "tensor_parallel"

@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 
 from lmforge.config.base import Section
 from lmforge.config.parallel import ParallelConfig
+from lmforge.core.runtime import torchrun_world
 
 METHODS = ("pretrain", "full", "lora", "qlora", "adapter", "prefix", "ptuning_v2", "prompt", "ptuning", "ia3")
 Method = Literal["pretrain", "full", "lora", "qlora", "adapter", "prefix", "ptuning_v2", "prompt", "ptuning", "ia3"]
@@ -343,7 +344,9 @@ class TrainingConfig(Section):
                              "placement.use_gpu: true, or speed.residual_dtype: float32")
         if self.preference_tuning:
             self._check_preference()
-        self.parallel.check(self.method, self.placement.use_ray, speed.model_dump(), self.placement.num_workers)
+        ranks = torchrun_world()  # torchrun started this process as one of that many ranks (train/torchrun.py)
+        self.parallel.check(self.method, self.placement.use_ray or ranks is not None, speed.model_dump(),
+                            ranks or self.placement.num_workers)
         for name, phase in (("pretrain", self.pretrain), ("finetune", self.finetune)):
             self.parallel.check_pipeline_rows(name, phase.batch_size * phase.grad_accum)
         if speed.fp8 and self.method not in ("pretrain", "full"):
@@ -372,9 +375,10 @@ class TrainingConfig(Section):
         if not placement.use_gpu:
             raise ValueError("speed.cuda_graphs needs placement.use_gpu: true (CUDA graphs exist on GPUs only), or "
                              "speed.cuda_graphs: false")
-        if placement.use_ray and placement.num_workers > 1:
+        workers = torchrun_world() or (placement.num_workers if placement.use_ray else 1)
+        if workers > 1:
             raise ValueError(f"speed.cuda_graphs runs one process (DDP's all-reduce runs outside the graphs), but "
-                             f"placement.num_workers is {placement.num_workers}: set placement.num_workers: 1, or "
+                             f"the run has {workers} workers: set placement.num_workers: 1 (one torchrun process), or "
                              "speed.cuda_graphs: false")
         phases = [("pretrain", self.pretrain)] + ([("finetune", self.finetune)] if self.method != "pretrain" else [])
         for name, phase in phases:

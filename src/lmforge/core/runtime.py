@@ -16,6 +16,12 @@ from lmforge import __version__
 from lmforge.core.workspace import Workspace
 
 
+def torchrun_world() -> int | None:
+    """How many ranks torchrun started this process among (None: not started by torchrun, or alone)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world if "TORCHELASTIC_RUN_ID" in os.environ and world > 1 else None
+
+
 def cpu_count() -> int:
     """CPU cores this process may run on (its affinity mask, which containers and Ray narrow)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

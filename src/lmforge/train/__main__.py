@@ -1,7 +1,9 @@
 """Train standalone, without Prefect, MLflow or Ray: ``python -m lmforge.train [CONFIG] [--ray] [--resume [RUN_ID]]``.
 
 Trains the tokenizer when the workspace (``LMFORGE_HOME``) has none, then runs both training
-phases in this process (``--ray`` launches Ray Train workers as the config says instead).
+phases in this process (``--ray`` launches Ray Train workers as the config says instead). Started by
+``torchrun --nproc-per-node N -m lmforge.train CONFIG``, its N processes are the run's ranks
+(:mod:`lmforge.train.torchrun`), and rank 0 prints what a lone process prints.
 ``--resume RUN_ID`` continues a run that wrote checkpoints (``training.checkpointing``) from its
 latest one, exactly (without an id: the newest run that left one). Prints a summary and, as the
 last line, one JSON object with the run's facts.
@@ -13,9 +15,12 @@ import argparse
 import json
 import sys
 
+import torch.distributed as dist
+
 from lmforge.config.loader import load_config
-from lmforge.core.errors import LmforgeError
+from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.core.workspace import Workspace
+from lmforge.train import torchrun
 from lmforge.train.recovery import LATEST_RUN
 
 
@@ -29,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", default=None, help="workspace directory (default: $LMFORGE_HOME)")
     args = parser.parse_args(argv)
     try:
-        result = _run(args)
+        if torchrun.launched():
+            result = _run_rank(args)
+            if result is None:  # a rank above 0: rank 0 reports the run
+                return 0
+        else:
+            result = _run(args)
     except LmforgeError as exc:
         print(f"error: {exc.cause}\nfix: {exc.fix}", file=sys.stderr)
         return exc.exit_code
@@ -38,6 +48,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<20} {value:.4f}")
     print(json.dumps({k: v for k, v in result.as_dict().items() if k != "history"}, default=str))
     return 0
+
+
+def _run_rank(args: argparse.Namespace):
+    """One of torchrun's ranks: rank 0 runs the stage (:func:`_run`) and returns its result; the others run the
+    job it hands over and return None."""
+    from lmforge.train.launch import run_worker
+
+    if args.ray:
+        raise ConfigError("--ray under torchrun: torchrun has started the ranks already",
+                          "drop --ray (or start one process without torchrun to launch Ray Train workers)")
+    config = load_config(args.config)
+    rank = torchrun.join(config.training.placement.use_gpu)
+    try:
+        if rank == 0:
+            with torchrun.leading():
+                return _run(args)
+        job = torchrun.follow()
+        if job is None:
+            raise LmforgeError("rank 0 stopped before training (its error is above)", "fix what rank 0 reports")
+        run_worker(job)
+        return None
+    finally:
+        dist.destroy_process_group()
 
 
 def _run(args: argparse.Namespace):

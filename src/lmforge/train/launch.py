@@ -1,8 +1,9 @@
-"""Launching training: pretraining then fine-tuning, in-line or as Ray Train workers.
+"""Launching training: pretraining then fine-tuning, in-line, as torchrun's ranks or as Ray Train workers.
 
 :func:`fit` runs a job for the train stage (:func:`lmforge.stages.train.train`). The same per-worker
 function, :func:`run_worker`, runs in this process (``training.placement.use_ray: false``, world
-size 1) or under Ray Train's ``TorchTrainer`` as DDP ranks; Ray is imported only on that path, so
+size 1, or one of the ranks torchrun started: :mod:`lmforge.train.torchrun`) or under Ray Train's
+``TorchTrainer`` as DDP ranks; Ray is imported only on that path, so
 the engine runs where only torch, transformers and peft are installed. Rank 0 writes
 ``ws.runs_dir/<run_id>/`` in one atomic step (layout: :mod:`lmforge.train.artifacts`). A worker
 never assumes the driver's disk: on an object-store workspace it reads cached copies of the inputs
@@ -41,7 +42,7 @@ from lmforge.data.sft import preference_file
 from lmforge.data.tokenized import stored_inputs
 from lmforge.tokenizer.build import check_chat_template, load_tokenizer
 from lmforge.train import checkpoint as ckpt
-from lmforge.train import ray_checkpoint, recovery, store_checkpoint, zero
+from lmforge.train import ray_checkpoint, recovery, store_checkpoint, torchrun, zero
 from lmforge.train.loop import is_history_row
 from lmforge.train.methods.catalog import check_method
 from lmforge.train.relay import RecordRelay
@@ -62,6 +63,8 @@ def fit(job: dict, training: TrainingConfig, ws: Workspace, ray_address: str | N
     ``restarts`` (how often Ray restarted the workers after a failure) and ``resumed_from_step``.
     """
     if not training.placement.use_ray:
+        if torchrun.launched():  # rank 0 of torchrun's ranks: the others wait for this job (train/torchrun.py)
+            torchrun.hand_over(job)
         return {**run_worker(job, on_log=fan_out(progress or progress_printer(training), report)), "restarts": 0}
     # Rank 0 prints its own progress lines; Ray forwards them to this process.
     return _fit_with_ray(job, training, ws, ray_address,
