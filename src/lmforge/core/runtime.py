@@ -17,9 +17,9 @@ from lmforge.core.workspace import Workspace
 
 
 def torchrun_world() -> int | None:
-    """How many ranks torchrun started this process among (None: not started by torchrun, or alone)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return world if "TORCHELASTIC_RUN_ID" in os.environ and world > 1 else None
+    """How many ranks torchrun started this process among (None: torchrun did not start it). One rank is a
+    group too: ``--nproc-per-node 1`` runs any strategy on one device, as Ray with one worker does."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if "TORCHELASTIC_RUN_ID" in os.environ else None
 
 
 def cpu_count() -> int:

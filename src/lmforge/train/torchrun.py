@@ -29,7 +29,7 @@ _handed_over = False
 
 
 def launched() -> bool:
-    """Whether torchrun started this process as one of several ranks."""
+    """Whether torchrun started this process (as one of its ranks, perhaps the only one)."""
     return torchrun_world() is not None
 
 
