@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from lmforge.config.base import Section
+from lmforge.core.runtime import torchrun_world
 
 # Strategies named by the issue that are not built yet: refused with a message, not a bare enum error.
 PLANNED: tuple[str, ...] = ()
@@ -129,12 +130,14 @@ class ParallelConfig(Section):
                              "gradients and optimizer state, as ZeRO-3) or ddp")
         return value
 
-    def check(self, method: str, grouped: bool, speed: dict[str, Any], num_workers: int | None = None) -> None:
+    def check(self, method: str, use_ray: bool, speed: dict[str, Any], num_workers: int | None = None) -> None:
         """Raise ValueError (the cause and the fix) for a setting of another group FSDP2 cannot run with.
 
-        ``grouped``: the ranks form a process group (Ray Train's workers, or torchrun's ranks); ``speed`` is
-        ``training.speed`` as a dict (this module cannot import its class: it imports us); ``num_workers`` is
-        the ranks' count (``placement.num_workers``, or torchrun's; None: not checked here)."""
+        ``speed`` is ``training.speed`` as a dict (this module cannot import its class: it imports us);
+        ``num_workers`` is ``placement.num_workers`` (None: not checked here). The ranks form a group under
+        Ray (``use_ray``) or when torchrun started them, and then torchrun's count is theirs (train/torchrun.py)."""
+        ranks = torchrun_world()
+        grouped, num_workers = use_ray or ranks is not None, ranks or num_workers
         if self.tensor_parallel > 1 or self.sequence_parallel:
             self._check_tensor_parallel(method, grouped, speed, num_workers)
         if self.pipeline_parallel > 1:

@@ -344,9 +344,7 @@ class TrainingConfig(Section):
                              "placement.use_gpu: true, or speed.residual_dtype: float32")
         if self.preference_tuning:
             self._check_preference()
-        ranks = torchrun_world()  # torchrun started this process as one of that many ranks (train/torchrun.py)
-        self.parallel.check(self.method, self.placement.use_ray or ranks is not None, speed.model_dump(),
-                            ranks or self.placement.num_workers)
+        self.parallel.check(self.method, self.placement.use_ray, speed.model_dump(), self.placement.num_workers)
         for name, phase in (("pretrain", self.pretrain), ("finetune", self.finetune)):
             self.parallel.check_pipeline_rows(name, phase.batch_size * phase.grad_accum)
         if speed.fp8 and self.method not in ("pretrain", "full"):
@@ -375,8 +373,7 @@ class TrainingConfig(Section):
         if not placement.use_gpu:
             raise ValueError("speed.cuda_graphs needs placement.use_gpu: true (CUDA graphs exist on GPUs only), or "
                              "speed.cuda_graphs: false")
-        workers = torchrun_world() or (placement.num_workers if placement.use_ray else 1)
-        if workers > 1:
+        if (workers := torchrun_world() or (placement.num_workers if placement.use_ray else 1)) > 1:
             raise ValueError(f"speed.cuda_graphs runs one process (DDP's all-reduce runs outside the graphs), but "
                              f"the run has {workers} workers: set placement.num_workers: 1 (one torchrun process), or "
                              "speed.cuda_graphs: false")
