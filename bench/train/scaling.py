@@ -69,10 +69,10 @@ def steady_rate(history: list[dict], tokens_per_step: int, warmup: int) -> float
     """Global tokens/s between the first logged step at or after ``warmup`` and the last. Each row's rate is
     its tokens so far over its time so far, so its time so far is tokens / rate."""
     rows = [r for r in history if r["phase"] == "pretrain"]
-    first = next((r for r in rows if r["step"] >= warmup), rows[0])
-    last = rows[-1]
-    if last["step"] <= first["step"]:
-        raise RuntimeError(f"no logged step after the warm-up's {warmup}: run more --steps")
+    after = [r for r in rows if r["step"] >= warmup]
+    if len(after) < 2:
+        raise RuntimeError(f"fewer than two logged steps from step {warmup} on: run more --steps")
+    first, last = after[0], after[-1]
     elapsed = [r["step"] * tokens_per_step / r["tokens_per_s"] for r in (first, last)]
     return (last["step"] - first["step"]) * tokens_per_step / (elapsed[1] - elapsed[0])
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -24,7 +25,12 @@ import torch.distributed as dist
 
 from lmforge.core.runtime import torchrun_world
 
-# Whether this process (rank 0) has broadcast its job: one process is one rank, so a module flag suffices.
+# How long the other ranks wait for rank 0's job: its stage may train a tokenizer, download a base model
+# or copy the inputs from an object store first, far longer than a collective of training may take.
+_WAIT_FOR_JOB = timedelta(hours=4)
+# One process is one rank, so module state suffices: the group the job goes over (gloo, with the long wait
+# above; training's own group keeps its timeout), and whether rank 0 has sent it.
+_handover_group: Any = None
 _handed_over = False
 
 
@@ -35,23 +41,25 @@ def launched() -> bool:
 
 def join(use_gpu: bool) -> int:
     """Join torchrun's group (its environment names the rendezvous); return this process's rank."""
+    global _handover_group
     if use_gpu:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if use_gpu else "gloo")
+    _handover_group = dist.new_group(backend="gloo", timeout=_WAIT_FOR_JOB)
     return dist.get_rank()
 
 
 def hand_over(job: dict[str, Any]) -> None:
     """Rank 0: give the other ranks the job they wait for in :func:`follow`."""
     global _handed_over
-    dist.broadcast_object_list([job], src=0)
+    dist.broadcast_object_list([job], src=0, group=_handover_group)
     _handed_over = True
 
 
 def follow() -> dict[str, Any] | None:
     """Ranks above 0: the job rank 0 hands over, or None when it failed before training."""
     box: list[Any] = [None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_handover_group)
     return box[0]
 
 
@@ -62,4 +70,4 @@ def leading() -> Iterator[None]:
         yield
     finally:
         if not _handed_over:
-            dist.broadcast_object_list([None], src=0)
+            dist.broadcast_object_list([None], src=0, group=_handover_group)

@@ -96,6 +96,11 @@ class Backend(Protocol):
     @property
     def cache_usage(self) -> float: ...
 
+    def lost(self) -> BackendLost | None:
+        """Why the backend can run no step any more (a tensor-parallel worker died); None while it can. Any thread
+        may ask (``/health``)."""
+        ...
+
     def close(self) -> None:
         """Stop what the backend started beside this process (tensor-parallel workers); the engine thread calls
         it once, after its last step."""

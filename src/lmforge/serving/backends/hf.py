@@ -24,7 +24,7 @@ from transformers.cache_utils import DynamicLayer
 
 from lmforge.core.errors import ServingError
 from lmforge.serving.adapters.virtual_tokens import VirtualPrefix, prefix_of
-from lmforge.serving.backends.base import PrefillItem
+from lmforge.serving.backends.base import BackendLost, PrefillItem
 from lmforge.serving.model.hf_forward import hf_forward
 from lmforge.serving.model.types import FilledCacheLayer, ServedModel
 
@@ -179,6 +179,9 @@ class HFBackend:
     @property
     def cache_usage(self) -> float:
         return len(self._live) / self.max_rows
+
+    def lost(self) -> BackendLost | None:
+        return None  # one process: a failure fails its step, not the backend
 
     def close(self) -> None:
         """Nothing to stop: the caches go with the object."""

@@ -24,7 +24,7 @@ from lmforge.config.serving import ServingConfig
 from lmforge.core.errors import ServingError
 from lmforge.serving.adapters.runtime import AdapterPool, make_pool
 from lmforge.serving.adapters.virtual_tokens import PagedPrefix, prefix_of
-from lmforge.serving.backends.base import PrefillItem
+from lmforge.serving.backends.base import BackendLost, PrefillItem
 from lmforge.serving.model.block_pool import chain_hashes, root_hash
 from lmforge.serving.model.graphs import DecodeGraphs
 from lmforge.serving.model.kv_cache import CacheShape, PagedKVCache, blocks_for_budget
@@ -189,6 +189,9 @@ class PagedBackend:
     @property
     def cache_usage(self) -> float:
         return self.cache.usage
+
+    def lost(self) -> BackendLost | None:
+        return None  # one process: a failure fails its step, not the backend
 
     def close(self) -> None:
         """Nothing to stop: the cache and graphs go with the object."""

@@ -49,14 +49,15 @@ from lmforge.serving.model.tensor_parallel import TensorParallel, unshardable
 from lmforge.serving.model.types import LlamaCausalLM
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Iterator, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
 # How long a rank may wait in one collective for the others: far above the longest prefill chunk and the
 # first capture's Triton compiles, which every rank runs at the same point.
 _COLLECTIVE_TIMEOUT = timedelta(minutes=10)
-_STOP_TIMEOUT_S = 30.0
+_RESTART = "restart the server; look for the rank's error in its log (out of memory, a killed process)"
+_STOP_TIMEOUT_S = 10.0  # well inside the 30 s the engine waits for its thread, which calls close()
 
 
 @dataclass(frozen=True)
@@ -196,41 +197,69 @@ class TensorParallelBackend:
         return row
 
     def release(self, row: int) -> None:
+        """Never raises: it runs while failing requests, and once a worker is lost the group is done anyway."""
         self.local.release(row)
-        if self._failure is None:  # once a worker is lost, releasing is rank 0's bookkeeping alone
+        with contextlib.suppress(BackendLost):
             self._send("release", row)
 
     def prefill(self, items: list[PrefillItem]) -> list[torch.Tensor]:
         self._send("prefill", items)  # first: the workers launch while this rank does
-        return self.local.prefill(items)
+        with self._together("prefill"):
+            return self.local.prefill(items)
 
     def decode(self, rows: list[int], positions: list[int], tokens: list[int] | torch.Tensor) -> torch.Tensor:
-        if isinstance(tokens, torch.Tensor):
-            self._send("decode", rows, positions, None)
-            # Still being chosen on the device: sent in stream order, after the sampling that writes them.
-            tokens = tokens.to(torch.long).contiguous()
-            dist.broadcast(tokens, src=0)
-        else:
-            self._send("decode", rows, positions, tokens)
-        return self.local.decode(rows, positions, tokens)
+        self._send("decode", rows, positions, None if isinstance(tokens, torch.Tensor) else tokens)
+        with self._together("decode step"):
+            if isinstance(tokens, torch.Tensor):
+                # Still being chosen on the device: sent in stream order, after the sampling that writes them.
+                tokens = tokens.to(torch.long).contiguous()
+                dist.broadcast(tokens, src=0)
+            return self.local.decode(rows, positions, tokens)
 
     def verify(self, rows: list[int], positions: list[int], runs: list[list[int]]) -> list[torch.Tensor]:
         self._send("verify", rows, positions, runs)
-        return self.local.verify(rows, positions, runs)
+        with self._together("verify step"):
+            return self.local.verify(rows, positions, runs)
+
+    def lost(self) -> BackendLost | None:
+        """Why no step can run any more (None: they can): a failure seen, or a worker no longer alive, which an
+        idle server learns here (``/health``, any thread: it reads no pipe) rather than at its next request."""
+        if self._failure is not None:
+            return self._failure
+        dead = next((w for w in self._workers if not w.process.is_alive()), None)
+        return None if dead is None else BackendLost(
+            f"tensor-parallel rank {dead.rank} exited (exit code {dead.process.exitcode})", _RESTART)
 
     def _send(self, *call: Any) -> None:
-        if self._failure is not None:
-            raise BackendLost(self._failure.cause, self._failure.fix)  # a fresh one: no traceback piles up
-        for worker in self._workers:
-            failure = worker.failure() if worker.conn.poll() else None  # a worker speaks only to report a failure
-            if failure is None:
-                try:
+        if self._failure is None:
+            # Every worker is checked before any is sent the call: a call half the group runs would leave those
+            # ranks waiting in its collectives.
+            for worker in self._workers:
+                if worker.conn.poll():  # a worker speaks only to report a failure (or its pipe closed: it died)
+                    self._failure = worker.failure()
+                    break
+        if self._failure is None:
+            try:
+                for worker in self._workers:
                     worker.conn.send(call)
-                    continue
-                except OSError:
-                    failure = worker.failure()
-            self._failure = failure
-            raise BackendLost(failure.cause, failure.fix)
+                return
+            except OSError:
+                self._failure = next((w.failure() for w in self._workers if not w.process.is_alive()),
+                                     BackendLost("a tensor-parallel worker's pipe closed", _RESTART))
+        raise BackendLost(self._failure.cause, self._failure.fix)  # a fresh one: no traceback piles up
+
+    @contextlib.contextmanager
+    def _together(self, what: str) -> Iterator[None]:
+        """Rank 0's part of a forward the workers were sent: if it fails here alone (out of memory, say), the
+        workers are already in its collectives, so the group can never pair them up again."""
+        try:
+            yield
+        except Exception as exc:
+            self._failure = BackendLost(f"rank 0's {what} failed after the other ranks began it ({type(exc).__name__}: "
+                                        f"{exc}); the ranks' collectives no longer pair up",
+                                        "restart the server; if rank 0 ran out of memory, lower "
+                                        "serving.kv_cache.memory_mb or serving.scheduler.max_batch_size")
+            raise BackendLost(self._failure.cause, self._failure.fix) from exc
 
     # ------------------------------------------------------------ shutting down
 
@@ -283,9 +312,7 @@ class _Worker:
             return BackendLost(f"tensor-parallel rank {self.rank} failed: {message[1]}",
                                 "fix the cause and restart the server; the rank's traceback is in its log")
         self.process.join(1)
-        return BackendLost(f"tensor-parallel rank {self.rank} exited (exit code {self.process.exitcode})",
-                            "restart the server; look for the rank's error in its log (out of memory, a killed "
-                            "process)")
+        return BackendLost(f"tensor-parallel rank {self.rank} exited (exit code {self.process.exitcode})", _RESTART)
 
     def _receive(self) -> tuple[Any, ...] | None:
         try:

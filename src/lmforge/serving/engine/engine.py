@@ -102,23 +102,28 @@ class Engine:
         # An nn.Embedding (torch types its attributes Tensor | Module), or OnnxCausalLM's stand-in.
         self.vocab_size = cast(int, model.get_input_embeddings().num_embeddings)
         self.backend = make_backend(model, cfg, self.context_window)
+        try:
+            self._start(model, tokenizer, cfg, metrics)
+        except BaseException:
+            self.backend.close()  # no engine thread will: stop the tensor-parallel workers here
+            raise
+
+    def _start(self, model: ServedModel, tokenizer: PreTrainedTokenizerBase, cfg: ServingConfig,
+               metrics: EngineMetrics | NullMetrics | None) -> None:
+        """Everything over the backend (grammars, speculator, scheduler, steps), then the engine thread."""
         self.grammars = Grammars(tokenizer, self.vocab_size, self.eos_ids)  # response_format (structured.py)
         self.adapters = self.backend.adapter_slots  # LoRA name -> slot
         self.metrics = metrics or NullMetrics()
         self.metrics.bind(lambda: self.queue_depth, lambda: self.active, lambda: self.cache_usage)
-        try:
-            self.speculator = make_speculator(  # serving.speculative (engine/speculative.py); None when off
-                cfg, self.backend, model, tokenizer, self.context_window, self.metrics)
-        except BaseException:
-            self.backend.close()  # no engine thread will: stop the tensor-parallel workers here
-            raise
+        self.speculator = make_speculator(  # serving.speculative (engine/speculative.py); None when off
+            cfg, self.backend, model, tokenizer, self.context_window, self.metrics)
         self._cv = threading.Condition()
         self.scheduler = Scheduler(self.backend, tokenizer, self.eos_ids, max_batch_size=cfg.scheduler.max_batch_size,
                                    max_prefill_tokens=cfg.scheduler.max_prefill_tokens, metrics=self.metrics,
                                    lock=self._cv)
         self._closed = False
         self._draining = False
-        self.lost: BackendLost | None = None  # set when the backend can run no step any more (/health fails)
+        self._lost: BackendLost | None = None  # set by the engine thread when a step lost the backend
         # Counters for benchmarks and tests: forward passes and the most rows decoded together.
         self.stats = {"prefills": 0, "merges": 0, "decode_steps": 0, "peak_batch": 0, "launched_ahead": 0}
         self.steps = Steps(self.scheduler, self.backend, tokenizer, self.speculator, cfg.runtime.overlap_decode,
@@ -140,6 +145,11 @@ class Engine:
         return cls(model, tokenizer, cfg, max_batch_size=max_batch_size, metrics=metrics)
 
     # ------------------------------------------------------------ introspection (metrics, tests)
+
+    @property
+    def lost(self) -> BackendLost | None:
+        """Why the engine can serve nothing any more (a tensor-parallel worker died: /health answers 503), else None."""
+        return self._lost or self.backend.lost()
 
     @property
     def queue_depth(self) -> int:
@@ -300,16 +310,19 @@ class Engine:
             try:
                 with torch.inference_mode(), sdpa_kernel(_ATTENTION_BACKENDS):
                     self.steps.step()
-            except BackendLost as exc:  # no later step can run: fail everything and stop
-                log.error("the engine lost its backend, failing every request: %s", exc)
-                with self._cv:
-                    self.lost = exc
-                self.scheduler.close(exc)
-                break
             except Exception as exc:
-                log.exception("engine step failed; failing %d request(s)", self.scheduler.active)
-                self.scheduler.fail_active(exc)
-                self.steps.reset()
+                # A collective can fail before the backend names the dead worker: ask it.
+                lost = exc if isinstance(exc, BackendLost) else self.backend.lost()
+                if lost is None:
+                    log.exception("engine step failed; failing %d request(s)", self.scheduler.active)
+                    self.scheduler.fail_active(exc)
+                    self.steps.reset()
+                    continue
+                log.error("the engine lost its backend, failing every request: %s", lost)  # no later step can run
+                with self._cv:
+                    self._lost = lost
+                self.scheduler.close(lost)
+                break
         self.scheduler.close(ServingError("the engine shut down before the request finished",
                                           "retry against a running server"))
         self.backend.close()  # tensor-parallel workers stop once no step can need them
