@@ -1,8 +1,8 @@
 """Tensor-parallel serving (``serving.tensor_parallel: N``): one engine over N devices, each with 1/N of every layer.
 
 The engine, its scheduler and its sampler stay in the server's process, which is rank 0. N - 1 worker
-processes, one per further GPU, each hold a :class:`PagedBackend` cut to their rank's heads, MLP width
-and KV-cache heads (``model/tensor_parallel.py``). Rank 0's :class:`TensorParallelBackend` is the
+processes, one per further GPU (``tp_worker.py``), each hold a :class:`PagedBackend` cut to their
+rank's heads, MLP width and KV-cache heads (``model/tensor_parallel.py``). Rank 0's :class:`TensorParallelBackend` is the
 engine's backend: every call that changes a backend (admission, release, a forward pass) runs on its
 own backend and is sent, in the same order, to each worker, which makes the same call on its own.
 The block allocator is deterministic, so the ranks' block tables stay equal without ever being sent,
@@ -20,7 +20,7 @@ without reading the disk again. Every rank then keeps its slices and frees the w
 A worker that fails sends its error on its pipe and exits; rank 0 raises it as :class:`BackendLost` at
 its next call (a dead worker is seen the same way, by its closed pipe), and the engine then fails every
 request and reports itself unhealthy: the group cannot go on without a rank, so the server must be
-restarted. A collective that a dead worker never joins fails after ``_COLLECTIVE_TIMEOUT``: gloo at
+restarted. A collective that a dead worker never joins fails after ``COLLECTIVE_TIMEOUT``: gloo at
 once, NCCL by its watchdog, which ends the process.
 """
 
@@ -29,9 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import traceback
 from dataclasses import dataclass
-from datetime import timedelta
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
@@ -45,6 +43,7 @@ from lmforge.core.errors import ServingError
 from lmforge.serving.adapters.virtual_tokens import prefix_of
 from lmforge.serving.backends.base import BackendLost, PrefillItem
 from lmforge.serving.backends.paged import PagedBackend
+from lmforge.serving.backends.tp_worker import COLLECTIVE_TIMEOUT, WorkerSpec, group_backend, serve_rank, tensor_manifest
 from lmforge.serving.model.tensor_parallel import TensorParallel, unshardable
 from lmforge.serving.model.types import LlamaCausalLM
 
@@ -53,26 +52,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# How long a rank may wait in one collective for the others: far above the longest prefill chunk and the
-# first capture's Triton compiles, which every rank runs at the same point.
-_COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 _RESTART = "restart the server; look for the rank's error in its log (out of memory, a killed process)"
 _STOP_TIMEOUT_S = 10.0  # well inside the 30 s the engine waits for its thread, which calls close()
-
-
-@dataclass(frozen=True)
-class _WorkerSpec:
-    """What a worker process needs to become rank ``rank``: pickled to it at spawn."""
-
-    rank: int
-    world: int
-    store_port: int  # rank 0's TCPStore on loopback, where the group meets
-    device: str
-    model_config: Any  # the model's PretrainedConfig: the worker builds the same model from it
-    dtype: torch.dtype
-    manifest: list[tuple[str, tuple[int, ...], str]]  # rank 0's state dict: name, shape, dtype of each tensor
-    cfg: ServingConfig
-    max_len: int
 
 
 def rank_devices(base: torch.device, world: int) -> list[torch.device]:
@@ -86,14 +67,6 @@ def rank_devices(base: torch.device, world: int) -> list[torch.device]:
                            f"machine shows {have}", f"set serving.tensor_parallel to {max(1, have - first)} or less, "
                            "or serve from an earlier GPU (serving.runtime.device)")
     return [torch.device("cuda", first + rank) for rank in range(world)]
-
-
-def _manifest(model: LlamaCausalLM) -> list[tuple[str, tuple[int, ...], str]]:
-    return [(name, tuple(t.shape), str(t.dtype)) for name, t in model.state_dict().items()]
-
-
-def _group_backend(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
 
 
 class TensorParallelBackend:
@@ -127,13 +100,13 @@ class TensorParallelBackend:
         self._failure: BackendLost | None = None
         self._closed = False
         # The group meets at a store on a port the OS picked: nothing to race for between choosing and binding.
-        store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=_COLLECTIVE_TIMEOUT,
+        store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=COLLECTIVE_TIMEOUT,
                               wait_for_workers=False)
-        manifest = _manifest(model)
+        manifest = tensor_manifest(model)
         ctx = mp.get_context("spawn")  # a fresh interpreter: CUDA cannot be forked once initialised
         try:
             for rank in range(1, world):
-                spec = _WorkerSpec(rank, world, store.port, str(devices[rank]), model.config, weight.dtype, manifest,
+                spec = WorkerSpec(rank, world, store.port, str(devices[rank]), model.config, weight.dtype, manifest,
                                    cfg, max_len)
                 mine, theirs = ctx.Pipe()
                 process = ctx.Process(target=serve_rank, args=(spec, theirs), name=f"lmforge-tp-rank{rank}",
@@ -143,8 +116,8 @@ class TensorParallelBackend:
                 self._workers.append(_Worker(rank, process, mine))
             for worker in self._workers:  # each built its model and checked the manifest: no rank joins to fail
                 worker.expect("built", cfg.server.startup_timeout_s)
-            dist.init_process_group(_group_backend(devices[0]), store=store, rank=0, world_size=world,
-                                    timeout=_COLLECTIVE_TIMEOUT,
+            dist.init_process_group(group_backend(devices[0]), store=store, rank=0, world_size=world,
+                                    timeout=COLLECTIVE_TIMEOUT,
                                     device_id=devices[0] if devices[0].type == "cuda" else None)
             with torch.no_grad():
                 for tensor in model.state_dict().values():
@@ -319,85 +292,3 @@ class _Worker:
             return self.conn.recv()
         except (EOFError, OSError):
             return None
-
-
-# ------------------------------------------------------------ the worker process
-
-
-def serve_rank(spec: _WorkerSpec, conn: Connection) -> None:
-    """A worker's whole life: build the model, join the group, take the weights, then repeat rank 0's calls
-    until it says stop. Any failure is sent to rank 0 before the process exits."""
-    try:
-        torch.set_num_threads(1)  # a CPU rank is for tests and small models: one thread each, as the engine's
-        device = torch.device(spec.device)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        model = _build_model(spec, device)
-        conn.send(("built",))
-        store = dist.TCPStore("127.0.0.1", spec.store_port, spec.world, is_master=False,
-                              timeout=_COLLECTIVE_TIMEOUT)
-        dist.init_process_group(_group_backend(device), store=store, rank=spec.rank, world_size=spec.world,
-                                timeout=_COLLECTIVE_TIMEOUT, device_id=device if device.type == "cuda" else None)
-        with torch.no_grad():
-            for tensor in model.state_dict().values():
-                dist.broadcast(tensor, src=0)  # into the model's own storage: the state dict views it
-        with torch.inference_mode():
-            backend = PagedBackend(model, spec.cfg, spec.max_len, tp=TensorParallel(spec.rank, spec.world))
-            conn.send(("ready",))
-            _follow(backend, conn, spec.cfg.scheduler.max_batch_size, device)
-    except (EOFError, KeyboardInterrupt):
-        pass  # rank 0 went away: nothing left to serve
-    except Exception as exc:  # noqa: BLE001 - any failure of a rank is told to rank 0, which raises it at its next call
-        traceback.print_exc()
-        with contextlib.suppress(OSError):
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        raise SystemExit(1) from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _build_model(spec: _WorkerSpec, device: torch.device) -> LlamaCausalLM:
-    """The model rank 0 serves, built from its config on ``device`` (weights arrive by broadcast), checked to
-    have the same tensors as rank 0's, so that the broadcasts pair up."""
-    from transformers import AutoModelForCausalLM
-
-    with device:
-        model = AutoModelForCausalLM.from_config(spec.model_config, dtype=spec.dtype)
-    model.eval()
-    mine = _manifest(model)
-    if mine != spec.manifest:
-        differ = next((a, b) for a, b in zip([*mine, None], [*spec.manifest, None]) if a != b)
-        raise ValueError(f"the model built from the config differs from rank 0's: {differ[0]} here, {differ[1]} on "
-                         "rank 0 (a model changed after loading cannot be split)")
-    return model
-
-
-def _follow(backend: PagedBackend, conn: Connection, max_rows: int, device: torch.device) -> None:
-    """Repeat rank 0's calls, in its order, until it says stop."""
-    tokens = torch.empty(max_rows, dtype=torch.long, device=device)  # a decode step's tokens sent by broadcast
-    while True:
-        call = conn.recv()
-        kind = call[0]
-        if kind == "stop":
-            return
-        if kind == "reserve":
-            _, count, prompt, adapter, row = call
-            got = backend.reserve(count, prompt, adapter)
-            if got != row:
-                raise RuntimeError(f"this rank reserved cache row {got} where rank 0 reserved {row}: the ranks' "
-                                   "block tables diverged")
-        elif kind == "release":
-            backend.release(call[1])
-        elif kind == "prefill":
-            backend.prefill(call[1])
-        elif kind == "decode":
-            _, rows, positions, ids = call
-            if ids is None:
-                ids = tokens[:len(rows)]
-                dist.broadcast(ids, src=0)
-            backend.decode(rows, positions, ids)
-        elif kind == "verify":
-            backend.verify(*call[1:])
-        else:
-            raise RuntimeError(f"unknown call {kind!r} from rank 0")
