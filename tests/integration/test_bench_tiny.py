@@ -72,14 +72,15 @@ def records(out: Path, name: str, module: str) -> dict[str, dict]:
 
 @pytest.mark.slow  # four torchrun launches of the training engine on the CPU: ~1 minute on a busy 2-core machine
 def test_train_scaling_tiny(tmp_path):
-    """ddp and fsdp over 1 and 2 torchrun ranks (gloo): a rate per rank for each, and the efficiency of 2 against 1."""
+    """ddp and fsdp over 1 and 2 torchrun ranks (gloo): a rate per rank for each, and the efficiency of 2 against 1
+    (its value is whatever a busy 2-core machine gives: only that it is the rates' quotient is checked)."""
     bench("bench.train.scaling", out=tmp_path, timeout=600)
     got = records(tmp_path, "train_scaling", "bench.train.scaling")
     for strategy in ("ddp", "fsdp"):
-        assert got[f"tiny_{strategy}_w1_tok_s_per_gpu"]["value"] > 0
+        one = got[f"tiny_{strategy}_w1_tok_s_per_gpu"]["value"]
         two = got[f"tiny_{strategy}_w2_tok_s_per_gpu"]
-        assert two["value"] > 0 and two["baseline_value"] == got[f"tiny_{strategy}_w1_tok_s_per_gpu"]["value"]
-        assert 0 < got[f"tiny_{strategy}_w2_scaling_efficiency"]["value"] < 2
+        assert one > 0 and two["value"] > 0 and two["baseline_value"] == one
+        assert math.isclose(got[f"tiny_{strategy}_w2_scaling_efficiency"]["value"], two["value"] / one, rel_tol=1e-9)
 
 
 @pytest.mark.slow  # ~45 s: every train variant on the CPU (make test stays under 10 minutes; CI runs make test-slow)

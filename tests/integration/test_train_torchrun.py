@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -66,11 +65,11 @@ def test_torchrun_ranks_train_one_sharded_run(tokenized_workspace, tmp_path):
 def test_a_failed_rank_0_releases_the_other_ranks(tmp_path):
     config = tmp_path / "fsdp.yaml"
     config.write_text(CONFIG)
-    started = time.monotonic()
-    failed = torchrun(config, tmp_path / "empty-home")  # no data, no tokenizer: rank 0's stage stops at its checks
+    # No data, no tokenizer: rank 0's stage stops at its checks. Rank 1, released, exits too: were it left waiting
+    # for the job (4 hours), torchrun's run would outlast the subprocess's time box and fail the test.
+    failed = torchrun(config, tmp_path / "empty-home")
     assert failed.returncode != 0
     assert "error:" in failed.stderr and "rank 0 stopped before training" in failed.stderr
-    assert time.monotonic() - started < 120  # rank 1 did not wait out a collective's timeout
 
 
 def test_torchrun_ranks_form_the_group_sharding_needs(monkeypatch):
