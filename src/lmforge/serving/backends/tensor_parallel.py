@@ -43,7 +43,14 @@ from lmforge.core.errors import ServingError
 from lmforge.serving.adapters.virtual_tokens import prefix_of
 from lmforge.serving.backends.base import BackendLost, PrefillItem
 from lmforge.serving.backends.paged import PagedBackend
-from lmforge.serving.backends.tp_worker import COLLECTIVE_TIMEOUT, WorkerSpec, group_backend, serve_rank, tensor_manifest
+from lmforge.serving.backends.tp_worker import (
+    COLLECTIVE_TIMEOUT,
+    WorkerSpec,
+    broadcast_weights,
+    join_group,
+    serve_rank,
+    tensor_manifest,
+)
 from lmforge.serving.model.tensor_parallel import TensorParallel, unshardable
 from lmforge.serving.model.types import LlamaCausalLM
 
@@ -116,12 +123,8 @@ class TensorParallelBackend:
                 self._workers.append(_Worker(rank, process, mine))
             for worker in self._workers:  # each built its model and checked the manifest: no rank joins to fail
                 worker.expect("built", cfg.server.startup_timeout_s)
-            dist.init_process_group(group_backend(devices[0]), store=store, rank=0, world_size=world,
-                                    timeout=COLLECTIVE_TIMEOUT,
-                                    device_id=devices[0] if devices[0].type == "cuda" else None)
-            with torch.no_grad():
-                for tensor in model.state_dict().values():
-                    dist.broadcast(tensor.contiguous(), src=0)
+            join_group(store, 0, world, devices[0])
+            broadcast_weights(model)
             self.tp = TensorParallel(0, world)
             self.local = PagedBackend(model, cfg, max_len, tp=self.tp)
             for worker in self._workers:
@@ -129,7 +132,6 @@ class TensorParallelBackend:
         except BaseException:
             self.close()
             raise
-        self.prefix_caching = self.local.prefix_caching
         log.info("tensor parallel over %d ranks (%s): %d KV cache blocks on each", world,
                  ", ".join(str(d) for d in devices), self.local.cache.num_blocks)
 
@@ -166,7 +168,7 @@ class TensorParallelBackend:
     def reserve(self, tokens: int, prompt: Sequence[int] = (), adapter: int = 0) -> int:
         row = self.local.reserve(tokens, prompt, adapter)
         # The prompt matters to the allocator only through prefix caching's block hashes.
-        self._send("reserve", tokens, list(prompt) if self.prefix_caching else [], adapter, row)
+        self._send("reserve", tokens, list(prompt) if self.local.prefix_caching else [], adapter, row)
         return row
 
     def release(self, row: int) -> None:

@@ -48,8 +48,19 @@ def tensor_manifest(model: LlamaCausalLM) -> list[tuple[str, tuple[int, ...], st
     return [(name, tuple(t.shape), str(t.dtype)) for name, t in model.state_dict().items()]
 
 
-def group_backend(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
+def join_group(store: dist.TCPStore, rank: int, world: int, device: torch.device) -> None:
+    """This process as ``rank`` of the group meeting at ``store``: NCCL on GPUs, gloo on CPUs."""
+    cuda = device.type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                            timeout=COLLECTIVE_TIMEOUT, device_id=device if cuda else None)
+
+
+def broadcast_weights(model: LlamaCausalLM) -> None:
+    """Every tensor of the state dict, from rank 0 into every other rank's (the state dict views the model's
+    storage); both sides walk it in the same order, which the manifest check made the same."""
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor.contiguous(), src=0)
 
 
 def serve_rank(spec: WorkerSpec, conn: Connection) -> None:
@@ -64,11 +75,8 @@ def serve_rank(spec: WorkerSpec, conn: Connection) -> None:
         conn.send(("built",))
         store = dist.TCPStore("127.0.0.1", spec.store_port, spec.world, is_master=False,
                               timeout=COLLECTIVE_TIMEOUT)
-        dist.init_process_group(group_backend(device), store=store, rank=spec.rank, world_size=spec.world,
-                                timeout=COLLECTIVE_TIMEOUT, device_id=device if device.type == "cuda" else None)
-        with torch.no_grad():
-            for tensor in model.state_dict().values():
-                dist.broadcast(tensor, src=0)  # into the model's own storage: the state dict views it
+        join_group(store, spec.rank, spec.world, device)
+        broadcast_weights(model)
         with torch.inference_mode():
             backend = PagedBackend(model, spec.cfg, spec.max_len, tp=TensorParallel(spec.rank, spec.world))
             conn.send(("ready",))
